@@ -1,0 +1,214 @@
+//! Capture from the team's own tables: one statement-level trigger per source
+//! and operation writes the matching rows into `wardcall.outbox` in the same
+//! transaction as the team's write, then sends one empty `NOTIFY wardcall_outbox`
+//! per statement (never per row; never a payload, so NOTIFY's 8000-byte limit
+//! cannot be reached). A rolled-back write leaves no outbox row.
+//!
+//! Triggers use transition tables (PostgreSQL manual, CREATE TRIGGER,
+//! "REFERENCING { OLD | NEW } TABLE"), aliased `new` and `old` inside the trigger
+//! so that a source's condition is written over `NEW.column` / `OLD.column` as
+//! in a row trigger. For UPDATE, old and new rows are paired on the table's
+//! primary key; a row whose primary key itself changed is captured with `OLD`
+//! all NULL.
+//!
+//! Before a trigger is installed its condition and payload are checked against
+//! the real table: a wrong condition fails `wardcall migrate`/`serve` with the
+//! source's name, never the team's own INSERTs.
+
+use crate::audit;
+use crate::config::{split_table_name, Operation, Source};
+use crate::db::migrate::SCHEMA_LOCK_KEY;
+use anyhow::{bail, Context};
+use sqlx::{PgPool, Postgres, Transaction};
+
+/// Channel the capture triggers and `wardcall.emit` notify (empty payload).
+pub const OUTBOX_CHANNEL: &str = "wardcall_outbox";
+
+/// Installs (or replaces) the trigger of every source and removes the triggers
+/// of sources that left the config. Idempotent; one transaction under the
+/// schema advisory lock, so concurrent engines do not race.
+///
+/// Errors: a table that does not exist, an UPDATE source on a table without a
+/// primary key, or a condition/payload that PostgreSQL rejects — each naming
+/// the source.
+pub async fn install_sources(pool: &PgPool, sources: &[Source], actor: &str) -> anyhow::Result<()> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(SCHEMA_LOCK_KEY).execute(&mut *tx).await?;
+    for source in sources {
+        install_one(&mut tx, source, actor).await.with_context(|| format!("source '{}'", source.name))?;
+    }
+    let installed: Vec<(String, String, Vec<String>, String)> =
+        sqlx::query_as("SELECT name, table_name, triggers, function FROM wardcall.sources").fetch_all(&mut *tx).await?;
+    for (name, table, triggers, function) in installed {
+        if sources.iter().any(|s| s.name == name) {
+            continue;
+        }
+        remove_triggers(&mut tx, &table, &triggers, &function).await?;
+        sqlx::query("DELETE FROM wardcall.sources WHERE name = $1").bind(&name).execute(&mut *tx).await?;
+        audit::record(&mut tx, audit::Entity::Source, &name, "source.removed", None, None, actor, serde_json::json!({"table": table})).await?;
+        tracing::info!(source = %name, "removed capture trigger of a source no longer in the config");
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+async fn remove_triggers(tx: &mut Transaction<'_, Postgres>, table: &str, triggers: &[String], function: &str) -> anyhow::Result<()> {
+    let exists: Option<String> = sqlx::query_scalar("SELECT to_regclass($1)::text").bind(table).fetch_one(&mut **tx).await?;
+    if exists.is_some() {
+        for t in triggers {
+            sqlx::raw_sql(&format!("DROP TRIGGER IF EXISTS {} ON {}", quote_ident(t), table)).execute(&mut **tx).await?;
+        }
+    }
+    sqlx::raw_sql(&format!("DROP FUNCTION IF EXISTS {}()", function)).execute(&mut **tx).await?;
+    Ok(())
+}
+
+async fn install_one(tx: &mut Transaction<'_, Postgres>, source: &Source, actor: &str) -> anyhow::Result<()> {
+    let (schema, table) = split_table_name(&source.table).expect("validated at config load");
+    let qualified = format!("{}.{}", quote_ident(&schema), quote_ident(&table));
+    let exists: Option<String> = sqlx::query_scalar("SELECT to_regclass($1)::text").bind(&qualified).fetch_one(&mut **tx).await?;
+    if exists.is_none() {
+        bail!("table {schema}.{table} does not exist");
+    }
+    let condition = source.condition.clone().unwrap_or_else(|| "true".into());
+    let payload = source.payload.clone().unwrap_or_else(|| "to_jsonb(NEW)".into());
+    for (what, text) in [("condition", &condition), ("payload", &payload)] {
+        if text.contains("$wardcall$") || text.contains(';') {
+            bail!("{what} may not contain ';' or '$wardcall$'");
+        }
+    }
+    let wants_update = source.operations.contains(&Operation::Update);
+    let pk_columns: Vec<String> = sqlx::query_scalar(
+        "SELECT a.attname::text FROM pg_index i
+           JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
+          WHERE i.indrelid = $1::regclass AND i.indisprimary ORDER BY a.attnum",
+    )
+    .bind(&qualified)
+    .fetch_all(&mut **tx)
+    .await?;
+    if wants_update && pk_columns.is_empty() {
+        bail!("UPDATE capture needs a primary key on {schema}.{table} to pair old and new rows");
+    }
+    // Check the condition and payload against the real table, with NEW and OLD
+    // bound as they will be in the trigger. LIMIT 0: nothing is read.
+    let check = format!(
+        "SELECT ({payload})::jsonb FROM {qualified} AS new LEFT JOIN {qualified} AS old ON false WHERE ({condition}) LIMIT 0"
+    );
+    let mut sp = sqlx::Connection::begin(&mut **tx).await?;
+    if let Err(e) = sqlx::raw_sql(&check).execute(&mut *sp).await {
+        bail!("condition or payload is not valid SQL over NEW/OLD of {schema}.{table}: {}", db_message(&e));
+    }
+    sp.rollback().await?;
+
+    let function = format!("wardcall.{}", quote_ident(&format!("capture_{}", source.name)));
+    let pk_join = if pk_columns.is_empty() {
+        "false".to_string()
+    } else {
+        pk_columns.iter().map(|c| format!("new.{0} = old.{0}", quote_ident(c))).collect::<Vec<_>>().join(" AND ")
+    };
+    let body = format!(
+        "CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql AS $wardcall$
+#variable_conflict use_column
+BEGIN
+    IF TG_OP = 'INSERT' THEN
+        INSERT INTO wardcall.outbox (source, event, payload)
+        SELECT {src}, {event}, ({payload})::jsonb
+          FROM wardcall_new_rows AS new
+          LEFT JOIN (SELECT * FROM wardcall_new_rows LIMIT 0) AS old ON false
+         WHERE ({condition});
+    ELSE
+        INSERT INTO wardcall.outbox (source, event, payload)
+        SELECT {src}, {event}, ({payload})::jsonb
+          FROM wardcall_new_rows AS new
+          LEFT JOIN wardcall_old_rows AS old ON ({pk_join})
+         WHERE ({condition});
+    END IF;
+    IF FOUND THEN
+        PERFORM pg_notify('{OUTBOX_CHANNEL}', '');
+    END IF;
+    RETURN NULL;
+END $wardcall$",
+        src = quote_literal(&source.name),
+        event = quote_literal(&source.event),
+    );
+    sqlx::raw_sql(&body).execute(&mut **tx).await.map_err(|e| anyhow::anyhow!("installing the trigger function failed: {}", db_message(&e)))?;
+
+    let mut triggers = Vec::new();
+    for op in [Operation::Insert, Operation::Update] {
+        let (suffix, referencing) = match op {
+            Operation::Insert => ("insert", "REFERENCING NEW TABLE AS wardcall_new_rows"),
+            Operation::Update => ("update", "REFERENCING NEW TABLE AS wardcall_new_rows OLD TABLE AS wardcall_old_rows"),
+        };
+        let trigger = format!("wardcall_capture_{}_{}", source.name, suffix);
+        sqlx::raw_sql(&format!("DROP TRIGGER IF EXISTS {} ON {qualified}", quote_ident(&trigger))).execute(&mut **tx).await?;
+        if source.operations.contains(&op) {
+            sqlx::raw_sql(&format!(
+                "CREATE TRIGGER {} AFTER {} ON {qualified} {referencing} FOR EACH STATEMENT EXECUTE FUNCTION {function}()",
+                quote_ident(&trigger),
+                suffix.to_uppercase()
+            ))
+            .execute(&mut **tx)
+            .await?;
+            triggers.push(trigger);
+        }
+    }
+    // A source that moved to another table: drop its old triggers there.
+    let previous: Option<(String, Vec<String>)> =
+        sqlx::query_as("SELECT table_name, triggers FROM wardcall.sources WHERE name = $1").bind(&source.name).fetch_optional(&mut **tx).await?;
+    if let Some((old_table, old_triggers)) = previous {
+        if old_table != qualified {
+            let exists: Option<String> = sqlx::query_scalar("SELECT to_regclass($1)::text").bind(&old_table).fetch_one(&mut **tx).await?;
+            if exists.is_some() {
+                for t in old_triggers {
+                    sqlx::raw_sql(&format!("DROP TRIGGER IF EXISTS {} ON {}", quote_ident(&t), old_table)).execute(&mut **tx).await?;
+                }
+            }
+        }
+    }
+    let changed: bool = sqlx::query_scalar(
+        "INSERT INTO wardcall.sources (name, table_name, triggers, function) VALUES ($1, $2, $3, $4)
+         ON CONFLICT (name) DO UPDATE SET table_name = EXCLUDED.table_name, triggers = EXCLUDED.triggers,
+                function = EXCLUDED.function, installed_at = clock_timestamp()
+         RETURNING xmax = 0",
+    )
+    .bind(&source.name)
+    .bind(&qualified)
+    .bind(&triggers)
+    .bind(&function)
+    .fetch_one(&mut **tx)
+    .await?;
+    if changed {
+        audit::record(
+            tx,
+            audit::Entity::Source,
+            &source.name,
+            "source.installed",
+            None,
+            None,
+            actor,
+            serde_json::json!({"table": qualified, "triggers": triggers, "event": source.event}),
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// The database's own message of a sqlx error (without sqlx's prefix).
+pub fn db_message(e: &sqlx::Error) -> String {
+    match e {
+        sqlx::Error::Database(d) => d.message().to_string(),
+        other => other.to_string(),
+    }
+}
+
+/// Quotes an SQL identifier (PostgreSQL manual 4.1.1): always double-quoted,
+/// embedded quotes doubled.
+pub fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// Quotes an SQL string literal (PostgreSQL manual 4.1.2.1): single quotes doubled.
+/// With `standard_conforming_strings` on (the default since 9.1) backslashes are literal.
+pub fn quote_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}

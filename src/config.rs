@@ -1,0 +1,555 @@
+//! Configuration: one TOML file (optional), validated completely before wardcall
+//! starts. Every error names the file, the key and what is wrong; wardcall refuses
+//! to start rather than guess.
+//!
+//! Secrets never live in the file: the Twilio auth token comes from an
+//! environment variable (default `TWILIO_AUTH_TOKEN`) or a file named in the config.
+//! The reference of every key is in README.md ("Configuration reference").
+
+use serde::Deserialize;
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+
+/// A configuration error: which file, which key, what is wrong.
+#[derive(Debug, thiserror::Error)]
+#[error("config error in {file}: {key}: {problem}")]
+pub struct ConfigError {
+    /// The file the key comes from (or `<defaults>`/`<environment>`).
+    pub file: String,
+    /// Dotted key path, e.g. `people[1].phone`.
+    pub key: String,
+    /// What is wrong and, where possible, what is expected instead.
+    pub problem: String,
+}
+
+/// The whole configuration. All fields have documented defaults, so an absent
+/// config file is a valid (empty) configuration.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// `postgres://…` URL of an existing server. When absent (and `DATABASE_URL`
+    /// is unset) wardcall runs its own embedded cluster in `data_dir`.
+    pub database_url: Option<String>,
+    /// Directory of the embedded cluster. Default `.wardcall` (relative to the
+    /// current directory).
+    pub data_dir: Option<PathBuf>,
+    /// Database name inside the embedded cluster. Default `wardcall`.
+    pub database: Option<String>,
+    #[serde(default)]
+    pub engine: EngineConfig,
+    #[serde(default)]
+    pub http: HttpConfig,
+    #[serde(default)]
+    pub providers: ProvidersConfig,
+    #[serde(default)]
+    pub people: Vec<Person>,
+    #[serde(default)]
+    pub policies: Vec<Policy>,
+    #[serde(default)]
+    pub sources: Vec<Source>,
+    #[serde(default)]
+    pub workflows: Vec<Workflow>,
+}
+
+/// Runtime tuning. Durations are in milliseconds unless the key says otherwise.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EngineConfig {
+    /// Concurrent steps this process executes. Default 16.
+    pub workers: usize,
+    /// Lease on a claimed run, in milliseconds. Default 5000. Renewed every third of it.
+    pub lease_ms: u64,
+    /// Outbox sweep interval in milliseconds, at most 1000. Default 500.
+    pub sweep_ms: u64,
+    /// Idle poll interval for due runs in milliseconds. Default 250.
+    pub poll_ms: u64,
+    /// Connections in this process's pool. Default 10.
+    pub pool_size: u32,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig { workers: 16, lease_ms: 5000, sweep_ms: 500, poll_ms: 250, pool_size: 10 }
+    }
+}
+
+/// The HTTP server that receives provider webhooks and serves the API.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Listen address, e.g. `0.0.0.0:8080`. Default `127.0.0.1:8080`; port 0 picks a free port.
+    pub listen: String,
+    /// The public base URL providers reach this server at (e.g. `https://wardcall.example.org`).
+    /// Twilio signs the exact URL it calls, so this must be what Twilio sees.
+    /// Default: `http://` + the listen address.
+    pub public_url: Option<String>,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig { listen: "127.0.0.1:8080".into(), public_url: None }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ProvidersConfig {
+    pub twilio: Option<TwilioConfig>,
+}
+
+/// Twilio Programmable Voice account.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TwilioConfig {
+    /// Account SID, `AC` + 32 hex digits.
+    pub account_sid: String,
+    /// Caller ID for outgoing calls (E.164): a Twilio number of the account.
+    pub from: String,
+    /// REST API base. Default `https://api.twilio.com`; point it at `wardcall emulate twilio` offline.
+    #[serde(default = "default_twilio_api_base")]
+    pub api_base: String,
+    /// Environment variable holding the auth token. Default `TWILIO_AUTH_TOKEN`.
+    pub auth_token_env: Option<String>,
+    /// File holding the auth token (first line). Takes precedence over `auth_token_env`.
+    pub auth_token_file: Option<PathBuf>,
+    /// Enable answering-machine detection (voicemail is never an acknowledgement). Default true.
+    #[serde(default = "yes")]
+    pub machine_detection: bool,
+    /// Seconds the callee has to press a key after the message starts. Default 10.
+    #[serde(default = "default_gather_timeout")]
+    pub gather_timeout_seconds: u32,
+}
+
+fn default_twilio_api_base() -> String {
+    "https://api.twilio.com".into()
+}
+fn yes() -> bool {
+    true
+}
+fn default_gather_timeout() -> u32 {
+    10
+}
+
+/// Someone who can be called.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Person {
+    /// Identifier used in policies and in `acknowledged_by`.
+    pub id: String,
+    /// Display name (never logged).
+    pub name: String,
+    /// E.164 phone number, e.g. `+13855550101` (never logged in full).
+    pub phone: String,
+}
+
+/// An escalation policy: ordered steps, repeated `repeat` times.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Policy {
+    pub id: String,
+    /// How many times the whole list of steps runs before the alert is marked
+    /// unacknowledged. Default 1.
+    #[serde(default = "one")]
+    pub repeat: u32,
+    pub steps: Vec<PolicyStep>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// One escalation step: call these people at once, wait for an acknowledgement.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyStep {
+    /// Person ids to call in parallel.
+    pub notify: Vec<String>,
+    /// Seconds to wait for an acknowledgement before escalating. Default 30.
+    /// May be fractional (demo and tests use short timeouts).
+    #[serde(default = "default_ack_timeout")]
+    pub ack_timeout_seconds: f64,
+}
+
+fn default_ack_timeout() -> f64 {
+    30.0
+}
+
+/// Database operation a source captures.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Operation {
+    Insert,
+    Update,
+}
+
+/// Capture from one of the team's own tables.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Source {
+    /// Unique name (letters, digits, `_`); names the trigger.
+    pub name: String,
+    /// Table, optionally schema-qualified: `alerts` or `public.alerts`.
+    pub table: String,
+    /// Operations captured. Default `["INSERT"]`.
+    #[serde(default = "default_operations")]
+    pub operations: Vec<Operation>,
+    /// SQL boolean over `NEW` (and `OLD` for UPDATE). Default: every row.
+    pub condition: Option<String>,
+    /// Event name written to the outbox.
+    pub event: String,
+    /// SQL expression over `NEW`/`OLD` giving the jsonb payload. Default `to_jsonb(NEW)`.
+    pub payload: Option<String>,
+}
+
+fn default_operations() -> Vec<Operation> {
+    vec![Operation::Insert]
+}
+
+/// What runs when an event arrives. (Unknown keys are refused by the
+/// flattened [`WorkflowKind`], which receives every key not named here.)
+#[derive(Debug, Clone, Deserialize)]
+pub struct Workflow {
+    /// Unique name; stored in `wardcall.runs.workflow`.
+    pub name: String,
+    /// Event that starts a run.
+    pub event: String,
+    #[serde(flatten)]
+    pub kind: WorkflowKind,
+    /// Retries of a failing step before the run is dead-lettered (status `failed`). Default 5.
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+    /// First retry delay in milliseconds; doubles each attempt, with jitter. Default 1000.
+    #[serde(default = "default_retry_base_ms")]
+    pub retry_base_ms: u64,
+    /// Longest retry delay in milliseconds. Default 300000 (5 min).
+    #[serde(default = "default_retry_max_ms")]
+    pub retry_max_ms: u64,
+}
+
+fn default_max_attempts() -> u32 {
+    5
+}
+fn default_retry_base_ms() -> u64 {
+    1000
+}
+fn default_retry_max_ms() -> u64 {
+    300_000
+}
+
+/// The kinds of workflow wardcall runs.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum WorkflowKind {
+    /// Call people by an escalation policy until someone presses 1.
+    Escalation(EscalationWorkflow),
+    /// A scripted sequence of runtime primitives read from the event payload's
+    /// `steps` array (step, sleep, wait, fail): used by the demo's first part,
+    /// by operators to test a deployment, and by the test suite.
+    Script,
+}
+
+/// Settings of an escalation workflow.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EscalationWorkflow {
+    /// Escalation policy id.
+    pub policy: String,
+    /// Spoken message. `{name}` is replaced by the payload's field `name` or a
+    /// lookup's result; `{{` and `}}` are literal braces. Unknown names render empty.
+    pub message: String,
+    /// Extra values looked up in the team's tables. Each is a SQL query taking
+    /// the event payload as `$1` (jsonb) and returning one text column (first row).
+    #[serde(default)]
+    pub lookups: HashMap<String, String>,
+    /// SQL run at points of the alert's life, each with `$1` = event payload (jsonb)
+    /// and `$2` = details (jsonb: phone_number, call_status, call_id, message,
+    /// initiated_at, answered_at, acknowledged_at, acknowledged_by, person_id).
+    #[serde(default)]
+    pub write_back: WriteBack,
+}
+
+/// Write-back statements into the team's own tables. Each runs in a savepoint:
+/// a failing statement is audited and logged but never undoes the state change.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct WriteBack {
+    pub on_call_placed: Option<String>,
+    pub on_call_status: Option<String>,
+    pub on_acknowledged: Option<String>,
+    pub on_escalated: Option<String>,
+    pub on_unacknowledged: Option<String>,
+}
+
+impl Config {
+    /// Loads and validates `path`, or the defaults when `path` is `None`.
+    /// `DATABASE_URL` in the environment overrides an absent `database_url`.
+    ///
+    /// Errors: the file cannot be read, is not TOML, has an unknown key or a bad
+    /// value — each as a [`ConfigError`] naming file, key and problem.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let (file, mut config) = match path {
+            None => ("<defaults>".to_string(), Config::default()),
+            Some(p) => {
+                let file = p.display().to_string();
+                let text = std::fs::read_to_string(p).map_err(|e| ConfigError {
+                    file: file.clone(),
+                    key: "(file)".into(),
+                    problem: format!("cannot read: {e}"),
+                })?;
+                (file.clone(), Config::parse(&text, &file)?)
+            }
+        };
+        if config.database_url.is_none() {
+            if let Ok(url) = std::env::var("DATABASE_URL") {
+                if !url.trim().is_empty() {
+                    config.database_url = Some(url);
+                }
+            }
+        }
+        config.validate(&file)?;
+        Ok(config)
+    }
+
+    /// Parses TOML text without reading the environment (then call [`Config::validate`]).
+    pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
+        toml::from_str::<Config>(text).map_err(|e| {
+            let key = e
+                .span()
+                .map(|s| {
+                    let line = text[..s.start.min(text.len())].matches('\n').count() + 1;
+                    format!("line {line}")
+                })
+                .unwrap_or_else(|| "(document)".into());
+            ConfigError { file: file.into(), key, problem: e.message().to_string() }
+        })
+    }
+
+    /// Checks every cross-reference and value. Errors name `file` and the key.
+    pub fn validate(&self, file: &str) -> Result<(), ConfigError> {
+        let err = |key: String, problem: String| ConfigError { file: file.into(), key, problem };
+        if let Some(url) = &self.database_url {
+            if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                return Err(err("database_url".into(), "must start with postgres:// or postgresql://".into()));
+            }
+        }
+        let e = &self.engine;
+        if e.workers == 0 || e.workers > 1024 {
+            return Err(err("engine.workers".into(), format!("{} is out of range 1..=1024", e.workers)));
+        }
+        if e.lease_ms < 500 || e.lease_ms > 600_000 {
+            return Err(err("engine.lease_ms".into(), format!("{} is out of range 500..=600000", e.lease_ms)));
+        }
+        if e.sweep_ms == 0 || e.sweep_ms > 1000 {
+            return Err(err("engine.sweep_ms".into(), format!("{} is out of range 1..=1000", e.sweep_ms)));
+        }
+        if e.poll_ms == 0 || e.poll_ms > 10_000 {
+            return Err(err("engine.poll_ms".into(), format!("{} is out of range 1..=10000", e.poll_ms)));
+        }
+        if e.pool_size < 2 {
+            return Err(err("engine.pool_size".into(), "must be at least 2".into()));
+        }
+        if self.http.listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err(err("http.listen".into(), format!("'{}' is not an address like 127.0.0.1:8080", self.http.listen)));
+        }
+        if let Some(u) = &self.http.public_url {
+            match url::Url::parse(u) {
+                Ok(p) if p.scheme() == "http" || p.scheme() == "https" => {}
+                _ => return Err(err("http.public_url".into(), format!("'{u}' is not an absolute http(s) URL"))),
+            }
+        }
+        if let Some(t) = &self.providers.twilio {
+            if !is_twilio_sid(&t.account_sid, "AC") {
+                return Err(err("providers.twilio.account_sid".into(), "must be AC followed by 32 hex digits".into()));
+            }
+            if !is_e164(&t.from) {
+                return Err(err("providers.twilio.from".into(), format!("{} is not an E.164 number (+ then 8 to 15 digits)", redact_phone(&t.from))));
+            }
+            if url::Url::parse(&t.api_base).is_err() {
+                return Err(err("providers.twilio.api_base".into(), format!("'{}' is not a URL", t.api_base)));
+            }
+            if t.gather_timeout_seconds == 0 || t.gather_timeout_seconds > 60 {
+                return Err(err("providers.twilio.gather_timeout_seconds".into(), "must be 1..=60".into()));
+            }
+        }
+        let mut people = HashSet::new();
+        for (i, p) in self.people.iter().enumerate() {
+            if !is_identifier_like(&p.id) {
+                return Err(err(format!("people[{i}].id"), format!("'{}' must be letters, digits, '-' or '_'", p.id)));
+            }
+            if !people.insert(p.id.as_str()) {
+                return Err(err(format!("people[{i}].id"), format!("duplicate person id '{}'", p.id)));
+            }
+            if !is_e164(&p.phone) {
+                return Err(err(
+                    format!("people[{i}].phone"),
+                    format!("{} is not an E.164 number (expected + then 8 to 15 digits, e.g. +13855550101)", redact_phone(&p.phone)),
+                ));
+            }
+        }
+        let mut policies = HashSet::new();
+        for (i, p) in self.policies.iter().enumerate() {
+            if !policies.insert(p.id.as_str()) {
+                return Err(err(format!("policies[{i}].id"), format!("duplicate policy id '{}'", p.id)));
+            }
+            if p.steps.is_empty() {
+                return Err(err(format!("policies[{i}].steps"), "a policy needs at least one step".into()));
+            }
+            if p.repeat == 0 || p.repeat > 100 {
+                return Err(err(format!("policies[{i}].repeat"), "must be 1..=100".into()));
+            }
+            for (j, s) in p.steps.iter().enumerate() {
+                if s.notify.is_empty() {
+                    return Err(err(format!("policies[{i}].steps[{j}].notify"), "names nobody".into()));
+                }
+                for who in &s.notify {
+                    if !people.contains(who.as_str()) {
+                        return Err(err(format!("policies[{i}].steps[{j}].notify"), format!("unknown person '{who}'")));
+                    }
+                }
+                if !(s.ack_timeout_seconds.is_finite() && s.ack_timeout_seconds >= 0.1 && s.ack_timeout_seconds <= 86_400.0) {
+                    return Err(err(format!("policies[{i}].steps[{j}].ack_timeout_seconds"), "must be 0.1..=86400".into()));
+                }
+            }
+        }
+        let mut sources = HashSet::new();
+        for (i, s) in self.sources.iter().enumerate() {
+            if !is_sql_identifier(&s.name) {
+                return Err(err(format!("sources[{i}].name"), format!("'{}' must be lower-case letters, digits and '_'", s.name)));
+            }
+            if !sources.insert(s.name.as_str()) {
+                return Err(err(format!("sources[{i}].name"), format!("duplicate source '{}'", s.name)));
+            }
+            if split_table_name(&s.table).is_none() {
+                return Err(err(format!("sources[{i}].table"), format!("'{}' is not a table name like alerts or public.alerts", s.table)));
+            }
+            if s.operations.is_empty() {
+                return Err(err(format!("sources[{i}].operations"), "must list INSERT and/or UPDATE".into()));
+            }
+            if s.event.trim().is_empty() {
+                return Err(err(format!("sources[{i}].event"), "must not be empty".into()));
+            }
+        }
+        let mut workflows = HashSet::new();
+        for (i, w) in self.workflows.iter().enumerate() {
+            if !is_identifier_like(&w.name) {
+                return Err(err(format!("workflows[{i}].name"), format!("'{}' must be letters, digits, '-' or '_'", w.name)));
+            }
+            if !workflows.insert(w.name.as_str()) {
+                return Err(err(format!("workflows[{i}].name"), format!("duplicate workflow '{}'", w.name)));
+            }
+            if w.max_attempts == 0 {
+                return Err(err(format!("workflows[{i}].max_attempts"), "must be at least 1".into()));
+            }
+            if let WorkflowKind::Escalation(esc) = &w.kind {
+                if !policies.contains(esc.policy.as_str()) {
+                    return Err(err(format!("workflows[{i}].policy"), format!("unknown policy '{}'", esc.policy)));
+                }
+                if self.providers.twilio.is_none() {
+                    return Err(err(format!("workflows[{i}]"), "an escalation workflow needs [providers.twilio]".into()));
+                }
+                if let Err(problem) = crate::template::Template::parse(&esc.message) {
+                    return Err(err(format!("workflows[{i}].message"), problem));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The person with this id.
+    pub fn person(&self, id: &str) -> Option<&Person> {
+        self.people.iter().find(|p| p.id == id)
+    }
+
+    /// The policy with this id.
+    pub fn policy(&self, id: &str) -> Option<&Policy> {
+        self.policies.iter().find(|p| p.id == id)
+    }
+
+    /// The workflow with this name.
+    pub fn workflow(&self, name: &str) -> Option<&Workflow> {
+        self.workflows.iter().find(|w| w.name == name)
+    }
+}
+
+/// True when `s` is an E.164 number: `+`, a non-zero digit, 7 to 14 more digits
+/// (ITU-T E.164: at most 15 digits).
+pub fn is_e164(s: &str) -> bool {
+    let Some(d) = s.strip_prefix('+') else { return false };
+    (8..=15).contains(&d.len()) && d.bytes().all(|b| b.is_ascii_digit()) && !d.starts_with('0')
+}
+
+/// A phone number for log lines: country code prefix and last two digits only
+/// (`+1*******01`). Never log a full number.
+pub fn redact_phone(s: &str) -> String {
+    let chars: Vec<char> = s.chars().collect();
+    if chars.len() <= 4 {
+        return "*".repeat(chars.len());
+    }
+    let keep_head = 2.min(chars.len());
+    let keep_tail = 2;
+    let mut out: String = chars[..keep_head].iter().collect();
+    out.push_str(&"*".repeat(chars.len() - keep_head - keep_tail));
+    out.extend(&chars[chars.len() - keep_tail..]);
+    out
+}
+
+fn is_twilio_sid(s: &str, prefix: &str) -> bool {
+    s.len() == 34 && s.starts_with(prefix) && s[2..].bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+fn is_identifier_like(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 63 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// Lower-case SQL identifier without quoting needs: `[a-z_][a-z0-9_]*`, ≤ 40 bytes
+/// (it becomes part of trigger names, limited to 63 bytes by PostgreSQL).
+pub fn is_sql_identifier(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 40
+        && s.bytes().next().is_some_and(|b| b.is_ascii_lowercase() || b == b'_')
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+}
+
+/// Splits `schema.table` or `table` (default schema `public`) into its parts.
+/// Each part must be a plain identifier `[A-Za-z_][A-Za-z0-9_]*`; `None` otherwise.
+pub fn split_table_name(s: &str) -> Option<(String, String)> {
+    let ok = |p: &str| {
+        !p.is_empty()
+            && p.len() <= 63
+            && p.bytes().next().is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+            && p.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+    };
+    match s.split_once('.') {
+        Some((schema, table)) if ok(schema) && ok(table) => Some((schema.into(), table.into())),
+        None if ok(s) => Some(("public".into(), s.into())),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn e164() {
+        assert!(is_e164("+13855550101"));
+        assert!(!is_e164("13855550101"));
+        assert!(!is_e164("+1 385 555 0101"));
+        assert!(!is_e164("+0385555010"));
+        assert!(!is_e164("+1234567"));
+        assert!(!is_e164("+1234567890123456"));
+    }
+
+    #[test]
+    fn redaction_hides_the_middle() {
+        assert_eq!(redact_phone("+13855550101"), "+1********01");
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = Config::parse("[engine]\nworkerz = 3\n", "x.toml").unwrap_err();
+        assert!(e.to_string().contains("x.toml"), "{e}");
+        assert!(e.to_string().contains("workerz"), "{e}");
+        assert!(e.to_string().contains("line 2"), "{e}");
+    }
+}

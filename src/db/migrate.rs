@@ -1,0 +1,56 @@
+//! Versioned migrations of schema `wardcall`, embedded in the binary.
+//!
+//! Each migration runs in its own transaction under a transaction-level advisory
+//! lock, so several engines starting at once apply each migration exactly once
+//! (PostgreSQL manual, 9.27.10 "Advisory Lock Functions").
+
+use anyhow::Context;
+use sqlx::PgPool;
+
+/// Lock key for migrations and trigger installation ("wardcall" in ASCII).
+pub const SCHEMA_LOCK_KEY: i64 = 0x7761_7264_6361_6c6c;
+
+/// The migrations, in order: (version, name, SQL).
+pub const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (1, "core", include_str!("../../migrations/0001_core.sql")),
+    (2, "alerts", include_str!("../../migrations/0002_alerts.sql")),
+];
+
+/// Applies the migrations not yet applied; returns how many it applied.
+///
+/// Errors: a database error, with the migration's version and name.
+pub async fn migrate(pool: &PgPool) -> anyhow::Result<usize> {
+    let mut applied = 0;
+    for (version, name, sql) in MIGRATIONS {
+        let mut tx = pool.begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(SCHEMA_LOCK_KEY).execute(&mut *tx).await?;
+        sqlx::raw_sql(
+            "CREATE SCHEMA IF NOT EXISTS wardcall;
+             CREATE TABLE IF NOT EXISTS wardcall.schema_migrations (
+                 version integer PRIMARY KEY, name text NOT NULL,
+                 applied_at timestamptz NOT NULL DEFAULT clock_timestamp())",
+        )
+        .execute(&mut *tx)
+        .await?;
+        let done: Option<i32> = sqlx::query_scalar("SELECT version FROM wardcall.schema_migrations WHERE version = $1")
+            .bind(version)
+            .fetch_optional(&mut *tx)
+            .await?;
+        if done.is_some() {
+            continue;
+        }
+        sqlx::raw_sql(sql)
+            .execute(&mut *tx)
+            .await
+            .with_context(|| format!("migration {version} ({name}) failed"))?;
+        sqlx::query("INSERT INTO wardcall.schema_migrations (version, name) VALUES ($1, $2)")
+            .bind(version)
+            .bind(name)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        tracing::info!(version, name, "applied migration");
+        applied += 1;
+    }
+    Ok(applied)
+}

@@ -1,0 +1,214 @@
+//! The `wardcall` command line. See README.md for every command.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use wardcall::app::{App, StartOptions};
+use wardcall::config::Config;
+use wardcall::db::Database;
+
+#[derive(Parser)]
+#[command(name = "wardcall", version, about = "Postgres-native alert escalation engine for care teams")]
+struct Cli {
+    /// Configuration file (TOML). Without it, documented defaults and the embedded database.
+    #[arg(long, global = true, env = "WARDCALL_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the engine and the webhook/API server until Ctrl-C or SIGTERM.
+    Serve,
+    /// Apply wardcall's migrations and install the sources' capture triggers, then exit.
+    Migrate,
+    /// Run the hospital scenario end to end on the embedded database and the
+    /// in-process Twilio emulator, and print what happened.
+    Demo,
+    /// Emit an event (as `wardcall.emit` does from SQL).
+    Emit {
+        /// Event name, e.g. `alert.critical`.
+        event: String,
+        /// Payload: a JSON object.
+        payload: String,
+        /// A repeated dedup key never starts a second run.
+        #[arg(long)]
+        dedup_key: Option<String>,
+    },
+    /// Show runs by status and the outbox backlog.
+    Status {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cancel a live run (and its open alert).
+    Cancel {
+        /// Run id (UUID).
+        run: uuid::Uuid,
+    },
+    /// Send a named signal to a run.
+    Signal {
+        run: uuid::Uuid,
+        name: String,
+        /// JSON payload (default `{}`).
+        payload: Option<String>,
+    },
+    /// Run a provider emulator (offline development and tests).
+    Emulate {
+        #[command(subcommand)]
+        provider: EmulateCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum EmulateCommand {
+    /// The Twilio Voice REST API and its webhooks.
+    Twilio(wardcall::twilio::emulate_cli::EmulateArgs),
+}
+
+fn init_tracing(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).with_writer(std::io::stderr).init();
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    match runtime.block_on(run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("wardcall: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn open(cli_config: Option<&std::path::Path>) -> anyhow::Result<(Arc<Config>, Database)> {
+    let config = Arc::new(Config::load(cli_config)?);
+    let db = Database::open(&config, config.engine.pool_size).await?;
+    Ok((config, db))
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Demo => {
+            init_tracing("warn");
+            wardcall::demo::run(cli.config.as_deref()).await
+        }
+        Command::Emulate { provider: EmulateCommand::Twilio(args) } => {
+            init_tracing("info");
+            wardcall::twilio::emulate_cli::run_cli(args).await
+        }
+        Command::Serve => {
+            init_tracing("info");
+            let (config, db) = open(cli.config.as_deref()).await?;
+            let app = match App::start(db.clone(), config, StartOptions::default()).await {
+                Ok(app) => app,
+                Err(e) => {
+                    db.shutdown().await;
+                    return Err(e);
+                }
+            };
+            wait_for_shutdown_signal().await;
+            tracing::info!("shutting down: finishing steps in flight, releasing leases");
+            app.stop(Duration::from_secs(10)).await;
+            db.shutdown().await;
+            Ok(())
+        }
+        Command::Migrate => {
+            init_tracing("info");
+            let (config, db) = open(cli.config.as_deref()).await?;
+            let r = wardcall::app::prepare_database(&db, &config, "cli").await;
+            db.shutdown().await;
+            r?;
+            println!("migrations applied; {} source trigger(s) installed", config.sources.len());
+            Ok(())
+        }
+        Command::Emit { event, payload, dedup_key } => {
+            init_tracing("warn");
+            let payload: serde_json::Value = serde_json::from_str(&payload).context("payload is not valid JSON")?;
+            anyhow::ensure!(payload.is_object(), "payload must be a JSON object");
+            let (config, db) = open(cli.config.as_deref()).await?;
+            let r = async {
+                wardcall::app::prepare_database(&db, &config, "cli").await?;
+                let id: Option<i64> = sqlx::query_scalar("SELECT wardcall.emit($1, $2, $3)")
+                    .bind(&event)
+                    .bind(&payload)
+                    .bind(&dedup_key)
+                    .fetch_one(&db.pool)
+                    .await?;
+                match id {
+                    Some(id) => println!("emitted {event} as outbox row {id}"),
+                    None => println!("duplicate dedup key: nothing emitted"),
+                }
+                anyhow::Ok(())
+            }
+            .await;
+            db.shutdown().await;
+            r
+        }
+        Command::Status { json } => {
+            init_tracing("warn");
+            let (config, db) = open(cli.config.as_deref()).await?;
+            let r = async {
+                wardcall::app::prepare_database(&db, &config, "cli").await?;
+                let c = wardcall::runtime::store::status_counts(&db.pool).await?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&c)?);
+                } else {
+                    println!("runs      pending {:>6}  running {:>6}  sleeping {:>6}  waiting {:>6}", c.pending, c.running, c.sleeping, c.waiting);
+                    println!("          completed {:>4}  failed {:>7}  cancelled {:>5}", c.completed, c.failed, c.cancelled);
+                    match c.outbox_oldest_seconds {
+                        Some(s) => println!("outbox    backlog {:>6}  oldest {:.1} s", c.outbox_backlog, s),
+                        None => println!("outbox    backlog {:>6}", c.outbox_backlog),
+                    }
+                }
+                anyhow::Ok(())
+            }
+            .await;
+            db.shutdown().await;
+            r
+        }
+        Command::Cancel { run } => {
+            init_tracing("warn");
+            let (_config, db) = open(cli.config.as_deref()).await?;
+            let r = wardcall::runtime::store::cancel_run(&db.pool, run, "cli", "cancelled from the command line").await;
+            db.shutdown().await;
+            if r? {
+                println!("run {run} cancelled");
+                Ok(())
+            } else {
+                anyhow::bail!("run {run} is not live (or does not exist)")
+            }
+        }
+        Command::Signal { run, name, payload } => {
+            init_tracing("warn");
+            let payload: serde_json::Value = match payload {
+                Some(p) => serde_json::from_str(&p).context("payload is not valid JSON")?,
+                None => serde_json::json!({}),
+            };
+            let (_config, db) = open(cli.config.as_deref()).await?;
+            let r = async {
+                let mut conn = db.pool.acquire().await?;
+                let id = wardcall::runtime::store::send_signal(&mut conn, run, &name, &payload).await?;
+                println!("signal {name} sent to run {run} (signal {id})");
+                anyhow::Ok(())
+            }
+            .await;
+            db.shutdown().await;
+            r
+        }
+    }
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn wait_for_shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -1,0 +1,66 @@
+//! Provider clients built from the config, with their secrets.
+
+use crate::config::{Config, TwilioConfig};
+use crate::twilio::client::TwilioClient;
+use anyhow::Context;
+
+/// The configured providers.
+#[derive(Default)]
+pub struct Providers {
+    pub twilio: Option<TwilioProvider>,
+}
+
+/// A Twilio account: the REST client, its settings and the auth token that
+/// signs its webhooks.
+pub struct TwilioProvider {
+    pub client: TwilioClient,
+    pub config: TwilioConfig,
+    /// Secret; never logged.
+    pub auth_token: String,
+}
+
+impl Providers {
+    /// Builds the providers of `config`. The Twilio auth token comes from
+    /// `auth_token` when given (embedding: the demo and the tests), else from
+    /// `providers.twilio.auth_token_file`, else from the environment variable
+    /// `providers.twilio.auth_token_env` (default `TWILIO_AUTH_TOKEN`).
+    ///
+    /// Errors: Twilio is configured but no token is found or the file is unreadable.
+    pub fn from_config(config: &Config, auth_token: Option<String>) -> anyhow::Result<Providers> {
+        let Some(t) = &config.providers.twilio else { return Ok(Providers::default()) };
+        let token = match auth_token {
+            Some(t) => t,
+            None => read_twilio_token(t)?,
+        };
+        let http = reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(10))
+            .connect_timeout(std::time::Duration::from_secs(5))
+            .pool_idle_timeout(std::time::Duration::from_secs(60))
+            .build()
+            .context("building the HTTP client")?;
+        Ok(Providers {
+            twilio: Some(TwilioProvider {
+                client: TwilioClient::new(http, &t.api_base, &t.account_sid, &token),
+                config: t.clone(),
+                auth_token: token,
+            }),
+        })
+    }
+}
+
+fn read_twilio_token(t: &TwilioConfig) -> anyhow::Result<String> {
+    if let Some(path) = &t.auth_token_file {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("providers.twilio.auth_token_file: cannot read {}", path.display()))?;
+        let token = text.lines().next().unwrap_or("").trim().to_string();
+        anyhow::ensure!(!token.is_empty(), "providers.twilio.auth_token_file: {} is empty", path.display());
+        return Ok(token);
+    }
+    let var = t.auth_token_env.clone().unwrap_or_else(|| "TWILIO_AUTH_TOKEN".into());
+    match std::env::var(&var) {
+        Ok(v) if !v.trim().is_empty() => Ok(v.trim().to_string()),
+        _ => anyhow::bail!(
+            "providers.twilio: no auth token: set the environment variable {var} (or providers.twilio.auth_token_file)"
+        ),
+    }
+}

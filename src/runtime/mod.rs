@@ -1,0 +1,489 @@
+//! The durable runtime: turns outbox rows into runs and executes their steps.
+//!
+//! Tasks of one engine process (any number of engines may share a database):
+//! - **listener**: a dedicated connection LISTENing on `wardcall_outbox` and
+//!   `wardcall_wake`. A notification only wakes the dispatcher or the scheduler;
+//!   after every reconnect the outbox is drained (notifications sent while the
+//!   connection was down are lost, by PostgreSQL's design).
+//! - **dispatcher**: drains unprocessed outbox rows on start, on every wake-up
+//!   and every `engine.sweep_ms` (≤ 1 s), creating one run per workflow bound
+//!   to the event. Runs it can execute at once are created already leased to
+//!   this engine (saving a claim round trip); the rest are `pending`.
+//! - **scheduler**: claims due runs (`FOR UPDATE SKIP LOCKED`, lease, fencing
+//!   token) up to the free worker slots and executes them; it sleeps until the
+//!   next due time (capped at `engine.poll_ms`) or a wake-up.
+//!
+//! A step's side effects happen outside any transaction; its transition is
+//! committed only if the fencing token still matches ([`store::commit_transition`]).
+
+pub mod store;
+
+use crate::config::{Config, WorkflowKind};
+use crate::db::Database;
+use crate::providers::Providers;
+use crate::workflows::{self, StepContext, StepError, Transition};
+use serde_json::Value;
+use sqlx::postgres::PgListener;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use store::{ClaimedRun, Parking, WaitResolution};
+use tokio::sync::{watch, Notify, Semaphore};
+use tokio::task::JoinSet;
+
+/// Channel that wakes schedulers (a run became due: a signal, new pending runs).
+pub const WAKE_CHANNEL: &str = "wardcall_wake";
+
+/// Shared state of one engine process.
+pub struct Engine {
+    pub db: Database,
+    pub config: Arc<Config>,
+    /// Unique per process: `<hostname-ish>-<uuid>`; lease owner and audit actor.
+    pub engine_id: String,
+    pub providers: Providers,
+    /// Public base URL of this engine's webhooks, without trailing slash.
+    pub public_url: String,
+    slots: Arc<Semaphore>,
+    wake_scheduler: Notify,
+    wake_dispatcher: Notify,
+    shutdown: watch::Sender<bool>,
+}
+
+impl Engine {
+    /// Creates the engine state (no task runs yet; see [`Engine::spawn`]).
+    pub fn new(db: Database, config: Arc<Config>, providers: Providers, public_url: String) -> Arc<Engine> {
+        let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "wardcall".into());
+        let engine_id = format!("{}-{}", host, &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        let workers = config.engine.workers;
+        Arc::new(Engine {
+            db,
+            config,
+            engine_id,
+            providers,
+            public_url: public_url.trim_end_matches('/').to_string(),
+            slots: Arc::new(Semaphore::new(workers)),
+            wake_scheduler: Notify::new(),
+            wake_dispatcher: Notify::new(),
+            shutdown: watch::channel(false).0,
+        })
+    }
+
+    /// The audit actor of this engine: `engine:<engine_id>`.
+    pub fn actor(&self) -> String {
+        format!("engine:{}", self.engine_id)
+    }
+
+    fn lease_ms(&self) -> i64 {
+        self.config.engine.lease_ms as i64
+    }
+
+    /// Starts the listener, dispatcher and scheduler tasks.
+    pub fn spawn(self: &Arc<Self>) -> EngineTasks {
+        let mut set = JoinSet::new();
+        let e = self.clone();
+        set.spawn(async move { e.listener_loop().await });
+        let e = self.clone();
+        set.spawn(async move { e.dispatcher_loop().await });
+        let e = self.clone();
+        set.spawn(async move { e.scheduler_loop().await });
+        EngineTasks { engine: self.clone(), set }
+    }
+
+    /// Wakes this engine's scheduler (e.g. after a webhook delivered a signal).
+    pub fn wake(&self) {
+        self.wake_scheduler.notify_one();
+    }
+
+    fn stopping(&self) -> bool {
+        *self.shutdown.borrow()
+    }
+
+    async fn listener_loop(self: Arc<Self>) {
+        let mut stop = self.shutdown.subscribe();
+        loop {
+            if self.stopping() {
+                return;
+            }
+            let mut listener = match PgListener::connect_with(&self.db.pool).await {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::warn!(error = %e, "listener cannot connect; retrying in 1 s (the sweep keeps draining)");
+                    tokio::select! { _ = tokio::time::sleep(Duration::from_secs(1)) => continue, _ = stop.changed() => return }
+                }
+            };
+            if let Err(e) = listener.listen_all([crate::capture::OUTBOX_CHANNEL, WAKE_CHANNEL]).await {
+                tracing::warn!(error = %e, "LISTEN failed; retrying in 1 s");
+                tokio::select! { _ = tokio::time::sleep(Duration::from_secs(1)) => continue, _ = stop.changed() => return }
+            }
+            tracing::debug!("listener connected");
+            // Anything committed while we were not listening: drain now.
+            self.wake_dispatcher.notify_one();
+            self.wake_scheduler.notify_one();
+            loop {
+                tokio::select! {
+                    _ = stop.changed() => return,
+                    msg = listener.try_recv() => match msg {
+                        Ok(Some(n)) => {
+                            if n.channel() == WAKE_CHANNEL {
+                                self.wake_scheduler.notify_one();
+                            } else {
+                                self.wake_dispatcher.notify_one();
+                            }
+                        }
+                        Ok(None) => {
+                            // Connection lost; try_recv reconnects on the next call.
+                            tracing::warn!("listener connection lost; reconnecting and draining the outbox");
+                            self.wake_dispatcher.notify_one();
+                            self.wake_scheduler.notify_one();
+                            break;
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "listener error; reconnecting");
+                            break;
+                        }
+                    }
+                }
+            }
+            tokio::select! { _ = tokio::time::sleep(Duration::from_millis(100)) => {}, _ = stop.changed() => return }
+        }
+    }
+
+    async fn dispatcher_loop(self: Arc<Self>) {
+        let mut stop = self.shutdown.subscribe();
+        let sweep = Duration::from_millis(self.config.engine.sweep_ms);
+        loop {
+            if self.stopping() {
+                return;
+            }
+            loop {
+                match self.dispatch_batch(500).await {
+                    Ok(n) if n == 500 => continue,
+                    Ok(_) => break,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "outbox dispatch failed; the next sweep retries");
+                        break;
+                    }
+                }
+            }
+            tokio::select! {
+                _ = self.wake_dispatcher.notified() => {}
+                _ = tokio::time::sleep(sweep) => {}
+                _ = stop.changed() => return,
+            }
+        }
+    }
+
+    /// Turns up to `limit` unprocessed outbox rows into runs, in one transaction.
+    /// Returns how many outbox rows it processed.
+    pub async fn dispatch_batch(self: &Arc<Self>, limit: i64) -> anyhow::Result<usize> {
+        let mut tx = self.db.pool.begin().await?;
+        let rows: Vec<(i64, String, Value)> = sqlx::query_as(
+            "WITH batch AS (
+                 SELECT id FROM wardcall.outbox WHERE processed_at IS NULL ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED)
+             UPDATE wardcall.outbox o SET processed_at = clock_timestamp(), processed_by = $2
+               FROM batch WHERE o.id = batch.id
+             RETURNING o.id, o.event, o.payload",
+        )
+        .bind(limit)
+        .bind(&self.engine_id)
+        .fetch_all(&mut *tx)
+        .await?;
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let mut workflow_names = Vec::new();
+        let mut event_ids = Vec::new();
+        let mut events = Vec::new();
+        let mut inputs = Vec::new();
+        for (id, event, payload) in &rows {
+            let mut routed = false;
+            for w in self.config.workflows.iter().filter(|w| &w.event == event) {
+                workflow_names.push(w.name.clone());
+                event_ids.push(*id);
+                events.push(event.clone());
+                inputs.push(payload.clone());
+                routed = true;
+            }
+            if !routed {
+                tracing::debug!(outbox_id = id, event = %event, "no workflow is bound to this event");
+            }
+        }
+        // Take as many runs as there are free worker slots: they start leased to us.
+        let mut taken = Vec::new();
+        for _ in 0..workflow_names.len() {
+            match self.slots.clone().try_acquire_owned() {
+                Ok(p) => taken.push(p),
+                Err(_) => break,
+            }
+        }
+        let lease_now: Vec<bool> = (0..workflow_names.len()).map(|i| i < taken.len()).collect();
+        let created = sqlx::query(
+            "WITH input AS (
+                 SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::jsonb[], $5::bool[])
+                     AS t(workflow, event_id, event, input, take)),
+             created AS (
+                 INSERT INTO wardcall.runs (workflow, event_id, event, input, step, status, lease_owner, fencing_token, due_at)
+                 SELECT workflow, event_id, event, input, 'start',
+                        CASE WHEN take THEN 'running' ELSE 'pending' END,
+                        CASE WHEN take THEN $6 END,
+                        CASE WHEN take THEN 1 ELSE 0 END,
+                        CASE WHEN take THEN clock_timestamp() + $7 * interval '1 millisecond' ELSE clock_timestamp() END
+                   FROM input
+                 ON CONFLICT (workflow, event_id) DO NOTHING
+                 RETURNING id, workflow, event, input, state, step, step_attempt, fencing_token, wait_signal, wait_outcome, status),
+             audited AS (
+                 INSERT INTO wardcall.audit_log (entity, entity_id, action, from_state, to_state, actor, detail)
+                 SELECT 'run', id::text, 'run.created', NULL, status, 'engine:' || $6,
+                        jsonb_build_object('workflow', workflow, 'event', event)
+                   FROM created)
+             SELECT *, 'pending'::text AS previous_status FROM created",
+        )
+        .bind(&workflow_names)
+        .bind(&event_ids)
+        .bind(&events)
+        .bind(&inputs)
+        .bind(&lease_now)
+        .bind(&self.engine_id)
+        .bind(self.lease_ms())
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut to_run = Vec::new();
+        let mut pending = 0;
+        for row in &created {
+            use sqlx::Row;
+            let status: String = row.try_get("status")?;
+            if status == "running" {
+                to_run.push(ClaimedRun {
+                    id: row.try_get("id")?,
+                    workflow: row.try_get("workflow")?,
+                    event: row.try_get("event")?,
+                    input: row.try_get("input")?,
+                    state: row.try_get("state")?,
+                    step: row.try_get("step")?,
+                    step_attempt: row.try_get("step_attempt")?,
+                    fencing_token: row.try_get("fencing_token")?,
+                    wait_signal: None,
+                    wait_outcome: None,
+                    previous_status: "pending".into(),
+                });
+            } else {
+                pending += 1;
+            }
+        }
+        if pending > 0 {
+            sqlx::query("SELECT pg_notify($1, '')").bind(WAKE_CHANNEL).execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        for (run, permit) in to_run.into_iter().zip(taken) {
+            let e = self.clone();
+            tokio::spawn(async move {
+                e.execute(run).await;
+                drop(permit);
+            });
+        }
+        if pending > 0 {
+            self.wake_scheduler.notify_one();
+        }
+        Ok(rows.len())
+    }
+
+    async fn scheduler_loop(self: Arc<Self>) {
+        let mut stop = self.shutdown.subscribe();
+        let poll = Duration::from_millis(self.config.engine.poll_ms);
+        loop {
+            if self.stopping() {
+                return;
+            }
+            let free = self.slots.available_permits();
+            let mut claimed_full = false;
+            if free > 0 {
+                let limit = free.min(64) as i64;
+                match store::claim_due(&self.db.pool, &self.engine_id, limit, self.lease_ms()).await {
+                    Ok(runs) => {
+                        claimed_full = runs.len() as i64 == limit;
+                        for run in runs {
+                            let permit = match self.slots.clone().try_acquire_owned() {
+                                Ok(p) => p,
+                                Err(_) => self.slots.clone().acquire_owned().await.expect("semaphore never closed"),
+                            };
+                            let e = self.clone();
+                            tokio::spawn(async move {
+                                e.execute(run).await;
+                                drop(permit);
+                                e.wake_scheduler.notify_one();
+                            });
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "claiming due runs failed"),
+                }
+            }
+            if claimed_full {
+                continue;
+            }
+            let wait = match store::next_due_in_ms(&self.db.pool).await {
+                Ok(Some(ms)) if ms <= 0.0 && free > 0 => Duration::from_millis(1),
+                Ok(Some(ms)) if ms > 0.0 => Duration::from_micros((ms * 1000.0) as u64).min(poll),
+                _ => poll,
+            };
+            tokio::select! {
+                _ = self.wake_scheduler.notified() => {}
+                _ = tokio::time::sleep(wait) => {}
+                _ = stop.changed() => return,
+            }
+        }
+    }
+
+    /// Executes a claimed run until it parks (sleep, wait, retry), finishes, or
+    /// the lease is lost. The lease is renewed every third of its length meanwhile.
+    pub async fn execute(self: &Arc<Self>, mut run: ClaimedRun) {
+        let lost = Arc::new(AtomicBool::new(false));
+        let renewer = {
+            let pool = self.db.pool.clone();
+            let lost = lost.clone();
+            let (id, token, lease) = (run.id, run.fencing_token, self.lease_ms());
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_millis((lease / 3).max(100) as u64));
+                tick.tick().await;
+                loop {
+                    tick.tick().await;
+                    match store::renew_lease(&pool, id, token, lease).await {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            lost.store(true, Ordering::SeqCst);
+                            return;
+                        }
+                        Err(e) => tracing::warn!(error = %e, "lease renewal failed; retrying"),
+                    }
+                }
+            })
+        };
+        let actor = self.actor();
+        loop {
+            if run.wait_signal.is_some() {
+                match store::resolve_wait(&self.db.pool, &run, &actor).await {
+                    Ok(WaitResolution::Resolved(outcome)) => {
+                        run.wait_signal = None;
+                        run.wait_outcome = Some(outcome);
+                    }
+                    Ok(WaitResolution::Parked) | Ok(WaitResolution::LeaseLost) => break,
+                    Err(e) => {
+                        // The lease lapses and another claim retries the resolution.
+                        tracing::warn!(run = %run.id, error = %e, "resolving a wait failed");
+                        break;
+                    }
+                }
+            }
+            let Some(workflow) = self.config.workflow(&run.workflow).cloned() else {
+                let msg = format!("workflow '{}' is not in this engine's config", run.workflow);
+                let _ = store::record_step_failure(&self.db.pool, &run, &msg, u32::MAX, 5_000, &actor).await;
+                tracing::error!(run = %run.id, "{msg}");
+                break;
+            };
+            let mut state = run.state.clone();
+            let result = {
+                let mut ctx = StepContext { engine: self, run: &run, workflow: &workflow, state: &mut state, lease_lost: &lost };
+                workflows::run_step(&mut ctx).await
+            };
+            let committed = match result {
+                Ok(transition) => {
+                    let (next_step, parking) = match transition {
+                        Transition::Next { step } => (step, Parking::Continue),
+                        Transition::Sleep { step, delay_ms } => (step, Parking::Sleep { due_at_epoch_ms: None, delay_ms }),
+                        Transition::SleepUntil { step, epoch_ms } => (step, Parking::Sleep { due_at_epoch_ms: Some(epoch_ms), delay_ms: 0 }),
+                        Transition::Wait { step, signal, timeout_ms } => (step, Parking::Wait { signal, timeout_ms }),
+                        Transition::Complete => (run.step.clone(), Parking::Complete),
+                        Transition::Fail { error } => (run.step.clone(), Parking::Fail { error }),
+                    };
+                    match store::commit_transition(&self.db.pool, &run, &state, &next_step, &parking, &actor).await {
+                        Ok(Some(due_now)) => {
+                            if due_now {
+                                self.wake_scheduler.notify_one();
+                            }
+                            if matches!(parking, Parking::Continue) {
+                                run.step = next_step;
+                                run.state = state;
+                                run.step_attempt = 0;
+                                run.wait_outcome = None;
+                                continue;
+                            }
+                            true
+                        }
+                        Ok(None) => false,
+                        Err(e) => {
+                            tracing::warn!(run = %run.id, error = %e, "committing a step failed; the lease will lapse and the step re-run");
+                            false
+                        }
+                    }
+                }
+                Err(StepError::LeaseLost) => false,
+                Err(StepError::Retryable(err)) => {
+                    let delay = retry_delay_ms(&workflow, run.step_attempt + 1);
+                    let msg = format!("{err:#}");
+                    tracing::warn!(run = %run.id, step = %run.step, attempt = run.step_attempt + 1, error = %msg, "step failed");
+                    matches!(store::record_step_failure(&self.db.pool, &run, &msg, workflow.max_attempts, delay, &actor).await, Ok(Some(_)))
+                }
+                Err(StepError::Permanent(err)) => {
+                    let msg = format!("{err:#}");
+                    tracing::error!(run = %run.id, step = %run.step, error = %msg, "step failed permanently");
+                    matches!(
+                        store::commit_transition(&self.db.pool, &run, &state, &run.step, &Parking::Fail { error: msg }, &actor).await,
+                        Ok(Some(_))
+                    )
+                }
+            };
+            if !committed {
+                tracing::info!(run = %run.id, step = %run.step, "lease lost; leaving the run to its new owner");
+            }
+            break;
+        }
+        renewer.abort();
+    }
+
+    /// Signals every task to stop, waits up to `grace` for steps in flight, and
+    /// releases the leases still held so other engines take over at once.
+    pub async fn shutdown(self: &Arc<Self>, grace: Duration) {
+        let _ = self.shutdown.send(true);
+        let workers = self.config.engine.workers as u32;
+        let _ = tokio::time::timeout(grace, self.slots.acquire_many(workers)).await;
+        match store::release_leases(&self.db.pool, &self.engine_id).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(runs = n, "released leases at shutdown"),
+            Err(e) => tracing::warn!(error = %e, "releasing leases failed; they expire on their own"),
+        }
+    }
+
+    /// The workflow kinds this engine can run, for error messages.
+    pub fn has_escalations(&self) -> bool {
+        self.config.workflows.iter().any(|w| matches!(w.kind, WorkflowKind::Escalation(_)))
+    }
+}
+
+/// Delay before retry number `attempt` (1-based): `retry_base_ms · 2^(attempt-1)`,
+/// capped at `retry_max_ms`, with "equal jitter" (half fixed, half random) so
+/// that retries of many runs spread out.
+pub fn retry_delay_ms(w: &crate::config::Workflow, attempt: i32) -> i64 {
+    let exp = (attempt.max(1) - 1).min(30) as u32;
+    let raw = w.retry_base_ms.saturating_mul(1u64 << exp).min(w.retry_max_ms);
+    let half = raw / 2;
+    let jitter = if half > 0 { rand::random_range(0..=half) } else { 0 };
+    (half + jitter) as i64
+}
+
+/// The running tasks of an engine.
+pub struct EngineTasks {
+    engine: Arc<Engine>,
+    set: JoinSet<()>,
+}
+
+impl EngineTasks {
+    /// Graceful stop: see [`Engine::shutdown`]; then waits for the tasks.
+    pub async fn stop(mut self, grace: Duration) {
+        self.engine.shutdown(grace).await;
+        while self.set.join_next().await.is_some() {}
+    }
+
+    /// The engine these tasks belong to.
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+}

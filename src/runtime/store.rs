@@ -1,0 +1,473 @@
+//! SQL of the durable runtime: claiming runs under a lease with a fencing token,
+//! committing step transitions only while the token still matches, resolving
+//! waits, retries, cancellation and signals.
+//!
+//! Lock order, everywhere: the run row first, then the alert row, then
+//! notification attempts. Webhooks and workers follow it, so they cannot deadlock.
+
+use crate::audit::{self, Entity};
+use serde_json::{json, Value};
+use sqlx::{PgConnection, PgPool, Row};
+use uuid::Uuid;
+
+/// Statuses in which a run is not finished (and may be claimed when due).
+pub const LIVE_STATUSES: &str = "('pending','running','sleeping','waiting')";
+
+/// A run claimed by this engine: it holds the lease until its next commit.
+#[derive(Debug, Clone)]
+pub struct ClaimedRun {
+    pub id: Uuid,
+    pub workflow: String,
+    pub event: String,
+    pub input: Value,
+    pub state: Value,
+    pub step: String,
+    /// Failed attempts of the current step so far (0 on first try).
+    pub step_attempt: i32,
+    /// Incremented on every claim; every commit checks it.
+    pub fencing_token: i64,
+    /// Set while a wait is unresolved (the run was claimed at its deadline or on a signal).
+    pub wait_signal: Option<String>,
+    /// The resolved outcome of the last wait, until the next step commits.
+    pub wait_outcome: Option<Value>,
+    /// Status before this claim (`pending`, `sleeping`, `waiting`, or `running` for a takeover).
+    pub previous_status: String,
+}
+
+impl ClaimedRun {
+    fn from_row(r: &sqlx::postgres::PgRow) -> Result<Self, sqlx::Error> {
+        Ok(ClaimedRun {
+            id: r.try_get("id")?,
+            workflow: r.try_get("workflow")?,
+            event: r.try_get("event")?,
+            input: r.try_get("input")?,
+            state: r.try_get("state")?,
+            step: r.try_get("step")?,
+            step_attempt: r.try_get("step_attempt")?,
+            fencing_token: r.try_get("fencing_token")?,
+            wait_signal: r.try_get("wait_signal")?,
+            wait_outcome: r.try_get("wait_outcome")?,
+            previous_status: r.try_get("previous_status")?,
+        })
+    }
+}
+
+/// Claims up to `limit` due runs (pending, sleeping, waiting past deadline or
+/// signalled, or running with a lapsed lease) with `FOR UPDATE SKIP LOCKED`,
+/// giving each a lease of `lease_ms` milliseconds and a new fencing token, and
+/// audits each claim, in one statement.
+pub async fn claim_due(pool: &PgPool, owner: &str, limit: i64, lease_ms: i64) -> Result<Vec<ClaimedRun>, sqlx::Error> {
+    let rows = sqlx::query(
+        "WITH due AS (
+             SELECT id, status AS previous_status FROM wardcall.runs
+              WHERE status IN ('pending','running','sleeping','waiting') AND due_at <= now()
+              ORDER BY due_at LIMIT $2 FOR UPDATE SKIP LOCKED),
+         claimed AS (
+             UPDATE wardcall.runs r
+                SET status = 'running', lease_owner = $1, fencing_token = r.fencing_token + 1,
+                    due_at = clock_timestamp() + $3 * interval '1 millisecond', updated_at = clock_timestamp()
+               FROM due WHERE r.id = due.id
+             RETURNING r.id, r.workflow, r.event, r.input, r.state, r.step, r.step_attempt, r.fencing_token,
+                       r.wait_signal, r.wait_outcome, due.previous_status),
+         audited AS (
+             INSERT INTO wardcall.audit_log (entity, entity_id, action, from_state, to_state, actor, detail)
+             SELECT 'run', id::text,
+                    CASE WHEN previous_status = 'running' THEN 'run.lease_taken_over' ELSE 'run.claimed' END,
+                    previous_status, 'running', 'engine:' || $1,
+                    jsonb_build_object('step', step, 'fencing_token', fencing_token)
+               FROM claimed)
+         SELECT * FROM claimed",
+    )
+    .bind(owner)
+    .bind(limit)
+    .bind(lease_ms)
+    .fetch_all(pool)
+    .await?;
+    rows.iter().map(ClaimedRun::from_row).collect()
+}
+
+/// Milliseconds until the next live run is due (negative: overdue), or `None`
+/// when no run is live.
+pub async fn next_due_in_ms(pool: &PgPool) -> Result<Option<f64>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT (extract(epoch FROM (min(due_at) - clock_timestamp())) * 1000)::float8 FROM wardcall.runs
+          WHERE status IN ('pending','running','sleeping','waiting')",
+    )
+    .fetch_one(pool)
+    .await
+}
+
+/// Extends the lease; false when the run is no longer ours (token moved on,
+/// cancelled, or finished).
+pub async fn renew_lease(pool: &PgPool, id: Uuid, token: i64, lease_ms: i64) -> Result<bool, sqlx::Error> {
+    let r = sqlx::query(
+        "UPDATE wardcall.runs SET due_at = clock_timestamp() + $3 * interval '1 millisecond'
+          WHERE id = $1 AND fencing_token = $2 AND status = 'running'",
+    )
+    .bind(id)
+    .bind(token)
+    .bind(lease_ms)
+    .execute(pool)
+    .await?;
+    Ok(r.rows_affected() == 1)
+}
+
+/// Locks the run row if this engine still holds it with `token`. The first
+/// statement of every fenced transaction; `false` means the lease was lost.
+pub async fn lock_fenced(conn: &mut PgConnection, id: Uuid, token: i64) -> Result<bool, sqlx::Error> {
+    let found: Option<i32> = sqlx::query_scalar(
+        "SELECT 1 FROM wardcall.runs WHERE id = $1 AND fencing_token = $2 AND status = 'running' FOR UPDATE",
+    )
+    .bind(id)
+    .bind(token)
+    .fetch_optional(conn)
+    .await?;
+    Ok(found.is_some())
+}
+
+/// The outcome of resolving a wait after a claim.
+#[derive(Debug)]
+pub enum WaitResolution {
+    /// A signal (kept from before, or arrived) resolved it: `{"signal": name, "payload": …}`.
+    Resolved(Value),
+    /// Nothing arrived and the deadline has not passed: the run is parked again.
+    Parked,
+    /// The lease was lost meanwhile.
+    LeaseLost,
+}
+
+/// Resolves the wait of a claimed run in one transaction: the oldest unconsumed
+/// signal of that name wins; else, if the deadline passed, the timeout wins;
+/// else the run goes back to waiting. Exactly one outcome commits: the run row
+/// is locked first, as `wardcall.send_signal` locks it, so a racing signal is
+/// either seen here or finds the run waiting again (and makes it due).
+pub async fn resolve_wait(pool: &PgPool, run: &ClaimedRun, actor: &str) -> Result<WaitResolution, sqlx::Error> {
+    let signal = run.wait_signal.as_deref().unwrap_or_default();
+    let mut tx = pool.begin().await?;
+    if !lock_fenced(&mut tx, run.id, run.fencing_token).await? {
+        return Ok(WaitResolution::LeaseLost);
+    }
+    let found: Option<(i64, Value)> = sqlx::query_as(
+        "SELECT id, payload FROM wardcall.signals WHERE run_id = $1 AND name = $2 AND consumed_at IS NULL
+          ORDER BY id LIMIT 1 FOR UPDATE",
+    )
+    .bind(run.id)
+    .bind(signal)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let outcome = if let Some((signal_id, payload)) = found {
+        sqlx::query("UPDATE wardcall.signals SET consumed_at = clock_timestamp() WHERE id = $1")
+            .bind(signal_id)
+            .execute(&mut *tx)
+            .await?;
+        json!({"signal": signal, "payload": payload, "signal_id": signal_id})
+    } else {
+        let expired: bool = sqlx::query_scalar(
+            "SELECT coalesce(wait_deadline <= clock_timestamp(), true) FROM wardcall.runs WHERE id = $1",
+        )
+        .bind(run.id)
+        .fetch_one(&mut *tx)
+        .await?;
+        if !expired {
+            sqlx::query(
+                "UPDATE wardcall.runs SET status = 'waiting', due_at = wait_deadline, lease_owner = NULL,
+                        updated_at = clock_timestamp() WHERE id = $1",
+            )
+            .bind(run.id)
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            return Ok(WaitResolution::Parked);
+        }
+        json!({"timeout": true, "signal": signal})
+    };
+    sqlx::query("UPDATE wardcall.runs SET wait_signal = NULL, wait_outcome = $2 WHERE id = $1")
+        .bind(run.id)
+        .bind(&outcome)
+        .execute(&mut *tx)
+        .await?;
+    let action = if outcome.get("timeout").is_some() { "run.wait_timed_out" } else { "run.signal_received" };
+    audit::record(&mut tx, Entity::Run, &run.id.to_string(), action, Some("waiting"), Some("running"), actor, json!({"signal": signal, "step": run.step}))
+        .await?;
+    tx.commit().await?;
+    Ok(WaitResolution::Resolved(outcome))
+}
+
+/// What a committed transition leaves the run as.
+#[derive(Debug, Clone)]
+pub enum Parking {
+    /// Keep the lease and go on with `step` at once.
+    Continue,
+    /// Sleep until the due time.
+    Sleep { due_at_epoch_ms: Option<i64>, delay_ms: i64 },
+    /// Wait for `signal` until `timeout_ms` from now.
+    Wait { signal: String, timeout_ms: i64 },
+    Complete,
+    Fail { error: String },
+}
+
+/// Commits a step's transition if the lease still holds: new state and step,
+/// and the run's new status. Returns `Ok(None)` when the lease was lost (nothing
+/// was written), else whether the run is due immediately (a kept signal).
+pub async fn commit_transition(
+    pool: &PgPool,
+    run: &ClaimedRun,
+    state: &Value,
+    next_step: &str,
+    parking: &Parking,
+    actor: &str,
+) -> Result<Option<bool>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    if !lock_fenced(&mut tx, run.id, run.fencing_token).await? {
+        return Ok(None);
+    }
+    let mut due_now = false;
+    let (status, detail) = match parking {
+        Parking::Continue => {
+            sqlx::query(
+                "UPDATE wardcall.runs SET state = $2, step = $3, step_attempt = 0, wait_outcome = NULL,
+                        last_error = NULL, updated_at = clock_timestamp() WHERE id = $1",
+            )
+            .bind(run.id)
+            .bind(state)
+            .bind(next_step)
+            .execute(&mut *tx)
+            .await?;
+            ("running", json!({"from_step": run.step, "to_step": next_step}))
+        }
+        Parking::Sleep { due_at_epoch_ms, delay_ms } => {
+            sqlx::query(
+                "UPDATE wardcall.runs SET state = $2, step = $3, step_attempt = 0, wait_outcome = NULL, last_error = NULL,
+                        status = 'sleeping', lease_owner = NULL, updated_at = clock_timestamp(),
+                        due_at = CASE WHEN $4::bigint IS NOT NULL THEN to_timestamp($4::bigint / 1000.0)
+                                      ELSE clock_timestamp() + $5 * interval '1 millisecond' END
+                  WHERE id = $1",
+            )
+            .bind(run.id)
+            .bind(state)
+            .bind(next_step)
+            .bind(due_at_epoch_ms)
+            .bind(delay_ms)
+            .execute(&mut *tx)
+            .await?;
+            ("sleeping", json!({"from_step": run.step, "to_step": next_step, "delay_ms": delay_ms, "due_at_epoch_ms": due_at_epoch_ms}))
+        }
+        Parking::Wait { signal, timeout_ms } => {
+            // A new statement after the lock: it sees every signal committed so far.
+            due_now = sqlx::query_scalar(
+                "UPDATE wardcall.runs SET state = $2, step = $3, step_attempt = 0, wait_outcome = NULL, last_error = NULL,
+                        status = 'waiting', lease_owner = NULL, updated_at = clock_timestamp(),
+                        wait_signal = $4, wait_deadline = clock_timestamp() + $5 * interval '1 millisecond',
+                        due_at = CASE WHEN EXISTS (SELECT 1 FROM wardcall.signals s
+                                                    WHERE s.run_id = $1 AND s.name = $4 AND s.consumed_at IS NULL)
+                                      THEN clock_timestamp()
+                                      ELSE clock_timestamp() + $5 * interval '1 millisecond' END
+                  WHERE id = $1 RETURNING due_at <= clock_timestamp()",
+            )
+            .bind(run.id)
+            .bind(state)
+            .bind(next_step)
+            .bind(signal)
+            .bind(timeout_ms)
+            .fetch_one(&mut *tx)
+            .await?;
+            ("waiting", json!({"from_step": run.step, "to_step": next_step, "signal": signal, "timeout_ms": timeout_ms}))
+        }
+        Parking::Complete => {
+            sqlx::query(
+                "UPDATE wardcall.runs SET state = $2, step = $3, status = 'completed', lease_owner = NULL,
+                        wait_outcome = NULL, finished_at = clock_timestamp(), updated_at = clock_timestamp() WHERE id = $1",
+            )
+            .bind(run.id)
+            .bind(state)
+            .bind(next_step)
+            .execute(&mut *tx)
+            .await?;
+            ("completed", json!({"step": run.step}))
+        }
+        Parking::Fail { error } => {
+            sqlx::query(
+                "UPDATE wardcall.runs SET state = $2, step = $3, status = 'failed', lease_owner = NULL, last_error = $4,
+                        finished_at = clock_timestamp(), updated_at = clock_timestamp() WHERE id = $1",
+            )
+            .bind(run.id)
+            .bind(state)
+            .bind(next_step)
+            .bind(error)
+            .execute(&mut *tx)
+            .await?;
+            ("failed", json!({"step": run.step, "error": error}))
+        }
+    };
+    let action = match parking {
+        Parking::Continue => "run.step_completed",
+        Parking::Sleep { .. } => "run.sleeping",
+        Parking::Wait { .. } => "run.waiting",
+        Parking::Complete => "run.completed",
+        Parking::Fail { .. } => "run.failed",
+    };
+    audit::record(&mut tx, Entity::Run, &run.id.to_string(), action, Some("running"), Some(status), actor, detail).await?;
+    tx.commit().await?;
+    Ok(Some(due_now))
+}
+
+/// Records a failed attempt of the current step: schedules a retry `delay_ms`
+/// from now (status `pending`) or, when `attempt >= max_attempts`, marks the
+/// run `failed` keeping the error (the dead letter). Returns `None` when the
+/// lease was lost.
+pub async fn record_step_failure(
+    pool: &PgPool,
+    run: &ClaimedRun,
+    error: &str,
+    max_attempts: u32,
+    delay_ms: i64,
+    actor: &str,
+) -> Result<Option<bool>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    if !lock_fenced(&mut tx, run.id, run.fencing_token).await? {
+        return Ok(None);
+    }
+    let attempt = run.step_attempt + 1;
+    let dead = attempt as u32 >= max_attempts;
+    if dead {
+        sqlx::query(
+            "UPDATE wardcall.runs SET status = 'failed', step_attempt = $2, last_error = $3, lease_owner = NULL,
+                    finished_at = clock_timestamp(), updated_at = clock_timestamp() WHERE id = $1",
+        )
+        .bind(run.id)
+        .bind(attempt)
+        .bind(error)
+        .execute(&mut *tx)
+        .await?;
+    } else {
+        sqlx::query(
+            "UPDATE wardcall.runs SET status = 'pending', step_attempt = $2, last_error = $3, lease_owner = NULL,
+                    due_at = clock_timestamp() + $4 * interval '1 millisecond', updated_at = clock_timestamp()
+              WHERE id = $1",
+        )
+        .bind(run.id)
+        .bind(attempt)
+        .bind(error)
+        .bind(delay_ms)
+        .execute(&mut *tx)
+        .await?;
+    }
+    let (action, to) = if dead { ("run.failed", "failed") } else { ("run.retry_scheduled", "pending") };
+    audit::record(
+        &mut tx,
+        Entity::Run,
+        &run.id.to_string(),
+        action,
+        Some("running"),
+        Some(to),
+        actor,
+        json!({"step": run.step, "attempt": attempt, "max_attempts": max_attempts, "error": error, "retry_in_ms": if dead { None } else { Some(delay_ms) }}),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(Some(dead))
+}
+
+/// Cancels a live run (any status but completed/failed/cancelled): bumps the
+/// fencing token so a worker executing it can no longer commit, and cancels
+/// its open alert, if any. Returns false when the run was not live.
+pub async fn cancel_run(pool: &PgPool, id: Uuid, actor: &str, reason: &str) -> Result<bool, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let previous: Option<String> = sqlx::query_scalar(
+        "SELECT status FROM wardcall.runs WHERE id = $1 AND status IN ('pending','running','sleeping','waiting') FOR UPDATE",
+    )
+    .bind(id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some(previous) = previous else {
+        return Ok(false);
+    };
+    sqlx::query(
+        "UPDATE wardcall.runs SET status = 'cancelled', fencing_token = fencing_token + 1, lease_owner = NULL,
+                finished_at = clock_timestamp(), updated_at = clock_timestamp(), last_error = $2 WHERE id = $1",
+    )
+    .bind(id)
+    .bind(reason)
+    .execute(&mut *tx)
+    .await?;
+    audit::record(&mut tx, Entity::Run, &id.to_string(), "run.cancelled", Some(&previous), Some("cancelled"), actor, json!({"reason": reason})).await?;
+    let alert: Option<Uuid> = sqlx::query_scalar(
+        "UPDATE wardcall.alerts SET status = 'cancelled', updated_at = clock_timestamp()
+          WHERE run_id = $1 AND status = 'open' RETURNING id",
+    )
+    .bind(id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    if let Some(alert) = alert {
+        audit::record(&mut tx, Entity::Alert, &alert.to_string(), "alert.cancelled", Some("open"), Some("cancelled"), actor, json!({"reason": reason})).await?;
+    }
+    tx.commit().await?;
+    Ok(true)
+}
+
+/// Sends a named signal to a run through `wardcall.send_signal` (kept if the
+/// run is not waiting for it yet; wakes it if it is). Returns the signal id.
+///
+/// Errors: the run does not exist (SQLSTATE `P0002`), or a database error.
+pub async fn send_signal(conn: &mut PgConnection, run: Uuid, name: &str, payload: &Value) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("SELECT wardcall.send_signal($1, $2, $3)")
+        .bind(run)
+        .bind(name)
+        .bind(payload)
+        .fetch_one(conn)
+        .await
+}
+
+/// Releases the leases this engine holds (graceful shutdown): the runs become
+/// due at once, so another engine takes them over without waiting for expiry.
+pub async fn release_leases(pool: &PgPool, owner: &str) -> Result<u64, sqlx::Error> {
+    let r = sqlx::query(
+        "UPDATE wardcall.runs SET due_at = clock_timestamp(), lease_owner = NULL
+          WHERE lease_owner = $1 AND status = 'running'",
+    )
+    .bind(owner)
+    .execute(pool)
+    .await?;
+    Ok(r.rows_affected())
+}
+
+/// Counts for `wardcall status`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StatusCounts {
+    pub pending: i64,
+    pub running: i64,
+    pub sleeping: i64,
+    pub waiting: i64,
+    pub completed: i64,
+    pub failed: i64,
+    pub cancelled: i64,
+    /// Outbox rows not yet turned into runs.
+    pub outbox_backlog: i64,
+    /// Seconds the oldest unprocessed outbox row has waited.
+    pub outbox_oldest_seconds: Option<f64>,
+}
+
+/// Reads the run and outbox counts.
+pub async fn status_counts(pool: &PgPool) -> Result<StatusCounts, sqlx::Error> {
+    let rows: Vec<(String, i64)> = sqlx::query_as("SELECT status, count(*) FROM wardcall.runs GROUP BY status")
+        .fetch_all(pool)
+        .await?;
+    let get = |s: &str| rows.iter().find(|(k, _)| k == s).map(|(_, n)| *n).unwrap_or(0);
+    let (backlog, oldest): (i64, Option<f64>) = sqlx::query_as(
+        "SELECT count(*), extract(epoch FROM clock_timestamp() - min(created_at))::float8
+           FROM wardcall.outbox WHERE processed_at IS NULL",
+    )
+    .fetch_one(pool)
+    .await?;
+    Ok(StatusCounts {
+        pending: get("pending"),
+        running: get("running"),
+        sleeping: get("sleeping"),
+        waiting: get("waiting"),
+        completed: get("completed"),
+        failed: get("failed"),
+        cancelled: get("cancelled"),
+        outbox_backlog: backlog,
+        outbox_oldest_seconds: oldest,
+    })
+}

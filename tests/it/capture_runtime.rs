@@ -1,0 +1,445 @@
+//! Capture from the team's tables and the durable runtime.
+
+use crate::harness::*;
+use serde_json::{json, Value};
+use std::time::Duration;
+use wardcall::config::Config;
+
+pub fn tests() -> Vec<libtest_mimic::Trial> {
+    trials![
+        capture_runtime::committed_row_starts_a_run,
+        capture_runtime::rolled_back_row_starts_nothing,
+        capture_runtime::one_notify_per_statement_and_condition_filters,
+        capture_runtime::update_capture_sees_old_and_new,
+        capture_runtime::rows_inserted_while_no_engine_runs_are_processed_on_start,
+        capture_runtime::killing_the_listener_connection_loses_nothing,
+        capture_runtime::emit_dedup_key_starts_one_run,
+        capture_runtime::two_engines_run_each_step_once,
+        capture_runtime::signal_before_wait_is_kept,
+        capture_runtime::signal_racing_timeout_has_exactly_one_outcome,
+        capture_runtime::retries_end_in_failed_with_error_kept,
+        capture_runtime::sleep_due_while_engine_down_fires_on_start,
+        capture_runtime::cancel_stops_a_run,
+        capture_runtime::audit_log_is_append_only,
+        capture_runtime::source_removed_from_config_loses_its_trigger,
+        capture_runtime::bad_condition_is_refused_naming_the_source,
+        capture_runtime::worker_process_killed_mid_step_is_taken_over,
+        capture_runtime::bad_config_gives_a_clear_error,
+        capture_runtime::api_rejects_malformed_json,
+    ]
+}
+
+const TASKS_TABLE: &str = "CREATE TABLE tasks (id bigserial PRIMARY KEY, kind text NOT NULL, steps jsonb NOT NULL DEFAULT '[]')";
+
+fn script_config(extra: &str) -> String {
+    format!(
+        r#"
+[engine]
+lease_ms = 2000
+sweep_ms = 200
+poll_ms = 100
+
+[[sources]]
+name = "tasks"
+table = "tasks"
+operations = ["INSERT"]
+condition = "NEW.kind = 'go'"
+event = "task.created"
+
+[[workflows]]
+name = "script"
+event = "task.created"
+kind = "script"
+max_attempts = 3
+retry_base_ms = 20
+retry_max_ms = 100
+{extra}
+"#
+    )
+}
+
+async fn run_statuses(db: &TestDb) -> Vec<String> {
+    sqlx::query_scalar("SELECT status FROM wardcall.runs ORDER BY created_at").fetch_all(&db.pool).await.unwrap()
+}
+
+pub async fn committed_row_starts_a_run() {
+    let db = TestDb::new().await;
+    db.exec(TASKS_TABLE).await;
+    let app = start_app(&db, config(&script_config(""))).await;
+    db.exec(r#"INSERT INTO tasks (kind, steps) VALUES ('go', '[{"op":"step","name":"a"},{"op":"step","name":"b"}]')"#).await;
+    await_true(&db, "the run to complete", Duration::from_secs(10), "SELECT count(*) = 1 FROM wardcall.runs WHERE status = 'completed'").await;
+    let (input, state): (Value, Value) = sqlx::query_as("SELECT input, state FROM wardcall.runs").fetch_one(&db.pool).await.unwrap();
+    assert_eq!(input["kind"], "go");
+    assert_eq!(state["results"]["0"]["name"], "a");
+    assert_eq!(state["results"]["1"]["name"], "b");
+    // Every state change is audited and nothing was deleted.
+    let actions: Vec<String> = sqlx::query_scalar("SELECT action FROM wardcall.audit_log WHERE entity = 'run' ORDER BY id").fetch_all(&db.pool).await.unwrap();
+    assert_eq!(actions, vec!["run.created", "run.step_completed", "run.step_completed", "run.completed"]);
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM wardcall.outbox WHERE processed_at IS NOT NULL").await, 1);
+    app.stop(Duration::from_secs(2)).await;
+}
+
+pub async fn rolled_back_row_starts_nothing() {
+    let db = TestDb::new().await;
+    db.exec(TASKS_TABLE).await;
+    let app = start_app(&db, config(&script_config(""))).await;
+    let mut tx = db.pool.begin().await.unwrap();
+    sqlx::query("INSERT INTO tasks (kind) VALUES ('go')").execute(&mut *tx).await.unwrap();
+    tx.rollback().await.unwrap();
+    // A committed marker row after it: once its run exists, the rolled-back one would have too.
+    db.exec("INSERT INTO tasks (kind, steps) VALUES ('go', '[{\"op\":\"step\",\"name\":\"marker\"}]')").await;
+    await_true(&db, "the marker run to complete", Duration::from_secs(10), "SELECT count(*) = 1 FROM wardcall.runs WHERE status = 'completed'").await;
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM wardcall.outbox").await, 1);
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM wardcall.runs").await, 1);
+    app.stop(Duration::from_secs(2)).await;
+}
+
+pub async fn one_notify_per_statement_and_condition_filters() {
+    let db = TestDb::new().await;
+    db.exec(TASKS_TABLE).await;
+    let cfg = config(&script_config(""));
+    wardcall::app::prepare_database(&db.database(), &cfg, "test").await.unwrap();
+    let mut listener = sqlx::postgres::PgListener::connect_with(&db.pool).await.unwrap();
+    listener.listen("wardcall_outbox").await.unwrap();
+    // 100 rows in one statement, 40 of which match the condition.
+    db.exec("INSERT INTO tasks (kind) SELECT CASE WHEN g % 5 < 2 THEN 'go' ELSE 'skip' END FROM generate_series(1, 100) g").await;
+    let first = tokio::time::timeout(Duration::from_secs(5), listener.recv()).await.expect("a notification").unwrap();
+    assert_eq!(first.payload(), "", "NOTIFY carries no payload");
+    // A marker NOTIFY after the statement: nothing else may arrive before it.
+    db.exec("SELECT pg_notify('wardcall_outbox', 'marker')").await;
+    let next = tokio::time::timeout(Duration::from_secs(5), listener.recv()).await.unwrap().unwrap();
+    assert_eq!(next.payload(), "marker", "exactly one NOTIFY for the 100-row statement");
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM wardcall.outbox").await, 40);
+    // A statement that matches nothing sends nothing.
+    db.exec("INSERT INTO tasks (kind) VALUES ('skip')").await;
+    db.exec("SELECT pg_notify('wardcall_outbox', 'marker2')").await;
+    let next = tokio::time::timeout(Duration::from_secs(5), listener.recv()).await.unwrap().unwrap();
+    assert_eq!(next.payload(), "marker2");
+}
+
+pub async fn update_capture_sees_old_and_new() {
+    let db = TestDb::new().await;
+    db.exec("CREATE TABLE bookings (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), status text NOT NULL, scheduled_at timestamptz NOT NULL)").await;
+    let cfg = config(
+        r#"
+[[sources]]
+name = "booking_moves"
+table = "public.bookings"
+operations = ["UPDATE"]
+condition = "NEW.scheduled_at IS DISTINCT FROM OLD.scheduled_at"
+event = "booking.rescheduled"
+payload = "jsonb_build_object('id', NEW.id, 'from', OLD.scheduled_at, 'to', NEW.scheduled_at)"
+"#,
+    );
+    wardcall::app::prepare_database(&db.database(), &cfg, "test").await.unwrap();
+    db.exec("INSERT INTO bookings (status, scheduled_at) VALUES ('pending', '2026-11-22 10:00Z'), ('pending', '2026-11-22 11:00Z')").await;
+    db.exec("UPDATE bookings SET status = 'scheduled'").await; // no move: no event
+    db.exec("UPDATE bookings SET scheduled_at = scheduled_at + interval '1 hour' WHERE scheduled_at = '2026-11-22 10:00Z'").await;
+    let payloads: Vec<Value> = sqlx::query_scalar("SELECT payload FROM wardcall.outbox").fetch_all(&db.pool).await.unwrap();
+    assert_eq!(payloads.len(), 1, "{payloads:?}");
+    assert!(payloads[0]["from"].as_str().unwrap().starts_with("2026-11-22T10:00:00"));
+    assert!(payloads[0]["to"].as_str().unwrap().starts_with("2026-11-22T11:00:00"));
+    // Installing twice is idempotent.
+    wardcall::app::prepare_database(&db.database(), &cfg, "test").await.unwrap();
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'wardcall_capture_%'").await, 1);
+}
+
+pub async fn rows_inserted_while_no_engine_runs_are_processed_on_start() {
+    let db = TestDb::new().await;
+    db.exec(TASKS_TABLE).await;
+    let cfg = config(&script_config(""));
+    wardcall::app::prepare_database(&db.database(), &cfg, "test").await.unwrap();
+    db.exec("INSERT INTO tasks (kind, steps) SELECT 'go', '[{\"op\":\"step\"}]' FROM generate_series(1, 25)").await;
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM wardcall.outbox WHERE processed_at IS NULL").await, 25);
+    let app = start_app(&db, cfg).await;
+    await_true(&db, "25 completed runs", Duration::from_secs(15), "SELECT count(*) = 25 FROM wardcall.runs WHERE status = 'completed'").await;
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM wardcall.outbox WHERE processed_at IS NULL").await, 0);
+    app.stop(Duration::from_secs(2)).await;
+}
+
+pub async fn killing_the_listener_connection_loses_nothing() {
+    let db = TestDb::new().await;
+    db.exec(TASKS_TABLE).await;
+    let app = start_app(&db, config(&script_config(""))).await;
+    await_true(&db, "the listener to connect", Duration::from_secs(10), "SELECT count(*) >= 1 FROM pg_stat_activity WHERE datname = current_database() AND query LIKE 'LISTEN%'").await;
+    for round in 0..3 {
+        let killed = db
+            .scalar_i64("SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() AND query LIKE 'LISTEN%' AND pid <> pg_backend_pid()) t")
+            .await;
+        assert!(killed >= 1, "round {round}: no listener backend found");
+        db.exec("INSERT INTO tasks (kind, steps) VALUES ('go', '[{\"op\":\"step\"}]')").await;
+    }
+    await_true(&db, "all three runs complete", Duration::from_secs(10), "SELECT count(*) = 3 FROM wardcall.runs WHERE status = 'completed'").await;
+    // And the listener came back.
+    await_true(&db, "the listener to reconnect", Duration::from_secs(10), "SELECT count(*) >= 1 FROM pg_stat_activity WHERE datname = current_database() AND query LIKE 'LISTEN%'").await;
+    app.stop(Duration::from_secs(2)).await;
+}
+
+pub async fn emit_dedup_key_starts_one_run() {
+    let db = TestDb::new().await;
+    let app = start_app(&db, config(&script_config(""))).await;
+    for _ in 0..3 {
+        db.exec("SELECT wardcall.emit('task.created', '{\"steps\":[{\"op\":\"step\"}]}', 'booking-42')").await;
+    }
+    await_true(&db, "the run to complete", Duration::from_secs(10), "SELECT count(*) = 1 FROM wardcall.runs WHERE status = 'completed'").await;
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM wardcall.outbox").await, 1);
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM wardcall.runs").await, 1);
+    app.stop(Duration::from_secs(2)).await;
+}
+
+pub async fn two_engines_run_each_step_once() {
+    let db = TestDb::new().await;
+    db.exec(TASKS_TABLE).await;
+    let cfg = config(&script_config(""));
+    let a = start_app(&db, cfg.clone()).await;
+    let b = start_app(&db, cfg).await;
+    db.exec(
+        "INSERT INTO tasks (kind, steps) SELECT 'go', '[{\"op\":\"step\"},{\"op\":\"sleep\",\"ms\":30},{\"op\":\"step\"},{\"op\":\"wait\",\"signal\":\"x\",\"timeout_ms\":50},{\"op\":\"step\"}]' FROM generate_series(1, 60)",
+    )
+    .await;
+    await_true(&db, "60 completed runs", Duration::from_secs(30), "SELECT count(*) = 60 FROM wardcall.runs WHERE status = 'completed'").await;
+    // Each run: each step transition committed exactly once.
+    let dupes = db
+        .scalar_i64(
+            "SELECT count(*) FROM (SELECT entity_id, action, detail->>'from_step' FROM wardcall.audit_log
+              WHERE entity = 'run' AND action IN ('run.step_completed','run.sleeping','run.waiting','run.completed')
+              GROUP BY 1, 2, 3 HAVING count(*) > 1) d",
+        )
+        .await;
+    assert_eq!(dupes, 0);
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM wardcall.audit_log WHERE action = 'run.completed'").await, 60);
+    // Both engines did work.
+    let owners = db.scalar_i64("SELECT count(DISTINCT actor) FROM wardcall.audit_log WHERE action IN ('run.claimed','run.created')").await;
+    assert!(owners >= 2, "only one engine worked");
+    a.stop(Duration::from_secs(2)).await;
+    b.stop(Duration::from_secs(2)).await;
+}
+
+async fn only_run(db: &TestDb) -> uuid::Uuid {
+    let pool = db.pool.clone();
+    await_some("a run", Duration::from_secs(10), || {
+        let pool = pool.clone();
+        async move { sqlx::query_scalar("SELECT id FROM wardcall.runs LIMIT 1").fetch_optional(&pool).await.unwrap() }
+    })
+    .await
+}
+
+pub async fn signal_before_wait_is_kept() {
+    let db = TestDb::new().await;
+    let app = start_app(&db, config(&script_config(""))).await;
+    db.exec(r#"SELECT wardcall.emit('task.created', '{"steps":[{"op":"work","ms":300},{"op":"wait","signal":"ack","timeout_ms":60000}]}')"#).await;
+    let run = only_run(&db).await;
+    // The run is still in its first step: the signal arrives before the wait exists.
+    let status: String = sqlx::query_scalar("SELECT status FROM wardcall.runs WHERE id = $1").bind(run).fetch_one(&db.pool).await.unwrap();
+    assert_ne!(status, "waiting");
+    sqlx::query("SELECT wardcall.send_signal($1, 'ack', '{\"by\":\"early\"}')").bind(run).execute(&db.pool).await.unwrap();
+    await_true(&db, "the run to complete on the kept signal", Duration::from_secs(10), "SELECT count(*) = 1 FROM wardcall.runs WHERE status = 'completed'").await;
+    let state: Value = sqlx::query_scalar("SELECT state FROM wardcall.runs").fetch_one(&db.pool).await.unwrap();
+    assert_eq!(state["results"]["1"]["payload"]["by"], "early", "{state}");
+    assert!(state["results"]["1"].get("timeout").is_none());
+    app.stop(Duration::from_secs(2)).await;
+}
+
+pub async fn signal_racing_timeout_has_exactly_one_outcome() {
+    let db = TestDb::new().await;
+    let app = start_app(&db, config(&script_config(""))).await;
+    let n = 40;
+    for i in 0..n {
+        sqlx::query("SELECT wardcall.emit('task.created', $1)")
+            .bind(json!({"i": i, "steps": [{"op": "wait", "signal": "ack", "timeout_ms": 150 + (i % 8) * 10}, {"op": "step"}]}))
+            .execute(&db.pool)
+            .await
+            .unwrap();
+    }
+    await_true(&db, "all runs waiting", Duration::from_secs(10), &format!("SELECT count(*) = {n} FROM wardcall.runs WHERE status = 'waiting'")).await;
+    // Signal every run around its deadline.
+    let runs: Vec<uuid::Uuid> = sqlx::query_scalar("SELECT id FROM wardcall.runs ORDER BY wait_deadline").fetch_all(&db.pool).await.unwrap();
+    let start = std::time::Instant::now();
+    for (k, run) in runs.iter().enumerate() {
+        // Spread the signals over the window of deadlines (150–220 ms after the waits began).
+        let target = Duration::from_millis(100 + (k as u64 * 4));
+        if let Some(d) = target.checked_sub(start.elapsed()) {
+            tokio::time::sleep(d).await;
+        }
+        sqlx::query("SELECT wardcall.send_signal($1, 'ack', '{}')").bind(run).execute(&db.pool).await.unwrap();
+    }
+    await_true(&db, "all runs complete", Duration::from_secs(15), &format!("SELECT count(*) = {n} FROM wardcall.runs WHERE status = 'completed'")).await;
+    // Exactly one outcome per run, and a losing signal is kept, unconsumed.
+    let rows: Vec<(uuid::Uuid, i64, i64, i64)> = sqlx::query_as(
+        "SELECT r.id,
+                (SELECT count(*) FROM wardcall.audit_log l WHERE l.entity_id = r.id::text AND l.action = 'run.signal_received'),
+                (SELECT count(*) FROM wardcall.audit_log l WHERE l.entity_id = r.id::text AND l.action = 'run.wait_timed_out'),
+                (SELECT count(*) FROM wardcall.signals s WHERE s.run_id = r.id AND s.consumed_at IS NOT NULL)
+           FROM wardcall.runs r",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    let mut by_signal = 0;
+    for (id, received, timed_out, consumed) in rows {
+        assert_eq!(received + timed_out, 1, "run {id}: {received} signal outcomes, {timed_out} timeouts");
+        assert_eq!(consumed, received, "run {id}: a signal is consumed only by the outcome it produced");
+        by_signal += received;
+    }
+    eprintln!("signal won {by_signal} of {n} races");
+    app.stop(Duration::from_secs(2)).await;
+}
+
+pub async fn retries_end_in_failed_with_error_kept() {
+    let db = TestDb::new().await;
+    let app = start_app(&db, config(&script_config(""))).await;
+    db.exec(r#"SELECT wardcall.emit('task.created', '{"steps":[{"op":"fail","times":-1,"error":"downstream 503"}]}')"#).await;
+    db.exec(r#"SELECT wardcall.emit('task.created', '{"steps":[{"op":"fail","times":2,"error":"flaky"},{"op":"step"}]}')"#).await;
+    await_true(&db, "both runs finished", Duration::from_secs(10), "SELECT count(*) = 2 FROM wardcall.runs WHERE status IN ('failed','completed')").await;
+    let (status, error, attempts): (String, String, i32) =
+        sqlx::query_as("SELECT status, last_error, step_attempt FROM wardcall.runs WHERE input->'steps'->0->>'error' = 'downstream 503'").fetch_one(&db.pool).await.unwrap();
+    assert_eq!(status, "failed");
+    assert!(error.contains("downstream 503"), "{error}");
+    assert_eq!(attempts, 3);
+    let retries = db.scalar_i64("SELECT count(*) FROM wardcall.audit_log l JOIN wardcall.runs r ON l.entity_id = r.id::text WHERE r.status = 'failed' AND l.action = 'run.retry_scheduled'").await;
+    assert_eq!(retries, 2);
+    let status: String = sqlx::query_scalar("SELECT status FROM wardcall.runs WHERE input->'steps'->0->>'error' = 'flaky'").fetch_one(&db.pool).await.unwrap();
+    assert_eq!(status, "completed", "a step that recovers within the limit completes");
+    app.stop(Duration::from_secs(2)).await;
+}
+
+pub async fn sleep_due_while_engine_down_fires_on_start() {
+    let db = TestDb::new().await;
+    let cfg = config(&script_config(""));
+    let app = start_app(&db, cfg.clone()).await;
+    db.exec(r#"SELECT wardcall.emit('task.created', '{"steps":[{"op":"sleep","ms":400},{"op":"step","name":"after"}]}')"#).await;
+    await_true(&db, "the run to sleep", Duration::from_secs(10), "SELECT count(*) = 1 FROM wardcall.runs WHERE status = 'sleeping'").await;
+    app.stop(Duration::from_secs(2)).await;
+    await_true(&db, "the sleep to fall due with no engine running", Duration::from_secs(10), "SELECT count(*) = 1 FROM wardcall.runs WHERE status = 'sleeping' AND due_at < clock_timestamp()").await;
+    let app = start_app(&db, cfg).await;
+    await_true(&db, "the run to complete after restart", Duration::from_secs(10), "SELECT count(*) = 1 FROM wardcall.runs WHERE status = 'completed'").await;
+    app.stop(Duration::from_secs(2)).await;
+}
+
+pub async fn cancel_stops_a_run() {
+    let db = TestDb::new().await;
+    let app = start_app(&db, config(&script_config(""))).await;
+    db.exec(r#"SELECT wardcall.emit('task.created', '{"steps":[{"op":"wait","signal":"never","timeout_ms":60000},{"op":"step"}]}')"#).await;
+    await_true(&db, "the run to wait", Duration::from_secs(10), "SELECT count(*) = 1 FROM wardcall.runs WHERE status = 'waiting'").await;
+    let run = only_run(&db).await;
+    assert!(wardcall::runtime::store::cancel_run(&db.pool, run, "test", "no longer needed").await.unwrap());
+    assert!(!wardcall::runtime::store::cancel_run(&db.pool, run, "test", "twice").await.unwrap());
+    sqlx::query("SELECT wardcall.send_signal($1, 'never', '{}')").bind(run).execute(&db.pool).await.unwrap();
+    assert_eq!(run_statuses(&db).await, vec!["cancelled"]);
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM wardcall.audit_log WHERE action = 'run.cancelled'").await, 1);
+    app.stop(Duration::from_secs(2)).await;
+}
+
+pub async fn audit_log_is_append_only() {
+    let db = TestDb::new().await;
+    db.exec("SELECT wardcall.emit('nothing', '{}')").await;
+    db.exec("INSERT INTO wardcall.audit_log (entity, entity_id, action, actor) VALUES ('run', 'x', 'test', 'test')").await;
+    for sql in ["UPDATE wardcall.audit_log SET action = 'forged'", "DELETE FROM wardcall.audit_log", "TRUNCATE wardcall.audit_log"] {
+        let err = sqlx::raw_sql(sql).execute(&db.pool).await.expect_err(sql);
+        assert!(err.to_string().contains("append-only"), "{sql}: {err}");
+    }
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM wardcall.audit_log").await, 1);
+}
+
+pub async fn source_removed_from_config_loses_its_trigger() {
+    let db = TestDb::new().await;
+    db.exec(TASKS_TABLE).await;
+    wardcall::app::prepare_database(&db.database(), &config(&script_config("")), "test").await.unwrap();
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'wardcall_capture_%'").await, 1);
+    wardcall::app::prepare_database(&db.database(), &Config::default(), "test").await.unwrap();
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'wardcall_capture_%'").await, 0);
+    db.exec("INSERT INTO tasks (kind) VALUES ('go')").await;
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM wardcall.outbox").await, 0);
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM wardcall.audit_log WHERE action = 'source.removed'").await, 1);
+}
+
+pub async fn bad_condition_is_refused_naming_the_source() {
+    let db = TestDb::new().await;
+    db.exec(TASKS_TABLE).await;
+    let cfg = config(&script_config("").replace("NEW.kind = 'go'", "NEW.knid = 'go'"));
+    let err = wardcall::app::prepare_database(&db.database(), &cfg, "test").await.expect_err("bad condition");
+    let msg = format!("{err:#}");
+    assert!(msg.contains("source 'tasks'") && msg.contains("knid"), "{msg}");
+    // The team's own INSERTs are untouched by the refused source.
+    db.exec("INSERT INTO tasks (kind) VALUES ('go')").await;
+}
+
+pub async fn worker_process_killed_mid_step_is_taken_over() {
+    let db = TestDb::new().await;
+    let dir = std::env::temp_dir().join(format!("wardcall-it-{}", db.name));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg_text = format!("database_url = \"{}\"\n[http]\nlisten = \"127.0.0.1:0\"\n{}", db.url(), script_config(""));
+    let cfg_path = dir.join("child.toml");
+    std::fs::write(&cfg_path, &cfg_text).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_wardcall"))
+        .args(["--config", cfg_path.to_str().unwrap(), "serve"])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn wardcall serve");
+    await_true(&db, "the child engine to migrate and listen", Duration::from_secs(30), "SELECT count(*) >= 1 FROM pg_stat_activity WHERE datname = current_database() AND query LIKE 'LISTEN%'").await;
+    db.exec(r#"SELECT wardcall.emit('task.created', '{"steps":[{"op":"work","ms":1500},{"op":"step","name":"after"}]}')"#).await;
+    let owner: String = await_some("the child to hold the run", Duration::from_secs(10), || async {
+        sqlx::query_scalar("SELECT lease_owner FROM wardcall.runs WHERE status = 'running' AND step = 'start'").fetch_optional(&db.pool).await.unwrap()
+    })
+    .await;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    child.wait().unwrap();
+    let killed_at = std::time::Instant::now();
+    let app = start_app(&db, config(&script_config(""))).await;
+    await_true(&db, "the run to be taken over and completed", Duration::from_secs(15), "SELECT count(*) = 1 FROM wardcall.runs WHERE status = 'completed'").await;
+    let took = killed_at.elapsed();
+    assert!(took < Duration::from_secs(8), "takeover took {took:?}");
+    let state: Value = sqlx::query_scalar("SELECT state FROM wardcall.runs").fetch_one(&db.pool).await.unwrap();
+    assert_ne!(state["results"]["0"]["by"].as_str().unwrap(), owner, "the surviving engine completed the step");
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM wardcall.audit_log WHERE action = 'run.lease_taken_over'").await, 1);
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM wardcall.audit_log WHERE action = 'run.step_completed' AND detail->>'from_step' = 'start'").await, 1, "the step committed once");
+    app.stop(Duration::from_secs(2)).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+pub async fn bad_config_gives_a_clear_error() {
+    let dir = std::env::temp_dir().join(format!("wardcall-it-badcfg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cases = [
+        ("[engine]\nworkerz = 4\n", "workerz"),
+        ("[[people]]\nid = \"n1\"\nname = \"Nurse\"\nphone = \"555-0101\"\n", "people[0].phone"),
+        ("[engine]\nsweep_ms = 5000\n", "engine.sweep_ms"),
+        ("[[policies]]\nid = \"p\"\n[[policies.steps]]\nnotify = [\"ghost\"]\n", "unknown person 'ghost'"),
+    ];
+    for (i, (text, expected)) in cases.iter().enumerate() {
+        let path = dir.join(format!("bad{i}.toml"));
+        std::fs::write(&path, text).unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_wardcall"))
+            .args(["--config", path.to_str().unwrap(), "migrate"])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "case {i} should refuse to start");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(&format!("bad{i}.toml")), "case {i}: file not named: {stderr}");
+        assert!(stderr.contains(expected), "case {i}: expected '{expected}' in: {stderr}");
+        assert!(!stderr.contains("555-0101"), "case {i}: a phone number reached the output: {stderr}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+pub async fn api_rejects_malformed_json() {
+    let db = TestDb::new().await;
+    let app = start_app(&db, config(&script_config(""))).await;
+    let base = format!("http://{}", app.http_addr.unwrap());
+    let http = reqwest::Client::new();
+    let r = http.post(format!("{base}/api/events/task.created")).body("{not json").send().await.unwrap();
+    assert_eq!(r.status(), 400);
+    let body: Value = r.json().await.unwrap();
+    assert!(body["error"].as_str().unwrap().contains("malformed JSON"));
+    let r = http.post(format!("{base}/api/events/task.created")).body(r#"{"payload": [1,2]}"#).send().await.unwrap();
+    assert_eq!(r.status(), 422);
+    let r = http.post(format!("{base}/api/runs/not-a-uuid/cancel")).send().await.unwrap();
+    assert_eq!(r.status(), 400);
+    let r = http.post(format!("{base}/api/events/task.created")).body(r#"{"payload": {"steps": []}, "dedup_key": "k1"}"#).send().await.unwrap();
+    assert_eq!(r.status(), 202);
+    let r = http.post(format!("{base}/api/events/task.created")).body(r#"{"payload": {"steps": []}, "dedup_key": "k1"}"#).send().await.unwrap();
+    assert_eq!(r.status(), 200, "a duplicate is acknowledged, not re-emitted");
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM wardcall.outbox").await, 1);
+    app.stop(Duration::from_secs(2)).await;
+}

@@ -1,0 +1,433 @@
+//! The hospital scenario: Twilio voice, keypad acknowledgement, escalation,
+//! write-back, signed webhooks, and the re-call rule after a crash.
+
+use crate::harness::*;
+use serde_json::Value;
+use std::collections::HashMap;
+use std::time::Duration;
+use wardcall::app::App;
+use wardcall::config::Config;
+use wardcall::twilio::emulator::{EmulatorConfig, EmulatorEvent, EmulatorHandle, Persona, TwilioEmulator};
+use wardcall::twilio::signature::compute_signature;
+
+pub fn tests() -> Vec<libtest_mimic::Trial> {
+    trials![
+        escalation::scenario_end_to_end_no_answer_then_backup_acknowledges,
+        escalation::busy_escalates_without_waiting_out_the_timeout,
+        escalation::failed_call_escalates_without_waiting_out_the_timeout,
+        escalation::voicemail_is_not_an_acknowledgement,
+        escalation::digit_two_escalates_at_once,
+        escalation::silent_answer_is_not_an_acknowledgement_and_policy_repeats,
+        escalation::late_and_repeated_callbacks_change_nothing,
+        escalation::forged_or_missing_signature_gets_403_and_changes_nothing,
+        escalation::recall_rule_unknown_outcome_calls_again,
+        escalation::recall_rule_confirmed_call_is_not_repeated,
+        escalation::recall_rule_call_named_by_callbacks_is_not_repeated,
+        escalation::special_characters_still_produce_a_valid_call,
+        escalation::non_e164_number_is_refused_at_config_load,
+        escalation::call_log_answers_the_monitoring_questions,
+    ]
+}
+
+pub const NURSE_A: &str = "+13855550101";
+pub const NURSE_B: &str = "+13855550102";
+
+pub struct Hospital {
+    pub db: TestDb,
+    pub app: App,
+    pub emulator: EmulatorHandle,
+}
+
+impl Hospital {
+    pub async fn stop(self) {
+        self.app.stop(Duration::from_secs(2)).await;
+        self.emulator.shutdown().await;
+    }
+}
+
+pub fn hospital_config(emulator_url: &str, ack_timeout: f64, repeat: u32) -> Config {
+    let mut c = Config::parse(wardcall::demo::HOSPITAL_CONFIG, "hospital.toml").unwrap();
+    let t = c.providers.twilio.as_mut().unwrap();
+    t.api_base = emulator_url.to_string();
+    t.account_sid = ACCOUNT_SID.into();
+    t.gather_timeout_seconds = 2;
+    for p in &mut c.policies {
+        p.repeat = repeat;
+        for s in &mut p.steps {
+            s.ack_timeout_seconds = ack_timeout;
+        }
+    }
+    c.engine.lease_ms = 2000;
+    c.engine.poll_ms = 100;
+    c.validate("hospital.toml").unwrap();
+    c
+}
+
+pub async fn hospital(a: Persona, b: Persona, ack_timeout: f64, repeat: u32) -> Hospital {
+    let db = TestDb::new().await;
+    db.exec(wardcall::demo::HOSPITAL_SCHEMA).await;
+    let mut personas = HashMap::new();
+    personas.insert(NURSE_A.to_string(), a);
+    personas.insert(NURSE_B.to_string(), b);
+    let emulator = TwilioEmulator::start(
+        EmulatorConfig { account_sid: ACCOUNT_SID.into(), auth_token: AUTH_TOKEN.into(), personas, default_persona: Persona::NoAnswer },
+        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+    )
+    .await
+    .unwrap();
+    let cfg = std::sync::Arc::new(hospital_config(&emulator.base_url(), ack_timeout, repeat));
+    let app = start_app(&db, cfg).await;
+    Hospital { db, app, emulator }
+}
+
+pub const SEIZURE_INSERT: &str = "INSERT INTO alerts (patient_id, room_id, severity, status, alert_type, title, description)
+VALUES ('P-DHE-001', (SELECT room_id FROM rooms WHERE room_name = 'Room 2' LIMIT 1),
+        'critical', 'active', 'seizure_detected', 'Seizure Activity Detected', 'Immediate response required')";
+
+async fn await_alert_status(db: &TestDb, status: &str, timeout: Duration) {
+    await_true(db, &format!("the alert to be {status}"), timeout, &format!("SELECT count(*) = 1 FROM wardcall.alerts WHERE status = '{status}'")).await;
+}
+
+fn calls_to(h: &Hospital, number: &str) -> usize {
+    h.emulator.calls().iter().filter(|c| c.to == number).count()
+}
+
+pub async fn scenario_end_to_end_no_answer_then_backup_acknowledges() {
+    let h = hospital(Persona::NoAnswer, Persona::Answer { ring_ms: 200, think_ms: 200, digits: "1".into() }, 8.0, 2).await;
+    let mut events = h.emulator.subscribe();
+    h.db.exec(SEIZURE_INSERT).await;
+    let t0 = std::time::Instant::now();
+    let first = loop {
+        match tokio::time::timeout(Duration::from_secs(10), events.recv()).await.expect("a call").unwrap() {
+            EmulatorEvent::CallCreated { to, received_at, .. } => break (to, received_at),
+            _ => continue,
+        }
+    };
+    assert_eq!(first.0, NURSE_A, "the first step's nurse is called first");
+    eprintln!("commit → call request: {:?}", first.1.saturating_duration_since(t0));
+    await_alert_status(&h.db, "acknowledged", Duration::from_secs(30)).await;
+    // What the nurse heard.
+    let calls = h.emulator.calls();
+    let b = calls.iter().find(|c| c.to == NURSE_B).expect("the backup was called");
+    assert_eq!(b.digits_pressed, "1");
+    let spoken = b.spoken.join(" ");
+    assert!(
+        spoken.contains("Critical alert at Haven Hospital. Room 2, patient Dana Vale. Seizure Activity Detected. Please respond immediately. Press 1 to acknowledge this alert."),
+        "{spoken}"
+    );
+    // Written back into the hospital's own row.
+    let (status, ack_at, ack_by, meta): (String, Option<String>, Option<String>, Value) =
+        sqlx::query_as("SELECT status, acknowledged_at::text, acknowledged_by, metadata FROM alerts").fetch_one(&h.db.pool).await.unwrap();
+    assert_eq!(status, "acknowledged");
+    assert!(ack_at.is_some());
+    assert_eq!(ack_by.as_deref(), Some("nurse_phone"));
+    let call = &meta["call"];
+    assert_eq!(call["phone_number"], NURSE_B);
+    assert_eq!(call["call_status"], "answered");
+    assert!(call["call_id"].as_str().unwrap().starts_with("CA"));
+    assert!(call["message"].as_str().unwrap().starts_with("Critical alert at Haven Hospital. Room 2"));
+    assert!(call["initiated_at"].as_str().unwrap().ends_with('Z'));
+    assert!(call["answered_at"].as_str().unwrap().ends_with('Z'));
+    // wardcall's own records.
+    let (acked_by,): (String,) = sqlx::query_as("SELECT acknowledged_by FROM wardcall.alerts").fetch_one(&h.db.pool).await.unwrap();
+    assert_eq!(acked_by, "nurse-blake");
+    assert_eq!(calls_to(&h, NURSE_A), 1, "no second call to the nurse who did not answer");
+    assert_eq!(h.db.scalar_i64("SELECT count(*) FROM wardcall.audit_log WHERE action = 'alert.acknowledged'").await, 1);
+    await_true(&h.db, "the run to complete", Duration::from_secs(10), "SELECT count(*) = 1 FROM wardcall.runs WHERE status = 'completed'").await;
+    h.stop().await;
+}
+
+async fn escalation_delay(a: Persona) -> (Hospital, Duration) {
+    // A 30 s timeout: escalation must not wait it out.
+    let h = hospital(a, Persona::Answer { ring_ms: 100, think_ms: 100, digits: "1".into() }, 30.0, 1).await;
+    h.db.exec(SEIZURE_INSERT).await;
+    await_alert_status(&h.db, "acknowledged", Duration::from_secs(20)).await;
+    let calls = h.emulator.calls();
+    let a = calls.iter().find(|c| c.to == NURSE_A).unwrap();
+    let b = calls.iter().find(|c| c.to == NURSE_B).unwrap();
+    let delay = b.received_at.duration_since(a.received_at);
+    (h, delay)
+}
+
+pub async fn busy_escalates_without_waiting_out_the_timeout() {
+    let (h, delay) = escalation_delay(Persona::Busy).await;
+    assert!(delay < Duration::from_secs(5), "escalated after {delay:?}");
+    assert_eq!(h.db.scalar_i64("SELECT count(*) FROM wardcall.audit_log WHERE action = 'alert.step_ended' AND detail->>'reason' = 'all_calls_failed'").await, 1);
+    h.stop().await;
+}
+
+pub async fn failed_call_escalates_without_waiting_out_the_timeout() {
+    let (h, delay) = escalation_delay(Persona::Fail).await;
+    assert!(delay < Duration::from_secs(5), "escalated after {delay:?}");
+    h.stop().await;
+}
+
+pub async fn voicemail_is_not_an_acknowledgement() {
+    let (h, delay) = escalation_delay(Persona::Machine { ring_ms: 100, hangup_ms: 20_000 }).await;
+    assert!(delay < Duration::from_secs(5), "escalated after {delay:?}");
+    let (answered_by, acked): (Option<String>, bool) = sqlx::query_as(
+        "SELECT answered_by, acknowledged_at IS NOT NULL FROM wardcall.notification_attempts WHERE destination = $1",
+    )
+    .bind(NURSE_A)
+    .fetch_one(&h.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(answered_by.as_deref(), Some("machine_start"));
+    assert!(!acked);
+    let acked_by: String = sqlx::query_scalar("SELECT acknowledged_by FROM wardcall.alerts").fetch_one(&h.db.pool).await.unwrap();
+    assert_eq!(acked_by, "nurse-blake");
+    // The voicemail call was hung up through the API, not left running 20 s.
+    await_true(&h.db, "the voicemail call to end", Duration::from_secs(10), &format!("SELECT count(*) = 1 FROM wardcall.notification_attempts WHERE destination = '{NURSE_A}' AND ended_at IS NOT NULL")).await;
+    h.stop().await;
+}
+
+pub async fn digit_two_escalates_at_once() {
+    let (h, delay) = escalation_delay(Persona::Answer { ring_ms: 100, think_ms: 100, digits: "2".into() }).await;
+    assert!(delay < Duration::from_secs(5), "escalated after {delay:?}");
+    assert_eq!(h.db.scalar_i64("SELECT count(*) FROM wardcall.audit_log WHERE action = 'alert.step_ended' AND detail->>'reason' = 'declined'").await, 1);
+    h.stop().await;
+}
+
+pub async fn silent_answer_is_not_an_acknowledgement_and_policy_repeats() {
+    // Both answer but never press a key; two cycles; then unacknowledged.
+    let h = hospital(Persona::SilentHuman { ring_ms: 50 }, Persona::SilentHuman { ring_ms: 50 }, 4.0, 2).await;
+    h.db.exec(SEIZURE_INSERT).await;
+    await_alert_status(&h.db, "unacknowledged", Duration::from_secs(40)).await;
+    assert_eq!(calls_to(&h, NURSE_A), 2, "called once per cycle");
+    assert_eq!(calls_to(&h, NURSE_B), 2);
+    assert_eq!(h.db.scalar_i64("SELECT count(*) FROM wardcall.audit_log WHERE action = 'alert.unacknowledged'").await, 1);
+    let status: String = sqlx::query_scalar("SELECT status FROM alerts").fetch_one(&h.db.pool).await.unwrap();
+    assert_eq!(status, "active", "no acknowledgement was written back");
+    h.stop().await;
+}
+
+/// Posts a webhook as Twilio would, signed with `token`.
+async fn post_webhook(h: &Hospital, path_and_query: &str, params: &[(&str, &str)], token: Option<&str>) -> reqwest::StatusCode {
+    let url = format!("http://{}{}", h.app.http_addr.unwrap(), path_and_query);
+    let owned: Vec<(String, String)> = params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let mut req = reqwest::Client::new()
+        .post(&url)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(serde_urlencoded::to_string(&owned).unwrap());
+    if let Some(token) = token {
+        req = req.header("X-Twilio-Signature", compute_signature(token, &url, &owned));
+    }
+    req.send().await.unwrap().status()
+}
+
+async fn snapshot(db: &TestDb) -> (Value, Value, i64) {
+    let alerts: Value = sqlx::query_scalar("SELECT coalesce(jsonb_agg(to_jsonb(a) ORDER BY id), '[]') FROM wardcall.alerts a").fetch_one(&db.pool).await.unwrap();
+    let attempts: Value = sqlx::query_scalar("SELECT coalesce(jsonb_agg(to_jsonb(n) - 'updated_at' ORDER BY id), '[]') FROM wardcall.notification_attempts n").fetch_one(&db.pool).await.unwrap();
+    let audit = db.scalar_i64("SELECT count(*) FROM wardcall.audit_log").await;
+    (alerts, attempts, audit)
+}
+
+pub async fn late_and_repeated_callbacks_change_nothing() {
+    let h = hospital(Persona::Answer { ring_ms: 100, think_ms: 100, digits: "1".into() }, Persona::NoAnswer, 10.0, 1).await;
+    h.db.exec(SEIZURE_INSERT).await;
+    await_alert_status(&h.db, "acknowledged", Duration::from_secs(20)).await;
+    await_true(&h.db, "the call to complete", Duration::from_secs(10), "SELECT count(*) = 1 FROM wardcall.notification_attempts WHERE status = 'completed'").await;
+    await_true(&h.db, "the run to complete", Duration::from_secs(10), "SELECT count(*) = 1 FROM wardcall.runs WHERE status = 'completed'").await;
+    let (attempt, sid): (uuid::Uuid, String) = sqlx::query_as("SELECT id, provider_id FROM wardcall.notification_attempts").fetch_one(&h.db.pool).await.unwrap();
+    let (alerts_before, attempts_before, _) = snapshot(&h.db).await;
+    let row_before: Value = sqlx::query_scalar("SELECT to_jsonb(a) FROM alerts a").fetch_one(&h.db.pool).await.unwrap();
+    let base = [("CallSid", sid.as_str()), ("AccountSid", ACCOUNT_SID), ("From", "+13855550100"), ("To", NURSE_A)];
+    for status in ["ringing", "initiated", "in-progress", "completed", "no-answer"] {
+        let mut p = base.to_vec();
+        p.push(("CallStatus", status));
+        assert_eq!(post_webhook(&h, &format!("/webhooks/twilio/status?attempt={attempt}"), &p, Some(AUTH_TOKEN)).await, 200);
+    }
+    let mut p = base.to_vec();
+    p.push(("Digits", "1"));
+    assert_eq!(post_webhook(&h, &format!("/webhooks/twilio/gather?attempt={attempt}"), &p, Some(AUTH_TOKEN)).await, 200);
+    let mut p = base.to_vec();
+    p.push(("AnsweredBy", "machine_start"));
+    assert_eq!(post_webhook(&h, &format!("/webhooks/twilio/amd?attempt={attempt}"), &p, Some(AUTH_TOKEN)).await, 200);
+    let (alerts_after, attempts_after, _) = snapshot(&h.db).await;
+    assert_eq!(alerts_before, alerts_after, "the alert did not move");
+    assert_eq!(attempts_before["0"], attempts_after["0"]);
+    assert_eq!(attempts_before[0]["status"], attempts_after[0]["status"], "the attempt did not move backwards");
+    assert_eq!(attempts_before[0]["answered_by"], attempts_after[0]["answered_by"]);
+    let row_after: Value = sqlx::query_scalar("SELECT to_jsonb(a) FROM alerts a").fetch_one(&h.db.pool).await.unwrap();
+    assert_eq!(row_before, row_after, "the hospital's row did not change");
+    assert_eq!(h.db.scalar_i64("SELECT count(*) FROM wardcall.audit_log WHERE action = 'alert.acknowledged'").await, 1);
+    h.stop().await;
+}
+
+pub async fn forged_or_missing_signature_gets_403_and_changes_nothing() {
+    let h = hospital(Persona::NoAnswer, Persona::NoAnswer, 30.0, 1).await;
+    h.db.exec(SEIZURE_INSERT).await;
+    await_true(&h.db, "a requested call", Duration::from_secs(10), "SELECT count(*) = 1 FROM wardcall.notification_attempts WHERE provider_id IS NOT NULL").await;
+    let (attempt, sid): (uuid::Uuid, String) = sqlx::query_as("SELECT id, provider_id FROM wardcall.notification_attempts").fetch_one(&h.db.pool).await.unwrap();
+    let (alerts_before, _, audit_before) = snapshot(&h.db).await;
+    let p = [("CallSid", sid.as_str()), ("AccountSid", ACCOUNT_SID), ("Digits", "1")];
+    let gather = format!("/webhooks/twilio/gather?attempt={attempt}");
+    assert_eq!(post_webhook(&h, &gather, &p, None).await, 403, "missing signature");
+    assert_eq!(post_webhook(&h, &gather, &p, Some("wrong-token")).await, 403, "forged signature");
+    // A valid signature over other parameters than those sent.
+    let url = format!("http://{}{}", h.app.http_addr.unwrap(), gather);
+    let signed_for: Vec<(String, String)> = vec![("CallSid".into(), sid.clone()), ("Digits".into(), "2".into())];
+    let sent: Vec<(String, String)> = vec![("CallSid".into(), sid.clone()), ("Digits".into(), "1".into())];
+    let status = reqwest::Client::new()
+        .post(&url)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("X-Twilio-Signature", compute_signature(AUTH_TOKEN, &url, &signed_for))
+        .body(serde_urlencoded::to_string(&sent).unwrap())
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(status, 403, "tampered parameters");
+    let status_url = format!("/webhooks/twilio/status?attempt={attempt}");
+    assert_eq!(post_webhook(&h, &status_url, &[("CallSid", sid.as_str()), ("CallStatus", "completed")], Some("nope")).await, 403);
+    let (alerts_after, _, audit_after) = snapshot(&h.db).await;
+    assert_eq!(alerts_before, alerts_after);
+    assert_eq!(audit_before, audit_after, "nothing was recorded");
+    assert_eq!(h.db.scalar_i64("SELECT count(*) FROM wardcall.alerts WHERE status = 'open'").await, 1);
+    h.stop().await;
+}
+
+/// Builds the state a crashed engine leaves: a run in step `start` whose lease
+/// lapsed, its open alert, and one attempt for nurse A as given.
+async fn crashed_state(db: &TestDb, attempt_status: &str, provider_id: Option<&str>) -> uuid::Uuid {
+    db.exec(SEIZURE_INSERT).await; // (no engine yet: the outbox keeps it)
+    let run: uuid::Uuid = sqlx::query_scalar(
+        "INSERT INTO wardcall.runs (workflow, event_id, event, input, state, step, status, lease_owner, fencing_token, due_at)
+         SELECT 'critical-alert-call', o.id, o.event, o.payload,
+                jsonb_build_object('message', 'Critical alert at Haven Hospital. Room 2, patient Dana Vale.', 'cycle', 0, 'step_index', 0),
+                'start', 'running', 'crashed-engine', 1, clock_timestamp() - interval '1 second'
+           FROM wardcall.outbox o RETURNING id",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    db.exec("UPDATE wardcall.outbox SET processed_at = clock_timestamp(), processed_by = 'crashed-engine'").await;
+    let alert: uuid::Uuid = sqlx::query_scalar(
+        "INSERT INTO wardcall.alerts (run_id, workflow, policy, message, status)
+         VALUES ($1, 'critical-alert-call', 'critical-care', 'Critical alert at Haven Hospital. Room 2, patient Dana Vale.', 'open') RETURNING id",
+    )
+    .bind(run)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO wardcall.notification_attempts (alert_id, run_id, cycle, step_index, person_id, channel, destination, provider, provider_id, status, fencing_token, requested_at)
+         VALUES ($1, $2, 0, 0, 'nurse-avery', 'voice', $3, 'twilio', $4, $5, 1, CASE WHEN $4::text IS NOT NULL THEN clock_timestamp() END)",
+    )
+    .bind(alert)
+    .bind(run)
+    .bind(NURSE_A)
+    .bind(provider_id)
+    .bind(attempt_status)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    run
+}
+
+async fn start_on(db: TestDb, a: Persona, b: Persona, ack_timeout: f64) -> Hospital {
+    let mut personas = HashMap::new();
+    personas.insert(NURSE_A.to_string(), a);
+    personas.insert(NURSE_B.to_string(), b);
+    let emulator = TwilioEmulator::start(
+        EmulatorConfig { account_sid: ACCOUNT_SID.into(), auth_token: AUTH_TOKEN.into(), personas, default_persona: Persona::NoAnswer },
+        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+    )
+    .await
+    .unwrap();
+    let cfg = std::sync::Arc::new(hospital_config(&emulator.base_url(), ack_timeout, 1));
+    let app = start_app(&db, cfg).await;
+    Hospital { db, app, emulator }
+}
+
+async fn hospital_db() -> TestDb {
+    let db = TestDb::new().await;
+    db.exec(wardcall::demo::HOSPITAL_SCHEMA).await;
+    let cfg = hospital_config("http://127.0.0.1:9", 30.0, 1);
+    wardcall::app::prepare_database(&db.database(), &cfg, "test").await.unwrap();
+    db
+}
+
+pub async fn recall_rule_unknown_outcome_calls_again() {
+    let db = hospital_db().await;
+    crashed_state(&db, "intent", None).await;
+    let h = start_on(db, Persona::Answer { ring_ms: 100, think_ms: 100, digits: "1".into() }, Persona::NoAnswer, 10.0).await;
+    await_alert_status(&h.db, "acknowledged", Duration::from_secs(15)).await;
+    assert_eq!(calls_to(&h, NURSE_A), 1, "the unconfirmed call was placed again");
+    let statuses: Vec<(i32, String)> = sqlx::query_as("SELECT generation, status FROM wardcall.notification_attempts ORDER BY generation").fetch_all(&h.db.pool).await.unwrap();
+    assert_eq!(statuses[0], (0, "unknown".to_string()));
+    assert_eq!(statuses[1].0, 1);
+    assert_eq!(h.db.scalar_i64("SELECT count(*) FROM wardcall.audit_log WHERE action = 'attempt.outcome_unknown'").await, 1);
+    assert_eq!(h.db.scalar_i64("SELECT count(*) FROM wardcall.audit_log WHERE action = 'run.lease_taken_over'").await, 1);
+    h.stop().await;
+}
+
+pub async fn recall_rule_confirmed_call_is_not_repeated() {
+    let db = hospital_db().await;
+    crashed_state(&db, "requested", Some("CA00000000000000000000000000000001")).await;
+    // The confirmed call's callbacks went to the dead engine; the step times out and escalates.
+    let h = start_on(db, Persona::Answer { ring_ms: 100, think_ms: 100, digits: "1".into() }, Persona::Answer { ring_ms: 100, think_ms: 100, digits: "1".into() }, 2.0).await;
+    await_alert_status(&h.db, "acknowledged", Duration::from_secs(15)).await;
+    assert_eq!(calls_to(&h, NURSE_A), 0, "a confirmed call is never placed twice");
+    assert_eq!(calls_to(&h, NURSE_B), 1, "the alert was not lost: the backup was called");
+    h.stop().await;
+}
+
+pub async fn recall_rule_call_named_by_callbacks_is_not_repeated() {
+    let db = hospital_db().await;
+    // The create response was lost, but a callback named the call (CallSid recorded, ringing).
+    crashed_state(&db, "ringing", Some("CA00000000000000000000000000000002")).await;
+    let h = start_on(db, Persona::NoAnswer, Persona::Answer { ring_ms: 100, think_ms: 100, digits: "1".into() }, 2.0).await;
+    await_alert_status(&h.db, "acknowledged", Duration::from_secs(15)).await;
+    assert_eq!(calls_to(&h, NURSE_A), 0);
+    assert_eq!(calls_to(&h, NURSE_B), 1);
+    h.stop().await;
+}
+
+pub async fn special_characters_still_produce_a_valid_call() {
+    let h = hospital(Persona::Answer { ring_ms: 100, think_ms: 100, digits: "1".into() }, Persona::NoAnswer, 10.0, 1).await;
+    let title = "Zoë <Room 2> & \"ICU\" O'Brien ]]> — Ünïcødé 发作";
+    sqlx::query(
+        "INSERT INTO alerts (patient_id, room_id, severity, status, alert_type, title)
+         VALUES ('P-DHE-001', (SELECT room_id FROM rooms WHERE room_name = 'Room 2'), 'critical', 'active', 'fall_detected', $1)",
+    )
+    .bind(title)
+    .execute(&h.db.pool)
+    .await
+    .unwrap();
+    await_alert_status(&h.db, "acknowledged", Duration::from_secs(20)).await;
+    let call = h.emulator.calls().into_iter().next().unwrap();
+    let spoken = call.spoken.join(" ");
+    assert!(spoken.contains(title), "the text was read exactly: {spoken}");
+    h.stop().await;
+}
+
+pub async fn non_e164_number_is_refused_at_config_load() {
+    let mut text = wardcall::demo::HOSPITAL_CONFIG.replace("+13855550102", "385-555-0102");
+    let e = Config::parse(&text, "hospital.toml").unwrap().validate("hospital.toml").unwrap_err().to_string();
+    assert!(e.contains("hospital.toml") && e.contains("people[1].phone") && e.contains("E.164"), "{e}");
+    assert!(!e.contains("385-555-0102"), "the number itself is not echoed: {e}");
+    text = wardcall::demo::HOSPITAL_CONFIG.replace("from = \"+13855550100\"", "from = \"0044 20 7946 0000\"");
+    let e = Config::parse(&text, "hospital.toml").unwrap().validate("hospital.toml").unwrap_err().to_string();
+    assert!(e.contains("providers.twilio.from"), "{e}");
+}
+
+pub async fn call_log_answers_the_monitoring_questions() {
+    let h = hospital(Persona::NoAnswer, Persona::Answer { ring_ms: 100, think_ms: 100, digits: "1".into() }, 8.0, 1).await;
+    h.db.exec(SEIZURE_INSERT).await;
+    await_alert_status(&h.db, "acknowledged", Duration::from_secs(30)).await;
+    let per_hour = h
+        .db
+        .scalar_i64(
+            "SELECT sum(n)::bigint FROM (SELECT date_trunc('hour', attempted_at) AS hour, count(*) AS n FROM wardcall.call_log
+              WHERE source_row->>'severity' = 'critical' AND attempted_at > now() - interval '24 hours' GROUP BY 1) t",
+        )
+        .await;
+    assert_eq!(per_hour, 2);
+    let rate: f64 = sqlx::query_scalar("SELECT avg(answered::int)::float8 FROM wardcall.call_log WHERE attempted_at > now() - interval '7 days'")
+        .fetch_one(&h.db.pool)
+        .await
+        .unwrap();
+    assert!((rate - 0.5).abs() < 1e-9, "answer rate {rate}");
+    h.stop().await;
+}

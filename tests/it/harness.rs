@@ -1,0 +1,186 @@
+//! Test harness: one PostgreSQL cluster per test run (the embedded one, or the
+//! server of `DATABASE_URL`), one migrated template database, and a fresh
+//! database cloned from the template for every test. No fixed TCP ports: the
+//! embedded cluster listens on a Unix socket, HTTP servers bind port 0.
+
+use sqlx::postgres::{PgConnectOptions, PgPool};
+use sqlx::{ConnectOptions, Connection};
+use std::future::Future;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+use wardcall::app::{App, StartOptions};
+use wardcall::config::Config;
+use wardcall::db::embedded::EmbeddedCluster;
+use wardcall::db::Database;
+
+pub const TEMPLATE: &str = "wardcall_it_template";
+pub const AUTH_TOKEN: &str = "test-auth-token";
+pub const ACCOUNT_SID: &str = "AC0123456789abcdef0123456789abcdef";
+
+/// The server every test database lives on.
+pub struct Server {
+    /// Connect options to the maintenance database `postgres`.
+    pub admin: PgConnectOptions,
+    pub cluster: Option<EmbeddedCluster>,
+}
+
+static SERVER: OnceLock<Server> = OnceLock::new();
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+/// Starts the cluster (or reads `DATABASE_URL`) and builds the template. Called
+/// once from `main` before any test.
+pub fn init() -> &'static Server {
+    SERVER.get_or_init(|| {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let server = match std::env::var("DATABASE_URL") {
+                Ok(url) if !url.is_empty() => Server { admin: PgConnectOptions::from_str(&url).unwrap().database("postgres"), cluster: None },
+                _ => {
+                    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("wardcall-it-cluster");
+                    let cluster = EmbeddedCluster::start(&dir).await.expect("embedded PostgreSQL for the tests");
+                    Server { admin: cluster.connect_options("postgres"), cluster: Some(cluster) }
+                }
+            };
+            let mut conn = server.admin.connect().await.expect("connect to the test server");
+            sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS {TEMPLATE} WITH (FORCE)")).execute(&mut conn).await.unwrap();
+            sqlx::raw_sql(&format!("CREATE DATABASE {TEMPLATE}")).execute(&mut conn).await.unwrap();
+            let pool = PgPool::connect_with(server.admin.clone().database(TEMPLATE)).await.unwrap();
+            wardcall::db::migrate::migrate(&pool).await.expect("migrations apply");
+            pool.close().await;
+            server
+        })
+    })
+}
+
+/// Stops the embedded cluster after the last test.
+pub fn finish() {
+    if let Some(server) = SERVER.get() {
+        if let Some(c) = &server.cluster {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                let _ = c.stop().await;
+            });
+        }
+    }
+}
+
+/// A fresh database cloned from the migrated template.
+pub struct TestDb {
+    pub name: String,
+    pub options: PgConnectOptions,
+    pub pool: PgPool,
+}
+
+impl TestDb {
+    pub async fn new() -> TestDb {
+        let server = SERVER.get().expect("harness initialised");
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let name = format!("wardcall_it_{}_{}", std::process::id(), n);
+        let mut conn = server.admin.connect().await.unwrap();
+        // CREATE DATABASE … TEMPLATE needs the template free of other sessions.
+        let mut tries = 0;
+        loop {
+            match sqlx::raw_sql(&format!("CREATE DATABASE {name} TEMPLATE {TEMPLATE}")).execute(&mut conn).await {
+                Ok(_) => break,
+                Err(e) if tries < 50 => {
+                    tries += 1;
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(20 + 10 * tries)).await;
+                }
+                Err(e) => panic!("creating {name}: {e}"),
+            }
+        }
+        conn.close().await.ok();
+        let options = server.admin.clone().database(&name);
+        let pool = wardcall::db::connect_pool(options.clone(), 20).await.unwrap();
+        TestDb { name, options, pool }
+    }
+
+    /// A `Database` for an App (no embedded cluster: the harness owns it).
+    pub fn database(&self) -> Database {
+        Database { pool: self.pool.clone(), connect_options: self.options.clone(), embedded: None }
+    }
+
+    /// A `postgres://` URL for a child `wardcall` process.
+    pub fn url(&self) -> String {
+        let o = &self.options;
+        let host = o.get_socket().map(|p| p.display().to_string()).unwrap_or_else(|| o.get_host().to_string());
+        format!(
+            "postgresql://{}@/{}?host={}&port={}",
+            o.get_username(),
+            self.name,
+            url_escape(&host),
+            o.get_port()
+        )
+    }
+
+    pub async fn exec(&self, sql: &str) {
+        sqlx::raw_sql(sql).execute(&self.pool).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+
+    pub async fn scalar_i64(&self, sql: &str) -> i64 {
+        sqlx::query_scalar::<_, i64>(sql).fetch_one(&self.pool).await.unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
+}
+
+fn url_escape(s: &str) -> String {
+    s.replace('%', "%25").replace('/', "%2F").replace(' ', "%20")
+}
+
+/// Parses and validates a test config.
+pub fn config(toml: &str) -> Arc<Config> {
+    let c = Config::parse(toml, "test.toml").unwrap_or_else(|e| panic!("{e}"));
+    c.validate("test.toml").unwrap_or_else(|e| panic!("{e}"));
+    Arc::new(c)
+}
+
+/// Starts an App on `db` with an HTTP server on port 0.
+pub async fn start_app(db: &TestDb, config: Arc<Config>) -> App {
+    App::start(
+        db.database(),
+        config,
+        StartOptions {
+            twilio_auth_token: Some(AUTH_TOKEN.into()),
+            http_listener: Some(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap()),
+            no_http: false,
+        },
+    )
+    .await
+    .expect("app starts")
+}
+
+/// Polls `probe` until it yields a value (the condition it awaits), failing
+/// the test after `timeout`. Polls the database every 10 ms: nothing else
+/// tells the test when a run reaches a state.
+pub async fn await_some<T, F, Fut>(what: &str, timeout: Duration, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = probe().await {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Awaits a SQL boolean becoming true.
+pub async fn await_true(db: &TestDb, what: &str, timeout: Duration, sql: &str) {
+    let pool = db.pool.clone();
+    await_some(what, timeout, || {
+        let pool = pool.clone();
+        let sql = sql.to_string();
+        async move {
+            let v: bool = sqlx::query_scalar(&sql).fetch_one(&pool).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+            v.then_some(())
+        }
+    })
+    .await
+}

@@ -1,0 +1,43 @@
+//! wardcall's integration tests: one binary, against a real PostgreSQL.
+//! `cargo test` runs them (with the unit tests). The harness starts one
+//! embedded cluster (or uses `DATABASE_URL`), builds a migrated template
+//! database, and gives each test a fresh clone.
+
+macro_rules! trials {
+    ($($module:ident :: $name:ident),* $(,)?) => {
+        vec![$(
+            libtest_mimic::Trial::test(concat!(stringify!($module), "::", stringify!($name)), || {
+                let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+                rt.block_on(crate::$module::$name());
+                Ok(())
+            }),
+        )*]
+    };
+}
+
+mod harness;
+mod capture_runtime;
+mod escalation;
+
+use libtest_mimic::{Arguments, Trial};
+
+fn main() {
+    let args = Arguments::from_args();
+    let tests = all_tests();
+    let listing = args.list;
+    if !listing {
+        harness::init();
+    }
+    let conclusion = libtest_mimic::run(&args, tests);
+    if !listing {
+        harness::finish();
+    }
+    conclusion.exit();
+}
+
+fn all_tests() -> Vec<Trial> {
+    let mut t = Vec::new();
+    t.extend(capture_runtime::tests());
+    t.extend(escalation::tests());
+    t
+}
