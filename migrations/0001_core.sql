@@ -92,6 +92,7 @@ CREATE TABLE wardcall.sources (
 -- A repeated dedup_key is ignored (returns NULL) so it never starts a second run.
 CREATE FUNCTION wardcall.emit(event_name text, payload jsonb, dedup_key text DEFAULT NULL)
 RETURNS bigint LANGUAGE plpgsql AS $$
+#variable_conflict use_column
 DECLARE
     new_id bigint;
 BEGIN

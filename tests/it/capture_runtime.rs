@@ -29,7 +29,7 @@ pub fn tests() -> Vec<libtest_mimic::Trial> {
     ]
 }
 
-const TASKS_TABLE: &str = "CREATE TABLE tasks (id bigserial PRIMARY KEY, kind text NOT NULL, steps jsonb NOT NULL DEFAULT '[]')";
+const TASKS_TABLE: &str = "CREATE TABLE IF NOT EXISTS tasks (id bigserial PRIMARY KEY, kind text NOT NULL, steps jsonb NOT NULL DEFAULT '[]')";
 
 fn script_config(extra: &str) -> String {
     format!(
@@ -163,6 +163,7 @@ pub async fn killing_the_listener_connection_loses_nothing() {
     let app = start_app(&db, config(&script_config(""))).await;
     await_true(&db, "the listener to connect", Duration::from_secs(10), "SELECT count(*) >= 1 FROM pg_stat_activity WHERE datname = current_database() AND query LIKE 'LISTEN%'").await;
     for round in 0..3 {
+        await_true(&db, "the listener to be connected", Duration::from_secs(10), "SELECT count(*) >= 1 FROM pg_stat_activity WHERE datname = current_database() AND query LIKE 'LISTEN%'").await;
         let killed = db
             .scalar_i64("SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() AND query LIKE 'LISTEN%' AND pid <> pg_backend_pid()) t")
             .await;
@@ -177,6 +178,7 @@ pub async fn killing_the_listener_connection_loses_nothing() {
 
 pub async fn emit_dedup_key_starts_one_run() {
     let db = TestDb::new().await;
+    db.exec(TASKS_TABLE).await;
     let app = start_app(&db, config(&script_config(""))).await;
     for _ in 0..3 {
         db.exec("SELECT wardcall.emit('task.created', '{\"steps\":[{\"op\":\"step\"}]}', 'booking-42')").await;
@@ -226,6 +228,7 @@ async fn only_run(db: &TestDb) -> uuid::Uuid {
 
 pub async fn signal_before_wait_is_kept() {
     let db = TestDb::new().await;
+    db.exec(TASKS_TABLE).await;
     let app = start_app(&db, config(&script_config(""))).await;
     db.exec(r#"SELECT wardcall.emit('task.created', '{"steps":[{"op":"work","ms":300},{"op":"wait","signal":"ack","timeout_ms":60000}]}')"#).await;
     let run = only_run(&db).await;
@@ -242,6 +245,7 @@ pub async fn signal_before_wait_is_kept() {
 
 pub async fn signal_racing_timeout_has_exactly_one_outcome() {
     let db = TestDb::new().await;
+    db.exec(TASKS_TABLE).await;
     let app = start_app(&db, config(&script_config(""))).await;
     let n = 40;
     for i in 0..n {
@@ -287,6 +291,7 @@ pub async fn signal_racing_timeout_has_exactly_one_outcome() {
 
 pub async fn retries_end_in_failed_with_error_kept() {
     let db = TestDb::new().await;
+    db.exec(TASKS_TABLE).await;
     let app = start_app(&db, config(&script_config(""))).await;
     db.exec(r#"SELECT wardcall.emit('task.created', '{"steps":[{"op":"fail","times":-1,"error":"downstream 503"}]}')"#).await;
     db.exec(r#"SELECT wardcall.emit('task.created', '{"steps":[{"op":"fail","times":2,"error":"flaky"},{"op":"step"}]}')"#).await;
@@ -305,6 +310,7 @@ pub async fn retries_end_in_failed_with_error_kept() {
 
 pub async fn sleep_due_while_engine_down_fires_on_start() {
     let db = TestDb::new().await;
+    db.exec(TASKS_TABLE).await;
     let cfg = config(&script_config(""));
     let app = start_app(&db, cfg.clone()).await;
     db.exec(r#"SELECT wardcall.emit('task.created', '{"steps":[{"op":"sleep","ms":400},{"op":"step","name":"after"}]}')"#).await;
@@ -318,6 +324,7 @@ pub async fn sleep_due_while_engine_down_fires_on_start() {
 
 pub async fn cancel_stops_a_run() {
     let db = TestDb::new().await;
+    db.exec(TASKS_TABLE).await;
     let app = start_app(&db, config(&script_config(""))).await;
     db.exec(r#"SELECT wardcall.emit('task.created', '{"steps":[{"op":"wait","signal":"never","timeout_ms":60000},{"op":"step"}]}')"#).await;
     await_true(&db, "the run to wait", Duration::from_secs(10), "SELECT count(*) = 1 FROM wardcall.runs WHERE status = 'waiting'").await;
@@ -366,6 +373,7 @@ pub async fn bad_condition_is_refused_naming_the_source() {
 
 pub async fn worker_process_killed_mid_step_is_taken_over() {
     let db = TestDb::new().await;
+    db.exec(TASKS_TABLE).await;
     let dir = std::env::temp_dir().join(format!("wardcall-it-{}", db.name));
     std::fs::create_dir_all(&dir).unwrap();
     let cfg_text = format!("database_url = \"{}\"\n[http]\nlisten = \"127.0.0.1:0\"\n{}", db.url(), script_config(""));
@@ -375,9 +383,30 @@ pub async fn worker_process_killed_mid_step_is_taken_over() {
         .args(["--config", cfg_path.to_str().unwrap(), "serve"])
         .env("RUST_LOG", "warn")
         .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.join("child.log")).unwrap())
         .spawn()
         .expect("spawn wardcall serve");
-    await_true(&db, "the child engine to migrate and listen", Duration::from_secs(30), "SELECT count(*) >= 1 FROM pg_stat_activity WHERE datname = current_database() AND query LIKE 'LISTEN%'").await;
+    let listening = {
+        let pool = db.pool.clone();
+        let log = dir.join("child.log");
+        await_some("the child engine to migrate and listen", Duration::from_secs(30), || {
+            let pool = pool.clone();
+            let log = log.clone();
+            async move {
+                let n: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND query LIKE 'LISTEN%'")
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap();
+                if n >= 1 {
+                    return Some(true);
+                }
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                text.contains("wardcall:").then_some(false)
+            }
+        })
+        .await
+    };
+    assert!(listening, "child failed: {}", std::fs::read_to_string(dir.join("child.log")).unwrap_or_default());
     db.exec(r#"SELECT wardcall.emit('task.created', '{"steps":[{"op":"work","ms":1500},{"op":"step","name":"after"}]}')"#).await;
     let owner: String = await_some("the child to hold the run", Duration::from_secs(10), || async {
         sqlx::query_scalar("SELECT lease_owner FROM wardcall.runs WHERE status = 'running' AND step = 'start'").fetch_optional(&db.pool).await.unwrap()
@@ -425,6 +454,7 @@ pub async fn bad_config_gives_a_clear_error() {
 
 pub async fn api_rejects_malformed_json() {
     let db = TestDb::new().await;
+    db.exec(TASKS_TABLE).await;
     let app = start_app(&db, config(&script_config(""))).await;
     let base = format!("http://{}", app.http_addr.unwrap());
     let http = reqwest::Client::new();

@@ -108,11 +108,11 @@ impl TestDb {
         let o = &self.options;
         let host = o.get_socket().map(|p| p.display().to_string()).unwrap_or_else(|| o.get_host().to_string());
         format!(
-            "postgresql://{}@/{}?host={}&port={}",
+            "postgresql://{}@localhost:{}/{}?host={}",
             o.get_username(),
+            o.get_port(),
             self.name,
-            url_escape(&host),
-            o.get_port()
+            url_escape(&host)
         )
     }
 
