@@ -258,7 +258,16 @@ pub async fn forged_or_missing_signature_gets_403_and_changes_nothing() {
     let h = hospital(Persona::NoAnswer, Persona::NoAnswer, 30.0, 1).await;
     h.db.exec(SEIZURE_INSERT).await;
     // Ringing: the no-answer persona now sends nothing for 18 s (the ring timeout).
-    await_true(&h.db, "a ringing call", Duration::from_secs(10), "SELECT count(*) = 1 FROM wardcall.notification_attempts WHERE status = 'ringing'").await;
+    // Quiet state: the call is ringing and the run has consumed every signal and waits again.
+    await_true(
+        &h.db,
+        "a ringing call and a waiting run",
+        Duration::from_secs(10),
+        "SELECT (SELECT count(*) = 1 FROM wardcall.notification_attempts WHERE status = 'ringing')
+            AND (SELECT count(*) = 1 FROM wardcall.runs WHERE status = 'waiting')
+            AND (SELECT count(*) = 0 FROM wardcall.signals WHERE consumed_at IS NULL)",
+    )
+    .await;
     let (attempt, sid): (uuid::Uuid, String) = sqlx::query_as("SELECT id, provider_id FROM wardcall.notification_attempts").fetch_one(&h.db.pool).await.unwrap();
     let (alerts_before, _, audit_before) = snapshot(&h.db).await;
     let p = [("CallSid", sid.as_str()), ("AccountSid", ACCOUNT_SID), ("Digits", "1")];
