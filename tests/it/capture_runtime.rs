@@ -250,18 +250,24 @@ pub async fn signal_racing_timeout_has_exactly_one_outcome() {
     let n = 40;
     for i in 0..n {
         sqlx::query("SELECT wardcall.emit('task.created', $1)")
-            .bind(json!({"i": i, "steps": [{"op": "wait", "signal": "ack", "timeout_ms": 150 + (i % 8) * 10}, {"op": "step"}]}))
+            .bind(json!({"i": i, "steps": [{"op": "wait", "signal": "ack", "timeout_ms": 2500 + (i % 8) * 10}, {"op": "step"}]}))
             .execute(&db.pool)
             .await
             .unwrap();
     }
     await_true(&db, "all runs waiting", Duration::from_secs(10), &format!("SELECT count(*) = {n} FROM wardcall.runs WHERE status = 'waiting'")).await;
-    // Signal every run around its deadline.
-    let runs: Vec<uuid::Uuid> = sqlx::query_scalar("SELECT id FROM wardcall.runs ORDER BY wait_deadline").fetch_all(&db.pool).await.unwrap();
+    // Aim each run's signal at its own deadline, from 45 ms before to 5 ms after
+    // (the sending loop itself runs a few ms late).
+    let deadlines: Vec<(uuid::Uuid, f64)> = sqlx::query_as(
+        "SELECT id, (extract(epoch FROM wait_deadline - clock_timestamp()) * 1000)::float8 FROM wardcall.runs ORDER BY wait_deadline",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
     let start = std::time::Instant::now();
-    for (k, run) in runs.iter().enumerate() {
-        // Spread the signals over the window of deadlines (150–220 ms after the waits began).
-        let target = Duration::from_millis(100 + (k as u64 * 4));
+    for (k, (run, ms_left)) in deadlines.iter().enumerate() {
+        let offset = (k % 5) as f64 * 12.5 - 45.0;
+        let target = Duration::from_micros(((ms_left + offset).max(0.0) * 1000.0) as u64);
         if let Some(d) = target.checked_sub(start.elapsed()) {
             tokio::time::sleep(d).await;
         }
@@ -286,6 +292,12 @@ pub async fn signal_racing_timeout_has_exactly_one_outcome() {
         by_signal += received;
     }
     eprintln!("signal won {by_signal} of {n} races");
+    assert!(by_signal > 0 && by_signal < n as i64, "both outcomes should occur in {n} races (signal won {by_signal})");
+    // A signal committed before the deadline always wins.
+    let early_losers = db
+        .scalar_i64("SELECT count(*) FROM wardcall.signals s JOIN wardcall.runs r ON r.id = s.run_id WHERE s.consumed_at IS NULL AND s.created_at < r.wait_deadline")
+        .await;
+    assert_eq!(early_losers, 0, "a signal that arrived before the deadline lost to the timeout");
     app.stop(Duration::from_secs(2)).await;
 }
 
