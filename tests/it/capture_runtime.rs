@@ -26,6 +26,7 @@ pub fn tests() -> Vec<libtest_mimic::Trial> {
         capture_runtime::worker_process_killed_mid_step_is_taken_over,
         capture_runtime::bad_config_gives_a_clear_error,
         capture_runtime::api_rejects_malformed_json,
+        capture_runtime::serve_lifecycle_sigterm_and_killed_cluster_reuse,
     ]
 }
 
@@ -484,4 +485,80 @@ pub async fn api_rejects_malformed_json() {
     assert_eq!(r.status(), 200, "a duplicate is acknowledged, not re-emitted");
     assert_eq!(db.scalar_i64("SELECT count(*) FROM wardcall.outbox").await, 1);
     app.stop(Duration::from_secs(2)).await;
+}
+
+fn spawn_serve(dir: &std::path::Path, log: &str) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_wardcall"))
+        .args(["--config", dir.join("wardcall.toml").to_str().unwrap(), "serve"])
+        .env("RUST_LOG", "info")
+        .env_remove("DATABASE_URL")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.join(log)).unwrap())
+        .spawn()
+        .expect("spawn wardcall serve")
+}
+
+async fn await_log(dir: &std::path::Path, log: &str, needle: &str) {
+    let path = dir.join(log);
+    await_some(&format!("'{needle}' in {log}"), Duration::from_secs(60), || {
+        let path = path.clone();
+        async move {
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            assert!(!text.contains("wardcall: "), "the child failed: {text}");
+            text.contains(needle).then_some(())
+        }
+    })
+    .await
+}
+
+fn postmaster_running(data_dir: &std::path::Path) -> bool {
+    match std::fs::read_to_string(data_dir.join("postmaster.pid")) {
+        Ok(text) => text
+            .lines()
+            .next()
+            .and_then(|l| l.trim().parse::<i32>().ok())
+            .is_some_and(|pid| nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()),
+        Err(_) => false,
+    }
+}
+
+/// `wardcall serve` on its own embedded cluster: SIGTERM stops it gracefully
+/// (exit 0, cluster stopped); after a SIGKILL the cluster is left running and
+/// the next start reuses it.
+pub async fn serve_lifecycle_sigterm_and_killed_cluster_reuse() {
+    let dir = std::env::temp_dir().join(format!("wardcall-it-serve-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let data_dir = dir.join("data");
+    std::fs::write(
+        dir.join("wardcall.toml"),
+        format!("data_dir = \"{}\"\n[http]\nlisten = \"127.0.0.1:0\"\n", data_dir.display()),
+    )
+    .unwrap();
+    // 1. SIGTERM: graceful stop, exit 0, cluster stopped.
+    let mut child = spawn_serve(&dir, "first.log");
+    await_log(&dir, "first.log", "wardcall engine started").await;
+    assert!(postmaster_running(&data_dir), "the embedded cluster runs while wardcall serves");
+    let log = std::fs::read_to_string(dir.join("first.log")).unwrap();
+    if nix::unistd::geteuid().is_root() {
+        assert!(log.contains("postgres"), "running as root, the log says which account runs PostgreSQL: {log}");
+    }
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap()).await.unwrap();
+    assert!(status.success(), "exit after SIGTERM: {status:?}");
+    assert!(!postmaster_running(&data_dir), "the embedded cluster was stopped");
+    // 2. SIGKILL: the cluster is left running...
+    let mut child = spawn_serve(&dir, "second.log");
+    await_log(&dir, "second.log", "wardcall engine started").await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(postmaster_running(&data_dir), "a killed wardcall leaves its cluster running");
+    // 3. ...and the next start reuses it, then stops it on SIGTERM.
+    let mut child = spawn_serve(&dir, "third.log");
+    await_log(&dir, "third.log", "wardcall engine started").await;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap()).await.unwrap();
+    assert!(status.success(), "exit after SIGTERM: {status:?}");
+    assert!(!postmaster_running(&data_dir));
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -15,7 +15,6 @@ use wardcall::config::Config;
 use wardcall::db::embedded::EmbeddedCluster;
 use wardcall::db::Database;
 
-pub const TEMPLATE: &str = "wardcall_it_template";
 pub const AUTH_TOKEN: &str = "test-auth-token";
 pub const ACCOUNT_SID: &str = "AC0123456789abcdef0123456789abcdef";
 
@@ -27,6 +26,12 @@ pub struct Server {
 }
 
 static SERVER: OnceLock<Server> = OnceLock::new();
+
+/// The template database of this test process (several `cargo test` processes
+/// may share the cluster).
+pub fn template() -> String {
+    format!("wardcall_it_template_{}", std::process::id())
+}
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
 /// Starts the cluster (or reads `DATABASE_URL`) and builds the template. Called
@@ -44,9 +49,10 @@ pub fn init() -> &'static Server {
                 }
             };
             let mut conn = server.admin.connect().await.expect("connect to the test server");
-            sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS {TEMPLATE} WITH (FORCE)")).execute(&mut conn).await.unwrap();
-            sqlx::raw_sql(&format!("CREATE DATABASE {TEMPLATE}")).execute(&mut conn).await.unwrap();
-            let pool = PgPool::connect_with(server.admin.clone().database(TEMPLATE)).await.unwrap();
+            let template = template();
+            sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS {template} WITH (FORCE)")).execute(&mut conn).await.unwrap();
+            sqlx::raw_sql(&format!("CREATE DATABASE {template}")).execute(&mut conn).await.unwrap();
+            let pool = PgPool::connect_with(server.admin.clone().database(&template)).await.unwrap();
             wardcall::db::migrate::migrate(&pool).await.expect("migrations apply");
             pool.close().await;
             server
@@ -57,12 +63,26 @@ pub fn init() -> &'static Server {
 /// Stops the embedded cluster after the last test.
 pub fn finish() {
     if let Some(server) = SERVER.get() {
-        if let Some(c) = &server.cluster {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-            rt.block_on(async {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            // Drop this run's databases, then stop the cluster (left running
+            // if another test process still uses it).
+            if let Ok(mut conn) = server.admin.connect().await {
+                let prefix = format!("wardcall_it_{}_", std::process::id());
+                let names: Vec<String> = sqlx::query_scalar("SELECT datname FROM pg_database WHERE datname LIKE $1 || '%' OR datname = $2")
+                    .bind(&prefix)
+                    .bind(template())
+                    .fetch_all(&mut conn)
+                    .await
+                    .unwrap_or_default();
+                for name in names {
+                    let _ = sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(&mut conn).await;
+                }
+            }
+            if let Some(c) = &server.cluster {
                 let _ = c.stop().await;
-            });
-        }
+            }
+        });
     }
 }
 
@@ -82,7 +102,7 @@ impl TestDb {
         // CREATE DATABASE … TEMPLATE needs the template free of other sessions.
         let mut tries = 0;
         loop {
-            match sqlx::raw_sql(&format!("CREATE DATABASE {name} TEMPLATE {TEMPLATE}")).execute(&mut conn).await {
+            match sqlx::raw_sql(&format!("CREATE DATABASE {name} TEMPLATE {}", template())).execute(&mut conn).await {
                 Ok(_) => break,
                 Err(e) if tries < 50 => {
                     tries += 1;
