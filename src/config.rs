@@ -241,7 +241,7 @@ fn default_retry_max_ms() -> u64 {
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum WorkflowKind {
     /// Call people by an escalation policy until someone presses 1.
-    Escalation(EscalationWorkflow),
+    Escalation(Box<EscalationWorkflow>),
     /// A scripted sequence of runtime primitives read from the event payload's
     /// `steps` array (step, sleep, wait, fail): used by the demo's first part,
     /// by operators to test a deployment, and by the test suite.

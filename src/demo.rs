@@ -233,7 +233,8 @@ VALUES ('P-DHE-001', (SELECT room_id FROM rooms WHERE room_name = 'Room 2' LIMIT
 
     println!("\ntimeline (from the commit of the INSERT):");
     println!("{:>9}  commit → first call request at the Twilio emulator: {:.1} ms (measured in this client)", "", latency_ms);
-    let rows: Vec<(f64, String, Option<String>, Value, Option<String>)> = sqlx::query_as(
+    type TimelineRow = (f64, String, Option<String>, Value, Option<String>);
+    let rows: Vec<TimelineRow> = sqlx::query_as(
         "WITH a AS (SELECT al.id, al.created_at FROM wardcall.alerts al),
               t0 AS (SELECT min(created_at) AS at FROM wardcall.outbox WHERE source = 'critical_alerts')
          SELECT extract(epoch FROM l.at - t0.at)::float8 * 1000, l.action, l.to_state, l.detail, n.person_id

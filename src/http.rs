@@ -242,7 +242,7 @@ async fn signal_run(tx: &mut sqlx::PgConnection, run: Uuid, payload: Value) -> R
 
 fn escalation_settings(engine: &Engine, run_workflow: &str) -> Option<crate::config::EscalationWorkflow> {
     match engine.config.workflow(run_workflow).map(|w| &w.kind) {
-        Some(crate::config::WorkflowKind::Escalation(e)) => Some(e.clone()),
+        Some(crate::config::WorkflowKind::Escalation(e)) => Some((**e).clone()),
         _ => None,
     }
 }

@@ -18,7 +18,7 @@
 
 pub mod store;
 
-use crate::config::{Config, WorkflowKind};
+use crate::config::Config;
 use crate::db::Database;
 use crate::providers::Providers;
 use crate::workflows::{self, StepContext, StepError, Transition};
@@ -157,7 +157,7 @@ impl Engine {
             }
             loop {
                 match self.dispatch_batch(500).await {
-                    Ok(n) if n == 500 => continue,
+                    Ok(500) => continue,
                     Ok(_) => break,
                     Err(e) => {
                         tracing::warn!(error = %e, "outbox dispatch failed; the next sweep retries");
@@ -450,11 +450,6 @@ impl Engine {
             Ok(n) => tracing::info!(runs = n, "released leases at shutdown"),
             Err(e) => tracing::warn!(error = %e, "releasing leases failed; they expire on their own"),
         }
-    }
-
-    /// The workflow kinds this engine can run, for error messages.
-    pub fn has_escalations(&self) -> bool {
-        self.config.workflows.iter().any(|w| matches!(w.kind, WorkflowKind::Escalation(_)))
     }
 }
 
