@@ -337,7 +337,9 @@ impl Engine {
     /// the lease is lost. The lease is renewed every third of its length meanwhile.
     pub async fn execute(self: &Arc<Self>, mut run: ClaimedRun) {
         let lost = Arc::new(AtomicBool::new(false));
-        let renewer = {
+        // Aborted when `execute` returns or unwinds, so a lease is never renewed
+        // for a step nobody executes.
+        let _renewer = AbortOnDrop({
             let pool = self.db.pool.clone();
             let lost = lost.clone();
             let (id, token, lease) = (run.id, run.fencing_token, self.lease_ms());
@@ -356,7 +358,7 @@ impl Engine {
                     }
                 }
             })
-        };
+        });
         let actor = self.actor();
         loop {
             if run.wait_signal.is_some() {
@@ -381,8 +383,21 @@ impl Engine {
             };
             let mut state = run.state.clone();
             let result = {
+                use futures_util::FutureExt;
                 let mut ctx = StepContext { engine: self, run: &run, workflow: &workflow, state: &mut state, lease_lost: &lost };
-                workflows::run_step(&mut ctx).await
+                // A panicking step is a bug; it must not leave the run leased
+                // forever nor crash-loop: it counts as a failed attempt.
+                match std::panic::AssertUnwindSafe(workflows::run_step(&mut ctx)).catch_unwind().await {
+                    Ok(r) => r,
+                    Err(panic) => {
+                        let msg = panic
+                            .downcast_ref::<String>()
+                            .map(String::as_str)
+                            .or_else(|| panic.downcast_ref::<&str>().copied())
+                            .unwrap_or("(no message)");
+                        Err(StepError::Retryable(anyhow::anyhow!("step panicked: {msg}")))
+                    }
+                }
             };
             let committed = match result {
                 Ok(transition) => {
@@ -436,7 +451,6 @@ impl Engine {
             }
             break;
         }
-        renewer.abort();
     }
 
     /// Signals every task to stop, waits up to `grace` for steps in flight, and
@@ -462,6 +476,15 @@ pub fn retry_delay_ms(w: &crate::config::Workflow, attempt: i32) -> i64 {
     let half = raw / 2;
     let jitter = if half > 0 { rand::random_range(0..=half) } else { 0 };
     (half + jitter) as i64
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// The running tasks of an engine.

@@ -144,8 +144,13 @@ async fn place_calls(ctx: &mut StepContext<'_>, settings: &EscalationWorkflow, p
     let twilio = engine.providers.twilio.as_ref().ok_or_else(|| StepError::Permanent(anyhow!("no Twilio provider configured")))?;
     let message = ctx.state.get("message").and_then(Value::as_str).unwrap_or_default().to_string();
     let (cycle, step_index) = position(ctx.state);
-    let step = &policy.steps[step_index as usize];
     let actor = engine.actor();
+    let Some(step) = policy.steps.get(step_index as usize) else {
+        // The policy lost steps in a config change while this run was on them:
+        // nobody is left to call at this position.
+        tracing::error!(run = %ctx.run.id, step_index, "the policy has no such step (config changed?); escalating past it");
+        return evaluate_position(ctx, settings, policy, Some(true)).await;
+    };
 
     // 1. Record the intents (and the alert), fenced, in one transaction.
     let mut tx = engine.db.pool.begin().await?;
