@@ -35,7 +35,7 @@ pub struct App {
 /// Applies migrations and installs the capture triggers of `config`'s sources.
 pub async fn prepare_database(db: &Database, config: &Config, actor: &str) -> anyhow::Result<()> {
     crate::db::migrate::migrate(&db.pool).await?;
-    crate::capture::install_sources(&db.pool, &config.sources, actor).await?;
+    crate::capture::install_sources(&db.pool, &config.sources, config.from_file, actor).await?;
     Ok(())
 }
 

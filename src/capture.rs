@@ -31,7 +31,10 @@ pub const OUTBOX_CHANNEL: &str = "wardcall_outbox";
 /// Errors: a table that does not exist, an UPDATE source on a table without a
 /// primary key, or a condition/payload that PostgreSQL rejects — each naming
 /// the source.
-pub async fn install_sources(pool: &PgPool, sources: &[Source], actor: &str) -> anyhow::Result<()> {
+///
+/// With `prune` false, triggers of sources absent from `sources` are kept: a
+/// `wardcall migrate` run without the config file must not silently stop capture.
+pub async fn install_sources(pool: &PgPool, sources: &[Source], prune: bool, actor: &str) -> anyhow::Result<()> {
     let mut tx = pool.begin().await?;
     sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(SCHEMA_LOCK_KEY).execute(&mut *tx).await?;
     for source in sources {
@@ -41,6 +44,10 @@ pub async fn install_sources(pool: &PgPool, sources: &[Source], actor: &str) -> 
         sqlx::query_as("SELECT name, table_name, triggers, function FROM wardcall.sources").fetch_all(&mut *tx).await?;
     for (name, table, triggers, function) in installed {
         if sources.iter().any(|s| s.name == name) {
+            continue;
+        }
+        if !prune {
+            tracing::warn!(source = %name, "a capture trigger not in this config is kept (no config file loaded)");
             continue;
         }
         remove_triggers(&mut tx, &table, &triggers, &function).await?;
@@ -110,6 +117,10 @@ async fn install_one(tx: &mut Transaction<'_, Postgres>, source: &Source, actor:
         "CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql AS $wardcall$
 #variable_conflict use_column
 BEGIN
+    -- wardcall's own write-backs never re-trigger a page.
+    IF coalesce(current_setting('wardcall.write_back', true), '') = 'on' THEN
+        RETURN NULL;
+    END IF;
     IF TG_OP = 'INSERT' THEN
         INSERT INTO wardcall.outbox (source, event, payload)
         SELECT {src}, {event}, ({payload})::jsonb

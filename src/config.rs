@@ -49,6 +49,10 @@ pub struct Config {
     pub sources: Vec<Source>,
     #[serde(default)]
     pub workflows: Vec<Workflow>,
+    /// True when this configuration was read from a file (or text): only then
+    /// are capture triggers of sources absent from it removed.
+    #[serde(skip)]
+    pub from_file: bool,
 }
 
 /// Runtime tuning. Durations are in milliseconds unless the key says otherwise.
@@ -63,13 +67,13 @@ pub struct EngineConfig {
     pub sweep_ms: u64,
     /// Idle poll interval for due runs in milliseconds. Default 250.
     pub poll_ms: u64,
-    /// Connections in this process's pool. Default 10.
+    /// Connections in this process's pool. Default 20.
     pub pool_size: u32,
 }
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        EngineConfig { workers: 16, lease_ms: 5000, sweep_ms: 500, poll_ms: 250, pool_size: 10 }
+        EngineConfig { workers: 16, lease_ms: 5000, sweep_ms: 500, poll_ms: 250, pool_size: 20 }
     }
 }
 
@@ -312,7 +316,10 @@ impl Config {
 
     /// Parses TOML text without reading the environment (then call [`Config::validate`]).
     pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
-        toml::from_str::<Config>(text).map_err(|e| {
+        toml::from_str::<Config>(text).map(|mut c| {
+            c.from_file = true;
+            c
+        }).map_err(|e| {
             let key = e
                 .span()
                 .map(|s| {
@@ -452,6 +459,14 @@ impl Config {
                 }
             }
         }
+        for (i, s) in self.sources.iter().enumerate() {
+            if !self.workflows.iter().any(|w| w.event == s.event) {
+                return Err(err(
+                    format!("sources[{i}].event"),
+                    format!("no workflow is bound to event '{}': its rows would be captured and dropped", s.event),
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -543,6 +558,13 @@ mod tests {
     #[test]
     fn redaction_hides_the_middle() {
         assert_eq!(redact_phone("+13855550101"), "+1********01");
+    }
+
+    #[test]
+    fn a_source_without_a_workflow_is_refused() {
+        let c = Config::parse("[[sources]]\nname = \"a\"\ntable = \"alerts\"\nevent = \"alert.critcal\"\n", "x.toml").unwrap();
+        let e = c.validate("x.toml").unwrap_err().to_string();
+        assert!(e.contains("sources[0].event") && e.contains("alert.critcal"), "{e}");
     }
 
     #[test]

@@ -27,16 +27,50 @@ use serde_json::{json, Value};
 use std::sync::Arc;
 use uuid::Uuid;
 
-/// Builds the router over an engine.
+/// Environment variable holding the bearer token of the JSON API.
+pub const API_TOKEN_ENV: &str = "WARDCALL_API_TOKEN";
+
+/// Builds the router over an engine. The JSON API (`/api/*`) can emit events
+/// (which place real calls) and cancel runs: with `WARDCALL_API_TOKEN` set it
+/// requires `Authorization: Bearer <token>`; without it, it answers loopback
+/// peers only (403 otherwise). Webhooks are public and verified by signature.
 pub fn router(engine: Arc<Engine>) -> Router {
-    Router::new()
-        .route("/healthz", get(|| async { "ok" }))
+    let token: Arc<Option<String>> = Arc::new(std::env::var(API_TOKEN_ENV).ok().filter(|t| !t.is_empty()));
+    let api = Router::new()
         .route("/api/status", get(api_status))
         .route("/api/events/{event}", post(api_emit))
         .route("/api/runs/{id}/signals/{name}", post(api_signal))
         .route("/api/runs/{id}/cancel", post(api_cancel))
+        .route_layer(axum::middleware::from_fn(move |peer: axum::extract::ConnectInfo<std::net::SocketAddr>, req: axum::extract::Request, next: axum::middleware::Next| {
+            let token = token.clone();
+            async move { api_guard(&token, peer.0, req, next).await }
+        }));
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .merge(api)
         .route("/webhooks/twilio/{kind}", post(twilio_webhook))
         .with_state(engine)
+}
+
+async fn api_guard(token: &Option<String>, peer: std::net::SocketAddr, req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let allowed = match token {
+        Some(expected) => req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .is_some_and(|given| constant_time_eq(given.as_bytes(), expected.as_bytes())),
+        None => peer.ip().is_loopback(),
+    };
+    if allowed {
+        next.run(req).await
+    } else {
+        ApiError(StatusCode::FORBIDDEN, format!("the API needs a bearer token ({API_TOKEN_ENV}) or a loopback client")).into_response()
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Serves `router(engine)` on `listener` until `shutdown` resolves.
@@ -45,7 +79,9 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(engine)).with_graceful_shutdown(shutdown).await
+    axum::serve(listener, router(engine).into_make_service_with_connect_info::<std::net::SocketAddr>())
+        .with_graceful_shutdown(shutdown)
+        .await
 }
 
 struct ApiError(StatusCode, String);
@@ -138,10 +174,10 @@ fn twiml_response(body: String) -> Response {
 fn status_rank(s: &str) -> i32 {
     match s {
         "intent" => 0,
-        "queued" | "requested" => 1,
+        "requested" => 1,
         "initiated" => 2,
         "ringing" => 3,
-        "in-progress" | "answered" => 4,
+        "in-progress" => 4,
         "completed" | "busy" | "no-answer" | "failed" | "canceled" | "unknown" => 5,
         _ => -1,
     }
@@ -240,11 +276,21 @@ async fn signal_run(tx: &mut sqlx::PgConnection, run: Uuid, payload: Value) -> R
     store::send_signal(tx, run, CALL_UPDATE_SIGNAL, &payload).await.map(|_| ())
 }
 
-fn escalation_settings(engine: &Engine, run_workflow: &str) -> Option<crate::config::EscalationWorkflow> {
-    match engine.config.workflow(run_workflow).map(|w| &w.kind) {
-        Some(crate::config::WorkflowKind::Escalation(e)) => Some((**e).clone()),
+/// The escalation settings of a run's workflow (for its write-back hooks) and
+/// the run's input (the event payload, write-back's `$1`).
+async fn run_settings_and_input(
+    engine: &Engine,
+    tx: &mut sqlx::PgConnection,
+    run: Uuid,
+) -> Result<Option<(crate::config::EscalationWorkflow, Value)>, sqlx::Error> {
+    let (workflow, input): (String, Value) = sqlx::query_as("SELECT workflow, input FROM wardcall.runs WHERE id = $1")
+        .bind(run)
+        .fetch_one(&mut *tx)
+        .await?;
+    Ok(match engine.config.workflow(&workflow).map(|w| &w.kind) {
+        Some(crate::config::WorkflowKind::Escalation(e)) => Some(((**e).clone(), input)),
         _ => None,
-    }
+    })
 }
 
 async fn handle_status(engine: &Arc<Engine>, attempt: Uuid, call_sid: Option<&str>, call_status: &str) -> Result<(), WebhookError> {
@@ -271,11 +317,7 @@ async fn handle_status(engine: &Arc<Engine>, attempt: Uuid, call_sid: Option<&st
     .await?;
     audit::record(&mut tx, Entity::NotificationAttempt, &attempt.to_string(), "attempt.status", Some(&row.status), Some(call_status), "webhook:twilio", json!({"call_sid": call_sid}))
         .await?;
-    let (workflow, input): (String, Value) = sqlx::query_as("SELECT workflow, input FROM wardcall.runs WHERE id = $1")
-        .bind(row.run_id)
-        .fetch_one(&mut *tx)
-        .await?;
-    if let Some(settings) = escalation_settings(engine, &workflow) {
+    if let Some((settings, input)) = run_settings_and_input(engine, &mut tx, row.run_id).await? {
         write_back(&mut tx, settings.write_back.on_call_status.as_deref(), "on_call_status", &input, WriteBackSubject::Attempt(attempt), "webhook:twilio").await?;
     }
     signal_run(&mut tx, row.run_id, json!({"attempt": attempt, "status": call_status})).await?;
@@ -323,7 +365,8 @@ async fn handle_gather(engine: &Arc<Engine>, attempt: Uuid, call_sid: Option<&st
     let reply = if machine {
         twiml::say_and_hangup("Goodbye.")
     } else if key == Some('1') {
-        if alert_status == "open" {
+        // An alert the policy gave up on is still acknowledged by a human's 1.
+        if alert_status == "open" || alert_status == "unacknowledged" {
             sqlx::query(
                 "UPDATE wardcall.alerts SET status = 'acknowledged', acknowledged_at = clock_timestamp(), acknowledged_by = $2,
                         updated_at = clock_timestamp() WHERE id = $1",
@@ -339,20 +382,18 @@ async fn handle_gather(engine: &Arc<Engine>, attempt: Uuid, call_sid: Option<&st
             .bind(attempt)
             .execute(&mut *tx)
             .await?;
-            audit::record(&mut tx, Entity::Alert, &row.alert_id.to_string(), "alert.acknowledged", Some("open"), Some("acknowledged"), &format!("person:{}", row.person_id), json!({"attempt": attempt, "channel": "voice", "digits": digits}))
+            audit::record(&mut tx, Entity::Alert, &row.alert_id.to_string(), "alert.acknowledged", Some(&alert_status), Some("acknowledged"), &format!("person:{}", row.person_id), json!({"attempt": attempt, "channel": "voice", "digits": digits}))
                 .await?;
-            let (workflow, input): (String, Value) = sqlx::query_as("SELECT workflow, input FROM wardcall.runs WHERE id = $1")
-                .bind(row.run_id)
-                .fetch_one(&mut *tx)
-                .await?;
-            if let Some(settings) = escalation_settings(engine, &workflow) {
+            if let Some((settings, input)) = run_settings_and_input(engine, &mut tx, row.run_id).await? {
                 write_back(&mut tx, settings.write_back.on_acknowledged.as_deref(), "on_acknowledged", &input, WriteBackSubject::Attempt(attempt), "webhook:twilio").await?;
             }
             signal_run(&mut tx, row.run_id, json!({"attempt": attempt, "acknowledged": true})).await?;
             tracing::info!(attempt = %attempt, person = %row.person_id, "alert acknowledged by keypress");
             twiml::say_and_hangup("Thank you. The alert is acknowledged. Goodbye.")
-        } else {
+        } else if alert_status == "acknowledged" {
             twiml::say_and_hangup("This alert was already acknowledged. Goodbye.")
+        } else {
+            twiml::say_and_hangup("This alert was cancelled. Goodbye.")
         }
     } else if key == Some('2') && alert_status == "open" {
         sqlx::query("UPDATE wardcall.notification_attempts SET declined_at = coalesce(declined_at, clock_timestamp()), updated_at = clock_timestamp() WHERE id = $1")
@@ -367,6 +408,8 @@ async fn handle_gather(engine: &Arc<Engine>, attempt: Uuid, call_sid: Option<&st
         let base = &engine.public_url;
         let gather_timeout = engine.providers.twilio.as_ref().map(|t| t.config.gather_timeout_seconds).unwrap_or(10);
         twiml::say_and_gather(&message, &format!("{base}/webhooks/twilio/gather?attempt={attempt}"), gather_timeout)
+    } else if alert_status == "acknowledged" {
+        twiml::say_and_hangup("This alert was already acknowledged. Goodbye.")
     } else {
         twiml::say_and_hangup("This alert is no longer open. Goodbye.")
     };

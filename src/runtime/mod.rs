@@ -381,6 +381,7 @@ impl Engine {
                 tracing::error!(run = %run.id, "{msg}");
                 break;
             };
+            let pages = matches!(workflow.kind, crate::config::WorkflowKind::Escalation(_));
             let mut state = run.state.clone();
             let result = {
                 use futures_util::FutureExt;
@@ -432,10 +433,19 @@ impl Engine {
                 }
                 Err(StepError::LeaseLost) => false,
                 Err(StepError::Retryable(err)) => {
-                    let delay = retry_delay_ms(&workflow, run.step_attempt + 1);
+                    let delay = if pages { retry_delay_ms(&workflow, run.step_attempt + 1).min(ESCALATION_RETRY_CAP_MS) } else { retry_delay_ms(&workflow, run.step_attempt + 1) };
                     let msg = format!("{err:#}");
                     tracing::warn!(run = %run.id, step = %run.step, attempt = run.step_attempt + 1, error = %msg, "step failed");
-                    matches!(store::record_step_failure(&self.db.pool, &run, &msg, workflow.max_attempts, delay, &actor).await, Ok(Some(_)))
+                    let max_attempts = if pages { u32::MAX } else { workflow.max_attempts };
+                    matches!(store::record_step_failure(&self.db.pool, &run, &msg, max_attempts, delay, &actor).await, Ok(Some(_)))
+                }
+                Err(StepError::Permanent(err)) if pages => {
+                    // An alert is never given up on: an escalation keeps retrying
+                    // (the config or the provider may be fixed meanwhile).
+                    let msg = format!("{err:#}");
+                    tracing::error!(run = %run.id, step = %run.step, error = %msg, "escalation step failed; retrying (alerts are never dead-lettered)");
+                    let delay = retry_delay_ms(&workflow, run.step_attempt + 1).min(ESCALATION_RETRY_CAP_MS);
+                    matches!(store::record_step_failure(&self.db.pool, &run, &msg, u32::MAX, delay, &actor).await, Ok(Some(_)))
                 }
                 Err(StepError::Permanent(err)) => {
                     let msg = format!("{err:#}");
@@ -466,6 +476,10 @@ impl Engine {
         }
     }
 }
+
+/// Longest delay (ms) between retries of an escalation step: an alert keeps
+/// being retried, at least this often, until someone can be called.
+pub const ESCALATION_RETRY_CAP_MS: i64 = 15_000;
 
 /// Delay before retry number `attempt` (1-based): `retry_base_ms · 2^(attempt-1)`,
 /// capped at `retry_max_ms`, with "equal jitter" (half fixed, half random) so

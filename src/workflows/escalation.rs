@@ -30,11 +30,14 @@ use anyhow::anyhow;
 use serde_json::{json, Value};
 use sqlx::{PgConnection, Row};
 use std::collections::HashMap;
-use std::time::Duration;
 use uuid::Uuid;
 
 /// Signal name the webhooks send to an escalation run on every call event.
 pub const CALL_UPDATE_SIGNAL: &str = "call_update";
+
+/// Extra time (ms) a step waits past its deadline while a human is on the
+/// line (answered, no key yet): hearing the message and pressing 1 takes time.
+pub const HUMAN_ON_LINE_GRACE_MS: i64 = 45_000;
 
 /// Provider statuses after which a call can no longer be acknowledged.
 pub const TERMINAL_CALL_STATUSES: &[&str] = &["completed", "busy", "no-answer", "failed", "canceled", "unknown"];
@@ -89,6 +92,69 @@ fn position(state: &Value) -> (i32, i32) {
     )
 }
 
+/// Records the outcome of one create-call request. Returns `Some(reason)` when
+/// the step must be retried: a transient or authentication failure leaves the
+/// intent in place (the re-call rule places it again), because a provider
+/// outage must never be mistaken for a nurse who did not answer. Only a
+/// request Twilio definitively refused for this call (an invalid number, a
+/// geographic permission) marks the attempt failed, so the policy escalates.
+#[allow(clippy::too_many_arguments)]
+async fn record_call_result(
+    engine: &std::sync::Arc<crate::runtime::Engine>,
+    ctx: &StepContext<'_>,
+    settings: &EscalationWorkflow,
+    actor: &str,
+    attempt_id: Uuid,
+    person_id: &str,
+    phone: &str,
+    result: Result<crate::twilio::client::CreatedCall, crate::twilio::client::TwilioError>,
+) -> Result<Option<String>, sqlx::Error> {
+    use crate::twilio::client::TwilioError;
+    let mut tx = engine.db.pool.begin().await?;
+    let transient = match result {
+        Ok(call) => {
+            tracing::info!(attempt = %attempt_id, person = %person_id, to = %redact_phone(phone), call_sid = %call.sid, "call requested");
+            sqlx::query(
+                "UPDATE wardcall.notification_attempts
+                    SET provider_id = coalesce(provider_id, $2), requested_at = coalesce(requested_at, clock_timestamp()),
+                        status = CASE WHEN status = 'intent' THEN 'requested' ELSE status END,
+                        updated_at = clock_timestamp()
+                  WHERE id = $1",
+            )
+            .bind(attempt_id)
+            .bind(&call.sid)
+            .execute(&mut *tx)
+            .await?;
+            audit::record(&mut tx, Entity::NotificationAttempt, &attempt_id.to_string(), "attempt.requested", Some("intent"), Some("requested"), actor, json!({"call_sid": call.sid}))
+                .await?;
+            write_back(&mut tx, settings.write_back.on_call_placed.as_deref(), "on_call_placed", &ctx.run.input, WriteBackSubject::Attempt(attempt_id), actor).await?;
+            None
+        }
+        Err(e) if e.is_retryable() || matches!(e, TwilioError::Api { http_status: 401 | 403, .. }) => {
+            tracing::error!(attempt = %attempt_id, person = %person_id, error = %e, "call could not be placed (provider unavailable or refusing our credentials); retrying the step");
+            audit::record(&mut tx, Entity::NotificationAttempt, &attempt_id.to_string(), "attempt.provider_error", Some("intent"), Some("intent"), actor, json!({"error": e.to_string(), "retry": true}))
+                .await?;
+            Some(format!("Twilio create-call failed: {e}"))
+        }
+        Err(e) => {
+            tracing::error!(attempt = %attempt_id, person = %person_id, error = %e, "Twilio refused this call; escalating past it");
+            sqlx::query(
+                "UPDATE wardcall.notification_attempts SET status = 'failed', error = $2, ended_at = clock_timestamp(),
+                        updated_at = clock_timestamp() WHERE id = $1 AND status = 'intent'",
+            )
+            .bind(attempt_id)
+            .bind(e.to_string())
+            .execute(&mut *tx)
+            .await?;
+            audit::record(&mut tx, Entity::NotificationAttempt, &attempt_id.to_string(), "attempt.failed", Some("intent"), Some("failed"), actor, json!({"error": e.to_string()}))
+                .await?;
+            None
+        }
+    };
+    tx.commit().await?;
+    Ok(transient)
+}
+
 /// One attempt as the workflow needs it.
 #[derive(Debug, Clone, sqlx::FromRow)]
 struct Attempt {
@@ -106,6 +172,19 @@ struct Attempt {
 const ATTEMPT_COLUMNS: &str = "id, person_id, status, provider_id, answered_by,
      acknowledged_at IS NOT NULL AS acknowledged_at_set, declined_at IS NOT NULL AS declined_at_set,
      fencing_token, generation";
+
+/// Each person's latest attempt (highest generation) at one escalation position.
+async fn latest_attempts(conn: &mut PgConnection, run: Uuid, cycle: i32, step_index: i32) -> Result<Vec<Attempt>, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "SELECT DISTINCT ON (person_id) {ATTEMPT_COLUMNS} FROM wardcall.notification_attempts
+          WHERE run_id = $1 AND cycle = $2 AND step_index = $3 ORDER BY person_id, generation DESC"
+    ))
+    .bind(run)
+    .bind(cycle)
+    .bind(step_index)
+    .fetch_all(conn)
+    .await
+}
 
 impl Attempt {
     fn machine(&self) -> bool {
@@ -163,15 +242,7 @@ async fn place_calls(ctx: &mut StepContext<'_>, settings: &EscalationWorkflow, p
         tx.commit().await?;
         return Ok(Transition::Complete);
     }
-    let existing: Vec<Attempt> = sqlx::query_as(&format!(
-        "SELECT DISTINCT ON (person_id) {ATTEMPT_COLUMNS} FROM wardcall.notification_attempts
-          WHERE run_id = $1 AND cycle = $2 AND step_index = $3 ORDER BY person_id, generation DESC"
-    ))
-    .bind(ctx.run.id)
-    .bind(cycle)
-    .bind(step_index)
-    .fetch_all(&mut *tx)
-    .await?;
+    let existing = latest_attempts(&mut tx, ctx.run.id, cycle, step_index).await?;
     if existing.is_empty() && (cycle, step_index) != (0, 0) {
         audit::record(&mut tx, Entity::Alert, &alert_id.to_string(), "alert.escalated", Some("open"), Some("open"), &actor, json!({"cycle": cycle, "step_index": step_index}))
             .await?;
@@ -236,56 +307,28 @@ async fn place_calls(ctx: &mut StepContext<'_>, settings: &EscalationWorkflow, p
                 machine_detection: twilio.config.machine_detection,
                 async_amd_status_callback: twilio.config.machine_detection.then(|| format!("{base}/webhooks/twilio/amd?attempt={attempt_id}")),
             };
-            let mut tries = 0;
-            let result = loop {
-                tries += 1;
-                match twilio.client.create_call(&req).await {
-                    Err(e) if e.is_retryable() && tries < 3 => {
-                        tracing::warn!(attempt = %attempt_id, error = %e, "Twilio create-call failed; retrying");
-                        tokio::time::sleep(Duration::from_millis(200 * tries)).await;
-                    }
-                    other => break other,
-                }
-            };
+            // No retry here: an ambiguous failure (timeout, 5xx) may have placed
+            // the call. The step is retried under a new fencing token and the
+            // re-call rule decides (ARCHITECTURE.md).
+            let result = twilio.client.create_call(&req).await;
             (*attempt_id, person_id.clone(), phone.clone(), result)
         }
     });
     let results = futures_util::future::join_all(calls).await;
+    // Record every result before returning any error, so no placed call loses its CallSid.
+    let mut retry_step: Option<String> = None;
     for (attempt_id, person_id, phone, result) in results {
-        let mut tx = engine.db.pool.begin().await?;
-        match result {
-            Ok(call) => {
-                tracing::info!(attempt = %attempt_id, person = %person_id, to = %redact_phone(&phone), call_sid = %call.sid, "call requested");
-                sqlx::query(
-                    "UPDATE wardcall.notification_attempts
-                        SET provider_id = $2, requested_at = coalesce(requested_at, clock_timestamp()),
-                            status = CASE WHEN status = 'intent' THEN 'requested' ELSE status END,
-                            updated_at = clock_timestamp()
-                      WHERE id = $1",
-                )
-                .bind(attempt_id)
-                .bind(&call.sid)
-                .execute(&mut *tx)
-                .await?;
-                audit::record(&mut tx, Entity::NotificationAttempt, &attempt_id.to_string(), "attempt.requested", Some("intent"), Some("requested"), &actor, json!({"call_sid": call.sid}))
-                    .await?;
-                write_back(&mut tx, settings.write_back.on_call_placed.as_deref(), "on_call_placed", &ctx.run.input, WriteBackSubject::Attempt(attempt_id), &actor).await?;
-            }
+        match record_call_result(&engine, ctx, settings, &actor, attempt_id, &person_id, &phone, result).await {
+            Ok(None) => {}
+            Ok(Some(transient)) => retry_step = Some(transient),
             Err(e) => {
-                tracing::error!(attempt = %attempt_id, person = %person_id, error = %e, "call could not be placed; escalating past it");
-                sqlx::query(
-                    "UPDATE wardcall.notification_attempts SET status = 'failed', error = $2, ended_at = clock_timestamp(),
-                            updated_at = clock_timestamp() WHERE id = $1 AND status = 'intent'",
-                )
-                .bind(attempt_id)
-                .bind(e.to_string())
-                .execute(&mut *tx)
-                .await?;
-                audit::record(&mut tx, Entity::NotificationAttempt, &attempt_id.to_string(), "attempt.failed", Some("intent"), Some("failed"), &actor, json!({"error": e.to_string()}))
-                    .await?;
+                tracing::error!(attempt = %attempt_id, error = %e, "recording a call result failed");
+                retry_step.get_or_insert_with(|| format!("recording a call result failed: {e}"));
             }
         }
-        tx.commit().await?;
+    }
+    if let Some(why) = retry_step {
+        return Err(StepError::Retryable(anyhow!("{why}")));
     }
     let deadline = jiff::Timestamp::now().as_millisecond() + ack_timeout_ms;
     if ctx.state.get("step_deadline_ms").is_none() || to_place.len() == step.notify.len() {
@@ -333,20 +376,18 @@ async fn evaluate_position(
         }
         return Ok(Transition::Complete);
     }
-    let attempts: Vec<Attempt> = sqlx::query_as(&format!(
-        "SELECT DISTINCT ON (person_id) {ATTEMPT_COLUMNS} FROM wardcall.notification_attempts
-          WHERE run_id = $1 AND cycle = $2 AND step_index = $3 ORDER BY person_id, generation DESC"
-    ))
-    .bind(ctx.run.id)
-    .bind(cycle)
-    .bind(step_index)
-    .fetch_all(&mut *tx)
-    .await?;
+    let attempts = latest_attempts(&mut tx, ctx.run.id, cycle, step_index).await?;
     let all_failed = !attempts.is_empty() && attempts.iter().all(Attempt::definitively_failed);
     let declined = attempts.iter().any(|a| a.declined_at_set);
     let now = jiff::Timestamp::now().as_millisecond();
     let deadline = ctx.state.get("step_deadline_ms").and_then(Value::as_i64).unwrap_or(now);
-    let expired = timed_out == Some(true) || deadline <= now;
+    // A human on the line (answered, not a machine, no key yet) gets time to
+    // hear the message and press a key: the step does not expire under them.
+    let human_on_line = attempts
+        .iter()
+        .any(|a| a.status == "in-progress" && !a.machine() && !a.declined_at_set && !a.acknowledged_at_set);
+    let grace_deadline = deadline + HUMAN_ON_LINE_GRACE_MS;
+    let expired = (timed_out == Some(true) || deadline <= now) && !(human_on_line && now < grace_deadline);
     // Voicemail calls still connected: hang them up (never an acknowledgement).
     let machines: Vec<String> = attempts
         .iter()
@@ -356,7 +397,8 @@ async fn evaluate_position(
     if !(all_failed || declined || expired) {
         tx.commit().await?;
         end_calls(ctx, &machines).await;
-        return Ok(Transition::Wait { step: "await".into(), signal: CALL_UPDATE_SIGNAL.into(), timeout_ms: (deadline - now).max(1) });
+        let until = if deadline <= now { grace_deadline } else { deadline };
+        return Ok(Transition::Wait { step: "await".into(), signal: CALL_UPDATE_SIGNAL.into(), timeout_ms: (until - now).max(1) });
     }
     let reason = if declined { "declined" } else if all_failed { "all_calls_failed" } else { "ack_timeout" };
     // Escalate: next step, next cycle, or give up.
@@ -440,13 +482,28 @@ pub async fn write_back(
         WriteBackSubject::Alert(id) => sqlx::query_scalar("SELECT wardcall.alert_details($1)").bind(id).fetch_one(&mut *conn).await?,
     };
     sqlx::query("SAVEPOINT wardcall_write_back").execute(&mut *conn).await?;
-    match sqlx::query(sql).bind(payload).bind(&details).execute(&mut *conn).await {
+    // The capture triggers skip rows written while `wardcall.write_back` is on,
+    // so a write-back never re-triggers a page; the timeouts keep a team's
+    // long-held row lock from stalling webhooks and workers.
+    sqlx::query(
+        "SELECT set_config('wardcall.write_back', 'on', true), set_config('lock_timeout', '2s', true),
+                set_config('statement_timeout', '5s', true)",
+    )
+    .execute(&mut *conn)
+    .await?;
+    let outcome = sqlx::query(sql).bind(payload).bind(&details).execute(&mut *conn).await;
+    let reset = "SELECT set_config('wardcall.write_back', 'off', true),
+                        set_config('lock_timeout', (SELECT reset_val FROM pg_settings WHERE name = 'lock_timeout'), true),
+                        set_config('statement_timeout', (SELECT reset_val FROM pg_settings WHERE name = 'statement_timeout'), true)";
+    match outcome {
         Ok(_) => {
             sqlx::query("RELEASE SAVEPOINT wardcall_write_back").execute(&mut *conn).await?;
+            sqlx::query(reset).execute(&mut *conn).await?;
         }
         Err(e) => {
             let msg = crate::capture::db_message(&e);
             sqlx::query("ROLLBACK TO SAVEPOINT wardcall_write_back").execute(&mut *conn).await?;
+            sqlx::query(reset).execute(&mut *conn).await?;
             tracing::error!(hook, error = %msg, "write-back statement failed; the state change is kept");
             let (entity, id) = match subject {
                 WriteBackSubject::Attempt(id) => (Entity::NotificationAttempt, id),

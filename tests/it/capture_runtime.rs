@@ -130,6 +130,11 @@ operations = ["UPDATE"]
 condition = "NEW.scheduled_at IS DISTINCT FROM OLD.scheduled_at"
 event = "booking.rescheduled"
 payload = "jsonb_build_object('id', NEW.id, 'from', OLD.scheduled_at, 'to', NEW.scheduled_at)"
+
+[[workflows]]
+name = "reschedule"
+event = "booking.rescheduled"
+kind = "script"
 "#,
     );
     wardcall::app::prepare_database(&db.database(), &cfg, "test").await.unwrap();
@@ -366,7 +371,11 @@ pub async fn source_removed_from_config_loses_its_trigger() {
     db.exec(TASKS_TABLE).await;
     wardcall::app::prepare_database(&db.database(), &config(&script_config("")), "test").await.unwrap();
     assert_eq!(db.scalar_i64("SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'wardcall_capture_%'").await, 1);
+    // Without a config file (built-in defaults) nothing is removed...
     wardcall::app::prepare_database(&db.database(), &Config::default(), "test").await.unwrap();
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'wardcall_capture_%'").await, 1);
+    // ...a config file without the source removes its trigger.
+    wardcall::app::prepare_database(&db.database(), &config(""), "test").await.unwrap();
     assert_eq!(db.scalar_i64("SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'wardcall_capture_%'").await, 0);
     db.exec("INSERT INTO tasks (kind) VALUES ('go')").await;
     assert_eq!(db.scalar_i64("SELECT count(*) FROM wardcall.outbox").await, 0);

@@ -26,6 +26,9 @@ pub fn tests() -> Vec<libtest_mimic::Trial> {
         escalation::special_characters_still_produce_a_valid_call,
         escalation::non_e164_number_is_refused_at_config_load,
         escalation::call_log_answers_the_monitoring_questions,
+        escalation::provider_outage_never_escalates_or_gives_up,
+        escalation::late_press_of_one_acknowledges_an_unacknowledged_alert,
+        escalation::write_back_does_not_retrigger_an_update_source,
     ]
 }
 
@@ -66,18 +69,7 @@ pub fn hospital_config(emulator_url: &str, ack_timeout: f64, repeat: u32) -> Con
 pub async fn hospital(a: Persona, b: Persona, ack_timeout: f64, repeat: u32) -> Hospital {
     let db = TestDb::new().await;
     db.exec(wardcall::demo::HOSPITAL_SCHEMA).await;
-    let mut personas = HashMap::new();
-    personas.insert(NURSE_A.to_string(), a);
-    personas.insert(NURSE_B.to_string(), b);
-    let emulator = TwilioEmulator::start(
-        EmulatorConfig { account_sid: ACCOUNT_SID.into(), auth_token: AUTH_TOKEN.into(), personas, default_persona: Persona::NoAnswer },
-        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
-    )
-    .await
-    .unwrap();
-    let cfg = std::sync::Arc::new(hospital_config(&emulator.base_url(), ack_timeout, repeat));
-    let app = start_app(&db, cfg).await;
-    Hospital { db, app, emulator }
+    start_on(db, a, b, ack_timeout, repeat).await
 }
 
 pub const SEIZURE_INSERT: &str = "INSERT INTO alerts (patient_id, room_id, severity, status, alert_type, title, description)
@@ -335,7 +327,7 @@ async fn crashed_state(db: &TestDb, attempt_status: &str, provider_id: Option<&s
     run
 }
 
-async fn start_on(db: TestDb, a: Persona, b: Persona, ack_timeout: f64) -> Hospital {
+async fn start_on(db: TestDb, a: Persona, b: Persona, ack_timeout: f64, repeat: u32) -> Hospital {
     let mut personas = HashMap::new();
     personas.insert(NURSE_A.to_string(), a);
     personas.insert(NURSE_B.to_string(), b);
@@ -345,7 +337,7 @@ async fn start_on(db: TestDb, a: Persona, b: Persona, ack_timeout: f64) -> Hospi
     )
     .await
     .unwrap();
-    let cfg = std::sync::Arc::new(hospital_config(&emulator.base_url(), ack_timeout, 1));
+    let cfg = std::sync::Arc::new(hospital_config(&emulator.base_url(), ack_timeout, repeat));
     let app = start_app(&db, cfg).await;
     Hospital { db, app, emulator }
 }
@@ -361,7 +353,7 @@ async fn hospital_db() -> TestDb {
 pub async fn recall_rule_unknown_outcome_calls_again() {
     let db = hospital_db().await;
     crashed_state(&db, "intent", None).await;
-    let h = start_on(db, Persona::Answer { ring_ms: 100, think_ms: 100, digits: "1".into() }, Persona::NoAnswer, 10.0).await;
+    let h = start_on(db, Persona::Answer { ring_ms: 100, think_ms: 100, digits: "1".into() }, Persona::NoAnswer, 10.0, 1).await;
     await_alert_status(&h.db, "acknowledged", Duration::from_secs(15)).await;
     assert_eq!(calls_to(&h, NURSE_A), 1, "the unconfirmed call was placed again");
     let statuses: Vec<(i32, String)> = sqlx::query_as("SELECT generation, status FROM wardcall.notification_attempts ORDER BY generation").fetch_all(&h.db.pool).await.unwrap();
@@ -376,7 +368,7 @@ pub async fn recall_rule_confirmed_call_is_not_repeated() {
     let db = hospital_db().await;
     crashed_state(&db, "requested", Some("CA00000000000000000000000000000001")).await;
     // The confirmed call's callbacks went to the dead engine; the step times out and escalates.
-    let h = start_on(db, Persona::Answer { ring_ms: 100, think_ms: 100, digits: "1".into() }, Persona::Answer { ring_ms: 100, think_ms: 100, digits: "1".into() }, 2.0).await;
+    let h = start_on(db, Persona::Answer { ring_ms: 100, think_ms: 100, digits: "1".into() }, Persona::Answer { ring_ms: 100, think_ms: 100, digits: "1".into() }, 2.0, 1).await;
     await_alert_status(&h.db, "acknowledged", Duration::from_secs(15)).await;
     assert_eq!(calls_to(&h, NURSE_A), 0, "a confirmed call is never placed twice");
     assert_eq!(calls_to(&h, NURSE_B), 1, "the alert was not lost: the backup was called");
@@ -387,7 +379,7 @@ pub async fn recall_rule_call_named_by_callbacks_is_not_repeated() {
     let db = hospital_db().await;
     // The create response was lost, but a callback named the call (CallSid recorded, ringing).
     crashed_state(&db, "ringing", Some("CA00000000000000000000000000000002")).await;
-    let h = start_on(db, Persona::NoAnswer, Persona::Answer { ring_ms: 100, think_ms: 100, digits: "1".into() }, 2.0).await;
+    let h = start_on(db, Persona::NoAnswer, Persona::Answer { ring_ms: 100, think_ms: 100, digits: "1".into() }, 2.0, 1).await;
     await_alert_status(&h.db, "acknowledged", Duration::from_secs(15)).await;
     assert_eq!(calls_to(&h, NURSE_A), 0);
     assert_eq!(calls_to(&h, NURSE_B), 1);
@@ -440,4 +432,70 @@ pub async fn call_log_answers_the_monitoring_questions() {
         .unwrap();
     assert!((rate - 0.5).abs() < 1e-9, "answer rate {rate}");
     h.stop().await;
+}
+
+pub async fn provider_outage_never_escalates_or_gives_up() {
+    // Twilio unreachable (a closed port): no call can be placed. The alert must
+    // stay open and keep being retried, never escalate past the nurse nor be
+    // marked unacknowledged, as it would if outages counted as unanswered calls.
+    let db = TestDb::new().await;
+    db.exec(wardcall::demo::HOSPITAL_SCHEMA).await;
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dead_url = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let mut cfg = hospital_config(&dead_url, 1.0, 1);
+    for w in &mut cfg.workflows {
+        w.retry_base_ms = 100;
+    }
+    let app = start_app(&db, std::sync::Arc::new(cfg)).await;
+    db.exec(SEIZURE_INSERT).await;
+    await_true(&db, "three failed create-call rounds", Duration::from_secs(20), "SELECT count(*) >= 3 FROM wardcall.audit_log WHERE action = 'attempt.provider_error'").await;
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM wardcall.alerts WHERE status = 'open'").await, 1);
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM wardcall.audit_log WHERE action IN ('alert.step_ended','alert.unacknowledged','run.failed')").await, 0);
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM wardcall.notification_attempts WHERE person_id <> 'nurse-avery'").await, 0, "nobody else was tried");
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM wardcall.runs WHERE status IN ('pending','running')").await, 1, "the run keeps retrying");
+    app.stop(Duration::from_secs(2)).await;
+}
+
+pub async fn late_press_of_one_acknowledges_an_unacknowledged_alert() {
+    let h = hospital(Persona::SilentHuman { ring_ms: 50 }, Persona::SilentHuman { ring_ms: 50 }, 1.0, 1).await;
+    h.db.exec(SEIZURE_INSERT).await;
+    await_alert_status(&h.db, "unacknowledged", Duration::from_secs(60)).await;
+    let (attempt, sid): (uuid::Uuid, String) =
+        sqlx::query_as("SELECT id, provider_id FROM wardcall.notification_attempts WHERE person_id = 'nurse-avery'").fetch_one(&h.db.pool).await.unwrap();
+    let p = [("CallSid", sid.as_str()), ("AccountSid", ACCOUNT_SID), ("Digits", "1")];
+    assert_eq!(post_webhook(&h, &format!("/webhooks/twilio/gather?attempt={attempt}"), &p, Some(AUTH_TOKEN)).await, 200);
+    await_alert_status(&h.db, "acknowledged", Duration::from_secs(5)).await;
+    let (status, by): (String, Option<String>) = sqlx::query_as("SELECT status, acknowledged_by FROM alerts").fetch_one(&h.db.pool).await.unwrap();
+    assert_eq!((status.as_str(), by.as_deref()), ("acknowledged", Some("nurse_phone")), "written back");
+    assert_eq!(
+        h.db.scalar_i64("SELECT count(*) FROM wardcall.audit_log WHERE action = 'alert.acknowledged' AND from_state = 'unacknowledged'").await,
+        1
+    );
+    h.stop().await;
+}
+
+pub async fn write_back_does_not_retrigger_an_update_source() {
+    let db = TestDb::new().await;
+    db.exec(wardcall::demo::HOSPITAL_SCHEMA).await;
+    let mut personas = HashMap::new();
+    personas.insert(NURSE_A.to_string(), Persona::Answer { ring_ms: 50, think_ms: 50, digits: "1".into() });
+    let emulator = TwilioEmulator::start(
+        EmulatorConfig { account_sid: ACCOUNT_SID.into(), auth_token: AUTH_TOKEN.into(), personas, default_persona: Persona::NoAnswer },
+        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+    )
+    .await
+    .unwrap();
+    let mut cfg = hospital_config(&emulator.base_url(), 10.0, 1);
+    cfg.sources[0].operations.push(wardcall::config::Operation::Update);
+    let app = start_app(&db, std::sync::Arc::new(cfg)).await;
+    db.exec(SEIZURE_INSERT).await;
+    await_true(&db, "the acknowledgement written back", Duration::from_secs(20), "SELECT count(*) = 1 FROM alerts WHERE status = 'acknowledged'").await;
+    await_true(&db, "the run to complete", Duration::from_secs(10), "SELECT count(*) = 1 FROM wardcall.runs WHERE status = 'completed'").await;
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM wardcall.outbox").await, 1, "write-backs were not captured as new alerts");
+    // The team's own UPDATE is still captured.
+    db.exec("UPDATE alerts SET status = 'active', metadata = '{}'").await;
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM wardcall.outbox").await, 2);
+    app.stop(Duration::from_secs(2)).await;
+    emulator.shutdown().await;
 }
