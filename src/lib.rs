@@ -8,6 +8,7 @@
 
 pub mod app;
 pub mod audit;
+pub mod bench;
 pub mod capture;
 pub mod config;
 pub mod db;

@@ -56,6 +56,9 @@ enum Command {
         /// JSON payload (default `{}`).
         payload: Option<String>,
     },
+    /// Run a benchmark scenario on the embedded cluster with the in-process
+    /// Twilio emulator and print its figures (see BENCHMARKS.md).
+    Bench(wardcall::bench::BenchArgs),
     /// Run a provider emulator (offline development and tests).
     Emulate {
         #[command(subcommand)]
@@ -97,6 +100,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Demo => {
             init_tracing("warn");
             wardcall::demo::run(cli.config.as_deref()).await
+        }
+        Command::Bench(args) => {
+            init_tracing("warn");
+            wardcall::bench::run(args).await
         }
         Command::Emulate { provider: EmulateCommand::Twilio(args) } => {
             init_tracing("info");

@@ -18,6 +18,7 @@ macro_rules! trials {
 mod harness;
 mod capture_runtime;
 mod escalation;
+mod bench_smoke;
 
 use libtest_mimic::{Arguments, Trial};
 
@@ -39,5 +40,6 @@ fn all_tests() -> Vec<Trial> {
     let mut t = Vec::new();
     t.extend(capture_runtime::tests());
     t.extend(escalation::tests());
+    t.extend(bench_smoke::tests());
     t
 }

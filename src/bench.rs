@@ -1,0 +1,1126 @@
+//! `wardcall bench`: reproducible benchmarks of the engine as production runs
+//! it, on the embedded cluster (default durability: `fsync` and
+//! `synchronous_commit` on) with the in-process Twilio emulator. BENCHMARKS.md
+//! records the figures, the commands and the machine.
+//!
+//! Every scenario creates a fresh database `<prefix>_<scenario>` on the server
+//! (`DROP DATABASE … WITH (FORCE)`, then `CREATE DATABASE`), loads the hospital
+//! team's schema, starts the Twilio emulator and a complete [`App`] (capture
+//! trigger, listener, dispatcher, scheduler, HTTP webhooks) with the hospital
+//! configuration, then measures from a separate client connection:
+//!
+//! - `latency`: commit → call. One client inserts critical alerts one by one at
+//!   `--rate` per second; the latency of an alert is the time from the return
+//!   of its committing INSERT (in the client) to the arrival of its create-call
+//!   request at the emulator. Each alert's title carries a unique token, found
+//!   again in the call's `Twiml` parameter, so every call is matched to its alert.
+//! - `burst`: N alerts in one INSERT statement; time from its commit until the
+//!   last call request arrives.
+//! - `throughput`: N alerts in one statement with 1, 2 and 4 worker tasks
+//!   (`engine.workers`); events per second from the commit until N attempts are
+//!   recorded `requested` (call placed, its CallSid committed).
+//! - `steps`: script runs of 50 `{"op":"step"}` each; committed
+//!   `run.step_completed` transitions per second.
+//! - `timers`: N sleeping script runs due at one instant, then N due over
+//!   `--spread-s` seconds; lateness = audit time of the claim that wakes the
+//!   run − its due time.
+//! - `scale`: `latency` before and after inserting N runs sleeping far in the
+//!   future (as SLA timers would).
+//! - `resources`: resident memory of this process (engine, emulator and client
+//!   share it) at rest and at peak, and the PostgreSQL connections the engine holds.
+//!
+//! The hospital policy's steps get a 600 s acknowledgement timeout so that no
+//! escalation call overlaps a measurement: every alert yields exactly one call
+//! (to a callee who never answers), whose `initiated` and `ringing` callbacks
+//! the engine processes as in production.
+
+use crate::app::{App, StartOptions};
+use crate::config::{Config, Workflow, WorkflowKind};
+use crate::db::{connect_pool, embedded::EmbeddedCluster, Database};
+use crate::twilio::emulator::{EmulatorConfig, EmulatorEvent, EmulatorHandle, Persona, TwilioEmulator};
+use anyhow::{bail, ensure, Context};
+use serde::Serialize;
+use serde_json::{json, Value};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, Connection, PgConnection, PgPool};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+use tokio::sync::broadcast::error::RecvError;
+
+/// Auth token shared by the benchmark's emulator and engine (not a secret).
+const BENCH_AUTH_TOKEN: &str = "bench-auth-token-not-a-secret";
+/// The script workflow the steps, timers and scale scenarios use.
+const SCRIPT_WORKFLOW: &str = "bench-script";
+const SCRIPT_EVENT: &str = "bench.script";
+/// Acknowledgement timeout of every policy step during benchmarks, seconds.
+const BENCH_ACK_TIMEOUT_S: f64 = 600.0;
+/// Prefix of alert titles; followed by 9 digits, the alert's index.
+const TOKEN_PREFIX: &str = "wcb-";
+/// Steps per run in the `steps` scenario.
+const STEPS_PER_RUN: u64 = 50;
+
+/// The benchmark scenarios (`wardcall bench <scenario>`).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Scenario {
+    /// Commit → call latency at a steady rate (default 1,000 alerts at 50/s).
+    Latency,
+    /// One INSERT of N alerts (default 1,000): time until the last call request.
+    Burst,
+    /// Events/s from commit to a first call recorded, with 1, 2 and 4 workers (default 1,000 alerts each).
+    Throughput,
+    /// Raw runtime steps per second (default 10,000 steps, runs of 50).
+    Steps,
+    /// Timer lateness: N due at one instant, N spread over `--spread-s` (default 10,000).
+    Timers,
+    /// Latency again with N runs sleeping in the tables (default 1,000,000).
+    Scale,
+    /// Resident memory at rest and at peak, PostgreSQL connections held.
+    Resources,
+    /// Every scenario above, in the order resources, latency, burst, throughput, steps, timers, scale.
+    All,
+}
+
+impl Scenario {
+    /// The scenario's command-line name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::Latency => "latency",
+            Scenario::Burst => "burst",
+            Scenario::Throughput => "throughput",
+            Scenario::Steps => "steps",
+            Scenario::Timers => "timers",
+            Scenario::Scale => "scale",
+            Scenario::Resources => "resources",
+            Scenario::All => "all",
+        }
+    }
+
+    /// The scenarios `self` stands for: itself, or every one for [`Scenario::All`]
+    /// (resources first, so that its "at rest" figure is not inflated by the others).
+    pub fn expand(self) -> Vec<Scenario> {
+        match self {
+            Scenario::All => vec![
+                Scenario::Resources,
+                Scenario::Latency,
+                Scenario::Burst,
+                Scenario::Throughput,
+                Scenario::Steps,
+                Scenario::Timers,
+                Scenario::Scale,
+            ],
+            s => vec![s],
+        }
+    }
+}
+
+/// Arguments of `wardcall bench`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// Scenario to run.
+    #[arg(value_enum)]
+    pub scenario: Scenario,
+    /// Size of the scenario: alerts (latency, burst, resources; per worker count
+    /// for throughput), steps (steps), timers per mode (timers), sleeping runs (scale).
+    /// Default: the sizes of BENCHMARKS.md.
+    #[arg(long)]
+    pub n: Option<u64>,
+    /// Alerts per second of the steady latency runs (latency, scale).
+    #[arg(long, default_value_t = 50.0)]
+    pub rate: f64,
+    /// Alerts of each latency run inside `scale`. Default: min(1000, n).
+    #[arg(long)]
+    pub alerts: Option<u64>,
+    /// Seconds over which the spread timers fall due.
+    #[arg(long, default_value_t = 60.0)]
+    pub spread_s: f64,
+    /// Also write the figures as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Data directory of the embedded cluster used for benchmarks.
+    #[arg(long, default_value = ".wardcall-bench")]
+    pub data_dir: PathBuf,
+    /// Drop each benchmark database afterwards (default: kept, for EXPLAIN ANALYZE).
+    #[arg(long)]
+    pub drop: bool,
+}
+
+/// Sizes of a scenario (see [`BenchArgs`] for their meaning per scenario).
+#[derive(Debug, Clone, Serialize)]
+pub struct Sizes {
+    /// The scenario's size; `None`: the default of BENCHMARKS.md.
+    pub n: Option<u64>,
+    /// Alerts per second of steady latency runs (> 0, ≤ 10,000).
+    pub rate: f64,
+    /// Alerts of each latency run inside `scale`; `None`: min(1000, n).
+    pub alerts: Option<u64>,
+    /// Seconds over which the spread timers fall due (0 ..= 3600).
+    pub spread_s: f64,
+}
+
+impl Default for Sizes {
+    fn default() -> Self {
+        Sizes { n: None, rate: 50.0, alerts: None, spread_s: 60.0 }
+    }
+}
+
+impl Sizes {
+    /// Checks the sizes. Errors: a rate that is not in (0, 10000], a spread not
+    /// in [0, 3600] s, or an `n`/`alerts` of 0 or above 10,000,000.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        ensure!(self.rate.is_finite() && self.rate > 0.0 && self.rate <= 10_000.0, "--rate must be in (0, 10000] alerts/s, got {}", self.rate);
+        ensure!(self.spread_s.is_finite() && (0.0..=3600.0).contains(&self.spread_s), "--spread-s must be in [0, 3600] s, got {}", self.spread_s);
+        for (name, v) in [("--n", self.n), ("--alerts", self.alerts)] {
+            if let Some(v) = v {
+                ensure!((1..=10_000_000).contains(&v), "{name} must be in 1..=10000000, got {v}");
+            }
+        }
+        Ok(())
+    }
+
+    fn n_or(&self, default: u64) -> u64 {
+        self.n.unwrap_or(default)
+    }
+}
+
+/// Where the benchmark databases live.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// Connect options of the server's maintenance database (`postgres`), as a
+    /// superuser that may create and drop databases.
+    pub server: PgConnectOptions,
+    /// Prefix of the database names (`<prefix>_<scenario>`); lower-case letters,
+    /// digits and `_`, at most 40 bytes.
+    pub database_prefix: String,
+    /// Drop each database when its scenario ends.
+    pub drop_databases: bool,
+}
+
+/// One measured figure.
+#[derive(Debug, Clone, Serialize)]
+pub struct Figure {
+    /// Name, e.g. `p50`, `events_per_s_workers_2`.
+    pub metric: String,
+    /// The value, in `unit`. Not finite when nothing could be measured.
+    pub value: f64,
+    /// `ms`, `s`, `/s`, `MB`, `count` or `ratio`.
+    pub unit: String,
+    /// The target of the issue, e.g. `≤ 2 ms`, when one applies.
+    pub target: Option<String>,
+    /// Whether the target is met (`None`: no target).
+    pub met: Option<bool>,
+}
+
+/// The figures of one scenario.
+#[derive(Debug, Clone, Serialize)]
+pub struct ScenarioReport {
+    /// The scenario's name (`latency`, …).
+    pub scenario: String,
+    /// What was measured, in one line.
+    pub description: String,
+    /// The sizes actually used.
+    pub params: Value,
+    pub figures: Vec<Figure>,
+    /// Remarks (schedule fell behind, settings used, …).
+    pub notes: Vec<String>,
+    /// Wall time of the whole scenario, set-up included, in seconds.
+    pub elapsed_s: f64,
+}
+
+impl ScenarioReport {
+    fn new(scenario: Scenario, description: impl Into<String>, params: Value) -> Self {
+        ScenarioReport { scenario: scenario.name().into(), description: description.into(), params, figures: Vec::new(), notes: Vec::new(), elapsed_s: 0.0 }
+    }
+
+    /// The value of figure `metric`, if the report has it.
+    pub fn figure(&self, metric: &str) -> Option<f64> {
+        self.figures.iter().find(|f| f.metric == metric).map(|f| f.value)
+    }
+
+    fn add(&mut self, metric: impl Into<String>, value: f64, unit: &str) {
+        self.figures.push(Figure { metric: metric.into(), value, unit: unit.into(), target: None, met: None });
+    }
+
+    /// Adds a figure with an upper (`at_most`) or lower bound target.
+    fn add_target(&mut self, metric: impl Into<String>, value: f64, unit: &str, bound: f64, at_most: bool) {
+        let (target, met) = if at_most { (format!("≤ {bound} {unit}"), value <= bound) } else { (format!("≥ {bound} {unit}"), value >= bound) };
+        self.figures.push(Figure { metric: metric.into(), value, unit: unit.into(), target: Some(target), met: Some(met && value.is_finite()) });
+    }
+}
+
+/// The machine the figures come from.
+#[derive(Debug, Clone, Serialize)]
+pub struct Machine {
+    /// CPUs available to this process.
+    pub cores: usize,
+    /// `MemTotal` of `/proc/meminfo`, MB.
+    pub memory_mb: Option<f64>,
+    /// `SHOW server_version`.
+    pub postgres_version: String,
+    /// `SHOW fsync`, `SHOW synchronous_commit` (both must be `on`).
+    pub fsync: String,
+    pub synchronous_commit: String,
+    /// The system clock when the run ended (RFC 3339; the clock may be off).
+    pub finished_at: String,
+}
+
+/// Everything `--json` writes.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    pub machine: Machine,
+    pub scenarios: Vec<ScenarioReport>,
+}
+
+/// `wardcall bench`: starts the embedded cluster in `args.data_dir`, runs the
+/// scenario(s), prints a table after each, writes JSON if asked, stops the cluster.
+///
+/// Errors: bad sizes, the cluster cannot start, a scenario fails or times out
+/// (the message names the scenario and how far it got), or the JSON file
+/// cannot be written.
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let sizes = Sizes { n: args.n, rate: args.rate, alerts: args.alerts, spread_s: args.spread_s };
+    sizes.validate()?;
+    let cluster = EmbeddedCluster::start(&args.data_dir)
+        .await
+        .with_context(|| format!("starting the benchmark cluster in {}", args.data_dir.display()))?;
+    let options = BenchOptions { server: cluster.connect_options("postgres"), database_prefix: "wardcall_bench".into(), drop_databases: args.drop };
+    let result = async {
+        let mut machine = machine(&options.server).await?;
+        println!(
+            "wardcall bench {}: {} cores, {} MB, PostgreSQL {} (fsync {}, synchronous_commit {}), embedded cluster {}",
+            args.scenario.name(),
+            machine.cores,
+            machine.memory_mb.map(|m| format!("{m:.0}")).unwrap_or_else(|| "?".into()),
+            machine.postgres_version,
+            machine.fsync,
+            machine.synchronous_commit,
+            cluster.data_dir().display()
+        );
+        let mut reports = Vec::new();
+        for scenario in args.scenario.expand() {
+            let report = run_scenario(&options, scenario, &sizes).await.with_context(|| format!("scenario {}", scenario.name()))?;
+            print!("{}", render_table(&report));
+            reports.push(report);
+        }
+        machine.finished_at = jiff::Timestamp::now().to_string();
+        if let Some(path) = &args.json {
+            let text = serde_json::to_string_pretty(&BenchReport { machine, scenarios: reports })?;
+            std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
+            println!("figures written to {}", path.display());
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    if let Err(e) = cluster.stop().await {
+        tracing::warn!(error = %e, "stopping the benchmark cluster failed");
+    }
+    result
+}
+
+/// Reads the machine description (cores, memory, server version and durability settings).
+///
+/// Errors: the server cannot be reached.
+pub async fn machine(server: &PgConnectOptions) -> anyhow::Result<Machine> {
+    let mut conn = server.connect().await.context("connecting to the benchmark server")?;
+    let show = |name: &'static str| format!("SHOW {name}");
+    let postgres_version: String = sqlx::query_scalar(&show("server_version")).fetch_one(&mut conn).await?;
+    let fsync: String = sqlx::query_scalar(&show("fsync")).fetch_one(&mut conn).await?;
+    let synchronous_commit: String = sqlx::query_scalar(&show("synchronous_commit")).fetch_one(&mut conn).await?;
+    conn.close().await.ok();
+    let memory_mb = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|t| t.lines().find(|l| l.starts_with("MemTotal:")).and_then(|l| l.split_whitespace().nth(1)).and_then(|kb| kb.parse::<f64>().ok()))
+        .map(|kb| kb / 1024.0);
+    Ok(Machine {
+        cores: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        memory_mb,
+        postgres_version,
+        fsync,
+        synchronous_commit,
+        finished_at: jiff::Timestamp::now().to_string(),
+    })
+}
+
+/// Runs one scenario (not [`Scenario::All`]: use [`Scenario::expand`]) on the
+/// server of `options`, in its own fresh database(s).
+///
+/// Errors: `All` given, bad sizes, an invalid database prefix, a database
+/// error, or the expected calls/steps/timers not arriving in time (the message
+/// says how many did).
+pub async fn run_scenario(options: &BenchOptions, scenario: Scenario, sizes: &Sizes) -> anyhow::Result<ScenarioReport> {
+    sizes.validate()?;
+    ensure!(
+        !options.database_prefix.is_empty()
+            && options.database_prefix.len() <= 40
+            && options.database_prefix.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'),
+        "database prefix '{}' must be 1 to 40 lower-case letters, digits or '_'",
+        options.database_prefix
+    );
+    let started = Instant::now();
+    let mut report = match scenario {
+        Scenario::Latency => latency(options, sizes).await?,
+        Scenario::Burst => burst(options, sizes).await?,
+        Scenario::Throughput => throughput(options, sizes).await?,
+        Scenario::Steps => steps(options, sizes).await?,
+        Scenario::Timers => timers(options, sizes).await?,
+        Scenario::Scale => scale(options, sizes).await?,
+        Scenario::Resources => resources(options, sizes).await?,
+        Scenario::All => bail!("run_scenario runs one scenario; expand 'all' with Scenario::expand"),
+    };
+    report.elapsed_s = started.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+/// Renders a report as a text table.
+pub fn render_table(r: &ScenarioReport) -> String {
+    let mut s = format!("\n== {}: {} ==\n", r.scenario, r.description);
+    s.push_str(&format!("   params: {}\n", r.params));
+    s.push_str(&format!("   {:<40} {:>12} {:<6} {:<14} {}\n", "metric", "value", "unit", "target", "met"));
+    for f in &r.figures {
+        let value = if !f.value.is_finite() {
+            "n/a".to_string()
+        } else if f.value.abs() >= 100.0 || f.unit == "count" {
+            format!("{:.0}", f.value)
+        } else {
+            format!("{:.2}", f.value)
+        };
+        let met = match f.met {
+            Some(true) => "yes",
+            Some(false) => "NO",
+            None => "",
+        };
+        s.push_str(&format!("   {:<40} {:>12} {:<6} {:<14} {}\n", f.metric, value, f.unit, f.target.as_deref().unwrap_or(""), met));
+    }
+    for n in &r.notes {
+        s.push_str(&format!("   note: {n}\n"));
+    }
+    s.push_str(&format!("   ({:.1} s)\n", r.elapsed_s));
+    s
+}
+
+// ─── The environment of one scenario ─────────────────────────────────────────
+
+/// A fresh database with the hospital schema, the emulator and a running App.
+struct Env {
+    name: String,
+    admin: PgConnectOptions,
+    drop_database: bool,
+    /// The benchmark's own client pool (`application_name = 'wardcall-bench'`).
+    client: PgPool,
+    engine_pool: PgPool,
+    options: PgConnectOptions,
+    app: Option<App>,
+    emulator: Option<EmulatorHandle>,
+    pool_size: u32,
+    room_id: uuid::Uuid,
+}
+
+async fn recreate_database(admin: &PgConnectOptions, name: &str) -> anyhow::Result<()> {
+    let mut conn = admin.connect().await.context("connecting to the benchmark server's maintenance database")?;
+    sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(&mut conn).await.with_context(|| format!("dropping {name}"))?;
+    sqlx::raw_sql(&format!("CREATE DATABASE {name}")).execute(&mut conn).await.with_context(|| format!("creating {name}"))?;
+    conn.close().await.ok();
+    Ok(())
+}
+
+impl Env {
+    /// Creates `<prefix>_<suffix>` afresh and starts everything with `workers` worker tasks.
+    async fn start(options: &BenchOptions, suffix: &str, workers: usize) -> anyhow::Result<Env> {
+        let name = format!("{}_{}", options.database_prefix, suffix);
+        recreate_database(&options.server, &name).await?;
+        let db_options = options.server.clone().database(&name);
+        let client = PgPoolOptions::new()
+            .max_connections(4)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(db_options.clone().application_name("wardcall-bench"))
+            .await
+            .with_context(|| format!("connecting to {name}"))?;
+        sqlx::raw_sql(crate::demo::HOSPITAL_SCHEMA).execute(&client).await.context("loading the hospital schema")?;
+        let room_id: uuid::Uuid = sqlx::query_scalar("SELECT room_id FROM rooms WHERE room_name = 'Room 2'").fetch_one(&client).await?;
+
+        let mut config = Config::parse(crate::demo::HOSPITAL_CONFIG, "examples/hospital.toml")?;
+        let Some(twilio) = config.providers.twilio.as_mut() else { bail!("the hospital config has no Twilio provider") };
+        let emulator = TwilioEmulator::start(
+            EmulatorConfig {
+                account_sid: twilio.account_sid.clone(),
+                auth_token: BENCH_AUTH_TOKEN.into(),
+                personas: HashMap::new(),
+                default_persona: Persona::NoAnswer,
+            },
+            tokio::net::TcpListener::bind("127.0.0.1:0").await.context("binding the emulator")?,
+        )
+        .await?;
+        twilio.api_base = emulator.base_url();
+        for policy in &mut config.policies {
+            for step in &mut policy.steps {
+                step.ack_timeout_seconds = BENCH_ACK_TIMEOUT_S;
+            }
+        }
+        config.http.listen = "127.0.0.1:0".into();
+        config.engine.workers = workers;
+        config.workflows.push(Workflow {
+            name: SCRIPT_WORKFLOW.into(),
+            event: SCRIPT_EVENT.into(),
+            kind: WorkflowKind::Script,
+            max_attempts: 3,
+            retry_base_ms: 200,
+            retry_max_ms: 1000,
+        });
+        config.validate("examples/hospital.toml (bench)")?;
+        let pool_size = config.engine.pool_size;
+        // The engine's pool exactly as `wardcall serve` opens it (Database::open).
+        let engine_pool = connect_pool(db_options.clone(), pool_size).await?;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.context("binding the engine's HTTP listener")?;
+        let app = App::start(
+            Database { pool: engine_pool.clone(), connect_options: db_options.clone(), embedded: None },
+            std::sync::Arc::new(config),
+            StartOptions { twilio_auth_token: Some(BENCH_AUTH_TOKEN.into()), http_listener: Some(listener), no_http: false },
+        )
+        .await;
+        let app = match app {
+            Ok(a) => a,
+            Err(e) => {
+                emulator.shutdown().await;
+                engine_pool.close().await;
+                client.close().await;
+                return Err(e.context("starting the engine"));
+            }
+        };
+        Ok(Env {
+            name,
+            admin: options.server.clone(),
+            drop_database: options.drop_databases,
+            client,
+            engine_pool,
+            options: db_options,
+            app: Some(app),
+            emulator: Some(emulator),
+            pool_size,
+            room_id,
+        })
+    }
+
+    fn emulator(&self) -> &EmulatorHandle {
+        self.emulator.as_ref().expect("emulator runs until stop")
+    }
+
+    /// Stops the engine and the emulator, closes the pools, drops the database if asked.
+    async fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(app) = self.app.take() {
+            app.stop(Duration::from_secs(5)).await;
+        }
+        if let Some(em) = self.emulator.take() {
+            em.shutdown().await;
+        }
+        self.engine_pool.close().await;
+        self.client.close().await;
+        if self.drop_database {
+            let mut conn = self.admin.connect().await?;
+            sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name)).execute(&mut conn).await?;
+            conn.close().await.ok();
+        }
+        Ok(())
+    }
+
+    /// Stops the environment whatever `result` is, then returns `result`
+    /// (or the stop's error when the scenario itself succeeded).
+    async fn finish<T>(self, result: anyhow::Result<T>) -> anyhow::Result<T> {
+        let stopped = self.stop().await;
+        let v = result?;
+        stopped?;
+        Ok(v)
+    }
+}
+
+// ─── Measurements shared by several scenarios ────────────────────────────────
+
+fn token(i: u64) -> String {
+    format!("{TOKEN_PREFIX}{i:09}")
+}
+
+/// The alert index named by a token inside any of the call's parameters.
+fn token_of(params: &[(String, String)]) -> Option<u64> {
+    params.iter().find_map(|(_, v)| {
+        let at = v.find(TOKEN_PREFIX)? + TOKEN_PREFIX.len();
+        v.get(at..at + 9)?.parse().ok()
+    })
+}
+
+/// Signed milliseconds from `from` to `to`.
+fn ms_between(from: Instant, to: Instant) -> f64 {
+    match to.checked_duration_since(from) {
+        Some(d) => d.as_secs_f64() * 1000.0,
+        None => -(from.duration_since(to).as_secs_f64() * 1000.0),
+    }
+}
+
+/// Linear-interpolated percentile (as PostgreSQL's `percentile_cont`) of sorted values.
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let pos = q.clamp(0.0, 1.0) * (sorted.len() - 1) as f64;
+    let (lo, hi) = (pos.floor() as usize, pos.ceil() as usize);
+    sorted[lo] + (sorted[hi] - sorted[lo]) * (pos - lo as f64)
+}
+
+fn sorted(mut v: Vec<f64>) -> Vec<f64> {
+    v.sort_by(f64::total_cmp);
+    v
+}
+
+/// Waits until `want` calls have arrived at the emulator after its first `base`
+/// calls, counting the `CallCreated` events of `rx` (subscribed before the
+/// first of them could arrive); after a lagged receiver, recounting `calls()`.
+async fn await_calls(env: &Env, rx: &mut tokio::sync::broadcast::Receiver<EmulatorEvent>, base: usize, want: usize, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    // `rx` was subscribed before the first call could arrive: count its events.
+    let mut count = 0;
+    while count < want {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Ok(EmulatorEvent::CallCreated { .. })) => count += 1,
+            Ok(Ok(_)) => {}
+            Ok(Err(RecvError::Lagged(_))) => count = env.emulator().calls().len().saturating_sub(base),
+            Ok(Err(RecvError::Closed)) => bail!("the emulator stopped after {count} of {want} call requests"),
+            Err(_) => {
+                let count = env.emulator().calls().len().saturating_sub(base);
+                bail!("timed out after {:.0} s: {count} of {want} call requests arrived at the emulator", timeout.as_secs_f64());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Arrival instants of the calls for alerts `first..first+n`, by alert index.
+fn call_arrivals(env: &Env, first: u64, n: u64) -> anyhow::Result<Vec<Instant>> {
+    let mut arrivals: Vec<Option<Instant>> = vec![None; n as usize];
+    for call in env.emulator().calls() {
+        if let Some(i) = token_of(&call.params) {
+            if (first..first + n).contains(&i) {
+                let slot = &mut arrivals[(i - first) as usize];
+                if slot.is_none() {
+                    *slot = Some(call.received_at);
+                }
+            }
+        }
+    }
+    let missing = arrivals.iter().filter(|a| a.is_none()).count();
+    ensure!(missing == 0, "{missing} of {n} alerts have no call at the emulator");
+    Ok(arrivals.into_iter().flatten().collect())
+}
+
+/// Latencies of one steady run, in ms.
+struct SteadyRun {
+    /// Commit → call request, per alert.
+    latencies: Vec<f64>,
+    /// INSERT round trip (including the commit's WAL flush) as the client saw it, per alert.
+    commits: Vec<f64>,
+    /// Alerts per second actually achieved by the inserting client.
+    achieved_rate: f64,
+}
+
+/// Inserts alerts `first..first+n` one by one at `rate` per second from one
+/// client connection, and measures each one's commit → call latency.
+async fn steady_run(env: &Env, first: u64, n: u64, rate: f64) -> anyhow::Result<SteadyRun> {
+    let mut rx = env.emulator().subscribe();
+    let base = env.emulator().calls().len();
+    let mut conn: PgConnection = env.options.clone().application_name("wardcall-bench").connect().await?;
+    let insert = "INSERT INTO alerts (patient_id, room_id, severity, status, alert_type, title, description)
+                  VALUES ('P-DHE-001', $1, 'critical', 'active', 'benchmark', $2, 'benchmark alert')";
+    // Warm the prepared statement on a non-critical row (not captured).
+    sqlx::query("INSERT INTO alerts (patient_id, room_id, severity, status, title) VALUES ('P-DHE-001', $1, 'low', 'active', $2)")
+        .bind(env.room_id)
+        .bind("warm-up")
+        .execute(&mut conn)
+        .await?;
+    let mut commits_at = Vec::with_capacity(n as usize);
+    let mut commits = Vec::with_capacity(n as usize);
+    let start = tokio::time::Instant::now();
+    for k in 0..n {
+        tokio::time::sleep_until(start + Duration::from_secs_f64(k as f64 / rate)).await;
+        let before = Instant::now();
+        sqlx::query(insert).bind(env.room_id).bind(token(first + k)).execute(&mut conn).await.context("inserting an alert")?;
+        let committed = Instant::now();
+        commits.push(ms_between(before, committed));
+        commits_at.push(committed);
+    }
+    let achieved_rate = if n > 1 { (n - 1) as f64 / start.elapsed().as_secs_f64().max(1e-9) } else { rate };
+    conn.close().await.ok();
+    await_calls(env, &mut rx, base, n as usize, Duration::from_secs(60)).await?;
+    let arrivals = call_arrivals(env, first, n)?;
+    let latencies = commits_at.iter().zip(&arrivals).map(|(c, a)| ms_between(*c, *a)).collect();
+    Ok(SteadyRun { latencies, commits, achieved_rate })
+}
+
+/// Medians of the engine's stages for alerts `first..first+n`, from the
+/// database's own timestamps (`clock_timestamp()`), ms.
+async fn stage_medians(env: &Env, first: u64, n: u64) -> anyhow::Result<(f64, f64, f64)> {
+    let titles: Vec<String> = (first..first + n).map(token).collect();
+    let row: (Option<f64>, Option<f64>, Option<f64>) = sqlx::query_as(
+        "WITH s AS (
+             SELECT extract(epoch FROM r.created_at - o.created_at) * 1000 AS dispatch,
+                    extract(epoch FROM n.created_at - r.created_at) * 1000 AS intent,
+                    extract(epoch FROM n.requested_at - n.created_at) * 1000 AS call
+               FROM wardcall.outbox o
+               JOIN wardcall.runs r ON r.event_id = o.id
+               JOIN wardcall.notification_attempts n ON n.run_id = r.id AND n.cycle = 0 AND n.step_index = 0 AND n.generation = 0
+              WHERE o.source = 'critical_alerts' AND o.payload->>'title' = ANY($1))
+         SELECT (percentile_cont(0.5) WITHIN GROUP (ORDER BY dispatch))::float8,
+                (percentile_cont(0.5) WITHIN GROUP (ORDER BY intent))::float8,
+                (percentile_cont(0.5) WITHIN GROUP (ORDER BY call))::float8
+           FROM s",
+    )
+    .bind(&titles)
+    .fetch_one(&env.client)
+    .await?;
+    Ok((row.0.unwrap_or(f64::NAN), row.1.unwrap_or(f64::NAN), row.2.unwrap_or(f64::NAN)))
+}
+
+fn add_latency_figures(r: &mut ScenarioReport, prefix: &str, run: &SteadyRun, targets: bool) {
+    let l = sorted(run.latencies.clone());
+    let c = sorted(run.commits.clone());
+    r.add(format!("{prefix}alerts"), l.len() as f64, "count");
+    r.add(format!("{prefix}achieved_rate"), run.achieved_rate, "/s");
+    if targets {
+        r.add_target(format!("{prefix}p50"), percentile(&l, 0.5), "ms", 2.0, true);
+    } else {
+        r.add(format!("{prefix}p50"), percentile(&l, 0.5), "ms");
+    }
+    r.add(format!("{prefix}p90"), percentile(&l, 0.9), "ms");
+    if targets {
+        r.add_target(format!("{prefix}p99"), percentile(&l, 0.99), "ms", 8.0, true);
+    } else {
+        r.add(format!("{prefix}p99"), percentile(&l, 0.99), "ms");
+    }
+    r.add(format!("{prefix}max"), l.last().copied().unwrap_or(f64::NAN), "ms");
+    r.add(format!("{prefix}min"), l.first().copied().unwrap_or(f64::NAN), "ms");
+    r.add(format!("{prefix}client_insert_commit_p50"), percentile(&c, 0.5), "ms");
+}
+
+async fn add_stage_figures(r: &mut ScenarioReport, env: &Env, prefix: &str, first: u64, n: u64) -> anyhow::Result<()> {
+    let (dispatch, intent, call) = stage_medians(env, first, n).await?;
+    r.add(format!("{prefix}stage_p50_trigger_to_run_created"), dispatch, "ms");
+    r.add(format!("{prefix}stage_p50_run_created_to_intent"), intent, "ms");
+    r.add(format!("{prefix}stage_p50_intent_to_call_recorded"), call, "ms");
+    Ok(())
+}
+
+// ─── Scenarios ────────────────────────────────────────────────────────────────
+
+async fn latency(options: &BenchOptions, sizes: &Sizes) -> anyhow::Result<ScenarioReport> {
+    let n = sizes.n_or(1000);
+    let mut r = ScenarioReport::new(
+        Scenario::Latency,
+        format!("commit of a critical alert INSERT → create-call request at the emulator, {n} alerts at {} /s", sizes.rate),
+        json!({"alerts": n, "rate_per_s": sizes.rate, "workers": 16}),
+    );
+    let env_owned = Env::start(options, "latency", 16).await?;
+    let env = &env_owned;
+    let result: anyhow::Result<()> = async {
+        let run = steady_run(env, 0, n, sizes.rate).await?;
+        add_latency_figures(&mut r, "", &run, true);
+        add_stage_figures(&mut r, env, "", 0, n).await?;
+        if run.achieved_rate < sizes.rate * 0.95 {
+            r.notes.push(format!("the inserting client fell behind: {:.1} /s achieved", run.achieved_rate));
+        }
+        Ok(())
+    }
+    .await;
+    env_owned.finish(result).await?;
+    Ok(r)
+}
+
+/// Inserts alerts `first..first+n` in one statement; returns the instant its commit returned.
+async fn insert_burst(env: &Env, first: u64, n: u64) -> anyhow::Result<Instant> {
+    sqlx::query(
+        "INSERT INTO alerts (patient_id, room_id, severity, status, alert_type, title, description)
+         SELECT 'P-DHE-001', $1, 'critical', 'active', 'benchmark', $4 || lpad(g::text, 9, '0'), 'benchmark alert'
+           FROM generate_series($2::bigint, $3::bigint) g",
+    )
+    .bind(env.room_id)
+    .bind(first as i64)
+    .bind((first + n - 1) as i64)
+    .bind(TOKEN_PREFIX)
+    .execute(&env.client)
+    .await
+    .context("inserting the burst")?;
+    Ok(Instant::now())
+}
+
+async fn burst(options: &BenchOptions, sizes: &Sizes) -> anyhow::Result<ScenarioReport> {
+    let n = sizes.n_or(1000);
+    let mut r = ScenarioReport::new(
+        Scenario::Burst,
+        format!("{n} critical alerts in one INSERT: commit → last create-call request"),
+        json!({"alerts": n, "workers": 16}),
+    );
+    let env_owned = Env::start(options, "burst", 16).await?;
+    let env = &env_owned;
+    let result: anyhow::Result<()> = async {
+        let mut rx = env.emulator().subscribe();
+        let committed = insert_burst(env, 0, n).await?;
+        await_calls(env, &mut rx, 0, n as usize, Duration::from_secs(120)).await?;
+        let arrivals = call_arrivals(env, 0, n)?;
+        let l = sorted(arrivals.iter().map(|a| ms_between(committed, *a)).collect());
+        r.add("alerts", l.len() as f64, "count");
+        r.add("first_call", l[0], "ms");
+        r.add("p50_call", percentile(&l, 0.5), "ms");
+        r.add("p99_call", percentile(&l, 0.99), "ms");
+        r.add_target("last_call", *l.last().unwrap_or(&f64::NAN), "ms", 1000.0, true);
+        let last_s = l.last().copied().unwrap_or(f64::NAN) / 1000.0;
+        r.add("calls_per_s", n as f64 / last_s, "/s");
+        Ok(())
+    }
+    .await;
+    env_owned.finish(result).await?;
+    Ok(r)
+}
+
+async fn throughput(options: &BenchOptions, sizes: &Sizes) -> anyhow::Result<ScenarioReport> {
+    let n = sizes.n_or(1000);
+    let mut r = ScenarioReport::new(
+        Scenario::Throughput,
+        format!("{n} alerts in one INSERT: events/s from its commit until {n} attempts are recorded 'requested', per engine.workers"),
+        json!({"alerts": n, "workers": [1, 2, 4]}),
+    );
+    for workers in [1usize, 2, 4] {
+        let env = Env::start(options, &format!("throughput_w{workers}"), workers).await?;
+        let result = {
+            let env = &env;
+            async move {
+                let committed = insert_burst(env, 0, n).await?;
+                let deadline = Instant::now() + Duration::from_secs(60 + n / 20);
+                loop {
+                    let done: i64 = sqlx::query_scalar(
+                        "SELECT count(*) FROM wardcall.notification_attempts WHERE requested_at IS NOT NULL AND cycle = 0 AND step_index = 0",
+                    )
+                    .fetch_one(&env.client)
+                    .await?;
+                    if done as u64 >= n {
+                        break;
+                    }
+                    ensure!(Instant::now() < deadline, "timed out: {done} of {n} attempts recorded with {workers} workers");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                let elapsed = committed.elapsed().as_secs_f64();
+                let db: Option<f64> = sqlx::query_scalar(
+                    "SELECT extract(epoch FROM (SELECT max(requested_at) FROM wardcall.notification_attempts)
+                                            - (SELECT min(created_at) FROM wardcall.outbox WHERE source = 'critical_alerts'))::float8",
+                )
+                .fetch_one(&env.client)
+                .await?;
+                anyhow::Ok((elapsed, db.unwrap_or(f64::NAN)))
+            }
+            .await
+        };
+        let (elapsed_s, db_elapsed_s) = env.finish(result).await?;
+        r.add(format!("events_per_s_workers_{workers}"), n as f64 / elapsed_s, "/s");
+        r.add(format!("events_per_s_db_clock_workers_{workers}"), n as f64 / db_elapsed_s, "/s");
+    }
+    r.notes.push("events_per_s: client clock, commit → the poll (every 10 ms) that sees all attempts requested; db_clock: first outbox row → last requested_at".into());
+    Ok(r)
+}
+
+async fn steps(options: &BenchOptions, sizes: &Sizes) -> anyhow::Result<ScenarioReport> {
+    let n = sizes.n_or(10_000);
+    let per_run = n.min(STEPS_PER_RUN);
+    let runs = n.div_ceil(per_run);
+    let total = runs * per_run;
+    let mut r = ScenarioReport::new(
+        Scenario::Steps,
+        format!("{runs} script runs of {per_run} steps: committed run.step_completed transitions per second"),
+        json!({"steps": total, "runs": runs, "steps_per_run": per_run, "workers": 16}),
+    );
+    let env_owned = Env::start(options, "steps", 16).await?;
+    let env = &env_owned;
+    let result: anyhow::Result<()> = async {
+        let script: Vec<Value> = (0..per_run).map(|i| json!({"op": "step", "name": format!("s{i}")})).collect();
+        let payload = json!({ "steps": script });
+        let t0 = Instant::now();
+        sqlx::query("SELECT count(wardcall.emit($1, $2)) FROM generate_series(1, $3)")
+            .bind(SCRIPT_EVENT)
+            .bind(&payload)
+            .bind(runs as i64)
+            .execute(&env.client)
+            .await?;
+        let deadline = Instant::now() + Duration::from_secs(60 + total / 200);
+        loop {
+            let (done, failed): (i64, i64) = sqlx::query_as(
+                "SELECT count(*) FILTER (WHERE status = 'completed'), count(*) FILTER (WHERE status = 'failed') FROM wardcall.runs WHERE workflow = $1",
+            )
+            .bind(SCRIPT_WORKFLOW)
+            .fetch_one(&env.client)
+            .await?;
+            ensure!(failed == 0, "{failed} script runs failed");
+            if done as u64 >= runs {
+                break;
+            }
+            ensure!(Instant::now() < deadline, "timed out: {done} of {runs} runs completed");
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        let client_s = t0.elapsed().as_secs_f64();
+        let (count, span): (i64, Option<f64>) = sqlx::query_as(
+            "SELECT count(*) FILTER (WHERE action = 'run.step_completed'),
+                    extract(epoch FROM max(at) FILTER (WHERE action = 'run.step_completed') - min(at) FILTER (WHERE action = 'run.created'))::float8
+               FROM wardcall.audit_log WHERE entity = 'run'",
+        )
+        .fetch_one(&env.client)
+        .await?;
+        r.add("steps_completed", count as f64, "count");
+        r.add_target("steps_per_s", count as f64 / span.unwrap_or(f64::NAN), "/s", 5000.0, false);
+        r.add("steps_per_s_client_clock", count as f64 / client_s, "/s");
+        r.notes.push("steps_per_s: run.step_completed audit rows / (last of them − first run.created), database clock; each step is one fenced transaction (lock, update, audit row, commit)".into());
+        Ok(())
+    }
+    .await;
+    env_owned.finish(result).await?;
+    Ok(r)
+}
+
+/// Inserts `n` script runs parked as a `sleep_until` step leaves them, due from
+/// `lead_ms` from now over `spread_ms`; returns whether the insert committed
+/// before the first one was due.
+async fn insert_timers(env: &Env, n: u64, lead_ms: i64, spread_ms: i64, event: &str) -> anyhow::Result<bool> {
+    let in_time: bool = sqlx::query_scalar(
+        "WITH t AS (SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint + $2 AS t0),
+              due AS (SELECT g, t.t0 + CASE WHEN $1 > 1 THEN ((g - 1) * $3) / ($1 - 1) ELSE 0 END AS ms
+                        FROM t, generate_series(1::bigint, $1::bigint) g),
+              ins AS (
+                  INSERT INTO wardcall.runs (workflow, event, input, state, step, status, due_at)
+                  SELECT $4, $5,
+                         jsonb_build_object('steps', jsonb_build_array(
+                             jsonb_build_object('op', 'sleep_until', 'epoch_ms', ms),
+                             jsonb_build_object('op', 'step', 'name', 'fired'))),
+                         jsonb_build_object('results', jsonb_build_object('0', jsonb_build_object('until_epoch_ms', ms))),
+                         'op:1', 'sleeping', to_timestamp(ms / 1000.0)
+                    FROM due
+                  RETURNING 1)
+         SELECT (SELECT count(*) FROM ins) = $1 AND clock_timestamp() < (SELECT to_timestamp(t0 / 1000.0) FROM t)",
+    )
+    .bind(n as i64)
+    .bind(lead_ms)
+    .bind(spread_ms)
+    .bind(SCRIPT_WORKFLOW)
+    .bind(event)
+    .fetch_one(&env.client)
+    .await?;
+    Ok(in_time)
+}
+
+async fn timers(options: &BenchOptions, sizes: &Sizes) -> anyhow::Result<ScenarioReport> {
+    let n = sizes.n_or(10_000);
+    let spread_ms = (sizes.spread_s * 1000.0).round() as i64;
+    let mut r = ScenarioReport::new(
+        Scenario::Timers,
+        format!("{n} durable sleeps due at one instant, then {n} due over {} s: lateness = claim (audit at) − due", sizes.spread_s),
+        json!({"timers": n, "spread_s": sizes.spread_s, "workers": 16}),
+    );
+    for (mode, spread) in [("instant", 0i64), ("spread", spread_ms)] {
+        let env = Env::start(options, &format!("timers_{mode}"), 16).await?;
+        // Time to notice new rows (the idle poll, 250 ms) plus insertion time.
+        let lead_ms = 1000 + (n / 5) as i64;
+        let result = {
+            let env = &env;
+            async move {
+                let event = format!("bench.timer.{mode}");
+                let in_time = insert_timers(env, n, lead_ms, spread, &event).await?;
+                let deadline = Instant::now() + Duration::from_millis((lead_ms + spread) as u64) + Duration::from_secs(60 + n / 100);
+                loop {
+                    let (done, failed): (i64, i64) = sqlx::query_as(
+                        "SELECT count(*) FILTER (WHERE status = 'completed'), count(*) FILTER (WHERE status = 'failed') FROM wardcall.runs WHERE event = $1",
+                    )
+                    .bind(&event)
+                    .fetch_one(&env.client)
+                    .await?;
+                    ensure!(failed == 0, "{failed} timer runs failed");
+                    if done as u64 >= n {
+                        break;
+                    }
+                    ensure!(Instant::now() < deadline, "timed out: {done} of {n} timers fired and completed ({mode})");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                let row: (i64, Option<f64>, Option<f64>, Option<f64>, Option<f64>, Option<f64>) = sqlx::query_as(
+                    "WITH l AS (
+                         SELECT extract(epoch FROM a.at) * 1000 - (r.input->'steps'->0->>'epoch_ms')::float8 AS late, a.at
+                           FROM wardcall.runs r
+                           JOIN wardcall.audit_log a ON a.entity = 'run' AND a.entity_id = r.id::text
+                                                    AND a.action = 'run.claimed' AND a.from_state = 'sleeping'
+                          WHERE r.event = $1)
+                     SELECT count(*),
+                            (percentile_cont(0.5) WITHIN GROUP (ORDER BY late))::float8,
+                            (percentile_cont(0.99) WITHIN GROUP (ORDER BY late))::float8,
+                            max(late)::float8, min(late)::float8,
+                            extract(epoch FROM max(at) - min(at))::float8
+                       FROM l",
+                )
+                .bind(&event)
+                .fetch_one(&env.client)
+                .await?;
+                anyhow::Ok((in_time, row))
+            }
+            .await
+        };
+        let figures = env.finish(result).await?;
+        let (in_time, (count, p50, p99, max, min, span)) = figures;
+        let nan = f64::NAN;
+        r.add(format!("{mode}_fired"), count as f64, "count");
+        r.add(format!("{mode}_lateness_p50"), p50.unwrap_or(nan), "ms");
+        r.add_target(format!("{mode}_lateness_p99"), p99.unwrap_or(nan), "ms", 100.0, true);
+        r.add(format!("{mode}_lateness_max"), max.unwrap_or(nan), "ms");
+        r.add(format!("{mode}_lateness_min"), min.unwrap_or(nan), "ms");
+        if mode == "instant" {
+            r.add("instant_drain_per_s", count as f64 / span.unwrap_or(nan).max(1e-3), "/s");
+        }
+        if !in_time {
+            r.notes.push(format!("{mode}: the timers were inserted after the first was due; lateness includes the insert"));
+        }
+    }
+    r.notes.push("timers are inserted in SQL in the state a sleep_until step leaves a run (status sleeping, due_at); each firing claims the run and commits one step and the completion".into());
+    Ok(r)
+}
+
+async fn scale(options: &BenchOptions, sizes: &Sizes) -> anyhow::Result<ScenarioReport> {
+    let sleeping = sizes.n_or(1_000_000);
+    let alerts = sizes.alerts.unwrap_or(sleeping.min(1000));
+    let mut r = ScenarioReport::new(
+        Scenario::Scale,
+        format!("latency ({alerts} alerts at {} /s) before and after {sleeping} runs sleep in wardcall.runs", sizes.rate),
+        json!({"sleeping_runs": sleeping, "alerts": alerts, "rate_per_s": sizes.rate, "workers": 16}),
+    );
+    let env_owned = Env::start(options, "scale", 16).await?;
+    let env = &env_owned;
+    let result: anyhow::Result<()> = async {
+        let base = steady_run(env, 0, alerts, sizes.rate).await?;
+        add_latency_figures(&mut r, "baseline_", &base, false);
+        let t = Instant::now();
+        sqlx::query(
+            "INSERT INTO wardcall.runs (workflow, event, input, state, step, status, due_at)
+             SELECT $1, 'bench.sla', '{\"steps\":[{\"op\":\"sleep\",\"ms\":2592000000},{\"op\":\"step\",\"name\":\"sla\"}]}',
+                    '{\"results\":{\"0\":{\"slept_ms\":2592000000}}}', 'op:1', 'sleeping',
+                    clock_timestamp() + interval '30 days' + g * interval '1 second'
+               FROM generate_series(1::bigint, $2::bigint) g",
+        )
+        .bind(SCRIPT_WORKFLOW)
+        .bind(sleeping as i64)
+        .execute(&env.client)
+        .await
+        .context("inserting the sleeping runs")?;
+        r.add("insert_sleeping_runs", t.elapsed().as_secs_f64(), "s");
+        let t = Instant::now();
+        sqlx::raw_sql("VACUUM ANALYZE wardcall.runs").execute(&env.client).await?;
+        sqlx::raw_sql("CHECKPOINT").execute(&env.client).await?;
+        r.add("vacuum_analyze_checkpoint", t.elapsed().as_secs_f64(), "s");
+        let live: i64 = sqlx::query_scalar("SELECT count(*) FROM wardcall.runs WHERE status = 'sleeping'").fetch_one(&env.client).await?;
+        r.add("sleeping_runs", live as f64, "count");
+        let scaled = steady_run(env, alerts, alerts, sizes.rate).await?;
+        add_latency_figures(&mut r, "scaled_", &scaled, false);
+        add_stage_figures(&mut r, env, "scaled_", alerts, alerts).await?;
+        let p = |v: &SteadyRun, q: f64| percentile(&sorted(v.latencies.clone()), q);
+        r.add_target("p50_ratio", p(&scaled, 0.5) / p(&base, 0.5), "ratio", 1.1, true);
+        r.add_target("p99_ratio", p(&scaled, 0.99) / p(&base, 0.99), "ratio", 1.1, true);
+        Ok(())
+    }
+    .await;
+    env_owned.finish(result).await?;
+    r.notes.push("after the bulk insert: VACUUM ANALYZE and CHECKPOINT (the state autovacuum and the checkpointer reach on their own), then the second latency run".into());
+    Ok(r)
+}
+
+/// `VmRSS` and `VmHWM` of this process, in MB.
+fn memory_mb() -> (f64, f64) {
+    let text = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|kb| kb.parse::<f64>().ok())
+            .map(|kb| kb / 1024.0)
+            .unwrap_or(f64::NAN)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+async fn engine_connections(env: &Env) -> anyhow::Result<i64> {
+    Ok(sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND application_name = 'wardcall'")
+        .bind(&env.name)
+        .fetch_one(&env.client)
+        .await?)
+}
+
+async fn resources(options: &BenchOptions, sizes: &Sizes) -> anyhow::Result<ScenarioReport> {
+    let n = sizes.n_or(1000);
+    let mut r = ScenarioReport::new(
+        Scenario::Resources,
+        format!("resident memory of this process (engine + emulator + client) and PostgreSQL connections of the engine, at rest and under a burst of {n} alerts"),
+        json!({"alerts": n, "workers": 16}),
+    );
+    // Reset the peak (VmHWM) to the current RSS (Linux: clear_refs 5).
+    let reset = std::fs::write("/proc/self/clear_refs", "5").is_ok();
+    let env_owned = Env::start(options, "resources", 16).await?;
+    let env = &env_owned;
+    let result: anyhow::Result<()> = async {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let (rest, _) = memory_mb();
+        r.add_target("rss_at_rest", rest, "MB", 100.0, true);
+        r.add("connections_at_rest", engine_connections(env).await? as f64, "count");
+        let mut rx = env.emulator().subscribe();
+        insert_burst(env, 0, n).await?;
+        let wait = await_calls(env, &mut rx, 0, n as usize, Duration::from_secs(120));
+        tokio::pin!(wait);
+        let mut peak_conns = 0i64;
+        loop {
+            tokio::select! {
+                done = &mut wait => { done?; break; }
+                _ = tokio::time::sleep(Duration::from_millis(20)) => {
+                    peak_conns = peak_conns.max(engine_connections(env).await?);
+                }
+            }
+        }
+        peak_conns = peak_conns.max(engine_connections(env).await?);
+        let (_, peak) = memory_mb();
+        r.add("rss_peak", peak, "MB");
+        r.add("connections_peak", peak_conns as f64, "count");
+        r.add("connections_limit", env.pool_size as f64 + 1.0, "count");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let (after, _) = memory_mb();
+        r.add("rss_after_load", after, "MB");
+        Ok(())
+    }
+    .await;
+    env_owned.finish(result).await?;
+    r.notes.push(format!(
+        "connections: pg_stat_activity rows with application_name 'wardcall' (the pool of engine.pool_size plus the LISTEN connection); the benchmark client uses 'wardcall-bench'. Peak RSS {}",
+        if reset { "since the start of this scenario (clear_refs)" } else { "since the process started" }
+    ));
+    Ok(r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_interpolate_like_percentile_cont() {
+        let v = sorted(vec![4.0, 1.0, 3.0, 2.0]);
+        assert_eq!(percentile(&v, 0.0), 1.0);
+        assert_eq!(percentile(&v, 1.0), 4.0);
+        assert!((percentile(&v, 0.5) - 2.5).abs() < 1e-12);
+        assert!(percentile(&[], 0.5).is_nan());
+    }
+
+    #[test]
+    fn tokens_round_trip_through_twiml() {
+        let twiml = format!("<Response><Say>Critical alert. {}. Press 1.</Say></Response>", token(42));
+        assert_eq!(token_of(&[("To".into(), "+1".into()), ("Twiml".into(), twiml)]), Some(42));
+        assert_eq!(token_of(&[("Twiml".into(), "no token".into())]), None);
+    }
+
+    #[test]
+    fn bad_sizes_are_refused() {
+        assert!(Sizes { rate: 0.0, ..Sizes::default() }.validate().is_err());
+        assert!(Sizes { n: Some(0), ..Sizes::default() }.validate().is_err());
+        assert!(Sizes { spread_s: f64::NAN, ..Sizes::default() }.validate().is_err());
+        assert!(Sizes::default().validate().is_ok());
+    }
+}
