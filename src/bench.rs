@@ -14,6 +14,10 @@
 //!   of its committing INSERT (in the client) to the arrival of its create-call
 //!   request at the emulator. Each alert's title carries a unique token, found
 //!   again in the call's `Twiml` parameter, so every call is matched to its alert.
+//!   The first min(50, N) alerts after the engine starts only warm it up
+//!   (connection pool, prepared statements) and are not counted. The client
+//!   and the emulator each run on their own thread and tokio runtime, as the
+//!   team's application and Twilio are other processes in production.
 //! - `burst`: N alerts in one INSERT statement; time from its commit until the
 //!   last call request arrives.
 //! - `throughput`: N alerts in one statement with 1, 2 and 4 worker tasks
@@ -376,7 +380,7 @@ pub async fn run_scenario(options: &BenchOptions, scenario: Scenario, sizes: &Si
 pub fn render_table(r: &ScenarioReport) -> String {
     let mut s = format!("\n== {}: {} ==\n", r.scenario, r.description);
     s.push_str(&format!("   params: {}\n", r.params));
-    s.push_str(&format!("   {:<40} {:>12} {:<6} {:<14} {}\n", "metric", "value", "unit", "target", "met"));
+    s.push_str(&format!("   {:<44} {:>12} {:<6} {:<14} {}\n", "metric", "value", "unit", "target", "met"));
     for f in &r.figures {
         let value = if !f.value.is_finite() {
             "n/a".to_string()
@@ -390,7 +394,7 @@ pub fn render_table(r: &ScenarioReport) -> String {
             Some(false) => "NO",
             None => "",
         };
-        s.push_str(&format!("   {:<40} {:>12} {:<6} {:<14} {}\n", f.metric, value, f.unit, f.target.as_deref().unwrap_or(""), met));
+        s.push_str(&format!("   {:<44} {:>12} {:<6} {:<14} {}\n", f.metric, value, f.unit, f.target.as_deref().unwrap_or(""), met));
     }
     for n in &r.notes {
         s.push_str(&format!("   note: {n}\n"));
@@ -412,6 +416,9 @@ struct Env {
     options: PgConnectOptions,
     app: Option<App>,
     emulator: Option<EmulatorHandle>,
+    /// The emulator's own runtime (one thread): the provider is another
+    /// machine in production, so its clock must not queue behind the engine's tasks.
+    emulator_runtime: BackgroundRuntime,
     pool_size: u32,
     room_id: uuid::Uuid,
 }
@@ -422,6 +429,28 @@ async fn recreate_database(admin: &PgConnectOptions, name: &str) -> anyhow::Resu
     sqlx::raw_sql(&format!("CREATE DATABASE {name}")).execute(&mut conn).await.with_context(|| format!("creating {name}"))?;
     conn.close().await.ok();
     Ok(())
+}
+
+/// A runtime on threads of its own, shut down without blocking when dropped
+/// (dropping a tokio runtime inside another runtime's task would panic).
+struct BackgroundRuntime(Option<tokio::runtime::Runtime>);
+
+impl BackgroundRuntime {
+    fn handle(&self) -> tokio::runtime::Handle {
+        self.0.as_ref().expect("runtime runs until shut down").handle().clone()
+    }
+
+    fn shut_down(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+impl Drop for BackgroundRuntime {
+    fn drop(&mut self) {
+        self.shut_down();
+    }
 }
 
 impl Env {
@@ -441,16 +470,31 @@ impl Env {
 
         let mut config = Config::parse(crate::demo::HOSPITAL_CONFIG, "examples/hospital.toml")?;
         let Some(twilio) = config.providers.twilio.as_mut() else { bail!("the hospital config has no Twilio provider") };
-        let emulator = TwilioEmulator::start(
-            EmulatorConfig {
-                account_sid: twilio.account_sid.clone(),
-                auth_token: BENCH_AUTH_TOKEN.into(),
-                personas: HashMap::new(),
-                default_persona: Persona::NoAnswer,
-            },
-            tokio::net::TcpListener::bind("127.0.0.1:0").await.context("binding the emulator")?,
-        )
-        .await?;
+        let emulator_config = EmulatorConfig {
+            account_sid: twilio.account_sid.clone(),
+            auth_token: BENCH_AUTH_TOKEN.into(),
+            personas: HashMap::new(),
+            default_persona: Persona::NoAnswer,
+        };
+        let emulator_runtime = BackgroundRuntime(Some(
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .thread_name("bench-emulator")
+                .enable_all()
+                .build()
+                .context("building the emulator's runtime")?,
+        ));
+        let started = emulator_runtime
+            .handle()
+            .spawn(async move {
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.context("binding the emulator")?;
+                TwilioEmulator::start(emulator_config, listener).await
+            })
+            .await;
+        let emulator = match started {
+            Ok(r) => r?,
+            Err(e) => bail!("the emulator's start task failed: {e}"),
+        };
         twilio.api_base = emulator.base_url();
         for policy in &mut config.policies {
             for step in &mut policy.steps {
@@ -496,6 +540,7 @@ impl Env {
             options: db_options,
             app: Some(app),
             emulator: Some(emulator),
+            emulator_runtime,
             pool_size,
             room_id,
         })
@@ -513,6 +558,7 @@ impl Env {
         if let Some(em) = self.emulator.take() {
             em.shutdown().await;
         }
+        self.emulator_runtime.shut_down();
         self.engine_pool.close().await;
         self.client.close().await;
         if self.drop_database {
@@ -620,17 +666,19 @@ struct SteadyRun {
     achieved_rate: f64,
 }
 
-/// Inserts alerts `first..first+n` one by one at `rate` per second from one
-/// client connection, and measures each one's commit → call latency.
-async fn steady_run(env: &Env, first: u64, n: u64, rate: f64) -> anyhow::Result<SteadyRun> {
-    let mut rx = env.emulator().subscribe();
-    let base = env.emulator().calls().len();
-    let mut conn: PgConnection = env.options.clone().application_name("wardcall-bench").connect().await?;
+/// What the inserting client measured: per alert, the instant its commit
+/// returned and the INSERT's round trip (ms); the rate achieved (alerts/s).
+type ClientMeasurements = (Vec<Instant>, Vec<f64>, f64);
+
+/// The inserting client: alerts `first..first+n`, one by one at `rate` per
+/// second, each INSERT committing on its own, over one connection.
+async fn insert_steadily(options: PgConnectOptions, room_id: uuid::Uuid, first: u64, n: u64, rate: f64) -> anyhow::Result<ClientMeasurements> {
+    let mut conn: PgConnection = options.application_name("wardcall-bench").connect().await?;
     let insert = "INSERT INTO alerts (patient_id, room_id, severity, status, alert_type, title, description)
                   VALUES ('P-DHE-001', $1, 'critical', 'active', 'benchmark', $2, 'benchmark alert')";
-    // Warm the prepared statement on a non-critical row (not captured).
+    // Warm the connection on a non-critical row (not captured).
     sqlx::query("INSERT INTO alerts (patient_id, room_id, severity, status, title) VALUES ('P-DHE-001', $1, 'low', 'active', $2)")
-        .bind(env.room_id)
+        .bind(room_id)
         .bind("warm-up")
         .execute(&mut conn)
         .await?;
@@ -640,17 +688,52 @@ async fn steady_run(env: &Env, first: u64, n: u64, rate: f64) -> anyhow::Result<
     for k in 0..n {
         tokio::time::sleep_until(start + Duration::from_secs_f64(k as f64 / rate)).await;
         let before = Instant::now();
-        sqlx::query(insert).bind(env.room_id).bind(token(first + k)).execute(&mut conn).await.context("inserting an alert")?;
+        sqlx::query(insert).bind(room_id).bind(token(first + k)).execute(&mut conn).await.context("inserting an alert")?;
         let committed = Instant::now();
         commits.push(ms_between(before, committed));
         commits_at.push(committed);
     }
     let achieved_rate = if n > 1 { (n - 1) as f64 / start.elapsed().as_secs_f64().max(1e-9) } else { rate };
     conn.close().await.ok();
+    Ok((commits_at, commits, achieved_rate))
+}
+
+/// Inserts alerts `first..first+n` one by one at `rate` per second and
+/// measures each one's commit → call latency. The inserting client runs on
+/// its own thread and runtime (the team's application is another process in
+/// production), so that the instant it sees its commit return does not wait
+/// behind the engine's tasks.
+async fn steady_run(env: &Env, first: u64, n: u64, rate: f64) -> anyhow::Result<SteadyRun> {
+    let mut rx = env.emulator().subscribe();
+    let base = env.emulator().calls().len();
+    let (options, room_id) = (env.options.clone(), env.room_id);
+    let (tx, result) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("bench-client".into())
+        .spawn(move || {
+            let r = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("building the client's runtime")
+                .and_then(|rt| rt.block_on(insert_steadily(options, room_id, first, n, rate)));
+            let _ = tx.send(r);
+        })
+        .context("starting the client thread")?;
+    let (commits_at, commits, achieved_rate) = result.await.context("the client thread ended without a result")??;
     await_calls(env, &mut rx, base, n as usize, Duration::from_secs(60)).await?;
     let arrivals = call_arrivals(env, first, n)?;
     let latencies = commits_at.iter().zip(&arrivals).map(|(c, a)| ms_between(*c, *a)).collect();
     Ok(SteadyRun { latencies, commits, achieved_rate })
+}
+
+/// First token of the warm-up alerts (never collides with measured ones).
+const WARM_UP_FIRST: u64 = 900_000_000;
+
+/// Warms a freshly started engine (connection pool, prepared statements,
+/// caches) with `min(50, n)` alerts at `rate`, which are not counted.
+async fn warm_up(env: &Env, n: u64, rate: f64) -> anyhow::Result<()> {
+    steady_run(env, WARM_UP_FIRST, n.min(50), rate).await.context("warming up")?;
+    Ok(())
 }
 
 /// Medians of the engine's stages for alerts `first..first+n`, from the
@@ -713,11 +796,12 @@ async fn latency(options: &BenchOptions, sizes: &Sizes) -> anyhow::Result<Scenar
     let mut r = ScenarioReport::new(
         Scenario::Latency,
         format!("commit of a critical alert INSERT → create-call request at the emulator, {n} alerts at {} /s", sizes.rate),
-        json!({"alerts": n, "rate_per_s": sizes.rate, "workers": 16}),
+        json!({"alerts": n, "rate_per_s": sizes.rate, "warm_up_alerts": n.min(50), "workers": 16}),
     );
     let env_owned = Env::start(options, "latency", 16).await?;
     let env = &env_owned;
     let result: anyhow::Result<()> = async {
+        warm_up(env, n, sizes.rate).await?;
         let run = steady_run(env, 0, n, sizes.rate).await?;
         add_latency_figures(&mut r, "", &run, true);
         add_stage_figures(&mut r, env, "", 0, n).await?;
@@ -908,6 +992,10 @@ async fn insert_timers(env: &Env, n: u64, lead_ms: i64, spread_ms: i64, event: &
     Ok(in_time)
 }
 
+/// Timers fired; lateness p50, p99, max and min (ms); seconds from the first
+/// firing to the last.
+type LatenessRow = (i64, Option<f64>, Option<f64>, Option<f64>, Option<f64>, Option<f64>);
+
 async fn timers(options: &BenchOptions, sizes: &Sizes) -> anyhow::Result<ScenarioReport> {
     let n = sizes.n_or(10_000);
     let spread_ms = (sizes.spread_s * 1000.0).round() as i64;
@@ -940,7 +1028,7 @@ async fn timers(options: &BenchOptions, sizes: &Sizes) -> anyhow::Result<Scenari
                     ensure!(Instant::now() < deadline, "timed out: {done} of {n} timers fired and completed ({mode})");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
-                let row: (i64, Option<f64>, Option<f64>, Option<f64>, Option<f64>, Option<f64>) = sqlx::query_as(
+                let row: LatenessRow = sqlx::query_as(
                     "WITH l AS (
                          SELECT extract(epoch FROM a.at) * 1000 - (r.input->'steps'->0->>'epoch_ms')::float8 AS late, a.at
                            FROM wardcall.runs r
@@ -980,19 +1068,31 @@ async fn timers(options: &BenchOptions, sizes: &Sizes) -> anyhow::Result<Scenari
     Ok(r)
 }
 
+/// `VACUUM ANALYZE` of the database and a `CHECKPOINT`: the state autovacuum
+/// and the checkpointer reach on their own, so that neither runs during a
+/// measurement that follows.
+async fn settle(env: &Env) -> anyhow::Result<()> {
+    sqlx::raw_sql("VACUUM ANALYZE").execute(&env.client).await.context("VACUUM ANALYZE")?;
+    sqlx::raw_sql("CHECKPOINT").execute(&env.client).await.context("CHECKPOINT")?;
+    Ok(())
+}
+
 async fn scale(options: &BenchOptions, sizes: &Sizes) -> anyhow::Result<ScenarioReport> {
     let sleeping = sizes.n_or(1_000_000);
     let alerts = sizes.alerts.unwrap_or(sleeping.min(1000));
     let mut r = ScenarioReport::new(
         Scenario::Scale,
         format!("latency ({alerts} alerts at {} /s) before and after {sleeping} runs sleep in wardcall.runs", sizes.rate),
-        json!({"sleeping_runs": sleeping, "alerts": alerts, "rate_per_s": sizes.rate, "workers": 16}),
+        json!({"sleeping_runs": sleeping, "alerts": alerts, "rate_per_s": sizes.rate, "warm_up_alerts": alerts.min(50), "workers": 16}),
     );
     let env_owned = Env::start(options, "scale", 16).await?;
     let env = &env_owned;
     let result: anyhow::Result<()> = async {
+        warm_up(env, alerts, sizes.rate).await?;
+        settle(env).await?;
         let base = steady_run(env, 0, alerts, sizes.rate).await?;
         add_latency_figures(&mut r, "baseline_", &base, false);
+        add_stage_figures(&mut r, env, "baseline_", 0, alerts).await?;
         let t = Instant::now();
         sqlx::query(
             "INSERT INTO wardcall.runs (workflow, event, input, state, step, status, due_at)
@@ -1008,8 +1108,7 @@ async fn scale(options: &BenchOptions, sizes: &Sizes) -> anyhow::Result<Scenario
         .context("inserting the sleeping runs")?;
         r.add("insert_sleeping_runs", t.elapsed().as_secs_f64(), "s");
         let t = Instant::now();
-        sqlx::raw_sql("VACUUM ANALYZE wardcall.runs").execute(&env.client).await?;
-        sqlx::raw_sql("CHECKPOINT").execute(&env.client).await?;
+        settle(env).await?;
         r.add("vacuum_analyze_checkpoint", t.elapsed().as_secs_f64(), "s");
         let live: i64 = sqlx::query_scalar("SELECT count(*) FROM wardcall.runs WHERE status = 'sleeping'").fetch_one(&env.client).await?;
         r.add("sleeping_runs", live as f64, "count");
@@ -1023,7 +1122,7 @@ async fn scale(options: &BenchOptions, sizes: &Sizes) -> anyhow::Result<Scenario
     }
     .await;
     env_owned.finish(result).await?;
-    r.notes.push("after the bulk insert: VACUUM ANALYZE and CHECKPOINT (the state autovacuum and the checkpointer reach on their own), then the second latency run".into());
+    r.notes.push("both latency runs follow a VACUUM ANALYZE and a CHECKPOINT (the state autovacuum and the checkpointer reach on their own); the first also follows the warm-up".into());
     Ok(r)
 }
 
