@@ -463,12 +463,13 @@ impl Engine {
         }
     }
 
-    /// Signals every task to stop, waits up to `grace` for steps in flight, and
-    /// releases the leases still held so other engines take over at once.
-    pub async fn shutdown(self: &Arc<Self>, grace: Duration) {
-        let _ = self.shutdown.send(true);
+    /// Releases, after stop: waits up to `grace` for steps in flight (holding
+    /// every worker slot, so nothing new can start), then releases the leases
+    /// still held so other engines take over at once. Call only after the
+    /// listener, dispatcher and scheduler have returned ([`EngineTasks::stop`]).
+    async fn drain_and_release(self: &Arc<Self>, grace: Duration) {
         let workers = self.config.engine.workers as u32;
-        let _ = tokio::time::timeout(grace, self.slots.acquire_many(workers)).await;
+        let _held = tokio::time::timeout(grace, self.slots.acquire_many(workers)).await;
         match store::release_leases(&self.db.pool, &self.engine_id).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(runs = n, "released leases at shutdown"),
@@ -508,10 +509,13 @@ pub struct EngineTasks {
 }
 
 impl EngineTasks {
-    /// Graceful stop: see [`Engine::shutdown`]; then waits for the tasks.
+    /// Graceful stop: the listener, dispatcher and scheduler stop and are
+    /// joined first (no claim can be half-way), then steps in flight get
+    /// `grace` to finish and the leases still held are released.
     pub async fn stop(mut self, grace: Duration) {
-        self.engine.shutdown(grace).await;
+        let _ = self.engine.shutdown.send(true);
         while self.set.join_next().await.is_some() {}
+        self.engine.drain_and_release(grace).await;
     }
 
     /// The engine these tasks belong to.

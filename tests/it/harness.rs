@@ -33,6 +33,8 @@ pub fn template() -> String {
     format!("wardcall_it_template_{}", std::process::id())
 }
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
+/// Serialises clones of the template across the tests' runtimes.
+static CLONE_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Starts the cluster (or reads `DATABASE_URL`) and builds the template. Called
 /// once from `main` before any test.
@@ -99,18 +101,14 @@ impl TestDb {
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         let name = format!("wardcall_it_{}_{}", std::process::id(), n);
         let mut conn = server.admin.connect().await.unwrap();
-        // CREATE DATABASE … TEMPLATE needs the template free of other sessions.
-        let mut tries = 0;
-        loop {
-            match sqlx::raw_sql(&format!("CREATE DATABASE {name} TEMPLATE {}", template())).execute(&mut conn).await {
-                Ok(_) => break,
-                Err(e) if tries < 50 => {
-                    tries += 1;
-                    let _ = e;
-                    tokio::time::sleep(Duration::from_millis(20 + 10 * tries)).await;
-                }
-                Err(e) => panic!("creating {name}: {e}"),
-            }
+        // CREATE DATABASE … TEMPLATE needs the template free of other sessions,
+        // including another clone in progress: clones are taken one at a time.
+        {
+            let _one_at_a_time = CLONE_LOCK.lock().await;
+            sqlx::raw_sql(&format!("CREATE DATABASE {name} TEMPLATE {}", template()))
+                .execute(&mut conn)
+                .await
+                .unwrap_or_else(|e| panic!("creating {name}: {e}"));
         }
         conn.close().await.ok();
         let options = server.admin.clone().database(&name);
