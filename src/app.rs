@@ -21,15 +21,30 @@ pub struct StartOptions {
     pub http_listener: Option<tokio::net::TcpListener>,
     /// Skip the HTTP server entirely.
     pub no_http: bool,
+    /// The JSON API's bearer token, instead of `WARDCALL_API_TOKEN` or
+    /// `http.api_token_file` (at least 16 characters).
+    pub api_token: Option<String>,
+    /// An already bound listener for the JSON API, instead of `http.api_listen`.
+    pub api_listener: Option<tokio::net::TcpListener>,
 }
 
 /// A running wardcall.
 pub struct App {
     pub engine: Arc<Engine>,
-    /// Where the HTTP server listens, if it runs.
+    /// Where the HTTP server (webhooks; the API too when a token is set and
+    /// there is no API listener) listens, if it runs.
     pub http_addr: Option<SocketAddr>,
+    /// Where the API's own listener (`http.api_listen`) listens, if it runs.
+    pub api_addr: Option<SocketAddr>,
     tasks: EngineTasks,
-    http: Option<(JoinHandle<std::io::Result<()>>, tokio::sync::oneshot::Sender<()>)>,
+    http: Vec<JoinHandle<std::io::Result<()>>>,
+    http_stop: tokio::sync::watch::Sender<bool>,
+}
+
+/// Binds `addr` (a config value under `key`) with [`crate::http::bind`].
+fn bind(addr: &str, key: &str) -> anyhow::Result<tokio::net::TcpListener> {
+    let parsed: SocketAddr = addr.parse().with_context(|| format!("{key}: '{addr}' is not an address"))?;
+    crate::http::bind(parsed).with_context(|| format!("{key}: cannot bind {addr}"))
 }
 
 /// Applies migrations and installs the capture triggers of `config`'s sources.
@@ -48,33 +63,57 @@ impl App {
     pub async fn start(db: Database, config: Arc<Config>, options: StartOptions) -> anyhow::Result<App> {
         prepare_database(&db, &config, "engine").await?;
         let providers = Providers::from_config(&config, options.twilio_auth_token)?;
-        let listener = if options.no_http {
-            None
+        let api_token = match options.api_token {
+            Some(t) => Some(crate::http::ApiToken::new(&t).map_err(|e| anyhow::anyhow!("API token: {e}"))?),
+            None => crate::http::api_token_from(&config.http)?,
+        };
+        let (listener, api_listener) = if options.no_http {
+            (None, None)
         } else {
-            Some(match options.http_listener {
+            let listener = match options.http_listener {
                 Some(l) => l,
-                None => tokio::net::TcpListener::bind(&config.http.listen)
-                    .await
-                    .with_context(|| format!("http.listen: cannot bind {}", config.http.listen))?,
-            })
+                None => bind(&config.http.listen, "http.listen")?,
+            };
+            let api_listener = match (options.api_listener, &config.http.api_listen) {
+                (Some(l), _) => Some(l),
+                (None, Some(a)) => Some(bind(a, "http.api_listen")?),
+                (None, None) => None,
+            };
+            (Some(listener), api_listener)
         };
         let http_addr = listener.as_ref().map(|l| l.local_addr()).transpose()?;
+        let api_addr = api_listener.as_ref().map(|l| l.local_addr()).transpose()?;
         let public_url = match (&config.http.public_url, http_addr) {
             (Some(u), _) => u.clone(),
             (None, Some(a)) => format!("http://{a}"),
             (None, None) => format!("http://{}", config.http.listen),
         };
         let engine = Engine::new(db, config, providers, public_url);
-        let http = listener.map(|l| {
-            let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-            let handle = tokio::spawn(crate::http::serve(engine.clone(), l, async move {
-                let _ = rx.await;
-            }));
-            (handle, tx)
-        });
+        // The API: on its own listener when there is one; else on the public
+        // listener only behind a token; else not at all (ARCHITECTURE.md).
+        let limits = crate::http::HttpLimits::from_config(&engine.config.http);
+        let (http_stop, stop_rx) = tokio::sync::watch::channel(false);
+        let mut http = Vec::new();
+        let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+        if let Some(l) = listener {
+            let mut router = crate::http::webhook_router(engine.clone());
+            if api_listener.is_none() {
+                match &api_token {
+                    Some(t) => router = router.merge(crate::http::api_router(engine.clone(), Some(t.clone()))),
+                    None => tracing::info!("the JSON API is not served: set WARDCALL_API_TOKEN or http.api_token_file, or http.api_listen (loopback)"),
+                }
+            }
+            http.push(tokio::spawn(crate::http::serve(l, router, limits.clone(), stopped(stop_rx.clone()))));
+        }
+        if let Some(l) = api_listener {
+            let router = crate::http::api_listener_router(engine.clone(), api_token.clone());
+            http.push(tokio::spawn(crate::http::serve(l, router, limits, stopped(stop_rx))));
+        }
         let tasks = engine.spawn();
-        tracing::info!(engine = %engine.engine_id, http = ?http_addr, "wardcall engine started");
-        Ok(App { engine, http_addr, tasks, http })
+        tracing::info!(engine = %engine.engine_id, http = ?http_addr, api = ?api_addr, api_token = api_token.is_some(), "wardcall engine started");
+        Ok(App { engine, http_addr, api_addr, tasks, http, http_stop })
     }
 
     /// Graceful stop: no new claims, steps in flight get `grace` to finish,
@@ -82,8 +121,8 @@ impl App {
     /// (and an embedded cluster) stays up; see [`Database::shutdown`].
     pub async fn stop(self, grace: Duration) {
         self.tasks.stop(grace).await;
-        if let Some((handle, tx)) = self.http {
-            let _ = tx.send(());
+        let _ = self.http_stop.send(true);
+        for handle in self.http {
             let _ = tokio::time::timeout(Duration::from_secs(5), handle).await;
         }
     }

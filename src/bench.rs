@@ -519,7 +519,7 @@ impl Env {
         let app = App::start(
             Database { pool: engine_pool.clone(), connect_options: db_options.clone(), embedded: None },
             std::sync::Arc::new(config),
-            StartOptions { twilio_auth_token: Some(BENCH_AUTH_TOKEN.into()), http_listener: Some(listener), no_http: false },
+            StartOptions { twilio_auth_token: Some(BENCH_AUTH_TOKEN.into()), http_listener: Some(listener), ..Default::default() },
         )
         .await;
         let app = match app {

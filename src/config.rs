@@ -87,11 +87,71 @@ pub struct HttpConfig {
     /// Twilio signs the exact URL it calls, so this must be what Twilio sees.
     /// Default: `http://` + the listen address.
     pub public_url: Option<String>,
+    /// A separate listener for the JSON API (`/api/*`), e.g. `127.0.0.1:8081`.
+    /// Must be a loopback address and never published by a proxy. When set,
+    /// the API is served only there. Default: none.
+    pub api_listen: Option<String>,
+    /// File holding the API's bearer token (first line, at least 16
+    /// characters). `WARDCALL_API_TOKEN` takes precedence. Without a token
+    /// and without `api_listen` the API is not served at all. Default: none.
+    pub api_token_file: Option<PathBuf>,
+    /// Milliseconds a client has to send a request's headers (an idle
+    /// connection is closed after this too). Default 10000; 100..=120000.
+    pub header_read_timeout_ms: u64,
+    /// Milliseconds a client has to send a request's body. Default 10000; 100..=120000.
+    pub body_read_timeout_ms: u64,
+    /// Connections served at once per listener; more are closed on accept.
+    /// Default 1024; 1..=65536 (keep it below the file descriptor limit).
+    pub max_connections: usize,
+    /// Largest request body in bytes (413 beyond). Default 65536; 1024..=16777216.
+    pub max_body_bytes: usize,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
-        HttpConfig { listen: "127.0.0.1:8080".into(), public_url: None }
+        HttpConfig {
+            listen: "127.0.0.1:8080".into(),
+            public_url: None,
+            api_listen: None,
+            api_token_file: None,
+            header_read_timeout_ms: 10_000,
+            body_read_timeout_ms: 10_000,
+            max_connections: 1024,
+            max_body_bytes: 64 * 1024,
+        }
+    }
+}
+
+impl HttpConfig {
+    /// Checks `api_listen` (a loopback address), `api_token_file` (readable,
+    /// a valid token) and the limits. Errors: `(key, problem)`.
+    fn validate_api_and_limits(&self) -> Result<(), (String, String)> {
+        if let Some(a) = &self.api_listen {
+            match a.parse::<std::net::SocketAddr>() {
+                Ok(addr) if addr.ip().is_loopback() => {}
+                Ok(_) => return Err(("http.api_listen".into(), format!("'{a}' is not a loopback address (127.0.0.1:… or [::1]:…); the API listener must never be reachable from outside"))),
+                Err(_) => return Err(("http.api_listen".into(), format!("'{a}' is not an address like 127.0.0.1:8081"))),
+            }
+        }
+        if let Some(p) = &self.api_token_file {
+            crate::http::read_token_file(p).map_err(|problem| ("http.api_token_file".to_string(), problem))?;
+        }
+        let ms = |key: &str, v: u64| {
+            if (100..=120_000).contains(&v) {
+                Ok(())
+            } else {
+                Err((format!("http.{key}"), format!("{v} is out of range 100..=120000")))
+            }
+        };
+        ms("header_read_timeout_ms", self.header_read_timeout_ms)?;
+        ms("body_read_timeout_ms", self.body_read_timeout_ms)?;
+        if !(1..=65_536).contains(&self.max_connections) {
+            return Err(("http.max_connections".into(), format!("{} is out of range 1..=65536", self.max_connections)));
+        }
+        if !(1024..=16 * 1024 * 1024).contains(&self.max_body_bytes) {
+            return Err(("http.max_body_bytes".into(), format!("{} is out of range 1024..=16777216", self.max_body_bytes)));
+        }
+        Ok(())
     }
 }
 
@@ -357,6 +417,9 @@ impl Config {
         }
         if self.http.listen.parse::<std::net::SocketAddr>().is_err() {
             return Err(err("http.listen".into(), format!("'{}' is not an address like 127.0.0.1:8080", self.http.listen)));
+        }
+        if let Err(problem) = self.http.validate_api_and_limits() {
+            return Err(err(problem.0, problem.1));
         }
         if let Some(u) = &self.http.public_url {
             match url::Url::parse(u) {

@@ -119,7 +119,7 @@ async fn scenario(base: &Config, db: Database, pool: &PgPool) -> anyhow::Result<
         StartOptions {
             twilio_auth_token: Some(DEMO_AUTH_TOKEN.into()),
             http_listener: Some(tokio::net::TcpListener::bind("127.0.0.1:0").await?),
-            no_http: false,
+            ..Default::default()
         },
     )
     .await?;

@@ -138,7 +138,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             init_tracing("warn");
             let payload: serde_json::Value = serde_json::from_str(&payload).context("payload is not valid JSON")?;
             anyhow::ensure!(payload.is_object(), "payload must be a JSON object");
-            let (config, db) = open(cli.config.as_deref()).await?;
+            let config = Arc::new(Config::load(cli.config.as_deref())?);
+            // Refused before the database is opened: an event no workflow listens
+            // to would be consumed without a run; NUL cannot be stored.
+            wardcall::http::check_event(&config, &event, &payload, dedup_key.as_deref())?;
+            let db = Database::open(&config, config.engine.pool_size).await?;
             let r = async {
                 wardcall::app::prepare_database(&db, &config, "cli").await?;
                 let id: Option<i64> = sqlx::query_scalar("SELECT wardcall.emit($1, $2, $3)")
@@ -148,7 +152,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     .fetch_one(&db.pool)
                     .await?;
                 match id {
-                    Some(id) => println!("emitted {event} as outbox row {id}"),
+                    Some(id) => {
+                        tracing::info!(event = %event, outbox_id = id, "CLI: event emitted");
+                        println!("emitted {event} as outbox row {id}")
+                    }
                     None => println!("duplicate dedup key: nothing emitted"),
                 }
                 anyhow::Ok(())

@@ -60,6 +60,7 @@ use serde_json::{json, Value};
 use tokio::sync::{broadcast, oneshot, watch};
 use tokio::task::{JoinHandle, JoinSet};
 
+use super::callback::ConnectionOverrides;
 use super::client::MAX_INLINE_TWIML_CHARS;
 use super::signature::{compute_signature, SIGNATURE_HEADER};
 use super::twiml::{parse_document, Element};
@@ -1369,40 +1370,104 @@ impl CallCtx {
         }
     }
 
-    /// Sends one signed webhook. Returns the HTTP status and the body (when
-    /// it is UTF-8 and at most 64 kB), or `None` if the request failed.
+    /// Sends one signed webhook, honouring the connection overrides in the
+    /// URL's fragment as Twilio does (see [`super::callback`]): the request
+    /// goes to the URL without its fragment, the signature covers the URL as
+    /// configured (fragment included), and a failure the retry policy (`rp`)
+    /// names is retried up to `rc` times within `tt`, with the same
+    /// `I-Twilio-Idempotency-Token`. Twilio does not document the spacing of
+    /// its retries; the emulator waits 250 ms, then doubles (at most 4 s).
+    /// Every try is reported as an [`EmulatorEvent::CallbackSent`].
+    ///
+    /// Returns the last HTTP status and body (when it is UTF-8 and at most
+    /// 64 kB), or `None` if the last try failed (connect error, timeout).
     async fn webhook(
         &self,
         hook: &Hook,
         params: Vec<(String, String)>,
         kind: CallbackKind,
     ) -> Option<(u16, Option<String>)> {
+        let (request_url, overrides) = ConnectionOverrides::from_url(&hook.url);
+        let idempotency_token = uuid::Uuid::new_v4().to_string();
+        let started = Instant::now();
+        let mut retries = 0u32;
+        loop {
+            let remaining = overrides.total_time.saturating_sub(started.elapsed());
+            let read_timeout = overrides
+                .read_timeout
+                .min(remaining)
+                .max(Duration::from_millis(100));
+            let result = self
+                .webhook_once(
+                    hook,
+                    request_url,
+                    &params,
+                    &kind,
+                    &idempotency_token,
+                    read_timeout,
+                )
+                .await;
+            let retry = match &result {
+                Ok((status, _)) => {
+                    ((400..500).contains(status) && overrides.retry_4xx)
+                        || ((500..600).contains(status) && overrides.retry_5xx)
+                }
+                Err(WebhookFailure::Connect) => overrides.retry_connect_failure,
+                Err(WebhookFailure::Timeout) => overrides.retry_read_timeout,
+                Err(WebhookFailure::Other) => false,
+            };
+            let backoff = Duration::from_millis(250 << retries.min(4));
+            if !retry
+                || retries >= overrides.retry_count
+                || started.elapsed() + backoff >= overrides.total_time
+            {
+                return result.ok();
+            }
+            tracing::info!(call_sid = %self.sid, ?kind, retry = retries + 1, "emulator: retrying a webhook (connection overrides)");
+            sleep(backoff).await;
+            retries += 1;
+        }
+    }
+
+    /// One try of [`CallCtx::webhook`].
+    async fn webhook_once(
+        &self,
+        hook: &Hook,
+        request_url: &str,
+        params: &[(String, String)],
+        kind: &CallbackKind,
+        idempotency_token: &str,
+        read_timeout: Duration,
+    ) -> Result<(u16, Option<String>), WebhookFailure> {
         let token = &self.inner.auth_token;
-        let encoded = serde_urlencoded::to_string(&params).unwrap_or_default();
+        let encoded = serde_urlencoded::to_string(params).unwrap_or_default();
         let request = if hook.method == Method::GET {
-            let separator = if hook.url.contains('?') { '&' } else { '?' };
-            let full_url = format!("{}{separator}{encoded}", hook.url);
-            let signature = compute_signature(token, &full_url, &[]);
+            let separator = if request_url.contains('?') { '&' } else { '?' };
+            let full_url = format!("{request_url}{separator}{encoded}");
+            // The signature covers the URL as configured: a fragment stays at the end.
+            let signed_url = match hook.url.split_once('#') {
+                Some((_, fragment)) => format!("{full_url}#{fragment}"),
+                None => full_url.clone(),
+            };
+            let signature = compute_signature(token, &signed_url, &[]);
             self.inner
                 .http
                 .get(full_url)
                 .header(SIGNATURE_HEADER, signature)
         } else {
-            let signature = compute_signature(token, &hook.url, &params);
+            let signature = compute_signature(token, &hook.url, params);
             self.inner
                 .http
-                .post(&hook.url)
+                .post(request_url)
                 .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
                 .header(SIGNATURE_HEADER, signature)
                 .body(encoded)
         };
         let result = request
+            .timeout(read_timeout)
             .header(header::USER_AGENT, "TwilioProxy/1.1")
             .header(header::ACCEPT, "*/*")
-            .header(
-                "I-Twilio-Idempotency-Token",
-                uuid::Uuid::new_v4().to_string(),
-            )
+            .header("I-Twilio-Idempotency-Token", idempotency_token)
             .send()
             .await;
         let outcome = match result {
@@ -1434,25 +1499,38 @@ impl CallCtx {
                 if !(200..300).contains(&status) {
                     tracing::warn!(call_sid = %self.sid, ?kind, status, "emulator: engine answered a webhook with an error");
                 }
-                Some((status, body))
+                Ok((status, body))
             }
             Err(e) => {
-                let what = if e.is_timeout() {
-                    "timed out"
+                let (what, failure) = if e.is_connect() {
+                    ("could not connect", WebhookFailure::Connect)
+                } else if e.is_timeout() {
+                    ("timed out", WebhookFailure::Timeout)
                 } else {
-                    "failed"
+                    ("failed", WebhookFailure::Other)
                 };
                 tracing::warn!(call_sid = %self.sid, ?kind, "emulator: webhook {what}");
-                None
+                Err(failure)
             }
         };
         self.inner.emit(EmulatorEvent::CallbackSent {
             sid: self.sid.clone(),
-            kind,
-            status: outcome.as_ref().map(|(s, _)| *s),
+            kind: kind.clone(),
+            status: outcome.as_ref().ok().map(|(s, _)| *s),
         });
         outcome
     }
+}
+
+/// Why a webhook try got no HTTP answer.
+#[derive(Debug)]
+enum WebhookFailure {
+    /// The TCP (or TLS) connection could not be made.
+    Connect,
+    /// No answer within the read timeout.
+    Timeout,
+    /// Anything else (reset mid-request, …).
+    Other,
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@
 //! (`X-Twilio-Signature`), TwiML `<Say>`, `<Gather>`, `<Hangup>`, and
 //! "Answering Machine Detection" (async AMD).
 
+pub mod callback;
 pub mod client;
 pub mod emulate_cli;
 pub mod emulator;

@@ -24,6 +24,7 @@ use crate::audit::{self, Entity};
 use crate::config::{redact_phone, EscalationWorkflow, Policy};
 use crate::runtime::store::lock_fenced;
 use crate::template::Template;
+use crate::twilio::callback::{callback_url, Callback};
 use crate::twilio::client::CreateCallRequest;
 use crate::twilio::twiml;
 use anyhow::anyhow;
@@ -301,11 +302,11 @@ async fn place_calls(ctx: &mut StepContext<'_>, settings: &EscalationWorkflow, p
             let req = CreateCallRequest {
                 to: phone.clone(),
                 from: twilio.config.from.clone(),
-                twiml: twiml::say_and_gather(&message, &format!("{base}/webhooks/twilio/gather?attempt={attempt_id}"), twilio.config.gather_timeout_seconds),
-                status_callback: format!("{base}/webhooks/twilio/status?attempt={attempt_id}"),
+                twiml: twiml::say_and_gather(&message, &callback_url(base, Callback::Gather, *attempt_id), twilio.config.gather_timeout_seconds),
+                status_callback: callback_url(base, Callback::Status, *attempt_id),
                 ring_timeout_seconds,
                 machine_detection: twilio.config.machine_detection,
-                async_amd_status_callback: twilio.config.machine_detection.then(|| format!("{base}/webhooks/twilio/amd?attempt={attempt_id}")),
+                async_amd_status_callback: twilio.config.machine_detection.then(|| callback_url(base, Callback::Amd, *attempt_id)),
             };
             // No retry here: an ambiguous failure (timeout, 5xx) may have placed
             // the call. The step is retried under a new fencing token and the

@@ -480,17 +480,19 @@ pub async fn api_rejects_malformed_json() {
     let app = start_app(&db, config(&script_config(""))).await;
     let base = format!("http://{}", app.http_addr.unwrap());
     let http = reqwest::Client::new();
-    let r = http.post(format!("{base}/api/events/task.created")).body("{not json").send().await.unwrap();
+    // The API needs the bearer token and the JSON content type (ARCHITECTURE.md).
+    let post = |url: String| http.post(url).bearer_auth(API_TOKEN).header("content-type", "application/json");
+    let r = post(format!("{base}/api/events/task.created")).body("{not json").send().await.unwrap();
     assert_eq!(r.status(), 400);
     let body: Value = r.json().await.unwrap();
     assert!(body["error"].as_str().unwrap().contains("malformed JSON"));
-    let r = http.post(format!("{base}/api/events/task.created")).body(r#"{"payload": [1,2]}"#).send().await.unwrap();
+    let r = post(format!("{base}/api/events/task.created")).body(r#"{"payload": [1,2]}"#).send().await.unwrap();
     assert_eq!(r.status(), 422);
-    let r = http.post(format!("{base}/api/runs/not-a-uuid/cancel")).send().await.unwrap();
+    let r = post(format!("{base}/api/runs/not-a-uuid/cancel")).send().await.unwrap();
     assert_eq!(r.status(), 400);
-    let r = http.post(format!("{base}/api/events/task.created")).body(r#"{"payload": {"steps": []}, "dedup_key": "k1"}"#).send().await.unwrap();
+    let r = post(format!("{base}/api/events/task.created")).body(r#"{"payload": {"steps": []}, "dedup_key": "k1"}"#).send().await.unwrap();
     assert_eq!(r.status(), 202);
-    let r = http.post(format!("{base}/api/events/task.created")).body(r#"{"payload": {"steps": []}, "dedup_key": "k1"}"#).send().await.unwrap();
+    let r = post(format!("{base}/api/events/task.created")).body(r#"{"payload": {"steps": []}, "dedup_key": "k1"}"#).send().await.unwrap();
     assert_eq!(r.status(), 200, "a duplicate is acknowledged, not re-emitted");
     assert_eq!(db.scalar_i64("SELECT count(*) FROM wardcall.outbox").await, 1);
     app.stop(Duration::from_secs(2)).await;

@@ -16,6 +16,9 @@ use wardcall::db::embedded::EmbeddedCluster;
 use wardcall::db::Database;
 
 pub const AUTH_TOKEN: &str = "test-auth-token";
+/// The JSON API's bearer token in tests (`start_app` serves the API on the
+/// app's listener behind it).
+pub const API_TOKEN: &str = "test-api-token-0123456789";
 pub const ACCOUNT_SID: &str = "AC0123456789abcdef0123456789abcdef";
 
 /// The server every test database lives on.
@@ -162,7 +165,8 @@ pub async fn start_app(db: &TestDb, config: Arc<Config>) -> App {
         StartOptions {
             twilio_auth_token: Some(AUTH_TOKEN.into()),
             http_listener: Some(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap()),
-            no_http: false,
+            api_token: Some(API_TOKEN.into()),
+            ..Default::default()
         },
     )
     .await
