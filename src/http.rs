@@ -270,7 +270,7 @@ pub async fn serve(
         let Ok(permit) = permits.clone().try_acquire_owned() else {
             drop(stream); // over the cap: closed at once
             refused += 1;
-            if last_refusal_log.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+            if last_refusal_log.map_or(true, |t| t.elapsed() > Duration::from_secs(10)) {
                 tracing::warn!(listener = %local, max_connections = limits.max_connections, refused, "HTTP connection cap reached; closing new connections");
                 last_refusal_log = Some(Instant::now());
             }
