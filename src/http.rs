@@ -748,3 +748,39 @@ async fn handle_gather(engine: &Arc<Engine>, attempt: Uuid, call_sid: Option<&st
 
 /// An empty TwiML document: the answer to status and AMD callbacks.
 const EMPTY_TWIML: &str = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Response/>";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_scheme_is_case_insensitive() {
+        assert_eq!(bearer_token("Bearer abc"), Some("abc"));
+        assert_eq!(bearer_token("bearer abc"), Some("abc"));
+        assert_eq!(bearer_token("BEARER   abc "), Some("abc"));
+        assert_eq!(bearer_token("Basic abc"), None);
+        assert_eq!(bearer_token("Bearer"), None);
+        assert_eq!(bearer_token("Bearer "), None);
+        assert_eq!(bearer_token("Bearerabc"), None);
+    }
+
+    #[test]
+    fn tokens_match_exactly() {
+        let t = ApiToken::new("0123456789abcdef").unwrap();
+        assert!(t.matches("0123456789abcdef"));
+        assert!(!t.matches("0123456789abcdeF"));
+        assert!(!t.matches("0123456789abcdef0"));
+        assert!(!t.matches(""));
+        assert!(ApiToken::new("short").is_err());
+        assert!(ApiToken::new("0123456789 abcdef").is_err());
+        assert_eq!(format!("{t:?}"), "ApiToken(<redacted>)");
+    }
+
+    #[test]
+    fn nul_is_found_with_its_path() {
+        let v = json!({"a": [1, {"b": "x\0"}], "c": "ok"});
+        assert_eq!(find_nul(&v, "payload").as_deref(), Some("payload.a[1].b"));
+        assert_eq!(find_nul(&json!({"k\0": 1}), "payload").as_deref(), Some("payload (a key)"));
+        assert_eq!(find_nul(&json!({"a": "b"}), "payload"), None);
+    }
+}

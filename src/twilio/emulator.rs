@@ -162,9 +162,11 @@ pub enum EmulatorEvent {
         to: String,
         received_at: Instant,
     },
-    /// A webhook was delivered. `status` is the engine's HTTP status, or
-    /// `None` if the request failed (connect error, 15 s timeout). Non-2xx
-    /// answers are recorded and the call carries on, as on Twilio (which
+    /// A webhook try was made (one event per try: a retry asked for by the
+    /// URL's connection overrides is another event). `status` is the
+    /// engine's HTTP status, or `None` if the request failed (connect error,
+    /// read timeout: 15 s, or the override's `rt`). Non-2xx answers that are
+    /// not retried are recorded and the call carries on, as on Twilio (which
     /// logs a debugger warning); a failed TwiML fetch ends the call.
     CallbackSent {
         sid: String,
