@@ -122,6 +122,15 @@ pub struct TwilioConfig {
     /// Seconds the callee has to press a key after the message starts. Default 10.
     #[serde(default = "default_gather_timeout")]
     pub gather_timeout_seconds: u32,
+    /// Seconds a REST request to Twilio may take (connect, send, whole
+    /// response) before it counts as an ambiguous failure that is reconciled
+    /// with Twilio's call list before any call is placed again. Default 10.
+    #[serde(default = "default_twilio_request_timeout")]
+    pub request_timeout_seconds: f64,
+}
+
+fn default_twilio_request_timeout() -> f64 {
+    10.0
 }
 
 fn default_twilio_api_base() -> String {
@@ -282,6 +291,9 @@ pub struct WriteBack {
     pub on_acknowledged: Option<String>,
     pub on_escalated: Option<String>,
     pub on_unacknowledged: Option<String>,
+    /// Runs when the alert's run is cancelled (API, CLI, SQL); `$2` is the
+    /// alert's details (`alert_status = 'cancelled'`).
+    pub on_cancelled: Option<String>,
 }
 
 impl Config {
@@ -376,6 +388,9 @@ impl Config {
             }
             if t.gather_timeout_seconds == 0 || t.gather_timeout_seconds > 60 {
                 return Err(err("providers.twilio.gather_timeout_seconds".into(), "must be 1..=60".into()));
+            }
+            if !(0.5..=60.0).contains(&t.request_timeout_seconds) {
+                return Err(err("providers.twilio.request_timeout_seconds".into(), "must be 0.5..=60".into()));
             }
         }
         let mut people = HashSet::new();

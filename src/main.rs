@@ -181,8 +181,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Cancel { run } => {
             init_tracing("warn");
-            let (_config, db) = open(cli.config.as_deref()).await?;
-            let r = wardcall::runtime::store::cancel_run(&db.pool, run, "cli", "cancelled from the command line").await;
+            let (config, db) = open(cli.config.as_deref()).await?;
+            let r = wardcall::workflows::cancel_run(&db.pool, &config, run, "cli", "cancelled from the command line").await;
             db.shutdown().await;
             if r? {
                 println!("run {run} cancelled");

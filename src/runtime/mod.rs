@@ -46,6 +46,7 @@ pub struct Engine {
     slots: Arc<Semaphore>,
     wake_scheduler: Notify,
     wake_dispatcher: Notify,
+    call_sweeper: Notify,
     shutdown: watch::Sender<bool>,
 }
 
@@ -64,6 +65,7 @@ impl Engine {
             slots: Arc::new(Semaphore::new(workers)),
             wake_scheduler: Notify::new(),
             wake_dispatcher: Notify::new(),
+            call_sweeper: Notify::new(),
             shutdown: watch::channel(false).0,
         })
     }
@@ -86,12 +88,30 @@ impl Engine {
         set.spawn(async move { e.dispatcher_loop().await });
         let e = self.clone();
         set.spawn(async move { e.scheduler_loop().await });
+        let e = self.clone();
+        set.spawn(async move { crate::workflows::call_sweeper::run(e).await });
         EngineTasks { engine: self.clone(), set }
     }
 
     /// Wakes this engine's scheduler (e.g. after a webhook delivered a signal).
     pub fn wake(&self) {
         self.wake_scheduler.notify_one();
+    }
+
+    /// Wakes this engine's call sweeper (an alert closed: its calls may need
+    /// ending; see [`crate::workflows::call_sweeper`]).
+    pub fn wake_call_sweeper(&self) {
+        self.call_sweeper.notify_one();
+    }
+
+    /// Resolves when the call sweeper is woken (or at once if a wake-up is pending).
+    pub async fn call_sweeper_woken(&self) {
+        self.call_sweeper.notified().await
+    }
+
+    /// A receiver that turns `true` when the engine stops.
+    pub fn stop_signal(&self) -> watch::Receiver<bool> {
+        self.shutdown.subscribe()
     }
 
     fn stopping(&self) -> bool {
