@@ -62,6 +62,7 @@ struct AttemptRow {
     status: String,
     provider_id: Option<String>,
     answered_by: Option<String>,
+    acknowledged: bool,
 }
 
 /// A webhook delivery's identity, for replay detection.
@@ -84,7 +85,8 @@ async fn lock_attempt(tx: &mut PgConnection, attempt: Uuid, call_sid: Option<&st
     let run_id = run_id.ok_or(CallEventError::UnknownAttempt)?;
     sqlx::query("SELECT 1 FROM wardcall.runs WHERE id = $1 FOR UPDATE").bind(run_id).execute(&mut *tx).await?;
     let row: AttemptRow = sqlx::query_as(
-        "SELECT run_id, alert_id, person_id, status, provider_id, answered_by FROM wardcall.notification_attempts WHERE id = $1 FOR UPDATE",
+        "SELECT run_id, alert_id, person_id, status, provider_id, answered_by, acknowledged_at IS NOT NULL AS acknowledged
+           FROM wardcall.notification_attempts WHERE id = $1 FOR UPDATE",
     )
     .bind(attempt)
     .fetch_one(&mut *tx)
@@ -270,6 +272,18 @@ pub async fn apply_keypress(engine: &Arc<Engine>, delivery: Delivery<'_>, attemp
         .bind(row.alert_id)
         .fetch_one(&mut *tx)
         .await?;
+    if row.acknowledged || (status_rank(&row.status) == 5 && !digits.starts_with('1')) {
+        // The attempt that acknowledged has hung up, and no other key means
+        // anything once its call ended: a replay of an earlier keypress. (A
+        // late 1 on an ended call is still honoured: it can only help.)
+        tx.rollback().await?;
+        tracing::info!(attempt = %attempt, "keypress on an ended or acknowledging call ignored (a replay)");
+        return Ok(if alert_status == "acknowledged" {
+            twiml::say_and_hangup("This alert was already acknowledged. Goodbye.")
+        } else {
+            twiml::say_and_hangup("Goodbye.")
+        });
+    }
     sqlx::query("UPDATE wardcall.notification_attempts SET digits = coalesce(digits, '') || $2, updated_at = clock_timestamp() WHERE id = $1")
         .bind(attempt)
         .bind(digits)
