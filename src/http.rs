@@ -94,7 +94,7 @@ impl IntoResponse for ApiError {
 
 impl From<sqlx::Error> for ApiError {
     fn from(e: sqlx::Error) -> Self {
-        tracing::error!(error = %e, "database error in an HTTP handler");
+        tracing::error!(error = %crate::capture::db_message(&e), "database error in an HTTP handler");
         ApiError(StatusCode::SERVICE_UNAVAILABLE, "database unavailable".into())
     }
 }
@@ -216,7 +216,7 @@ async fn twilio_webhook(
         Ok(r) => r,
         Err(WebhookError::UnknownAttempt) => (StatusCode::NOT_FOUND, "unknown attempt").into_response(),
         Err(WebhookError::Db(e)) => {
-            tracing::error!(error = %e, kind = %kind, "webhook could not be recorded; Twilio may retry");
+            tracing::error!(error = %crate::capture::db_message(&e), kind = %kind, "webhook could not be recorded; Twilio may retry");
             (StatusCode::SERVICE_UNAVAILABLE, "database unavailable").into_response()
         }
     }

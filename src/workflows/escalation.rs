@@ -76,7 +76,7 @@ async fn render_message(ctx: &StepContext<'_>, settings: &EscalationWorkflow) ->
                     values.insert(name.clone(), v);
                 }
                 Ok(None) => {}
-                Err(e) => tracing::warn!(lookup = %name, error = %e, "lookup must return one text column"),
+                Err(e) => tracing::warn!(lookup = %name, error = %crate::capture::db_message(&e), "lookup must return one text column"),
             },
             Ok(None) => {}
             Err(e) => tracing::warn!(lookup = %name, error = %crate::capture::db_message(&e), "lookup failed; its value renders empty"),
@@ -322,8 +322,8 @@ async fn place_calls(ctx: &mut StepContext<'_>, settings: &EscalationWorkflow, p
             Ok(None) => {}
             Ok(Some(transient)) => retry_step = Some(transient),
             Err(e) => {
-                tracing::error!(attempt = %attempt_id, error = %e, "recording a call result failed");
-                retry_step.get_or_insert_with(|| format!("recording a call result failed: {e}"));
+                tracing::error!(attempt = %attempt_id, error = %crate::capture::db_message(&e), "recording a call result failed");
+                retry_step.get_or_insert_with(|| format!("recording a call result failed: {}", crate::capture::db_message(&e)));
             }
         }
     }
