@@ -218,12 +218,17 @@ END $wardcall$",
 /// Codes and names: PostgreSQL 15 manual, Appendix A "PostgreSQL Error Codes";
 /// fields: §55.8 "Error and Notice Message Fields".
 ///
-/// Exception: errors of class 42 ("syntax error or access rule violation") and
-/// 3F ("invalid schema name") also carry the server's message, e.g.
-/// `column "nme" does not exist`. They are raised while PostgreSQL parses and
-/// analyses a statement, before any row is read, so the message quotes the SQL
-/// text (wardcall's or the config's, never a row) and is what an operator needs
-/// to fix a config.
+/// Exception: errors of the classes in [`MESSAGE_SAFE_CLASSES`] also carry the
+/// server's message. Those of class 42 ("syntax error or access rule violation")
+/// and 3F ("invalid schema name"), e.g. `column "nme" does not exist`, are raised
+/// while PostgreSQL parses and analyses a statement, before any row is read, so
+/// the message quotes the SQL text (wardcall's or the config's, never a row) and
+/// is what an operator needs to fix a config. Those of classes 08 (connection),
+/// 28 (authorization), 3D (unknown database), 40 (serialization failure,
+/// deadlock), 53 (insufficient resources) and 57 (operator intervention, e.g.
+/// `the database system is starting up`, a statement timeout) describe the
+/// server's or the connection's state, never a row (their DETAIL, which can
+/// name rows, is still not shown).
 ///
 /// Other sqlx errors (I/O, pool, protocol) are described by sqlx's text, except
 /// decoding errors, whose source may quote the value that failed to decode.
@@ -252,7 +257,7 @@ pub fn db_message(e: &sqlx::Error) -> String {
                 field("column", pg.column());
                 field("data type", pg.data_type());
             }
-            if code.starts_with("42") || code.starts_with("3F") {
+            if MESSAGE_SAFE_CLASSES.iter().any(|class| code.starts_with(class)) {
                 out.push_str(&format!(": {}", d.message()));
             }
             out
@@ -264,6 +269,10 @@ pub fn db_message(e: &sqlx::Error) -> String {
         other => other.to_string(),
     }
 }
+
+/// SQLSTATE classes whose primary message [`db_message`] shows (Appendix A of the
+/// PostgreSQL 15 manual): they never quote a row's values.
+pub const MESSAGE_SAFE_CLASSES: [&str; 8] = ["08", "28", "3D", "3F", "40", "42", "53", "57"];
 
 /// [`db_message`] for every error in an `anyhow` chain: the chain's texts joined
 /// with `": "` (as `{:#}` prints them), with each [`sqlx::Error`] replaced by its

@@ -89,7 +89,8 @@ fn main() -> std::process::ExitCode {
     match runtime.block_on(run(cli)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("wardcall: {e:#}");
+            // Database errors redacted: their messages quote the values they reject.
+            eprintln!("wardcall: {}", wardcall::capture::error_text(&e));
             std::process::ExitCode::FAILURE
         }
     }
