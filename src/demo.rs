@@ -50,6 +50,13 @@ pub async fn run(config_path: Option<&Path>) -> anyhow::Result<()> {
         None => {
             let dir = base.data_dir.clone().unwrap_or_else(|| ".wardcall".into());
             let cluster = EmbeddedCluster::start(&dir).await?;
+            if let Some(requested) = cluster.relocated_from() {
+                println!(
+                    "note: the `postgres` account cannot reach {}, so the demo's PostgreSQL cluster is in {}.\n",
+                    requested.display(),
+                    cluster.data_dir().display()
+                );
+            }
             (cluster.connect_options("postgres"), Some(Arc::new(cluster)))
         }
     };

@@ -929,7 +929,15 @@ fn resolve_paths(requested: &Path, run_as: Option<&SystemUser>) -> Result<Paths,
                     }
                     _ => not_traversable.to_string(),
                 };
-                let relocated = relocate(Path::new(RELOCATION_BASE), &data_dir, Some(user))?;
+                let relocated = match relocate(Path::new(RELOCATION_BASE), &data_dir, Some(user)) {
+                    Ok(dir) => dir,
+                    Err(e @ EmbeddedError::InvalidDataDir { .. }) => return Err(e),
+                    Err(e) => {
+                        // The original error says what to chmod; say why relocating failed.
+                        warn!("cannot place the cluster under {RELOCATION_BASE} instead: {e}");
+                        return Err(not_traversable);
+                    }
+                };
                 if check_traversable(&relocated, user).is_err() {
                     return Err(not_traversable);
                 }

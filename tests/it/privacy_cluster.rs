@@ -303,6 +303,13 @@ pub async fn demo_runs_from_a_private_directory_as_root() {
             out.status
         );
         assert!(stdout.contains("alert acknowledged"), "{stdout}");
+        assert!(
+            stdout.contains(&format!(
+                "so the demo's PostgreSQL cluster is in {}",
+                relocated.display()
+            )),
+            "{stdout}"
+        );
         let line = stderr
             .lines()
             .find(|l| l.contains("placing the cluster in"))
