@@ -16,6 +16,7 @@ use wardcall::workflows::escalation::{write_back, WriteBackSubject};
 pub fn tests() -> Vec<libtest_mimic::Trial> {
     trials![
         privacy_cluster::write_back_failure_leaves_no_value_in_logs_or_audit,
+        privacy_cluster::redacted_errors_keep_what_an_operator_needs,
         privacy_cluster::demo_debug_log_prints_no_seed_data,
         privacy_cluster::demo_runs_from_a_private_directory_as_root,
     ]
@@ -188,6 +189,42 @@ pub async fn write_back_failure_leaves_no_value_in_logs_or_audit() {
     } else {
         eprintln!("DATABASE_URL set: the embedded cluster's server log is not checked");
     }
+}
+
+/// `db_message` drops values (a failed cast quotes its input in the primary
+/// message) but keeps the server's message for errors about the SQL text
+/// (a config's wrong column); `error_text` keeps anyhow context above a database
+/// error and redacts the error itself.
+pub async fn redacted_errors_keep_what_an_operator_needs() {
+    let db = TestDb::new().await;
+    let value = format!("P-QZX-{}", unique_suffix());
+    let cast = sqlx::query("SELECT $1::text::uuid")
+        .bind(&value)
+        .execute(&db.pool)
+        .await
+        .unwrap_err();
+    let text = wardcall::capture::db_message(&cast);
+    assert!(!text.contains(&value), "{text}");
+    assert!(
+        text.contains("SQLSTATE 22P02 (invalid_text_representation)"),
+        "{text}"
+    );
+    let wrapped = anyhow::Error::new(cast).context("lookup 'room_name'");
+    let chain = wardcall::capture::error_text(&wrapped);
+    assert!(
+        chain.starts_with("lookup 'room_name': SQLSTATE 22P02"),
+        "{chain}"
+    );
+    assert!(!chain.contains(&value), "{chain}");
+    let column = sqlx::query("SELECT nope FROM wardcall.runs")
+        .execute(&db.pool)
+        .await
+        .unwrap_err();
+    let text = wardcall::capture::db_message(&column);
+    assert!(
+        text.contains("42703") && text.contains("column \"nope\" does not exist"),
+        "{text}"
+    );
 }
 
 /// Patient and staff data of the demo's seed and config.
