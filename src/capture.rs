@@ -204,11 +204,155 @@ END $wardcall$",
     Ok(())
 }
 
-/// The database's own message of a sqlx error (without sqlx's prefix).
+/// A log- and audit-safe description of a sqlx error: never the values a
+/// statement carried or rejected (patient data), always enough to find the cause.
+///
+/// For an error returned by PostgreSQL the text is
+/// `SQLSTATE <code> (<condition name>)` followed, when the server reported them,
+/// by `constraint <name>`, `table <schema.table>`, `column <name>`,
+/// `data type <name>`: schema identifiers from the error's
+/// fields, never its message, DETAIL, HINT, WHERE or QUERY, which quote values
+/// (`Key (patient_id)=(…) is not present`, `invalid input syntax for type uuid:
+/// "…"`, `Failing row contains (…)`). Example:
+/// `SQLSTATE 23503 (foreign_key_violation), constraint alerts_patient_id_fkey, table public.alerts`.
+/// Codes and names: PostgreSQL 15 manual, Appendix A "PostgreSQL Error Codes";
+/// fields: §55.8 "Error and Notice Message Fields".
+///
+/// Exception: errors of the classes in [`MESSAGE_SAFE_CLASSES`] also carry the
+/// server's message. Those of class 42 ("syntax error or access rule violation")
+/// and 3F ("invalid schema name"), e.g. `column "nme" does not exist`, are raised
+/// while PostgreSQL parses and analyses a statement, before any row is read, so
+/// the message quotes the SQL text (wardcall's or the config's, never a row) and
+/// is what an operator needs to fix a config. Those of classes 08 (connection),
+/// 28 (authorization), 3D (unknown database), 40 (serialization failure,
+/// deadlock), 53 (insufficient resources) and 57 (operator intervention, e.g.
+/// `the database system is starting up`, a statement timeout) describe the
+/// server's or the connection's state, never a row (their DETAIL, which can
+/// name rows, is still not shown).
+///
+/// Other sqlx errors (I/O, pool, protocol) are described by sqlx's text, except
+/// decoding errors, whose source may quote the value that failed to decode.
 pub fn db_message(e: &sqlx::Error) -> String {
     match e {
-        sqlx::Error::Database(d) => d.message().to_string(),
+        sqlx::Error::Database(d) => {
+            let code = d.code().map(|c| c.into_owned()).unwrap_or_default();
+            let mut out = if code.is_empty() {
+                "database error without SQLSTATE".to_string()
+            } else {
+                format!("SQLSTATE {code} ({})", sqlstate_name(&code))
+            };
+            let pg = d.try_downcast_ref::<sqlx::postgres::PgDatabaseError>();
+            let mut field = |label: &str, value: Option<&str>| {
+                if let Some(v) = value.filter(|v| !v.is_empty()) {
+                    out.push_str(&format!(", {label} {v}"));
+                }
+            };
+            field("constraint", d.constraint());
+            match (pg.and_then(|p| p.schema()), d.table()) {
+                (Some(schema), Some(table)) => field("table", Some(&format!("{schema}.{table}"))),
+                (None, table) => field("table", table),
+                (Some(schema), None) => field("schema", Some(schema)),
+            }
+            if let Some(pg) = pg {
+                field("column", pg.column());
+                field("data type", pg.data_type());
+            }
+            if MESSAGE_SAFE_CLASSES.iter().any(|class| code.starts_with(class)) {
+                out.push_str(&format!(": {}", d.message()));
+            }
+            out
+        }
+        sqlx::Error::ColumnDecode { index, .. } => {
+            format!("cannot decode result column {index} (the value and the decoder's message are not shown)")
+        }
+        sqlx::Error::Decode(_) => "cannot decode a value returned by the database (not shown)".to_string(),
         other => other.to_string(),
+    }
+}
+
+/// SQLSTATE classes whose primary message [`db_message`] shows (Appendix A of the
+/// PostgreSQL 15 manual): they never quote a row's values.
+pub const MESSAGE_SAFE_CLASSES: [&str; 8] = ["08", "28", "3D", "3F", "40", "42", "53", "57"];
+
+/// [`db_message`] for every error in an `anyhow` chain: the chain's texts joined
+/// with `": "` (as `{:#}` prints them), with each [`sqlx::Error`] replaced by its
+/// redacted form and the context texts above it kept. Use it wherever an error
+/// that may come from the database is logged, audited or stored.
+pub fn error_text(e: &anyhow::Error) -> String {
+    let mut parts = Vec::new();
+    for cause in e.chain() {
+        if let Some(db) = cause.downcast_ref::<sqlx::Error>() {
+            parts.push(db_message(db));
+            // sqlx's own sources (the server's message) are not shown.
+            break;
+        }
+        parts.push(cause.to_string());
+    }
+    parts.join(": ")
+}
+
+/// Condition name of a SQLSTATE (Appendix A of the PostgreSQL 15 manual) for the
+/// codes wardcall's statements and write-backs meet; otherwise the name of its class.
+fn sqlstate_name(code: &str) -> &'static str {
+    match code {
+        "08000" => "connection_exception",
+        "08003" => "connection_does_not_exist",
+        "08006" => "connection_failure",
+        "0A000" => "feature_not_supported",
+        "21000" => "cardinality_violation",
+        "22001" => "string_data_right_truncation",
+        "22003" => "numeric_value_out_of_range",
+        "22004" => "null_value_not_allowed",
+        "22007" => "invalid_datetime_format",
+        "22008" => "datetime_field_overflow",
+        "22012" => "division_by_zero",
+        "22021" => "character_not_in_repertoire",
+        "22023" => "invalid_parameter_value",
+        "22P02" => "invalid_text_representation",
+        "22P05" => "untranslatable_character",
+        "23000" => "integrity_constraint_violation",
+        "23502" => "not_null_violation",
+        "23503" => "foreign_key_violation",
+        "23505" => "unique_violation",
+        "23514" => "check_violation",
+        "23P01" => "exclusion_violation",
+        "25P02" => "in_failed_sql_transaction",
+        "28000" => "invalid_authorization_specification",
+        "28P01" => "invalid_password",
+        "3D000" => "invalid_catalog_name",
+        "3F000" => "invalid_schema_name",
+        "40001" => "serialization_failure",
+        "40P01" => "deadlock_detected",
+        "42501" => "insufficient_privilege",
+        "42601" => "syntax_error",
+        "42703" => "undefined_column",
+        "42804" => "datatype_mismatch",
+        "42883" => "undefined_function",
+        "42P01" => "undefined_table",
+        "42P18" => "indeterminate_datatype",
+        "53300" => "too_many_connections",
+        "55P03" => "lock_not_available",
+        "57014" => "query_canceled",
+        "57P01" => "admin_shutdown",
+        "P0001" => "raise_exception",
+        _ => match code.get(..2).unwrap_or("") {
+            "08" => "connection exception",
+            "0A" => "feature not supported",
+            "22" => "data exception",
+            "23" => "integrity constraint violation",
+            "25" => "invalid transaction state",
+            "28" => "invalid authorization specification",
+            "40" => "transaction rollback",
+            "42" => "syntax error or access rule violation",
+            "53" => "insufficient resources",
+            "54" => "program limit exceeded",
+            "55" => "object not in prerequisite state",
+            "57" => "operator intervention",
+            "58" => "system error",
+            "P0" => "PL/pgSQL error",
+            "XX" => "internal error",
+            _ => "other error",
+        },
     }
 }
 

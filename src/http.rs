@@ -93,7 +93,7 @@ impl IntoResponse for ApiError {
 
 impl From<sqlx::Error> for ApiError {
     fn from(e: sqlx::Error) -> Self {
-        tracing::error!(error = %e, "database error in an HTTP handler");
+        tracing::error!(error = %crate::capture::db_message(&e), "database error in an HTTP handler");
         ApiError(StatusCode::SERVICE_UNAVAILABLE, "database unavailable".into())
     }
 }
@@ -213,7 +213,7 @@ async fn twilio_webhook(
         Ok(r) => r,
         Err(CallEventError::UnknownAttempt) => (StatusCode::NOT_FOUND, "unknown attempt").into_response(),
         Err(CallEventError::Db(e)) => {
-            tracing::error!(error = %e, kind = %kind, "webhook could not be recorded; Twilio may retry");
+            tracing::error!(error = %crate::capture::db_message(&e), kind = %kind, "webhook could not be recorded; Twilio may retry");
             (StatusCode::SERVICE_UNAVAILABLE, "database unavailable").into_response()
         }
     }

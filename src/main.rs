@@ -72,8 +72,14 @@ enum EmulateCommand {
     Twilio(wardcall::twilio::emulate_cli::EmulateArgs),
 }
 
+/// Logs to stderr at `default` level unless `RUST_LOG` says otherwise. sqlx's
+/// statement log (target `sqlx::query`, which prints statement texts that may
+/// carry patient data) stays off whatever `RUST_LOG` says; wardcall's pools
+/// disable it at the source too (`db::connect_pool`).
 fn init_tracing(default: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default))
+        .add_directive("sqlx::query=off".parse().expect("static directive"));
     tracing_subscriber::fmt().with_env_filter(filter).with_target(false).with_writer(std::io::stderr).init();
 }
 
@@ -83,7 +89,8 @@ fn main() -> std::process::ExitCode {
     match runtime.block_on(run(cli)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("wardcall: {e:#}");
+            // Database errors redacted: their messages quote the values they reject.
+            eprintln!("wardcall: {}", wardcall::capture::error_text(&e));
             std::process::ExitCode::FAILURE
         }
     }

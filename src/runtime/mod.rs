@@ -127,12 +127,12 @@ impl Engine {
             let mut listener = match PgListener::connect_with(&self.db.pool).await {
                 Ok(l) => l,
                 Err(e) => {
-                    tracing::warn!(error = %e, "listener cannot connect; retrying in 1 s (the sweep keeps draining)");
+                    tracing::warn!(error = %crate::capture::db_message(&e), "listener cannot connect; retrying in 1 s (the sweep keeps draining)");
                     tokio::select! { _ = tokio::time::sleep(Duration::from_secs(1)) => continue, _ = stop.changed() => return }
                 }
             };
             if let Err(e) = listener.listen_all([crate::capture::OUTBOX_CHANNEL, WAKE_CHANNEL]).await {
-                tracing::warn!(error = %e, "LISTEN failed; retrying in 1 s");
+                tracing::warn!(error = %crate::capture::db_message(&e), "LISTEN failed; retrying in 1 s");
                 tokio::select! { _ = tokio::time::sleep(Duration::from_secs(1)) => continue, _ = stop.changed() => return }
             }
             tracing::debug!("listener connected");
@@ -158,7 +158,7 @@ impl Engine {
                             break;
                         }
                         Err(e) => {
-                            tracing::warn!(error = %e, "listener error; reconnecting");
+                            tracing::warn!(error = %crate::capture::db_message(&e), "listener error; reconnecting");
                             break;
                         }
                     }
@@ -180,7 +180,7 @@ impl Engine {
                     Ok(500) => continue,
                     Ok(_) => break,
                     Err(e) => {
-                        tracing::warn!(error = %e, "outbox dispatch failed; the next sweep retries");
+                        tracing::warn!(error = %crate::capture::error_text(&e), "outbox dispatch failed; the next sweep retries");
                         break;
                     }
                 }
@@ -334,7 +334,7 @@ impl Engine {
                             });
                         }
                     }
-                    Err(e) => tracing::warn!(error = %e, "claiming due runs failed"),
+                    Err(e) => tracing::warn!(error = %crate::capture::db_message(&e), "claiming due runs failed"),
                 }
             }
             if claimed_full {
@@ -374,7 +374,7 @@ impl Engine {
                             lost.store(true, Ordering::SeqCst);
                             return;
                         }
-                        Err(e) => tracing::warn!(error = %e, "lease renewal failed; retrying"),
+                        Err(e) => tracing::warn!(error = %crate::capture::db_message(&e), "lease renewal failed; retrying"),
                     }
                 }
             })
@@ -390,7 +390,7 @@ impl Engine {
                     Ok(WaitResolution::Parked) | Ok(WaitResolution::LeaseLost) => break,
                     Err(e) => {
                         // The lease lapses and another claim retries the resolution.
-                        tracing::warn!(run = %run.id, error = %e, "resolving a wait failed");
+                        tracing::warn!(run = %run.id, error = %crate::capture::db_message(&e), "resolving a wait failed");
                         break;
                     }
                 }
@@ -446,7 +446,7 @@ impl Engine {
                         }
                         Ok(None) => false,
                         Err(e) => {
-                            tracing::warn!(run = %run.id, error = %e, "committing a step failed; the lease will lapse and the step re-run");
+                            tracing::warn!(run = %run.id, error = %crate::capture::db_message(&e), "committing a step failed; the lease will lapse and the step re-run");
                             false
                         }
                     }
@@ -454,7 +454,7 @@ impl Engine {
                 Err(StepError::LeaseLost) => false,
                 Err(StepError::Retryable(err)) => {
                     let delay = if pages { retry_delay_ms(&workflow, run.step_attempt + 1).min(ESCALATION_RETRY_CAP_MS) } else { retry_delay_ms(&workflow, run.step_attempt + 1) };
-                    let msg = format!("{err:#}");
+                    let msg = crate::capture::error_text(&err);
                     tracing::warn!(run = %run.id, step = %run.step, attempt = run.step_attempt + 1, error = %msg, "step failed");
                     let max_attempts = if pages { u32::MAX } else { workflow.max_attempts };
                     matches!(store::record_step_failure(&self.db.pool, &run, &msg, max_attempts, delay, &actor).await, Ok(Some(_)))
@@ -462,13 +462,13 @@ impl Engine {
                 Err(StepError::Permanent(err)) if pages => {
                     // An alert is never given up on: an escalation keeps retrying
                     // (the config or the provider may be fixed meanwhile).
-                    let msg = format!("{err:#}");
+                    let msg = crate::capture::error_text(&err);
                     tracing::error!(run = %run.id, step = %run.step, error = %msg, "escalation step failed; retrying (alerts are never dead-lettered)");
                     let delay = retry_delay_ms(&workflow, run.step_attempt + 1).min(ESCALATION_RETRY_CAP_MS);
                     matches!(store::record_step_failure(&self.db.pool, &run, &msg, u32::MAX, delay, &actor).await, Ok(Some(_)))
                 }
                 Err(StepError::Permanent(err)) => {
-                    let msg = format!("{err:#}");
+                    let msg = crate::capture::error_text(&err);
                     tracing::error!(run = %run.id, step = %run.step, error = %msg, "step failed permanently");
                     matches!(
                         store::commit_transition(&self.db.pool, &run, &state, &run.step, &Parking::Fail { error: msg }, &actor).await,
@@ -493,7 +493,7 @@ impl Engine {
         match store::release_leases(&self.db.pool, &self.engine_id).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(runs = n, "released leases at shutdown"),
-            Err(e) => tracing::warn!(error = %e, "releasing leases failed; they expire on their own"),
+            Err(e) => tracing::warn!(error = %crate::capture::db_message(&e), "releasing leases failed; they expire on their own"),
         }
     }
 }

@@ -46,7 +46,7 @@ pub async fn run(engine: Arc<Engine>) {
             return;
         }
         if let Err(e) = sweep_once(&engine).await {
-            tracing::warn!(error = %e, "call sweep failed; retrying");
+            tracing::warn!(error = %crate::capture::db_message(&e), "call sweep failed; retrying");
         }
         tokio::select! {
             _ = engine.call_sweeper_woken() => {}

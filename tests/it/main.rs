@@ -20,6 +20,7 @@ mod capture_runtime;
 mod escalation;
 mod bench_smoke;
 mod fail_safe;
+mod privacy_cluster;
 
 use libtest_mimic::{Arguments, Trial};
 
@@ -43,5 +44,6 @@ fn all_tests() -> Vec<Trial> {
     t.extend(escalation::tests());
     t.extend(bench_smoke::tests());
     t.extend(fail_safe::tests());
+    t.extend(privacy_cluster::tests());
     t
 }
