@@ -331,15 +331,17 @@ pub struct WriteBack {
 }
 
 impl WriteBack {
-    /// Every hook as (key, statement): the config checks walk this list, so a
-    /// new hook must be added here to be checked against the schema at start.
-    pub fn hooks(&self) -> [(&'static str, Option<&str>); 5] {
-        [
-            ("on_call_placed", self.on_call_placed.as_deref()),
-            ("on_call_status", self.on_call_status.as_deref()),
-            ("on_acknowledged", self.on_acknowledged.as_deref()),
-            ("on_escalated", self.on_escalated.as_deref()),
-            ("on_unacknowledged", self.on_unacknowledged.as_deref()),
+    /// Every hook as (key, statement), for the checks at load and against
+    /// the schema at start. The exhaustive destructuring makes a new hook
+    /// field a compile error here until it is listed (and so checked).
+    pub fn hooks(&self) -> Vec<(&'static str, Option<&str>)> {
+        let WriteBack { on_call_placed, on_call_status, on_acknowledged, on_escalated, on_unacknowledged } = self;
+        vec![
+            ("on_call_placed", on_call_placed.as_deref()),
+            ("on_call_status", on_call_status.as_deref()),
+            ("on_acknowledged", on_acknowledged.as_deref()),
+            ("on_escalated", on_escalated.as_deref()),
+            ("on_unacknowledged", on_unacknowledged.as_deref()),
         ]
     }
 }
@@ -384,9 +386,15 @@ impl Config {
     pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
         let de = toml::Deserializer::new(text);
         let mut config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
-            let path = e.path().to_string();
+            let mut path = e.path().to_string();
             let inner = e.into_inner();
-            let line = inner.span().map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
+            let mut line = inner.span().map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
+            // Inside the flattened kind serde loses the path (`workflows[0]`):
+            // look for the key in the kind's own settings.
+            if let Some(key) = path.strip_prefix("workflows[").and_then(|r| r.strip_suffix(']')).and_then(|i| i.parse().ok()).and_then(|i| workflow_kind_key(text, i)) {
+                path = key;
+                line = None;
+            }
             let key = match (path.as_str(), line) {
                 ("." | "", Some(l)) => format!("line {l}"),
                 ("." | "", None) => "(document)".into(),
@@ -619,6 +627,25 @@ impl Config {
     pub fn workflow(&self, name: &str) -> Option<&Workflow> {
         self.workflows.iter().find(|w| w.name == name)
     }
+}
+
+/// The key path of a type error inside the settings of `workflows[index]`'s
+/// kind (e.g. `workflows[0].lookups.room`), which serde cannot report through
+/// the flattened, internally tagged [`WorkflowKind`]. `None` when not found.
+fn workflow_kind_key(text: &str, index: usize) -> Option<String> {
+    let raw: toml::Table = text.parse().ok()?;
+    let mut table = raw.get("workflows")?.as_array()?.get(index)?.as_table()?.clone();
+    if table.get("kind")?.as_str()? != "escalation" {
+        return None;
+    }
+    for common in ["name", "event", "kind", "max_attempts", "retry_base_ms", "retry_max_ms"] {
+        table.remove(common);
+    }
+    let err = serde_path_to_error::deserialize::<_, EscalationWorkflow>(toml::Value::Table(table)).err()?;
+    if err.inner().to_string().contains("unknown field") {
+        return None;
+    }
+    Some(format!("workflows[{index}].{}", err.path()))
 }
 
 /// True when `s` is an E.164 number: `+`, a non-zero digit, 7 to 14 more digits

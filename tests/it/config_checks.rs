@@ -295,6 +295,11 @@ pub async fn bad_values_and_unknown_keys_are_refused_at_load() {
             "policies[0].steps[0].ack_timeout_seconds",
             "invalid type",
         ),
+        (
+            base.replace(r#"room_name = "SELECT 'x'""#, "room_name = 3"),
+            "workflows[1].lookups.room_name",
+            "invalid type",
+        ),
     ];
     // Every case is tried; the failures are reported together.
     let mut failures = Vec::new();
