@@ -509,14 +509,28 @@ pub async fn readme_defaults_match_the_code() {
 pub async fn unrouted_outbox_rows_are_kept_counted_and_shown() {
     let db = TestDb::new().await;
     db.exec(SCHEMA).await;
-    let app = start_app(
-        &db,
-        config(&escalation_config("", "").replace(
-            "[[sources]]\nname = \"pages\"\ntable = \"pages\"\nevent = \"page.created\"\n",
-            "",
-        )),
+    // The engine runs as a child process, so that its log can be read.
+    let dir = std::env::temp_dir().join(format!("wardcall-it-unrouted-{}", db.name));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg_path = dir.join("engine.toml");
+    let text = escalation_config("", "").replace(
+        "[[sources]]\nname = \"pages\"\ntable = \"pages\"\nevent = \"page.created\"\n",
+        "",
+    );
+    std::fs::write(
+        &cfg_path,
+        format!("database_url = \"{}\"\n[engine]\nsweep_ms = 100\n[http]\nlisten = \"127.0.0.1:0\"\n{text}", db.url()),
     )
-    .await;
+    .unwrap();
+    let log = dir.join("engine.log");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_wardcall"))
+        .args(["--config", cfg_path.to_str().unwrap(), "serve"])
+        .env("RUST_LOG", "warn")
+        .env("TWILIO_AUTH_TOKEN", AUTH_TOKEN)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("spawn wardcall serve");
     // A source installed by another config (kept: no --prune) and an emit,
     // both with events no workflow here listens to.
     db.exec(
@@ -541,7 +555,29 @@ pub async fn unrouted_outbox_rows_are_kept_counted_and_shown() {
         .unwrap();
     assert_eq!(counts.outbox_unrouted, 2);
     assert_eq!(counts.outbox_backlog, 0);
-    app.stop(Duration::from_secs(2)).await;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(child.wait().unwrap().success());
+    // Logged once per row, at warn, by event name, never with the payload.
+    let logged = std::fs::read_to_string(&log).unwrap();
+    let warnings: Vec<&str> = logged
+        .lines()
+        .filter(|l| l.contains("WARN") && l.contains("unrouted"))
+        .collect();
+    assert_eq!(warnings.len(), 2, "one warning per unrouted row: {logged}");
+    assert!(
+        warnings.iter().any(|l| l.contains("nobody.listens"))
+            && warnings.iter().any(|l| l.contains("room.cleaned")),
+        "{logged}"
+    );
+    assert!(
+        !logged.contains("Secret"),
+        "patient data reached the log: {logged}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
     // `wardcall status` shows them.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_wardcall"))
         .args(["status"])
