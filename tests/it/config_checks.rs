@@ -491,6 +491,8 @@ pub async fn readme_defaults_match_the_code() {
     let raw: toml::Value = toml::from_str(&minimal).unwrap();
     let mut defaulted = Vec::new();
     defaulted_keys(&parsed, Some(&raw), "", &mut defaulted);
+    defaulted.sort();
+    defaulted.dedup();
     assert!(
         defaulted.len() >= 15,
         "only {} defaulted keys found: {defaulted:?}",
@@ -521,18 +523,14 @@ fn defaulted_keys(parsed: &Value, raw: Option<&toml::Value>, path: &str, out: &m
                 defaulted_keys(v, raw.and_then(|r| r.get(k)), &join(k), out);
             }
         }
-        Value::Array(items) if raw.is_none() => {
-            if !items.is_empty() && !out.iter().any(|k| k == path) {
-                out.push(path.to_string());
-            }
-        }
+        Value::Array(items) if raw.is_none() && !items.is_empty() => out.push(path.to_string()),
         Value::Array(items) => {
             for (i, item) in items.iter().enumerate() {
                 defaulted_keys(item, raw.and_then(|r| r.get(i)), &format!("{path}[]"), out);
             }
         }
         Value::Null => {}
-        _ if raw.is_none() && !out.iter().any(|k| k == path) => out.push(path.to_string()),
+        _ if raw.is_none() => out.push(path.to_string()),
         _ => {}
     }
 }
