@@ -16,7 +16,7 @@
 //! source's name, never the team's own INSERTs.
 
 use crate::audit;
-use crate::config::{split_table_name, Operation, Source};
+use crate::config::{split_table_name, Config, ConfigError, Operation, Source};
 use crate::db::migrate::SCHEMA_LOCK_KEY;
 use anyhow::{bail, Context};
 use sqlx::{PgPool, Postgres, Transaction};
@@ -24,17 +24,31 @@ use sqlx::{PgPool, Postgres, Transaction};
 /// Channel the capture triggers and `wardcall.emit` notify (empty payload).
 pub const OUTBOX_CHANNEL: &str = "wardcall_outbox";
 
-/// Installs (or replaces) the trigger of every source and removes the triggers
-/// of sources that left the config. Idempotent; one transaction under the
-/// schema advisory lock, so concurrent engines do not race.
+/// What [`install_sources`] did with sources installed earlier but absent
+/// from this config.
+#[derive(Debug, Clone, Default)]
+pub struct SourcesReport {
+    /// Sources of this config whose triggers are installed.
+    pub installed: Vec<String>,
+    /// Sources absent from this config whose triggers were removed (`--prune`).
+    pub removed: Vec<String>,
+    /// Sources absent from this config whose triggers were kept (no `--prune`).
+    pub kept: Vec<String>,
+}
+
+/// Installs (or replaces) the trigger of every source. Idempotent; one
+/// transaction under the schema advisory lock, so concurrent engines do not race.
 ///
 /// Errors: a table that does not exist, an UPDATE source on a table without a
 /// primary key, or a condition/payload that PostgreSQL rejects — each naming
 /// the source.
 ///
-/// With `prune` false, triggers of sources absent from `sources` are kept: a
-/// `wardcall migrate` run without the config file must not silently stop capture.
-pub async fn install_sources(pool: &PgPool, sources: &[Source], prune: bool, actor: &str) -> anyhow::Result<()> {
+/// Triggers of sources absent from `sources` (installed by another config)
+/// are removed only when `prune` is true (`--prune`), each logged and audited
+/// `source.removed`; otherwise they are kept and named in a warning, so that
+/// running `migrate`/`serve` with the wrong config never silently stops capture.
+pub async fn install_sources(pool: &PgPool, sources: &[Source], prune: bool, actor: &str) -> anyhow::Result<SourcesReport> {
+    let mut report = SourcesReport { installed: sources.iter().map(|s| s.name.clone()).collect(), ..Default::default() };
     let mut tx = pool.begin().await?;
     sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(SCHEMA_LOCK_KEY).execute(&mut *tx).await?;
     for source in sources {
@@ -47,15 +61,142 @@ pub async fn install_sources(pool: &PgPool, sources: &[Source], prune: bool, act
             continue;
         }
         if !prune {
-            tracing::warn!(source = %name, "a capture trigger not in this config is kept (no config file loaded)");
+            report.kept.push(name);
             continue;
         }
         remove_triggers(&mut tx, &table, &triggers, &function).await?;
         sqlx::query("DELETE FROM wardcall.sources WHERE name = $1").bind(&name).execute(&mut *tx).await?;
         audit::record(&mut tx, audit::Entity::Source, &name, "source.removed", None, None, actor, serde_json::json!({"table": table})).await?;
-        tracing::info!(source = %name, "removed capture trigger of a source no longer in the config");
+        tracing::info!(source = %name, table = %table, "removed the capture trigger of a source not in this config (--prune)");
+        report.removed.push(name);
     }
     tx.commit().await?;
+    if !report.kept.is_empty() {
+        tracing::warn!(
+            sources = %report.kept.join(", "),
+            "capture triggers of sources not in this config are left installed (their rows still reach the outbox); pass --prune to remove them"
+        );
+    }
+    Ok(report)
+}
+
+/// Checks the config against the real database before anything is installed
+/// (called by [`crate::app::prepare_database`] after wardcall's migrations):
+///
+/// - `engine.pool_size` plus the listener's connection fits the server's
+///   `max_connections` minus `superuser_reserved_connections` and
+///   `reserved_connections` (PostgreSQL manual, 19.3.1 "Connection Settings");
+/// - every source's table exists, and its condition and payload are valid
+///   over `NEW`/`OLD` of that table;
+/// - every escalation lookup is a statement taking at most `$1 jsonb` and
+///   returning exactly one text column;
+/// - every `write_back` hook is a statement taking at most `$1 jsonb, $2 jsonb`.
+///
+/// Each SQL text is only parsed and described (the extended protocol's
+/// Parse/Describe, PostgreSQL manual 55.2.3 "Extended Query") on a dedicated
+/// connection inside a transaction that is rolled back: no statement runs.
+///
+/// Errors: a [`ConfigError`] naming the config file, the key (e.g.
+/// `workflows[0].lookups.room_name`) and PostgreSQL's reason (no values: the
+/// statement is never executed).
+pub async fn check_config_against_database(db: &crate::db::Database, config: &Config) -> anyhow::Result<()> {
+    use sqlx::{ConnectOptions, Executor, Statement, TypeInfo};
+    let file = config.file_name();
+    let fail = |key: String, problem: String| ConfigError { file: file.to_string(), key, problem };
+    let mut conn = db.connect_options.connect().await.context("connecting to check the config against the database")?;
+    let result = async {
+        let mut tx = sqlx::Connection::begin(&mut conn).await?;
+        sqlx::raw_sql("SET LOCAL statement_timeout = '10s'; SET LOCAL lock_timeout = '5s'").execute(&mut *tx).await?;
+        let (max, reserved): (i32, i32) = sqlx::query_as(
+            "SELECT current_setting('max_connections')::int,
+                    current_setting('superuser_reserved_connections')::int
+                    + coalesce(nullif(current_setting('reserved_connections', true), ''), '0')::int",
+        )
+        .fetch_one(&mut *tx)
+        .await?;
+        let usable = (max - reserved).max(0) as i64;
+        let wanted = config.engine.pool_size as i64 + 1;
+        if wanted > usable {
+            return Err(fail(
+                "engine.pool_size".into(),
+                format!(
+                    "{} connections plus one for the listener exceed what the server allows: max_connections {max} leaves {usable} for clients",
+                    config.engine.pool_size
+                ),
+            )
+            .into());
+        }
+        let jsonb = <sqlx::types::JsonValue as sqlx::Type<Postgres>>::type_info();
+        for (i, source) in config.sources.iter().enumerate() {
+            let key = |k: &str| format!("sources[{i}].{k} (source '{}')", source.name);
+            let (schema, table) = split_table_name(&source.table).expect("validated at config load");
+            let qualified = format!("{}.{}", quote_ident(&schema), quote_ident(&table));
+            let exists: Option<String> = sqlx::query_scalar("SELECT to_regclass($1)::text").bind(&qualified).fetch_one(&mut *tx).await?;
+            if exists.is_none() {
+                return Err(fail(key("table"), format!("table {schema}.{table} does not exist")).into());
+            }
+            let from = format!("FROM {qualified} AS new LEFT JOIN {qualified} AS old ON false");
+            let checks = [
+                ("condition", source.condition.as_deref().map(|c| format!("SELECT 1 {from} WHERE ({c})"))),
+                ("payload", source.payload.as_deref().map(|p| format!("SELECT ({p})::jsonb {from}"))),
+            ];
+            for (what, sql) in checks {
+                let Some(sql) = sql else { continue };
+                if let Err(e) = (&mut *tx).prepare(&sql).await {
+                    return Err(fail(key(what), format!("PostgreSQL refused it over NEW/OLD of {schema}.{table}: {}", db_message(&e))).into());
+                }
+            }
+        }
+        for (i, w) in config.workflows.iter().enumerate() {
+            let crate::config::WorkflowKind::Escalation(esc) = &w.kind else { continue };
+            let mut lookups: Vec<(&String, &String)> = esc.lookups.iter().collect();
+            lookups.sort();
+            for (name, sql) in lookups {
+                let key = format!("workflows[{i}].lookups.{name}");
+                let statement = match (&mut *tx).prepare_with(sql, std::slice::from_ref(&jsonb)).await {
+                    Ok(s) => s,
+                    Err(e) => return Err(fail(key, format!("PostgreSQL refused it: {}", db_message(&e))).into()),
+                };
+                check_parameters(statement.parameters(), 1).map_err(|p| fail(key.clone(), p))?;
+                let columns = statement.columns();
+                if columns.len() != 1 {
+                    return Err(fail(key, format!("must return exactly one text column; it returns {}", columns.len())).into());
+                }
+                let ty = sqlx::Column::type_info(&columns[0]);
+                if !<String as sqlx::Type<Postgres>>::compatible(ty) {
+                    return Err(fail(key, format!("must return one text column; its column is of type {} (cast it with ::text)", ty.name())).into());
+                }
+            }
+            for (hook, sql) in esc.write_back.hooks() {
+                let Some(sql) = sql else { continue };
+                let key = format!("workflows[{i}].write_back.{hook}");
+                let statement = match (&mut *tx).prepare_with(sql, &[jsonb.clone(), jsonb.clone()]).await {
+                    Ok(s) => s,
+                    Err(e) => return Err(fail(key, format!("PostgreSQL refused it: {}", db_message(&e))).into()),
+                };
+                check_parameters(statement.parameters(), 2).map_err(|p| fail(key, p))?;
+            }
+        }
+        tx.rollback().await?;
+        anyhow::Ok(())
+    }
+    .await;
+    let _ = sqlx::Connection::close(conn).await;
+    result
+}
+
+/// At most `allowed` parameters (`$1` payload, `$2` details): a statement with
+/// more would fail at every run with a bind error.
+fn check_parameters(parameters: Option<sqlx::Either<&[sqlx::postgres::PgTypeInfo], usize>>, allowed: usize) -> Result<(), String> {
+    let n = match parameters {
+        Some(sqlx::Either::Left(types)) => types.len(),
+        Some(sqlx::Either::Right(n)) => n,
+        None => 0,
+    };
+    if n > allowed {
+        let names = if allowed == 1 { "$1 (the event payload, jsonb)" } else { "$1 (the event payload) and $2 (the details), both jsonb" };
+        return Err(format!("uses ${n}, but only {names} are bound"));
+    }
     Ok(())
 }
 

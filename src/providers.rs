@@ -56,7 +56,7 @@ fn read_twilio_token(t: &TwilioConfig) -> anyhow::Result<String> {
         anyhow::ensure!(!token.is_empty(), "providers.twilio.auth_token_file: {} is empty", path.display());
         return Ok(token);
     }
-    let var = t.auth_token_env.clone().unwrap_or_else(|| "TWILIO_AUTH_TOKEN".into());
+    let var = t.auth_token_env.clone().unwrap_or_else(|| crate::config::DEFAULT_TWILIO_TOKEN_ENV.into());
     match std::env::var(&var) {
         Ok(v) if !v.trim().is_empty() => Ok(v.trim().to_string()),
         _ => anyhow::bail!(

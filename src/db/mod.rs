@@ -41,9 +41,9 @@ impl Database {
                 (opts, None)
             }
             None => {
-                let dir = config.data_dir.clone().unwrap_or_else(|| ".wardcall".into());
+                let dir = config.data_dir.clone().unwrap_or_else(|| crate::config::DEFAULT_DATA_DIR.into());
                 let cluster = EmbeddedCluster::start(&dir).await?;
-                let name = config.database.clone().unwrap_or_else(|| "wardcall".into());
+                let name = config.database.clone().unwrap_or_else(|| crate::config::DEFAULT_DATABASE.into());
                 cluster.ensure_database(&name).await?;
                 (cluster.connect_options(&name), Some(Arc::new(cluster)))
             }

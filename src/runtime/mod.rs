@@ -195,14 +195,19 @@ impl Engine {
 
     /// Turns up to `limit` unprocessed outbox rows into runs, in one transaction.
     /// Returns how many outbox rows it processed.
+    ///
+    /// A row whose event no workflow of this config listens to is not dropped:
+    /// it is marked `unrouted_at` in the same transaction (kept in the outbox,
+    /// counted by `wardcall status`) and logged once, at warn, by id, source
+    /// and event name (never its payload).
     pub async fn dispatch_batch(self: &Arc<Self>, limit: i64) -> anyhow::Result<usize> {
         let mut tx = self.db.pool.begin().await?;
-        let rows: Vec<(i64, String, Value)> = sqlx::query_as(
+        let rows: Vec<(i64, String, Value, String)> = sqlx::query_as(
             "WITH batch AS (
                  SELECT id FROM wardcall.outbox WHERE processed_at IS NULL ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED)
              UPDATE wardcall.outbox o SET processed_at = clock_timestamp(), processed_by = $2
                FROM batch WHERE o.id = batch.id
-             RETURNING o.id, o.event, o.payload",
+             RETURNING o.id, o.event, o.payload, o.source",
         )
         .bind(limit)
         .bind(&self.engine_id)
@@ -215,7 +220,8 @@ impl Engine {
         let mut event_ids = Vec::new();
         let mut events = Vec::new();
         let mut inputs = Vec::new();
-        for (id, event, payload) in &rows {
+        let mut unrouted = Vec::new();
+        for (id, event, payload, source) in &rows {
             let mut routed = false;
             for w in self.config.workflows.iter().filter(|w| &w.event == event) {
                 workflow_names.push(w.name.clone());
@@ -225,8 +231,15 @@ impl Engine {
                 routed = true;
             }
             if !routed {
-                tracing::debug!(outbox_id = id, event = %event, "no workflow is bound to this event");
+                tracing::warn!(outbox_id = id, source = %source, event = %event, "no workflow listens to this event: outbox row kept as unrouted");
+                unrouted.push(*id);
             }
+        }
+        if !unrouted.is_empty() {
+            sqlx::query("UPDATE wardcall.outbox SET unrouted_at = clock_timestamp() WHERE id = ANY($1)")
+                .bind(&unrouted)
+                .execute(&mut *tx)
+                .await?;
         }
         // Take as many runs as there are free worker slots: they start leased to us.
         let mut taken = Vec::new();
@@ -396,9 +409,14 @@ impl Engine {
                 }
             }
             let Some(workflow) = self.config.workflow(&run.workflow).cloned() else {
-                let msg = format!("workflow '{}' is not in this engine's config", run.workflow);
-                let _ = store::record_step_failure(&self.db.pool, &run, &msg, u32::MAX, 5_000, &actor).await;
-                tracing::error!(run = %run.id, "{msg}");
+                // Fail visibly instead of retrying forever: status `failed`,
+                // `last_error` naming the workflow, audited `run.failed`, logged.
+                let msg = format!("workflow '{}' is not in this engine's config (removed?): the run cannot proceed", run.workflow);
+                tracing::error!(run = %run.id, workflow = %run.workflow, "run failed: its workflow is not in this engine's config");
+                let fail = store::Parking::Fail { error: msg };
+                if let Err(e) = store::commit_transition(&self.db.pool, &run, &run.state, &run.step, &fail, &actor).await {
+                    tracing::warn!(run = %run.id, error = %e, "recording the failure failed; the lease will lapse and it is retried");
+                }
                 break;
             };
             let pages = matches!(workflow.kind, crate::config::WorkflowKind::Escalation(_));

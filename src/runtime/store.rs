@@ -457,6 +457,9 @@ pub struct StatusCounts {
     pub outbox_backlog: i64,
     /// Seconds the oldest unprocessed outbox row has waited.
     pub outbox_oldest_seconds: Option<f64>,
+    /// Outbox rows whose event no workflow listened to when dispatched
+    /// (`wardcall.outbox.unrouted_at` set; kept, never deleted).
+    pub outbox_unrouted: i64,
 }
 
 /// Reads the run and outbox counts.
@@ -481,5 +484,6 @@ pub async fn status_counts(pool: &PgPool) -> Result<StatusCounts, sqlx::Error> {
         cancelled: get("cancelled"),
         outbox_backlog: backlog,
         outbox_oldest_seconds: oldest,
+        outbox_unrouted: sqlx::query_scalar("SELECT count(*) FROM wardcall.outbox WHERE unrouted_at IS NOT NULL").fetch_one(pool).await?,
     })
 }

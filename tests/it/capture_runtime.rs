@@ -374,8 +374,13 @@ pub async fn source_removed_from_config_loses_its_trigger() {
     // Without a config file (built-in defaults) nothing is removed...
     wardcall::app::prepare_database(&db.database(), &Config::default(), "test").await.unwrap();
     assert_eq!(db.scalar_i64("SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'wardcall_capture_%'").await, 1);
-    // ...a config file without the source removes its trigger.
+    // ...a config file without the source keeps it too (it may belong to
+    // another config); only an explicit --prune removes it.
     wardcall::app::prepare_database(&db.database(), &config(""), "test").await.unwrap();
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'wardcall_capture_%'").await, 1);
+    let mut pruning = (*config("")).clone();
+    pruning.prune_sources = true;
+    wardcall::app::prepare_database(&db.database(), &pruning, "test").await.unwrap();
     assert_eq!(db.scalar_i64("SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'wardcall_capture_%'").await, 0);
     db.exec("INSERT INTO tasks (kind) VALUES ('go')").await;
     assert_eq!(db.scalar_i64("SELECT count(*) FROM wardcall.outbox").await, 0);

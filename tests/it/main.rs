@@ -21,6 +21,7 @@ mod escalation;
 mod bench_smoke;
 mod fail_safe;
 mod privacy_cluster;
+mod config_checks;
 
 use libtest_mimic::{Arguments, Trial};
 
@@ -45,5 +46,6 @@ fn all_tests() -> Vec<Trial> {
     t.extend(bench_smoke::tests());
     t.extend(fail_safe::tests());
     t.extend(privacy_cluster::tests());
+    t.extend(config_checks::tests());
     t
 }
