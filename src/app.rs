@@ -47,11 +47,21 @@ fn bind(addr: &str, key: &str) -> anyhow::Result<tokio::net::TcpListener> {
     crate::http::bind(parsed).with_context(|| format!("{key}: cannot bind {addr}"))
 }
 
-/// Applies migrations and installs the capture triggers of `config`'s sources.
+/// Applies migrations, checks every SQL text of the config against the real
+/// schema ([`crate::capture::check_config_against_database`]: nothing is
+/// installed when one is wrong), then installs the capture triggers of
+/// `config`'s sources (removing those of other configs only with
+/// `config.prune_sources`).
 pub async fn prepare_database(db: &Database, config: &Config, actor: &str) -> anyhow::Result<()> {
+    prepare_database_report(db, config, actor).await.map(|_| ())
+}
+
+/// [`prepare_database`], returning what happened to the installed sources
+/// (`wardcall migrate` prints it).
+pub async fn prepare_database_report(db: &Database, config: &Config, actor: &str) -> anyhow::Result<crate::capture::SourcesReport> {
     crate::db::migrate::migrate(&db.pool).await?;
-    crate::capture::install_sources(&db.pool, &config.sources, config.from_file, actor).await?;
-    Ok(())
+    crate::capture::check_config_against_database(db, config).await?;
+    crate::capture::install_sources(&db.pool, &config.sources, config.prune_sources, actor).await
 }
 
 impl App {
@@ -61,12 +71,14 @@ impl App {
     /// Errors: a migration or trigger installation fails (naming the source),
     /// a provider secret is missing, or the HTTP address cannot be bound.
     pub async fn start(db: Database, config: Arc<Config>, options: StartOptions) -> anyhow::Result<App> {
-        prepare_database(&db, &config, "engine").await?;
-        let providers = Providers::from_config(&config, options.twilio_auth_token)?;
+        // Secrets first: a missing one must stop start before any trigger is installed.
+        let providers = Providers::from_config(&config, options.twilio_auth_token)
+            .with_context(|| format!("config error in {}", config.file_name()))?;
         let api_token = match options.api_token {
             Some(t) => Some(crate::http::ApiToken::new(&t).map_err(|e| anyhow::anyhow!("API token: {e}"))?),
             None => crate::http::api_token_from(&config.http)?,
         };
+        prepare_database(&db, &config, "engine").await?;
         let (listener, api_listener) = if options.no_http {
             (None, None)
         } else {

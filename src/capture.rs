@@ -16,7 +16,7 @@
 //! source's name, never the team's own INSERTs.
 
 use crate::audit;
-use crate::config::{split_table_name, Operation, Source};
+use crate::config::{split_table_name, Config, ConfigError, Operation, Source};
 use crate::db::migrate::SCHEMA_LOCK_KEY;
 use anyhow::{bail, Context};
 use sqlx::{PgPool, Postgres, Transaction};
@@ -24,17 +24,31 @@ use sqlx::{PgPool, Postgres, Transaction};
 /// Channel the capture triggers and `wardcall.emit` notify (empty payload).
 pub const OUTBOX_CHANNEL: &str = "wardcall_outbox";
 
-/// Installs (or replaces) the trigger of every source and removes the triggers
-/// of sources that left the config. Idempotent; one transaction under the
-/// schema advisory lock, so concurrent engines do not race.
+/// What [`install_sources`] did with sources installed earlier but absent
+/// from this config.
+#[derive(Debug, Clone, Default)]
+pub struct SourcesReport {
+    /// Sources of this config whose triggers are installed.
+    pub installed: Vec<String>,
+    /// Sources absent from this config whose triggers were removed (`--prune`).
+    pub removed: Vec<String>,
+    /// Sources absent from this config whose triggers were kept (no `--prune`).
+    pub kept: Vec<String>,
+}
+
+/// Installs (or replaces) the trigger of every source. Idempotent; one
+/// transaction under the schema advisory lock, so concurrent engines do not race.
 ///
 /// Errors: a table that does not exist, an UPDATE source on a table without a
 /// primary key, or a condition/payload that PostgreSQL rejects — each naming
 /// the source.
 ///
-/// With `prune` false, triggers of sources absent from `sources` are kept: a
-/// `wardcall migrate` run without the config file must not silently stop capture.
-pub async fn install_sources(pool: &PgPool, sources: &[Source], prune: bool, actor: &str) -> anyhow::Result<()> {
+/// Triggers of sources absent from `sources` (installed by another config)
+/// are removed only when `prune` is true (`--prune`), each logged and audited
+/// `source.removed`; otherwise they are kept and named in a warning, so that
+/// running `migrate`/`serve` with the wrong config never silently stops capture.
+pub async fn install_sources(pool: &PgPool, sources: &[Source], prune: bool, actor: &str) -> anyhow::Result<SourcesReport> {
+    let mut report = SourcesReport { installed: sources.iter().map(|s| s.name.clone()).collect(), ..Default::default() };
     let mut tx = pool.begin().await?;
     sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(SCHEMA_LOCK_KEY).execute(&mut *tx).await?;
     for source in sources {
@@ -47,15 +61,142 @@ pub async fn install_sources(pool: &PgPool, sources: &[Source], prune: bool, act
             continue;
         }
         if !prune {
-            tracing::warn!(source = %name, "a capture trigger not in this config is kept (no config file loaded)");
+            report.kept.push(name);
             continue;
         }
         remove_triggers(&mut tx, &table, &triggers, &function).await?;
         sqlx::query("DELETE FROM wardcall.sources WHERE name = $1").bind(&name).execute(&mut *tx).await?;
         audit::record(&mut tx, audit::Entity::Source, &name, "source.removed", None, None, actor, serde_json::json!({"table": table})).await?;
-        tracing::info!(source = %name, "removed capture trigger of a source no longer in the config");
+        tracing::info!(source = %name, table = %table, "removed the capture trigger of a source not in this config (--prune)");
+        report.removed.push(name);
     }
     tx.commit().await?;
+    if !report.kept.is_empty() {
+        tracing::warn!(
+            sources = %report.kept.join(", "),
+            "capture triggers of sources not in this config are left installed (their rows still reach the outbox); pass --prune to remove them"
+        );
+    }
+    Ok(report)
+}
+
+/// Checks the config against the real database before anything is installed
+/// (called by [`crate::app::prepare_database`] after wardcall's migrations):
+///
+/// - `engine.pool_size` plus the listener's connection fits the server's
+///   `max_connections` minus `superuser_reserved_connections` and
+///   `reserved_connections` (PostgreSQL manual, 19.3.1 "Connection Settings");
+/// - every source's table exists, and its condition and payload are valid
+///   over `NEW`/`OLD` of that table;
+/// - every escalation lookup is a statement taking at most `$1 jsonb` and
+///   returning exactly one text column;
+/// - every `write_back` hook is a statement taking at most `$1 jsonb, $2 jsonb`.
+///
+/// Each SQL text is only parsed and described (the extended protocol's
+/// Parse/Describe, PostgreSQL manual 55.2.3 "Extended Query") on a dedicated
+/// connection inside a transaction that is rolled back: no statement runs.
+///
+/// Errors: a [`ConfigError`] naming the config file, the key (e.g.
+/// `workflows[0].lookups.room_name`) and PostgreSQL's reason (no values: the
+/// statement is never executed).
+pub async fn check_config_against_database(db: &crate::db::Database, config: &Config) -> anyhow::Result<()> {
+    use sqlx::{ConnectOptions, Executor, Statement, TypeInfo};
+    let file = config.file_name();
+    let fail = |key: String, problem: String| ConfigError { file: file.to_string(), key, problem };
+    let mut conn = db.connect_options.connect().await.context("connecting to check the config against the database")?;
+    let result = async {
+        let mut tx = sqlx::Connection::begin(&mut conn).await?;
+        sqlx::raw_sql("SET LOCAL statement_timeout = '10s'; SET LOCAL lock_timeout = '5s'").execute(&mut *tx).await?;
+        let (max, reserved): (i32, i32) = sqlx::query_as(
+            "SELECT current_setting('max_connections')::int,
+                    current_setting('superuser_reserved_connections')::int
+                    + coalesce(nullif(current_setting('reserved_connections', true), ''), '0')::int",
+        )
+        .fetch_one(&mut *tx)
+        .await?;
+        let usable = (max - reserved).max(0) as i64;
+        let wanted = config.engine.pool_size as i64 + 1;
+        if wanted > usable {
+            return Err(fail(
+                "engine.pool_size".into(),
+                format!(
+                    "{} connections plus one for the listener exceed what the server allows: max_connections {max} leaves {usable} for clients",
+                    config.engine.pool_size
+                ),
+            )
+            .into());
+        }
+        let jsonb = <sqlx::types::JsonValue as sqlx::Type<Postgres>>::type_info();
+        for (i, source) in config.sources.iter().enumerate() {
+            let key = |k: &str| format!("sources[{i}].{k} (source '{}')", source.name);
+            let (schema, table) = split_table_name(&source.table).expect("validated at config load");
+            let qualified = format!("{}.{}", quote_ident(&schema), quote_ident(&table));
+            let exists: Option<String> = sqlx::query_scalar("SELECT to_regclass($1)::text").bind(&qualified).fetch_one(&mut *tx).await?;
+            if exists.is_none() {
+                return Err(fail(key("table"), format!("table {schema}.{table} does not exist")).into());
+            }
+            let from = format!("FROM {qualified} AS new LEFT JOIN {qualified} AS old ON false");
+            let checks = [
+                ("condition", source.condition.as_deref().map(|c| format!("SELECT 1 {from} WHERE ({c})"))),
+                ("payload", source.payload.as_deref().map(|p| format!("SELECT ({p})::jsonb {from}"))),
+            ];
+            for (what, sql) in checks {
+                let Some(sql) = sql else { continue };
+                if let Err(e) = (&mut *tx).prepare(&sql).await {
+                    return Err(fail(key(what), format!("PostgreSQL refused it over NEW/OLD of {schema}.{table}: {}", db_message(&e))).into());
+                }
+            }
+        }
+        for (i, w) in config.workflows.iter().enumerate() {
+            let crate::config::WorkflowKind::Escalation(esc) = &w.kind else { continue };
+            let mut lookups: Vec<(&String, &String)> = esc.lookups.iter().collect();
+            lookups.sort();
+            for (name, sql) in lookups {
+                let key = format!("workflows[{i}].lookups.{name}");
+                let statement = match (&mut *tx).prepare_with(sql, std::slice::from_ref(&jsonb)).await {
+                    Ok(s) => s,
+                    Err(e) => return Err(fail(key, format!("PostgreSQL refused it: {}", db_message(&e))).into()),
+                };
+                check_parameters(statement.parameters(), 1).map_err(|p| fail(key.clone(), p))?;
+                let columns = statement.columns();
+                if columns.len() != 1 {
+                    return Err(fail(key, format!("must return exactly one text column; it returns {}", columns.len())).into());
+                }
+                let ty = sqlx::Column::type_info(&columns[0]);
+                if !<String as sqlx::Type<Postgres>>::compatible(ty) {
+                    return Err(fail(key, format!("must return one text column; its column is of type {} (cast it with ::text)", ty.name())).into());
+                }
+            }
+            for (hook, sql) in esc.write_back.hooks() {
+                let Some(sql) = sql else { continue };
+                let key = format!("workflows[{i}].write_back.{hook}");
+                let statement = match (&mut *tx).prepare_with(sql, &[jsonb.clone(), jsonb.clone()]).await {
+                    Ok(s) => s,
+                    Err(e) => return Err(fail(key, format!("PostgreSQL refused it: {}", db_message(&e))).into()),
+                };
+                check_parameters(statement.parameters(), 2).map_err(|p| fail(key, p))?;
+            }
+        }
+        tx.rollback().await?;
+        anyhow::Ok(())
+    }
+    .await;
+    let _ = sqlx::Connection::close(conn).await;
+    result
+}
+
+/// At most `allowed` parameters (`$1` payload, `$2` details): a statement with
+/// more would fail at every run with a bind error.
+fn check_parameters(parameters: Option<sqlx::Either<&[sqlx::postgres::PgTypeInfo], usize>>, allowed: usize) -> Result<(), String> {
+    let n = match parameters {
+        Some(sqlx::Either::Left(types)) => types.len(),
+        Some(sqlx::Either::Right(n)) => n,
+        None => 0,
+    };
+    if n > allowed {
+        let names = if allowed == 1 { "$1 (the event payload, jsonb)" } else { "$1 (the event payload) and $2 (the details), both jsonb" };
+        return Err(format!("uses ${n}, but only {names} are bound"));
+    }
     Ok(())
 }
 
@@ -204,11 +345,155 @@ END $wardcall$",
     Ok(())
 }
 
-/// The database's own message of a sqlx error (without sqlx's prefix).
+/// A log- and audit-safe description of a sqlx error: never the values a
+/// statement carried or rejected (patient data), always enough to find the cause.
+///
+/// For an error returned by PostgreSQL the text is
+/// `SQLSTATE <code> (<condition name>)` followed, when the server reported them,
+/// by `constraint <name>`, `table <schema.table>`, `column <name>`,
+/// `data type <name>`: schema identifiers from the error's
+/// fields, never its message, DETAIL, HINT, WHERE or QUERY, which quote values
+/// (`Key (patient_id)=(…) is not present`, `invalid input syntax for type uuid:
+/// "…"`, `Failing row contains (…)`). Example:
+/// `SQLSTATE 23503 (foreign_key_violation), constraint alerts_patient_id_fkey, table public.alerts`.
+/// Codes and names: PostgreSQL 15 manual, Appendix A "PostgreSQL Error Codes";
+/// fields: §55.8 "Error and Notice Message Fields".
+///
+/// Exception: errors of the classes in [`MESSAGE_SAFE_CLASSES`] also carry the
+/// server's message. Those of class 42 ("syntax error or access rule violation")
+/// and 3F ("invalid schema name"), e.g. `column "nme" does not exist`, are raised
+/// while PostgreSQL parses and analyses a statement, before any row is read, so
+/// the message quotes the SQL text (wardcall's or the config's, never a row) and
+/// is what an operator needs to fix a config. Those of classes 08 (connection),
+/// 28 (authorization), 3D (unknown database), 40 (serialization failure,
+/// deadlock), 53 (insufficient resources) and 57 (operator intervention, e.g.
+/// `the database system is starting up`, a statement timeout) describe the
+/// server's or the connection's state, never a row (their DETAIL, which can
+/// name rows, is still not shown).
+///
+/// Other sqlx errors (I/O, pool, protocol) are described by sqlx's text, except
+/// decoding errors, whose source may quote the value that failed to decode.
 pub fn db_message(e: &sqlx::Error) -> String {
     match e {
-        sqlx::Error::Database(d) => d.message().to_string(),
+        sqlx::Error::Database(d) => {
+            let code = d.code().map(|c| c.into_owned()).unwrap_or_default();
+            let mut out = if code.is_empty() {
+                "database error without SQLSTATE".to_string()
+            } else {
+                format!("SQLSTATE {code} ({})", sqlstate_name(&code))
+            };
+            let pg = d.try_downcast_ref::<sqlx::postgres::PgDatabaseError>();
+            let mut field = |label: &str, value: Option<&str>| {
+                if let Some(v) = value.filter(|v| !v.is_empty()) {
+                    out.push_str(&format!(", {label} {v}"));
+                }
+            };
+            field("constraint", d.constraint());
+            match (pg.and_then(|p| p.schema()), d.table()) {
+                (Some(schema), Some(table)) => field("table", Some(&format!("{schema}.{table}"))),
+                (None, table) => field("table", table),
+                (Some(schema), None) => field("schema", Some(schema)),
+            }
+            if let Some(pg) = pg {
+                field("column", pg.column());
+                field("data type", pg.data_type());
+            }
+            if MESSAGE_SAFE_CLASSES.iter().any(|class| code.starts_with(class)) {
+                out.push_str(&format!(": {}", d.message()));
+            }
+            out
+        }
+        sqlx::Error::ColumnDecode { index, .. } => {
+            format!("cannot decode result column {index} (the value and the decoder's message are not shown)")
+        }
+        sqlx::Error::Decode(_) => "cannot decode a value returned by the database (not shown)".to_string(),
         other => other.to_string(),
+    }
+}
+
+/// SQLSTATE classes whose primary message [`db_message`] shows (Appendix A of the
+/// PostgreSQL 15 manual): they never quote a row's values.
+pub const MESSAGE_SAFE_CLASSES: [&str; 8] = ["08", "28", "3D", "3F", "40", "42", "53", "57"];
+
+/// [`db_message`] for every error in an `anyhow` chain: the chain's texts joined
+/// with `": "` (as `{:#}` prints them), with each [`sqlx::Error`] replaced by its
+/// redacted form and the context texts above it kept. Use it wherever an error
+/// that may come from the database is logged, audited or stored.
+pub fn error_text(e: &anyhow::Error) -> String {
+    let mut parts = Vec::new();
+    for cause in e.chain() {
+        if let Some(db) = cause.downcast_ref::<sqlx::Error>() {
+            parts.push(db_message(db));
+            // sqlx's own sources (the server's message) are not shown.
+            break;
+        }
+        parts.push(cause.to_string());
+    }
+    parts.join(": ")
+}
+
+/// Condition name of a SQLSTATE (Appendix A of the PostgreSQL 15 manual) for the
+/// codes wardcall's statements and write-backs meet; otherwise the name of its class.
+fn sqlstate_name(code: &str) -> &'static str {
+    match code {
+        "08000" => "connection_exception",
+        "08003" => "connection_does_not_exist",
+        "08006" => "connection_failure",
+        "0A000" => "feature_not_supported",
+        "21000" => "cardinality_violation",
+        "22001" => "string_data_right_truncation",
+        "22003" => "numeric_value_out_of_range",
+        "22004" => "null_value_not_allowed",
+        "22007" => "invalid_datetime_format",
+        "22008" => "datetime_field_overflow",
+        "22012" => "division_by_zero",
+        "22021" => "character_not_in_repertoire",
+        "22023" => "invalid_parameter_value",
+        "22P02" => "invalid_text_representation",
+        "22P05" => "untranslatable_character",
+        "23000" => "integrity_constraint_violation",
+        "23502" => "not_null_violation",
+        "23503" => "foreign_key_violation",
+        "23505" => "unique_violation",
+        "23514" => "check_violation",
+        "23P01" => "exclusion_violation",
+        "25P02" => "in_failed_sql_transaction",
+        "28000" => "invalid_authorization_specification",
+        "28P01" => "invalid_password",
+        "3D000" => "invalid_catalog_name",
+        "3F000" => "invalid_schema_name",
+        "40001" => "serialization_failure",
+        "40P01" => "deadlock_detected",
+        "42501" => "insufficient_privilege",
+        "42601" => "syntax_error",
+        "42703" => "undefined_column",
+        "42804" => "datatype_mismatch",
+        "42883" => "undefined_function",
+        "42P01" => "undefined_table",
+        "42P18" => "indeterminate_datatype",
+        "53300" => "too_many_connections",
+        "55P03" => "lock_not_available",
+        "57014" => "query_canceled",
+        "57P01" => "admin_shutdown",
+        "P0001" => "raise_exception",
+        _ => match code.get(..2).unwrap_or("") {
+            "08" => "connection exception",
+            "0A" => "feature not supported",
+            "22" => "data exception",
+            "23" => "integrity constraint violation",
+            "25" => "invalid transaction state",
+            "28" => "invalid authorization specification",
+            "40" => "transaction rollback",
+            "42" => "syntax error or access rule violation",
+            "53" => "insufficient resources",
+            "54" => "program limit exceeded",
+            "55" => "object not in prerequisite state",
+            "57" => "operator intervention",
+            "58" => "system error",
+            "P0" => "PL/pgSQL error",
+            "XX" => "internal error",
+            _ => "other error",
+        },
     }
 }
 

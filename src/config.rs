@@ -6,7 +6,7 @@
 //! environment variable (default `TWILIO_AUTH_TOKEN`) or a file named in the config.
 //! The reference of every key is in README.md ("Configuration reference").
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
@@ -24,7 +24,7 @@ pub struct ConfigError {
 
 /// The whole configuration. All fields have documented defaults, so an absent
 /// config file is a valid (empty) configuration.
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, Deserialize, Serialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// `postgres://…` URL of an existing server. When absent (and `DATABASE_URL`
@@ -49,14 +49,58 @@ pub struct Config {
     pub sources: Vec<Source>,
     #[serde(default)]
     pub workflows: Vec<Workflow>,
-    /// True when this configuration was read from a file (or text): only then
-    /// are capture triggers of sources absent from it removed.
+    /// True when this configuration was read from a file (or text).
     #[serde(skip)]
     pub from_file: bool,
+    /// The file this configuration was read from, for error messages
+    /// (`<defaults>` when none was read).
+    #[serde(skip)]
+    pub file: Option<String>,
+    /// Not a config key: set by `wardcall migrate --prune` / `serve --prune`.
+    /// Only then are the capture triggers of sources absent from this config
+    /// (installed by another config) removed; otherwise they are kept and
+    /// named in a warning.
+    #[serde(skip)]
+    pub prune_sources: bool,
+}
+
+/// Default `data_dir` of the embedded cluster (relative to the current directory).
+pub const DEFAULT_DATA_DIR: &str = ".wardcall";
+/// Default database name inside the embedded cluster.
+pub const DEFAULT_DATABASE: &str = "wardcall";
+/// Default environment variable holding the Twilio auth token.
+pub const DEFAULT_TWILIO_TOKEN_ENV: &str = "TWILIO_AUTH_TOKEN";
+
+/// Allowed ranges of the numeric keys, checked at load (inclusive bounds).
+/// README.md "Configuration reference" documents them.
+pub mod limits {
+    /// `engine.workers`: concurrent steps of one process.
+    pub const WORKERS: (usize, usize) = (1, 1024);
+    /// `engine.lease_ms`.
+    pub const LEASE_MS: (u64, u64) = (500, 600_000);
+    /// `engine.sweep_ms`: at most 1 s, the bound on a lost NOTIFY's delay.
+    pub const SWEEP_MS: (u64, u64) = (10, 1000);
+    /// `engine.poll_ms`.
+    pub const POLL_MS: (u64, u64) = (10, 10_000);
+    /// `engine.pool_size`: also checked at start against the server's
+    /// `max_connections` (minus its reserved connections, minus one for the listener).
+    pub const POOL_SIZE: (u32, u32) = (2, 1000);
+    /// `workflows[].max_attempts`.
+    pub const MAX_ATTEMPTS: (u32, u32) = (1, 1000);
+    /// `workflows[].retry_base_ms`.
+    pub const RETRY_BASE_MS: (u64, u64) = (1, 3_600_000);
+    /// `workflows[].retry_max_ms` (and at least `retry_base_ms`).
+    pub const RETRY_MAX_MS: (u64, u64) = (1, 86_400_000);
+    /// `providers.twilio.gather_timeout_seconds`.
+    pub const GATHER_TIMEOUT_SECONDS: (u32, u32) = (1, 60);
+    /// `policies[].repeat`.
+    pub const REPEAT: (u32, u32) = (1, 100);
+    /// `policies[].steps[].ack_timeout_seconds`.
+    pub const ACK_TIMEOUT_SECONDS: (f64, f64) = (0.1, 86_400.0);
 }
 
 /// Runtime tuning. Durations are in milliseconds unless the key says otherwise.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EngineConfig {
     /// Concurrent steps this process executes. Default 16.
@@ -78,7 +122,7 @@ impl Default for EngineConfig {
 }
 
 /// The HTTP server that receives provider webhooks and serves the API.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HttpConfig {
     /// Listen address, e.g. `0.0.0.0:8080`. Default `127.0.0.1:8080`; port 0 picks a free port.
@@ -155,14 +199,14 @@ impl HttpConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, Deserialize, Serialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct ProvidersConfig {
     pub twilio: Option<TwilioConfig>,
 }
 
 /// Twilio Programmable Voice account.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TwilioConfig {
     /// Account SID, `AC` + 32 hex digits.
@@ -172,7 +216,9 @@ pub struct TwilioConfig {
     /// REST API base. Default `https://api.twilio.com`; point it at `wardcall emulate twilio` offline.
     #[serde(default = "default_twilio_api_base")]
     pub api_base: String,
-    /// Environment variable holding the auth token. Default `TWILIO_AUTH_TOKEN`.
+    /// Environment variable holding the auth token. Default `TWILIO_AUTH_TOKEN`
+    /// ([`DEFAULT_TWILIO_TOKEN_ENV`]). The token is resolved before wardcall
+    /// touches the database; a missing one stops `serve` naming the variable.
     pub auth_token_env: Option<String>,
     /// File holding the auth token (first line). Takes precedence over `auth_token_env`.
     pub auth_token_file: Option<PathBuf>,
@@ -182,6 +228,15 @@ pub struct TwilioConfig {
     /// Seconds the callee has to press a key after the message starts. Default 10.
     #[serde(default = "default_gather_timeout")]
     pub gather_timeout_seconds: u32,
+    /// Seconds a REST request to Twilio may take (connect, send, whole
+    /// response) before it counts as an ambiguous failure that is reconciled
+    /// with Twilio's call list before any call is placed again. Default 10.
+    #[serde(default = "default_twilio_request_timeout")]
+    pub request_timeout_seconds: f64,
+}
+
+fn default_twilio_request_timeout() -> f64 {
+    10.0
 }
 
 fn default_twilio_api_base() -> String {
@@ -195,7 +250,7 @@ fn default_gather_timeout() -> u32 {
 }
 
 /// Someone who can be called.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Person {
     /// Identifier used in policies and in `acknowledged_by`.
@@ -207,7 +262,7 @@ pub struct Person {
 }
 
 /// An escalation policy: ordered steps, repeated `repeat` times.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Policy {
     pub id: String,
@@ -223,7 +278,7 @@ fn one() -> u32 {
 }
 
 /// One escalation step: call these people at once, wait for an acknowledgement.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyStep {
     /// Person ids to call in parallel.
@@ -239,7 +294,7 @@ fn default_ack_timeout() -> f64 {
 }
 
 /// Database operation a source captures.
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Hash)]
 #[serde(rename_all = "UPPERCASE")]
 pub enum Operation {
     Insert,
@@ -247,7 +302,7 @@ pub enum Operation {
 }
 
 /// Capture from one of the team's own tables.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Source {
     /// Unique name (letters, digits, `_`); names the trigger.
@@ -271,7 +326,7 @@ fn default_operations() -> Vec<Operation> {
 
 /// What runs when an event arrives. (Unknown keys are refused by the
 /// flattened [`WorkflowKind`], which receives every key not named here.)
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct Workflow {
     /// Unique name; stored in `wardcall.runs.workflow`.
     pub name: String,
@@ -301,7 +356,7 @@ fn default_retry_max_ms() -> u64 {
 }
 
 /// The kinds of workflow wardcall runs.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum WorkflowKind {
     /// Call people by an escalation policy until someone presses 1.
@@ -313,7 +368,7 @@ pub enum WorkflowKind {
 }
 
 /// Settings of an escalation workflow.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct EscalationWorkflow {
     /// Escalation policy id.
@@ -334,7 +389,7 @@ pub struct EscalationWorkflow {
 
 /// Write-back statements into the team's own tables. Each runs in a savepoint:
 /// a failing statement is audited and logged but never undoes the state change.
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, Deserialize, Serialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct WriteBack {
     pub on_call_placed: Option<String>,
@@ -342,6 +397,26 @@ pub struct WriteBack {
     pub on_acknowledged: Option<String>,
     pub on_escalated: Option<String>,
     pub on_unacknowledged: Option<String>,
+    /// Runs when the alert's run is cancelled (API, CLI, SQL); `$2` is the
+    /// alert's details (`alert_status = 'cancelled'`).
+    pub on_cancelled: Option<String>,
+}
+
+impl WriteBack {
+    /// Every hook as (key, statement), for the checks at load and against
+    /// the schema at start. The exhaustive destructuring makes a new hook
+    /// field a compile error here until it is listed (and so checked).
+    pub fn hooks(&self) -> Vec<(&'static str, Option<&str>)> {
+        let WriteBack { on_call_placed, on_call_status, on_acknowledged, on_escalated, on_unacknowledged, on_cancelled } = self;
+        vec![
+            ("on_call_placed", on_call_placed.as_deref()),
+            ("on_call_status", on_call_status.as_deref()),
+            ("on_acknowledged", on_acknowledged.as_deref()),
+            ("on_escalated", on_escalated.as_deref()),
+            ("on_unacknowledged", on_unacknowledged.as_deref()),
+            ("on_cancelled", on_cancelled.as_deref()),
+        ]
+    }
 }
 
 impl Config {
@@ -375,20 +450,68 @@ impl Config {
     }
 
     /// Parses TOML text without reading the environment (then call [`Config::validate`]).
+    ///
+    /// Errors name the key path (e.g. `engine.workers (line 3)`), found with
+    /// `serde_path_to_error`, because `toml`'s own error gives only a position;
+    /// a key unknown to the workflow's kind (`workflows[0].colour`) is refused
+    /// too, although serde cannot refuse it through the flattened, internally
+    /// tagged [`WorkflowKind`].
     pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
-        toml::from_str::<Config>(text).map(|mut c| {
-            c.from_file = true;
-            c
-        }).map_err(|e| {
-            let key = e
-                .span()
-                .map(|s| {
-                    let line = text[..s.start.min(text.len())].matches('\n').count() + 1;
-                    format!("line {line}")
-                })
-                .unwrap_or_else(|| "(document)".into());
-            ConfigError { file: file.into(), key, problem: e.message().to_string() }
-        })
+        let de = toml::Deserializer::new(text);
+        let mut config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let mut path = e.path().to_string();
+            let inner = e.into_inner();
+            let mut line = inner.span().map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
+            // Inside the flattened kind serde loses the path (`workflows[0]`):
+            // look for the key in the kind's own settings.
+            if let Some(key) = path.strip_prefix("workflows[").and_then(|r| r.strip_suffix(']')).and_then(|i| i.parse().ok()).and_then(|i| workflow_kind_key(text, i)) {
+                path = key;
+                line = None;
+            }
+            let key = match (path.as_str(), line) {
+                ("." | "", Some(l)) => format!("line {l}"),
+                ("." | "", None) => "(document)".into(),
+                (p, Some(l)) => format!("{p} (line {l})"),
+                (p, None) => p.to_string(),
+            };
+            ConfigError { file: file.into(), key, problem: inner.message().to_string() }
+        })?;
+        config.from_file = true;
+        config.file = Some(file.to_string());
+        config.refuse_unknown_workflow_keys(text, file)?;
+        Ok(config)
+    }
+
+    /// Refuses a key under `[[workflows]]` that the workflow's kind does not
+    /// have. The known keys are those the parsed workflow serializes to, so
+    /// the check follows the structs without a hand-kept list.
+    fn refuse_unknown_workflow_keys(&self, text: &str, file: &str) -> Result<(), ConfigError> {
+        let raw: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError {
+            file: file.into(),
+            key: "(document)".into(),
+            problem: e.message().to_string(),
+        })?;
+        let Some(toml::Value::Array(raw_workflows)) = raw.get("workflows") else { return Ok(()) };
+        for (i, (raw_w, w)) in raw_workflows.iter().zip(&self.workflows).enumerate() {
+            let (Some(raw_w), Ok(serde_json::Value::Object(known))) = (raw_w.as_table(), serde_json::to_value(w)) else { continue };
+            let unknown: Vec<&String> = raw_w.keys().filter(|k| !known.contains_key(k.as_str())).collect();
+            if let Some(k) = unknown.first() {
+                let kind = known.get("kind").and_then(|v| v.as_str()).unwrap_or("?");
+                let mut names: Vec<&str> = known.keys().map(String::as_str).collect();
+                names.sort_unstable();
+                return Err(ConfigError {
+                    file: file.into(),
+                    key: format!("workflows[{i}].{k}"),
+                    problem: format!("unknown key for a workflow of kind '{kind}' (known: {})", names.join(", ")),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The file this configuration came from, for messages (`<defaults>` if none).
+    pub fn file_name(&self) -> &str {
+        self.file.as_deref().unwrap_or("<defaults>")
     }
 
     /// Checks every cross-reference and value. Errors name `file` and the key.
@@ -400,32 +523,38 @@ impl Config {
             }
         }
         let e = &self.engine;
-        if e.workers == 0 || e.workers > 1024 {
-            return Err(err("engine.workers".into(), format!("{} is out of range 1..=1024", e.workers)));
-        }
-        if e.lease_ms < 500 || e.lease_ms > 600_000 {
-            return Err(err("engine.lease_ms".into(), format!("{} is out of range 500..=600000", e.lease_ms)));
-        }
-        if e.sweep_ms == 0 || e.sweep_ms > 1000 {
-            return Err(err("engine.sweep_ms".into(), format!("{} is out of range 1..=1000", e.sweep_ms)));
-        }
-        if e.poll_ms == 0 || e.poll_ms > 10_000 {
-            return Err(err("engine.poll_ms".into(), format!("{} is out of range 1..=10000", e.poll_ms)));
-        }
-        if e.pool_size < 2 {
-            return Err(err("engine.pool_size".into(), "must be at least 2".into()));
-        }
-        if self.http.listen.parse::<std::net::SocketAddr>().is_err() {
-            return Err(err("http.listen".into(), format!("'{}' is not an address like 127.0.0.1:8080", self.http.listen)));
-        }
+        let range = |key: &str, v: u64, (lo, hi): (u64, u64)| {
+            if v < lo || v > hi {
+                Err(err(key.into(), format!("{v} is out of range {lo}..={hi}")))
+            } else {
+                Ok(())
+            }
+        };
+        range("engine.workers", e.workers as u64, (limits::WORKERS.0 as u64, limits::WORKERS.1 as u64))?;
+        range("engine.lease_ms", e.lease_ms, limits::LEASE_MS)?;
+        range("engine.sweep_ms", e.sweep_ms, limits::SWEEP_MS)?;
+        range("engine.poll_ms", e.poll_ms, limits::POLL_MS)?;
+        range("engine.pool_size", e.pool_size as u64, (limits::POOL_SIZE.0 as u64, limits::POOL_SIZE.1 as u64))?;
+        let listen = match self.http.listen.parse::<std::net::SocketAddr>() {
+            Ok(a) => a,
+            Err(_) => return Err(err("http.listen".into(), format!("'{}' is not an address like 127.0.0.1:8080", self.http.listen))),
+        };
         if let Err(problem) = self.http.validate_api_and_limits() {
             return Err(err(problem.0, problem.1));
         }
         if let Some(u) = &self.http.public_url {
             match url::Url::parse(u) {
-                Ok(p) if p.scheme() == "http" || p.scheme() == "https" => {}
+                Ok(p) if (p.scheme() == "http" || p.scheme() == "https") && p.host().is_some() => {}
                 _ => return Err(err("http.public_url".into(), format!("'{u}' is not an absolute http(s) URL"))),
             }
+        } else if !listen.ip().is_loopback() {
+            return Err(err(
+                "http.listen".into(),
+                format!(
+                    "{listen} is not a loopback address and http.public_url is not set: provider callbacks would be sent to http://{listen}; \
+                     set http.public_url to the URL providers reach this server at"
+                ),
+            ));
         }
         if let Some(t) = &self.providers.twilio {
             if !is_twilio_sid(&t.account_sid, "AC") {
@@ -434,11 +563,24 @@ impl Config {
             if !is_e164(&t.from) {
                 return Err(err("providers.twilio.from".into(), format!("{} is not an E.164 number (+ then 8 to 15 digits)", redact_phone(&t.from))));
             }
-            if url::Url::parse(&t.api_base).is_err() {
-                return Err(err("providers.twilio.api_base".into(), format!("'{}' is not a URL", t.api_base)));
+            match url::Url::parse(&t.api_base) {
+                Ok(u) if (u.scheme() == "http" || u.scheme() == "https") && u.host().is_some() => {}
+                Ok(u) => {
+                    return Err(err(
+                        "providers.twilio.api_base".into(),
+                        format!("'{}' is not an http(s) URL with a host (scheme '{}')", t.api_base, u.scheme()),
+                    ))
+                }
+                Err(e) => return Err(err("providers.twilio.api_base".into(), format!("'{}' is not a URL: {e}", t.api_base))),
             }
-            if t.gather_timeout_seconds == 0 || t.gather_timeout_seconds > 60 {
-                return Err(err("providers.twilio.gather_timeout_seconds".into(), "must be 1..=60".into()));
+            range("providers.twilio.gather_timeout_seconds", t.gather_timeout_seconds as u64, (limits::GATHER_TIMEOUT_SECONDS.0 as u64, limits::GATHER_TIMEOUT_SECONDS.1 as u64))?;
+            if let Some(var) = &t.auth_token_env {
+                if var.is_empty() || var.contains('=') || var.contains('\0') {
+                    return Err(err("providers.twilio.auth_token_env".into(), "is not an environment variable name".into()));
+                }
+            }
+            if !(0.5..=60.0).contains(&t.request_timeout_seconds) {
+                return Err(err("providers.twilio.request_timeout_seconds".into(), "must be 0.5..=60".into()));
             }
         }
         let mut people = HashSet::new();
@@ -464,9 +606,7 @@ impl Config {
             if p.steps.is_empty() {
                 return Err(err(format!("policies[{i}].steps"), "a policy needs at least one step".into()));
             }
-            if p.repeat == 0 || p.repeat > 100 {
-                return Err(err(format!("policies[{i}].repeat"), "must be 1..=100".into()));
-            }
+            range(&format!("policies[{i}].repeat"), p.repeat as u64, (limits::REPEAT.0 as u64, limits::REPEAT.1 as u64))?;
             for (j, s) in p.steps.iter().enumerate() {
                 if s.notify.is_empty() {
                     return Err(err(format!("policies[{i}].steps[{j}].notify"), "names nobody".into()));
@@ -476,8 +616,9 @@ impl Config {
                         return Err(err(format!("policies[{i}].steps[{j}].notify"), format!("unknown person '{who}'")));
                     }
                 }
-                if !(s.ack_timeout_seconds.is_finite() && s.ack_timeout_seconds >= 0.1 && s.ack_timeout_seconds <= 86_400.0) {
-                    return Err(err(format!("policies[{i}].steps[{j}].ack_timeout_seconds"), "must be 0.1..=86400".into()));
+                let (lo, hi) = limits::ACK_TIMEOUT_SECONDS;
+                if !(s.ack_timeout_seconds.is_finite() && s.ack_timeout_seconds >= lo && s.ack_timeout_seconds <= hi) {
+                    return Err(err(format!("policies[{i}].steps[{j}].ack_timeout_seconds"), format!("must be {lo}..={hi}")));
                 }
             }
         }
@@ -507,9 +648,12 @@ impl Config {
             if !workflows.insert(w.name.as_str()) {
                 return Err(err(format!("workflows[{i}].name"), format!("duplicate workflow '{}'", w.name)));
             }
-            if w.max_attempts == 0 {
-                return Err(err(format!("workflows[{i}].max_attempts"), "must be at least 1".into()));
+            if w.event.trim().is_empty() {
+                return Err(err(format!("workflows[{i}].event"), "must not be empty".into()));
             }
+            range(&format!("workflows[{i}].max_attempts"), w.max_attempts as u64, (limits::MAX_ATTEMPTS.0 as u64, limits::MAX_ATTEMPTS.1 as u64))?;
+            range(&format!("workflows[{i}].retry_base_ms"), w.retry_base_ms, limits::RETRY_BASE_MS)?;
+            range(&format!("workflows[{i}].retry_max_ms"), w.retry_max_ms, (w.retry_base_ms.max(limits::RETRY_MAX_MS.0), limits::RETRY_MAX_MS.1))?;
             if let WorkflowKind::Escalation(esc) = &w.kind {
                 if !policies.contains(esc.policy.as_str()) {
                     return Err(err(format!("workflows[{i}].policy"), format!("unknown policy '{}'", esc.policy)));
@@ -519,6 +663,21 @@ impl Config {
                 }
                 if let Err(problem) = crate::template::Template::parse(&esc.message) {
                     return Err(err(format!("workflows[{i}].message"), problem));
+                }
+                let mut names: Vec<&String> = esc.lookups.keys().collect();
+                names.sort();
+                for name in names {
+                    if !is_identifier_like(name) {
+                        return Err(err(format!("workflows[{i}].lookups.{name}"), "a lookup name must be letters, digits, '-' or '_'".into()));
+                    }
+                    if esc.lookups[name].trim().is_empty() {
+                        return Err(err(format!("workflows[{i}].lookups.{name}"), "is an empty SQL statement".into()));
+                    }
+                }
+                for (hook, sql) in esc.write_back.hooks() {
+                    if sql.is_some_and(|s| s.trim().is_empty()) {
+                        return Err(err(format!("workflows[{i}].write_back.{hook}"), "is an empty SQL statement".into()));
+                    }
                 }
             }
         }
@@ -547,6 +706,25 @@ impl Config {
     pub fn workflow(&self, name: &str) -> Option<&Workflow> {
         self.workflows.iter().find(|w| w.name == name)
     }
+}
+
+/// The key path of a type error inside the settings of `workflows[index]`'s
+/// kind (e.g. `workflows[0].lookups.room`), which serde cannot report through
+/// the flattened, internally tagged [`WorkflowKind`]. `None` when not found.
+fn workflow_kind_key(text: &str, index: usize) -> Option<String> {
+    let raw: toml::Table = text.parse().ok()?;
+    let mut table = raw.get("workflows")?.as_array()?.get(index)?.as_table()?.clone();
+    if table.get("kind")?.as_str()? != "escalation" {
+        return None;
+    }
+    for common in ["name", "event", "kind", "max_attempts", "retry_base_ms", "retry_max_ms"] {
+        table.remove(common);
+    }
+    let err = serde_path_to_error::deserialize::<_, EscalationWorkflow>(toml::Value::Table(table)).err()?;
+    if err.inner().to_string().contains("unknown field") {
+        return None;
+    }
+    Some(format!("workflows[{index}].{}", err.path()))
 }
 
 /// True when `s` is an E.164 number: `+`, a non-zero digit, 7 to 14 more digits

@@ -50,6 +50,13 @@ pub async fn run(config_path: Option<&Path>) -> anyhow::Result<()> {
         None => {
             let dir = base.data_dir.clone().unwrap_or_else(|| ".wardcall".into());
             let cluster = EmbeddedCluster::start(&dir).await?;
+            if let Some(requested) = cluster.relocated_from() {
+                println!(
+                    "note: the `postgres` account cannot reach {}, so the demo's PostgreSQL cluster is in {}.\n",
+                    requested.display(),
+                    cluster.data_dir().display()
+                );
+            }
             (cluster.connect_options("postgres"), Some(Arc::new(cluster)))
         }
     };
@@ -133,6 +140,30 @@ async fn scenario(base: &Config, db: Database, pool: &PgPool) -> anyhow::Result<
     outcome
 }
 
+/// The alerts row for printing: values that are patient or staff data (the
+/// phone number, the spoken message, which names the patient) replaced by
+/// `"<n characters, not printed>"`; ids, statuses and times kept. Keeps the
+/// demo's output, which people paste into issues and chats, free of the seed's
+/// personal data (ARCHITECTURE.md, "No patient data on error paths").
+fn redact_row(mut row: Value) -> Value {
+    fn walk(v: &mut Value) {
+        if let Value::Object(map) = v {
+            for (key, value) in map.iter_mut() {
+                let shown = key == "id" || key.ends_with("_id") || key.ends_with("_at") || key.ends_with("_by") || key.ends_with("status");
+                match value {
+                    Value::Object(_) => walk(value),
+                    Value::String(text) if !shown => {
+                        *value = Value::String(format!("<{} characters, not printed>", text.chars().count()));
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+    walk(&mut row);
+    row
+}
+
 async fn await_value<T, F, Fut>(what: &str, timeout: Duration, mut probe: F) -> anyhow::Result<T>
 where
     F: FnMut() -> Fut,
@@ -200,8 +231,9 @@ async fn part_one(pool: &PgPool) -> anyhow::Result<()> {
 async fn part_two(pool: &PgPool, emulator: &crate::twilio::emulator::EmulatorHandle) -> anyhow::Result<()> {
     println!("── 2. A critical alert reaches a nurse's phone ─────────────────────");
     let mut events = emulator.subscribe();
+    // The patient is chosen by the statement, so that no patient identifier is printed.
     let insert = "INSERT INTO alerts (patient_id, room_id, severity, status, alert_type, title, description)
-VALUES ('P-DHE-001', (SELECT room_id FROM rooms WHERE room_name = 'Room 2' LIMIT 1),
+VALUES ((SELECT min(patient_id) FROM patients), (SELECT room_id FROM rooms WHERE room_name = 'Room 2' LIMIT 1),
         'critical', 'active', 'seizure_detected',
         'Seizure Activity Detected', 'Immediate response required')";
     println!("{insert};");
@@ -266,7 +298,7 @@ VALUES ('P-DHE-001', (SELECT room_id FROM rooms WHERE room_name = 'Room 2' LIMIT
     )
     .fetch_one(pool)
     .await?;
-    println!("\nthe alerts row after write-back:\n{}", serde_json::to_string_pretty(&row)?);
+    println!("\nthe alerts row after write-back (patient data shown only as its length):\n{}", serde_json::to_string_pretty(&redact_row(row))?);
     let (calls, answered): (i64, i64) = sqlx::query_as("SELECT count(*), count(*) FILTER (WHERE answered) FROM wardcall.call_log").fetch_one(pool).await?;
     println!("\nwardcall.call_log: {calls} call(s), {answered} answered by a human");
     anyhow::ensure!(status == "acknowledged", "demo: the alert ended {status}, expected acknowledged");

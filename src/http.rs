@@ -32,12 +32,11 @@
 //!
 //! `GET /healthz` is served on every listener.
 
-use crate::audit::{self, Entity};
 use crate::config::{Config, HttpConfig};
 use crate::runtime::{store, Engine};
-use crate::twilio::callback::{callback_url, signed_url_candidates, Callback};
-use crate::twilio::{signature, twiml};
-use crate::workflows::escalation::{write_back, WriteBackSubject, CALL_UPDATE_SIGNAL};
+use crate::twilio::callback::signed_url_candidates;
+use crate::twilio::signature;
+use crate::workflows::call_events::{self, CallEventError, Delivery};
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
@@ -309,25 +308,8 @@ impl IntoResponse for ApiError {
 
 impl From<sqlx::Error> for ApiError {
     fn from(e: sqlx::Error) -> Self {
-        tracing::error!(error = %db_error_summary(&e), "database error in an HTTP handler");
+        tracing::error!(error = %crate::capture::db_message(&e), "database error in an HTTP handler");
         ApiError(StatusCode::SERVICE_UNAVAILABLE, "database unavailable".into())
-    }
-}
-
-/// A database error for the log: the SQLSTATE (and constraint) of a server
-/// error, never its message (which may quote the values it rejects); the
-/// text of a connection-level error (which carries no row data).
-fn db_error_summary(e: &sqlx::Error) -> String {
-    match e {
-        sqlx::Error::Database(d) => match d.constraint() {
-            Some(c) => format!("SQLSTATE {} (constraint {c})", d.code().unwrap_or_default()),
-            None => format!("SQLSTATE {}", d.code().unwrap_or_default()),
-        },
-        sqlx::Error::PoolTimedOut => "no database connection available (pool timed out)".into(),
-        sqlx::Error::Io(io) => format!("I/O error: {io}"),
-        sqlx::Error::Tls(_) => "TLS error".into(),
-        sqlx::Error::PoolClosed => "pool closed".into(),
-        other => format!("{:?}", std::mem::discriminant(other)),
     }
 }
 
@@ -460,7 +442,7 @@ async fn api_signal(State(engine): State<Arc<Engine>>, Path((id, name)): Path<(S
 
 async fn api_cancel(State(engine): State<Arc<Engine>>, Path(id): Path<String>) -> Result<Response, ApiError> {
     let run: Uuid = id.parse().map_err(|_| ApiError(StatusCode::BAD_REQUEST, format!("'{}' is not a run id (UUID)", id.escape_default())))?;
-    if store::cancel_run(&engine.db.pool, run, "api", "cancelled through the API").await? {
+    if crate::workflows::cancel_run(&engine.db.pool, &engine.config, run, "api", "cancelled through the API").await? {
         tracing::info!(run = %run, "API: run cancelled");
         Ok((StatusCode::OK, Json(json!({"cancelled": true}))).into_response())
     } else {
@@ -477,19 +459,8 @@ fn twiml_response(body: String) -> Response {
     ([(header::CONTENT_TYPE, "text/xml; charset=utf-8")], body).into_response()
 }
 
-/// Rank of a provider call status: updates only ever move forward.
-fn status_rank(s: &str) -> i32 {
-    match s {
-        "intent" => 0,
-        "requested" => 1,
-        "initiated" => 2,
-        "ringing" => 3,
-        "in-progress" => 4,
-        "completed" | "busy" | "no-answer" | "failed" | "canceled" | "unknown" => 5,
-        _ => -1,
-    }
-}
-
+/// Twilio's webhooks: verified, parsed, and handed to
+/// [`crate::workflows::call_events`], where their meaning lives.
 async fn twilio_webhook(
     State(engine): State<Arc<Engine>>,
     Path(kind): Path<String>,
@@ -518,232 +489,36 @@ async fn twilio_webhook(
     let Some(attempt) = q.attempt.as_deref().and_then(|a| a.parse::<Uuid>().ok()) else {
         return (StatusCode::BAD_REQUEST, "missing or malformed attempt parameter").into_response();
     };
+    let delivery = Delivery {
+        provider: "twilio",
+        idempotency_token: headers.get("i-twilio-idempotency-token").and_then(|v| v.to_str().ok()).filter(|t| !t.is_empty()),
+    };
+    let actor = "webhook:twilio";
     let handled = async {
         match kind.as_str() {
-            "status" => handle_status(&engine, attempt, get("CallSid"), get("CallStatus").unwrap_or("")).await.map(|_| Some(twiml_response(EMPTY_TWIML.to_string()))),
-            "amd" => handle_amd(&engine, attempt, get("CallSid"), get("AnsweredBy").unwrap_or("unknown")).await.map(|_| Some(twiml_response(EMPTY_TWIML.to_string()))),
-            "gather" => handle_gather(&engine, attempt, get("CallSid"), get("Digits").unwrap_or("")).await.map(|t| Some(twiml_response(t))),
+            "status" => call_events::apply_status(&engine, delivery, attempt, get("CallSid"), get("CallStatus").unwrap_or(""), get("AnsweredBy"), actor)
+                .await
+                .map(|_| Some(twiml_response(EMPTY_TWIML.to_string()))),
+            "amd" => call_events::apply_amd(&engine, delivery, attempt, get("CallSid"), get("AnsweredBy").unwrap_or("unknown"), actor)
+                .await
+                .map(|_| Some(twiml_response(EMPTY_TWIML.to_string()))),
+            "gather" => call_events::apply_keypress(&engine, delivery, attempt, get("CallSid"), get("Digits").unwrap_or("")).await.map(|t| Some(twiml_response(t))),
             _ => Ok(None),
         }
     };
     // A webhook that cannot be recorded in time is answered 503 (its
-    // transaction, if any, is rolled back when the future is dropped).
-    let result = match tokio::time::timeout(WEBHOOK_DEADLINE, handled).await {
-        Ok(r) => r,
-        Err(_) => Err(WebhookError::Deadline),
+    // transaction, if any, is rolled back when the future is dropped), and
+    // Twilio retries it as the callback URL's connection overrides ask.
+    let reason = match tokio::time::timeout(WEBHOOK_DEADLINE, handled).await {
+        Ok(Ok(Some(r))) => return r,
+        Ok(Ok(None)) => return (StatusCode::NOT_FOUND, "unknown webhook").into_response(),
+        Ok(Err(CallEventError::UnknownAttempt)) => return (StatusCode::NOT_FOUND, "unknown attempt").into_response(),
+        Ok(Err(CallEventError::Db(e))) => crate::capture::db_message(&e),
+        Err(_) => format!("no answer from the database within {} s", WEBHOOK_DEADLINE.as_secs()),
     };
-    match result {
-        Ok(Some(r)) => r,
-        Ok(None) => (StatusCode::NOT_FOUND, "unknown webhook").into_response(),
-        Err(WebhookError::UnknownAttempt) => (StatusCode::NOT_FOUND, "unknown attempt").into_response(),
-        Err(e) => {
-            let reason = match &e {
-                WebhookError::Db(db) => db_error_summary(db),
-                _ => e.to_string(),
-            };
-            tracing::error!(error = %reason, kind = %kind, attempt = %attempt,
-                "Twilio webhook not recorded: answering 503; Twilio retries it as the callback URL's connection overrides ask (up to 5 times within 15 s)");
-            (StatusCode::SERVICE_UNAVAILABLE, "database unavailable; retry").into_response()
-        }
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-enum WebhookError {
-    #[error("unknown attempt")]
-    UnknownAttempt,
-    #[error("no answer from the database within {} s", WEBHOOK_DEADLINE.as_secs())]
-    Deadline,
-    #[error(transparent)]
-    Db(#[from] sqlx::Error),
-}
-
-#[derive(sqlx::FromRow)]
-struct AttemptRow {
-    run_id: Uuid,
-    alert_id: Uuid,
-    person_id: String,
-    status: String,
-    provider_id: Option<String>,
-    answered_by: Option<String>,
-}
-
-/// Opens the webhook transaction: locks the run row first, then the attempt
-/// (the lock order the workers use). Records the CallSid if the attempt had none
-/// (a call whose create response was lost: the callback names it).
-async fn lock_attempt(
-    tx: &mut sqlx::PgConnection,
-    attempt: Uuid,
-    call_sid: Option<&str>,
-) -> Result<AttemptRow, WebhookError> {
-    let run_id: Option<Uuid> = sqlx::query_scalar("SELECT run_id FROM wardcall.notification_attempts WHERE id = $1")
-        .bind(attempt)
-        .fetch_optional(&mut *tx)
-        .await?;
-    let run_id = run_id.ok_or(WebhookError::UnknownAttempt)?;
-    sqlx::query("SELECT 1 FROM wardcall.runs WHERE id = $1 FOR UPDATE").bind(run_id).execute(&mut *tx).await?;
-    let row: AttemptRow = sqlx::query_as(
-        "SELECT run_id, alert_id, person_id, status, provider_id, answered_by FROM wardcall.notification_attempts WHERE id = $1 FOR UPDATE",
-    )
-    .bind(attempt)
-    .fetch_one(&mut *tx)
-    .await?;
-    if row.provider_id.is_none() {
-        if let Some(sid) = call_sid {
-            sqlx::query("UPDATE wardcall.notification_attempts SET provider_id = $2 WHERE id = $1 AND provider_id IS NULL")
-                .bind(attempt)
-                .bind(sid)
-                .execute(&mut *tx)
-                .await?;
-        }
-    }
-    Ok(row)
-}
-
-async fn signal_run(tx: &mut sqlx::PgConnection, run: Uuid, payload: Value) -> Result<(), sqlx::Error> {
-    store::send_signal(tx, run, CALL_UPDATE_SIGNAL, &payload).await.map(|_| ())
-}
-
-/// The escalation settings of a run's workflow (for its write-back hooks) and
-/// the run's input (the event payload, write-back's `$1`).
-async fn run_settings_and_input(
-    engine: &Engine,
-    tx: &mut sqlx::PgConnection,
-    run: Uuid,
-) -> Result<Option<(crate::config::EscalationWorkflow, Value)>, sqlx::Error> {
-    let (workflow, input): (String, Value) = sqlx::query_as("SELECT workflow, input FROM wardcall.runs WHERE id = $1")
-        .bind(run)
-        .fetch_one(&mut *tx)
-        .await?;
-    Ok(match engine.config.workflow(&workflow).map(|w| &w.kind) {
-        Some(crate::config::WorkflowKind::Escalation(e)) => Some(((**e).clone(), input)),
-        _ => None,
-    })
-}
-
-async fn handle_status(engine: &Arc<Engine>, attempt: Uuid, call_sid: Option<&str>, call_status: &str) -> Result<(), WebhookError> {
-    let new_rank = status_rank(call_status);
-    let mut tx = engine.db.pool.begin().await?;
-    let row = lock_attempt(&mut tx, attempt, call_sid).await?;
-    if new_rank <= status_rank(&row.status) || new_rank < 0 {
-        tx.commit().await?; // late, repeated or unknown status: nothing moves backwards
-        return Ok(());
-    }
-    let column = match call_status {
-        "initiated" => "initiated_at",
-        "ringing" => "ringing_at",
-        "in-progress" => "answered_at",
-        _ => "ended_at",
-    };
-    sqlx::query(&format!(
-        "UPDATE wardcall.notification_attempts SET status = $2, {column} = coalesce({column}, clock_timestamp()),
-                updated_at = clock_timestamp() WHERE id = $1"
-    ))
-    .bind(attempt)
-    .bind(call_status)
-    .execute(&mut *tx)
-    .await?;
-    audit::record(&mut tx, Entity::NotificationAttempt, &attempt.to_string(), "attempt.status", Some(&row.status), Some(call_status), "webhook:twilio", json!({"call_sid": call_sid}))
-        .await?;
-    if let Some((settings, input)) = run_settings_and_input(engine, &mut tx, row.run_id).await? {
-        write_back(&mut tx, settings.write_back.on_call_status.as_deref(), "on_call_status", &input, WriteBackSubject::Attempt(attempt), "webhook:twilio").await?;
-    }
-    signal_run(&mut tx, row.run_id, json!({"attempt": attempt, "status": call_status})).await?;
-    tx.commit().await?;
-    engine.wake();
-    Ok(())
-}
-
-async fn handle_amd(engine: &Arc<Engine>, attempt: Uuid, call_sid: Option<&str>, answered_by: &str) -> Result<(), WebhookError> {
-    let mut tx = engine.db.pool.begin().await?;
-    let row = lock_attempt(&mut tx, attempt, call_sid).await?;
-    if row.answered_by.is_some() {
-        tx.commit().await?;
-        return Ok(());
-    }
-    sqlx::query("UPDATE wardcall.notification_attempts SET answered_by = $2, updated_at = clock_timestamp() WHERE id = $1")
-        .bind(attempt)
-        .bind(answered_by)
-        .execute(&mut *tx)
-        .await?;
-    audit::record(&mut tx, Entity::NotificationAttempt, &attempt.to_string(), "attempt.answered_by", None, None, "webhook:twilio", json!({"answered_by": answered_by}))
-        .await?;
-    signal_run(&mut tx, row.run_id, json!({"attempt": attempt, "answered_by": answered_by})).await?;
-    tx.commit().await?;
-    engine.wake();
-    Ok(())
-}
-
-/// Keypad input: 1 acknowledges (a human only), 2 asks to escalate now, any
-/// other key replays the message. Returns the TwiML to continue the call with.
-async fn handle_gather(engine: &Arc<Engine>, attempt: Uuid, call_sid: Option<&str>, digits: &str) -> Result<String, WebhookError> {
-    let mut tx = engine.db.pool.begin().await?;
-    let row = lock_attempt(&mut tx, attempt, call_sid).await?;
-    let (alert_status, message): (String, String) = sqlx::query_as("SELECT status, message FROM wardcall.alerts WHERE id = $1 FOR UPDATE")
-        .bind(row.alert_id)
-        .fetch_one(&mut *tx)
-        .await?;
-    sqlx::query("UPDATE wardcall.notification_attempts SET digits = coalesce(digits, '') || $2, updated_at = clock_timestamp() WHERE id = $1")
-        .bind(attempt)
-        .bind(digits)
-        .execute(&mut *tx)
-        .await?;
-    let machine = row.answered_by.as_deref().is_some_and(|a| a.starts_with("machine") || a == "fax");
-    let key = digits.chars().next();
-    let reply = if machine {
-        twiml::say_and_hangup("Goodbye.")
-    } else if key == Some('1') {
-        // An alert the policy gave up on is still acknowledged by a human's 1.
-        if alert_status == "open" || alert_status == "unacknowledged" {
-            sqlx::query(
-                "UPDATE wardcall.alerts SET status = 'acknowledged', acknowledged_at = clock_timestamp(), acknowledged_by = $2,
-                        updated_at = clock_timestamp() WHERE id = $1",
-            )
-            .bind(row.alert_id)
-            .bind(&row.person_id)
-            .execute(&mut *tx)
-            .await?;
-            sqlx::query(
-                "UPDATE wardcall.notification_attempts SET acknowledged_at = clock_timestamp(),
-                        answered_at = coalesce(answered_at, clock_timestamp()), updated_at = clock_timestamp() WHERE id = $1",
-            )
-            .bind(attempt)
-            .execute(&mut *tx)
-            .await?;
-            audit::record(&mut tx, Entity::Alert, &row.alert_id.to_string(), "alert.acknowledged", Some(&alert_status), Some("acknowledged"), &format!("person:{}", row.person_id), json!({"attempt": attempt, "channel": "voice", "digits": digits}))
-                .await?;
-            if let Some((settings, input)) = run_settings_and_input(engine, &mut tx, row.run_id).await? {
-                write_back(&mut tx, settings.write_back.on_acknowledged.as_deref(), "on_acknowledged", &input, WriteBackSubject::Attempt(attempt), "webhook:twilio").await?;
-            }
-            signal_run(&mut tx, row.run_id, json!({"attempt": attempt, "acknowledged": true})).await?;
-            tracing::info!(attempt = %attempt, person = %row.person_id, "alert acknowledged by keypress");
-            twiml::say_and_hangup("Thank you. The alert is acknowledged. Goodbye.")
-        } else if alert_status == "acknowledged" {
-            twiml::say_and_hangup("This alert was already acknowledged. Goodbye.")
-        } else {
-            twiml::say_and_hangup("This alert was cancelled. Goodbye.")
-        }
-    } else if key == Some('2') && alert_status == "open" {
-        sqlx::query("UPDATE wardcall.notification_attempts SET declined_at = coalesce(declined_at, clock_timestamp()), updated_at = clock_timestamp() WHERE id = $1")
-            .bind(attempt)
-            .execute(&mut *tx)
-            .await?;
-        audit::record(&mut tx, Entity::NotificationAttempt, &attempt.to_string(), "attempt.declined", None, None, &format!("person:{}", row.person_id), json!({"digits": digits}))
-            .await?;
-        signal_run(&mut tx, row.run_id, json!({"attempt": attempt, "declined": true})).await?;
-        twiml::say_and_hangup("Understood. Escalating to the next person. Goodbye.")
-    } else if alert_status == "open" {
-        let base = &engine.public_url;
-        let gather_timeout = engine.providers.twilio.as_ref().map(|t| t.config.gather_timeout_seconds).unwrap_or(10);
-        twiml::say_and_gather(&message, &callback_url(base, Callback::Gather, attempt), gather_timeout)
-    } else if alert_status == "acknowledged" {
-        twiml::say_and_hangup("This alert was already acknowledged. Goodbye.")
-    } else {
-        twiml::say_and_hangup("This alert is no longer open. Goodbye.")
-    };
-    tx.commit().await?;
-    engine.wake();
-    Ok(reply)
+    tracing::error!(error = %reason, kind = %kind, attempt = %attempt,
+        "Twilio webhook not recorded: answering 503; Twilio retries it as the callback URL's connection overrides ask (up to 5 times within 15 s)");
+    (StatusCode::SERVICE_UNAVAILABLE, "database unavailable; retry").into_response()
 }
 
 /// An empty TwiML document: the answer to status and AMD callbacks.

@@ -22,9 +22,19 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the engine and the webhook/API server until Ctrl-C or SIGTERM.
-    Serve,
+    Serve {
+        /// Remove the capture triggers of sources that are not in this config
+        /// (installed by another config). Without it they are kept, with a warning.
+        #[arg(long)]
+        prune: bool,
+    },
     /// Apply wardcall's migrations and install the sources' capture triggers, then exit.
-    Migrate,
+    Migrate {
+        /// Remove the capture triggers of sources that are not in this config
+        /// (installed by another config), printing each. Without it they are kept.
+        #[arg(long)]
+        prune: bool,
+    },
     /// Run the hospital scenario end to end on the embedded database and the
     /// in-process Twilio emulator, and print what happened.
     Demo,
@@ -72,8 +82,14 @@ enum EmulateCommand {
     Twilio(wardcall::twilio::emulate_cli::EmulateArgs),
 }
 
+/// Logs to stderr at `default` level unless `RUST_LOG` says otherwise. sqlx's
+/// statement log (target `sqlx::query`, which prints statement texts that may
+/// carry patient data) stays off whatever `RUST_LOG` says; wardcall's pools
+/// disable it at the source too (`db::connect_pool`).
 fn init_tracing(default: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default))
+        .add_directive("sqlx::query=off".parse().expect("static directive"));
     tracing_subscriber::fmt().with_env_filter(filter).with_target(false).with_writer(std::io::stderr).init();
 }
 
@@ -83,14 +99,26 @@ fn main() -> std::process::ExitCode {
     match runtime.block_on(run(cli)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("wardcall: {e:#}");
+            // Database errors redacted: their messages quote the values they reject.
+            eprintln!("wardcall: {}", wardcall::capture::error_text(&e));
             std::process::ExitCode::FAILURE
         }
     }
 }
 
 async fn open(cli_config: Option<&std::path::Path>) -> anyhow::Result<(Arc<Config>, Database)> {
-    let config = Arc::new(Config::load(cli_config)?);
+    open_with(cli_config, false, false).await
+}
+
+/// Loads the config (`prune`: see `--prune`), resolves the provider secrets
+/// when `needs_secrets` (before the database is touched), then opens the database.
+async fn open_with(cli_config: Option<&std::path::Path>, prune: bool, needs_secrets: bool) -> anyhow::Result<(Arc<Config>, Database)> {
+    let mut config = Config::load(cli_config)?;
+    config.prune_sources = prune;
+    if needs_secrets {
+        wardcall::providers::Providers::from_config(&config, None).with_context(|| format!("config error in {}", config.file_name()))?;
+    }
+    let config = Arc::new(config);
     let db = Database::open(&config, config.engine.pool_size).await?;
     Ok((config, db))
 }
@@ -109,9 +137,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             init_tracing("info");
             wardcall::twilio::emulate_cli::run_cli(args).await
         }
-        Command::Serve => {
+        Command::Serve { prune } => {
             init_tracing("info");
-            let (config, db) = open(cli.config.as_deref()).await?;
+            let (config, db) = open_with(cli.config.as_deref(), prune, true).await?;
             let app = match App::start(db.clone(), config, StartOptions::default()).await {
                 Ok(app) => app,
                 Err(e) => {
@@ -125,13 +153,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             db.shutdown().await;
             Ok(())
         }
-        Command::Migrate => {
+        Command::Migrate { prune } => {
             init_tracing("info");
-            let (config, db) = open(cli.config.as_deref()).await?;
-            let r = wardcall::app::prepare_database(&db, &config, "cli").await;
+            let (config, db) = open_with(cli.config.as_deref(), prune, false).await?;
+            let r = wardcall::app::prepare_database_report(&db, &config, "cli").await;
             db.shutdown().await;
-            r?;
+            let report = r?;
             println!("migrations applied; {} source trigger(s) installed", config.sources.len());
+            for name in &report.removed {
+                println!("removed the capture trigger of source '{name}' (not in this config; --prune)");
+            }
+            if !report.kept.is_empty() {
+                println!(
+                    "kept the capture triggers of source(s) not in this config: {} (pass --prune to remove them)",
+                    report.kept.join(", ")
+                );
+            }
             Ok(())
         }
         Command::Emit { event, payload, dedup_key } => {
@@ -179,6 +216,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         Some(s) => println!("outbox    backlog {:>6}  oldest {:.1} s", c.outbox_backlog, s),
                         None => println!("outbox    backlog {:>6}", c.outbox_backlog),
                     }
+                    println!("          unrouted {:>5}  (events no workflow listens to)", c.outbox_unrouted);
                 }
                 anyhow::Ok(())
             }
@@ -188,8 +226,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Cancel { run } => {
             init_tracing("warn");
-            let (_config, db) = open(cli.config.as_deref()).await?;
-            let r = wardcall::runtime::store::cancel_run(&db.pool, run, "cli", "cancelled from the command line").await;
+            let (config, db) = open(cli.config.as_deref()).await?;
+            let r = wardcall::workflows::cancel_run(&db.pool, &config, run, "cli", "cancelled from the command line").await;
             db.shutdown().await;
             if r? {
                 println!("run {run} cancelled");

@@ -33,14 +33,14 @@ impl Providers {
             None => read_twilio_token(t)?,
         };
         let http = reqwest::Client::builder()
-            .timeout(std::time::Duration::from_secs(10))
             .connect_timeout(std::time::Duration::from_secs(5))
             .pool_idle_timeout(std::time::Duration::from_secs(60))
             .build()
             .context("building the HTTP client")?;
         Ok(Providers {
             twilio: Some(TwilioProvider {
-                client: TwilioClient::new(http, &t.api_base, &t.account_sid, &token),
+                client: TwilioClient::new(http, &t.api_base, &t.account_sid, &token)
+                    .with_request_timeout(std::time::Duration::from_secs_f64(t.request_timeout_seconds)),
                 config: t.clone(),
                 auth_token: token,
             }),
@@ -56,7 +56,7 @@ fn read_twilio_token(t: &TwilioConfig) -> anyhow::Result<String> {
         anyhow::ensure!(!token.is_empty(), "providers.twilio.auth_token_file: {} is empty", path.display());
         return Ok(token);
     }
-    let var = t.auth_token_env.clone().unwrap_or_else(|| "TWILIO_AUTH_TOKEN".into());
+    let var = t.auth_token_env.clone().unwrap_or_else(|| crate::config::DEFAULT_TWILIO_TOKEN_ENV.into());
     match std::env::var(&var) {
         Ok(v) if !v.trim().is_empty() => Ok(v.trim().to_string()),
         _ => anyhow::bail!(

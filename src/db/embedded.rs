@@ -58,6 +58,20 @@
 //! and the server run as the `postgres` system account; the data directory is chowned
 //! to it and every parent directory must be searchable by it.
 //!
+//! When a parent is not (the usual case: a repository cloned under `/root`, mode
+//! 0700, where the default data directory `.wardcall` lies), and the requested
+//! directory holds no cluster yet, the cluster is placed in
+//! `/var/lib/wardcall/relocated/<16 hex digits>` instead ([`RELOCATION_BASE`],
+//! [`relocation_key`]): keyed by the FNV-1a hash of the canonical requested path, so
+//! the same requested path always finds its cluster again, with
+//! `<key>.wardcall.requested` recording that path (claimed with `O_EXCL`: two
+//! requested paths never share a cluster). The cluster directory is mode 0700 and
+//! owned by `postgres` like any other; its lock files are its siblings, so start,
+//! reuse, stale-pid handling and stop work unchanged. This is logged at info level
+//! naming both paths, and [`EmbeddedCluster::relocated_from`] tells it. A requested
+//! directory that already holds a cluster is never relocated (the
+//! [`NotTraversable`](EmbeddedError::NotTraversable) error says what to `chmod`).
+//!
 //! # PostgreSQL manual references
 //!
 //! Section numbers are those of the PostgreSQL 15 manual; the page names are stable.
@@ -84,7 +98,7 @@ use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
 use nix::unistd::{Gid, Pid, User};
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgSslMode};
-use sqlx::{Connection, Executor};
+use sqlx::{ConnectOptions, Connection, Executor};
 use tracing::{debug, info, warn};
 
 /// Port number of the embedded cluster: 5432.
@@ -330,6 +344,8 @@ struct Paths {
     lock: PathBuf,
     users: PathBuf,
     initdb_marker: PathBuf,
+    /// When the cluster was relocated: the canonical requested path and why.
+    relocated_from: Option<(PathBuf, String)>,
 }
 
 impl Paths {
@@ -344,6 +360,7 @@ impl Paths {
             users: sibling(".wardcall.users"),
             initdb_marker: sibling(".wardcall-initdb"),
             data_dir,
+            relocated_from: None,
         }
     }
 }
@@ -439,6 +456,16 @@ impl EmbeddedCluster {
         let requested = data_dir.to_path_buf();
         let account = run_as.clone();
         let paths = blocking(move || resolve_paths(&requested, account.as_ref())).await?;
+        if let Some((requested, why)) = &paths.relocated_from {
+            info!(
+                requested = %requested.display(),
+                data_dir = %paths.data_dir.display(),
+                "the requested data directory {} cannot be reached by the PostgreSQL server's account ({why}); \
+                 placing the cluster in {} instead (the same requested path always maps to the same cluster)",
+                requested.display(),
+                paths.data_dir.display()
+            );
+        }
 
         let _start_lock = acquire_lock(&paths.lock, LockKind::Exclusive).await?;
 
@@ -465,7 +492,7 @@ impl EmbeddedCluster {
         };
 
         let (socket_dir, port, started_by_us) =
-            bring_up(&paths, &bin_dir, run_as.as_ref()).await?;
+            bring_up(&paths, &bin_dir, server_version, run_as.as_ref()).await?;
         let in_use = acquire_lock(&paths.users, LockKind::Shared).await?;
         info!(
             data_dir = %paths.data_dir.display(),
@@ -631,9 +658,17 @@ impl EmbeddedCluster {
         result
     }
 
-    /// Canonical data directory (symbolic links resolved).
+    /// Canonical data directory (symbolic links resolved): where the cluster really
+    /// is, which differs from the requested path when it was relocated.
     pub fn data_dir(&self) -> &Path {
         &self.paths.data_dir
+    }
+
+    /// The canonical requested data directory when the cluster was placed elsewhere
+    /// because the server's account cannot reach it (see "Running as root" in the
+    /// module documentation); `None` when the cluster is where it was requested.
+    pub fn relocated_from(&self) -> Option<&Path> {
+        self.paths.relocated_from.as_ref().map(|(p, _)| p.as_path())
     }
 
     /// Directory holding the socket `.s.PGSQL.<port>`: the data directory, or
@@ -881,9 +916,99 @@ fn resolve_paths(requested: &Path, run_as: Option<&SystemUser>) -> Result<Paths,
     }
     check_shell_safe(&data_dir)?;
     if let Some(user) = run_as {
-        check_traversable(&data_dir, user)?;
+        match check_traversable(&data_dir, user) {
+            Ok(()) => {}
+            Err(not_traversable @ EmbeddedError::NotTraversable { .. }) => {
+                // A cluster already there is never hidden behind a new, empty one.
+                if fs::symlink_metadata(data_dir.join("PG_VERSION")).is_ok() {
+                    return Err(not_traversable);
+                }
+                let why = match &not_traversable {
+                    EmbeddedError::NotTraversable { dir, mode, .. } => {
+                        format!("{} has mode {mode:o}", dir.display())
+                    }
+                    _ => not_traversable.to_string(),
+                };
+                let relocated = match relocate(Path::new(RELOCATION_BASE), &data_dir, Some(user)) {
+                    Ok(dir) => dir,
+                    Err(e @ EmbeddedError::InvalidDataDir { .. }) => return Err(e),
+                    Err(e) => {
+                        // The original error says what to chmod; say why relocating failed.
+                        warn!("cannot place the cluster under {RELOCATION_BASE} instead: {e}");
+                        return Err(not_traversable);
+                    }
+                };
+                if check_traversable(&relocated, user).is_err() {
+                    return Err(not_traversable);
+                }
+                let mut paths = Paths::new(relocated);
+                paths.relocated_from = Some((data_dir, why));
+                return Ok(paths);
+            }
+            Err(other) => return Err(other),
+        }
     }
     Ok(Paths::new(data_dir))
+}
+
+/// Where a cluster whose requested data directory the server's account cannot
+/// reach is placed: `<base>/<key>`, `<key>` being [`relocation_key`] of the
+/// canonical requested path (`-1`, `-2`, … appended if another path already holds
+/// that name). `<base>/<name>.wardcall.requested` records the requested path; it is
+/// created with `O_EXCL`, so two different requested paths never share a cluster,
+/// even when started at the same moment. `base` (and its missing parents) are
+/// created mode 0755 and must be a real directory owned by root (or wardcall's
+/// user) that nobody else can write. The cluster directory itself is created
+/// later by `initdb` (mode 0700, owned by the server's account), and its lock
+/// files are its siblings, as for any data directory.
+fn relocate(base: &Path, requested: &Path, run_as: Option<&SystemUser>) -> Result<PathBuf, EmbeddedError> {
+    let invalid = |reason: String| EmbeddedError::InvalidDataDir { data_dir: requested.to_path_buf(), reason };
+    create_parents(base, run_as.is_some())?;
+    let meta = fs::symlink_metadata(base).map_err(io_err(format!("inspecting {}", base.display())))?;
+    let me = nix::unistd::geteuid().as_raw();
+    if !meta.file_type().is_dir() || (meta.uid() != 0 && meta.uid() != me) || meta.mode() & 0o022 != 0 {
+        return Err(invalid(format!(
+            "the server's account cannot reach it, and {} (where such clusters are placed) is not a \
+             directory owned by root and writable only by its owner; fix that, or choose a data \
+             directory the server's account can reach",
+            base.display()
+        )));
+    }
+    let key = relocation_key(requested);
+    let wanted = requested.as_os_str().as_bytes();
+    for n in 0..1000u32 {
+        let name = if n == 0 { key.clone() } else { format!("{key}-{n}") };
+        let record = base.join(format!("{name}.wardcall.requested"));
+        match OpenOptions::new().write(true).create_new(true).mode(0o644).open(&record) {
+            Ok(mut file) => {
+                file.write_all(wanted)
+                    .and_then(|()| file.write_all(b"\n"))
+                    .and_then(|()| file.sync_all())
+                    .map_err(io_err(format!("writing {}", record.display())))?;
+                fsync_dir(base)?;
+                return Ok(base.join(name));
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                let recorded = fs::read(&record).map_err(io_err(format!("reading {}", record.display())))?;
+                if recorded.strip_suffix(b"\n").unwrap_or(&recorded) == wanted {
+                    return Ok(base.join(name));
+                }
+            }
+            Err(e) => return Err(io_err(format!("creating {}", record.display()))(e)),
+        }
+    }
+    Err(invalid(format!("no free cluster name for it under {}", base.display())))
+}
+
+/// Directory under which relocated clusters are placed (see [`relocation_key`]).
+pub const RELOCATION_BASE: &str = "/var/lib/wardcall/relocated";
+
+/// Name of the relocated cluster of the canonical requested data directory
+/// `requested`: 16 lower-case hex digits of its 64-bit FNV-1a hash (stable across
+/// releases). The cluster is `<RELOCATION_BASE>/<key>` unless another path took
+/// that name first (then `<key>-1`, …; see `<key>.wardcall.requested`).
+pub fn relocation_key(requested: &Path) -> String {
+    format!("{:016x}", fnv1a64(requested.as_os_str().as_bytes()))
 }
 
 /// Creates missing directories down to `dir`. As root (`world_searchable`) the new
@@ -1177,9 +1302,34 @@ async fn init_cluster(paths: &Paths, bin_dir: &Path, run_as: Option<&SystemUser>
 }
 
 /// Contents of `wardcall.conf`. `socket_dir` is plain (see [`socket_dir_for`]) but is
-/// quoted properly anyway.
-fn render_conf(socket_dir: &Path, port: u16) -> String {
+/// quoted properly anyway. `server_version` is the major version: settings that
+/// appeared in PostgreSQL 13 are written only for 13 and later (an unknown
+/// setting stops the server from starting).
+///
+/// Privacy (ARCHITECTURE.md, "No patient data on error paths"): the server log
+/// must not hold the values that statements carry or that errors quote. From
+/// §20.8 "Error Reporting and Logging" of the PostgreSQL 15 manual:
+/// * `log_min_messages = log`: WARNING and ERROR reports are not written (the
+///   client, wardcall, receives them and logs them redacted); LOG, FATAL and
+///   PANIC (start, stop, checkpoints, crashes) still are. An ERROR's primary
+///   message can quote a value (`invalid input syntax for type uuid: "…"`), so
+///   verbosity alone would not do.
+/// * `log_error_verbosity = terse`: no DETAIL (`Key (patient_id)=(…)`), HINT,
+///   QUERY or CONTEXT on what is written.
+/// * `log_min_error_statement = panic`: never the text of a failing statement.
+/// * `log_statement = 'none'`, `log_duration = off`, `log_min_duration_statement = -1`,
+///   (13+) `log_min_duration_sample = -1`, `log_parameter_max_length = 0`,
+///   `log_parameter_max_length_on_error = 0`: no statement texts or bind
+///   parameters, whatever their duration.
+fn render_conf(socket_dir: &Path, port: u16, server_version: u32) -> String {
     let socket = socket_dir.to_string_lossy().replace('\'', "''");
+    let since_13 = if server_version >= 13 {
+        "log_min_duration_sample = -1\n\
+         log_parameter_max_length = 0\n\
+         log_parameter_max_length_on_error = 0\n"
+    } else {
+        ""
+    };
     format!(
         "# Written by wardcall before every start of its embedded PostgreSQL; edits here are lost.\n\
          # Tune this cluster with ALTER SYSTEM (postgresql.auto.conf), which takes precedence.\n\
@@ -1197,7 +1347,15 @@ fn render_conf(socket_dir: &Path, port: u16) -> String {
          log_filename = 'postgresql-%a.log'\n\
          log_truncate_on_rotation = on\n\
          log_rotation_age = '1d'\n\
-         log_rotation_size = 0\n"
+         log_rotation_size = 0\n\
+         # Privacy: no values from statements or errors in the server log (see wardcall's ARCHITECTURE.md).\n\
+         log_min_messages = log\n\
+         log_error_verbosity = terse\n\
+         log_min_error_statement = panic\n\
+         log_statement = 'none'\n\
+         log_duration = off\n\
+         log_min_duration_statement = -1\n\
+         {since_13}"
     )
 }
 
@@ -1362,6 +1520,7 @@ fn server_running(data_dir: &Path) -> Result<bool, EmbeddedError> {
 async fn bring_up(
     paths: &Paths,
     bin_dir: &Path,
+    server_version: u32,
     run_as: Option<&SystemUser>,
 ) -> Result<(PathBuf, u16, bool), EmbeddedError> {
     let data_dir = &paths.data_dir;
@@ -1405,6 +1564,7 @@ async fn bring_up(
                                         "reusing the PostgreSQL server (pid {}) already running on the data directory",
                                         pf.pid
                                     );
+                                    refresh_settings(data_dir, socket_dir, port, server_version, run_as).await;
                                     return Ok((socket_dir.clone(), port, false));
                                 }
                                 Err(e) => format!("server pid {} is ready but does not answer: {e}", pf.pid),
@@ -1438,8 +1598,47 @@ async fn bring_up(
         }
         tokio::time::sleep(POLL_INTERVAL).await;
     };
-    let (socket_dir, port) = launch(paths, bin_dir, run_as, stale).await?;
+    let (socket_dir, port) = launch(paths, bin_dir, server_version, run_as, stale).await?;
     Ok((socket_dir, port, true))
+}
+
+/// Rewrites `wardcall.conf` of a reused server (one started by an older wardcall may
+/// lack settings, e.g. the privacy settings of [`render_conf`]) and makes the server
+/// reload it (`pg_reload_conf()`; the logging settings take effect on reload,
+/// §20.1.2 of the PostgreSQL 15 manual). A failure is logged, not fatal: the server
+/// works as it is.
+async fn refresh_settings(
+    data_dir: &Path,
+    socket_dir: &Path,
+    port: u16,
+    server_version: u32,
+    run_as: Option<&SystemUser>,
+) {
+    let (dir, socket, user) = (data_dir.to_path_buf(), socket_dir.to_path_buf(), run_as.cloned());
+    let written = blocking(move || {
+        let conf = dir.join(CONF_FILE);
+        write_file_atomically(&conf, &render_conf(&socket, port, server_version))?;
+        if let Some(user) = &user {
+            std::os::unix::fs::lchown(&conf, Some(user.uid), Some(user.gid))
+                .map_err(io_err(format!("changing the owner of {}", conf.display())))?;
+        }
+        Ok(())
+    })
+    .await;
+    let reloaded = match written {
+        Err(e) => Err(e.to_string()),
+        Ok(()) => match maintenance_connection(socket_dir, port).await {
+            Err(e) => Err(e.to_string()),
+            Ok(mut conn) => {
+                let r = sqlx::query("SELECT pg_reload_conf()").execute(&mut conn).await.map(|_| ()).map_err(|e| e.to_string());
+                let _ = conn.close().await;
+                r
+            }
+        },
+    };
+    if let Err(e) = reloaded {
+        warn!(data_dir = %data_dir.display(), "could not refresh the settings of the reused PostgreSQL server: {e}");
+    }
 }
 
 /// Waits until no orphaned server process of a dead postmaster remains.
@@ -1494,6 +1693,7 @@ fn remove_stale_files(data_dir: &Path, stale: Option<&PidFile>) -> Result<(), Em
 async fn launch(
     paths: &Paths,
     bin_dir: &Path,
+    server_version: u32,
     run_as: Option<&SystemUser>,
     stale: Option<Option<PidFile>>,
 ) -> Result<(PathBuf, u16), EmbeddedError> {
@@ -1517,7 +1717,7 @@ async fn launch(
             if socket_dir != dir {
                 prepare_private_dir(&socket_dir, run_as.as_ref())?;
             }
-            write_file_atomically(&dir.join(CONF_FILE), &render_conf(&socket_dir, port))?;
+            write_file_atomically(&dir.join(CONF_FILE), &render_conf(&socket_dir, port, server_version))?;
             ensure_include(&dir)?;
             let log_dir = dir.join(LOG_DIR);
             match fs::DirBuilder::new().mode(0o700).create(&log_dir) {
@@ -1695,6 +1895,8 @@ fn socket_connect_options(socket_dir: &Path, port: u16, database: &str) -> PgCon
         .username(SUPERUSER)
         .database(database)
         .ssl_mode(PgSslMode::Disable)
+        // Statement texts may carry data; see `crate::db::connect_pool`.
+        .disable_statement_logging()
 }
 
 /// Connects to `postgres`, or to `template1` if `postgres` was dropped.
@@ -1947,7 +2149,7 @@ mod tests {
 
     #[test]
     fn conf_has_the_durable_no_tcp_settings() {
-        let conf = render_conf(Path::new("/var/lib/wardcall/postgres"), 5432);
+        let conf = render_conf(Path::new("/var/lib/wardcall/postgres"), 5432, 15);
         for line in [
             "listen_addresses = ''",
             "port = 5432",
@@ -1958,9 +2160,38 @@ mod tests {
             "fsync = on",
             "synchronous_commit = on",
             "logging_collector = on",
+            "log_min_messages = log",
+            "log_error_verbosity = terse",
+            "log_min_error_statement = panic",
+            "log_statement = 'none'",
+            "log_parameter_max_length_on_error = 0",
         ] {
             assert!(conf.lines().any(|l| l == line), "missing {line:?} in\n{conf}");
         }
+    }
+
+    #[test]
+    fn relocation_is_stable_and_never_shared() {
+        let base = std::env::temp_dir().join(format!("wardcall-relocate-test-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&base);
+        let a = Path::new("/root/clone-a/.wardcall");
+        let b = Path::new("/root/clone-b/.wardcall");
+        let ra = relocate(&base, a, None).unwrap();
+        assert_eq!(ra, base.join(relocation_key(a)));
+        assert_eq!(relocate(&base, a, None).unwrap(), ra, "same requested path, same cluster");
+        let rb = relocate(&base, b, None).unwrap();
+        assert_ne!(ra, rb);
+        // A hash collision (forged: another path already holds b's name) moves on.
+        let c = Path::new("/root/clone-c/.wardcall");
+        fs::write(base.join(format!("{}.wardcall.requested", relocation_key(c))), b"/elsewhere\n").unwrap();
+        let rc = relocate(&base, c, None).unwrap();
+        assert_eq!(rc, base.join(format!("{}-1", relocation_key(c))));
+        assert_eq!(relocate(&base, c, None).unwrap(), rc);
+        assert_eq!(fs::read(base.join(format!("{}-1.wardcall.requested", relocation_key(c)))).unwrap(), b"/root/clone-c/.wardcall\n");
+        // A base others can write is refused.
+        fs::set_permissions(&base, fs::Permissions::from_mode(0o777)).unwrap();
+        assert!(matches!(relocate(&base, a, None), Err(EmbeddedError::InvalidDataDir { .. })));
+        fs::remove_dir_all(&base).unwrap();
     }
 
     #[test]

@@ -14,6 +14,8 @@ pub const SCHEMA_LOCK_KEY: i64 = 0x7761_7264_6361_6c6c;
 pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     (1, "core", include_str!("../../migrations/0001_core.sql")),
     (2, "alerts", include_str!("../../migrations/0002_alerts.sql")),
+    (4, "unrouted", include_str!("../../migrations/0004_unrouted.sql")),
+    (5, "call_reconciliation", include_str!("../../migrations/0005_call_reconciliation.sql")),
 ];
 
 /// Applies the migrations not yet applied; returns how many it applied.

@@ -41,9 +41,9 @@ impl Database {
                 (opts, None)
             }
             None => {
-                let dir = config.data_dir.clone().unwrap_or_else(|| ".wardcall".into());
+                let dir = config.data_dir.clone().unwrap_or_else(|| crate::config::DEFAULT_DATA_DIR.into());
                 let cluster = EmbeddedCluster::start(&dir).await?;
-                let name = config.database.clone().unwrap_or_else(|| "wardcall".into());
+                let name = config.database.clone().unwrap_or_else(|| crate::config::DEFAULT_DATABASE.into());
                 cluster.ensure_database(&name).await?;
                 (cluster.connect_options(&name), Some(Arc::new(cluster)))
             }
@@ -64,8 +64,13 @@ impl Database {
 }
 
 /// A pool over `options` with at most `size` connections; waits up to 10 s for the server.
+///
+/// sqlx's statement logging (every statement's text at debug, slow ones at warn)
+/// is turned off: statement texts can carry patient data (seed SQL, a team's
+/// literal values), and wardcall logs its own failures without them
+/// ([`crate::capture::db_message`]).
 pub async fn connect_pool(options: PgConnectOptions, size: u32) -> anyhow::Result<PgPool> {
-    let options = options.application_name("wardcall");
+    let options = sqlx::ConnectOptions::disable_statement_logging(options.application_name("wardcall"));
     PgPoolOptions::new()
         .max_connections(size)
         .min_connections(1)

@@ -46,6 +46,7 @@ pub struct Engine {
     slots: Arc<Semaphore>,
     wake_scheduler: Notify,
     wake_dispatcher: Notify,
+    call_sweeper: Notify,
     shutdown: watch::Sender<bool>,
 }
 
@@ -64,6 +65,7 @@ impl Engine {
             slots: Arc::new(Semaphore::new(workers)),
             wake_scheduler: Notify::new(),
             wake_dispatcher: Notify::new(),
+            call_sweeper: Notify::new(),
             shutdown: watch::channel(false).0,
         })
     }
@@ -86,12 +88,30 @@ impl Engine {
         set.spawn(async move { e.dispatcher_loop().await });
         let e = self.clone();
         set.spawn(async move { e.scheduler_loop().await });
+        let e = self.clone();
+        set.spawn(async move { crate::workflows::call_sweeper::run(e).await });
         EngineTasks { engine: self.clone(), set }
     }
 
     /// Wakes this engine's scheduler (e.g. after a webhook delivered a signal).
     pub fn wake(&self) {
         self.wake_scheduler.notify_one();
+    }
+
+    /// Wakes this engine's call sweeper (an alert closed: its calls may need
+    /// ending; see [`crate::workflows::call_sweeper`]).
+    pub fn wake_call_sweeper(&self) {
+        self.call_sweeper.notify_one();
+    }
+
+    /// Resolves when the call sweeper is woken (or at once if a wake-up is pending).
+    pub async fn call_sweeper_woken(&self) {
+        self.call_sweeper.notified().await
+    }
+
+    /// A receiver that turns `true` when the engine stops.
+    pub fn stop_signal(&self) -> watch::Receiver<bool> {
+        self.shutdown.subscribe()
     }
 
     fn stopping(&self) -> bool {
@@ -107,12 +127,12 @@ impl Engine {
             let mut listener = match PgListener::connect_with(&self.db.pool).await {
                 Ok(l) => l,
                 Err(e) => {
-                    tracing::warn!(error = %e, "listener cannot connect; retrying in 1 s (the sweep keeps draining)");
+                    tracing::warn!(error = %crate::capture::db_message(&e), "listener cannot connect; retrying in 1 s (the sweep keeps draining)");
                     tokio::select! { _ = tokio::time::sleep(Duration::from_secs(1)) => continue, _ = stop.changed() => return }
                 }
             };
             if let Err(e) = listener.listen_all([crate::capture::OUTBOX_CHANNEL, WAKE_CHANNEL]).await {
-                tracing::warn!(error = %e, "LISTEN failed; retrying in 1 s");
+                tracing::warn!(error = %crate::capture::db_message(&e), "LISTEN failed; retrying in 1 s");
                 tokio::select! { _ = tokio::time::sleep(Duration::from_secs(1)) => continue, _ = stop.changed() => return }
             }
             tracing::debug!("listener connected");
@@ -138,7 +158,7 @@ impl Engine {
                             break;
                         }
                         Err(e) => {
-                            tracing::warn!(error = %e, "listener error; reconnecting");
+                            tracing::warn!(error = %crate::capture::db_message(&e), "listener error; reconnecting");
                             break;
                         }
                     }
@@ -160,7 +180,7 @@ impl Engine {
                     Ok(500) => continue,
                     Ok(_) => break,
                     Err(e) => {
-                        tracing::warn!(error = %e, "outbox dispatch failed; the next sweep retries");
+                        tracing::warn!(error = %crate::capture::error_text(&e), "outbox dispatch failed; the next sweep retries");
                         break;
                     }
                 }
@@ -175,14 +195,19 @@ impl Engine {
 
     /// Turns up to `limit` unprocessed outbox rows into runs, in one transaction.
     /// Returns how many outbox rows it processed.
+    ///
+    /// A row whose event no workflow of this config listens to is not dropped:
+    /// it is marked `unrouted_at` in the same transaction (kept in the outbox,
+    /// counted by `wardcall status`) and logged once, at warn, by id, source
+    /// and event name (never its payload).
     pub async fn dispatch_batch(self: &Arc<Self>, limit: i64) -> anyhow::Result<usize> {
         let mut tx = self.db.pool.begin().await?;
-        let rows: Vec<(i64, String, Value)> = sqlx::query_as(
+        let rows: Vec<(i64, String, Value, String)> = sqlx::query_as(
             "WITH batch AS (
                  SELECT id FROM wardcall.outbox WHERE processed_at IS NULL ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED)
              UPDATE wardcall.outbox o SET processed_at = clock_timestamp(), processed_by = $2
                FROM batch WHERE o.id = batch.id
-             RETURNING o.id, o.event, o.payload",
+             RETURNING o.id, o.event, o.payload, o.source",
         )
         .bind(limit)
         .bind(&self.engine_id)
@@ -195,7 +220,8 @@ impl Engine {
         let mut event_ids = Vec::new();
         let mut events = Vec::new();
         let mut inputs = Vec::new();
-        for (id, event, payload) in &rows {
+        let mut unrouted = Vec::new();
+        for (id, event, payload, source) in &rows {
             let mut routed = false;
             for w in self.config.workflows.iter().filter(|w| &w.event == event) {
                 workflow_names.push(w.name.clone());
@@ -205,8 +231,15 @@ impl Engine {
                 routed = true;
             }
             if !routed {
-                tracing::debug!(outbox_id = id, event = %event, "no workflow is bound to this event");
+                tracing::warn!(outbox_id = id, source = %source, event = %event, "no workflow listens to this event: outbox row kept as unrouted");
+                unrouted.push(*id);
             }
+        }
+        if !unrouted.is_empty() {
+            sqlx::query("UPDATE wardcall.outbox SET unrouted_at = clock_timestamp() WHERE id = ANY($1)")
+                .bind(&unrouted)
+                .execute(&mut *tx)
+                .await?;
         }
         // Take as many runs as there are free worker slots: they start leased to us.
         let mut taken = Vec::new();
@@ -314,7 +347,7 @@ impl Engine {
                             });
                         }
                     }
-                    Err(e) => tracing::warn!(error = %e, "claiming due runs failed"),
+                    Err(e) => tracing::warn!(error = %crate::capture::db_message(&e), "claiming due runs failed"),
                 }
             }
             if claimed_full {
@@ -354,7 +387,7 @@ impl Engine {
                             lost.store(true, Ordering::SeqCst);
                             return;
                         }
-                        Err(e) => tracing::warn!(error = %e, "lease renewal failed; retrying"),
+                        Err(e) => tracing::warn!(error = %crate::capture::db_message(&e), "lease renewal failed; retrying"),
                     }
                 }
             })
@@ -370,15 +403,20 @@ impl Engine {
                     Ok(WaitResolution::Parked) | Ok(WaitResolution::LeaseLost) => break,
                     Err(e) => {
                         // The lease lapses and another claim retries the resolution.
-                        tracing::warn!(run = %run.id, error = %e, "resolving a wait failed");
+                        tracing::warn!(run = %run.id, error = %crate::capture::db_message(&e), "resolving a wait failed");
                         break;
                     }
                 }
             }
             let Some(workflow) = self.config.workflow(&run.workflow).cloned() else {
-                let msg = format!("workflow '{}' is not in this engine's config", run.workflow);
-                let _ = store::record_step_failure(&self.db.pool, &run, &msg, u32::MAX, 5_000, &actor).await;
-                tracing::error!(run = %run.id, "{msg}");
+                // Fail visibly instead of retrying forever: status `failed`,
+                // `last_error` naming the workflow, audited `run.failed`, logged.
+                let msg = format!("workflow '{}' is not in this engine's config (removed?): the run cannot proceed", run.workflow);
+                tracing::error!(run = %run.id, workflow = %run.workflow, "run failed: its workflow is not in this engine's config");
+                let fail = store::Parking::Fail { error: msg };
+                if let Err(e) = store::commit_transition(&self.db.pool, &run, &run.state, &run.step, &fail, &actor).await {
+                    tracing::warn!(run = %run.id, error = %e, "recording the failure failed; the lease will lapse and it is retried");
+                }
                 break;
             };
             let pages = matches!(workflow.kind, crate::config::WorkflowKind::Escalation(_));
@@ -426,7 +464,7 @@ impl Engine {
                         }
                         Ok(None) => false,
                         Err(e) => {
-                            tracing::warn!(run = %run.id, error = %e, "committing a step failed; the lease will lapse and the step re-run");
+                            tracing::warn!(run = %run.id, error = %crate::capture::db_message(&e), "committing a step failed; the lease will lapse and the step re-run");
                             false
                         }
                     }
@@ -434,7 +472,7 @@ impl Engine {
                 Err(StepError::LeaseLost) => false,
                 Err(StepError::Retryable(err)) => {
                     let delay = if pages { retry_delay_ms(&workflow, run.step_attempt + 1).min(ESCALATION_RETRY_CAP_MS) } else { retry_delay_ms(&workflow, run.step_attempt + 1) };
-                    let msg = format!("{err:#}");
+                    let msg = crate::capture::error_text(&err);
                     tracing::warn!(run = %run.id, step = %run.step, attempt = run.step_attempt + 1, error = %msg, "step failed");
                     let max_attempts = if pages { u32::MAX } else { workflow.max_attempts };
                     matches!(store::record_step_failure(&self.db.pool, &run, &msg, max_attempts, delay, &actor).await, Ok(Some(_)))
@@ -442,13 +480,13 @@ impl Engine {
                 Err(StepError::Permanent(err)) if pages => {
                     // An alert is never given up on: an escalation keeps retrying
                     // (the config or the provider may be fixed meanwhile).
-                    let msg = format!("{err:#}");
+                    let msg = crate::capture::error_text(&err);
                     tracing::error!(run = %run.id, step = %run.step, error = %msg, "escalation step failed; retrying (alerts are never dead-lettered)");
                     let delay = retry_delay_ms(&workflow, run.step_attempt + 1).min(ESCALATION_RETRY_CAP_MS);
                     matches!(store::record_step_failure(&self.db.pool, &run, &msg, u32::MAX, delay, &actor).await, Ok(Some(_)))
                 }
                 Err(StepError::Permanent(err)) => {
-                    let msg = format!("{err:#}");
+                    let msg = crate::capture::error_text(&err);
                     tracing::error!(run = %run.id, step = %run.step, error = %msg, "step failed permanently");
                     matches!(
                         store::commit_transition(&self.db.pool, &run, &state, &run.step, &Parking::Fail { error: msg }, &actor).await,
@@ -473,7 +511,7 @@ impl Engine {
         match store::release_leases(&self.db.pool, &self.engine_id).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(runs = n, "released leases at shutdown"),
-            Err(e) => tracing::warn!(error = %e, "releasing leases failed; they expire on their own"),
+            Err(e) => tracing::warn!(error = %crate::capture::db_message(&e), "releasing leases failed; they expire on their own"),
         }
     }
 }

@@ -368,19 +368,30 @@ pub async fn record_step_failure(
     Ok(Some(dead))
 }
 
-/// Cancels a live run (any status but completed/failed/cancelled): bumps the
-/// fencing token so a worker executing it can no longer commit, and cancels
-/// its open alert, if any. Returns false when the run was not live.
-pub async fn cancel_run(pool: &PgPool, id: Uuid, actor: &str, reason: &str) -> Result<bool, sqlx::Error> {
-    let mut tx = pool.begin().await?;
-    let previous: Option<String> = sqlx::query_scalar(
-        "SELECT status FROM wardcall.runs WHERE id = $1 AND status IN ('pending','running','sleeping','waiting') FOR UPDATE",
+/// A run cancelled by [`cancel_run_in`].
+#[derive(Debug, Clone)]
+pub struct CancelledRun {
+    pub workflow: String,
+    /// The event payload (write-back's `$1`).
+    pub input: Value,
+    /// The alert that was open and is now `cancelled`, if any.
+    pub alert: Option<Uuid>,
+}
+
+/// Cancels a live run (any status but completed/failed/cancelled) inside the
+/// caller's transaction: bumps the fencing token so a worker executing it can
+/// no longer commit, and cancels its open alert, if any, both audited.
+/// Returns `None` when the run was not live. The calls of the alert are ended
+/// by the engines' call sweeper (ARCHITECTURE.md, "Cancel hangs up").
+pub async fn cancel_run_in(tx: &mut PgConnection, id: Uuid, actor: &str, reason: &str) -> Result<Option<CancelledRun>, sqlx::Error> {
+    let previous: Option<(String, String, Value)> = sqlx::query_as(
+        "SELECT status, workflow, input FROM wardcall.runs WHERE id = $1 AND status IN ('pending','running','sleeping','waiting') FOR UPDATE",
     )
     .bind(id)
     .fetch_optional(&mut *tx)
     .await?;
-    let Some(previous) = previous else {
-        return Ok(false);
+    let Some((previous, workflow, input)) = previous else {
+        return Ok(None);
     };
     sqlx::query(
         "UPDATE wardcall.runs SET status = 'cancelled', fencing_token = fencing_token + 1, lease_owner = NULL,
@@ -390,7 +401,7 @@ pub async fn cancel_run(pool: &PgPool, id: Uuid, actor: &str, reason: &str) -> R
     .bind(reason)
     .execute(&mut *tx)
     .await?;
-    audit::record(&mut tx, Entity::Run, &id.to_string(), "run.cancelled", Some(&previous), Some("cancelled"), actor, json!({"reason": reason})).await?;
+    audit::record(&mut *tx, Entity::Run, &id.to_string(), "run.cancelled", Some(&previous), Some("cancelled"), actor, json!({"reason": reason})).await?;
     let alert: Option<Uuid> = sqlx::query_scalar(
         "UPDATE wardcall.alerts SET status = 'cancelled', updated_at = clock_timestamp()
           WHERE run_id = $1 AND status = 'open' RETURNING id",
@@ -399,10 +410,11 @@ pub async fn cancel_run(pool: &PgPool, id: Uuid, actor: &str, reason: &str) -> R
     .fetch_optional(&mut *tx)
     .await?;
     if let Some(alert) = alert {
-        audit::record(&mut tx, Entity::Alert, &alert.to_string(), "alert.cancelled", Some("open"), Some("cancelled"), actor, json!({"reason": reason})).await?;
+        audit::record(&mut *tx, Entity::Alert, &alert.to_string(), "alert.cancelled", Some("open"), Some("cancelled"), actor, json!({"reason": reason})).await?;
+        // Wakes the engines' call sweepers, which end the alert's calls.
+        sqlx::query("SELECT pg_notify('wardcall_wake', '')").execute(&mut *tx).await?;
     }
-    tx.commit().await?;
-    Ok(true)
+    Ok(Some(CancelledRun { workflow, input, alert }))
 }
 
 /// Sends a named signal to a run through `wardcall.send_signal` (kept if the
@@ -445,6 +457,9 @@ pub struct StatusCounts {
     pub outbox_backlog: i64,
     /// Seconds the oldest unprocessed outbox row has waited.
     pub outbox_oldest_seconds: Option<f64>,
+    /// Outbox rows whose event no workflow listened to when dispatched
+    /// (`wardcall.outbox.unrouted_at` set; kept, never deleted).
+    pub outbox_unrouted: i64,
 }
 
 /// Reads the run and outbox counts.
@@ -469,5 +484,6 @@ pub async fn status_counts(pool: &PgPool) -> Result<StatusCounts, sqlx::Error> {
         cancelled: get("cancelled"),
         outbox_backlog: backlog,
         outbox_oldest_seconds: oldest,
+        outbox_unrouted: sqlx::query_scalar("SELECT count(*) FROM wardcall.outbox WHERE unrouted_at IS NOT NULL").fetch_one(pool).await?,
     })
 }

@@ -1,5 +1,5 @@
-//! The callback URLs wardcall gives Twilio, and Twilio's *connection
-//! overrides* on them.
+//! Twilio's *connection overrides* on the callback URLs wardcall gives
+//! Twilio (built by [`super::callback_url`]).
 //!
 //! Every webhook URL wardcall hands to Twilio (the `StatusCallback`, the
 //! `AsyncAmdStatusCallback` and the `<Gather action>`) ends in a URL fragment
@@ -26,7 +26,6 @@
 //! configured, fragment included.
 
 use std::time::Duration;
-use uuid::Uuid;
 
 /// The connection overrides on every callback URL: connect within 3 s, an
 /// answer within 6 s (the webhook's own database deadline is 5 s, see
@@ -34,40 +33,6 @@ use uuid::Uuid;
 /// total of 15 s, retried on a connect failure, a read timeout or a 5xx.
 /// Never on a 4xx: a bad signature (403) or an unknown attempt (404) is final.
 pub const CONNECTION_OVERRIDES: &str = "ct=3000&rt=6000&tt=15000&rc=5&rp=ct,rt,5xx";
-
-/// Which webhook a callback URL names (`/webhooks/twilio/{kind}`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Callback {
-    /// Call-progress events (`StatusCallback`).
-    Status,
-    /// The asynchronous answering-machine verdict (`AsyncAmdStatusCallback`).
-    Amd,
-    /// Keypad input (`<Gather action>`).
-    Gather,
-}
-
-impl Callback {
-    /// The path segment: `status`, `amd` or `gather`.
-    pub fn path_segment(self) -> &'static str {
-        match self {
-            Callback::Status => "status",
-            Callback::Amd => "amd",
-            Callback::Gather => "gather",
-        }
-    }
-}
-
-/// The callback URL for one notification attempt:
-/// `{public_url}/webhooks/twilio/{kind}?attempt={uuid}#{CONNECTION_OVERRIDES}`.
-/// `public_url` is `http.public_url` (or `http://` + the listen address),
-/// used as is: it must be the exact base Twilio reaches this server at,
-/// because the signature covers it.
-pub fn callback_url(public_url: &str, kind: Callback, attempt: Uuid) -> String {
-    format!(
-        "{public_url}/webhooks/twilio/{}?attempt={attempt}#{CONNECTION_OVERRIDES}",
-        kind.path_segment()
-    )
-}
 
 /// The URLs a webhook's `X-Twilio-Signature` may have been computed over,
 /// given the URL the server saw (`public_url` + path and query, no
@@ -163,8 +128,8 @@ mod tests {
 
     #[test]
     fn callback_urls_carry_the_overrides() {
-        let a = Uuid::nil();
-        let u = callback_url("https://w.example.org", Callback::Gather, a);
+        let a = uuid::Uuid::nil();
+        let u = crate::twilio::callback_url("https://w.example.org/", "gather", a);
         assert_eq!(u, format!("https://w.example.org/webhooks/twilio/gather?attempt={a}#ct=3000&rt=6000&tt=15000&rc=5&rp=ct,rt,5xx"));
         let (base, o) = ConnectionOverrides::from_url(&u);
         assert_eq!(

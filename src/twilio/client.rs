@@ -43,6 +43,7 @@ pub struct TwilioClient {
     api_base: String,
     account_sid: String,
     auth_token: String,
+    request_timeout: Duration,
 }
 
 impl std::fmt::Debug for TwilioClient {
@@ -92,6 +93,36 @@ pub struct CreatedCall {
     pub sid: String,
     /// Initial status, normally `queued`.
     pub status: String,
+}
+
+/// A call as Twilio reports it (the fields of the Call resource wardcall
+/// reads; others are ignored).
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+pub struct CallResource {
+    /// `CA` followed by 32 hex digits.
+    pub sid: String,
+    /// `queued`, `initiated`, `ringing`, `in-progress`, `completed`, `busy`,
+    /// `no-answer`, `failed` or `canceled`.
+    pub status: String,
+    /// The callee, E.164.
+    pub to: String,
+    /// RFC 2822 in UTC, e.g. `Wed, 25 Nov 2026 18:01:26 +0000` (whole seconds).
+    pub date_created: Option<String>,
+    /// The AMD verdict (`human`, `machine_start`, …) when detection ran.
+    pub answered_by: Option<String>,
+}
+
+impl CallResource {
+    /// `date_created` as an instant, if present and well formed.
+    pub fn created_at(&self) -> Option<jiff::Timestamp> {
+        let text = self.date_created.as_deref()?;
+        jiff::fmt::rfc2822::parse(text).ok().map(|z| z.timestamp())
+    }
+
+    /// Whether the call has ended (no further status can follow).
+    pub fn is_final(&self) -> bool {
+        matches!(self.status.as_str(), "completed" | "busy" | "no-answer" | "failed" | "canceled")
+    }
 }
 
 /// A failed Twilio REST request.
@@ -154,6 +185,22 @@ impl TwilioError {
     }
 }
 
+/// Twilio error codes by which a request is refused for its content (the
+/// TwiML or the text in it), not for the callee or the account: 32018 (TwiML
+/// longer than 4,000 characters), 12100 (document parse failure), 12200
+/// (schema validation) and 13520 (`<Say>`: invalid text), from Twilio's error
+/// dictionary (<https://www.twilio.com/docs/api/errors>).
+pub const CONTENT_REFUSAL_CODES: [i64; 4] = [32018, 12100, 12200, 13520];
+
+impl TwilioError {
+    /// Twilio refused the request for its content (HTTP 400 with one of
+    /// [`CONTENT_REFUSAL_CODES`]): nothing was placed, and the same request
+    /// with a shorter, plainer message may succeed at once.
+    pub fn is_content_refusal(&self) -> bool {
+        matches!(self, TwilioError::Api { http_status: 400, code: Some(c), .. } if CONTENT_REFUSAL_CODES.contains(c))
+    }
+}
+
 /// Twilio's JSON error body.
 #[derive(Deserialize)]
 struct ApiErrorBody {
@@ -178,7 +225,67 @@ impl TwilioClient {
             api_base: api_base.trim_end_matches('/').to_string(),
             account_sid: account_sid.to_string(),
             auth_token: auth_token.to_string(),
+            request_timeout: REQUEST_TIMEOUT,
         }
+    }
+
+    /// Replaces the per-request timeout ([`REQUEST_TIMEOUT`] by default):
+    /// connect, send and the whole response must fit in it.
+    pub fn with_request_timeout(mut self, timeout: Duration) -> Self {
+        self.request_timeout = timeout;
+        self
+    }
+
+    /// The most recent calls to `to` (E.164), newest first: "Read multiple
+    /// Call resources" (`GET …/Calls.json?To={to}&PageSize={page_size}`,
+    /// <https://www.twilio.com/docs/voice/api/call-resource#read-multiple-call-resources>),
+    /// first page only. Used to reconcile an ambiguous create-call (a
+    /// timeout after the request was sent) before a call is placed again.
+    ///
+    /// Errors: [`TwilioError::Api`] (401, 429, 5xx), [`TwilioError::Transport`],
+    /// [`TwilioError::Decode`] when the page lacks `calls`.
+    pub async fn list_calls_to(&self, to: &str, page_size: u32) -> Result<Vec<CallResource>, TwilioError> {
+        let mut url = self.endpoint(&["Calls.json"])?;
+        url.query_pairs_mut().append_pair("To", to).append_pair("PageSize", &page_size.clamp(1, 1000).to_string());
+        let (status, body) = self.get(url).await?;
+        if !(200..300).contains(&status) {
+            return Err(api_error(status, &body));
+        }
+        #[derive(Deserialize)]
+        struct Page {
+            calls: Vec<CallResource>,
+        }
+        let page: Page = serde_json::from_slice(&body).map_err(|e| TwilioError::Decode(format!("call page (HTTP {status}): {e}")))?;
+        Ok(page.calls)
+    }
+
+    /// One call ("Fetch a Call": `GET …/Calls/{CallSid}.json`). Used to
+    /// reconcile an attempt whose final status callback never arrived.
+    ///
+    /// Errors: [`TwilioError::Api`] (404/20404 unknown SID, 401, 429, 5xx),
+    /// [`TwilioError::Transport`], [`TwilioError::Decode`].
+    pub async fn fetch_call(&self, call_sid: &str) -> Result<CallResource, TwilioError> {
+        let url = self.endpoint(&["Calls", &format!("{call_sid}.json")])?;
+        let (status, body) = self.get(url).await?;
+        if !(200..300).contains(&status) {
+            return Err(api_error(status, &body));
+        }
+        serde_json::from_slice(&body).map_err(|e| TwilioError::Decode(format!("call resource (HTTP {status}): {e}")))
+    }
+
+    async fn get(&self, url: url::Url) -> Result<(u16, Vec<u8>), TwilioError> {
+        let response = self
+            .http
+            .get(url)
+            .basic_auth(&self.account_sid, Some(&self.auth_token))
+            .header(reqwest::header::ACCEPT, "application/json")
+            .timeout(self.request_timeout)
+            .send()
+            .await
+            .map_err(transport_error)?;
+        let status = response.status().as_u16();
+        let body = read_capped(response).await?;
+        Ok((status, body))
     }
 
     /// The Account SID this client acts for.
@@ -286,7 +393,7 @@ impl TwilioClient {
                 "application/x-www-form-urlencoded",
             )
             .header(reqwest::header::ACCEPT, "application/json")
-            .timeout(REQUEST_TIMEOUT)
+            .timeout(self.request_timeout)
             .body(body)
             .send()
             .await

@@ -231,6 +231,7 @@ impl TwilioEmulator {
             state: Mutex::new(CallBook {
                 personas: config.personas,
                 default_persona: config.default_persona,
+                faults: Faults::default(),
                 calls: Vec::new(),
                 by_sid: HashMap::new(),
             }),
@@ -296,6 +297,30 @@ impl EmulatorHandle {
             .insert(number.to_string(), persona);
     }
 
+    /// Fault mode: answer every create-call request `delay` late (the call is
+    /// accepted and starts at once). `Duration::ZERO` turns it off.
+    pub fn set_create_response_delay(&self, delay: Duration) {
+        lock(&self.inner.state).faults.create_response_delay = delay;
+    }
+
+    /// Fault mode: refuse inline TwiML longer than `limit` characters with
+    /// Twilio's 400 / 32018 (`None`: Twilio's own 4,000).
+    pub fn set_twiml_limit(&self, limit: Option<usize>) {
+        lock(&self.inner.state).faults.twiml_limit = limit;
+    }
+
+    /// Fault mode: status callbacks of calls to `number` (E.164) are lost
+    /// from now on (`lost = true`) or delivered again (`false`). The calls
+    /// themselves go on, and can be fetched through the API.
+    pub fn set_status_callbacks_lost(&self, number: &str, lost: bool) {
+        let mut book = lock(&self.inner.state);
+        if lost {
+            book.faults.lost_status_callbacks.insert(number.to_string());
+        } else {
+            book.faults.lost_status_callbacks.remove(number);
+        }
+    }
+
     /// Every call the API accepted, in arrival order, as of now.
     pub fn calls(&self) -> Vec<EmulatedCall> {
         lock(&self.inner.state)
@@ -355,6 +380,7 @@ struct Inner {
 struct CallBook {
     personas: HashMap<String, Persona>,
     default_persona: Persona,
+    faults: Faults,
     calls: Vec<CallRecord>,
     by_sid: HashMap<String, usize>,
 }
@@ -369,6 +395,24 @@ struct CallRecord {
     duration_secs: Option<u64>,
     /// Set to `true` when the API ended the call.
     hangup: watch::Sender<bool>,
+}
+
+/// Provider faults a test can switch on (none by default). They model what
+/// the real service does when it is slow or strict, never something the
+/// published contract forbids.
+#[derive(Clone, Debug, Default)]
+struct Faults {
+    /// Extra time before the create-call response is sent. The call itself
+    /// is accepted (and starts) at once, as when Twilio's answer is delayed
+    /// in transit: a client whose timeout is shorter sees an ambiguous
+    /// failure for a call that exists.
+    create_response_delay: Duration,
+    /// A stricter limit on inline `Twiml` (characters) than Twilio's 4,000,
+    /// refused with the same error (400, code 32018).
+    twiml_limit: Option<usize>,
+    /// Destinations whose status callbacks are lost (never delivered), as
+    /// when they were sent to an engine that was down.
+    lost_status_callbacks: std::collections::HashSet<String>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -575,7 +619,7 @@ fn router(inner: Arc<Inner>) -> Router {
     Router::new()
         .route(
             "/2010-04-01/Accounts/{account_sid}/Calls.json",
-            post(create_call),
+            post(create_call).get(list_calls),
         )
         .route(
             "/2010-04-01/Accounts/{account_sid}/Calls",
@@ -666,7 +710,20 @@ async fn create_call(
         ));
     };
     let valid = validate_create(&params)?;
-    Ok(accept_call(&inner, params, valid))
+    let faults = lock(&inner.state).faults.clone();
+    if let (Some(limit), Some(twiml)) = (faults.twiml_limit, first(&params, "Twiml")) {
+        if twiml.chars().count() > limit {
+            return Err(bad_request(
+                32018,
+                format!("Twiml size exceeded maximum allowed value of {limit} characters"),
+            ));
+        }
+    }
+    let response = accept_call(&inner, params, valid);
+    if !faults.create_response_delay.is_zero() {
+        sleep(faults.create_response_delay).await;
+    }
+    Ok(response)
 }
 
 struct ValidCreate {
@@ -859,6 +916,60 @@ fn accept_call(inner: &Arc<Inner>, params: Vec<(String, String)>, v: ValidCreate
         tasks.spawn(run_call(ctx, hangup_rx));
     }
     (StatusCode::CREATED, Json(json)).into_response()
+}
+
+/// "Read multiple Call resources"
+/// (<https://www.twilio.com/docs/voice/api/call-resource#read-multiple-call-resources>):
+/// `GET …/Calls.json` with the filters `To`, `From` and `Status`, and
+/// `PageSize` (default 50, at most 1,000); most recent `date_created` first;
+/// Twilio's page envelope (`calls`, `page`, `page_size`, `start`, `end`,
+/// `uri`, `first_page_uri`, `next_page_uri`, `previous_page_uri`). Only the
+/// first page is served: `next_page_uri` is always null.
+async fn list_calls(
+    State(inner): State<Arc<Inner>>,
+    path: Result<Path<String>, PathRejection>,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    inner.authenticate(&headers)?;
+    match path {
+        Ok(Path(account)) if account == inner.account_sid => {}
+        _ => return Err(not_found(uri.path())),
+    }
+    let query: Vec<(String, String)> =
+        serde_urlencoded::from_str(uri.query().unwrap_or("")).unwrap_or_default();
+    let page_size = match first(&query, "PageSize") {
+        None => 50,
+        Some(n) => match n.parse::<usize>() {
+            Ok(n) if (1..=1000).contains(&n) => n,
+            _ => return Err(bad_request(20001, "PageSize must be between 1 and 1000")),
+        },
+    };
+    let (to, from, status) = (first(&query, "To"), first(&query, "From"), first(&query, "Status"));
+    let book = lock(&inner.state);
+    let mut matching: Vec<&CallRecord> = book
+        .calls
+        .iter()
+        .filter(|r| to.map_or(true, |t| r.call.to == t))
+        .filter(|r| from.map_or(true, |f| r.call.from == f))
+        .filter(|r| status.map_or(true, |st| r.call.status == st))
+        .collect();
+    matching.sort_by_key(|r| std::cmp::Reverse(r.date_created));
+    let calls: Vec<Value> = matching.into_iter().take(page_size).map(|r| inner.call_json(r)).collect();
+    let path = format!("/{API_VERSION}/Accounts/{}/Calls.json", inner.account_sid);
+    let page_uri = format!("{path}?PageSize={page_size}&Page=0");
+    Ok(Json(json!({
+        "end": calls.len().saturating_sub(1),
+        "first_page_uri": page_uri,
+        "next_page_uri": null,
+        "page": 0,
+        "page_size": page_size,
+        "previous_page_uri": null,
+        "start": 0,
+        "uri": page_uri,
+        "calls": calls,
+    }))
+    .into_response())
 }
 
 /// `{CallSid}.json` or `{CallSid}`.
@@ -1210,10 +1321,22 @@ impl CallCtx {
         params
     }
 
+    /// Whether the status callbacks of this call are lost (a fault mode).
+    fn status_callbacks_lost(&self) -> bool {
+        lock(&self.inner.state)
+            .faults
+            .lost_status_callbacks
+            .contains(&self.to)
+    }
+
     async fn status_event(&mut self, call_status: &str) {
         let Some(hook) = self.status_callback.clone() else {
             return;
         };
+        if self.status_callbacks_lost() {
+            self.sequence += 1;
+            return;
+        }
         let params = self.progress_params(call_status);
         self.webhook(
             &hook,
@@ -1229,6 +1352,9 @@ impl CallCtx {
         let Some(hook) = self.status_callback.clone() else {
             return;
         };
+        if self.status_callbacks_lost() {
+            return;
+        }
         let (duration, answered_by) = {
             let book = lock(&self.inner.state);
             let i = book.by_sid.get(&self.sid).copied();
@@ -1992,13 +2118,25 @@ mod tests {
         let r = http.get(format!("{base}/nope")).send().await.unwrap();
         assert_eq!(body(r).await, (404, body_of(20404, 404, "/nope")));
         let r = http
-            .get(&calls_url)
+            .delete(&calls_url)
             .basic_auth(ACCOUNT, Some(TOKEN))
             .send()
             .await
             .unwrap();
         let (status, json) = body(r).await;
         assert_eq!((status, json["code"].as_i64()), (405, Some(20004)));
+        // The call list (Twilio's page envelope), filtered by To.
+        let r = http
+            .get(format!("{calls_url}?To=%2B15550000000&PageSize=5"))
+            .basic_auth(ACCOUNT, Some(TOKEN))
+            .send()
+            .await
+            .unwrap();
+        let (status, json) = body(r).await;
+        assert_eq!(status, 200);
+        assert_eq!(json["calls"], serde_json::json!([]));
+        assert_eq!(json["page_size"], 5);
+        assert!(json["next_page_uri"].is_null());
 
         // Invalid StatusCallbackEvent.
         let r = http

@@ -13,3 +13,17 @@ pub mod emulate_cli;
 pub mod emulator;
 pub mod signature;
 pub mod twiml;
+
+/// The URL of one of wardcall's Twilio webhooks for a notification attempt:
+/// `{public_url}/webhooks/twilio/{kind}?attempt={attempt}#{CONNECTION_OVERRIDES}`,
+/// where `kind` is `status`, `amd` or `gather`. The attempt id in the URL lets
+/// a callback name the attempt even when the create-call response was lost;
+/// the fragment asks Twilio to retry a callback wardcall could not record
+/// ([`callback::CONNECTION_OVERRIDES`]).
+pub fn callback_url(public_url: &str, kind: &str, attempt: uuid::Uuid) -> String {
+    format!(
+        "{}/webhooks/twilio/{kind}?attempt={attempt}#{}",
+        public_url.trim_end_matches('/'),
+        callback::CONNECTION_OVERRIDES
+    )
+}

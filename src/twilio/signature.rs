@@ -39,8 +39,11 @@ pub const SIGNATURE_HEADER: &str = "X-Twilio-Signature";
 ///
 /// Returns 28 characters of standard, padded base64 (a 20-byte HMAC-SHA1).
 ///
-/// Sorting is by name, then by value for repeated names (stable; identical
-/// pairs are kept, as twilio-node and twilio-java do).
+/// Sorting is by name, then by value for repeated names; identical
+/// name/value pairs count once, as in the official SDKs' validators
+/// (twilio-python `RequestValidator.compute_signature`, twilio-node
+/// `getExpectedTwilioSignature`), so a repeated identical parameter neither
+/// breaks a genuine signature nor lets a forged one through.
 pub fn compute_signature(auth_token: &str, url: &str, params: &[(String, String)]) -> String {
     let digest = keyed_mac(auth_token, url, params).finalize().into_bytes();
     base64::engine::general_purpose::STANDARD.encode(digest)
@@ -90,6 +93,10 @@ fn keyed_mac(auth_token: &str, url: &str, params: &[(String, String)]) -> HmacSh
     mac.update(url.as_bytes());
     let mut sorted: Vec<&(String, String)> = params.iter().collect();
     sorted.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.cmp(&b.1)));
+    // Identical name/value pairs count once: the official SDKs collect a
+    // repeated name's values into a set (twilio-python `sorted(set(values))`,
+    // twilio-node `Array.from(new Set(values)).sort()`).
+    sorted.dedup();
     for (name, value) in sorted {
         mac.update(name.as_bytes());
         mac.update(value.as_bytes());
@@ -204,6 +211,27 @@ mod tests {
             compute_signature(TOKEN, URL, &params),
             "IK+Dwps556ElfBT0I3Rgjkr1wJU="
         );
+    }
+
+    /// A repeated identical pair signs as one, as the SDKs' sets make it:
+    /// the duplicate vector above with `Digits=1234` sent twice still
+    /// verifies, and the docs vector with `Digits=1234` repeated does too.
+    #[test]
+    fn identical_repeated_parameters_count_once() {
+        let params = pairs(&[
+            ("Sid", "CA123"),
+            ("Digits", "1234"),
+            ("SidAccount", "AC123"),
+            ("Digits", "5678"),
+            ("Digits", "1234"),
+        ]);
+        assert_eq!(compute_signature(TOKEN, URL, &params), "IK+Dwps556ElfBT0I3Rgjkr1wJU=");
+        let mut docs = docs_params();
+        docs.push(("Digits".into(), "1234".into()));
+        assert!(verify_signature(TOKEN, URL, &docs, "0/KCTR6DLpKmkAf8muzZqo1nDgQ="));
+        // A different repeated value is a different request.
+        docs.push(("Digits".into(), "9".into()));
+        assert!(!verify_signature(TOKEN, URL, &docs, "0/KCTR6DLpKmkAf8muzZqo1nDgQ="));
     }
 
     /// twilio-python's port vectors: a validator must accept the signature

@@ -87,10 +87,88 @@ pub fn say_and_gather(message: &str, action_url: &str, gather_timeout_seconds: u
         r#"<Response><Gather input="dtmf" numDigits="1" action="{}" method="POST" timeout="{}"><Say>{}</Say></Gather><Say>{}</Say><Hangup/></Response>"#,
         escape_xml(action_url),
         gather_timeout_seconds.max(1),
-        escape_xml(message),
+        escape_xml(&speakable(message)),
         NO_INPUT_GOODBYE,
     );
     doc
+}
+
+/// Said after a shortened message, still inside the `<Gather>`, so that a
+/// message cut to fit the provider's limit never loses the keypad
+/// instruction.
+pub const KEYPAD_INSTRUCTION: &str = "Press 1 to acknowledge this alert.";
+
+/// The message spoken when the provider refused the alert's own TwiML for
+/// its content (Twilio 32018, 12100, 12200, 13520): short, plain ASCII, and
+/// still asks for the keypress.
+pub const FALLBACK_MESSAGE: &str =
+    "Critical alert. The alert text could not be read. Please check the alert system now. Press 1 to acknowledge this alert.";
+
+/// Text fit to be spoken: NUL and every other control character (C0, DEL,
+/// C1) removed; tabs and line breaks become a space. Letters, digits and
+/// punctuation of any script pass through unchanged.
+pub fn speakable(text: &str) -> String {
+    text.chars()
+        .filter_map(|c| match c {
+            '\t' | '\n' | '\r' => Some(' '),
+            c if c.is_control() => None,
+            c => Some(c),
+        })
+        .collect()
+}
+
+/// Like [`say_and_gather`], but guaranteed to be at most `max_chars`
+/// characters long (Unicode scalar values, as Twilio counts the `Twiml`
+/// parameter; 4,000 for inline TwiML,
+/// [`crate::twilio::client::MAX_INLINE_TWIML_CHARS`]).
+///
+/// The message is first made [`speakable`]. If the document is still too
+/// long once escaped (`&` alone grows to five characters), the message keeps
+/// as much of its start as fits, followed by "…" and a second `<Say>` of
+/// [`KEYPAD_INSTRUCTION`] inside the same `<Gather>`, so the nurse still
+/// hears what to press. Returns `None` only when not even an empty message
+/// fits (an absurd `action_url` or `max_chars`).
+pub fn say_and_gather_within(
+    message: &str,
+    action_url: &str,
+    gather_timeout_seconds: u32,
+    max_chars: usize,
+) -> Option<String> {
+    let message = speakable(message);
+    let full = say_and_gather(&message, action_url, gather_timeout_seconds);
+    if full.chars().count() <= max_chars {
+        return Some(full);
+    }
+    let chars: Vec<char> = message.chars().collect();
+    let build = |n: usize| -> String {
+        let mut doc = String::with_capacity(max_chars + 64);
+        doc.push_str(XML_DECLARATION);
+        let head: String = chars[..n].iter().collect();
+        let _ = write!(
+            doc,
+            r#"<Response><Gather input="dtmf" numDigits="1" action="{}" method="POST" timeout="{}"><Say>{}…</Say><Say>{}</Say></Gather><Say>{}</Say><Hangup/></Response>"#,
+            escape_xml(action_url),
+            gather_timeout_seconds.max(1),
+            escape_xml(head.trim_end()),
+            KEYPAD_INSTRUCTION,
+            NO_INPUT_GOODBYE,
+        );
+        doc
+    };
+    // The escaped length grows with n: binary search the longest prefix that fits.
+    let (mut lo, mut hi) = (0usize, chars.len());
+    if build(0).chars().count() > max_chars {
+        return None;
+    }
+    while lo < hi {
+        let mid = (lo + hi).div_ceil(2);
+        if build(mid).chars().count() <= max_chars {
+            lo = mid;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    Some(build(lo))
 }
 
 /// A complete TwiML document that reads `message` aloud and hangs up:
@@ -104,7 +182,7 @@ pub fn say_and_hangup(message: &str) -> String {
     let _ = write!(
         doc,
         "<Response><Say>{}</Say><Hangup/></Response>",
-        escape_xml(message)
+        escape_xml(&speakable(message))
     );
     doc
 }
@@ -408,6 +486,33 @@ mod tests {
     use super::*;
 
     const NASTY: &str = "Zoë <Room 2> & \"ICU\" O'Brien — Ünïcødé";
+
+    #[test]
+    fn long_or_ampersand_heavy_messages_fit_and_keep_start_and_keypad() {
+        let url = "https://w.example/webhooks/twilio/gather?attempt=0b6c2d5e-0000-4000-8000-000000000000";
+        for message in ["x".repeat(3950), "&".repeat(800), format!("Room 2 {}", "Zoë & <ICU> ".repeat(600))] {
+            let doc = say_and_gather_within(&message, url, 10, 4000).unwrap();
+            assert!(doc.chars().count() <= 4000, "{}", doc.chars().count());
+            let root = parse_document(&doc).unwrap();
+            let gather = root.elements().next().unwrap();
+            let says: Vec<String> = gather.elements().map(Element::text).collect();
+            assert_eq!(says.len(), 2, "{says:?}");
+            assert!(message.starts_with(says[0].trim_end_matches('…')), "start kept");
+            assert!(says[0].chars().count() > 500, "most of the room was used: {}", says[0].chars().count());
+            assert_eq!(says[1], KEYPAD_INSTRUCTION);
+        }
+        // A short message is untouched (one Say).
+        let doc = say_and_gather_within("Room 2. Press 1.", url, 10, 4000).unwrap();
+        assert_eq!(doc, say_and_gather("Room 2. Press 1.", url, 10));
+        assert!(say_and_gather_within("x", url, 10, 50).is_none());
+    }
+
+    #[test]
+    fn control_characters_are_not_spoken() {
+        assert_eq!(speakable("a\u{0}b\u{7}c\u{7f}d\u{85}e\nf\tg"), "abcde f g");
+        let doc = say_and_gather("Room\u{0} 2\u{1b}[31m", "https://x/g", 5);
+        assert!(doc.contains("<Say>Room 2[31m</Say>"), "{doc}");
+    }
 
     /// Checks that escaped text can sit in character data or any quoted
     /// attribute: no raw markup characters, and every `&` starts one of the

@@ -24,8 +24,7 @@ use crate::audit::{self, Entity};
 use crate::config::{redact_phone, EscalationWorkflow, Policy};
 use crate::runtime::store::lock_fenced;
 use crate::template::Template;
-use crate::twilio::callback::{callback_url, Callback};
-use crate::twilio::client::CreateCallRequest;
+use crate::twilio::client::{CreateCallRequest, MAX_INLINE_TWIML_CHARS};
 use crate::twilio::twiml;
 use anyhow::anyhow;
 use serde_json::{json, Value};
@@ -65,25 +64,92 @@ pub async fn run_step(ctx: &mut StepContext<'_>, settings: &EscalationWorkflow) 
     }
 }
 
+/// Longest a lookup may run (ms) before it renders without its value
+/// (`statement_timeout`, PostgreSQL manual 20.11.1).
+pub const LOOKUP_STATEMENT_TIMEOUT_MS: u64 = 2_000;
+/// Longest a lookup may wait for a lock (ms), e.g. behind a team's
+/// `ALTER TABLE` (`lock_timeout`).
+pub const LOOKUP_LOCK_TIMEOUT_MS: u64 = 1_000;
+
+/// Renders the alert's message. Each lookup runs in its own read-only
+/// transaction with [`LOOKUP_STATEMENT_TIMEOUT_MS`] and
+/// [`LOOKUP_LOCK_TIMEOUT_MS`]; a lookup that fails, times out, or returns
+/// more than one row renders without its value, and is logged and audited
+/// (`lookup.failed`, `lookup.ambiguous`) by name and SQLSTATE, never with
+/// the row's data. A lookup never stops a call.
 async fn render_message(ctx: &StepContext<'_>, settings: &EscalationWorkflow) -> Result<String, StepError> {
     let template = Template::parse(&settings.message).map_err(|e| StepError::Permanent(anyhow!(e)))?;
     let mut values = HashMap::new();
     for (name, sql) in &settings.lookups {
-        // A failing lookup never stops a call: the value renders empty and the
-        // failure is logged (without the row's data).
-        match sqlx::query(sql).bind(&ctx.run.input).fetch_optional(&ctx.engine.db.pool).await {
-            Ok(Some(row)) => match row.try_get::<Option<String>, _>(0) {
-                Ok(Some(v)) => {
-                    values.insert(name.clone(), v);
-                }
-                Ok(None) => {}
-                Err(e) => tracing::warn!(lookup = %name, error = %e, "lookup must return one text column"),
-            },
-            Ok(None) => {}
-            Err(e) => tracing::warn!(lookup = %name, error = %crate::capture::db_message(&e), "lookup failed; its value renders empty"),
+        match run_lookup(&ctx.engine.db.pool, sql, &ctx.run.input).await {
+            Ok(LookupOutcome::Value(v)) => {
+                values.insert(name.clone(), v);
+            }
+            Ok(LookupOutcome::Empty) => {}
+            Ok(LookupOutcome::Ambiguous) => {
+                tracing::error!(run = %ctx.run.id, lookup = %name, "lookup returned more than one row (config fault); its value renders empty");
+                audit_lookup_fault(ctx, name, "lookup.ambiguous", json!({"lookup": name, "rows": "more than one"})).await;
+            }
+            Ok(LookupOutcome::NotText) => {
+                tracing::error!(run = %ctx.run.id, lookup = %name, "lookup must return one text column (config fault); its value renders empty");
+                audit_lookup_fault(ctx, name, "lookup.failed", json!({"lookup": name, "problem": "not one text column"})).await;
+            }
+            Err(e) => {
+                let sqlstate = e.as_database_error().and_then(|d| d.code()).map(|c| c.to_string());
+                tracing::warn!(run = %ctx.run.id, lookup = %name, sqlstate = ?sqlstate, "lookup failed or timed out; its value renders empty");
+                audit_lookup_fault(ctx, name, "lookup.failed", json!({"lookup": name, "sqlstate": sqlstate})).await;
+            }
         }
     }
     Ok(template.render(&ctx.run.input, &values))
+}
+
+enum LookupOutcome {
+    Value(String),
+    Empty,
+    Ambiguous,
+    NotText,
+}
+
+async fn run_lookup(pool: &sqlx::PgPool, sql: &str, input: &Value) -> Result<LookupOutcome, sqlx::Error> {
+    use futures_util::TryStreamExt;
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT set_config('statement_timeout', $1, true), set_config('lock_timeout', $2, true), set_config('transaction_read_only', 'on', true)")
+        .bind(format!("{LOOKUP_STATEMENT_TIMEOUT_MS}ms"))
+        .bind(format!("{LOOKUP_LOCK_TIMEOUT_MS}ms"))
+        .execute(&mut *tx)
+        .await?;
+    let mut rows = Vec::new();
+    {
+        let mut stream = sqlx::query(sql).bind(input).fetch(&mut *tx);
+        while let Some(row) = stream.try_next().await? {
+            rows.push(row);
+            if rows.len() > 1 {
+                break;
+            }
+        }
+    }
+    tx.rollback().await?;
+    Ok(match rows.as_slice() {
+        [] => LookupOutcome::Empty,
+        [row] => match row.try_get::<Option<String>, _>(0) {
+            Ok(Some(v)) => LookupOutcome::Value(v),
+            Ok(None) => LookupOutcome::Empty,
+            Err(_) => LookupOutcome::NotText,
+        },
+        _ => LookupOutcome::Ambiguous,
+    })
+}
+
+async fn audit_lookup_fault(ctx: &StepContext<'_>, name: &str, action: &str, detail: Value) {
+    let result = async {
+        let mut conn = ctx.engine.db.pool.acquire().await?;
+        audit::record(&mut conn, Entity::Run, &ctx.run.id.to_string(), action, None, None, &ctx.engine.actor(), detail).await
+    }
+    .await;
+    if let Err(e) = result {
+        tracing::warn!(lookup = %name, error = %crate::capture::db_message(&e), "auditing a lookup fault failed");
+    }
 }
 
 fn position(state: &Value) -> (i32, i32) {
@@ -93,28 +159,76 @@ fn position(state: &Value) -> (i32, i32) {
     )
 }
 
+/// How long recording a create-call result is retried (ms) before the step
+/// gives up on it; the CallSid is kept in memory meanwhile, and an engine
+/// taking the run over finds the call through the provider's call list.
+pub const RECORD_RETRY_BUDGET_MS: u64 = 60_000;
+
+/// The result of one create-call, as placed by [`place_calls`].
+struct PlacedCall {
+    attempt_id: Uuid,
+    person_id: String,
+    phone: String,
+    result: Result<crate::twilio::client::CreatedCall, crate::twilio::client::TwilioError>,
+    /// The provider refused the alert's own message for its content; the
+    /// result above is that of the short fallback message.
+    content_refused: Option<crate::twilio::client::TwilioError>,
+}
+
+/// Records one create-call result, retrying while the database refuses
+/// (statement timeout, failover) for up to [`RECORD_RETRY_BUDGET_MS`] and
+/// while this engine holds the run: a CallSid the provider returned is never
+/// dropped because a write failed. Returns what [`record_call_result`] does.
+async fn record_with_retry(ctx: &StepContext<'_>, settings: &EscalationWorkflow, actor: &str, placed: &PlacedCall) -> Result<Option<String>, StepError> {
+    let started = std::time::Instant::now();
+    let mut delay = std::time::Duration::from_millis(50);
+    loop {
+        match record_call_result(ctx, settings, actor, placed).await {
+            Ok(outcome) => return Ok(outcome),
+            Err(e) => {
+                let sqlstate = e.as_database_error().and_then(|d| d.code()).map(|c| c.to_string());
+                if started.elapsed().as_millis() as u64 > RECORD_RETRY_BUDGET_MS || ctx.check_lease().is_err() {
+                    tracing::error!(attempt = %placed.attempt_id, sqlstate = ?sqlstate, "recording a create-call result failed for good; the call is reconciled from the provider's call list");
+                    return Err(StepError::Retryable(anyhow!("recording a call result failed: {}", crate::capture::db_message(&e))));
+                }
+                tracing::warn!(attempt = %placed.attempt_id, sqlstate = ?sqlstate, retry_in_ms = delay.as_millis() as u64, "recording a create-call result failed; retrying before anything else");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(std::time::Duration::from_secs(2));
+            }
+        }
+    }
+}
+
 /// Records the outcome of one create-call request. Returns `Some(reason)` when
 /// the step must be retried: a transient or authentication failure leaves the
-/// intent in place (the re-call rule places it again), because a provider
-/// outage must never be mistaken for a nurse who did not answer. Only a
-/// request Twilio definitively refused for this call (an invalid number, a
-/// geographic permission) marks the attempt failed, so the policy escalates.
-#[allow(clippy::too_many_arguments)]
-async fn record_call_result(
-    engine: &std::sync::Arc<crate::runtime::Engine>,
-    ctx: &StepContext<'_>,
-    settings: &EscalationWorkflow,
-    actor: &str,
-    attempt_id: Uuid,
-    person_id: &str,
-    phone: &str,
-    result: Result<crate::twilio::client::CreatedCall, crate::twilio::client::TwilioError>,
-) -> Result<Option<String>, sqlx::Error> {
+/// intent in place (the re-call rule reconciles it with the provider, then
+/// places it again), because a provider outage must never be mistaken for a
+/// nurse who did not answer. Only a request Twilio definitively refused for
+/// that call (an invalid number, a geographic permission) marks the attempt
+/// failed, so the policy escalates. A call that was placed after its alert
+/// closed is handed to the call sweeper, which ends it at once.
+async fn record_call_result(ctx: &StepContext<'_>, settings: &EscalationWorkflow, actor: &str, placed: &PlacedCall) -> Result<Option<String>, sqlx::Error> {
     use crate::twilio::client::TwilioError;
+    let engine = ctx.engine;
+    let attempt_id = placed.attempt_id;
+    let id_text = attempt_id.to_string();
     let mut tx = engine.db.pool.begin().await?;
-    let transient = match result {
+    let (previous, alert_status): (String, String) = sqlx::query_as(
+        "SELECT n.status, a.status FROM wardcall.notification_attempts n JOIN wardcall.alerts a ON a.id = n.alert_id
+          WHERE n.id = $1 FOR UPDATE OF n",
+    )
+    .bind(attempt_id)
+    .fetch_one(&mut *tx)
+    .await?;
+    if let Some(e) = &placed.content_refused {
+        tracing::warn!(attempt = %attempt_id, person = %placed.person_id, error = %e, "Twilio refused the alert's message for its content; called with the short fallback message instead");
+        audit::record(&mut tx, Entity::NotificationAttempt, &id_text, "attempt.content_refused", None, None, actor, json!({"error": e.to_string(), "fallback": true}))
+            .await?;
+    }
+    let mut wake_sweeper = false;
+    let transient = match &placed.result {
         Ok(call) => {
-            tracing::info!(attempt = %attempt_id, person = %person_id, to = %redact_phone(phone), call_sid = %call.sid, "call requested");
+            tracing::info!(attempt = %attempt_id, person = %placed.person_id, to = %redact_phone(&placed.phone), call_sid = %call.sid, "call requested");
             sqlx::query(
                 "UPDATE wardcall.notification_attempts
                     SET provider_id = coalesce(provider_id, $2), requested_at = coalesce(requested_at, clock_timestamp()),
@@ -126,20 +240,31 @@ async fn record_call_result(
             .bind(&call.sid)
             .execute(&mut *tx)
             .await?;
-            audit::record(&mut tx, Entity::NotificationAttempt, &attempt_id.to_string(), "attempt.requested", Some("intent"), Some("requested"), actor, json!({"call_sid": call.sid}))
-                .await?;
+            if previous == "intent" {
+                audit::record(&mut tx, Entity::NotificationAttempt, &id_text, "attempt.requested", Some("intent"), Some("requested"), actor, json!({"call_sid": call.sid}))
+                    .await?;
+            } else {
+                // Callbacks (or a takeover) moved the attempt on first: the
+                // create response confirms the call, it is not a transition.
+                audit::record(&mut tx, Entity::NotificationAttempt, &id_text, "attempt.create_confirmed", None, None, actor, json!({"call_sid": call.sid, "status": previous}))
+                    .await?;
+            }
             write_back(&mut tx, settings.write_back.on_call_placed.as_deref(), "on_call_placed", &ctx.run.input, WriteBackSubject::Attempt(attempt_id), actor).await?;
+            if alert_status != "open" {
+                tracing::warn!(attempt = %attempt_id, call_sid = %call.sid, alert_status = %alert_status, "a call was placed after its alert closed; ending it");
+                wake_sweeper = true;
+            }
             None
         }
         Err(e) if e.is_retryable() || matches!(e, TwilioError::Api { http_status: 401 | 403, .. }) => {
-            tracing::error!(attempt = %attempt_id, person = %person_id, error = %e, "call could not be placed (provider unavailable or refusing our credentials); retrying the step");
-            audit::record(&mut tx, Entity::NotificationAttempt, &attempt_id.to_string(), "attempt.provider_error", Some("intent"), Some("intent"), actor, json!({"error": e.to_string(), "retry": true}))
+            tracing::error!(attempt = %attempt_id, person = %placed.person_id, error = %e, "call could not be placed or its outcome is unknown (provider unavailable, slow, or refusing our credentials); retrying the step after reconciling with the provider");
+            audit::record(&mut tx, Entity::NotificationAttempt, &id_text, "attempt.provider_error", None, None, actor, json!({"error": e.to_string(), "retry": true}))
                 .await?;
             Some(format!("Twilio create-call failed: {e}"))
         }
         Err(e) => {
-            tracing::error!(attempt = %attempt_id, person = %person_id, error = %e, "Twilio refused this call; escalating past it");
-            sqlx::query(
+            tracing::error!(attempt = %attempt_id, person = %placed.person_id, error = %e, "Twilio refused this call; escalating past it");
+            let failed = sqlx::query(
                 "UPDATE wardcall.notification_attempts SET status = 'failed', error = $2, ended_at = clock_timestamp(),
                         updated_at = clock_timestamp() WHERE id = $1 AND status = 'intent'",
             )
@@ -147,12 +272,17 @@ async fn record_call_result(
             .bind(e.to_string())
             .execute(&mut *tx)
             .await?;
-            audit::record(&mut tx, Entity::NotificationAttempt, &attempt_id.to_string(), "attempt.failed", Some("intent"), Some("failed"), actor, json!({"error": e.to_string()}))
-                .await?;
+            if failed.rows_affected() == 1 {
+                audit::record(&mut tx, Entity::NotificationAttempt, &id_text, "attempt.failed", Some("intent"), Some("failed"), actor, json!({"error": e.to_string()}))
+                    .await?;
+            }
             None
         }
     };
     tx.commit().await?;
+    if wake_sweeper {
+        engine.wake_call_sweeper();
+    }
     Ok(transient)
 }
 
@@ -168,11 +298,14 @@ struct Attempt {
     declined_at_set: bool,
     fencing_token: i64,
     generation: i32,
+    destination: String,
+    /// `created_at`, milliseconds since the Unix epoch (UTC).
+    created_ms: f64,
 }
 
 const ATTEMPT_COLUMNS: &str = "id, person_id, status, provider_id, answered_by,
      acknowledged_at IS NOT NULL AS acknowledged_at_set, declined_at IS NOT NULL AS declined_at_set,
-     fencing_token, generation";
+     fencing_token, generation, destination, (extract(epoch FROM created_at) * 1000)::float8 AS created_ms";
 
 /// Each person's latest attempt (highest generation) at one escalation position.
 async fn latest_attempts(conn: &mut PgConnection, run: Uuid, cycle: i32, step_index: i32) -> Result<Vec<Attempt>, sqlx::Error> {
@@ -189,12 +322,73 @@ async fn latest_attempts(conn: &mut PgConnection, run: Uuid, cycle: i32, step_in
 
 impl Attempt {
     fn machine(&self) -> bool {
-        self.answered_by.as_deref().is_some_and(|a| a.starts_with("machine") || a == "fax")
+        crate::workflows::call_events::is_machine(self.answered_by.as_deref())
     }
     /// This call can no longer produce an acknowledgement.
     fn definitively_failed(&self) -> bool {
         !self.acknowledged_at_set && (TERMINAL_CALL_STATUSES.contains(&self.status.as_str()) || self.machine() || self.declined_at_set)
     }
+    /// An intent of an earlier execution whose call was never confirmed: the
+    /// create request may or may not have placed it.
+    fn ambiguous(&self, fencing_token: i64) -> bool {
+        self.status == "intent" && self.provider_id.is_none() && self.fencing_token < fencing_token
+    }
+}
+
+/// Slack (ms) when matching a provider's call to an intent: Twilio's
+/// `date_created` has whole seconds, and clocks differ a little.
+const RECONCILE_CLOCK_SLACK_MS: f64 = 2_000.0;
+
+/// How long (ms after the intent) an ambiguous create may stay unverified
+/// because the provider's call list cannot be read, before the person is
+/// called again anyway (a critical alert: better a second call than none).
+pub const UNVERIFIED_RECALL_AFTER_MS: f64 = 30_000.0;
+
+/// For each ambiguous intent at this position (see [`Attempt::ambiguous`]),
+/// asks the provider whether it created a call for it: the newest calls to the
+/// same number (Twilio's call list filtered by `To`), created at or after the
+/// intent, whose CallSid no attempt has recorded yet. `Some(sid)`: adopt that
+/// call; `None`: the provider has none, so placing it again is safe. Runs
+/// outside any transaction.
+///
+/// Errors: the provider cannot be asked (the step retries; nothing is placed).
+async fn reconcile_ambiguous(ctx: &StepContext<'_>, twilio: &crate::providers::TwilioProvider, cycle: i32, step_index: i32) -> Result<HashMap<Uuid, Option<String>>, StepError> {
+    let mut conn = ctx.engine.db.pool.acquire().await?;
+    let ambiguous: Vec<Attempt> = latest_attempts(&mut conn, ctx.run.id, cycle, step_index)
+        .await?
+        .into_iter()
+        .filter(|a| a.ambiguous(ctx.run.fencing_token))
+        .collect();
+    let mut found = HashMap::new();
+    for a in ambiguous {
+        let calls = match twilio.client.list_calls_to(&a.destination, 20).await {
+            Ok(calls) => calls,
+            Err(e) if jiff::Timestamp::now().as_millisecond() as f64 - a.created_ms > UNVERIFIED_RECALL_AFTER_MS => {
+                // Better a second call than none: the provider could not be
+                // asked for this long, so the person is called again unverified.
+                tracing::error!(attempt = %a.id, error = %e, "cannot ask Twilio whether an ambiguous call was placed, for too long; calling again unverified");
+                found.insert(a.id, None);
+                continue;
+            }
+            Err(e) => {
+                tracing::error!(attempt = %a.id, error = %e, "cannot ask Twilio whether an ambiguous call was placed; retrying before calling again");
+                return Err(StepError::Retryable(anyhow!("reconciling an ambiguous create-call with Twilio failed: {e}")));
+            }
+        };
+        let candidates: Vec<&crate::twilio::client::CallResource> = calls
+            .iter()
+            .filter(|c| c.created_at().is_some_and(|t| t.as_millisecond() as f64 >= a.created_ms - RECONCILE_CLOCK_SLACK_MS))
+            .collect();
+        let sids: Vec<String> = candidates.iter().map(|c| c.sid.clone()).collect();
+        let known: Vec<String> = sqlx::query_scalar("SELECT provider_id FROM wardcall.notification_attempts WHERE provider = 'twilio' AND provider_id = ANY($1)")
+            .bind(&sids)
+            .fetch_all(&mut *conn)
+            .await?;
+        // The oldest unclaimed call since the intent is the one it created.
+        let adopt = candidates.iter().rev().find(|c| !known.contains(&c.sid)).map(|c| c.sid.clone());
+        found.insert(a.id, adopt);
+    }
+    Ok(found)
 }
 
 async fn open_alert(conn: &mut PgConnection, ctx: &StepContext<'_>, settings: &EscalationWorkflow, message: &str) -> Result<(Uuid, String), StepError> {
@@ -231,6 +425,16 @@ async fn place_calls(ctx: &mut StepContext<'_>, settings: &EscalationWorkflow, p
         tracing::error!(run = %ctx.run.id, step_index, "the policy has no such step (config changed?); escalating past it");
         return evaluate_position(ctx, settings, policy, Some(true)).await;
     };
+    let ack_timeout_ms = (step.ack_timeout_seconds * 1000.0) as i64;
+    // Twilio's Timeout is whole seconds; let the phone ring for most of the step's
+    // budget, leaving time to hear the message and press 1 (min 5 s, max 600 s).
+    let ring_timeout_seconds = ((step.ack_timeout_seconds * 0.6).floor() as u32).clamp(5, 600);
+    // When an attempt without a final callback is fetched from the provider.
+    let reconcile_after_ms = (ring_timeout_seconds as u64 * 1000 + crate::workflows::call_sweeper::RECONCILE_MARGIN.as_millis() as u64) as i64;
+
+    // 0. An earlier execution's create requests whose outcome is unknown are
+    //    reconciled with the provider first, outside any transaction.
+    let reconciled = reconcile_ambiguous(ctx, twilio, cycle, step_index).await?;
 
     // 1. Record the intents (and the alert), fenced, in one transaction.
     let mut tx = engine.db.pool.begin().await?;
@@ -255,23 +459,44 @@ async fn place_calls(ctx: &mut StepContext<'_>, settings: &EscalationWorkflow, p
         let latest = existing.iter().find(|a| &a.person_id == person_id);
         let generation = match latest {
             None => 0,
-            Some(a) if a.status == "intent" && a.provider_id.is_none() && a.fencing_token < ctx.run.fencing_token => {
-                // Unknown outcome of a previous execution: the re-call rule.
-                sqlx::query("UPDATE wardcall.notification_attempts SET status = 'unknown', updated_at = clock_timestamp(),
-                                    error = 'engine stopped between recording the intent and confirming the call' WHERE id = $1")
+            Some(a) if a.ambiguous(ctx.run.fencing_token) => match reconciled.get(&a.id) {
+                Some(Some(sid)) => {
+                    // The provider did create it: adopt the call, never place it again.
+                    sqlx::query(
+                        "UPDATE wardcall.notification_attempts SET provider_id = $2, status = 'requested',
+                                requested_at = coalesce(requested_at, clock_timestamp()), updated_at = clock_timestamp()
+                          WHERE id = $1 AND provider_id IS NULL",
+                    )
                     .bind(a.id)
+                    .bind(sid)
                     .execute(&mut *tx)
                     .await?;
-                audit::record(&mut tx, Entity::NotificationAttempt, &a.id.to_string(), "attempt.outcome_unknown", Some("intent"), Some("unknown"), &actor, json!({"rule": "re-call"}))
-                    .await?;
-                a.generation + 1
-            }
+                    audit::record(&mut tx, Entity::NotificationAttempt, &a.id.to_string(), "attempt.reconciled", Some("intent"), Some("requested"), &actor, json!({"call_sid": sid, "rule": "found in the provider's call list"}))
+                        .await?;
+                    tracing::info!(attempt = %a.id, call_sid = %sid, "an ambiguous create-call had placed the call; adopted it instead of calling again");
+                    continue;
+                }
+                _ => {
+                    // The provider has no call for it: the outcome was "not placed"
+                    // (or is still unknown after the provider's answer): re-call rule.
+                    sqlx::query("UPDATE wardcall.notification_attempts SET status = 'unknown', updated_at = clock_timestamp(),
+                                        error = 'create-call outcome unknown and no such call at the provider' WHERE id = $1")
+                        .bind(a.id)
+                        .execute(&mut *tx)
+                        .await?;
+                    audit::record(&mut tx, Entity::NotificationAttempt, &a.id.to_string(), "attempt.outcome_unknown", Some("intent"), Some("unknown"), &actor, json!({"rule": "re-call", "provider_has_call": false}))
+                        .await?;
+                    a.generation + 1
+                }
+            },
             Some(_) => continue, // placed (or being reported on by callbacks): never call twice
         };
         let id: Uuid = sqlx::query_scalar(
             "INSERT INTO wardcall.notification_attempts
-                 (alert_id, run_id, cycle, step_index, person_id, generation, channel, destination, provider, status, fencing_token)
-             VALUES ($1, $2, $3, $4, $5, $6, 'voice', $7, 'twilio', 'intent', $8) RETURNING id",
+                 (alert_id, run_id, cycle, step_index, person_id, generation, channel, destination, provider, status, fencing_token,
+                  reconcile_after)
+             VALUES ($1, $2, $3, $4, $5, $6, 'voice', $7, 'twilio', 'intent', $8, clock_timestamp() + $9 * interval '1 millisecond')
+             RETURNING id",
         )
         .bind(alert_id)
         .bind(ctx.run.id)
@@ -281,6 +506,7 @@ async fn place_calls(ctx: &mut StepContext<'_>, settings: &EscalationWorkflow, p
         .bind(generation)
         .bind(&person.phone)
         .bind(ctx.run.fencing_token)
+        .bind(reconcile_after_ms)
         .fetch_one(&mut *tx)
         .await?;
         audit::record(&mut tx, Entity::NotificationAttempt, &id.to_string(), "attempt.intent", None, Some("intent"), &actor, json!({"person_id": person_id, "cycle": cycle, "step_index": step_index, "generation": generation}))
@@ -290,41 +516,52 @@ async fn place_calls(ctx: &mut StepContext<'_>, settings: &EscalationWorkflow, p
     tx.commit().await?;
 
     // 2. Place the calls, outside any transaction, in parallel.
-    let ack_timeout_ms = (step.ack_timeout_seconds * 1000.0) as i64;
-    // Twilio's Timeout is whole seconds; let the phone ring for most of the step's
-    // budget, leaving time to hear the message and press 1 (min 5 s, max 600 s).
-    let ring_timeout_seconds = ((step.ack_timeout_seconds * 0.6).floor() as u32).clamp(5, 600);
     let calls = to_place.iter().map(|(attempt_id, person_id, phone)| {
         let engine = engine.clone();
         let message = message.clone();
         async move {
             let base = &engine.public_url;
-            let req = CreateCallRequest {
+            let action = crate::twilio::callback_url(base, "gather", *attempt_id);
+            let gather_timeout = twilio.config.gather_timeout_seconds;
+            // The message is shortened to fit Twilio's inline TwiML limit,
+            // keeping its start and the keypad instruction (invariant 10).
+            let twiml = twiml::say_and_gather_within(&message, &action, gather_timeout, MAX_INLINE_TWIML_CHARS)
+                .unwrap_or_else(|| twiml::say_and_gather(twiml::FALLBACK_MESSAGE, &action, gather_timeout));
+            let mut req = CreateCallRequest {
                 to: phone.clone(),
                 from: twilio.config.from.clone(),
-                twiml: twiml::say_and_gather(&message, &callback_url(base, Callback::Gather, *attempt_id), twilio.config.gather_timeout_seconds),
-                status_callback: callback_url(base, Callback::Status, *attempt_id),
+                twiml,
+                status_callback: crate::twilio::callback_url(base, "status", *attempt_id),
                 ring_timeout_seconds,
                 machine_detection: twilio.config.machine_detection,
-                async_amd_status_callback: twilio.config.machine_detection.then(|| callback_url(base, Callback::Amd, *attempt_id)),
+                async_amd_status_callback: twilio.config.machine_detection.then(|| crate::twilio::callback_url(base, "amd", *attempt_id)),
             };
-            // No retry here: an ambiguous failure (timeout, 5xx) may have placed
-            // the call. The step is retried under a new fencing token and the
-            // re-call rule decides (ARCHITECTURE.md).
-            let result = twilio.client.create_call(&req).await;
-            (*attempt_id, person_id.clone(), phone.clone(), result)
+            // No retry of an ambiguous failure here (a timeout, a 5xx): it may
+            // have placed the call. The step is retried under a new fencing
+            // token, and the re-call rule asks the provider first. A refusal for
+            // the content placed nothing: the same person is called at once
+            // with the short fallback message instead of being skipped.
+            let mut result = twilio.client.create_call(&req).await;
+            let mut content_refused = None;
+            if let Err(e) = &result {
+                if e.is_content_refusal() {
+                    content_refused = Some(e.clone());
+                    req.twiml = twiml::say_and_gather(twiml::FALLBACK_MESSAGE, &action, gather_timeout);
+                    result = twilio.client.create_call(&req).await;
+                }
+            }
+            PlacedCall { attempt_id: *attempt_id, person_id: person_id.clone(), phone: phone.clone(), result, content_refused }
         }
     });
     let results = futures_util::future::join_all(calls).await;
     // Record every result before returning any error, so no placed call loses its CallSid.
     let mut retry_step: Option<String> = None;
-    for (attempt_id, person_id, phone, result) in results {
-        match record_call_result(&engine, ctx, settings, &actor, attempt_id, &person_id, &phone, result).await {
+    for placed in &results {
+        match record_with_retry(ctx, settings, &actor, placed).await {
             Ok(None) => {}
             Ok(Some(transient)) => retry_step = Some(transient),
             Err(e) => {
-                tracing::error!(attempt = %attempt_id, error = %e, "recording a call result failed");
-                retry_step.get_or_insert_with(|| format!("recording a call result failed: {e}"));
+                retry_step.get_or_insert_with(|| e.to_string());
             }
         }
     }

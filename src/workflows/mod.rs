@@ -8,6 +8,8 @@
 //! side effects reach the outside world record an intent first (see
 //! `escalation.rs` and ARCHITECTURE.md, "Re-call rule").
 
+pub mod call_events;
+pub mod call_sweeper;
 pub mod escalation;
 pub mod script;
 
@@ -92,4 +94,40 @@ pub async fn run_step(ctx: &mut StepContext<'_>) -> Result<Transition, StepError
             escalation::run_step(ctx, &settings).await
         }
     }
+}
+
+/// Cancels a live run (API, CLI, tests): the run and its open alert become
+/// `cancelled`, the workflow's `on_cancelled` write-back runs in the same
+/// transaction, and the engines' call sweeper then ends the alert's ringing
+/// and connected calls through the provider. Logged (run id and actor only).
+///
+/// Returns false when the run was not live (finished, or no such run).
+/// Errors: a database error (nothing was changed).
+pub async fn cancel_run(
+    pool: &sqlx::PgPool,
+    config: &crate::config::Config,
+    run: uuid::Uuid,
+    actor: &str,
+    reason: &str,
+) -> Result<bool, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let Some(cancelled) = crate::runtime::store::cancel_run_in(&mut tx, run, actor, reason).await? else {
+        return Ok(false);
+    };
+    if let (Some(alert), Some(WorkflowKind::Escalation(settings))) =
+        (cancelled.alert, config.workflow(&cancelled.workflow).map(|w| &w.kind))
+    {
+        escalation::write_back(
+            &mut tx,
+            settings.write_back.on_cancelled.as_deref(),
+            "on_cancelled",
+            &cancelled.input,
+            escalation::WriteBackSubject::Alert(alert),
+            actor,
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    tracing::info!(run = %run, actor, alert = ?cancelled.alert, "run cancelled");
+    Ok(true)
 }

@@ -347,8 +347,8 @@ pub async fn cancel_stops_a_run() {
     db.exec(r#"SELECT wardcall.emit('task.created', '{"steps":[{"op":"wait","signal":"never","timeout_ms":60000},{"op":"step"}]}')"#).await;
     await_true(&db, "the run to wait", Duration::from_secs(10), "SELECT count(*) = 1 FROM wardcall.runs WHERE status = 'waiting'").await;
     let run = only_run(&db).await;
-    assert!(wardcall::runtime::store::cancel_run(&db.pool, run, "test", "no longer needed").await.unwrap());
-    assert!(!wardcall::runtime::store::cancel_run(&db.pool, run, "test", "twice").await.unwrap());
+    assert!(wardcall::workflows::cancel_run(&db.pool, &wardcall::config::Config::default(), run, "test", "no longer needed").await.unwrap());
+    assert!(!wardcall::workflows::cancel_run(&db.pool, &wardcall::config::Config::default(), run, "test", "twice").await.unwrap());
     sqlx::query("SELECT wardcall.send_signal($1, 'never', '{}')").bind(run).execute(&db.pool).await.unwrap();
     assert_eq!(run_statuses(&db).await, vec!["cancelled"]);
     assert_eq!(db.scalar_i64("SELECT count(*) FROM wardcall.audit_log WHERE action = 'run.cancelled'").await, 1);
@@ -374,8 +374,13 @@ pub async fn source_removed_from_config_loses_its_trigger() {
     // Without a config file (built-in defaults) nothing is removed...
     wardcall::app::prepare_database(&db.database(), &Config::default(), "test").await.unwrap();
     assert_eq!(db.scalar_i64("SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'wardcall_capture_%'").await, 1);
-    // ...a config file without the source removes its trigger.
+    // ...a config file without the source keeps it too (it may belong to
+    // another config); only an explicit --prune removes it.
     wardcall::app::prepare_database(&db.database(), &config(""), "test").await.unwrap();
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'wardcall_capture_%'").await, 1);
+    let mut pruning = (*config("")).clone();
+    pruning.prune_sources = true;
+    wardcall::app::prepare_database(&db.database(), &pruning, "test").await.unwrap();
     assert_eq!(db.scalar_i64("SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'wardcall_capture_%'").await, 0);
     db.exec("INSERT INTO tasks (kind) VALUES ('go')").await;
     assert_eq!(db.scalar_i64("SELECT count(*) FROM wardcall.outbox").await, 0);

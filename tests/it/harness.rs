@@ -49,7 +49,13 @@ pub fn init() -> &'static Server {
                 Ok(url) if !url.is_empty() => Server { admin: PgConnectOptions::from_str(&url).unwrap().database("postgres"), cluster: None },
                 _ => {
                     let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("wardcall-it-cluster");
+                    // Under a directory the server's account cannot enter (a clone
+                    // under /root, run as root) the cluster is relocated (see
+                    // `EmbeddedCluster::start`); the same target dir finds it again.
                     let cluster = EmbeddedCluster::start(&dir).await.expect("embedded PostgreSQL for the tests");
+                    if let Some(requested) = cluster.relocated_from() {
+                        eprintln!("test cluster for {} placed in {}", requested.display(), cluster.data_dir().display());
+                    }
                     Server { admin: cluster.connect_options("postgres"), cluster: Some(cluster) }
                 }
             };

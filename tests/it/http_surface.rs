@@ -513,6 +513,7 @@ pub async fn ipv6_any_listener_accepts_ipv4_clients() {
     let db = TestDb::new().await;
     let mut c = Config::parse(&script_config(), "x.toml").unwrap();
     c.http.listen = "[::]:0".into();
+    c.http.public_url = Some("https://wardcall.example.org".into());
     c.validate("x.toml").unwrap();
     let app = App::start(
         db.database(),

@@ -19,6 +19,9 @@ mod harness;
 mod capture_runtime;
 mod escalation;
 mod bench_smoke;
+mod fail_safe;
+mod privacy_cluster;
+mod config_checks;
 mod http_surface;
 
 use libtest_mimic::{Arguments, Trial};
@@ -42,6 +45,9 @@ fn all_tests() -> Vec<Trial> {
     t.extend(capture_runtime::tests());
     t.extend(escalation::tests());
     t.extend(bench_smoke::tests());
+    t.extend(fail_safe::tests());
+    t.extend(privacy_cluster::tests());
+    t.extend(config_checks::tests());
     t.extend(http_surface::tests());
     t
 }
