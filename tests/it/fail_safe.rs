@@ -36,8 +36,16 @@ fn answers_and_presses(digits: &str) -> Persona {
 
 /// The hospital with both nurses' personas and a config tweak.
 async fn hospital_with(a: Persona, b: Persona, ack_timeout: f64, tweak: impl FnOnce(&mut Config)) -> Hospital {
+    hospital_with_schema("", a, b, ack_timeout, tweak).await
+}
+
+/// As [`hospital_with`], with more of the team's schema created before start.
+async fn hospital_with_schema(extra_schema: &str, a: Persona, b: Persona, ack_timeout: f64, tweak: impl FnOnce(&mut Config)) -> Hospital {
     let db = TestDb::new().await;
     db.exec(wardcall::demo::HOSPITAL_SCHEMA).await;
+    if !extra_schema.is_empty() {
+        db.exec(extra_schema).await;
+    }
     let mut personas = HashMap::new();
     personas.insert(NURSE_A.to_string(), a);
     personas.insert(NURSE_B.to_string(), b);
@@ -340,7 +348,8 @@ pub async fn audit_records_only_transitions_that_happened() {
 /// `ALTER TABLE`) times out and renders without its value; the call goes out
 /// while the lock is still held, and the fault is audited.
 pub async fn blocked_lookup_times_out_and_the_call_goes_out() {
-    let h = hospital_with(answers_and_presses("1"), Persona::NoAnswer, 10.0, |c| {
+    let census = "CREATE TABLE ward_census (room_id uuid PRIMARY KEY); INSERT INTO ward_census SELECT room_id FROM rooms";
+    let h = hospital_with_schema(census, answers_and_presses("1"), Persona::NoAnswer, 10.0, |c| {
         if let wardcall::config::WorkflowKind::Escalation(e) = &mut c.workflows[0].kind {
             e.lookups.insert(
                 "room_name".into(),
@@ -349,7 +358,6 @@ pub async fn blocked_lookup_times_out_and_the_call_goes_out() {
         }
     })
     .await;
-    h.db.exec("CREATE TABLE ward_census (room_id uuid PRIMARY KEY); INSERT INTO ward_census SELECT room_id FROM rooms").await;
     // The team's migration holds the table the lookup reads.
     let mut locker = h.db.pool.begin().await.unwrap();
     sqlx::query("LOCK TABLE ward_census IN ACCESS EXCLUSIVE MODE").execute(&mut *locker).await.unwrap();
