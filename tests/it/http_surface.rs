@@ -792,7 +792,7 @@ pub async fn keypress_survives_a_database_outage() {
     let h = hospital(
         Persona::Answer {
             ring_ms: 100,
-            think_ms: 2500,
+            think_ms: 6000,
             digits: "1".into(),
         },
         Persona::NoAnswer,
@@ -819,8 +819,9 @@ pub async fn keypress_survives_a_database_outage() {
             _ => continue,
         }
     }
-    // …and while she listens, the database stops accepting connections (a
-    // restart or a failover), and every open connection is cut.
+    // …and while she listens (6 s before she presses), the database stops
+    // accepting connections (a restart or a failover), and every open
+    // connection is cut.
     sqlx::raw_sql(&format!(
         "ALTER DATABASE {0} ALLOW_CONNECTIONS false;
          SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{0}' AND pid <> pg_backend_pid();",
