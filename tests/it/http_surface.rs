@@ -822,14 +822,33 @@ pub async fn keypress_survives_a_database_outage() {
     // …and while she listens (6 s before she presses), the database stops
     // accepting connections (a restart or a failover), and every open
     // connection is cut.
+    let t_outage = Instant::now();
     sqlx::raw_sql(&format!(
-        "ALTER DATABASE {0} ALLOW_CONNECTIONS false;
-         SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{0}' AND pid <> pg_backend_pid();",
+        "ALTER DATABASE {} ALLOW_CONNECTIONS false",
         h.db.name
     ))
     .execute(&admin)
     .await
     .unwrap();
+    // A connection still authenticating when the ALTER committed gets in
+    // anyway: terminate until none has been seen for three checks in a row.
+    let mut quiet = 0;
+    let mut left = 0i64;
+    while quiet < 3 {
+        left = sqlx::query_scalar(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
+        )
+        .bind(&h.db.name)
+        .fetch_one(&admin)
+        .await
+        .unwrap();
+        quiet = if left == 0 { quiet + 1 } else { 0 };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!(
+        "database outage in place after {:?}; {left} sessions left",
+        t_outage.elapsed()
+    );
     // She presses 1: the webhook cannot be recorded and is answered with a 5xx.
     let first = loop {
         match tokio::time::timeout(Duration::from_secs(10), events.recv())
@@ -845,6 +864,11 @@ pub async fn keypress_survives_a_database_outage() {
             _ => continue,
         }
     };
+    eprintln!(
+        "keypress webhook {:?} after {:?}",
+        first,
+        t_outage.elapsed()
+    );
     assert_eq!(first.0, "1");
     assert!(
         first.1.map_or(true, |s| s >= 500),
