@@ -19,6 +19,7 @@ mod harness;
 mod capture_runtime;
 mod escalation;
 mod bench_smoke;
+mod runtime_resilience;
 
 use libtest_mimic::{Arguments, Trial};
 
@@ -41,5 +42,6 @@ fn all_tests() -> Vec<Trial> {
     t.extend(capture_runtime::tests());
     t.extend(escalation::tests());
     t.extend(bench_smoke::tests());
+    t.extend(runtime_resilience::tests());
     t
 }
