@@ -439,9 +439,21 @@ impl Engine {
                 tracing::debug!(outbox_id = id, event = %event, "no workflow is bound to this event");
             }
         }
-        // Take as many runs as there are free worker slots: they start leased to us.
+        // Take as many runs as there are free worker slots: they start leased
+        // to us. Critical runs come first; other runs take no slot while a
+        // critical run is due, so that the scheduler claims it first.
+        let critical_due = criticals.iter().any(|c| !c)
+            && sqlx::query_scalar::<_, bool>(
+                "SELECT EXISTS (SELECT 1 FROM wardcall.runs
+                                 WHERE critical AND status IN ('pending','running','sleeping','waiting') AND due_at <= now())",
+            )
+            .fetch_one(&mut *tx)
+            .await?;
         let mut taken = Vec::new();
-        for _ in 0..workflow_names.len() {
+        for &critical in &criticals {
+            if !critical && critical_due {
+                break;
+            }
             match self.slots.clone().try_acquire_owned() {
                 Ok(p) => taken.push(p),
                 Err(_) => break,
