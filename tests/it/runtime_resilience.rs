@@ -231,7 +231,15 @@ pub async fn critical_alert_is_called_first_during_a_flood() {
         .execute(&db.pool)
         .await
         .unwrap();
-    await_true(&db, "the flood to be under way", Duration::from_secs(30), &format!("SELECT ({flooded}) >= 2")).await;
+    // Under way, and both workers busy again (claimed their next flood runs).
+    await_true(
+        &db,
+        "the flood to be under way",
+        Duration::from_secs(30),
+        "SELECT count(*) FILTER (WHERE status = 'completed') >= 2 AND count(*) FILTER (WHERE status = 'running') = 2
+           FROM wardcall.runs WHERE workflow = 'flood'",
+    )
+    .await;
     let mut events = emulator.subscribe();
     db.exec(crate::escalation::SEIZURE_INSERT).await;
     let inserted = Instant::now();
