@@ -1262,7 +1262,7 @@ async fn resources(options: &BenchOptions, sizes: &Sizes) -> anyhow::Result<Scen
     .await;
     env_owned.finish(result).await?;
     r.notes.push(format!(
-        "connections: pg_stat_activity rows with application_name 'wardcall' (the pool of engine.pool_size plus the LISTEN connection); the benchmark client uses 'wardcall-bench'. Peak RSS {}",
+        "connections: pg_stat_activity rows with application_name 'wardcall' (the pool of engine.pool_size) or 'wardcall-listener' (the LISTEN connection, outside the pool); the benchmark client uses 'wardcall-bench'. Peak RSS {}",
         if reset { "since the start of this scenario (clear_refs)" } else { "since the process started" }
     ));
     Ok(r)
