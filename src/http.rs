@@ -45,10 +45,25 @@ pub fn router(engine: Arc<Engine>) -> Router {
             async move { api_guard(&token, peer.0, req, next).await }
         }));
     Router::new()
-        .route("/healthz", get(|| async { "ok" }))
+        .route("/healthz", get(healthz))
         .merge(api)
         .route("/webhooks/twilio/{kind}", post(twilio_webhook))
         .with_state(engine)
+}
+
+/// `GET /healthz`: 200 `{"status":"ok"}` when the engine is healthy, else 503
+/// `{"status":"unhealthy","problems":["listener: …","source alerts: trigger … is missing on …"]}`
+/// (see [`Engine::health_report`]: listener down, scheduler or dispatcher
+/// stalled, a configured source's capture trigger missing or disabled, the
+/// database unreachable). Public, like a load balancer's probe; it names no
+/// patient data.
+async fn healthz(State(engine): State<Arc<Engine>>) -> Response {
+    let report = engine.health_report().await;
+    if report.healthy {
+        (StatusCode::OK, Json(json!({"status": "ok"}))).into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "unhealthy", "problems": report.problems}))).into_response()
+    }
 }
 
 async fn api_guard(token: &Option<String>, peer: std::net::SocketAddr, req: axum::extract::Request, next: axum::middleware::Next) -> Response {
