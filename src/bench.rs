@@ -32,6 +32,13 @@
 //!   future (as SLA timers would).
 //! - `resources`: resident memory of this process (engine, emulator and client
 //!   share it) at rest and at peak, and the PostgreSQL connections the engine holds.
+//! - `flood`: N non-critical script events (one `step` each) emitted in one
+//!   statement, all due at once; once the flood is under way (its first runs
+//!   created, most of it still in the outbox) one critical alert is inserted.
+//!   Figures: the outbox backlog at that instant, the alert's commit →
+//!   create-call latency, the flood runs still unfinished at that instant, and
+//!   the flood's drain time. Critical work is claimed first, so the latency
+//!   stays a small fraction of the drain time.
 //!
 //! The hospital policy's steps get a 600 s acknowledgement timeout so that no
 //! escalation call overlaps a measurement: every alert yields exactly one call
@@ -40,7 +47,7 @@
 
 use crate::app::{App, StartOptions};
 use crate::config::{Config, Workflow, WorkflowKind};
-use crate::db::{connect_pool, embedded::EmbeddedCluster, Database};
+use crate::db::{connect_pool_with, embedded::EmbeddedCluster, Database};
 use crate::twilio::emulator::{EmulatorConfig, EmulatorEvent, EmulatorHandle, Persona, TwilioEmulator};
 use anyhow::{bail, ensure, Context};
 use serde::Serialize;
@@ -82,7 +89,9 @@ pub enum Scenario {
     Scale,
     /// Resident memory at rest and at peak, PostgreSQL connections held.
     Resources,
-    /// Every scenario above, in the order resources, latency, burst, throughput, steps, timers, scale.
+    /// A critical alert during a flood of N other events (default 20,000): its first call vs the drain time.
+    Flood,
+    /// Every scenario above, in the order resources, latency, burst, throughput, steps, timers, scale, flood.
     All,
 }
 
@@ -97,6 +106,7 @@ impl Scenario {
             Scenario::Timers => "timers",
             Scenario::Scale => "scale",
             Scenario::Resources => "resources",
+            Scenario::Flood => "flood",
             Scenario::All => "all",
         }
     }
@@ -113,13 +123,14 @@ impl Scenario {
                 Scenario::Steps,
                 Scenario::Timers,
                 Scenario::Scale,
+                Scenario::Flood,
             ],
             s => vec![s],
         }
     }
 }
 
-/// Arguments of `wardcall bench`.
+/// Arguments of `wardcall bench`. (`--n` of `flood`: the flood's events.)
 #[derive(clap::Args, Debug, Clone)]
 pub struct BenchArgs {
     /// Scenario to run.
@@ -370,6 +381,7 @@ pub async fn run_scenario(options: &BenchOptions, scenario: Scenario, sizes: &Si
         Scenario::Timers => timers(options, sizes).await?,
         Scenario::Scale => scale(options, sizes).await?,
         Scenario::Resources => resources(options, sizes).await?,
+        Scenario::Flood => flood(options, sizes).await?,
         Scenario::All => bail!("run_scenario runs one scenario; expand 'all' with Scenario::expand"),
     };
     report.elapsed_s = started.elapsed().as_secs_f64();
@@ -514,7 +526,7 @@ impl Env {
         config.validate("examples/hospital.toml (bench)")?;
         let pool_size = config.engine.pool_size;
         // The engine's pool exactly as `wardcall serve` opens it (Database::open).
-        let engine_pool = connect_pool(db_options.clone(), pool_size).await?;
+        let engine_pool = connect_pool_with(db_options.clone(), &config.engine).await?;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.context("binding the engine's HTTP listener")?;
         let app = App::start(
             Database { pool: engine_pool.clone(), connect_options: db_options.clone(), embedded: None },
@@ -861,6 +873,74 @@ async fn burst(options: &BenchOptions, sizes: &Sizes) -> anyhow::Result<Scenario
     Ok(r)
 }
 
+/// The `flood` scenario (see the module documentation).
+async fn flood(options: &BenchOptions, sizes: &Sizes) -> anyhow::Result<ScenarioReport> {
+    let n = sizes.n_or(20_000);
+    let mut r = ScenarioReport::new(
+        Scenario::Flood,
+        format!("one critical alert during a flood of {n} script events due at once: commit → first call vs the flood's drain"),
+        json!({"flood_events": n, "workers": 16}),
+    );
+    let env_owned = Env::start(options, "flood", 16).await?;
+    let env = &env_owned;
+    let result: anyhow::Result<()> = async {
+        let payload = json!({ "steps": [{"op": "step", "name": "flood"}] });
+        let completed = || async {
+            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM wardcall.runs WHERE workflow = $1 AND status = 'completed'")
+                .bind(SCRIPT_WORKFLOW)
+                .fetch_one(&env.client)
+                .await
+        };
+        let t0 = Instant::now();
+        sqlx::query("SELECT count(wardcall.emit($1, $2)) FROM generate_series(1, $3)")
+            .bind(SCRIPT_EVENT)
+            .bind(&payload)
+            .bind(n as i64)
+            .execute(&env.client)
+            .await
+            .context("emitting the flood")?;
+        let deadline = Instant::now() + Duration::from_secs(120 + n / 100);
+        // Under way: the dispatcher has begun turning the flood into runs
+        // (most of it still waits in the outbox, as under a stream of API events).
+        loop {
+            let created: i64 = sqlx::query_scalar("SELECT count(*) FROM wardcall.runs WHERE workflow = $1").bind(SCRIPT_WORKFLOW).fetch_one(&env.client).await?;
+            if created > 0 {
+                break;
+            }
+            ensure!(Instant::now() < deadline, "timed out before the flood got under way");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let backlog: i64 = sqlx::query_scalar("SELECT count(*) FROM wardcall.outbox WHERE processed_at IS NULL").fetch_one(&env.client).await?;
+        let mut rx = env.emulator().subscribe();
+        let base = env.emulator().calls().len();
+        let committed = insert_burst(env, 0, 1).await?;
+        await_calls(env, &mut rx, base, 1, Duration::from_secs(120)).await?;
+        let remaining = n as i64 - completed().await?;
+        let arrival = call_arrivals(env, 0, 1)?[0];
+        loop {
+            let done = completed().await?;
+            if done as u64 >= n {
+                break;
+            }
+            ensure!(Instant::now() < deadline, "timed out: {done} of {n} flood runs completed");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let drain_s = t0.elapsed().as_secs_f64();
+        let latency = ms_between(committed, arrival);
+        r.add("flood_events", n as f64, "count");
+        r.add_target("critical_first_call", latency, "ms", 100.0, true);
+        r.add("outbox_backlog_at_alert", backlog as f64, "count");
+        r.add("flood_unfinished_at_call", remaining.max(0) as f64, "count");
+        r.add("flood_drain", drain_s, "s");
+        r.add("first_call_share_of_drain", latency / 1000.0 / drain_s, "ratio");
+        r.notes.push("critical_first_call: the alert's INSERT commit (client clock) → its create-call request at the emulator; flood_drain: the flood's emit → its last run completed".into());
+        Ok(())
+    }
+    .await;
+    env_owned.finish(result).await?;
+    Ok(r)
+}
+
 async fn throughput(options: &BenchOptions, sizes: &Sizes) -> anyhow::Result<ScenarioReport> {
     let n = sizes.n_or(1000);
     let mut r = ScenarioReport::new(
@@ -1141,7 +1221,7 @@ fn memory_mb() -> (f64, f64) {
 }
 
 async fn engine_connections(env: &Env) -> anyhow::Result<i64> {
-    Ok(sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND application_name = 'wardcall'")
+    Ok(sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND application_name IN ('wardcall', 'wardcall-listener')")
         .bind(&env.name)
         .fetch_one(&env.client)
         .await?)
@@ -1189,7 +1269,7 @@ async fn resources(options: &BenchOptions, sizes: &Sizes) -> anyhow::Result<Scen
     .await;
     env_owned.finish(result).await?;
     r.notes.push(format!(
-        "connections: pg_stat_activity rows with application_name 'wardcall' (the pool of engine.pool_size plus the LISTEN connection); the benchmark client uses 'wardcall-bench'. Peak RSS {}",
+        "connections: pg_stat_activity rows with application_name 'wardcall' (the pool of engine.pool_size) or 'wardcall-listener' (the LISTEN connection, outside the pool); the benchmark client uses 'wardcall-bench'. Peak RSS {}",
         if reset { "since the start of this scenario (clear_refs)" } else { "since the process started" }
     ));
     Ok(r)

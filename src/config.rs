@@ -113,11 +113,35 @@ pub struct EngineConfig {
     pub poll_ms: u64,
     /// Connections in this process's pool. Default 20.
     pub pool_size: u32,
+    /// Longest wait for a pooled connection (or a new one), in milliseconds,
+    /// 100..=600000. Default 5000. On expiry the error carries PostgreSQL's own
+    /// reason when the server refused the connection.
+    pub acquire_timeout_ms: u64,
+    /// `statement_timeout` of the engine's connections, in milliseconds,
+    /// 100..=3600000. Default 10000. (PostgreSQL manual, 19.11.1 "Statement Behavior".)
+    pub statement_timeout_ms: u64,
+    /// `lock_timeout` of the engine's connections, in milliseconds,
+    /// 10..=600000. Default 2000. (PostgreSQL manual, 19.11.1 "Statement Behavior".)
+    pub lock_timeout_ms: u64,
+    /// Listener heartbeat, in milliseconds, 100..=60000. Default 2000: after this
+    /// long without traffic the listener sends `SELECT 1`, and a reply must come
+    /// within this long, else the connection is dropped, reopened and the outbox drained.
+    pub heartbeat_ms: u64,
 }
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        EngineConfig { workers: 16, lease_ms: 5000, sweep_ms: 500, poll_ms: 250, pool_size: 20 }
+        EngineConfig {
+            workers: 16,
+            lease_ms: 5000,
+            sweep_ms: 500,
+            poll_ms: 250,
+            pool_size: 20,
+            acquire_timeout_ms: 5000,
+            statement_timeout_ms: 10_000,
+            lock_timeout_ms: 2000,
+            heartbeat_ms: 2000,
+        }
     }
 }
 
@@ -535,6 +559,14 @@ impl Config {
         range("engine.sweep_ms", e.sweep_ms, limits::SWEEP_MS)?;
         range("engine.poll_ms", e.poll_ms, limits::POLL_MS)?;
         range("engine.pool_size", e.pool_size as u64, (limits::POOL_SIZE.0 as u64, limits::POOL_SIZE.1 as u64))?;
+        for (key, v, lo, hi) in [
+            ("engine.acquire_timeout_ms", e.acquire_timeout_ms, 100, 600_000),
+            ("engine.statement_timeout_ms", e.statement_timeout_ms, 100, 3_600_000),
+            ("engine.lock_timeout_ms", e.lock_timeout_ms, 10, 600_000),
+            ("engine.heartbeat_ms", e.heartbeat_ms, 100, 60_000),
+        ] {
+            range(key, v, (lo, hi))?;
+        }
         let listen = match self.http.listen.parse::<std::net::SocketAddr>() {
             Ok(a) => a,
             Err(_) => return Err(err("http.listen".into(), format!("'{}' is not an address like 127.0.0.1:8080", self.http.listen))),

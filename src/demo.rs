@@ -61,8 +61,14 @@ pub async fn run(config_path: Option<&Path>) -> anyhow::Result<()> {
         }
     };
     let admin = connect_pool(server.clone(), 2).await?;
-    sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS {DEMO_DB} WITH (FORCE)")).execute(&admin).await?;
-    sqlx::raw_sql(&format!("CREATE DATABASE {DEMO_DB}")).execute(&admin).await?;
+    {
+        // Creating a database can take longer than the engine's statement
+        // timeout on a busy machine (it copies a template and checkpoints).
+        let mut conn = admin.acquire().await?;
+        sqlx::raw_sql("SET statement_timeout = 0").execute(&mut *conn).await?;
+        sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS {DEMO_DB} WITH (FORCE)")).execute(&mut *conn).await?;
+        sqlx::raw_sql(&format!("CREATE DATABASE {DEMO_DB}")).execute(&mut *conn).await?;
+    }
     admin.close().await;
     let options = server.database(DEMO_DB);
     let pool = connect_pool(options.clone(), 12).await?;

@@ -153,14 +153,29 @@ impl HttpLimits {
 /// The public listener's routes: `/healthz` and the Twilio webhooks.
 pub fn webhook_router(engine: Arc<Engine>) -> Router {
     Router::new()
-        .route("/healthz", get(|| async { "ok" }))
+        .route("/healthz", get(healthz))
         .route("/webhooks/twilio/{kind}", post(twilio_webhook))
         .with_state(engine)
 }
 
 /// What the API's own listener (`http.api_listen`) serves: the JSON API and `/healthz`.
 pub fn api_listener_router(engine: Arc<Engine>, token: Option<ApiToken>) -> Router {
-    api_router(engine, token).route("/healthz", get(|| async { "ok" }))
+    api_router(engine.clone(), token).merge(Router::new().route("/healthz", get(healthz)).with_state(engine))
+}
+
+/// `GET /healthz`: 200 `{"status":"ok"}` when the engine is healthy, else 503
+/// `{"status":"unhealthy","problems":["listener: …","source alerts: trigger … is missing on …"]}`
+/// (see [`Engine::health_report`]: listener down, scheduler or dispatcher
+/// stalled, a configured source's capture trigger missing or disabled, the
+/// database unreachable). Public, like a load balancer's probe; it names no
+/// patient data.
+async fn healthz(State(engine): State<Arc<Engine>>) -> Response {
+    let report = engine.health_report().await;
+    if report.healthy {
+        (StatusCode::OK, Json(json!({"status": "ok"}))).into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "unhealthy", "problems": report.problems}))).into_response()
+    }
 }
 
 /// The JSON API (`/api/*`), guarded by `token` when one is given (see the

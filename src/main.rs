@@ -205,11 +205,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             init_tracing("warn");
             let (config, db) = open(cli.config.as_deref()).await?;
             let r = async {
-                wardcall::app::prepare_database(&db, &config, "cli").await?;
+                // Migrate only: installing triggers here would hide a missing one.
+                wardcall::db::migrate::migrate(&db.pool).await?;
                 let c = wardcall::runtime::store::status_counts(&db.pool).await?;
+                let problems = wardcall::runtime::status_problems(&db.pool, &config).await?;
                 if json {
-                    println!("{}", serde_json::to_string_pretty(&c)?);
+                    let mut v = serde_json::to_value(&c)?;
+                    v["healthy"] = serde_json::json!(problems.is_empty());
+                    v["problems"] = serde_json::json!(problems);
+                    println!("{}", serde_json::to_string_pretty(&v)?);
                 } else {
+                    if problems.is_empty() {
+                        println!("health    ok");
+                    } else {
+                        for p in &problems {
+                            println!("health    UNHEALTHY: {p}");
+                        }
+                    }
                     println!("runs      pending {:>6}  running {:>6}  sleeping {:>6}  waiting {:>6}", c.pending, c.running, c.sleeping, c.waiting);
                     println!("          completed {:>4}  failed {:>7}  cancelled {:>5}", c.completed, c.failed, c.cancelled);
                     match c.outbox_oldest_seconds {

@@ -14,6 +14,7 @@ pub const SCHEMA_LOCK_KEY: i64 = 0x7761_7264_6361_6c6c;
 pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     (1, "core", include_str!("../../migrations/0001_core.sql")),
     (2, "alerts", include_str!("../../migrations/0002_alerts.sql")),
+    (3, "priority", include_str!("../../migrations/0003_priority.sql")),
     (4, "unrouted", include_str!("../../migrations/0004_unrouted.sql")),
     (5, "call_reconciliation", include_str!("../../migrations/0005_call_reconciliation.sql")),
 ];
@@ -25,6 +26,10 @@ pub async fn migrate(pool: &PgPool) -> anyhow::Result<usize> {
     let mut applied = 0;
     for (version, name, sql) in MIGRATIONS {
         let mut tx = pool.begin().await?;
+        // The engine's sessions carry short statement/lock timeouts; a migration
+        // may rewrite a large table, and waits for another engine's migration.
+        // Bounded still: 60 s for a lock, 1 h for a statement.
+        sqlx::raw_sql("SET LOCAL lock_timeout = '60s'; SET LOCAL statement_timeout = '1h'").execute(&mut *tx).await?;
         sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(SCHEMA_LOCK_KEY).execute(&mut *tx).await?;
         sqlx::raw_sql(
             "CREATE SCHEMA IF NOT EXISTS wardcall;

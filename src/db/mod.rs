@@ -4,11 +4,11 @@
 pub mod embedded;
 pub mod migrate;
 
-use crate::config::Config;
+use crate::config::{Config, EngineConfig};
 use anyhow::Context;
 use embedded::EmbeddedCluster;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::PgPool;
+use sqlx::{ConnectOptions, Connection, PgPool};
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -48,8 +48,23 @@ impl Database {
                 (cluster.connect_options(&name), Some(Arc::new(cluster)))
             }
         };
-        let pool = connect_pool(connect_options.clone(), pool_size).await?;
+        let settings = EngineConfig { pool_size, ..config.engine.clone() };
+        let pool = connect_pool_with(connect_options.clone(), &settings).await?;
         Ok(Database { pool, connect_options, embedded })
+    }
+
+    /// `e` in words, with PostgreSQL's own reason when the pool only says it
+    /// timed out (see [`explain_error`]).
+    pub async fn explain(&self, e: &sqlx::Error) -> String {
+        explain_error(&self.connect_options, e, Duration::from_secs(3)).await
+    }
+
+    /// As [`Database::explain`], for an `anyhow` error that may wrap a `sqlx::Error`.
+    pub async fn explain_any(&self, e: &anyhow::Error) -> String {
+        match e.downcast_ref::<sqlx::Error>() {
+            Some(sqlx::Error::PoolTimedOut) => self.explain(&sqlx::Error::PoolTimedOut).await,
+            _ => crate::capture::error_text(e),
+        }
     }
 
     /// Closes the pool and stops the embedded cluster, if any.
@@ -63,19 +78,73 @@ impl Database {
     }
 }
 
-/// A pool over `options` with at most `size` connections; waits up to 10 s for the server.
+/// The engine's session settings on `options`: `statement_timeout` and
+/// `lock_timeout` from `settings` (milliseconds), sent as startup options so
+/// that they hold on every connection, including ones reopened after a failover
+/// (PostgreSQL manual, 19.11.1 "Statement Behavior"; 55.2.1 startup `options`).
+/// Statements that need longer set their own `SET LOCAL` (migrations, write-backs).
+pub fn session_options(options: PgConnectOptions, settings: &EngineConfig) -> PgConnectOptions {
+    options.options([
+        ("statement_timeout", settings.statement_timeout_ms.to_string()),
+        ("lock_timeout", settings.lock_timeout_ms.to_string()),
+    ])
+}
+
+/// A pool over `options` with at most `size` connections and the default
+/// timeouts of [`EngineConfig`] (see [`connect_pool_with`]).
+pub async fn connect_pool(options: PgConnectOptions, size: u32) -> anyhow::Result<PgPool> {
+    connect_pool_with(options, &EngineConfig { pool_size: size, ..EngineConfig::default() }).await
+}
+
+/// A pool of `settings.pool_size` connections (`application_name = wardcall`),
+/// with [`session_options`], an acquire timeout of `settings.acquire_timeout_ms`
+/// and one connection opened at once.
 ///
 /// sqlx's statement logging (every statement's text at debug, slow ones at warn)
 /// is turned off: statement texts can carry patient data (seed SQL, a team's
 /// literal values), and wardcall logs its own failures without them
 /// ([`crate::capture::db_message`]).
-pub async fn connect_pool(options: PgConnectOptions, size: u32) -> anyhow::Result<PgPool> {
-    let options = sqlx::ConnectOptions::disable_statement_logging(options.application_name("wardcall"));
-    PgPoolOptions::new()
-        .max_connections(size)
+///
+/// Errors: the server cannot be reached or refuses the connection within the
+/// acquire timeout; the message carries PostgreSQL's own reason (e.g. `password
+/// authentication failed for user "…"`, `database "…" does not exist`, `too many
+/// connections for role "…"`), not only "pool timed out".
+pub async fn connect_pool_with(options: PgConnectOptions, settings: &EngineConfig) -> anyhow::Result<PgPool> {
+    let options = sqlx::ConnectOptions::disable_statement_logging(session_options(options.application_name("wardcall"), settings));
+    let acquire = Duration::from_millis(settings.acquire_timeout_ms);
+    let result = PgPoolOptions::new()
+        .max_connections(settings.pool_size)
         .min_connections(1)
-        .acquire_timeout(Duration::from_secs(10))
-        .connect_with(options)
-        .await
-        .context("cannot connect to PostgreSQL")
+        .acquire_timeout(acquire)
+        .connect_with(options.clone())
+        .await;
+    match result {
+        Ok(pool) => Ok(pool),
+        Err(e) => {
+            let why = explain_error(&options, &e, acquire.min(Duration::from_secs(5))).await;
+            Err(anyhow::anyhow!("cannot connect to PostgreSQL: {why}"))
+        }
+    }
+}
+
+/// Describes `e` with PostgreSQL's own reason. The pool's `PoolTimedOut` says
+/// only that no connection came in time (sqlx retries refusals it deems
+/// transient, such as SQLSTATE 53300 "too many connections", until its
+/// deadline); then one direct connection attempt, bounded by `timeout`, learns
+/// why: its error is returned, or, when it succeeds, that every pooled
+/// connection was busy. Other errors are returned as they are. The text holds
+/// no secret (sqlx never prints the password).
+pub async fn explain_error(options: &PgConnectOptions, e: &sqlx::Error, timeout: Duration) -> String {
+    if !matches!(e, sqlx::Error::PoolTimedOut) {
+        // Redacted: PostgreSQL quotes the values it rejects.
+        return crate::capture::db_message(e);
+    }
+    match tokio::time::timeout(timeout, options.connect()).await {
+        Ok(Ok(conn)) => {
+            let _ = conn.close().await;
+            "pool timed out: every pooled connection stayed busy (the server accepts new connections)".into()
+        }
+        Ok(Err(direct)) => format!("pool timed out; PostgreSQL refused a connection: {}", crate::capture::db_message(&direct)),
+        Err(_) => format!("pool timed out; the server did not answer a connection attempt within {} ms", timeout.as_millis()),
+    }
 }

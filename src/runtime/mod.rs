@@ -1,38 +1,153 @@
 //! The durable runtime: turns outbox rows into runs and executes their steps.
 //!
 //! Tasks of one engine process (any number of engines may share a database):
-//! - **listener**: a dedicated connection LISTENing on `wardcall_outbox` and
-//!   `wardcall_wake`. A notification only wakes the dispatcher or the scheduler;
-//!   after every reconnect the outbox is drained (notifications sent while the
-//!   connection was down are lost, by PostgreSQL's design).
+//! - **listener**: a dedicated connection, outside the pool (a one-connection
+//!   pool of its own, `application_name = wardcall-listener`), LISTENing on
+//!   `wardcall_outbox` and `wardcall_wake`. A notification only wakes the
+//!   dispatcher or the scheduler. After `engine.heartbeat_ms` without traffic it
+//!   sends `SELECT 1`, which must answer within `engine.heartbeat_ms`; a silent
+//!   connection (a frozen backend, a dead network path) is thus found within two
+//!   heartbeats, dropped and reopened. After every reconnect the outbox is
+//!   drained (notifications sent while the connection was down are lost, by
+//!   PostgreSQL's design).
 //! - **dispatcher**: drains unprocessed outbox rows on start, on every wake-up
 //!   and every `engine.sweep_ms` (≤ 1 s), creating one run per workflow bound
-//!   to the event. Runs it can execute at once are created already leased to
+//!   to the event; rows whose event starts a critical workflow are taken first. Runs it can execute at once are created already leased to
 //!   this engine (saving a claim round trip); the rest are `pending`.
 //! - **scheduler**: claims due runs (`FOR UPDATE SKIP LOCKED`, lease, fencing
-//!   token) up to the free worker slots and executes them; it sleeps until the
-//!   next due time (capped at `engine.poll_ms`) or a wake-up.
+//!   token) up to the free worker slots, critical runs first, and executes
+//!   them; it sleeps until the next due time (capped at `engine.poll_ms`) or a
+//!   wake-up.
+//!
+//! [`Health`] records each task's last sign of life; [`Engine::health_report`]
+//! (served as `/healthz`) turns it, and the capture triggers, into problems.
 //!
 //! A step's side effects happen outside any transaction; its transition is
 //! committed only if the fencing token still matches ([`store::commit_transition`]).
 
 pub mod store;
 
-use crate::config::Config;
+use crate::config::{Config, EngineConfig, Workflow, WorkflowKind};
 use crate::db::Database;
 use crate::providers::Providers;
 use crate::workflows::{self, StepContext, StepError, Transition};
 use serde_json::Value;
 use sqlx::postgres::PgListener;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use store::{ClaimedRun, Parking, WaitResolution};
 use tokio::sync::{watch, Notify, Semaphore};
 use tokio::task::JoinSet;
 
 /// Channel that wakes schedulers (a run became due: a signal, new pending runs).
 pub const WAKE_CHANNEL: &str = "wardcall_wake";
+
+/// `application_name` of the listener's connection (seen in `pg_stat_activity`).
+pub const LISTENER_APPLICATION_NAME: &str = "wardcall-listener";
+
+/// Whether runs of `w` are critical: claimed before any other due work and
+/// dispatched first (DESIGN.md invariant 10). Today: every escalation (it pages
+/// people); a workflow-level flag can extend this later.
+pub fn is_critical(w: &Workflow) -> bool {
+    matches!(w.kind, WorkflowKind::Escalation(_))
+}
+
+/// Milliseconds without a loop iteration after which the scheduler or the
+/// dispatcher counts as stalled: `max(5000, 10 × max(poll_ms, sweep_ms))`.
+/// Both loops iterate at least every `poll_ms`/`sweep_ms` when healthy.
+pub fn stall_after_ms(e: &EngineConfig) -> u64 {
+    (10 * e.poll_ms.max(e.sweep_ms)).max(5000)
+}
+
+/// Last signs of life of an engine's tasks (lock-free; read by `/healthz`).
+/// Instants are milliseconds since the engine was created (monotonic clock).
+pub struct Health {
+    epoch: Instant,
+    listener_up: AtomicBool,
+    listener_beat: AtomicU64,
+    scheduler_beat: AtomicU64,
+    dispatcher_beat: AtomicU64,
+}
+
+impl Health {
+    fn new() -> Health {
+        Health {
+            epoch: Instant::now(),
+            listener_up: AtomicBool::new(false),
+            listener_beat: AtomicU64::new(0),
+            scheduler_beat: AtomicU64::new(0),
+            dispatcher_beat: AtomicU64::new(0),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    fn beat(&self, cell: &AtomicU64) {
+        cell.store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    fn set_listener(&self, up: bool) {
+        self.listener_up.store(up, Ordering::Relaxed);
+        if up {
+            self.beat(&self.listener_beat);
+        }
+    }
+
+    /// Whether the listener's connection is open and answered its last heartbeat.
+    pub fn listener_up(&self) -> bool {
+        self.listener_up.load(Ordering::Relaxed)
+    }
+
+    /// Milliseconds since the listener last heard from the server.
+    pub fn listener_silent_ms(&self) -> u64 {
+        self.now_ms().saturating_sub(self.listener_beat.load(Ordering::Relaxed))
+    }
+
+    /// Milliseconds since the scheduler loop last began an iteration.
+    pub fn scheduler_idle_ms(&self) -> u64 {
+        self.now_ms().saturating_sub(self.scheduler_beat.load(Ordering::Relaxed))
+    }
+
+    /// Milliseconds since the dispatcher loop last began an iteration.
+    pub fn dispatcher_idle_ms(&self) -> u64 {
+        self.now_ms().saturating_sub(self.dispatcher_beat.load(Ordering::Relaxed))
+    }
+}
+
+/// The problems `wardcall status` shows, seen from the database (it runs in
+/// its own process): configured sources whose capture trigger is missing or
+/// disabled; no engine listening (no `wardcall-listener` session on this
+/// database); a live run overdue by more than [`stall_after_ms`] (no engine
+/// is claiming: none runs, or its scheduler stalled).
+///
+/// Errors: a database error.
+pub async fn status_problems(pool: &sqlx::PgPool, config: &Config) -> Result<Vec<String>, sqlx::Error> {
+    let names: Vec<String> = config.sources.iter().map(|s| s.name.clone()).collect();
+    let mut problems: Vec<String> =
+        store::capture_problems(pool, &names).await?.into_iter().map(|(source, p)| format!("source {source}: {p}")).collect();
+    let traces = store::engine_traces(pool).await?;
+    if traces.listeners == 0 {
+        problems.push(format!("listener: no engine is listening on this database (no {LISTENER_APPLICATION_NAME} session)"));
+    }
+    let stall = stall_after_ms(&config.engine) as f64 / 1000.0;
+    if let Some(s) = traces.most_overdue_seconds.filter(|s| *s > stall) {
+        problems.push(format!("scheduler: a run has been due for {s:.1} s without being claimed (limit {stall:.1} s)"));
+    }
+    Ok(problems)
+}
+
+/// What `/healthz` answers: healthy, or the list of problems (no patient data).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct HealthReport {
+    /// True when `problems` is empty.
+    pub healthy: bool,
+    /// One sentence per problem, naming the part (`listener`, `scheduler`,
+    /// `dispatcher`, `source <name>`, `database`).
+    pub problems: Vec<String>,
+}
 
 /// Shared state of one engine process.
 pub struct Engine {
@@ -48,6 +163,7 @@ pub struct Engine {
     wake_dispatcher: Notify,
     call_sweeper: Notify,
     shutdown: watch::Sender<bool>,
+    health: Health,
 }
 
 impl Engine {
@@ -67,7 +183,53 @@ impl Engine {
             wake_dispatcher: Notify::new(),
             call_sweeper: Notify::new(),
             shutdown: watch::channel(false).0,
+            health: Health::new(),
         })
+    }
+
+    /// The engine's task liveness (see [`Engine::health_report`]).
+    pub fn health(&self) -> &Health {
+        &self.health
+    }
+
+    /// Checks, for `/healthz`: the listener is connected and answering; the
+    /// scheduler and the dispatcher iterated within [`stall_after_ms`]; every
+    /// configured source's capture trigger exists and is enabled
+    /// ([`store::capture_problems`]). The database check is bounded by
+    /// `engine.acquire_timeout_ms` + `engine.statement_timeout_ms`; a database
+    /// that cannot be asked is itself a problem (with PostgreSQL's reason).
+    pub async fn health_report(&self) -> HealthReport {
+        let mut problems = Vec::new();
+        let h = &self.health;
+        if !h.listener_up() {
+            problems.push(format!(
+                "listener: not connected for {} ms (LISTEN {}); new events wait for the {} ms sweep",
+                h.listener_silent_ms(),
+                crate::capture::OUTBOX_CHANNEL,
+                self.config.engine.sweep_ms
+            ));
+        }
+        let stall = stall_after_ms(&self.config.engine);
+        if self.stopping() {
+            problems.push("engine: stopping".into());
+        } else {
+            for (part, idle) in [("scheduler", h.scheduler_idle_ms()), ("dispatcher", h.dispatcher_idle_ms())] {
+                if idle > stall {
+                    problems.push(format!("{part}: stalled, no loop iteration for {idle} ms (limit {stall} ms)"));
+                }
+            }
+        }
+        let names: Vec<String> = self.config.sources.iter().map(|s| s.name.clone()).collect();
+        if !names.is_empty() {
+            let e = &self.config.engine;
+            let bound = Duration::from_millis(e.acquire_timeout_ms + e.statement_timeout_ms);
+            match tokio::time::timeout(bound, store::capture_problems(&self.db.pool, &names)).await {
+                Ok(Ok(found)) => problems.extend(found.into_iter().map(|(source, p)| format!("source {source}: {p}"))),
+                Ok(Err(err)) => problems.push(format!("database: cannot check the capture triggers: {}", self.db.explain(&err).await)),
+                Err(_) => problems.push(format!("database: checking the capture triggers took over {} ms", bound.as_millis())),
+            }
+        }
+        HealthReport { healthy: problems.is_empty(), problems }
     }
 
     /// The audit actor of this engine: `engine:<engine_id>`.
@@ -118,52 +280,103 @@ impl Engine {
         *self.shutdown.borrow()
     }
 
+    /// Opens the listener's own connection (a one-connection pool outside the
+    /// engine's pool, so a busy pool never delays it and it never takes a
+    /// worker's connection) and subscribes to both channels.
+    async fn open_listener(&self) -> Result<PgListener, sqlx::Error> {
+        let e = &self.config.engine;
+        let options = crate::db::session_options(self.db.connect_options.clone().application_name(LISTENER_APPLICATION_NAME), e);
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .min_connections(0)
+            .acquire_timeout(Duration::from_millis(e.acquire_timeout_ms))
+            .test_before_acquire(false)
+            .connect_lazy_with(options);
+        let mut listener = PgListener::connect_with(&pool).await?;
+        listener.eager_reconnect(false);
+        listener.ignore_pool_close_event(true);
+        tokio::time::timeout(Duration::from_millis(e.heartbeat_ms.max(1000)), listener.listen_all([crate::capture::OUTBOX_CHANNEL, WAKE_CHANNEL]))
+            .await
+            .map_err(|_| sqlx::Error::Io(std::io::Error::new(std::io::ErrorKind::TimedOut, "LISTEN did not complete in time")))??;
+        Ok(listener)
+    }
+
     async fn listener_loop(self: Arc<Self>) {
         let mut stop = self.shutdown.subscribe();
+        let heartbeat = Duration::from_millis(self.config.engine.heartbeat_ms);
         loop {
             if self.stopping() {
                 return;
             }
-            let mut listener = match PgListener::connect_with(&self.db.pool).await {
+            let opened = tokio::select! { r = self.open_listener() => r, _ = stop.changed() => return };
+            let mut listener = match opened {
                 Ok(l) => l,
                 Err(e) => {
-                    tracing::warn!(error = %crate::capture::db_message(&e), "listener cannot connect; retrying in 1 s (the sweep keeps draining)");
+                    let why = self.db.explain(&e).await;
+                    tracing::warn!(error = %why, "listener cannot connect; retrying in 1 s (the sweep keeps draining)");
                     tokio::select! { _ = tokio::time::sleep(Duration::from_secs(1)) => continue, _ = stop.changed() => return }
                 }
             };
-            if let Err(e) = listener.listen_all([crate::capture::OUTBOX_CHANNEL, WAKE_CHANNEL]).await {
-                tracing::warn!(error = %crate::capture::db_message(&e), "LISTEN failed; retrying in 1 s");
-                tokio::select! { _ = tokio::time::sleep(Duration::from_secs(1)) => continue, _ = stop.changed() => return }
-            }
             tracing::debug!("listener connected");
+            self.health.set_listener(true);
             // Anything committed while we were not listening: drain now.
             self.wake_dispatcher.notify_one();
             self.wake_scheduler.notify_one();
+            let mut last_heard = Instant::now();
             loop {
-                tokio::select! {
+                let quiet = heartbeat.saturating_sub(last_heard.elapsed());
+                let got = tokio::select! {
                     _ = stop.changed() => return,
-                    msg = listener.try_recv() => match msg {
-                        Ok(Some(n)) => {
-                            if n.channel() == WAKE_CHANNEL {
-                                self.wake_scheduler.notify_one();
-                            } else {
-                                self.wake_dispatcher.notify_one();
-                            }
-                        }
-                        Ok(None) => {
-                            // Connection lost; try_recv reconnects on the next call.
-                            tracing::warn!("listener connection lost; reconnecting and draining the outbox");
-                            self.wake_dispatcher.notify_one();
+                    r = tokio::time::timeout(quiet, listener.try_recv()) => r,
+                };
+                match got {
+                    Ok(Ok(Some(n))) => {
+                        last_heard = Instant::now();
+                        self.health.set_listener(true);
+                        if n.channel() == WAKE_CHANNEL {
                             self.wake_scheduler.notify_one();
-                            break;
+                        } else {
+                            self.wake_dispatcher.notify_one();
                         }
-                        Err(e) => {
-                            tracing::warn!(error = %crate::capture::db_message(&e), "listener error; reconnecting");
-                            break;
+                    }
+                    Ok(Ok(None)) => {
+                        tracing::warn!("listener connection lost; reconnecting and draining the outbox");
+                        break;
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %crate::capture::db_message(&e), "listener error; reconnecting and draining the outbox");
+                        break;
+                    }
+                    Err(_quiet_for_a_heartbeat) => {
+                        // Nothing heard for a heartbeat: ask. A frozen backend or a
+                        // dead network path answers nothing (no clean close).
+                        let ping = tokio::time::timeout(heartbeat, sqlx::query("SELECT 1").execute(&mut listener)).await;
+                        match ping {
+                            Ok(Ok(_)) => {
+                                last_heard = Instant::now();
+                                self.health.set_listener(true);
+                            }
+                            Ok(Err(e)) => {
+                                tracing::warn!(error = %crate::capture::db_message(&e), "listener heartbeat failed; reconnecting and draining the outbox");
+                                break;
+                            }
+                            Err(_) => {
+                                tracing::warn!(
+                                    heartbeat_ms = heartbeat.as_millis() as u64,
+                                    "listener connection silent (no answer to a heartbeat); reconnecting and draining the outbox"
+                                );
+                                break;
+                            }
                         }
                     }
                 }
             }
+            self.health.set_listener(false);
+            // Dropping the listener closes its connection in the background
+            // (a frozen peer cannot hold this task). The sweep drains meanwhile.
+            drop(listener);
+            self.wake_dispatcher.notify_one();
+            self.wake_scheduler.notify_one();
             tokio::select! { _ = tokio::time::sleep(Duration::from_millis(100)) => {}, _ = stop.changed() => return }
         }
     }
@@ -176,11 +389,13 @@ impl Engine {
                 return;
             }
             loop {
+                self.health.beat(&self.health.dispatcher_beat);
                 match self.dispatch_batch(500).await {
                     Ok(500) => continue,
                     Ok(_) => break,
                     Err(e) => {
-                        tracing::warn!(error = %crate::capture::error_text(&e), "outbox dispatch failed; the next sweep retries");
+                        let why = self.db.explain_any(&e).await;
+                        tracing::warn!(error = %why, "outbox dispatch failed; the next sweep retries");
                         break;
                     }
                 }
@@ -194,25 +409,37 @@ impl Engine {
     }
 
     /// Turns up to `limit` unprocessed outbox rows into runs, in one transaction.
-    /// Returns how many outbox rows it processed.
+    /// Rows whose event starts a critical workflow ([`is_critical`]) are taken
+    /// first (index `outbox_unprocessed_event`), then the others in id order,
+    /// and their runs get the free worker slots first. Returns how many outbox
+    /// rows it processed.
     ///
     /// A row whose event no workflow of this config listens to is not dropped:
     /// it is marked `unrouted_at` in the same transaction (kept in the outbox,
     /// counted by `wardcall status`) and logged once, at warn, by id, source
     /// and event name (never its payload).
     pub async fn dispatch_batch(self: &Arc<Self>, limit: i64) -> anyhow::Result<usize> {
+        let critical_events: Vec<String> = self.config.workflows.iter().filter(|w| is_critical(w)).map(|w| w.event.clone()).collect();
         let mut tx = self.db.pool.begin().await?;
-        let rows: Vec<(i64, String, Value, String)> = sqlx::query_as(
-            "WITH batch AS (
-                 SELECT id FROM wardcall.outbox WHERE processed_at IS NULL ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED)
+        let mut rows: Vec<(i64, String, Value, String)> = sqlx::query_as(
+            "WITH crit AS (
+                 SELECT id FROM wardcall.outbox WHERE processed_at IS NULL AND event = ANY($3)
+                  ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED),
+             rest AS (
+                 SELECT id FROM wardcall.outbox WHERE processed_at IS NULL AND id NOT IN (SELECT id FROM crit)
+                  ORDER BY id LIMIT greatest($1 - (SELECT count(*) FROM crit), 0) FOR UPDATE SKIP LOCKED),
+             batch AS (SELECT id FROM crit UNION ALL SELECT id FROM rest)
              UPDATE wardcall.outbox o SET processed_at = clock_timestamp(), processed_by = $2
                FROM batch WHERE o.id = batch.id
              RETURNING o.id, o.event, o.payload, o.source",
         )
         .bind(limit)
         .bind(&self.engine_id)
+        .bind(&critical_events)
         .fetch_all(&mut *tx)
         .await?;
+        // Critical events first (they take the free worker slots first), then by id.
+        rows.sort_by_key(|(id, event, _, _)| (!critical_events.contains(event), *id));
         if rows.is_empty() {
             return Ok(0);
         }
@@ -221,13 +448,17 @@ impl Engine {
         let mut events = Vec::new();
         let mut inputs = Vec::new();
         let mut unrouted = Vec::new();
+        let mut criticals = Vec::new();
         for (id, event, payload, source) in &rows {
             let mut routed = false;
-            for w in self.config.workflows.iter().filter(|w| &w.event == event) {
+            let mut bound: Vec<&Workflow> = self.config.workflows.iter().filter(|w| &w.event == event).collect();
+            bound.sort_by_key(|w| !is_critical(w));
+            for w in bound {
                 workflow_names.push(w.name.clone());
                 event_ids.push(*id);
                 events.push(event.clone());
                 inputs.push(payload.clone());
+                criticals.push(is_critical(w));
                 routed = true;
             }
             if !routed {
@@ -241,9 +472,21 @@ impl Engine {
                 .execute(&mut *tx)
                 .await?;
         }
-        // Take as many runs as there are free worker slots: they start leased to us.
+        // Take as many runs as there are free worker slots: they start leased
+        // to us. Critical runs come first; other runs take no slot while a
+        // critical run is due, so that the scheduler claims it first.
+        let critical_due = criticals.iter().any(|c| !c)
+            && sqlx::query_scalar::<_, bool>(
+                "SELECT EXISTS (SELECT 1 FROM wardcall.runs
+                                 WHERE critical AND status IN ('pending','running','sleeping','waiting') AND due_at <= now())",
+            )
+            .fetch_one(&mut *tx)
+            .await?;
         let mut taken = Vec::new();
-        for _ in 0..workflow_names.len() {
+        for &critical in &criticals {
+            if !critical && critical_due {
+                break;
+            }
             match self.slots.clone().try_acquire_owned() {
                 Ok(p) => taken.push(p),
                 Err(_) => break,
@@ -252,15 +495,16 @@ impl Engine {
         let lease_now: Vec<bool> = (0..workflow_names.len()).map(|i| i < taken.len()).collect();
         let created = sqlx::query(
             "WITH input AS (
-                 SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::jsonb[], $5::bool[])
-                     AS t(workflow, event_id, event, input, take)),
+                 SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::jsonb[], $5::bool[], $8::bool[])
+                     AS t(workflow, event_id, event, input, take, critical)),
              created AS (
-                 INSERT INTO wardcall.runs (workflow, event_id, event, input, step, status, lease_owner, fencing_token, due_at)
+                 INSERT INTO wardcall.runs (workflow, event_id, event, input, step, status, lease_owner, fencing_token, due_at, critical)
                  SELECT workflow, event_id, event, input, 'start',
                         CASE WHEN take THEN 'running' ELSE 'pending' END,
                         CASE WHEN take THEN $6 END,
                         CASE WHEN take THEN 1 ELSE 0 END,
-                        CASE WHEN take THEN clock_timestamp() + $7 * interval '1 millisecond' ELSE clock_timestamp() END
+                        CASE WHEN take THEN clock_timestamp() + $7 * interval '1 millisecond' ELSE clock_timestamp() END,
+                        critical
                    FROM input
                  ON CONFLICT (workflow, event_id) DO NOTHING
                  RETURNING id, workflow, event, input, state, step, step_attempt, fencing_token, wait_signal, wait_outcome, status),
@@ -278,6 +522,7 @@ impl Engine {
         .bind(&lease_now)
         .bind(&self.engine_id)
         .bind(self.lease_ms())
+        .bind(&criticals)
         .fetch_all(&mut *tx)
         .await?;
         let mut to_run = Vec::new();
@@ -327,6 +572,7 @@ impl Engine {
             if self.stopping() {
                 return;
             }
+            self.health.beat(&self.health.scheduler_beat);
             let free = self.slots.available_permits();
             let mut claimed_full = false;
             if free > 0 {
@@ -347,7 +593,10 @@ impl Engine {
                             });
                         }
                     }
-                    Err(e) => tracing::warn!(error = %crate::capture::db_message(&e), "claiming due runs failed"),
+                    Err(e) => {
+                        let why = self.db.explain(&e).await;
+                        tracing::warn!(error = %why, "claiming due runs failed");
+                    }
                 }
             }
             if claimed_full {

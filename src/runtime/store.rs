@@ -56,19 +56,29 @@ impl ClaimedRun {
 /// signalled, or running with a lapsed lease) with `FOR UPDATE SKIP LOCKED`,
 /// giving each a lease of `lease_ms` milliseconds and a new fencing token, and
 /// audits each claim, in one statement.
+///
+/// Order: due `critical` runs first (oldest `due_at` first), then the other due
+/// runs (oldest first) up to the remaining limit, so that a flood of other work
+/// never delays a critical alert's claim (DESIGN.md invariant 10). Each half is
+/// an index range scan on `runs_claim (critical, due_at)` (migration 0003).
 pub async fn claim_due(pool: &PgPool, owner: &str, limit: i64, lease_ms: i64) -> Result<Vec<ClaimedRun>, sqlx::Error> {
     let rows = sqlx::query(
-        "WITH due AS (
+        "WITH crit AS (
              SELECT id, status AS previous_status FROM wardcall.runs
-              WHERE status IN ('pending','running','sleeping','waiting') AND due_at <= now()
+              WHERE critical AND status IN ('pending','running','sleeping','waiting') AND due_at <= now()
               ORDER BY due_at LIMIT $2 FOR UPDATE SKIP LOCKED),
+         rest AS (
+             SELECT id, status AS previous_status FROM wardcall.runs
+              WHERE NOT critical AND status IN ('pending','running','sleeping','waiting') AND due_at <= now()
+              ORDER BY due_at LIMIT greatest($2 - (SELECT count(*) FROM crit), 0) FOR UPDATE SKIP LOCKED),
+         due AS (SELECT * FROM crit UNION ALL SELECT * FROM rest),
          claimed AS (
              UPDATE wardcall.runs r
                 SET status = 'running', lease_owner = $1, fencing_token = r.fencing_token + 1,
                     due_at = clock_timestamp() + $3 * interval '1 millisecond', updated_at = clock_timestamp()
                FROM due WHERE r.id = due.id
              RETURNING r.id, r.workflow, r.event, r.input, r.state, r.step, r.step_attempt, r.fencing_token,
-                       r.wait_signal, r.wait_outcome, due.previous_status),
+                       r.wait_signal, r.wait_outcome, r.critical, due.previous_status),
          audited AS (
              INSERT INTO wardcall.audit_log (entity, entity_id, action, from_state, to_state, actor, detail)
              SELECT 'run', id::text,
@@ -76,7 +86,7 @@ pub async fn claim_due(pool: &PgPool, owner: &str, limit: i64, lease_ms: i64) ->
                     previous_status, 'running', 'engine:' || $1,
                     jsonb_build_object('step', step, 'fencing_token', fencing_token)
                FROM claimed)
-         SELECT * FROM claimed",
+         SELECT * FROM claimed ORDER BY critical DESC",
     )
     .bind(owner)
     .bind(limit)
@@ -87,11 +97,13 @@ pub async fn claim_due(pool: &PgPool, owner: &str, limit: i64, lease_ms: i64) ->
 }
 
 /// Milliseconds until the next live run is due (negative: overdue), or `None`
-/// when no run is live.
+/// when no run is live. Two index lookups on `runs_claim`.
 pub async fn next_due_in_ms(pool: &PgPool) -> Result<Option<f64>, sqlx::Error> {
     sqlx::query_scalar(
-        "SELECT (extract(epoch FROM (min(due_at) - clock_timestamp())) * 1000)::float8 FROM wardcall.runs
-          WHERE status IN ('pending','running','sleeping','waiting')",
+        "SELECT (extract(epoch FROM (least(
+                    (SELECT min(due_at) FROM wardcall.runs WHERE critical AND status IN ('pending','running','sleeping','waiting')),
+                    (SELECT min(due_at) FROM wardcall.runs WHERE NOT critical AND status IN ('pending','running','sleeping','waiting')))
+                 - clock_timestamp())) * 1000)::float8",
     )
     .fetch_one(pool)
     .await
@@ -486,4 +498,57 @@ pub async fn status_counts(pool: &PgPool) -> Result<StatusCounts, sqlx::Error> {
         outbox_oldest_seconds: oldest,
         outbox_unrouted: sqlx::query_scalar("SELECT count(*) FROM wardcall.outbox WHERE unrouted_at IS NOT NULL").fetch_one(pool).await?,
     })
+}
+
+/// Configured sources whose capture is not in place, for `/healthz` and
+/// `wardcall status`: `(source, problem)` pairs, e.g. `("alerts", "trigger
+/// wardcall_capture_alerts_insert is missing on public.alerts")`. A source is
+/// broken when `wardcall.sources` has no row for it, its table is gone, or one
+/// of its recorded triggers is absent from `pg_trigger` or disabled
+/// (`tgenabled = 'D'`; PostgreSQL manual, 52.56 "pg_trigger").
+pub async fn capture_problems(pool: &PgPool, sources: &[String]) -> Result<Vec<(String, String)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT n, 'not installed (no row in wardcall.sources)' FROM unnest($1::text[]) n
+          WHERE NOT EXISTS (SELECT 1 FROM wardcall.sources s WHERE s.name = n)
+         UNION ALL
+         SELECT s.name, 'table ' || s.table_name || ' does not exist'
+           FROM wardcall.sources s WHERE s.name = ANY($1) AND to_regclass(s.table_name) IS NULL
+         UNION ALL
+         SELECT s.name, 'trigger ' || t.trig || ' is ' ||
+                CASE WHEN g.oid IS NULL THEN 'missing' ELSE 'disabled' END || ' on ' || s.table_name
+           FROM wardcall.sources s CROSS JOIN LATERAL unnest(s.triggers) AS t(trig)
+           LEFT JOIN pg_trigger g ON g.tgrelid = to_regclass(s.table_name) AND g.tgname = t.trig
+          WHERE s.name = ANY($1) AND to_regclass(s.table_name) IS NOT NULL
+            AND (g.oid IS NULL OR g.tgenabled = 'D')
+         ORDER BY 1, 2",
+    )
+    .bind(sources)
+    .fetch_all(pool)
+    .await
+}
+
+/// Engine liveness as the database sees it, for `wardcall status` (which runs
+/// in another process than the engines).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct EngineTraces {
+    /// Sessions on this database with `application_name = 'wardcall-listener'`
+    /// (one per engine; `pg_stat_activity`, PostgreSQL manual 27.2.3). Sessions
+    /// of other roles count only for roles allowed to see them (`pg_read_all_stats`).
+    pub listeners: i64,
+    /// Seconds the most overdue live run has been due without being claimed.
+    pub most_overdue_seconds: Option<f64>,
+}
+
+/// Reads [`EngineTraces`].
+pub async fn engine_traces(pool: &PgPool) -> Result<EngineTraces, sqlx::Error> {
+    let (listeners, most_overdue_seconds): (i64, Option<f64>) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM pg_stat_activity
+                  WHERE datname = current_database() AND application_name = $1),
+                (SELECT extract(epoch FROM clock_timestamp() - min(due_at))::float8 FROM wardcall.runs
+                  WHERE status IN ('pending','running','sleeping','waiting') AND due_at <= clock_timestamp())",
+    )
+    .bind(crate::runtime::LISTENER_APPLICATION_NAME)
+    .fetch_one(pool)
+    .await?;
+    Ok(EngineTraces { listeners, most_overdue_seconds })
 }

@@ -274,9 +274,13 @@ impl TwilioClient {
     }
 
     async fn get(&self, url: url::Url) -> Result<(u16, Vec<u8>), TwilioError> {
-        let response = self
-            .http
-            .get(url)
+        self.send(self.http.get(url)).await
+    }
+
+    /// Sends an API request with the account's credentials, JSON accepted and
+    /// the request timeout; returns the status and the (capped) body.
+    async fn send(&self, request: reqwest::RequestBuilder) -> Result<(u16, Vec<u8>), TwilioError> {
+        let response = request
             .basic_auth(&self.account_sid, Some(&self.auth_token))
             .header(reqwest::header::ACCEPT, "application/json")
             .timeout(self.request_timeout)
@@ -384,23 +388,12 @@ impl TwilioClient {
     ) -> Result<(u16, Vec<u8>), TwilioError> {
         let body = serde_urlencoded::to_string(form)
             .map_err(|e| TwilioError::InvalidRequest(format!("form encoding: {e}")))?;
-        let response = self
+        let request = self
             .http
             .post(url)
-            .basic_auth(&self.account_sid, Some(&self.auth_token))
-            .header(
-                reqwest::header::CONTENT_TYPE,
-                "application/x-www-form-urlencoded",
-            )
-            .header(reqwest::header::ACCEPT, "application/json")
-            .timeout(self.request_timeout)
-            .body(body)
-            .send()
-            .await
-            .map_err(transport_error)?;
-        let status = response.status().as_u16();
-        let body = read_capped(response).await?;
-        Ok((status, body))
+            .header(reqwest::header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .body(body);
+        self.send(request).await
     }
 }
 

@@ -15,6 +15,7 @@ pub fn tests() -> Vec<libtest_mimic::Trial> {
         bench_smoke::timers,
         bench_smoke::scale,
         bench_smoke::resources,
+        bench_smoke::flood,
     ]
 }
 
@@ -108,4 +109,13 @@ pub async fn resources() {
     assert!(rest < 4096.0 && peak < 4096.0, "rss {rest} / {peak} MB");
     let conns = positive(&r, "connections_peak");
     assert!(conns <= get(&r, "connections_limit"), "{conns} connections");
+}
+
+pub async fn flood() {
+    let r = smoke(Scenario::Flood, Sizes { n: Some(300), ..Sizes::default() }).await;
+    assert_eq!(get(&r, "flood_events"), 300.0);
+    let call = positive(&r, "critical_first_call");
+    let drain = positive(&r, "flood_drain");
+    assert!(call < drain * 1000.0, "first call {call} ms, drain {drain} s");
+    assert!(get(&r, "flood_unfinished_at_call") >= 0.0);
 }

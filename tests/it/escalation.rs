@@ -328,6 +328,13 @@ async fn crashed_state(db: &TestDb, attempt_status: &str, provider_id: Option<&s
 }
 
 pub async fn start_on(db: TestDb, a: Persona, b: Persona, ack_timeout: f64, repeat: u32) -> Hospital {
+    start_with(db, a, b, |cfg| *cfg = hospital_config(&cfg.providers.twilio.as_ref().unwrap().api_base, ack_timeout, repeat)).await
+}
+
+/// Starts the emulator (nurse A and B with these personas, everyone else not
+/// answering) and the hospital app on `db`; `configure` gets the hospital
+/// config pointed at the emulator and may change it (it is validated after).
+pub async fn start_with(db: TestDb, a: Persona, b: Persona, configure: impl FnOnce(&mut Config)) -> Hospital {
     let mut personas = HashMap::new();
     personas.insert(NURSE_A.to_string(), a);
     personas.insert(NURSE_B.to_string(), b);
@@ -337,8 +344,10 @@ pub async fn start_on(db: TestDb, a: Persona, b: Persona, ack_timeout: f64, repe
     )
     .await
     .unwrap();
-    let cfg = std::sync::Arc::new(hospital_config(&emulator.base_url(), ack_timeout, repeat));
-    let app = start_app(&db, cfg).await;
+    let mut cfg = hospital_config(&emulator.base_url(), 30.0, 1);
+    configure(&mut cfg);
+    cfg.validate("hospital.toml").unwrap();
+    let app = start_app(&db, std::sync::Arc::new(cfg)).await;
     Hospital { db, app, emulator }
 }
 

@@ -6,10 +6,9 @@
 use crate::escalation::{await_alert_status, calls_to, hospital_config, Hospital, NURSE_A, NURSE_B, SEIZURE_INSERT};
 use crate::harness::*;
 use serde_json::Value;
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 use wardcall::config::Config;
-use wardcall::twilio::emulator::{EmulatorConfig, EmulatorEvent, Persona, TwilioEmulator};
+use wardcall::twilio::emulator::{EmulatorEvent, Persona};
 use wardcall::twilio::signature::compute_signature;
 use wardcall::twilio::twiml::{FALLBACK_MESSAGE, KEYPAD_INSTRUCTION};
 
@@ -46,23 +45,14 @@ async fn hospital_with_schema(extra_schema: &str, a: Persona, b: Persona, ack_ti
     if !extra_schema.is_empty() {
         db.exec(extra_schema).await;
     }
-    let mut personas = HashMap::new();
-    personas.insert(NURSE_A.to_string(), a);
-    personas.insert(NURSE_B.to_string(), b);
-    let emulator = TwilioEmulator::start(
-        EmulatorConfig { account_sid: ACCOUNT_SID.into(), auth_token: AUTH_TOKEN.into(), personas, default_persona: Persona::NoAnswer },
-        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
-    )
+    crate::escalation::start_with(db, a, b, |cfg| {
+        *cfg = hospital_config(&cfg.providers.twilio.as_ref().unwrap().api_base, ack_timeout, 1);
+        for w in &mut cfg.workflows {
+            w.retry_base_ms = 100;
+        }
+        tweak(cfg);
+    })
     .await
-    .unwrap();
-    let mut cfg = hospital_config(&emulator.base_url(), ack_timeout, 1);
-    for w in &mut cfg.workflows {
-        w.retry_base_ms = 100;
-    }
-    tweak(&mut cfg);
-    cfg.validate("hospital.toml").unwrap();
-    let app = start_app(&db, std::sync::Arc::new(cfg)).await;
-    Hospital { db, app, emulator }
 }
 
 async fn insert_titled(h: &Hospital, title: &str) {
@@ -82,6 +72,20 @@ async fn attempt_of(db: &TestDb, person: &str) -> (uuid::Uuid, Option<String>) {
         .fetch_one(&db.pool)
         .await
         .unwrap()
+}
+
+/// The final status of call `sid`, awaited on the emulator's events.
+async fn await_call_ended(events: &mut tokio::sync::broadcast::Receiver<EmulatorEvent>, sid: &str, timeout: Duration) -> Result<String, tokio::time::error::Elapsed> {
+    tokio::time::timeout(timeout, async {
+        loop {
+            if let Ok(EmulatorEvent::CallEnded { sid: s, final_status }) = events.recv().await {
+                if s == sid {
+                    return final_status;
+                }
+            }
+        }
+    })
+    .await
 }
 
 /// Posts a signed Twilio webhook, optionally with an idempotency token;
@@ -210,17 +214,7 @@ pub async fn cancel_hangs_up_and_runs_on_cancelled() {
         sqlx::query_as("SELECT run_id, provider_id FROM wardcall.notification_attempts").fetch_one(&h.db.pool).await.unwrap();
     let cancelled_at = Instant::now();
     assert!(wardcall::workflows::cancel_run(&h.db.pool, &h.app.engine.config, run, "test", "resolved at the bedside").await.unwrap());
-    let ended = tokio::time::timeout(Duration::from_secs(5), async {
-        loop {
-            if let Ok(EmulatorEvent::CallEnded { sid: s, final_status }) = events.recv().await {
-                if s == sid {
-                    return final_status;
-                }
-            }
-        }
-    })
-    .await
-    .expect("the ringing call is ended after the cancel");
+    let ended = await_call_ended(&mut events, &sid, Duration::from_secs(5)).await.expect("the ringing call is ended after the cancel");
     assert_eq!(ended, "canceled");
     eprintln!("cancel → hang-up: {:?}", cancelled_at.elapsed());
     let (status, by): (String, Option<String>) = sqlx::query_as("SELECT status, acknowledged_by FROM alerts").fetch_one(&h.db.pool).await.unwrap();
@@ -244,17 +238,7 @@ pub async fn call_placed_after_acknowledgement_is_ended() {
     };
     // Acknowledged on another channel while the create request is in flight.
     h.db.exec("UPDATE wardcall.alerts SET status = 'acknowledged', acknowledged_by = 'charge-nurse', acknowledged_at = now()").await;
-    let ended = tokio::time::timeout(Duration::from_secs(8), async {
-        loop {
-            if let Ok(EmulatorEvent::CallEnded { sid: s, final_status }) = events.recv().await {
-                if s == sid {
-                    return final_status;
-                }
-            }
-        }
-    })
-    .await
-    .expect("the late call is ended");
+    let ended = await_call_ended(&mut events, &sid, Duration::from_secs(8)).await.expect("the late call is ended");
     assert_eq!(ended, "canceled");
     h.stop().await;
 }

@@ -22,6 +22,7 @@ mod bench_smoke;
 mod fail_safe;
 mod privacy_cluster;
 mod config_checks;
+mod runtime_resilience;
 mod http_surface;
 
 use libtest_mimic::{Arguments, Trial};
@@ -48,6 +49,7 @@ fn all_tests() -> Vec<Trial> {
     t.extend(fail_safe::tests());
     t.extend(privacy_cluster::tests());
     t.extend(config_checks::tests());
+    t.extend(runtime_resilience::tests());
     t.extend(http_surface::tests());
     t
 }

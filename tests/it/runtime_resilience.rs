@@ -1,0 +1,599 @@
+//! The runtime and its database connections (issue 7, items 7, 8 and 12):
+//! bounded database waits with PostgreSQL's own reasons, a listener on its own
+//! connection that notices a silent server, critical alerts claimed before a
+//! flood of other work, and `/healthz` / `wardcall status` naming what is wrong.
+
+use crate::harness::*;
+use serde_json::{json, Value};
+use sqlx::{ConnectOptions, Connection};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use wardcall::config::{EngineConfig, Workflow, WorkflowKind};
+use wardcall::twilio::emulator::{EmulatorConfig, EmulatorEvent, Persona, TwilioEmulator};
+
+pub fn tests() -> Vec<libtest_mimic::Trial> {
+    trials![
+        runtime_resilience::listener_uses_its_own_connection_and_survives_a_frozen_backend,
+        runtime_resilience::pool_that_cannot_connect_fails_in_time_with_the_servers_reason,
+        runtime_resilience::engine_statements_are_bounded_by_lock_and_statement_timeouts,
+        runtime_resilience::critical_alert_is_called_first_during_a_flood,
+        runtime_resilience::healthz_reports_a_missing_capture_trigger,
+        runtime_resilience::healthz_reports_the_listener_down,
+        runtime_resilience::healthz_reports_a_stalled_scheduler,
+        runtime_resilience::status_shows_the_same_problems,
+    ]
+}
+
+const TASKS_TABLE: &str = "CREATE TABLE IF NOT EXISTS tasks (id bigserial PRIMARY KEY, kind text NOT NULL, steps jsonb NOT NULL DEFAULT '[]')";
+
+fn tasks_config(engine: &str, with_source: bool) -> String {
+    let source = if with_source {
+        r#"
+[[sources]]
+name = "tasks"
+table = "tasks"
+operations = ["INSERT"]
+condition = "NEW.kind = 'go'"
+event = "task.created"
+"#
+    } else {
+        ""
+    };
+    format!(
+        r#"
+[engine]
+lease_ms = 2000
+poll_ms = 100
+{engine}
+{source}
+[[workflows]]
+name = "script"
+event = "task.created"
+kind = "script"
+max_attempts = 3
+retry_base_ms = 20
+retry_max_ms = 100
+"#
+    )
+}
+
+/// The backend pid of the engine's listener session on `db`, if any.
+async fn listener_pid(db: &TestDb) -> Option<i32> {
+    sqlx::query_scalar("SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND application_name = 'wardcall-listener' ORDER BY backend_start DESC LIMIT 1")
+        .fetch_optional(&db.pool)
+        .await
+        .unwrap()
+}
+
+/// Resumes a SIGSTOPped backend when dropped (also when the test panics), so
+/// the database can be dropped afterwards.
+struct Resume(i32);
+
+impl Drop for Resume {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.0),
+            nix::sys::signal::Signal::SIGCONT,
+        );
+    }
+}
+
+async fn get_healthz(addr: std::net::SocketAddr) -> (u16, Value) {
+    let resp = reqwest::get(format!("http://{addr}/healthz"))
+        .await
+        .expect("healthz answers");
+    let status = resp.status().as_u16();
+    let body: Value = resp.json().await.unwrap_or(Value::Null);
+    (status, body)
+}
+
+/// Awaits `/healthz` answering `status` with a problem containing `needle` (any, for 200).
+async fn await_healthz(
+    addr: std::net::SocketAddr,
+    status: u16,
+    needle: &str,
+    timeout: Duration,
+) -> Value {
+    await_some(
+        &format!("/healthz {status} {needle}"),
+        timeout,
+        || async move {
+            let (s, body) = get_healthz(addr).await;
+            let text = body.to_string();
+            (s == status && text.contains(needle)).then_some(body)
+        },
+    )
+    .await
+}
+
+/// Item 7: the listener has its own connection (`wardcall-listener`, not one of
+/// the pool's), and a backend that stops answering (SIGSTOP: no clean close, no
+/// error) is noticed by the heartbeat within seconds; the engine reconnects and
+/// an event committed meanwhile is still run promptly.
+pub async fn listener_uses_its_own_connection_and_survives_a_frozen_backend() {
+    if init().cluster.is_none() {
+        eprintln!("skipped: needs the embedded cluster (signals its backend)");
+        return;
+    }
+    let db = TestDb::new().await;
+    db.exec(TASKS_TABLE).await;
+    let app = start_app(
+        &db,
+        config(&tasks_config("sweep_ms = 1000\nheartbeat_ms = 500", true)),
+    )
+    .await;
+    let frozen = await_some(
+        "the listener's own session",
+        Duration::from_secs(10),
+        || listener_pid(&db),
+    )
+    .await;
+    await_some(
+        "the listener to report itself up",
+        Duration::from_secs(10),
+        || async { app.engine.health().listener_up().then_some(()) },
+    )
+    .await;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(frozen),
+        nix::sys::signal::Signal::SIGSTOP,
+    )
+    .expect("SIGSTOP the listener's backend");
+    let _resume = Resume(frozen);
+    let t0 = Instant::now();
+    db.exec(r#"INSERT INTO tasks (kind, steps) VALUES ('go', '[{"op":"step","name":"during the freeze"}]')"#).await;
+    let fresh = await_some(
+        "a new listener session",
+        Duration::from_secs(10),
+        || async { listener_pid(&db).await.filter(|pid| *pid != frozen) },
+    )
+    .await;
+    let detected = t0.elapsed();
+    eprintln!("frozen listener replaced after {detected:?} (backend {frozen} → {fresh})");
+    assert!(
+        detected < Duration::from_secs(5),
+        "the silent connection was noticed after {detected:?}"
+    );
+    await_true(
+        &db,
+        "the event committed during the freeze to run",
+        Duration::from_secs(5),
+        "SELECT count(*) = 1 FROM wardcall.runs WHERE status = 'completed'",
+    )
+    .await;
+    assert!(app.engine.health().listener_up());
+    app.stop(Duration::from_secs(2)).await;
+    drop(_resume);
+    let _ = sqlx::query("SELECT pg_terminate_backend($1)")
+        .bind(frozen)
+        .execute(&db.pool)
+        .await;
+}
+
+/// Item 7: a pool whose connections the server refuses (a role with CONNECTION
+/// LIMIT 0: SQLSTATE 53300, which sqlx retries until its deadline) fails within
+/// the acquire timeout, and the error carries PostgreSQL's reason, not only
+/// "pool timed out". A database that does not exist is named too.
+pub async fn pool_that_cannot_connect_fails_in_time_with_the_servers_reason() {
+    let db = TestDb::new().await;
+    let role = format!("wardcall_it_nolimit_{}", std::process::id());
+    let mut admin = init().admin.connect().await.unwrap();
+    sqlx::raw_sql(&format!(
+        "DROP ROLE IF EXISTS {role}; CREATE ROLE {role} LOGIN CONNECTION LIMIT 0"
+    ))
+    .execute(&mut admin)
+    .await
+    .unwrap();
+    let limited = db.options.clone().username(&role);
+
+    // The default acquire timeout (what `wardcall serve` uses).
+    let t0 = Instant::now();
+    let err = wardcall::db::connect_pool(limited.clone(), 2)
+        .await
+        .expect_err("the role may not connect");
+    let took = t0.elapsed();
+    let text = format!("{err:#}");
+    eprintln!("after {took:?}: {text}");
+    let default_ms = EngineConfig::default().acquire_timeout_ms;
+    assert!(
+        took < Duration::from_millis(default_ms + 3000),
+        "took {took:?}"
+    );
+    assert!(text.contains("too many connections for role"), "{text}");
+
+    // A configured acquire timeout is honoured.
+    let settings = EngineConfig {
+        acquire_timeout_ms: 500,
+        pool_size: 2,
+        ..EngineConfig::default()
+    };
+    let t0 = Instant::now();
+    let err = wardcall::db::connect_pool_with(limited, &settings)
+        .await
+        .expect_err("the role may not connect");
+    assert!(
+        t0.elapsed() < Duration::from_millis(500 + 3000),
+        "took {:?}",
+        t0.elapsed()
+    );
+    assert!(
+        format!("{err:#}").contains("too many connections for role"),
+        "{err:#}"
+    );
+
+    // Not retried by sqlx: named at once.
+    let err = wardcall::db::connect_pool(
+        db.options.clone().database("wardcall_it_absent_database"),
+        2,
+    )
+    .await
+    .expect_err("no such database");
+    assert!(format!("{err:#}").contains("does not exist"), "{err:#}");
+
+    // At run time: every pooled connection busy is told apart from a refusal.
+    let pool = wardcall::db::connect_pool_with(db.options.clone(), &settings)
+        .await
+        .unwrap();
+    let (_a, _b) = (pool.acquire().await.unwrap(), pool.acquire().await.unwrap());
+    let t0 = Instant::now();
+    let busy = pool.acquire().await.expect_err("the pool is exhausted");
+    assert!(t0.elapsed() < Duration::from_millis(500 + 2000));
+    let why = wardcall::db::explain_error(&db.options, &busy, Duration::from_secs(3)).await;
+    assert!(why.contains("every pooled connection stayed busy"), "{why}");
+    drop((_a, _b));
+    pool.close().await;
+    sqlx::raw_sql(&format!("DROP ROLE IF EXISTS {role}"))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+}
+
+/// Item 7: the engine's connections carry `lock_timeout` and
+/// `statement_timeout`, so a wait on a lock another session holds ends with an
+/// error instead of hanging.
+pub async fn engine_statements_are_bounded_by_lock_and_statement_timeouts() {
+    let db = TestDb::new().await;
+    db.exec(TASKS_TABLE).await;
+    let settings = EngineConfig {
+        lock_timeout_ms: 300,
+        statement_timeout_ms: 700,
+        ..EngineConfig::default()
+    };
+    let pool = wardcall::db::connect_pool_with(db.options.clone(), &settings)
+        .await
+        .unwrap();
+    let (lock, stmt): (String, String) = sqlx::query_as(
+        "SELECT current_setting('lock_timeout'), current_setting('statement_timeout')",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!((lock.as_str(), stmt.as_str()), ("300ms", "700ms"));
+    // The defaults hold on `connect_pool` as well.
+    let lock: String = sqlx::query_scalar("SELECT current_setting('lock_timeout')")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(lock, "2s");
+
+    let mut holder = db.options.connect().await.unwrap();
+    sqlx::raw_sql("BEGIN; LOCK TABLE tasks IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    let t0 = Instant::now();
+    let err = sqlx::query("SELECT count(*) FROM tasks")
+        .execute(&pool)
+        .await
+        .expect_err("the lock wait is bounded");
+    assert!(
+        t0.elapsed() < Duration::from_secs(3),
+        "waited {:?}",
+        t0.elapsed()
+    );
+    let code = err
+        .as_database_error()
+        .and_then(|e| e.code())
+        .map(|c| c.to_string());
+    assert_eq!(code.as_deref(), Some("55P03"), "{err}");
+    let t0 = Instant::now();
+    let err = sqlx::query("SELECT pg_sleep(5)")
+        .execute(&pool)
+        .await
+        .expect_err("the statement is bounded");
+    assert!(
+        t0.elapsed() < Duration::from_secs(3),
+        "waited {:?}",
+        t0.elapsed()
+    );
+    assert_eq!(
+        err.as_database_error().and_then(|e| e.code()).as_deref(),
+        Some("57014"),
+        "{err}"
+    );
+    sqlx::raw_sql("ROLLBACK")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    holder.close().await.ok();
+    pool.close().await;
+}
+
+/// Item 8: a flood of non-critical script runs, all due now, does not delay a
+/// critical alert: its first call is requested while most of the flood is still
+/// unfinished, in a small fraction of the flood's drain time.
+pub async fn critical_alert_is_called_first_during_a_flood() {
+    // Each flood run holds its worker 300 ms, so that a worker slot is almost
+    // never free when the alert arrives: the alert's run must be claimed
+    // ahead of the flood's due runs, not slip into a free slot by luck.
+    const FLOOD: i64 = 40;
+    const WORK_MS: i64 = 300;
+    let db = TestDb::new().await;
+    db.exec(wardcall::demo::HOSPITAL_SCHEMA).await;
+    let emulator = TwilioEmulator::start(
+        EmulatorConfig {
+            account_sid: ACCOUNT_SID.into(),
+            auth_token: AUTH_TOKEN.into(),
+            personas: HashMap::new(),
+            default_persona: Persona::NoAnswer,
+        },
+        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+    )
+    .await
+    .unwrap();
+    let mut cfg = crate::escalation::hospital_config(&emulator.base_url(), 600.0, 1);
+    cfg.engine.workers = 2;
+    cfg.workflows.push(Workflow {
+        name: "flood".into(),
+        event: "flood".into(),
+        kind: WorkflowKind::Script,
+        max_attempts: 3,
+        retry_base_ms: 20,
+        retry_max_ms: 100,
+    });
+    cfg.validate("hospital.toml").unwrap();
+    let app = start_app(&db, Arc::new(cfg)).await;
+    let flooded =
+        "SELECT count(*) FROM wardcall.runs WHERE workflow = 'flood' AND status = 'completed'";
+
+    let t0 = Instant::now();
+    sqlx::query("SELECT count(wardcall.emit('flood', $1)) FROM generate_series(1, $2)")
+        .bind(json!({"steps": [{"op": "work", "ms": WORK_MS}]}))
+        .bind(FLOOD)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    // Under way, and both workers busy again (claimed their next flood runs).
+    await_true(
+        &db,
+        "the flood to be under way",
+        Duration::from_secs(30),
+        "SELECT count(*) FILTER (WHERE status = 'completed') >= 2 AND count(*) FILTER (WHERE status = 'running') = 2
+           FROM wardcall.runs WHERE workflow = 'flood'",
+    )
+    .await;
+    let mut events = emulator.subscribe();
+    db.exec(crate::escalation::SEIZURE_INSERT).await;
+    let inserted = Instant::now();
+    let called_at = loop {
+        match tokio::time::timeout(Duration::from_secs(60), events.recv())
+            .await
+            .expect("the critical alert is called")
+            .unwrap()
+        {
+            EmulatorEvent::CallCreated { received_at, .. } => break received_at,
+            _ => continue,
+        }
+    };
+    let first_call = called_at.saturating_duration_since(inserted);
+    let unfinished = FLOOD - db.scalar_i64(flooded).await;
+    await_true(
+        &db,
+        "the flood to drain",
+        Duration::from_secs(120),
+        &format!("SELECT ({flooded}) = {FLOOD}"),
+    )
+    .await;
+    let drain = t0.elapsed();
+    eprintln!("critical first call after {first_call:?}; flood unfinished at that instant: {unfinished} of {FLOOD}; flood drained in {drain:?}");
+    assert!(
+        unfinished * 2 > FLOOD,
+        "the call waited for the flood: only {unfinished} of {FLOOD} flood runs were left"
+    );
+    assert!(
+        first_call * 4 < drain,
+        "first call after {first_call:?}, flood drained in {drain:?}"
+    );
+    let critical: bool = sqlx::query_scalar(
+        "SELECT critical FROM wardcall.runs WHERE workflow = 'critical-alert-call'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert!(critical, "escalation runs are marked critical");
+    app.stop(Duration::from_secs(2)).await;
+    emulator.shutdown().await;
+}
+
+/// Item 12: a configured source whose capture trigger was dropped (or
+/// disabled) makes `/healthz` answer 503 naming the source and the trigger.
+pub async fn healthz_reports_a_missing_capture_trigger() {
+    let db = TestDb::new().await;
+    db.exec(TASKS_TABLE).await;
+    let app = start_app(&db, config(&tasks_config("", true))).await;
+    let addr = app.http_addr.unwrap();
+    await_healthz(addr, 200, "", Duration::from_secs(10)).await;
+    db.exec("ALTER TABLE tasks DISABLE TRIGGER wardcall_capture_tasks_insert")
+        .await;
+    let body = await_healthz(
+        addr,
+        503,
+        "wardcall_capture_tasks_insert is disabled",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert_eq!(body["status"], "unhealthy");
+    db.exec("DROP TRIGGER wardcall_capture_tasks_insert ON tasks")
+        .await;
+    let body = await_healthz(
+        addr,
+        503,
+        "source tasks: trigger wardcall_capture_tasks_insert is missing",
+        Duration::from_secs(5),
+    )
+    .await;
+    eprintln!("{body}");
+    app.stop(Duration::from_secs(2)).await;
+}
+
+/// Item 12: a listener that cannot reconnect makes `/healthz` answer 503 with
+/// the reason; once it reconnects, 200 again.
+pub async fn healthz_reports_the_listener_down() {
+    let db = TestDb::new().await;
+    // No source: the health check then needs no database connection at all.
+    let app = start_app(&db, config(&tasks_config("heartbeat_ms = 300", false))).await;
+    let addr = app.http_addr.unwrap();
+    await_some(
+        "the listener's own session",
+        Duration::from_secs(10),
+        || listener_pid(&db),
+    )
+    .await;
+    await_healthz(addr, 200, "", Duration::from_secs(10)).await;
+    let mut admin = init().admin.connect().await.unwrap();
+    sqlx::raw_sql(&format!(
+        "ALTER DATABASE {} ALLOW_CONNECTIONS false",
+        db.name
+    ))
+    .execute(&mut admin)
+    .await
+    .unwrap();
+    sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND application_name = 'wardcall-listener'")
+        .bind(&db.name)
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    let body = await_healthz(
+        addr,
+        503,
+        "listener: not connected",
+        Duration::from_secs(10),
+    )
+    .await;
+    eprintln!("{body}");
+    sqlx::raw_sql(&format!(
+        "ALTER DATABASE {} ALLOW_CONNECTIONS true",
+        db.name
+    ))
+    .execute(&mut admin)
+    .await
+    .unwrap();
+    await_healthz(addr, 200, "", Duration::from_secs(10)).await;
+    app.stop(Duration::from_secs(2)).await;
+}
+
+/// Item 12: a scheduler that makes no progress (here blocked on a lock the
+/// test holds, with the lock timeout raised to its maximum) makes `/healthz`
+/// answer 503 after `stall_after_ms`; it recovers once the lock is released.
+pub async fn healthz_reports_a_stalled_scheduler() {
+    let db = TestDb::new().await;
+    let cfg = config(&tasks_config(
+        "sweep_ms = 100\nlock_timeout_ms = 600000\nstatement_timeout_ms = 3600000",
+        false,
+    ));
+    assert_eq!(wardcall::runtime::stall_after_ms(&cfg.engine), 5000);
+    // The engine's own pool, with the configured (raised) timeouts.
+    let pool = wardcall::db::connect_pool_with(db.options.clone(), &cfg.engine)
+        .await
+        .unwrap();
+    let database = wardcall::db::Database {
+        pool: pool.clone(),
+        connect_options: db.options.clone(),
+        embedded: None,
+    };
+    let app = wardcall::app::App::start(
+        database,
+        cfg,
+        wardcall::app::StartOptions {
+            http_listener: Some(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap()),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let addr = app.http_addr.unwrap();
+    await_healthz(addr, 200, "", Duration::from_secs(10)).await;
+    let mut holder = db.options.connect().await.unwrap();
+    sqlx::raw_sql("BEGIN; LOCK TABLE wardcall.runs IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    let t0 = Instant::now();
+    let body = await_healthz(addr, 503, "scheduler: stalled", Duration::from_secs(15)).await;
+    eprintln!("after {:?}: {body}", t0.elapsed());
+    sqlx::raw_sql("ROLLBACK")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    holder.close().await.ok();
+    await_healthz(addr, 200, "", Duration::from_secs(10)).await;
+    app.stop(Duration::from_secs(2)).await;
+    pool.close().await;
+}
+
+/// Item 12: `wardcall status` (another process) shows a missing capture
+/// trigger, no engine listening and an overdue run.
+pub async fn status_shows_the_same_problems() {
+    let db = TestDb::new().await;
+    db.exec(TASKS_TABLE).await;
+    let text = tasks_config("", true);
+    let cfg = config(&text);
+    wardcall::app::prepare_database(&db.database(), &cfg, "test")
+        .await
+        .unwrap();
+    db.exec("DROP TRIGGER wardcall_capture_tasks_insert ON tasks")
+        .await;
+    db.exec("INSERT INTO wardcall.runs (workflow, event, input, step, status, due_at) VALUES ('script', 'task.created', '{}', 'start', 'pending', now() - interval '1 minute')").await;
+    let dir = std::env::temp_dir().join(format!(
+        "wardcall-it-status-{}-{}",
+        std::process::id(),
+        db.name
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("wardcall.toml");
+    std::fs::write(&file, format!("database_url = \"{}\"\n{text}", db.url())).unwrap();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_wardcall"))
+        .arg("--config")
+        .arg(&file)
+        .arg("status")
+        .env_remove("DATABASE_URL")
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success());
+    assert!(
+        stdout
+            .contains("UNHEALTHY: source tasks: trigger wardcall_capture_tasks_insert is missing"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("UNHEALTHY: listener: no engine is listening"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("UNHEALTHY: scheduler: a run has been due for"),
+        "{stdout}"
+    );
+    // status did not quietly reinstall the trigger.
+    assert_eq!(
+        db.scalar_i64(
+            "SELECT count(*) FROM pg_trigger WHERE tgname = 'wardcall_capture_tasks_insert'"
+        )
+        .await,
+        0
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
