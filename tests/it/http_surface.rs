@@ -83,14 +83,14 @@ pub async fn api_needs_a_token_or_its_own_loopback_listener() {
         .await
         .unwrap();
     assert_eq!(r.status(), 404);
-    assert_eq!(
-        http.get(format!("{base}/healthz"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    // Served (its verdict, 200 or 503, is the engine's health; see runtime_resilience).
+    let health = http
+        .get(format!("{base}/healthz"))
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert!(health == 200 || health == 503, "{health}");
     app.stop(Duration::from_secs(2)).await;
 
     // 2. A token: required on every API request; the scheme is case-insensitive.
@@ -156,14 +156,14 @@ pub async fn api_needs_a_token_or_its_own_loopback_listener() {
             .status(),
         200
     );
-    assert_eq!(
-        http.get(format!("{api}/healthz"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    // Served (its verdict, 200 or 503, is the engine's health; see runtime_resilience).
+    let health = http
+        .get(format!("{api}/healthz"))
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert!(health == 200 || health == 503, "{health}");
     let r = http
         .post(format!(
             "{api}/webhooks/twilio/status?attempt=00000000-0000-0000-0000-000000000000"
@@ -530,11 +530,12 @@ pub async fn ipv6_any_listener_accepts_ipv4_clients() {
     let r = reqwest::get(format!("http://127.0.0.1:{}/healthz", addr.port()))
         .await
         .expect("an IPv4 client reaches [::]");
-    assert_eq!(r.status(), 200);
+    // Served (200 or 503 is the engine's health verdict, not the listener's).
+    assert!(r.status() == 200 || r.status() == 503, "{}", r.status());
     let r = reqwest::get(format!("http://[::1]:{}/healthz", addr.port()))
         .await
         .unwrap();
-    assert_eq!(r.status(), 200);
+    assert!(r.status() == 200 || r.status() == 503, "{}", r.status());
     app.stop(Duration::from_secs(2)).await;
     // The socket option itself, independent of the host's sysctl.
     let l = wardcall::http::bind("[::]:0".parse().unwrap()).unwrap();
