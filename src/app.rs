@@ -72,8 +72,7 @@ impl App {
     /// a provider secret is missing, or the HTTP address cannot be bound.
     pub async fn start(db: Database, config: Arc<Config>, options: StartOptions) -> anyhow::Result<App> {
         // Secrets first: a missing one must stop start before any trigger is installed.
-        let providers = Providers::from_config(&config, options.twilio_auth_token)
-            .with_context(|| format!("config error in {}", config.file_name()))?;
+        let providers = Providers::from_config(&config, options.twilio_auth_token).with_context(|| format!("config error in {}", config.file_name()))?;
         let api_token = match options.api_token {
             Some(t) => Some(crate::http::ApiToken::new(&t).map_err(|e| anyhow::anyhow!("API token: {e}"))?),
             None => crate::http::api_token_from(&config.http)?,

@@ -296,9 +296,7 @@ pub struct BenchReport {
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let sizes = Sizes { n: args.n, rate: args.rate, alerts: args.alerts, spread_s: args.spread_s };
     sizes.validate()?;
-    let cluster = EmbeddedCluster::start(&args.data_dir)
-        .await
-        .with_context(|| format!("starting the benchmark cluster in {}", args.data_dir.display()))?;
+    let cluster = EmbeddedCluster::start(&args.data_dir).await.with_context(|| format!("starting the benchmark cluster in {}", args.data_dir.display()))?;
     let options = BenchOptions { server: cluster.connect_options("postgres"), database_prefix: "wardcall_bench".into(), drop_databases: args.drop };
     let result = async {
         let mut machine = machine(&options.server).await?;
@@ -982,7 +980,9 @@ async fn throughput(options: &BenchOptions, sizes: &Sizes) -> anyhow::Result<Sce
         r.add(format!("events_per_s_workers_{workers}"), n as f64 / elapsed_s, "/s");
         r.add(format!("events_per_s_db_clock_workers_{workers}"), n as f64 / db_elapsed_s, "/s");
     }
-    r.notes.push("events_per_s: client clock, commit → the poll (every 10 ms) that sees all attempts requested; db_clock: first outbox row → last requested_at".into());
+    r.notes.push(
+        "events_per_s: client clock, commit → the poll (every 10 ms) that sees all attempts requested; db_clock: first outbox row → last requested_at".into(),
+    );
     Ok(r)
 }
 
@@ -1231,7 +1231,9 @@ async fn resources(options: &BenchOptions, sizes: &Sizes) -> anyhow::Result<Scen
     let n = sizes.n_or(1000);
     let mut r = ScenarioReport::new(
         Scenario::Resources,
-        format!("resident memory of this process (engine + emulator + client) and PostgreSQL connections of the engine, at rest and under a burst of {n} alerts"),
+        format!(
+            "resident memory of this process (engine + emulator + client) and PostgreSQL connections of the engine, at rest and under a burst of {n} alerts"
+        ),
         json!({"alerts": n, "workers": 16}),
     );
     // Reset the peak (VmHWM) to the current RSS (Linux: clear_refs 5).

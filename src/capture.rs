@@ -239,9 +239,7 @@ async fn install_one(tx: &mut Transaction<'_, Postgres>, source: &Source, actor:
     }
     // Check the condition and payload against the real table, with NEW and OLD
     // bound as they will be in the trigger. LIMIT 0: nothing is read.
-    let check = format!(
-        "SELECT ({payload})::jsonb FROM {qualified} AS new LEFT JOIN {qualified} AS old ON false WHERE ({condition}) LIMIT 0"
-    );
+    let check = format!("SELECT ({payload})::jsonb FROM {qualified} AS new LEFT JOIN {qualified} AS old ON false WHERE ({condition}) LIMIT 0");
     let mut sp = sqlx::Connection::begin(&mut **tx).await?;
     if let Err(e) = sqlx::raw_sql(&check).execute(&mut *sp).await {
         bail!("condition or payload is not valid SQL over NEW/OLD of {schema}.{table}: {}", db_message(&e));
@@ -377,11 +375,7 @@ pub fn db_message(e: &sqlx::Error) -> String {
     match e {
         sqlx::Error::Database(d) => {
             let code = d.code().map(|c| c.into_owned()).unwrap_or_default();
-            let mut out = if code.is_empty() {
-                "database error without SQLSTATE".to_string()
-            } else {
-                format!("SQLSTATE {code} ({})", sqlstate_name(&code))
-            };
+            let mut out = if code.is_empty() { "database error without SQLSTATE".to_string() } else { format!("SQLSTATE {code} ({})", sqlstate_name(&code)) };
             let pg = d.try_downcast_ref::<sqlx::postgres::PgDatabaseError>();
             let mut field = |label: &str, value: Option<&str>| {
                 if let Some(v) = value.filter(|v| !v.is_empty()) {

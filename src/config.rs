@@ -197,7 +197,12 @@ impl HttpConfig {
         if let Some(a) = &self.api_listen {
             match a.parse::<std::net::SocketAddr>() {
                 Ok(addr) if addr.ip().is_loopback() => {}
-                Ok(_) => return Err(("http.api_listen".into(), format!("'{a}' is not a loopback address (127.0.0.1:… or [::1]:…); the API listener must never be reachable from outside"))),
+                Ok(_) => {
+                    return Err((
+                        "http.api_listen".into(),
+                        format!("'{a}' is not a loopback address (127.0.0.1:… or [::1]:…); the API listener must never be reachable from outside"),
+                    ))
+                }
                 Err(_) => return Err(("http.api_listen".into(), format!("'{a}' is not an address like 127.0.0.1:8081"))),
             }
         }
@@ -454,11 +459,8 @@ impl Config {
             None => ("<defaults>".to_string(), Config::default()),
             Some(p) => {
                 let file = p.display().to_string();
-                let text = std::fs::read_to_string(p).map_err(|e| ConfigError {
-                    file: file.clone(),
-                    key: "(file)".into(),
-                    problem: format!("cannot read: {e}"),
-                })?;
+                let text =
+                    std::fs::read_to_string(p).map_err(|e| ConfigError { file: file.clone(), key: "(file)".into(), problem: format!("cannot read: {e}") })?;
                 (file.clone(), Config::parse(&text, &file)?)
             }
         };
@@ -488,7 +490,9 @@ impl Config {
             let mut line = inner.span().map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
             // Inside the flattened kind serde loses the path (`workflows[0]`):
             // look for the key in the kind's own settings.
-            if let Some(key) = path.strip_prefix("workflows[").and_then(|r| r.strip_suffix(']')).and_then(|i| i.parse().ok()).and_then(|i| workflow_kind_key(text, i)) {
+            if let Some(key) =
+                path.strip_prefix("workflows[").and_then(|r| r.strip_suffix(']')).and_then(|i| i.parse().ok()).and_then(|i| workflow_kind_key(text, i))
+            {
                 path = key;
                 line = None;
             }
@@ -510,11 +514,8 @@ impl Config {
     /// have. The known keys are those the parsed workflow serializes to, so
     /// the check follows the structs without a hand-kept list.
     fn refuse_unknown_workflow_keys(&self, text: &str, file: &str) -> Result<(), ConfigError> {
-        let raw: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError {
-            file: file.into(),
-            key: "(document)".into(),
-            problem: e.message().to_string(),
-        })?;
+        let raw: toml::Table =
+            text.parse().map_err(|e: toml::de::Error| ConfigError { file: file.into(), key: "(document)".into(), problem: e.message().to_string() })?;
         let Some(toml::Value::Array(raw_workflows)) = raw.get("workflows") else { return Ok(()) };
         for (i, (raw_w, w)) in raw_workflows.iter().zip(&self.workflows).enumerate() {
             let (Some(raw_w), Ok(serde_json::Value::Object(known))) = (raw_w.as_table(), serde_json::to_value(w)) else { continue };
@@ -605,7 +606,11 @@ impl Config {
                 }
                 Err(e) => return Err(err("providers.twilio.api_base".into(), format!("'{}' is not a URL: {e}", t.api_base))),
             }
-            range("providers.twilio.gather_timeout_seconds", t.gather_timeout_seconds as u64, (limits::GATHER_TIMEOUT_SECONDS.0 as u64, limits::GATHER_TIMEOUT_SECONDS.1 as u64))?;
+            range(
+                "providers.twilio.gather_timeout_seconds",
+                t.gather_timeout_seconds as u64,
+                (limits::GATHER_TIMEOUT_SECONDS.0 as u64, limits::GATHER_TIMEOUT_SECONDS.1 as u64),
+            )?;
             if let Some(var) = &t.auth_token_env {
                 if var.is_empty() || var.contains('=') || var.contains('\0') {
                     return Err(err("providers.twilio.auth_token_env".into(), "is not an environment variable name".into()));
@@ -715,10 +720,7 @@ impl Config {
         }
         for (i, s) in self.sources.iter().enumerate() {
             if !self.workflows.iter().any(|w| w.event == s.event) {
-                return Err(err(
-                    format!("sources[{i}].event"),
-                    format!("no workflow is bound to event '{}': its rows would be captured and dropped", s.event),
-                ));
+                return Err(err(format!("sources[{i}].event"), format!("no workflow is bound to event '{}': its rows would be captured and dropped", s.event)));
             }
         }
         Ok(())

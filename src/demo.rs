@@ -81,9 +81,7 @@ pub async fn run(config_path: Option<&Path>) -> anyhow::Result<()> {
 async fn scenario(base: &Config, db: Database, pool: &PgPool) -> anyhow::Result<()> {
     // The team's schema and the demo table.
     sqlx::raw_sql(HOSPITAL_SCHEMA).execute(pool).await?;
-    sqlx::raw_sql("CREATE TABLE demo_tasks (id bigserial PRIMARY KEY, title text NOT NULL, steps jsonb NOT NULL)")
-        .execute(pool)
-        .await?;
+    sqlx::raw_sql("CREATE TABLE demo_tasks (id bigserial PRIMARY KEY, title text NOT NULL, steps jsonb NOT NULL)").execute(pool).await?;
 
     // The Twilio emulator: the first nurse never answers, the backup presses 1.
     let mut config = Config::parse(HOSPITAL_CONFIG, "examples/hospital.toml")?;
@@ -92,12 +90,7 @@ async fn scenario(base: &Config, db: Database, pool: &PgPool) -> anyhow::Result<
     personas.insert("+13855550101".to_string(), Persona::NoAnswer);
     personas.insert("+13855550102".to_string(), Persona::Answer { ring_ms: 1500, think_ms: 1200, digits: "1".into() });
     let emulator = TwilioEmulator::start(
-        EmulatorConfig {
-            account_sid: twilio.account_sid.clone(),
-            auth_token: DEMO_AUTH_TOKEN.into(),
-            personas,
-            default_persona: Persona::NoAnswer,
-        },
+        EmulatorConfig { account_sid: twilio.account_sid.clone(), auth_token: DEMO_AUTH_TOKEN.into(), personas, default_persona: Persona::NoAnswer },
         tokio::net::TcpListener::bind("127.0.0.1:0").await?,
     )
     .await?;
@@ -196,9 +189,7 @@ async fn part_one(pool: &PgPool) -> anyhow::Result<()> {
     sqlx::query("INSERT INTO demo_tasks (title, steps) VALUES ('demo task', $1)").bind(&steps).execute(pool).await?;
     println!("INSERT INTO demo_tasks … committed");
     let run: uuid::Uuid = await_value("the demo run to wait", Duration::from_secs(30), || async {
-        Ok(sqlx::query_scalar("SELECT id FROM wardcall.runs WHERE workflow = 'demo-script' AND status = 'waiting'")
-            .fetch_optional(pool)
-            .await?)
+        Ok(sqlx::query_scalar("SELECT id FROM wardcall.runs WHERE workflow = 'demo-script' AND status = 'waiting'").fetch_optional(pool).await?)
     })
     .await?;
     let mut conn = pool.acquire().await?;

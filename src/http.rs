@@ -152,10 +152,7 @@ impl HttpLimits {
 
 /// The public listener's routes: `/healthz` and the Twilio webhooks.
 pub fn webhook_router(engine: Arc<Engine>) -> Router {
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route("/webhooks/twilio/{kind}", post(twilio_webhook))
-        .with_state(engine)
+    Router::new().route("/healthz", get(healthz)).route("/webhooks/twilio/{kind}", post(twilio_webhook)).with_state(engine)
 }
 
 /// What the API's own listener (`http.api_listen`) serves: the JSON API and `/healthz`.
@@ -343,13 +340,9 @@ pub fn find_nul(value: &Value, path: &str) -> Option<String> {
     match value {
         Value::String(s) if s.contains('\0') => Some(path.to_string()),
         Value::Array(items) => items.iter().enumerate().find_map(|(i, v)| find_nul(v, &format!("{path}[{i}]"))),
-        Value::Object(map) => map.iter().find_map(|(k, v)| {
-            if k.contains('\0') {
-                Some(format!("{path} (a key)"))
-            } else {
-                find_nul(v, &format!("{path}.{k}"))
-            }
-        }),
+        Value::Object(map) => {
+            map.iter().find_map(|(k, v)| if k.contains('\0') { Some(format!("{path} (a key)")) } else { find_nul(v, &format!("{path}.{k}")) })
+        }
         _ => None,
     }
 }
@@ -416,12 +409,8 @@ async fn api_emit(State(engine): State<Arc<Engine>>, Path(event): Path<String>, 
             return Err(ApiError(StatusCode::UNPROCESSABLE_ENTITY, r.to_string()));
         }
     }
-    let id: Option<i64> = sqlx::query_scalar("SELECT wardcall.emit($1, $2, $3)")
-        .bind(&event)
-        .bind(&payload)
-        .bind(&b.dedup_key)
-        .fetch_one(&engine.db.pool)
-        .await?;
+    let id: Option<i64> =
+        sqlx::query_scalar("SELECT wardcall.emit($1, $2, $3)").bind(&event).bind(&payload).bind(&b.dedup_key).fetch_one(&engine.db.pool).await?;
     Ok(match id {
         Some(id) => {
             tracing::info!(event = %event, outbox_id = id, "API: event emitted");
@@ -493,9 +482,7 @@ async fn twilio_webhook(
     let params: Vec<(String, String)> = serde_urlencoded::from_bytes(&body).unwrap_or_default();
     let url = format!("{}{}", engine.public_url, uri.path_and_query().map(|p| p.as_str()).unwrap_or(uri.path()));
     let sig = headers.get("x-twilio-signature").and_then(|v| v.to_str().ok()).unwrap_or("");
-    let valid = signed_url_candidates(&url)
-        .iter()
-        .fold(false, |ok, candidate| ok | signature::verify_signature(&twilio.auth_token, candidate, &params, sig));
+    let valid = signed_url_candidates(&url).iter().fold(false, |ok, candidate| ok | signature::verify_signature(&twilio.auth_token, candidate, &params, sig));
     if sig.is_empty() || !valid {
         tracing::warn!(path = %uri.path(), "rejected a Twilio webhook with a missing or wrong signature");
         return (StatusCode::FORBIDDEN, "invalid X-Twilio-Signature").into_response();
@@ -504,10 +491,8 @@ async fn twilio_webhook(
     let Some(attempt) = q.attempt.as_deref().and_then(|a| a.parse::<Uuid>().ok()) else {
         return (StatusCode::BAD_REQUEST, "missing or malformed attempt parameter").into_response();
     };
-    let delivery = Delivery {
-        provider: "twilio",
-        idempotency_token: headers.get("i-twilio-idempotency-token").and_then(|v| v.to_str().ok()).filter(|t| !t.is_empty()),
-    };
+    let delivery =
+        Delivery { provider: "twilio", idempotency_token: headers.get("i-twilio-idempotency-token").and_then(|v| v.to_str().ok()).filter(|t| !t.is_empty()) };
     let actor = "webhook:twilio";
     let handled = async {
         match kind.as_str() {
@@ -517,7 +502,9 @@ async fn twilio_webhook(
             "amd" => call_events::apply_amd(&engine, delivery, attempt, get("CallSid"), get("AnsweredBy").unwrap_or("unknown"), actor)
                 .await
                 .map(|_| Some(twiml_response(EMPTY_TWIML.to_string()))),
-            "gather" => call_events::apply_keypress(&engine, delivery, attempt, get("CallSid"), get("Digits").unwrap_or("")).await.map(|t| Some(twiml_response(t))),
+            "gather" => {
+                call_events::apply_keypress(&engine, delivery, attempt, get("CallSid"), get("Digits").unwrap_or("")).await.map(|t| Some(twiml_response(t)))
+            }
             _ => Ok(None),
         }
     };

@@ -164,10 +164,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("removed the capture trigger of source '{name}' (not in this config; --prune)");
             }
             if !report.kept.is_empty() {
-                println!(
-                    "kept the capture triggers of source(s) not in this config: {} (pass --prune to remove them)",
-                    report.kept.join(", ")
-                );
+                println!("kept the capture triggers of source(s) not in this config: {} (pass --prune to remove them)", report.kept.join(", "));
             }
             Ok(())
         }
@@ -182,12 +179,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let db = Database::open(&config, config.engine.pool_size).await?;
             let r = async {
                 wardcall::app::prepare_database(&db, &config, "cli").await?;
-                let id: Option<i64> = sqlx::query_scalar("SELECT wardcall.emit($1, $2, $3)")
-                    .bind(&event)
-                    .bind(&payload)
-                    .bind(&dedup_key)
-                    .fetch_one(&db.pool)
-                    .await?;
+                let id: Option<i64> =
+                    sqlx::query_scalar("SELECT wardcall.emit($1, $2, $3)").bind(&event).bind(&payload).bind(&dedup_key).fetch_one(&db.pool).await?;
                 match id {
                     Some(id) => {
                         tracing::info!(event = %event, outbox_id = id, "CLI: event emitted");

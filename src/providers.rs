@@ -50,8 +50,7 @@ impl Providers {
 
 fn read_twilio_token(t: &TwilioConfig) -> anyhow::Result<String> {
     if let Some(path) = &t.auth_token_file {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("providers.twilio.auth_token_file: cannot read {}", path.display()))?;
+        let text = std::fs::read_to_string(path).with_context(|| format!("providers.twilio.auth_token_file: cannot read {}", path.display()))?;
         let token = text.lines().next().unwrap_or("").trim().to_string();
         anyhow::ensure!(!token.is_empty(), "providers.twilio.auth_token_file: {} is empty", path.display());
         return Ok(token);
@@ -59,8 +58,6 @@ fn read_twilio_token(t: &TwilioConfig) -> anyhow::Result<String> {
     let var = t.auth_token_env.clone().unwrap_or_else(|| crate::config::DEFAULT_TWILIO_TOKEN_ENV.into());
     match std::env::var(&var) {
         Ok(v) if !v.trim().is_empty() => Ok(v.trim().to_string()),
-        _ => anyhow::bail!(
-            "providers.twilio: no auth token: set the environment variable {var} (or providers.twilio.auth_token_file)"
-        ),
+        _ => anyhow::bail!("providers.twilio: no auth token: set the environment variable {var} (or providers.twilio.auth_token_file)"),
     }
 }

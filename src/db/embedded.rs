@@ -355,13 +355,7 @@ impl Paths {
             name.push(suffix);
             data_dir.with_file_name(name)
         };
-        Paths {
-            lock: sibling(".wardcall.lock"),
-            users: sibling(".wardcall.users"),
-            initdb_marker: sibling(".wardcall-initdb"),
-            data_dir,
-            relocated_from: None,
-        }
+        Paths { lock: sibling(".wardcall.lock"), users: sibling(".wardcall.users"), initdb_marker: sibling(".wardcall-initdb"), data_dir, relocated_from: None }
     }
 }
 
@@ -448,10 +442,7 @@ impl EmbeddedCluster {
         }
         let run_as = server_account()?;
         if let Some(user) = &run_as {
-            info!(
-                uid = user.uid,
-                "running PostgreSQL as system user {} because wardcall runs as root", user.name
-            );
+            info!(uid = user.uid, "running PostgreSQL as system user {} because wardcall runs as root", user.name);
         }
         let requested = data_dir.to_path_buf();
         let account = run_as.clone();
@@ -472,9 +463,7 @@ impl EmbeddedCluster {
         let inspected = paths.clone();
         let state = blocking(move || inspect_data_dir(&inspected)).await?;
         let (bin_dir, server_version) = match state {
-            DataDirState::Initialized { version } => {
-                choose_bin_dir(&candidates, Some(version), &paths.data_dir).await?
-            }
+            DataDirState::Initialized { version } => choose_bin_dir(&candidates, Some(version), &paths.data_dir).await?,
             DataDirState::Empty | DataDirState::InterruptedInitdb => {
                 if state == DataDirState::InterruptedInitdb {
                     warn!(
@@ -491,8 +480,7 @@ impl EmbeddedCluster {
             }
         };
 
-        let (socket_dir, port, started_by_us) =
-            bring_up(&paths, &bin_dir, server_version, run_as.as_ref()).await?;
+        let (socket_dir, port, started_by_us) = bring_up(&paths, &bin_dir, server_version, run_as.as_ref()).await?;
         let in_use = acquire_lock(&paths.users, LockKind::Shared).await?;
         info!(
             data_dir = %paths.data_dir.display(),
@@ -501,16 +489,7 @@ impl EmbeddedCluster {
             "PostgreSQL {server_version} ready ({})",
             if started_by_us { "started" } else { "reused the server already running" }
         );
-        Ok(EmbeddedCluster {
-            paths,
-            socket_dir,
-            bin_dir,
-            server_version,
-            port,
-            run_as,
-            started_by_us,
-            in_use: tokio::sync::Mutex::new(Some(in_use)),
-        })
+        Ok(EmbeddedCluster { paths, socket_dir, bin_dir, server_version, port, run_as, started_by_us, in_use: tokio::sync::Mutex::new(Some(in_use)) })
     }
 
     /// sqlx connect options for `database` in this cluster, over the Unix socket
@@ -538,28 +517,17 @@ impl EmbeddedCluster {
         validate_database_name(name)?;
         let mut conn = maintenance_connection(&self.socket_dir, self.port)
             .await
-            .map_err(|source| EmbeddedError::Database {
-                context: format!("connecting to the embedded PostgreSQL at {}", self.url("postgres")),
-                source,
-            })?;
+            .map_err(|source| EmbeddedError::Database { context: format!("connecting to the embedded PostgreSQL at {}", self.url("postgres")), source })?;
         let result = tokio::time::timeout(CREATE_DATABASE_TIMEOUT, async {
-            let exists: bool = sqlx::query_scalar(
-                "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_database WHERE datname = $1)",
-            )
-            .bind(name)
-            .fetch_one(&mut conn)
-            .await?;
+            let exists: bool =
+                sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_database WHERE datname = $1)").bind(name).fetch_one(&mut conn).await?;
             if exists {
                 return Ok(false);
             }
             match conn.execute(format!("CREATE DATABASE {}", quote_ident(name)).as_str()).await {
                 Ok(_) => Ok(true),
                 // Another process created it between our check and our CREATE.
-                Err(sqlx::Error::Database(e))
-                    if matches!(e.code().as_deref(), Some("42P04") | Some("23505")) =>
-                {
-                    Ok(false)
-                }
+                Err(sqlx::Error::Database(e)) if matches!(e.code().as_deref(), Some("42P04") | Some("23505")) => Ok(false),
                 Err(e) => Err(e),
             }
         })
@@ -572,10 +540,7 @@ impl EmbeddedCluster {
                 Ok(())
             }
             Ok(false) => Ok(()),
-            Err(source) => Err(EmbeddedError::Database {
-                context: format!("creating database {name:?} in the embedded PostgreSQL"),
-                source,
-            }),
+            Err(source) => Err(EmbeddedError::Database { context: format!("creating database {name:?} in the embedded PostgreSQL"), source }),
         }
     }
 
@@ -723,19 +688,12 @@ impl EmbeddedCluster {
             data_dir = %data_dir.display(),
             "fast shutdown failed ({fast_error}); trying immediate shutdown (crash recovery will run at the next start)"
         );
-        let immediate =
-            pg_ctl_stop(&self.bin_dir, run_as, data_dir, "immediate", IMMEDIATE_STOP_TIMEOUT).await?;
+        let immediate = pg_ctl_stop(&self.bin_dir, run_as, data_dir, "immediate", IMMEDIATE_STOP_TIMEOUT).await?;
         if immediate.is_ok() || !server_running(data_dir)? {
             warn!(data_dir = %data_dir.display(), "embedded PostgreSQL stopped by immediate shutdown");
             return Ok(());
         }
-        Err(EmbeddedError::Stop {
-            data_dir: data_dir.clone(),
-            reason: format!(
-                "fast shutdown: {fast_error}; immediate shutdown: {}",
-                immediate.unwrap_err()
-            ),
-        })
+        Err(EmbeddedError::Stop { data_dir: data_dir.clone(), reason: format!("fast shutdown: {fast_error}; immediate shutdown: {}", immediate.unwrap_err()) })
     }
 }
 
@@ -845,11 +803,7 @@ async fn server_version(bin_dir: &Path) -> Result<u32, EmbeddedError> {
 
 /// The newest candidate for a new cluster, or the first whose major version matches
 /// the existing cluster's.
-async fn choose_bin_dir(
-    candidates: &[PathBuf],
-    cluster_version: Option<u32>,
-    data_dir: &Path,
-) -> Result<(PathBuf, u32), EmbeddedError> {
+async fn choose_bin_dir(candidates: &[PathBuf], cluster_version: Option<u32>, data_dir: &Path) -> Result<(PathBuf, u32), EmbeddedError> {
     let Some(wanted) = cluster_version else {
         let dir = candidates[0].clone();
         let version = server_version(&dir).await?;
@@ -878,11 +832,7 @@ fn server_account() -> Result<Option<SystemUser>, EmbeddedError> {
         return Ok(None);
     }
     match User::from_name(SERVER_ACCOUNT) {
-        Ok(Some(user)) if !user.uid.is_root() => Ok(Some(SystemUser {
-            uid: user.uid.as_raw(),
-            gid: user.gid.as_raw(),
-            name: user.name,
-        })),
+        Ok(Some(user)) if !user.uid.is_root() => Ok(Some(SystemUser { uid: user.uid.as_raw(), gid: user.gid.as_raw(), name: user.name })),
         Ok(_) => Err(EmbeddedError::NoServerAccount { account: SERVER_ACCOUNT.into() }),
         Err(errno) => Err(io_err(format!("looking up system account {SERVER_ACCOUNT}"))(errno.into())),
     }
@@ -890,23 +840,18 @@ fn server_account() -> Result<Option<SystemUser>, EmbeddedError> {
 
 /// Makes `requested` absolute and canonical, creating missing parents, and checks it.
 fn resolve_paths(requested: &Path, run_as: Option<&SystemUser>) -> Result<Paths, EmbeddedError> {
-    let invalid = |reason: &str| EmbeddedError::InvalidDataDir {
-        data_dir: requested.to_path_buf(),
-        reason: reason.into(),
-    };
-    let absolute = std::path::absolute(requested)
-        .map_err(io_err(format!("resolving data directory {}", requested.display())))?;
+    let invalid = |reason: &str| EmbeddedError::InvalidDataDir { data_dir: requested.to_path_buf(), reason: reason.into() };
+    let absolute = std::path::absolute(requested).map_err(io_err(format!("resolving data directory {}", requested.display())))?;
     let (Some(name), Some(parent)) = (absolute.file_name(), absolute.parent()) else {
         return Err(invalid("it must name a directory below `/` (and not end in `..`)"));
     };
     create_parents(parent, run_as.is_some())?;
-    let parent = fs::canonicalize(parent)
-        .map_err(io_err(format!("resolving directory {}", parent.display())))?;
+    let parent = fs::canonicalize(parent).map_err(io_err(format!("resolving directory {}", parent.display())))?;
     let joined = parent.join(name);
     let data_dir = match fs::symlink_metadata(&joined) {
-        Ok(m) if m.file_type().is_symlink() => fs::canonicalize(&joined).map_err(|_| {
-            invalid("it is a symbolic link to a missing directory; create the target or remove the link")
-        })?,
+        Ok(m) if m.file_type().is_symlink() => {
+            fs::canonicalize(&joined).map_err(|_| invalid("it is a symbolic link to a missing directory; create the target or remove the link"))?
+        }
         Ok(_) => joined,
         Err(e) if e.kind() == io::ErrorKind::NotFound => joined,
         Err(e) => return Err(io_err(format!("inspecting {}", joined.display()))(e)),
@@ -1027,8 +972,7 @@ fn create_parents(dir: &Path, world_searchable: bool) -> Result<(), EmbeddedErro
         match fs::create_dir(d) {
             Ok(()) => {
                 if world_searchable {
-                    fs::set_permissions(d, fs::Permissions::from_mode(0o755))
-                        .map_err(io_err(format!("setting permissions of {}", d.display())))?;
+                    fs::set_permissions(d, fs::Permissions::from_mode(0o755)).map_err(io_err(format!("setting permissions of {}", d.display())))?;
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
@@ -1041,11 +985,7 @@ fn create_parents(dir: &Path, world_searchable: bool) -> Result<(), EmbeddedErro
 /// pg_ctl runs the server through `/bin/sh -c "... -D \"<dir>\" ..."`: refuse
 /// characters that would break out of those double quotes.
 fn check_shell_safe(data_dir: &Path) -> Result<(), EmbeddedError> {
-    let bad = data_dir
-        .as_os_str()
-        .as_bytes()
-        .iter()
-        .find(|&&b| b < 0x20 || b == 0x7f || b"\"$`\\".contains(&b));
+    let bad = data_dir.as_os_str().as_bytes().iter().find(|&&b| b < 0x20 || b == 0x7f || b"\"$`\\".contains(&b));
     match bad {
         None => Ok(()),
         Some(&b) => Err(EmbeddedError::InvalidDataDir {
@@ -1067,11 +1007,7 @@ fn check_traversable(data_dir: &Path, user: &SystemUser) -> Result<(), EmbeddedE
     for dir in data_dir.ancestors().skip(1) {
         let meta = fs::metadata(dir).map_err(io_err(format!("inspecting {}", dir.display())))?;
         if !may_search(meta.uid(), meta.gid(), meta.mode(), user.uid, &groups) {
-            return Err(EmbeddedError::NotTraversable {
-                dir: dir.to_path_buf(),
-                account: user.name.clone(),
-                mode: meta.mode() & 0o7777,
-            });
+            return Err(EmbeddedError::NotTraversable { dir: dir.to_path_buf(), account: user.name.clone(), mode: meta.mode() & 0o7777 });
         }
     }
     Ok(())
@@ -1098,13 +1034,14 @@ fn chown_tree(root: &Path, user: &SystemUser) -> Result<(), EmbeddedError> {
             Err(e) => return Err(io_err(format!("inspecting {}", path.display()))(e)),
         };
         if meta.uid() != user.uid || meta.gid() != user.gid {
-            std::os::unix::fs::lchown(&path, Some(user.uid), Some(user.gid)).map_err(io_err(
-                format!("changing the owner of {} to {}", path.display(), user.name),
-            ))?;
+            std::os::unix::fs::lchown(&path, Some(user.uid), Some(user.gid)).map_err(io_err(format!(
+                "changing the owner of {} to {}",
+                path.display(),
+                user.name
+            )))?;
         }
         if meta.is_dir() {
-            let entries =
-                fs::read_dir(&path).map_err(io_err(format!("reading directory {}", path.display())))?;
+            let entries = fs::read_dir(&path).map_err(io_err(format!("reading directory {}", path.display())))?;
             for entry in entries {
                 let entry = entry.map_err(io_err(format!("reading directory {}", path.display())))?;
                 stack.push(entry.path());
@@ -1122,8 +1059,7 @@ fn prepare_private_dir(dir: &Path, run_as: Option<&SystemUser>) -> Result<(), Em
     match fs::DirBuilder::new().mode(0o700).create(dir) {
         Ok(()) => {
             if let Some(user) = run_as {
-                std::os::unix::fs::lchown(dir, Some(user.uid), Some(user.gid))
-                    .map_err(io_err(format!("changing the owner of {}", dir.display())))?;
+                std::os::unix::fs::lchown(dir, Some(user.uid), Some(user.gid)).map_err(io_err(format!("changing the owner of {}", dir.display())))?;
             }
         }
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
@@ -1135,14 +1071,10 @@ fn prepare_private_dir(dir: &Path, run_as: Option<&SystemUser>) -> Result<(), Em
     }
     let expected = run_as.map_or_else(|| nix::unistd::geteuid().as_raw(), |u| u.uid);
     if meta.uid() != expected {
-        return Err(unsafe_dir(format!(
-            "it is owned by uid {} instead of uid {expected}, the account PostgreSQL runs as",
-            meta.uid()
-        )));
+        return Err(unsafe_dir(format!("it is owned by uid {} instead of uid {expected}, the account PostgreSQL runs as", meta.uid())));
     }
     if meta.mode() & 0o077 != 0 {
-        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
-            .map_err(io_err(format!("setting permissions of {}", dir.display())))?;
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io_err(format!("setting permissions of {}", dir.display())))?;
     }
     Ok(())
 }
@@ -1162,9 +1094,7 @@ fn socket_dir_for(data_dir: &Path, port: u16) -> PathBuf {
 
 /// 64-bit FNV-1a: stable across Rust releases, unlike `DefaultHasher`.
 fn fnv1a64(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &b| {
-        (hash ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-    })
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &b| (hash ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3))
 }
 
 // ---------------------------------------------------------------------------
@@ -1234,9 +1164,7 @@ fn clear_dir_contents(dir: &Path) -> Result<(), EmbeddedError> {
 }
 
 fn fsync_dir(dir: &Path) -> Result<(), EmbeddedError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err(format!("syncing directory {}", dir.display())))
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(format!("syncing directory {}", dir.display())))
 }
 
 /// Runs initdb under the interrupted-initdb marker (see [`inspect_data_dir`]).
@@ -1247,10 +1175,8 @@ async fn init_cluster(paths: &Paths, bin_dir: &Path, run_as: Option<&SystemUser>
         let (paths, run_as) = (paths.clone(), run_as.cloned());
         blocking(move || {
             let marker = &paths.initdb_marker;
-            let mut file = File::create(marker).map_err(io_err(format!(
-                "creating {} (wardcall needs write access to the directory containing the data directory)",
-                marker.display()
-            )))?;
+            let mut file = File::create(marker)
+                .map_err(io_err(format!("creating {} (wardcall needs write access to the directory containing the data directory)", marker.display())))?;
             writeln!(file, "initdb started by wardcall pid {}", std::process::id())
                 .and_then(|()| file.sync_all())
                 .map_err(io_err(format!("writing {}", marker.display())))?;
@@ -1259,9 +1185,7 @@ async fn init_cluster(paths: &Paths, bin_dir: &Path, run_as: Option<&SystemUser>
             match fs::DirBuilder::new().mode(0o700).create(&paths.data_dir) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-                Err(e) => {
-                    return Err(io_err(format!("creating data directory {}", paths.data_dir.display()))(e))
-                }
+                Err(e) => return Err(io_err(format!("creating data directory {}", paths.data_dir.display()))(e)),
             }
             if let Some(user) = &run_as {
                 chown_tree(&paths.data_dir, user)?;
@@ -1281,11 +1205,7 @@ async fn init_cluster(paths: &Paths, bin_dir: &Path, run_as: Option<&SystemUser>
         "--auth-local=trust".into(),
         "--auth-host=reject".into(),
     ];
-    let failed = |status: String, output: String| EmbeddedError::Initdb {
-        data_dir: data_dir.clone(),
-        status,
-        output,
-    };
+    let failed = |status: String, output: String| EmbeddedError::Initdb { data_dir: data_dir.clone(), status, output };
     match run_tool(bin_dir, run_as, "initdb", &args, INITDB_TIMEOUT).await? {
         Some(out) if out.status.success() => {}
         Some(out) => return Err(failed(out.status.to_string(), output_text(&out))),
@@ -1294,8 +1214,7 @@ async fn init_cluster(paths: &Paths, bin_dir: &Path, run_as: Option<&SystemUser>
     let paths = paths.clone();
     blocking(move || {
         ensure_include(&paths.data_dir)?;
-        fs::remove_file(&paths.initdb_marker)
-            .map_err(io_err(format!("removing {}", paths.initdb_marker.display())))?;
+        fs::remove_file(&paths.initdb_marker).map_err(io_err(format!("removing {}", paths.initdb_marker.display())))?;
         fsync_dir(paths.data_dir.parent().unwrap_or(Path::new("/")))
     })
     .await
@@ -1391,10 +1310,7 @@ fn ensure_include(data_dir: &Path) -> Result<(), EmbeddedError> {
         .append(true)
         .open(&conf)
         .and_then(|mut f| {
-            write!(
-                f,
-                "\n# Added by wardcall: settings of its embedded cluster, rewritten before every start.\n{INCLUDE_LINE}\n"
-            )?;
+            write!(f, "\n# Added by wardcall: settings of its embedded cluster, rewritten before every start.\n{INCLUDE_LINE}\n")?;
             f.sync_all()
         })
         .map_err(io_err(format!("adding `{INCLUDE_LINE}` to {}", conf.display())))
@@ -1424,12 +1340,7 @@ fn parse_pid_file(text: &str) -> Option<PidFile> {
     let lines: Vec<&str> = text.lines().collect();
     let pid = lines.first()?.trim().parse::<i32>().ok().filter(|&p| p != 0)?.checked_abs()?;
     let field = |i: usize| lines.get(i).map(|l| l.trim()).filter(|l| !l.is_empty());
-    Some(PidFile {
-        pid,
-        port: field(3).and_then(|p| p.parse().ok()),
-        socket_dir: field(4).map(PathBuf::from),
-        status: field(7).map(str::to_owned),
-    })
+    Some(PidFile { pid, port: field(3).and_then(|p| p.parse().ok()), socket_dir: field(4).map(PathBuf::from), status: field(7).map(str::to_owned) })
 }
 
 fn read_pid_file(data_dir: &Path) -> Result<PidFileState, EmbeddedError> {
@@ -1517,12 +1428,7 @@ fn server_running(data_dir: &Path) -> Result<bool, EmbeddedError> {
 
 /// Reuses the server running on the data directory, or starts one.
 /// Returns `(socket_dir, port, started_by_us)`.
-async fn bring_up(
-    paths: &Paths,
-    bin_dir: &Path,
-    server_version: u32,
-    run_as: Option<&SystemUser>,
-) -> Result<(PathBuf, u16, bool), EmbeddedError> {
+async fn bring_up(paths: &Paths, bin_dir: &Path, server_version: u32, run_as: Option<&SystemUser>) -> Result<(PathBuf, u16, bool), EmbeddedError> {
     let data_dir = &paths.data_dir;
     let deadline = Instant::now() + START_TIMEOUT;
     let mut announced = false;
@@ -1533,9 +1439,7 @@ async fn bring_up(
                 warn!(data_dir = %data_dir.display(), "postmaster.pid is empty or corrupt and no server runs; removing it");
                 break Some(None);
             }
-            PidFileState::Unreadable => {
-                "postmaster.pid is unreadable while PostgreSQL processes run on this data directory".to_owned()
-            }
+            PidFileState::Unreadable => "postmaster.pid is unreadable while PostgreSQL processes run on this data directory".to_owned(),
             PidFileState::Present(pf) => match classify_pid(pf.pid, data_dir) {
                 ProcState::Gone => {
                     info!(
@@ -1556,20 +1460,18 @@ async fn bring_up(
                 ProcState::Server => {
                     let status = pf.status.clone().unwrap_or_else(|| "unknown".into());
                     match (&pf.socket_dir, pf.port) {
-                        (Some(socket_dir), Some(port)) if status == "ready" => {
-                            match probe(socket_dir, port, data_dir).await {
-                                Ok(()) => {
-                                    info!(
-                                        data_dir = %data_dir.display(),
-                                        "reusing the PostgreSQL server (pid {}) already running on the data directory",
-                                        pf.pid
-                                    );
-                                    refresh_settings(data_dir, socket_dir, port, server_version, run_as).await;
-                                    return Ok((socket_dir.clone(), port, false));
-                                }
-                                Err(e) => format!("server pid {} is ready but does not answer: {e}", pf.pid),
+                        (Some(socket_dir), Some(port)) if status == "ready" => match probe(socket_dir, port, data_dir).await {
+                            Ok(()) => {
+                                info!(
+                                    data_dir = %data_dir.display(),
+                                    "reusing the PostgreSQL server (pid {}) already running on the data directory",
+                                    pf.pid
+                                );
+                                refresh_settings(data_dir, socket_dir, port, server_version, run_as).await;
+                                return Ok((socket_dir.clone(), port, false));
                             }
-                        }
+                            Err(e) => format!("server pid {} is ready but does not answer: {e}", pf.pid),
+                        },
                         (None, _) if status == "ready" => format!("server pid {} listens on no Unix socket", pf.pid),
                         _ => format!("server pid {} has status `{status}`", pf.pid),
                     }
@@ -1607,20 +1509,13 @@ async fn bring_up(
 /// reload it (`pg_reload_conf()`; the logging settings take effect on reload,
 /// §20.1.2 of the PostgreSQL 15 manual). A failure is logged, not fatal: the server
 /// works as it is.
-async fn refresh_settings(
-    data_dir: &Path,
-    socket_dir: &Path,
-    port: u16,
-    server_version: u32,
-    run_as: Option<&SystemUser>,
-) {
+async fn refresh_settings(data_dir: &Path, socket_dir: &Path, port: u16, server_version: u32, run_as: Option<&SystemUser>) {
     let (dir, socket, user) = (data_dir.to_path_buf(), socket_dir.to_path_buf(), run_as.cloned());
     let written = blocking(move || {
         let conf = dir.join(CONF_FILE);
         write_file_atomically(&conf, &render_conf(&socket, port, server_version))?;
         if let Some(user) = &user {
-            std::os::unix::fs::lchown(&conf, Some(user.uid), Some(user.gid))
-                .map_err(io_err(format!("changing the owner of {}", conf.display())))?;
+            std::os::unix::fs::lchown(&conf, Some(user.uid), Some(user.gid)).map_err(io_err(format!("changing the owner of {}", conf.display())))?;
         }
         Ok(())
     })
@@ -1673,9 +1568,7 @@ fn remove_stale_files(data_dir: &Path, stale: Option<&PidFile>) -> Result<(), Em
     };
     let socket = socket_dir.join(format!(".s.PGSQL.{port}"));
     let lock = socket_dir.join(format!(".s.PGSQL.{port}.lock"));
-    let owner = fs::read_to_string(&lock)
-        .ok()
-        .and_then(|t| t.lines().next().and_then(|l| l.trim().parse::<i32>().ok()));
+    let owner = fs::read_to_string(&lock).ok().and_then(|t| t.lines().next().and_then(|l| l.trim().parse::<i32>().ok()));
     if owner.map(i32::abs) == Some(*pid) {
         for path in [&lock, &socket] {
             match fs::remove_file(path) {
@@ -1742,16 +1635,10 @@ async fn launch(
         "-l".into(),
         data_dir.join(LOG_DIR).join(STARTUP_LOG).into(),
     ];
-    let start_failed = |reason: String| EmbeddedError::Start {
-        data_dir: data_dir.clone(),
-        reason,
-        log_tail: log_tail(data_dir),
-    };
+    let start_failed = |reason: String| EmbeddedError::Start { data_dir: data_dir.clone(), reason, log_tail: log_tail(data_dir) };
     match run_tool(bin_dir, run_as, "pg_ctl", &args, START_TIMEOUT + Duration::from_secs(30)).await? {
         Some(out) if out.status.success() => {}
-        Some(out) => {
-            return Err(start_failed(format!("pg_ctl start failed ({}): {}", out.status, output_text(&out))))
-        }
+        Some(out) => return Err(start_failed(format!("pg_ctl start failed ({}): {}", out.status, output_text(&out)))),
         None => return Err(start_failed("pg_ctl start did not return in time".into())),
     }
     let (socket_dir, port) = match read_pid_file(data_dir)? {
@@ -1759,31 +1646,14 @@ async fn launch(
         _ => (socket_dir, port),
     };
     probe(&socket_dir, port, data_dir).await.map_err(|e| {
-        start_failed(format!(
-            "the server started but does not accept connections on {}: {e}",
-            socket_dir.join(format!(".s.PGSQL.{port}")).display()
-        ))
+        start_failed(format!("the server started but does not accept connections on {}: {e}", socket_dir.join(format!(".s.PGSQL.{port}")).display()))
     })?;
     Ok((socket_dir, port))
 }
 
-async fn pg_ctl_stop(
-    bin_dir: &Path,
-    run_as: Option<&SystemUser>,
-    data_dir: &Path,
-    mode: &str,
-    timeout: Duration,
-) -> Result<Result<(), String>, EmbeddedError> {
-    let args: Vec<OsString> = vec![
-        "stop".into(),
-        "-D".into(),
-        data_dir.into(),
-        "-m".into(),
-        mode.into(),
-        "-w".into(),
-        "-t".into(),
-        timeout.as_secs().to_string().into(),
-    ];
+async fn pg_ctl_stop(bin_dir: &Path, run_as: Option<&SystemUser>, data_dir: &Path, mode: &str, timeout: Duration) -> Result<Result<(), String>, EmbeddedError> {
+    let args: Vec<OsString> =
+        vec!["stop".into(), "-D".into(), data_dir.into(), "-m".into(), mode.into(), "-w".into(), "-t".into(), timeout.as_secs().to_string().into()];
     Ok(match run_tool(bin_dir, run_as, "pg_ctl", &args, timeout + Duration::from_secs(30)).await? {
         Some(out) if out.status.success() => Ok(()),
         Some(out) => Err(format!("pg_ctl stop -m {mode} failed ({}): {}", out.status, output_text(&out))),
@@ -1793,21 +1663,10 @@ async fn pg_ctl_stop(
 
 /// Runs `<bin_dir>/<program>` as `run_as` (if set) from `/`, without the caller's `PG*`
 /// environment variables. `Ok(None)` on timeout (the process is killed).
-async fn run_tool(
-    bin_dir: &Path,
-    run_as: Option<&SystemUser>,
-    program: &str,
-    args: &[OsString],
-    timeout: Duration,
-) -> Result<Option<Output>, EmbeddedError> {
+async fn run_tool(bin_dir: &Path, run_as: Option<&SystemUser>, program: &str, args: &[OsString], timeout: Duration) -> Result<Option<Output>, EmbeddedError> {
     let path = bin_dir.join(program);
     let mut cmd = tokio::process::Command::new(&path);
-    cmd.args(args)
-        .current_dir("/")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
+    cmd.args(args).current_dir("/").stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
     for (key, _) in std::env::vars_os() {
         if key.as_bytes().starts_with(b"PG") {
             cmd.env_remove(key);
@@ -1906,9 +1765,7 @@ async fn maintenance_connection(socket_dir: &Path, port: u16) -> Result<PgConnec
         async move {
             tokio::time::timeout(CONNECT_TIMEOUT, PgConnection::connect_with(&options))
                 .await
-                .unwrap_or_else(|_| {
-                    Err(sqlx::Error::Io(io::Error::new(io::ErrorKind::TimedOut, "connection timed out")))
-                })
+                .unwrap_or_else(|_| Err(sqlx::Error::Io(io::Error::new(io::ErrorKind::TimedOut, "connection timed out"))))
         }
     };
     match connect("postgres").await {
@@ -1920,11 +1777,7 @@ async fn maintenance_connection(socket_dir: &Path, port: u16) -> Result<PgConnec
 /// Connects and checks that the server on that socket serves `data_dir`.
 async fn probe(socket_dir: &Path, port: u16, data_dir: &Path) -> Result<(), String> {
     let mut conn = maintenance_connection(socket_dir, port).await.map_err(|e| e.to_string())?;
-    let served = tokio::time::timeout(
-        CONNECT_TIMEOUT,
-        sqlx::query_scalar::<_, String>("SELECT current_setting('data_directory')").fetch_one(&mut conn),
-    )
-    .await;
+    let served = tokio::time::timeout(CONNECT_TIMEOUT, sqlx::query_scalar::<_, String>("SELECT current_setting('data_directory')").fetch_one(&mut conn)).await;
     let _ = conn.close().await;
     let served = match served {
         Ok(Ok(dir)) => PathBuf::from(dir),
@@ -1933,11 +1786,7 @@ async fn probe(socket_dir: &Path, port: u16, data_dir: &Path) -> Result<(), Stri
     };
     let served = fs::canonicalize(&served).unwrap_or(served);
     if served != data_dir {
-        return Err(format!(
-            "the server on that socket serves data directory {}, not {}",
-            served.display(),
-            data_dir.display()
-        ));
+        return Err(format!("the server on that socket serves data directory {}, not {}", served.display(), data_dir.display()));
     }
     Ok(())
 }
@@ -1990,10 +1839,7 @@ fn open_lock_file(path: &Path) -> Result<File, EmbeddedError> {
         .mode(0o644)
         .open(path)
         .or_else(|e| if e.kind() == io::ErrorKind::PermissionDenied { File::open(path) } else { Err(e) })
-        .map_err(io_err(format!(
-            "opening lock file {} (wardcall needs write access to the directory containing the data directory)",
-            path.display()
-        )))
+        .map_err(io_err(format!("opening lock file {} (wardcall needs write access to the directory containing the data directory)", path.display())))
 }
 
 fn try_lock_now(path: &Path, kind: LockKind) -> Result<Flock<File>, (Option<Errno>, EmbeddedError)> {
@@ -2002,9 +1848,7 @@ fn try_lock_now(path: &Path, kind: LockKind) -> Result<Flock<File>, (Option<Errn
         LockKind::Exclusive => FlockArg::LockExclusiveNonblock,
         LockKind::Shared => FlockArg::LockSharedNonblock,
     };
-    Flock::lock(file, arg).map_err(|(_, errno)| {
-        (Some(errno), io_err(format!("locking {}", path.display()))(errno.into()))
-    })
+    Flock::lock(file, arg).map_err(|(_, errno)| (Some(errno), io_err(format!("locking {}", path.display()))(errno.into())))
 }
 
 /// Takes a `flock` on `path`, polling (cancellation-safe) for up to [`LOCK_TIMEOUT`].
@@ -2016,25 +1860,14 @@ async fn acquire_lock(path: &Path, kind: LockKind) -> Result<Flock<File>, Embedd
             Ok(lock) => {
                 if kind == LockKind::Exclusive {
                     let mut file: &File = &lock;
-                    let _ = file
-                        .set_len(0)
-                        .and_then(|()| file.seek(SeekFrom::Start(0)))
-                        .and_then(|_| writeln!(file, "pid {}", std::process::id()));
+                    let _ = file.set_len(0).and_then(|()| file.seek(SeekFrom::Start(0))).and_then(|_| writeln!(file, "pid {}", std::process::id()));
                 }
                 return Ok(lock);
             }
             Err((Some(errno), _)) if errno == Errno::EWOULDBLOCK || errno == Errno::EINTR => {
-                let holder = fs::read_to_string(path)
-                    .ok()
-                    .map(|t| t.trim().to_owned())
-                    .filter(|t| !t.is_empty())
-                    .unwrap_or_else(|| "unknown".into());
+                let holder = fs::read_to_string(path).ok().map(|t| t.trim().to_owned()).filter(|t| !t.is_empty()).unwrap_or_else(|| "unknown".into());
                 if started.elapsed() >= LOCK_TIMEOUT {
-                    return Err(EmbeddedError::LockTimeout {
-                        path: path.to_path_buf(),
-                        waited_secs: started.elapsed().as_secs(),
-                        holder,
-                    });
+                    return Err(EmbeddedError::LockTimeout { path: path.to_path_buf(), waited_secs: started.elapsed().as_secs(), holder });
                 }
                 if started.elapsed() < POLL_INTERVAL {
                     info!(
@@ -2057,10 +1890,7 @@ where
     match tokio::task::spawn_blocking(f).await {
         Ok(result) => result,
         Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-        Err(e) => Err(EmbeddedError::Io {
-            context: "file-system task of the embedded PostgreSQL was cancelled".into(),
-            source: io::Error::other(e),
-        }),
+        Err(e) => Err(EmbeddedError::Io { context: "file-system task of the embedded PostgreSQL was cancelled".into(), source: io::Error::other(e) }),
     }
 }
 
@@ -2107,12 +1937,7 @@ mod tests {
         let text = "4242\n/var/lib/wardcall/postgres\n1700000000\n5432\n/var/lib/wardcall/postgres\n\n  5432001  32768\nready   \n";
         assert_eq!(
             parse_pid_file(text),
-            Some(PidFile {
-                pid: 4242,
-                port: Some(5432),
-                socket_dir: Some("/var/lib/wardcall/postgres".into()),
-                status: Some("ready".into()),
-            })
+            Some(PidFile { pid: 4242, port: Some(5432), socket_dir: Some("/var/lib/wardcall/postgres".into()), status: Some("ready".into()) })
         );
         assert_eq!(parse_pid_file("-77\n/d\n").map(|p| (p.pid, p.status)), Some((77, None)));
         assert_eq!(parse_pid_file(""), None);

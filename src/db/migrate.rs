@@ -39,22 +39,13 @@ pub async fn migrate(pool: &PgPool) -> anyhow::Result<usize> {
         )
         .execute(&mut *tx)
         .await?;
-        let done: Option<i32> = sqlx::query_scalar("SELECT version FROM wardcall.schema_migrations WHERE version = $1")
-            .bind(version)
-            .fetch_optional(&mut *tx)
-            .await?;
+        let done: Option<i32> =
+            sqlx::query_scalar("SELECT version FROM wardcall.schema_migrations WHERE version = $1").bind(version).fetch_optional(&mut *tx).await?;
         if done.is_some() {
             continue;
         }
-        sqlx::raw_sql(sql)
-            .execute(&mut *tx)
-            .await
-            .with_context(|| format!("migration {version} ({name}) failed"))?;
-        sqlx::query("INSERT INTO wardcall.schema_migrations (version, name) VALUES ($1, $2)")
-            .bind(version)
-            .bind(name)
-            .execute(&mut *tx)
-            .await?;
+        sqlx::raw_sql(sql).execute(&mut *tx).await.with_context(|| format!("migration {version} ({name}) failed"))?;
+        sqlx::query("INSERT INTO wardcall.schema_migrations (version, name) VALUES ($1, $2)").bind(version).bind(name).execute(&mut *tx).await?;
         tx.commit().await?;
         tracing::info!(version, name, "applied migration");
         applied += 1;

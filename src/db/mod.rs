@@ -84,10 +84,7 @@ impl Database {
 /// (PostgreSQL manual, 19.11.1 "Statement Behavior"; 55.2.1 startup `options`).
 /// Statements that need longer set their own `SET LOCAL` (migrations, write-backs).
 pub fn session_options(options: PgConnectOptions, settings: &EngineConfig) -> PgConnectOptions {
-    options.options([
-        ("statement_timeout", settings.statement_timeout_ms.to_string()),
-        ("lock_timeout", settings.lock_timeout_ms.to_string()),
-    ])
+    options.options([("statement_timeout", settings.statement_timeout_ms.to_string()), ("lock_timeout", settings.lock_timeout_ms.to_string())])
 }
 
 /// A pool over `options` with at most `size` connections and the default
@@ -112,12 +109,7 @@ pub async fn connect_pool(options: PgConnectOptions, size: u32) -> anyhow::Resul
 pub async fn connect_pool_with(options: PgConnectOptions, settings: &EngineConfig) -> anyhow::Result<PgPool> {
     let options = sqlx::ConnectOptions::disable_statement_logging(session_options(options.application_name("wardcall"), settings));
     let acquire = Duration::from_millis(settings.acquire_timeout_ms);
-    let result = PgPoolOptions::new()
-        .max_connections(settings.pool_size)
-        .min_connections(1)
-        .acquire_timeout(acquire)
-        .connect_with(options.clone())
-        .await;
+    let result = PgPoolOptions::new().max_connections(settings.pool_size).min_connections(1).acquire_timeout(acquire).connect_with(options.clone()).await;
     match result {
         Ok(pool) => Ok(pool),
         Err(e) => {

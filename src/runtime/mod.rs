@@ -126,8 +126,7 @@ impl Health {
 /// Errors: a database error.
 pub async fn status_problems(pool: &sqlx::PgPool, config: &Config) -> Result<Vec<String>, sqlx::Error> {
     let names: Vec<String> = config.sources.iter().map(|s| s.name.clone()).collect();
-    let mut problems: Vec<String> =
-        store::capture_problems(pool, &names).await?.into_iter().map(|(source, p)| format!("source {source}: {p}")).collect();
+    let mut problems: Vec<String> = store::capture_problems(pool, &names).await?.into_iter().map(|(source, p)| format!("source {source}: {p}")).collect();
     let traces = store::engine_traces(pool).await?;
     if traces.listeners == 0 {
         problems.push(format!("listener: no engine is listening on this database (no {LISTENER_APPLICATION_NAME} session)"));
@@ -467,10 +466,7 @@ impl Engine {
             }
         }
         if !unrouted.is_empty() {
-            sqlx::query("UPDATE wardcall.outbox SET unrouted_at = clock_timestamp() WHERE id = ANY($1)")
-                .bind(&unrouted)
-                .execute(&mut *tx)
-                .await?;
+            sqlx::query("UPDATE wardcall.outbox SET unrouted_at = clock_timestamp() WHERE id = ANY($1)").bind(&unrouted).execute(&mut *tx).await?;
         }
         // Take as many runs as there are free worker slots: they start leased
         // to us. Critical runs come first; other runs take no slot while a
@@ -678,11 +674,8 @@ impl Engine {
                 match std::panic::AssertUnwindSafe(workflows::run_step(&mut ctx)).catch_unwind().await {
                     Ok(r) => r,
                     Err(panic) => {
-                        let msg = panic
-                            .downcast_ref::<String>()
-                            .map(String::as_str)
-                            .or_else(|| panic.downcast_ref::<&str>().copied())
-                            .unwrap_or("(no message)");
+                        let msg =
+                            panic.downcast_ref::<String>().map(String::as_str).or_else(|| panic.downcast_ref::<&str>().copied()).unwrap_or("(no message)");
                         Err(StepError::Retryable(anyhow::anyhow!("step panicked: {msg}")))
                     }
                 }
@@ -720,7 +713,11 @@ impl Engine {
                 }
                 Err(StepError::LeaseLost) => false,
                 Err(StepError::Retryable(err)) => {
-                    let delay = if pages { retry_delay_ms(&workflow, run.step_attempt + 1).min(ESCALATION_RETRY_CAP_MS) } else { retry_delay_ms(&workflow, run.step_attempt + 1) };
+                    let delay = if pages {
+                        retry_delay_ms(&workflow, run.step_attempt + 1).min(ESCALATION_RETRY_CAP_MS)
+                    } else {
+                        retry_delay_ms(&workflow, run.step_attempt + 1)
+                    };
                     let msg = crate::capture::error_text(&err);
                     tracing::warn!(run = %run.id, step = %run.step, attempt = run.step_attempt + 1, error = %msg, "step failed");
                     let max_attempts = if pages { u32::MAX } else { workflow.max_attempts };
@@ -737,10 +734,7 @@ impl Engine {
                 Err(StepError::Permanent(err)) => {
                     let msg = crate::capture::error_text(&err);
                     tracing::error!(run = %run.id, step = %run.step, error = %msg, "step failed permanently");
-                    matches!(
-                        store::commit_transition(&self.db.pool, &run, &state, &run.step, &Parking::Fail { error: msg }, &actor).await,
-                        Ok(Some(_))
-                    )
+                    matches!(store::commit_transition(&self.db.pool, &run, &state, &run.step, &Parking::Fail { error: msg }, &actor).await, Ok(Some(_)))
                 }
             };
             if !committed {

@@ -127,13 +127,11 @@ pub async fn renew_lease(pool: &PgPool, id: Uuid, token: i64, lease_ms: i64) -> 
 /// Locks the run row if this engine still holds it with `token`. The first
 /// statement of every fenced transaction; `false` means the lease was lost.
 pub async fn lock_fenced(conn: &mut PgConnection, id: Uuid, token: i64) -> Result<bool, sqlx::Error> {
-    let found: Option<i32> = sqlx::query_scalar(
-        "SELECT 1 FROM wardcall.runs WHERE id = $1 AND fencing_token = $2 AND status = 'running' FOR UPDATE",
-    )
-    .bind(id)
-    .bind(token)
-    .fetch_optional(conn)
-    .await?;
+    let found: Option<i32> = sqlx::query_scalar("SELECT 1 FROM wardcall.runs WHERE id = $1 AND fencing_token = $2 AND status = 'running' FOR UPDATE")
+        .bind(id)
+        .bind(token)
+        .fetch_optional(conn)
+        .await?;
     Ok(found.is_some())
 }
 
@@ -168,18 +166,13 @@ pub async fn resolve_wait(pool: &PgPool, run: &ClaimedRun, actor: &str) -> Resul
     .fetch_optional(&mut *tx)
     .await?;
     let outcome = if let Some((signal_id, payload)) = found {
-        sqlx::query("UPDATE wardcall.signals SET consumed_at = clock_timestamp() WHERE id = $1")
-            .bind(signal_id)
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query("UPDATE wardcall.signals SET consumed_at = clock_timestamp() WHERE id = $1").bind(signal_id).execute(&mut *tx).await?;
         json!({"signal": signal, "payload": payload, "signal_id": signal_id})
     } else {
-        let expired: bool = sqlx::query_scalar(
-            "SELECT coalesce(wait_deadline <= clock_timestamp(), true) FROM wardcall.runs WHERE id = $1",
-        )
-        .bind(run.id)
-        .fetch_one(&mut *tx)
-        .await?;
+        let expired: bool = sqlx::query_scalar("SELECT coalesce(wait_deadline <= clock_timestamp(), true) FROM wardcall.runs WHERE id = $1")
+            .bind(run.id)
+            .fetch_one(&mut *tx)
+            .await?;
         if !expired {
             sqlx::query(
                 "UPDATE wardcall.runs SET status = 'waiting', due_at = wait_deadline, lease_owner = NULL,
@@ -193,11 +186,7 @@ pub async fn resolve_wait(pool: &PgPool, run: &ClaimedRun, actor: &str) -> Resul
         }
         json!({"timeout": true, "signal": signal})
     };
-    sqlx::query("UPDATE wardcall.runs SET wait_signal = NULL, wait_outcome = $2 WHERE id = $1")
-        .bind(run.id)
-        .bind(&outcome)
-        .execute(&mut *tx)
-        .await?;
+    sqlx::query("UPDATE wardcall.runs SET wait_signal = NULL, wait_outcome = $2 WHERE id = $1").bind(run.id).bind(&outcome).execute(&mut *tx).await?;
     let action = if outcome.get("timeout").is_some() { "run.wait_timed_out" } else { "run.signal_received" };
     audit::record(&mut tx, Entity::Run, &run.id.to_string(), action, Some("waiting"), Some("running"), actor, json!({"signal": signal, "step": run.step}))
         .await?;
@@ -211,11 +200,19 @@ pub enum Parking {
     /// Keep the lease and go on with `step` at once.
     Continue,
     /// Sleep until the due time.
-    Sleep { due_at_epoch_ms: Option<i64>, delay_ms: i64 },
+    Sleep {
+        due_at_epoch_ms: Option<i64>,
+        delay_ms: i64,
+    },
     /// Wait for `signal` until `timeout_ms` from now.
-    Wait { signal: String, timeout_ms: i64 },
+    Wait {
+        signal: String,
+        timeout_ms: i64,
+    },
     Complete,
-    Fail { error: String },
+    Fail {
+        error: String,
+    },
 }
 
 /// Commits a step's transition if the lease still holds: new state and step,
@@ -396,12 +393,11 @@ pub struct CancelledRun {
 /// Returns `None` when the run was not live. The calls of the alert are ended
 /// by the engines' call sweeper (ARCHITECTURE.md, "Cancel hangs up").
 pub async fn cancel_run_in(tx: &mut PgConnection, id: Uuid, actor: &str, reason: &str) -> Result<Option<CancelledRun>, sqlx::Error> {
-    let previous: Option<(String, String, Value)> = sqlx::query_as(
-        "SELECT status, workflow, input FROM wardcall.runs WHERE id = $1 AND status IN ('pending','running','sleeping','waiting') FOR UPDATE",
-    )
-    .bind(id)
-    .fetch_optional(&mut *tx)
-    .await?;
+    let previous: Option<(String, String, Value)> =
+        sqlx::query_as("SELECT status, workflow, input FROM wardcall.runs WHERE id = $1 AND status IN ('pending','running','sleeping','waiting') FOR UPDATE")
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?;
     let Some((previous, workflow, input)) = previous else {
         return Ok(None);
     };
@@ -422,7 +418,8 @@ pub async fn cancel_run_in(tx: &mut PgConnection, id: Uuid, actor: &str, reason:
     .fetch_optional(&mut *tx)
     .await?;
     if let Some(alert) = alert {
-        audit::record(&mut *tx, Entity::Alert, &alert.to_string(), "alert.cancelled", Some("open"), Some("cancelled"), actor, json!({"reason": reason})).await?;
+        audit::record(&mut *tx, Entity::Alert, &alert.to_string(), "alert.cancelled", Some("open"), Some("cancelled"), actor, json!({"reason": reason}))
+            .await?;
         // Wakes the engines' call sweepers, which end the alert's calls.
         sqlx::query("SELECT pg_notify('wardcall_wake', '')").execute(&mut *tx).await?;
     }
@@ -434,12 +431,7 @@ pub async fn cancel_run_in(tx: &mut PgConnection, id: Uuid, actor: &str, reason:
 ///
 /// Errors: the run does not exist (SQLSTATE `P0002`), or a database error.
 pub async fn send_signal(conn: &mut PgConnection, run: Uuid, name: &str, payload: &Value) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar("SELECT wardcall.send_signal($1, $2, $3)")
-        .bind(run)
-        .bind(name)
-        .bind(payload)
-        .fetch_one(conn)
-        .await
+    sqlx::query_scalar("SELECT wardcall.send_signal($1, $2, $3)").bind(run).bind(name).bind(payload).fetch_one(conn).await
 }
 
 /// Releases the leases this engine holds (graceful shutdown): the runs become
@@ -476,9 +468,7 @@ pub struct StatusCounts {
 
 /// Reads the run and outbox counts.
 pub async fn status_counts(pool: &PgPool) -> Result<StatusCounts, sqlx::Error> {
-    let rows: Vec<(String, i64)> = sqlx::query_as("SELECT status, count(*) FROM wardcall.runs GROUP BY status")
-        .fetch_all(pool)
-        .await?;
+    let rows: Vec<(String, i64)> = sqlx::query_as("SELECT status, count(*) FROM wardcall.runs GROUP BY status").fetch_all(pool).await?;
     let get = |s: &str| rows.iter().find(|(k, _)| k == s).map(|(_, n)| *n).unwrap_or(0);
     let (backlog, oldest): (i64, Option<f64>) = sqlx::query_as(
         "SELECT count(*), extract(epoch FROM clock_timestamp() - min(created_at))::float8

@@ -39,10 +39,7 @@ pub const CONNECTION_OVERRIDES: &str = "ct=3000&rt=6000&tt=15000&rc=5&rp=ct,rt,5
 /// fragment): that URL with wardcall's fragment (what the configured URL and
 /// the SDK validators use), and the URL without it.
 pub fn signed_url_candidates(url_without_fragment: &str) -> [String; 2] {
-    [
-        format!("{url_without_fragment}#{CONNECTION_OVERRIDES}"),
-        url_without_fragment.to_string(),
-    ]
+    [format!("{url_without_fragment}#{CONNECTION_OVERRIDES}"), url_without_fragment.to_string()]
 }
 
 /// Connection overrides parsed from a URL fragment, with Twilio's documented
@@ -93,11 +90,7 @@ impl ConnectionOverrides {
             return (url, ConnectionOverrides::default());
         };
         let mut o = ConnectionOverrides::default();
-        let ms = |v: &str, min: u64, max: u64| {
-            v.parse::<u64>()
-                .ok()
-                .map(|n| Duration::from_millis(n.clamp(min, max)))
-        };
+        let ms = |v: &str, min: u64, max: u64| v.parse::<u64>().ok().map(|n| Duration::from_millis(n.clamp(min, max)));
         for pair in fragment.split('&') {
             let Some((k, v)) = pair.split_once('=') else {
                 continue;
@@ -132,10 +125,7 @@ mod tests {
         let u = crate::twilio::callback_url("https://w.example.org/", "gather", a);
         assert_eq!(u, format!("https://w.example.org/webhooks/twilio/gather?attempt={a}#ct=3000&rt=6000&tt=15000&rc=5&rp=ct,rt,5xx"));
         let (base, o) = ConnectionOverrides::from_url(&u);
-        assert_eq!(
-            base,
-            format!("https://w.example.org/webhooks/twilio/gather?attempt={a}")
-        );
+        assert_eq!(base, format!("https://w.example.org/webhooks/twilio/gather?attempt={a}"));
         assert_eq!(o.retry_count, 5);
         assert!(o.retry_5xx && o.retry_connect_failure && o.retry_read_timeout && !o.retry_4xx);
         assert_eq!(o.read_timeout, Duration::from_millis(6000));

@@ -48,11 +48,7 @@ pub struct TwilioClient {
 
 impl std::fmt::Debug for TwilioClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TwilioClient")
-            .field("api_base", &self.api_base)
-            .field("account_sid", &self.account_sid)
-            .field("auth_token", &"<redacted>")
-            .finish()
+        f.debug_struct("TwilioClient").field("api_base", &self.api_base).field("account_sid", &self.account_sid).field("auth_token", &"<redacted>").finish()
     }
 }
 
@@ -177,9 +173,7 @@ impl TwilioError {
     pub fn is_retryable(&self) -> bool {
         match self {
             TwilioError::Transport(_) => true,
-            TwilioError::Api { http_status, .. } => {
-                *http_status == 429 || (500..=599).contains(http_status)
-            }
+            TwilioError::Api { http_status, .. } => *http_status == 429 || (500..=599).contains(http_status),
             TwilioError::Decode(_) | TwilioError::InvalidRequest(_) => false,
         }
     }
@@ -318,8 +312,7 @@ impl TwilioClient {
             tracing::warn!(http_status = status, code = ?error_code(&err), "Twilio refused to create call");
             return Err(err);
         }
-        let call: CreatedCall = serde_json::from_slice(&body)
-            .map_err(|e| TwilioError::Decode(format!("call resource (HTTP {status}): {e}")))?;
+        let call: CreatedCall = serde_json::from_slice(&body).map_err(|e| TwilioError::Decode(format!("call resource (HTTP {status}): {e}")))?;
         tracing::debug!(call_sid = %call.sid, status = %call.status, "Twilio call created");
         Ok(call)
     }
@@ -351,12 +344,7 @@ impl TwilioClient {
             return Ok(());
         }
         let err = api_error(status, &body);
-        if let TwilioError::Api {
-            http_status: 400,
-            code: Some(21220),
-            ..
-        } = err
-        {
+        if let TwilioError::Api { http_status: 400, code: Some(21220), .. } = err {
             tracing::debug!(call_sid, "Twilio call had already ended");
             return Ok(());
         }
@@ -367,32 +355,17 @@ impl TwilioClient {
     /// `{api_base}/2010-04-01/Accounts/{AccountSid}/{segments…}`, each
     /// segment percent-encoded so that an odd SID cannot change the path.
     fn endpoint(&self, segments: &[&str]) -> Result<url::Url, TwilioError> {
-        let mut url = url::Url::parse(&self.api_base).map_err(|e| {
-            TwilioError::InvalidRequest(format!("api_base is not an absolute URL: {e}"))
-        })?;
+        let mut url = url::Url::parse(&self.api_base).map_err(|e| TwilioError::InvalidRequest(format!("api_base is not an absolute URL: {e}")))?;
         {
-            let mut path = url.path_segments_mut().map_err(|()| {
-                TwilioError::InvalidRequest("api_base cannot be a base URL".to_string())
-            })?;
-            path.pop_if_empty()
-                .extend(["2010-04-01", "Accounts", self.account_sid.as_str()])
-                .extend(segments);
+            let mut path = url.path_segments_mut().map_err(|()| TwilioError::InvalidRequest("api_base cannot be a base URL".to_string()))?;
+            path.pop_if_empty().extend(["2010-04-01", "Accounts", self.account_sid.as_str()]).extend(segments);
         }
         Ok(url)
     }
 
-    async fn post_form(
-        &self,
-        url: url::Url,
-        form: &[(&str, String)],
-    ) -> Result<(u16, Vec<u8>), TwilioError> {
-        let body = serde_urlencoded::to_string(form)
-            .map_err(|e| TwilioError::InvalidRequest(format!("form encoding: {e}")))?;
-        let request = self
-            .http
-            .post(url)
-            .header(reqwest::header::CONTENT_TYPE, "application/x-www-form-urlencoded")
-            .body(body);
+    async fn post_form(&self, url: url::Url, form: &[(&str, String)]) -> Result<(u16, Vec<u8>), TwilioError> {
+        let body = serde_urlencoded::to_string(form).map_err(|e| TwilioError::InvalidRequest(format!("form encoding: {e}")))?;
+        let request = self.http.post(url).header(reqwest::header::CONTENT_TYPE, "application/x-www-form-urlencoded").body(body);
         self.send(request).await
     }
 }
@@ -404,9 +377,7 @@ impl TwilioClient {
 /// (repeated parameters, as Twilio's helper libraries send list
 /// parameters), `Timeout`, and with machine detection `MachineDetection=Enable`,
 /// `AsyncAmd=true`, `AsyncAmdStatusCallback`, `AsyncAmdStatusCallbackMethod=POST`.
-pub fn create_call_form(
-    req: &CreateCallRequest,
-) -> Result<Vec<(&'static str, String)>, TwilioError> {
+pub fn create_call_form(req: &CreateCallRequest) -> Result<Vec<(&'static str, String)>, TwilioError> {
     let mut form: Vec<(&'static str, String)> = vec![
         ("To", req.to.clone()),
         ("From", req.from.clone()),
@@ -414,17 +385,11 @@ pub fn create_call_form(
         ("StatusCallback", req.status_callback.clone()),
         ("StatusCallbackMethod", "POST".to_string()),
     ];
-    form.extend(
-        STATUS_CALLBACK_EVENTS
-            .iter()
-            .map(|e| ("StatusCallbackEvent", e.to_string())),
-    );
+    form.extend(STATUS_CALLBACK_EVENTS.iter().map(|e| ("StatusCallbackEvent", e.to_string())));
     form.push(("Timeout", req.ring_timeout_seconds.to_string()));
     if req.machine_detection {
         let Some(amd_callback) = &req.async_amd_status_callback else {
-            return Err(TwilioError::InvalidRequest(
-                "machine_detection requires async_amd_status_callback".to_string(),
-            ));
+            return Err(TwilioError::InvalidRequest("machine_detection requires async_amd_status_callback".to_string()));
         };
         form.extend([
             ("MachineDetection", "Enable".to_string()),
@@ -455,23 +420,15 @@ fn transport_error(e: reqwest::Error) -> TwilioError {
     } else {
         "request failed"
     };
-    let detail = std::error::Error::source(&e)
-        .map(|s| s.to_string())
-        .unwrap_or_default();
-    TwilioError::Transport(if detail.is_empty() {
-        kind.to_string()
-    } else {
-        format!("{kind}: {detail}")
-    })
+    let detail = std::error::Error::source(&e).map(|s| s.to_string()).unwrap_or_default();
+    TwilioError::Transport(if detail.is_empty() { kind.to_string() } else { format!("{kind}: {detail}") })
 }
 
 async fn read_capped(mut response: reqwest::Response) -> Result<Vec<u8>, TwilioError> {
     let mut body = Vec::new();
     while let Some(chunk) = response.chunk().await.map_err(transport_error)? {
         if body.len() + chunk.len() > MAX_RESPONSE_BYTES {
-            return Err(TwilioError::Decode(format!(
-                "response body larger than {MAX_RESPONSE_BYTES} bytes"
-            )));
+            return Err(TwilioError::Decode(format!("response body larger than {MAX_RESPONSE_BYTES} bytes")));
         }
         body.extend_from_slice(&chunk);
     }
@@ -481,24 +438,16 @@ async fn read_capped(mut response: reqwest::Response) -> Result<Vec<u8>, TwilioE
 /// Builds [`TwilioError::Api`] from a non-success response.
 pub(crate) fn api_error(http_status: u16, body: &[u8]) -> TwilioError {
     match serde_json::from_slice::<ApiErrorBody>(body) {
-        Ok(parsed) if parsed.code.is_some() || parsed.message.is_some() => TwilioError::Api {
-            http_status,
-            code: parsed.code,
-            message: parsed.message.unwrap_or_default(),
-            more_info: parsed.more_info,
-        },
+        Ok(parsed) if parsed.code.is_some() || parsed.message.is_some() => {
+            TwilioError::Api { http_status, code: parsed.code, message: parsed.message.unwrap_or_default(), more_info: parsed.more_info }
+        }
         _ => {
             let text = String::from_utf8_lossy(body);
             let mut message: String = text.chars().take(200).collect();
             if message.is_empty() {
                 message = "(empty body)".to_string();
             }
-            TwilioError::Api {
-                http_status,
-                code: None,
-                message,
-                more_info: None,
-            }
+            TwilioError::Api { http_status, code: None, message, more_info: None }
         }
     }
 }
@@ -567,15 +516,10 @@ mod tests {
         let mut no_amd = request();
         no_amd.machine_detection = false;
         let form = create_call_form(&no_amd).unwrap();
-        assert!(form
-            .iter()
-            .all(|(k, _)| !k.contains("Amd") && *k != "MachineDetection"));
+        assert!(form.iter().all(|(k, _)| !k.contains("Amd") && *k != "MachineDetection"));
         no_amd.machine_detection = true;
         no_amd.async_amd_status_callback = None;
-        assert!(matches!(
-            create_call_form(&no_amd),
-            Err(TwilioError::InvalidRequest(_))
-        ));
+        assert!(matches!(create_call_form(&no_amd), Err(TwilioError::InvalidRequest(_))));
     }
 
     #[test]
@@ -583,21 +527,12 @@ mod tests {
         let http = reqwest::Client::new();
         for base in ["https://api.twilio.com", "https://api.twilio.com/"] {
             let c = TwilioClient::new(http.clone(), base, "AC123", "tok");
-            assert_eq!(
-                c.endpoint(&["Calls.json"]).unwrap().as_str(),
-                "https://api.twilio.com/2010-04-01/Accounts/AC123/Calls.json"
-            );
+            assert_eq!(c.endpoint(&["Calls.json"]).unwrap().as_str(), "https://api.twilio.com/2010-04-01/Accounts/AC123/Calls.json");
         }
         let c = TwilioClient::new(http.clone(), "http://127.0.0.1:8080/", "AC1", "tok");
-        assert_eq!(
-            c.endpoint(&["Calls", "CA/../x?.json"]).unwrap().as_str(),
-            "http://127.0.0.1:8080/2010-04-01/Accounts/AC1/Calls/CA%2F..%2Fx%3F.json"
-        );
+        assert_eq!(c.endpoint(&["Calls", "CA/../x?.json"]).unwrap().as_str(), "http://127.0.0.1:8080/2010-04-01/Accounts/AC1/Calls/CA%2F..%2Fx%3F.json");
         let bad = TwilioClient::new(http, "api.twilio.com", "AC1", "tok");
-        assert!(matches!(
-            bad.endpoint(&["Calls.json"]),
-            Err(TwilioError::InvalidRequest(_))
-        ));
+        assert!(matches!(bad.endpoint(&["Calls.json"]), Err(TwilioError::InvalidRequest(_))));
     }
 
     #[test]
@@ -608,7 +543,8 @@ mod tests {
 
     #[test]
     fn api_error_parsing() {
-        let body = br#"{"code": 21211, "message": "Invalid 'To' Phone Number: +1555123", "more_info": "https://www.twilio.com/docs/errors/21211", "status": 400}"#;
+        let body =
+            br#"{"code": 21211, "message": "Invalid 'To' Phone Number: +1555123", "more_info": "https://www.twilio.com/docs/errors/21211", "status": 400}"#;
         let err = api_error(400, body);
         assert_eq!(
             err,
@@ -621,34 +557,20 @@ mod tests {
         );
         assert!(!err.is_retryable());
         let shown = err.to_string();
-        assert!(
-            shown.contains("21211") && !shown.contains("1555123"),
-            "{shown}"
-        );
+        assert!(shown.contains("21211") && !shown.contains("1555123"), "{shown}");
 
         let err = api_error(502, b"<html>Bad gateway</html>");
-        assert!(
-            matches!(&err, TwilioError::Api { http_status: 502, code: None, message, .. } if message.contains("Bad gateway"))
-        );
+        assert!(matches!(&err, TwilioError::Api { http_status: 502, code: None, message, .. } if message.contains("Bad gateway")));
         assert!(err.is_retryable());
-        assert!(api_error(
-            429,
-            br#"{"code":20429,"message":"Too Many Requests","status":429}"#
-        )
-        .is_retryable());
-        assert!(
-            matches!(api_error(500, b""), TwilioError::Api { code: None, ref message, .. } if message == "(empty body)")
-        );
+        assert!(api_error(429, br#"{"code":20429,"message":"Too Many Requests","status":429}"#).is_retryable());
+        assert!(matches!(api_error(500, b""), TwilioError::Api { code: None, ref message, .. } if message == "(empty body)"));
         assert!(TwilioError::Transport("x".into()).is_retryable());
         assert!(!TwilioError::Decode("x".into()).is_retryable());
     }
 
     #[test]
     fn redaction() {
-        assert_eq!(
-            redact_phone_numbers("Invalid 'To' Phone Number: +44 7700900123, code 21211"),
-            "Invalid 'To' Phone Number: +44 [redacted], code 21211"
-        );
+        assert_eq!(redact_phone_numbers("Invalid 'To' Phone Number: +44 7700900123, code 21211"), "Invalid 'To' Phone Number: +44 [redacted], code 21211");
         assert_eq!(redact_phone_numbers("+15551230001"), "[redacted]");
         assert_eq!(redact_phone_numbers("a+b 12345"), "a+b 12345");
         assert_eq!(redact_phone_numbers(""), "");
@@ -661,12 +583,7 @@ mod tests {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap().port()
         };
-        let c = TwilioClient::new(
-            reqwest::Client::new(),
-            &format!("http://127.0.0.1:{port}"),
-            "AC1",
-            "tok",
-        );
+        let c = TwilioClient::new(reqwest::Client::new(), &format!("http://127.0.0.1:{port}"), "AC1", "tok");
         let err = c.create_call(&request()).await.unwrap_err();
         assert!(matches!(err, TwilioError::Transport(_)), "{err:?}");
         assert!(err.is_retryable());

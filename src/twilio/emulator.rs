@@ -90,11 +90,7 @@ pub enum Persona {
     /// returned is executed in turn. Once `digits` is used up, the callee
     /// presses nothing more and hangs up when the TwiML ends.
     /// If `ring_ms` exceeds the request's `Timeout`, the call is `no-answer`.
-    Answer {
-        ring_ms: u64,
-        think_ms: u64,
-        digits: String,
-    },
+    Answer { ring_ms: u64, think_ms: u64, digits: String },
     /// Rings until the request's `Timeout` (seconds) expires: `no-answer`.
     NoAnswer,
     /// `busy` right after `initiated`.
@@ -157,22 +153,14 @@ pub enum CallbackKind {
 #[derive(Clone, Debug)]
 pub enum EmulatorEvent {
     /// The API accepted a call (HTTP 201).
-    CallCreated {
-        sid: String,
-        to: String,
-        received_at: Instant,
-    },
+    CallCreated { sid: String, to: String, received_at: Instant },
     /// A webhook try was made (one event per try: a retry asked for by the
     /// URL's connection overrides is another event). `status` is the
     /// engine's HTTP status, or `None` if the request failed (connect error,
     /// read timeout: 15 s, or the override's `rt`). Non-2xx answers that are
     /// not retried are recorded and the call carries on, as on Twilio (which
     /// logs a debugger warning); a failed TwiML fetch ends the call.
-    CallbackSent {
-        sid: String,
-        kind: CallbackKind,
-        status: Option<u16>,
-    },
+    CallbackSent { sid: String, kind: CallbackKind, status: Option<u16> },
     /// The call reached its final status and the final webhook was sent.
     CallEnded { sid: String, final_status: String },
 }
@@ -210,18 +198,10 @@ impl TwilioEmulator {
     ///
     /// Errors if the listener has no local address, the account SID or
     /// Auth Token is empty, or the webhook HTTP client cannot be built.
-    pub async fn start(
-        config: EmulatorConfig,
-        listener: tokio::net::TcpListener,
-    ) -> anyhow::Result<EmulatorHandle> {
-        anyhow::ensure!(
-            !config.account_sid.is_empty() && !config.auth_token.is_empty(),
-            "the emulator needs an account SID and an auth token"
-        );
+    pub async fn start(config: EmulatorConfig, listener: tokio::net::TcpListener) -> anyhow::Result<EmulatorHandle> {
+        anyhow::ensure!(!config.account_sid.is_empty() && !config.auth_token.is_empty(), "the emulator needs an account SID and an auth token");
         let addr = listener.local_addr()?;
-        let http = reqwest::Client::builder()
-            .timeout(WEBHOOK_TIMEOUT)
-            .build()?;
+        let http = reqwest::Client::builder().timeout(WEBHOOK_TIMEOUT).build()?;
         let (events, _) = broadcast::channel(4096);
         let inner = Arc::new(Inner {
             account_sid: config.account_sid,
@@ -250,12 +230,7 @@ impl TwilioEmulator {
             }
         });
         tracing::info!(%addr, "Twilio emulator listening");
-        Ok(EmulatorHandle {
-            inner,
-            addr,
-            server: Some(server),
-            shutdown_tx: Some(shutdown_tx),
-        })
+        Ok(EmulatorHandle { inner, addr, server: Some(server), shutdown_tx: Some(shutdown_tx) })
     }
 }
 
@@ -273,12 +248,8 @@ impl EmulatorHandle {
     /// (an unspecified bind address is reported as loopback).
     pub fn base_url(&self) -> String {
         let ip = match self.addr.ip() {
-            std::net::IpAddr::V4(v4) if v4.is_unspecified() => {
-                std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)
-            }
-            std::net::IpAddr::V6(v6) if v6.is_unspecified() => {
-                std::net::IpAddr::V6(std::net::Ipv6Addr::LOCALHOST)
-            }
+            std::net::IpAddr::V4(v4) if v4.is_unspecified() => std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+            std::net::IpAddr::V6(v6) if v6.is_unspecified() => std::net::IpAddr::V6(std::net::Ipv6Addr::LOCALHOST),
             ip => ip,
         };
         format!("http://{}", SocketAddr::new(ip, self.addr.port()))
@@ -292,9 +263,7 @@ impl EmulatorHandle {
     /// Sets the behaviour of callee `number` (E.164) for calls created from
     /// now on; calls in progress keep theirs.
     pub fn set_persona(&self, number: &str, persona: Persona) {
-        lock(&self.inner.state)
-            .personas
-            .insert(number.to_string(), persona);
+        lock(&self.inner.state).personas.insert(number.to_string(), persona);
     }
 
     /// Fault mode: answer every create-call request `delay` late (the call is
@@ -323,11 +292,7 @@ impl EmulatorHandle {
 
     /// Every call the API accepted, in arrival order, as of now.
     pub fn calls(&self) -> Vec<EmulatedCall> {
-        lock(&self.inner.state)
-            .calls
-            .iter()
-            .map(|r| r.call.clone())
-            .collect()
+        lock(&self.inner.state).calls.iter().map(|r| r.call.clone()).collect()
     }
 
     /// A receiver of every [`EmulatorEvent`] from now on (buffer of 4096;
@@ -345,10 +310,7 @@ impl EmulatorHandle {
             let _ = tx.send(());
         }
         if let Some(mut server) = self.server.take() {
-            if tokio::time::timeout(Duration::from_secs(5), &mut server)
-                .await
-                .is_err()
-            {
+            if tokio::time::timeout(Duration::from_secs(5), &mut server).await.is_err() {
                 server.abort();
             }
         }
@@ -435,9 +397,7 @@ impl CallRecord {
             self.call.final_status = Some(status.to_string());
             self.end_time = Some(now);
             self.date_updated = now;
-            self.duration_secs = self
-                .answered_at
-                .map(|t| t.elapsed().as_secs_f64().ceil() as u64);
+            self.duration_secs = self.answered_at.map(|t| t.elapsed().as_secs_f64().ceil() as u64);
         }
         self.call.final_status.clone().unwrap_or_default()
     }
@@ -472,21 +432,13 @@ impl Inner {
             })
             .and_then(|b64| base64::engine::general_purpose::STANDARD.decode(b64).ok())
             .and_then(|raw| String::from_utf8(raw).ok());
-        let ok = credentials
-            .as_deref()
-            .and_then(|c| c.split_once(':'))
-            .is_some_and(|(user, password)| {
-                constant_time_eq(user.as_bytes(), self.account_sid.as_bytes())
-                    & constant_time_eq(password.as_bytes(), self.auth_token.as_bytes())
-            });
+        let ok = credentials.as_deref().and_then(|c| c.split_once(':')).is_some_and(|(user, password)| {
+            constant_time_eq(user.as_bytes(), self.account_sid.as_bytes()) & constant_time_eq(password.as_bytes(), self.auth_token.as_bytes())
+        });
         if ok {
             Ok(())
         } else {
-            Err(twilio_error(
-                StatusCode::UNAUTHORIZED,
-                20003,
-                "Authenticate",
-            ))
+            Err(twilio_error(StatusCode::UNAUTHORIZED, 20003, "Authenticate"))
         }
     }
 
@@ -544,23 +496,16 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 /// RFC 2822 in UTC as Twilio writes it: `Tue, 05 Mar 2024 05:34:45 +0000`.
 fn rfc2822(ts: jiff::Timestamp) -> String {
-    ts.to_zoned(jiff::tz::TimeZone::UTC)
-        .strftime("%a, %d %b %Y %H:%M:%S %z")
-        .to_string()
+    ts.to_zoned(jiff::tz::TimeZone::UTC).strftime("%a, %d %b %Y %H:%M:%S %z").to_string()
 }
 
 /// `+`, then 8 to 15 digits, the first not zero.
 pub(crate) fn is_e164(number: &str) -> bool {
-    number.strip_prefix('+').is_some_and(|digits| {
-        (8..=15).contains(&digits.len())
-            && digits.bytes().all(|b| b.is_ascii_digit())
-            && !digits.starts_with('0')
-    })
+    number.strip_prefix('+').is_some_and(|digits| (8..=15).contains(&digits.len()) && digits.bytes().all(|b| b.is_ascii_digit()) && !digits.starts_with('0'))
 }
 
 fn is_absolute_http_url(candidate: &str) -> bool {
-    url::Url::parse(candidate)
-        .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
+    url::Url::parse(candidate).is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
 }
 
 // ---------------------------------------------------------------------------
@@ -586,29 +531,18 @@ impl IntoResponse for ApiError {
         });
         let mut response = (self.status, Json(body)).into_response();
         if self.status == StatusCode::UNAUTHORIZED {
-            response.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                HeaderValue::from_static("Basic realm=\"Twilio API\""),
-            );
+            response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Basic realm=\"Twilio API\""));
         }
         response
     }
 }
 
 fn twilio_error(status: StatusCode, code: u32, message: impl Into<String>) -> ApiError {
-    ApiError {
-        status,
-        code,
-        message: message.into(),
-    }
+    ApiError { status, code, message: message.into() }
 }
 
 fn not_found(path: &str) -> ApiError {
-    twilio_error(
-        StatusCode::NOT_FOUND,
-        20404,
-        format!("The requested resource {path} was not found"),
-    )
+    twilio_error(StatusCode::NOT_FOUND, 20404, format!("The requested resource {path} was not found"))
 }
 
 fn bad_request(code: u32, message: impl Into<String>) -> ApiError {
@@ -617,31 +551,16 @@ fn bad_request(code: u32, message: impl Into<String>) -> ApiError {
 
 fn router(inner: Arc<Inner>) -> Router {
     Router::new()
-        .route(
-            "/2010-04-01/Accounts/{account_sid}/Calls.json",
-            post(create_call).get(list_calls),
-        )
-        .route(
-            "/2010-04-01/Accounts/{account_sid}/Calls",
-            post(create_call),
-        )
-        .route(
-            "/2010-04-01/Accounts/{account_sid}/Calls/{call_sid}",
-            post(update_call).get(fetch_call),
-        )
+        .route("/2010-04-01/Accounts/{account_sid}/Calls.json", post(create_call).get(list_calls))
+        .route("/2010-04-01/Accounts/{account_sid}/Calls", post(create_call))
+        .route("/2010-04-01/Accounts/{account_sid}/Calls/{call_sid}", post(update_call).get(fetch_call))
         .fallback(|uri: Uri| async move { not_found(uri.path()) })
-        .method_not_allowed_fallback(|| async {
-            twilio_error(StatusCode::METHOD_NOT_ALLOWED, 20004, "Method not allowed")
-        })
+        .method_not_allowed_fallback(|| async { twilio_error(StatusCode::METHOD_NOT_ALLOWED, 20004, "Method not allowed") })
         .with_state(inner)
 }
 
 fn first<'a>(params: &'a [(String, String)], name: &str) -> Option<&'a str> {
-    params
-        .iter()
-        .find(|(k, _)| k == name)
-        .map(|(_, v)| v.as_str())
-        .filter(|v| !v.is_empty())
+    params.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str()).filter(|v| !v.is_empty())
 }
 
 fn parse_method(value: Option<&str>, name: &str) -> Result<Method, ApiError> {
@@ -704,19 +623,13 @@ async fn create_call(
         _ => return Err(not_found(uri.path())),
     }
     let Ok(params) = serde_urlencoded::from_bytes::<Vec<(String, String)>>(&body) else {
-        return Err(bad_request(
-            21200,
-            "The request body is not valid form encoding",
-        ));
+        return Err(bad_request(21200, "The request body is not valid form encoding"));
     };
     let valid = validate_create(&params)?;
     let faults = lock(&inner.state).faults.clone();
     if let (Some(limit), Some(twiml)) = (faults.twiml_limit, first(&params, "Twiml")) {
         if twiml.chars().count() > limit {
-            return Err(bad_request(
-                32018,
-                format!("Twiml size exceeded maximum allowed value of {limit} characters"),
-            ));
+            return Err(bad_request(32018, format!("Twiml size exceeded maximum allowed value of {limit} characters")));
         }
     }
     let response = accept_call(&inner, params, valid);
@@ -740,46 +653,28 @@ struct ValidCreate {
 
 /// Twilio's checks, in Twilio's order of parameters.
 fn validate_create(params: &[(String, String)]) -> Result<ValidCreate, ApiError> {
-    let to =
-        first(params, "To").ok_or_else(|| bad_request(21201, "No 'To' number is specified"))?;
+    let to = first(params, "To").ok_or_else(|| bad_request(21201, "No 'To' number is specified"))?;
     if !is_e164(to) {
-        return Err(bad_request(
-            21211,
-            format!("Invalid 'To' Phone Number: {to}"),
-        ));
+        return Err(bad_request(21211, format!("Invalid 'To' Phone Number: {to}")));
     }
-    let from =
-        first(params, "From").ok_or_else(|| bad_request(21213, "No 'From' number is specified"))?;
+    let from = first(params, "From").ok_or_else(|| bad_request(21213, "No 'From' number is specified"))?;
     if !is_e164(from) {
-        return Err(bad_request(
-            21212,
-            format!("Invalid 'From' Phone Number: {from}"),
-        ));
+        return Err(bad_request(21212, format!("Invalid 'From' Phone Number: {from}")));
     }
     let start = match (first(params, "Url"), first(params, "Twiml")) {
         (Some(url), _) => {
             if !is_absolute_http_url(url) {
                 return Err(bad_request(21205, format!("Url is not a valid URL: {url}")));
             }
-            Start::Url(Hook {
-                url: url.to_string(),
-                method: parse_method(first(params, "Method"), "Method")?,
-            })
+            Start::Url(Hook { url: url.to_string(), method: parse_method(first(params, "Method"), "Method")? })
         }
         (None, Some(twiml)) => {
             if twiml.chars().count() > MAX_INLINE_TWIML_CHARS {
-                return Err(bad_request(
-                    32018,
-                    "Twiml size exceeded maximum allowed value of 4000 characters",
-                ));
+                return Err(bad_request(32018, "Twiml size exceeded maximum allowed value of 4000 characters"));
             }
-            let doc = parse_document(twiml)
-                .map_err(|e| bad_request(12100, format!("Document parse failure: {e}")))?;
+            let doc = parse_document(twiml).map_err(|e| bad_request(12100, format!("Document parse failure: {e}")))?;
             if doc.name != "Response" {
-                return Err(bad_request(
-                    12100,
-                    "Document parse failure: the root element must be <Response>",
-                ));
+                return Err(bad_request(12100, "Document parse failure: the root element must be <Response>"));
             }
             Start::Twiml(doc)
         }
@@ -789,17 +684,10 @@ fn validate_create(params: &[(String, String)]) -> Result<ValidCreate, ApiError>
         Some(url) if !is_absolute_http_url(url) => {
             return Err(bad_request(21609, "Invalid 'StatusCallback'"));
         }
-        Some(url) => Some(Hook {
-            url: url.to_string(),
-            method: parse_method(
-                first(params, "StatusCallbackMethod"),
-                "StatusCallbackMethod",
-            )?,
-        }),
+        Some(url) => Some(Hook { url: url.to_string(), method: parse_method(first(params, "StatusCallbackMethod"), "StatusCallbackMethod")? }),
         None => None,
     };
-    let events = parse_events(params)
-        .map_err(|bad| bad_request(21626, format!("Invalid 'StatusCallbackEvent': {bad}")))?;
+    let events = parse_events(params).map_err(|bad| bad_request(21626, format!("Invalid 'StatusCallbackEvent': {bad}")))?;
     let ring_timeout = match first(params, "Timeout") {
         None => Duration::from_secs(60),
         Some(t) => match t.trim().parse::<u64>() {
@@ -810,38 +698,17 @@ fn validate_create(params: &[(String, String)]) -> Result<ValidCreate, ApiError>
     let machine_detection = match first(params, "MachineDetection") {
         None => None,
         Some(m @ ("Enable" | "DetectMessageEnd")) => Some(m.to_string()),
-        Some(_) => {
-            return Err(bad_request(
-                21200,
-                "MachineDetection must be Enable or DetectMessageEnd",
-            ))
-        }
+        Some(_) => return Err(bad_request(21200, "MachineDetection must be Enable or DetectMessageEnd")),
     };
     let async_amd = first(params, "AsyncAmd").is_some_and(|v| v.eq_ignore_ascii_case("true"));
     let amd_callback = match first(params, "AsyncAmdStatusCallback") {
         Some(url) if !is_absolute_http_url(url) => {
             return Err(bad_request(21200, "Invalid 'AsyncAmdStatusCallback'"));
         }
-        Some(url) => Some(Hook {
-            url: url.to_string(),
-            method: parse_method(
-                first(params, "AsyncAmdStatusCallbackMethod"),
-                "AsyncAmdStatusCallbackMethod",
-            )?,
-        }),
+        Some(url) => Some(Hook { url: url.to_string(), method: parse_method(first(params, "AsyncAmdStatusCallbackMethod"), "AsyncAmdStatusCallbackMethod")? }),
         None => None,
     };
-    Ok(ValidCreate {
-        to: to.to_string(),
-        from: from.to_string(),
-        start,
-        status_callback,
-        events,
-        ring_timeout,
-        machine_detection,
-        async_amd,
-        amd_callback,
-    })
+    Ok(ValidCreate { to: to.to_string(), from: from.to_string(), start, status_callback, events, ring_timeout, machine_detection, async_amd, amd_callback })
 }
 
 fn accept_call(inner: &Arc<Inner>, params: Vec<(String, String)>, v: ValidCreate) -> Response {
@@ -851,11 +718,7 @@ fn accept_call(inner: &Arc<Inner>, params: Vec<(String, String)>, v: ValidCreate
     let (hangup_tx, hangup_rx) = watch::channel(false);
     let (persona, json) = {
         let mut book = lock(&inner.state);
-        let persona = book
-            .personas
-            .get(&v.to)
-            .cloned()
-            .unwrap_or_else(|| book.default_persona.clone());
+        let persona = book.personas.get(&v.to).cloned().unwrap_or_else(|| book.default_persona.clone());
         let record = CallRecord {
             call: EmulatedCall {
                 sid: sid.clone(),
@@ -884,11 +747,7 @@ fn accept_call(inner: &Arc<Inner>, params: Vec<(String, String)>, v: ValidCreate
         (persona, json)
     };
     tracing::debug!(call_sid = %sid, "emulator accepted call");
-    inner.emit(EmulatorEvent::CallCreated {
-        sid: sid.clone(),
-        to: v.to.clone(),
-        received_at,
-    });
+    inner.emit(EmulatorEvent::CallCreated { sid: sid.clone(), to: v.to.clone(), received_at });
     let remaining_digits = match &persona {
         Persona::Answer { digits, .. } => digits.chars().collect(),
         _ => VecDeque::new(),
@@ -925,19 +784,13 @@ fn accept_call(inner: &Arc<Inner>, params: Vec<(String, String)>, v: ValidCreate
 /// Twilio's page envelope (`calls`, `page`, `page_size`, `start`, `end`,
 /// `uri`, `first_page_uri`, `next_page_uri`, `previous_page_uri`). Only the
 /// first page is served: `next_page_uri` is always null.
-async fn list_calls(
-    State(inner): State<Arc<Inner>>,
-    path: Result<Path<String>, PathRejection>,
-    uri: Uri,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
+async fn list_calls(State(inner): State<Arc<Inner>>, path: Result<Path<String>, PathRejection>, uri: Uri, headers: HeaderMap) -> Result<Response, ApiError> {
     inner.authenticate(&headers)?;
     match path {
         Ok(Path(account)) if account == inner.account_sid => {}
         _ => return Err(not_found(uri.path())),
     }
-    let query: Vec<(String, String)> =
-        serde_urlencoded::from_str(uri.query().unwrap_or("")).unwrap_or_default();
+    let query: Vec<(String, String)> = serde_urlencoded::from_str(uri.query().unwrap_or("")).unwrap_or_default();
     let page_size = match first(&query, "PageSize") {
         None => 50,
         Some(n) => match n.parse::<usize>() {
@@ -1012,10 +865,7 @@ async fn update_call(
         return Err(not_found(uri.path()));
     }
     let Ok(params) = serde_urlencoded::from_bytes::<Vec<(String, String)>>(&body) else {
-        return Err(bad_request(
-            21200,
-            "The request body is not valid form encoding",
-        ));
+        return Err(bad_request(21200, "The request body is not valid form encoding"));
     };
     let sid = call_sid_of(&segment);
     let mut book = lock(&inner.state);
@@ -1023,25 +873,14 @@ async fn update_call(
         return Err(not_found(uri.path()));
     };
     if rec.call.final_status.is_some() {
-        return Err(bad_request(
-            21220,
-            "Call is not in-progress. Cannot redirect.",
-        ));
+        return Err(bad_request(21220, "Call is not in-progress. Cannot redirect."));
     }
     let requested = first(&params, "Status");
     match requested {
         Some("completed") | Some("canceled") => {}
-        Some(other) => {
-            return Err(bad_request(
-                21200,
-                format!("Status must be canceled or completed, not {other}"),
-            ))
-        }
+        Some(other) => return Err(bad_request(21200, format!("Status must be canceled or completed, not {other}"))),
         None if first(&params, "Url").is_some() || first(&params, "Twiml").is_some() => {
-            return Err(bad_request(
-                21200,
-                "The emulator does not support redirecting a live call",
-            ))
+            return Err(bad_request(21200, "The emulator does not support redirecting a live call"))
         }
         None => {}
     }
@@ -1106,10 +945,7 @@ async fn run_call(mut ctx: CallCtx, mut hangup: watch::Receiver<bool>) {
     };
     ctx.send_final_status(&final_status).await;
     tracing::debug!(call_sid = %ctx.sid, status = %final_status, "emulator call ended");
-    ctx.inner.emit(EmulatorEvent::CallEnded {
-        sid: ctx.sid.clone(),
-        final_status,
-    });
+    ctx.inner.emit(EmulatorEvent::CallEnded { sid: ctx.sid.clone(), final_status });
 }
 
 /// Plays the call until it ends by itself; returns its final status.
@@ -1124,16 +960,10 @@ async fn simulate(ctx: &mut CallCtx) -> &'static str {
         Persona::Busy => return "busy",
         Persona::Fail => return "failed",
         Persona::NoAnswer => (None, None),
-        Persona::Answer { ring_ms, .. } | Persona::SilentHuman { ring_ms } => {
-            (Some(Duration::from_millis(ring_ms)), None)
-        }
-        Persona::Machine { ring_ms, hangup_ms } => (
-            Some(Duration::from_millis(ring_ms)),
-            Some(Duration::from_millis(hangup_ms)),
-        ),
+        Persona::Answer { ring_ms, .. } | Persona::SilentHuman { ring_ms } => (Some(Duration::from_millis(ring_ms)), None),
+        Persona::Machine { ring_ms, hangup_ms } => (Some(Duration::from_millis(ring_ms)), Some(Duration::from_millis(hangup_ms))),
     };
-    ctx.inner
-        .update_live(&ctx.sid, |rec| rec.call.status = "ringing".into());
+    ctx.inner.update_live(&ctx.sid, |rec| rec.call.status = "ringing".into());
     if ctx.events.ringing {
         ctx.status_event("ringing").await;
     }
@@ -1159,28 +989,16 @@ async fn simulate(ctx: &mut CallCtx) -> &'static str {
             (Persona::Machine { .. }, _) => "machine_start",
             _ => "human",
         };
-        ctx.inner.update_live(&ctx.sid, |rec| {
-            rec.call.answered_by = Some(answered_by.into())
-        });
+        ctx.inner.update_live(&ctx.sid, |rec| rec.call.answered_by = Some(answered_by.into()));
         if ctx.async_amd {
             if let Some(hook) = ctx.amd_callback.clone() {
                 let params = vec![
                     ("AccountSid".to_string(), ctx.inner.account_sid.clone()),
                     ("AnsweredBy".to_string(), answered_by.to_string()),
                     ("CallSid".to_string(), ctx.sid.clone()),
-                    (
-                        "MachineDetectionDuration".to_string(),
-                        answered_at.elapsed().as_millis().to_string(),
-                    ),
+                    ("MachineDetectionDuration".to_string(), answered_at.elapsed().as_millis().to_string()),
                 ];
-                ctx.webhook(
-                    &hook,
-                    params,
-                    CallbackKind::Amd {
-                        answered_by: answered_by.to_string(),
-                    },
-                )
-                .await;
+                ctx.webhook(&hook, params, CallbackKind::Amd { answered_by: answered_by.to_string() }).await;
             }
         }
     }
@@ -1212,10 +1030,7 @@ async fn run_twiml(ctx: &mut CallCtx) {
         Some(Start::Twiml(doc)) => (doc, None),
         Some(Start::Url(hook)) => {
             let params = ctx.call_params();
-            match ctx
-                .fetch_twiml(&hook, params, CallbackKind::TwimlFetch)
-                .await
-            {
+            match ctx.fetch_twiml(&hook, params, CallbackKind::TwimlFetch).await {
                 Some(doc) => (doc, Some(hook.url)),
                 None => return,
             }
@@ -1235,15 +1050,11 @@ async fn run_twiml(ctx: &mut CallCtx) {
                 "Pause" => sleep(Duration::from_secs(attr_u64(verb, "length", 1))).await,
                 "Hangup" | "Reject" => return,
                 "Redirect" => {
-                    let Some(hook) = ctx.resolve_hook(verb.text().trim(), verb, doc_url.as_deref())
-                    else {
+                    let Some(hook) = ctx.resolve_hook(verb.text().trim(), verb, doc_url.as_deref()) else {
                         return;
                     };
                     let params = ctx.call_params();
-                    match ctx
-                        .fetch_twiml(&hook, params, CallbackKind::TwimlFetch)
-                        .await
-                    {
+                    match ctx.fetch_twiml(&hook, params, CallbackKind::TwimlFetch).await {
                         Some(d) => next = Some((d, hook.url)),
                         None => return,
                     }
@@ -1274,9 +1085,7 @@ async fn run_twiml(ctx: &mut CallCtx) {
 }
 
 fn attr_u64(verb: &Element, name: &str, default: u64) -> u64 {
-    verb.attr(name)
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(default)
+    verb.attr(name).and_then(|v| v.trim().parse().ok()).unwrap_or(default)
 }
 
 impl CallCtx {
@@ -1286,8 +1095,7 @@ impl CallCtx {
 
     fn say(&self, verb: &Element) {
         let text = verb.text();
-        self.inner
-            .update_live(&self.sid, |rec| rec.call.spoken.push(text));
+        self.inner.update_live(&self.sid, |rec| rec.call.spoken.push(text));
     }
 
     /// Parameters Twilio sends with every TwiML request of a live call.
@@ -1323,10 +1131,7 @@ impl CallCtx {
 
     /// Whether the status callbacks of this call are lost (a fault mode).
     fn status_callbacks_lost(&self) -> bool {
-        lock(&self.inner.state)
-            .faults
-            .lost_status_callbacks
-            .contains(&self.to)
+        lock(&self.inner.state).faults.lost_status_callbacks.contains(&self.to)
     }
 
     async fn status_event(&mut self, call_status: &str) {
@@ -1338,14 +1143,7 @@ impl CallCtx {
             return;
         }
         let params = self.progress_params(call_status);
-        self.webhook(
-            &hook,
-            params,
-            CallbackKind::Status {
-                call_status: call_status.to_string(),
-            },
-        )
-        .await;
+        self.webhook(&hook, params, CallbackKind::Status { call_status: call_status.to_string() }).await;
     }
 
     async fn send_final_status(&mut self, final_status: &str) {
@@ -1358,23 +1156,14 @@ impl CallCtx {
         let (duration, answered_by) = {
             let book = lock(&self.inner.state);
             let i = book.by_sid.get(&self.sid).copied();
-            i.and_then(|i| book.calls.get(i))
-                .map(|rec| (rec.duration_secs.unwrap_or(0), rec.call.answered_by.clone()))
-                .unwrap_or((0, None))
+            i.and_then(|i| book.calls.get(i)).map(|rec| (rec.duration_secs.unwrap_or(0), rec.call.answered_by.clone())).unwrap_or((0, None))
         };
         let mut params = self.progress_params(final_status);
         params.push(("CallDuration".into(), duration.to_string()));
         if let Some(answered_by) = answered_by {
             params.push(("AnsweredBy".into(), answered_by));
         }
-        self.webhook(
-            &hook,
-            params,
-            CallbackKind::Status {
-                call_status: final_status.to_string(),
-            },
-        )
-        .await;
+        self.webhook(&hook, params, CallbackKind::Status { call_status: final_status.to_string() }).await;
     }
 
     /// A verb's target URL: absolute, or relative to the current document's
@@ -1409,16 +1198,9 @@ impl CallCtx {
             }
         }
         let timeout = Duration::from_secs(attr_u64(verb, "timeout", 5));
-        let num_digits = verb
-            .attr("numDigits")
-            .and_then(|n| n.trim().parse::<usize>().ok())
-            .filter(|&n| n >= 1);
+        let num_digits = verb.attr("numDigits").and_then(|n| n.trim().parse::<usize>().ok()).filter(|&n| n >= 1);
         let finish_key = verb.attr("finishOnKey").unwrap_or("#");
-        let accepts_dtmf = verb
-            .attr("input")
-            .unwrap_or("dtmf")
-            .split_whitespace()
-            .any(|i| i == "dtmf");
+        let accepts_dtmf = verb.attr("input").unwrap_or("dtmf").split_whitespace().any(|i| i == "dtmf");
 
         let mut digits = String::new();
         let mut finished_on = String::new();
@@ -1437,11 +1219,9 @@ impl CallCtx {
                 }
             }
             let pressed = format!("{digits}{finished_on}");
-            self.inner
-                .update_live(&self.sid, |rec| rec.call.digits_pressed.push_str(&pressed));
+            self.inner.update_live(&self.sid, |rec| rec.call.digits_pressed.push_str(&pressed));
         }
-        let complete =
-            !finished_on.is_empty() || num_digits.is_some_and(|n| digits.chars().count() >= n);
+        let complete = !finished_on.is_empty() || num_digits.is_some_and(|n| digits.chars().count() >= n);
         if !complete {
             // Twilio waits `timeout` seconds for (more) input.
             sleep(timeout).await;
@@ -1462,10 +1242,7 @@ impl CallCtx {
         params.push(("Digits".into(), digits.clone()));
         params.push(("FinishedOnKey".into(), finished_on));
         params.push(("msg".into(), "Gather End".into()));
-        match self
-            .fetch_twiml(&hook, params, CallbackKind::Gather { digits })
-            .await
-        {
+        match self.fetch_twiml(&hook, params, CallbackKind::Gather { digits }).await {
             Some(doc) => GatherOutcome::Next(doc, hook.url),
             None => GatherOutcome::Failed,
         }
@@ -1474,12 +1251,7 @@ impl CallCtx {
     /// Requests TwiML; `None` (Twilio's "application error", the call ends)
     /// on a transport error, a non-2xx status, or a body that is not a
     /// `<Response>` document.
-    async fn fetch_twiml(
-        &self,
-        hook: &Hook,
-        params: Vec<(String, String)>,
-        kind: CallbackKind,
-    ) -> Option<Element> {
+    async fn fetch_twiml(&self, hook: &Hook, params: Vec<(String, String)>, kind: CallbackKind) -> Option<Element> {
         let (status, body) = self.webhook(hook, params, kind).await?;
         if !(200..300).contains(&status) {
             tracing::warn!(call_sid = %self.sid, status, "emulator: TwiML request refused (11200); hanging up");
@@ -1509,46 +1281,23 @@ impl CallCtx {
     ///
     /// Returns the last HTTP status and body (when it is UTF-8 and at most
     /// 64 kB), or `None` if the last try failed (connect error, timeout).
-    async fn webhook(
-        &self,
-        hook: &Hook,
-        params: Vec<(String, String)>,
-        kind: CallbackKind,
-    ) -> Option<(u16, Option<String>)> {
+    async fn webhook(&self, hook: &Hook, params: Vec<(String, String)>, kind: CallbackKind) -> Option<(u16, Option<String>)> {
         let (request_url, overrides) = ConnectionOverrides::from_url(&hook.url);
         let idempotency_token = uuid::Uuid::new_v4().to_string();
         let started = Instant::now();
         let mut retries = 0u32;
         loop {
             let remaining = overrides.total_time.saturating_sub(started.elapsed());
-            let read_timeout = overrides
-                .read_timeout
-                .min(remaining)
-                .max(Duration::from_millis(100));
-            let result = self
-                .webhook_once(
-                    hook,
-                    request_url,
-                    &params,
-                    &kind,
-                    &idempotency_token,
-                    read_timeout,
-                )
-                .await;
+            let read_timeout = overrides.read_timeout.min(remaining).max(Duration::from_millis(100));
+            let result = self.webhook_once(hook, request_url, &params, &kind, &idempotency_token, read_timeout).await;
             let retry = match &result {
-                Ok((status, _)) => {
-                    ((400..500).contains(status) && overrides.retry_4xx)
-                        || ((500..600).contains(status) && overrides.retry_5xx)
-                }
+                Ok((status, _)) => ((400..500).contains(status) && overrides.retry_4xx) || ((500..600).contains(status) && overrides.retry_5xx),
                 Err(WebhookFailure::Connect) => overrides.retry_connect_failure,
                 Err(WebhookFailure::Timeout) => overrides.retry_read_timeout,
                 Err(WebhookFailure::Other) => false,
             };
             let backoff = Duration::from_millis(250 << retries.min(4));
-            if !retry
-                || retries >= overrides.retry_count
-                || started.elapsed() + backoff >= overrides.total_time
-            {
+            if !retry || retries >= overrides.retry_count || started.elapsed() + backoff >= overrides.total_time {
                 return result.ok();
             }
             tracing::info!(call_sid = %self.sid, ?kind, retry = retries + 1, "emulator: retrying a webhook (connection overrides)");
@@ -1578,10 +1327,7 @@ impl CallCtx {
                 None => full_url.clone(),
             };
             let signature = compute_signature(token, &signed_url, &[]);
-            self.inner
-                .http
-                .get(full_url)
-                .header(SIGNATURE_HEADER, signature)
+            self.inner.http.get(full_url).header(SIGNATURE_HEADER, signature)
         } else {
             let signature = compute_signature(token, &hook.url, params);
             self.inner
@@ -1619,11 +1365,7 @@ impl CallCtx {
                         }
                     }
                 }
-                let body = if too_large {
-                    None
-                } else {
-                    String::from_utf8(body).ok()
-                };
+                let body = if too_large { None } else { String::from_utf8(body).ok() };
                 if !(200..300).contains(&status) {
                     tracing::warn!(call_sid = %self.sid, ?kind, status, "emulator: engine answered a webhook with an error");
                 }
@@ -1641,11 +1383,7 @@ impl CallCtx {
                 Err(failure)
             }
         };
-        self.inner.emit(EmulatorEvent::CallbackSent {
-            sid: self.sid.clone(),
-            kind: kind.clone(),
-            status: outcome.as_ref().ok().map(|(s, _)| *s),
-        });
+        self.inner.emit(EmulatorEvent::CallbackSent { sid: self.sid.clone(), kind: kind.clone(), status: outcome.as_ref().ok().map(|(s, _)| *s) });
         outcome
     }
 }
@@ -1686,10 +1424,7 @@ mod tests {
 
     impl Hit {
         fn get(&self, name: &str) -> Option<&str> {
-            self.params
-                .iter()
-                .find(|(k, _)| k == name)
-                .map(|(_, v)| v.as_str())
+            self.params.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
         }
 
         /// `"/status ringing"`, `"/amd human"`, `"/gather 1"`.
@@ -1722,11 +1457,7 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let hits = Arc::new(Mutex::new(Vec::new()));
-        let state = Arc::new(ReceiverState {
-            base: base.clone(),
-            hits: hits.clone(),
-            status_reply,
-        });
+        let state = Arc::new(ReceiverState { base: base.clone(), hits: hits.clone(), status_reply });
         let app = Router::new().fallback(hook).with_state(state);
         tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
@@ -1734,37 +1465,18 @@ mod tests {
         Receiver { base, hits }
     }
 
-    async fn hook(
-        State(s): State<Arc<ReceiverState>>,
-        uri: Uri,
-        headers: HeaderMap,
-        body: Bytes,
-    ) -> Response {
-        let url = format!(
-            "{}{}",
-            s.base,
-            uri.path_and_query().map_or("/", |p| p.as_str())
-        );
+    async fn hook(State(s): State<Arc<ReceiverState>>, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
+        let url = format!("{}{}", s.base, uri.path_and_query().map_or("/", |p| p.as_str()));
         let params: Vec<(String, String)> = serde_urlencoded::from_bytes(&body).unwrap();
-        let signature = headers
-            .get("x-twilio-signature")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("");
-        let hit = Hit {
-            path: uri.path().to_string(),
-            signature_ok: verify_signature(TOKEN, &url, &params, signature),
-            params,
-        };
+        let signature = headers.get("x-twilio-signature").and_then(|v| v.to_str().ok()).unwrap_or("");
+        let hit = Hit { path: uri.path().to_string(), signature_ok: verify_signature(TOKEN, &url, &params, signature), params };
         lock(&s.hits).push(hit.clone());
         match hit.path.as_str() {
             "/status" => s.status_reply.into_response(),
             "/amd" => StatusCode::NO_CONTENT.into_response(),
             "/gather" => {
-                let twiml = if hit.get("Digits") == Some("2") {
-                    say_and_gather("Press 1 to confirm.", &format!("{}/gather", s.base), 5)
-                } else {
-                    say_and_hangup(ACK)
-                };
+                let twiml =
+                    if hit.get("Digits") == Some("2") { say_and_gather("Press 1 to confirm.", &format!("{}/gather", s.base), 5) } else { say_and_hangup(ACK) };
                 ([(header::CONTENT_TYPE, "text/xml")], twiml).into_response()
             }
             _ => StatusCode::NOT_FOUND.into_response(),
@@ -1784,10 +1496,7 @@ mod tests {
             EmulatorConfig {
                 account_sid: ACCOUNT.into(),
                 auth_token: TOKEN.into(),
-                personas: personas
-                    .iter()
-                    .map(|(n, p)| (n.to_string(), p.clone()))
-                    .collect(),
+                personas: personas.iter().map(|(n, p)| (n.to_string(), p.clone())).collect(),
                 default_persona: Persona::Fail,
             },
             listener,
@@ -1796,12 +1505,7 @@ mod tests {
         .unwrap();
         let client = TwilioClient::new(reqwest::Client::new(), &emu.base_url(), ACCOUNT, TOKEN);
         let events = emu.subscribe();
-        Rig {
-            recv: receiver(status_reply).await,
-            emu,
-            client,
-            events,
-        }
+        Rig { recv: receiver(status_reply).await, emu, client, events }
     }
 
     async fn rig(personas: &[(&str, Persona)]) -> Rig {
@@ -1837,10 +1541,7 @@ mod tests {
         }
 
         async fn ended(&mut self, sid: &str) -> String {
-            match self
-                .until(|e| matches!(e, EmulatorEvent::CallEnded { sid: s, .. } if s == sid))
-                .await
-            {
+            match self.until(|e| matches!(e, EmulatorEvent::CallEnded { sid: s, .. } if s == sid)).await {
                 EmulatorEvent::CallEnded { final_status, .. } => final_status,
                 _ => unreachable!(),
             }
@@ -1852,42 +1553,23 @@ mod tests {
 
         fn summaries(&self) -> Vec<String> {
             let hits = self.hits();
-            assert!(
-                hits.iter().all(|h| h.signature_ok),
-                "a signature failed to verify: {hits:#?}"
-            );
+            assert!(hits.iter().all(|h| h.signature_ok), "a signature failed to verify: {hits:#?}");
             hits.iter().map(Hit::summary).collect()
         }
     }
 
     #[tokio::test]
     async fn answered_call_round_trip() {
-        let persona = Persona::Answer {
-            ring_ms: 20,
-            think_ms: 20,
-            digits: "1".into(),
-        };
+        let persona = Persona::Answer { ring_ms: 20, think_ms: 20, digits: "1".into() };
         let mut rig = rig(&[(NURSE, persona)]).await;
         let created = rig.client.create_call(&rig.alert(NURSE, 30)).await.unwrap();
         assert_eq!(created.status, "queued");
         assert_eq!(created.sid.len(), 34);
         assert!(created.sid.starts_with("CA"));
-        assert!(created.sid[2..]
-            .chars()
-            .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
+        assert!(created.sid[2..].chars().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
 
         assert_eq!(rig.ended(&created.sid).await, "completed");
-        assert_eq!(
-            rig.summaries(),
-            [
-                "/status initiated",
-                "/status ringing",
-                "/status in-progress",
-                "/amd human",
-                "/gather 1",
-                "/status completed"
-            ]
-        );
+        assert_eq!(rig.summaries(), ["/status initiated", "/status ringing", "/status in-progress", "/amd human", "/gather 1", "/status completed"]);
 
         let hits = rig.hits();
         let statuses: Vec<&Hit> = hits.iter().filter(|h| h.path == "/status").collect();
@@ -1923,69 +1605,32 @@ mod tests {
         assert_eq!(call.digits_pressed, "1");
         assert_eq!(call.answered_by.as_deref(), Some("human"));
         assert_eq!(call.spoken, [MESSAGE, ACK]);
-        let events: Vec<&str> = call
-            .params
-            .iter()
-            .filter(|(k, _)| k == "StatusCallbackEvent")
-            .map(|(_, v)| v.as_str())
-            .collect();
+        let events: Vec<&str> = call.params.iter().filter(|(k, _)| k == "StatusCallbackEvent").map(|(_, v)| v.as_str()).collect();
         assert_eq!(events, ["initiated", "ringing", "answered", "completed"]);
 
         // The call resource, as GET returns it.
-        let url = format!(
-            "{}/2010-04-01/Accounts/{ACCOUNT}/Calls/{}.json",
-            rig.emu.base_url(),
-            created.sid
-        );
-        let resource: Value = reqwest::Client::new()
-            .get(&url)
-            .basic_auth(ACCOUNT, Some(TOKEN))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let url = format!("{}/2010-04-01/Accounts/{ACCOUNT}/Calls/{}.json", rig.emu.base_url(), created.sid);
+        let resource: Value = reqwest::Client::new().get(&url).basic_auth(ACCOUNT, Some(TOKEN)).send().await.unwrap().json().await.unwrap();
         assert_eq!(resource["status"], "completed");
         assert_eq!(resource["direction"], "outbound-api");
         assert_eq!(resource["api_version"], "2010-04-01");
         assert_eq!(resource["answered_by"], "human");
         assert!(resource["duration"].is_string());
-        assert!(resource["date_created"]
-            .as_str()
-            .unwrap()
-            .ends_with("+0000"));
-        assert_eq!(
-            resource["uri"],
-            format!("/2010-04-01/Accounts/{ACCOUNT}/Calls/{}.json", created.sid)
-        );
+        assert!(resource["date_created"].as_str().unwrap().ends_with("+0000"));
+        assert_eq!(resource["uri"], format!("/2010-04-01/Accounts/{ACCOUNT}/Calls/{}.json", created.sid));
         rig.emu.shutdown().await;
     }
 
     #[tokio::test]
     async fn second_gather_gets_the_next_digit() {
-        let persona = Persona::Answer {
-            ring_ms: 0,
-            think_ms: 10,
-            digits: "21".into(),
-        };
+        let persona = Persona::Answer { ring_ms: 0, think_ms: 10, digits: "21".into() };
         let mut rig = rig(&[(NURSE, persona)]).await;
         let mut req = rig.alert(NURSE, 30);
         req.machine_detection = false;
         req.async_amd_status_callback = None;
         let created = rig.client.create_call(&req).await.unwrap();
         assert_eq!(rig.ended(&created.sid).await, "completed");
-        assert_eq!(
-            rig.summaries(),
-            [
-                "/status initiated",
-                "/status ringing",
-                "/status in-progress",
-                "/gather 2",
-                "/gather 1",
-                "/status completed"
-            ]
-        );
+        assert_eq!(rig.summaries(), ["/status initiated", "/status ringing", "/status in-progress", "/gather 2", "/gather 1", "/status completed"]);
         let call = &rig.emu.calls()[0];
         assert_eq!(call.digits_pressed, "21");
         assert_eq!(call.answered_by, None);
@@ -1995,35 +1640,15 @@ mod tests {
     #[tokio::test]
     async fn wrong_auth_token_is_20003() {
         let rig = rig(&[]).await;
-        let bad = TwilioClient::new(
-            reqwest::Client::new(),
-            &format!("{}/", rig.emu.base_url()),
-            ACCOUNT,
-            "not-the-token",
-        );
+        let bad = TwilioClient::new(reqwest::Client::new(), &format!("{}/", rig.emu.base_url()), ACCOUNT, "not-the-token");
         let err = bad.create_call(&rig.alert(NURSE, 30)).await.unwrap_err();
         match &err {
-            TwilioError::Api {
-                http_status: 401,
-                code: Some(20003),
-                more_info: Some(info),
-                ..
-            } => assert_eq!(info, "https://www.twilio.com/docs/errors/20003"),
+            TwilioError::Api { http_status: 401, code: Some(20003), more_info: Some(info), .. } => assert_eq!(info, "https://www.twilio.com/docs/errors/20003"),
             other => panic!("unexpected {other:?}"),
         }
         assert!(!err.is_retryable());
-        let err = bad
-            .end_call("CA00000000000000000000000000000000")
-            .await
-            .unwrap_err();
-        assert!(matches!(
-            err,
-            TwilioError::Api {
-                http_status: 401,
-                code: Some(20003),
-                ..
-            }
-        ));
+        let err = bad.end_call("CA00000000000000000000000000000000").await.unwrap_err();
+        assert!(matches!(err, TwilioError::Api { http_status: 401, code: Some(20003), .. }));
         assert!(rig.emu.calls().is_empty());
     }
 
@@ -2031,11 +1656,7 @@ mod tests {
     async fn create_call_validation_errors() {
         let rig = rig(&[]).await;
         let expect = |result: Result<(), TwilioError>, status: u16, want: i64| match result {
-            Err(TwilioError::Api {
-                http_status,
-                code: Some(code),
-                ..
-            }) if http_status == status && code == want => {}
+            Err(TwilioError::Api { http_status, code: Some(code), .. }) if http_status == status && code == want => {}
             other => panic!("expected {status}/{want}, got {other:?}"),
         };
         let mut req = rig.alert("5551230001", 30);
@@ -2062,13 +1683,7 @@ mod tests {
         // Nothing was accepted.
         assert!(rig.emu.calls().is_empty());
         // Unknown call SID.
-        expect(
-            rig.client
-                .end_call("CA00000000000000000000000000000000")
-                .await,
-            404,
-            20404,
-        );
+        expect(rig.client.end_call("CA00000000000000000000000000000000").await, 404, 20404);
     }
 
     #[tokio::test]
@@ -2078,11 +1693,7 @@ mod tests {
         let base = rig.emu.base_url();
         let calls_url = format!("{base}/2010-04-01/Accounts/{ACCOUNT}/Calls.json");
         let form = |extra: &[(&str, &str)]| {
-            let mut f = vec![
-                ("To", NURSE.to_string()),
-                ("From", FROM.to_string()),
-                ("Twiml", say_and_hangup("hi")),
-            ];
+            let mut f = vec![("To", NURSE.to_string()), ("From", FROM.to_string()), ("Twiml", say_and_hangup("hi"))];
             f.extend(extra.iter().map(|(k, v)| (*k, v.to_string())));
             serde_urlencoded::to_string(f).unwrap()
         };
@@ -2096,42 +1707,22 @@ mod tests {
         let (status, json) = body(r).await;
         assert_eq!((status, json["code"].as_i64()), (401, Some(20003)));
         assert_eq!(json["status"], 401);
-        assert_eq!(
-            json["more_info"],
-            "https://www.twilio.com/docs/errors/20003"
-        );
+        assert_eq!(json["more_info"], "https://www.twilio.com/docs/errors/20003");
         assert!(json["message"].is_string());
 
         // Another account in the path.
-        let other =
-            format!("{base}/2010-04-01/Accounts/ACffffffffffffffffffffffffffffffff/Calls.json");
-        let r = http
-            .post(&other)
-            .basic_auth(ACCOUNT, Some(TOKEN))
-            .body(form(&[]))
-            .send()
-            .await
-            .unwrap();
+        let other = format!("{base}/2010-04-01/Accounts/ACffffffffffffffffffffffffffffffff/Calls.json");
+        let r = http.post(&other).basic_auth(ACCOUNT, Some(TOKEN)).body(form(&[])).send().await.unwrap();
         assert_eq!(body(r).await.1["code"], 20404);
 
         // Unknown route and wrong method.
         let r = http.get(format!("{base}/nope")).send().await.unwrap();
         assert_eq!(body(r).await, (404, body_of(20404, 404, "/nope")));
-        let r = http
-            .delete(&calls_url)
-            .basic_auth(ACCOUNT, Some(TOKEN))
-            .send()
-            .await
-            .unwrap();
+        let r = http.delete(&calls_url).basic_auth(ACCOUNT, Some(TOKEN)).send().await.unwrap();
         let (status, json) = body(r).await;
         assert_eq!((status, json["code"].as_i64()), (405, Some(20004)));
         // The call list (Twilio's page envelope), filtered by To.
-        let r = http
-            .get(format!("{calls_url}?To=%2B15550000000&PageSize=5"))
-            .basic_auth(ACCOUNT, Some(TOKEN))
-            .send()
-            .await
-            .unwrap();
+        let r = http.get(format!("{calls_url}?To=%2B15550000000&PageSize=5")).basic_auth(ACCOUNT, Some(TOKEN)).send().await.unwrap();
         let (status, json) = body(r).await;
         assert_eq!(status, 200);
         assert_eq!(json["calls"], serde_json::json!([]));
@@ -2142,10 +1733,7 @@ mod tests {
         let r = http
             .post(&calls_url)
             .basic_auth(ACCOUNT, Some(TOKEN))
-            .body(form(&[
-                ("StatusCallback", "http://127.0.0.1:9/s"),
-                ("StatusCallbackEvent", "initiated bogus"),
-            ]))
+            .body(form(&[("StatusCallback", "http://127.0.0.1:9/s"), ("StatusCallbackEvent", "initiated bogus")]))
             .send()
             .await
             .unwrap();
@@ -2178,11 +1766,7 @@ mod tests {
     #[tokio::test]
     async fn default_persona_fails() {
         let mut rig = rig(&[]).await;
-        let created = rig
-            .client
-            .create_call(&rig.alert("+15559990000", 30))
-            .await
-            .unwrap();
+        let created = rig.client.create_call(&rig.alert("+15559990000", 30)).await.unwrap();
         assert_eq!(rig.ended(&created.sid).await, "failed");
         assert_eq!(rig.summaries(), ["/status initiated", "/status failed"]);
     }
@@ -2194,19 +1778,12 @@ mod tests {
         let created = rig.client.create_call(&rig.alert(NURSE, 1)).await.unwrap();
         assert_eq!(rig.ended(&created.sid).await, "no-answer");
         assert!(started.elapsed() >= Duration::from_secs(1));
-        assert_eq!(
-            rig.summaries(),
-            ["/status initiated", "/status ringing", "/status no-answer"]
-        );
+        assert_eq!(rig.summaries(), ["/status initiated", "/status ringing", "/status no-answer"]);
     }
 
     #[tokio::test]
     async fn answer_slower_than_timeout_is_no_answer() {
-        let persona = Persona::Answer {
-            ring_ms: 5_000,
-            think_ms: 0,
-            digits: "1".into(),
-        };
+        let persona = Persona::Answer { ring_ms: 5_000, think_ms: 0, digits: "1".into() };
         let mut rig = rig(&[(NURSE, persona)]).await;
         let created = rig.client.create_call(&rig.alert(NURSE, 1)).await.unwrap();
         assert_eq!(rig.ended(&created.sid).await, "no-answer");
@@ -2215,23 +1792,11 @@ mod tests {
 
     #[tokio::test]
     async fn machine_is_detected_and_never_presses() {
-        let persona = Persona::Machine {
-            ring_ms: 10,
-            hangup_ms: 100,
-        };
+        let persona = Persona::Machine { ring_ms: 10, hangup_ms: 100 };
         let mut rig = rig(&[(NURSE, persona)]).await;
         let created = rig.client.create_call(&rig.alert(NURSE, 30)).await.unwrap();
         assert_eq!(rig.ended(&created.sid).await, "completed");
-        assert_eq!(
-            rig.summaries(),
-            [
-                "/status initiated",
-                "/status ringing",
-                "/status in-progress",
-                "/amd machine_start",
-                "/status completed"
-            ]
-        );
+        assert_eq!(rig.summaries(), ["/status initiated", "/status ringing", "/status in-progress", "/amd machine_start", "/status completed"]);
         assert_eq!(rig.hits()[4].get("AnsweredBy"), Some("machine_start"));
         let call = &rig.emu.calls()[0];
         assert_eq!(call.digits_pressed, "");
@@ -2246,16 +1811,7 @@ mod tests {
         req.twiml = say_and_gather(MESSAGE, &format!("{}/gather", rig.recv.base), 1);
         let created = rig.client.create_call(&req).await.unwrap();
         assert_eq!(rig.ended(&created.sid).await, "completed");
-        assert_eq!(
-            rig.summaries(),
-            [
-                "/status initiated",
-                "/status ringing",
-                "/status in-progress",
-                "/amd human",
-                "/status completed"
-            ]
-        );
+        assert_eq!(rig.summaries(), ["/status initiated", "/status ringing", "/status in-progress", "/amd human", "/status completed"]);
         assert_eq!(rig.emu.calls()[0].spoken, [MESSAGE, NO_INPUT_GOODBYE]);
     }
 
@@ -2271,10 +1827,7 @@ mod tests {
         .await;
         rig.client.end_call(&created.sid).await.unwrap();
         assert_eq!(rig.ended(&created.sid).await, "canceled");
-        assert_eq!(
-            rig.summaries(),
-            ["/status initiated", "/status ringing", "/status canceled"]
-        );
+        assert_eq!(rig.summaries(), ["/status initiated", "/status ringing", "/status canceled"]);
         // Ending it again is not an error (Twilio: 400, code 21220).
         rig.client.end_call(&created.sid).await.unwrap();
         assert_eq!(rig.emu.calls()[0].final_status.as_deref(), Some("canceled"));
@@ -2285,15 +1838,9 @@ mod tests {
         let mut rig = rig(&[(NURSE, Persona::SilentHuman { ring_ms: 0 })]).await;
         let created = rig.client.create_call(&rig.alert(NURSE, 60)).await.unwrap();
         let sid = created.sid.clone();
-        rig.until(|e| {
-            matches!(e, EmulatorEvent::CallbackSent { sid: s, kind: CallbackKind::Amd { .. }, .. } if *s == sid)
-        })
-        .await;
+        rig.until(|e| matches!(e, EmulatorEvent::CallbackSent { sid: s, kind: CallbackKind::Amd { .. }, .. } if *s == sid)).await;
         // `canceled` does not touch an answered call (Twilio documents this).
-        let url = format!(
-            "{}/2010-04-01/Accounts/{ACCOUNT}/Calls/{sid}.json",
-            rig.emu.base_url()
-        );
+        let url = format!("{}/2010-04-01/Accounts/{ACCOUNT}/Calls/{sid}.json", rig.emu.base_url());
         let r: Value = reqwest::Client::new()
             .post(&url)
             .basic_auth(ACCOUNT, Some(TOKEN))
@@ -2308,40 +1855,19 @@ mod tests {
         assert_eq!(r["status"], "in-progress");
         rig.client.end_call(&created.sid).await.unwrap();
         assert_eq!(rig.ended(&created.sid).await, "completed");
-        assert_eq!(
-            rig.summaries(),
-            [
-                "/status initiated",
-                "/status ringing",
-                "/status in-progress",
-                "/amd human",
-                "/status completed"
-            ]
-        );
+        assert_eq!(rig.summaries(), ["/status initiated", "/status ringing", "/status in-progress", "/amd human", "/status completed"]);
         assert_eq!(rig.emu.calls()[0].digits_pressed, "");
     }
 
     #[tokio::test]
     async fn default_events_and_rejected_callbacks() {
-        let persona = Persona::Answer {
-            ring_ms: 0,
-            think_ms: 0,
-            digits: String::new(),
-        };
+        let persona = Persona::Answer { ring_ms: 0, think_ms: 0, digits: String::new() };
         let mut rig = rig_with(&[(NURSE, persona)], StatusCode::INTERNAL_SERVER_ERROR).await;
         let status_url = format!("{}/status", rig.recv.base);
-        let form = serde_urlencoded::to_string([
-            ("To", NURSE),
-            ("From", FROM),
-            ("Twiml", &say_and_hangup("Test call.")),
-            ("StatusCallback", &status_url),
-        ])
-        .unwrap();
+        let form =
+            serde_urlencoded::to_string([("To", NURSE), ("From", FROM), ("Twiml", &say_and_hangup("Test call.")), ("StatusCallback", &status_url)]).unwrap();
         let r = reqwest::Client::new()
-            .post(format!(
-                "{}/2010-04-01/Accounts/{ACCOUNT}/Calls.json",
-                rig.emu.base_url()
-            ))
+            .post(format!("{}/2010-04-01/Accounts/{ACCOUNT}/Calls.json", rig.emu.base_url()))
             .basic_auth(ACCOUNT, Some(TOKEN))
             .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
             .body(form)
@@ -2352,9 +1878,7 @@ mod tests {
         let created: Value = r.json().await.unwrap();
         let sid = created["sid"].as_str().unwrap().to_string();
         assert_eq!(created["status"], "queued");
-        let rejected = rig
-            .until(|e| matches!(e, EmulatorEvent::CallbackSent { sid: s, .. } if *s == sid))
-            .await;
+        let rejected = rig.until(|e| matches!(e, EmulatorEvent::CallbackSent { sid: s, .. } if *s == sid)).await;
         assert!(matches!(
             rejected,
             EmulatorEvent::CallbackSent { kind: CallbackKind::Status { ref call_status }, status: Some(500), .. }
@@ -2368,46 +1892,19 @@ mod tests {
 
     #[test]
     fn status_callback_events_parse() {
-        let p = |list: &[&str]| -> Vec<(String, String)> {
-            list.iter()
-                .map(|v| ("StatusCallbackEvent".to_string(), v.to_string()))
-                .collect()
-        };
-        assert_eq!(
-            parse_events(&p(&["initiated ringing", "answered"])),
-            Ok(Events {
-                initiated: true,
-                ringing: true,
-                answered: true
-            })
-        );
+        let p = |list: &[&str]| -> Vec<(String, String)> { list.iter().map(|v| ("StatusCallbackEvent".to_string(), v.to_string())).collect() };
+        assert_eq!(parse_events(&p(&["initiated ringing", "answered"])), Ok(Events { initiated: true, ringing: true, answered: true }));
         assert_eq!(parse_events(&p(&["completed"])), Ok(Events::default()));
         assert_eq!(parse_events(&[]), Ok(Events::default()));
-        assert_eq!(
-            parse_events(&p(&["initiated,ringing"])),
-            Err("initiated,ringing".to_string())
-        );
+        assert_eq!(parse_events(&p(&["initiated,ringing"])), Err("initiated,ringing".to_string()));
     }
 
     #[test]
     fn e164_and_personas() {
-        for good in [
-            "+15551230001",
-            "+4915123456789",
-            "+12345678",
-            "+123456789012345",
-        ] {
+        for good in ["+15551230001", "+4915123456789", "+12345678", "+123456789012345"] {
             assert!(is_e164(good), "{good}");
         }
-        for bad in [
-            "15551230001",
-            "+0551230001",
-            "+1234567",
-            "+1234567890123456",
-            "+1555-123-0001",
-            "",
-            "+",
-        ] {
+        for bad in ["15551230001", "+0551230001", "+1234567", "+1234567890123456", "+1555-123-0001", "", "+"] {
             assert!(!is_e164(bad), "{bad}");
         }
         let personas: HashMap<String, Persona> = serde_json::from_str(
@@ -2422,17 +1919,8 @@ mod tests {
         )
         .unwrap();
         assert_eq!(personas["+15551230002"], Persona::NoAnswer);
-        assert_eq!(
-            personas["+15551230003"],
-            Persona::Machine {
-                ring_ms: 1000,
-                hangup_ms: 20000
-            }
-        );
+        assert_eq!(personas["+15551230003"], Persona::Machine { ring_ms: 1000, hangup_ms: 20000 });
         assert!(serde_json::from_str::<Persona>(r#"{"behaviour": "dance"}"#).is_err());
-        assert_eq!(
-            rfc2822("2024-03-05T05:34:45Z".parse().unwrap()),
-            "Tue, 05 Mar 2024 05:34:45 +0000"
-        );
+        assert_eq!(rfc2822("2024-03-05T05:34:45Z".parse().unwrap()), "Tue, 05 Mar 2024 05:34:45 +0000");
     }
 }

@@ -21,9 +21,5 @@ pub mod twiml;
 /// the fragment asks Twilio to retry a callback wardcall could not record
 /// ([`callback::CONNECTION_OVERRIDES`]).
 pub fn callback_url(public_url: &str, kind: &str, attempt: uuid::Uuid) -> String {
-    format!(
-        "{}/webhooks/twilio/{kind}?attempt={attempt}#{}",
-        public_url.trim_end_matches('/'),
-        callback::CONNECTION_OVERRIDES
-    )
+    format!("{}/webhooks/twilio/{kind}?attempt={attempt}#{}", public_url.trim_end_matches('/'), callback::CONNECTION_OVERRIDES)
 }

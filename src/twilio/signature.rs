@@ -62,34 +62,24 @@ pub fn compute_signature(auth_token: &str, url: &str, params: &[(String, String)
 /// proxies that add or drop the port between Twilio and the application.
 /// Every candidate is compared with [`hmac::Mac::verify_slice`], which is
 /// constant-time.
-pub fn verify_signature(
-    auth_token: &str,
-    url: &str,
-    params: &[(String, String)],
-    header_value: &str,
-) -> bool {
+pub fn verify_signature(auth_token: &str, url: &str, params: &[(String, String)], header_value: &str) -> bool {
     if header_value.is_empty() {
         return false;
     }
     let Ok(expected) = base64::engine::general_purpose::STANDARD.decode(header_value) else {
         return false;
     };
-    let mut valid = keyed_mac(auth_token, url, params)
-        .verify_slice(&expected)
-        .is_ok();
+    let mut valid = keyed_mac(auth_token, url, params).verify_slice(&expected).is_ok();
     if let Some(alternate) = toggle_port(url) {
         // Non-short-circuiting `|` so both candidates are always computed.
-        valid |= keyed_mac(auth_token, &alternate, params)
-            .verify_slice(&expected)
-            .is_ok();
+        valid |= keyed_mac(auth_token, &alternate, params).verify_slice(&expected).is_ok();
     }
     valid
 }
 
 fn keyed_mac(auth_token: &str, url: &str, params: &[(String, String)]) -> HmacSha1 {
     // HMAC accepts keys of any length, so this cannot fail.
-    let mut mac = HmacSha1::new_from_slice(auth_token.as_bytes())
-        .expect("HMAC-SHA1 accepts keys of any length");
+    let mut mac = HmacSha1::new_from_slice(auth_token.as_bytes()).expect("HMAC-SHA1 accepts keys of any length");
     mac.update(url.as_bytes());
     let mut sorted: Vec<&(String, String)> = params.iter().collect();
     sorted.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.cmp(&b.1)));
@@ -146,9 +136,7 @@ mod tests {
     use super::*;
 
     fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
-        list.iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
+        list.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 
     const URL: &str = "https://mycompany.com/myapp.php?foo=1&bar=2";
@@ -157,60 +145,30 @@ mod tests {
     /// The worked example of Twilio's "Webhooks security" guide (also the
     /// fixture of many third-party validators): token `12345`.
     fn docs_params() -> Vec<(String, String)> {
-        pairs(&[
-            ("CallSid", "CA1234567890ABCDE"),
-            ("Caller", "+12349013030"),
-            ("Digits", "1234"),
-            ("From", "+12349013030"),
-            ("To", "+18005551212"),
-        ])
+        pairs(&[("CallSid", "CA1234567890ABCDE"), ("Caller", "+12349013030"), ("Digits", "1234"), ("From", "+12349013030"), ("To", "+18005551212")])
     }
 
     #[test]
     fn twilio_docs_example_vector() {
-        assert_eq!(
-            compute_signature(TOKEN, URL, &docs_params()),
-            "0/KCTR6DLpKmkAf8muzZqo1nDgQ="
-        );
-        assert!(verify_signature(
-            TOKEN,
-            URL,
-            &docs_params(),
-            "0/KCTR6DLpKmkAf8muzZqo1nDgQ="
-        ));
+        assert_eq!(compute_signature(TOKEN, URL, &docs_params()), "0/KCTR6DLpKmkAf8muzZqo1nDgQ=");
+        assert!(verify_signature(TOKEN, URL, &docs_params(), "0/KCTR6DLpKmkAf8muzZqo1nDgQ="));
     }
 
     /// twilio-python tests/unit/test_request_validator.py: same URL and token,
     /// a different caller number, parameters given out of order.
     #[test]
     fn twilio_python_vector_and_parameter_order() {
-        let params = pairs(&[
-            ("To", "+18005551212"),
-            ("Caller", "+14158675309"),
-            ("From", "+14158675309"),
-            ("Digits", "1234"),
-            ("CallSid", "CA1234567890ABCDE"),
-        ]);
-        assert_eq!(
-            compute_signature(TOKEN, URL, &params),
-            "RSOYDt4T1cUTdK1PDd93/VVr8B8="
-        );
+        let params =
+            pairs(&[("To", "+18005551212"), ("Caller", "+14158675309"), ("From", "+14158675309"), ("Digits", "1234"), ("CallSid", "CA1234567890ABCDE")]);
+        assert_eq!(compute_signature(TOKEN, URL, &params), "RSOYDt4T1cUTdK1PDd93/VVr8B8=");
     }
 
     /// twilio-python `test_compute_signature_duplicate_multi_dict`: repeated
     /// names are ordered by value.
     #[test]
     fn twilio_python_duplicate_parameter_vector() {
-        let params = pairs(&[
-            ("Sid", "CA123"),
-            ("SidAccount", "AC123"),
-            ("Digits", "5678"),
-            ("Digits", "1234"),
-        ]);
-        assert_eq!(
-            compute_signature(TOKEN, URL, &params),
-            "IK+Dwps556ElfBT0I3Rgjkr1wJU="
-        );
+        let params = pairs(&[("Sid", "CA123"), ("SidAccount", "AC123"), ("Digits", "5678"), ("Digits", "1234")]);
+        assert_eq!(compute_signature(TOKEN, URL, &params), "IK+Dwps556ElfBT0I3Rgjkr1wJU=");
     }
 
     /// A repeated identical pair signs as one, as the SDKs' sets make it:
@@ -218,13 +176,7 @@ mod tests {
     /// verifies, and the docs vector with `Digits=1234` repeated does too.
     #[test]
     fn identical_repeated_parameters_count_once() {
-        let params = pairs(&[
-            ("Sid", "CA123"),
-            ("Digits", "1234"),
-            ("SidAccount", "AC123"),
-            ("Digits", "5678"),
-            ("Digits", "1234"),
-        ]);
+        let params = pairs(&[("Sid", "CA123"), ("Digits", "1234"), ("SidAccount", "AC123"), ("Digits", "5678"), ("Digits", "1234")]);
         assert_eq!(compute_signature(TOKEN, URL, &params), "IK+Dwps556ElfBT0I3Rgjkr1wJU=");
         let mut docs = docs_params();
         docs.push(("Digits".into(), "1234".into()));
@@ -238,61 +190,24 @@ mod tests {
     /// whether or not a proxy added/removed the port.
     #[test]
     fn port_variants_like_twilio_validators() {
-        let params = pairs(&[
-            ("CallSid", "CA1234567890ABCDE"),
-            ("Digits", "1234"),
-            ("From", "+14158675309"),
-            ("To", "+18005551212"),
-            ("Caller", "+14158675309"),
-        ]);
+        let params =
+            pairs(&[("CallSid", "CA1234567890ABCDE"), ("Digits", "1234"), ("From", "+14158675309"), ("To", "+18005551212"), ("Caller", "+14158675309")]);
         // Signed without port, received with a port.
-        assert!(verify_signature(
-            TOKEN,
-            "https://mycompany.com:1234/myapp.php?foo=1&bar=2",
-            &params,
-            "RSOYDt4T1cUTdK1PDd93/VVr8B8="
-        ));
+        assert!(verify_signature(TOKEN, "https://mycompany.com:1234/myapp.php?foo=1&bar=2", &params, "RSOYDt4T1cUTdK1PDd93/VVr8B8="));
         // Signed with :443, received without it.
-        assert!(verify_signature(
-            TOKEN,
-            URL,
-            &params,
-            "kvajT1Ptam85bY51eRf/AJRuM3w="
-        ));
+        assert!(verify_signature(TOKEN, URL, &params, "kvajT1Ptam85bY51eRf/AJRuM3w="));
         // http with :80 added.
-        assert!(verify_signature(
-            TOKEN,
-            "http://mycompany.com/myapp.php?foo=1&bar=2",
-            &params,
-            "0ZXoZLH/DfblKGATFgpif+LLRf4="
-        ));
+        assert!(verify_signature(TOKEN, "http://mycompany.com/myapp.php?foo=1&bar=2", &params, "0ZXoZLH/DfblKGATFgpif+LLRf4="));
         // http signed with :1234, received with :1234.
-        assert!(verify_signature(
-            TOKEN,
-            "http://mycompany.com:1234/myapp.php?foo=1&bar=2",
-            &params,
-            "Zmvh+3yNM1Phv2jhDCwEM3q5ebU="
-        ));
+        assert!(verify_signature(TOKEN, "http://mycompany.com:1234/myapp.php?foo=1&bar=2", &params, "Zmvh+3yNM1Phv2jhDCwEM3q5ebU="));
     }
 
     #[test]
     fn toggle_port_cases() {
-        assert_eq!(
-            toggle_port("https://a.example/x?y=1").as_deref(),
-            Some("https://a.example:443/x?y=1")
-        );
-        assert_eq!(
-            toggle_port("http://a.example:8080").as_deref(),
-            Some("http://a.example")
-        );
-        assert_eq!(
-            toggle_port("http://u:p@[::1]:9/cb").as_deref(),
-            Some("http://u:p@[::1]/cb")
-        );
-        assert_eq!(
-            toggle_port("http://[::1]/cb").as_deref(),
-            Some("http://[::1]:80/cb")
-        );
+        assert_eq!(toggle_port("https://a.example/x?y=1").as_deref(), Some("https://a.example:443/x?y=1"));
+        assert_eq!(toggle_port("http://a.example:8080").as_deref(), Some("http://a.example"));
+        assert_eq!(toggle_port("http://u:p@[::1]:9/cb").as_deref(), Some("http://u:p@[::1]/cb"));
+        assert_eq!(toggle_port("http://[::1]/cb").as_deref(), Some("http://[::1]:80/cb"));
         assert_eq!(toggle_port("wss://a.example/x"), None);
         assert_eq!(toggle_port("not a url"), None);
     }
@@ -301,56 +216,26 @@ mod tests {
     fn wrong_signature_is_rejected() {
         let params = docs_params();
         // Right length, wrong bytes.
-        assert!(!verify_signature(
-            TOKEN,
-            URL,
-            &params,
-            "1/KCTR6DLpKmkAf8muzZqo1nDgQ="
-        ));
+        assert!(!verify_signature(TOKEN, URL, &params, "1/KCTR6DLpKmkAf8muzZqo1nDgQ="));
         // One character short (invalid padding).
-        assert!(!verify_signature(
-            TOKEN,
-            URL,
-            &params,
-            "0/KCTR6DLpKmkAf8muzZqo1nDgQ"
-        ));
+        assert!(!verify_signature(TOKEN, URL, &params, "0/KCTR6DLpKmkAf8muzZqo1nDgQ"));
         // Not base64 at all.
         assert!(!verify_signature(TOKEN, URL, &params, "%%%not-base64%%%"));
         // Right signature, wrong token.
-        assert!(!verify_signature(
-            "54321",
-            URL,
-            &params,
-            "0/KCTR6DLpKmkAf8muzZqo1nDgQ="
-        ));
+        assert!(!verify_signature("54321", URL, &params, "0/KCTR6DLpKmkAf8muzZqo1nDgQ="));
         // Right signature, different URL.
-        assert!(!verify_signature(
-            TOKEN,
-            "https://mycompany.com/myapp.php?foo=1&bar=3",
-            &params,
-            "0/KCTR6DLpKmkAf8muzZqo1nDgQ="
-        ));
+        assert!(!verify_signature(TOKEN, "https://mycompany.com/myapp.php?foo=1&bar=3", &params, "0/KCTR6DLpKmkAf8muzZqo1nDgQ="));
     }
 
     #[test]
     fn tampered_parameter_is_rejected() {
         let mut params = docs_params();
         params[2].1 = "9".into(); // Digits
-        assert!(!verify_signature(
-            TOKEN,
-            URL,
-            &params,
-            "0/KCTR6DLpKmkAf8muzZqo1nDgQ="
-        ));
+        assert!(!verify_signature(TOKEN, URL, &params, "0/KCTR6DLpKmkAf8muzZqo1nDgQ="));
         // An extra parameter is also a tamper.
         let mut params = docs_params();
         params.push(("Extra".into(), String::new()));
-        assert!(!verify_signature(
-            TOKEN,
-            URL,
-            &params,
-            "0/KCTR6DLpKmkAf8muzZqo1nDgQ="
-        ));
+        assert!(!verify_signature(TOKEN, URL, &params, "0/KCTR6DLpKmkAf8muzZqo1nDgQ="));
     }
 
     #[test]

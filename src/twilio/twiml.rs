@@ -101,8 +101,7 @@ pub const KEYPAD_INSTRUCTION: &str = "Press 1 to acknowledge this alert.";
 /// The message spoken when the provider refused the alert's own TwiML for
 /// its content (Twilio 32018, 12100, 12200, 13520): short, plain ASCII, and
 /// still asks for the keypress.
-pub const FALLBACK_MESSAGE: &str =
-    "Critical alert. The alert text could not be read. Please check the alert system now. Press 1 to acknowledge this alert.";
+pub const FALLBACK_MESSAGE: &str = "Critical alert. The alert text could not be read. Please check the alert system now. Press 1 to acknowledge this alert.";
 
 /// Text fit to be spoken: NUL and every other control character (C0, DEL,
 /// C1) removed; tabs and line breaks become a space. Letters, digits and
@@ -128,12 +127,7 @@ pub fn speakable(text: &str) -> String {
 /// [`KEYPAD_INSTRUCTION`] inside the same `<Gather>`, so the nurse still
 /// hears what to press. Returns `None` only when not even an empty message
 /// fits (an absurd `action_url` or `max_chars`).
-pub fn say_and_gather_within(
-    message: &str,
-    action_url: &str,
-    gather_timeout_seconds: u32,
-    max_chars: usize,
-) -> Option<String> {
+pub fn say_and_gather_within(message: &str, action_url: &str, gather_timeout_seconds: u32, max_chars: usize) -> Option<String> {
     let message = speakable(message);
     let full = say_and_gather(&message, action_url, gather_timeout_seconds);
     if full.chars().count() <= max_chars {
@@ -179,11 +173,7 @@ pub fn say_and_gather_within(
 pub fn say_and_hangup(message: &str) -> String {
     let mut doc = String::with_capacity(96 + message.len());
     doc.push_str(XML_DECLARATION);
-    let _ = write!(
-        doc,
-        "<Response><Say>{}</Say><Hangup/></Response>",
-        escape_xml(&speakable(message))
-    );
+    let _ = write!(doc, "<Response><Say>{}</Say><Hangup/></Response>", escape_xml(&speakable(message)));
     doc
 }
 
@@ -216,10 +206,7 @@ pub(crate) enum Node {
 impl Element {
     /// The unescaped value of attribute `name` (case-sensitive, as in XML).
     pub fn attr(&self, name: &str) -> Option<&str> {
-        self.attrs
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
+        self.attrs.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
     }
 
     /// Child elements, in document order.
@@ -314,9 +301,7 @@ impl<'a> Parser<'a> {
 
     fn name(&mut self) -> Result<String, String> {
         let rest = self.rest();
-        let len = rest
-            .find(|c: char| c.is_whitespace() || "/>=<\"'&".contains(c))
-            .unwrap_or(rest.len());
+        let len = rest.find(|c: char| c.is_whitespace() || "/>=<\"'&".contains(c)).unwrap_or(rest.len());
         let name = &rest[..len];
         let Some(first) = name.chars().next() else {
             return Err(self.err("expected a name"));
@@ -343,11 +328,7 @@ impl<'a> Parser<'a> {
         }
         self.expect('<')?;
         let name = self.name()?;
-        let mut element = Element {
-            name,
-            attrs: Vec::new(),
-            children: Vec::new(),
-        };
+        let mut element = Element { name, attrs: Vec::new(), children: Vec::new() };
         loop {
             let before = self.pos;
             self.skip_ws();
@@ -372,10 +353,7 @@ impl<'a> Parser<'a> {
                 _ => return Err(self.err("expected a quoted attribute value")),
             };
             self.pos += 1;
-            let raw = self.skip_past(
-                if quote == '"' { "\"" } else { "'" },
-                "unterminated attribute value",
-            )?;
+            let raw = self.skip_past(if quote == '"' { "\"" } else { "'" }, "unterminated attribute value")?;
             if raw.contains('<') {
                 return Err(self.err("'<' in an attribute value"));
             }
@@ -397,9 +375,7 @@ impl<'a> Parser<'a> {
                 self.skip_ws();
                 self.expect('>')?;
                 if closing != element.name {
-                    return Err(
-                        self.err(&format!("</{closing}> does not close <{}>", element.name))
-                    );
+                    return Err(self.err(&format!("</{closing}> does not close <{}>", element.name)));
                 }
                 return Ok(element);
             } else if rest.starts_with("<!--") {
@@ -450,10 +426,7 @@ pub(crate) fn unescape(raw: &str) -> Result<String, String> {
         if c != '&' {
             return Err(format!("character U+{:04X} not allowed", c as u32));
         }
-        let semi = tail
-            .find(';')
-            .filter(|&s| s <= 12)
-            .ok_or_else(|| "'&' that does not start an entity".to_string())?;
+        let semi = tail.find(';').filter(|&s| s <= 12).ok_or_else(|| "'&' that does not start an entity".to_string())?;
         let entity = &tail[1..semi];
         let decoded = match entity {
             "amp" => '&',
@@ -469,9 +442,7 @@ pub(crate) fn unescape(raw: &str) -> Result<String, String> {
                 } else {
                     None
                 };
-                code.and_then(char::from_u32)
-                    .filter(|&c| is_xml_char(c))
-                    .ok_or_else(|| format!("unknown or invalid entity '&{entity};'"))?
+                code.and_then(char::from_u32).filter(|&c| is_xml_char(c)).ok_or_else(|| format!("unknown or invalid entity '&{entity};'"))?
             }
         };
         out.push(decoded);
@@ -521,22 +492,14 @@ mod tests {
         assert!(!escaped.contains(['<', '>', '"', '\'']), "{escaped}");
         for (i, _) in escaped.match_indices('&') {
             let tail = &escaped[i..];
-            assert!(
-                ["&amp;", "&lt;", "&gt;", "&quot;", "&apos;"]
-                    .iter()
-                    .any(|e| tail.starts_with(e)),
-                "bare & in {escaped}"
-            );
+            assert!(["&amp;", "&lt;", "&gt;", "&quot;", "&apos;"].iter().any(|e| tail.starts_with(e)), "bare & in {escaped}");
         }
     }
 
     #[test]
     fn escape_xml_escapes_markup_and_keeps_unicode() {
         let escaped = escape_xml(NASTY);
-        assert_eq!(
-            escaped,
-            "Zoë &lt;Room 2&gt; &amp; &quot;ICU&quot; O&apos;Brien — Ünïcødé"
-        );
+        assert_eq!(escaped, "Zoë &lt;Room 2&gt; &amp; &quot;ICU&quot; O&apos;Brien — Ünïcødé");
         assert_inert(&escaped);
         assert_eq!(unescape(&escaped).unwrap(), NASTY);
     }

@@ -78,10 +78,8 @@ pub struct Delivery<'a> {
 /// Records the CallSid if the attempt had none (a call whose create response
 /// was lost: the callback names it).
 async fn lock_attempt(tx: &mut PgConnection, attempt: Uuid, call_sid: Option<&str>) -> Result<AttemptRow, CallEventError> {
-    let run_id: Option<Uuid> = sqlx::query_scalar("SELECT run_id FROM wardcall.notification_attempts WHERE id = $1")
-        .bind(attempt)
-        .fetch_optional(&mut *tx)
-        .await?;
+    let run_id: Option<Uuid> =
+        sqlx::query_scalar("SELECT run_id FROM wardcall.notification_attempts WHERE id = $1").bind(attempt).fetch_optional(&mut *tx).await?;
     let run_id = run_id.ok_or(CallEventError::UnknownAttempt)?;
     sqlx::query("SELECT 1 FROM wardcall.runs WHERE id = $1 FOR UPDATE").bind(run_id).execute(&mut *tx).await?;
     let row: AttemptRow = sqlx::query_as(
@@ -119,12 +117,11 @@ async fn claim_delivery(tx: &mut PgConnection, delivery: Delivery<'_>, attempt: 
     if inserted.is_some() {
         return Ok(None);
     }
-    let response: Option<String> =
-        sqlx::query_scalar("SELECT response FROM wardcall.webhook_receipts WHERE provider = $1 AND idempotency_token = $2")
-            .bind(delivery.provider)
-            .bind(token)
-            .fetch_optional(&mut *tx)
-            .await?;
+    let response: Option<String> = sqlx::query_scalar("SELECT response FROM wardcall.webhook_receipts WHERE provider = $1 AND idempotency_token = $2")
+        .bind(delivery.provider)
+        .bind(token)
+        .fetch_optional(&mut *tx)
+        .await?;
     Ok(Some(response.unwrap_or_default()))
 }
 
@@ -146,15 +143,8 @@ async fn signal_run(tx: &mut PgConnection, run: Uuid, payload: Value) -> Result<
 
 /// The escalation settings of a run's workflow (for its write-back hooks) and
 /// the run's input (the event payload, write-back's `$1`).
-async fn run_settings_and_input(
-    engine: &Engine,
-    tx: &mut PgConnection,
-    run: Uuid,
-) -> Result<Option<(crate::config::EscalationWorkflow, Value)>, sqlx::Error> {
-    let (workflow, input): (String, Value) = sqlx::query_as("SELECT workflow, input FROM wardcall.runs WHERE id = $1")
-        .bind(run)
-        .fetch_one(&mut *tx)
-        .await?;
+async fn run_settings_and_input(engine: &Engine, tx: &mut PgConnection, run: Uuid) -> Result<Option<(crate::config::EscalationWorkflow, Value)>, sqlx::Error> {
+    let (workflow, input): (String, Value) = sqlx::query_as("SELECT workflow, input FROM wardcall.runs WHERE id = $1").bind(run).fetch_one(&mut *tx).await?;
     Ok(match engine.config.workflow(&workflow).map(|w| &w.kind) {
         Some(crate::config::WorkflowKind::Escalation(e)) => Some(((**e).clone(), input)),
         _ => None,
@@ -210,8 +200,17 @@ pub async fn apply_status(
         .bind(call_status)
         .execute(&mut *tx)
         .await?;
-        audit::record(&mut tx, Entity::NotificationAttempt, &attempt.to_string(), "attempt.status", Some(&row.status), Some(call_status), actor, json!({"call_sid": call_sid}))
-            .await?;
+        audit::record(
+            &mut tx,
+            Entity::NotificationAttempt,
+            &attempt.to_string(),
+            "attempt.status",
+            Some(&row.status),
+            Some(call_status),
+            actor,
+            json!({"call_sid": call_sid}),
+        )
+        .await?;
         if let Some((settings, input)) = run_settings_and_input(engine, &mut tx, row.run_id).await? {
             write_back(&mut tx, settings.write_back.on_call_status.as_deref(), "on_call_status", &input, WriteBackSubject::Attempt(attempt), actor).await?;
         }
@@ -233,7 +232,14 @@ pub async fn apply_status(
 /// `machine_end_beep`, `fax`, `unknown`) for `attempt`; the first one wins.
 ///
 /// Errors: [`CallEventError::UnknownAttempt`], or a database error.
-pub async fn apply_amd(engine: &Arc<Engine>, delivery: Delivery<'_>, attempt: Uuid, call_sid: Option<&str>, answered_by: &str, actor: &str) -> Result<(), CallEventError> {
+pub async fn apply_amd(
+    engine: &Arc<Engine>,
+    delivery: Delivery<'_>,
+    attempt: Uuid,
+    call_sid: Option<&str>,
+    answered_by: &str,
+    actor: &str,
+) -> Result<(), CallEventError> {
     let mut tx = engine.db.pool.begin().await?;
     let row = lock_attempt(&mut tx, attempt, call_sid).await?;
     if claim_delivery(&mut tx, delivery, attempt).await?.is_some() || row.answered_by.is_some() {
@@ -260,7 +266,13 @@ pub async fn apply_amd(engine: &Arc<Engine>, delivery: Delivery<'_>, attempt: Uu
 /// (same idempotency token) returns the first response and changes nothing.
 ///
 /// Errors: [`CallEventError::UnknownAttempt`], or a database error.
-pub async fn apply_keypress(engine: &Arc<Engine>, delivery: Delivery<'_>, attempt: Uuid, call_sid: Option<&str>, digits: &str) -> Result<String, CallEventError> {
+pub async fn apply_keypress(
+    engine: &Arc<Engine>,
+    delivery: Delivery<'_>,
+    attempt: Uuid,
+    call_sid: Option<&str>,
+    digits: &str,
+) -> Result<String, CallEventError> {
     let mut tx = engine.db.pool.begin().await?;
     let row = lock_attempt(&mut tx, attempt, call_sid).await?;
     if let Some(first_response) = claim_delivery(&mut tx, delivery, attempt).await? {
@@ -268,10 +280,8 @@ pub async fn apply_keypress(engine: &Arc<Engine>, delivery: Delivery<'_>, attemp
         tracing::info!(attempt = %attempt, "replayed keypress webhook ignored");
         return Ok(if first_response.is_empty() { twiml::say_and_hangup("Goodbye.") } else { first_response });
     }
-    let (alert_status, message): (String, String) = sqlx::query_as("SELECT status, message FROM wardcall.alerts WHERE id = $1 FOR UPDATE")
-        .bind(row.alert_id)
-        .fetch_one(&mut *tx)
-        .await?;
+    let (alert_status, message): (String, String) =
+        sqlx::query_as("SELECT status, message FROM wardcall.alerts WHERE id = $1 FOR UPDATE").bind(row.alert_id).fetch_one(&mut *tx).await?;
     if row.acknowledged || (status_rank(&row.status) == 5 && !digits.starts_with('1')) {
         // The attempt that acknowledged has hung up, and no other key means
         // anything once its call ended: a replay of an earlier keypress. (A
@@ -311,10 +321,27 @@ pub async fn apply_keypress(engine: &Arc<Engine>, delivery: Delivery<'_>, attemp
             .bind(attempt)
             .execute(&mut *tx)
             .await?;
-            audit::record(&mut tx, Entity::Alert, &row.alert_id.to_string(), "alert.acknowledged", Some(&alert_status), Some("acknowledged"), &person_actor, json!({"attempt": attempt, "channel": "voice", "digits": digits}))
-                .await?;
+            audit::record(
+                &mut tx,
+                Entity::Alert,
+                &row.alert_id.to_string(),
+                "alert.acknowledged",
+                Some(&alert_status),
+                Some("acknowledged"),
+                &person_actor,
+                json!({"attempt": attempt, "channel": "voice", "digits": digits}),
+            )
+            .await?;
             if let Some((settings, input)) = run_settings_and_input(engine, &mut tx, row.run_id).await? {
-                write_back(&mut tx, settings.write_back.on_acknowledged.as_deref(), "on_acknowledged", &input, WriteBackSubject::Attempt(attempt), "webhook:twilio").await?;
+                write_back(
+                    &mut tx,
+                    settings.write_back.on_acknowledged.as_deref(),
+                    "on_acknowledged",
+                    &input,
+                    WriteBackSubject::Attempt(attempt),
+                    "webhook:twilio",
+                )
+                .await?;
             }
             signal_run(&mut tx, row.run_id, json!({"attempt": attempt, "acknowledged": true})).await?;
             tracing::info!(attempt = %attempt, person = %row.person_id, "alert acknowledged by keypress");
@@ -325,10 +352,12 @@ pub async fn apply_keypress(engine: &Arc<Engine>, delivery: Delivery<'_>, attemp
             twiml::say_and_hangup("This alert was cancelled. Goodbye.")
         }
     } else if key == Some('2') && alert_status == "open" {
-        sqlx::query("UPDATE wardcall.notification_attempts SET declined_at = coalesce(declined_at, clock_timestamp()), updated_at = clock_timestamp() WHERE id = $1")
-            .bind(attempt)
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(
+            "UPDATE wardcall.notification_attempts SET declined_at = coalesce(declined_at, clock_timestamp()), updated_at = clock_timestamp() WHERE id = $1",
+        )
+        .bind(attempt)
+        .execute(&mut *tx)
+        .await?;
         audit::record(&mut tx, Entity::NotificationAttempt, &attempt.to_string(), "attempt.declined", None, None, &person_actor, json!({"digits": digits}))
             .await?;
         signal_run(&mut tx, row.run_id, json!({"attempt": attempt, "declined": true})).await?;

@@ -95,8 +95,17 @@ pub async fn sweep_once(engine: &Arc<Engine>) -> Result<SweepReport, sqlx::Error
     .fetch_all(&mut *tx)
     .await?;
     for (id, _, alert_status) in &to_end {
-        audit::record(&mut tx, Entity::NotificationAttempt, &id.to_string(), "attempt.hangup_requested", None, None, &actor, json!({"alert_status": alert_status}))
-            .await?;
+        audit::record(
+            &mut tx,
+            Entity::NotificationAttempt,
+            &id.to_string(),
+            "attempt.hangup_requested",
+            None,
+            None,
+            &actor,
+            json!({"alert_status": alert_status}),
+        )
+        .await?;
     }
     tx.commit().await?;
     for (id, sid, alert_status) in &to_end {
@@ -156,8 +165,17 @@ pub async fn sweep_once(engine: &Arc<Engine>) -> Result<SweepReport, sqlx::Error
     .fetch_all(&mut *tx)
     .await?;
     for id in &abandoned {
-        audit::record(&mut tx, Entity::NotificationAttempt, &id.to_string(), "attempt.outcome_unknown", Some("intent"), Some("unknown"), &actor, json!({"rule": "run ended"}))
-            .await?;
+        audit::record(
+            &mut tx,
+            Entity::NotificationAttempt,
+            &id.to_string(),
+            "attempt.outcome_unknown",
+            Some("intent"),
+            Some("unknown"),
+            &actor,
+            json!({"rule": "run ended"}),
+        )
+        .await?;
     }
     tx.commit().await?;
     report.abandoned_intents = abandoned.len();

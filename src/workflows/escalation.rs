@@ -153,10 +153,7 @@ async fn audit_lookup_fault(ctx: &StepContext<'_>, name: &str, action: &str, det
 }
 
 fn position(state: &Value) -> (i32, i32) {
-    (
-        state.get("cycle").and_then(Value::as_i64).unwrap_or(0) as i32,
-        state.get("step_index").and_then(Value::as_i64).unwrap_or(0) as i32,
-    )
+    (state.get("cycle").and_then(Value::as_i64).unwrap_or(0) as i32, state.get("step_index").and_then(Value::as_i64).unwrap_or(0) as i32)
 }
 
 /// How long recording a create-call result is retried (ms) before the step
@@ -222,8 +219,17 @@ async fn record_call_result(ctx: &StepContext<'_>, settings: &EscalationWorkflow
     .await?;
     if let Some(e) = &placed.content_refused {
         tracing::warn!(attempt = %attempt_id, person = %placed.person_id, error = %e, "Twilio refused the alert's message for its content; called with the short fallback message instead");
-        audit::record(&mut tx, Entity::NotificationAttempt, &id_text, "attempt.content_refused", None, None, actor, json!({"error": e.to_string(), "fallback": true}))
-            .await?;
+        audit::record(
+            &mut tx,
+            Entity::NotificationAttempt,
+            &id_text,
+            "attempt.content_refused",
+            None,
+            None,
+            actor,
+            json!({"error": e.to_string(), "fallback": true}),
+        )
+        .await?;
     }
     let mut wake_sweeper = false;
     let transient = match &placed.result {
@@ -241,15 +247,34 @@ async fn record_call_result(ctx: &StepContext<'_>, settings: &EscalationWorkflow
             .execute(&mut *tx)
             .await?;
             if previous == "intent" {
-                audit::record(&mut tx, Entity::NotificationAttempt, &id_text, "attempt.requested", Some("intent"), Some("requested"), actor, json!({"call_sid": call.sid}))
-                    .await?;
+                audit::record(
+                    &mut tx,
+                    Entity::NotificationAttempt,
+                    &id_text,
+                    "attempt.requested",
+                    Some("intent"),
+                    Some("requested"),
+                    actor,
+                    json!({"call_sid": call.sid}),
+                )
+                .await?;
             } else {
                 // Callbacks (or a takeover) moved the attempt on first: the
                 // create response confirms the call, it is not a transition.
-                audit::record(&mut tx, Entity::NotificationAttempt, &id_text, "attempt.create_confirmed", None, None, actor, json!({"call_sid": call.sid, "status": previous}))
-                    .await?;
+                audit::record(
+                    &mut tx,
+                    Entity::NotificationAttempt,
+                    &id_text,
+                    "attempt.create_confirmed",
+                    None,
+                    None,
+                    actor,
+                    json!({"call_sid": call.sid, "status": previous}),
+                )
+                .await?;
             }
-            write_back(&mut tx, settings.write_back.on_call_placed.as_deref(), "on_call_placed", &ctx.run.input, WriteBackSubject::Attempt(attempt_id), actor).await?;
+            write_back(&mut tx, settings.write_back.on_call_placed.as_deref(), "on_call_placed", &ctx.run.input, WriteBackSubject::Attempt(attempt_id), actor)
+                .await?;
             if alert_status != "open" {
                 tracing::warn!(attempt = %attempt_id, call_sid = %call.sid, alert_status = %alert_status, "a call was placed after its alert closed; ending it");
                 wake_sweeper = true;
@@ -258,8 +283,17 @@ async fn record_call_result(ctx: &StepContext<'_>, settings: &EscalationWorkflow
         }
         Err(e) if e.is_retryable() || matches!(e, TwilioError::Api { http_status: 401 | 403, .. }) => {
             tracing::error!(attempt = %attempt_id, person = %placed.person_id, error = %e, "call could not be placed or its outcome is unknown (provider unavailable, slow, or refusing our credentials); retrying the step after reconciling with the provider");
-            audit::record(&mut tx, Entity::NotificationAttempt, &id_text, "attempt.provider_error", None, None, actor, json!({"error": e.to_string(), "retry": true}))
-                .await?;
+            audit::record(
+                &mut tx,
+                Entity::NotificationAttempt,
+                &id_text,
+                "attempt.provider_error",
+                None,
+                None,
+                actor,
+                json!({"error": e.to_string(), "retry": true}),
+            )
+            .await?;
             Some(format!("Twilio create-call failed: {e}"))
         }
         Err(e) => {
@@ -273,8 +307,17 @@ async fn record_call_result(ctx: &StepContext<'_>, settings: &EscalationWorkflow
             .execute(&mut *tx)
             .await?;
             if failed.rows_affected() == 1 {
-                audit::record(&mut tx, Entity::NotificationAttempt, &id_text, "attempt.failed", Some("intent"), Some("failed"), actor, json!({"error": e.to_string()}))
-                    .await?;
+                audit::record(
+                    &mut tx,
+                    Entity::NotificationAttempt,
+                    &id_text,
+                    "attempt.failed",
+                    Some("intent"),
+                    Some("failed"),
+                    actor,
+                    json!({"error": e.to_string()}),
+                )
+                .await?;
             }
             None
         }
@@ -352,13 +395,15 @@ pub const UNVERIFIED_RECALL_AFTER_MS: f64 = 30_000.0;
 /// outside any transaction.
 ///
 /// Errors: the provider cannot be asked (the step retries; nothing is placed).
-async fn reconcile_ambiguous(ctx: &StepContext<'_>, twilio: &crate::providers::TwilioProvider, cycle: i32, step_index: i32) -> Result<HashMap<Uuid, Option<String>>, StepError> {
+async fn reconcile_ambiguous(
+    ctx: &StepContext<'_>,
+    twilio: &crate::providers::TwilioProvider,
+    cycle: i32,
+    step_index: i32,
+) -> Result<HashMap<Uuid, Option<String>>, StepError> {
     let mut conn = ctx.engine.db.pool.acquire().await?;
-    let ambiguous: Vec<Attempt> = latest_attempts(&mut conn, ctx.run.id, cycle, step_index)
-        .await?
-        .into_iter()
-        .filter(|a| a.ambiguous(ctx.run.fencing_token))
-        .collect();
+    let ambiguous: Vec<Attempt> =
+        latest_attempts(&mut conn, ctx.run.id, cycle, step_index).await?.into_iter().filter(|a| a.ambiguous(ctx.run.fencing_token)).collect();
     let mut found = HashMap::new();
     for a in ambiguous {
         let calls = match twilio.client.list_calls_to(&a.destination, 20).await {
@@ -375,15 +420,14 @@ async fn reconcile_ambiguous(ctx: &StepContext<'_>, twilio: &crate::providers::T
                 return Err(StepError::Retryable(anyhow!("reconciling an ambiguous create-call with Twilio failed: {e}")));
             }
         };
-        let candidates: Vec<&crate::twilio::client::CallResource> = calls
-            .iter()
-            .filter(|c| c.created_at().is_some_and(|t| t.as_millisecond() as f64 >= a.created_ms - RECONCILE_CLOCK_SLACK_MS))
-            .collect();
+        let candidates: Vec<&crate::twilio::client::CallResource> =
+            calls.iter().filter(|c| c.created_at().is_some_and(|t| t.as_millisecond() as f64 >= a.created_ms - RECONCILE_CLOCK_SLACK_MS)).collect();
         let sids: Vec<String> = candidates.iter().map(|c| c.sid.clone()).collect();
-        let known: Vec<String> = sqlx::query_scalar("SELECT provider_id FROM wardcall.notification_attempts WHERE provider = 'twilio' AND provider_id = ANY($1)")
-            .bind(&sids)
-            .fetch_all(&mut *conn)
-            .await?;
+        let known: Vec<String> =
+            sqlx::query_scalar("SELECT provider_id FROM wardcall.notification_attempts WHERE provider = 'twilio' AND provider_id = ANY($1)")
+                .bind(&sids)
+                .fetch_all(&mut *conn)
+                .await?;
         // The oldest unclaimed call since the intent is the one it created.
         let adopt = candidates.iter().rev().find(|c| !known.contains(&c.sid)).map(|c| c.sid.clone());
         found.insert(a.id, adopt);
@@ -403,13 +447,20 @@ async fn open_alert(conn: &mut PgConnection, ctx: &StepContext<'_>, settings: &E
     .fetch_optional(&mut *conn)
     .await?;
     if let Some(id) = inserted {
-        audit::record(conn, Entity::Alert, &id.to_string(), "alert.opened", None, Some("open"), &ctx.engine.actor(), json!({"run_id": ctx.run.id, "policy": settings.policy}))
-            .await?;
-    }
-    let (id, status): (Uuid, String) = sqlx::query_as("SELECT id, status FROM wardcall.alerts WHERE run_id = $1 FOR UPDATE")
-        .bind(ctx.run.id)
-        .fetch_one(&mut *conn)
+        audit::record(
+            conn,
+            Entity::Alert,
+            &id.to_string(),
+            "alert.opened",
+            None,
+            Some("open"),
+            &ctx.engine.actor(),
+            json!({"run_id": ctx.run.id, "policy": settings.policy}),
+        )
         .await?;
+    }
+    let (id, status): (Uuid, String) =
+        sqlx::query_as("SELECT id, status FROM wardcall.alerts WHERE run_id = $1 FOR UPDATE").bind(ctx.run.id).fetch_one(&mut *conn).await?;
     Ok((id, status))
 }
 
@@ -449,8 +500,17 @@ async fn place_calls(ctx: &mut StepContext<'_>, settings: &EscalationWorkflow, p
     }
     let existing = latest_attempts(&mut tx, ctx.run.id, cycle, step_index).await?;
     if existing.is_empty() && (cycle, step_index) != (0, 0) {
-        audit::record(&mut tx, Entity::Alert, &alert_id.to_string(), "alert.escalated", Some("open"), Some("open"), &actor, json!({"cycle": cycle, "step_index": step_index}))
-            .await?;
+        audit::record(
+            &mut tx,
+            Entity::Alert,
+            &alert_id.to_string(),
+            "alert.escalated",
+            Some("open"),
+            Some("open"),
+            &actor,
+            json!({"cycle": cycle, "step_index": step_index}),
+        )
+        .await?;
         write_back(&mut tx, settings.write_back.on_escalated.as_deref(), "on_escalated", &ctx.run.input, WriteBackSubject::Alert(alert_id), &actor).await?;
     }
     let mut to_place: Vec<(Uuid, String, String)> = Vec::new(); // attempt, person, phone
@@ -471,21 +531,41 @@ async fn place_calls(ctx: &mut StepContext<'_>, settings: &EscalationWorkflow, p
                     .bind(sid)
                     .execute(&mut *tx)
                     .await?;
-                    audit::record(&mut tx, Entity::NotificationAttempt, &a.id.to_string(), "attempt.reconciled", Some("intent"), Some("requested"), &actor, json!({"call_sid": sid, "rule": "found in the provider's call list"}))
-                        .await?;
+                    audit::record(
+                        &mut tx,
+                        Entity::NotificationAttempt,
+                        &a.id.to_string(),
+                        "attempt.reconciled",
+                        Some("intent"),
+                        Some("requested"),
+                        &actor,
+                        json!({"call_sid": sid, "rule": "found in the provider's call list"}),
+                    )
+                    .await?;
                     tracing::info!(attempt = %a.id, call_sid = %sid, "an ambiguous create-call had placed the call; adopted it instead of calling again");
                     continue;
                 }
                 _ => {
                     // The provider has no call for it: the outcome was "not placed"
                     // (or is still unknown after the provider's answer): re-call rule.
-                    sqlx::query("UPDATE wardcall.notification_attempts SET status = 'unknown', updated_at = clock_timestamp(),
-                                        error = 'create-call outcome unknown and no such call at the provider' WHERE id = $1")
-                        .bind(a.id)
-                        .execute(&mut *tx)
-                        .await?;
-                    audit::record(&mut tx, Entity::NotificationAttempt, &a.id.to_string(), "attempt.outcome_unknown", Some("intent"), Some("unknown"), &actor, json!({"rule": "re-call", "provider_has_call": false}))
-                        .await?;
+                    sqlx::query(
+                        "UPDATE wardcall.notification_attempts SET status = 'unknown', updated_at = clock_timestamp(),
+                                        error = 'create-call outcome unknown and no such call at the provider' WHERE id = $1",
+                    )
+                    .bind(a.id)
+                    .execute(&mut *tx)
+                    .await?;
+                    audit::record(
+                        &mut tx,
+                        Entity::NotificationAttempt,
+                        &a.id.to_string(),
+                        "attempt.outcome_unknown",
+                        Some("intent"),
+                        Some("unknown"),
+                        &actor,
+                        json!({"rule": "re-call", "provider_has_call": false}),
+                    )
+                    .await?;
                     a.generation + 1
                 }
             },
@@ -509,8 +589,17 @@ async fn place_calls(ctx: &mut StepContext<'_>, settings: &EscalationWorkflow, p
         .bind(reconcile_after_ms)
         .fetch_one(&mut *tx)
         .await?;
-        audit::record(&mut tx, Entity::NotificationAttempt, &id.to_string(), "attempt.intent", None, Some("intent"), &actor, json!({"person_id": person_id, "cycle": cycle, "step_index": step_index, "generation": generation}))
-            .await?;
+        audit::record(
+            &mut tx,
+            Entity::NotificationAttempt,
+            &id.to_string(),
+            "attempt.intent",
+            None,
+            Some("intent"),
+            &actor,
+            json!({"person_id": person_id, "cycle": cycle, "step_index": step_index, "generation": generation}),
+        )
+        .await?;
         to_place.push((id, person_id.clone(), person.phone.clone()));
     }
     tx.commit().await?;
@@ -603,10 +692,7 @@ async fn evaluate_position(
     if !lock_fenced(&mut tx, ctx.run.id, ctx.run.fencing_token).await? {
         return Err(StepError::LeaseLost);
     }
-    let alert_status: String = sqlx::query_scalar("SELECT status FROM wardcall.alerts WHERE id = $1 FOR UPDATE")
-        .bind(alert_id)
-        .fetch_one(&mut *tx)
-        .await?;
+    let alert_status: String = sqlx::query_scalar("SELECT status FROM wardcall.alerts WHERE id = $1 FOR UPDATE").bind(alert_id).fetch_one(&mut *tx).await?;
     if alert_status != "open" {
         tx.commit().await?;
         if alert_status == "acknowledged" {
@@ -621,24 +707,25 @@ async fn evaluate_position(
     let deadline = ctx.state.get("step_deadline_ms").and_then(Value::as_i64).unwrap_or(now);
     // A human on the line (answered, not a machine, no key yet) gets time to
     // hear the message and press a key: the step does not expire under them.
-    let human_on_line = attempts
-        .iter()
-        .any(|a| a.status == "in-progress" && !a.machine() && !a.declined_at_set && !a.acknowledged_at_set);
+    let human_on_line = attempts.iter().any(|a| a.status == "in-progress" && !a.machine() && !a.declined_at_set && !a.acknowledged_at_set);
     let grace_deadline = deadline + HUMAN_ON_LINE_GRACE_MS;
     let expired = (timed_out == Some(true) || deadline <= now) && !(human_on_line && now < grace_deadline);
     // Voicemail calls still connected: hang them up (never an acknowledgement).
-    let machines: Vec<String> = attempts
-        .iter()
-        .filter(|a| a.machine() && !TERMINAL_CALL_STATUSES.contains(&a.status.as_str()))
-        .filter_map(|a| a.provider_id.clone())
-        .collect();
+    let machines: Vec<String> =
+        attempts.iter().filter(|a| a.machine() && !TERMINAL_CALL_STATUSES.contains(&a.status.as_str())).filter_map(|a| a.provider_id.clone()).collect();
     if !(all_failed || declined || expired) {
         tx.commit().await?;
         end_calls(ctx, &machines).await;
         let until = if deadline <= now { grace_deadline } else { deadline };
         return Ok(Transition::Wait { step: "await".into(), signal: CALL_UPDATE_SIGNAL.into(), timeout_ms: (until - now).max(1) });
     }
-    let reason = if declined { "declined" } else if all_failed { "all_calls_failed" } else { "ack_timeout" };
+    let reason = if declined {
+        "declined"
+    } else if all_failed {
+        "all_calls_failed"
+    } else {
+        "ack_timeout"
+    };
     // Escalate: next step, next cycle, or give up.
     let mut next = (cycle, step_index + 1);
     if next.1 as usize >= policy.steps.len() {
@@ -649,16 +736,35 @@ async fn evaluate_position(
             .bind(alert_id)
             .execute(&mut *tx)
             .await?;
-        audit::record(&mut tx, Entity::Alert, &alert_id.to_string(), "alert.unacknowledged", Some("open"), Some("unacknowledged"), &actor, json!({"reason": reason, "cycles": policy.repeat}))
+        audit::record(
+            &mut tx,
+            Entity::Alert,
+            &alert_id.to_string(),
+            "alert.unacknowledged",
+            Some("open"),
+            Some("unacknowledged"),
+            &actor,
+            json!({"reason": reason, "cycles": policy.repeat}),
+        )
+        .await?;
+        write_back(&mut tx, settings.write_back.on_unacknowledged.as_deref(), "on_unacknowledged", &ctx.run.input, WriteBackSubject::Alert(alert_id), &actor)
             .await?;
-        write_back(&mut tx, settings.write_back.on_unacknowledged.as_deref(), "on_unacknowledged", &ctx.run.input, WriteBackSubject::Alert(alert_id), &actor).await?;
         tx.commit().await?;
         end_calls(ctx, &machines).await;
         tracing::warn!(alert = %alert_id, "alert unacknowledged after the whole policy");
         return Ok(Transition::Complete);
     }
-    audit::record(&mut tx, Entity::Alert, &alert_id.to_string(), "alert.step_ended", Some("open"), Some("open"), &actor, json!({"reason": reason, "cycle": cycle, "step_index": step_index}))
-        .await?;
+    audit::record(
+        &mut tx,
+        Entity::Alert,
+        &alert_id.to_string(),
+        "alert.step_ended",
+        Some("open"),
+        Some("open"),
+        &actor,
+        json!({"reason": reason, "cycle": cycle, "step_index": step_index}),
+    )
+    .await?;
     tx.commit().await?;
     end_calls(ctx, &machines).await;
     ctx.state["cycle"] = json!(next.0);

@@ -103,20 +103,12 @@ pub async fn run_step(ctx: &mut StepContext<'_>) -> Result<Transition, StepError
 ///
 /// Returns false when the run was not live (finished, or no such run).
 /// Errors: a database error (nothing was changed).
-pub async fn cancel_run(
-    pool: &sqlx::PgPool,
-    config: &crate::config::Config,
-    run: uuid::Uuid,
-    actor: &str,
-    reason: &str,
-) -> Result<bool, sqlx::Error> {
+pub async fn cancel_run(pool: &sqlx::PgPool, config: &crate::config::Config, run: uuid::Uuid, actor: &str, reason: &str) -> Result<bool, sqlx::Error> {
     let mut tx = pool.begin().await?;
     let Some(cancelled) = crate::runtime::store::cancel_run_in(&mut tx, run, actor, reason).await? else {
         return Ok(false);
     };
-    if let (Some(alert), Some(WorkflowKind::Escalation(settings))) =
-        (cancelled.alert, config.workflow(&cancelled.workflow).map(|w| &w.kind))
-    {
+    if let (Some(alert), Some(WorkflowKind::Escalation(settings))) = (cancelled.alert, config.workflow(&cancelled.workflow).map(|w| &w.kind)) {
         escalation::write_back(
             &mut tx,
             settings.write_back.on_cancelled.as_deref(),

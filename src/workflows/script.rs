@@ -25,9 +25,7 @@ fn index_of(step: &str) -> Result<usize, StepError> {
     if step == "start" {
         return Ok(0);
     }
-    step.strip_prefix("op:")
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| StepError::Permanent(anyhow!("unknown script step '{step}'")))
+    step.strip_prefix("op:").and_then(|s| s.parse().ok()).ok_or_else(|| StepError::Permanent(anyhow!("unknown script step '{step}'")))
 }
 
 /// Executes element `i` of the script.

@@ -167,9 +167,21 @@ pub async fn killing_the_listener_connection_loses_nothing() {
     let db = TestDb::new().await;
     db.exec(TASKS_TABLE).await;
     let app = start_app(&db, config(&script_config(""))).await;
-    await_true(&db, "the listener to connect", Duration::from_secs(10), "SELECT count(*) >= 1 FROM pg_stat_activity WHERE datname = current_database() AND query LIKE 'LISTEN%'").await;
+    await_true(
+        &db,
+        "the listener to connect",
+        Duration::from_secs(10),
+        "SELECT count(*) >= 1 FROM pg_stat_activity WHERE datname = current_database() AND query LIKE 'LISTEN%'",
+    )
+    .await;
     for round in 0..3 {
-        await_true(&db, "the listener to be connected", Duration::from_secs(10), "SELECT count(*) >= 1 FROM pg_stat_activity WHERE datname = current_database() AND query LIKE 'LISTEN%'").await;
+        await_true(
+            &db,
+            "the listener to be connected",
+            Duration::from_secs(10),
+            "SELECT count(*) >= 1 FROM pg_stat_activity WHERE datname = current_database() AND query LIKE 'LISTEN%'",
+        )
+        .await;
         let killed = db
             .scalar_i64("SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() AND query LIKE 'LISTEN%' AND pid <> pg_backend_pid()) t")
             .await;
@@ -178,7 +190,13 @@ pub async fn killing_the_listener_connection_loses_nothing() {
     }
     await_true(&db, "all three runs complete", Duration::from_secs(10), "SELECT count(*) = 3 FROM wardcall.runs WHERE status = 'completed'").await;
     // And the listener came back.
-    await_true(&db, "the listener to reconnect", Duration::from_secs(10), "SELECT count(*) >= 1 FROM pg_stat_activity WHERE datname = current_database() AND query LIKE 'LISTEN%'").await;
+    await_true(
+        &db,
+        "the listener to reconnect",
+        Duration::from_secs(10),
+        "SELECT count(*) >= 1 FROM pg_stat_activity WHERE datname = current_database() AND query LIKE 'LISTEN%'",
+    )
+    .await;
     app.stop(Duration::from_secs(2)).await;
 }
 
@@ -242,7 +260,8 @@ pub async fn signal_before_wait_is_kept() {
     let status: String = sqlx::query_scalar("SELECT status FROM wardcall.runs WHERE id = $1").bind(run).fetch_one(&db.pool).await.unwrap();
     assert_ne!(status, "waiting");
     sqlx::query("SELECT wardcall.send_signal($1, 'ack', '{\"by\":\"early\"}')").bind(run).execute(&db.pool).await.unwrap();
-    await_true(&db, "the run to complete on the kept signal", Duration::from_secs(10), "SELECT count(*) = 1 FROM wardcall.runs WHERE status = 'completed'").await;
+    await_true(&db, "the run to complete on the kept signal", Duration::from_secs(10), "SELECT count(*) = 1 FROM wardcall.runs WHERE status = 'completed'")
+        .await;
     let state: Value = sqlx::query_scalar("SELECT state FROM wardcall.runs").fetch_one(&db.pool).await.unwrap();
     assert_eq!(state["results"]["1"]["payload"]["by"], "early", "{state}");
     assert!(state["results"]["1"].get("timeout").is_none());
@@ -264,12 +283,11 @@ pub async fn signal_racing_timeout_has_exactly_one_outcome() {
     await_true(&db, "all runs waiting", Duration::from_secs(10), &format!("SELECT count(*) = {n} FROM wardcall.runs WHERE status = 'waiting'")).await;
     // Aim each run's signal at its own deadline, from 45 ms before to 5 ms after
     // (the sending loop itself runs a few ms late).
-    let deadlines: Vec<(uuid::Uuid, f64)> = sqlx::query_as(
-        "SELECT id, (extract(epoch FROM wait_deadline - clock_timestamp()) * 1000)::float8 FROM wardcall.runs ORDER BY wait_deadline",
-    )
-    .fetch_all(&db.pool)
-    .await
-    .unwrap();
+    let deadlines: Vec<(uuid::Uuid, f64)> =
+        sqlx::query_as("SELECT id, (extract(epoch FROM wait_deadline - clock_timestamp()) * 1000)::float8 FROM wardcall.runs ORDER BY wait_deadline")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
     let start = std::time::Instant::now();
     for (k, (run, ms_left)) in deadlines.iter().enumerate() {
         let offset = (k % 5) as f64 * 12.5 - 45.0;
@@ -301,7 +319,9 @@ pub async fn signal_racing_timeout_has_exactly_one_outcome() {
     assert!(by_signal > 0 && by_signal < n as i64, "both outcomes should occur in {n} races (signal won {by_signal})");
     // A signal committed before the deadline always wins.
     let early_losers = db
-        .scalar_i64("SELECT count(*) FROM wardcall.signals s JOIN wardcall.runs r ON r.id = s.run_id WHERE s.consumed_at IS NULL AND s.created_at < r.wait_deadline")
+        .scalar_i64(
+            "SELECT count(*) FROM wardcall.signals s JOIN wardcall.runs r ON r.id = s.run_id WHERE s.consumed_at IS NULL AND s.created_at < r.wait_deadline",
+        )
         .await;
     assert_eq!(early_losers, 0, "a signal that arrived before the deadline lost to the timeout");
     app.stop(Duration::from_secs(2)).await;
@@ -315,7 +335,10 @@ pub async fn retries_end_in_failed_with_error_kept() {
     db.exec(r#"SELECT wardcall.emit('task.created', '{"steps":[{"op":"fail","times":2,"error":"flaky"},{"op":"step"}]}')"#).await;
     await_true(&db, "both runs finished", Duration::from_secs(10), "SELECT count(*) = 2 FROM wardcall.runs WHERE status IN ('failed','completed')").await;
     let (status, error, attempts): (String, String, i32) =
-        sqlx::query_as("SELECT status, last_error, step_attempt FROM wardcall.runs WHERE input->'steps'->0->>'error' = 'downstream 503'").fetch_one(&db.pool).await.unwrap();
+        sqlx::query_as("SELECT status, last_error, step_attempt FROM wardcall.runs WHERE input->'steps'->0->>'error' = 'downstream 503'")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
     assert_eq!(status, "failed");
     assert!(error.contains("downstream 503"), "{error}");
     assert_eq!(attempts, 3);
@@ -334,7 +357,13 @@ pub async fn sleep_due_while_engine_down_fires_on_start() {
     db.exec(r#"SELECT wardcall.emit('task.created', '{"steps":[{"op":"sleep","ms":400},{"op":"step","name":"after"}]}')"#).await;
     await_true(&db, "the run to sleep", Duration::from_secs(10), "SELECT count(*) = 1 FROM wardcall.runs WHERE status = 'sleeping'").await;
     app.stop(Duration::from_secs(2)).await;
-    await_true(&db, "the sleep to fall due with no engine running", Duration::from_secs(10), "SELECT count(*) = 1 FROM wardcall.runs WHERE status = 'sleeping' AND due_at < clock_timestamp()").await;
+    await_true(
+        &db,
+        "the sleep to fall due with no engine running",
+        Duration::from_secs(10),
+        "SELECT count(*) = 1 FROM wardcall.runs WHERE status = 'sleeping' AND due_at < clock_timestamp()",
+    )
+    .await;
     let app = start_app(&db, cfg).await;
     await_true(&db, "the run to complete after restart", Duration::from_secs(10), "SELECT count(*) = 1 FROM wardcall.runs WHERE status = 'completed'").await;
     app.stop(Duration::from_secs(2)).await;
@@ -443,13 +472,18 @@ pub async fn worker_process_killed_mid_step_is_taken_over() {
     child.wait().unwrap();
     let killed_at = std::time::Instant::now();
     let app = start_app(&db, config(&script_config(""))).await;
-    await_true(&db, "the run to be taken over and completed", Duration::from_secs(15), "SELECT count(*) = 1 FROM wardcall.runs WHERE status = 'completed'").await;
+    await_true(&db, "the run to be taken over and completed", Duration::from_secs(15), "SELECT count(*) = 1 FROM wardcall.runs WHERE status = 'completed'")
+        .await;
     let took = killed_at.elapsed();
     assert!(took < Duration::from_secs(8), "takeover took {took:?}");
     let state: Value = sqlx::query_scalar("SELECT state FROM wardcall.runs").fetch_one(&db.pool).await.unwrap();
     assert_ne!(state["results"]["0"]["by"].as_str().unwrap(), owner, "the surviving engine completed the step");
     assert_eq!(db.scalar_i64("SELECT count(*) FROM wardcall.audit_log WHERE action = 'run.lease_taken_over'").await, 1);
-    assert_eq!(db.scalar_i64("SELECT count(*) FROM wardcall.audit_log WHERE action = 'run.step_completed' AND detail->>'from_step' = 'start'").await, 1, "the step committed once");
+    assert_eq!(
+        db.scalar_i64("SELECT count(*) FROM wardcall.audit_log WHERE action = 'run.step_completed' AND detail->>'from_step' = 'start'").await,
+        1,
+        "the step committed once"
+    );
     app.stop(Duration::from_secs(2)).await;
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -466,10 +500,7 @@ pub async fn bad_config_gives_a_clear_error() {
     for (i, (text, expected)) in cases.iter().enumerate() {
         let path = dir.join(format!("bad{i}.toml"));
         std::fs::write(&path, text).unwrap();
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_wardcall"))
-            .args(["--config", path.to_str().unwrap(), "migrate"])
-            .output()
-            .unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_wardcall")).args(["--config", path.to_str().unwrap(), "migrate"]).output().unwrap();
         assert!(!out.status.success(), "case {i} should refuse to start");
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(stderr.contains(&format!("bad{i}.toml")), "case {i}: file not named: {stderr}");
@@ -546,11 +577,7 @@ pub async fn serve_lifecycle_sigterm_and_killed_cluster_reuse() {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let data_dir = dir.join("data");
-    std::fs::write(
-        dir.join("wardcall.toml"),
-        format!("data_dir = \"{}\"\n[http]\nlisten = \"127.0.0.1:0\"\n", data_dir.display()),
-    )
-    .unwrap();
+    std::fs::write(dir.join("wardcall.toml"), format!("data_dir = \"{}\"\n[http]\nlisten = \"127.0.0.1:0\"\n", data_dir.display())).unwrap();
     // 1. SIGTERM: graceful stop, exit 0, cluster stopped.
     let mut child = spawn_serve(&dir, "first.log");
     await_log(&dir, "first.log", "wardcall engine started").await;

@@ -144,7 +144,10 @@ async fn escalation_delay(a: Persona) -> (Hospital, Duration) {
 pub async fn busy_escalates_without_waiting_out_the_timeout() {
     let (h, delay) = escalation_delay(Persona::Busy).await;
     assert!(delay < Duration::from_secs(5), "escalated after {delay:?}");
-    assert_eq!(h.db.scalar_i64("SELECT count(*) FROM wardcall.audit_log WHERE action = 'alert.step_ended' AND detail->>'reason' = 'all_calls_failed'").await, 1);
+    assert_eq!(
+        h.db.scalar_i64("SELECT count(*) FROM wardcall.audit_log WHERE action = 'alert.step_ended' AND detail->>'reason' = 'all_calls_failed'").await,
+        1
+    );
     h.stop().await;
 }
 
@@ -157,19 +160,24 @@ pub async fn failed_call_escalates_without_waiting_out_the_timeout() {
 pub async fn voicemail_is_not_an_acknowledgement() {
     let (h, delay) = escalation_delay(Persona::Machine { ring_ms: 100, hangup_ms: 20_000 }).await;
     assert!(delay < Duration::from_secs(5), "escalated after {delay:?}");
-    let (answered_by, acked): (Option<String>, bool) = sqlx::query_as(
-        "SELECT answered_by, acknowledged_at IS NOT NULL FROM wardcall.notification_attempts WHERE destination = $1",
-    )
-    .bind(NURSE_A)
-    .fetch_one(&h.db.pool)
-    .await
-    .unwrap();
+    let (answered_by, acked): (Option<String>, bool) =
+        sqlx::query_as("SELECT answered_by, acknowledged_at IS NOT NULL FROM wardcall.notification_attempts WHERE destination = $1")
+            .bind(NURSE_A)
+            .fetch_one(&h.db.pool)
+            .await
+            .unwrap();
     assert_eq!(answered_by.as_deref(), Some("machine_start"));
     assert!(!acked);
     let acked_by: String = sqlx::query_scalar("SELECT acknowledged_by FROM wardcall.alerts").fetch_one(&h.db.pool).await.unwrap();
     assert_eq!(acked_by, "nurse-blake");
     // The voicemail call was hung up through the API, not left running 20 s.
-    await_true(&h.db, "the voicemail call to end", Duration::from_secs(10), &format!("SELECT count(*) = 1 FROM wardcall.notification_attempts WHERE destination = '{NURSE_A}' AND ended_at IS NOT NULL")).await;
+    await_true(
+        &h.db,
+        "the voicemail call to end",
+        Duration::from_secs(10),
+        &format!("SELECT count(*) = 1 FROM wardcall.notification_attempts WHERE destination = '{NURSE_A}' AND ended_at IS NOT NULL"),
+    )
+    .await;
     h.stop().await;
 }
 
@@ -197,10 +205,8 @@ pub async fn silent_answer_is_not_an_acknowledgement_and_policy_repeats() {
 pub async fn post_webhook(h: &Hospital, path_and_query: &str, params: &[(&str, &str)], token: Option<&str>) -> reqwest::StatusCode {
     let url = format!("http://{}{}", h.app.http_addr.unwrap(), path_and_query);
     let owned: Vec<(String, String)> = params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-    let mut req = reqwest::Client::new()
-        .post(&url)
-        .header("content-type", "application/x-www-form-urlencoded")
-        .body(serde_urlencoded::to_string(&owned).unwrap());
+    let mut req =
+        reqwest::Client::new().post(&url).header("content-type", "application/x-www-form-urlencoded").body(serde_urlencoded::to_string(&owned).unwrap());
     if let Some(token) = token {
         req = req.header("X-Twilio-Signature", compute_signature(token, &url, &owned));
     }
@@ -208,8 +214,12 @@ pub async fn post_webhook(h: &Hospital, path_and_query: &str, params: &[(&str, &
 }
 
 async fn snapshot(db: &TestDb) -> (Value, Value, i64) {
-    let alerts: Value = sqlx::query_scalar("SELECT coalesce(jsonb_agg(to_jsonb(a) ORDER BY id), '[]') FROM wardcall.alerts a").fetch_one(&db.pool).await.unwrap();
-    let attempts: Value = sqlx::query_scalar("SELECT coalesce(jsonb_agg(to_jsonb(n) - 'updated_at' ORDER BY id), '[]') FROM wardcall.notification_attempts n").fetch_one(&db.pool).await.unwrap();
+    let alerts: Value =
+        sqlx::query_scalar("SELECT coalesce(jsonb_agg(to_jsonb(a) ORDER BY id), '[]') FROM wardcall.alerts a").fetch_one(&db.pool).await.unwrap();
+    let attempts: Value = sqlx::query_scalar("SELECT coalesce(jsonb_agg(to_jsonb(n) - 'updated_at' ORDER BY id), '[]') FROM wardcall.notification_attempts n")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
     let audit = db.scalar_i64("SELECT count(*) FROM wardcall.audit_log").await;
     (alerts, attempts, audit)
 }
@@ -218,9 +228,11 @@ pub async fn late_and_repeated_callbacks_change_nothing() {
     let h = hospital(Persona::Answer { ring_ms: 100, think_ms: 100, digits: "1".into() }, Persona::NoAnswer, 10.0, 1).await;
     h.db.exec(SEIZURE_INSERT).await;
     await_alert_status(&h.db, "acknowledged", Duration::from_secs(20)).await;
-    await_true(&h.db, "the call to complete", Duration::from_secs(10), "SELECT count(*) = 1 FROM wardcall.notification_attempts WHERE status = 'completed'").await;
+    await_true(&h.db, "the call to complete", Duration::from_secs(10), "SELECT count(*) = 1 FROM wardcall.notification_attempts WHERE status = 'completed'")
+        .await;
     await_true(&h.db, "the run to complete", Duration::from_secs(10), "SELECT count(*) = 1 FROM wardcall.runs WHERE status = 'completed'").await;
-    let (attempt, sid): (uuid::Uuid, String) = sqlx::query_as("SELECT id, provider_id FROM wardcall.notification_attempts").fetch_one(&h.db.pool).await.unwrap();
+    let (attempt, sid): (uuid::Uuid, String) =
+        sqlx::query_as("SELECT id, provider_id FROM wardcall.notification_attempts").fetch_one(&h.db.pool).await.unwrap();
     let (alerts_before, attempts_before, _) = snapshot(&h.db).await;
     let row_before: Value = sqlx::query_scalar("SELECT to_jsonb(a) FROM alerts a").fetch_one(&h.db.pool).await.unwrap();
     let base = [("CallSid", sid.as_str()), ("AccountSid", ACCOUNT_SID), ("From", "+13855550100"), ("To", NURSE_A)];
@@ -260,7 +272,8 @@ pub async fn forged_or_missing_signature_gets_403_and_changes_nothing() {
             AND (SELECT count(*) = 0 FROM wardcall.signals WHERE consumed_at IS NULL)",
     )
     .await;
-    let (attempt, sid): (uuid::Uuid, String) = sqlx::query_as("SELECT id, provider_id FROM wardcall.notification_attempts").fetch_one(&h.db.pool).await.unwrap();
+    let (attempt, sid): (uuid::Uuid, String) =
+        sqlx::query_as("SELECT id, provider_id FROM wardcall.notification_attempts").fetch_one(&h.db.pool).await.unwrap();
     let (alerts_before, _, audit_before) = snapshot(&h.db).await;
     let p = [("CallSid", sid.as_str()), ("AccountSid", ACCOUNT_SID), ("Digits", "1")];
     let gather = format!("/webhooks/twilio/gather?attempt={attempt}");
@@ -365,7 +378,8 @@ pub async fn recall_rule_unknown_outcome_calls_again() {
     let h = start_on(db, Persona::Answer { ring_ms: 100, think_ms: 100, digits: "1".into() }, Persona::NoAnswer, 10.0, 1).await;
     await_alert_status(&h.db, "acknowledged", Duration::from_secs(15)).await;
     assert_eq!(calls_to(&h, NURSE_A), 1, "the unconfirmed call was placed again");
-    let statuses: Vec<(i32, String)> = sqlx::query_as("SELECT generation, status FROM wardcall.notification_attempts ORDER BY generation").fetch_all(&h.db.pool).await.unwrap();
+    let statuses: Vec<(i32, String)> =
+        sqlx::query_as("SELECT generation, status FROM wardcall.notification_attempts ORDER BY generation").fetch_all(&h.db.pool).await.unwrap();
     assert_eq!(statuses[0], (0, "unknown".to_string()));
     assert_eq!(statuses[1].0, 1);
     assert_eq!(h.db.scalar_i64("SELECT count(*) FROM wardcall.audit_log WHERE action = 'attempt.outcome_unknown'").await, 1);
@@ -377,7 +391,14 @@ pub async fn recall_rule_confirmed_call_is_not_repeated() {
     let db = hospital_db().await;
     crashed_state(&db, "requested", Some("CA00000000000000000000000000000001")).await;
     // The confirmed call's callbacks went to the dead engine; the step times out and escalates.
-    let h = start_on(db, Persona::Answer { ring_ms: 100, think_ms: 100, digits: "1".into() }, Persona::Answer { ring_ms: 100, think_ms: 100, digits: "1".into() }, 2.0, 1).await;
+    let h = start_on(
+        db,
+        Persona::Answer { ring_ms: 100, think_ms: 100, digits: "1".into() },
+        Persona::Answer { ring_ms: 100, think_ms: 100, digits: "1".into() },
+        2.0,
+        1,
+    )
+    .await;
     await_alert_status(&h.db, "acknowledged", Duration::from_secs(15)).await;
     assert_eq!(calls_to(&h, NURSE_A), 0, "a confirmed call is never placed twice");
     assert_eq!(calls_to(&h, NURSE_B), 1, "the alert was not lost: the backup was called");
@@ -427,9 +448,8 @@ pub async fn call_log_answers_the_monitoring_questions() {
     let h = hospital(Persona::NoAnswer, Persona::Answer { ring_ms: 100, think_ms: 100, digits: "1".into() }, 8.0, 1).await;
     h.db.exec(SEIZURE_INSERT).await;
     await_alert_status(&h.db, "acknowledged", Duration::from_secs(30)).await;
-    let per_hour = h
-        .db
-        .scalar_i64(
+    let per_hour =
+        h.db.scalar_i64(
             "SELECT sum(n)::bigint FROM (SELECT date_trunc('hour', attempted_at) AS hour, count(*) AS n FROM wardcall.call_log
               WHERE source_row->>'severity' = 'critical' AND attempted_at > now() - interval '24 hours' GROUP BY 1) t",
         )
@@ -480,10 +500,7 @@ pub async fn late_press_of_one_acknowledges_an_unacknowledged_alert() {
     await_alert_status(&h.db, "acknowledged", Duration::from_secs(5)).await;
     let (status, by): (String, Option<String>) = sqlx::query_as("SELECT status, acknowledged_by FROM alerts").fetch_one(&h.db.pool).await.unwrap();
     assert_eq!((status.as_str(), by.as_deref()), ("acknowledged", Some("nurse_phone")), "written back");
-    assert_eq!(
-        h.db.scalar_i64("SELECT count(*) FROM wardcall.audit_log WHERE action = 'alert.acknowledged' AND from_state = 'unacknowledged'").await,
-        1
-    );
+    assert_eq!(h.db.scalar_i64("SELECT count(*) FROM wardcall.audit_log WHERE action = 'alert.acknowledged' AND from_state = 'unacknowledged'").await, 1);
     h.stop().await;
 }
 

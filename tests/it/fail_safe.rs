@@ -75,7 +75,11 @@ async fn attempt_of(db: &TestDb, person: &str) -> (uuid::Uuid, Option<String>) {
 }
 
 /// The final status of call `sid`, awaited on the emulator's events.
-async fn await_call_ended(events: &mut tokio::sync::broadcast::Receiver<EmulatorEvent>, sid: &str, timeout: Duration) -> Result<String, tokio::time::error::Elapsed> {
+async fn await_call_ended(
+    events: &mut tokio::sync::broadcast::Receiver<EmulatorEvent>,
+    sid: &str,
+    timeout: Duration,
+) -> Result<String, tokio::time::error::Elapsed> {
     tokio::time::timeout(timeout, async {
         loop {
             if let Ok(EmulatorEvent::CallEnded { sid: s, final_status }) = events.recv().await {
@@ -159,7 +163,13 @@ pub async fn slow_provider_is_reconciled_not_called_twice() {
     // Its callbacks are lost too, so only the call list can tell.
     h.emulator.set_status_callbacks_lost(NURSE_A, true);
     h.db.exec(SEIZURE_INSERT).await;
-    await_true(&h.db, "the ambiguous call to be reconciled", Duration::from_secs(20), "SELECT count(*) = 1 FROM wardcall.audit_log WHERE action = 'attempt.reconciled'").await;
+    await_true(
+        &h.db,
+        "the ambiguous call to be reconciled",
+        Duration::from_secs(20),
+        "SELECT count(*) = 1 FROM wardcall.audit_log WHERE action = 'attempt.reconciled'",
+    )
+    .await;
     h.emulator.set_create_response_delay(Duration::ZERO);
     await_alert_status(&h.db, "acknowledged", Duration::from_secs(30)).await;
     assert_eq!(calls_to(&h, NURSE_A), 1, "the nurse was called once, not again after the timeout");
@@ -203,7 +213,8 @@ pub async fn failing_callsid_record_is_retried_not_called_again() {
 pub async fn cancel_hangs_up_and_runs_on_cancelled() {
     let h = hospital_with(Persona::NoAnswer, Persona::NoAnswer, 30.0, |c| {
         if let wardcall::config::WorkflowKind::Escalation(e) = &mut c.workflows[0].kind {
-            e.write_back.on_cancelled = Some("UPDATE alerts SET status = 'resolved', acknowledged_by = 'cancelled:' || ($2->>'alert_status') WHERE id = ($1->>'id')::uuid".into());
+            e.write_back.on_cancelled =
+                Some("UPDATE alerts SET status = 'resolved', acknowledged_by = 'cancelled:' || ($2->>'alert_status') WHERE id = ($1->>'id')::uuid".into());
         }
     })
     .await;
@@ -250,8 +261,13 @@ pub async fn lost_callbacks_are_reconciled_from_the_provider() {
     h.emulator.set_status_callbacks_lost(NURSE_A, true);
     h.db.exec(SEIZURE_INSERT).await;
     await_alert_status(&h.db, "acknowledged", Duration::from_secs(30)).await;
-    await_true(&h.db, "the lost final status to be reconciled", Duration::from_secs(40),
-        "SELECT count(*) = 1 FROM wardcall.notification_attempts WHERE person_id = 'nurse-avery' AND status = 'busy' AND ended_at IS NOT NULL").await;
+    await_true(
+        &h.db,
+        "the lost final status to be reconciled",
+        Duration::from_secs(40),
+        "SELECT count(*) = 1 FROM wardcall.notification_attempts WHERE person_id = 'nurse-avery' AND status = 'busy' AND ended_at IS NOT NULL",
+    )
+    .await;
     assert_eq!(
         h.db.scalar_i64("SELECT count(*) FROM wardcall.audit_log WHERE action = 'attempt.status' AND to_state = 'busy' AND actor LIKE 'reconciler:%'").await,
         1
@@ -269,7 +285,8 @@ pub async fn answered_by_on_status_callback_is_honoured() {
     let sid = sid.unwrap();
     let p = [("CallSid", sid.as_str()), ("AccountSid", ACCOUNT_SID), ("CallStatus", "in-progress"), ("AnsweredBy", "machine_start")];
     assert_eq!(webhook(&h, &format!("/webhooks/twilio/status?attempt={attempt}"), &p, None).await.0, 200);
-    let answered_by: Option<String> = sqlx::query_scalar("SELECT answered_by FROM wardcall.notification_attempts WHERE id = $1").bind(attempt).fetch_one(&h.db.pool).await.unwrap();
+    let answered_by: Option<String> =
+        sqlx::query_scalar("SELECT answered_by FROM wardcall.notification_attempts WHERE id = $1").bind(attempt).fetch_one(&h.db.pool).await.unwrap();
     assert_eq!(answered_by.as_deref(), Some("machine_start"));
     let answered: bool = sqlx::query_scalar("SELECT answered FROM wardcall.call_log WHERE attempt_id = $1").bind(attempt).fetch_one(&h.db.pool).await.unwrap();
     assert!(!answered, "a voicemail pickup is not an answer");
@@ -282,7 +299,8 @@ pub async fn answered_by_on_status_callback_is_honoured() {
 pub async fn replayed_keypress_changes_nothing() {
     let h = hospital_with(Persona::SilentHuman { ring_ms: 50 }, Persona::NoAnswer, 30.0, |_| {}).await;
     h.db.exec(SEIZURE_INSERT).await;
-    await_true(&h.db, "the nurse to answer", Duration::from_secs(10), "SELECT count(*) = 1 FROM wardcall.notification_attempts WHERE status = 'in-progress'").await;
+    await_true(&h.db, "the nurse to answer", Duration::from_secs(10), "SELECT count(*) = 1 FROM wardcall.notification_attempts WHERE status = 'in-progress'")
+        .await;
     let (attempt, sid) = attempt_of(&h.db, "nurse-avery").await;
     let sid = sid.unwrap();
     let path = format!("/webhooks/twilio/gather?attempt={attempt}");
@@ -295,7 +313,8 @@ pub async fn replayed_keypress_changes_nothing() {
     let ack = webhook(&h, &path, &p1, Some("idem-1")).await;
     let ack_replay = webhook(&h, &path, &p1, Some("idem-1")).await;
     assert_eq!(ack, ack_replay);
-    let digits: Option<String> = sqlx::query_scalar("SELECT digits FROM wardcall.notification_attempts WHERE id = $1").bind(attempt).fetch_one(&h.db.pool).await.unwrap();
+    let digits: Option<String> =
+        sqlx::query_scalar("SELECT digits FROM wardcall.notification_attempts WHERE id = $1").bind(attempt).fetch_one(&h.db.pool).await.unwrap();
     assert_eq!(digits.as_deref(), Some("31"), "each key once, in order");
     assert_eq!(h.db.scalar_i64("SELECT count(*) FROM wardcall.audit_log WHERE action = 'alert.acknowledged'").await, 1);
     await_alert_status(&h.db, "acknowledged", Duration::from_secs(5)).await;
@@ -310,8 +329,13 @@ pub async fn audit_records_only_transitions_that_happened() {
     h.emulator.set_create_response_delay(Duration::from_millis(700));
     h.db.exec(SEIZURE_INSERT).await;
     await_alert_status(&h.db, "acknowledged", Duration::from_secs(20)).await;
-    await_true(&h.db, "the create response to be recorded", Duration::from_secs(10),
-        "SELECT count(*) = 1 FROM wardcall.audit_log WHERE action IN ('attempt.requested','attempt.create_confirmed')").await;
+    await_true(
+        &h.db,
+        "the create response to be recorded",
+        Duration::from_secs(10),
+        "SELECT count(*) = 1 FROM wardcall.audit_log WHERE action IN ('attempt.requested','attempt.create_confirmed')",
+    )
+    .await;
     let rows: Vec<(Option<String>, Option<String>, String)> = sqlx::query_as(
         "SELECT from_state, to_state, action FROM wardcall.audit_log
           WHERE entity = 'notification_attempt' AND to_state IS NOT NULL ORDER BY id",

@@ -134,13 +134,7 @@ impl TestDb {
     pub fn url(&self) -> String {
         let o = &self.options;
         let host = o.get_socket().map(|p| p.display().to_string()).unwrap_or_else(|| o.get_host().to_string());
-        format!(
-            "postgresql://{}@localhost:{}/{}?host={}",
-            o.get_username(),
-            o.get_port(),
-            self.name,
-            url_escape(&host)
-        )
+        format!("postgresql://{}@localhost:{}/{}?host={}", o.get_username(), o.get_port(), self.name, url_escape(&host))
     }
 
     pub async fn exec(&self, sql: &str) {

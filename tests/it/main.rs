@@ -15,15 +15,15 @@ macro_rules! trials {
     };
 }
 
-mod harness;
-mod capture_runtime;
-mod escalation;
 mod bench_smoke;
-mod fail_safe;
-mod privacy_cluster;
+mod capture_runtime;
 mod config_checks;
-mod runtime_resilience;
+mod escalation;
+mod fail_safe;
+mod harness;
 mod http_surface;
+mod privacy_cluster;
+mod runtime_resilience;
 
 use libtest_mimic::{Arguments, Trial};
 

@@ -83,11 +83,7 @@ pub async fn write_back_failure_leaves_no_value_in_logs_or_audit() {
 
     let captured = Captured::default();
     let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_ansi(false)
-        .with_writer(move || writer.clone())
-        .finish();
+    let subscriber = tracing_subscriber::fmt().with_max_level(tracing::Level::TRACE).with_ansi(false).with_writer(move || writer.clone()).finish();
     let marker = format!("wardcall-privacy-marker-{}", unique_suffix());
     {
         // The test's future runs on this thread (block_on), so this subscriber
@@ -117,74 +113,40 @@ pub async fn write_back_failure_leaves_no_value_in_logs_or_audit() {
         .expect("a failing write-back is kept out of the transaction");
         sqlx::query("COMMIT").execute(&mut *conn).await.unwrap();
         // Same connection, so it reaches the server log after both errors.
-        sqlx::raw_sql(&format!("DO $$ BEGIN RAISE LOG '{marker}'; END $$"))
-            .execute(&mut *conn)
-            .await
-            .unwrap();
+        sqlx::raw_sql(&format!("DO $$ BEGIN RAISE LOG '{marker}'; END $$")).execute(&mut *conn).await.unwrap();
     }
 
     let audit: Vec<String> =
-        sqlx::query_scalar("SELECT detail::text FROM wardcall.audit_log WHERE action = 'write_back.failed' ORDER BY id")
-            .fetch_all(&db.pool)
-            .await
-            .unwrap();
+        sqlx::query_scalar("SELECT detail::text FROM wardcall.audit_log WHERE action = 'write_back.failed' ORDER BY id").fetch_all(&db.pool).await.unwrap();
     assert_eq!(audit.len(), 2, "{audit:?}");
     let all_audit = audit.join("\n");
     for value in [&patient, &room] {
-        assert!(
-            !all_audit.contains(value.as_str()),
-            "audit log holds {value}: {all_audit}"
-        );
+        assert!(!all_audit.contains(value.as_str()), "audit log holds {value}: {all_audit}");
     }
-    assert!(
-        audit[0].contains("on_acknowledged") && audit[0].contains("23503"),
-        "{}",
-        audit[0]
-    );
-    assert!(
-        audit[0].contains("wb_alerts_patient_id_fkey"),
-        "constraint named: {}",
-        audit[0]
-    );
-    assert!(
-        audit[1].contains("on_call_placed") && audit[1].contains("22P02"),
-        "{}",
-        audit[1]
-    );
+    assert!(audit[0].contains("on_acknowledged") && audit[0].contains("23503"), "{}", audit[0]);
+    assert!(audit[0].contains("wb_alerts_patient_id_fkey"), "constraint named: {}", audit[0]);
+    assert!(audit[1].contains("on_call_placed") && audit[1].contains("22P02"), "{}", audit[1]);
 
     let log = captured.text();
-    assert!(
-        log.contains("23503") && log.contains("on_acknowledged"),
-        "the failure is logged: {log}"
-    );
+    assert!(log.contains("23503") && log.contains("on_acknowledged"), "the failure is logged: {log}");
     for value in [&patient, &room] {
-        assert!(
-            !log.contains(value.as_str()),
-            "wardcall's log holds {value}:\n{log}"
-        );
+        assert!(!log.contains(value.as_str()), "wardcall's log holds {value}:\n{log}");
     }
 
     let server = crate::harness::init();
     if let Some(cluster) = &server.cluster {
         let dir = cluster.data_dir().to_path_buf();
-        let text = await_some(
-            "the marker in the server log",
-            Duration::from_secs(20),
-            || {
-                let dir = dir.clone();
-                let marker = marker.clone();
-                async move {
-                    let text = server_log_text(&dir);
-                    text.contains(&marker).then_some(text)
-                }
-            },
-        )
+        let text = await_some("the marker in the server log", Duration::from_secs(20), || {
+            let dir = dir.clone();
+            let marker = marker.clone();
+            async move {
+                let text = server_log_text(&dir);
+                text.contains(&marker).then_some(text)
+            }
+        })
         .await;
         for value in [&patient, &room] {
-            assert!(
-                !text.contains(value.as_str()),
-                "the server log holds {value}"
-            );
+            assert!(!text.contains(value.as_str()), "the server log holds {value}");
         }
     } else {
         eprintln!("DATABASE_URL set: the embedded cluster's server log is not checked");
@@ -198,46 +160,21 @@ pub async fn write_back_failure_leaves_no_value_in_logs_or_audit() {
 pub async fn redacted_errors_keep_what_an_operator_needs() {
     let db = TestDb::new().await;
     let value = format!("P-QZX-{}", unique_suffix());
-    let cast = sqlx::query("SELECT $1::text::uuid")
-        .bind(&value)
-        .execute(&db.pool)
-        .await
-        .unwrap_err();
+    let cast = sqlx::query("SELECT $1::text::uuid").bind(&value).execute(&db.pool).await.unwrap_err();
     let text = wardcall::capture::db_message(&cast);
     assert!(!text.contains(&value), "{text}");
-    assert!(
-        text.contains("SQLSTATE 22P02 (invalid_text_representation)"),
-        "{text}"
-    );
+    assert!(text.contains("SQLSTATE 22P02 (invalid_text_representation)"), "{text}");
     let wrapped = anyhow::Error::new(cast).context("lookup 'room_name'");
     let chain = wardcall::capture::error_text(&wrapped);
-    assert!(
-        chain.starts_with("lookup 'room_name': SQLSTATE 22P02"),
-        "{chain}"
-    );
+    assert!(chain.starts_with("lookup 'room_name': SQLSTATE 22P02"), "{chain}");
     assert!(!chain.contains(&value), "{chain}");
-    let column = sqlx::query("SELECT nope FROM wardcall.runs")
-        .execute(&db.pool)
-        .await
-        .unwrap_err();
+    let column = sqlx::query("SELECT nope FROM wardcall.runs").execute(&db.pool).await.unwrap_err();
     let text = wardcall::capture::db_message(&column);
-    assert!(
-        text.contains("42703") && text.contains("column \"nope\" does not exist"),
-        "{text}"
-    );
+    assert!(text.contains("42703") && text.contains("column \"nope\" does not exist"), "{text}");
 }
 
 /// Patient and staff data of the demo's seed and config.
-const SEED_DATA: [&str; 8] = [
-    "Dana Vale",
-    "Rowan Ellis",
-    "P-DHE-001",
-    "P-DHE-002",
-    "+13855550101",
-    "+13855550102",
-    "3855550101",
-    "3855550102",
-];
+const SEED_DATA: [&str; 8] = ["Dana Vale", "Rowan Ellis", "P-DHE-001", "P-DHE-002", "+13855550101", "+13855550102", "3855550101", "3855550102"];
 
 /// `RUST_LOG=debug wardcall demo` (here on the test server through DATABASE_URL)
 /// prints no seed patient name, patient id or phone number on stdout or stderr.
@@ -258,11 +195,7 @@ pub async fn demo_debug_log_prints_no_seed_data() {
     .expect("the demo runs");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "demo failed ({}):\n{stdout}\n{stderr}",
-        out.status
-    );
+    assert!(out.status.success(), "demo failed ({}):\n{stdout}\n{stderr}", out.status);
     assert!(stdout.contains("alert acknowledged"), "{stdout}");
     assert!(stderr.contains("DEBUG"), "debug logging was on: {stderr}");
     for value in SEED_DATA {
@@ -279,12 +212,7 @@ pub async fn demo_debug_log_prints_no_seed_data() {
 /// Removes a relocated cluster and its sibling files.
 fn remove_relocated(dir: &Path) {
     let _ = std::fs::remove_dir_all(dir);
-    for suffix in [
-        ".wardcall.lock",
-        ".wardcall.users",
-        ".wardcall.requested",
-        ".wardcall-initdb",
-    ] {
+    for suffix in [".wardcall.lock", ".wardcall.users", ".wardcall.requested", ".wardcall-initdb"] {
         let mut name = dir.file_name().unwrap().to_os_string();
         name.push(suffix);
         let _ = std::fs::remove_file(dir.with_file_name(name));
@@ -305,11 +233,7 @@ pub async fn demo_runs_from_a_private_directory_as_root() {
         eprintln!("no postgres account; skipped");
         return;
     };
-    let base = std::env::temp_dir().join(format!(
-        "wardcall-private-{}-{}",
-        std::process::id(),
-        unique_suffix()
-    ));
+    let base = std::env::temp_dir().join(format!("wardcall-private-{}-{}", std::process::id(), unique_suffix()));
     std::fs::create_dir(&base).unwrap();
     std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o700)).unwrap();
     let base = std::fs::canonicalize(&base).unwrap();
@@ -334,47 +258,18 @@ pub async fn demo_runs_from_a_private_directory_as_root() {
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     let checks = || {
-        assert!(
-            out.status.success(),
-            "demo failed ({}):\n{stdout}\n{stderr}",
-            out.status
-        );
+        assert!(out.status.success(), "demo failed ({}):\n{stdout}\n{stderr}", out.status);
         assert!(stdout.contains("alert acknowledged"), "{stdout}");
-        assert!(
-            stdout.contains(&format!(
-                "so the demo's PostgreSQL cluster is in {}",
-                relocated.display()
-            )),
-            "{stdout}"
-        );
-        let line = stderr
-            .lines()
-            .find(|l| l.contains("placing the cluster in"))
-            .unwrap_or_else(|| panic!("no relocation log line:\n{stderr}"));
+        assert!(stdout.contains(&format!("so the demo's PostgreSQL cluster is in {}", relocated.display())), "{stdout}");
+        let line = stderr.lines().find(|l| l.contains("placing the cluster in")).unwrap_or_else(|| panic!("no relocation log line:\n{stderr}"));
         assert!(line.contains(" INFO ") || line.contains("INFO"), "{line}");
-        assert!(
-            line.contains(&requested.display().to_string()),
-            "names the requested path: {line}"
-        );
-        assert!(
-            line.contains(&relocated.display().to_string()),
-            "names the cluster's path: {line}"
-        );
+        assert!(line.contains(&requested.display().to_string()), "names the requested path: {line}");
+        assert!(line.contains(&relocated.display().to_string()), "names the cluster's path: {line}");
         let meta = std::fs::metadata(&relocated).expect("the relocated cluster exists");
-        assert_eq!(
-            meta.uid(),
-            postgres.uid.as_raw(),
-            "owned by the server's account"
-        );
+        assert_eq!(meta.uid(), postgres.uid.as_raw(), "owned by the server's account");
         assert_eq!(meta.mode() & 0o777, 0o700);
-        assert!(
-            !relocated.join("postmaster.pid").exists(),
-            "the demo stopped its cluster"
-        );
-        assert!(
-            !requested.exists(),
-            "nothing was created in the unreachable directory"
-        );
+        assert!(!relocated.join("postmaster.pid").exists(), "the demo stopped its cluster");
+        assert!(!requested.exists(), "nothing was created in the unreachable directory");
     };
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(checks));
     remove_relocated(&relocated);

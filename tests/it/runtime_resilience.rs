@@ -60,10 +60,12 @@ retry_max_ms = 100
 
 /// The backend pid of the engine's listener session on `db`, if any.
 async fn listener_pid(db: &TestDb) -> Option<i32> {
-    sqlx::query_scalar("SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND application_name = 'wardcall-listener' ORDER BY backend_start DESC LIMIT 1")
-        .fetch_optional(&db.pool)
-        .await
-        .unwrap()
+    sqlx::query_scalar(
+        "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND application_name = 'wardcall-listener' ORDER BY backend_start DESC LIMIT 1",
+    )
+    .fetch_optional(&db.pool)
+    .await
+    .unwrap()
 }
 
 /// Resumes a SIGSTOPped backend when dropped (also when the test panics), so
@@ -72,38 +74,24 @@ struct Resume(i32);
 
 impl Drop for Resume {
     fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.0),
-            nix::sys::signal::Signal::SIGCONT,
-        );
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.0), nix::sys::signal::Signal::SIGCONT);
     }
 }
 
 async fn get_healthz(addr: std::net::SocketAddr) -> (u16, Value) {
-    let resp = reqwest::get(format!("http://{addr}/healthz"))
-        .await
-        .expect("healthz answers");
+    let resp = reqwest::get(format!("http://{addr}/healthz")).await.expect("healthz answers");
     let status = resp.status().as_u16();
     let body: Value = resp.json().await.unwrap_or(Value::Null);
     (status, body)
 }
 
 /// Awaits `/healthz` answering `status` with a problem containing `needle` (any, for 200).
-async fn await_healthz(
-    addr: std::net::SocketAddr,
-    status: u16,
-    needle: &str,
-    timeout: Duration,
-) -> Value {
-    await_some(
-        &format!("/healthz {status} {needle}"),
-        timeout,
-        || async move {
-            let (s, body) = get_healthz(addr).await;
-            let text = body.to_string();
-            (s == status && text.contains(needle)).then_some(body)
-        },
-    )
+async fn await_healthz(addr: std::net::SocketAddr, status: u16, needle: &str, timeout: Duration) -> Value {
+    await_some(&format!("/healthz {status} {needle}"), timeout, || async move {
+        let (s, body) = get_healthz(addr).await;
+        let text = body.to_string();
+        (s == status && text.contains(needle)).then_some(body)
+    })
     .await
 }
 
@@ -118,43 +106,17 @@ pub async fn listener_uses_its_own_connection_and_survives_a_frozen_backend() {
     }
     let db = TestDb::new().await;
     db.exec(TASKS_TABLE).await;
-    let app = start_app(
-        &db,
-        config(&tasks_config("sweep_ms = 1000\nheartbeat_ms = 500", true)),
-    )
-    .await;
-    let frozen = await_some(
-        "the listener's own session",
-        Duration::from_secs(10),
-        || listener_pid(&db),
-    )
-    .await;
-    await_some(
-        "the listener to report itself up",
-        Duration::from_secs(10),
-        || async { app.engine.health().listener_up().then_some(()) },
-    )
-    .await;
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(frozen),
-        nix::sys::signal::Signal::SIGSTOP,
-    )
-    .expect("SIGSTOP the listener's backend");
+    let app = start_app(&db, config(&tasks_config("sweep_ms = 1000\nheartbeat_ms = 500", true))).await;
+    let frozen = await_some("the listener's own session", Duration::from_secs(10), || listener_pid(&db)).await;
+    await_some("the listener to report itself up", Duration::from_secs(10), || async { app.engine.health().listener_up().then_some(()) }).await;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(frozen), nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP the listener's backend");
     let _resume = Resume(frozen);
     let t0 = Instant::now();
     db.exec(r#"INSERT INTO tasks (kind, steps) VALUES ('go', '[{"op":"step","name":"during the freeze"}]')"#).await;
-    let fresh = await_some(
-        "a new listener session",
-        Duration::from_secs(10),
-        || async { listener_pid(&db).await.filter(|pid| *pid != frozen) },
-    )
-    .await;
+    let fresh = await_some("a new listener session", Duration::from_secs(10), || async { listener_pid(&db).await.filter(|pid| *pid != frozen) }).await;
     let detected = t0.elapsed();
     eprintln!("frozen listener replaced after {detected:?} (backend {frozen} → {fresh})");
-    assert!(
-        detected < Duration::from_secs(5),
-        "the silent connection was noticed after {detected:?}"
-    );
+    assert!(detected < Duration::from_secs(5), "the silent connection was noticed after {detected:?}");
     await_true(
         &db,
         "the event committed during the freeze to run",
@@ -165,10 +127,7 @@ pub async fn listener_uses_its_own_connection_and_survives_a_frozen_backend() {
     assert!(app.engine.health().listener_up());
     app.stop(Duration::from_secs(2)).await;
     drop(_resume);
-    let _ = sqlx::query("SELECT pg_terminate_backend($1)")
-        .bind(frozen)
-        .execute(&db.pool)
-        .await;
+    let _ = sqlx::query("SELECT pg_terminate_backend($1)").bind(frozen).execute(&db.pool).await;
 }
 
 /// Item 7: a pool whose connections the server refuses (a role with CONNECTION
@@ -179,62 +138,32 @@ pub async fn pool_that_cannot_connect_fails_in_time_with_the_servers_reason() {
     let db = TestDb::new().await;
     let role = format!("wardcall_it_nolimit_{}", std::process::id());
     let mut admin = init().admin.connect().await.unwrap();
-    sqlx::raw_sql(&format!(
-        "DROP ROLE IF EXISTS {role}; CREATE ROLE {role} LOGIN CONNECTION LIMIT 0"
-    ))
-    .execute(&mut admin)
-    .await
-    .unwrap();
+    sqlx::raw_sql(&format!("DROP ROLE IF EXISTS {role}; CREATE ROLE {role} LOGIN CONNECTION LIMIT 0")).execute(&mut admin).await.unwrap();
     let limited = db.options.clone().username(&role);
 
     // The default acquire timeout (what `wardcall serve` uses).
     let t0 = Instant::now();
-    let err = wardcall::db::connect_pool(limited.clone(), 2)
-        .await
-        .expect_err("the role may not connect");
+    let err = wardcall::db::connect_pool(limited.clone(), 2).await.expect_err("the role may not connect");
     let took = t0.elapsed();
     let text = format!("{err:#}");
     eprintln!("after {took:?}: {text}");
     let default_ms = EngineConfig::default().acquire_timeout_ms;
-    assert!(
-        took < Duration::from_millis(default_ms + 3000),
-        "took {took:?}"
-    );
+    assert!(took < Duration::from_millis(default_ms + 3000), "took {took:?}");
     assert!(text.contains("too many connections for role"), "{text}");
 
     // A configured acquire timeout is honoured.
-    let settings = EngineConfig {
-        acquire_timeout_ms: 500,
-        pool_size: 2,
-        ..EngineConfig::default()
-    };
+    let settings = EngineConfig { acquire_timeout_ms: 500, pool_size: 2, ..EngineConfig::default() };
     let t0 = Instant::now();
-    let err = wardcall::db::connect_pool_with(limited, &settings)
-        .await
-        .expect_err("the role may not connect");
-    assert!(
-        t0.elapsed() < Duration::from_millis(500 + 3000),
-        "took {:?}",
-        t0.elapsed()
-    );
-    assert!(
-        format!("{err:#}").contains("too many connections for role"),
-        "{err:#}"
-    );
+    let err = wardcall::db::connect_pool_with(limited, &settings).await.expect_err("the role may not connect");
+    assert!(t0.elapsed() < Duration::from_millis(500 + 3000), "took {:?}", t0.elapsed());
+    assert!(format!("{err:#}").contains("too many connections for role"), "{err:#}");
 
     // Not retried by sqlx: named at once.
-    let err = wardcall::db::connect_pool(
-        db.options.clone().database("wardcall_it_absent_database"),
-        2,
-    )
-    .await
-    .expect_err("no such database");
+    let err = wardcall::db::connect_pool(db.options.clone().database("wardcall_it_absent_database"), 2).await.expect_err("no such database");
     assert!(format!("{err:#}").contains("does not exist"), "{err:#}");
 
     // At run time: every pooled connection busy is told apart from a refusal.
-    let pool = wardcall::db::connect_pool_with(db.options.clone(), &settings)
-        .await
-        .unwrap();
+    let pool = wardcall::db::connect_pool_with(db.options.clone(), &settings).await.unwrap();
     let (_a, _b) = (pool.acquire().await.unwrap(), pool.acquire().await.unwrap());
     let t0 = Instant::now();
     let busy = pool.acquire().await.expect_err("the pool is exhausted");
@@ -243,10 +172,7 @@ pub async fn pool_that_cannot_connect_fails_in_time_with_the_servers_reason() {
     assert!(why.contains("every pooled connection stayed busy"), "{why}");
     drop((_a, _b));
     pool.close().await;
-    sqlx::raw_sql(&format!("DROP ROLE IF EXISTS {role}"))
-        .execute(&mut admin)
-        .await
-        .unwrap();
+    sqlx::raw_sql(&format!("DROP ROLE IF EXISTS {role}")).execute(&mut admin).await.unwrap();
 }
 
 /// Item 7: the engine's connections carry `lock_timeout` and
@@ -255,67 +181,27 @@ pub async fn pool_that_cannot_connect_fails_in_time_with_the_servers_reason() {
 pub async fn engine_statements_are_bounded_by_lock_and_statement_timeouts() {
     let db = TestDb::new().await;
     db.exec(TASKS_TABLE).await;
-    let settings = EngineConfig {
-        lock_timeout_ms: 300,
-        statement_timeout_ms: 700,
-        ..EngineConfig::default()
-    };
-    let pool = wardcall::db::connect_pool_with(db.options.clone(), &settings)
-        .await
-        .unwrap();
-    let (lock, stmt): (String, String) = sqlx::query_as(
-        "SELECT current_setting('lock_timeout'), current_setting('statement_timeout')",
-    )
-    .fetch_one(&pool)
-    .await
-    .unwrap();
+    let settings = EngineConfig { lock_timeout_ms: 300, statement_timeout_ms: 700, ..EngineConfig::default() };
+    let pool = wardcall::db::connect_pool_with(db.options.clone(), &settings).await.unwrap();
+    let (lock, stmt): (String, String) =
+        sqlx::query_as("SELECT current_setting('lock_timeout'), current_setting('statement_timeout')").fetch_one(&pool).await.unwrap();
     assert_eq!((lock.as_str(), stmt.as_str()), ("300ms", "700ms"));
     // The defaults hold on `connect_pool` as well.
-    let lock: String = sqlx::query_scalar("SELECT current_setting('lock_timeout')")
-        .fetch_one(&db.pool)
-        .await
-        .unwrap();
+    let lock: String = sqlx::query_scalar("SELECT current_setting('lock_timeout')").fetch_one(&db.pool).await.unwrap();
     assert_eq!(lock, "2s");
 
     let mut holder = db.options.connect().await.unwrap();
-    sqlx::raw_sql("BEGIN; LOCK TABLE tasks IN ACCESS EXCLUSIVE MODE")
-        .execute(&mut holder)
-        .await
-        .unwrap();
+    sqlx::raw_sql("BEGIN; LOCK TABLE tasks IN ACCESS EXCLUSIVE MODE").execute(&mut holder).await.unwrap();
     let t0 = Instant::now();
-    let err = sqlx::query("SELECT count(*) FROM tasks")
-        .execute(&pool)
-        .await
-        .expect_err("the lock wait is bounded");
-    assert!(
-        t0.elapsed() < Duration::from_secs(3),
-        "waited {:?}",
-        t0.elapsed()
-    );
-    let code = err
-        .as_database_error()
-        .and_then(|e| e.code())
-        .map(|c| c.to_string());
+    let err = sqlx::query("SELECT count(*) FROM tasks").execute(&pool).await.expect_err("the lock wait is bounded");
+    assert!(t0.elapsed() < Duration::from_secs(3), "waited {:?}", t0.elapsed());
+    let code = err.as_database_error().and_then(|e| e.code()).map(|c| c.to_string());
     assert_eq!(code.as_deref(), Some("55P03"), "{err}");
     let t0 = Instant::now();
-    let err = sqlx::query("SELECT pg_sleep(5)")
-        .execute(&pool)
-        .await
-        .expect_err("the statement is bounded");
-    assert!(
-        t0.elapsed() < Duration::from_secs(3),
-        "waited {:?}",
-        t0.elapsed()
-    );
-    assert_eq!(
-        err.as_database_error().and_then(|e| e.code()).as_deref(),
-        Some("57014"),
-        "{err}"
-    );
-    sqlx::raw_sql("ROLLBACK")
-        .execute(&mut holder)
-        .await
-        .unwrap();
+    let err = sqlx::query("SELECT pg_sleep(5)").execute(&pool).await.expect_err("the statement is bounded");
+    assert!(t0.elapsed() < Duration::from_secs(3), "waited {:?}", t0.elapsed());
+    assert_eq!(err.as_database_error().and_then(|e| e.code()).as_deref(), Some("57014"), "{err}");
+    sqlx::raw_sql("ROLLBACK").execute(&mut holder).await.unwrap();
     holder.close().await.ok();
     pool.close().await;
 }
@@ -332,12 +218,7 @@ pub async fn critical_alert_is_called_first_during_a_flood() {
     let db = TestDb::new().await;
     db.exec(wardcall::demo::HOSPITAL_SCHEMA).await;
     let emulator = TwilioEmulator::start(
-        EmulatorConfig {
-            account_sid: ACCOUNT_SID.into(),
-            auth_token: AUTH_TOKEN.into(),
-            personas: HashMap::new(),
-            default_persona: Persona::NoAnswer,
-        },
+        EmulatorConfig { account_sid: ACCOUNT_SID.into(), auth_token: AUTH_TOKEN.into(), personas: HashMap::new(), default_persona: Persona::NoAnswer },
         tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
     )
     .await
@@ -354,8 +235,7 @@ pub async fn critical_alert_is_called_first_during_a_flood() {
     });
     cfg.validate("hospital.toml").unwrap();
     let app = start_app(&db, Arc::new(cfg)).await;
-    let flooded =
-        "SELECT count(*) FROM wardcall.runs WHERE workflow = 'flood' AND status = 'completed'";
+    let flooded = "SELECT count(*) FROM wardcall.runs WHERE workflow = 'flood' AND status = 'completed'";
 
     let t0 = Instant::now();
     sqlx::query("SELECT count(wardcall.emit('flood', $1)) FROM generate_series(1, $2)")
@@ -377,40 +257,19 @@ pub async fn critical_alert_is_called_first_during_a_flood() {
     db.exec(crate::escalation::SEIZURE_INSERT).await;
     let inserted = Instant::now();
     let called_at = loop {
-        match tokio::time::timeout(Duration::from_secs(60), events.recv())
-            .await
-            .expect("the critical alert is called")
-            .unwrap()
-        {
+        match tokio::time::timeout(Duration::from_secs(60), events.recv()).await.expect("the critical alert is called").unwrap() {
             EmulatorEvent::CallCreated { received_at, .. } => break received_at,
             _ => continue,
         }
     };
     let first_call = called_at.saturating_duration_since(inserted);
     let unfinished = FLOOD - db.scalar_i64(flooded).await;
-    await_true(
-        &db,
-        "the flood to drain",
-        Duration::from_secs(120),
-        &format!("SELECT ({flooded}) = {FLOOD}"),
-    )
-    .await;
+    await_true(&db, "the flood to drain", Duration::from_secs(120), &format!("SELECT ({flooded}) = {FLOOD}")).await;
     let drain = t0.elapsed();
     eprintln!("critical first call after {first_call:?}; flood unfinished at that instant: {unfinished} of {FLOOD}; flood drained in {drain:?}");
-    assert!(
-        unfinished * 2 > FLOOD,
-        "the call waited for the flood: only {unfinished} of {FLOOD} flood runs were left"
-    );
-    assert!(
-        first_call * 4 < drain,
-        "first call after {first_call:?}, flood drained in {drain:?}"
-    );
-    let critical: bool = sqlx::query_scalar(
-        "SELECT critical FROM wardcall.runs WHERE workflow = 'critical-alert-call'",
-    )
-    .fetch_one(&db.pool)
-    .await
-    .unwrap();
+    assert!(unfinished * 2 > FLOOD, "the call waited for the flood: only {unfinished} of {FLOOD} flood runs were left");
+    assert!(first_call * 4 < drain, "first call after {first_call:?}, flood drained in {drain:?}");
+    let critical: bool = sqlx::query_scalar("SELECT critical FROM wardcall.runs WHERE workflow = 'critical-alert-call'").fetch_one(&db.pool).await.unwrap();
     assert!(critical, "escalation runs are marked critical");
     app.stop(Duration::from_secs(2)).await;
     emulator.shutdown().await;
@@ -424,25 +283,11 @@ pub async fn healthz_reports_a_missing_capture_trigger() {
     let app = start_app(&db, config(&tasks_config("", true))).await;
     let addr = app.http_addr.unwrap();
     await_healthz(addr, 200, "", Duration::from_secs(10)).await;
-    db.exec("ALTER TABLE tasks DISABLE TRIGGER wardcall_capture_tasks_insert")
-        .await;
-    let body = await_healthz(
-        addr,
-        503,
-        "wardcall_capture_tasks_insert is disabled",
-        Duration::from_secs(5),
-    )
-    .await;
+    db.exec("ALTER TABLE tasks DISABLE TRIGGER wardcall_capture_tasks_insert").await;
+    let body = await_healthz(addr, 503, "wardcall_capture_tasks_insert is disabled", Duration::from_secs(5)).await;
     assert_eq!(body["status"], "unhealthy");
-    db.exec("DROP TRIGGER wardcall_capture_tasks_insert ON tasks")
-        .await;
-    let body = await_healthz(
-        addr,
-        503,
-        "source tasks: trigger wardcall_capture_tasks_insert is missing",
-        Duration::from_secs(5),
-    )
-    .await;
+    db.exec("DROP TRIGGER wardcall_capture_tasks_insert ON tasks").await;
+    let body = await_healthz(addr, 503, "source tasks: trigger wardcall_capture_tasks_insert is missing", Duration::from_secs(5)).await;
     eprintln!("{body}");
     app.stop(Duration::from_secs(2)).await;
 }
@@ -454,41 +299,18 @@ pub async fn healthz_reports_the_listener_down() {
     // No source: the health check then needs no database connection at all.
     let app = start_app(&db, config(&tasks_config("heartbeat_ms = 300", false))).await;
     let addr = app.http_addr.unwrap();
-    await_some(
-        "the listener's own session",
-        Duration::from_secs(10),
-        || listener_pid(&db),
-    )
-    .await;
+    await_some("the listener's own session", Duration::from_secs(10), || listener_pid(&db)).await;
     await_healthz(addr, 200, "", Duration::from_secs(10)).await;
     let mut admin = init().admin.connect().await.unwrap();
-    sqlx::raw_sql(&format!(
-        "ALTER DATABASE {} ALLOW_CONNECTIONS false",
-        db.name
-    ))
-    .execute(&mut admin)
-    .await
-    .unwrap();
+    sqlx::raw_sql(&format!("ALTER DATABASE {} ALLOW_CONNECTIONS false", db.name)).execute(&mut admin).await.unwrap();
     sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND application_name = 'wardcall-listener'")
         .bind(&db.name)
         .execute(&mut admin)
         .await
         .unwrap();
-    let body = await_healthz(
-        addr,
-        503,
-        "listener: not connected",
-        Duration::from_secs(10),
-    )
-    .await;
+    let body = await_healthz(addr, 503, "listener: not connected", Duration::from_secs(10)).await;
     eprintln!("{body}");
-    sqlx::raw_sql(&format!(
-        "ALTER DATABASE {} ALLOW_CONNECTIONS true",
-        db.name
-    ))
-    .execute(&mut admin)
-    .await
-    .unwrap();
+    sqlx::raw_sql(&format!("ALTER DATABASE {} ALLOW_CONNECTIONS true", db.name)).execute(&mut admin).await.unwrap();
     await_healthz(addr, 200, "", Duration::from_secs(10)).await;
     app.stop(Duration::from_secs(2)).await;
 }
@@ -498,44 +320,26 @@ pub async fn healthz_reports_the_listener_down() {
 /// answer 503 after `stall_after_ms`; it recovers once the lock is released.
 pub async fn healthz_reports_a_stalled_scheduler() {
     let db = TestDb::new().await;
-    let cfg = config(&tasks_config(
-        "sweep_ms = 100\nlock_timeout_ms = 600000\nstatement_timeout_ms = 3600000",
-        false,
-    ));
+    let cfg = config(&tasks_config("sweep_ms = 100\nlock_timeout_ms = 600000\nstatement_timeout_ms = 3600000", false));
     assert_eq!(wardcall::runtime::stall_after_ms(&cfg.engine), 5000);
     // The engine's own pool, with the configured (raised) timeouts.
-    let pool = wardcall::db::connect_pool_with(db.options.clone(), &cfg.engine)
-        .await
-        .unwrap();
-    let database = wardcall::db::Database {
-        pool: pool.clone(),
-        connect_options: db.options.clone(),
-        embedded: None,
-    };
+    let pool = wardcall::db::connect_pool_with(db.options.clone(), &cfg.engine).await.unwrap();
+    let database = wardcall::db::Database { pool: pool.clone(), connect_options: db.options.clone(), embedded: None };
     let app = wardcall::app::App::start(
         database,
         cfg,
-        wardcall::app::StartOptions {
-            http_listener: Some(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap()),
-            ..Default::default()
-        },
+        wardcall::app::StartOptions { http_listener: Some(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap()), ..Default::default() },
     )
     .await
     .unwrap();
     let addr = app.http_addr.unwrap();
     await_healthz(addr, 200, "", Duration::from_secs(10)).await;
     let mut holder = db.options.connect().await.unwrap();
-    sqlx::raw_sql("BEGIN; LOCK TABLE wardcall.runs IN ACCESS EXCLUSIVE MODE")
-        .execute(&mut holder)
-        .await
-        .unwrap();
+    sqlx::raw_sql("BEGIN; LOCK TABLE wardcall.runs IN ACCESS EXCLUSIVE MODE").execute(&mut holder).await.unwrap();
     let t0 = Instant::now();
     let body = await_healthz(addr, 503, "scheduler: stalled", Duration::from_secs(15)).await;
     eprintln!("after {:?}: {body}", t0.elapsed());
-    sqlx::raw_sql("ROLLBACK")
-        .execute(&mut holder)
-        .await
-        .unwrap();
+    sqlx::raw_sql("ROLLBACK").execute(&mut holder).await.unwrap();
     holder.close().await.ok();
     await_healthz(addr, 200, "", Duration::from_secs(10)).await;
     app.stop(Duration::from_secs(2)).await;
@@ -549,17 +353,10 @@ pub async fn status_shows_the_same_problems() {
     db.exec(TASKS_TABLE).await;
     let text = tasks_config("", true);
     let cfg = config(&text);
-    wardcall::app::prepare_database(&db.database(), &cfg, "test")
-        .await
-        .unwrap();
-    db.exec("DROP TRIGGER wardcall_capture_tasks_insert ON tasks")
-        .await;
+    wardcall::app::prepare_database(&db.database(), &cfg, "test").await.unwrap();
+    db.exec("DROP TRIGGER wardcall_capture_tasks_insert ON tasks").await;
     db.exec("INSERT INTO wardcall.runs (workflow, event, input, step, status, due_at) VALUES ('script', 'task.created', '{}', 'start', 'pending', now() - interval '1 minute')").await;
-    let dir = std::env::temp_dir().join(format!(
-        "wardcall-it-status-{}-{}",
-        std::process::id(),
-        db.name
-    ));
+    let dir = std::env::temp_dir().join(format!("wardcall-it-status-{}-{}", std::process::id(), db.name));
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("wardcall.toml");
     std::fs::write(&file, format!("database_url = \"{}\"\n{text}", db.url())).unwrap();
@@ -574,26 +371,10 @@ pub async fn status_shows_the_same_problems() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     eprintln!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success());
-    assert!(
-        stdout
-            .contains("UNHEALTHY: source tasks: trigger wardcall_capture_tasks_insert is missing"),
-        "{stdout}"
-    );
-    assert!(
-        stdout.contains("UNHEALTHY: listener: no engine is listening"),
-        "{stdout}"
-    );
-    assert!(
-        stdout.contains("UNHEALTHY: scheduler: a run has been due for"),
-        "{stdout}"
-    );
+    assert!(stdout.contains("UNHEALTHY: source tasks: trigger wardcall_capture_tasks_insert is missing"), "{stdout}");
+    assert!(stdout.contains("UNHEALTHY: listener: no engine is listening"), "{stdout}");
+    assert!(stdout.contains("UNHEALTHY: scheduler: a run has been due for"), "{stdout}");
     // status did not quietly reinstall the trigger.
-    assert_eq!(
-        db.scalar_i64(
-            "SELECT count(*) FROM pg_trigger WHERE tgname = 'wardcall_capture_tasks_insert'"
-        )
-        .await,
-        0
-    );
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM pg_trigger WHERE tgname = 'wardcall_capture_tasks_insert'").await, 0);
     std::fs::remove_dir_all(&dir).ok();
 }
