@@ -766,6 +766,7 @@ async fn evaluate_position(
     )
     .await?;
     tx.commit().await?;
+    tracing::info!(alert = %alert_id, reason, from_cycle = cycle, from_step = step_index, to_cycle = next.0, to_step = next.1, "alert escalated");
     end_calls(ctx, &machines).await;
     ctx.state["cycle"] = json!(next.0);
     ctx.state["step_index"] = json!(next.1);
