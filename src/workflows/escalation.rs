@@ -485,7 +485,14 @@ async fn place_calls(ctx: &mut StepContext<'_>, settings: &EscalationWorkflow, p
 
     // 0. An earlier execution's create requests whose outcome is unknown are
     //    reconciled with the provider first, outside any transaction.
-    let reconciled = reconcile_ambiguous(ctx, twilio, cycle, step_index).await?;
+    //    Only a takeover or a retry can find such intents; a first execution
+    //    skips the look-up (if it ever were wrong, the rule below falls back to
+    //    calling again, never to silence).
+    let reconciled = if ctx.run.step_attempt > 0 || ctx.run.previous_status == "running" {
+        reconcile_ambiguous(ctx, twilio, cycle, step_index).await?
+    } else {
+        HashMap::new()
+    };
 
     // 1. Record the intents (and the alert), fenced, in one transaction.
     let mut tx = engine.db.pool.begin().await?;
