@@ -334,6 +334,7 @@ impl Engine {
                         self.health.set_listener(true);
                         if n.channel() == WAKE_CHANNEL {
                             self.wake_scheduler.notify_one();
+                            self.call_sweeper.notify_one();
                         } else {
                             self.wake_dispatcher.notify_one();
                         }

@@ -35,16 +35,18 @@ pub enum CallEventError {
 }
 
 /// Rank of a provider call status: updates only ever move forward.
-/// `intent` 0 < `requested` 1 < `initiated` 2 < `ringing` 3 <
-/// `in-progress` 4 < final 5; unknown words are -1.
+/// `intent` and `unknown` 0 < `requested` 1 < `initiated` 2 < `ringing` 3 <
+/// `in-progress` 4 < final 5; unknown words are -1. `unknown` (an intent
+/// whose outcome was never learnt) ranks with `intent`: a callback that shows
+/// the call exists after all moves it on, so it can be ended and reconciled.
 pub fn status_rank(s: &str) -> i32 {
     match s {
-        "intent" => 0,
+        "intent" | "unknown" => 0,
         "requested" => 1,
         "initiated" => 2,
         "ringing" => 3,
         "in-progress" => 4,
-        "completed" | "busy" | "no-answer" | "failed" | "canceled" | "unknown" => 5,
+        "completed" | "busy" | "no-answer" | "failed" | "canceled" => 5,
         _ => -1,
     }
 }
@@ -91,11 +93,16 @@ async fn lock_attempt(tx: &mut PgConnection, attempt: Uuid, call_sid: Option<&st
     .await?;
     if row.provider_id.is_none() {
         if let Some(sid) = call_sid {
-            sqlx::query("UPDATE wardcall.notification_attempts SET provider_id = $2 WHERE id = $1 AND provider_id IS NULL")
-                .bind(attempt)
-                .bind(sid)
-                .execute(&mut *tx)
-                .await?;
+            // Never the CallSid another attempt holds (the unique index would
+            // refuse the whole event, and a nurse's keypress with it).
+            sqlx::query(
+                "UPDATE wardcall.notification_attempts SET provider_id = $2 WHERE id = $1 AND provider_id IS NULL
+                    AND NOT EXISTS (SELECT 1 FROM wardcall.notification_attempts o WHERE o.provider = 'twilio' AND o.provider_id = $2)",
+            )
+            .bind(attempt)
+            .bind(sid)
+            .execute(&mut *tx)
+            .await?;
         }
     }
     Ok(row)
@@ -124,6 +131,10 @@ async fn claim_delivery(tx: &mut PgConnection, delivery: Delivery<'_>, attempt: 
         .await?;
     Ok(Some(response.unwrap_or_default()))
 }
+
+/// Stored instead of a reply that reads the alert aloud: receipts never hold
+/// the alert's text (patient data); a replay rebuilds that reply.
+const REPLAY_MESSAGE_MARKER: &str = "replay:message";
 
 async fn finish_delivery(tx: &mut PgConnection, delivery: Delivery<'_>, response: &str) -> Result<(), sqlx::Error> {
     if let Some(token) = delivery.idempotency_token {
@@ -278,7 +289,15 @@ pub async fn apply_keypress(
     if let Some(first_response) = claim_delivery(&mut tx, delivery, attempt).await? {
         tx.rollback().await?;
         tracing::info!(attempt = %attempt, "replayed keypress webhook ignored");
-        return Ok(if first_response.is_empty() { twiml::say_and_hangup("Goodbye.") } else { first_response });
+        return Ok(match first_response.as_str() {
+            "" => twiml::say_and_hangup("Goodbye."),
+            REPLAY_MESSAGE_MARKER => {
+                let message: String =
+                    sqlx::query_scalar("SELECT message FROM wardcall.alerts WHERE id = $1").bind(row.alert_id).fetch_one(&engine.db.pool).await?;
+                replay_message_twiml(engine, attempt, &message)
+            }
+            _ => first_response,
+        });
     }
     let (alert_status, message): (String, String) =
         sqlx::query_as("SELECT status, message FROM wardcall.alerts WHERE id = $1 FOR UPDATE").bind(row.alert_id).fetch_one(&mut *tx).await?;
@@ -301,6 +320,7 @@ pub async fn apply_keypress(
         .await?;
     let key = digits.chars().next();
     let person_actor = format!("person:{}", row.person_id);
+    let mut replays_message = false;
     let reply = if is_machine(row.answered_by.as_deref()) {
         twiml::say_and_hangup("Goodbye.")
     } else if key == Some('1') {
@@ -363,19 +383,25 @@ pub async fn apply_keypress(
         signal_run(&mut tx, row.run_id, json!({"attempt": attempt, "declined": true})).await?;
         twiml::say_and_hangup("Understood. Escalating to the next person. Goodbye.")
     } else if alert_status == "open" {
-        let gather_timeout = engine.providers.twilio.as_ref().map(|t| t.config.gather_timeout_seconds).unwrap_or(10);
-        let action = crate::twilio::callback_url(&engine.public_url, "gather", attempt);
-        // A webhook's TwiML may be 64 kB (Twilio error 11750); the message fits.
-        twiml::say_and_gather_within(&message, &action, gather_timeout, 60_000)
-            .unwrap_or_else(|| twiml::say_and_gather(twiml::FALLBACK_MESSAGE, &action, gather_timeout))
+        replays_message = true;
+        replay_message_twiml(engine, attempt, &message)
     } else if alert_status == "acknowledged" {
         twiml::say_and_hangup("This alert was already acknowledged. Goodbye.")
     } else {
         twiml::say_and_hangup("This alert is no longer open. Goodbye.")
     };
-    finish_delivery(&mut tx, delivery, &reply).await?;
+    finish_delivery(&mut tx, delivery, if replays_message { REPLAY_MESSAGE_MARKER } else { &reply }).await?;
     tx.commit().await?;
     engine.wake();
     engine.wake_call_sweeper();
     Ok(reply)
+}
+
+/// The TwiML that reads the alert again and waits for a key.
+fn replay_message_twiml(engine: &Engine, attempt: Uuid, message: &str) -> String {
+    let gather_timeout = engine.providers.twilio.as_ref().map(|t| t.config.gather_timeout_seconds).unwrap_or(10);
+    let action = crate::twilio::callback_url(&engine.public_url, "gather", attempt);
+    // A webhook's TwiML may be 64 kB (Twilio error 11750); the message fits.
+    twiml::say_and_gather_within(message, &action, gather_timeout, 60_000)
+        .unwrap_or_else(|| twiml::say_and_gather(twiml::FALLBACK_MESSAGE, &action, gather_timeout))
 }

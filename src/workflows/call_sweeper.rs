@@ -16,7 +16,11 @@
 //!    `reconciler:<engine>`); a call still live is looked at again after
 //!    [`RECONCILE_MARGIN`]. An intent never confirmed whose run has finished
 //!    is marked `unknown`. So no attempt stays `ringing` or `in-progress`
-//!    for ever (test `lost_callbacks_are_reconciled_from_the_provider`).
+//!    for ever (test `lost_callbacks_are_reconciled_from_the_provider`). An
+//!    `unknown` attempt that a late create response or callback showed to
+//!    have a call is hung up or reconciled like a live one.
+//! 3. **Receipts.** Webhook receipts older than a day are deleted (Twilio
+//!    retries a webhook for at most 15 s).
 //!
 //! Several engines sweep at once safely: rows are claimed with
 //! `FOR UPDATE SKIP LOCKED` and their next time is pushed on before the
@@ -80,7 +84,8 @@ pub async fn sweep_once(engine: &Arc<Engine>) -> Result<SweepReport, sqlx::Error
         "WITH due AS (
              SELECT n.id, a.status AS alert_status FROM wardcall.notification_attempts n
                JOIN wardcall.alerts a ON a.id = n.alert_id
-              WHERE n.status IN ('intent','requested','initiated','ringing','in-progress')
+              WHERE (n.status IN ('intent','requested','initiated','ringing','in-progress')
+                     OR (n.status = 'unknown' AND n.ended_at IS NULL))
                 AND n.provider_id IS NOT NULL AND n.acknowledged_at IS NULL
                 AND a.status IN ('acknowledged','cancelled')
                 AND (n.hangup_requested_at IS NULL
@@ -121,7 +126,8 @@ pub async fn sweep_once(engine: &Arc<Engine>) -> Result<SweepReport, sqlx::Error
     let overdue: Vec<(Uuid, String)> = sqlx::query_as(
         "WITH due AS (
              SELECT id FROM wardcall.notification_attempts
-              WHERE status IN ('requested','initiated','ringing','in-progress') AND provider_id IS NOT NULL
+              WHERE (status IN ('requested','initiated','ringing','in-progress') OR (status = 'unknown' AND ended_at IS NULL))
+                AND provider_id IS NOT NULL
                 AND reconcile_after <= clock_timestamp()
               ORDER BY reconcile_after LIMIT 20 FOR UPDATE SKIP LOCKED)
          UPDATE wardcall.notification_attempts n
@@ -179,5 +185,13 @@ pub async fn sweep_once(engine: &Arc<Engine>) -> Result<SweepReport, sqlx::Error
     }
     tx.commit().await?;
     report.abandoned_intents = abandoned.len();
+
+    // 4. Webhook receipts outlive any retry or replay by far after a day.
+    sqlx::query(
+        "DELETE FROM wardcall.webhook_receipts WHERE ctid IN (
+             SELECT ctid FROM wardcall.webhook_receipts WHERE received_at < clock_timestamp() - interval '1 day' LIMIT 1000)",
+    )
+    .execute(&engine.db.pool)
+    .await?;
     Ok(report)
 }

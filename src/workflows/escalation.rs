@@ -173,8 +173,8 @@ struct PlacedCall {
 }
 
 /// Records one create-call result, retrying while the database refuses
-/// (statement timeout, failover) for up to [`RECORD_RETRY_BUDGET_MS`] and
-/// while this engine holds the run: a CallSid the provider returned is never
+/// (statement timeout, failover) for up to [`RECORD_RETRY_BUDGET_MS`], even if
+/// this engine lost the run meanwhile: a CallSid the provider returned is never
 /// dropped because a write failed. Returns what [`record_call_result`] does.
 async fn record_with_retry(ctx: &StepContext<'_>, settings: &EscalationWorkflow, actor: &str, placed: &PlacedCall) -> Result<Option<String>, StepError> {
     let started = std::time::Instant::now();
@@ -184,7 +184,10 @@ async fn record_with_retry(ctx: &StepContext<'_>, settings: &EscalationWorkflow,
             Ok(outcome) => return Ok(outcome),
             Err(e) => {
                 let sqlstate = e.as_database_error().and_then(|d| d.code()).map(|c| c.to_string());
-                if started.elapsed().as_millis() as u64 > RECORD_RETRY_BUDGET_MS || ctx.check_lease().is_err() {
+                // Not stopped by a lost lease: the record is not fenced, and it is
+                // the only copy of the CallSid (a cancel, too, takes the lease).
+                // A unique violation cannot heal by waiting.
+                if started.elapsed().as_millis() as u64 > RECORD_RETRY_BUDGET_MS || sqlstate.as_deref() == Some("23505") {
                     tracing::error!(attempt = %placed.attempt_id, sqlstate = ?sqlstate, "recording a create-call result failed for good; the call is reconciled from the provider's call list");
                     return Err(StepError::Retryable(anyhow!("recording a call result failed: {}", crate::capture::db_message(&e))));
                 }
@@ -281,7 +284,9 @@ async fn record_call_result(ctx: &StepContext<'_>, settings: &EscalationWorkflow
             }
             None
         }
-        Err(e) if e.is_retryable() || matches!(e, TwilioError::Api { http_status: 401 | 403, .. }) => {
+        // A success answer that could not be read (`Decode`) most likely
+        // placed the call: ambiguous, like a timeout.
+        Err(e) if e.is_retryable() || matches!(e, TwilioError::Api { http_status: 401 | 403, .. } | TwilioError::Decode(_)) => {
             tracing::error!(attempt = %attempt_id, person = %placed.person_id, error = %e, "call could not be placed or its outcome is unknown (provider unavailable, slow, or refusing our credentials); retrying the step after reconciling with the provider");
             audit::record(
                 &mut tx,
@@ -401,9 +406,12 @@ async fn reconcile_ambiguous(
     cycle: i32,
     step_index: i32,
 ) -> Result<HashMap<Uuid, Option<String>>, StepError> {
-    let mut conn = ctx.engine.db.pool.acquire().await?;
-    let ambiguous: Vec<Attempt> =
-        latest_attempts(&mut conn, ctx.run.id, cycle, step_index).await?.into_iter().filter(|a| a.ambiguous(ctx.run.fencing_token)).collect();
+    // No connection is held while the provider is asked.
+    let ambiguous: Vec<Attempt> = {
+        let mut conn = ctx.engine.db.pool.acquire().await?;
+        latest_attempts(&mut conn, ctx.run.id, cycle, step_index).await?.into_iter().filter(|a| a.ambiguous(ctx.run.fencing_token)).collect()
+    };
+    let pool = &ctx.engine.db.pool;
     let mut found = HashMap::new();
     for a in ambiguous {
         let calls = match twilio.client.list_calls_to(&a.destination, 20).await {
@@ -426,10 +434,23 @@ async fn reconcile_ambiguous(
         let known: Vec<String> =
             sqlx::query_scalar("SELECT provider_id FROM wardcall.notification_attempts WHERE provider = 'twilio' AND provider_id = ANY($1)")
                 .bind(&sids)
-                .fetch_all(&mut *conn)
+                .fetch_all(pool)
                 .await?;
+        // Another unconfirmed intent to the same number (another alert paging
+        // the same nurse, or two people sharing a phone) could own an
+        // unclaimed call: then nothing is adopted, and the person is called
+        // again rather than risk taking another attempt's call.
+        let rivals: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM wardcall.notification_attempts
+              WHERE destination = $1 AND id <> $2 AND status IN ('intent','unknown') AND provider_id IS NULL
+                AND created_at > clock_timestamp() - interval '1 hour'",
+        )
+        .bind(&a.destination)
+        .bind(a.id)
+        .fetch_one(pool)
+        .await?;
         // The oldest unclaimed call since the intent is the one it created.
-        let adopt = candidates.iter().rev().find(|c| !known.contains(&c.sid)).map(|c| c.sid.clone());
+        let adopt = if rivals == 0 { candidates.iter().rev().find(|c| !known.contains(&c.sid)).map(|c| c.sid.clone()) } else { None };
         found.insert(a.id, adopt);
     }
     Ok(found)
@@ -555,13 +576,19 @@ async fn place_calls(ctx: &mut StepContext<'_>, settings: &EscalationWorkflow, p
                 _ => {
                     // The provider has no call for it: the outcome was "not placed"
                     // (or is still unknown after the provider's answer): re-call rule.
-                    sqlx::query(
+                    let marked = sqlx::query(
                         "UPDATE wardcall.notification_attempts SET status = 'unknown', updated_at = clock_timestamp(),
-                                        error = 'create-call outcome unknown and no such call at the provider' WHERE id = $1",
+                                error = 'create-call outcome unknown and no such call at the provider'
+                          WHERE id = $1 AND status = 'intent' AND provider_id IS NULL",
                     )
                     .bind(a.id)
                     .execute(&mut *tx)
                     .await?;
+                    if marked.rows_affected() == 0 {
+                        // A late create response (from an engine that lost the
+                        // run) confirmed the call meanwhile: never call twice.
+                        continue;
+                    }
                     audit::record(
                         &mut tx,
                         Entity::NotificationAttempt,
