@@ -23,6 +23,7 @@ pub fn tests() -> Vec<libtest_mimic::Trial> {
         fail_safe::lost_callbacks_are_reconciled_from_the_provider,
         fail_safe::answered_by_on_status_callback_is_honoured,
         fail_safe::replayed_keypress_changes_nothing,
+        fail_safe::keypress_is_recorded_when_another_attempt_holds_the_call_sid,
         fail_safe::audit_records_only_transitions_that_happened,
         fail_safe::blocked_lookup_times_out_and_the_call_goes_out,
         fail_safe::ambiguous_lookup_renders_without_a_value,
@@ -403,5 +404,34 @@ pub async fn ambiguous_lookup_renders_without_a_value() {
     assert!(!message.contains("Rowan") && !message.contains("Dana"), "no patient's name is guessed");
     let detail: Value = sqlx::query_scalar("SELECT detail FROM wardcall.audit_log WHERE action = 'lookup.ambiguous'").fetch_one(&h.db.pool).await.unwrap();
     assert_eq!(detail["lookup"], "patient_name");
+    h.stop().await;
+}
+
+/// Review fix: a callback that names its attempt is applied even when another
+/// attempt holds its CallSid (a call adopted from the call list by mistake);
+/// before, the unique index refused the whole webhook (503 on every retry) and
+/// the nurse's 1 was lost.
+pub async fn keypress_is_recorded_when_another_attempt_holds_the_call_sid() {
+    let h = hospital_with(Persona::SilentHuman { ring_ms: 50 }, Persona::NoAnswer, 30.0, |_| {}).await;
+    h.db.exec(SEIZURE_INSERT).await;
+    await_true(&h.db, "the nurse to answer", Duration::from_secs(10), "SELECT count(*) = 1 FROM wardcall.notification_attempts WHERE status = 'in-progress'")
+        .await;
+    let (attempt, sid) = attempt_of(&h.db, "nurse-avery").await;
+    let sid = sid.unwrap();
+    // Another attempt took the CallSid; this one has none recorded.
+    sqlx::query(
+        "WITH mine AS (UPDATE wardcall.notification_attempts SET provider_id = NULL WHERE id = $1 RETURNING *)
+         INSERT INTO wardcall.notification_attempts (alert_id, run_id, cycle, step_index, person_id, channel, destination, provider, provider_id, status, fencing_token)
+         SELECT alert_id, run_id, 9, 9, person_id, 'voice', destination, 'twilio', $2, 'requested', fencing_token FROM mine",
+    )
+    .bind(attempt)
+    .bind(&sid)
+    .execute(&h.db.pool)
+    .await
+    .unwrap();
+    let p1 = [("CallSid", sid.as_str()), ("AccountSid", ACCOUNT_SID), ("Digits", "1")];
+    let (status, _) = webhook(&h, &format!("/webhooks/twilio/gather?attempt={attempt}"), &p1, Some("idem-adopted")).await;
+    assert_eq!(status, 200, "the keypress is recorded");
+    await_alert_status(&h.db, "acknowledged", Duration::from_secs(5)).await;
     h.stop().await;
 }
