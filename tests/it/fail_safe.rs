@@ -93,6 +93,16 @@ async fn await_call_ended(
     .await
 }
 
+/// Inserts the seizure alert and awaits the first nurse's call being answered;
+/// returns her attempt and its CallSid.
+async fn seizure_answered_by_first_nurse(h: &Hospital) -> (uuid::Uuid, String) {
+    h.db.exec(SEIZURE_INSERT).await;
+    await_true(&h.db, "the nurse to answer", Duration::from_secs(10), "SELECT count(*) = 1 FROM wardcall.notification_attempts WHERE status = 'in-progress'")
+        .await;
+    let (attempt, sid) = attempt_of(&h.db, "nurse-avery").await;
+    (attempt, sid.expect("the answered call's CallSid is recorded"))
+}
+
 /// Posts a signed Twilio webhook, optionally with an idempotency token;
 /// returns the status and body.
 async fn webhook(h: &Hospital, path_and_query: &str, params: &[(&str, &str)], idempotency_token: Option<&str>) -> (u16, String) {
@@ -299,11 +309,7 @@ pub async fn answered_by_on_status_callback_is_honoured() {
 /// and the replay gets the first response.
 pub async fn replayed_keypress_changes_nothing() {
     let h = hospital_with(Persona::SilentHuman { ring_ms: 50 }, Persona::NoAnswer, 30.0, |_| {}).await;
-    h.db.exec(SEIZURE_INSERT).await;
-    await_true(&h.db, "the nurse to answer", Duration::from_secs(10), "SELECT count(*) = 1 FROM wardcall.notification_attempts WHERE status = 'in-progress'")
-        .await;
-    let (attempt, sid) = attempt_of(&h.db, "nurse-avery").await;
-    let sid = sid.unwrap();
+    let (attempt, sid) = seizure_answered_by_first_nurse(&h).await;
     let path = format!("/webhooks/twilio/gather?attempt={attempt}");
     let p3 = [("CallSid", sid.as_str()), ("AccountSid", ACCOUNT_SID), ("Digits", "3")];
     let first = webhook(&h, &path, &p3, Some("idem-3")).await;
@@ -413,12 +419,15 @@ pub async fn ambiguous_lookup_renders_without_a_value() {
 /// the nurse's 1 was lost.
 pub async fn keypress_is_recorded_when_another_attempt_holds_the_call_sid() {
     let h = hospital_with(Persona::SilentHuman { ring_ms: 50 }, Persona::NoAnswer, 30.0, |_| {}).await;
-    h.db.exec(SEIZURE_INSERT).await;
-    await_true(&h.db, "the nurse to answer", Duration::from_secs(10), "SELECT count(*) = 1 FROM wardcall.notification_attempts WHERE status = 'in-progress'")
-        .await;
-    let (attempt, sid) = attempt_of(&h.db, "nurse-avery").await;
-    let sid = sid.unwrap();
-    // Another attempt took the CallSid; this one has none recorded.
+    let (attempt, sid) = seizure_answered_by_first_nurse(&h).await;
+    // Another attempt took the CallSid; this one has none recorded. (The run
+    // row is locked first, in the engine's lock order.)
+    let mut tx = h.db.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM wardcall.runs WHERE id = (SELECT run_id FROM wardcall.notification_attempts WHERE id = $1) FOR UPDATE")
+        .bind(attempt)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
     sqlx::query(
         "WITH mine AS (UPDATE wardcall.notification_attempts SET provider_id = NULL WHERE id = $1 RETURNING *)
          INSERT INTO wardcall.notification_attempts (alert_id, run_id, cycle, step_index, person_id, channel, destination, provider, provider_id, status, fencing_token)
@@ -426,9 +435,10 @@ pub async fn keypress_is_recorded_when_another_attempt_holds_the_call_sid() {
     )
     .bind(attempt)
     .bind(&sid)
-    .execute(&h.db.pool)
+    .execute(&mut *tx)
     .await
     .unwrap();
+    tx.commit().await.unwrap();
     let p1 = [("CallSid", sid.as_str()), ("AccountSid", ACCOUNT_SID), ("Digits", "1")];
     let (status, _) = webhook(&h, &format!("/webhooks/twilio/gather?attempt={attempt}"), &p1, Some("idem-adopted")).await;
     assert_eq!(status, 200, "the keypress is recorded");
