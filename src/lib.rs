@@ -14,6 +14,7 @@ pub mod config;
 pub mod db;
 pub mod demo;
 pub mod http;
+pub mod notify;
 pub mod providers;
 pub mod runtime;
 pub mod template;
