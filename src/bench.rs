@@ -46,7 +46,7 @@
 //! the engine processes as in production.
 
 use crate::app::{App, StartOptions};
-use crate::config::{Config, Workflow, WorkflowKind};
+use crate::config::{Config, Workflow};
 use crate::db::{connect_pool_with, embedded::EmbeddedCluster, Database};
 use crate::twilio::emulator::{EmulatorConfig, EmulatorEvent, EmulatorHandle, Persona, TwilioEmulator};
 use anyhow::{bail, ensure, Context};
@@ -513,14 +513,7 @@ impl Env {
         }
         config.http.listen = "127.0.0.1:0".into();
         config.engine.workers = workers;
-        config.workflows.push(Workflow {
-            name: SCRIPT_WORKFLOW.into(),
-            event: SCRIPT_EVENT.into(),
-            kind: WorkflowKind::Script,
-            max_attempts: 3,
-            retry_base_ms: 200,
-            retry_max_ms: 1000,
-        });
+        config.workflows.push(Workflow { max_attempts: 3, retry_base_ms: 200, retry_max_ms: 1000, ..Workflow::script(SCRIPT_WORKFLOW, SCRIPT_EVENT) });
         config.validate("examples/hospital.toml (bench)")?;
         let pool_size = config.engine.pool_size;
         // The engine's pool exactly as `wardcall serve` opens it (Database::open).

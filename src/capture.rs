@@ -148,33 +148,61 @@ pub async fn check_config_against_database(db: &crate::db::Database, config: &Co
             }
         }
         for (i, w) in config.workflows.iter().enumerate() {
-            let crate::config::WorkflowKind::Escalation(esc) = &w.kind else { continue };
-            let mut lookups: Vec<(&String, &String)> = esc.lookups.iter().collect();
-            lookups.sort();
-            for (name, sql) in lookups {
-                let key = format!("workflows[{i}].lookups.{name}");
-                let statement = match (&mut *tx).prepare_with(sql, std::slice::from_ref(&jsonb)).await {
-                    Ok(s) => s,
-                    Err(e) => return Err(fail(key, format!("PostgreSQL refused it: {}", db_message(&e))).into()),
-                };
-                check_parameters(statement.parameters(), 1).map_err(|p| fail(key.clone(), p))?;
-                let columns = statement.columns();
-                if columns.len() != 1 {
-                    return Err(fail(key, format!("must return exactly one text column; it returns {}", columns.len())).into());
-                }
-                let ty = sqlx::Column::type_info(&columns[0]);
-                if !<String as sqlx::Type<Postgres>>::compatible(ty) {
-                    return Err(fail(key, format!("must return one text column; its column is of type {} (cast it with ::text)", ty.name())).into());
+            if let Some(when) = &w.when {
+                let key = format!("workflows[{i}].when");
+                let sql = format!("SELECT 1 FROM (SELECT $1::jsonb AS payload) AS event WHERE ({when})");
+                if let Err(e) = (&mut *tx).prepare_with(&sql, std::slice::from_ref(&jsonb)).await {
+                    return Err(fail(key, format!("PostgreSQL refused it as a boolean over payload (jsonb): {}", db_message(&e))).into());
                 }
             }
-            for (hook, sql) in esc.write_back.hooks() {
-                let Some(sql) = sql else { continue };
-                let key = format!("workflows[{i}].write_back.{hook}");
-                let statement = match (&mut *tx).prepare_with(sql, &[jsonb.clone(), jsonb.clone()]).await {
-                    Ok(s) => s,
-                    Err(e) => return Err(fail(key, format!("PostgreSQL refused it: {}", db_message(&e))).into()),
+            for (phase, j, step) in w.all_steps() {
+                let step_key = w.step_key(i, phase, j);
+                let team_sql: Vec<(String, String)> = match step.kind() {
+                    Ok(crate::workflows::model::StepKind::Sql(sql)) => {
+                        let text = if step.keep.is_some() { crate::workflows::team_sql::wrap_for_keep(sql) } else { sql.to_string() };
+                        vec![(format!("{step_key}.sql"), text)]
+                    }
+                    Ok(crate::workflows::model::StepKind::SleepUntil(crate::workflows::model::InstantSpec::Sql { sql })) => {
+                        vec![(format!("{step_key}.sleep_until.sql"), crate::workflows::team_sql::wrap_for_instant(sql))]
+                    }
+                    _ => Vec::new(),
                 };
-                check_parameters(statement.parameters(), 2).map_err(|p| fail(key, p))?;
+                for (key, sql) in team_sql {
+                    let types = vec![jsonb.clone(); crate::workflows::model::sql_parameter_count(&sql).min(2)];
+                    if let Err(e) = (&mut *tx).prepare_with(&sql, &types).await {
+                        let hint = if step.keep.is_some() { " (a step that keeps its row must return rows: a SELECT, or RETURNING)" } else { "" };
+                        return Err(fail(key, format!("PostgreSQL refused it: {}{hint}", db_message(&e))).into());
+                    }
+                }
+                let Some(esc) = step.escalate.as_deref() else { continue };
+                let prefix = if w.kind == crate::config::WorkflowKind::Escalation { step_key.clone() } else { format!("{step_key}.escalate") };
+                let mut lookups: Vec<(&String, &String)> = esc.lookups.iter().collect();
+                lookups.sort();
+                for (name, sql) in lookups {
+                    let key = format!("{prefix}.lookups.{name}");
+                    let statement = match (&mut *tx).prepare_with(sql, std::slice::from_ref(&jsonb)).await {
+                        Ok(s) => s,
+                        Err(e) => return Err(fail(key, format!("PostgreSQL refused it: {}", db_message(&e))).into()),
+                    };
+                    check_parameters(statement.parameters(), 1).map_err(|p| fail(key.clone(), p))?;
+                    let columns = statement.columns();
+                    if columns.len() != 1 {
+                        return Err(fail(key, format!("must return exactly one text column; it returns {}", columns.len())).into());
+                    }
+                    let ty = sqlx::Column::type_info(&columns[0]);
+                    if !<String as sqlx::Type<Postgres>>::compatible(ty) {
+                        return Err(fail(key, format!("must return one text column; its column is of type {} (cast it with ::text)", ty.name())).into());
+                    }
+                }
+                for (hook, sql) in esc.write_back.hooks() {
+                    let Some(sql) = sql else { continue };
+                    let key = format!("{prefix}.write_back.{hook}");
+                    let statement = match (&mut *tx).prepare_with(sql, &[jsonb.clone(), jsonb.clone()]).await {
+                        Ok(s) => s,
+                        Err(e) => return Err(fail(key, format!("PostgreSQL refused it: {}", db_message(&e))).into()),
+                    };
+                    check_parameters(statement.parameters(), 2).map_err(|p| fail(key, p))?;
+                }
             }
         }
         tx.rollback().await?;

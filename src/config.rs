@@ -353,16 +353,63 @@ fn default_operations() -> Vec<Operation> {
     vec![Operation::Insert]
 }
 
-/// What runs when an event arrives. (Unknown keys are refused by the
-/// flattened [`WorkflowKind`], which receives every key not named here.)
+/// What runs when an event arrives: a list of steps (the workflow model,
+/// [`crate::workflows::model`]), or one of the two shorthands: `kind =
+/// "escalation"` (one `escalate` step from this table's `policy`, `message`,
+/// `lookups` and `write_back`) and `kind = "script"` (steps from the event
+/// payload, for tests and for checking a deployment end to end).
 #[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct Workflow {
     /// Unique name; stored in `wardcall.runs.workflow`.
     pub name: String,
     /// Event that starts a run.
     pub event: String,
-    #[serde(flatten)]
+    /// `steps` (the default), `escalation` or `script`.
+    #[serde(default)]
     pub kind: WorkflowKind,
+    /// `kind = "escalation"` only: the escalation policy id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
+    /// `kind = "escalation"` only: the spoken message template.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// `kind = "escalation"` only: values looked up for the message.
+    #[serde(default, skip_serializing_if = "HashMap::is_empty")]
+    pub lookups: HashMap<String, String>,
+    /// `kind = "escalation"` only: write-back statements.
+    #[serde(default, skip_serializing_if = "WriteBack::is_empty")]
+    pub write_back: WriteBack,
+    /// SQL boolean over `payload` (the event's jsonb payload): an event for
+    /// which it is false starts nothing. Evaluated when the event is
+    /// dispatched. Default: every event.
+    pub when: Option<String>,
+    /// Template over the payload giving the run's key (e.g. `"{id}"`): at most
+    /// one live run per key. Default: no key.
+    pub key: Option<String>,
+    /// What a second event with the key of a live run does. Default `skip`.
+    #[serde(default)]
+    pub on_duplicate: crate::workflows::model::OnDuplicate,
+    /// Events that cancel the live run with the same key (its `on_cancel` runs).
+    #[serde(default)]
+    pub cancel_on: Vec<crate::workflows::model::CancelOn>,
+    /// The steps, in order.
+    #[serde(default)]
+    pub steps: Vec<crate::workflows::model::StepConfig>,
+    /// Steps run once after the last step.
+    #[serde(default)]
+    pub on_complete: Vec<crate::workflows::model::StepConfig>,
+    /// Steps run once when a step has failed for good (after its last retry:
+    /// the dead letter); the run then ends `failed` with the error kept.
+    #[serde(default)]
+    pub on_failure: Vec<crate::workflows::model::StepConfig>,
+    /// Steps run once when the run is cancelled (`cancel_on`, API, CLI).
+    #[serde(default)]
+    pub on_cancel: Vec<crate::workflows::model::StepConfig>,
+    /// Claimed and dispatched before any other work (DESIGN.md invariant 10).
+    /// Default: true when the workflow escalates (it pages people), else false.
+    #[serde(default)]
+    pub critical: bool,
     /// Retries of a failing step before the run is dead-lettered (status `failed`). Default 5.
     #[serde(default = "default_max_attempts")]
     pub max_attempts: u32,
@@ -384,16 +431,104 @@ fn default_retry_max_ms() -> u64 {
     300_000
 }
 
-/// The kinds of workflow wardcall runs.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+/// The forms a workflow is written in.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum WorkflowKind {
-    /// Call people by an escalation policy until someone presses 1.
-    Escalation(Box<EscalationWorkflow>),
+    /// A list of steps (`[[workflows.steps]]`).
+    #[default]
+    Steps,
+    /// Shorthand for one `escalate` step: call people by an escalation policy
+    /// until someone acknowledges.
+    Escalation,
     /// A scripted sequence of runtime primitives read from the event payload's
     /// `steps` array (step, sleep, wait, fail): used by the demo's first part,
     /// by operators to test a deployment, and by the test suite.
     Script,
+}
+
+impl Workflow {
+    /// A `script` workflow named `name` bound to `event`, with default retries.
+    pub fn script(name: &str, event: &str) -> Workflow {
+        Workflow {
+            name: name.into(),
+            event: event.into(),
+            kind: WorkflowKind::Script,
+            policy: None,
+            message: None,
+            lookups: HashMap::new(),
+            write_back: WriteBack::default(),
+            when: None,
+            key: None,
+            on_duplicate: Default::default(),
+            cancel_on: Vec::new(),
+            steps: Vec::new(),
+            on_complete: Vec::new(),
+            on_failure: Vec::new(),
+            on_cancel: Vec::new(),
+            critical: false,
+            max_attempts: default_max_attempts(),
+            retry_base_ms: default_retry_base_ms(),
+            retry_max_ms: default_retry_max_ms(),
+        }
+    }
+
+    /// The settings of the workflow's `escalate` step (the first one), if it escalates.
+    pub fn escalation(&self) -> Option<&EscalationWorkflow> {
+        self.all_steps().find_map(|(_, _, s)| s.escalate.as_deref())
+    }
+
+    /// The same, mutable (tests and tooling adjust a loaded config).
+    pub fn escalation_mut(&mut self) -> Option<&mut EscalationWorkflow> {
+        self.steps
+            .iter_mut()
+            .chain(self.on_complete.iter_mut())
+            .chain(self.on_failure.iter_mut())
+            .chain(self.on_cancel.iter_mut())
+            .find_map(|s| s.escalate.as_deref_mut())
+    }
+
+    /// Every step with its phase and index.
+    pub fn all_steps(&self) -> impl Iterator<Item = (crate::workflows::model::Phase, usize, &crate::workflows::model::StepConfig)> {
+        use crate::workflows::model::Phase;
+        [(Phase::Main, &self.steps), (Phase::OnComplete, &self.on_complete), (Phase::OnFailure, &self.on_failure), (Phase::OnCancel, &self.on_cancel)]
+            .into_iter()
+            .flat_map(|(phase, list)| list.iter().enumerate().map(move |(i, s)| (phase, i, s)))
+    }
+
+    /// The steps of `phase`.
+    pub fn phase_steps(&self, phase: crate::workflows::model::Phase) -> &[crate::workflows::model::StepConfig] {
+        use crate::workflows::model::Phase;
+        match phase {
+            Phase::Main => &self.steps,
+            Phase::OnComplete => &self.on_complete,
+            Phase::OnFailure => &self.on_failure,
+            Phase::OnCancel => &self.on_cancel,
+        }
+    }
+
+    /// The config key of a step, for errors: `workflows[i].steps[j]`, or
+    /// `workflows[i]` for the escalation shorthand's step.
+    pub fn step_key(&self, index: usize, phase: crate::workflows::model::Phase, j: usize) -> String {
+        if self.kind == WorkflowKind::Escalation {
+            format!("workflows[{index}]")
+        } else {
+            format!("workflows[{index}].{}[{j}]", phase.as_str())
+        }
+    }
+
+    /// Turns the `escalation` shorthand into its one `escalate` step.
+    fn normalize(&mut self) {
+        if self.kind == WorkflowKind::Escalation && self.steps.is_empty() {
+            let esc = EscalationWorkflow {
+                policy: self.policy.clone().unwrap_or_default(),
+                message: self.message.clone().unwrap_or_default(),
+                lookups: std::mem::take(&mut self.lookups),
+                write_back: std::mem::take(&mut self.write_back),
+            };
+            self.steps.push(crate::workflows::model::StepConfig { escalate: Some(Box::new(esc)), ..Default::default() });
+        }
+    }
 }
 
 /// Settings of an escalation workflow.
@@ -432,6 +567,11 @@ pub struct WriteBack {
 }
 
 impl WriteBack {
+    /// True when no hook is set.
+    pub fn is_empty(&self) -> bool {
+        self.hooks().iter().all(|(_, s)| s.is_none())
+    }
+
     /// Every hook as (key, statement), for the checks at load and against
     /// the schema at start. The exhaustive destructuring makes a new hook
     /// field a compile error here until it is listed (and so checked).
@@ -479,23 +619,14 @@ impl Config {
     ///
     /// Errors name the key path (e.g. `engine.workers (line 3)`), found with
     /// `serde_path_to_error`, because `toml`'s own error gives only a position;
-    /// a key unknown to the workflow's kind (`workflows[0].colour`) is refused
-    /// too, although serde cannot refuse it through the flattened, internally
-    /// tagged [`WorkflowKind`].
+    /// an unknown key (`workflows[0].colour`) is refused everywhere. The
+    /// `escalation` shorthand is turned into its `escalate` step here.
     pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
         let de = toml::Deserializer::new(text);
         let mut config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
-            let mut path = e.path().to_string();
+            let path = e.path().to_string();
             let inner = e.into_inner();
-            let mut line = inner.span().map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
-            // Inside the flattened kind serde loses the path (`workflows[0]`):
-            // look for the key in the kind's own settings.
-            if let Some(key) =
-                path.strip_prefix("workflows[").and_then(|r| r.strip_suffix(']')).and_then(|i| i.parse().ok()).and_then(|i| workflow_kind_key(text, i))
-            {
-                path = key;
-                line = None;
-            }
+            let line = inner.span().map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
             let key = match (path.as_str(), line) {
                 ("." | "", Some(l)) => format!("line {l}"),
                 ("." | "", None) => "(document)".into(),
@@ -506,32 +637,10 @@ impl Config {
         })?;
         config.from_file = true;
         config.file = Some(file.to_string());
-        config.refuse_unknown_workflow_keys(text, file)?;
-        Ok(config)
-    }
-
-    /// Refuses a key under `[[workflows]]` that the workflow's kind does not
-    /// have. The known keys are those the parsed workflow serializes to, so
-    /// the check follows the structs without a hand-kept list.
-    fn refuse_unknown_workflow_keys(&self, text: &str, file: &str) -> Result<(), ConfigError> {
-        let raw: toml::Table =
-            text.parse().map_err(|e: toml::de::Error| ConfigError { file: file.into(), key: "(document)".into(), problem: e.message().to_string() })?;
-        let Some(toml::Value::Array(raw_workflows)) = raw.get("workflows") else { return Ok(()) };
-        for (i, (raw_w, w)) in raw_workflows.iter().zip(&self.workflows).enumerate() {
-            let (Some(raw_w), Ok(serde_json::Value::Object(known))) = (raw_w.as_table(), serde_json::to_value(w)) else { continue };
-            let unknown: Vec<&String> = raw_w.keys().filter(|k| !known.contains_key(k.as_str())).collect();
-            if let Some(k) = unknown.first() {
-                let kind = known.get("kind").and_then(|v| v.as_str()).unwrap_or("?");
-                let mut names: Vec<&str> = known.keys().map(String::as_str).collect();
-                names.sort_unstable();
-                return Err(ConfigError {
-                    file: file.into(),
-                    key: format!("workflows[{i}].{k}"),
-                    problem: format!("unknown key for a workflow of kind '{kind}' (known: {})", names.join(", ")),
-                });
-            }
+        for w in &mut config.workflows {
+            w.normalize();
         }
-        Ok(())
+        Ok(config)
     }
 
     /// The file this configuration came from, for messages (`<defaults>` if none).
@@ -691,39 +800,23 @@ impl Config {
             range(&format!("workflows[{i}].max_attempts"), w.max_attempts as u64, (limits::MAX_ATTEMPTS.0 as u64, limits::MAX_ATTEMPTS.1 as u64))?;
             range(&format!("workflows[{i}].retry_base_ms"), w.retry_base_ms, limits::RETRY_BASE_MS)?;
             range(&format!("workflows[{i}].retry_max_ms"), w.retry_max_ms, (w.retry_base_ms.max(limits::RETRY_MAX_MS.0), limits::RETRY_MAX_MS.1))?;
-            if let WorkflowKind::Escalation(esc) = &w.kind {
-                if !policies.contains(esc.policy.as_str()) {
-                    return Err(err(format!("workflows[{i}].policy"), format!("unknown policy '{}'", esc.policy)));
-                }
-                if self.providers.twilio.is_none() {
-                    return Err(err(format!("workflows[{i}]"), "an escalation workflow needs [providers.twilio]".into()));
-                }
-                if let Err(problem) = crate::template::Template::parse(&esc.message) {
-                    return Err(err(format!("workflows[{i}].message"), problem));
-                }
-                let mut names: Vec<&String> = esc.lookups.keys().collect();
-                names.sort();
-                for name in names {
-                    if !is_identifier_like(name) {
-                        return Err(err(format!("workflows[{i}].lookups.{name}"), "a lookup name must be letters, digits, '-' or '_'".into()));
-                    }
-                    if esc.lookups[name].trim().is_empty() {
-                        return Err(err(format!("workflows[{i}].lookups.{name}"), "is an empty SQL statement".into()));
-                    }
-                }
-                for (hook, sql) in esc.write_back.hooks() {
-                    if sql.is_some_and(|s| s.trim().is_empty()) {
-                        return Err(err(format!("workflows[{i}].write_back.{hook}"), "is an empty SQL statement".into()));
-                    }
-                }
-            }
+            crate::workflows::validate::workflow(self, i, w).map_err(|(key, problem)| err(key, problem))?;
         }
         for (i, s) in self.sources.iter().enumerate() {
-            if !self.workflows.iter().any(|w| w.event == s.event) {
+            if !self.consumes_event(&s.event) {
                 return Err(err(format!("sources[{i}].event"), format!("no workflow is bound to event '{}': its rows would be captured and dropped", s.event)));
             }
         }
         Ok(())
+    }
+
+    /// Whether any workflow starts on, is cancelled by, or waits for `event`.
+    pub fn consumes_event(&self, event: &str) -> bool {
+        self.workflows.iter().any(|w| {
+            w.event == event
+                || w.cancel_on.iter().any(|c| c.event == event)
+                || w.all_steps().any(|(_, _, s)| s.wait.as_ref().and_then(|x| x.event.as_deref()) == Some(event))
+        })
     }
 
     /// The person with this id.
@@ -740,25 +833,6 @@ impl Config {
     pub fn workflow(&self, name: &str) -> Option<&Workflow> {
         self.workflows.iter().find(|w| w.name == name)
     }
-}
-
-/// The key path of a type error inside the settings of `workflows[index]`'s
-/// kind (e.g. `workflows[0].lookups.room`), which serde cannot report through
-/// the flattened, internally tagged [`WorkflowKind`]. `None` when not found.
-fn workflow_kind_key(text: &str, index: usize) -> Option<String> {
-    let raw: toml::Table = text.parse().ok()?;
-    let mut table = raw.get("workflows")?.as_array()?.get(index)?.as_table()?.clone();
-    if table.get("kind")?.as_str()? != "escalation" {
-        return None;
-    }
-    for common in ["name", "event", "kind", "max_attempts", "retry_base_ms", "retry_max_ms"] {
-        table.remove(common);
-    }
-    let err = serde_path_to_error::deserialize::<_, EscalationWorkflow>(toml::Value::Table(table)).err()?;
-    if err.inner().to_string().contains("unknown field") {
-        return None;
-    }
-    Some(format!("workflows[{index}].{}", err.path()))
 }
 
 /// True when `s` is an E.164 number: `+`, a non-zero digit, 7 to 14 more digits

@@ -12,7 +12,7 @@
 //! 30 s), and it says so.
 
 use crate::app::{App, StartOptions};
-use crate::config::{Config, Source, Workflow, WorkflowKind};
+use crate::config::{Config, Source, Workflow};
 use crate::db::{connect_pool, embedded::EmbeddedCluster, Database};
 use crate::twilio::emulator::{EmulatorConfig, EmulatorEvent, Persona, TwilioEmulator};
 use anyhow::Context;
@@ -108,14 +108,7 @@ async fn scenario(base: &Config, db: Database, pool: &PgPool) -> anyhow::Result<
         event: "demo.task".into(),
         payload: None,
     });
-    config.workflows.push(Workflow {
-        name: "demo-script".into(),
-        event: "demo.task".into(),
-        kind: WorkflowKind::Script,
-        max_attempts: 3,
-        retry_base_ms: 200,
-        retry_max_ms: 1000,
-    });
+    config.workflows.push(Workflow { max_attempts: 3, retry_base_ms: 200, retry_max_ms: 1000, ..Workflow::script("demo-script", "demo.task") });
     config.database_url = base.database_url.clone();
     config.validate("examples/hospital.toml")?;
     let config = Arc::new(config);

@@ -27,7 +27,7 @@
 
 pub mod store;
 
-use crate::config::{Config, EngineConfig, Workflow, WorkflowKind};
+use crate::config::{Config, EngineConfig, Workflow};
 use crate::db::Database;
 use crate::providers::Providers;
 use crate::workflows::{self, StepContext, StepError, Transition};
@@ -46,12 +46,7 @@ pub const WAKE_CHANNEL: &str = "wardcall_wake";
 /// `application_name` of the listener's connection (seen in `pg_stat_activity`).
 pub const LISTENER_APPLICATION_NAME: &str = "wardcall-listener";
 
-/// Whether runs of `w` are critical: claimed before any other due work and
-/// dispatched first (DESIGN.md invariant 10). Today: every escalation (it pages
-/// people); a workflow-level flag can extend this later.
-pub fn is_critical(w: &Workflow) -> bool {
-    matches!(w.kind, WorkflowKind::Escalation(_))
-}
+pub use crate::workflows::is_critical;
 
 /// Milliseconds without a loop iteration after which the scheduler or the
 /// dispatcher counts as stalled: `max(5000, 10 × max(poll_ms, sweep_ms))`.
@@ -443,27 +438,86 @@ impl Engine {
         if rows.is_empty() {
             return Ok(0);
         }
+        let actor = self.actor();
+        // `when` conditions: one statement per workflow that has one.
+        let mut skipped: std::collections::HashSet<(i64, &str)> = std::collections::HashSet::new();
+        for w in self.config.workflows.iter().filter(|w| w.when.is_some()) {
+            let ids: Vec<i64> = rows.iter().filter(|r| r.1 == w.event).map(|r| r.0).collect();
+            if ids.is_empty() {
+                continue;
+            }
+            let payloads: Vec<&Value> = rows.iter().filter(|r| r.1 == w.event).map(|r| &r.2).collect();
+            match when_matches(&mut tx, w.when.as_deref().unwrap_or("true"), &ids, &payloads).await? {
+                Ok(matched) => skipped.extend(ids.iter().filter(|id| !matched.contains(id)).map(|id| (*id, w.name.as_str()))),
+                // Fail towards a run: an event is never dropped by a faulty condition.
+                Err(sqlstate) => {
+                    tracing::error!(workflow = %w.name, sqlstate = ?sqlstate, "the workflow's when condition failed; its events start runs as if it were true")
+                }
+            }
+        }
         let mut workflow_names = Vec::new();
         let mut event_ids = Vec::new();
         let mut events = Vec::new();
         let mut inputs = Vec::new();
+        let mut keys: Vec<Option<String>> = Vec::new();
         let mut unrouted = Vec::new();
         let mut criticals = Vec::new();
+        // (workflow, key) → index in the lists above, for events of one batch with the same key.
+        let mut keyed: std::collections::HashMap<(String, String), usize> = std::collections::HashMap::new();
+        let mut dropped = vec![];
+        let mut replacing: Vec<(String, String, i64)> = Vec::new();
         for (id, event, payload, source) in &rows {
-            let mut routed = false;
+            let mut routed = self.config.consumes_event(event);
             let mut bound: Vec<&Workflow> = self.config.workflows.iter().filter(|w| &w.event == event).collect();
             bound.sort_by_key(|w| !is_critical(w));
             for w in bound {
+                routed = true;
+                if skipped.contains(&(*id, w.name.as_str())) {
+                    continue;
+                }
+                let key = w.key.as_deref().and_then(|t| run_key(t, payload));
+                if w.key.is_some() && key.is_none() {
+                    tracing::warn!(workflow = %w.name, outbox_id = id, "the event's key renders empty; the run starts without a key");
+                }
+                if let Some(k) = &key {
+                    if let Some(&earlier) = keyed.get(&(w.name.clone(), k.clone())) {
+                        match w.on_duplicate {
+                            crate::workflows::model::OnDuplicate::Skip => continue,
+                            crate::workflows::model::OnDuplicate::Replace => dropped.push(earlier),
+                        }
+                    }
+                    keyed.insert((w.name.clone(), k.clone()), workflow_names.len());
+                    if w.on_duplicate == crate::workflows::model::OnDuplicate::Replace {
+                        replacing.push((w.name.clone(), k.clone(), *id));
+                    }
+                }
                 workflow_names.push(w.name.clone());
                 event_ids.push(*id);
                 events.push(event.clone());
                 inputs.push(payload.clone());
+                keys.push(key);
                 criticals.push(is_critical(w));
-                routed = true;
             }
             if !routed {
                 tracing::warn!(outbox_id = id, source = %source, event = %event, "no workflow listens to this event: outbox row kept as unrouted");
                 unrouted.push(*id);
+            }
+        }
+        // An event replaced by a later one of the same batch starts nothing.
+        dropped.sort_unstable();
+        for i in dropped.into_iter().rev() {
+            for list in [&mut workflow_names, &mut events] {
+                list.remove(i);
+            }
+            event_ids.remove(i);
+            inputs.remove(i);
+            keys.remove(i);
+            criticals.remove(i);
+        }
+        // `on_duplicate = "replace"`: the live run with the key gives way.
+        for (workflow, key, before) in &replacing {
+            for run in store::live_runs_with_key(&mut tx, workflow, key, *before).await? {
+                workflows::cancel_run_in(&mut tx, &self.config, run, &actor, "replaced by a newer event with the same key", true).await?;
             }
         }
         if !unrouted.is_empty() {
@@ -492,18 +546,18 @@ impl Engine {
         let lease_now: Vec<bool> = (0..workflow_names.len()).map(|i| i < taken.len()).collect();
         let created = sqlx::query(
             "WITH input AS (
-                 SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::jsonb[], $5::bool[], $8::bool[])
-                     AS t(workflow, event_id, event, input, take, critical)),
+                 SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::jsonb[], $5::bool[], $8::bool[], $9::text[])
+                     AS t(workflow, event_id, event, input, take, critical, key)),
              created AS (
-                 INSERT INTO wardcall.runs (workflow, event_id, event, input, step, status, lease_owner, fencing_token, due_at, critical)
+                 INSERT INTO wardcall.runs (workflow, event_id, event, input, step, status, lease_owner, fencing_token, due_at, critical, key)
                  SELECT workflow, event_id, event, input, 'start',
                         CASE WHEN take THEN 'running' ELSE 'pending' END,
                         CASE WHEN take THEN $6 END,
                         CASE WHEN take THEN 1 ELSE 0 END,
                         CASE WHEN take THEN clock_timestamp() + $7 * interval '1 millisecond' ELSE clock_timestamp() END,
-                        critical
+                        critical, key
                    FROM input
-                 ON CONFLICT (workflow, event_id) DO NOTHING
+                 ON CONFLICT DO NOTHING
                  RETURNING id, workflow, event, input, state, step, step_attempt, fencing_token, wait_signal, wait_outcome, status),
              audited AS (
                  INSERT INTO wardcall.audit_log (entity, entity_id, action, from_state, to_state, actor, detail)
@@ -520,8 +574,14 @@ impl Engine {
         .bind(&self.engine_id)
         .bind(self.lease_ms())
         .bind(&criticals)
+        .bind(&keys)
         .fetch_all(&mut *tx)
         .await?;
+        // Events that cancel runs by key, or that runs wait for by key: only
+        // runs created by an older event are touched.
+        for (id, event, payload, _) in &rows {
+            self.deliver_keyed_event(&mut tx, *id, event, payload, &actor).await?;
+        }
         let mut to_run = Vec::new();
         let mut pending = 0;
         for row in &created {
@@ -560,6 +620,35 @@ impl Engine {
             self.wake_scheduler.notify_one();
         }
         Ok(rows.len())
+    }
+
+    /// Applies an event to the live runs it concerns by key: cancels those
+    /// of workflows that list it in `cancel_on`, and delivers it as a signal
+    /// ([`crate::workflows::flow::event_signal`]) to those of workflows that
+    /// wait for it (kept if the run is not waiting yet, DESIGN.md invariant 4).
+    async fn deliver_keyed_event(&self, tx: &mut sqlx::PgConnection, id: i64, event: &str, payload: &Value, actor: &str) -> Result<(), sqlx::Error> {
+        for w in &self.config.workflows {
+            for c in w.cancel_on.iter().filter(|c| c.event == event) {
+                let Some(key) = c.key.as_deref().or(w.key.as_deref()).and_then(|t| run_key(t, payload)) else { continue };
+                for run in store::live_runs_with_key(tx, &w.name, &key, id).await? {
+                    workflows::cancel_run_in(tx, &self.config, run, actor, &format!("cancelled by event {event}"), false).await?;
+                }
+            }
+            let mut templates: Vec<&str> = w
+                .all_steps()
+                .filter_map(|(_, _, s)| s.wait.as_ref())
+                .filter(|wait| wait.event.as_deref() == Some(event))
+                .filter_map(|wait| wait.key.as_deref().or(w.key.as_deref()))
+                .collect();
+            templates.dedup();
+            for t in templates {
+                let Some(key) = run_key(t, payload) else { continue };
+                for run in store::live_runs_with_key(tx, &w.name, &key, id).await? {
+                    store::send_signal(tx, run, &crate::workflows::flow::event_signal(event), payload).await?;
+                }
+            }
+        }
+        Ok(())
     }
 
     async fn scheduler_loop(self: Arc<Self>) {
@@ -665,23 +754,24 @@ impl Engine {
                 }
                 break;
             };
-            let pages = matches!(workflow.kind, crate::config::WorkflowKind::Escalation(_));
+            let rule = workflows::retry_rule(&workflow, &run.step);
             let mut state = run.state.clone();
-            let result = {
+            let (result, in_commit) = {
                 use futures_util::FutureExt;
-                let mut ctx = StepContext { engine: self, run: &run, workflow: &workflow, state: &mut state, lease_lost: &lost };
+                let mut ctx = StepContext { engine: self, run: &run, workflow: &workflow, state: &mut state, lease_lost: &lost, in_commit: Vec::new() };
                 // A panicking step is a bug; it must not leave the run leased
                 // forever nor crash-loop: it counts as a failed attempt.
-                match std::panic::AssertUnwindSafe(workflows::run_step(&mut ctx)).catch_unwind().await {
+                let r = match std::panic::AssertUnwindSafe(workflows::run_step(&mut ctx)).catch_unwind().await {
                     Ok(r) => r,
                     Err(panic) => {
                         let msg =
                             panic.downcast_ref::<String>().map(String::as_str).or_else(|| panic.downcast_ref::<&str>().copied()).unwrap_or("(no message)");
                         Err(StepError::Retryable(anyhow::anyhow!("step panicked: {msg}")))
                     }
-                }
+                };
+                (r, std::mem::take(&mut ctx.in_commit))
             };
-            let committed = match result {
+            let result = match result {
                 Ok(transition) => {
                     let (next_step, parking) = match transition {
                         Transition::Next { step } => (step, Parking::Continue),
@@ -690,58 +780,114 @@ impl Engine {
                         Transition::Wait { step, signal, timeout_ms } => (step, Parking::Wait { signal, timeout_ms }),
                         Transition::Complete => (run.step.clone(), Parking::Complete),
                         Transition::Fail { error } => (run.step.clone(), Parking::Fail { error }),
+                        Transition::Cancelled => (run.step.clone(), Parking::Cancelled),
+                        Transition::Defer { delay_ms } => (run.step.clone(), Parking::Defer { delay_ms }),
                     };
-                    match store::commit_transition(&self.db.pool, &run, &state, &next_step, &parking, &actor).await {
-                        Ok(Some(due_now)) => {
-                            if due_now {
-                                self.wake_scheduler.notify_one();
-                            }
-                            if matches!(parking, Parking::Continue) {
-                                run.step = next_step;
-                                run.state = state;
-                                run.step_attempt = 0;
-                                run.wait_outcome = None;
-                                continue;
-                            }
-                            true
-                        }
-                        Ok(None) => false,
-                        Err(e) => {
-                            tracing::warn!(run = %run.id, error = %crate::capture::db_message(&e), "committing a step failed; the lease will lapse and the step re-run");
-                            false
-                        }
+                    match self.commit_step(&run, &mut state, &next_step, &parking, &in_commit, &actor).await {
+                        Ok(committed) => Ok((next_step, parking, committed)),
+                        Err(step_error) => Err(step_error),
                     }
                 }
+                Err(e) => Err(e),
+            };
+            let committed = match result {
+                Ok((next_step, parking, committed)) => match committed {
+                    Some(due_now) => {
+                        if due_now {
+                            self.wake_scheduler.notify_one();
+                        }
+                        if matches!(parking, Parking::Continue) {
+                            run.step = next_step;
+                            run.state = state;
+                            run.step_attempt = 0;
+                            run.wait_outcome = None;
+                            continue;
+                        }
+                        true
+                    }
+                    None => false,
+                },
                 Err(StepError::LeaseLost) => false,
                 Err(StepError::Retryable(err)) => {
-                    let delay = if pages {
-                        retry_delay_ms(&workflow, run.step_attempt + 1).min(ESCALATION_RETRY_CAP_MS)
-                    } else {
-                        retry_delay_ms(&workflow, run.step_attempt + 1)
-                    };
+                    let delay = retry_delay_ms(&workflow, run.step_attempt + 1);
+                    let delay = rule.cap_ms.map_or(delay, |cap| delay.min(cap));
                     let msg = crate::capture::error_text(&err);
                     tracing::warn!(run = %run.id, step = %run.step, attempt = run.step_attempt + 1, error = %msg, "step failed");
-                    let max_attempts = if pages { u32::MAX } else { workflow.max_attempts };
-                    matches!(store::record_step_failure(&self.db.pool, &run, &msg, max_attempts, delay, &actor).await, Ok(Some(_)))
+                    let hook = workflows::failure_hook(&workflow, &run.step);
+                    matches!(store::record_step_failure(&self.db.pool, &run, &msg, rule.max_attempts, delay, hook.as_deref(), &actor).await, Ok(Some(_)))
                 }
-                Err(StepError::Permanent(err)) if pages => {
+                Err(StepError::Permanent(err)) if rule.max_attempts == u32::MAX => {
                     // An alert is never given up on: an escalation keeps retrying
                     // (the config or the provider may be fixed meanwhile).
                     let msg = crate::capture::error_text(&err);
                     tracing::error!(run = %run.id, step = %run.step, error = %msg, "escalation step failed; retrying (alerts are never dead-lettered)");
-                    let delay = retry_delay_ms(&workflow, run.step_attempt + 1).min(ESCALATION_RETRY_CAP_MS);
-                    matches!(store::record_step_failure(&self.db.pool, &run, &msg, u32::MAX, delay, &actor).await, Ok(Some(_)))
+                    let delay = retry_delay_ms(&workflow, run.step_attempt + 1);
+                    let delay = rule.cap_ms.map_or(delay, |cap| delay.min(cap));
+                    matches!(store::record_step_failure(&self.db.pool, &run, &msg, u32::MAX, delay, None, &actor).await, Ok(Some(_)))
                 }
                 Err(StepError::Permanent(err)) => {
                     let msg = crate::capture::error_text(&err);
                     tracing::error!(run = %run.id, step = %run.step, error = %msg, "step failed permanently");
-                    matches!(store::commit_transition(&self.db.pool, &run, &state, &run.step, &Parking::Fail { error: msg }, &actor).await, Ok(Some(_)))
+                    let hook = workflows::failure_hook(&workflow, &run.step);
+                    if hook.is_some() {
+                        matches!(store::record_step_failure(&self.db.pool, &run, &msg, 0, 0, hook.as_deref(), &actor).await, Ok(Some(_)))
+                    } else {
+                        matches!(store::commit_transition(&self.db.pool, &run, &state, &run.step, &Parking::Fail { error: msg }, &actor).await, Ok(Some(_)))
+                    }
                 }
             };
             if !committed {
                 tracing::info!(run = %run.id, step = %run.step, "lease lost; leaving the run to its new owner");
             }
             break;
+        }
+    }
+
+    /// Commits a step: its [`workflows::CommitWork`] (a `sql` step's statement,
+    /// an `emit`) and its transition in one transaction fenced by the lease's
+    /// token. `Ok(None)`: the lease was lost, nothing was written;
+    /// `Ok(Some(due_now))`: committed. A database error in the commit itself
+    /// is reported as lost (the lease lapses and the step re-runs); an error
+    /// of the step's own statement is the step's error.
+    async fn commit_step(
+        &self,
+        run: &ClaimedRun,
+        state: &mut Value,
+        next_step: &str,
+        parking: &Parking,
+        work: &[workflows::CommitWork],
+        actor: &str,
+    ) -> Result<Option<bool>, StepError> {
+        if work.is_empty() {
+            return match store::commit_transition(&self.db.pool, run, state, next_step, parking, actor).await {
+                Ok(r) => Ok(r),
+                Err(e) => {
+                    tracing::warn!(run = %run.id, error = %crate::capture::db_message(&e), "committing a step failed; the lease will lapse and the step re-run");
+                    Ok(None)
+                }
+            };
+        }
+        let attempt = async {
+            let mut tx = self.db.pool.begin().await?;
+            if !store::lock_fenced(&mut tx, run.id, run.fencing_token).await? {
+                return Ok::<_, sqlx::Error>(Err(StepError::LeaseLost));
+            }
+            if let Err(step_error) = workflows::apply_commit_work(&mut tx, &run.input, state, work).await {
+                tx.rollback().await?;
+                return Ok(Err(step_error));
+            }
+            let due_now = store::write_transition(&mut tx, run, state, next_step, parking, actor).await?;
+            tx.commit().await?;
+            Ok(Ok(due_now))
+        };
+        match attempt.await {
+            Ok(Ok(due_now)) => Ok(Some(due_now)),
+            Ok(Err(StepError::LeaseLost)) => Ok(None),
+            Ok(Err(step_error)) => Err(step_error),
+            Err(e) => {
+                tracing::warn!(run = %run.id, error = %crate::capture::db_message(&e), "committing a step failed; the lease will lapse and the step re-run");
+                Ok(None)
+            }
         }
     }
 
@@ -760,9 +906,7 @@ impl Engine {
     }
 }
 
-/// Longest delay (ms) between retries of an escalation step: an alert keeps
-/// being retried, at least this often, until someone can be called.
-pub const ESCALATION_RETRY_CAP_MS: i64 = 15_000;
+pub use crate::workflows::ESCALATION_RETRY_CAP_MS;
 
 /// Delay before retry number `attempt` (1-based): `retry_base_ms · 2^(attempt-1)`,
 /// capped at `retry_max_ms`, with "equal jitter" (half fixed, half random) so
@@ -773,6 +917,32 @@ pub fn retry_delay_ms(w: &crate::config::Workflow, attempt: i32) -> i64 {
     let half = raw / 2;
     let jitter = if half > 0 { rand::random_range(0..=half) } else { 0 };
     (half + jitter) as i64
+}
+
+/// A run's key: `template` rendered over the event payload; `None` when it
+/// renders empty (the payload lacks the field).
+fn run_key(template: &str, payload: &Value) -> Option<String> {
+    let t = crate::template::Template::parse(template).ok()?;
+    let k = t.render_with(payload, &std::collections::HashMap::new(), &Value::Null);
+    (!k.is_empty()).then_some(k)
+}
+
+/// Evaluates a workflow's `when` over a batch of payloads in one statement
+/// (in a savepoint). `Ok(Ok(ids))`: the outbox ids whose payload matched;
+/// `Ok(Err(sqlstate))`: the condition failed (the savepoint is rolled back).
+async fn when_matches(tx: &mut sqlx::PgConnection, when: &str, ids: &[i64], payloads: &[&Value]) -> Result<Result<Vec<i64>, Option<String>>, sqlx::Error> {
+    sqlx::query("SAVEPOINT wardcall_when").execute(&mut *tx).await?;
+    let sql = format!("SELECT id FROM unnest($1::bigint[], $2::jsonb[]) AS event(id, payload) WHERE ({when})");
+    match sqlx::query_scalar::<_, i64>(&sql).bind(ids).bind(payloads).fetch_all(&mut *tx).await {
+        Ok(matched) => {
+            sqlx::query("RELEASE SAVEPOINT wardcall_when").execute(&mut *tx).await?;
+            Ok(Ok(matched))
+        }
+        Err(e) => {
+            sqlx::query("ROLLBACK TO SAVEPOINT wardcall_when").execute(&mut *tx).await?;
+            Ok(Err(e.as_database_error().and_then(|d| d.code()).map(|c| c.to_string())))
+        }
+    }
 }
 
 /// Aborts a task when dropped.

@@ -213,6 +213,12 @@ pub enum Parking {
     Fail {
         error: String,
     },
+    /// Finished as `cancelled` (after an `on_cancel` hook).
+    Cancelled,
+    /// Run the same step again after `delay_ms`, without counting an attempt.
+    Defer {
+        delay_ms: i64,
+    },
 }
 
 /// Commits a step's transition if the lease still holds: new state and step,
@@ -230,6 +236,22 @@ pub async fn commit_transition(
     if !lock_fenced(&mut tx, run.id, run.fencing_token).await? {
         return Ok(None);
     }
+    let due_now = write_transition(&mut tx, run, state, next_step, parking, actor).await?;
+    tx.commit().await?;
+    Ok(Some(due_now))
+}
+
+/// Writes a step's transition inside the caller's transaction, which has
+/// already locked the run with [`lock_fenced`] (so the token matched).
+/// Returns whether the run is due immediately (a kept signal).
+pub async fn write_transition(
+    tx: &mut PgConnection,
+    run: &ClaimedRun,
+    state: &Value,
+    next_step: &str,
+    parking: &Parking,
+    actor: &str,
+) -> Result<bool, sqlx::Error> {
     let mut due_now = false;
     let (status, detail) = match parking {
         Parking::Continue => {
@@ -307,6 +329,30 @@ pub async fn commit_transition(
             .await?;
             ("failed", json!({"step": run.step, "error": error}))
         }
+        Parking::Cancelled => {
+            sqlx::query(
+                "UPDATE wardcall.runs SET state = $2, step = $3, status = 'cancelled', lease_owner = NULL, key = NULL,
+                        wait_outcome = NULL, finished_at = clock_timestamp(), updated_at = clock_timestamp() WHERE id = $1",
+            )
+            .bind(run.id)
+            .bind(state)
+            .bind(next_step)
+            .execute(&mut *tx)
+            .await?;
+            ("cancelled", json!({"step": run.step}))
+        }
+        Parking::Defer { delay_ms } => {
+            sqlx::query(
+                "UPDATE wardcall.runs SET state = $2, status = 'sleeping', lease_owner = NULL, updated_at = clock_timestamp(),
+                        due_at = clock_timestamp() + $3 * interval '1 millisecond' WHERE id = $1",
+            )
+            .bind(run.id)
+            .bind(state)
+            .bind(delay_ms)
+            .execute(&mut *tx)
+            .await?;
+            ("sleeping", json!({"step": run.step, "deferred_ms": delay_ms}))
+        }
     };
     let action = match parking {
         Parking::Continue => "run.step_completed",
@@ -314,22 +360,27 @@ pub async fn commit_transition(
         Parking::Wait { .. } => "run.waiting",
         Parking::Complete => "run.completed",
         Parking::Fail { .. } => "run.failed",
+        Parking::Cancelled => "run.cancelled",
+        Parking::Defer { .. } => "run.deferred",
     };
-    audit::record(&mut tx, Entity::Run, &run.id.to_string(), action, Some("running"), Some(status), actor, detail).await?;
-    tx.commit().await?;
-    Ok(Some(due_now))
+    audit::record(&mut *tx, Entity::Run, &run.id.to_string(), action, Some("running"), Some(status), actor, detail).await?;
+    Ok(due_now)
 }
 
 /// Records a failed attempt of the current step: schedules a retry `delay_ms`
 /// from now (status `pending`) or, when `attempt >= max_attempts`, marks the
-/// run `failed` keeping the error (the dead letter). Returns `None` when the
-/// lease was lost.
+/// run `failed` keeping the error (the dead letter) — or, when `hook` names
+/// a step (the workflow's `on_failure`), moves the run there (status
+/// `pending`, due now, `state.ending = {"status": "failed", "error": …}`,
+/// the error kept in `last_error`); the run ends `failed` after the hook.
+/// Returns `None` when the lease was lost, else whether the step failed for good.
 pub async fn record_step_failure(
     pool: &PgPool,
     run: &ClaimedRun,
     error: &str,
     max_attempts: u32,
     delay_ms: i64,
+    hook: Option<&str>,
     actor: &str,
 ) -> Result<Option<bool>, sqlx::Error> {
     let mut tx = pool.begin().await?;
@@ -338,6 +389,35 @@ pub async fn record_step_failure(
     }
     let attempt = run.step_attempt + 1;
     let dead = attempt as u32 >= max_attempts;
+    if let (true, Some(hook)) = (dead, hook) {
+        sqlx::query(
+            "UPDATE wardcall.runs SET status = 'pending', step = $4, step_attempt = 0, last_error = $3, lease_owner = NULL,
+                    wait_signal = NULL, wait_outcome = NULL, due_at = clock_timestamp(), updated_at = clock_timestamp(),
+                    state = jsonb_set(CASE WHEN jsonb_typeof(state) = 'object' THEN state ELSE '{}' END, '{ending}',
+                                      jsonb_build_object('status', 'failed', 'error', $3::text, 'step', $5::text, 'attempts', $2::int))
+              WHERE id = $1",
+        )
+        .bind(run.id)
+        .bind(attempt)
+        .bind(error)
+        .bind(hook)
+        .bind(&run.step)
+        .execute(&mut *tx)
+        .await?;
+        audit::record(
+            &mut tx,
+            Entity::Run,
+            &run.id.to_string(),
+            "run.failing",
+            Some("running"),
+            Some("pending"),
+            actor,
+            json!({"step": run.step, "attempt": attempt, "error": error, "hook": hook}),
+        )
+        .await?;
+        tx.commit().await?;
+        return Ok(Some(true));
+    }
     if dead {
         sqlx::query(
             "UPDATE wardcall.runs SET status = 'failed', step_attempt = $2, last_error = $3, lease_owner = NULL,
@@ -389,27 +469,66 @@ pub struct CancelledRun {
 
 /// Cancels a live run (any status but completed/failed/cancelled) inside the
 /// caller's transaction: bumps the fencing token so a worker executing it can
-/// no longer commit, and cancels its open alert, if any, both audited.
+/// no longer commit, frees its key, and cancels its open alert, if any, all
+/// audited. When `hook_for(workflow, step)` names a step (the workflow's
+/// `on_cancel` hook), the run is not finished but moved there (status
+/// `pending`, due now, `state.ending = {"status": "cancelled"}`) and ends
+/// `cancelled` after the hook. `replaced`: the run is being replaced by a new
+/// event with its key (audited `run.replaced`).
+///
 /// Returns `None` when the run was not live. The calls of the alert are ended
 /// by the engines' call sweeper (ARCHITECTURE.md, "Cancel hangs up").
-pub async fn cancel_run_in(tx: &mut PgConnection, id: Uuid, actor: &str, reason: &str) -> Result<Option<CancelledRun>, sqlx::Error> {
-    let previous: Option<(String, String, Value)> =
-        sqlx::query_as("SELECT status, workflow, input FROM wardcall.runs WHERE id = $1 AND status IN ('pending','running','sleeping','waiting') FOR UPDATE")
-            .bind(id)
-            .fetch_optional(&mut *tx)
-            .await?;
-    let Some((previous, workflow, input)) = previous else {
-        return Ok(None);
-    };
-    sqlx::query(
-        "UPDATE wardcall.runs SET status = 'cancelled', fencing_token = fencing_token + 1, lease_owner = NULL,
-                finished_at = clock_timestamp(), updated_at = clock_timestamp(), last_error = $2 WHERE id = $1",
+pub async fn cancel_run_in(
+    tx: &mut PgConnection,
+    id: Uuid,
+    actor: &str,
+    reason: &str,
+    replaced: bool,
+    hook_for: &(dyn Fn(&str, &str) -> Option<String> + Sync),
+) -> Result<Option<CancelledRun>, sqlx::Error> {
+    let previous: Option<(String, String, Value, String)> = sqlx::query_as(
+        "SELECT status, workflow, input, step FROM wardcall.runs WHERE id = $1 AND status IN ('pending','running','sleeping','waiting') FOR UPDATE",
     )
     .bind(id)
-    .bind(reason)
-    .execute(&mut *tx)
+    .fetch_optional(&mut *tx)
     .await?;
-    audit::record(&mut *tx, Entity::Run, &id.to_string(), "run.cancelled", Some(&previous), Some("cancelled"), actor, json!({"reason": reason})).await?;
+    let Some((previous, workflow, input, step)) = previous else {
+        return Ok(None);
+    };
+    let hook = hook_for(&workflow, &step);
+    match &hook {
+        None => {
+            sqlx::query(
+                "UPDATE wardcall.runs SET status = 'cancelled', fencing_token = fencing_token + 1, lease_owner = NULL, key = NULL,
+                        finished_at = clock_timestamp(), updated_at = clock_timestamp(), last_error = $2 WHERE id = $1",
+            )
+            .bind(id)
+            .bind(reason)
+            .execute(&mut *tx)
+            .await?;
+        }
+        Some(hook) => {
+            sqlx::query(
+                "UPDATE wardcall.runs SET status = 'pending', step = $3, step_attempt = 0, fencing_token = fencing_token + 1, lease_owner = NULL,
+                        key = NULL, wait_signal = NULL, wait_outcome = NULL, due_at = clock_timestamp(), updated_at = clock_timestamp(),
+                        last_error = $2, state = jsonb_set(CASE WHEN jsonb_typeof(state) = 'object' THEN state ELSE '{}' END,
+                                                           '{ending}', '{\"status\": \"cancelled\"}')
+                  WHERE id = $1",
+            )
+            .bind(id)
+            .bind(reason)
+            .bind(hook)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query("SELECT pg_notify('wardcall_wake', '')").execute(&mut *tx).await?;
+        }
+    }
+    let (action, to) = match (&hook, replaced) {
+        (_, true) => ("run.replaced", "cancelled"),
+        (Some(_), false) => ("run.cancelled", "pending"),
+        (None, false) => ("run.cancelled", "cancelled"),
+    };
+    audit::record(&mut *tx, Entity::Run, &id.to_string(), action, Some(&previous), Some(to), actor, json!({"reason": reason, "hook": hook})).await?;
     let alert: Option<Uuid> = sqlx::query_scalar(
         "UPDATE wardcall.alerts SET status = 'cancelled', updated_at = clock_timestamp()
           WHERE run_id = $1 AND status = 'open' RETURNING id",
@@ -424,6 +543,20 @@ pub async fn cancel_run_in(tx: &mut PgConnection, id: Uuid, actor: &str, reason:
         sqlx::query("SELECT pg_notify('wardcall_wake', '')").execute(&mut *tx).await?;
     }
     Ok(Some(CancelledRun { workflow, input, alert }))
+}
+
+/// The live runs of `workflow` with key `key` created by an event older than
+/// `before_event` (`runs.event_id`), locked in id order.
+pub async fn live_runs_with_key(tx: &mut PgConnection, workflow: &str, key: &str, before_event: i64) -> Result<Vec<Uuid>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT id FROM wardcall.runs WHERE workflow = $1 AND key = $2 AND event_id < $3
+            AND status IN ('pending','running','sleeping','waiting') ORDER BY id FOR UPDATE",
+    )
+    .bind(workflow)
+    .bind(key)
+    .bind(before_event)
+    .fetch_all(&mut *tx)
+    .await
 }
 
 /// Sends a named signal to a run through `wardcall.send_signal` (kept if the

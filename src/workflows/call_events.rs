@@ -156,10 +156,7 @@ async fn signal_run(tx: &mut PgConnection, run: Uuid, payload: Value) -> Result<
 /// the run's input (the event payload, write-back's `$1`).
 async fn run_settings_and_input(engine: &Engine, tx: &mut PgConnection, run: Uuid) -> Result<Option<(crate::config::EscalationWorkflow, Value)>, sqlx::Error> {
     let (workflow, input): (String, Value) = sqlx::query_as("SELECT workflow, input FROM wardcall.runs WHERE id = $1").bind(run).fetch_one(&mut *tx).await?;
-    Ok(match engine.config.workflow(&workflow).map(|w| &w.kind) {
-        Some(crate::config::WorkflowKind::Escalation(e)) => Some(((**e).clone(), input)),
-        _ => None,
-    })
+    Ok(engine.config.workflow(&workflow).and_then(|w| w.escalation()).map(|e| (e.clone(), input)))
 }
 
 /// A call-progress status (`initiated`, `ringing`, `in-progress`, or a final

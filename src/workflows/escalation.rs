@@ -54,7 +54,13 @@ pub async fn run_step(ctx: &mut StepContext<'_>, settings: &EscalationWorkflow) 
         "start" => {
             if ctx.state.get("message").is_none() {
                 let message = render_message(ctx, settings).await?;
-                *ctx.state = json!({"message": message, "cycle": 0, "step_index": 0});
+                // Other keys of the state (a workflow's variables) are kept.
+                if !ctx.state.is_object() {
+                    *ctx.state = json!({});
+                }
+                ctx.state["message"] = json!(message);
+                ctx.state["cycle"] = json!(0);
+                ctx.state["step_index"] = json!(0);
             }
             place_calls(ctx, settings, &policy).await
         }
@@ -101,7 +107,8 @@ async fn render_message(ctx: &StepContext<'_>, settings: &EscalationWorkflow) ->
             }
         }
     }
-    Ok(template.render(&ctx.run.input, &values))
+    let vars = ctx.state.get("vars").cloned().unwrap_or(Value::Null);
+    Ok(template.render_with(&ctx.run.input, &values, &vars))
 }
 
 enum LookupOutcome {

@@ -126,9 +126,8 @@ pub async fn wrong_sql_in_lookups_and_write_backs_fails_before_any_trigger() {
 pub async fn bad_values_and_unknown_keys_are_refused_at_load() {
     let base = escalation_config(r#"room_name = "SELECT 'x'""#, "");
     let cases: Vec<(String, &str, &str)> = vec![
-        // Unknown keys under every workflow kind (serde cannot refuse them through
-        // the flattened, internally tagged kind: checked separately).
-        (base.replace("kind = \"script\"", "kind = \"script\"\ncolour = \"red\""), "workflows[0].colour", "unknown key"),
+        // Unknown keys under every workflow kind.
+        (base.replace("kind = \"script\"", "kind = \"script\"\ncolour = \"red\""), "workflows[0].colour", "unknown field"),
         (base.replace("policy = \"p\"", "policy = \"p\"\npolcy = \"q\""), "polcy", "unknown"),
         (base.replace("[workflows.write_back]", "[workflows.write_back]\non_cancel = \"SELECT 1\""), "on_cancel", "unknown"),
         (format!("[http]\nlistne = \"127.0.0.1:1\"\n{base}"), "listne", "unknown"),

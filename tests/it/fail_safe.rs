@@ -223,7 +223,7 @@ pub async fn failing_callsid_record_is_retried_not_called_again() {
 /// and runs the `on_cancelled` write-back.
 pub async fn cancel_hangs_up_and_runs_on_cancelled() {
     let h = hospital_with(Persona::NoAnswer, Persona::NoAnswer, 30.0, |c| {
-        if let wardcall::config::WorkflowKind::Escalation(e) = &mut c.workflows[0].kind {
+        if let Some(e) = c.workflows[0].escalation_mut() {
             e.write_back.on_cancelled =
                 Some("UPDATE alerts SET status = 'resolved', acknowledged_by = 'cancelled:' || ($2->>'alert_status') WHERE id = ($1->>'id')::uuid".into());
         }
@@ -365,7 +365,7 @@ pub async fn audit_records_only_transitions_that_happened() {
 pub async fn blocked_lookup_times_out_and_the_call_goes_out() {
     let census = "CREATE TABLE ward_census (room_id uuid PRIMARY KEY); INSERT INTO ward_census SELECT room_id FROM rooms";
     let h = hospital_with_schema(census, answers_and_presses("1"), Persona::NoAnswer, 10.0, |c| {
-        if let wardcall::config::WorkflowKind::Escalation(e) = &mut c.workflows[0].kind {
+        if let Some(e) = c.workflows[0].escalation_mut() {
             e.lookups.insert(
                 "room_name".into(),
                 "SELECT r.room_name FROM rooms r JOIN ward_census w USING (room_id) WHERE r.room_id = ($1->>'room_id')::uuid".into(),
@@ -398,7 +398,7 @@ pub async fn blocked_lookup_times_out_and_the_call_goes_out() {
 /// fault.
 pub async fn ambiguous_lookup_renders_without_a_value() {
     let h = hospital_with(answers_and_presses("1"), Persona::NoAnswer, 10.0, |c| {
-        if let wardcall::config::WorkflowKind::Escalation(e) = &mut c.workflows[0].kind {
+        if let Some(e) = c.workflows[0].escalation_mut() {
             e.lookups.insert("patient_name".into(), "SELECT name FROM patients ORDER BY name DESC".into());
         }
     })

@@ -9,7 +9,7 @@ use sqlx::{ConnectOptions, Connection};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use wardcall::config::{EngineConfig, Workflow, WorkflowKind};
+use wardcall::config::{EngineConfig, Workflow};
 use wardcall::twilio::emulator::{EmulatorConfig, EmulatorEvent, Persona, TwilioEmulator};
 
 pub fn tests() -> Vec<libtest_mimic::Trial> {
@@ -225,14 +225,7 @@ pub async fn critical_alert_is_called_first_during_a_flood() {
     .unwrap();
     let mut cfg = crate::escalation::hospital_config(&emulator.base_url(), 600.0, 1);
     cfg.engine.workers = 2;
-    cfg.workflows.push(Workflow {
-        name: "flood".into(),
-        event: "flood".into(),
-        kind: WorkflowKind::Script,
-        max_attempts: 3,
-        retry_base_ms: 20,
-        retry_max_ms: 100,
-    });
+    cfg.workflows.push(Workflow { max_attempts: 3, retry_base_ms: 20, retry_max_ms: 100, ..Workflow::script("flood", "flood") });
     cfg.validate("hospital.toml").unwrap();
     let app = start_app(&db, Arc::new(cfg)).await;
     let flooded = "SELECT count(*) FROM wardcall.runs WHERE workflow = 'flood' AND status = 'completed'";

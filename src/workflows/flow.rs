@@ -1,0 +1,158 @@
+//! Executes a workflow written as a list of steps ([`super::model`]).
+//!
+//! A run's position is a [`StepAddress`] in `runs.step`; its variables are
+//! `state.vars` (`{name: value}`); when it is ending through a hook,
+//! `state.ending` says how it ends (`{"status": "failed", "error": …}` or
+//! `{"status": "cancelled"}`), set by the runtime's store when it moved the
+//! run into `on_failure` or `on_cancel`.
+//!
+//! Exactly-once effects: a `sql` step's statement and an `emit` step's event
+//! are handed to the runtime as [`CommitWork`], executed in the transaction
+//! that commits the step (fenced by the lease's token); a step that crashes
+//! before that commit runs again and its statement has not taken effect.
+
+use super::model::{InstantSpec, OnTimeout, Phase, StepAddress, StepKind};
+use super::{CommitWork, StepContext, StepError, Transition};
+use crate::template::Template;
+use anyhow::anyhow;
+use serde_json::{json, Value};
+use std::collections::HashMap;
+
+/// The signal name under which an event awaited by a `wait` step is delivered.
+pub fn event_signal(event: &str) -> String {
+    format!("event:{event}")
+}
+
+fn vars(state: &Value) -> Value {
+    super::variables(state)
+}
+
+fn keep(state: &mut Value, name: &str, value: Value) {
+    if !state.is_object() {
+        *state = json!({});
+    }
+    if !state.get("vars").is_some_and(Value::is_object) {
+        state["vars"] = json!({});
+    }
+    state["vars"][name] = value;
+}
+
+/// Where a run goes when `phase` has no more steps.
+fn end_of_phase(ctx: &StepContext<'_>, phase: Phase) -> Transition {
+    match phase {
+        Phase::Main if !ctx.workflow.on_complete.is_empty() => Transition::Next { step: StepAddress::first(Phase::OnComplete).render() },
+        Phase::Main | Phase::OnComplete => Transition::Complete,
+        Phase::OnFailure => {
+            let error = ctx.state.pointer("/ending/error").and_then(Value::as_str).unwrap_or("failed").to_string();
+            Transition::Fail { error }
+        }
+        Phase::OnCancel => Transition::Cancelled,
+    }
+}
+
+/// Runs the current step of a run of a workflow of kind `steps`.
+pub async fn run_step(ctx: &mut StepContext<'_>) -> Result<Transition, StepError> {
+    let addr = StepAddress::parse(&ctx.run.step).ok_or_else(|| StepError::Permanent(anyhow!("'{}' is not a step of a list of steps", ctx.run.step)))?;
+    let Some(step) = ctx.workflow.phase_steps(addr.phase).get(addr.index).cloned() else {
+        return Ok(end_of_phase(ctx, addr.phase));
+    };
+    let kind = step.kind().map_err(|p| StepError::Permanent(anyhow!(p)))?;
+    let next = addr.next().render();
+    let payload = ctx.run.input.clone();
+    match kind {
+        StepKind::Sql(sql) => {
+            ctx.in_commit.push(CommitWork::TeamSql { sql: sql.to_string(), keep: step.keep.clone() });
+            Ok(Transition::Next { step: next })
+        }
+        StepKind::Sleep(d) => {
+            let delay_ms = super::model::parse_duration_ms(d).map_err(|p| StepError::Permanent(anyhow!(p)))?;
+            Ok(Transition::Sleep { step: next, delay_ms })
+        }
+        StepKind::SleepUntil(InstantSpec::Template(t)) => {
+            let template = Template::parse(t).map_err(|p| StepError::Permanent(anyhow!(p)))?;
+            let rendered = template.render_with(&payload, &HashMap::new(), &vars(ctx.state));
+            // The value is not put in the error: it comes from the team's row.
+            let at: jiff::Timestamp = rendered
+                .trim()
+                .parse()
+                .map_err(|_| StepError::Permanent(anyhow!("sleep_until: the template does not render an RFC 3339 instant with an offset")))?;
+            Ok(Transition::SleepUntil { step: next, epoch_ms: at.as_millisecond() })
+        }
+        StepKind::SleepUntil(InstantSpec::Sql { sql }) => match super::team_sql::query_instant(&ctx.engine.db.pool, sql, &payload, &vars(ctx.state)).await {
+            Ok(Some(epoch_ms)) => Ok(Transition::SleepUntil { step: next, epoch_ms }),
+            Ok(None) => Err(StepError::Permanent(anyhow!("sleep_until: the query returned no instant (no row, or NULL)"))),
+            Err(e) if super::team_sql::is_permanent(&e) => Err(StepError::Permanent(anyhow!("sleep_until: {}", crate::capture::db_message(&e)))),
+            Err(e) => Err(StepError::Retryable(anyhow!("sleep_until: {}", crate::capture::db_message(&e)))),
+        },
+        StepKind::Wait(wait) => {
+            let signal = match (&wait.signal, &wait.event) {
+                (Some(s), _) => s.clone(),
+                (None, Some(e)) => event_signal(e),
+                (None, None) => return Err(StepError::Permanent(anyhow!("wait needs a signal or an event"))),
+            };
+            if addr.sub != "resume" {
+                let timeout_ms = super::model::parse_duration_ms(&wait.timeout).map_err(|p| StepError::Permanent(anyhow!(p)))?;
+                return Ok(Transition::Wait { step: addr.with_sub("resume").render(), signal, timeout_ms });
+            }
+            let outcome = ctx.wait_outcome().cloned().unwrap_or(Value::Null);
+            let timed_out = outcome.get("timeout").and_then(Value::as_bool).unwrap_or(false);
+            if timed_out {
+                if let Some(k) = &step.keep {
+                    keep(ctx.state, k, Value::Null);
+                }
+                return match wait.on_timeout {
+                    OnTimeout::Continue => Ok(Transition::Next { step: next }),
+                    OnTimeout::Fail => Err(StepError::Permanent(anyhow!("wait for {signal} timed out"))),
+                    OnTimeout::Complete => Ok(end_of_phase(ctx, Phase::Main)),
+                };
+            }
+            if let Some(k) = &step.keep {
+                keep(ctx.state, k, outcome.get("payload").cloned().unwrap_or(Value::Null));
+            }
+            Ok(Transition::Next { step: next })
+        }
+        StepKind::Emit(emit) => {
+            let vars = vars(ctx.state);
+            let render = |text: &str| -> Value {
+                let Ok(t) = Template::parse(text) else { return Value::String(text.to_string()) };
+                match t.single_field() {
+                    Some(f) => crate::template::lookup_path(&payload, &vars, f).cloned().unwrap_or(Value::Null),
+                    None => Value::String(t.render_with(&payload, &HashMap::new(), &vars)),
+                }
+            };
+            let body: serde_json::Map<String, Value> = emit.payload.iter().map(|(k, v)| (k.clone(), super::model::render_json_template(v, &render))).collect();
+            ctx.in_commit.push(CommitWork::Emit {
+                event: emit.event.clone(),
+                payload: Value::Object(body),
+                dedup_key: format!("run:{}:{}", ctx.run.id, addr.render()),
+            });
+            Ok(Transition::Next { step: next })
+        }
+        StepKind::Escalate(settings) => {
+            let settings = settings.clone();
+            let mut inner_run = ctx.run.clone();
+            inner_run.step = if addr.sub.is_empty() { "start".into() } else { addr.sub.clone() };
+            let transition = {
+                let mut inner = StepContext {
+                    engine: ctx.engine,
+                    run: &inner_run,
+                    workflow: ctx.workflow,
+                    state: ctx.state,
+                    lease_lost: ctx.lease_lost,
+                    in_commit: Vec::new(),
+                };
+                super::escalation::run_step(&mut inner, &settings).await?
+            };
+            Ok(match transition {
+                Transition::Next { step } => Transition::Next { step: addr.with_sub(&step).render() },
+                Transition::Sleep { step, delay_ms } => Transition::Sleep { step: addr.with_sub(&step).render(), delay_ms },
+                Transition::SleepUntil { step, epoch_ms } => Transition::SleepUntil { step: addr.with_sub(&step).render(), epoch_ms },
+                Transition::Wait { step, signal, timeout_ms } => Transition::Wait { step: addr.with_sub(&step).render(), signal, timeout_ms },
+                Transition::Defer { delay_ms } => Transition::Defer { delay_ms },
+                // The alert is closed (acknowledged, unacknowledged, cancelled): the workflow goes on.
+                Transition::Complete => Transition::Next { step: next },
+                other @ (Transition::Fail { .. } | Transition::Cancelled) => other,
+            })
+        }
+    }
+}
