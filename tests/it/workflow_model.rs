@@ -15,6 +15,7 @@ pub fn tests() -> Vec<libtest_mimic::Trial> {
         workflow_model::when_condition_filters_events,
         workflow_model::on_failure_hook_runs_once_after_the_last_retry,
         workflow_model::on_failure_hook_runs_once_when_its_statement_is_interrupted,
+        workflow_model::on_failure_hook_runs_once_when_its_commit_fails_after_its_statement,
         workflow_model::unknown_variable_is_refused_naming_the_key,
         workflow_model::wrong_column_is_refused_naming_the_key,
     ]
@@ -317,6 +318,51 @@ sql = "UPDATE jobs SET status = 'failed' WHERE id = ($1->>'id')::bigint"
     .await;
     db.exec(&format!("SELECT pg_terminate_backend({pid})")).await;
     await_true(&db, "the run to end failed", Duration::from_secs(20), "SELECT count(*) = 1 FROM wardcall.runs WHERE status = 'failed'").await;
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM job_log").await, 1, "the hook's statement took effect once");
+    assert_eq!(job_row(&db, id).await.0, "failed");
+    app.stop(Duration::from_secs(2)).await;
+}
+
+pub async fn on_failure_hook_runs_once_when_its_commit_fails_after_its_statement() {
+    let db = TestDb::new().await;
+    db.exec(JOBS).await;
+    // The first commit of the hook's step fails after its statement ran (as
+    // when the engine dies between the two): a trigger refuses that step's
+    // audit row once. The statement must not have taken effect on its own.
+    db.exec(
+        "CREATE SEQUENCE refusals; -- not transactional: counts the refused commit
+         CREATE FUNCTION refuse_once() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             IF NEW.action = 'run.step_completed' AND NEW.detail->>'from_step' = 'on_failure:0'
+                AND nextval('refusals') = 1 THEN
+                 RAISE EXCEPTION 'simulated crash before the commit' USING ERRCODE = '57P01';
+             END IF;
+             RETURN NEW;
+         END $$;
+         CREATE TRIGGER refuse_once BEFORE INSERT ON wardcall.audit_log FOR EACH ROW EXECUTE FUNCTION refuse_once();",
+    )
+    .await;
+    let cfg = jobs_config(
+        r#"
+[[workflows]]
+name = "fragile"
+event = "job.saved"
+max_attempts = 1
+
+[[workflows.steps]]
+sql = "SELECT 1 / 0"
+
+[[workflows.on_failure]]
+sql = "INSERT INTO job_log (job_id, what) VALUES (($1->>'id')::bigint, 'hook')"
+
+[[workflows.on_failure]]
+sql = "UPDATE jobs SET status = 'failed' WHERE id = ($1->>'id')::bigint"
+"#,
+    );
+    let app = start_app(&db, config(&cfg)).await;
+    let id = db.scalar_i64("INSERT INTO jobs (kind) VALUES ('x') RETURNING id").await;
+    await_true(&db, "the run to end failed", Duration::from_secs(20), "SELECT count(*) = 1 FROM wardcall.runs WHERE status = 'failed'").await;
+    assert!(db.scalar_i64("SELECT last_value FROM refusals").await >= 2, "the simulated crash happened, then the retry");
     assert_eq!(db.scalar_i64("SELECT count(*) FROM job_log").await, 1, "the hook's statement took effect once");
     assert_eq!(job_row(&db, id).await.0, "failed");
     app.stop(Duration::from_secs(2)).await;
