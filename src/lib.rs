@@ -13,6 +13,7 @@ pub mod capture;
 pub mod config;
 pub mod db;
 pub mod demo;
+pub mod devtools;
 pub mod http;
 pub mod notify;
 pub mod providers;
