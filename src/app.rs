@@ -99,7 +99,7 @@ impl App {
             (None, Some(a)) => format!("http://{a}"),
             (None, None) => format!("http://{}", config.http.listen),
         };
-        let engine = Engine::new(db, config, providers, public_url);
+        let engine = Engine::new(db, config, providers, public_url, Arc::new(crate::workflows::Host));
         // The API: on its own listener when there is one; else on the public
         // listener only behind a token; else not at all (ARCHITECTURE.md).
         let limits = crate::http::HttpLimits::from_config(&engine.config.http);

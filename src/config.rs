@@ -6,6 +6,7 @@
 //! environment variable (default `TWILIO_AUTH_TOKEN`) or a file named in the config.
 //! The reference of every key is in README.md ("Configuration reference").
 
+pub use crate::workflows::model::{CancelOn, OnDuplicate};
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};

@@ -25,17 +25,18 @@
 //! A step's side effects happen outside any transaction; its transition is
 //! committed only if the fencing token still matches ([`store::commit_transition`]).
 
+pub mod step;
 pub mod store;
 
 use crate::config::{Config, EngineConfig, Workflow};
 use crate::db::Database;
 use crate::providers::Providers;
-use crate::workflows::{self, StepContext, StepError, Transition};
 use serde_json::Value;
 use sqlx::postgres::PgListener;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use step::{StepContext, StepError, Transition, WorkflowHost};
 use store::{ClaimedRun, Parking, WaitResolution};
 use tokio::sync::{watch, Notify, Semaphore};
 use tokio::task::JoinSet;
@@ -45,8 +46,6 @@ pub const WAKE_CHANNEL: &str = "wardcall_wake";
 
 /// `application_name` of the listener's connection (seen in `pg_stat_activity`).
 pub const LISTENER_APPLICATION_NAME: &str = "wardcall-listener";
-
-pub use crate::workflows::is_critical;
 
 /// Milliseconds without a loop iteration after which the scheduler or the
 /// dispatcher counts as stalled: `max(5000, 10 × max(poll_ms, sweep_ms))`.
@@ -158,13 +157,17 @@ pub struct Engine {
     call_sweeper: Notify,
     shutdown: watch::Sender<bool>,
     health: Health,
+    /// The workflows, behind the step contract.
+    host: Arc<dyn WorkflowHost>,
 }
 
 impl Engine {
     /// Creates the engine state (no task runs yet; see [`Engine::spawn`]).
-    pub fn new(db: Database, config: Arc<Config>, providers: Providers, public_url: String) -> Arc<Engine> {
-        let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "wardcall".into());
-        let engine_id = format!("{}-{}", host, &uuid::Uuid::new_v4().simple().to_string()[..12]);
+    /// `host` is the workflows' side of the step contract
+    /// (`crate::workflows::Host` in wardcall).
+    pub fn new(db: Database, config: Arc<Config>, providers: Providers, public_url: String, host: Arc<dyn WorkflowHost>) -> Arc<Engine> {
+        let hostname = std::env::var("HOSTNAME").unwrap_or_else(|_| "wardcall".into());
+        let engine_id = format!("{}-{}", hostname, &uuid::Uuid::new_v4().simple().to_string()[..12]);
         let workers = config.engine.workers;
         Arc::new(Engine {
             db,
@@ -178,6 +181,7 @@ impl Engine {
             call_sweeper: Notify::new(),
             shutdown: watch::channel(false).0,
             health: Health::new(),
+            host,
         })
     }
 
@@ -245,7 +249,9 @@ impl Engine {
         let e = self.clone();
         set.spawn(async move { e.scheduler_loop().await });
         let e = self.clone();
-        set.spawn(async move { crate::workflows::call_sweeper::run(e).await });
+        for task in self.host.background_tasks(e) {
+            set.spawn(task);
+        }
         EngineTasks { engine: self.clone(), set }
     }
 
@@ -255,7 +261,7 @@ impl Engine {
     }
 
     /// Wakes this engine's call sweeper (an alert closed: its calls may need
-    /// ending; see [`crate::workflows::call_sweeper`]).
+    /// ending; see `workflows::call_sweeper`).
     pub fn wake_call_sweeper(&self) {
         self.call_sweeper.notify_one();
     }
@@ -404,7 +410,7 @@ impl Engine {
     }
 
     /// Turns up to `limit` unprocessed outbox rows into runs, in one transaction.
-    /// Rows whose event starts a critical workflow ([`is_critical`]) are taken
+    /// Rows whose event starts a critical workflow ([`WorkflowHost::is_critical`]) are taken
     /// first (index `outbox_unprocessed_event`), then the others in id order,
     /// and their runs get the free worker slots first. Returns how many outbox
     /// rows it processed.
@@ -414,7 +420,7 @@ impl Engine {
     /// counted by `wardcall status`) and logged once, at warn, by id, source
     /// and event name (never its payload).
     pub async fn dispatch_batch(self: &Arc<Self>, limit: i64) -> anyhow::Result<usize> {
-        let critical_events: Vec<String> = self.config.workflows.iter().filter(|w| is_critical(w)).map(|w| w.event.clone()).collect();
+        let critical_events: Vec<String> = self.config.workflows.iter().filter(|w| self.host.is_critical(w)).map(|w| w.event.clone()).collect();
         let mut tx = self.db.pool.begin().await?;
         let mut rows: Vec<(i64, String, Value, String)> = sqlx::query_as(
             "WITH crit AS (
@@ -469,7 +475,7 @@ impl Engine {
         for (id, event, payload, source) in &rows {
             let mut routed = self.config.consumes_event(event);
             let mut bound: Vec<&Workflow> = self.config.workflows.iter().filter(|w| &w.event == event).collect();
-            bound.sort_by_key(|w| !is_critical(w));
+            bound.sort_by_key(|w| !self.host.is_critical(w));
             for w in bound {
                 routed = true;
                 if skipped.contains(&(*id, w.name.as_str())) {
@@ -482,12 +488,12 @@ impl Engine {
                 if let Some(k) = &key {
                     if let Some(&earlier) = keyed.get(&(w.name.clone(), k.clone())) {
                         match w.on_duplicate {
-                            crate::workflows::model::OnDuplicate::Skip => continue,
-                            crate::workflows::model::OnDuplicate::Replace => dropped.push(earlier),
+                            crate::config::OnDuplicate::Skip => continue,
+                            crate::config::OnDuplicate::Replace => dropped.push(earlier),
                         }
                     }
                     keyed.insert((w.name.clone(), k.clone()), workflow_names.len());
-                    if w.on_duplicate == crate::workflows::model::OnDuplicate::Replace {
+                    if w.on_duplicate == crate::config::OnDuplicate::Replace {
                         replacing.push((w.name.clone(), k.clone(), *id));
                     }
                 }
@@ -496,7 +502,7 @@ impl Engine {
                 events.push(event.clone());
                 inputs.push(payload.clone());
                 keys.push(key);
-                criticals.push(is_critical(w));
+                criticals.push(self.host.is_critical(w));
             }
             if !routed {
                 tracing::warn!(outbox_id = id, source = %source, event = %event, "no workflow listens to this event: outbox row kept as unrouted");
@@ -517,7 +523,7 @@ impl Engine {
         // `on_duplicate = "replace"`: the live run with the key gives way.
         for (workflow, key, before) in &replacing {
             for run in store::live_runs_with_key(&mut tx, workflow, key, *before).await? {
-                workflows::cancel_run_in(&mut tx, &self.config, run, &actor, "replaced by a newer event with the same key", true).await?;
+                self.host.cancel_run_in(&mut tx, &self.config, run, &actor, "replaced by a newer event with the same key", true).await?;
             }
         }
         if !unrouted.is_empty() {
@@ -624,27 +630,21 @@ impl Engine {
 
     /// Applies an event to the live runs it concerns by key: cancels those
     /// of workflows that list it in `cancel_on`, and delivers it as a signal
-    /// ([`crate::workflows::flow::event_signal`]) to those of workflows that
+    /// ([`step::event_signal`]) to those of workflows that
     /// wait for it (kept if the run is not waiting yet, DESIGN.md invariant 4).
     async fn deliver_keyed_event(&self, tx: &mut sqlx::PgConnection, id: i64, event: &str, payload: &Value, actor: &str) -> Result<(), sqlx::Error> {
         for w in &self.config.workflows {
-            for c in w.cancel_on.iter().filter(|c| c.event == event) {
-                let Some(key) = c.key.as_deref().or(w.key.as_deref()).and_then(|t| run_key(t, payload)) else { continue };
+            for (template, route) in self.host.keyed_routes(w, event) {
+                let Some(key) = run_key(&template, payload) else { continue };
                 for run in store::live_runs_with_key(tx, &w.name, &key, id).await? {
-                    workflows::cancel_run_in(tx, &self.config, run, actor, &format!("cancelled by event {event}"), false).await?;
-                }
-            }
-            let mut templates: Vec<&str> = w
-                .all_steps()
-                .filter_map(|(_, _, s)| s.wait.as_ref())
-                .filter(|wait| wait.event.as_deref() == Some(event))
-                .filter_map(|wait| wait.key.as_deref().or(w.key.as_deref()))
-                .collect();
-            templates.dedup();
-            for t in templates {
-                let Some(key) = run_key(t, payload) else { continue };
-                for run in store::live_runs_with_key(tx, &w.name, &key, id).await? {
-                    store::send_signal(tx, run, &crate::workflows::flow::event_signal(event), payload).await?;
+                    match route {
+                        step::KeyedRoute::Cancel => {
+                            self.host.cancel_run_in(tx, &self.config, run, actor, &format!("cancelled by event {event}"), false).await?;
+                        }
+                        step::KeyedRoute::Signal => {
+                            store::send_signal(tx, run, &step::event_signal(event), payload).await?;
+                        }
+                    }
                 }
             }
         }
@@ -754,14 +754,14 @@ impl Engine {
                 }
                 break;
             };
-            let rule = workflows::retry_rule(&workflow, &run.step);
+            let rule = self.host.retry_rule(&workflow, &run.step);
             let mut state = run.state.clone();
             let (result, in_commit) = {
                 use futures_util::FutureExt;
                 let mut ctx = StepContext { engine: self, run: &run, workflow: &workflow, state: &mut state, lease_lost: &lost, in_commit: Vec::new() };
                 // A panicking step is a bug; it must not leave the run leased
                 // forever nor crash-loop: it counts as a failed attempt.
-                let r = match std::panic::AssertUnwindSafe(workflows::run_step(&mut ctx)).catch_unwind().await {
+                let r = match std::panic::AssertUnwindSafe(self.host.run_step(&mut ctx)).catch_unwind().await {
                     Ok(r) => r,
                     Err(panic) => {
                         let msg =
@@ -813,7 +813,7 @@ impl Engine {
                     let delay = rule.cap_ms.map_or(delay, |cap| delay.min(cap));
                     let msg = crate::capture::error_text(&err);
                     tracing::warn!(run = %run.id, step = %run.step, attempt = run.step_attempt + 1, error = %msg, "step failed");
-                    let hook = workflows::failure_hook(&workflow, &run.step);
+                    let hook = self.host.failure_hook(&workflow, &run.step);
                     matches!(store::record_step_failure(&self.db.pool, &run, &msg, rule.max_attempts, delay, hook.as_deref(), &actor).await, Ok(Some(_)))
                 }
                 Err(StepError::Permanent(err)) if rule.max_attempts == u32::MAX => {
@@ -828,7 +828,7 @@ impl Engine {
                 Err(StepError::Permanent(err)) => {
                     let msg = crate::capture::error_text(&err);
                     tracing::error!(run = %run.id, step = %run.step, error = %msg, "step failed permanently");
-                    let hook = workflows::failure_hook(&workflow, &run.step);
+                    let hook = self.host.failure_hook(&workflow, &run.step);
                     if hook.is_some() {
                         matches!(store::record_step_failure(&self.db.pool, &run, &msg, 0, 0, hook.as_deref(), &actor).await, Ok(Some(_)))
                     } else {
@@ -855,7 +855,7 @@ impl Engine {
         state: &mut Value,
         next_step: &str,
         parking: &Parking,
-        work: &[workflows::CommitWork],
+        work: &[Box<dyn step::CommitWork>],
         actor: &str,
     ) -> Result<Option<bool>, StepError> {
         if work.is_empty() {
@@ -872,9 +872,11 @@ impl Engine {
             if !store::lock_fenced(&mut tx, run.id, run.fencing_token).await? {
                 return Ok::<_, sqlx::Error>(Err(StepError::LeaseLost));
             }
-            if let Err(step_error) = workflows::apply_commit_work(&mut tx, &run.input, state, work).await {
-                tx.rollback().await?;
-                return Ok(Err(step_error));
+            for w in work {
+                if let Err(step_error) = w.apply(&mut tx, &run.input, state).await {
+                    tx.rollback().await?;
+                    return Ok(Err(step_error));
+                }
             }
             let due_now = store::write_transition(&mut tx, run, state, next_step, parking, actor).await?;
             tx.commit().await?;
@@ -905,8 +907,6 @@ impl Engine {
         }
     }
 }
-
-pub use crate::workflows::ESCALATION_RETRY_CAP_MS;
 
 /// Delay before retry number `attempt` (1-based): `retry_base_ms · 2^(attempt-1)`,
 /// capped at `retry_max_ms`, with "equal jitter" (half fixed, half random) so

@@ -12,16 +12,13 @@
 //! before that commit runs again and its statement has not taken effect.
 
 use super::model::{InstantSpec, OnTimeout, Phase, StepAddress, StepKind};
-use super::{CommitWork, StepContext, StepError, Transition};
+use super::{EmitWork, StepContext, StepError, TeamSqlWork, Transition};
 use crate::template::Template;
 use anyhow::anyhow;
 use serde_json::{json, Value};
 use std::collections::HashMap;
 
-/// The signal name under which an event awaited by a `wait` step is delivered.
-pub fn event_signal(event: &str) -> String {
-    format!("event:{event}")
-}
+pub use crate::runtime::step::event_signal;
 
 fn vars(state: &Value) -> Value {
     super::variables(state)
@@ -61,7 +58,7 @@ pub async fn run_step(ctx: &mut StepContext<'_>) -> Result<Transition, StepError
     let payload = ctx.run.input.clone();
     match kind {
         StepKind::Sql(sql) => {
-            ctx.in_commit.push(CommitWork::TeamSql { sql: sql.to_string(), keep: step.keep.clone() });
+            ctx.in_commit.push(Box::new(TeamSqlWork { sql: sql.to_string(), keep: step.keep.clone() }));
             Ok(Transition::Next { step: next })
         }
         StepKind::Sleep(d) => {
@@ -121,11 +118,11 @@ pub async fn run_step(ctx: &mut StepContext<'_>) -> Result<Transition, StepError
                 }
             };
             let body: serde_json::Map<String, Value> = emit.payload.iter().map(|(k, v)| (k.clone(), super::model::render_json_template(v, &render))).collect();
-            ctx.in_commit.push(CommitWork::Emit {
+            ctx.in_commit.push(Box::new(EmitWork {
                 event: emit.event.clone(),
                 payload: Value::Object(body),
                 dedup_key: format!("run:{}:{}", ctx.run.id, addr.render()),
-            });
+            }));
             Ok(Transition::Next { step: next })
         }
         StepKind::Escalate(settings) => {

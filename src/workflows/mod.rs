@@ -18,97 +18,10 @@ pub mod team_sql;
 pub mod validate;
 
 use crate::config::{Workflow, WorkflowKind};
-use crate::runtime::store::ClaimedRun;
-use crate::runtime::Engine;
+pub use crate::runtime::step::{CommitWork, RetryRule, StepContext, StepError, Transition};
+use futures_util::future::BoxFuture;
 use model::{Phase, StepAddress};
 use serde_json::Value;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-
-/// What a step asks the runtime to do next.
-#[derive(Debug, Clone)]
-pub enum Transition {
-    /// Commit and go on with `step` at once, keeping the lease.
-    Next { step: String },
-    /// Sleep `delay_ms` milliseconds (a row with a due time), then run `step`.
-    Sleep { step: String, delay_ms: i64 },
-    /// Sleep until `epoch_ms` (milliseconds since the Unix epoch, UTC), then run `step`.
-    SleepUntil { step: String, epoch_ms: i64 },
-    /// Wait for signal `signal` at most `timeout_ms` milliseconds, then run
-    /// `step` with the outcome in [`StepContext::wait_outcome`].
-    Wait { step: String, signal: String, timeout_ms: i64 },
-    /// The run is finished.
-    Complete,
-    /// The run is finished in the `failed` state with this error (no retry).
-    Fail { error: String },
-    /// The run is finished in the `cancelled` state (after its `on_cancel` hook).
-    Cancelled,
-    /// Run the same step again after `delay_ms` milliseconds without counting
-    /// an attempt (e.g. a circuit breaker is open: nothing was tried).
-    Defer { delay_ms: i64 },
-}
-
-/// Work a step hands to the runtime to execute inside the transaction that
-/// commits the step (fenced by the lease's token), so that it takes effect
-/// exactly once with the step's completion.
-#[derive(Debug, Clone)]
-pub enum CommitWork {
-    /// A `sql` step's statement over the team's tables ([`team_sql`]); with
-    /// `keep`, its first returned row becomes variable `keep`.
-    TeamSql { sql: String, keep: Option<String> },
-    /// An `emit` step's event, written to the outbox with `wardcall.emit`
-    /// (`dedup_key` makes a repeated commit impossible to double).
-    Emit { event: String, payload: Value, dedup_key: String },
-}
-
-/// Why a step did not produce a transition.
-#[derive(Debug, thiserror::Error)]
-pub enum StepError {
-    /// Worth retrying with backoff (database hiccup, provider 5xx, timeout).
-    #[error("{0:#}")]
-    Retryable(anyhow::Error),
-    /// Retrying cannot help; the run fails at once, keeping the error.
-    #[error("{0:#}")]
-    Permanent(anyhow::Error),
-    /// This engine no longer holds the run; nothing more may be written.
-    #[error("lease lost")]
-    LeaseLost,
-}
-
-impl From<sqlx::Error> for StepError {
-    fn from(e: sqlx::Error) -> Self {
-        StepError::Retryable(e.into())
-    }
-}
-
-/// Everything a step may use.
-pub struct StepContext<'a> {
-    pub engine: &'a Arc<Engine>,
-    pub run: &'a ClaimedRun,
-    pub workflow: &'a Workflow,
-    /// The run's state; committed with the step's transition.
-    pub state: &'a mut Value,
-    pub lease_lost: &'a Arc<AtomicBool>,
-    /// Work to execute in the commit transaction of this step.
-    pub in_commit: Vec<CommitWork>,
-}
-
-impl StepContext<'_> {
-    /// The outcome of the wait that preceded this step, if any:
-    /// `{"signal": name, "payload": …}` or `{"timeout": true, "signal": name}`.
-    pub fn wait_outcome(&self) -> Option<&Value> {
-        self.run.wait_outcome.as_ref()
-    }
-
-    /// Fails fast when the lease renewal found the run taken over.
-    pub fn check_lease(&self) -> Result<(), StepError> {
-        if self.lease_lost.load(Ordering::SeqCst) {
-            Err(StepError::LeaseLost)
-        } else {
-            Ok(())
-        }
-    }
-}
 
 /// Runs the current step of the context's run.
 pub async fn run_step(ctx: &mut StepContext<'_>) -> Result<Transition, StepError> {
@@ -128,16 +41,6 @@ pub fn is_critical(w: &Workflow) -> bool {
 /// Longest delay (ms) between retries of an escalation step: an alert keeps
 /// being retried, at least this often, until someone can be called.
 pub const ESCALATION_RETRY_CAP_MS: i64 = 15_000;
-
-/// How a failing step is retried.
-#[derive(Debug, Clone, Copy)]
-pub struct RetryRule {
-    /// Attempts before the step fails for good (`u32::MAX`: never).
-    pub max_attempts: u32,
-    /// Upper bound of the delay between attempts, in milliseconds, below the
-    /// workflow's `retry_max_ms` (an escalation: [`ESCALATION_RETRY_CAP_MS`]).
-    pub cap_ms: Option<i64>,
-}
 
 /// The retry rule of `step` (a `runs.step` value) of `w`: an `escalate` step
 /// is never given up on (an alert is never dead-lettered; the config or the
@@ -188,47 +91,114 @@ pub fn variables(state: &Value) -> Value {
     Value::Object(vars)
 }
 
-/// Executes `work` inside the step's commit transaction, updating `state`
-/// (a kept row becomes `state.vars[keep]`).
-///
-/// Errors: the statement's, as a [`StepError`]: permanent for a syntax,
-/// schema, data or integrity error ([`team_sql::is_permanent`]), else
-/// retryable. The caller rolls the transaction back.
-pub async fn apply_commit_work(conn: &mut sqlx::PgConnection, input: &Value, state: &mut Value, work: &[CommitWork]) -> Result<(), StepError> {
-    for w in work {
-        let outcome = match w {
-            CommitWork::TeamSql { sql, keep } => {
-                let vars = variables(state);
-                match team_sql::run_step_statement(conn, sql, keep.is_some(), input, &vars).await {
-                    Ok(row) => {
-                        if let Some(k) = keep {
-                            if !state.is_object() {
-                                *state = serde_json::json!({});
-                            }
-                            if !state.get("vars").is_some_and(Value::is_object) {
-                                state["vars"] = serde_json::json!({});
-                            }
-                            state["vars"][k] = row;
-                        }
-                        Ok(())
-                    }
-                    Err(e) => Err(e),
+/// A `sql` step's statement over the team's tables ([`team_sql`]), run in
+/// the step's commit transaction; with `keep`, its first returned row becomes
+/// variable `keep` (`state.vars[keep]`).
+#[derive(Debug, Clone)]
+pub struct TeamSqlWork {
+    pub sql: String,
+    pub keep: Option<String>,
+}
+
+/// An `emit` step's event, written to the outbox with `wardcall.emit` in the
+/// step's commit transaction (`dedup_key` makes a repeated commit impossible
+/// to double).
+#[derive(Debug, Clone)]
+pub struct EmitWork {
+    pub event: String,
+    pub payload: Value,
+    pub dedup_key: String,
+}
+
+fn statement_error(e: sqlx::Error) -> StepError {
+    let msg = crate::capture::db_message(&e);
+    if team_sql::is_permanent(&e) {
+        StepError::Permanent(anyhow::anyhow!("{msg}"))
+    } else {
+        StepError::Retryable(anyhow::anyhow!("{msg}"))
+    }
+}
+
+impl CommitWork for TeamSqlWork {
+    /// Errors: permanent for a syntax, schema, data or integrity error
+    /// ([`team_sql::is_permanent`]), else retryable.
+    fn apply<'a>(&'a self, conn: &'a mut sqlx::PgConnection, input: &'a Value, state: &'a mut Value) -> BoxFuture<'a, Result<(), StepError>> {
+        Box::pin(async move {
+            let vars = variables(state);
+            let row = team_sql::run_step_statement(conn, &self.sql, self.keep.is_some(), input, &vars).await.map_err(statement_error)?;
+            if let Some(k) = &self.keep {
+                if !state.is_object() {
+                    *state = serde_json::json!({});
+                }
+                if !state.get("vars").is_some_and(Value::is_object) {
+                    state["vars"] = serde_json::json!({});
+                }
+                state["vars"][k] = row;
+            }
+            Ok(())
+        })
+    }
+}
+
+impl CommitWork for EmitWork {
+    fn apply<'a>(&'a self, conn: &'a mut sqlx::PgConnection, _input: &'a Value, _state: &'a mut Value) -> BoxFuture<'a, Result<(), StepError>> {
+        Box::pin(async move {
+            sqlx::query("SELECT wardcall.emit($1, $2, $3)")
+                .bind(&self.event)
+                .bind(&self.payload)
+                .bind(&self.dedup_key)
+                .execute(&mut *conn)
+                .await
+                .map_err(statement_error)?;
+            Ok(())
+        })
+    }
+}
+
+/// The workflows as the runtime sees them ([`crate::runtime::step::WorkflowHost`]).
+pub struct Host;
+
+impl crate::runtime::step::WorkflowHost for Host {
+    fn run_step<'a, 'c: 'a>(&'a self, ctx: &'a mut StepContext<'c>) -> BoxFuture<'a, Result<Transition, StepError>> {
+        Box::pin(run_step(ctx))
+    }
+    fn is_critical(&self, w: &Workflow) -> bool {
+        is_critical(w)
+    }
+    fn retry_rule(&self, w: &Workflow, step: &str) -> RetryRule {
+        retry_rule(w, step)
+    }
+    fn failure_hook(&self, w: &Workflow, step: &str) -> Option<String> {
+        failure_hook(w, step)
+    }
+    fn cancel_run_in<'a>(
+        &'a self,
+        conn: &'a mut sqlx::PgConnection,
+        config: &'a crate::config::Config,
+        run: uuid::Uuid,
+        actor: &'a str,
+        reason: &'a str,
+        replaced: bool,
+    ) -> BoxFuture<'a, Result<bool, sqlx::Error>> {
+        Box::pin(cancel_run_in(conn, config, run, actor, reason, replaced))
+    }
+    fn keyed_routes(&self, w: &Workflow, event: &str) -> Vec<(String, crate::runtime::step::KeyedRoute)> {
+        use crate::runtime::step::KeyedRoute;
+        let mut routes: Vec<(String, KeyedRoute)> =
+            w.cancel_on.iter().filter(|c| c.event == event).filter_map(|c| c.key.clone().or_else(|| w.key.clone())).map(|k| (k, KeyedRoute::Cancel)).collect();
+        for (_, _, s) in w.all_steps() {
+            if let Some(wait) = s.wait.as_ref().filter(|wait| wait.event.as_deref() == Some(event)) {
+                if let Some(k) = wait.key.clone().or_else(|| w.key.clone()) {
+                    routes.push((k, KeyedRoute::Signal));
                 }
             }
-            CommitWork::Emit { event, payload, dedup_key } => {
-                sqlx::query("SELECT wardcall.emit($1, $2, $3)").bind(event).bind(payload).bind(dedup_key).execute(&mut *conn).await.map(|_| ())
-            }
-        };
-        if let Err(e) = outcome {
-            let msg = crate::capture::db_message(&e);
-            return Err(if team_sql::is_permanent(&e) {
-                StepError::Permanent(anyhow::anyhow!("{msg}"))
-            } else {
-                StepError::Retryable(anyhow::anyhow!("{msg}"))
-            });
         }
+        routes.dedup();
+        routes
     }
-    Ok(())
+    fn background_tasks(&self, engine: std::sync::Arc<crate::runtime::Engine>) -> Vec<BoxFuture<'static, ()>> {
+        vec![Box::pin(call_sweeper::run(engine))]
+    }
 }
 
 /// Cancels a live run (API, CLI, tests): see [`cancel_run_in`].

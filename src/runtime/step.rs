@@ -1,0 +1,155 @@
+//! The step contract between the runtime and the workflows: what a step gets
+//! ([`StepContext`]), what it answers ([`Transition`], [`StepError`]), the
+//! work it hands to the commit transaction ([`CommitWork`]), and the
+//! [`WorkflowHost`] through which the runtime asks the workflows (which it
+//! does not know) to run a step, how to retry it and where a failed or
+//! cancelled run goes. The runtime imports no workflow module.
+
+use super::store::ClaimedRun;
+use super::Engine;
+use crate::config::{Config, Workflow};
+use futures_util::future::BoxFuture;
+use serde_json::Value;
+use sqlx::PgConnection;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use uuid::Uuid;
+
+/// What a step asks the runtime to do next.
+#[derive(Debug, Clone)]
+pub enum Transition {
+    /// Commit and go on with `step` at once, keeping the lease.
+    Next { step: String },
+    /// Sleep `delay_ms` milliseconds (a row with a due time), then run `step`.
+    Sleep { step: String, delay_ms: i64 },
+    /// Sleep until `epoch_ms` (milliseconds since the Unix epoch, UTC), then run `step`.
+    SleepUntil { step: String, epoch_ms: i64 },
+    /// Wait for signal `signal` at most `timeout_ms` milliseconds, then run
+    /// `step` with the outcome in [`StepContext::wait_outcome`].
+    Wait { step: String, signal: String, timeout_ms: i64 },
+    /// The run is finished.
+    Complete,
+    /// The run is finished in the `failed` state with this error (no retry).
+    Fail { error: String },
+    /// The run is finished in the `cancelled` state (after its `on_cancel` hook).
+    Cancelled,
+    /// Run the same step again after `delay_ms` milliseconds without counting
+    /// an attempt (e.g. a circuit breaker is open: nothing was tried).
+    Defer { delay_ms: i64 },
+}
+
+/// Work a step hands to the runtime to execute inside the transaction that
+/// commits the step (after the run is locked with its fencing token, before
+/// the transition is written), so that it takes effect exactly once with the
+/// step's completion. It may update the run's state (a kept variable).
+pub trait CommitWork: Send + Sync + std::fmt::Debug {
+    /// Executes the work on `conn` (inside the commit transaction).
+    /// Errors: the step's error; the runtime rolls the transaction back.
+    fn apply<'a>(&'a self, conn: &'a mut PgConnection, input: &'a Value, state: &'a mut Value) -> BoxFuture<'a, Result<(), StepError>>;
+}
+
+/// Why a step did not produce a transition.
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    /// Worth retrying with backoff (database hiccup, provider 5xx, timeout).
+    #[error("{0:#}")]
+    Retryable(anyhow::Error),
+    /// Retrying cannot help; the run fails at once, keeping the error.
+    #[error("{0:#}")]
+    Permanent(anyhow::Error),
+    /// This engine no longer holds the run; nothing more may be written.
+    #[error("lease lost")]
+    LeaseLost,
+}
+
+impl From<sqlx::Error> for StepError {
+    fn from(e: sqlx::Error) -> Self {
+        StepError::Retryable(e.into())
+    }
+}
+
+/// Everything a step may use.
+pub struct StepContext<'a> {
+    pub engine: &'a Arc<Engine>,
+    pub run: &'a ClaimedRun,
+    pub workflow: &'a Workflow,
+    /// The run's state; committed with the step's transition.
+    pub state: &'a mut Value,
+    pub lease_lost: &'a Arc<AtomicBool>,
+    /// Work to execute in the commit transaction of this step.
+    pub in_commit: Vec<Box<dyn CommitWork>>,
+}
+
+impl StepContext<'_> {
+    /// The outcome of the wait that preceded this step, if any:
+    /// `{"signal": name, "payload": …}` or `{"timeout": true, "signal": name}`.
+    pub fn wait_outcome(&self) -> Option<&Value> {
+        self.run.wait_outcome.as_ref()
+    }
+
+    /// Fails fast when the lease renewal found the run taken over.
+    pub fn check_lease(&self) -> Result<(), StepError> {
+        if self.lease_lost.load(Ordering::SeqCst) {
+            Err(StepError::LeaseLost)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// How a failing step is retried.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryRule {
+    /// Attempts before the step fails for good (`u32::MAX`: never).
+    pub max_attempts: u32,
+    /// Upper bound of the delay between attempts, in milliseconds, below the
+    /// workflow's `retry_max_ms`.
+    pub cap_ms: Option<i64>,
+}
+
+/// What the runtime asks of the workflows. Implemented by
+/// `crate::workflows::Host`; given to [`Engine::new`].
+pub trait WorkflowHost: Send + Sync {
+    /// Runs the current step of `ctx.run`.
+    fn run_step<'a, 'c: 'a>(&'a self, ctx: &'a mut StepContext<'c>) -> BoxFuture<'a, Result<Transition, StepError>>;
+    /// Whether runs of `w` are claimed and dispatched before other work.
+    fn is_critical(&self, w: &Workflow) -> bool;
+    /// How `step` (a `runs.step` value) of `w` is retried.
+    fn retry_rule(&self, w: &Workflow, step: &str) -> RetryRule;
+    /// Where a run of `w` goes when `step` failed for good (a hook's first
+    /// step), or `None` (the run ends `failed`).
+    fn failure_hook(&self, w: &Workflow, step: &str) -> Option<String>;
+    /// Cancels a live run inside the caller's transaction (`cancel_on`,
+    /// `replace`). Returns false when it was not live.
+    fn cancel_run_in<'a>(
+        &'a self,
+        conn: &'a mut PgConnection,
+        config: &'a Config,
+        run: Uuid,
+        actor: &'a str,
+        reason: &'a str,
+        replaced: bool,
+    ) -> BoxFuture<'a, Result<bool, sqlx::Error>>;
+    /// What `event` does to live runs of `w` with a matching key: for each
+    /// key template (rendered over the event's payload), cancel them
+    /// (`cancel_on`) or deliver the event as [`event_signal`] (a `wait`).
+    fn keyed_routes(&self, w: &Workflow, event: &str) -> Vec<(String, KeyedRoute)>;
+    /// Tasks the workflows run beside the engine's own for its lifetime
+    /// (e.g. the call sweeper).
+    fn background_tasks(&self, engine: Arc<Engine>) -> Vec<BoxFuture<'static, ()>>;
+}
+
+/// What an event does to a live run with its key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyedRoute {
+    /// Cancel the run (its `on_cancel` hook runs).
+    Cancel,
+    /// Deliver the event to it as a signal (kept until it waits for it).
+    Signal,
+}
+
+/// The signal name under which an event awaited by a run (matched by key)
+/// is delivered to it.
+pub fn event_signal(event: &str) -> String {
+    format!("event:{event}")
+}
