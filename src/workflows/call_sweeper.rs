@@ -86,7 +86,7 @@ pub async fn sweep_once(engine: &Arc<Engine>) -> Result<SweepReport, sqlx::Error
                JOIN wardcall.alerts a ON a.id = n.alert_id
               WHERE (n.status IN ('intent','requested','initiated','ringing','in-progress')
                      OR (n.status = 'unknown' AND n.ended_at IS NULL))
-                AND n.provider_id IS NOT NULL AND n.acknowledged_at IS NULL
+                AND n.provider_id IS NOT NULL AND n.acknowledged_at IS NULL AND n.channel = 'voice'
                 AND a.status IN ('acknowledged','cancelled')
                 AND (n.hangup_requested_at IS NULL
                      OR n.hangup_requested_at < clock_timestamp() - $1 * interval '1 millisecond')
@@ -127,7 +127,7 @@ pub async fn sweep_once(engine: &Arc<Engine>) -> Result<SweepReport, sqlx::Error
         "WITH due AS (
              SELECT id FROM wardcall.notification_attempts
               WHERE (status IN ('requested','initiated','ringing','in-progress') OR (status = 'unknown' AND ended_at IS NULL))
-                AND provider_id IS NOT NULL
+                AND provider_id IS NOT NULL AND channel = 'voice'
                 AND reconcile_after <= clock_timestamp()
               ORDER BY reconcile_after LIMIT 20 FOR UPDATE SKIP LOCKED)
          UPDATE wardcall.notification_attempts n

@@ -355,11 +355,12 @@ const ATTEMPT_COLUMNS: &str = "id, person_id, status, provider_id, answered_by,
      acknowledged_at IS NOT NULL AS acknowledged_at_set, declined_at IS NOT NULL AS declined_at_set,
      fencing_token, generation, destination, (extract(epoch FROM created_at) * 1000)::float8 AS created_ms";
 
-/// Each person's latest attempt (highest generation) at one escalation position.
+/// Each person's latest call attempt (highest generation) at one escalation
+/// position (text messages, the SMS fallback, are read by [`crate::notify::sms`]).
 async fn latest_attempts(conn: &mut PgConnection, run: Uuid, cycle: i32, step_index: i32) -> Result<Vec<Attempt>, sqlx::Error> {
     sqlx::query_as(&format!(
         "SELECT DISTINCT ON (person_id) {ATTEMPT_COLUMNS} FROM wardcall.notification_attempts
-          WHERE run_id = $1 AND cycle = $2 AND step_index = $3 ORDER BY person_id, generation DESC"
+          WHERE run_id = $1 AND cycle = $2 AND step_index = $3 AND channel = 'voice' ORDER BY person_id, generation DESC"
     ))
     .bind(run)
     .bind(cycle)
