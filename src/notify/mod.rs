@@ -9,6 +9,8 @@
 
 use serde::{Deserialize, Serialize};
 
+pub mod sms;
+
 /// The ways a recipient can be reached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

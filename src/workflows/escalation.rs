@@ -723,6 +723,12 @@ async fn evaluate_position(
         .and_then(Value::as_str)
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| StepError::Permanent(anyhow!("escalation state has no alert_id")))?;
+    // The SMS fallback of failed calls (its own intents and requests, before
+    // this evaluation's transaction).
+    let sms_fallback = policy.steps.get(step_index as usize).is_some_and(|s| s.sms_fallback);
+    if sms_fallback {
+        crate::notify::sms::send_fallbacks(&engine, ctx.run, alert_id, cycle, step_index).await?;
+    }
     let mut tx = engine.db.pool.begin().await?;
     if !lock_fenced(&mut tx, ctx.run.id, ctx.run.fencing_token).await? {
         return Err(StepError::LeaseLost);
@@ -736,7 +742,10 @@ async fn evaluate_position(
         return Ok(Transition::Complete);
     }
     let attempts = latest_attempts(&mut tx, ctx.run.id, cycle, step_index).await?;
-    let all_failed = !attempts.is_empty() && attempts.iter().all(Attempt::definitively_failed);
+    // A text that can still be answered keeps the step waiting for its timeout.
+    let all_failed = !attempts.is_empty()
+        && attempts.iter().all(Attempt::definitively_failed)
+        && !(sms_fallback && crate::notify::sms::fallback_pending(&mut tx, ctx.run.id, cycle, step_index).await?);
     let declined = attempts.iter().any(|a| a.declined_at_set);
     let now = jiff::Timestamp::now().as_millisecond();
     let deadline = ctx.state.get("step_deadline_ms").and_then(Value::as_i64).unwrap_or(now);

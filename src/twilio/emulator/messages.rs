@@ -1,0 +1,332 @@
+//! The emulator's Messages API: Twilio's Message resource contract
+//! (<https://www.twilio.com/docs/messaging/api/message-resource>) from
+//! Twilio's side.
+//!
+//! - `POST …/Messages.json` (create): `To`, `From` (E.164), `Body` (1 to
+//!   1,600 characters, else 400/21617; empty: 400/21602), optional
+//!   `StatusCallback`; answers 201 with the message resource, status `queued`.
+//! - `GET …/Messages/{Sid}.json` (fetch) and `GET …/Messages.json` (list,
+//!   filters `To`, `From`, `PageSize`; newest first; envelope key `messages`).
+//! - Delivery, by the recipient's [`SmsPersona`]: status callbacks `queued`,
+//!   `sent`, then `delivered` (or `undelivered` / `failed` with `ErrorCode`),
+//!   signed with `X-Twilio-Signature` and an `I-Twilio-Idempotency-Token`.
+//! - Replies: [`SmsPersona::Reply`] answers a delivered message after a
+//!   delay with an inbound message posted (signed) to the messaging webhook of
+//!   the number it was sent from ([`super::EmulatorHandle::set_messaging_webhook`]),
+//!   with Twilio's parameters (`MessageSid`, `SmsSid`, `AccountSid`, `From`,
+//!   `To`, `Body`, `NumMedia`, `SmsStatus=received`, `ApiVersion`).
+//!   [`super::EmulatorHandle::send_inbound`] sends any text the same way.
+//! - Fault mode: [`super::EmulatorHandle::set_message_create_refusal`] refuses
+//!   creates with a Twilio error (e.g. 21610, the recipient opted out).
+
+use super::*;
+
+/// How a text message's recipient behaves. Deserialises from e.g.
+/// `{"behaviour": "reply", "delay_ms": 500, "body": "1"}`.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(tag = "behaviour", rename_all = "snake_case")]
+pub enum SmsPersona {
+    /// The message is delivered (`queued` → `sent` → `delivered`); no reply.
+    Deliver,
+    /// Delivered, then `delay_ms` later the recipient replies `body`.
+    Reply { delay_ms: u64, body: String },
+    /// The carrier could not deliver it: `undelivered`, ErrorCode 30003
+    /// (unreachable destination handset).
+    Undelivered,
+    /// Twilio could not send it: `failed`, ErrorCode 30008 (unknown error).
+    Fail,
+}
+
+/// A message the API accepted, as the emulator saw it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EmulatedMessage {
+    /// `SM` + 32 lowercase hex digits.
+    pub sid: String,
+    pub to: String,
+    pub from: String,
+    /// The text as received.
+    pub body: String,
+    /// Current status (`queued`, `sent`, `delivered`, `undelivered`, `failed`).
+    pub status: String,
+    pub received_at: Instant,
+}
+
+pub(super) struct MessageRecord {
+    message: EmulatedMessage,
+    date_created: jiff::Timestamp,
+    error_code: Option<u32>,
+}
+
+/// The emulator's messaging state.
+#[derive(Default)]
+pub(super) struct MessageBook {
+    pub(super) personas: HashMap<String, SmsPersona>,
+    /// "A message comes in" webhook URL by Twilio number.
+    pub(super) webhooks: HashMap<String, String>,
+    /// Fault mode: refuse creates with (HTTP status, Twilio code).
+    pub(super) create_refusal: Option<(u16, u32)>,
+    records: Vec<MessageRecord>,
+}
+
+const DELIVERY_STEP: Duration = Duration::from_millis(50);
+
+pub(super) fn routes(router: Router<Arc<Inner>>) -> Router<Arc<Inner>> {
+    router
+        .route("/2010-04-01/Accounts/{account_sid}/Messages.json", post(create_message).get(list_messages))
+        .route("/2010-04-01/Accounts/{account_sid}/Messages/{message_sid}", axum::routing::get(fetch_message))
+}
+
+fn message_json(inner: &Inner, r: &MessageRecord) -> Value {
+    let m = &r.message;
+    json!({
+        "account_sid": inner.account_sid,
+        "api_version": API_VERSION,
+        "body": m.body,
+        "date_created": rfc2822(r.date_created),
+        "date_sent": null,
+        "date_updated": rfc2822(r.date_created),
+        "direction": "outbound-api",
+        "error_code": r.error_code,
+        "error_message": null,
+        "from": m.from,
+        "messaging_service_sid": null,
+        "num_media": "0",
+        "num_segments": ((m.body.chars().count().max(1) + 152) / 153).to_string(),
+        "price": null,
+        "price_unit": "USD",
+        "sid": m.sid,
+        "status": m.status,
+        "to": m.to,
+        "uri": format!("/{API_VERSION}/Accounts/{}/Messages/{}.json", inner.account_sid, m.sid),
+    })
+}
+
+fn check_account(inner: &Inner, account: Result<&str, ()>, uri: &Uri) -> Result<(), ApiError> {
+    match account {
+        Ok(a) if a == inner.account_sid => Ok(()),
+        _ => Err(not_found(uri.path())),
+    }
+}
+
+async fn create_message(
+    State(inner): State<Arc<Inner>>,
+    path: Result<Path<String>, PathRejection>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    inner.authenticate(&headers)?;
+    check_account(&inner, path.as_ref().map(|Path(a)| a.as_str()).map_err(|_| ()), &uri)?;
+    let Ok(params) = serde_urlencoded::from_bytes::<Vec<(String, String)>>(&body) else {
+        return Err(bad_request(21200, "The request body is not valid form encoding"));
+    };
+    let to = first(&params, "To").ok_or_else(|| bad_request(21604, "A 'To' phone number is required."))?;
+    if !is_e164(to) {
+        return Err(bad_request(21211, format!("Invalid 'To' Phone Number: {to}")));
+    }
+    let from = first(&params, "From").ok_or_else(|| bad_request(21603, "A 'From' phone number is required."))?;
+    if !is_e164(from) {
+        return Err(bad_request(21212, format!("Invalid From Number: {from}")));
+    }
+    let text = first(&params, "Body").ok_or_else(|| bad_request(21602, "Message body is required."))?;
+    if text.chars().count() > crate::twilio::messages::MAX_BODY_CHARS {
+        return Err(bad_request(21617, "The concatenated message body exceeds the 1600 character limit."));
+    }
+    let callback = match first(&params, "StatusCallback") {
+        Some(url) if !is_absolute_http_url(url) => return Err(bad_request(21609, "Invalid 'StatusCallback'")),
+        other => other.map(str::to_string),
+    };
+    let (persona, record_json, sid) = {
+        let mut book = lock(&inner.messages);
+        if let Some((status, code)) = book.create_refusal {
+            return Err(twilio_error(StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST), code, "Message refused (emulator fault mode)"));
+        }
+        let sid = format!("SM{}", uuid::Uuid::new_v4().simple());
+        let record = MessageRecord {
+            message: EmulatedMessage {
+                sid: sid.clone(),
+                to: to.to_string(),
+                from: from.to_string(),
+                body: text.to_string(),
+                status: "queued".into(),
+                received_at: Instant::now(),
+            },
+            date_created: jiff::Timestamp::now(),
+            error_code: None,
+        };
+        let json = message_json(&inner, &record);
+        book.records.push(record);
+        (book.personas.get(to).cloned().unwrap_or(SmsPersona::Deliver), json, sid)
+    };
+    inner.emit(EmulatorEvent::MessageCreated { sid: sid.clone(), to: to.to_string() });
+    let task = deliver(inner.clone(), sid, persona, callback);
+    {
+        let mut tasks = lock(&inner.tasks);
+        while tasks.try_join_next().is_some() {}
+        tasks.spawn(task);
+    }
+    let faults = lock(&inner.state).faults.clone();
+    if !faults.create_response_delay.is_zero() {
+        sleep(faults.create_response_delay).await;
+    }
+    Ok((StatusCode::CREATED, Json(record_json)).into_response())
+}
+
+/// Plays a message's delivery: status callbacks, then the persona's reply.
+async fn deliver(inner: Arc<Inner>, sid: String, persona: SmsPersona, callback: Option<String>) {
+    let (final_status, error_code) = match &persona {
+        SmsPersona::Undelivered => ("undelivered", Some(30003)),
+        SmsPersona::Fail => ("failed", Some(30008)),
+        _ => ("delivered", None),
+    };
+    let steps: &[&str] = if final_status == "failed" { &["queued"] } else { &["queued", "sent"] };
+    for status in steps.iter().copied().chain([final_status]) {
+        sleep(DELIVERY_STEP).await;
+        let (to, from) = {
+            let mut book = lock(&inner.messages);
+            let Some(r) = book.records.iter_mut().find(|r| r.message.sid == sid) else { return };
+            r.message.status = status.to_string();
+            if status == final_status {
+                r.error_code = error_code;
+            }
+            (r.message.to.clone(), r.message.from.clone())
+        };
+        if let Some(url) = &callback {
+            let mut params = vec![
+                ("MessageSid".to_string(), sid.clone()),
+                ("SmsSid".to_string(), sid.clone()),
+                ("AccountSid".to_string(), inner.account_sid.clone()),
+                ("From".to_string(), from),
+                ("To".to_string(), to),
+                ("MessageStatus".to_string(), status.to_string()),
+                ("SmsStatus".to_string(), status.to_string()),
+                ("ApiVersion".to_string(), API_VERSION.to_string()),
+            ];
+            if let (true, Some(code)) = (status == final_status, error_code) {
+                params.push(("ErrorCode".to_string(), code.to_string()));
+            }
+            let http_status = post_signed(&inner, url, &params).await;
+            inner.emit(EmulatorEvent::MessageCallbackSent { sid: sid.clone(), message_status: status.to_string(), status: http_status });
+        }
+    }
+    if let SmsPersona::Reply { delay_ms, body } = persona {
+        sleep(Duration::from_millis(delay_ms)).await;
+        let (to, from) = {
+            let book = lock(&inner.messages);
+            let Some(r) = book.records.iter().find(|r| r.message.sid == sid) else { return };
+            (r.message.to.clone(), r.message.from.clone())
+        };
+        // The recipient answers: from their number, to ours.
+        send_inbound(&inner, &to, &from, &body).await;
+    }
+}
+
+/// Posts an inbound message from `from` to the Twilio number `to`, at `to`'s
+/// messaging webhook; returns the engine's HTTP status (`None`: no webhook
+/// configured for `to`, or no answer).
+pub(super) async fn send_inbound(inner: &Arc<Inner>, from: &str, to: &str, body: &str) -> Option<u16> {
+    let url = lock(&inner.messages).webhooks.get(to).cloned()?;
+    let sid = format!("SM{}", uuid::Uuid::new_v4().simple());
+    let params = vec![
+        ("ToCountry".to_string(), "US".to_string()),
+        ("SmsMessageSid".to_string(), sid.clone()),
+        ("NumMedia".to_string(), "0".to_string()),
+        ("SmsSid".to_string(), sid.clone()),
+        ("SmsStatus".to_string(), "received".to_string()),
+        ("Body".to_string(), body.to_string()),
+        ("To".to_string(), to.to_string()),
+        ("NumSegments".to_string(), "1".to_string()),
+        ("MessageSid".to_string(), sid.clone()),
+        ("AccountSid".to_string(), inner.account_sid.clone()),
+        ("From".to_string(), from.to_string()),
+        ("ApiVersion".to_string(), API_VERSION.to_string()),
+    ];
+    let status = post_signed(inner, &url, &params).await;
+    inner.emit(EmulatorEvent::InboundMessageSent { sid, status });
+    status
+}
+
+/// One signed webhook POST (the signature covers the URL as configured,
+/// fragment included; the request goes to the URL without it), retried up
+/// to three times on a connect failure or a 5xx, as Twilio retries per the
+/// URL's connection overrides.
+async fn post_signed(inner: &Inner, url: &str, params: &[(String, String)]) -> Option<u16> {
+    let request_url = url.split_once('#').map_or(url, |(u, _)| u);
+    let signature = compute_signature(&inner.auth_token, url, params);
+    let token = uuid::Uuid::new_v4().to_string();
+    let mut last = None;
+    for attempt in 0..4u32 {
+        if attempt > 0 {
+            sleep(Duration::from_millis(250 << attempt)).await;
+        }
+        let result = inner
+            .http
+            .post(request_url)
+            .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .header(SIGNATURE_HEADER, &signature)
+            .header("I-Twilio-Idempotency-Token", &token)
+            .header(header::USER_AGENT, "TwilioProxy/1.1")
+            .body(serde_urlencoded::to_string(params).unwrap_or_default())
+            .send()
+            .await;
+        match result {
+            Ok(r) if r.status().is_server_error() => last = Some(r.status().as_u16()),
+            Ok(r) => return Some(r.status().as_u16()),
+            Err(e) if e.is_connect() => last = None,
+            Err(_) => return None,
+        }
+    }
+    last
+}
+
+async fn fetch_message(
+    State(inner): State<Arc<Inner>>,
+    path: Result<Path<(String, String)>, PathRejection>,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    inner.authenticate(&headers)?;
+    let Ok(Path((account, segment))) = path else { return Err(not_found(uri.path())) };
+    check_account(&inner, Ok(account.as_str()), &uri)?;
+    let sid = segment.strip_suffix(".json").unwrap_or(&segment);
+    let book = lock(&inner.messages);
+    let r = book.records.iter().find(|r| r.message.sid == sid).ok_or_else(|| not_found(uri.path()))?;
+    Ok(Json(message_json(&inner, r)).into_response())
+}
+
+async fn list_messages(State(inner): State<Arc<Inner>>, path: Result<Path<String>, PathRejection>, uri: Uri, headers: HeaderMap) -> Result<Response, ApiError> {
+    inner.authenticate(&headers)?;
+    check_account(&inner, path.as_ref().map(|Path(a)| a.as_str()).map_err(|_| ()), &uri)?;
+    let query: Vec<(String, String)> = serde_urlencoded::from_str(uri.query().unwrap_or("")).unwrap_or_default();
+    let page_size = match first(&query, "PageSize") {
+        None => 50,
+        Some(n) => match n.parse::<usize>() {
+            Ok(n) if (1..=1000).contains(&n) => n,
+            _ => return Err(bad_request(20001, "PageSize must be between 1 and 1000")),
+        },
+    };
+    let (to, from) = (first(&query, "To"), first(&query, "From"));
+    let book = lock(&inner.messages);
+    let mut matching: Vec<&MessageRecord> =
+        book.records.iter().filter(|r| to.map_or(true, |t| r.message.to == t)).filter(|r| from.map_or(true, |f| r.message.from == f)).collect();
+    matching.sort_by_key(|r| std::cmp::Reverse(r.date_created));
+    let messages: Vec<Value> = matching.into_iter().take(page_size).map(|r| message_json(&inner, r)).collect();
+    let page_uri = format!("/{API_VERSION}/Accounts/{}/Messages.json?PageSize={page_size}&Page=0", inner.account_sid);
+    Ok(Json(json!({
+        "end": messages.len().saturating_sub(1),
+        "first_page_uri": page_uri,
+        "next_page_uri": null,
+        "page": 0,
+        "page_size": page_size,
+        "previous_page_uri": null,
+        "start": 0,
+        "uri": page_uri,
+        "messages": messages,
+    }))
+    .into_response())
+}
+
+/// Every message the API accepted, in arrival order.
+pub(super) fn all(inner: &Inner) -> Vec<EmulatedMessage> {
+    lock(&inner.messages).records.iter().map(|r| r.message.clone()).collect()
+}
