@@ -101,7 +101,11 @@ async fn latest_sms_attempts(conn: &mut PgConnection, pos: Position<'_>) -> Resu
 ///
 /// Errors: Twilio's message list cannot be read (the step retries; nothing
 /// is sent meanwhile).
-async fn reconcile(engine: &Arc<Engine>, attempts: &[SmsAttempt], body_of: impl Fn(&SmsAttempt) -> String) -> Result<Vec<(Uuid, Option<MessageResource>)>, StepError> {
+async fn reconcile(
+    engine: &Arc<Engine>,
+    attempts: &[SmsAttempt],
+    body_of: impl Fn(&SmsAttempt) -> String,
+) -> Result<Vec<(Uuid, Option<MessageResource>)>, StepError> {
     let twilio = engine.providers.twilio.as_ref().ok_or_else(|| StepError::Permanent(anyhow!("no Twilio provider configured")))?;
     let mut found = Vec::new();
     for a in attempts.iter().filter(|a| a.ambiguous()) {
@@ -322,8 +326,17 @@ async fn record_result(engine: &Arc<Engine>, o: &Outgoing, result: &Result<Messa
         }
         Err(e) if e.is_retryable() || matches!(e, TwilioError::Api { http_status: 401 | 403, .. } | TwilioError::Decode(_)) => {
             tracing::error!(attempt = %o.attempt_id, error = %e, "text message could not be sent or its outcome is unknown; retrying the step after reconciling with the provider");
-            audit::record(&mut tx, Entity::NotificationAttempt, &id_text, "attempt.provider_error", None, None, actor, json!({"error": e.to_string(), "retry": true}))
-                .await?;
+            audit::record(
+                &mut tx,
+                Entity::NotificationAttempt,
+                &id_text,
+                "attempt.provider_error",
+                None,
+                None,
+                actor,
+                json!({"error": e.to_string(), "retry": true}),
+            )
+            .await?;
             Some(format!("Twilio create-message failed: {e}"))
         }
         Err(e) => {
@@ -337,8 +350,17 @@ async fn record_result(engine: &Arc<Engine>, o: &Outgoing, result: &Result<Messa
             .execute(&mut *tx)
             .await?;
             if failed.rows_affected() == 1 {
-                audit::record(&mut tx, Entity::NotificationAttempt, &id_text, "attempt.failed", Some("intent"), Some("failed"), actor, json!({"error": e.to_string()}))
-                    .await?;
+                audit::record(
+                    &mut tx,
+                    Entity::NotificationAttempt,
+                    &id_text,
+                    "attempt.failed",
+                    Some("intent"),
+                    Some("failed"),
+                    actor,
+                    json!({"error": e.to_string()}),
+                )
+                .await?;
             }
             None
         }
@@ -390,8 +412,17 @@ pub async fn send_one_way(engine: &Arc<Engine>, run: &ClaimedRun, step_key: &str
         }
         let Some(to) = r.address(Channel::Sms) else {
             tracing::warn!(run = %run.id, step = %step_key, recipient = %r.id, "recipient has no SMS number; skipped");
-            audit::record(&mut tx, Entity::Run, &run.id.to_string(), "notify.no_address", None, None, &actor, json!({"step_key": step_key, "recipient": r.id, "channel": "sms"}))
-                .await?;
+            audit::record(
+                &mut tx,
+                Entity::Run,
+                &run.id.to_string(),
+                "notify.no_address",
+                None,
+                None,
+                &actor,
+                json!({"step_key": step_key, "recipient": r.id, "channel": "sms"}),
+            )
+            .await?;
             continue;
         };
         let latest = existing.iter().find(|a| a.person_id == r.id);
@@ -498,6 +529,15 @@ pub async fn send_fallbacks(engine: &Arc<Engine>, run: &ClaimedRun, alert_id: Uu
     }
     tx.commit().await?;
     send_and_record(engine, outgoing, &actor).await
+}
+
+/// Whether a person's call at the position failed and they have not been
+/// texted there yet (the fallback is due; [`send_fallbacks`] sends it).
+pub async fn fallback_due(conn: &mut PgConnection, run: Uuid, cycle: i32, step_index: i32) -> Result<bool, sqlx::Error> {
+    let pos = Position { run, step_key: "", cycle, step_index };
+    let calls = call_attempts(&mut *conn, pos).await?;
+    let texted = latest_sms_attempts(&mut *conn, pos).await?;
+    Ok(calls.iter().any(|c| c.failed() && !texted.iter().any(|t| t.person_id == c.person_id)))
 }
 
 /// Whether a text message at the position can still be answered: sent (or

@@ -289,7 +289,7 @@ impl EmulatorHandle {
         lock(&self.inner.state).faults.twiml_limit = limit;
     }
 
-    /// Fault mode: status callbacks of calls to `number` (E.164) are lost
+    /// Fault mode: status callbacks of calls and text messages to `number` (E.164) are lost
     /// from now on (`lost = true`) or delivered again (`false`). The calls
     /// themselves go on, and can be fetched through the API.
     pub fn set_status_callbacks_lost(&self, number: &str, lost: bool) {

@@ -163,8 +163,7 @@ impl TwilioClient {
             tracing::warn!(http_status = status, code = ?error_code(&err), "Twilio refused to create a message");
             return Err(err);
         }
-        let message: MessageResource =
-            serde_json::from_slice(&body).map_err(|e| TwilioError::Decode(format!("message resource (HTTP {status}): {e}")))?;
+        let message: MessageResource = serde_json::from_slice(&body).map_err(|e| TwilioError::Decode(format!("message resource (HTTP {status}): {e}")))?;
         tracing::debug!(message_sid = %message.sid, status = %message.status, "Twilio message created");
         Ok(message)
     }

@@ -299,8 +299,11 @@ pub async fn apply_keypress(
         return Ok(match first_response.as_str() {
             "" => twiml::say_and_hangup("Goodbye."),
             REPLAY_MESSAGE_MARKER => {
-                let message: String =
-                    sqlx::query_scalar("SELECT message FROM wardcall.alerts WHERE id = $1").bind(row.alert_id).fetch_optional(&engine.db.pool).await?.unwrap_or_default();
+                let message: String = sqlx::query_scalar("SELECT message FROM wardcall.alerts WHERE id = $1")
+                    .bind(row.alert_id)
+                    .fetch_optional(&engine.db.pool)
+                    .await?
+                    .unwrap_or_default();
                 replay_message_twiml(engine, attempt, &message)
             }
             _ => first_response,
@@ -401,11 +404,17 @@ async fn acknowledge_in(engine: &Arc<Engine>, tx: &mut PgConnection, ack: Acknow
     .bind(ack.via.as_str())
     .execute(&mut *tx)
     .await?;
-    let answered = if ack.via == Channel::Voice { ", answered_at = coalesce(answered_at, clock_timestamp())" } else { ", replied_at = coalesce(replied_at, clock_timestamp())" };
-    sqlx::query(&format!("UPDATE wardcall.notification_attempts SET acknowledged_at = clock_timestamp(){answered}, updated_at = clock_timestamp() WHERE id = $1"))
-        .bind(ack.attempt)
-        .execute(&mut *tx)
-        .await?;
+    let answered = if ack.via == Channel::Voice {
+        ", answered_at = coalesce(answered_at, clock_timestamp())"
+    } else {
+        ", replied_at = coalesce(replied_at, clock_timestamp())"
+    };
+    sqlx::query(&format!(
+        "UPDATE wardcall.notification_attempts SET acknowledged_at = clock_timestamp(){answered}, updated_at = clock_timestamp() WHERE id = $1"
+    ))
+    .bind(ack.attempt)
+    .execute(&mut *tx)
+    .await?;
     let mut detail = detail;
     detail["attempt"] = json!(ack.attempt);
     detail["channel"] = json!(ack.via.as_str());
@@ -484,7 +493,8 @@ pub async fn apply_message_status(
         tx.rollback().await?;
         return Ok(());
     }
-    let error = error_code.filter(|c| !c.is_empty() && message_status != "delivered").map(|c| format!("Twilio error {}", c.chars().take(10).collect::<String>()));
+    let error =
+        error_code.filter(|c| !c.is_empty() && message_status != "delivered").map(|c| format!("Twilio error {}", c.chars().take(10).collect::<String>()));
     let ended = if new_rank >= 6 { ", ended_at = coalesce(ended_at, clock_timestamp())" } else { "" };
     sqlx::query(&format!(
         "UPDATE wardcall.notification_attempts SET status = $2, error = coalesce($3, error){ended}, updated_at = clock_timestamp() WHERE id = $1"

@@ -741,6 +741,12 @@ async fn evaluate_position(
         }
         return Ok(Transition::Complete);
     }
+    if sms_fallback && crate::notify::sms::fallback_due(&mut tx, ctx.run.id, cycle, step_index).await? {
+        // A call failed after the fallback was looked at: evaluate again at
+        // once, which sends its text.
+        tx.commit().await?;
+        return Ok(Transition::Next { step: "await".into() });
+    }
     let attempts = latest_attempts(&mut tx, ctx.run.id, cycle, step_index).await?;
     // A text that can still be answered keeps the step waiting for its timeout.
     let all_failed = !attempts.is_empty()

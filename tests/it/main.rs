@@ -24,6 +24,7 @@ mod harness;
 mod http_surface;
 mod privacy_cluster;
 mod runtime_resilience;
+mod sms;
 
 use libtest_mimic::{Arguments, Trial};
 
@@ -51,5 +52,6 @@ fn all_tests() -> Vec<Trial> {
     t.extend(config_checks::tests());
     t.extend(runtime_resilience::tests());
     t.extend(http_surface::tests());
+    t.extend(sms::tests());
     t
 }

@@ -16,8 +16,11 @@
 //!   with Twilio's parameters (`MessageSid`, `SmsSid`, `AccountSid`, `From`,
 //!   `To`, `Body`, `NumMedia`, `SmsStatus=received`, `ApiVersion`).
 //!   [`super::EmulatorHandle::send_inbound`] sends any text the same way.
-//! - Fault mode: [`super::EmulatorHandle::set_message_create_refusal`] refuses
-//!   creates with a Twilio error (e.g. 21610, the recipient opted out).
+//! - Fault modes: [`super::EmulatorHandle::set_message_create_refusal`] refuses
+//!   creates with a Twilio error (e.g. 21610, the recipient opted out);
+//!   [`super::EmulatorHandle::set_create_response_delay`] answers creates late
+//!   (the message is sent at once); [`super::EmulatorHandle::set_status_callbacks_lost`]
+//!   loses the status callbacks of messages to a number too.
 
 use super::*;
 
@@ -68,7 +71,8 @@ pub(super) struct MessageBook {
     records: Vec<MessageRecord>,
 }
 
-const DELIVERY_STEP: Duration = Duration::from_millis(50);
+/// Time between a message's status changes.
+const DELIVERY_STEP: Duration = Duration::from_millis(100);
 
 pub(super) fn routes(router: Router<Arc<Inner>>) -> Router<Arc<Inner>> {
     router
@@ -191,7 +195,8 @@ async fn deliver(inner: Arc<Inner>, sid: String, persona: SmsPersona, callback: 
             }
             (r.message.to.clone(), r.message.from.clone())
         };
-        if let Some(url) = &callback {
+        let lost = lock(&inner.state).faults.lost_status_callbacks.contains(&to);
+        if let (Some(url), false) = (&callback, lost) {
             let mut params = vec![
                 ("MessageSid".to_string(), sid.clone()),
                 ("SmsSid".to_string(), sid.clone()),
