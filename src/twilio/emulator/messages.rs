@@ -95,7 +95,7 @@ fn message_json(inner: &Inner, r: &MessageRecord) -> Value {
         "from": m.from,
         "messaging_service_sid": null,
         "num_media": "0",
-        "num_segments": ((m.body.chars().count().max(1) + 152) / 153).to_string(),
+        "num_segments": m.body.chars().count().max(1).div_ceil(153).to_string(),
         "price": null,
         "price_unit": "USD",
         "sid": m.sid,
