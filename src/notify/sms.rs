@@ -36,6 +36,10 @@ use uuid::Uuid;
 /// `date_created` has whole seconds, and clocks differ a little.
 const RECONCILE_CLOCK_SLACK_MS: f64 = 2_000.0;
 
+/// How long after its intent a text message without a final status is
+/// fetched from Twilio (and how often after that, for a day).
+pub const MESSAGE_RECONCILE_AFTER: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// How long recording a create-message result is retried (ms) before the step
 /// gives up on it (the intent is then reconciled from the message list).
 const RECORD_RETRY_BUDGET_MS: u64 = 30_000;
@@ -219,8 +223,9 @@ async fn insert_intent(
 ) -> Result<Uuid, sqlx::Error> {
     let id: Uuid = sqlx::query_scalar(
         "INSERT INTO wardcall.notification_attempts
-             (alert_id, run_id, step_key, cycle, step_index, person_id, generation, channel, destination, provider, status, fencing_token)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, 'sms', $8, 'twilio', 'intent', $9)
+             (alert_id, run_id, step_key, cycle, step_index, person_id, generation, channel, destination, provider, status, fencing_token,
+              reconcile_after)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, 'sms', $8, 'twilio', 'intent', $9, clock_timestamp() + $10 * interval '1 millisecond')
          RETURNING id",
     )
     .bind(alert_id)
@@ -232,6 +237,7 @@ async fn insert_intent(
     .bind(generation)
     .bind(to)
     .bind(run.fencing_token)
+    .bind(MESSAGE_RECONCILE_AFTER.as_millis() as i64)
     .fetch_one(&mut *tx)
     .await?;
     audit::record(
@@ -556,4 +562,45 @@ pub async fn fallback_pending(conn: &mut PgConnection, run: Uuid, cycle: i32, st
     .fetch_all(conn)
     .await?;
     Ok(statuses.iter().any(|s| !FAILED_MESSAGE_STATUSES.contains(&s.as_str())))
+}
+
+/// For the call sweeper: text messages sent within the last day whose final
+/// status has not arrived [`MESSAGE_RECONCILE_AFTER`] after their intent are
+/// fetched from Twilio ("Fetch a Message") and their status applied as a
+/// callback's would be (monotonic), at most 20 per sweep, each again after
+/// the same interval. Returns how many were fetched. Provider errors are
+/// logged and retried at the next interval.
+///
+/// Errors: a database error.
+pub async fn reconcile_messages(engine: &Arc<Engine>) -> Result<usize, sqlx::Error> {
+    let Some(twilio) = engine.providers.twilio.as_ref() else { return Ok(0) };
+    let actor = format!("reconciler:{}", engine.engine_id);
+    let due: Vec<(Uuid, String)> = sqlx::query_as(
+        "WITH due AS (
+             SELECT id FROM wardcall.notification_attempts
+              WHERE channel = 'sms' AND provider_id IS NOT NULL
+                AND status IN ('requested','accepted','scheduled','queued','sending','sent')
+                AND reconcile_after <= clock_timestamp() AND created_at > clock_timestamp() - interval '1 day'
+              ORDER BY reconcile_after LIMIT 20 FOR UPDATE SKIP LOCKED)
+         UPDATE wardcall.notification_attempts n SET reconcile_after = clock_timestamp() + $1 * interval '1 millisecond'
+           FROM due WHERE n.id = due.id RETURNING n.id, n.provider_id",
+    )
+    .bind(MESSAGE_RECONCILE_AFTER.as_millis() as i64)
+    .fetch_all(&engine.db.pool)
+    .await?;
+    for (id, sid) in &due {
+        match twilio.client.fetch_message(sid).await {
+            Ok(m) => {
+                let delivery = crate::workflows::call_events::Delivery { provider: "twilio", idempotency_token: None };
+                let code = m.error_code.map(|c| c.to_string());
+                match crate::workflows::call_events::apply_message_status(engine, delivery, *id, Some(sid), &m.status, code.as_deref(), &actor).await {
+                    Ok(()) => {}
+                    Err(crate::workflows::call_events::CallEventError::Db(e)) => return Err(e),
+                    Err(e) => tracing::warn!(attempt = %id, error = %e, "reconciling a text message failed"),
+                }
+            }
+            Err(e) => tracing::warn!(attempt = %id, message_sid = %sid, error = %e, "fetching a text message to reconcile it failed; will try again"),
+        }
+    }
+    Ok(due.len())
 }

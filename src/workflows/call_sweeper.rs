@@ -153,6 +153,8 @@ pub async fn sweep_once(engine: &Arc<Engine>) -> Result<SweepReport, sqlx::Error
         }
     }
     report.fetched = overdue.len();
+    // Text messages whose final status never came.
+    report.fetched += crate::notify::sms::reconcile_messages(engine).await?;
 
     // 3. Intents never confirmed whose run is over: nothing will place or
     //    reconcile them any more.

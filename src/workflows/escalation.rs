@@ -443,7 +443,7 @@ async fn reconcile_ambiguous(
         // again rather than risk taking another attempt's call.
         let rivals: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM wardcall.notification_attempts
-              WHERE destination = $1 AND id <> $2 AND status IN ('intent','unknown') AND provider_id IS NULL
+              WHERE destination = $1 AND id <> $2 AND channel = 'voice' AND status IN ('intent','unknown') AND provider_id IS NULL
                 AND created_at > clock_timestamp() - interval '1 hour'",
         )
         .bind(&a.destination)
@@ -831,7 +831,7 @@ async fn evaluate_position(
 async fn end_ringing_calls(ctx: &StepContext<'_>, alert_id: Uuid) {
     let sids: Vec<String> = sqlx::query_scalar(
         "SELECT provider_id FROM wardcall.notification_attempts
-          WHERE alert_id = $1 AND provider_id IS NOT NULL AND acknowledged_at IS NULL
+          WHERE alert_id = $1 AND provider_id IS NOT NULL AND acknowledged_at IS NULL AND channel = 'voice'
             AND status IN ('requested','initiated','ringing','in-progress')",
     )
     .bind(alert_id)

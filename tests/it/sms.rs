@@ -371,13 +371,20 @@ pub async fn one_way_notify_sends_once_per_recipient_even_when_rerun() {
     assert_eq!(h.db.scalar_i64("SELECT count(*) FROM wardcall.audit_log WHERE action = 'attempt.reconciled'").await, 2);
     assert_eq!(h.db.scalar_i64("SELECT count(*) FROM wardcall.audit_log WHERE action = 'notify.no_address'").await, 3, "n3 skipped on each execution");
     assert_eq!(h.db.scalar_i64("SELECT count(*) FROM wardcall.message_log WHERE step_key = 'warn' AND alert_id IS NULL").await, 2, "SIDs recorded");
-    // Another step of the same run sends again; delivery is tracked by the status callbacks.
-    h.emulator.set_status_callbacks_lost(NURSE_A, false);
+    // Another step of the same run sends again. Its status callbacks are
+    // lost too: the call sweeper fetches the message once it is due.
     wardcall::notify::sms::send_one_way(&engine, &rerun, "breach", &recipients[..1], "SLA breach: task 42.").await.unwrap();
     assert_eq!(h.emulator.messages().len(), 3);
+    await_some("the emulator to deliver the breach message", Duration::from_secs(10), || async {
+        h.emulator.messages().iter().any(|m| m.body == "SLA breach: task 42." && m.status == "delivered").then_some(())
+    })
+    .await;
+    assert_eq!(h.db.scalar_i64("SELECT count(*) FROM wardcall.message_log WHERE step_key = 'breach' AND message_status = 'queued'").await, 1);
+    h.db.exec("UPDATE wardcall.notification_attempts SET reconcile_after = now() WHERE step_key = 'breach'").await;
+    wardcall::notify::sms::reconcile_messages(&engine).await.unwrap();
     await_true(
         &h.db,
-        "the breach message delivered",
+        "the breach message reconciled as delivered",
         Duration::from_secs(10),
         "SELECT count(*) = 1 FROM wardcall.message_log WHERE step_key = 'breach' AND delivered",
     )
