@@ -335,3 +335,95 @@ async fn list_messages(State(inner): State<Arc<Inner>>, path: Result<Path<String
 pub(super) fn all(inner: &Inner) -> Vec<EmulatedMessage> {
     lock(&inner.messages).records.iter().map(|r| r.message.clone()).collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::{EmulatorConfig, Persona, TwilioEmulator};
+    use super::SmsPersona;
+    use crate::twilio::client::{TwilioClient, TwilioError};
+    use crate::twilio::messages::CreateMessageRequest;
+    use crate::twilio::signature::verify_signature;
+    use axum::extract::State;
+    use axum::http::{HeaderMap, Uri};
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    const ACCOUNT: &str = "AC0123456789abcdef0123456789abcdef";
+    const TOKEN: &str = "emulator-test-auth-token";
+    const FROM: &str = "+15005550006";
+    const NURSE: &str = "+15551230001";
+
+    type Hits = Arc<Mutex<Vec<(String, Vec<(String, String)>, bool)>>>;
+
+    /// An engine stand-in recording every webhook (path, params, signature valid).
+    async fn receiver() -> (String, Hits) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let hits: Hits = Arc::default();
+        let state = (base.clone(), hits.clone());
+        let app = axum::Router::new()
+            .fallback(|State((base, hits)): State<(String, Hits)>, uri: Uri, headers: HeaderMap, body: axum::body::Bytes| async move {
+                let url = format!("{base}{}", uri.path_and_query().map_or("/", |p| p.as_str()));
+                let params: Vec<(String, String)> = serde_urlencoded::from_bytes(&body).unwrap();
+                let sig = headers.get("x-twilio-signature").and_then(|v| v.to_str().ok()).unwrap_or("");
+                let ok = verify_signature(TOKEN, &url, &params, sig);
+                hits.lock().unwrap().push((uri.path().to_string(), params, ok));
+                "<Response/>"
+            })
+            .with_state(state);
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        (base, hits)
+    }
+
+    #[tokio::test]
+    async fn messages_contract_delivery_and_reply() {
+        let emu = TwilioEmulator::start(
+            EmulatorConfig { account_sid: ACCOUNT.into(), auth_token: TOKEN.into(), personas: Default::default(), default_persona: Persona::NoAnswer },
+            tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        )
+        .await
+        .unwrap();
+        let (base, hits) = receiver().await;
+        emu.set_sms_persona(NURSE, SmsPersona::Reply { delay_ms: 10, body: "1".into() });
+        emu.set_messaging_webhook(FROM, &format!("{base}/sms"));
+        let client = TwilioClient::new(reqwest::Client::new(), &emu.base_url(), ACCOUNT, TOKEN);
+        let req = CreateMessageRequest { to: NURSE.into(), from: FROM.into(), body: "Alert.".into(), status_callback: format!("{base}/status?attempt=1") };
+        let created = client.create_message(&req).await.unwrap();
+        assert!(created.sid.starts_with("SM") && created.sid.len() == 34, "{}", created.sid);
+        assert_eq!(created.status, "queued");
+        // Delivery callbacks, then the reply to the messaging webhook, all signed.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while hits.lock().unwrap().len() < 4 {
+            assert!(std::time::Instant::now() < deadline, "webhooks: {:?}", hits.lock().unwrap());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let hits = hits.lock().unwrap().clone();
+        assert!(hits.iter().all(|h| h.2), "every webhook is signed");
+        let get = |p: &[(String, String)], k: &str| p.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()).unwrap_or_default();
+        let statuses: Vec<String> = hits.iter().filter(|h| h.0 == "/status").map(|h| get(&h.1, "MessageStatus")).collect();
+        assert_eq!(statuses, ["queued", "sent", "delivered"]);
+        let reply = hits.iter().find(|h| h.0 == "/sms").expect("a reply");
+        assert_eq!((get(&reply.1, "From"), get(&reply.1, "To"), get(&reply.1, "Body")), (NURSE.to_string(), FROM.to_string(), "1".to_string()));
+        // Fetch and list.
+        let fetched = client.fetch_message(&created.sid).await.unwrap();
+        assert_eq!(fetched.status, "delivered");
+        assert_eq!(fetched.body.as_deref(), Some("Alert."));
+        let listed = client.list_messages_to(NURSE, 20).await.unwrap();
+        assert_eq!(listed.len(), 1);
+        assert!(client.list_messages_to("+15551230002", 20).await.unwrap().is_empty());
+        // Refusals are typed: too long, invalid number, a fault mode, an outage.
+        let long = CreateMessageRequest { body: "x".repeat(1601), ..req.clone() };
+        assert!(matches!(client.create_message(&long).await, Err(TwilioError::Api { http_status: 400, code: Some(21617), .. })));
+        let bad_to = CreateMessageRequest { to: "12345".into(), ..req.clone() };
+        assert!(matches!(client.create_message(&bad_to).await, Err(TwilioError::Api { http_status: 400, code: Some(21211), .. })));
+        emu.set_message_create_refusal(Some((400, 21610)));
+        let e = client.create_message(&req).await.unwrap_err();
+        assert!(matches!(e, TwilioError::Api { code: Some(21610), .. }) && !e.is_retryable());
+        emu.set_message_create_refusal(Some((503, 20500)));
+        assert!(client.create_message(&req).await.unwrap_err().is_retryable());
+        assert!(matches!(client.fetch_message("SM0").await, Err(TwilioError::Api { http_status: 404, .. })));
+        emu.shutdown().await;
+    }
+}
