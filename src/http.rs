@@ -34,10 +34,10 @@
 //! `GET /healthz` is served on every listener.
 
 use crate::config::{Config, HttpConfig};
+use crate::notify::acknowledgement::{self, CallEventError, Delivery};
 use crate::runtime::{store, Engine};
 use crate::twilio::callback::signed_url_candidates;
 use crate::twilio::signature;
-use crate::workflows::call_events::{self, CallEventError, Delivery};
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
@@ -465,7 +465,7 @@ fn twiml_response(body: String) -> Response {
 }
 
 /// Twilio's webhooks: verified, parsed, and handed to
-/// [`crate::workflows::call_events`], where their meaning lives.
+/// [`crate::notify::acknowledgement`], where their meaning lives.
 async fn twilio_webhook(
     State(engine): State<Arc<Engine>>,
     Path(kind): Path<String>,
@@ -500,13 +500,13 @@ async fn twilio_webhook(
     let actor = "webhook:twilio";
     let handled = async {
         match kind.as_str() {
-            "status" => call_events::apply_status(&engine, delivery, attempt, get("CallSid"), get("CallStatus").unwrap_or(""), get("AnsweredBy"), actor)
+            "status" => acknowledgement::apply_status(&engine, delivery, attempt, get("CallSid"), get("CallStatus").unwrap_or(""), get("AnsweredBy"), actor)
                 .await
                 .map(|_| Some(twiml_response(EMPTY_TWIML.to_string()))),
-            "amd" => call_events::apply_amd(&engine, delivery, attempt, get("CallSid"), get("AnsweredBy").unwrap_or("unknown"), actor)
+            "amd" => acknowledgement::apply_amd(&engine, delivery, attempt, get("CallSid"), get("AnsweredBy").unwrap_or("unknown"), actor)
                 .await
                 .map(|_| Some(twiml_response(EMPTY_TWIML.to_string()))),
-            "sms-status" => call_events::apply_message_status(
+            "sms-status" => acknowledgement::apply_message_status(
                 &engine,
                 delivery,
                 attempt,
@@ -518,7 +518,7 @@ async fn twilio_webhook(
             .await
             .map(|_| Some(twiml_response(EMPTY_TWIML.to_string()))),
             "gather" => {
-                call_events::apply_keypress(&engine, delivery, attempt, get("CallSid"), get("Digits").unwrap_or("")).await.map(|t| Some(twiml_response(t)))
+                acknowledgement::apply_keypress(&engine, delivery, attempt, get("CallSid"), get("Digits").unwrap_or("")).await.map(|t| Some(twiml_response(t)))
             }
             _ => Ok(None),
         }
@@ -539,14 +539,14 @@ async fn twilio_webhook(
 }
 
 /// An inbound text message (Twilio's "A message comes in" webhook, already
-/// verified): handed to [`call_events::apply_reply`]. Answers an empty TwiML
+/// verified): handed to [`acknowledgement::apply_reply`]. Answers an empty TwiML
 /// document (no reply text is sent), 400 without `From`/`MessageSid`, 503 when
 /// it cannot be recorded in time (Twilio retries).
 async fn inbound_message(engine: &Arc<Engine>, from: &str, message_sid: &str, body: &str) -> Response {
     if from.is_empty() || message_sid.is_empty() {
         return (StatusCode::BAD_REQUEST, "missing From or MessageSid").into_response();
     }
-    let reason = match tokio::time::timeout(WEBHOOK_DEADLINE, call_events::apply_reply(engine, from, message_sid, body)).await {
+    let reason = match tokio::time::timeout(WEBHOOK_DEADLINE, acknowledgement::apply_reply(engine, from, message_sid, body)).await {
         Ok(Ok(outcome)) => {
             tracing::info!(?outcome, "inbound text message handled");
             return twiml_response(EMPTY_TWIML.to_string());

@@ -12,19 +12,19 @@
 //! created since the intent, the same body, a SID no attempt holds): adopted
 //! if found, sent again (a new generation) if not. A message whose SID is
 //! recorded is never sent again. Delivery is then recorded by the status
-//! callbacks ([`crate::workflows::call_events::apply_message_status`]).
+//! callbacks ([`crate::notify::acknowledgement::apply_message_status`]).
 //!
 //! Logging: attempt ids, SIDs and statuses only; numbers through
 //! [`redact_phone`]; never a body.
 
 use crate::audit::{self, Entity};
 use crate::config::redact_phone;
+use crate::notify::acknowledgement::{is_machine, message_status_rank, FAILED_MESSAGE_STATUSES};
 use crate::notify::{Channel, Recipient};
 use crate::runtime::store::{lock_fenced, ClaimedRun};
 use crate::runtime::Engine;
 use crate::twilio::client::TwilioError;
 use crate::twilio::messages::{fit_body, CreateMessageRequest, MessageResource, MAX_BODY_CHARS, REPLY_INSTRUCTION};
-use crate::workflows::call_events::{is_machine, message_status_rank, FAILED_MESSAGE_STATUSES};
 use crate::workflows::StepError;
 use anyhow::anyhow;
 use serde_json::json;
@@ -491,7 +491,7 @@ async fn call_attempts(conn: &mut PgConnection, pos: Position<'_>) -> Result<Vec
 /// latest call failed (busy, no answer, failed, voicemail, or ended without a
 /// key) and who has not been texted at this position, sends the alert's
 /// message with the reply instruction ([`REPLY_INSTRUCTION`], acknowledged by
-/// [`crate::workflows::call_events::apply_reply`]), at most once per person
+/// [`crate::notify::acknowledgement::apply_reply`]), at most once per person
 /// and position. Nothing is sent once the alert is no longer open (checked
 /// under the alert's row lock in the fenced transaction that commits the
 /// intents). Called by the escalation each time it evaluates its position.
@@ -591,11 +591,11 @@ pub async fn reconcile_messages(engine: &Arc<Engine>) -> Result<usize, sqlx::Err
     for (id, sid) in &due {
         match twilio.client.fetch_message(sid).await {
             Ok(m) => {
-                let delivery = crate::workflows::call_events::Delivery { provider: "twilio", idempotency_token: None };
+                let delivery = crate::notify::acknowledgement::Delivery { provider: "twilio", idempotency_token: None };
                 let code = m.error_code.map(|c| c.to_string());
-                match crate::workflows::call_events::apply_message_status(engine, delivery, *id, Some(sid), &m.status, code.as_deref(), &actor).await {
+                match crate::notify::acknowledgement::apply_message_status(engine, delivery, *id, Some(sid), &m.status, code.as_deref(), &actor).await {
                     Ok(()) => {}
-                    Err(crate::workflows::call_events::CallEventError::Db(e)) => return Err(e),
+                    Err(crate::notify::acknowledgement::CallEventError::Db(e)) => return Err(e),
                     Err(e) => tracing::warn!(attempt = %id, error = %e, "reconciling a text message failed"),
                 }
             }

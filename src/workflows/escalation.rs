@@ -371,7 +371,7 @@ async fn latest_attempts(conn: &mut PgConnection, run: Uuid, cycle: i32, step_in
 
 impl Attempt {
     fn machine(&self) -> bool {
-        crate::workflows::call_events::is_machine(self.answered_by.as_deref())
+        crate::notify::acknowledgement::is_machine(self.answered_by.as_deref())
     }
     /// This call can no longer produce an acknowledgement.
     fn definitively_failed(&self) -> bool {
