@@ -23,6 +23,7 @@ pub fn tests() -> Vec<libtest_mimic::Trial> {
         sms::busy_callee_gets_the_sms_and_acknowledges_by_reply,
         sms::long_message_is_shortened_not_refused,
         sms::one_way_notify_sends_once_per_recipient_even_when_rerun,
+        sms::keypress_acknowledgement_names_voice_and_ends_texting,
     ]
 }
 
@@ -397,5 +398,31 @@ pub async fn one_way_notify_sends_once_per_recipient_even_when_rerun() {
     assert_eq!(details["channel"], "sms");
     assert_eq!(details["step_key"], "breach");
     assert!(details["message_id"].as_str().unwrap().starts_with("SM"));
+    h.stop().await;
+}
+
+pub async fn keypress_acknowledgement_names_voice_and_ends_texting() {
+    // Both nurses in the first tier: A is busy and is texted; B answers and presses 1.
+    let h = sms_hospital(Persona::Busy, Persona::Answer { ring_ms: 600, think_ms: 100, digits: "1".into() }, SmsPersona::Deliver, 30.0, |c| {
+        c.policies[0].steps[0].notify = vec!["nurse-avery".into(), "nurse-blake".into()];
+    })
+    .await;
+    h.db.exec(SEIZURE_INSERT).await;
+    await_alert_status(&h.db, "acknowledged", Duration::from_secs(15)).await;
+    let (by, via): (String, String) = sqlx::query_as("SELECT acknowledged_by, acknowledged_via FROM wardcall.alerts").fetch_one(&h.db.pool).await.unwrap();
+    assert_eq!((by.as_str(), via.as_str()), ("nurse-blake", "voice"));
+    let details: Value = sqlx::query_scalar("SELECT wardcall.attempt_details(id) FROM wardcall.notification_attempts WHERE acknowledged_at IS NOT NULL")
+        .fetch_one(&h.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(details["acknowledged_via"], "voice");
+    assert_eq!(details["call_status"], "answered");
+    assert_eq!(h.emulator.messages().len(), 1, "only A's fallback text");
+    // A's late reply finds nothing open: nothing changes but the audit.
+    await_true(&h.db, "the run to complete", Duration::from_secs(10), "SELECT count(*) = 1 FROM wardcall.runs WHERE status = 'completed'").await;
+    assert_eq!(h.emulator.send_inbound(NURSE_A, HOSPITAL_NUMBER, "1").await, Some(200));
+    assert_eq!(h.db.scalar_i64("SELECT count(*) FROM wardcall.audit_log WHERE action = 'reply.nothing_to_acknowledge'").await, 1);
+    assert_eq!(h.db.scalar_i64("SELECT count(*) FROM wardcall.audit_log WHERE action = 'alert.acknowledged'").await, 1);
+    assert_eq!(h.emulator.messages().len(), 1, "no further messages");
     h.stop().await;
 }
