@@ -317,6 +317,12 @@ pub struct PolicyStep {
     /// May be fractional (demo and tests use short timeouts).
     #[serde(default = "default_ack_timeout")]
     pub ack_timeout_seconds: f64,
+    /// When a person's call fails (busy, no answer, failed, voicemail, or
+    /// ended without a key), text them the alert at once (to the same
+    /// number), acknowledgeable by replying `1`. The step still waits its
+    /// `ack_timeout_seconds` while a text can be answered. Default false.
+    #[serde(default)]
+    pub sms_fallback: bool,
 }
 
 fn default_ack_timeout() -> f64 {

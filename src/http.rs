@@ -1,6 +1,7 @@
 //! The HTTP server: provider webhooks and a small JSON API.
 //!
-//! **Webhooks.** Twilio webhooks (`/webhooks/twilio/{status,amd,gather}?attempt=<uuid>`)
+//! **Webhooks.** Twilio webhooks (`/webhooks/twilio/{status,amd,gather,sms-status}?attempt=<uuid>`,
+//! and inbound text messages at `/webhooks/twilio/sms`)
 //! are verified with `X-Twilio-Signature` over the public URL
 //! (`http.public_url` + path and query, with or without the connection-override
 //! fragment wardcall put on it, see [`crate::twilio::callback`]) and the POST
@@ -33,10 +34,10 @@
 //! `GET /healthz` is served on every listener.
 
 use crate::config::{Config, HttpConfig};
+use crate::notify::acknowledgement::{self, CallEventError, Delivery};
 use crate::runtime::{store, Engine};
 use crate::twilio::callback::signed_url_candidates;
 use crate::twilio::signature;
-use crate::workflows::call_events::{self, CallEventError, Delivery};
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
@@ -464,7 +465,7 @@ fn twiml_response(body: String) -> Response {
 }
 
 /// Twilio's webhooks: verified, parsed, and handed to
-/// [`crate::workflows::call_events`], where their meaning lives.
+/// [`crate::notify::acknowledgement`], where their meaning lives.
 async fn twilio_webhook(
     State(engine): State<Arc<Engine>>,
     Path(kind): Path<String>,
@@ -488,6 +489,9 @@ async fn twilio_webhook(
         return (StatusCode::FORBIDDEN, "invalid X-Twilio-Signature").into_response();
     }
     let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+    if kind == "sms" {
+        return inbound_message(&engine, get("From").unwrap_or(""), get("MessageSid").unwrap_or(""), get("Body").unwrap_or("")).await;
+    }
     let Some(attempt) = q.attempt.as_deref().and_then(|a| a.parse::<Uuid>().ok()) else {
         return (StatusCode::BAD_REQUEST, "missing or malformed attempt parameter").into_response();
     };
@@ -496,14 +500,25 @@ async fn twilio_webhook(
     let actor = "webhook:twilio";
     let handled = async {
         match kind.as_str() {
-            "status" => call_events::apply_status(&engine, delivery, attempt, get("CallSid"), get("CallStatus").unwrap_or(""), get("AnsweredBy"), actor)
+            "status" => acknowledgement::apply_status(&engine, delivery, attempt, get("CallSid"), get("CallStatus").unwrap_or(""), get("AnsweredBy"), actor)
                 .await
                 .map(|_| Some(twiml_response(EMPTY_TWIML.to_string()))),
-            "amd" => call_events::apply_amd(&engine, delivery, attempt, get("CallSid"), get("AnsweredBy").unwrap_or("unknown"), actor)
+            "amd" => acknowledgement::apply_amd(&engine, delivery, attempt, get("CallSid"), get("AnsweredBy").unwrap_or("unknown"), actor)
                 .await
                 .map(|_| Some(twiml_response(EMPTY_TWIML.to_string()))),
+            "sms-status" => acknowledgement::apply_message_status(
+                &engine,
+                delivery,
+                attempt,
+                get("MessageSid").or(get("SmsSid")),
+                get("MessageStatus").or(get("SmsStatus")).unwrap_or(""),
+                get("ErrorCode"),
+                actor,
+            )
+            .await
+            .map(|_| Some(twiml_response(EMPTY_TWIML.to_string()))),
             "gather" => {
-                call_events::apply_keypress(&engine, delivery, attempt, get("CallSid"), get("Digits").unwrap_or("")).await.map(|t| Some(twiml_response(t)))
+                acknowledgement::apply_keypress(&engine, delivery, attempt, get("CallSid"), get("Digits").unwrap_or("")).await.map(|t| Some(twiml_response(t)))
             }
             _ => Ok(None),
         }
@@ -520,6 +535,27 @@ async fn twilio_webhook(
     };
     tracing::error!(error = %reason, kind = %kind, attempt = %attempt,
         "Twilio webhook not recorded: answering 503; Twilio retries it as the callback URL's connection overrides ask (up to 5 times within 15 s)");
+    (StatusCode::SERVICE_UNAVAILABLE, "database unavailable; retry").into_response()
+}
+
+/// An inbound text message (Twilio's "A message comes in" webhook, already
+/// verified): handed to [`acknowledgement::apply_reply`]. Answers an empty TwiML
+/// document (no reply text is sent), 400 without `From`/`MessageSid`, 503 when
+/// it cannot be recorded in time (Twilio retries).
+async fn inbound_message(engine: &Arc<Engine>, from: &str, message_sid: &str, body: &str) -> Response {
+    if from.is_empty() || message_sid.is_empty() {
+        return (StatusCode::BAD_REQUEST, "missing From or MessageSid").into_response();
+    }
+    let reason = match tokio::time::timeout(WEBHOOK_DEADLINE, acknowledgement::apply_reply(engine, from, message_sid, body)).await {
+        Ok(Ok(outcome)) => {
+            tracing::info!(?outcome, "inbound text message handled");
+            return twiml_response(EMPTY_TWIML.to_string());
+        }
+        Ok(Err(CallEventError::UnknownAttempt)) => return twiml_response(EMPTY_TWIML.to_string()),
+        Ok(Err(CallEventError::Db(e))) => crate::capture::db_message(&e),
+        Err(_) => format!("no answer from the database within {} s", WEBHOOK_DEADLINE.as_secs()),
+    };
+    tracing::error!(error = %reason, "inbound text message not recorded: answering 503 so that Twilio retries it");
     (StatusCode::SERVICE_UNAVAILABLE, "database unavailable; retry").into_response()
 }
 

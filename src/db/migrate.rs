@@ -18,6 +18,7 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     (4, "unrouted", include_str!("../../migrations/0004_unrouted.sql")),
     (5, "call_reconciliation", include_str!("../../migrations/0005_call_reconciliation.sql")),
     (6, "workflow_model", include_str!("../../migrations/0006_workflow_model.sql")),
+    (7, "sms", include_str!("../../migrations/0007_sms.sql")),
 ];
 
 /// Applies the migrations not yet applied; returns how many it applied.

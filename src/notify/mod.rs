@@ -6,8 +6,14 @@
 //! - [`Channel`]: the ways a recipient is reached. Each channel is sent by a
 //!   provider (Twilio voice and SMS today); providers translate their webhooks
 //!   into domain events and know nothing of alerts.
+//! - [`acknowledgement`]: the one home of the acknowledgement rules (keypress,
+//!   text reply, statuses of calls and messages).
+//! - [`sms`]: the SMS channel (one-way messages, the escalation's fallback).
 
 use serde::{Deserialize, Serialize};
+
+pub mod acknowledgement;
+pub mod sms;
 
 /// The ways a recipient can be reached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

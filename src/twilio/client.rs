@@ -267,7 +267,7 @@ impl TwilioClient {
         serde_json::from_slice(&body).map_err(|e| TwilioError::Decode(format!("call resource (HTTP {status}): {e}")))
     }
 
-    async fn get(&self, url: url::Url) -> Result<(u16, Vec<u8>), TwilioError> {
+    pub(crate) async fn get(&self, url: url::Url) -> Result<(u16, Vec<u8>), TwilioError> {
         self.send(self.http.get(url)).await
     }
 
@@ -354,7 +354,7 @@ impl TwilioClient {
 
     /// `{api_base}/2010-04-01/Accounts/{AccountSid}/{segments…}`, each
     /// segment percent-encoded so that an odd SID cannot change the path.
-    fn endpoint(&self, segments: &[&str]) -> Result<url::Url, TwilioError> {
+    pub(crate) fn endpoint(&self, segments: &[&str]) -> Result<url::Url, TwilioError> {
         let mut url = url::Url::parse(&self.api_base).map_err(|e| TwilioError::InvalidRequest(format!("api_base is not an absolute URL: {e}")))?;
         {
             let mut path = url.path_segments_mut().map_err(|()| TwilioError::InvalidRequest("api_base cannot be a base URL".to_string()))?;
@@ -363,7 +363,7 @@ impl TwilioClient {
         Ok(url)
     }
 
-    async fn post_form(&self, url: url::Url, form: &[(&str, String)]) -> Result<(u16, Vec<u8>), TwilioError> {
+    pub(crate) async fn post_form(&self, url: url::Url, form: &[(&str, String)]) -> Result<(u16, Vec<u8>), TwilioError> {
         let body = serde_urlencoded::to_string(form).map_err(|e| TwilioError::InvalidRequest(format!("form encoding: {e}")))?;
         let request = self.http.post(url).header(reqwest::header::CONTENT_TYPE, "application/x-www-form-urlencoded").body(body);
         self.send(request).await
@@ -401,7 +401,7 @@ pub fn create_call_form(req: &CreateCallRequest) -> Result<Vec<(&'static str, St
     Ok(form)
 }
 
-fn error_code(err: &TwilioError) -> Option<i64> {
+pub(crate) fn error_code(err: &TwilioError) -> Option<i64> {
     match err {
         TwilioError::Api { code, .. } => *code,
         _ => None,

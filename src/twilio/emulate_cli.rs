@@ -10,9 +10,17 @@
 //! ring_ms = 2000
 //! think_ms = 1500
 //! digits = "1"
+//! # Text messages: how each recipient behaves (default: delivered, no reply).
+//! [sms_personas."+13855550101"]
+//! behaviour = "reply"
+//! delay_ms = 3000
+//! body = "1"
+//! # Where replies to messages sent from a Twilio number are posted.
+//! [messaging_webhooks]
+//! "+13855550100" = "http://127.0.0.1:8080/webhooks/twilio/sms"
 //! ```
 
-use super::emulator::{EmulatorConfig, Persona, TwilioEmulator};
+use super::emulator::{EmulatorConfig, Persona, SmsPersona, TwilioEmulator};
 use anyhow::Context;
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -40,6 +48,10 @@ struct PersonaFile {
     default: Option<Persona>,
     #[serde(default)]
     personas: HashMap<String, Persona>,
+    #[serde(default)]
+    sms_personas: HashMap<String, SmsPersona>,
+    #[serde(default)]
+    messaging_webhooks: HashMap<String, String>,
 }
 
 /// Runs the emulator until Ctrl-C or SIGTERM.
@@ -69,6 +81,12 @@ pub async fn run_cli(args: EmulateArgs) -> anyhow::Result<()> {
         listener,
     )
     .await?;
+    for (number, persona) in &file.sms_personas {
+        handle.set_sms_persona(number, persona.clone());
+    }
+    for (number, url) in &file.messaging_webhooks {
+        handle.set_messaging_webhook(number, url);
+    }
     println!("Twilio emulator listening at {}", handle.base_url());
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {

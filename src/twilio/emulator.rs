@@ -65,6 +65,9 @@ use super::client::MAX_INLINE_TWIML_CHARS;
 use super::signature::{compute_signature, SIGNATURE_HEADER};
 use super::twiml::{parse_document, Element};
 
+mod messages;
+pub use messages::{EmulatedMessage, SmsPersona};
+
 /// How long the emulator waits for the engine to answer a webhook (Twilio's
 /// default is 15 s).
 pub const WEBHOOK_TIMEOUT: Duration = Duration::from_secs(15);
@@ -163,6 +166,13 @@ pub enum EmulatorEvent {
     CallbackSent { sid: String, kind: CallbackKind, status: Option<u16> },
     /// The call reached its final status and the final webhook was sent.
     CallEnded { sid: String, final_status: String },
+    /// The Messages API accepted a message (HTTP 201).
+    MessageCreated { sid: String, to: String },
+    /// A message status callback was sent (`message_status`: `queued`,
+    /// `sent`, `delivered`, …); `status` is the engine's HTTP status.
+    MessageCallbackSent { sid: String, message_status: String, status: Option<u16> },
+    /// An inbound message (a reply) was posted to a messaging webhook.
+    InboundMessageSent { sid: String, status: Option<u16> },
 }
 
 /// A call accepted by the API, as the emulator saw and played it.
@@ -215,6 +225,7 @@ impl TwilioEmulator {
                 calls: Vec::new(),
                 by_sid: HashMap::new(),
             }),
+            messages: Mutex::new(messages::MessageBook::default()),
             tasks: Mutex::new(JoinSet::new()),
         });
         let app = router(inner.clone());
@@ -278,7 +289,7 @@ impl EmulatorHandle {
         lock(&self.inner.state).faults.twiml_limit = limit;
     }
 
-    /// Fault mode: status callbacks of calls to `number` (E.164) are lost
+    /// Fault mode: status callbacks of calls and text messages to `number` (E.164) are lost
     /// from now on (`lost = true`) or delivered again (`false`). The calls
     /// themselves go on, and can be fetched through the API.
     pub fn set_status_callbacks_lost(&self, number: &str, lost: bool) {
@@ -288,6 +299,38 @@ impl EmulatorHandle {
         } else {
             book.faults.lost_status_callbacks.remove(number);
         }
+    }
+
+    /// Sets how the recipient of text messages to `number` (E.164) behaves,
+    /// for messages created from now on ([`SmsPersona::Deliver`] by default).
+    pub fn set_sms_persona(&self, number: &str, persona: SmsPersona) {
+        lock(&self.inner.messages).personas.insert(number.to_string(), persona);
+    }
+
+    /// Sets the "A message comes in" webhook of the account's number
+    /// `twilio_number` (E.164): where replies to messages sent from it are
+    /// posted (e.g. `{public_url}/webhooks/twilio/sms`).
+    pub fn set_messaging_webhook(&self, twilio_number: &str, url: &str) {
+        lock(&self.inner.messages).webhooks.insert(twilio_number.to_string(), url.to_string());
+    }
+
+    /// Fault mode: refuse every create-message request with HTTP `status`
+    /// and Twilio error `code` (e.g. 400 / 21610, the recipient replied
+    /// STOP; 503 / 20500 an outage); `None` turns it off.
+    pub fn set_message_create_refusal(&self, refusal: Option<(u16, u32)>) {
+        lock(&self.inner.messages).create_refusal = refusal;
+    }
+
+    /// Every text message the Messages API accepted, in arrival order.
+    pub fn messages(&self) -> Vec<EmulatedMessage> {
+        messages::all(&self.inner)
+    }
+
+    /// Posts an inbound text `body` from `from` to the account's number `to`
+    /// at `to`'s messaging webhook, signed as Twilio signs it. Returns the
+    /// engine's HTTP status, or `None` (no webhook set for `to`, no answer).
+    pub async fn send_inbound(&self, from: &str, to: &str, body: &str) -> Option<u16> {
+        messages::send_inbound(&self.inner, from, to, body).await
     }
 
     /// Every call the API accepted, in arrival order, as of now.
@@ -336,6 +379,7 @@ struct Inner {
     http: reqwest::Client,
     events: broadcast::Sender<EmulatorEvent>,
     state: Mutex<CallBook>,
+    messages: Mutex<messages::MessageBook>,
     tasks: Mutex<JoinSet<()>>,
 }
 
@@ -550,10 +594,11 @@ fn bad_request(code: u32, message: impl Into<String>) -> ApiError {
 }
 
 fn router(inner: Arc<Inner>) -> Router {
-    Router::new()
+    let router = Router::new()
         .route("/2010-04-01/Accounts/{account_sid}/Calls.json", post(create_call).get(list_calls))
         .route("/2010-04-01/Accounts/{account_sid}/Calls", post(create_call))
-        .route("/2010-04-01/Accounts/{account_sid}/Calls/{call_sid}", post(update_call).get(fetch_call))
+        .route("/2010-04-01/Accounts/{account_sid}/Calls/{call_sid}", post(update_call).get(fetch_call));
+    messages::routes(router)
         .fallback(|uri: Uri| async move { not_found(uri.path()) })
         .method_not_allowed_fallback(|| async { twilio_error(StatusCode::METHOD_NOT_ALLOWED, 20004, "Method not allowed") })
         .with_state(inner)

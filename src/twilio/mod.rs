@@ -1,4 +1,5 @@
-//! Twilio Programmable Voice: the REST client wardcall places calls with, the
+//! Twilio Programmable Voice and Messaging: the REST clients wardcall places calls
+//! and sends text messages with ([`client`], [`messages`]), the
 //! webhook signature scheme, TwiML generation, and an emulator of the same
 //! contract from the other side (for tests, the demo and offline development).
 //!
@@ -11,6 +12,7 @@ pub mod callback;
 pub mod client;
 pub mod emulate_cli;
 pub mod emulator;
+pub mod messages;
 pub mod signature;
 pub mod twiml;
 
@@ -22,4 +24,12 @@ pub mod twiml;
 /// ([`callback::CONNECTION_OVERRIDES`]).
 pub fn callback_url(public_url: &str, kind: &str, attempt: uuid::Uuid) -> String {
     format!("{}/webhooks/twilio/{kind}?attempt={attempt}#{}", public_url.trim_end_matches('/'), callback::CONNECTION_OVERRIDES)
+}
+
+/// The URL Twilio posts inbound text messages to (the "A message comes in"
+/// webhook of the sending number, set in the Twilio console or on the
+/// IncomingPhoneNumber resource's `SmsUrl`, method POST):
+/// `{public_url}/webhooks/twilio/sms`.
+pub fn inbound_sms_url(public_url: &str) -> String {
+    format!("{}/webhooks/twilio/sms", public_url.trim_end_matches('/'))
 }

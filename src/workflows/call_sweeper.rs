@@ -12,7 +12,7 @@
 //!    arrived by its `reconcile_after` (the intent time + ring timeout +
 //!    [`RECONCILE_MARGIN`]) is fetched from the provider ("Fetch a Call") and
 //!    its status applied as a callback would be
-//!    ([`crate::workflows::call_events::apply_status`], actor
+//!    ([`crate::notify::acknowledgement::apply_status`], actor
 //!    `reconciler:<engine>`); a call still live is looked at again after
 //!    [`RECONCILE_MARGIN`]. An intent never confirmed whose run has finished
 //!    is marked `unknown`. So no attempt stays `ringing` or `in-progress`
@@ -27,8 +27,8 @@
 //! provider is asked.
 
 use crate::audit::{self, Entity};
+use crate::notify::acknowledgement::{self, Delivery};
 use crate::runtime::Engine;
-use crate::workflows::call_events::{self, Delivery};
 use serde_json::json;
 use std::sync::Arc;
 use std::time::Duration;
@@ -86,7 +86,7 @@ pub async fn sweep_once(engine: &Arc<Engine>) -> Result<SweepReport, sqlx::Error
                JOIN wardcall.alerts a ON a.id = n.alert_id
               WHERE (n.status IN ('intent','requested','initiated','ringing','in-progress')
                      OR (n.status = 'unknown' AND n.ended_at IS NULL))
-                AND n.provider_id IS NOT NULL AND n.acknowledged_at IS NULL
+                AND n.provider_id IS NOT NULL AND n.acknowledged_at IS NULL AND n.channel = 'voice'
                 AND a.status IN ('acknowledged','cancelled')
                 AND (n.hangup_requested_at IS NULL
                      OR n.hangup_requested_at < clock_timestamp() - $1 * interval '1 millisecond')
@@ -127,7 +127,7 @@ pub async fn sweep_once(engine: &Arc<Engine>) -> Result<SweepReport, sqlx::Error
         "WITH due AS (
              SELECT id FROM wardcall.notification_attempts
               WHERE (status IN ('requested','initiated','ringing','in-progress') OR (status = 'unknown' AND ended_at IS NULL))
-                AND provider_id IS NOT NULL
+                AND provider_id IS NOT NULL AND channel = 'voice'
                 AND reconcile_after <= clock_timestamp()
               ORDER BY reconcile_after LIMIT 20 FOR UPDATE SKIP LOCKED)
          UPDATE wardcall.notification_attempts n
@@ -143,9 +143,9 @@ pub async fn sweep_once(engine: &Arc<Engine>) -> Result<SweepReport, sqlx::Error
             Ok(call) => {
                 tracing::info!(attempt = %id, call_sid = %sid, status = %call.status, "reconciled a call whose final callback had not arrived");
                 let delivery = Delivery { provider: "twilio", idempotency_token: None };
-                match call_events::apply_status(engine, delivery, *id, Some(sid), &call.status, call.answered_by.as_deref(), &actor).await {
+                match acknowledgement::apply_status(engine, delivery, *id, Some(sid), &call.status, call.answered_by.as_deref(), &actor).await {
                     Ok(()) => {}
-                    Err(call_events::CallEventError::Db(e)) => return Err(e),
+                    Err(acknowledgement::CallEventError::Db(e)) => return Err(e),
                     Err(e) => tracing::warn!(attempt = %id, error = %e, "reconciling an attempt failed"),
                 }
             }
@@ -153,6 +153,8 @@ pub async fn sweep_once(engine: &Arc<Engine>) -> Result<SweepReport, sqlx::Error
         }
     }
     report.fetched = overdue.len();
+    // Text messages whose final status never came.
+    report.fetched += crate::notify::sms::reconcile_messages(engine).await?;
 
     // 3. Intents never confirmed whose run is over: nothing will place or
     //    reconcile them any more.

@@ -362,11 +362,12 @@ const ATTEMPT_COLUMNS: &str = "id, person_id, status, provider_id, answered_by,
      acknowledged_at IS NOT NULL AS acknowledged_at_set, declined_at IS NOT NULL AS declined_at_set,
      fencing_token, generation, destination, (extract(epoch FROM created_at) * 1000)::float8 AS created_ms";
 
-/// Each person's latest attempt (highest generation) at one escalation position.
+/// Each person's latest call attempt (highest generation) at one escalation
+/// position (text messages, the SMS fallback, are read by [`crate::notify::sms`]).
 async fn latest_attempts(conn: &mut PgConnection, run: Uuid, cycle: i32, step_index: i32) -> Result<Vec<Attempt>, sqlx::Error> {
     sqlx::query_as(&format!(
         "SELECT DISTINCT ON (person_id) {ATTEMPT_COLUMNS} FROM wardcall.notification_attempts
-          WHERE run_id = $1 AND cycle = $2 AND step_index = $3 ORDER BY person_id, generation DESC"
+          WHERE run_id = $1 AND cycle = $2 AND step_index = $3 AND channel = 'voice' ORDER BY person_id, generation DESC"
     ))
     .bind(run)
     .bind(cycle)
@@ -377,7 +378,7 @@ async fn latest_attempts(conn: &mut PgConnection, run: Uuid, cycle: i32, step_in
 
 impl Attempt {
     fn machine(&self) -> bool {
-        crate::workflows::call_events::is_machine(self.answered_by.as_deref())
+        crate::notify::acknowledgement::is_machine(self.answered_by.as_deref())
     }
     /// This call can no longer produce an acknowledgement.
     fn definitively_failed(&self) -> bool {
@@ -449,7 +450,7 @@ async fn reconcile_ambiguous(
         // again rather than risk taking another attempt's call.
         let rivals: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM wardcall.notification_attempts
-              WHERE destination = $1 AND id <> $2 AND status IN ('intent','unknown') AND provider_id IS NULL
+              WHERE destination = $1 AND id <> $2 AND channel = 'voice' AND status IN ('intent','unknown') AND provider_id IS NULL
                 AND created_at > clock_timestamp() - interval '1 hour'",
         )
         .bind(&a.destination)
@@ -729,6 +730,12 @@ async fn evaluate_position(
         .and_then(Value::as_str)
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| StepError::Permanent(anyhow!("escalation state has no alert_id")))?;
+    // The SMS fallback of failed calls (its own intents and requests, before
+    // this evaluation's transaction).
+    let sms_fallback = policy.steps.get(step_index as usize).is_some_and(|s| s.sms_fallback);
+    if sms_fallback {
+        crate::notify::sms::send_fallbacks(&engine, ctx.run, alert_id, cycle, step_index).await?;
+    }
     let mut tx = engine.db.pool.begin().await?;
     if !lock_fenced(&mut tx, ctx.run.id, ctx.run.fencing_token).await? {
         return Err(StepError::LeaseLost);
@@ -741,8 +748,17 @@ async fn evaluate_position(
         }
         return Ok(Transition::Complete);
     }
+    if sms_fallback && crate::notify::sms::fallback_due(&mut tx, ctx.run.id, cycle, step_index).await? {
+        // A call failed after the fallback was looked at: evaluate again at
+        // once, which sends its text.
+        tx.commit().await?;
+        return Ok(Transition::Next { step: "await".into() });
+    }
     let attempts = latest_attempts(&mut tx, ctx.run.id, cycle, step_index).await?;
-    let all_failed = !attempts.is_empty() && attempts.iter().all(Attempt::definitively_failed);
+    // A text that can still be answered keeps the step waiting for its timeout.
+    let all_failed = !attempts.is_empty()
+        && attempts.iter().all(Attempt::definitively_failed)
+        && !(sms_fallback && crate::notify::sms::fallback_pending(&mut tx, ctx.run.id, cycle, step_index).await?);
     let declined = attempts.iter().any(|a| a.declined_at_set);
     let now = jiff::Timestamp::now().as_millisecond();
     let deadline = ctx.state.get("step_deadline_ms").and_then(Value::as_i64).unwrap_or(now);
@@ -822,7 +838,7 @@ async fn evaluate_position(
 async fn end_ringing_calls(ctx: &StepContext<'_>, alert_id: Uuid) {
     let sids: Vec<String> = sqlx::query_scalar(
         "SELECT provider_id FROM wardcall.notification_attempts
-          WHERE alert_id = $1 AND provider_id IS NOT NULL AND acknowledged_at IS NULL
+          WHERE alert_id = $1 AND provider_id IS NOT NULL AND acknowledged_at IS NULL AND channel = 'voice'
             AND status IN ('requested','initiated','ringing','in-progress')",
     )
     .bind(alert_id)

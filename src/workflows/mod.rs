@@ -8,7 +8,9 @@
 //! side effects reach the outside world record an intent first (see
 //! `escalation.rs` and ARCHITECTURE.md, "Re-call rule").
 
-pub mod call_events;
+/// The acknowledgement rules moved to [`crate::notify::acknowledgement`]
+/// (every channel); this name is kept for existing paths.
+pub use crate::notify::acknowledgement as call_events;
 pub mod call_sweeper;
 pub mod escalation;
 pub mod flow;

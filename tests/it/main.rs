@@ -24,6 +24,7 @@ mod harness;
 mod http_surface;
 mod privacy_cluster;
 mod runtime_resilience;
+mod sms;
 mod workflow_model;
 
 use libtest_mimic::{Arguments, Trial};
@@ -53,5 +54,6 @@ fn all_tests() -> Vec<Trial> {
     t.extend(runtime_resilience::tests());
     t.extend(http_surface::tests());
     t.extend(workflow_model::tests());
+    t.extend(sms::tests());
     t
 }

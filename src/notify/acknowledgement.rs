@@ -1,20 +1,26 @@
-//! What a voice call's events mean for an alert: the one home of the
-//! acknowledgement rules.
+//! What a notification's events mean for an alert: the one home of the
+//! acknowledgement rules, for every channel (voice calls and text messages).
 //!
-//! Providers translate their webhooks (or a fetched call resource) into the
-//! calls below; this module decides what each means: a status moves the
-//! notification attempt forward (never back), an answering-machine verdict
+//! Providers translate their webhooks (or a fetched call or message resource)
+//! into the calls below; this module decides what each means: a status moves
+//! the notification attempt forward (never back), an answering-machine verdict
 //! marks a call as not human, a keypress of 1 from a human acknowledges the
-//! alert, 2 passes it on, any other key replays the message. Each event is
+//! alert, 2 passes it on, any other key replays the message; a text reply of
+//! `1` acknowledges the alert its sender was most recently paged for, and
+//! Twilio's reserved keywords (STOP, HELP, …) are never commands. Both
+//! acknowledgements go through one function (`acknowledge_in`), which records
+//! the channel (`alerts.acknowledged_via`, given to write-backs). Each event is
 //! applied in one transaction that locks the run row first, then the alert,
 //! then the attempt (the lock order of the workers), writes back into the
 //! team's row, and signals the run.
 //!
 //! Replays: a webhook carrying an idempotency token (Twilio's
-//! `I-Twilio-Idempotency-Token`) is applied once; a replay with the same
-//! token gets the first delivery's response and changes nothing.
+//! `I-Twilio-Idempotency-Token`; for an inbound message, its `MessageSid`) is
+//! applied once; a replay with the same token gets the first delivery's
+//! response and changes nothing.
 
 use crate::audit::{self, Entity};
+use crate::notify::Channel;
 use crate::runtime::{store, Engine};
 use crate::twilio::twiml;
 use crate::workflows::escalation::{write_back, WriteBackSubject, CALL_UPDATE_SIGNAL};
@@ -59,7 +65,8 @@ pub fn is_machine(answered_by: Option<&str>) -> bool {
 #[derive(sqlx::FromRow)]
 struct AttemptRow {
     run_id: Uuid,
-    alert_id: Uuid,
+    /// `None` for a one-way message of a `notify` step.
+    alert_id: Option<Uuid>,
     person_id: String,
     status: String,
     provider_id: Option<String>,
@@ -289,15 +296,22 @@ pub async fn apply_keypress(
         return Ok(match first_response.as_str() {
             "" => twiml::say_and_hangup("Goodbye."),
             REPLAY_MESSAGE_MARKER => {
-                let message: String =
-                    sqlx::query_scalar("SELECT message FROM wardcall.alerts WHERE id = $1").bind(row.alert_id).fetch_one(&engine.db.pool).await?;
+                let message: String = sqlx::query_scalar("SELECT message FROM wardcall.alerts WHERE id = $1")
+                    .bind(row.alert_id)
+                    .fetch_optional(&engine.db.pool)
+                    .await?
+                    .unwrap_or_default();
                 replay_message_twiml(engine, attempt, &message)
             }
             _ => first_response,
         });
     }
+    let Some(alert_id) = row.alert_id else {
+        tx.rollback().await?;
+        return Err(CallEventError::UnknownAttempt);
+    };
     let (alert_status, message): (String, String) =
-        sqlx::query_as("SELECT status, message FROM wardcall.alerts WHERE id = $1 FOR UPDATE").bind(row.alert_id).fetch_one(&mut *tx).await?;
+        sqlx::query_as("SELECT status, message FROM wardcall.alerts WHERE id = $1 FOR UPDATE").bind(alert_id).fetch_one(&mut *tx).await?;
     if row.acknowledged || (status_rank(&row.status) == 5 && !digits.starts_with('1')) {
         // The attempt that acknowledged has hung up, and no other key means
         // anything once its call ended: a replay of an earlier keypress. (A
@@ -323,44 +337,8 @@ pub async fn apply_keypress(
     } else if key == Some('1') {
         // An alert the policy gave up on is still acknowledged by a human's 1.
         if alert_status == "open" || alert_status == "unacknowledged" {
-            sqlx::query(
-                "UPDATE wardcall.alerts SET status = 'acknowledged', acknowledged_at = clock_timestamp(), acknowledged_by = $2,
-                        updated_at = clock_timestamp() WHERE id = $1",
-            )
-            .bind(row.alert_id)
-            .bind(&row.person_id)
-            .execute(&mut *tx)
-            .await?;
-            sqlx::query(
-                "UPDATE wardcall.notification_attempts SET acknowledged_at = clock_timestamp(),
-                        answered_at = coalesce(answered_at, clock_timestamp()), updated_at = clock_timestamp() WHERE id = $1",
-            )
-            .bind(attempt)
-            .execute(&mut *tx)
-            .await?;
-            audit::record(
-                &mut tx,
-                Entity::Alert,
-                &row.alert_id.to_string(),
-                "alert.acknowledged",
-                Some(&alert_status),
-                Some("acknowledged"),
-                &person_actor,
-                json!({"attempt": attempt, "channel": "voice", "digits": digits}),
-            )
-            .await?;
-            if let Some((settings, input)) = run_settings_and_input(engine, &mut tx, row.run_id).await? {
-                write_back(
-                    &mut tx,
-                    settings.write_back.on_acknowledged.as_deref(),
-                    "on_acknowledged",
-                    &input,
-                    WriteBackSubject::Attempt(attempt),
-                    "webhook:twilio",
-                )
-                .await?;
-            }
-            signal_run(&mut tx, row.run_id, json!({"attempt": attempt, "acknowledged": true})).await?;
+            let ack = Acknowledgement { run_id: row.run_id, alert_id, alert_status: &alert_status, attempt, person_id: &row.person_id, via: Channel::Voice };
+            acknowledge_in(engine, &mut tx, ack, json!({"digits": digits})).await?;
             tracing::info!(attempt = %attempt, person = %row.person_id, "alert acknowledged by keypress");
             twiml::say_and_hangup("Thank you. The alert is acknowledged. Goodbye.")
         } else if alert_status == "acknowledged" {
@@ -394,6 +372,67 @@ pub async fn apply_keypress(
     Ok(reply)
 }
 
+/// An acknowledgement being applied: whose, of which alert, through which
+/// attempt and channel.
+struct Acknowledgement<'a> {
+    run_id: Uuid,
+    alert_id: Uuid,
+    /// The alert's status, read under its row lock (`open` or `unacknowledged`).
+    alert_status: &'a str,
+    attempt: Uuid,
+    person_id: &'a str,
+    via: Channel,
+}
+
+/// The one acknowledgement, whatever the channel: the alert becomes
+/// `acknowledged` (by the attempt's person, `acknowledged_via` the channel),
+/// the attempt records the time, the audit log the change, the workflow's
+/// `on_acknowledged` write-back runs (its `$2`, `attempt_details`, carries
+/// `acknowledged_via`), and the run is signalled (it ends ringing calls and
+/// sends nothing more). In the caller's transaction, which holds the run, the
+/// alert and the attempt locked (in that order).
+async fn acknowledge_in(engine: &Arc<Engine>, tx: &mut PgConnection, ack: Acknowledgement<'_>, detail: Value) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE wardcall.alerts SET status = 'acknowledged', acknowledged_at = clock_timestamp(), acknowledged_by = $2, acknowledged_via = $3,
+                updated_at = clock_timestamp() WHERE id = $1",
+    )
+    .bind(ack.alert_id)
+    .bind(ack.person_id)
+    .bind(ack.via.as_str())
+    .execute(&mut *tx)
+    .await?;
+    let answered = if ack.via == Channel::Voice {
+        ", answered_at = coalesce(answered_at, clock_timestamp())"
+    } else {
+        ", replied_at = coalesce(replied_at, clock_timestamp())"
+    };
+    sqlx::query(&format!(
+        "UPDATE wardcall.notification_attempts SET acknowledged_at = clock_timestamp(){answered}, updated_at = clock_timestamp() WHERE id = $1"
+    ))
+    .bind(ack.attempt)
+    .execute(&mut *tx)
+    .await?;
+    let mut detail = detail;
+    detail["attempt"] = json!(ack.attempt);
+    detail["channel"] = json!(ack.via.as_str());
+    audit::record(
+        &mut *tx,
+        Entity::Alert,
+        &ack.alert_id.to_string(),
+        "alert.acknowledged",
+        Some(ack.alert_status),
+        Some("acknowledged"),
+        &format!("person:{}", ack.person_id),
+        detail,
+    )
+    .await?;
+    if let Some((settings, input)) = run_settings_and_input(engine, tx, ack.run_id).await? {
+        write_back(tx, settings.write_back.on_acknowledged.as_deref(), "on_acknowledged", &input, WriteBackSubject::Attempt(ack.attempt), "webhook:twilio")
+            .await?;
+    }
+    signal_run(tx, ack.run_id, json!({"attempt": ack.attempt, "acknowledged": true})).await
+}
+
 /// The TwiML that reads the alert again and waits for a key.
 fn replay_message_twiml(engine: &Engine, attempt: Uuid, message: &str) -> String {
     let gather_timeout = engine.providers.twilio.as_ref().map(|t| t.config.gather_timeout_seconds).unwrap_or(10);
@@ -401,4 +440,199 @@ fn replay_message_twiml(engine: &Engine, attempt: Uuid, message: &str) -> String
     // A webhook's TwiML may be 64 kB (Twilio error 11750); the message fits.
     twiml::say_and_gather_within(message, &action, gather_timeout, 60_000)
         .unwrap_or_else(|| twiml::say_and_gather(twiml::FALLBACK_MESSAGE, &action, gather_timeout))
+}
+
+/// Rank of a message status (Twilio's Message resource status values):
+/// updates only ever move forward. `intent`/`unknown` 0 < `requested` 1 <
+/// `accepted`/`scheduled` 2 < `queued` 3 < `sending` 4 < `sent` 5 < final
+/// (`delivered`, `undelivered`, `failed`, `canceled`) 6 < `read` 7; unknown
+/// words are -1.
+pub fn message_status_rank(s: &str) -> i32 {
+    match s {
+        "intent" | "unknown" => 0,
+        "requested" => 1,
+        "accepted" | "scheduled" => 2,
+        "queued" => 3,
+        "sending" => 4,
+        "sent" => 5,
+        "delivered" | "undelivered" | "failed" | "canceled" => 6,
+        "read" => 7,
+        _ => -1,
+    }
+}
+
+/// Message statuses after which a text can no longer be acknowledged by its
+/// delivery (it may still be answered if delivered).
+pub const FAILED_MESSAGE_STATUSES: &[&str] = &["undelivered", "failed", "canceled", "unknown"];
+
+/// A text message's status (`queued`, `sending`, `sent`, `delivered`,
+/// `undelivered`, `failed`, …, with Twilio's `ErrorCode` on failure) for
+/// `attempt`, from its status callback or a fetched message resource.
+/// Monotonic and idempotent: a late or repeated status changes nothing, and
+/// a replay (same idempotency token) is ignored. The attempt's run is
+/// signalled when the attempt belongs to an alert (an escalation re-reads
+/// its position); one-way messages only record delivery.
+///
+/// Errors: [`CallEventError::UnknownAttempt`], or a database error.
+pub async fn apply_message_status(
+    engine: &Arc<Engine>,
+    delivery: Delivery<'_>,
+    attempt: Uuid,
+    message_sid: Option<&str>,
+    message_status: &str,
+    error_code: Option<&str>,
+    actor: &str,
+) -> Result<(), CallEventError> {
+    let new_rank = message_status_rank(message_status);
+    let mut tx = engine.db.pool.begin().await?;
+    let row = lock_attempt(&mut tx, attempt, message_sid).await?;
+    if claim_delivery(&mut tx, delivery, attempt).await?.is_some() || new_rank < 0 || new_rank <= message_status_rank(&row.status) {
+        tx.rollback().await?;
+        return Ok(());
+    }
+    let error =
+        error_code.filter(|c| !c.is_empty() && message_status != "delivered").map(|c| format!("Twilio error {}", c.chars().take(10).collect::<String>()));
+    let ended = if new_rank >= 6 { ", ended_at = coalesce(ended_at, clock_timestamp())" } else { "" };
+    sqlx::query(&format!(
+        "UPDATE wardcall.notification_attempts SET status = $2, error = coalesce($3, error){ended}, updated_at = clock_timestamp() WHERE id = $1"
+    ))
+    .bind(attempt)
+    .bind(message_status)
+    .bind(&error)
+    .execute(&mut *tx)
+    .await?;
+    audit::record(
+        &mut tx,
+        Entity::NotificationAttempt,
+        &attempt.to_string(),
+        "attempt.status",
+        Some(&row.status),
+        Some(message_status),
+        actor,
+        json!({"message_sid": message_sid, "error_code": error_code.filter(|c| !c.is_empty())}),
+    )
+    .await?;
+    if row.alert_id.is_some() {
+        signal_run(&mut tx, row.run_id, json!({"attempt": attempt, "status": message_status})).await?;
+    }
+    finish_delivery(&mut tx, delivery, "").await?;
+    tx.commit().await?;
+    if row.alert_id.is_some() {
+        engine.wake();
+    }
+    Ok(())
+}
+
+/// What an inbound text meant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplyOutcome {
+    /// `1` from a recipient of an open alert: the alert is acknowledged.
+    Acknowledged,
+    /// `1`, but the sender's most recent alert is no longer open (or the
+    /// sender was never paged): nothing changed.
+    NothingToAcknowledge,
+    /// One of Twilio's reserved keywords (STOP, HELP, …): Twilio handles
+    /// it; wardcall ignores it (audited, without the text).
+    ReservedKeyword,
+    /// Any other text: not an acknowledgement (audited, without the text).
+    NotACommand,
+    /// A message already handled (same MessageSid): nothing changed.
+    Replay,
+}
+
+/// An inbound text message from `from` (E.164): a reply of exactly `1`
+/// (trimmed) acknowledges the alert the sender was most recently paged for
+/// (the newest attempt, any channel, to that number, of an alert still
+/// open), through the same acknowledgement as a keypress ([`acknowledge_in`]:
+/// alert, attempt, audit, `on_acknowledged` write-back with
+/// `acknowledged_via = 'sms'`, run signalled so ringing calls end). Twilio's
+/// reserved keywords ([`crate::twilio::messages::RESERVED_KEYWORDS`]) are
+/// never commands; any other text is audited as not an acknowledgement,
+/// without its text. A `message_sid` already handled is a replay and changes
+/// nothing.
+///
+/// Errors: a database error (the provider should retry).
+pub async fn apply_reply(engine: &Arc<Engine>, from: &str, message_sid: &str, body: &str) -> Result<ReplyOutcome, CallEventError> {
+    use crate::twilio::messages::is_reserved_keyword;
+    let body = body.trim();
+    // The newest attempt to this number; the newest of an open alert.
+    let newest: Option<(Uuid, Uuid, Option<Uuid>)> = sqlx::query_as(
+        "SELECT n.id, n.run_id, n.alert_id FROM wardcall.notification_attempts n
+          WHERE n.destination = $1 ORDER BY n.created_at DESC LIMIT 1",
+    )
+    .bind(from)
+    .fetch_optional(&engine.db.pool)
+    .await?;
+    let open: Option<(Uuid, Uuid, Uuid)> = sqlx::query_as(
+        "SELECT n.run_id, n.alert_id, a.id FROM wardcall.notification_attempts n JOIN wardcall.alerts a ON a.id = n.alert_id
+          WHERE n.destination = $1 AND a.status = 'open' ORDER BY n.created_at DESC LIMIT 1",
+    )
+    .bind(from)
+    .fetch_optional(&engine.db.pool)
+    .await?;
+    let mut tx = engine.db.pool.begin().await?;
+    // Lock order: run, alert, attempt.
+    let run_lock = open.map(|o| o.0).or(newest.map(|n| n.1));
+    if let Some(run) = run_lock {
+        sqlx::query("SELECT 1 FROM wardcall.runs WHERE id = $1 FOR UPDATE").bind(run).execute(&mut *tx).await?;
+    }
+    let delivery = Delivery { provider: "twilio-sms", idempotency_token: Some(message_sid) };
+    if claim_delivery(&mut tx, delivery, newest.map(|n| n.0).unwrap_or_else(Uuid::nil)).await?.is_some() {
+        tx.rollback().await?;
+        tracing::info!("replayed inbound message ignored");
+        return Ok(ReplyOutcome::Replay);
+    }
+    let outcome = if body == "1" {
+        match open {
+            Some((run_id, _, alert_id)) => {
+                let alert_status: String =
+                    sqlx::query_scalar("SELECT status FROM wardcall.alerts WHERE id = $1 FOR UPDATE").bind(alert_id).fetch_one(&mut *tx).await?;
+                // The person's attempt of that alert to the sender's number, a
+                // text one if there is one.
+                let attempt: Option<(Uuid, String)> = sqlx::query_as(
+                    "SELECT id, person_id FROM wardcall.notification_attempts WHERE alert_id = $1 AND destination = $2
+                      ORDER BY (channel = 'sms') DESC, created_at DESC LIMIT 1 FOR UPDATE",
+                )
+                .bind(alert_id)
+                .bind(from)
+                .fetch_optional(&mut *tx)
+                .await?;
+                match (alert_status.as_str(), attempt) {
+                    ("open", Some((attempt, person_id))) => {
+                        let ack = Acknowledgement { run_id, alert_id, alert_status: &alert_status, attempt, person_id: &person_id, via: Channel::Sms };
+                        acknowledge_in(engine, &mut tx, ack, json!({"message_sid": message_sid})).await?;
+                        tracing::info!(attempt = %attempt, person = %person_id, "alert acknowledged by text reply");
+                        ReplyOutcome::Acknowledged
+                    }
+                    _ => ReplyOutcome::NothingToAcknowledge,
+                }
+            }
+            None => ReplyOutcome::NothingToAcknowledge,
+        }
+    } else if is_reserved_keyword(body) {
+        ReplyOutcome::ReservedKeyword
+    } else {
+        ReplyOutcome::NotACommand
+    };
+    if outcome != ReplyOutcome::Acknowledged {
+        // Audited on the sender's newest attempt, never with the text.
+        let (action, detail) = match outcome {
+            ReplyOutcome::ReservedKeyword => ("reply.reserved_keyword", json!({"message_sid": message_sid, "handled_by": "twilio"})),
+            ReplyOutcome::NothingToAcknowledge => ("reply.nothing_to_acknowledge", json!({"message_sid": message_sid})),
+            _ => ("reply.not_an_acknowledgement", json!({"message_sid": message_sid, "chars": body.chars().count()})),
+        };
+        match newest {
+            Some((attempt, _, _)) => {
+                audit::record(&mut tx, Entity::NotificationAttempt, &attempt.to_string(), action, None, None, "webhook:twilio", detail).await?;
+            }
+            None => tracing::info!(from = %crate::config::redact_phone(from), action, "inbound message from a number wardcall never reached; ignored"),
+        }
+    }
+    finish_delivery(&mut tx, delivery, "").await?;
+    tx.commit().await?;
+    if outcome == ReplyOutcome::Acknowledged {
+        engine.wake();
+        engine.wake_call_sweeper();
+    }
+    Ok(outcome)
 }
