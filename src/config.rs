@@ -306,12 +306,16 @@ fn one() -> u32 {
     1
 }
 
-/// One escalation step: call these people at once, wait for an acknowledgement.
+/// One escalation step (a tier): call its recipients at once, wait for an
+/// acknowledgement. Who is called: `notify` (`[[people]]` ids) and/or
+/// `recipients` (a SQL query over the team's tables, run when the tier runs;
+/// see [`crate::notify::recipients`]).
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyStep {
-    /// Person ids to call in parallel.
-    pub notify: Vec<String>,
+    /// Who to call in parallel: keys `notify` and `recipients`.
+    #[serde(flatten)]
+    pub who: crate::notify::recipients::RecipientsSpec,
     /// Seconds to wait for an acknowledgement before escalating. Default 30.
     /// May be fractional (demo and tests use short timeouts).
     #[serde(default = "default_ack_timeout")]
@@ -645,10 +649,16 @@ impl Config {
             }
             range(&format!("policies[{i}].repeat"), p.repeat as u64, (limits::REPEAT.0 as u64, limits::REPEAT.1 as u64))?;
             for (j, s) in p.steps.iter().enumerate() {
-                if s.notify.is_empty() {
-                    return Err(err(format!("policies[{i}].steps[{j}].notify"), "names nobody".into()));
+                if s.who.is_empty() {
+                    return Err(err(
+                        format!("policies[{i}].steps[{j}]"),
+                        "names nobody: give notify = [\"person-id\", …] and/or recipients = \"SELECT … AS id, … AS name, … AS voice, … AS sms …\"".into(),
+                    ));
                 }
-                for who in &s.notify {
+                if s.who.recipients.as_deref().is_some_and(|q| q.trim().is_empty()) {
+                    return Err(err(format!("policies[{i}].steps[{j}].recipients"), "is an empty SQL statement".into()));
+                }
+                for who in &s.who.notify {
                     if !people.contains(who.as_str()) {
                         return Err(err(format!("policies[{i}].steps[{j}].notify"), format!("unknown person '{who}'")));
                     }

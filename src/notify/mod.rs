@@ -7,6 +7,8 @@
 //!   provider (Twilio voice and SMS today); providers translate their webhooks
 //!   into domain events and know nothing of alerts.
 
+pub mod recipients;
+
 use serde::{Deserialize, Serialize};
 
 /// The ways a recipient can be reached.
