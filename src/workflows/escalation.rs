@@ -482,9 +482,13 @@ pub async fn alerts_with_nobody_to_call(pool: &sqlx::PgPool) -> Result<Vec<(Stri
 /// A tier's recipients, as [`tier_recipients`] found them.
 struct TierRecipients {
     list: Vec<Recipient>,
-    /// `Some(audit detail)` when resolved by this execution (to be recorded
-    /// with the intents); `None` when an earlier execution recorded the list.
-    resolved_now: Option<Value>,
+    /// True when resolved by this execution (to be recorded with the
+    /// intents); false when an earlier execution recorded the list.
+    resolved_now: bool,
+    /// What to audit (`alert.recipients_resolved`) when resolved now from a
+    /// query, or when rows were skipped or the query failed; `None` for a
+    /// tier of static people only (its intents say who was called).
+    audit: Option<Value>,
 }
 
 /// The recipients of the tier at (`cycle`, `step_index`): the list recorded
@@ -497,7 +501,7 @@ struct TierRecipients {
 async fn tier_recipients(ctx: &mut StepContext<'_>, step: &PolicyStep, cycle: i32, step_index: i32) -> TierRecipients {
     let key = position_key(cycle, step_index);
     if let Some(list) = recipients::recorded(ctx.state, &key) {
-        return TierRecipients { list, resolved_now: None };
+        return TierRecipients { list, resolved_now: false, audit: None };
     }
     let engine = ctx.engine.clone();
     // The workflow model's variables are not there yet: `$2` is `{}`.
@@ -522,21 +526,26 @@ async fn tier_recipients(ctx: &mut StepContext<'_>, step: &PolicyStep, cycle: i3
         tracing::warn!(run = %ctx.run.id, cycle, step_index, recipient = ?skipped.id, channel = ?skipped.channel, reason = ?skipped.reason, "a recipients row was skipped");
     }
     recipients::record(ctx.state, &key, &resolved.recipients);
-    let mut detail = resolved.audit_detail();
-    detail["cycle"] = json!(cycle);
-    detail["step_index"] = json!(step_index);
-    if let Some(f) = failure {
-        detail["query_failed"] = f;
-    }
-    TierRecipients { list: resolved.recipients, resolved_now: Some(detail) }
+    let audit = (step.who.recipients.is_some() || failure.is_some() || !resolved.skipped.is_empty()).then(|| {
+        let mut detail = resolved.audit_detail();
+        detail["cycle"] = json!(cycle);
+        detail["step_index"] = json!(step_index);
+        if let Some(f) = failure {
+            detail["query_failed"] = f;
+        }
+        detail
+    });
+    TierRecipients { list: resolved.recipients, resolved_now: true, audit }
 }
 
 /// Records a tier's freshly resolved list with the run's state (inside the
 /// fenced transaction that records the intents, so an engine taking the run
 /// over finds it) and audits it (ids, skipped rows and reasons; no names, no numbers).
-async fn record_tier_recipients(tx: &mut PgConnection, ctx: &StepContext<'_>, alert_id: Uuid, detail: &Value, actor: &str) -> Result<(), StepError> {
+async fn record_tier_recipients(tx: &mut PgConnection, ctx: &StepContext<'_>, alert_id: Uuid, audit: Option<&Value>, actor: &str) -> Result<(), StepError> {
     sqlx::query("UPDATE wardcall.runs SET state = $2 WHERE id = $1").bind(ctx.run.id).bind(&*ctx.state).execute(&mut *tx).await?;
-    audit::record(tx, Entity::Alert, &alert_id.to_string(), "alert.recipients_resolved", None, None, actor, detail.clone()).await?;
+    if let Some(detail) = audit {
+        audit::record(tx, Entity::Alert, &alert_id.to_string(), "alert.recipients_resolved", None, None, actor, detail.clone()).await?;
+    }
     Ok(())
 }
 
@@ -706,8 +715,8 @@ async fn place_calls(ctx: &mut StepContext<'_>, settings: &EscalationWorkflow, p
         tx.commit().await?;
         return Ok(Transition::Complete);
     }
-    if let Some(detail) = &tier.resolved_now {
-        record_tier_recipients(&mut tx, ctx, alert_id, detail, &actor).await?;
+    if tier.resolved_now {
+        record_tier_recipients(&mut tx, ctx, alert_id, tier.audit.as_ref(), &actor).await?;
     }
     if callable.is_empty() {
         return empty_tier(ctx, tx, settings, policy, alert_id, cycle, step_index, tier.list.len()).await;

@@ -23,6 +23,7 @@ mod fail_safe;
 mod harness;
 mod http_surface;
 mod privacy_cluster;
+mod recipients;
 mod runtime_resilience;
 
 use libtest_mimic::{Arguments, Trial};
@@ -51,5 +52,6 @@ fn all_tests() -> Vec<Trial> {
     t.extend(config_checks::tests());
     t.extend(runtime_resilience::tests());
     t.extend(http_surface::tests());
+    t.extend(recipients::tests());
     t
 }
