@@ -19,6 +19,7 @@ mod bench_smoke;
 mod capture_runtime;
 mod config_checks;
 mod escalation;
+mod example_homecare;
 mod fail_safe;
 mod harness;
 mod http_surface;
@@ -53,5 +54,6 @@ fn all_tests() -> Vec<Trial> {
     t.extend(runtime_resilience::tests());
     t.extend(http_surface::tests());
     t.extend(recipients::tests());
+    t.extend(example_homecare::tests());
     t
 }
