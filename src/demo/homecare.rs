@@ -136,11 +136,10 @@ async fn tap_to_resolution(pool: &sqlx::PgPool, emulator: &crate::twilio::emulat
         println!("{:>8.0} ms  {status}", ms.max(0.0));
     }
     println!("\nwho was called (coordinator ids from the team's table; names and numbers not printed):");
-    let calls: Vec<(i32, String, String, bool)> = sqlx::query_as(
-        "SELECT step_index, person_id, status, acknowledged_at IS NOT NULL FROM wardcall.notification_attempts ORDER BY created_at",
-    )
-    .fetch_all(pool)
-    .await?;
+    let calls: Vec<(i32, String, String, bool)> =
+        sqlx::query_as("SELECT step_index, person_id, status, acknowledged_at IS NOT NULL FROM wardcall.notification_attempts ORDER BY created_at")
+            .fetch_all(pool)
+            .await?;
     for (tier, person, status, acked) in calls {
         println!("  tier {tier}: coordinator {person}: {status}{}", if acked { ", pressed 1" } else { "" });
     }

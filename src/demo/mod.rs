@@ -104,9 +104,8 @@ const DEMO_DB: &str = "wardcall_demo";
 pub async fn run(config_path: Option<&Path>, name: Option<&str>) -> anyhow::Result<()> {
     let example = match name {
         None => &EXAMPLES[0],
-        Some(n) => example(n).ok_or_else(|| {
-            anyhow::anyhow!("no example named '{n}'; the examples are: {}", EXAMPLES.iter().map(|e| e.name).collect::<Vec<_>>().join(", "))
-        })?,
+        Some(n) => example(n)
+            .ok_or_else(|| anyhow::anyhow!("no example named '{n}'; the examples are: {}", EXAMPLES.iter().map(|e| e.name).collect::<Vec<_>>().join(", ")))?,
     };
     let base = Config::load(config_path)?;
     println!("wardcall demo: the {} scenario, offline (embedded PostgreSQL, in-process Twilio emulator)", example.name);

@@ -551,7 +551,8 @@ async fn record_tier_recipients(tx: &mut PgConnection, ctx: &StepContext<'_>, al
 
 /// Someone can be called again: clears the "nobody to call" alarm of the alert, if raised.
 async fn recipients_found(tx: &mut PgConnection, alert_id: Uuid, actor: &str) -> Result<(), StepError> {
-    let cleared = sqlx::query("UPDATE wardcall.alerts SET nobody_since = NULL WHERE id = $1 AND nobody_since IS NOT NULL").bind(alert_id).execute(&mut *tx).await?;
+    let cleared =
+        sqlx::query("UPDATE wardcall.alerts SET nobody_since = NULL WHERE id = $1 AND nobody_since IS NOT NULL").bind(alert_id).execute(&mut *tx).await?;
     if cleared.rows_affected() > 0 {
         audit::record(tx, Entity::Alert, &alert_id.to_string(), "alert.recipients_found", None, None, actor, json!({})).await?;
         tracing::info!(alert = %alert_id, "an alert that had nobody to call has recipients again");

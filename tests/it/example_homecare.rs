@@ -153,7 +153,11 @@ pub async fn lifecycle_along_the_backup_chain_on_the_teams_schema() {
     await_true(&h.db, "the calls to end", Duration::from_secs(15), "SELECT count(*) = 0 FROM wardcall.notification_attempts WHERE ended_at IS NULL").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let row = h.row(id).await;
-    assert_eq!((row.0.as_str(), row.1.as_deref(), row.4, row.5.as_deref()), ("resolved", Some(EMERY), true, Some("Pharmacy called; dose corrected")), "{row:?}");
+    assert_eq!(
+        (row.0.as_str(), row.1.as_deref(), row.4, row.5.as_deref()),
+        ("resolved", Some(EMERY), true, Some("Pharmacy called; dose corrected")),
+        "{row:?}"
+    );
     assert_eq!(
         h.history(id).await,
         ["initiated", "ringing", "no_answer", "escalated", "ringing", "no_answer", "escalated", "ringing", "answered", "resolved"],

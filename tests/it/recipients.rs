@@ -101,7 +101,8 @@ pub async fn sql_recipients_change_between_alerts_without_a_restart() {
     .await;
     assert_eq!(calls_to(&h, NURSE_A), 1, "the old number was not called again");
     // Names never reach the audit log.
-    let leaked = h.db.scalar_i64("SELECT count(*) FROM wardcall.audit_log WHERE detail::text ~ '(Sam Okoye|Rene Laurent|13855550111|13855550105|13855550101)'").await;
+    let leaked =
+        h.db.scalar_i64("SELECT count(*) FROM wardcall.audit_log WHERE detail::text ~ '(Sam Okoye|Rene Laurent|13855550111|13855550105|13855550101)'").await;
     assert_eq!(leaked, 0, "no names or numbers in the audit log");
     h.stop().await;
 }
@@ -122,7 +123,10 @@ pub async fn deactivated_recipient_is_skipped_and_a_bad_number_is_audited_withou
     assert_eq!(calls_to(&h, NURSE_A), 0, "the deactivated person was not called");
     let resolved = audit_details(&h.db, "alert.recipients_resolved").await;
     assert_eq!(resolved[0]["recipients"], json!(["s2", "s3"]));
-    assert_eq!(resolved[0]["skipped"], json!([{"id": "s3", "channel": "voice", "reason": "invalid_number"}, {"id": "s3", "channel": "sms", "reason": "invalid_number"}]));
+    assert_eq!(
+        resolved[0]["skipped"],
+        json!([{"id": "s3", "channel": "voice", "reason": "invalid_number"}, {"id": "s3", "channel": "sms", "reason": "invalid_number"}])
+    );
     let leaked = h.db.scalar_i64("SELECT count(*) FROM wardcall.audit_log WHERE detail::text ~ '(555-0101|Jo Park)'").await;
     assert_eq!(leaked, 0, "the skipped number is not in the audit log");
     h.stop().await;
@@ -149,7 +153,13 @@ pub async fn policy_with_nobody_is_an_alarm_in_status_until_someone_comes_on_shi
     })
     .await;
     h.db.exec(SEIZURE_INSERT).await;
-    await_true(&h.db, "the nobody-to-call alarm", Duration::from_secs(10), "SELECT count(*) = 1 FROM wardcall.alerts WHERE status = 'open' AND nobody_since IS NOT NULL").await;
+    await_true(
+        &h.db,
+        "the nobody-to-call alarm",
+        Duration::from_secs(10),
+        "SELECT count(*) = 1 FROM wardcall.alerts WHERE status = 'open' AND nobody_since IS NOT NULL",
+    )
+    .await;
     let cfg = h.app.engine.config.clone();
     let problems = wardcall::runtime::status_problems(&h.db.pool, &cfg).await.unwrap();
     assert!(problems.iter().any(|p| p.contains("policy critical-care") && p.contains("nobody to call")), "{problems:?}");
