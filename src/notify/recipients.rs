@@ -81,6 +81,9 @@ pub enum SkipReason {
     InvalidNumber,
     /// The `id` was already listed (by `notify` or an earlier row): skipped.
     Duplicate,
+    /// A `notify` id is not in `[[people]]` (the config changed under a run;
+    /// a config naming one is refused at load).
+    UnknownPerson,
 }
 
 /// One row, or one row's channel, that was not used. Carries no number and no name.
@@ -129,33 +132,34 @@ pub enum ResolveError {
     /// The query failed or timed out. The text is redacted (`capture::db_message`).
     #[error("recipients query failed: {}", crate::capture::db_message(.0))]
     Database(#[from] sqlx::Error),
-    /// A `notify` id is not in `[[people]]` (the config changed under a run).
-    #[error("unknown person '{0}'")]
-    UnknownPerson(String),
 }
 
 impl ResolveError {
-    /// The SQLSTATE of a database error, for the audit log.
+    /// The SQLSTATE of the database error, for the audit log.
     pub fn sqlstate(&self) -> Option<String> {
         match self {
             ResolveError::Database(e) => e.as_database_error().and_then(|d| d.code()).map(|c| c.to_string()),
-            ResolveError::UnknownPerson(_) => None,
         }
     }
 }
 
 /// The static people of `spec` (`notify`), as recipients (voice and SMS on
-/// the person's `phone`). Ids not in `[[people]]` are errors.
-pub fn static_people(config: &Config, spec: &RecipientsSpec) -> Result<Resolved, ResolveError> {
+/// the person's `phone`), in order, each once. An id not in `[[people]]` is
+/// skipped ([`SkipReason::UnknownPerson`]), never an error: the others are
+/// still reached.
+pub fn static_people(config: &Config, spec: &RecipientsSpec) -> Resolved {
     let mut out = Resolved::default();
     for id in &spec.notify {
-        let p = config.person(id).ok_or_else(|| ResolveError::UnknownPerson(id.clone()))?;
+        let Some(p) = config.person(id) else {
+            out.skipped.push(Skipped { id: Some(id.clone()), channel: None, reason: SkipReason::UnknownPerson });
+            continue;
+        };
         if out.recipients.iter().any(|r| &r.id == id) {
             continue;
         }
         out.recipients.push(Recipient { id: p.id.clone(), name: p.name.clone(), voice: Some(p.phone.clone()), sms: Some(p.phone.clone()) });
     }
-    Ok(out)
+    out
 }
 
 /// Resolves `spec` now: the static people, then the query's rows (if any),
@@ -165,10 +169,10 @@ pub fn static_people(config: &Config, spec: &RecipientsSpec) -> Result<Resolved,
 ///
 /// Errors: [`ResolveError::Database`] when the query fails or times out (a
 /// column of the wrong type, checked at start, can only appear after a schema
-/// change), [`ResolveError::UnknownPerson`] for a `notify` id not in the config.
+/// change). A `notify` id not in the config is skipped (see [`static_people`]).
 pub async fn resolve(pool: &sqlx::PgPool, config: &Config, spec: &RecipientsSpec, payload: &Value, vars: &Value) -> Result<Resolved, ResolveError> {
     use futures_util::TryStreamExt;
-    let mut out = static_people(config, spec)?;
+    let mut out = static_people(config, spec);
     let Some(sql) = spec.recipients.as_deref() else { return Ok(out) };
     let vars = if vars.is_object() { vars.clone() } else { json!({}) };
     let mut tx = pool.begin().await?;

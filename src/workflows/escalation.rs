@@ -515,11 +515,8 @@ async fn tier_recipients(ctx: &mut StepContext<'_>, step: &PolicyStep, cycle: i3
         Ok(r) => (r, None),
         Err(e) => {
             tracing::error!(run = %ctx.run.id, cycle, step_index, error = %e, "resolving a tier's recipients failed; the tier calls its static people only");
-            let failure = json!({"sqlstate": e.sqlstate(), "problem": match &e {
-                recipients::ResolveError::Database(_) => "recipients query failed",
-                recipients::ResolveError::UnknownPerson(_) => "unknown person",
-            }});
-            (recipients::static_people(&engine.config, &step.who).unwrap_or_default(), Some(failure))
+            let failure = json!({"sqlstate": e.sqlstate(), "problem": "recipients query failed"});
+            (recipients::static_people(&engine.config, &step.who), Some(failure))
         }
     };
     for skipped in &resolved.skipped {

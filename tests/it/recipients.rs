@@ -22,6 +22,7 @@ pub fn tests() -> Vec<libtest_mimic::Trial> {
         recipients::takeover_calls_the_recorded_list_not_a_requeried_one,
         recipients::wrong_column_in_a_recipients_query_is_refused_naming_the_key,
         recipients::a_tier_naming_nobody_is_refused_at_load,
+        recipients::failing_query_still_calls_the_tiers_static_people,
     ]
 }
 
@@ -293,4 +294,23 @@ pub async fn a_tier_naming_nobody_is_refused_at_load() {
     let text = wardcall::demo::HOSPITAL_CONFIG.replace("notify = [\"nurse-blake\"]", "recipients = \"SELECT 1\"\nrecipientz = \"x\"");
     let e = Config::parse(&text, "hospital.toml").unwrap_err().to_string();
     assert!(e.contains("recipientz"), "{e}");
+}
+
+pub async fn failing_query_still_calls_the_tiers_static_people() {
+    // The query fails when it runs (division by zero: no shifts at all); the
+    // tier's `notify` person is still called, and the failure is audited by SQLSTATE.
+    let h = roster_hospital(answers(), Persona::NoAnswer, 10.0, |cfg| {
+        cfg.policies[0].steps[0].who = RecipientsSpec {
+            notify: vec!["nurse-avery".into()],
+            recipients: Some("SELECT id, full_name AS name, mobile AS voice, mobile AS sms FROM staff WHERE 1 / (SELECT count(*) FROM shifts)::int = 1".into()),
+        };
+    })
+    .await;
+    h.db.exec(SEIZURE_INSERT).await;
+    crate::escalation::await_alert_status(&h.db, "acknowledged", Duration::from_secs(15)).await;
+    assert_eq!(calls_to(&h, NURSE_A), 1);
+    let resolved = audit_details(&h.db, "alert.recipients_resolved").await;
+    assert_eq!(resolved[0]["query_failed"]["sqlstate"], json!("22012"), "{resolved:?}");
+    assert_eq!(resolved[0]["recipients"], json!(["nurse-avery"]));
+    h.stop().await;
 }
