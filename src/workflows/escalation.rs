@@ -8,9 +8,15 @@
 //! Steps of the state machine:
 //! - `start`: looks up the message's values, renders it, opens the alert and
 //!   places the first step's calls (as `call` does);
-//! - `call`: records one intent per person (committed), then places the calls
-//!   outside any transaction, then waits for `call_update` signals until the
-//!   step's deadline;
+//! - `call`: resolves the step's recipients (its `notify` people and its
+//!   `recipients` query over the team's tables, once per position: the list is
+//!   recorded in the run's state with the intents, and reused by a retry or a
+//!   takeover), records one intent per person with a voice number (committed),
+//!   then places the calls outside any transaction, then waits for
+//!   `call_update` signals until the step's deadline. A step with nobody to
+//!   call goes on to the next at once; a cycle with nobody at all is an alarm
+//!   (`alerts.nobody_since`, `wardcall status`) retried every
+//!   [`NOBODY_RETRY_MS`];
 //! - `await`: re-reads the alert and the step's attempts (the source of truth;
 //!   signals only wake) and acknowledges, keeps waiting, or escalates.
 //!
