@@ -583,17 +583,22 @@ async fn empty_tier(
     listed: usize,
 ) -> Result<Transition, StepError> {
     let actor = ctx.engine.actor();
-    audit::record(
-        &mut tx,
-        Entity::Alert,
-        &alert_id.to_string(),
-        "alert.tier_empty",
-        Some("open"),
-        Some("open"),
-        &actor,
-        json!({"cycle": cycle, "step_index": step_index, "listed_without_voice": listed}),
-    )
-    .await?;
+    // While the alarm is raised, the rounds that find nobody again are not
+    // audited one by one (the alarm is, once, and `wardcall status` shows it).
+    let alarmed: bool = sqlx::query_scalar("SELECT nobody_since IS NOT NULL FROM wardcall.alerts WHERE id = $1").bind(alert_id).fetch_one(&mut *tx).await?;
+    if !alarmed {
+        audit::record(
+            &mut tx,
+            Entity::Alert,
+            &alert_id.to_string(),
+            "alert.tier_empty",
+            Some("open"),
+            Some("open"),
+            &actor,
+            json!({"cycle": cycle, "step_index": step_index, "listed_without_voice": listed}),
+        )
+        .await?;
+    }
     let tiers = policy.steps.len() as i32;
     let whole_cycle_empty = step_index + 1 >= tiers
         && (0..tiers).all(|j| recipients::recorded(ctx.state, &position_key(cycle, j)).is_some_and(|l| l.iter().all(|r| r.voice.is_none())));
@@ -630,7 +635,11 @@ async fn empty_tier(
         return Ok(Transition::Sleep { step: "call".into(), delay_ms: NOBODY_RETRY_MS });
     }
     tx.commit().await?;
-    tracing::warn!(alert = %alert_id, cycle, step_index, "a tier has nobody to call; going on to the next tier at once");
+    if alarmed {
+        tracing::debug!(alert = %alert_id, cycle, step_index, "a tier still has nobody to call");
+    } else {
+        tracing::warn!(alert = %alert_id, cycle, step_index, "a tier has nobody to call; going on to the next tier at once");
+    }
     let mut next = (cycle, step_index + 1);
     if next.1 >= tiers {
         next = (cycle + 1, 0);

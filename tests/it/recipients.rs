@@ -164,7 +164,27 @@ pub async fn policy_with_nobody_is_an_alarm_in_status_until_someone_comes_on_shi
     let cfg = h.app.engine.config.clone();
     let problems = wardcall::runtime::status_problems(&h.db.pool, &cfg).await.unwrap();
     assert!(problems.iter().any(|p| p.contains("policy critical-care") && p.contains("nobody to call")), "{problems:?}");
+    // `wardcall status` (another process) shows it too.
+    let dir = std::env::temp_dir().join(format!("wardcall-it-nobody-{}-{}", std::process::id(), h.db.name));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("wardcall.toml");
+    std::fs::write(&file, format!("database_url = \"{}\"\n", h.db.url())).unwrap();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_wardcall"))
+        .arg("--config")
+        .arg(&file)
+        .arg("status")
+        .env_remove("DATABASE_URL")
+        .env_remove("WARDCALL_CONFIG")
+        .output()
+        .await
+        .unwrap();
+    std::fs::remove_dir_all(&dir).ok();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("UNHEALTHY: policy critical-care: 1 open alert(s) with nobody to call"), "{stdout}");
+    tokio::time::sleep(Duration::from_millis(5_500)).await; // at least one more round
     assert_eq!(audit_details(&h.db, "alert.nobody_to_call").await.len(), 1, "audited once, however many retries");
+    assert_eq!(audit_details(&h.db, "alert.tier_empty").await.len(), 2, "each empty tier audited in the first round only");
+    assert_eq!(h.db.scalar_i64("SELECT count(*) FROM wardcall.alerts WHERE status = 'open'").await, 1, "still open: never silence");
     // Still open, never silently given up: someone comes on shift and is called.
     h.db.exec(&on_shift("s1")).await;
     crate::escalation::await_alert_status(&h.db, "acknowledged", Duration::from_secs(15)).await;
