@@ -853,6 +853,19 @@ mod tests {
     }
 
     #[test]
+    fn a_tier_names_people_or_a_query() {
+        let base = "[providers.twilio]\naccount_sid = \"AC00000000000000000000000000000001\"\nfrom = \"+13855550100\"\n\
+                    [[policies]]\nid = \"p\"\n[[policies.steps]]\n";
+        let c = Config::parse(&format!("{base}recipients = \"SELECT 1\"\n"), "x.toml").unwrap();
+        c.validate("x.toml").unwrap();
+        assert_eq!(c.policies[0].steps[0].who.recipients.as_deref(), Some("SELECT 1"));
+        let e = Config::parse(&format!("{base}recipients = \"  \"\n"), "x.toml").unwrap().validate("x.toml").unwrap_err().to_string();
+        assert!(e.contains("policies[0].steps[0].recipients") && e.contains("empty"), "{e}");
+        let e = Config::parse(&format!("{base}ack_timeout_seconds = 5\n"), "x.toml").unwrap().validate("x.toml").unwrap_err().to_string();
+        assert!(e.contains("policies[0].steps[0]") && e.contains("names nobody"), "{e}");
+    }
+
+    #[test]
     fn unknown_key_is_named() {
         let e = Config::parse("[engine]\nworkerz = 3\n", "x.toml").unwrap_err();
         assert!(e.to_string().contains("x.toml"), "{e}");

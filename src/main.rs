@@ -39,7 +39,7 @@ enum Command {
     /// embedded database and the in-process Twilio emulator, and print what
     /// happened. Without a name: the hospital.
     Demo {
-        /// The example: hospital (default) or homecare.
+        /// The example: a folder under examples/ (hospital, the default; homecare).
         name: Option<String>,
     },
     /// Emit an event (as `wardcall.emit` does from SQL).
