@@ -478,7 +478,7 @@ impl Env {
         sqlx::raw_sql(crate::demo::HOSPITAL_SCHEMA).execute(&client).await.context("loading the hospital schema")?;
         let room_id: uuid::Uuid = sqlx::query_scalar("SELECT room_id FROM rooms WHERE room_name = 'Room 2'").fetch_one(&client).await?;
 
-        let mut config = Config::parse(crate::demo::HOSPITAL_CONFIG, "examples/hospital.toml")?;
+        let mut config = Config::parse(crate::demo::HOSPITAL_CONFIG, "examples/hospital/wardcall.toml")?;
         let Some(twilio) = config.providers.twilio.as_mut() else { bail!("the hospital config has no Twilio provider") };
         let emulator_config = EmulatorConfig {
             account_sid: twilio.account_sid.clone(),
@@ -514,7 +514,7 @@ impl Env {
         config.http.listen = "127.0.0.1:0".into();
         config.engine.workers = workers;
         config.workflows.push(Workflow { max_attempts: 3, retry_base_ms: 200, retry_max_ms: 1000, ..Workflow::script(SCRIPT_WORKFLOW, SCRIPT_EVENT) });
-        config.validate("examples/hospital.toml (bench)")?;
+        config.validate("examples/hospital/wardcall.toml (bench)")?;
         let pool_size = config.engine.pool_size;
         // The engine's pool exactly as `wardcall serve` opens it (Database::open).
         let engine_pool = connect_pool_with(db_options.clone(), &config.engine).await?;

@@ -90,7 +90,10 @@ pub async fn install_sources(pool: &PgPool, sources: &[Source], prune: bool, act
 ///   over `NEW`/`OLD` of that table;
 /// - every escalation lookup is a statement taking at most `$1 jsonb` and
 ///   returning exactly one text column;
-/// - every `write_back` hook is a statement taking at most `$1 jsonb, $2 jsonb`.
+/// - every `write_back` hook is a statement taking at most `$1 jsonb, $2 jsonb`;
+/// - every tier's `recipients` query takes at most `$1 jsonb, $2 jsonb` and
+///   returns the columns `id`, `name`, `voice`, `sms` of a text type
+///   ([`crate::notify::recipients::check_query`]).
 ///
 /// Each SQL text is only parsed and described (the extended protocol's
 /// Parse/Describe, PostgreSQL manual 55.2.3 "Extended Query") on a dedicated
@@ -202,6 +205,14 @@ pub async fn check_config_against_database(db: &crate::db::Database, config: &Co
                         Err(e) => return Err(fail(key, format!("PostgreSQL refused it: {}", db_message(&e))).into()),
                     };
                     check_parameters(statement.parameters(), 2).map_err(|p| fail(key, p))?;
+                }
+            }
+        }
+        for (i, p) in config.policies.iter().enumerate() {
+            for (j, step) in p.steps.iter().enumerate() {
+                let Some(sql) = step.who.recipients.as_deref() else { continue };
+                if let Err(problem) = crate::notify::recipients::check_query(&mut tx, sql).await {
+                    return Err(fail(format!("policies[{i}].steps[{j}].recipients"), problem).into());
                 }
             }
         }

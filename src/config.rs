@@ -307,12 +307,16 @@ fn one() -> u32 {
     1
 }
 
-/// One escalation step: call these people at once, wait for an acknowledgement.
+/// One escalation step (a tier): call its recipients at once, wait for an
+/// acknowledgement. Who is called: `notify` (`[[people]]` ids) and/or
+/// `recipients` (a SQL query over the team's tables, run when the tier runs;
+/// see [`crate::notify::recipients`]).
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyStep {
-    /// Person ids to call in parallel.
-    pub notify: Vec<String>,
+    /// Who to call in parallel: keys `notify` and `recipients`.
+    #[serde(flatten)]
+    pub who: crate::notify::recipients::RecipientsSpec,
     /// Seconds to wait for an acknowledgement before escalating. Default 30.
     /// May be fractional (demo and tests use short timeouts).
     #[serde(default = "default_ack_timeout")]
@@ -761,10 +765,16 @@ impl Config {
             }
             range(&format!("policies[{i}].repeat"), p.repeat as u64, (limits::REPEAT.0 as u64, limits::REPEAT.1 as u64))?;
             for (j, s) in p.steps.iter().enumerate() {
-                if s.notify.is_empty() {
-                    return Err(err(format!("policies[{i}].steps[{j}].notify"), "names nobody".into()));
+                if s.who.is_empty() {
+                    return Err(err(
+                        format!("policies[{i}].steps[{j}]"),
+                        "names nobody: give notify = [\"person-id\", …] and/or recipients = \"SELECT … AS id, … AS name, … AS voice, … AS sms …\"".into(),
+                    ));
                 }
-                for who in &s.notify {
+                if s.who.recipients.as_deref().is_some_and(|q| q.trim().is_empty()) {
+                    return Err(err(format!("policies[{i}].steps[{j}].recipients"), "is an empty SQL statement".into()));
+                }
+                for who in &s.who.notify {
                     if !people.contains(who.as_str()) {
                         return Err(err(format!("policies[{i}].steps[{j}].notify"), format!("unknown person '{who}'")));
                     }
@@ -921,6 +931,19 @@ mod tests {
         let c = Config::parse("[[sources]]\nname = \"a\"\ntable = \"alerts\"\nevent = \"alert.critcal\"\n", "x.toml").unwrap();
         let e = c.validate("x.toml").unwrap_err().to_string();
         assert!(e.contains("sources[0].event") && e.contains("alert.critcal"), "{e}");
+    }
+
+    #[test]
+    fn a_tier_names_people_or_a_query() {
+        let base = "[providers.twilio]\naccount_sid = \"AC00000000000000000000000000000001\"\nfrom = \"+13855550100\"\n\
+                    [[policies]]\nid = \"p\"\n[[policies.steps]]\n";
+        let c = Config::parse(&format!("{base}recipients = \"SELECT 1\"\n"), "x.toml").unwrap();
+        c.validate("x.toml").unwrap();
+        assert_eq!(c.policies[0].steps[0].who.recipients.as_deref(), Some("SELECT 1"));
+        let e = Config::parse(&format!("{base}recipients = \"  \"\n"), "x.toml").unwrap().validate("x.toml").unwrap_err().to_string();
+        assert!(e.contains("policies[0].steps[0].recipients") && e.contains("empty"), "{e}");
+        let e = Config::parse(&format!("{base}ack_timeout_seconds = 5\n"), "x.toml").unwrap().validate("x.toml").unwrap_err().to_string();
+        assert!(e.contains("policies[0].steps[0]") && e.contains("names nobody"), "{e}");
     }
 
     #[test]

@@ -35,9 +35,13 @@ enum Command {
         #[arg(long)]
         prune: bool,
     },
-    /// Run the hospital scenario end to end on the embedded database and the
-    /// in-process Twilio emulator, and print what happened.
-    Demo,
+    /// Run a shipped example (a folder under examples/) end to end on the
+    /// embedded database and the in-process Twilio emulator, and print what
+    /// happened. Without a name: the hospital.
+    Demo {
+        /// The example: a folder under examples/ (hospital, the default; homecare).
+        name: Option<String>,
+    },
     /// Emit an event (as `wardcall.emit` does from SQL).
     Emit {
         /// Event name, e.g. `alert.critical`.
@@ -125,9 +129,9 @@ async fn open_with(cli_config: Option<&std::path::Path>, prune: bool, needs_secr
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Demo => {
+        Command::Demo { name } => {
             init_tracing("warn");
-            wardcall::demo::run(cli.config.as_deref()).await
+            wardcall::demo::run(cli.config.as_deref(), name.as_deref()).await
         }
         Command::Bench(args) => {
             init_tracing("warn");

@@ -19,6 +19,7 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     (5, "call_reconciliation", include_str!("../../migrations/0005_call_reconciliation.sql")),
     (6, "workflow_model", include_str!("../../migrations/0006_workflow_model.sql")),
     (7, "sms", include_str!("../../migrations/0007_sms.sql")),
+    (8, "recipients", include_str!("../../migrations/0008_recipients.sql")),
 ];
 
 /// Applies the migrations not yet applied; returns how many it applied.

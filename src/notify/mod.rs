@@ -10,6 +10,8 @@
 //!   text reply, statuses of calls and messages).
 //! - [`sms`]: the SMS channel (one-way messages, the escalation's fallback).
 
+pub mod recipients;
+
 use serde::{Deserialize, Serialize};
 
 pub mod acknowledgement;

@@ -115,7 +115,8 @@ impl Health {
 /// its own process): configured sources whose capture trigger is missing or
 /// disabled; no engine listening (no `wardcall-listener` session on this
 /// database); a live run overdue by more than [`stall_after_ms`] (no engine
-/// is claiming: none runs, or its scheduler stalled).
+/// is claiming: none runs, or its scheduler stalled); open alerts whose
+/// escalation policy yielded nobody to call (`wardcall.alerts.nobody_since`).
 ///
 /// Errors: a database error.
 pub async fn status_problems(pool: &sqlx::PgPool, config: &Config) -> Result<Vec<String>, sqlx::Error> {
@@ -128,6 +129,12 @@ pub async fn status_problems(pool: &sqlx::PgPool, config: &Config) -> Result<Vec
     let stall = stall_after_ms(&config.engine) as f64 / 1000.0;
     if let Some(s) = traces.most_overdue_seconds.filter(|s| *s > stall) {
         problems.push(format!("scheduler: a run has been due for {s:.1} s without being claimed (limit {stall:.1} s)"));
+    }
+    for (policy, alerts, seconds) in crate::workflows::escalation::alerts_with_nobody_to_call(pool).await? {
+        problems.push(format!(
+            "policy {policy}: {alerts} open alert(s) with nobody to call (every tier empty) for {seconds:.0} s; retried every {} s",
+            crate::workflows::escalation::NOBODY_RETRY_MS / 1000
+        ));
     }
     Ok(problems)
 }

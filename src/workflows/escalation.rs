@@ -8,9 +8,15 @@
 //! Steps of the state machine:
 //! - `start`: looks up the message's values, renders it, opens the alert and
 //!   places the first step's calls (as `call` does);
-//! - `call`: records one intent per person (committed), then places the calls
-//!   outside any transaction, then waits for `call_update` signals until the
-//!   step's deadline;
+//! - `call`: resolves the step's recipients (its `notify` people and its
+//!   `recipients` query over the team's tables, once per position: the list is
+//!   recorded in the run's state with the intents, and reused by a retry or a
+//!   takeover), records one intent per person with a voice number (committed),
+//!   then places the calls outside any transaction, then waits for
+//!   `call_update` signals until the step's deadline. A step with nobody to
+//!   call goes on to the next at once; a cycle with nobody at all is an alarm
+//!   (`alerts.nobody_since`, `wardcall status`) retried every
+//!   [`NOBODY_RETRY_MS`];
 //! - `await`: re-reads the alert and the step's attempts (the source of truth;
 //!   signals only wake) and acknowledges, keeps waiting, or escalates.
 //!
@@ -21,7 +27,9 @@
 
 use super::{StepContext, StepError, Transition};
 use crate::audit::{self, Entity};
-use crate::config::{redact_phone, EscalationWorkflow, Policy};
+use crate::config::{redact_phone, EscalationWorkflow, Policy, PolicyStep};
+use crate::notify::recipients;
+use crate::notify::{Channel, Recipient};
 use crate::runtime::store::lock_fenced;
 use crate::template::Template;
 use crate::twilio::client::{CreateCallRequest, MAX_INLINE_TWIML_CHARS};
@@ -464,6 +472,195 @@ async fn reconcile_ambiguous(
     Ok(found)
 }
 
+/// How long (ms) an alert whose policy yielded nobody to call at all waits
+/// before its tiers are resolved again (someone coming on shift is then called).
+pub const NOBODY_RETRY_MS: i64 = 5_000;
+
+/// The key of an escalation position in the run's recorded recipients
+/// (`"<cycle>.<tier>"`, see [`recipients::recorded`]).
+pub fn position_key(cycle: i32, step_index: i32) -> String {
+    format!("{cycle}.{step_index}")
+}
+
+/// Open alerts whose policy yielded nobody to call, per policy: (policy id,
+/// alerts, seconds since the oldest was found with nobody). For `wardcall status`.
+pub async fn alerts_with_nobody_to_call(pool: &sqlx::PgPool) -> Result<Vec<(String, i64, f64)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT policy, count(*), extract(epoch FROM clock_timestamp() - min(nobody_since))::float8
+           FROM wardcall.alerts WHERE status = 'open' AND nobody_since IS NOT NULL GROUP BY policy ORDER BY policy",
+    )
+    .fetch_all(pool)
+    .await
+}
+
+/// A tier's recipients, as [`tier_recipients`] found them.
+struct TierRecipients {
+    list: Vec<Recipient>,
+    /// True when resolved by this execution (to be recorded with the
+    /// intents); false when an earlier execution recorded the list.
+    resolved_now: bool,
+    /// What to audit (`alert.recipients_resolved`) when resolved now from a
+    /// query, or when rows were skipped or the query failed; `None` for a
+    /// tier of static people only (its intents say who was called).
+    audit: Option<Value>,
+}
+
+/// The recipients of the tier at (`cycle`, `step_index`): the list recorded
+/// in the run's state if an earlier execution resolved it (a takeover calls
+/// the same people), otherwise resolved now ([`recipients::resolve`]) and
+/// recorded in `ctx.state`. A failing query is tried once more, then the tier
+/// goes on with its static people only (logged at error, audited
+/// `alert.recipients_resolved` with the SQLSTATE): a broken query never holds
+/// the alert (DESIGN.md invariant 10).
+async fn tier_recipients(ctx: &mut StepContext<'_>, step: &PolicyStep, cycle: i32, step_index: i32) -> TierRecipients {
+    let key = position_key(cycle, step_index);
+    if let Some(list) = recipients::recorded(ctx.state, &key) {
+        return TierRecipients { list, resolved_now: false, audit: None };
+    }
+    let engine = ctx.engine.clone();
+    // The workflow model's variables are not there yet: `$2` is `{}`.
+    let vars = json!({});
+    let mut outcome = recipients::resolve(&engine.db.pool, &engine.config, &step.who, &ctx.run.input, &vars).await;
+    if outcome.as_ref().err().and_then(|e| e.sqlstate()).is_some_and(|c| !c.starts_with("42")) {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        outcome = recipients::resolve(&engine.db.pool, &engine.config, &step.who, &ctx.run.input, &vars).await;
+    }
+    let (resolved, failure) = match outcome {
+        Ok(r) => (r, None),
+        Err(e) => {
+            tracing::error!(run = %ctx.run.id, cycle, step_index, error = %e, "resolving a tier's recipients failed; the tier calls its static people only");
+            let failure = json!({"sqlstate": e.sqlstate(), "problem": "recipients query failed"});
+            (recipients::static_people(&engine.config, &step.who), Some(failure))
+        }
+    };
+    for skipped in &resolved.skipped {
+        tracing::warn!(run = %ctx.run.id, cycle, step_index, recipient = ?skipped.id, channel = ?skipped.channel, reason = ?skipped.reason, "a recipients row was skipped");
+    }
+    recipients::record(ctx.state, &key, &resolved.recipients);
+    let audit = (step.who.recipients.is_some() || failure.is_some() || !resolved.skipped.is_empty()).then(|| {
+        let mut detail = resolved.audit_detail();
+        detail["cycle"] = json!(cycle);
+        detail["step_index"] = json!(step_index);
+        if let Some(f) = failure {
+            detail["query_failed"] = f;
+        }
+        detail
+    });
+    TierRecipients { list: resolved.recipients, resolved_now: true, audit }
+}
+
+/// Records a tier's freshly resolved list with the run's state (inside the
+/// fenced transaction that records the intents, so an engine taking the run
+/// over finds it) and audits it (ids, skipped rows and reasons; no names, no numbers).
+async fn record_tier_recipients(tx: &mut PgConnection, ctx: &StepContext<'_>, alert_id: Uuid, audit: Option<&Value>, actor: &str) -> Result<(), StepError> {
+    sqlx::query("UPDATE wardcall.runs SET state = $2 WHERE id = $1").bind(ctx.run.id).bind(&*ctx.state).execute(&mut *tx).await?;
+    if let Some(detail) = audit {
+        audit::record(tx, Entity::Alert, &alert_id.to_string(), "alert.recipients_resolved", None, None, actor, detail.clone()).await?;
+    }
+    Ok(())
+}
+
+/// Someone can be called again: clears the "nobody to call" alarm of the alert, if raised.
+async fn recipients_found(tx: &mut PgConnection, alert_id: Uuid, actor: &str) -> Result<(), StepError> {
+    let cleared =
+        sqlx::query("UPDATE wardcall.alerts SET nobody_since = NULL WHERE id = $1 AND nobody_since IS NOT NULL").bind(alert_id).execute(&mut *tx).await?;
+    if cleared.rows_affected() > 0 {
+        audit::record(tx, Entity::Alert, &alert_id.to_string(), "alert.recipients_found", None, None, actor, json!({})).await?;
+        tracing::info!(alert = %alert_id, "an alert that had nobody to call has recipients again");
+    }
+    Ok(())
+}
+
+/// A tier with nobody to call (no recipient with a voice number): audited
+/// `alert.tier_empty` (position and count only) and the policy goes on to the
+/// next tier at once. When every tier of the cycle was empty, the policy
+/// yielded nobody at all: the alert stays open, `wardcall.alerts.nobody_since`
+/// is set (listed by `wardcall status`), the first time is logged at error and
+/// audited `alert.nobody_to_call`, and the cycle's tiers are resolved again
+/// after [`NOBODY_RETRY_MS`], for ever, until someone can be called or the
+/// alert is cancelled: never silence (DESIGN.md invariant 10).
+#[allow(clippy::too_many_arguments)]
+async fn empty_tier(
+    ctx: &mut StepContext<'_>,
+    mut tx: sqlx::Transaction<'_, sqlx::Postgres>,
+    settings: &EscalationWorkflow,
+    policy: &Policy,
+    alert_id: Uuid,
+    cycle: i32,
+    step_index: i32,
+    listed: usize,
+) -> Result<Transition, StepError> {
+    let actor = ctx.engine.actor();
+    // While the alarm is raised, the rounds that find nobody again are not
+    // audited one by one (the alarm is, once, and `wardcall status` shows it).
+    let alarmed: bool = sqlx::query_scalar("SELECT nobody_since IS NOT NULL FROM wardcall.alerts WHERE id = $1").bind(alert_id).fetch_one(&mut *tx).await?;
+    if !alarmed {
+        audit::record(
+            &mut tx,
+            Entity::Alert,
+            &alert_id.to_string(),
+            "alert.tier_empty",
+            Some("open"),
+            Some("open"),
+            &actor,
+            json!({"cycle": cycle, "step_index": step_index, "listed_without_voice": listed}),
+        )
+        .await?;
+    }
+    let tiers = policy.steps.len() as i32;
+    let whole_cycle_empty = step_index + 1 >= tiers
+        && (0..tiers).all(|j| recipients::recorded(ctx.state, &position_key(cycle, j)).is_some_and(|l| l.iter().all(|r| r.voice.is_none())));
+    if let Some(o) = ctx.state.as_object_mut() {
+        o.remove("step_deadline_ms");
+    }
+    if whole_cycle_empty {
+        // (The alert row is locked by `open_alert`.)
+        let first = sqlx::query("UPDATE wardcall.alerts SET nobody_since = clock_timestamp() WHERE id = $1 AND nobody_since IS NULL")
+            .bind(alert_id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+            > 0;
+        if first {
+            audit::record(
+                &mut tx,
+                Entity::Alert,
+                &alert_id.to_string(),
+                "alert.nobody_to_call",
+                Some("open"),
+                Some("open"),
+                &actor,
+                json!({"policy": policy.id, "cycle": cycle, "retry_ms": NOBODY_RETRY_MS}),
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        if first {
+            tracing::error!(alert = %alert_id, policy = %policy.id, cycle, retry_ms = NOBODY_RETRY_MS, "ALARM: the policy yielded nobody to call; its tiers are resolved again until someone can be called");
+        }
+        recipients::forget(ctx.state, &format!("{cycle}."));
+        ctx.state["step_index"] = json!(0);
+        return Ok(Transition::Sleep { step: "call".into(), delay_ms: NOBODY_RETRY_MS });
+    }
+    tx.commit().await?;
+    if alarmed {
+        tracing::debug!(alert = %alert_id, cycle, step_index, "a tier still has nobody to call");
+    } else {
+        tracing::warn!(alert = %alert_id, cycle, step_index, "a tier has nobody to call; going on to the next tier at once");
+    }
+    let mut next = (cycle, step_index + 1);
+    if next.1 >= tiers {
+        next = (cycle + 1, 0);
+    }
+    if next.0 as u32 >= policy.repeat {
+        // The end of the policy (people were called in an earlier tier): as after a timeout.
+        return evaluate_position(ctx, settings, policy, Some(true)).await;
+    }
+    ctx.state["cycle"] = json!(next.0);
+    ctx.state["step_index"] = json!(next.1);
+    Ok(Transition::Next { step: "call".into() })
+}
+
 async fn open_alert(conn: &mut PgConnection, ctx: &StepContext<'_>, settings: &EscalationWorkflow, message: &str) -> Result<(Uuid, String), StepError> {
     let inserted: Option<Uuid> = sqlx::query_scalar(
         "INSERT INTO wardcall.alerts (run_id, workflow, policy, message, status) VALUES ($1, $2, $3, $4, 'open')
@@ -522,6 +719,11 @@ async fn place_calls(ctx: &mut StepContext<'_>, settings: &EscalationWorkflow, p
     } else {
         HashMap::new()
     };
+    // Who this tier calls: the list recorded at this position by an earlier
+    // execution (a takeover calls the same people), or resolved now from the
+    // config and the team's tables.
+    let tier = tier_recipients(ctx, step, cycle, step_index).await;
+    let callable: Vec<Recipient> = tier.list.iter().filter(|r| r.address(Channel::Voice).is_some()).cloned().collect();
 
     // 1. Record the intents (and the alert), fenced, in one transaction.
     let mut tx = engine.db.pool.begin().await?;
@@ -534,6 +736,13 @@ async fn place_calls(ctx: &mut StepContext<'_>, settings: &EscalationWorkflow, p
         tx.commit().await?;
         return Ok(Transition::Complete);
     }
+    if tier.resolved_now {
+        record_tier_recipients(&mut tx, ctx, alert_id, tier.audit.as_ref(), &actor).await?;
+    }
+    if callable.is_empty() {
+        return empty_tier(ctx, tx, settings, policy, alert_id, cycle, step_index, tier.list.len()).await;
+    }
+    recipients_found(&mut tx, alert_id, &actor).await?;
     let existing = latest_attempts(&mut tx, ctx.run.id, cycle, step_index).await?;
     if existing.is_empty() && (cycle, step_index) != (0, 0) {
         audit::record(
@@ -550,8 +759,9 @@ async fn place_calls(ctx: &mut StepContext<'_>, settings: &EscalationWorkflow, p
         write_back(&mut tx, settings.write_back.on_escalated.as_deref(), "on_escalated", &ctx.run.input, WriteBackSubject::Alert(alert_id), &actor).await?;
     }
     let mut to_place: Vec<(Uuid, String, String)> = Vec::new(); // attempt, person, phone
-    for person_id in &step.notify {
-        let person = engine.config.person(person_id).ok_or_else(|| StepError::Permanent(anyhow!("unknown person '{person_id}'")))?;
+    for person in &callable {
+        let person_id = &person.id;
+        let phone = person.voice.clone().unwrap_or_default();
         let latest = existing.iter().find(|a| &a.person_id == person_id);
         let generation = match latest {
             None => 0,
@@ -616,8 +826,8 @@ async fn place_calls(ctx: &mut StepContext<'_>, settings: &EscalationWorkflow, p
         let id: Uuid = sqlx::query_scalar(
             "INSERT INTO wardcall.notification_attempts
                  (alert_id, run_id, cycle, step_index, person_id, generation, channel, destination, provider, status, fencing_token,
-                  reconcile_after)
-             VALUES ($1, $2, $3, $4, $5, $6, 'voice', $7, 'twilio', 'intent', $8, clock_timestamp() + $9 * interval '1 millisecond')
+                  reconcile_after, person_name)
+             VALUES ($1, $2, $3, $4, $5, $6, 'voice', $7, 'twilio', 'intent', $8, clock_timestamp() + $9 * interval '1 millisecond', $10)
              RETURNING id",
         )
         .bind(alert_id)
@@ -626,9 +836,10 @@ async fn place_calls(ctx: &mut StepContext<'_>, settings: &EscalationWorkflow, p
         .bind(step_index)
         .bind(person_id)
         .bind(generation)
-        .bind(&person.phone)
+        .bind(&phone)
         .bind(ctx.run.fencing_token)
         .bind(reconcile_after_ms)
+        .bind(&person.name)
         .fetch_one(&mut *tx)
         .await?;
         audit::record(
@@ -642,7 +853,7 @@ async fn place_calls(ctx: &mut StepContext<'_>, settings: &EscalationWorkflow, p
             json!({"person_id": person_id, "cycle": cycle, "step_index": step_index, "generation": generation}),
         )
         .await?;
-        to_place.push((id, person_id.clone(), person.phone.clone()));
+        to_place.push((id, person_id.clone(), phone));
     }
     tx.commit().await?;
 
@@ -700,7 +911,7 @@ async fn place_calls(ctx: &mut StepContext<'_>, settings: &EscalationWorkflow, p
         return Err(StepError::Retryable(anyhow!("{why}")));
     }
     let deadline = jiff::Timestamp::now().as_millisecond() + ack_timeout_ms;
-    if ctx.state.get("step_deadline_ms").is_none() || to_place.len() == step.notify.len() {
+    if ctx.state.get("step_deadline_ms").is_none() || to_place.len() == callable.len() {
         ctx.state["step_deadline_ms"] = json!(deadline);
     }
     ctx.check_lease()?;
@@ -880,7 +1091,10 @@ pub async fn write_back(
 ) -> Result<(), sqlx::Error> {
     let Some(sql) = sql else { return Ok(()) };
     let details: Value = match subject {
-        WriteBackSubject::Attempt(id) => sqlx::query_scalar("SELECT wardcall.attempt_details($1)").bind(id).fetch_one(&mut *conn).await?,
+        // The recipient's id and name (`person_id`, `person_name`) come with the attempt's details.
+        WriteBackSubject::Attempt(id) => {
+            sqlx::query_scalar("SELECT wardcall.attempt_details($1) || wardcall.attempt_recipient($1)").bind(id).fetch_one(&mut *conn).await?
+        }
         WriteBackSubject::Alert(id) => sqlx::query_scalar("SELECT wardcall.alert_details($1)").bind(id).fetch_one(&mut *conn).await?,
     };
     sqlx::query("SAVEPOINT wardcall_write_back").execute(&mut *conn).await?;

@@ -19,10 +19,12 @@ mod bench_smoke;
 mod capture_runtime;
 mod config_checks;
 mod escalation;
+mod example_homecare;
 mod fail_safe;
 mod harness;
 mod http_surface;
 mod privacy_cluster;
+mod recipients;
 mod runtime_resilience;
 mod sms;
 mod workflow_model;
@@ -55,5 +57,7 @@ fn all_tests() -> Vec<Trial> {
     t.extend(http_surface::tests());
     t.extend(workflow_model::tests());
     t.extend(sms::tests());
+    t.extend(recipients::tests());
+    t.extend(example_homecare::tests());
     t
 }

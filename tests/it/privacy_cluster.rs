@@ -176,34 +176,44 @@ pub async fn redacted_errors_keep_what_an_operator_needs() {
 /// Patient and staff data of the demo's seed and config.
 const SEED_DATA: [&str; 8] = ["Dana Vale", "Rowan Ellis", "P-DHE-001", "P-DHE-002", "+13855550101", "+13855550102", "3855550101", "3855550102"];
 
-/// `RUST_LOG=debug wardcall demo` (here on the test server through DATABASE_URL)
-/// prints no seed patient name, patient id or phone number on stdout or stderr.
+/// Personal data in the home-care example's seed.
+const HOMECARE_SEED_DATA: [&str; 9] =
+    ["Casey Lindqvist", "Devon Achebe", "Emery Santos", "Finley Okafor", "Gale Moreau", "Harper Nilsen", "3855550201", "3855550202", "3855550204"];
+
+/// `RUST_LOG=debug wardcall demo` and `wardcall demo homecare` (here on the
+/// test server through DATABASE_URL, one after the other: both use the
+/// database `wardcall_demo`) print no seed name, patient id, phone number or
+/// outcome text on stdout or stderr.
 pub async fn demo_debug_log_prints_no_seed_data() {
     let db = TestDb::new().await;
-    let out = tokio::time::timeout(
-        Duration::from_secs(240),
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_wardcall"))
-            .arg("demo")
-            .env("DATABASE_URL", db.url())
-            .env("RUST_LOG", "debug")
-            .env_remove("WARDCALL_CONFIG")
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .expect("the demo finishes within 240 s")
-    .expect("the demo runs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "demo failed ({}):\n{stdout}\n{stderr}", out.status);
-    assert!(stdout.contains("alert acknowledged"), "{stdout}");
-    assert!(stderr.contains("DEBUG"), "debug logging was on: {stderr}");
-    for value in SEED_DATA {
-        for (name, text) in [("stdout", &stdout), ("stderr", &stderr)] {
-            if let Some(at) = text.find(value) {
-                let from = text[..at].rfind('\n').map_or(0, |i| i + 1);
-                let line = text[from..].lines().next().unwrap_or("");
-                panic!("the demo's {name} prints seed data {value:?}: {line}");
+    for (args, expected, seed) in
+        [(&["demo"][..], "alert acknowledged", &SEED_DATA[..]), (&["demo", "homecare"][..], "resolved by the team", &HOMECARE_SEED_DATA[..])]
+    {
+        let out = tokio::time::timeout(
+            Duration::from_secs(240),
+            tokio::process::Command::new(env!("CARGO_BIN_EXE_wardcall"))
+                .args(args)
+                .env("DATABASE_URL", db.url())
+                .env("RUST_LOG", "debug")
+                .env_remove("WARDCALL_CONFIG")
+                .kill_on_drop(true)
+                .output(),
+        )
+        .await
+        .expect("the demo finishes within 240 s")
+        .expect("the demo runs");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{args:?} failed ({}):\n{stdout}\n{stderr}", out.status);
+        assert!(stdout.contains(expected), "{stdout}");
+        assert!(stderr.contains("DEBUG"), "debug logging was on: {stderr}");
+        for value in seed {
+            for (name, text) in [("stdout", &stdout), ("stderr", &stderr)] {
+                if let Some(at) = text.find(value) {
+                    let from = text[..at].rfind('\n').map_or(0, |i| i + 1);
+                    let line = text[from..].lines().next().unwrap_or("");
+                    panic!("{args:?}'s {name} prints seed data {value:?}: {line}");
+                }
             }
         }
     }

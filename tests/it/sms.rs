@@ -218,7 +218,7 @@ pub async fn replayed_sms_webhooks_change_nothing() {
 pub async fn reply_one_acknowledges_and_hangs_up_ringing_calls() {
     // Both nurses in the first tier: A is busy and gets the text, B's phone rings.
     let h = sms_hospital(Persona::Busy, Persona::NoAnswer, SmsPersona::Reply { delay_ms: 300, body: " 1 ".into() }, 30.0, |c| {
-        c.policies[0].steps[0].notify = vec!["nurse-avery".into(), "nurse-blake".into()];
+        c.policies[0].steps[0].who.notify = vec!["nurse-avery".into(), "nurse-blake".into()];
         if let Some(e) = c.workflows[0].escalation_mut() {
             // The team's write-back names the channel.
             e.write_back.on_acknowledged = Some(
@@ -404,7 +404,7 @@ pub async fn one_way_notify_sends_once_per_recipient_even_when_rerun() {
 pub async fn keypress_acknowledgement_names_voice_and_ends_texting() {
     // Both nurses in the first tier: A is busy and is texted; B answers and presses 1.
     let h = sms_hospital(Persona::Busy, Persona::Answer { ring_ms: 600, think_ms: 100, digits: "1".into() }, SmsPersona::Deliver, 30.0, |c| {
-        c.policies[0].steps[0].notify = vec!["nurse-avery".into(), "nurse-blake".into()];
+        c.policies[0].steps[0].who.notify = vec!["nurse-avery".into(), "nurse-blake".into()];
     })
     .await;
     h.db.exec(SEIZURE_INSERT).await;

@@ -1,4 +1,4 @@
--- The hospital team's own schema (SCENARIOS.md §1) and demo data.
+-- The hospital team's own schema (SCENARIOS.md §1). Demo rows: seed.sql.
 CREATE TABLE IF NOT EXISTS rooms    (room_id uuid PRIMARY KEY DEFAULT gen_random_uuid(), room_name text NOT NULL);
 CREATE TABLE IF NOT EXISTS patients (patient_id text PRIMARY KEY, name text NOT NULL);
 CREATE TABLE IF NOT EXISTS alerts (
@@ -16,5 +16,3 @@ CREATE TABLE IF NOT EXISTS alerts (
   acknowledged_at timestamptz,
   acknowledged_by text
 );
-INSERT INTO rooms (room_name) VALUES ('Room 1'), ('Room 2'), ('Room 3');
-INSERT INTO patients (patient_id, name) VALUES ('P-DHE-001', 'Dana Vale'), ('P-DHE-002', 'Rowan Ellis');

@@ -1,7 +1,7 @@
-//! `wardcall demo`: the hospital scenario end to end, offline.
+//! `wardcall demo` (or `wardcall demo hospital`): the hospital scenario
+//! (SCENARIOS.md §1, `examples/hospital/`), end to end, offline.
 //!
-//! On the embedded cluster (or `database_url`), in a freshly created database
-//! `wardcall_demo`, with the in-process Twilio emulator:
+//! With the in-process Twilio emulator, on the demo database:
 //! 1. a row in a demo table is captured and its run advances through a step, a
 //!    durable sleep and a wait for a signal;
 //! 2. the hospital's own INSERT of a critical seizure alert rings the first
@@ -11,80 +11,35 @@
 //! Demo timeouts are shorter than production defaults (8 s per step instead of
 //! 30 s), and it says so.
 
+use super::{await_value, redact_row, DemoContext, DEMO_AUTH_TOKEN};
 use crate::app::{App, StartOptions};
-use crate::config::{Config, Source, Workflow};
-use crate::db::{connect_pool, embedded::EmbeddedCluster, Database};
+use crate::config::{Source, Workflow};
 use crate::twilio::emulator::{EmulatorConfig, EmulatorEvent, Persona, TwilioEmulator};
 use anyhow::Context;
+use futures_util::future::LocalBoxFuture;
 use serde_json::Value;
-use sqlx::postgres::PgConnectOptions;
 use sqlx::PgPool;
 use std::collections::HashMap;
-use std::path::Path;
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// The hospital scenario's configuration (also shipped as `examples/hospital.toml`).
-pub const HOSPITAL_CONFIG: &str = include_str!("../examples/hospital.toml");
-/// The hospital team's schema and demo data (`examples/hospital_schema.sql`).
-pub const HOSPITAL_SCHEMA: &str = include_str!("../examples/hospital_schema.sql");
-/// Demo Twilio auth token (the emulator's; not a secret).
-pub const DEMO_AUTH_TOKEN: &str = "demo-auth-token-not-a-secret";
-const DEMO_DB: &str = "wardcall_demo";
 const ACK_TIMEOUT_SECONDS: f64 = 8.0;
 
-/// Runs the demo. `config_path` may give `data_dir` or `database_url`; all else
-/// is the demo's own.
-///
-/// Errors: the database cannot be started or reached, or the scenario does not
-/// reach its expected end within 60 s (the error says which stage).
-pub async fn run(config_path: Option<&Path>) -> anyhow::Result<()> {
-    let base = Config::load(config_path)?;
-    println!("wardcall demo: the hospital scenario, offline (embedded PostgreSQL, in-process Twilio emulator)");
-    println!("note: demo timeouts are shorter than production defaults: {ACK_TIMEOUT_SECONDS} s per escalation step instead of 30 s.\n");
+/// Printed before the scenario.
+pub const ABOUT: &str = "note: demo timeouts are shorter than production defaults: 8 s per escalation step instead of 30 s.";
 
-    // The database: a fresh `wardcall_demo` on the embedded cluster or on database_url.
-    let (server, embedded) = match &base.database_url {
-        Some(url) => (PgConnectOptions::from_str(url).context("database_url")?, None),
-        None => {
-            let dir = base.data_dir.clone().unwrap_or_else(|| ".wardcall".into());
-            let cluster = EmbeddedCluster::start(&dir).await?;
-            if let Some(requested) = cluster.relocated_from() {
-                println!(
-                    "note: the `postgres` account cannot reach {}, so the demo's PostgreSQL cluster is in {}.\n",
-                    requested.display(),
-                    cluster.data_dir().display()
-                );
-            }
-            (cluster.connect_options("postgres"), Some(Arc::new(cluster)))
-        }
-    };
-    let admin = connect_pool(server.clone(), 2).await?;
-    {
-        // Creating a database can take longer than the engine's statement
-        // timeout on a busy machine (it copies a template and checkpoints).
-        let mut conn = admin.acquire().await?;
-        sqlx::raw_sql("SET statement_timeout = 0").execute(&mut *conn).await?;
-        sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS {DEMO_DB} WITH (FORCE)")).execute(&mut *conn).await?;
-        sqlx::raw_sql(&format!("CREATE DATABASE {DEMO_DB}")).execute(&mut *conn).await?;
-    }
-    admin.close().await;
-    let options = server.database(DEMO_DB);
-    let pool = connect_pool(options.clone(), 12).await?;
-    let db = Database { pool: pool.clone(), connect_options: options, embedded };
-    let result = scenario(&base, db.clone(), &pool).await;
-    db.shutdown().await;
-    result
+/// Runs the scenario on the demo database (schema and seed loaded).
+pub fn run(ctx: &DemoContext) -> LocalBoxFuture<'_, anyhow::Result<()>> {
+    Box::pin(scenario(ctx))
 }
 
-async fn scenario(base: &Config, db: Database, pool: &PgPool) -> anyhow::Result<()> {
-    // The team's schema and the demo table.
-    sqlx::raw_sql(HOSPITAL_SCHEMA).execute(pool).await?;
+async fn scenario(ctx: &DemoContext) -> anyhow::Result<()> {
+    let (base, pool) = (&ctx.base, &ctx.pool);
+    // The demo table of part 1.
     sqlx::raw_sql("CREATE TABLE demo_tasks (id bigserial PRIMARY KEY, title text NOT NULL, steps jsonb NOT NULL)").execute(pool).await?;
 
     // The Twilio emulator: the first nurse never answers, the backup presses 1.
-    let mut config = Config::parse(HOSPITAL_CONFIG, "examples/hospital.toml")?;
+    let mut config = ctx.example.parse_config()?;
     let twilio = config.providers.twilio.as_mut().expect("hospital config has Twilio");
     let mut personas = HashMap::new();
     personas.insert("+13855550101".to_string(), Persona::NoAnswer);
@@ -110,10 +65,10 @@ async fn scenario(base: &Config, db: Database, pool: &PgPool) -> anyhow::Result<
     });
     config.workflows.push(Workflow { max_attempts: 3, retry_base_ms: 200, retry_max_ms: 1000, ..Workflow::script("demo-script", "demo.task") });
     config.database_url = base.database_url.clone();
-    config.validate("examples/hospital.toml")?;
+    config.validate(ctx.example.config_file)?;
     let config = Arc::new(config);
     let app = App::start(
-        db,
+        ctx.db.clone(),
         config,
         StartOptions {
             twilio_auth_token: Some(DEMO_AUTH_TOKEN.into()),
@@ -130,45 +85,6 @@ async fn scenario(base: &Config, db: Database, pool: &PgPool) -> anyhow::Result<
     app.stop(Duration::from_secs(5)).await;
     emulator.shutdown().await;
     outcome
-}
-
-/// The alerts row for printing: values that are patient or staff data (the
-/// phone number, the spoken message, which names the patient) replaced by
-/// `"<n characters, not printed>"`; ids, statuses and times kept. Keeps the
-/// demo's output, which people paste into issues and chats, free of the seed's
-/// personal data (ARCHITECTURE.md, "No patient data on error paths").
-fn redact_row(mut row: Value) -> Value {
-    fn walk(v: &mut Value) {
-        if let Value::Object(map) = v {
-            for (key, value) in map.iter_mut() {
-                let shown = key == "id" || key.ends_with("_id") || key.ends_with("_at") || key.ends_with("_by") || key.ends_with("status");
-                match value {
-                    Value::Object(_) => walk(value),
-                    Value::String(text) if !shown => {
-                        *value = Value::String(format!("<{} characters, not printed>", text.chars().count()));
-                    }
-                    _ => {}
-                }
-            }
-        }
-    }
-    walk(&mut row);
-    row
-}
-
-async fn await_value<T, F, Fut>(what: &str, timeout: Duration, mut probe: F) -> anyhow::Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = anyhow::Result<Option<T>>>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = probe().await? {
-            return Ok(v);
-        }
-        anyhow::ensure!(Instant::now() < deadline, "demo: timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
 }
 
 async fn part_one(pool: &PgPool) -> anyhow::Result<()> {
