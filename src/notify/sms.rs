@@ -443,9 +443,12 @@ pub async fn send_one_way(engine: &Arc<Engine>, run: &ClaimedRun, step_key: &str
 
 /// The SMS number of an escalation recipient: the config person's `phone`
 /// (config people have one number for both channels), else the number the
-/// call went to. The single place to change when recipients come from the
-/// team's tables (their `sms` contact, [`Recipient::address`]).
-fn fallback_address(engine: &Engine, person_id: &str, called: &str) -> String {
+/// call went to. The tier's recorded recipients (`tier`) come first: a
+/// recipient from the team's tables is texted at their `sms` number.
+fn fallback_address(engine: &Engine, tier: &[crate::notify::Recipient], person_id: &str, called: &str) -> String {
+    if let Some(sms) = tier.iter().find(|r| r.id == person_id).and_then(|r| r.sms.clone()) {
+        return sms;
+    }
     engine.config.person(person_id).map(|p| p.phone.clone()).unwrap_or_else(|| called.to_string())
 }
 
@@ -497,7 +500,14 @@ async fn call_attempts(conn: &mut PgConnection, pos: Position<'_>) -> Result<Vec
 /// intents). Called by the escalation each time it evaluates its position.
 ///
 /// Errors: as [`send_one_way`].
-pub async fn send_fallbacks(engine: &Arc<Engine>, run: &ClaimedRun, alert_id: Uuid, cycle: i32, step_index: i32) -> Result<(), StepError> {
+pub async fn send_fallbacks(
+    engine: &Arc<Engine>,
+    run: &ClaimedRun,
+    alert_id: Uuid,
+    cycle: i32,
+    step_index: i32,
+    tier: &[crate::notify::Recipient],
+) -> Result<(), StepError> {
     let actor = engine.actor();
     let pos = Position { run: run.id, step_key: "", cycle, step_index };
     let (calls, existing) = {
@@ -527,7 +537,7 @@ pub async fn send_fallbacks(engine: &Arc<Engine>, run: &ClaimedRun, alert_id: Uu
     for c in calls.iter().filter(|c| c.failed()) {
         let latest = existing.iter().find(|a| a.person_id == c.person_id);
         if let Some(generation) = settle_latest(&mut tx, latest, &reconciled, &actor).await? {
-            let to = fallback_address(engine, &c.person_id, &c.destination);
+            let to = fallback_address(engine, tier, &c.person_id, &c.destination);
             let attempt_id = insert_intent(&mut tx, run, Some(alert_id), pos, &c.person_id, generation, &to, &actor).await?;
             tracing::info!(attempt = %attempt_id, person = %c.person_id, call_status = %c.status, "call failed; sending the SMS fallback");
             outgoing.push(Outgoing { attempt_id, person_id: c.person_id.clone(), to, body: body.clone() });

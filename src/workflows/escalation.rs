@@ -519,7 +519,7 @@ async fn tier_recipients(ctx: &mut StepContext<'_>, step: &PolicyStep, cycle: i3
     }
     let engine = ctx.engine.clone();
     // The workflow model's variables are not there yet: `$2` is `{}`.
-    let vars = json!({});
+    let vars = crate::workflows::variables(ctx.state);
     let mut outcome = recipients::resolve(&engine.db.pool, &engine.config, &step.who, &ctx.run.input, &vars).await;
     if outcome.as_ref().err().and_then(|e| e.sqlstate()).is_some_and(|c| !c.starts_with("42")) {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
@@ -945,7 +945,8 @@ async fn evaluate_position(
     // this evaluation's transaction).
     let sms_fallback = policy.steps.get(step_index as usize).is_some_and(|s| s.sms_fallback);
     if sms_fallback {
-        crate::notify::sms::send_fallbacks(&engine, ctx.run, alert_id, cycle, step_index).await?;
+        let tier = recipients::recorded(ctx.state, &position_key(cycle, step_index)).unwrap_or_default();
+        crate::notify::sms::send_fallbacks(&engine, ctx.run, alert_id, cycle, step_index, &tier).await?;
     }
     let mut tx = engine.db.pool.begin().await?;
     if !lock_fenced(&mut tx, ctx.run.id, ctx.run.fencing_token).await? {

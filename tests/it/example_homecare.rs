@@ -14,6 +14,7 @@ pub fn tests() -> Vec<libtest_mimic::Trial> {
         example_homecare::lifecycle_along_the_backup_chain_on_the_teams_schema,
         example_homecare::inactive_zone_coordinator_is_skipped,
         example_homecare::config_passes_the_schema_check,
+        example_homecare::team_resolving_the_alert_stops_the_calls,
     ]
 }
 
@@ -196,4 +197,26 @@ pub async fn config_passes_the_schema_check() {
     cfg.validate(example.config_file).unwrap();
     wardcall::app::prepare_database(&db.database(), &cfg, "test").await.unwrap();
     assert!(wardcall::demo::example("hospital").is_some() && wardcall::demo::EXAMPLES[0].name == "hospital", "the default demo is the hospital");
+}
+
+pub async fn team_resolving_the_alert_stops_the_calls() {
+    // Nobody answers; the coordinator resolves the alert in the team's app
+    // while the phone rings: cancel_on ends the run, the ringing call is hung
+    // up, no backup is called, and the team's row stays as the team wrote it.
+    let h = homecare(&[], 30.0).await;
+    let id = tap(&h.db, NORTH_CLIENT).await;
+    h.await_stage(id, "ringing", 1, Duration::from_secs(15)).await;
+    h.db.exec(&format!("UPDATE care_alerts SET status = 'resolved', resolved_at = now(), outcome = 'handled on site' WHERE id = '{id}'")).await;
+    await_true(&h.db, "the run to be cancelled", Duration::from_secs(10), "SELECT count(*) = 1 FROM wardcall.runs WHERE status = 'cancelled'").await;
+    await_true(
+        &h.db,
+        "the ringing call to be ended",
+        Duration::from_secs(10),
+        "SELECT count(*) = 0 FROM wardcall.notification_attempts WHERE status IN ('requested','initiated','ringing','in-progress')",
+    )
+    .await;
+    let (status, _, _, _, resolved, outcome) = h.row(id).await;
+    assert_eq!((status.as_str(), resolved, outcome.as_deref()), ("resolved", true, Some("handled on site")));
+    assert_eq!(h.emulator.calls().len(), 1, "no backup was called");
+    h.stop().await;
 }
