@@ -15,6 +15,7 @@ pub mod db;
 pub mod demo;
 pub mod http;
 pub mod notify;
+pub mod outbound;
 pub mod providers;
 pub mod runtime;
 pub mod template;

@@ -17,6 +17,7 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     (3, "priority", include_str!("../../migrations/0003_priority.sql")),
     (4, "unrouted", include_str!("../../migrations/0004_unrouted.sql")),
     (5, "call_reconciliation", include_str!("../../migrations/0005_call_reconciliation.sql")),
+    (9, "outbound_http", include_str!("../../migrations/0009_outbound_http.sql")),
 ];
 
 /// Applies the migrations not yet applied; returns how many it applied.

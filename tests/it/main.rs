@@ -22,6 +22,7 @@ mod escalation;
 mod fail_safe;
 mod harness;
 mod http_surface;
+mod outbound;
 mod privacy_cluster;
 mod runtime_resilience;
 
@@ -51,5 +52,6 @@ fn all_tests() -> Vec<Trial> {
     t.extend(config_checks::tests());
     t.extend(runtime_resilience::tests());
     t.extend(http_surface::tests());
+    t.extend(outbound::tests());
     t
 }
