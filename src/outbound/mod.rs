@@ -460,6 +460,42 @@ fn transport_error(endpoint: &str, e: &reqwest::Error, timeout: Duration) -> Str
     text
 }
 
+/// What an `http` step does with an [`Outcome`] (see [`decide`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    /// The request succeeded: go on (keep `status`/`body` as the step's result).
+    Done { status: u16, body: Value },
+    /// A retryable failure with attempts left: run the step again in
+    /// `delay_ms`, counting this attempt.
+    Retry { delay_ms: i64, error: String },
+    /// The breaker is open: run the step again in `delay_ms` *without*
+    /// counting an attempt (nothing was sent).
+    WaitForBreaker { delay_ms: i64 },
+    /// A non-retryable failure, or the last attempt failed: the run fails
+    /// with `error` (a dead letter; `on_failure` runs).
+    Fail { error: String },
+}
+
+/// The runtime contract of an `http` step: maps the outcome of attempt
+/// number `attempt` (1 = the first request) to what the step does next.
+/// A retryable failure waits [`backoff_ms`]`(retry, attempt)`, or the
+/// endpoint's `Retry-After` when that is longer (capped at `retry.max_ms`),
+/// while `attempt < retry.max_attempts`; then the run fails. A non-retryable
+/// failure fails at once. An open breaker waits its `retry_in_ms` and costs
+/// no attempt.
+pub fn decide(outcome: Outcome, retry: &RetryConfig, attempt: i32) -> Decision {
+    match outcome {
+        Outcome::Success { status, body } => Decision::Done { status, body },
+        Outcome::BreakerOpen { retry_in_ms } => Decision::WaitForBreaker { delay_ms: retry_in_ms.max(1) },
+        Outcome::Failed { error, retryable: true, retry_after_ms, .. } if (attempt.max(1) as u32) < retry.max_attempts => {
+            let after = retry_after_ms.unwrap_or(0).min(retry.max_ms.min(i64::MAX as u64) as i64);
+            Decision::Retry { delay_ms: backoff_ms(retry, attempt).max(after), error }
+        }
+        Outcome::Failed { error, retryable: true, .. } => Decision::Fail { error: format!("{error} (after {} attempts)", attempt.max(1)) },
+        Outcome::Failed { error, .. } => Decision::Fail { error },
+    }
+}
+
 /// The delay before attempt `attempt + 1` after `attempt` failed attempts
 /// (1 = after the first), in milliseconds: `base_ms × 2^(attempt-1)` capped
 /// at `max_ms`, then "equal jitter": half of it fixed, half uniformly random
@@ -491,6 +527,19 @@ mod tests {
         }
         let big = RetryConfig { max_attempts: 10, base_ms: 3_600_000, max_ms: 86_400_000 };
         assert!(backoff_ms(&big, i32::MAX) <= 86_400_000);
+    }
+
+    #[test]
+    fn decisions_follow_the_contract() {
+        let r = RetryConfig { max_attempts: 3, base_ms: 100, max_ms: 5000 };
+        let failed = |retryable, retry_after_ms| Outcome::Failed { error: "e".into(), retryable, status: Some(503), retry_after_ms };
+        assert!(matches!(decide(failed(true, None), &r, 1), Decision::Retry { delay_ms, .. } if (50..=100).contains(&delay_ms)));
+        assert!(matches!(decide(failed(true, Some(2000)), &r, 2), Decision::Retry { delay_ms: 2000, .. }));
+        assert!(matches!(decide(failed(true, Some(90_000)), &r, 2), Decision::Retry { delay_ms: 5000, .. }));
+        assert!(matches!(decide(failed(true, None), &r, 3), Decision::Fail { error } if error.contains("after 3 attempts")));
+        assert_eq!(decide(failed(false, None), &r, 1), Decision::Fail { error: "e".into() });
+        assert_eq!(decide(Outcome::BreakerOpen { retry_in_ms: 700 }, &r, 3), Decision::WaitForBreaker { delay_ms: 700 });
+        assert_eq!(decide(Outcome::Success { status: 200, body: Value::Null }, &r, 1), Decision::Done { status: 200, body: Value::Null });
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use uuid::Uuid;
 use wardcall::config::Config;
-use wardcall::outbound::{idempotency_key, perform, Endpoint, Endpoints, Method, Outcome, Request, RequestKey, RetryConfig};
+use wardcall::outbound::{decide, idempotency_key, perform, Decision, Endpoint, Endpoints, Method, Outcome, Request, RequestKey, RetryConfig};
 
 pub fn tests() -> Vec<libtest_mimic::Trial> {
     trials![
@@ -185,22 +185,24 @@ pub async fn retry_with_backoff_then_success_keeps_one_idempotency_key() {
     let run = Uuid::new_v4();
     let started = Instant::now();
     let mut attempt = 1;
-    let outcome = loop {
-        match send(&db.pool, &ep, "engine-a", run, attempt).await {
-            Outcome::Failed { retryable: true, status, retry_after_ms, .. } => {
-                assert_eq!(status, Some(503));
-                assert_eq!(retry_after_ms, Some(1000), "Retry-After is read");
-                assert!(attempt < retry.max_attempts as i32, "ran out of attempts");
-                tokio::time::sleep(Duration::from_millis(wardcall::outbound::backoff_ms(&retry, attempt) as u64)).await;
+    // The caller's loop, as an `http` step runs it across executions.
+    let decision = loop {
+        let outcome = send(&db.pool, &ep, "engine-a", run, attempt).await;
+        if let Outcome::Failed { retryable, status, retry_after_ms, .. } = &outcome {
+            assert_eq!((*retryable, *status, *retry_after_ms), (true, Some(503), Some(1000)), "503 is retryable; Retry-After is read");
+        }
+        match decide(outcome, &retry, attempt) {
+            Decision::Retry { delay_ms, .. } => {
+                assert_eq!(delay_ms, 1000, "Retry-After (1 s) is longer than the backoff");
+                tokio::time::sleep(Duration::from_millis(delay_ms as u64)).await;
                 attempt += 1;
             }
             other => break other,
         }
     };
-    // Backoff: at least half of 40 + 80 ms.
-    assert!(started.elapsed() >= Duration::from_millis(60), "{:?}", started.elapsed());
-    match outcome {
-        Outcome::Success { status, body } => {
+    assert!(started.elapsed() >= Duration::from_millis(2000), "{:?}", started.elapsed());
+    match decision {
+        Decision::Done { status, body } => {
             assert_eq!(status, 201);
             assert_eq!(body["task_id"], "task-2", "the response's JSON is parsed");
         }
@@ -417,6 +419,12 @@ pub async fn secret_header_is_sent_and_never_leaks() {
     let up = Upstream::start(Script { fail_first: 1, fail_status: 500, status: 200, delay_ms: 0 }).await;
     let logs = LogBuffer::default();
     let subscriber = tracing_subscriber::fmt().with_writer(logs.clone()).with_max_level(tracing::Level::TRACE).with_ansi(false).finish();
+    // With exactly one dispatcher registered, tracing caches a callsite that
+    // another test's thread reaches first as "never" (tracing-core's
+    // `has_just_one` shortcut asks only that thread's default), and this
+    // thread's subscriber would miss it: a second, silent dispatcher keeps
+    // interest computed over every dispatcher.
+    let _second = tracing::Dispatch::new(tracing::subscriber::NoSubscriber::default());
     let _guard = tracing::subscriber::set_default(subscriber);
     let ep = endpoint(
         &up.url(),
