@@ -308,9 +308,9 @@ pub struct HttpStepConfig {
     /// Appended to the endpoint's URL (a template with `{placeholders}`). Default empty.
     #[serde(default)]
     pub path: String,
-    /// The JSON body: a table whose string values may hold `{placeholders}`.
-    /// Default: no body.
-    pub body: Option<toml::Table>,
+    /// The JSON body: a table (a JSON object) whose string values may hold
+    /// `{placeholders}`. Default: no body.
+    pub body: Option<serde_json::Map<String, serde_json::Value>>,
     /// Statuses that count as success, instead of the endpoint's.
     pub success: Option<StatusSet>,
     /// Milliseconds the request may take, instead of the endpoint's `timeout_ms`.
@@ -479,6 +479,9 @@ mod tests {
     fn step_defaults_and_checks() {
         let s: HttpStepConfig = toml::from_str("endpoint = \"tasks\"\n").unwrap();
         assert_eq!(s.method, Method::Post);
+        assert!(s.body.is_none() && s.success.is_none() && s.timeout_ms.is_none() && s.path.is_empty());
+        let b: HttpStepConfig = toml::from_str("endpoint = \"tasks\"\nbody = { name = \"followup-{booking_id}\", n = 2, tags = [\"a\"] }\n").unwrap();
+        assert_eq!(serde_json::Value::Object(b.body.unwrap()), serde_json::json!({"name": "followup-{booking_id}", "n": 2, "tags": ["a"]}));
         assert_eq!(s.retry, RetryConfig { max_attempts: 5, base_ms: 1000, max_ms: 60_000 });
         let eps = parse("[[endpoints]]\nname = \"tasks\"\nurl = \"https://x.example\"\n");
         s.check("workflows[0].steps[1].http", &eps).unwrap();

@@ -115,7 +115,7 @@ impl std::fmt::Debug for Endpoint {
 impl Endpoint {
     /// The endpoint's URL with `path` (a rendered step path, e.g.
     /// `/tasks/42?x=1`) appended after exactly one `/`. Placeholder values
-    /// rendered into a path should be percent-encoded by the caller.
+    /// rendered into a path should be encoded with [`path_segment`].
     ///
     /// Errors: the result is not a URL, or leaves the endpoint (another
     /// scheme, host or port, or outside the base path through `..`).
@@ -276,6 +276,27 @@ pub struct RequestKey<'a> {
 pub fn idempotency_key(run_id: Uuid, step: &str) -> String {
     let step: String = url::form_urlencoded::byte_serialize(step.as_bytes()).collect();
     format!("{run_id}.{step}")
+}
+
+/// `value` as one URL path segment: every byte but the unreserved characters
+/// of RFC 3986 §2.3 (`A-Z a-z 0-9 - . _ ~`) percent-encoded, so that a value
+/// rendered into a step's `path` can neither add a segment (`/`), a query
+/// (`?`), a fragment (`#`) nor climb: `.` and `..` as a whole value are
+/// encoded as `%2E` and `%2E%2E`, which URL parsers treat as dot segments
+/// too, so [`Endpoint::url_for`] still refuses a path that leaves the endpoint.
+pub fn path_segment(value: &str) -> String {
+    if value == "." || value == ".." {
+        return "%2E".repeat(value.len());
+    }
+    let mut out = String::with_capacity(value.len());
+    for b in value.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 /// What [`perform`] reports.
@@ -569,6 +590,13 @@ mod tests {
         assert_eq!(format!("{:?}", Secret::new("s3cr3t")), "Secret(<redacted>)");
         let missing = Endpoints::resolve_with(&eps, "x.toml", &|_| None).unwrap_err().to_string();
         assert!(missing.contains("x.toml") && missing.contains("endpoints[0].headers.Authorization") && missing.contains("TASKS_TOKEN"), "{missing}");
+    }
+
+    #[test]
+    fn path_segments_are_encoded() {
+        assert_eq!(path_segment("booking-17_a.b~"), "booking-17_a.b~");
+        assert_eq!(path_segment("a/b?c#d e"), "a%2Fb%3Fc%23d%20e");
+        assert_eq!(path_segment("é"), "%C3%A9");
     }
 
     #[test]
