@@ -188,6 +188,35 @@ pub enum BreakerChange {
 /// (`breaker.opened`, `breaker.reopened`, `breaker.closed`, entity
 /// `http_endpoint`) with `actor`. Returns the transition, if any.
 pub async fn record_outcome(pool: &PgPool, f: &Finished<'_>, actor: &str) -> Result<Option<BreakerChange>, sqlx::Error> {
+    if !f.probe && !f.breaker_failure {
+        // The common case, one statement: the request row, the counts, and a
+        // reset of the consecutive failures (which locks the breaker's row
+        // only when there is something to reset).
+        sqlx::query(
+            "WITH upd AS (
+                 UPDATE wardcall.http_requests SET outcome = $2, retryable = $3, status = $4, latency_ms = $5, error = $6,
+                        finished_at = clock_timestamp()
+                  WHERE id = $1 RETURNING endpoint),
+             cnt AS (
+                 INSERT INTO wardcall.http_endpoint_counts AS c (endpoint, slot, successes, failures)
+                 SELECT endpoint, $7, CASE WHEN $8 THEN 1 ELSE 0 END, CASE WHEN $8 THEN 0 ELSE 1 END FROM upd
+                 ON CONFLICT (endpoint, slot) DO UPDATE SET successes = c.successes + excluded.successes, failures = c.failures + excluded.failures)
+             UPDATE wardcall.http_endpoints SET consecutive_failures = 0, updated_at = clock_timestamp()
+              WHERE $8 AND name = $9 AND state = 'closed' AND consecutive_failures > 0",
+        )
+        .bind(f.id)
+        .bind(if f.success { "success" } else { "failed" })
+        .bind(if f.success { None } else { Some(f.retryable) })
+        .bind(f.status.map(i32::from))
+        .bind(f.latency_ms)
+        .bind(f.error)
+        .bind(slot())
+        .bind(f.success)
+        .bind(f.endpoint)
+        .execute(pool)
+        .await?;
+        return Ok(None);
+    }
     let mut tx = pool.begin().await?;
     sqlx::query(
         "WITH upd AS (
@@ -209,30 +238,17 @@ pub async fn record_outcome(pool: &PgPool, f: &Finished<'_>, actor: &str) -> Res
     .execute(&mut *tx)
     .await?;
     let change = if !f.breaker_failure {
-        if f.probe {
-            let closed = sqlx::query(
-                "UPDATE wardcall.http_endpoints SET state = 'closed', consecutive_failures = 0, opened_until = NULL,
-                        probe_owner = NULL, probe_request = NULL, probe_expires_at = NULL, updated_at = clock_timestamp()
-                  WHERE name = $1 AND state = 'half_open' AND probe_request = $2",
-            )
-            .bind(f.endpoint)
-            .bind(f.id)
-            .execute(&mut *tx)
-            .await?;
-            (closed.rows_affected() == 1).then_some(BreakerChange::Closed)
-        } else {
-            if f.success {
-                // No lock unless there is something to reset.
-                sqlx::query(
-                    "UPDATE wardcall.http_endpoints SET consecutive_failures = 0, updated_at = clock_timestamp()
-                      WHERE name = $1 AND state = 'closed' AND consecutive_failures > 0",
-                )
-                .bind(f.endpoint)
-                .execute(&mut *tx)
-                .await?;
-            }
-            None
-        }
+        // The probe was answered (a success, or a status that is no breaker failure).
+        let closed = sqlx::query(
+            "UPDATE wardcall.http_endpoints SET state = 'closed', consecutive_failures = 0, opened_until = NULL,
+                    probe_owner = NULL, probe_request = NULL, probe_expires_at = NULL, updated_at = clock_timestamp()
+              WHERE name = $1 AND state = 'half_open' AND probe_request = $2",
+        )
+        .bind(f.endpoint)
+        .bind(f.id)
+        .execute(&mut *tx)
+        .await?;
+        (closed.rows_affected() == 1).then_some(BreakerChange::Closed)
     } else {
         sqlx::query("INSERT INTO wardcall.http_endpoints (name) VALUES ($1) ON CONFLICT (name) DO NOTHING").bind(f.endpoint).execute(&mut *tx).await?;
         let (state, failures, probe_request): (String, i32, Option<Uuid>) =
