@@ -379,6 +379,42 @@ pub async fn record_step_failure(
     Ok(Some(dead))
 }
 
+/// Puts the run's current step off for `delay_ms` without counting an
+/// attempt: status `sleeping` at the same step, `step_attempt` and the state
+/// kept, the lease released, audited `run.deferred` with `reason`. For a step
+/// that could not even try, e.g. an `http` step whose endpoint's circuit
+/// breaker is open ([`crate::outbound::Decision::WaitForBreaker`]): unlike a
+/// `Sleep` transition it does not reset `step_attempt`, and unlike
+/// [`record_step_failure`] it does not count one. Returns false when the lease
+/// was lost (nothing was written).
+pub async fn defer_step(pool: &PgPool, run: &ClaimedRun, delay_ms: i64, reason: &str, actor: &str) -> Result<bool, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    if !lock_fenced(&mut tx, run.id, run.fencing_token).await? {
+        return Ok(false);
+    }
+    sqlx::query(
+        "UPDATE wardcall.runs SET status = 'sleeping', lease_owner = NULL, updated_at = clock_timestamp(),
+                due_at = clock_timestamp() + $2 * interval '1 millisecond' WHERE id = $1",
+    )
+    .bind(run.id)
+    .bind(delay_ms.max(0))
+    .execute(&mut *tx)
+    .await?;
+    audit::record(
+        &mut tx,
+        Entity::Run,
+        &run.id.to_string(),
+        "run.deferred",
+        Some("running"),
+        Some("sleeping"),
+        actor,
+        json!({"step": run.step, "attempt": run.step_attempt, "delay_ms": delay_ms, "reason": reason}),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(true)
+}
+
 /// A run cancelled by [`cancel_run_in`].
 #[derive(Debug, Clone)]
 pub struct CancelledRun {

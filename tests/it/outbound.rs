@@ -26,6 +26,7 @@ pub fn tests() -> Vec<libtest_mimic::Trial> {
         outbound::secret_header_is_sent_and_never_leaks,
         outbound::endpoint_config_is_checked_and_a_missing_secret_stops_start,
         outbound::dead_letter_is_listed_and_retried_from_api_and_cli,
+        outbound::waiting_for_the_breaker_costs_no_attempt,
     ]
 }
 
@@ -602,4 +603,34 @@ pub async fn dead_letter_is_listed_and_retried_from_api_and_cli() {
     assert_eq!(db.scalar_i64("SELECT count(*) FROM wardcall.dead_letters").await, 0, "a retried run is no dead letter");
     let (ok, _, stderr) = cli(&db, &["retry", &run.to_string()]);
     assert!(!ok && stderr.contains("has not failed"), "{stderr}");
+}
+
+/// The runtime side of `Decision::WaitForBreaker`: the step is put off
+/// without counting an attempt (a `Sleep` would reset the count, a failure
+/// would add one).
+pub async fn waiting_for_the_breaker_costs_no_attempt() {
+    use wardcall::runtime::store;
+    let db = TestDb::new().await;
+    db.exec(
+        "INSERT INTO wardcall.runs (workflow, event, input, step, status, step_attempt) VALUES ('bookings', 'booking.due', '{}', 'post_task', 'pending', 2)",
+    )
+    .await;
+    let run = store::claim_due(&db.pool, "engine-a", 10, 5000).await.unwrap().pop().expect("claimed");
+    let retry = RetryConfig { max_attempts: 5, base_ms: 100, max_ms: 1000 };
+    let Decision::WaitForBreaker { delay_ms } = decide(Outcome::BreakerOpen { retry_in_ms: 400 }, &retry, run.step_attempt + 1) else {
+        panic!("expected a wait")
+    };
+    assert!(store::defer_step(&db.pool, &run, delay_ms, "circuit breaker of endpoint 'tasks' is open", "engine:engine-a").await.unwrap());
+    let (status, step, attempt, due_in_ms): (String, String, i32, f64) =
+        sqlx::query_as("SELECT status, step, step_attempt, extract(epoch FROM due_at - clock_timestamp())::float8 * 1000 FROM wardcall.runs WHERE id = $1")
+            .bind(run.id)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!((status.as_str(), step.as_str(), attempt), ("sleeping", "post_task", 2), "the attempt count is kept");
+    assert!((200.0..=400.0).contains(&due_in_ms), "{due_in_ms}");
+    let audited = db.scalar_i64(&format!("SELECT count(*) FROM wardcall.audit_log WHERE entity_id = '{}' AND action = 'run.deferred'", run.id)).await;
+    assert_eq!(audited, 1);
+    // A lost lease writes nothing.
+    assert!(!store::defer_step(&db.pool, &run, 10, "x", "engine:engine-a").await.unwrap());
 }
