@@ -27,6 +27,7 @@ pub fn tests() -> Vec<libtest_mimic::Trial> {
         outbound::endpoint_config_is_checked_and_a_missing_secret_stops_start,
         outbound::dead_letter_is_listed_and_retried_from_api_and_cli,
         outbound::waiting_for_the_breaker_costs_no_attempt,
+        outbound::audit_entity_widening_keeps_other_migrations_values,
     ]
 }
 
@@ -633,4 +634,43 @@ pub async fn waiting_for_the_breaker_costs_no_attempt() {
     assert_eq!(audited, 1);
     // A lost lease writes nothing.
     assert!(!store::defer_step(&db.pool, &run, 10, "x", "engine:engine-a").await.unwrap());
+}
+
+/// Migration 0009 adds the audit entity `http_endpoint` to whatever list the
+/// CHECK holds when it runs (other migrations add theirs), and running its
+/// block again changes nothing.
+pub async fn audit_entity_widening_keeps_other_migrations_values() {
+    let db = TestDb::new().await;
+    let migration = include_str!("../../migrations/0009_outbound_http.sql");
+    let block = &migration[migration.find("DO $$").expect("the widening block")..];
+    let allowed = |db: &TestDb| {
+        let pool = db.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, String>(
+                "SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conrelid = 'wardcall.audit_log'::regclass AND conname = 'audit_log_entity_check'",
+            )
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    let def = allowed(&db).await;
+    assert!(def.contains("'http_endpoint'") && def.contains("'notification_attempt'"), "{def}");
+    // Another migration (applied later) replaced the list with its own, keeping ours.
+    db.exec(
+        "ALTER TABLE wardcall.audit_log DROP CONSTRAINT audit_log_entity_check;
+         ALTER TABLE wardcall.audit_log ADD CONSTRAINT audit_log_entity_check
+               CHECK (entity IN ('run','alert','notification_attempt','source','message')) NOT VALID",
+    )
+    .await;
+    db.exec(block).await;
+    let def = allowed(&db).await;
+    assert!(def.contains("'http_endpoint'") && def.contains("'message'") && def.contains("'source'"), "{def}");
+    db.exec(block).await;
+    assert_eq!(allowed(&db).await, def, "idempotent");
+    db.exec("INSERT INTO wardcall.audit_log (entity, entity_id, action, actor) VALUES ('message', 'm', 'x', 'test'), ('http_endpoint', 'e', 'x', 'test')")
+        .await;
+    let refused =
+        sqlx::query("INSERT INTO wardcall.audit_log (entity, entity_id, action, actor) VALUES ('nonsense', 'e', 'x', 'test')").execute(&db.pool).await;
+    assert!(refused.is_err(), "the CHECK still refuses unknown entities");
 }
