@@ -11,6 +11,8 @@ pub enum Entity {
     Alert,
     NotificationAttempt,
     Source,
+    /// A named outgoing HTTP endpoint's circuit breaker (`src/outbound`).
+    HttpEndpoint,
 }
 
 impl Entity {
@@ -21,6 +23,7 @@ impl Entity {
             Entity::Alert => "alert",
             Entity::NotificationAttempt => "notification_attempt",
             Entity::Source => "source",
+            Entity::HttpEndpoint => "http_endpoint",
         }
     }
 }

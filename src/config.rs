@@ -50,6 +50,10 @@ pub struct Config {
     pub sources: Vec<Source>,
     #[serde(default)]
     pub workflows: Vec<Workflow>,
+    /// The team's HTTP endpoints that `http` steps name (`[[endpoints]]`,
+    /// see [`crate::outbound`]). Default: none. An endpoint no step names is fine.
+    #[serde(default)]
+    pub endpoints: Vec<crate::outbound::EndpointConfig>,
     /// True when this configuration was read from a file (or text).
     #[serde(skip)]
     pub from_file: bool,
@@ -740,6 +744,7 @@ impl Config {
                 return Err(err("providers.twilio.request_timeout_seconds".into(), "must be 0.5..=60".into()));
             }
         }
+        crate::outbound::check_endpoints(&self.endpoints).map_err(|(key, problem)| err(key, problem))?;
         let mut people = HashSet::new();
         for (i, p) in self.people.iter().enumerate() {
             if !is_identifier_like(&p.id) {

@@ -13,7 +13,8 @@
 //!
 //! **API.** `GET /api/status`, `POST /api/events/{event}` (body
 //! `{"payload": {...}, "dedup_key": "..."}`), `POST /api/runs/{id}/signals/{name}`
-//! (body: JSON payload), `POST /api/runs/{id}/cancel`. Every request needs
+//! (body: JSON payload), `POST /api/runs/{id}/cancel`, `POST /api/runs/{id}/retry`
+//! (a dead letter back to `pending`). Every request needs
 //! `Authorization: Bearer <token>` when a token is configured
 //! (`WARDCALL_API_TOKEN` or `http.api_token_file`; scheme name
 //! case-insensitive, token compared in constant time; 401 otherwise). Every
@@ -185,6 +186,7 @@ pub fn api_router(engine: Arc<Engine>, token: Option<ApiToken>) -> Router {
         .route("/api/events/{event}", post(api_emit))
         .route("/api/runs/{id}/signals/{name}", post(api_signal))
         .route("/api/runs/{id}/cancel", post(api_cancel))
+        .route("/api/runs/{id}/retry", post(api_retry))
         .route_layer(axum::middleware::from_fn(move |req: axum::extract::Request, next: axum::middleware::Next| {
             let token = token.clone();
             async move { api_guard(token.as_ref().as_ref(), req, next).await }
@@ -384,7 +386,10 @@ pub fn check_event(config: &Config, event: &str, payload: &Value, dedup_key: Opt
 
 async fn api_status(State(engine): State<Arc<Engine>>) -> Result<Json<Value>, ApiError> {
     let counts = store::status_counts(&engine.db.pool).await?;
-    Ok(Json(json!({"engine_id": engine.engine_id, "runs": counts})))
+    let dead = store::dead_letter_count(&engine.db.pool).await?;
+    let newest = store::newest_dead_letters(&engine.db.pool, 5).await?;
+    let endpoints = crate::outbound::store::endpoint_stats(&engine.db.pool).await?;
+    Ok(Json(json!({"engine_id": engine.engine_id, "runs": counts, "dead_letters": {"count": dead, "newest": newest}, "endpoints": endpoints})))
 }
 
 #[derive(Deserialize)]
@@ -452,6 +457,23 @@ async fn api_cancel(State(engine): State<Arc<Engine>>, Path(id): Path<String>) -
         Ok((StatusCode::OK, Json(json!({"cancelled": true}))).into_response())
     } else {
         Err(ApiError(StatusCode::CONFLICT, format!("run {run} is not live (or does not exist)")))
+    }
+}
+
+/// `POST /api/runs/{id}/retry`: a dead letter (failed run) goes back to
+/// `pending` at its failed step ([`crate::runtime::dead_letters::retry`],
+/// actor `api`). 200 `{"retried": true, "step": …}`; 404 for no such run;
+/// 409 when the run has not failed.
+async fn api_retry(State(engine): State<Arc<Engine>>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    use crate::runtime::store::RetryResult;
+    let run: Uuid = id.parse().map_err(|_| ApiError(StatusCode::BAD_REQUEST, format!("'{}' is not a run id (UUID)", id.escape_default())))?;
+    match crate::runtime::dead_letters::retry(&engine.db.pool, run, "api").await? {
+        RetryResult::Retried { step, .. } => {
+            engine.wake();
+            Ok((StatusCode::OK, Json(json!({"retried": true, "step": step}))).into_response())
+        }
+        RetryResult::NotFailed { status } => Err(ApiError(StatusCode::CONFLICT, format!("run {run} has not failed (it is {status})"))),
+        RetryResult::NotFound => Err(ApiError(StatusCode::NOT_FOUND, format!("no run {run}"))),
     }
 }
 

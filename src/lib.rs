@@ -16,6 +16,7 @@ pub mod demo;
 pub mod devtools;
 pub mod http;
 pub mod notify;
+pub mod outbound;
 pub mod providers;
 pub mod runtime;
 pub mod template;

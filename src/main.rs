@@ -63,6 +63,11 @@ enum Command {
         /// Run id (UUID).
         run: uuid::Uuid,
     },
+    /// Retry a dead letter: a failed run goes back to pending at the step it failed at.
+    Retry {
+        /// Run id (UUID), as `wardcall status` or `wardcall.dead_letters` lists it.
+        run: uuid::Uuid,
+    },
     /// Send a named signal to a run.
     Signal {
         run: uuid::Uuid,
@@ -206,10 +211,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 wardcall::db::migrate::migrate(&db.pool).await?;
                 let c = wardcall::runtime::store::status_counts(&db.pool).await?;
                 let problems = wardcall::runtime::status_problems(&db.pool, &config).await?;
+                let dead = wardcall::runtime::store::dead_letter_count(&db.pool).await?;
+                let newest = wardcall::runtime::store::newest_dead_letters(&db.pool, 5).await?;
+                let endpoints = wardcall::outbound::store::endpoint_stats(&db.pool).await?;
                 if json {
                     let mut v = serde_json::to_value(&c)?;
                     v["healthy"] = serde_json::json!(problems.is_empty());
                     v["problems"] = serde_json::json!(problems);
+                    v["dead_letters"] = serde_json::json!({"count": dead, "newest": newest});
+                    v["endpoints"] = serde_json::json!(endpoints);
                     println!("{}", serde_json::to_string_pretty(&v)?);
                 } else {
                     if problems.is_empty() {
@@ -226,6 +236,29 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         None => println!("outbox    backlog {:>6}", c.outbox_backlog),
                     }
                     println!("          unrouted {:>5}  (events no workflow listens to)", c.outbox_unrouted);
+                    println!("dead      letters {:>6}  (failed runs; `wardcall retry <run-id>` puts one back)", dead);
+                    for d in &newest {
+                        println!(
+                            "          {}  {}  event {}  step {}  attempts {}  failed {}  {}",
+                            d.run_id,
+                            d.workflow,
+                            d.event,
+                            d.step,
+                            d.attempts,
+                            d.failed_at.as_deref().unwrap_or("-"),
+                            d.last_error.as_deref().unwrap_or("").chars().take(160).collect::<String>()
+                        );
+                    }
+                    for e in &endpoints {
+                        let open = match e.open_for_ms {
+                            Some(ms) => format!(" for {:.1} s", ms as f64 / 1000.0),
+                            None => String::new(),
+                        };
+                        println!(
+                            "endpoint  {}  breaker {}{}  attempts {}  successes {}  failures {}  openings {}",
+                            e.endpoint, e.state, open, e.attempts, e.successes, e.failures, e.breaker_openings
+                        );
+                    }
                 }
                 anyhow::Ok(())
             }
@@ -243,6 +276,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 Ok(())
             } else {
                 anyhow::bail!("run {run} is not live (or does not exist)")
+            }
+        }
+        Command::Retry { run } => {
+            init_tracing("warn");
+            let (_config, db) = open(cli.config.as_deref()).await?;
+            let r = wardcall::runtime::dead_letters::retry(&db.pool, run, "cli").await;
+            db.shutdown().await;
+            match r? {
+                wardcall::runtime::store::RetryResult::Retried { step, .. } => {
+                    println!("run {run} retried: pending again at step {step}");
+                    Ok(())
+                }
+                wardcall::runtime::store::RetryResult::NotFailed { status } => {
+                    anyhow::bail!("run {run} has not failed (it is {status}); only a dead letter can be retried")
+                }
+                wardcall::runtime::store::RetryResult::NotFound => anyhow::bail!("no run {run}"),
             }
         }
         Command::Signal { run, name, payload } => {

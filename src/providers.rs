@@ -8,6 +8,9 @@ use anyhow::Context;
 #[derive(Default)]
 pub struct Providers {
     pub twilio: Option<TwilioProvider>,
+    /// The team's HTTP endpoints (`[[endpoints]]`) with their secret headers,
+    /// resolved at start; what `http` steps send through ([`crate::outbound::perform`]).
+    pub endpoints: crate::outbound::Endpoints,
 }
 
 /// A Twilio account: the REST client, its settings and the auth token that
@@ -25,9 +28,14 @@ impl Providers {
     /// `providers.twilio.auth_token_file`, else from the environment variable
     /// `providers.twilio.auth_token_env` (default `TWILIO_AUTH_TOKEN`).
     ///
-    /// Errors: Twilio is configured but no token is found or the file is unreadable.
+    /// The `[[endpoints]]` are resolved too ([`crate::outbound::Endpoints::resolve`]).
+    ///
+    /// Errors: Twilio is configured but no token is found or the file is
+    /// unreadable; an endpoint's secret header is unset, empty or unreadable
+    /// (naming the key and the variable or file).
     pub fn from_config(config: &Config, auth_token: Option<String>) -> anyhow::Result<Providers> {
-        let Some(t) = &config.providers.twilio else { return Ok(Providers::default()) };
+        let endpoints = crate::outbound::Endpoints::resolve(&config.endpoints, config.file_name())?;
+        let Some(t) = &config.providers.twilio else { return Ok(Providers { twilio: None, endpoints }) };
         let token = match auth_token {
             Some(t) => t,
             None => read_twilio_token(t)?,
@@ -44,6 +52,7 @@ impl Providers {
                 config: t.clone(),
                 auth_token: token,
             }),
+            endpoints,
         })
     }
 }

@@ -20,6 +20,7 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     (6, "workflow_model", include_str!("../../migrations/0006_workflow_model.sql")),
     (7, "sms", include_str!("../../migrations/0007_sms.sql")),
     (8, "recipients", include_str!("../../migrations/0008_recipients.sql")),
+    (9, "outbound_http", include_str!("../../migrations/0009_outbound_http.sql")),
 ];
 
 /// Applies the migrations not yet applied; returns how many it applied.

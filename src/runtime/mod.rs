@@ -25,6 +25,7 @@
 //! A step's side effects happen outside any transaction; its transition is
 //! committed only if the fencing token still matches ([`store::commit_transition`]).
 
+pub mod dead_letters;
 pub mod step;
 pub mod store;
 

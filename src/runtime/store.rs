@@ -210,6 +210,8 @@ pub enum Parking {
         timeout_ms: i64,
     },
     Complete,
+    /// Fail the run (a dead letter, `wardcall.dead_letters`): this attempt
+    /// counts in `step_attempt`, and `error` is kept in `last_error`.
     Fail {
         error: String,
     },
@@ -319,7 +321,7 @@ pub async fn write_transition(
         Parking::Fail { error } => {
             sqlx::query(
                 "UPDATE wardcall.runs SET state = $2, step = $3, status = 'failed', lease_owner = NULL, last_error = $4,
-                        finished_at = clock_timestamp(), updated_at = clock_timestamp() WHERE id = $1",
+                        step_attempt = step_attempt + 1, finished_at = clock_timestamp(), updated_at = clock_timestamp() WHERE id = $1",
             )
             .bind(run.id)
             .bind(state)
@@ -455,6 +457,42 @@ pub async fn record_step_failure(
     .await?;
     tx.commit().await?;
     Ok(Some(dead))
+}
+
+/// Puts the run's current step off for `delay_ms` without counting an
+/// attempt: status `sleeping` at the same step, `step_attempt` and the state
+/// kept, the lease released, audited `run.deferred` with `reason`. For a step
+/// that could not even try, e.g. an `http` step whose endpoint's circuit
+/// breaker is open ([`crate::outbound::Decision::WaitForBreaker`]): unlike a
+/// `Sleep` transition it does not reset `step_attempt`, and unlike
+/// [`record_step_failure`] it does not count one. Returns false when the lease
+/// was lost (nothing was written).
+pub async fn defer_step(pool: &PgPool, run: &ClaimedRun, delay_ms: i64, reason: &str, actor: &str) -> Result<bool, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    if !lock_fenced(&mut tx, run.id, run.fencing_token).await? {
+        return Ok(false);
+    }
+    sqlx::query(
+        "UPDATE wardcall.runs SET status = 'sleeping', lease_owner = NULL, updated_at = clock_timestamp(),
+                due_at = clock_timestamp() + $2 * interval '1 millisecond' WHERE id = $1",
+    )
+    .bind(run.id)
+    .bind(delay_ms.max(0))
+    .execute(&mut *tx)
+    .await?;
+    audit::record(
+        &mut tx,
+        Entity::Run,
+        &run.id.to_string(),
+        "run.deferred",
+        Some("running"),
+        Some("sleeping"),
+        actor,
+        json!({"step": run.step, "attempt": run.step_attempt, "delay_ms": delay_ms, "reason": reason}),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(true)
 }
 
 /// A run cancelled by [`cancel_run_in`].
@@ -674,4 +712,83 @@ pub async fn engine_traces(pool: &PgPool) -> Result<EngineTraces, sqlx::Error> {
     .fetch_one(pool)
     .await?;
     Ok(EngineTraces { listeners, most_overdue_seconds })
+}
+
+/// A failed run, as `wardcall.dead_letters` lists it (no payload).
+#[derive(Debug, Clone, serde::Serialize, sqlx::FromRow)]
+pub struct DeadLetter {
+    pub run_id: Uuid,
+    pub workflow: String,
+    /// The event's name (never its payload).
+    pub event: String,
+    /// The step the run failed at (where a retry resumes).
+    pub step: String,
+    /// Failed attempts of that step.
+    pub attempts: i32,
+    /// The last error (already redacted: no values, no secrets).
+    pub last_error: Option<String>,
+    /// When the run failed, as RFC 3339 UTC text.
+    pub failed_at: Option<String>,
+}
+
+/// The number of dead letters (failed runs).
+pub async fn dead_letter_count(pool: &PgPool) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("SELECT count(*) FROM wardcall.dead_letters").fetch_one(pool).await
+}
+
+/// The newest `limit` dead letters, newest first.
+pub async fn newest_dead_letters(pool: &PgPool, limit: i64) -> Result<Vec<DeadLetter>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT run_id, workflow, event, step, attempts, last_error,
+                to_char(failed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') AS failed_at
+           FROM wardcall.dead_letters ORDER BY failed_at DESC NULLS LAST, run_id LIMIT $1",
+    )
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+}
+
+/// What [`retry_failed_run_in`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RetryResult {
+    /// The run is `pending` again at `step`, due now.
+    Retried { step: String, previous_attempts: i32 },
+    /// The run exists but has not failed (its status).
+    NotFailed { status: String },
+    /// No such run.
+    NotFound,
+}
+
+/// Puts a failed run (a dead letter) back to `pending` at the step it failed
+/// at, inside the caller's transaction: `step_attempt` 0, due now, no lease,
+/// a new fencing token, `finished_at` cleared (`last_error` is kept until the
+/// step succeeds). Audited `run.retried` (failed → pending) with `actor`,
+/// the step, the attempts and the last error. Wakes the engines' schedulers.
+pub async fn retry_failed_run_in(tx: &mut PgConnection, id: Uuid, actor: &str) -> Result<RetryResult, sqlx::Error> {
+    let row: Option<(String, String, i32, Option<String>)> =
+        sqlx::query_as("SELECT status, step, step_attempt, last_error FROM wardcall.runs WHERE id = $1 FOR UPDATE").bind(id).fetch_optional(&mut *tx).await?;
+    let Some((status, step, attempts, last_error)) = row else { return Ok(RetryResult::NotFound) };
+    if status != "failed" {
+        return Ok(RetryResult::NotFailed { status });
+    }
+    sqlx::query(
+        "UPDATE wardcall.runs SET status = 'pending', step_attempt = 0, due_at = clock_timestamp(), lease_owner = NULL,
+                fencing_token = fencing_token + 1, finished_at = NULL, updated_at = clock_timestamp() WHERE id = $1",
+    )
+    .bind(id)
+    .execute(&mut *tx)
+    .await?;
+    audit::record(
+        &mut *tx,
+        Entity::Run,
+        &id.to_string(),
+        "run.retried",
+        Some("failed"),
+        Some("pending"),
+        actor,
+        json!({"step": step, "attempts": attempts, "last_error": last_error}),
+    )
+    .await?;
+    sqlx::query("SELECT pg_notify('wardcall_wake', '')").execute(&mut *tx).await?;
+    Ok(RetryResult::Retried { step, previous_attempts: attempts })
 }

@@ -221,7 +221,8 @@ pub async fn readme_defaults_match_the_code() {
     let section = readme.split("\n## Configuration reference").nth(1).expect("README has a configuration reference");
     let section = section.split("\n## ").next().unwrap();
     // One of everything, with only the required keys: the rest are defaults.
-    let minimal = escalation_config(r#"room_name = "SELECT 'x'""#, "").replace("api_base = \"http://127.0.0.1:9\"", "");
+    let minimal = escalation_config(r#"room_name = "SELECT 'x'""#, "").replace("api_base = \"http://127.0.0.1:9\"", "")
+        + "\n[[endpoints]]\nname = \"tasks\"\nurl = \"https://tasks.example.org\"\n";
     let parsed = serde_json::to_value(Config::parse(&minimal, "minimal.toml").unwrap()).unwrap();
     let effective = |key: &str| -> Option<Value> {
         match key {

@@ -23,6 +23,7 @@ mod example_homecare;
 mod fail_safe;
 mod harness;
 mod http_surface;
+mod outbound;
 mod privacy_cluster;
 mod recipients;
 mod runtime_resilience;
@@ -59,5 +60,6 @@ fn all_tests() -> Vec<Trial> {
     t.extend(sms::tests());
     t.extend(recipients::tests());
     t.extend(example_homecare::tests());
+    t.extend(outbound::tests());
     t
 }
