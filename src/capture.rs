@@ -177,6 +177,11 @@ pub async fn check_config_against_database(db: &crate::db::Database, config: &Co
                         return Err(fail(key, format!("PostgreSQL refused it: {}{hint}", db_message(&e))).into());
                     }
                 }
+                if let Some(sql) = step.notify.as_ref().and_then(|n| n.recipients.as_deref()) {
+                    if let Err(problem) = crate::notify::recipients::check_query(&mut tx, sql).await {
+                        return Err(fail(format!("{step_key}.notify.recipients"), problem).into());
+                    }
+                }
                 let Some(esc) = step.escalate.as_deref() else { continue };
                 let prefix = if w.kind == crate::config::WorkflowKind::Escalation { step_key.clone() } else { format!("{step_key}.escalate") };
                 let mut lookups: Vec<(&String, &String)> = esc.lookups.iter().collect();

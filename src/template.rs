@@ -94,7 +94,7 @@ impl Template {
         for p in &self.parts {
             match p {
                 Part::Text(t) => out.push_str(t),
-                Part::Field(name) if name.contains('.') => push_value(&mut out, lookup_path(payload, vars, name)),
+                Part::Field(name) if name.contains('.') && !lookups.contains_key(name) => push_value(&mut out, lookup_path(payload, vars, name)),
                 Part::Field(name) => match lookups.get(name) {
                     Some(v) => out.push_str(v),
                     None => push_value(&mut out, payload.get(name).or_else(|| vars.get(name))),

@@ -11,6 +11,7 @@
 //! Adding an example is a folder plus one line in [`EXAMPLES`]
 //! (`example!(name)`, for a module `src/demo/<name>.rs` with `ABOUT` and `run`).
 
+pub mod bookings;
 pub mod homecare;
 pub mod hospital;
 
@@ -79,7 +80,7 @@ macro_rules! example {
 }
 
 /// Every shipped example; the first is what `wardcall demo` runs without a name.
-pub static EXAMPLES: &[Example] = &[example!(hospital), example!(homecare)];
+pub static EXAMPLES: &[Example] = &[example!(hospital), example!(homecare), example!(bookings)];
 
 /// The example called `name`, if there is one.
 pub fn example(name: &str) -> Option<&'static Example> {

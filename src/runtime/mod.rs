@@ -816,6 +816,12 @@ impl Engine {
                     None => false,
                 },
                 Err(StepError::LeaseLost) => false,
+                Err(StepError::RetryIn { error, delay_ms }) => {
+                    let msg = error;
+                    tracing::warn!(run = %run.id, step = %run.step, attempt = run.step_attempt + 1, error = %msg, retry_in_ms = delay_ms, "step failed");
+                    let hook = self.host.failure_hook(&workflow, &run.step);
+                    matches!(store::record_step_failure(&self.db.pool, &run, &msg, rule.max_attempts, delay_ms, hook.as_deref(), &actor).await, Ok(Some(_)))
+                }
                 Err(StepError::Retryable(err)) => {
                     let delay = retry_delay_ms(&workflow, run.step_attempt + 1);
                     let delay = rule.cap_ms.map_or(delay, |cap| delay.min(cap));

@@ -60,6 +60,11 @@ pub enum StepError {
     /// This engine no longer holds the run; nothing more may be written.
     #[error("lease lost")]
     LeaseLost,
+    /// Worth retrying after exactly `delay_ms` milliseconds (the step chose
+    /// it: its own backoff, or a provider's `Retry-After`); counts an attempt
+    /// against [`RetryRule::max_attempts`].
+    #[error("{error}")]
+    RetryIn { error: String, delay_ms: i64 },
 }
 
 impl From<sqlx::Error> for StepError {

@@ -125,6 +125,80 @@ pub async fn run_step(ctx: &mut StepContext<'_>) -> Result<Transition, StepError
             }));
             Ok(Transition::Next { step: next })
         }
+        StepKind::Http(h) => {
+            let engine = ctx.engine;
+            let endpoint = engine
+                .providers
+                .endpoints
+                .get(&h.endpoint)
+                .cloned()
+                .ok_or_else(|| StepError::Permanent(anyhow!("endpoint '{}' is not configured", h.endpoint)))?;
+            let vars = vars(ctx.state);
+            // Placeholders in the path are encoded as one path segment each.
+            let path_template = Template::parse(&h.path).map_err(|p| StepError::Permanent(anyhow!(p)))?;
+            let encoded: HashMap<String, String> = path_template
+                .fields()
+                .map(|f| {
+                    let raw = match crate::template::lookup_path(&payload, &vars, f) {
+                        Some(Value::String(s)) => s.clone(),
+                        Some(Value::Null) | None => String::new(),
+                        Some(other) => other.to_string(),
+                    };
+                    (f.to_string(), crate::outbound::path_segment(&raw))
+                })
+                .collect();
+            let path = path_template.render_with(&payload, &encoded, &vars);
+            let render = |text: &str| -> Value {
+                let Ok(t) = Template::parse(text) else { return Value::String(text.to_string()) };
+                match t.single_field() {
+                    Some(f) => crate::template::lookup_path(&payload, &vars, f).cloned().unwrap_or(Value::Null),
+                    None => Value::String(t.render_with(&payload, &HashMap::new(), &vars)),
+                }
+            };
+            let body = h.body.as_ref().map(|b| super::model::render_json_value(&Value::Object(b.clone()), &render));
+            let request = crate::outbound::Request::new(&endpoint, h, &path, body).map_err(|p| StepError::Permanent(anyhow!(p)))?;
+            let step_key = addr.render();
+            let idempotency_key = crate::outbound::idempotency_key(ctx.run.id, &step_key);
+            let attempt = ctx.run.step_attempt + 1;
+            let key = crate::outbound::RequestKey { run_id: Some(ctx.run.id), step: &step_key, attempt, idempotency_key: &idempotency_key };
+            ctx.check_lease()?;
+            let outcome = crate::outbound::perform(&engine.db.pool, &endpoint, &request, &key, &engine.engine_id).await?;
+            match crate::outbound::decide(outcome, &h.retry, attempt) {
+                crate::outbound::Decision::Done { status, body } => {
+                    if let Some(k) = &step.keep {
+                        keep(ctx.state, k, json!({"status": status, "body": body}));
+                    }
+                    Ok(Transition::Next { step: next })
+                }
+                crate::outbound::Decision::Retry { delay_ms, error } => Err(StepError::RetryIn { error, delay_ms }),
+                crate::outbound::Decision::WaitForBreaker { delay_ms } => Ok(Transition::Defer { delay_ms }),
+                crate::outbound::Decision::Fail { error } => Err(StepError::Permanent(anyhow!(error))),
+            }
+        }
+        StepKind::Notify(n) => {
+            let engine = ctx.engine;
+            let vars = vars(ctx.state);
+            let position = addr.render();
+            // The recipients are resolved once and recorded with the run's
+            // state, so that a retry or a takeover reaches the same people.
+            let recipients = match crate::notify::recipients::recorded(ctx.state, &position) {
+                Some(list) => list,
+                None => {
+                    let resolved = crate::notify::recipients::resolve(&engine.db.pool, &engine.config, &n.who(), &payload, &vars)
+                        .await
+                        .map_err(|e| StepError::Retryable(anyhow!("resolving the recipients of a notify step: {e}")))?;
+                    let list = resolved.recipients.clone();
+                    crate::notify::recipients::record(ctx.state, &position, &list);
+                    list
+                }
+            };
+            if recipients.is_empty() {
+                tracing::error!(run = %ctx.run.id, step = %position, "a notify step found nobody to send to");
+            }
+            let message = Template::parse(&n.message).map_err(|p| StepError::Permanent(anyhow!(p)))?.render_with(&payload, &HashMap::new(), &vars);
+            crate::notify::sms::send_one_way(engine, ctx.run, &position, &recipients, &message).await?;
+            Ok(Transition::Next { step: next })
+        }
         StepKind::Escalate(settings) => {
             let settings = settings.clone();
             let mut inner_run = ctx.run.clone();

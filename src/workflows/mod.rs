@@ -46,14 +46,16 @@ pub const ESCALATION_RETRY_CAP_MS: i64 = 15_000;
 
 /// The retry rule of `step` (a `runs.step` value) of `w`: an `escalate` step
 /// is never given up on (an alert is never dead-lettered; the config or the
-/// provider may be fixed meanwhile) and retries at least every 15 s; any
-/// other step gets the workflow's `max_attempts`.
+/// provider may be fixed meanwhile) and retries at least every 15 s; an
+/// `http` step gets its own `retry.max_attempts`; any other step gets the
+/// workflow's `max_attempts`.
 pub fn retry_rule(w: &Workflow, step: &str) -> RetryRule {
-    let escalating = StepAddress::parse(step).and_then(|a| w.phase_steps(a.phase).get(a.index).map(|s| s.escalate.is_some())).unwrap_or(false);
-    if escalating {
-        RetryRule { max_attempts: u32::MAX, cap_ms: Some(ESCALATION_RETRY_CAP_MS) }
-    } else {
-        RetryRule { max_attempts: w.max_attempts, cap_ms: None }
+    let config = StepAddress::parse(step).and_then(|a| w.phase_steps(a.phase).get(a.index));
+    match config {
+        Some(s) if s.escalate.is_some() => RetryRule { max_attempts: u32::MAX, cap_ms: Some(ESCALATION_RETRY_CAP_MS) },
+        // An http step's own retry policy (its delays come with the error).
+        Some(s) if s.http.is_some() => RetryRule { max_attempts: s.http.as_ref().map_or(w.max_attempts, |h| h.retry.max_attempts), cap_ms: None },
+        _ => RetryRule { max_attempts: w.max_attempts, cap_ms: None },
     }
 }
 

@@ -101,6 +101,39 @@ pub struct EmitStep {
     pub payload: BTreeMap<String, toml::Value>,
 }
 
+/// A `notify` step: a one-way message to recipients on a channel, its
+/// delivery recorded in the notification log (`wardcall.message_log`).
+///
+/// ```toml
+/// notify = { channel = "sms", people = ["nurse-avery"], recipients = "SELECT …", message = "Task {id} is at 75 % of its SLA." }
+/// ```
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct NotifyStep {
+    /// The channel. Default `sms` (the only one-way channel today).
+    #[serde(default = "default_notify_channel")]
+    pub channel: crate::notify::Channel,
+    /// `[[people]]` ids.
+    #[serde(default)]
+    pub people: Vec<String>,
+    /// A recipients query over the team's tables (`id`, `name`, `voice`,
+    /// `sms`; `$1` payload, `$2` variables), run when the step runs.
+    pub recipients: Option<String>,
+    /// The message template.
+    pub message: String,
+}
+
+fn default_notify_channel() -> crate::notify::Channel {
+    crate::notify::Channel::Sms
+}
+
+impl NotifyStep {
+    /// The step's recipients as a [`crate::notify::recipients::RecipientsSpec`].
+    pub fn who(&self) -> crate::notify::recipients::RecipientsSpec {
+        crate::notify::recipients::RecipientsSpec { notify: self.people.clone(), recipients: self.recipients.clone() }
+    }
+}
+
 /// An instant for `sleep_until`: a template rendering an RFC 3339 timestamp
 /// (`"{scheduled_at}"`), or a SQL query returning one `timestamptz`.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -139,6 +172,12 @@ pub struct StepConfig {
     /// Run an escalation policy: call recipients tier by tier until someone
     /// acknowledges (see `escalation.rs`).
     pub escalate: Option<Box<EscalationWorkflow>>,
+    /// An outgoing HTTP request to a named endpoint, retried with backoff
+    /// behind the endpoint's circuit breaker ([`crate::outbound`]); `keep`
+    /// keeps the response (`{"status": …, "body": …}`).
+    pub http: Option<crate::outbound::HttpStepConfig>,
+    /// A one-way message to recipients.
+    pub notify: Option<NotifyStep>,
 }
 
 /// A step's kind, borrowed from its config.
@@ -150,6 +189,8 @@ pub enum StepKind<'a> {
     Wait(&'a WaitStep),
     Emit(&'a EmitStep),
     Escalate(&'a EscalationWorkflow),
+    Http(&'a crate::outbound::HttpStepConfig),
+    Notify(&'a NotifyStep),
 }
 
 impl StepConfig {
@@ -174,6 +215,12 @@ impl StepConfig {
         if let Some(s) = &self.escalate {
             kinds.push(("escalate", StepKind::Escalate(s)));
         }
+        if let Some(s) = &self.http {
+            kinds.push(("http", StepKind::Http(s)));
+        }
+        if let Some(s) = &self.notify {
+            kinds.push(("notify", StepKind::Notify(s)));
+        }
         match kinds.as_slice() {
             [(_, k)] => Ok(*k),
             [] => Err(format!("a step needs exactly one of {}", STEP_KINDS.join(", "))),
@@ -190,13 +237,15 @@ impl StepConfig {
             Ok(StepKind::Wait(_)) => "wait",
             Ok(StepKind::Emit(_)) => "emit",
             Ok(StepKind::Escalate(_)) => "escalate",
+            Ok(StepKind::Http(_)) => "http",
+            Ok(StepKind::Notify(_)) => "notify",
             Err(_) => "?",
         }
     }
 }
 
 /// The step kinds a config may use.
-pub const STEP_KINDS: &[&str] = &["sql", "sleep", "sleep_until", "wait", "emit", "escalate"];
+pub const STEP_KINDS: &[&str] = &["sql", "sleep", "sleep_until", "wait", "emit", "escalate", "http", "notify"];
 
 /// The lists of steps of a workflow: its main list and its hooks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -357,6 +406,27 @@ pub fn render_json_template(value: &toml::Value, render: &dyn Fn(&str) -> Value)
         toml::Value::Datetime(d) => Value::from(d.to_string()),
         toml::Value::Array(a) => Value::Array(a.iter().map(|v| render_json_template(v, render)).collect()),
         toml::Value::Table(t) => Value::Object(t.iter().map(|(k, v)| (k.clone(), render_json_template(v, render))).collect()),
+    }
+}
+
+/// Renders a JSON template (an `http` body): each string value is a
+/// template; a string that is exactly one placeholder keeps its JSON type.
+pub fn render_json_value(value: &Value, render: &dyn Fn(&str) -> Value) -> Value {
+    match value {
+        Value::String(s) => render(s),
+        Value::Array(a) => Value::Array(a.iter().map(|v| render_json_value(v, render)).collect()),
+        Value::Object(m) => Value::Object(m.iter().map(|(k, v)| (k.clone(), render_json_value(v, render))).collect()),
+        other => other.clone(),
+    }
+}
+
+/// Every template string inside a JSON value (for the checks at load).
+pub fn json_value_strings(value: &Value, out: &mut Vec<String>) {
+    match value {
+        Value::String(s) => out.push(s.clone()),
+        Value::Array(a) => a.iter().for_each(|v| json_value_strings(v, out)),
+        Value::Object(m) => m.values().for_each(|v| json_value_strings(v, out)),
+        _ => {}
     }
 }
 

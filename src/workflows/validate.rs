@@ -172,8 +172,11 @@ fn step_config(config: &Config, w: &Workflow, key: &str, step: &super::model::St
         if !identifier(k) || k == "event" || k == "ending" {
             return Err((format!("{key}.keep"), format!("'{k}' is not a variable name (letters, digits, '_'; not 'event' or 'ending')")));
         }
-        if !matches!(kind, StepKind::Sql(_) | StepKind::Wait(_)) {
-            return Err((format!("{key}.keep"), format!("a {} step keeps nothing (sql keeps its row, wait the payload it received)", step.kind_name())));
+        if !matches!(kind, StepKind::Sql(_) | StepKind::Wait(_) | StepKind::Http(_)) {
+            return Err((
+                format!("{key}.keep"),
+                format!("a {} step keeps nothing (sql keeps its row, wait the payload it received, http the response)", step.kind_name()),
+            ));
         }
     }
     match kind {
@@ -215,6 +218,46 @@ fn step_config(config: &Config, w: &Workflow, key: &str, step: &super::model::St
             }
         }
         StepKind::Escalate(esc) => escalate(config, key, w.kind == WorkflowKind::Escalation, esc, known)?,
+        StepKind::Http(h) => {
+            h.check(&format!("{key}.http"), &config.endpoints)?;
+            check_template(&format!("{key}.http.path"), &h.path, known)?;
+            if let Some(body) = &h.body {
+                let mut strings = Vec::new();
+                for v in body.values() {
+                    super::model::json_value_strings(v, &mut strings);
+                }
+                for s in strings {
+                    check_template(&format!("{key}.http.body"), &s, known)?;
+                }
+            }
+        }
+        StepKind::Notify(n) => {
+            let k = format!("{key}.notify");
+            if n.channel != crate::notify::Channel::Sms {
+                return Err((
+                    format!("{k}.channel"),
+                    "a notify step sends one-way messages on 'sms' (voice and email one-way messages are not built yet)".into(),
+                ));
+            }
+            if n.people.is_empty() && n.recipients.is_none() {
+                return Err((k, "names nobody: give people (ids of [[people]]) or a recipients query".into()));
+            }
+            for p in &n.people {
+                if config.person(p).is_none() {
+                    return Err((format!("{k}.people"), format!("unknown person '{p}'")));
+                }
+            }
+            if let Some(sql) = &n.recipients {
+                check_sql(&format!("{k}.recipients"), sql, known)?;
+            }
+            if n.message.trim().is_empty() {
+                return Err((format!("{k}.message"), "is empty".into()));
+            }
+            check_template(&format!("{k}.message"), &n.message, known)?;
+            if config.providers.twilio.is_none() {
+                return Err((k, "a notify step needs [providers.twilio]".into()));
+            }
+        }
     }
     Ok(())
 }

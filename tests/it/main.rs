@@ -19,6 +19,7 @@ mod bench_smoke;
 mod capture_runtime;
 mod config_checks;
 mod escalation;
+mod example_bookings;
 mod example_homecare;
 mod fail_safe;
 mod harness;
@@ -60,6 +61,7 @@ fn all_tests() -> Vec<Trial> {
     t.extend(sms::tests());
     t.extend(recipients::tests());
     t.extend(example_homecare::tests());
+    t.extend(example_bookings::tests());
     t.extend(outbound::tests());
     t
 }
