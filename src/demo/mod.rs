@@ -14,6 +14,7 @@
 pub mod bookings;
 pub mod homecare;
 pub mod hospital;
+pub mod sla;
 
 use crate::config::Config;
 use crate::db::{connect_pool, embedded::EmbeddedCluster, Database};
@@ -80,7 +81,7 @@ macro_rules! example {
 }
 
 /// Every shipped example; the first is what `wardcall demo` runs without a name.
-pub static EXAMPLES: &[Example] = &[example!(hospital), example!(homecare), example!(bookings)];
+pub static EXAMPLES: &[Example] = &[example!(hospital), example!(homecare), example!(bookings), example!(sla)];
 
 /// The example called `name`, if there is one.
 pub fn example(name: &str) -> Option<&'static Example> {
