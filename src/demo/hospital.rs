@@ -77,9 +77,11 @@ async fn scenario(ctx: &DemoContext) -> anyhow::Result<()> {
         },
     )
     .await?;
+    let public_url = app.engine.public_url.clone();
     let outcome = async {
         part_one(pool).await?;
-        part_two(pool, &emulator).await
+        part_two(pool, &emulator).await?;
+        part_three(pool, &emulator, &public_url).await
     }
     .await;
     app.stop(Duration::from_secs(5)).await;
@@ -208,6 +210,45 @@ VALUES ((SELECT min(patient_id) FROM patients), (SELECT room_id FROM rooms WHERE
     let (calls, answered): (i64, i64) = sqlx::query_as("SELECT count(*), count(*) FILTER (WHERE answered) FROM wardcall.call_log").fetch_one(pool).await?;
     println!("\nwardcall.call_log: {calls} call(s), {answered} answered by a human");
     anyhow::ensure!(status == "acknowledged", "demo: the alert ended {status}, expected acknowledged");
-    println!("\ndemo finished: alert acknowledged by the backup nurse; every step is in wardcall.audit_log.");
+    println!("\nalert acknowledged by the backup nurse; every step is in wardcall.audit_log.");
+    Ok(())
+}
+
+/// A second alert: nurse A's line is busy, so the alert follows as a text,
+/// and A acknowledges by replying 1.
+async fn part_three(pool: &PgPool, emulator: &crate::twilio::emulator::EmulatorHandle, public_url: &str) -> anyhow::Result<()> {
+    println!("\n── 3. The line is busy: the alert follows by SMS, a reply of 1 acknowledges ─");
+    emulator.set_persona("+13855550101", Persona::Busy);
+    emulator.set_sms_persona("+13855550101", crate::twilio::emulator::SmsPersona::Reply { delay_ms: 1500, body: "1".into() });
+    emulator.set_messaging_webhook("+13855550100", &crate::twilio::inbound_sms_url(public_url));
+    let insert = "INSERT INTO alerts (patient_id, room_id, severity, status, alert_type, title, description)
+VALUES ((SELECT max(patient_id) FROM patients), (SELECT room_id FROM rooms WHERE room_name = 'Room 3' LIMIT 1),
+        'critical', 'active', 'fall_detected', 'Fall Detected', 'Patient on the floor')";
+    println!("{insert};");
+    let id: uuid::Uuid = sqlx::query_scalar(&format!("{insert} RETURNING id")).fetch_one(pool).await?;
+    await_value("the second alert to be acknowledged by text", Duration::from_secs(60), || async {
+        let s: String = sqlx::query_scalar("SELECT status FROM alerts WHERE id = $1").bind(id).fetch_one(pool).await?;
+        Ok((s == "acknowledged").then_some(()))
+    })
+    .await?;
+    let rows: Vec<(String, String, String)> = sqlx::query_as(
+        "SELECT n.channel, n.person_id, n.status FROM wardcall.notification_attempts n JOIN wardcall.alerts a ON a.id = n.alert_id
+          WHERE a.run_id = (SELECT r.id FROM wardcall.runs r WHERE r.input->>'id' = $1::text) ORDER BY n.created_at",
+    )
+    .bind(id)
+    .fetch_all(pool)
+    .await?;
+    for (channel, person, status) in rows {
+        println!("  [{person}] {channel}: {status}");
+    }
+    let row: Value = sqlx::query_scalar(
+        "SELECT jsonb_build_object('id', id, 'status', status, 'acknowledged_at', acknowledged_at,
+                'acknowledged_by', acknowledged_by, 'metadata', metadata) FROM alerts WHERE id = $1",
+    )
+    .bind(id)
+    .fetch_one(pool)
+    .await?;
+    println!("\nthe alerts row after write-back (patient data shown only as its length):\n{}", serde_json::to_string_pretty(&redact_row(row))?);
+    println!("\ndemo finished: the first alert acknowledged by phone, the second by text; every step is in wardcall.audit_log.");
     Ok(())
 }

@@ -58,6 +58,8 @@ pub fn hospital_config(emulator_url: &str, ack_timeout: f64, repeat: u32) -> Con
         p.repeat = repeat;
         for s in &mut p.steps {
             s.ack_timeout_seconds = ack_timeout;
+            // The voice tests test voice alone; the SMS tests turn it on.
+            s.sms_fallback = false;
         }
     }
     c.engine.lease_ms = 2000;

@@ -21,6 +21,7 @@ mod config_checks;
 mod escalation;
 mod example_bookings;
 mod example_homecare;
+mod example_hospital;
 mod example_sla;
 mod fail_safe;
 mod harness;
@@ -64,6 +65,7 @@ fn all_tests() -> Vec<Trial> {
     t.extend(example_homecare::tests());
     t.extend(example_bookings::tests());
     t.extend(example_sla::tests());
+    t.extend(example_hospital::tests());
     t.extend(outbound::tests());
     t
 }
