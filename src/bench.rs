@@ -91,6 +91,9 @@ pub enum Scenario {
     Resources,
     /// A critical alert during a flood of N other events (default 20,000): its first call vs the drain time.
     Flood,
+    /// The bookings example: N follow-ups due at one instant, then N over `--spread-s`
+    /// (default 10,000): lateness of the HTTP POST to the team's endpoint.
+    Bookings,
     /// Every scenario above, in the order resources, latency, burst, throughput, steps, timers, scale, flood.
     All,
 }
@@ -107,6 +110,7 @@ impl Scenario {
             Scenario::Scale => "scale",
             Scenario::Resources => "resources",
             Scenario::Flood => "flood",
+            Scenario::Bookings => "bookings",
             Scenario::All => "all",
         }
     }
@@ -124,6 +128,7 @@ impl Scenario {
                 Scenario::Timers,
                 Scenario::Scale,
                 Scenario::Flood,
+                Scenario::Bookings,
             ],
             s => vec![s],
         }
@@ -380,6 +385,7 @@ pub async fn run_scenario(options: &BenchOptions, scenario: Scenario, sizes: &Si
         Scenario::Scale => scale(options, sizes).await?,
         Scenario::Resources => resources(options, sizes).await?,
         Scenario::Flood => flood(options, sizes).await?,
+        Scenario::Bookings => bookings(options, sizes).await?,
         Scenario::All => bail!("run_scenario runs one scenario; expand 'all' with Scenario::expand"),
     };
     report.elapsed_s = started.elapsed().as_secs_f64();
@@ -1297,4 +1303,126 @@ mod tests {
         assert!(Sizes { spread_s: f64::NAN, ..Sizes::default() }.validate().is_err());
         assert!(Sizes::default().validate().is_ok());
     }
+}
+
+// ─── bookings ────────────────────────────────────────────────────────────────
+
+/// The bookings example (`examples/bookings/`) as shipped, its endpoint a
+/// local HTTP server on its own thread (the team's service is another
+/// machine): N follow-up bookings inserted in one statement, due at one
+/// instant, then N due over `--spread-s`; the lateness of a booking is the
+/// arrival of its POST at the endpoint − its `scheduled_at`.
+async fn bookings(options: &BenchOptions, sizes: &Sizes) -> anyhow::Result<ScenarioReport> {
+    use crate::devtools::team_endpoint::{Behaviour, TeamEndpoint};
+    let n = sizes.n_or(10_000);
+    let spread_ms = (sizes.spread_s * 1000.0).round() as i64;
+    let mut r = ScenarioReport::new(
+        Scenario::Bookings,
+        format!("{n} follow-up bookings due at one instant, then {n} due over {} s: lateness = POST at the endpoint − scheduled_at", sizes.spread_s),
+        json!({"bookings": n, "spread_s": sizes.spread_s, "workers": 16}),
+    );
+    let example = crate::demo::example("bookings").context("the bookings example")?;
+    for (mode, spread) in [("instant", 0i64), ("spread", spread_ms)] {
+        let name = format!("{}_bookings_{mode}", options.database_prefix);
+        recreate_database(&options.server, &name).await?;
+        let db_options = options.server.clone().database(&name);
+        let client = PgPoolOptions::new().max_connections(4).connect_with(db_options.clone().application_name("wardcall-bench")).await?;
+        sqlx::raw_sql(example.schema).execute(&client).await.context("loading the bookings schema")?;
+        let mut endpoint_runtime =
+            BackgroundRuntime(Some(tokio::runtime::Builder::new_multi_thread().worker_threads(1).thread_name("bench-endpoint").enable_all().build()?));
+        let endpoint = match endpoint_runtime.handle().spawn(TeamEndpoint::start(Behaviour::Up)).await {
+            Ok(e) => e?,
+            Err(e) => bail!("the endpoint's start task failed: {e}"),
+        };
+        let mut config = example.parse_config()?;
+        config.endpoints[0].url = format!("{}/api", endpoint.base_url());
+        config.http.listen = "127.0.0.1:0".into();
+        config.validate(example.config_file)?;
+        let engine_pool = connect_pool_with(db_options.clone(), &config.engine).await?;
+        let app = App::start(
+            Database { pool: engine_pool.clone(), connect_options: db_options.clone(), embedded: None },
+            std::sync::Arc::new(config),
+            StartOptions { http_listener: Some(tokio::net::TcpListener::bind("127.0.0.1:0").await?), ..Default::default() },
+        )
+        .await?;
+        // Time for every booking to be scheduled (dispatch, the schedule step, the sleep) before the first is due.
+        let lead_ms = 3000 + n as i64;
+        let result = async {
+            let in_time: bool = sqlx::query_scalar(
+                "WITH t AS (SELECT clock_timestamp() + $2 * interval '1 millisecond' AS t0),
+                      ins AS (
+                          INSERT INTO lead_bookings (tenant_id, lead_id, booking_type, scheduled_at)
+                          SELECT gen_random_uuid(), gen_random_uuid(), 'follow_up',
+                                 t.t0 + CASE WHEN $1 > 1 THEN ((g - 1) * $3::float8 / ($1 - 1)) ELSE 0 END * interval '1 millisecond'
+                            FROM t, generate_series(1::bigint, $1::bigint) g
+                          RETURNING 1)
+                 SELECT (SELECT count(*) FROM ins) = $1 AND clock_timestamp() < (SELECT t0 FROM t)",
+            )
+            .bind(n as i64)
+            .bind(lead_ms)
+            .bind(spread as f64)
+            .fetch_one(&client)
+            .await?;
+            let deadline = Instant::now() + Duration::from_millis((lead_ms + spread) as u64) + Duration::from_secs(60 + n / 100);
+            loop {
+                let (done, failed): (i64, i64) =
+                    sqlx::query_as("SELECT count(*) FILTER (WHERE task_status = 'done'), count(*) FILTER (WHERE task_status = 'failed') FROM lead_bookings")
+                        .fetch_one(&client)
+                        .await?;
+                ensure!(failed == 0, "{failed} bookings failed");
+                if done as u64 >= n {
+                    break;
+                }
+                ensure!(Instant::now() < deadline, "timed out: {done} of {n} bookings done ({mode})");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let not_scheduled_in_time: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM wardcall.audit_log a JOIN wardcall.runs r ON a.entity_id = r.id::text
+                  WHERE a.action = 'run.sleeping' AND a.at > to_timestamp((a.detail->>'due_at_epoch_ms')::float8 / 1000)",
+            )
+            .fetch_one(&client)
+            .await?;
+            anyhow::Ok((in_time, not_scheduled_in_time))
+        }
+        .await;
+        app.stop(Duration::from_secs(5)).await;
+        engine_pool.close().await;
+        let received = endpoint.received();
+        drop(endpoint);
+        endpoint_runtime.shut_down();
+        client.close().await;
+        if options.drop_databases {
+            let mut conn = options.server.connect().await?;
+            sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(&mut conn).await?;
+        }
+        let (in_time, late_scheduled) = result?;
+        // The first POST of each booking.
+        let mut first: HashMap<String, f64> = HashMap::new();
+        for q in &received {
+            let (Some(id), Some(due)) = (q.body["booking_id"].as_str(), q.body["scheduled_at"].as_str().and_then(|s| s.parse::<jiff::Timestamp>().ok())) else {
+                continue;
+            };
+            let late = (q.at.as_microsecond() - due.as_microsecond()) as f64 / 1000.0;
+            first.entry(id.to_string()).and_modify(|v| *v = v.min(late)).or_insert(late);
+        }
+        let lateness = sorted(first.values().copied().collect());
+        r.add(format!("{mode}_posted"), lateness.len() as f64, "count");
+        r.add(format!("{mode}_requests"), received.len() as f64, "count");
+        r.add(format!("{mode}_lateness_p50"), percentile(&lateness, 0.5), "ms");
+        if mode == "spread" {
+            r.add_target(format!("{mode}_lateness_p99"), percentile(&lateness, 0.99), "ms", 100.0, true);
+        } else {
+            r.add(format!("{mode}_lateness_p99"), percentile(&lateness, 0.99), "ms");
+        }
+        r.add(format!("{mode}_lateness_max"), lateness.last().copied().unwrap_or(f64::NAN), "ms");
+        if !in_time {
+            r.notes.push(format!("{mode}: the bookings were inserted after the first was due; lateness includes the insert"));
+        }
+        if late_scheduled > 0 {
+            r.notes.push(format!("{mode}: {late_scheduled} bookings were still being scheduled at their due time (the backlog of the schedule step)"));
+        }
+    }
+    r.notes
+        .push("each booking runs the shipped workflow: schedule (sql write-back), sleep_until scheduled_at, POST (http step), done (sql); 16 workers".into());
+    Ok(r)
 }

@@ -16,6 +16,7 @@ pub fn tests() -> Vec<libtest_mimic::Trial> {
         bench_smoke::scale,
         bench_smoke::resources,
         bench_smoke::flood,
+        bench_smoke::bookings,
     ]
 }
 
@@ -114,4 +115,14 @@ pub async fn flood() {
     let drain = positive(&r, "flood_drain");
     assert!(call < drain * 1000.0, "first call {call} ms, drain {drain} s");
     assert!(get(&r, "flood_unfinished_at_call") >= 0.0);
+}
+
+pub async fn bookings() {
+    let r = smoke(Scenario::Bookings, Sizes { n: Some(20), spread_s: 2.0, ..Sizes::default() }).await;
+    for mode in ["instant", "spread"] {
+        assert_eq!(get(&r, &format!("{mode}_posted")), 20.0, "every booking posted once");
+        let p50 = get(&r, &format!("{mode}_lateness_p50"));
+        let p99 = get(&r, &format!("{mode}_lateness_p99"));
+        assert!(p50.is_finite() && p50 <= p99 && p99 < 60_000.0, "{mode}: p50 {p50} p99 {p99}");
+    }
 }
