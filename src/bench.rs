@@ -1276,35 +1276,6 @@ async fn resources(options: &BenchOptions, sizes: &Sizes) -> anyhow::Result<Scen
     Ok(r)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn percentiles_interpolate_like_percentile_cont() {
-        let v = sorted(vec![4.0, 1.0, 3.0, 2.0]);
-        assert_eq!(percentile(&v, 0.0), 1.0);
-        assert_eq!(percentile(&v, 1.0), 4.0);
-        assert!((percentile(&v, 0.5) - 2.5).abs() < 1e-12);
-        assert!(percentile(&[], 0.5).is_nan());
-    }
-
-    #[test]
-    fn tokens_round_trip_through_twiml() {
-        let twiml = format!("<Response><Say>Critical alert. {}. Press 1.</Say></Response>", token(42));
-        assert_eq!(token_of(&[("To".into(), "+1".into()), ("Twiml".into(), twiml)]), Some(42));
-        assert_eq!(token_of(&[("Twiml".into(), "no token".into())]), None);
-    }
-
-    #[test]
-    fn bad_sizes_are_refused() {
-        assert!(Sizes { rate: 0.0, ..Sizes::default() }.validate().is_err());
-        assert!(Sizes { n: Some(0), ..Sizes::default() }.validate().is_err());
-        assert!(Sizes { spread_s: f64::NAN, ..Sizes::default() }.validate().is_err());
-        assert!(Sizes::default().validate().is_ok());
-    }
-}
-
 // ─── bookings ────────────────────────────────────────────────────────────────
 
 /// The bookings example (`examples/bookings/`) as shipped, its endpoint a
@@ -1425,4 +1396,33 @@ async fn bookings(options: &BenchOptions, sizes: &Sizes) -> anyhow::Result<Scena
     r.notes
         .push("each booking runs the shipped workflow: schedule (sql write-back), sleep_until scheduled_at, POST (http step), done (sql); 16 workers".into());
     Ok(r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_interpolate_like_percentile_cont() {
+        let v = sorted(vec![4.0, 1.0, 3.0, 2.0]);
+        assert_eq!(percentile(&v, 0.0), 1.0);
+        assert_eq!(percentile(&v, 1.0), 4.0);
+        assert!((percentile(&v, 0.5) - 2.5).abs() < 1e-12);
+        assert!(percentile(&[], 0.5).is_nan());
+    }
+
+    #[test]
+    fn tokens_round_trip_through_twiml() {
+        let twiml = format!("<Response><Say>Critical alert. {}. Press 1.</Say></Response>", token(42));
+        assert_eq!(token_of(&[("To".into(), "+1".into()), ("Twiml".into(), twiml)]), Some(42));
+        assert_eq!(token_of(&[("Twiml".into(), "no token".into())]), None);
+    }
+
+    #[test]
+    fn bad_sizes_are_refused() {
+        assert!(Sizes { rate: 0.0, ..Sizes::default() }.validate().is_err());
+        assert!(Sizes { n: Some(0), ..Sizes::default() }.validate().is_err());
+        assert!(Sizes { spread_s: f64::NAN, ..Sizes::default() }.validate().is_err());
+        assert!(Sizes::default().validate().is_ok());
+    }
 }
