@@ -518,7 +518,7 @@ async fn tier_recipients(ctx: &mut StepContext<'_>, step: &PolicyStep, cycle: i3
         return TierRecipients { list, resolved_now: false, audit: None };
     }
     let engine = ctx.engine.clone();
-    // The workflow model's variables are not there yet: `$2` is `{}`.
+    // `$2`: the run's variables (kept by earlier steps of the workflow).
     let vars = crate::workflows::variables(ctx.state);
     let mut outcome = recipients::resolve(&engine.db.pool, &engine.config, &step.who, &ctx.run.input, &vars).await;
     if outcome.as_ref().err().and_then(|e| e.sqlstate()).is_some_and(|c| !c.starts_with("42")) {
@@ -661,7 +661,9 @@ async fn empty_tier(
     Ok(Transition::Next { step: "call".into() })
 }
 
-async fn open_alert(conn: &mut PgConnection, ctx: &StepContext<'_>, settings: &EscalationWorkflow, message: &str) -> Result<(Uuid, String), StepError> {
+/// Opens the run's alert (once) and locks it. Returns its id, its status and
+/// whether its "nobody to call" alarm is raised.
+async fn open_alert(conn: &mut PgConnection, ctx: &StepContext<'_>, settings: &EscalationWorkflow, message: &str) -> Result<(Uuid, String, bool), StepError> {
     let inserted: Option<Uuid> = sqlx::query_scalar(
         "INSERT INTO wardcall.alerts (run_id, workflow, policy, message, status) VALUES ($1, $2, $3, $4, 'open')
          ON CONFLICT (run_id) DO NOTHING RETURNING id",
@@ -685,9 +687,11 @@ async fn open_alert(conn: &mut PgConnection, ctx: &StepContext<'_>, settings: &E
         )
         .await?;
     }
-    let (id, status): (Uuid, String) =
-        sqlx::query_as("SELECT id, status FROM wardcall.alerts WHERE run_id = $1 FOR UPDATE").bind(ctx.run.id).fetch_one(&mut *conn).await?;
-    Ok((id, status))
+    let (id, status, nobody): (Uuid, String, bool) = sqlx::query_as("SELECT id, status, nobody_since IS NOT NULL FROM wardcall.alerts WHERE run_id = $1 FOR UPDATE")
+        .bind(ctx.run.id)
+        .fetch_one(&mut *conn)
+        .await?;
+    Ok((id, status, nobody))
 }
 
 async fn place_calls(ctx: &mut StepContext<'_>, settings: &EscalationWorkflow, policy: &Policy) -> Result<Transition, StepError> {
@@ -730,19 +734,24 @@ async fn place_calls(ctx: &mut StepContext<'_>, settings: &EscalationWorkflow, p
     if !lock_fenced(&mut tx, ctx.run.id, ctx.run.fencing_token).await? {
         return Err(StepError::LeaseLost);
     }
-    let (alert_id, alert_status) = open_alert(&mut tx, ctx, settings, &message).await?;
+    let (alert_id, alert_status, nobody_alarm) = open_alert(&mut tx, ctx, settings, &message).await?;
     ctx.state["alert_id"] = json!(alert_id);
     if alert_status != "open" {
         tx.commit().await?;
         return Ok(Transition::Complete);
     }
-    if tier.resolved_now {
+    // A list from a query is recorded with the intents (a takeover must call
+    // the same people); a tier of static people only is the config's, the
+    // same after a takeover: recording it would cost a statement before every call.
+    if tier.resolved_now && (step.who.recipients.is_some() || tier.audit.is_some()) {
         record_tier_recipients(&mut tx, ctx, alert_id, tier.audit.as_ref(), &actor).await?;
     }
     if callable.is_empty() {
         return empty_tier(ctx, tx, settings, policy, alert_id, cycle, step_index, tier.list.len()).await;
     }
-    recipients_found(&mut tx, alert_id, &actor).await?;
+    if nobody_alarm {
+        recipients_found(&mut tx, alert_id, &actor).await?;
+    }
     let existing = latest_attempts(&mut tx, ctx.run.id, cycle, step_index).await?;
     if existing.is_empty() && (cycle, step_index) != (0, 0) {
         audit::record(
