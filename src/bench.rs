@@ -1358,11 +1358,10 @@ async fn bookings(options: &BenchOptions, sizes: &Sizes) -> anyhow::Result<Scena
             .await?;
             let deadline = Instant::now() + Duration::from_millis((lead_ms + spread) as u64) + Duration::from_secs(60 + n / 50);
             loop {
-                let (done, failed): (i64, i64) = sqlx::query_as(
-                    "SELECT count(*) FILTER (WHERE task_status = 'done'), count(*) FILTER (WHERE task_status = 'failed') FROM lead_bookings",
-                )
-                .fetch_one(&client)
-                .await?;
+                let (done, failed): (i64, i64) =
+                    sqlx::query_as("SELECT count(*) FILTER (WHERE task_status = 'done'), count(*) FILTER (WHERE task_status = 'failed') FROM lead_bookings")
+                        .fetch_one(&client)
+                        .await?;
                 ensure!(failed == 0, "{failed} bookings failed");
                 if done as u64 >= n {
                     break;

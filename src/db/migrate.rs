@@ -21,6 +21,7 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     (7, "sms", include_str!("../../migrations/0007_sms.sql")),
     (8, "recipients", include_str!("../../migrations/0008_recipients.sql")),
     (9, "outbound_http", include_str!("../../migrations/0009_outbound_http.sql")),
+    (10, "dead_letter_step", include_str!("../../migrations/0010_dead_letter_step.sql")),
 ];
 
 /// Applies the migrations not yet applied; returns how many it applied.

@@ -42,6 +42,10 @@ use store::{ClaimedRun, Parking, WaitResolution};
 use tokio::sync::{watch, Notify, Semaphore};
 use tokio::task::JoinSet;
 
+/// Advisory lock key that serialises outbox dispatch across engines
+/// ("wardcall dispatch"; PostgreSQL manual 9.27.10 "Advisory Lock Functions").
+pub const DISPATCH_LOCK_KEY: i64 = 0x7764_6973_7061_7463;
+
 /// Channel that wakes schedulers (a run became due: a signal, new pending runs).
 pub const WAKE_CHANNEL: &str = "wardcall_wake";
 
@@ -430,6 +434,12 @@ impl Engine {
     pub async fn dispatch_batch(self: &Arc<Self>, limit: i64) -> anyhow::Result<usize> {
         let critical_events: Vec<String> = self.config.workflows.iter().filter(|w| self.host.is_critical(w)).map(|w| w.event.clone()).collect();
         let mut tx = self.db.pool.begin().await?;
+        // One dispatcher at a time, of all engines: keyed events (a create,
+        // its replacement, its cancel, an awaited event) must meet the runs of
+        // every older event, and an older event held in another engine's
+        // uncommitted batch would be invisible. Waiting for a batch is
+        // milliseconds; critical events still come first within each batch.
+        sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(DISPATCH_LOCK_KEY).execute(&mut *tx).await?;
         let mut rows: Vec<(i64, String, Value, String)> = sqlx::query_as(
             "WITH crit AS (
                  SELECT id FROM wardcall.outbox WHERE processed_at IS NULL AND event = ANY($3)
@@ -933,12 +943,26 @@ pub fn retry_delay_ms(w: &crate::config::Workflow, attempt: i32) -> i64 {
     (half + jitter) as i64
 }
 
-/// A run's key: `template` rendered over the event payload; `None` when it
-/// renders empty (the payload lacks the field).
+/// Longest key (bytes) stored as it is; a longer one is stored as
+/// `sha1:<hex>` of itself, so that it always fits the unique index
+/// `runs_live_key` (a b-tree entry is at most about 2.7 kB).
+pub const MAX_KEY_BYTES: usize = 200;
+
+/// A run's key: `template` rendered over the event payload (hashed when
+/// longer than [`MAX_KEY_BYTES`]); `None` when it renders empty (the payload
+/// lacks the field).
 fn run_key(template: &str, payload: &Value) -> Option<String> {
+    use sha1::Digest;
     let t = crate::template::Template::parse(template).ok()?;
     let k = t.render_with(payload, &std::collections::HashMap::new(), &Value::Null);
-    (!k.is_empty()).then_some(k)
+    if k.is_empty() {
+        return None;
+    }
+    if k.len() > MAX_KEY_BYTES {
+        let digest = sha1::Sha1::digest(k.as_bytes());
+        return Some(format!("sha1:{}", digest.iter().map(|b| format!("{b:02x}")).collect::<String>()));
+    }
+    Some(k)
 }
 
 /// Evaluates a workflow's `when` over a batch of payloads in one statement

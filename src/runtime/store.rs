@@ -773,7 +773,10 @@ pub async fn retry_failed_run_in(tx: &mut PgConnection, id: Uuid, actor: &str) -
     }
     sqlx::query(
         "UPDATE wardcall.runs SET status = 'pending', step_attempt = 0, due_at = clock_timestamp(), lease_owner = NULL,
-                fencing_token = fencing_token + 1, finished_at = NULL, updated_at = clock_timestamp() WHERE id = $1",
+                fencing_token = fencing_token + 1, finished_at = NULL, updated_at = clock_timestamp(),
+                step = coalesce(state->'ending'->>'step', step),
+                state = CASE WHEN jsonb_typeof(state) = 'object' THEN state - 'ending' ELSE state END
+          WHERE id = $1",
     )
     .bind(id)
     .execute(&mut *tx)

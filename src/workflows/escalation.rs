@@ -687,10 +687,11 @@ async fn open_alert(conn: &mut PgConnection, ctx: &StepContext<'_>, settings: &E
         )
         .await?;
     }
-    let (id, status, nobody): (Uuid, String, bool) = sqlx::query_as("SELECT id, status, nobody_since IS NOT NULL FROM wardcall.alerts WHERE run_id = $1 FOR UPDATE")
-        .bind(ctx.run.id)
-        .fetch_one(&mut *conn)
-        .await?;
+    let (id, status, nobody): (Uuid, String, bool) =
+        sqlx::query_as("SELECT id, status, nobody_since IS NOT NULL FROM wardcall.alerts WHERE run_id = $1 FOR UPDATE")
+            .bind(ctx.run.id)
+            .fetch_one(&mut *conn)
+            .await?;
     Ok((id, status, nobody))
 }
 

@@ -34,6 +34,12 @@ fn keep(state: &mut Value, name: &str, value: Value) {
     state["vars"][name] = value;
 }
 
+/// Whether an instant (ms since the Unix epoch) can be slept until: from
+/// 1970 to the end of 9999 (`infinity` and the like are refused).
+fn in_range(epoch_ms: i64) -> bool {
+    (0..253_402_300_800_000).contains(&epoch_ms)
+}
+
 /// Where a run goes when `phase` has no more steps.
 fn end_of_phase(ctx: &StepContext<'_>, phase: Phase) -> Transition {
     match phase {
@@ -73,10 +79,14 @@ pub async fn run_step(ctx: &mut StepContext<'_>) -> Result<Transition, StepError
                 .trim()
                 .parse()
                 .map_err(|_| StepError::Permanent(anyhow!("sleep_until: the template does not render an RFC 3339 instant with an offset")))?;
+            if !in_range(at.as_millisecond()) {
+                return Err(StepError::Permanent(anyhow!("sleep_until: the instant is out of range (before 1970 or after 9999)")));
+            }
             Ok(Transition::SleepUntil { step: next, epoch_ms: at.as_millisecond() })
         }
         StepKind::SleepUntil(InstantSpec::Sql { sql }) => match super::team_sql::query_instant(&ctx.engine.db.pool, sql, &payload, &vars(ctx.state)).await {
-            Ok(Some(epoch_ms)) => Ok(Transition::SleepUntil { step: next, epoch_ms }),
+            Ok(Some(epoch_ms)) if in_range(epoch_ms) => Ok(Transition::SleepUntil { step: next, epoch_ms }),
+            Ok(Some(_)) => Err(StepError::Permanent(anyhow!("sleep_until: the query returned an instant out of range (before 1970 or after 9999)"))),
             Ok(None) => Err(StepError::Permanent(anyhow!("sleep_until: the query returned no instant (no row, or NULL)"))),
             Err(e) if super::team_sql::is_permanent(&e) => Err(StepError::Permanent(anyhow!("sleep_until: {}", crate::capture::db_message(&e)))),
             Err(e) => Err(StepError::Retryable(anyhow!("sleep_until: {}", crate::capture::db_message(&e)))),
@@ -162,6 +172,32 @@ pub async fn run_step(ctx: &mut StepContext<'_>) -> Result<Transition, StepError
             let attempt = ctx.run.step_attempt + 1;
             let key = crate::outbound::RequestKey { run_id: Some(ctx.run.id), step: &step_key, attempt, idempotency_key: &idempotency_key };
             ctx.check_lease()?;
+            // The run may have been cancelled (its token bumped) since it was
+            // claimed: nothing may reach the endpoint then.
+            let live: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM wardcall.runs WHERE id = $1 AND fencing_token = $2 AND status = 'running')")
+                .bind(ctx.run.id)
+                .bind(ctx.run.fencing_token)
+                .fetch_one(&engine.db.pool)
+                .await?;
+            if !live {
+                return Err(StepError::LeaseLost);
+            }
+            // A success already recorded for this step (then a crash before
+            // its commit) is not sent again.
+            let done: Option<i32> = sqlx::query_scalar(
+                "SELECT status FROM wardcall.http_requests WHERE run_id = $1 AND step = $2 AND outcome = 'success' ORDER BY created_at DESC LIMIT 1",
+            )
+            .bind(ctx.run.id)
+            .bind(&step_key)
+            .fetch_optional(&engine.db.pool)
+            .await?
+            .flatten();
+            if let Some(status) = done {
+                if let Some(k) = &step.keep {
+                    keep(ctx.state, k, json!({"status": status, "body": null}));
+                }
+                return Ok(Transition::Next { step: next });
+            }
             let outcome = crate::outbound::perform(&engine.db.pool, &endpoint, &request, &key, &engine.engine_id).await?;
             match crate::outbound::decide(outcome, &h.retry, attempt) {
                 crate::outbound::Decision::Done { status, body } => {

@@ -62,11 +62,26 @@ pub fn retry_rule(w: &Workflow, step: &str) -> RetryRule {
 /// Where a run goes when `step` has failed for good: the first step of the
 /// workflow's `on_failure` hook, unless the run is already in a hook of
 /// failure or cancellation (a hook that fails ends the run).
+///
+/// In a workflow that escalates, a step before the `escalate` step that
+/// fails for good (a write-back with a bad cast, an endpoint that is down)
+/// does not stop the alert: the run goes on at the `escalate` step
+/// (invariant 10; audited `run.failing` with the step it jumps to).
 pub fn failure_hook(w: &Workflow, step: &str) -> Option<String> {
-    if w.kind == WorkflowKind::Script || w.on_failure.is_empty() {
+    if w.kind == WorkflowKind::Script {
         return None;
     }
     let addr = StepAddress::parse(step)?;
+    if addr.phase == Phase::Main {
+        if let Some(e) = w.steps.iter().position(|s| s.escalate.is_some()) {
+            if addr.index < e {
+                return Some(StepAddress { phase: Phase::Main, index: e, sub: String::new() }.render());
+            }
+        }
+    }
+    if w.on_failure.is_empty() {
+        return None;
+    }
     matches!(addr.phase, Phase::Main | Phase::OnComplete).then(|| StepAddress::first(Phase::OnFailure).render())
 }
 

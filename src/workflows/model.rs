@@ -296,6 +296,11 @@ impl StepAddress {
         if step == "start" {
             return Some(StepAddress { phase: Phase::Main, index: 0, sub: String::new() });
         }
+        // Escalation runs written before the workflow model (migration 0006)
+        // are at `call` or `await`: the escalate step of the shorthand, index 0.
+        if step == "call" || step == "await" {
+            return Some(StepAddress { phase: Phase::Main, index: 0, sub: step.to_string() });
+        }
         let (head, sub) = step.split_once('/').unwrap_or((step, ""));
         let (phase, index) = head.split_once(':')?;
         Some(StepAddress { phase: Phase::parse(phase)?, index: index.parse().ok()?, sub: sub.to_string() })
@@ -472,5 +477,6 @@ mod tests {
         assert_eq!((b.phase, b.index, b.sub.as_str()), (Phase::OnCancel, 2, "call"));
         assert_eq!(b.next().render(), "on_cancel:3");
         assert!(StepAddress::parse("op:1").is_none());
+        assert_eq!(StepAddress::parse("await").unwrap().render(), "steps:0/await", "a run from before the workflow model");
     }
 }

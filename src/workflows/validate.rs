@@ -93,7 +93,7 @@ pub fn workflow(config: &Config, index: usize, w: &Workflow) -> Result<(), Probl
             ));
         }
         if let Some(key) = &c.key {
-            Template::parse(key).map_err(|p| (format!("{k}.key"), p))?;
+            event_key(&format!("{k}.key"), key)?;
         }
     }
     let escalates = w.all_steps().filter(|(_, _, s)| s.escalate.is_some()).count();
@@ -120,6 +120,19 @@ pub fn workflow(config: &Config, index: usize, w: &Workflow) -> Result<(), Probl
         if phase == Phase::Main {
             kept = known;
         }
+    }
+    Ok(())
+}
+
+/// A key template computed over an event's payload: a template whose
+/// placeholders read the payload only (a run's variables are not there).
+fn event_key(key: &str, text: &str) -> Result<(), Problem> {
+    let t = Template::parse(text).map_err(|p| (key.to_string(), p))?;
+    if let Some(f) = t.fields().find(|f| f.contains('.') && !f.starts_with("event.")) {
+        return Err((key.to_string(), format!("{{{f}}}: a key is computed from the event's payload only (use {{field}} or {{event.field.sub}})")));
+    }
+    if t.fields().next().is_none() {
+        return Err((key.to_string(), "has no placeholder: every event would have the same key".into()));
     }
     Ok(())
 }
@@ -197,7 +210,7 @@ fn step_config(config: &Config, w: &Workflow, key: &str, step: &super::model::St
                     match key_template {
                         None => return Err((k, "waiting for an event matches it by key, and this workflow has no key (set key, or wait.key)".into())),
                         Some(t) => {
-                            Template::parse(t).map_err(|p| (format!("{k}.key"), p))?;
+                            event_key(&format!("{k}.key"), t)?;
                         }
                     }
                 }

@@ -31,6 +31,7 @@ mod privacy_cluster;
 mod recipients;
 mod runtime_resilience;
 mod sms;
+mod workflow_hardening;
 mod workflow_model;
 
 use libtest_mimic::{Arguments, Trial};
@@ -60,6 +61,7 @@ fn all_tests() -> Vec<Trial> {
     t.extend(runtime_resilience::tests());
     t.extend(http_surface::tests());
     t.extend(workflow_model::tests());
+    t.extend(workflow_hardening::tests());
     t.extend(sms::tests());
     t.extend(recipients::tests());
     t.extend(example_homecare::tests());
