@@ -512,7 +512,11 @@ pub async fn send_fallbacks(
     let pos = Position { run: run.id, step_key: "", cycle, step_index };
     let (calls, existing) = {
         let mut conn = engine.db.pool.acquire().await?;
-        (call_attempts(&mut conn, pos).await?, latest_sms_attempts(&mut conn, pos).await?)
+        let calls = call_attempts(&mut conn, pos).await?;
+        if !calls.iter().any(CallAttempt::failed) {
+            return Ok(());
+        }
+        (calls, latest_sms_attempts(&mut conn, pos).await?)
     };
     let failed: Vec<&CallAttempt> = calls.iter().filter(|c| c.failed()).collect();
     let pending = |c: &&CallAttempt| existing.iter().find(|a| a.person_id == c.person_id).map_or(true, SmsAttempt::ambiguous);
@@ -552,6 +556,9 @@ pub async fn send_fallbacks(
 pub async fn fallback_due(conn: &mut PgConnection, run: Uuid, cycle: i32, step_index: i32) -> Result<bool, sqlx::Error> {
     let pos = Position { run, step_key: "", cycle, step_index };
     let calls = call_attempts(&mut *conn, pos).await?;
+    if !calls.iter().any(CallAttempt::failed) {
+        return Ok(false);
+    }
     let texted = latest_sms_attempts(&mut *conn, pos).await?;
     Ok(calls.iter().any(|c| c.failed() && !texted.iter().any(|t| t.person_id == c.person_id)))
 }

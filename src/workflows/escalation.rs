@@ -953,10 +953,18 @@ async fn evaluate_position(
         .ok_or_else(|| StepError::Permanent(anyhow!("escalation state has no alert_id")))?;
     // The SMS fallback of failed calls (its own intents and requests, before
     // this evaluation's transaction).
+    // Only when the last evaluation found a failed call not yet texted
+    // (`state.sms_fallback_due`, committed with it) or after a retry or a
+    // takeover (an ambiguous text to reconcile): otherwise an evaluation costs
+    // no statement for the fallback beyond `fallback_due` below.
     let sms_fallback = policy.steps.get(step_index as usize).is_some_and(|s| s.sms_fallback);
-    if sms_fallback {
+    let flagged = ctx.state.get("sms_fallback_due").and_then(Value::as_bool).unwrap_or(false);
+    if sms_fallback && (flagged || ctx.run.step_attempt > 0 || ctx.run.previous_status == "running") {
         let tier = recipients::recorded(ctx.state, &position_key(cycle, step_index)).unwrap_or_default();
         crate::notify::sms::send_fallbacks(&engine, ctx.run, alert_id, cycle, step_index, &tier).await?;
+        if let Some(o) = ctx.state.as_object_mut() {
+            o.remove("sms_fallback_due");
+        }
     }
     let mut tx = engine.db.pool.begin().await?;
     if !lock_fenced(&mut tx, ctx.run.id, ctx.run.fencing_token).await? {
@@ -971,9 +979,10 @@ async fn evaluate_position(
         return Ok(Transition::Complete);
     }
     if sms_fallback && crate::notify::sms::fallback_due(&mut tx, ctx.run.id, cycle, step_index).await? {
-        // A call failed after the fallback was looked at: evaluate again at
-        // once, which sends its text.
+        // A call failed and its person is not texted yet: evaluate again at
+        // once, which sends the text (outside this transaction).
         tx.commit().await?;
+        ctx.state["sms_fallback_due"] = json!(true);
         return Ok(Transition::Next { step: "await".into() });
     }
     let attempts = latest_attempts(&mut tx, ctx.run.id, cycle, step_index).await?;
