@@ -39,6 +39,10 @@
 //!   create-call latency, the flood runs still unfinished at that instant, and
 //!   the flood's drain time. Critical work is claimed first, so the latency
 //!   stays a small fraction of the drain time.
+//! - `bookings`: the shipped bookings example against a local HTTP endpoint:
+//!   N bookings in one INSERT until all are scheduled and asleep (bookings/s),
+//!   then their due times moved in SQL to one instant or spread over
+//!   `--spread-s`; lateness = the POST's arrival at the endpoint − `scheduled_at`.
 //!
 //! The hospital policy's steps get a 600 s acknowledgement timeout so that no
 //! escalation call overlaps a measurement: every alert yields exactly one call
