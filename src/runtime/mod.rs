@@ -471,11 +471,42 @@ impl Engine {
                 continue;
             }
             let payloads: Vec<&Value> = rows.iter().filter(|r| r.1 == w.event).map(|r| &r.2).collect();
-            match when_matches(&mut tx, w.when.as_deref().unwrap_or("true"), &ids, &payloads).await? {
+            let when = w.when.as_deref().unwrap_or("true");
+            match when_matches(&mut tx, when, &ids, &payloads).await? {
                 Ok(matched) => skipped.extend(ids.iter().filter(|id| !matched.contains(id)).map(|id| (*id, w.name.as_str()))),
-                // Fail towards a run: an event is never dropped by a faulty condition.
-                Err(sqlstate) => {
-                    tracing::error!(workflow = %w.name, sqlstate = ?sqlstate, "the workflow's when condition failed; its events start runs as if it were true")
+                // One payload broke the condition (a bad cast): each event is
+                // evaluated alone, so the others are decided as usual. An event
+                // whose evaluation fails starts its run if the workflow is
+                // critical (fail towards a human), else starts nothing; either
+                // way it is logged and audited, never silently dropped.
+                Err(_) => {
+                    let critical = self.host.is_critical(w);
+                    for (id, payload) in ids.iter().zip(&payloads) {
+                        match when_matches(&mut tx, when, std::slice::from_ref(id), std::slice::from_ref(payload)).await? {
+                            Ok(matched) if matched.is_empty() => {
+                                skipped.insert((*id, w.name.as_str()));
+                            }
+                            Ok(_) => {}
+                            Err(sqlstate) => {
+                                tracing::error!(workflow = %w.name, outbox_id = id, sqlstate = ?sqlstate, critical, "the workflow's when condition failed on this event");
+                                if !critical {
+                                    skipped.insert((*id, w.name.as_str()));
+                                }
+                                let source = rows.iter().find(|r| r.0 == *id).map(|r| r.3.clone()).unwrap_or_default();
+                                crate::audit::record(
+                                    &mut tx,
+                                    crate::audit::Entity::Source,
+                                    &source,
+                                    "event.when_failed",
+                                    None,
+                                    None,
+                                    &actor,
+                                    serde_json::json!({"outbox_id": id, "workflow": w.name, "sqlstate": sqlstate, "run_started": critical}),
+                                )
+                                .await?;
+                            }
+                        }
+                    }
                 }
             }
         }

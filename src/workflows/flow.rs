@@ -220,9 +220,17 @@ pub async fn run_step(ctx: &mut StepContext<'_>) -> Result<Transition, StepError
             let recipients = match crate::notify::recipients::recorded(ctx.state, &position) {
                 Some(list) => list,
                 None => {
-                    let resolved = crate::notify::recipients::resolve(&engine.db.pool, &engine.config, &n.who(), &payload, &vars)
-                        .await
-                        .map_err(|e| StepError::Retryable(anyhow!("resolving the recipients of a notify step: {e}")))?;
+                    // A failing query still reaches the step's static people.
+                    let resolved = match crate::notify::recipients::resolve(&engine.db.pool, &engine.config, &n.who(), &payload, &vars).await {
+                        Ok(r) => r,
+                        Err(e) if ctx.run.step_attempt + 1 < ctx.workflow.max_attempts as i32 || n.people.is_empty() => {
+                            return Err(StepError::Retryable(anyhow!("resolving the recipients of a notify step: {e}")));
+                        }
+                        Err(e) => {
+                            tracing::error!(run = %ctx.run.id, step = %position, error = %e, "a notify step's recipients query failed; texting its static people only");
+                            crate::notify::recipients::static_people(&engine.config, &n.who())
+                        }
+                    };
                     let list = resolved.recipients.clone();
                     crate::notify::recipients::record(ctx.state, &position, &list);
                     list

@@ -13,6 +13,7 @@ pub fn tests() -> Vec<libtest_mimic::Trial> {
         workflow_model::cancel_on_cancels_a_sleeping_run_and_runs_on_cancel,
         workflow_model::wait_for_an_event_by_key_with_and_without_timeout,
         workflow_model::when_condition_filters_events,
+        workflow_model::a_when_that_fails_on_one_event_decides_the_others,
         workflow_model::on_failure_hook_runs_once_after_the_last_retry,
         workflow_model::on_failure_hook_runs_once_when_its_statement_is_interrupted,
         workflow_model::on_failure_hook_runs_once_when_its_commit_fails_after_its_statement,
@@ -241,6 +242,31 @@ sql = "UPDATE jobs SET note = 'seen' WHERE id = ($1->>'id')::bigint"
     assert_eq!(seen, vec!["CALL", "Follow_Up", "call"]);
     // The filtered event was processed, not left unrouted.
     assert_eq!(db.scalar_i64("SELECT count(*) FROM wardcall.outbox WHERE processed_at IS NULL OR unrouted_at IS NOT NULL").await, 0);
+    app.stop(Duration::from_secs(2)).await;
+}
+
+pub async fn a_when_that_fails_on_one_event_decides_the_others() {
+    let db = TestDb::new().await;
+    db.exec(JOBS).await;
+    let cfg = jobs_config(
+        r#"
+[[workflows]]
+name = "big-only"
+event = "job.saved"
+when = "(payload->>'note')::int > 5"
+
+[[workflows.steps]]
+sql = "UPDATE jobs SET status = 'done' WHERE id = ($1->>'id')::bigint"
+"#,
+    );
+    let app = start_app(&db, config(&cfg)).await;
+    // One statement, one batch: 'seven' cannot be cast; 7 and 3 are decided as usual.
+    db.exec("INSERT INTO jobs (kind, note) VALUES ('a', '7'), ('b', 'seven'), ('c', '3')").await;
+    await_true(&db, "the outbox to be processed", Duration::from_secs(10), "SELECT bool_and(processed_at IS NOT NULL) FROM wardcall.outbox").await;
+    await_true(&db, "job a's run to complete", Duration::from_secs(10), "SELECT status = 'done' FROM jobs WHERE kind = 'a'").await;
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM wardcall.runs").await, 1, "only the event that matched started a run");
+    let failed: Value = sqlx::query_scalar("SELECT detail FROM wardcall.audit_log WHERE action = 'event.when_failed'").fetch_one(&db.pool).await.unwrap();
+    assert_eq!((failed["workflow"].as_str(), failed["sqlstate"].as_str(), failed["run_started"].as_bool()), (Some("big-only"), Some("22P02"), Some(false)));
     app.stop(Duration::from_secs(2)).await;
 }
 
