@@ -144,8 +144,8 @@ pub async fn reschedule_moves_the_task_and_cancel_cancels_it() {
     await_true(&h.db, "the new task name", Duration::from_secs(2), &format!("SELECT task_name <> '{first_name}' FROM lead_bookings WHERE id = '{moved}'"))
         .await;
     assert_eq!(h.row(moved).await.0, "scheduled");
-    // Past the old time: nothing was posted.
-    tokio::time::sleep(Duration::from_millis(2000)).await;
+    // The run of the old time is cancelled (replaced): it can never fire.
+    await_true(&h.db, "the old run to be replaced", Duration::from_secs(5), "SELECT count(*) = 2 FROM wardcall.runs WHERE status = 'cancelled'").await;
     assert!(h.posts_for(moved).is_empty(), "the old time fired nothing");
     h.await_status(moved, "done", Duration::from_secs(10)).await;
     let posts = h.posts_for(moved);
@@ -179,19 +179,28 @@ pub async fn endpoint_down_dead_letters_opens_the_breaker_and_recovers() {
     // Three failed attempts: the run is a dead letter and the row is failed.
     h.await_status(id, "failed", Duration::from_secs(15)).await;
     assert_eq!(h.posts_for(id).len(), 3);
-    assert_eq!(
-        h.db.scalar_i64(&format!(
-            "SELECT count(*) FROM wardcall.dead_letters WHERE run_id = (SELECT id FROM wardcall.runs WHERE key = '{id}' OR input->>'id' = '{id}')"
-        ))
-        .await,
-        1
-    );
+    // The row is written failed by the on_failure hook's first step; the run
+    // itself ends failed (a dead letter) when the hook has run.
+    await_true(
+        &h.db,
+        "the run to be a dead letter",
+        Duration::from_secs(5),
+        &format!("SELECT count(*) = 1 FROM wardcall.dead_letters WHERE run_id = (SELECT id FROM wardcall.runs WHERE input->>'id' = '{id}')"),
+    )
+    .await;
     let breaker: String = sqlx::query_scalar("SELECT state FROM wardcall.http_endpoints WHERE name = 'executor'").fetch_one(&h.db.pool).await.unwrap();
     assert_eq!(breaker, "open", "three consecutive failures opened the breaker");
     // While it is open, a new task waits: nothing is sent, no attempt is spent.
     let second = h.insert("follow_up", "pending", 0).await;
     h.await_status(second, "scheduled", Duration::from_secs(2)).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Its http step was tried and put off by the open breaker.
+    await_true(
+        &h.db,
+        "the second task's http step to be deferred",
+        Duration::from_secs(5),
+        &format!("SELECT EXISTS (SELECT 1 FROM wardcall.audit_log a JOIN wardcall.runs r ON a.entity_id = r.id::text WHERE a.action = 'run.deferred' AND r.input->>'id' = '{second}')"),
+    )
+    .await;
     assert!(h.posts_for(second).is_empty(), "nothing sent while the breaker is open");
     // The endpoint recovers: after the cool-down one probe closes the breaker and the task is done.
     h.endpoint.set_behaviour(Behaviour::Up);

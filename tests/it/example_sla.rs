@@ -70,8 +70,15 @@ pub async fn warning_at_75_breach_at_100_and_resolve_cancels() {
     await_true(&db, "the warnings", Duration::from_secs(10), "SELECT count(*) = 2 FROM notification_log WHERE type = 'SLA_WARNING'").await;
     db.exec(&format!("UPDATE escalation_tasks SET status = 'RESOLVED', resolved_at = now() WHERE id = '{resolved_after_warning}'")).await;
     await_true(&db, "the breach", Duration::from_secs(10), "SELECT count(*) = 1 FROM notification_log WHERE type = 'SLA_BREACH'").await;
-    // Well past every breach time: nothing more.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Every run has ended (the left one after its breach, the others
+    // cancelled): nothing more can fire.
+    await_true(
+        &db,
+        "every run to end",
+        Duration::from_secs(10),
+        "SELECT count(*) = 0 FROM wardcall.runs WHERE status IN ('pending','running','sleeping','waiting')",
+    )
+    .await;
     let l = log(&db, left).await;
     assert_eq!(l.iter().map(|(t, _)| t.as_str()).collect::<Vec<_>>(), vec!["SLA_WARNING", "SLA_BREACH"]);
     assert!((2.25..3.25).contains(&l[0].1), "warning at {} s (75 % of 3 s is 2.25 s)", l[0].1);
