@@ -15,9 +15,9 @@
 //! the real table: a wrong condition fails `wardcall migrate`/`serve` with the
 //! source's name, never the team's own INSERTs.
 
-use crate::audit;
 use crate::config::{split_table_name, Config, ConfigError, Operation, Source};
 use crate::db::migrate::SCHEMA_LOCK_KEY;
+use crate::store::audit;
 use anyhow::{bail, Context};
 use sqlx::{PgPool, Postgres, Transaction};
 

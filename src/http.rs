@@ -4,7 +4,7 @@
 //! and inbound text messages at `/webhooks/twilio/sms`)
 //! are verified with `X-Twilio-Signature` over the public URL
 //! (`http.public_url` + path and query, with or without the connection-override
-//! fragment wardcall put on it, see [`crate::twilio::callback`]) and the POST
+//! fragment wardcall put on it, see [`crate::providers::twilio::callback`]) and the POST
 //! parameters before anything in them is read; a missing or wrong signature
 //! gets 403 and changes nothing. Handling is idempotent and monotonic: a late
 //! or repeated callback never moves an attempt or an alert backwards. A
@@ -36,9 +36,10 @@
 
 use crate::config::{Config, HttpConfig};
 use crate::notify::acknowledgement::{self, CallEventError, Delivery};
-use crate::runtime::{store, Engine};
-use crate::twilio::callback::signed_url_candidates;
-use crate::twilio::signature;
+use crate::providers::twilio::callback::signed_url_candidates;
+use crate::providers::twilio::signature;
+use crate::runtime::Engine;
+use crate::store::runs as store;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
@@ -388,7 +389,7 @@ async fn api_status(State(engine): State<Arc<Engine>>) -> Result<Json<Value>, Ap
     let counts = store::status_counts(&engine.db.pool).await?;
     let dead = store::dead_letter_count(&engine.db.pool).await?;
     let newest = store::newest_dead_letters(&engine.db.pool, 5).await?;
-    let endpoints = crate::outbound::store::endpoint_stats(&engine.db.pool).await?;
+    let endpoints = crate::store::outbound::endpoint_stats(&engine.db.pool).await?;
     Ok(Json(json!({"engine_id": engine.engine_id, "runs": counts, "dead_letters": {"count": dead, "newest": newest}, "endpoints": endpoints})))
 }
 
@@ -465,7 +466,7 @@ async fn api_cancel(State(engine): State<Arc<Engine>>, Path(id): Path<String>) -
 /// actor `api`). 200 `{"retried": true, "step": …}`; 404 for no such run;
 /// 409 when the run has not failed.
 async fn api_retry(State(engine): State<Arc<Engine>>, Path(id): Path<String>) -> Result<Response, ApiError> {
-    use crate::runtime::store::RetryResult;
+    use crate::store::runs::RetryResult;
     let run: Uuid = id.parse().map_err(|_| ApiError(StatusCode::BAD_REQUEST, format!("'{}' is not a run id (UUID)", id.escape_default())))?;
     match crate::runtime::dead_letters::retry(&engine.db.pool, run, "api").await? {
         RetryResult::Retried { step, .. } => {
@@ -501,7 +502,7 @@ async fn twilio_webhook(
     };
     // 1. Verify the signature before reading anything. The fragment of the
     //    callback URL (connection overrides) never reaches the server; the
-    //    signature may cover it (see crate::twilio::callback).
+    //    signature may cover it (see crate::providers::twilio::callback).
     let params: Vec<(String, String)> = serde_urlencoded::from_bytes(&body).unwrap_or_default();
     let url = format!("{}{}", engine.public_url, uri.path_and_query().map(|p| p.as_str()).unwrap_or(uri.path()));
     let sig = headers.get("x-twilio-signature").and_then(|v| v.to_str().ok()).unwrap_or("");

@@ -7,18 +7,15 @@
 //! See ARCHITECTURE.md for the map of this crate.
 
 pub mod app;
-pub mod audit;
-pub mod bench;
 pub mod capture;
 pub mod config;
 pub mod db;
-pub mod demo;
 pub mod devtools;
 pub mod http;
 pub mod notify;
 pub mod outbound;
 pub mod providers;
 pub mod runtime;
+pub mod store;
 pub mod template;
-pub mod twilio;
 pub mod workflows;

@@ -77,7 +77,7 @@ enum Command {
     },
     /// Run a benchmark scenario on the embedded cluster with the in-process
     /// Twilio emulator and print its figures (see BENCHMARKS.md).
-    Bench(wardcall::bench::BenchArgs),
+    Bench(wardcall::devtools::bench::BenchArgs),
     /// Run a provider emulator (offline development and tests).
     Emulate {
         #[command(subcommand)]
@@ -88,7 +88,7 @@ enum Command {
 #[derive(Subcommand)]
 enum EmulateCommand {
     /// The Twilio Voice REST API and its webhooks.
-    Twilio(wardcall::twilio::emulate_cli::EmulateArgs),
+    Twilio(wardcall::devtools::twilio_emulator::cli::EmulateArgs),
 }
 
 /// Logs to stderr at `default` level unless `RUST_LOG` says otherwise. sqlx's
@@ -136,15 +136,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Demo { name } => {
             init_tracing("warn");
-            wardcall::demo::run(cli.config.as_deref(), name.as_deref()).await
+            wardcall::devtools::demo::run(cli.config.as_deref(), name.as_deref()).await
         }
         Command::Bench(args) => {
             init_tracing("warn");
-            wardcall::bench::run(args).await
+            wardcall::devtools::bench::run(args).await
         }
         Command::Emulate { provider: EmulateCommand::Twilio(args) } => {
             init_tracing("info");
-            wardcall::twilio::emulate_cli::run_cli(args).await
+            wardcall::devtools::twilio_emulator::cli::run_cli(args).await
         }
         Command::Serve { prune } => {
             init_tracing("info");
@@ -209,11 +209,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let r = async {
                 // Migrate only: installing triggers here would hide a missing one.
                 wardcall::db::migrate::migrate(&db.pool).await?;
-                let c = wardcall::runtime::store::status_counts(&db.pool).await?;
+                let c = wardcall::store::runs::status_counts(&db.pool).await?;
                 let problems = wardcall::runtime::status_problems(&db.pool, &config).await?;
-                let dead = wardcall::runtime::store::dead_letter_count(&db.pool).await?;
-                let newest = wardcall::runtime::store::newest_dead_letters(&db.pool, 5).await?;
-                let endpoints = wardcall::outbound::store::endpoint_stats(&db.pool).await?;
+                let dead = wardcall::store::runs::dead_letter_count(&db.pool).await?;
+                let newest = wardcall::store::runs::newest_dead_letters(&db.pool, 5).await?;
+                let endpoints = wardcall::store::outbound::endpoint_stats(&db.pool).await?;
                 if json {
                     let mut v = serde_json::to_value(&c)?;
                     v["healthy"] = serde_json::json!(problems.is_empty());
@@ -284,14 +284,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let r = wardcall::runtime::dead_letters::retry(&db.pool, run, "cli").await;
             db.shutdown().await;
             match r? {
-                wardcall::runtime::store::RetryResult::Retried { step, .. } => {
+                wardcall::store::runs::RetryResult::Retried { step, .. } => {
                     println!("run {run} retried: pending again at step {step}");
                     Ok(())
                 }
-                wardcall::runtime::store::RetryResult::NotFailed { status } => {
+                wardcall::store::runs::RetryResult::NotFailed { status } => {
                     anyhow::bail!("run {run} has not failed (it is {status}); only a dead letter can be retried")
                 }
-                wardcall::runtime::store::RetryResult::NotFound => anyhow::bail!("no run {run}"),
+                wardcall::store::runs::RetryResult::NotFound => anyhow::bail!("no run {run}"),
             }
         }
         Command::Signal { run, name, payload } => {
@@ -303,7 +303,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let (_config, db) = open(cli.config.as_deref()).await?;
             let r = async {
                 let mut conn = db.pool.acquire().await?;
-                let id = wardcall::runtime::store::send_signal(&mut conn, run, &name, &payload).await?;
+                let id = wardcall::store::runs::send_signal(&mut conn, run, &name, &payload).await?;
                 println!("signal {name} sent to run {run} (signal {id})");
                 anyhow::Ok(())
             }

@@ -19,10 +19,11 @@
 //! applied once; a replay with the same token gets the first delivery's
 //! response and changes nothing.
 
-use crate::audit::{self, Entity};
 use crate::notify::Channel;
-use crate::runtime::{store, Engine};
-use crate::twilio::twiml;
+use crate::providers::twilio::twiml;
+use crate::runtime::Engine;
+use crate::store::audit::{self, Entity};
+use crate::store::runs as store;
 use crate::workflows::escalation::{write_back, WriteBackSubject, CALL_UPDATE_SIGNAL};
 use serde_json::{json, Value};
 use sqlx::PgConnection;
@@ -436,7 +437,7 @@ async fn acknowledge_in(engine: &Arc<Engine>, tx: &mut PgConnection, ack: Acknow
 /// The TwiML that reads the alert again and waits for a key.
 fn replay_message_twiml(engine: &Engine, attempt: Uuid, message: &str) -> String {
     let gather_timeout = engine.providers.twilio.as_ref().map(|t| t.config.gather_timeout_seconds).unwrap_or(10);
-    let action = crate::twilio::callback_url(&engine.public_url, "gather", attempt);
+    let action = crate::providers::twilio::callback_url(&engine.public_url, "gather", attempt);
     // A webhook's TwiML may be 64 kB (Twilio error 11750); the message fits.
     twiml::say_and_gather_within(message, &action, gather_timeout, 60_000)
         .unwrap_or_else(|| twiml::say_and_gather(twiml::FALLBACK_MESSAGE, &action, gather_timeout))
@@ -546,14 +547,14 @@ pub enum ReplyOutcome {
 /// open), through the same acknowledgement as a keypress ([`acknowledge_in`]:
 /// alert, attempt, audit, `on_acknowledged` write-back with
 /// `acknowledged_via = 'sms'`, run signalled so ringing calls end). Twilio's
-/// reserved keywords ([`crate::twilio::messages::RESERVED_KEYWORDS`]) are
+/// reserved keywords ([`crate::providers::twilio::messages::RESERVED_KEYWORDS`]) are
 /// never commands; any other text is audited as not an acknowledgement,
 /// without its text. A `message_sid` already handled is a replay and changes
 /// nothing.
 ///
 /// Errors: a database error (the provider should retry).
 pub async fn apply_reply(engine: &Arc<Engine>, from: &str, message_sid: &str, body: &str) -> Result<ReplyOutcome, CallEventError> {
-    use crate::twilio::messages::is_reserved_keyword;
+    use crate::providers::twilio::messages::is_reserved_keyword;
     let body = body.trim();
     // The newest attempt to this number; the newest of an open alert.
     let newest: Option<(Uuid, Uuid, Option<Uuid>)> = sqlx::query_as(

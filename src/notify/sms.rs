@@ -17,14 +17,14 @@
 //! Logging: attempt ids, SIDs and statuses only; numbers through
 //! [`redact_phone`]; never a body.
 
-use crate::audit::{self, Entity};
 use crate::config::redact_phone;
 use crate::notify::acknowledgement::{is_machine, message_status_rank, FAILED_MESSAGE_STATUSES};
 use crate::notify::{Channel, Recipient};
-use crate::runtime::store::{lock_fenced, ClaimedRun};
+use crate::providers::twilio::client::TwilioError;
+use crate::providers::twilio::messages::{fit_body, CreateMessageRequest, MessageResource, MAX_BODY_CHARS, REPLY_INSTRUCTION};
 use crate::runtime::Engine;
-use crate::twilio::client::TwilioError;
-use crate::twilio::messages::{fit_body, CreateMessageRequest, MessageResource, MAX_BODY_CHARS, REPLY_INSTRUCTION};
+use crate::store::audit::{self, Entity};
+use crate::store::runs::{lock_fenced, ClaimedRun};
 use crate::workflows::StepError;
 use anyhow::anyhow;
 use serde_json::json;
@@ -270,7 +270,7 @@ async fn send_and_record(engine: &Arc<Engine>, outgoing: Vec<Outgoing>, actor: &
             to: o.to.clone(),
             from: twilio.config.from.clone(),
             body: o.body.clone(),
-            status_callback: crate::twilio::callback_url(&engine.public_url, "sms-status", o.attempt_id),
+            status_callback: crate::providers::twilio::callback_url(&engine.public_url, "sms-status", o.attempt_id),
         };
         async move { twilio.client.create_message(&req).await }
     });
@@ -377,7 +377,7 @@ async fn record_result(engine: &Arc<Engine>, o: &Outgoing, result: &Result<Messa
 
 /// Sends `message` as a one-way text to each recipient with an SMS number,
 /// for the `notify` workflow step `step_key` of `run` (no reply instruction;
-/// the body is made [`crate::twilio::messages::textable`] and shortened to
+/// the body is made [`crate::providers::twilio::messages::textable`] and shortened to
 /// [`MAX_BODY_CHARS`], keeping its start and "…", never refused for length).
 ///
 /// Idempotent per (run, `step_key`, recipient id): the intents are committed

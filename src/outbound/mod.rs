@@ -30,11 +30,11 @@
 //! (<https://datatracker.ietf.org/doc/draft-ietf-httpapi-idempotency-key-header/>).
 
 pub mod config;
-pub mod store;
 
 pub use config::{check_endpoints, EndpointConfig, HeaderSource, HttpStepConfig, Method, RetryConfig, StatusSet};
 
 use crate::config::ConfigError;
+use crate::store::outbound as store;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 use serde_json::Value;
 use sqlx::PgPool;

@@ -3,7 +3,7 @@
 //! `wardcall status`, and put back by `wardcall retry <run-id>` and
 //! `POST /api/runs/{id}/retry`, which share [`retry`].
 
-use super::store::{self, RetryResult};
+use crate::store::runs::{self as store, RetryResult};
 use sqlx::PgPool;
 use uuid::Uuid;
 

@@ -27,18 +27,17 @@
 
 pub mod dead_letters;
 pub mod step;
-pub mod store;
 
 use crate::config::{Config, EngineConfig, Workflow};
 use crate::db::Database;
 use crate::providers::Providers;
+use crate::store::runs::{self as store, ClaimedRun, Parking, WaitResolution};
 use serde_json::Value;
 use sqlx::postgres::PgListener;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use step::{StepContext, StepError, Transition, WorkflowHost};
-use store::{ClaimedRun, Parking, WaitResolution};
 use tokio::sync::{watch, Notify, Semaphore};
 use tokio::task::JoinSet;
 
@@ -493,9 +492,9 @@ impl Engine {
                                     skipped.insert((*id, w.name.as_str()));
                                 }
                                 let source = rows.iter().find(|r| r.0 == *id).map(|r| r.3.clone()).unwrap_or_default();
-                                crate::audit::record(
+                                crate::store::audit::record(
                                     &mut tx,
-                                    crate::audit::Entity::Source,
+                                    crate::store::audit::Entity::Source,
                                     &source,
                                     "event.when_failed",
                                     None,

@@ -5,9 +5,9 @@
 //! does not know) to run a step, how to retry it and where a failed or
 //! cancelled run goes. The runtime imports no workflow module.
 
-use super::store::ClaimedRun;
 use super::Engine;
 use crate::config::{Config, Workflow};
+use crate::store::runs::ClaimedRun;
 use futures_util::future::BoxFuture;
 use serde_json::Value;
 use sqlx::PgConnection;

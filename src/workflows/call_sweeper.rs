@@ -26,9 +26,9 @@
 //! `FOR UPDATE SKIP LOCKED` and their next time is pushed on before the
 //! provider is asked.
 
-use crate::audit::{self, Entity};
 use crate::notify::acknowledgement::{self, Delivery};
 use crate::runtime::Engine;
+use crate::store::audit::{self, Entity};
 use serde_json::json;
 use std::sync::Arc;
 use std::time::Duration;

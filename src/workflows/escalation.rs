@@ -26,14 +26,14 @@
 //! better than none, so it is marked `unknown` and a new attempt is placed.
 
 use super::{StepContext, StepError, Transition};
-use crate::audit::{self, Entity};
 use crate::config::{redact_phone, EscalationWorkflow, Policy, PolicyStep};
 use crate::notify::recipients;
 use crate::notify::{Channel, Recipient};
-use crate::runtime::store::lock_fenced;
+use crate::providers::twilio::client::{CreateCallRequest, MAX_INLINE_TWIML_CHARS};
+use crate::providers::twilio::twiml;
+use crate::store::audit::{self, Entity};
+use crate::store::runs::lock_fenced;
 use crate::template::Template;
-use crate::twilio::client::{CreateCallRequest, MAX_INLINE_TWIML_CHARS};
-use crate::twilio::twiml;
 use anyhow::anyhow;
 use serde_json::{json, Value};
 use sqlx::{PgConnection, Row};
@@ -181,10 +181,10 @@ struct PlacedCall {
     attempt_id: Uuid,
     person_id: String,
     phone: String,
-    result: Result<crate::twilio::client::CreatedCall, crate::twilio::client::TwilioError>,
+    result: Result<crate::providers::twilio::client::CreatedCall, crate::providers::twilio::client::TwilioError>,
     /// The provider refused the alert's own message for its content; the
     /// result above is that of the short fallback message.
-    content_refused: Option<crate::twilio::client::TwilioError>,
+    content_refused: Option<crate::providers::twilio::client::TwilioError>,
 }
 
 /// Records one create-call result, retrying while the database refuses
@@ -223,7 +223,7 @@ async fn record_with_retry(ctx: &StepContext<'_>, settings: &EscalationWorkflow,
 /// failed, so the policy escalates. A call that was placed after its alert
 /// closed is handed to the call sweeper, which ends it at once.
 async fn record_call_result(ctx: &StepContext<'_>, settings: &EscalationWorkflow, actor: &str, placed: &PlacedCall) -> Result<Option<String>, sqlx::Error> {
-    use crate::twilio::client::TwilioError;
+    use crate::providers::twilio::client::TwilioError;
     let engine = ctx.engine;
     let attempt_id = placed.attempt_id;
     let id_text = attempt_id.to_string();
@@ -444,7 +444,7 @@ async fn reconcile_ambiguous(
                 return Err(StepError::Retryable(anyhow!("reconciling an ambiguous create-call with Twilio failed: {e}")));
             }
         };
-        let candidates: Vec<&crate::twilio::client::CallResource> =
+        let candidates: Vec<&crate::providers::twilio::client::CallResource> =
             calls.iter().filter(|c| c.created_at().is_some_and(|t| t.as_millisecond() as f64 >= a.created_ms - RECONCILE_CLOCK_SLACK_MS)).collect();
         let sids: Vec<String> = candidates.iter().map(|c| c.sid.clone()).collect();
         let known: Vec<String> =
@@ -873,7 +873,7 @@ async fn place_calls(ctx: &mut StepContext<'_>, settings: &EscalationWorkflow, p
         let message = message.clone();
         async move {
             let base = &engine.public_url;
-            let action = crate::twilio::callback_url(base, "gather", *attempt_id);
+            let action = crate::providers::twilio::callback_url(base, "gather", *attempt_id);
             let gather_timeout = twilio.config.gather_timeout_seconds;
             // The message is shortened to fit Twilio's inline TwiML limit,
             // keeping its start and the keypad instruction (invariant 10).
@@ -883,10 +883,10 @@ async fn place_calls(ctx: &mut StepContext<'_>, settings: &EscalationWorkflow, p
                 to: phone.clone(),
                 from: twilio.config.from.clone(),
                 twiml,
-                status_callback: crate::twilio::callback_url(base, "status", *attempt_id),
+                status_callback: crate::providers::twilio::callback_url(base, "status", *attempt_id),
                 ring_timeout_seconds,
                 machine_detection: twilio.config.machine_detection,
-                async_amd_status_callback: twilio.config.machine_detection.then(|| crate::twilio::callback_url(base, "amd", *attempt_id)),
+                async_amd_status_callback: twilio.config.machine_detection.then(|| crate::providers::twilio::callback_url(base, "amd", *attempt_id)),
             };
             // No retry of an ambiguous failure here (a timeout, a 5xx): it may
             // have placed the call. The step is retried under a new fencing

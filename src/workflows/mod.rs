@@ -248,7 +248,7 @@ pub async fn cancel_run_in(
     replaced: bool,
 ) -> Result<bool, sqlx::Error> {
     let hook_for = |workflow: &str, step: &str| if replaced { None } else { config.workflow(workflow).and_then(|w| cancel_hook(w, step)) };
-    let Some(cancelled) = crate::runtime::store::cancel_run_in(tx, run, actor, reason, replaced, &hook_for).await? else {
+    let Some(cancelled) = crate::store::runs::cancel_run_in(tx, run, actor, reason, replaced, &hook_for).await? else {
         return Ok(false);
     };
     if let (Some(alert), Some(settings)) = (cancelled.alert, config.workflow(&cancelled.workflow).and_then(|w| w.escalation())) {

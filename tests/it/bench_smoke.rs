@@ -1,10 +1,10 @@
 //! Smoke runs of every `wardcall bench` scenario with tiny sizes, through the
-//! same code path as the command (`wardcall::bench::run_scenario`), on the
+//! same code path as the command (`wardcall::devtools::bench::run_scenario`), on the
 //! harness's server. They check that each scenario still runs and yields sane
 //! figures; the figures themselves are not judged (BENCHMARKS.md is).
 
 use std::time::Instant;
-use wardcall::bench::{run_scenario, BenchOptions, Scenario, ScenarioReport, Sizes};
+use wardcall::devtools::bench::{run_scenario, BenchOptions, Scenario, ScenarioReport, Sizes};
 
 pub fn tests() -> Vec<libtest_mimic::Trial> {
     trials![
@@ -27,7 +27,7 @@ fn options() -> BenchOptions {
 async fn smoke(scenario: Scenario, sizes: Sizes) -> ScenarioReport {
     let t = Instant::now();
     let report = run_scenario(&options(), scenario, &sizes).await.unwrap_or_else(|e| panic!("bench {}: {e:#}", scenario.name()));
-    eprint!("{}", wardcall::bench::render_table(&report));
+    eprint!("{}", wardcall::devtools::bench::render_table(&report));
     eprintln!("smoke {} took {:?}", scenario.name(), t.elapsed());
     report
 }

@@ -362,7 +362,7 @@ pub async fn unrouted_outbox_rows_are_kept_counted_and_shown() {
     // Kept (not deleted), no run, counted by status.
     assert_eq!(db.scalar_i64("SELECT count(*) FROM wardcall.outbox").await, 2);
     assert_eq!(db.scalar_i64("SELECT count(*) FROM wardcall.runs").await, 0);
-    let counts = wardcall::runtime::store::status_counts(&db.pool).await.unwrap();
+    let counts = wardcall::store::runs::status_counts(&db.pool).await.unwrap();
     assert_eq!(counts.outbox_unrouted, 2);
     assert_eq!(counts.outbox_backlog, 0);
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();

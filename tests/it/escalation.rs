@@ -7,8 +7,8 @@ use std::collections::HashMap;
 use std::time::Duration;
 use wardcall::app::App;
 use wardcall::config::Config;
-use wardcall::twilio::emulator::{EmulatorConfig, EmulatorEvent, EmulatorHandle, Persona, TwilioEmulator};
-use wardcall::twilio::signature::compute_signature;
+use wardcall::devtools::twilio_emulator::{EmulatorConfig, EmulatorEvent, EmulatorHandle, Persona, TwilioEmulator};
+use wardcall::providers::twilio::signature::compute_signature;
 
 pub fn tests() -> Vec<libtest_mimic::Trial> {
     trials![
@@ -49,7 +49,7 @@ impl Hospital {
 }
 
 pub fn hospital_config(emulator_url: &str, ack_timeout: f64, repeat: u32) -> Config {
-    let mut c = Config::parse(wardcall::demo::HOSPITAL_CONFIG, "hospital.toml").unwrap();
+    let mut c = Config::parse(wardcall::devtools::demo::HOSPITAL_CONFIG, "hospital.toml").unwrap();
     let t = c.providers.twilio.as_mut().unwrap();
     t.api_base = emulator_url.to_string();
     t.account_sid = ACCOUNT_SID.into();
@@ -70,7 +70,7 @@ pub fn hospital_config(emulator_url: &str, ack_timeout: f64, repeat: u32) -> Con
 
 pub async fn hospital(a: Persona, b: Persona, ack_timeout: f64, repeat: u32) -> Hospital {
     let db = TestDb::new().await;
-    db.exec(wardcall::demo::HOSPITAL_SCHEMA).await;
+    db.exec(wardcall::devtools::demo::HOSPITAL_SCHEMA).await;
     start_on(db, a, b, ack_timeout, repeat).await
 }
 
@@ -368,7 +368,7 @@ pub async fn start_with(db: TestDb, a: Persona, b: Persona, configure: impl FnOn
 
 async fn hospital_db() -> TestDb {
     let db = TestDb::new().await;
-    db.exec(wardcall::demo::HOSPITAL_SCHEMA).await;
+    db.exec(wardcall::devtools::demo::HOSPITAL_SCHEMA).await;
     let cfg = hospital_config("http://127.0.0.1:9", 30.0, 1);
     wardcall::app::prepare_database(&db.database(), &cfg, "test").await.unwrap();
     db
@@ -437,11 +437,11 @@ pub async fn special_characters_still_produce_a_valid_call() {
 }
 
 pub async fn non_e164_number_is_refused_at_config_load() {
-    let mut text = wardcall::demo::HOSPITAL_CONFIG.replace("+13855550102", "385-555-0102");
+    let mut text = wardcall::devtools::demo::HOSPITAL_CONFIG.replace("+13855550102", "385-555-0102");
     let e = Config::parse(&text, "hospital.toml").unwrap().validate("hospital.toml").unwrap_err().to_string();
     assert!(e.contains("hospital.toml") && e.contains("people[1].phone") && e.contains("E.164"), "{e}");
     assert!(!e.contains("385-555-0102"), "the number itself is not echoed: {e}");
-    text = wardcall::demo::HOSPITAL_CONFIG.replace("from = \"+13855550100\"", "from = \"0044 20 7946 0000\"");
+    text = wardcall::devtools::demo::HOSPITAL_CONFIG.replace("from = \"+13855550100\"", "from = \"0044 20 7946 0000\"");
     let e = Config::parse(&text, "hospital.toml").unwrap().validate("hospital.toml").unwrap_err().to_string();
     assert!(e.contains("providers.twilio.from"), "{e}");
 }
@@ -470,7 +470,7 @@ pub async fn provider_outage_never_escalates_or_gives_up() {
     // stay open and keep being retried, never escalate past the nurse nor be
     // marked unacknowledged, as it would if outages counted as unanswered calls.
     let db = TestDb::new().await;
-    db.exec(wardcall::demo::HOSPITAL_SCHEMA).await;
+    db.exec(wardcall::devtools::demo::HOSPITAL_SCHEMA).await;
     let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let dead_url = format!("http://{}", closed.local_addr().unwrap());
     drop(closed);
@@ -508,7 +508,7 @@ pub async fn late_press_of_one_acknowledges_an_unacknowledged_alert() {
 
 pub async fn write_back_does_not_retrigger_an_update_source() {
     let db = TestDb::new().await;
-    db.exec(wardcall::demo::HOSPITAL_SCHEMA).await;
+    db.exec(wardcall::devtools::demo::HOSPITAL_SCHEMA).await;
     let mut personas = HashMap::new();
     personas.insert(NURSE_A.to_string(), Persona::Answer { ring_ms: 50, think_ms: 50, digits: "1".into() });
     let emulator = TwilioEmulator::start(

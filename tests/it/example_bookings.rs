@@ -27,7 +27,7 @@ struct Bookings {
 
 /// The example's schema and config, its endpoint pointed at a local server.
 async fn bookings(behaviour: Behaviour, configure: impl FnOnce(&mut wardcall::config::Config)) -> Bookings {
-    let example = wardcall::demo::example("bookings").expect("the bookings example");
+    let example = wardcall::devtools::demo::example("bookings").expect("the bookings example");
     let db = TestDb::new().await;
     db.exec(example.schema).await;
     let endpoint = TeamEndpoint::start(behaviour).await.unwrap();

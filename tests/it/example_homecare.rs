@@ -7,7 +7,7 @@ use crate::harness::*;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 use wardcall::app::App;
-use wardcall::twilio::emulator::{EmulatorConfig, EmulatorHandle, Persona, TwilioEmulator};
+use wardcall::devtools::twilio_emulator::{EmulatorConfig, EmulatorHandle, Persona, TwilioEmulator};
 
 pub fn tests() -> Vec<libtest_mimic::Trial> {
     trials![
@@ -32,7 +32,7 @@ struct Homecare {
 
 /// The example's schema, seed and config, with the emulator playing the coordinators.
 async fn homecare(personas: &[(&str, Persona)], ack_timeout: f64) -> Homecare {
-    let example = wardcall::demo::example("homecare").unwrap();
+    let example = wardcall::devtools::demo::example("homecare").unwrap();
     let db = TestDb::new().await;
     db.exec(example.schema).await;
     db.exec(example.seed).await;
@@ -190,13 +190,16 @@ pub async fn config_passes_the_schema_check() {
     // Every SQL text of the example (source, lookups, write-backs on the enum
     // column, the three recursive recipients queries) is described against
     // the team's real schema.
-    let example = wardcall::demo::example("homecare").unwrap();
+    let example = wardcall::devtools::demo::example("homecare").unwrap();
     let db = TestDb::new().await;
     db.exec(example.schema).await;
     let cfg = example.parse_config().unwrap();
     cfg.validate(example.config_file).unwrap();
     wardcall::app::prepare_database(&db.database(), &cfg, "test").await.unwrap();
-    assert!(wardcall::demo::example("hospital").is_some() && wardcall::demo::EXAMPLES[0].name == "hospital", "the default demo is the hospital");
+    assert!(
+        wardcall::devtools::demo::example("hospital").is_some() && wardcall::devtools::demo::EXAMPLES[0].name == "hospital",
+        "the default demo is the hospital"
+    );
 }
 
 pub async fn team_resolving_the_alert_stops_the_calls() {

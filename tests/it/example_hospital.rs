@@ -7,7 +7,7 @@ use crate::escalation::{start_with, NURSE_A, SEIZURE_INSERT};
 use crate::harness::*;
 use serde_json::Value;
 use std::time::Duration;
-use wardcall::twilio::emulator::{Persona, SmsPersona};
+use wardcall::devtools::twilio_emulator::{Persona, SmsPersona};
 
 pub fn tests() -> Vec<libtest_mimic::Trial> {
     trials![example_hospital::busy_nurse_is_texted_and_acknowledges_by_reply, example_hospital::resolved_at_the_bedside_stops_the_calls]
@@ -25,10 +25,10 @@ fn shipped_tiers(cfg: &mut wardcall::config::Config) {
 
 pub async fn busy_nurse_is_texted_and_acknowledges_by_reply() {
     let db = TestDb::new().await;
-    db.exec(wardcall::demo::HOSPITAL_SCHEMA).await;
+    db.exec(wardcall::devtools::demo::HOSPITAL_SCHEMA).await;
     let h = start_with(db, Persona::Busy, Persona::NoAnswer, shipped_tiers).await;
     h.emulator.set_sms_persona(NURSE_A, SmsPersona::Reply { delay_ms: 300, body: " 1 ".into() });
-    h.emulator.set_messaging_webhook(HOSPITAL_NUMBER, &wardcall::twilio::inbound_sms_url(&h.app.engine.public_url));
+    h.emulator.set_messaging_webhook(HOSPITAL_NUMBER, &wardcall::providers::twilio::inbound_sms_url(&h.app.engine.public_url));
     h.db.exec(SEIZURE_INSERT).await;
     await_true(&h.db, "the alert to be acknowledged", Duration::from_secs(20), "SELECT count(*) = 1 FROM alerts WHERE status = 'acknowledged'").await;
     let (by, meta): (String, Value) = sqlx::query_as("SELECT acknowledged_by, metadata FROM alerts").fetch_one(&h.db.pool).await.unwrap();
@@ -46,7 +46,7 @@ pub async fn busy_nurse_is_texted_and_acknowledges_by_reply() {
 
 pub async fn resolved_at_the_bedside_stops_the_calls() {
     let db = TestDb::new().await;
-    db.exec(wardcall::demo::HOSPITAL_SCHEMA).await;
+    db.exec(wardcall::devtools::demo::HOSPITAL_SCHEMA).await;
     let h = start_with(db, Persona::NoAnswer, Persona::NoAnswer, shipped_tiers).await;
     h.db.exec(SEIZURE_INSERT).await;
     await_some("nurse A's phone to ring", Duration::from_secs(10), || async { (!h.emulator.calls().is_empty()).then_some(()) }).await;

@@ -7,7 +7,7 @@ use crate::harness::*;
 use std::collections::HashMap;
 use std::time::Duration;
 use wardcall::app::App;
-use wardcall::twilio::emulator::{EmulatorConfig, EmulatorHandle, Persona, TwilioEmulator};
+use wardcall::devtools::twilio_emulator::{EmulatorConfig, EmulatorHandle, Persona, TwilioEmulator};
 
 pub fn tests() -> Vec<libtest_mimic::Trial> {
     trials![example_sla::warning_at_75_breach_at_100_and_resolve_cancels]
@@ -17,7 +17,7 @@ const JORDAN: &str = "e0000000-0000-4000-8000-000000000001";
 const SAM: &str = "e0000000-0000-4000-8000-000000000002";
 
 async fn sla() -> (TestDb, App, EmulatorHandle) {
-    let example = wardcall::demo::example("sla").expect("the sla example");
+    let example = wardcall::devtools::demo::example("sla").expect("the sla example");
     let db = TestDb::new().await;
     db.exec(example.schema).await;
     db.exec(example.seed).await;

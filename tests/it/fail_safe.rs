@@ -8,9 +8,9 @@ use crate::harness::*;
 use serde_json::Value;
 use std::time::{Duration, Instant};
 use wardcall::config::Config;
-use wardcall::twilio::emulator::{EmulatorEvent, Persona};
-use wardcall::twilio::signature::compute_signature;
-use wardcall::twilio::twiml::{FALLBACK_MESSAGE, KEYPAD_INSTRUCTION};
+use wardcall::devtools::twilio_emulator::{EmulatorEvent, Persona};
+use wardcall::providers::twilio::signature::compute_signature;
+use wardcall::providers::twilio::twiml::{FALLBACK_MESSAGE, KEYPAD_INSTRUCTION};
 
 pub fn tests() -> Vec<libtest_mimic::Trial> {
     trials![
@@ -42,7 +42,7 @@ async fn hospital_with(a: Persona, b: Persona, ack_timeout: f64, tweak: impl FnO
 /// As [`hospital_with`], with more of the team's schema created before start.
 async fn hospital_with_schema(extra_schema: &str, a: Persona, b: Persona, ack_timeout: f64, tweak: impl FnOnce(&mut Config)) -> Hospital {
     let db = TestDb::new().await;
-    db.exec(wardcall::demo::HOSPITAL_SCHEMA).await;
+    db.exec(wardcall::devtools::demo::HOSPITAL_SCHEMA).await;
     if !extra_schema.is_empty() {
         db.exec(extra_schema).await;
     }

@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use wardcall::app::{App, StartOptions};
 use wardcall::config::Config;
-use wardcall::twilio::callback::CONNECTION_OVERRIDES;
-use wardcall::twilio::emulator::{CallbackKind, EmulatorEvent, Persona};
-use wardcall::twilio::signature::compute_signature;
+use wardcall::devtools::twilio_emulator::{CallbackKind, EmulatorEvent, Persona};
+use wardcall::providers::twilio::callback::CONNECTION_OVERRIDES;
+use wardcall::providers::twilio::signature::compute_signature;
 
 pub fn tests() -> Vec<libtest_mimic::Trial> {
     trials![
@@ -299,7 +299,7 @@ async fn closed_within(s: &mut tokio::net::TcpStream, within: Duration) -> bool 
 
 pub async fn idle_connections_are_bounded_and_webhooks_get_through() {
     let db = TestDb::new().await;
-    db.exec(wardcall::demo::HOSPITAL_SCHEMA).await;
+    db.exec(wardcall::devtools::demo::HOSPITAL_SCHEMA).await;
     let mut c = crate::escalation::hospital_config("http://127.0.0.1:9", 30.0, 1);
     c.http.header_read_timeout_ms = 3000;
     c.http.max_connections = 300;
@@ -354,7 +354,7 @@ pub async fn idle_connections_are_bounded_and_webhooks_get_through() {
 
 pub async fn oversized_bodies_get_413() {
     let db = TestDb::new().await;
-    db.exec(wardcall::demo::HOSPITAL_SCHEMA).await;
+    db.exec(wardcall::devtools::demo::HOSPITAL_SCHEMA).await;
     let mut c = crate::escalation::hospital_config("http://127.0.0.1:9", 30.0, 1);
     c.http.body_read_timeout_ms = 1000;
     let app = start_app(&db, Arc::new(c)).await;
@@ -414,7 +414,7 @@ pub async fn oversized_bodies_get_413() {
 
 pub async fn webhook_answers_503_within_its_deadline_when_no_connection_is_free() {
     let db = TestDb::new().await;
-    db.exec(wardcall::demo::HOSPITAL_SCHEMA).await;
+    db.exec(wardcall::devtools::demo::HOSPITAL_SCHEMA).await;
     let c = crate::escalation::hospital_config("http://127.0.0.1:9", 30.0, 1);
     // The app on a pool of 3 connections, which the test then holds: no
     // connection is free for the webhook (the pool's own wait is 10 s).

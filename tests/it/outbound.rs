@@ -610,7 +610,7 @@ pub async fn dead_letter_is_listed_and_retried_from_api_and_cli() {
 /// without counting an attempt (a `Sleep` would reset the count, a failure
 /// would add one).
 pub async fn waiting_for_the_breaker_costs_no_attempt() {
-    use wardcall::runtime::store;
+    use wardcall::store::runs as store;
     let db = TestDb::new().await;
     db.exec(
         "INSERT INTO wardcall.runs (workflow, event, input, step, status, step_attempt) VALUES ('bookings', 'booking.due', '{}', 'post_task', 'pending', 2)",

@@ -9,8 +9,8 @@ use crate::harness::*;
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 use wardcall::config::Config;
+use wardcall::devtools::twilio_emulator::Persona;
 use wardcall::notify::recipients::RecipientsSpec;
-use wardcall::twilio::emulator::Persona;
 
 pub fn tests() -> Vec<libtest_mimic::Trial> {
     trials![
@@ -48,7 +48,7 @@ fn on_shift(id: &str) -> String {
 /// The hospital, with tier 0 = whoever is on shift now (SQL) and tier 1 = nurse B (static).
 async fn roster_hospital(a: Persona, b: Persona, ack_timeout: f64, configure: impl FnOnce(&mut Config)) -> Hospital {
     let db = TestDb::new().await;
-    db.exec(wardcall::demo::HOSPITAL_SCHEMA).await;
+    db.exec(wardcall::devtools::demo::HOSPITAL_SCHEMA).await;
     db.exec(ROSTER).await;
     start_with(db, a, b, |cfg| {
         for s in &mut cfg.policies[0].steps {
@@ -213,7 +213,7 @@ SELECT co.id::text AS id, u.full_name AS name, co.phone_number AS voice, co.phon
 
 pub async fn chain_query_reaches_the_third_coordinator_and_stops_on_a_cycle() {
     let db = TestDb::new().await;
-    let example = wardcall::demo::example("homecare").unwrap();
+    let example = wardcall::devtools::demo::example("homecare").unwrap();
     db.exec(example.schema).await;
     db.exec(example.seed).await;
     let cfg = example.parse_config().unwrap();
@@ -252,7 +252,7 @@ pub async fn chain_query_reaches_the_third_coordinator_and_stops_on_a_cycle() {
 
 pub async fn takeover_calls_the_recorded_list_not_a_requeried_one() {
     let db = TestDb::new().await;
-    db.exec(wardcall::demo::HOSPITAL_SCHEMA).await;
+    db.exec(wardcall::devtools::demo::HOSPITAL_SCHEMA).await;
     db.exec(ROSTER).await;
     // Now s2 is on shift, but the crashed engine had resolved tier 0 to s1.
     db.exec(&on_shift("s2")).await;
@@ -286,7 +286,7 @@ pub async fn takeover_calls_the_recorded_list_not_a_requeried_one() {
 
 pub async fn wrong_column_in_a_recipients_query_is_refused_naming_the_key() {
     let db = TestDb::new().await;
-    db.exec(wardcall::demo::HOSPITAL_SCHEMA).await;
+    db.exec(wardcall::devtools::demo::HOSPITAL_SCHEMA).await;
     db.exec(ROSTER).await;
     for (query, expected) in [
         ("SELECT id, full_name AS name, telephone AS voice, mobile AS sms FROM staff", "telephone"),
@@ -305,10 +305,10 @@ pub async fn wrong_column_in_a_recipients_query_is_refused_naming_the_key() {
 }
 
 pub async fn a_tier_naming_nobody_is_refused_at_load() {
-    let text = wardcall::demo::HOSPITAL_CONFIG.replace("notify = [\"nurse-blake\"]\n", "");
+    let text = wardcall::devtools::demo::HOSPITAL_CONFIG.replace("notify = [\"nurse-blake\"]\n", "");
     let e = Config::parse(&text, "hospital.toml").unwrap().validate("hospital.toml").unwrap_err().to_string();
     assert!(e.contains("policies[0].steps[1]") && e.contains("names nobody"), "{e}");
-    let text = wardcall::demo::HOSPITAL_CONFIG.replace("notify = [\"nurse-blake\"]", "recipients = \"SELECT 1\"\nrecipientz = \"x\"");
+    let text = wardcall::devtools::demo::HOSPITAL_CONFIG.replace("notify = [\"nurse-blake\"]", "recipients = \"SELECT 1\"\nrecipientz = \"x\"");
     let e = Config::parse(&text, "hospital.toml").unwrap_err().to_string();
     assert!(e.contains("recipientz"), "{e}");
 }

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use wardcall::config::{EngineConfig, Workflow};
-use wardcall::twilio::emulator::{EmulatorConfig, EmulatorEvent, Persona, TwilioEmulator};
+use wardcall::devtools::twilio_emulator::{EmulatorConfig, EmulatorEvent, Persona, TwilioEmulator};
 
 pub fn tests() -> Vec<libtest_mimic::Trial> {
     trials![
@@ -216,7 +216,7 @@ pub async fn critical_alert_is_called_first_during_a_flood() {
     const FLOOD: i64 = 40;
     const WORK_MS: i64 = 300;
     let db = TestDb::new().await;
-    db.exec(wardcall::demo::HOSPITAL_SCHEMA).await;
+    db.exec(wardcall::devtools::demo::HOSPITAL_SCHEMA).await;
     let emulator = TwilioEmulator::start(
         EmulatorConfig { account_sid: ACCOUNT_SID.into(), auth_token: AUTH_TOKEN.into(), personas: HashMap::new(), default_persona: Persona::NoAnswer },
         tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),

@@ -9,9 +9,9 @@ use crate::harness::*;
 use serde_json::Value;
 use std::time::Duration;
 use wardcall::config::Config;
+use wardcall::devtools::twilio_emulator::{Persona, SmsPersona};
 use wardcall::notify::Recipient;
-use wardcall::twilio::emulator::{Persona, SmsPersona};
-use wardcall::twilio::signature::compute_signature;
+use wardcall::providers::twilio::signature::compute_signature;
 
 pub fn tests() -> Vec<libtest_mimic::Trial> {
     trials![
@@ -34,7 +34,7 @@ const HOSPITAL_NUMBER: &str = "+13855550100";
 /// webhook pointed at the engine, and `sms_a` as nurse A's texting behaviour.
 async fn sms_hospital(a: Persona, b: Persona, sms_a: SmsPersona, ack_timeout: f64, configure: impl FnOnce(&mut Config)) -> Hospital {
     let db = TestDb::new().await;
-    db.exec(wardcall::demo::HOSPITAL_SCHEMA).await;
+    db.exec(wardcall::devtools::demo::HOSPITAL_SCHEMA).await;
     let h = start_with(db, a, b, |c| {
         for p in &mut c.policies {
             for s in &mut p.steps {
@@ -46,7 +46,7 @@ async fn sms_hospital(a: Persona, b: Persona, sms_a: SmsPersona, ack_timeout: f6
     })
     .await;
     h.emulator.set_sms_persona(NURSE_A, sms_a);
-    h.emulator.set_messaging_webhook(HOSPITAL_NUMBER, &wardcall::twilio::inbound_sms_url(&h.app.engine.public_url));
+    h.emulator.set_messaging_webhook(HOSPITAL_NUMBER, &wardcall::providers::twilio::inbound_sms_url(&h.app.engine.public_url));
     h
 }
 
@@ -314,7 +314,7 @@ pub async fn long_message_is_shortened_not_refused() {
 }
 
 /// A run row held by a test as a step would hold it (running, lease far away).
-async fn held_run(db: &TestDb, token: i64) -> wardcall::runtime::store::ClaimedRun {
+async fn held_run(db: &TestDb, token: i64) -> wardcall::store::runs::ClaimedRun {
     let id: uuid::Uuid = sqlx::query_scalar(
         "INSERT INTO wardcall.runs (workflow, event, input, step, status, fencing_token, due_at, lease_owner)
          VALUES ('sla-monitor', 'task.created', '{}', 'notify_warning', 'running', $1, now() + interval '1 hour', 'test') RETURNING id",
@@ -326,8 +326,8 @@ async fn held_run(db: &TestDb, token: i64) -> wardcall::runtime::store::ClaimedR
     claimed(id, token)
 }
 
-fn claimed(id: uuid::Uuid, token: i64) -> wardcall::runtime::store::ClaimedRun {
-    wardcall::runtime::store::ClaimedRun {
+fn claimed(id: uuid::Uuid, token: i64) -> wardcall::store::runs::ClaimedRun {
+    wardcall::store::runs::ClaimedRun {
         id,
         workflow: "sla-monitor".into(),
         event: "task.created".into(),

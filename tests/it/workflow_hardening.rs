@@ -258,9 +258,9 @@ sleep = "1h"
 /// unparsable address) and the backup nurse is never called.
 pub async fn escalation_run_live_across_the_upgrade_keeps_escalating() {
     use crate::escalation::{start_with, NURSE_B, SEIZURE_INSERT};
-    use wardcall::twilio::emulator::Persona;
+    use wardcall::devtools::twilio_emulator::Persona;
     let db = TestDb::new().await;
-    db.exec(wardcall::demo::HOSPITAL_SCHEMA).await;
+    db.exec(wardcall::devtools::demo::HOSPITAL_SCHEMA).await;
     let h = start_with(db, Persona::NoAnswer, Persona::NoAnswer, |c| {
         for s in &mut c.policies[0].steps {
             s.ack_timeout_seconds = 3.0;
@@ -292,9 +292,9 @@ pub async fn escalation_run_live_across_the_upgrade_keeps_escalating() {
 /// write-back): the alert still reaches a nurse (invariant 10).
 pub async fn a_failing_step_before_escalate_does_not_stop_the_alert() {
     use crate::escalation::{start_with, NURSE_A, SEIZURE_INSERT};
-    use wardcall::twilio::emulator::Persona;
+    use wardcall::devtools::twilio_emulator::Persona;
     let db = TestDb::new().await;
-    db.exec(wardcall::demo::HOSPITAL_SCHEMA).await;
+    db.exec(wardcall::devtools::demo::HOSPITAL_SCHEMA).await;
     let h = start_with(db, Persona::NoAnswer, Persona::NoAnswer, |c| {
         let failing = wardcall::workflows::model::StepConfig { sql: Some("SELECT 1 / 0".into()), ..Default::default() };
         c.workflows[0].steps.insert(0, failing);

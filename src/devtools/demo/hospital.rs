@@ -14,7 +14,7 @@
 use super::{await_value, redact_row, DemoContext, DEMO_AUTH_TOKEN};
 use crate::app::{App, StartOptions};
 use crate::config::{Source, Workflow};
-use crate::twilio::emulator::{EmulatorConfig, EmulatorEvent, Persona, TwilioEmulator};
+use crate::devtools::twilio_emulator::{EmulatorConfig, EmulatorEvent, Persona, TwilioEmulator};
 use anyhow::Context;
 use futures_util::future::LocalBoxFuture;
 use serde_json::Value;
@@ -104,7 +104,7 @@ async fn part_one(pool: &PgPool) -> anyhow::Result<()> {
     })
     .await?;
     let mut conn = pool.acquire().await?;
-    crate::runtime::store::send_signal(&mut conn, run, "go", &serde_json::json!({"from": "demo"})).await?;
+    crate::store::runs::send_signal(&mut conn, run, "go", &serde_json::json!({"from": "demo"})).await?;
     drop(conn);
     await_value("the demo run to complete", Duration::from_secs(30), || async {
         Ok(sqlx::query_scalar::<_, String>("SELECT status FROM wardcall.runs WHERE id = $1 AND status IN ('completed','failed')")
@@ -136,7 +136,7 @@ async fn part_one(pool: &PgPool) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn part_two(pool: &PgPool, emulator: &crate::twilio::emulator::EmulatorHandle) -> anyhow::Result<()> {
+async fn part_two(pool: &PgPool, emulator: &crate::devtools::twilio_emulator::EmulatorHandle) -> anyhow::Result<()> {
     println!("── 2. A critical alert reaches a nurse's phone ─────────────────────");
     let mut events = emulator.subscribe();
     // The patient is chosen by the statement, so that no patient identifier is printed.
@@ -216,11 +216,11 @@ VALUES ((SELECT min(patient_id) FROM patients), (SELECT room_id FROM rooms WHERE
 
 /// A second alert: nurse A's line is busy, so the alert follows as a text,
 /// and A acknowledges by replying 1.
-async fn part_three(pool: &PgPool, emulator: &crate::twilio::emulator::EmulatorHandle, public_url: &str) -> anyhow::Result<()> {
+async fn part_three(pool: &PgPool, emulator: &crate::devtools::twilio_emulator::EmulatorHandle, public_url: &str) -> anyhow::Result<()> {
     println!("\n── 3. The line is busy: the alert follows by SMS, a reply of 1 acknowledges ─");
     emulator.set_persona("+13855550101", Persona::Busy);
-    emulator.set_sms_persona("+13855550101", crate::twilio::emulator::SmsPersona::Reply { delay_ms: 1500, body: "1".into() });
-    emulator.set_messaging_webhook("+13855550100", &crate::twilio::inbound_sms_url(public_url));
+    emulator.set_sms_persona("+13855550101", crate::devtools::twilio_emulator::SmsPersona::Reply { delay_ms: 1500, body: "1".into() });
+    emulator.set_messaging_webhook("+13855550100", &crate::providers::twilio::inbound_sms_url(public_url));
     let insert = "INSERT INTO alerts (patient_id, room_id, severity, status, alert_type, title, description)
 VALUES ((SELECT max(patient_id) FROM patients), (SELECT room_id FROM rooms WHERE room_name = 'Room 3' LIMIT 1),
         'critical', 'active', 'fall_detected', 'Fall Detected', 'Patient on the floor')";

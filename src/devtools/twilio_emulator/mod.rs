@@ -37,7 +37,7 @@
 //!    (or `busy`, `no-answer`, `failed`, `canceled`) and `CallDuration`.
 //!
 //! Simplifications (not observable by an engine that uses
-//! [`crate::twilio::client`]): no call queueing or CPS limits; live
+//! [`crate::providers::twilio::client`]): no call queueing or CPS limits; live
 //! redirection of a call with `Url`/`Twiml` updates is refused with 400;
 //! `<Play>`, `<Dial>` and other verbs are skipped; `<Say>` is instantaneous;
 //! AMD takes no time.
@@ -60,11 +60,12 @@ use serde_json::{json, Value};
 use tokio::sync::{broadcast, oneshot, watch};
 use tokio::task::{JoinHandle, JoinSet};
 
-use super::callback::ConnectionOverrides;
-use super::client::MAX_INLINE_TWIML_CHARS;
-use super::signature::{compute_signature, SIGNATURE_HEADER};
-use super::twiml::{parse_document, Element};
+use crate::providers::twilio::callback::ConnectionOverrides;
+use crate::providers::twilio::client::MAX_INLINE_TWIML_CHARS;
+use crate::providers::twilio::signature::{compute_signature, SIGNATURE_HEADER};
+use crate::providers::twilio::twiml::{parse_document, Element};
 
+pub mod cli;
 mod messages;
 pub use messages::{EmulatedMessage, SmsPersona};
 
@@ -1316,7 +1317,7 @@ impl CallCtx {
     }
 
     /// Sends one signed webhook, honouring the connection overrides in the
-    /// URL's fragment as Twilio does (see [`super::callback`]): the request
+    /// URL's fragment as Twilio does (see [`crate::providers::twilio::callback`]): the request
     /// goes to the URL without its fragment, the signature covers the URL as
     /// configured (fragment included), and a failure the retry policy (`rp`)
     /// names is retried up to `rc` times within `tt`, with the same
@@ -1447,9 +1448,9 @@ enum WebhookFailure {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::twilio::client::{CreateCallRequest, TwilioClient, TwilioError};
-    use crate::twilio::signature::verify_signature;
-    use crate::twilio::twiml::{say_and_gather, say_and_hangup, NO_INPUT_GOODBYE};
+    use crate::providers::twilio::client::{CreateCallRequest, TwilioClient, TwilioError};
+    use crate::providers::twilio::signature::verify_signature;
+    use crate::providers::twilio::twiml::{say_and_gather, say_and_hangup, NO_INPUT_GOODBYE};
 
     const ACCOUNT: &str = "AC0123456789abcdef0123456789abcdef";
     const TOKEN: &str = "emulator-test-auth-token";

@@ -52,7 +52,7 @@
 use crate::app::{App, StartOptions};
 use crate::config::{Config, Workflow};
 use crate::db::{connect_pool_with, embedded::EmbeddedCluster, Database};
-use crate::twilio::emulator::{EmulatorConfig, EmulatorEvent, EmulatorHandle, Persona, TwilioEmulator};
+use crate::devtools::twilio_emulator::{EmulatorConfig, EmulatorEvent, EmulatorHandle, Persona, TwilioEmulator};
 use anyhow::{bail, ensure, Context};
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -485,10 +485,10 @@ impl Env {
             .connect_with(db_options.clone().application_name("wardcall-bench"))
             .await
             .with_context(|| format!("connecting to {name}"))?;
-        sqlx::raw_sql(crate::demo::HOSPITAL_SCHEMA).execute(&client).await.context("loading the hospital schema")?;
+        sqlx::raw_sql(crate::devtools::demo::HOSPITAL_SCHEMA).execute(&client).await.context("loading the hospital schema")?;
         let room_id: uuid::Uuid = sqlx::query_scalar("SELECT room_id FROM rooms WHERE room_name = 'Room 2'").fetch_one(&client).await?;
 
-        let mut config = Config::parse(crate::demo::HOSPITAL_CONFIG, "examples/hospital/wardcall.toml")?;
+        let mut config = Config::parse(crate::devtools::demo::HOSPITAL_CONFIG, "examples/hospital/wardcall.toml")?;
         let Some(twilio) = config.providers.twilio.as_mut() else { bail!("the hospital config has no Twilio provider") };
         let emulator_config = EmulatorConfig {
             account_sid: twilio.account_sid.clone(),
@@ -1296,7 +1296,7 @@ async fn bookings(options: &BenchOptions, sizes: &Sizes) -> anyhow::Result<Scena
         format!("{n} follow-up bookings due at one instant, then {n} due over {} s: lateness = POST at the endpoint − scheduled_at", sizes.spread_s),
         json!({"bookings": n, "spread_s": sizes.spread_s, "workers": 16}),
     );
-    let example = crate::demo::example("bookings").context("the bookings example")?;
+    let example = crate::devtools::demo::example("bookings").context("the bookings example")?;
     for (mode, spread) in [("instant", 0i64), ("spread", spread_ms)] {
         let name = format!("{}_bookings_{mode}", options.database_prefix);
         recreate_database(&options.server, &name).await?;

@@ -5,7 +5,7 @@
 //! Lock order, everywhere: the run row first, then the alert row, then
 //! notification attempts. Webhooks and workers follow it, so they cannot deadlock.
 
-use crate::audit::{self, Entity};
+use crate::store::audit::{self, Entity};
 use serde_json::{json, Value};
 use sqlx::{PgConnection, PgPool, Row};
 use uuid::Uuid;

@@ -7,7 +7,7 @@
 //! `To`, `From`, `Body`, `StatusCallback`), "Fetch a Message"
 //! (`GET …/Messages/{MessageSid}.json`) and "Read multiple Message resources"
 //! (`GET …/Messages.json?To=…&PageSize=…`, newest first). Authentication,
-//! errors and logging are those of [`crate::twilio::client`]: a refusal is a
+//! errors and logging are those of [`crate::providers::twilio::client`]: a refusal is a
 //! [`TwilioError`] (`is_retryable` for transport failures, 429 and 5xx; a 4xx
 //! is a refusal of that message), and neither numbers nor bodies are logged.
 //!

@@ -1,7 +1,11 @@
-//! Provider clients built from the config, with their secrets.
+//! Providers: one folder per provider (client, webhooks, signature, payload
+//! builder), and the clients built from the config with their secrets
+//! ([`Providers`]).
+
+pub mod twilio;
 
 use crate::config::{Config, TwilioConfig};
-use crate::twilio::client::TwilioClient;
+use crate::providers::twilio::client::TwilioClient;
 use anyhow::Context;
 
 /// The configured providers.

@@ -4,7 +4,7 @@
 //! read through the view `wardcall.http_endpoint_stats`). One function per
 //! operation; every breaker transition is audited in its transaction.
 
-use crate::audit::{self, Entity};
+use crate::store::audit::{self, Entity};
 use serde_json::json;
 use sqlx::PgPool;
 use uuid::Uuid;

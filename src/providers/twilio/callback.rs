@@ -122,7 +122,7 @@ mod tests {
     #[test]
     fn callback_urls_carry_the_overrides() {
         let a = uuid::Uuid::nil();
-        let u = crate::twilio::callback_url("https://w.example.org/", "gather", a);
+        let u = crate::providers::twilio::callback_url("https://w.example.org/", "gather", a);
         assert_eq!(u, format!("https://w.example.org/webhooks/twilio/gather?attempt={a}#ct=3000&rt=6000&tt=15000&rc=5&rp=ct,rt,5xx"));
         let (base, o) = ConnectionOverrides::from_url(&u);
         assert_eq!(base, format!("https://w.example.org/webhooks/twilio/gather?attempt={a}"));

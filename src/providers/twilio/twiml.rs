@@ -9,7 +9,7 @@
 //!
 //! Size limits: TwiML sent inline as the Calls API `Twiml` parameter may be
 //! at most 4,000 characters (Twilio error 32018,
-//! [`crate::twilio::client::MAX_INLINE_TWIML_CHARS`]); TwiML returned from a
+//! [`crate::providers::twilio::client::MAX_INLINE_TWIML_CHARS`]); TwiML returned from a
 //! webhook may be at most 64 kB (error 11750). Escaping grows the text
 //! (`&` becomes five characters), so measure the generated document, not
 //! the message.
@@ -119,7 +119,7 @@ pub fn speakable(text: &str) -> String {
 /// Like [`say_and_gather`], but guaranteed to be at most `max_chars`
 /// characters long (Unicode scalar values, as Twilio counts the `Twiml`
 /// parameter; 4,000 for inline TwiML,
-/// [`crate::twilio::client::MAX_INLINE_TWIML_CHARS`]).
+/// [`crate::providers::twilio::client::MAX_INLINE_TWIML_CHARS`]).
 ///
 /// The message is first made [`speakable`]. If the document is still too
 /// long once escaped (`&` alone grows to five characters), the message keeps

@@ -62,7 +62,7 @@ pub struct CreateCallRequest {
     pub from: String,
     /// Inline TwiML executed when the call is answered, sent as `Twiml`; at
     /// most [`MAX_INLINE_TWIML_CHARS`] characters (else Twilio answers 400,
-    /// code 32018). See [`crate::twilio::twiml::say_and_gather`].
+    /// code 32018). See [`crate::providers::twilio::twiml::say_and_gather`].
     pub twiml: String,
     /// Absolute URL that receives call-progress webhooks (`StatusCallback`,
     /// requested with `StatusCallbackMethod=POST` for the events in

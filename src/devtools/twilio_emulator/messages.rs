@@ -133,7 +133,7 @@ async fn create_message(
         return Err(bad_request(21212, format!("Invalid From Number: {from}")));
     }
     let text = first(&params, "Body").ok_or_else(|| bad_request(21602, "Message body is required."))?;
-    if text.chars().count() > crate::twilio::messages::MAX_BODY_CHARS {
+    if text.chars().count() > crate::providers::twilio::messages::MAX_BODY_CHARS {
         return Err(bad_request(21617, "The concatenated message body exceeds the 1600 character limit."));
     }
     let callback = match first(&params, "StatusCallback") {
@@ -340,9 +340,9 @@ pub(super) fn all(inner: &Inner) -> Vec<EmulatedMessage> {
 mod tests {
     use super::super::{EmulatorConfig, Persona, TwilioEmulator};
     use super::SmsPersona;
-    use crate::twilio::client::{TwilioClient, TwilioError};
-    use crate::twilio::messages::CreateMessageRequest;
-    use crate::twilio::signature::verify_signature;
+    use crate::providers::twilio::client::{TwilioClient, TwilioError};
+    use crate::providers::twilio::messages::CreateMessageRequest;
+    use crate::providers::twilio::signature::verify_signature;
     use axum::extract::State;
     use axum::http::{HeaderMap, Uri};
     use std::sync::{Arc, Mutex};

@@ -9,7 +9,7 @@
 
 use super::{await_value, DemoContext, DEMO_AUTH_TOKEN};
 use crate::app::{App, StartOptions};
-use crate::twilio::emulator::{EmulatorConfig, Persona, TwilioEmulator};
+use crate::devtools::twilio_emulator::{EmulatorConfig, Persona, TwilioEmulator};
 use anyhow::Context;
 use futures_util::future::LocalBoxFuture;
 use std::collections::HashMap;

@@ -11,7 +11,7 @@
 
 use super::{await_value, redact_row, DemoContext, DEMO_AUTH_TOKEN};
 use crate::app::{App, StartOptions};
-use crate::twilio::emulator::{EmulatorConfig, EmulatorEvent, Persona, TwilioEmulator};
+use crate::devtools::twilio_emulator::{EmulatorConfig, EmulatorEvent, Persona, TwilioEmulator};
 use anyhow::Context;
 use futures_util::future::LocalBoxFuture;
 use serde_json::Value;
@@ -77,7 +77,7 @@ async fn scenario(ctx: &DemoContext) -> anyhow::Result<()> {
     outcome
 }
 
-async fn tap_to_resolution(pool: &sqlx::PgPool, emulator: &crate::twilio::emulator::EmulatorHandle) -> anyhow::Result<()> {
+async fn tap_to_resolution(pool: &sqlx::PgPool, emulator: &crate::devtools::twilio_emulator::EmulatorHandle) -> anyhow::Result<()> {
     println!("── A caregiver taps the alert button ───────────────────────────────");
     let mut events = emulator.subscribe();
     println!("{TAP_INSERT};");

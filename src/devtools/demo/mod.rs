@@ -71,9 +71,9 @@ macro_rules! example {
         Example {
             name: stringify!($name),
             about: $name::ABOUT,
-            schema: include_str!(concat!("../../examples/", stringify!($name), "/schema.sql")),
-            seed: include_str!(concat!("../../examples/", stringify!($name), "/seed.sql")),
-            config: include_str!(concat!("../../examples/", stringify!($name), "/wardcall.toml")),
+            schema: include_str!(concat!("../../../examples/", stringify!($name), "/schema.sql")),
+            seed: include_str!(concat!("../../../examples/", stringify!($name), "/seed.sql")),
+            config: include_str!(concat!("../../../examples/", stringify!($name), "/wardcall.toml")),
             config_file: concat!("examples/", stringify!($name), "/wardcall.toml"),
             run: $name::run,
         }
@@ -89,10 +89,10 @@ pub fn example(name: &str) -> Option<&'static Example> {
 }
 
 /// The hospital scenario's configuration (`examples/hospital/wardcall.toml`).
-pub const HOSPITAL_CONFIG: &str = include_str!("../../examples/hospital/wardcall.toml");
+pub const HOSPITAL_CONFIG: &str = include_str!("../../../examples/hospital/wardcall.toml");
 /// The hospital team's schema and the demo's rows (`examples/hospital/schema.sql`
 /// then `seed.sql`), as the tests and benchmarks load them.
-pub const HOSPITAL_SCHEMA: &str = concat!(include_str!("../../examples/hospital/schema.sql"), include_str!("../../examples/hospital/seed.sql"));
+pub const HOSPITAL_SCHEMA: &str = concat!(include_str!("../../../examples/hospital/schema.sql"), include_str!("../../../examples/hospital/seed.sql"));
 /// Demo Twilio auth token (the emulator's; not a secret).
 pub const DEMO_AUTH_TOKEN: &str = "demo-auth-token-not-a-secret";
 const DEMO_DB: &str = "wardcall_demo";

@@ -1,7 +1,7 @@
 //! Twilio Programmable Voice and Messaging: the REST clients wardcall places calls
 //! and sends text messages with ([`client`], [`messages`]), the
-//! webhook signature scheme, TwiML generation, and an emulator of the same
-//! contract from the other side (for tests, the demo and offline development).
+//! webhook signature scheme and TwiML generation. The emulator of the same
+//! contract from the other side is tooling: `crate::devtools::twilio_emulator`.
 //!
 //! Contracts followed: Twilio REST API "Call resource" (create and update,
 //! `/2010-04-01/Accounts/{AccountSid}/Calls.json`), "Webhooks security"
@@ -10,8 +10,6 @@
 
 pub mod callback;
 pub mod client;
-pub mod emulate_cli;
-pub mod emulator;
 pub mod messages;
 pub mod signature;
 pub mod twiml;

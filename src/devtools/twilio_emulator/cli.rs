@@ -20,7 +20,7 @@
 //! "+13855550100" = "http://127.0.0.1:8080/webhooks/twilio/sms"
 //! ```
 
-use super::emulator::{EmulatorConfig, Persona, SmsPersona, TwilioEmulator};
+use super::{EmulatorConfig, Persona, SmsPersona, TwilioEmulator};
 use anyhow::Context;
 use std::collections::HashMap;
 use std::path::PathBuf;

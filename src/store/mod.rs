@@ -1,0 +1,17 @@
+//! The SQL of wardcall's own tables (the `wardcall` schema; migrations in
+//! `src/db/migrations`), one module per group of tables. Everything else asks
+//! these functions; SQL over the *team's* tables (lookups, write-backs,
+//! recipients queries, `sql` steps) is the team's configuration and runs
+//! through `crate::workflows::team_sql` and `crate::notify::recipients`.
+//!
+//! - [`runs`]: runs, leases and fencing tokens, waits, signals, the outbox
+//!   claim and the dispatcher's bookkeeping.
+//! - [`audit`]: the append-only audit log.
+//! - [`outbound`]: outgoing HTTP intents, outcomes and circuit breakers.
+//!
+//! Lock order, everywhere: the run row first, then the alert row, then
+//! notification attempts.
+
+pub mod audit;
+pub mod outbound;
+pub mod runs;
