@@ -523,14 +523,16 @@ async fn twilio_webhook(
     let actor = "webhook:twilio";
     let handled = async {
         match kind.as_str() {
-            "status" => acknowledgement::apply_status(&engine, delivery, attempt, get("CallSid"), get("CallStatus").unwrap_or(""), get("AnsweredBy"), actor)
-                .await
-                .map(|_| Some(twiml_response(EMPTY_TWIML.to_string()))),
-            "amd" => acknowledgement::apply_amd(&engine, delivery, attempt, get("CallSid"), get("AnsweredBy").unwrap_or("unknown"), actor)
+            "status" => {
+                acknowledgement::apply_status(&engine.services, delivery, attempt, get("CallSid"), get("CallStatus").unwrap_or(""), get("AnsweredBy"), actor)
+                    .await
+                    .map(|_| Some(twiml_response(EMPTY_TWIML.to_string())))
+            }
+            "amd" => acknowledgement::apply_amd(&engine.services, delivery, attempt, get("CallSid"), get("AnsweredBy").unwrap_or("unknown"), actor)
                 .await
                 .map(|_| Some(twiml_response(EMPTY_TWIML.to_string()))),
             "sms-status" => acknowledgement::apply_message_status(
-                &engine,
+                &engine.services,
                 delivery,
                 attempt,
                 get("MessageSid").or(get("SmsSid")),
@@ -540,9 +542,9 @@ async fn twilio_webhook(
             )
             .await
             .map(|_| Some(twiml_response(EMPTY_TWIML.to_string()))),
-            "gather" => {
-                acknowledgement::apply_keypress(&engine, delivery, attempt, get("CallSid"), get("Digits").unwrap_or("")).await.map(|t| Some(twiml_response(t)))
-            }
+            "gather" => acknowledgement::apply_keypress(&engine.services, delivery, attempt, get("CallSid"), get("Digits").unwrap_or(""))
+                .await
+                .map(|t| Some(twiml_response(t))),
             _ => Ok(None),
         }
     };
@@ -569,7 +571,7 @@ async fn inbound_message(engine: &Arc<Engine>, from: &str, message_sid: &str, bo
     if from.is_empty() || message_sid.is_empty() {
         return (StatusCode::BAD_REQUEST, "missing From or MessageSid").into_response();
     }
-    let reason = match tokio::time::timeout(WEBHOOK_DEADLINE, acknowledgement::apply_reply(engine, from, message_sid, body)).await {
+    let reason = match tokio::time::timeout(WEBHOOK_DEADLINE, acknowledgement::apply_reply(&engine.services, from, message_sid, body)).await {
         Ok(Ok(outcome)) => {
             tracing::info!(?outcome, "inbound text message handled");
             return twiml_response(EMPTY_TWIML.to_string());

@@ -16,6 +16,7 @@ pub mod notify;
 pub mod outbound;
 pub mod providers;
 pub mod runtime;
+pub mod status;
 pub mod store;
 pub mod template;
 pub mod workflows;

@@ -210,7 +210,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 // Migrate only: installing triggers here would hide a missing one.
                 wardcall::db::migrate::migrate(&db.pool).await?;
                 let c = wardcall::store::runs::status_counts(&db.pool).await?;
-                let problems = wardcall::runtime::status_problems(&db.pool, &config).await?;
+                let problems = wardcall::status::problems(&db.pool, &config).await?;
                 let dead = wardcall::store::runs::dead_letter_count(&db.pool).await?;
                 let newest = wardcall::store::runs::newest_dead_letters(&db.pool, 5).await?;
                 let endpoints = wardcall::store::outbound::endpoint_stats(&db.pool).await?;

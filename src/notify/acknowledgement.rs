@@ -21,13 +21,12 @@
 
 use crate::notify::Channel;
 use crate::providers::twilio::twiml;
-use crate::runtime::Engine;
+use crate::runtime::Services;
 use crate::store::audit::{self, Entity};
 use crate::store::runs as store;
 use crate::workflows::escalation::{write_back, WriteBackSubject, CALL_UPDATE_SIGNAL};
 use serde_json::{json, Value};
 use sqlx::PgConnection;
-use std::sync::Arc;
 use uuid::Uuid;
 
 /// Why a call event could not be applied.
@@ -162,7 +161,11 @@ async fn signal_run(tx: &mut PgConnection, run: Uuid, payload: Value) -> Result<
 
 /// The escalation settings of a run's workflow (for its write-back hooks) and
 /// the run's input (the event payload, write-back's `$1`).
-async fn run_settings_and_input(engine: &Engine, tx: &mut PgConnection, run: Uuid) -> Result<Option<(crate::config::EscalationWorkflow, Value)>, sqlx::Error> {
+async fn run_settings_and_input(
+    engine: &Services,
+    tx: &mut PgConnection,
+    run: Uuid,
+) -> Result<Option<(crate::config::EscalationWorkflow, Value)>, sqlx::Error> {
     let (workflow, input): (String, Value) = sqlx::query_as("SELECT workflow, input FROM wardcall.runs WHERE id = $1").bind(run).fetch_one(&mut *tx).await?;
     Ok(engine.config.workflow(&workflow).and_then(|w| w.escalation()).map(|e| (e.clone(), input)))
 }
@@ -175,7 +178,7 @@ async fn run_settings_and_input(engine: &Engine, tx: &mut PgConnection, run: Uui
 ///
 /// Errors: [`CallEventError::UnknownAttempt`], or a database error.
 pub async fn apply_status(
-    engine: &Arc<Engine>,
+    engine: &Services,
     delivery: Delivery<'_>,
     attempt: Uuid,
     call_sid: Option<&str>,
@@ -184,7 +187,7 @@ pub async fn apply_status(
     actor: &str,
 ) -> Result<(), CallEventError> {
     let new_rank = status_rank(call_status);
-    let mut tx = engine.db.pool.begin().await?;
+    let mut tx = engine.pool.begin().await?;
     let row = lock_attempt(&mut tx, attempt, call_sid).await?;
     if claim_delivery(&mut tx, delivery, attempt).await?.is_some() {
         tx.rollback().await?;
@@ -249,14 +252,14 @@ pub async fn apply_status(
 ///
 /// Errors: [`CallEventError::UnknownAttempt`], or a database error.
 pub async fn apply_amd(
-    engine: &Arc<Engine>,
+    engine: &Services,
     delivery: Delivery<'_>,
     attempt: Uuid,
     call_sid: Option<&str>,
     answered_by: &str,
     actor: &str,
 ) -> Result<(), CallEventError> {
-    let mut tx = engine.db.pool.begin().await?;
+    let mut tx = engine.pool.begin().await?;
     let row = lock_attempt(&mut tx, attempt, call_sid).await?;
     if claim_delivery(&mut tx, delivery, attempt).await?.is_some() || row.answered_by.is_some() {
         tx.rollback().await?;
@@ -282,14 +285,8 @@ pub async fn apply_amd(
 /// (same idempotency token) returns the first response and changes nothing.
 ///
 /// Errors: [`CallEventError::UnknownAttempt`], or a database error.
-pub async fn apply_keypress(
-    engine: &Arc<Engine>,
-    delivery: Delivery<'_>,
-    attempt: Uuid,
-    call_sid: Option<&str>,
-    digits: &str,
-) -> Result<String, CallEventError> {
-    let mut tx = engine.db.pool.begin().await?;
+pub async fn apply_keypress(engine: &Services, delivery: Delivery<'_>, attempt: Uuid, call_sid: Option<&str>, digits: &str) -> Result<String, CallEventError> {
+    let mut tx = engine.pool.begin().await?;
     let row = lock_attempt(&mut tx, attempt, call_sid).await?;
     if let Some(first_response) = claim_delivery(&mut tx, delivery, attempt).await? {
         tx.rollback().await?;
@@ -299,7 +296,7 @@ pub async fn apply_keypress(
             REPLAY_MESSAGE_MARKER => {
                 let message: String = sqlx::query_scalar("SELECT message FROM wardcall.alerts WHERE id = $1")
                     .bind(row.alert_id)
-                    .fetch_optional(&engine.db.pool)
+                    .fetch_optional(&engine.pool)
                     .await?
                     .unwrap_or_default();
                 replay_message_twiml(engine, attempt, &message)
@@ -392,7 +389,7 @@ struct Acknowledgement<'a> {
 /// `acknowledged_via`), and the run is signalled (it ends ringing calls and
 /// sends nothing more). In the caller's transaction, which holds the run, the
 /// alert and the attempt locked (in that order).
-async fn acknowledge_in(engine: &Arc<Engine>, tx: &mut PgConnection, ack: Acknowledgement<'_>, detail: Value) -> Result<(), sqlx::Error> {
+async fn acknowledge_in(engine: &Services, tx: &mut PgConnection, ack: Acknowledgement<'_>, detail: Value) -> Result<(), sqlx::Error> {
     sqlx::query(
         "UPDATE wardcall.alerts SET status = 'acknowledged', acknowledged_at = clock_timestamp(), acknowledged_by = $2, acknowledged_via = $3,
                 updated_at = clock_timestamp() WHERE id = $1",
@@ -435,7 +432,7 @@ async fn acknowledge_in(engine: &Arc<Engine>, tx: &mut PgConnection, ack: Acknow
 }
 
 /// The TwiML that reads the alert again and waits for a key.
-fn replay_message_twiml(engine: &Engine, attempt: Uuid, message: &str) -> String {
+fn replay_message_twiml(engine: &Services, attempt: Uuid, message: &str) -> String {
     let gather_timeout = engine.providers.twilio.as_ref().map(|t| t.config.gather_timeout_seconds).unwrap_or(10);
     let action = crate::providers::twilio::callback_url(&engine.public_url, "gather", attempt);
     // A webhook's TwiML may be 64 kB (Twilio error 11750); the message fits.
@@ -476,7 +473,7 @@ pub const FAILED_MESSAGE_STATUSES: &[&str] = &["undelivered", "failed", "cancele
 ///
 /// Errors: [`CallEventError::UnknownAttempt`], or a database error.
 pub async fn apply_message_status(
-    engine: &Arc<Engine>,
+    engine: &Services,
     delivery: Delivery<'_>,
     attempt: Uuid,
     message_sid: Option<&str>,
@@ -485,7 +482,7 @@ pub async fn apply_message_status(
     actor: &str,
 ) -> Result<(), CallEventError> {
     let new_rank = message_status_rank(message_status);
-    let mut tx = engine.db.pool.begin().await?;
+    let mut tx = engine.pool.begin().await?;
     let row = lock_attempt(&mut tx, attempt, message_sid).await?;
     if claim_delivery(&mut tx, delivery, attempt).await?.is_some() || new_rank < 0 || new_rank <= message_status_rank(&row.status) {
         tx.rollback().await?;
@@ -553,7 +550,7 @@ pub enum ReplyOutcome {
 /// nothing.
 ///
 /// Errors: a database error (the provider should retry).
-pub async fn apply_reply(engine: &Arc<Engine>, from: &str, message_sid: &str, body: &str) -> Result<ReplyOutcome, CallEventError> {
+pub async fn apply_reply(engine: &Services, from: &str, message_sid: &str, body: &str) -> Result<ReplyOutcome, CallEventError> {
     use crate::providers::twilio::messages::is_reserved_keyword;
     let body = body.trim();
     // The newest attempt to this number; the newest of an open alert.
@@ -562,16 +559,16 @@ pub async fn apply_reply(engine: &Arc<Engine>, from: &str, message_sid: &str, bo
           WHERE n.destination = $1 ORDER BY n.created_at DESC LIMIT 1",
     )
     .bind(from)
-    .fetch_optional(&engine.db.pool)
+    .fetch_optional(&engine.pool)
     .await?;
     let open: Option<(Uuid, Uuid, Uuid)> = sqlx::query_as(
         "SELECT n.run_id, n.alert_id, a.id FROM wardcall.notification_attempts n JOIN wardcall.alerts a ON a.id = n.alert_id
           WHERE n.destination = $1 AND a.status = 'open' ORDER BY n.created_at DESC LIMIT 1",
     )
     .bind(from)
-    .fetch_optional(&engine.db.pool)
+    .fetch_optional(&engine.pool)
     .await?;
-    let mut tx = engine.db.pool.begin().await?;
+    let mut tx = engine.pool.begin().await?;
     // Lock order: run, alert, attempt.
     let run_lock = open.map(|o| o.0).or(newest.map(|n| n.1));
     if let Some(run) = run_lock {

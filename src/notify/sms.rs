@@ -22,14 +22,13 @@ use crate::notify::acknowledgement::{is_machine, message_status_rank, FAILED_MES
 use crate::notify::{Channel, Recipient};
 use crate::providers::twilio::client::TwilioError;
 use crate::providers::twilio::messages::{fit_body, CreateMessageRequest, MessageResource, MAX_BODY_CHARS, REPLY_INSTRUCTION};
-use crate::runtime::Engine;
+use crate::runtime::Services;
 use crate::store::audit::{self, Entity};
 use crate::store::runs::{lock_fenced, ClaimedRun};
 use crate::workflows::StepError;
 use anyhow::anyhow;
 use serde_json::json;
 use sqlx::PgConnection;
-use std::sync::Arc;
 use uuid::Uuid;
 
 /// Slack (ms) when matching a provider's message to an intent: Twilio's
@@ -106,7 +105,7 @@ async fn latest_sms_attempts(conn: &mut PgConnection, pos: Position<'_>) -> Resu
 /// Errors: Twilio's message list cannot be read (the step retries; nothing
 /// is sent meanwhile).
 async fn reconcile(
-    engine: &Arc<Engine>,
+    engine: &Services,
     attempts: &[SmsAttempt],
     body_of: impl Fn(&SmsAttempt) -> String,
 ) -> Result<Vec<(Uuid, Option<MessageResource>)>, StepError> {
@@ -127,7 +126,7 @@ async fn reconcile(
         let known: Vec<String> =
             sqlx::query_scalar("SELECT provider_id FROM wardcall.notification_attempts WHERE provider = 'twilio' AND provider_id = ANY($1)")
                 .bind(&sids)
-                .fetch_all(&engine.db.pool)
+                .fetch_all(&engine.pool)
                 .await?;
         // The oldest unclaimed message since the intent is the one it created.
         let adopt = candidates.iter().rev().find(|m| !known.contains(&m.sid)).map(|m| (*m).clone());
@@ -260,7 +259,7 @@ async fn insert_intent(
 /// with STOP, not a mobile) marks the attempt `failed`; a transient or
 /// ambiguous failure leaves the intent for reconciliation and makes the step
 /// retry.
-async fn send_and_record(engine: &Arc<Engine>, outgoing: Vec<Outgoing>, actor: &str) -> Result<(), StepError> {
+async fn send_and_record(engine: &Services, outgoing: Vec<Outgoing>, actor: &str) -> Result<(), StepError> {
     if outgoing.is_empty() {
         return Ok(());
     }
@@ -306,9 +305,9 @@ async fn send_and_record(engine: &Arc<Engine>, outgoing: Vec<Outgoing>, actor: &
 
 /// Records one create-message result (see [`send_and_record`]). `Some(reason)`:
 /// the step must be retried.
-async fn record_result(engine: &Arc<Engine>, o: &Outgoing, result: &Result<MessageResource, TwilioError>, actor: &str) -> Result<Option<String>, sqlx::Error> {
+async fn record_result(engine: &Services, o: &Outgoing, result: &Result<MessageResource, TwilioError>, actor: &str) -> Result<Option<String>, sqlx::Error> {
     let id_text = o.attempt_id.to_string();
-    let mut tx = engine.db.pool.begin().await?;
+    let mut tx = engine.pool.begin().await?;
     let previous: String =
         sqlx::query_scalar("SELECT status FROM wardcall.notification_attempts WHERE id = $1 FOR UPDATE").bind(o.attempt_id).fetch_one(&mut *tx).await?;
     let transient = match result {
@@ -393,7 +392,7 @@ async fn record_result(engine: &Arc<Engine>, o: &Outgoing, result: &Result<Messa
 /// execution's; [`StepError::Retryable`] for a database error, a transient or
 /// ambiguous Twilio failure, or a message list that cannot be read;
 /// [`StepError::Permanent`] when no Twilio provider is configured.
-pub async fn send_one_way(engine: &Arc<Engine>, run: &ClaimedRun, step_key: &str, recipients: &[Recipient], message: &str) -> Result<(), StepError> {
+pub async fn send_one_way(engine: &Services, run: &ClaimedRun, step_key: &str, recipients: &[Recipient], message: &str) -> Result<(), StepError> {
     if engine.providers.twilio.is_none() {
         return Err(StepError::Permanent(anyhow!("the notify step '{step_key}' sends SMS, but no Twilio provider is configured")));
     }
@@ -401,11 +400,11 @@ pub async fn send_one_way(engine: &Arc<Engine>, run: &ClaimedRun, step_key: &str
     let pos = Position { run: run.id, step_key, cycle: 0, step_index: 0 };
     let body = fit_body(message, "", MAX_BODY_CHARS);
     let existing = {
-        let mut conn = engine.db.pool.acquire().await?;
+        let mut conn = engine.pool.acquire().await?;
         latest_sms_attempts(&mut conn, pos).await?
     };
     let reconciled = reconcile(engine, &existing, |_| body.clone()).await?;
-    let mut tx = engine.db.pool.begin().await?;
+    let mut tx = engine.pool.begin().await?;
     if !lock_fenced(&mut tx, run.id, run.fencing_token).await? {
         return Err(StepError::LeaseLost);
     }
@@ -445,7 +444,7 @@ pub async fn send_one_way(engine: &Arc<Engine>, run: &ClaimedRun, step_key: &str
 /// (config people have one number for both channels), else the number the
 /// call went to. The tier's recorded recipients (`tier`) come first: a
 /// recipient from the team's tables is texted at their `sms` number.
-fn fallback_address(engine: &Engine, tier: &[crate::notify::Recipient], person_id: &str, called: &str) -> String {
+fn fallback_address(engine: &Services, tier: &[crate::notify::Recipient], person_id: &str, called: &str) -> String {
     if let Some(sms) = tier.iter().find(|r| r.id == person_id).and_then(|r| r.sms.clone()) {
         return sms;
     }
@@ -501,7 +500,7 @@ async fn call_attempts(conn: &mut PgConnection, pos: Position<'_>) -> Result<Vec
 ///
 /// Errors: as [`send_one_way`].
 pub async fn send_fallbacks(
-    engine: &Arc<Engine>,
+    engine: &Services,
     run: &ClaimedRun,
     alert_id: Uuid,
     cycle: i32,
@@ -511,7 +510,7 @@ pub async fn send_fallbacks(
     let actor = engine.actor();
     let pos = Position { run: run.id, step_key: "", cycle, step_index };
     let (calls, existing) = {
-        let mut conn = engine.db.pool.acquire().await?;
+        let mut conn = engine.pool.acquire().await?;
         let calls = call_attempts(&mut conn, pos).await?;
         if !calls.iter().any(CallAttempt::failed) {
             return Ok(());
@@ -523,10 +522,10 @@ pub async fn send_fallbacks(
     if !failed.iter().any(pending) {
         return Ok(());
     }
-    let message: String = sqlx::query_scalar("SELECT message FROM wardcall.alerts WHERE id = $1").bind(alert_id).fetch_one(&engine.db.pool).await?;
+    let message: String = sqlx::query_scalar("SELECT message FROM wardcall.alerts WHERE id = $1").bind(alert_id).fetch_one(&engine.pool).await?;
     let body = fit_body(&message, REPLY_INSTRUCTION, MAX_BODY_CHARS);
     let reconciled = reconcile(engine, &existing, |_| body.clone()).await?;
-    let mut tx = engine.db.pool.begin().await?;
+    let mut tx = engine.pool.begin().await?;
     if !lock_fenced(&mut tx, run.id, run.fencing_token).await? {
         return Err(StepError::LeaseLost);
     }
@@ -589,7 +588,7 @@ pub async fn fallback_pending(conn: &mut PgConnection, run: Uuid, cycle: i32, st
 /// logged and retried at the next interval.
 ///
 /// Errors: a database error.
-pub async fn reconcile_messages(engine: &Arc<Engine>) -> Result<usize, sqlx::Error> {
+pub async fn reconcile_messages(engine: &Services) -> Result<usize, sqlx::Error> {
     let Some(twilio) = engine.providers.twilio.as_ref() else { return Ok(0) };
     let actor = format!("reconciler:{}", engine.engine_id);
     let due: Vec<(Uuid, String)> = sqlx::query_as(
@@ -603,7 +602,7 @@ pub async fn reconcile_messages(engine: &Arc<Engine>) -> Result<usize, sqlx::Err
            FROM due WHERE n.id = due.id RETURNING n.id, n.provider_id",
     )
     .bind(MESSAGE_RECONCILE_AFTER.as_millis() as i64)
-    .fetch_all(&engine.db.pool)
+    .fetch_all(&engine.pool)
     .await?;
     for (id, sid) in &due {
         match twilio.client.fetch_message(sid).await {

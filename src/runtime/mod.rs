@@ -26,7 +26,9 @@
 //! committed only if the fencing token still matches ([`store::commit_transition`]).
 
 pub mod dead_letters;
+mod services;
 pub mod step;
+pub use services::Services;
 
 use crate::config::{Config, EngineConfig, Workflow};
 use crate::db::Database;
@@ -115,34 +117,6 @@ impl Health {
     }
 }
 
-/// The problems `wardcall status` shows, seen from the database (it runs in
-/// its own process): configured sources whose capture trigger is missing or
-/// disabled; no engine listening (no `wardcall-listener` session on this
-/// database); a live run overdue by more than [`stall_after_ms`] (no engine
-/// is claiming: none runs, or its scheduler stalled); open alerts whose
-/// escalation policy yielded nobody to call (`wardcall.alerts.nobody_since`).
-///
-/// Errors: a database error.
-pub async fn status_problems(pool: &sqlx::PgPool, config: &Config) -> Result<Vec<String>, sqlx::Error> {
-    let names: Vec<String> = config.sources.iter().map(|s| s.name.clone()).collect();
-    let mut problems: Vec<String> = store::capture_problems(pool, &names).await?.into_iter().map(|(source, p)| format!("source {source}: {p}")).collect();
-    let traces = store::engine_traces(pool).await?;
-    if traces.listeners == 0 {
-        problems.push(format!("listener: no engine is listening on this database (no {LISTENER_APPLICATION_NAME} session)"));
-    }
-    let stall = stall_after_ms(&config.engine) as f64 / 1000.0;
-    if let Some(s) = traces.most_overdue_seconds.filter(|s| *s > stall) {
-        problems.push(format!("scheduler: a run has been due for {s:.1} s without being claimed (limit {stall:.1} s)"));
-    }
-    for (policy, alerts, seconds) in crate::workflows::escalation::alerts_with_nobody_to_call(pool).await? {
-        problems.push(format!(
-            "policy {policy}: {alerts} open alert(s) with nobody to call (every tier empty) for {seconds:.0} s; retried every {} s",
-            crate::workflows::escalation::NOBODY_RETRY_MS / 1000
-        ));
-    }
-    Ok(problems)
-}
-
 /// What `/healthz` answers: healthy, or the list of problems (no patient data).
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct HealthReport {
@@ -159,13 +133,15 @@ pub struct Engine {
     pub config: Arc<Config>,
     /// Unique per process: `<hostname-ish>-<uuid>`; lease owner and audit actor.
     pub engine_id: String,
-    pub providers: Providers,
+    pub providers: Arc<Providers>,
     /// Public base URL of this engine's webhooks, without trailing slash.
     pub public_url: String,
+    /// What steps, webhooks and the workflows' tasks get of this engine.
+    pub services: Services,
     slots: Arc<Semaphore>,
-    wake_scheduler: Notify,
+    wake_scheduler: Arc<Notify>,
     wake_dispatcher: Notify,
-    call_sweeper: Notify,
+    call_sweeper: Arc<Notify>,
     shutdown: watch::Sender<bool>,
     health: Health,
     /// The workflows, behind the step contract.
@@ -180,17 +156,32 @@ impl Engine {
         let hostname = std::env::var("HOSTNAME").unwrap_or_else(|_| "wardcall".into());
         let engine_id = format!("{}-{}", hostname, &uuid::Uuid::new_v4().simple().to_string()[..12]);
         let workers = config.engine.workers;
+        let providers = Arc::new(providers);
+        let public_url = public_url.trim_end_matches('/').to_string();
+        let (wake_scheduler, call_sweeper) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+        let shutdown = watch::channel(false).0;
+        let services = Services {
+            pool: db.pool.clone(),
+            config: config.clone(),
+            providers: providers.clone(),
+            engine_id: engine_id.as_str().into(),
+            public_url: public_url.as_str().into(),
+            wake_scheduler: wake_scheduler.clone(),
+            call_sweeper: call_sweeper.clone(),
+            shutdown: shutdown.subscribe(),
+        };
         Arc::new(Engine {
             db,
             config,
             engine_id,
             providers,
-            public_url: public_url.trim_end_matches('/').to_string(),
+            public_url,
+            services,
             slots: Arc::new(Semaphore::new(workers)),
-            wake_scheduler: Notify::new(),
+            wake_scheduler,
             wake_dispatcher: Notify::new(),
-            call_sweeper: Notify::new(),
-            shutdown: watch::channel(false).0,
+            call_sweeper,
+            shutdown,
             health: Health::new(),
             host,
         })
@@ -259,8 +250,7 @@ impl Engine {
         set.spawn(async move { e.dispatcher_loop().await });
         let e = self.clone();
         set.spawn(async move { e.scheduler_loop().await });
-        let e = self.clone();
-        for task in self.host.background_tasks(e) {
+        for task in self.host.background_tasks(self.services.clone()) {
             set.spawn(task);
         }
         EngineTasks { engine: self.clone(), set }
@@ -806,7 +796,8 @@ impl Engine {
             let mut state = run.state.clone();
             let (result, in_commit) = {
                 use futures_util::FutureExt;
-                let mut ctx = StepContext { engine: self, run: &run, workflow: &workflow, state: &mut state, lease_lost: &lost, in_commit: Vec::new() };
+                let mut ctx =
+                    StepContext { services: &self.services, run: &run, workflow: &workflow, state: &mut state, lease_lost: &lost, in_commit: Vec::new() };
                 // A panicking step is a bug; it must not leave the run leased
                 // forever nor crash-loop: it counts as a failed attempt.
                 let r = match std::panic::AssertUnwindSafe(self.host.run_step(&mut ctx)).catch_unwind().await {

@@ -5,7 +5,7 @@
 //! does not know) to run a step, how to retry it and where a failed or
 //! cancelled run goes. The runtime imports no workflow module.
 
-use super::Engine;
+use super::Services;
 use crate::config::{Config, Workflow};
 use crate::store::runs::ClaimedRun;
 use futures_util::future::BoxFuture;
@@ -73,9 +73,10 @@ impl From<sqlx::Error> for StepError {
     }
 }
 
-/// Everything a step may use.
+/// Everything a step may use: the engine's [`Services`] (pool, config,
+/// providers, actor, wake-ups), the claimed run, its workflow and state.
 pub struct StepContext<'a> {
-    pub engine: &'a Arc<Engine>,
+    pub services: &'a Services,
     pub run: &'a ClaimedRun,
     pub workflow: &'a Workflow,
     /// The run's state; committed with the step's transition.
@@ -113,7 +114,7 @@ pub struct RetryRule {
 }
 
 /// What the runtime asks of the workflows. Implemented by
-/// `crate::workflows::Host`; given to [`Engine::new`].
+/// `crate::workflows::Host`; given to [`super::Engine::new`].
 pub trait WorkflowHost: Send + Sync {
     /// Runs the current step of `ctx.run`.
     fn run_step<'a, 'c: 'a>(&'a self, ctx: &'a mut StepContext<'c>) -> BoxFuture<'a, Result<Transition, StepError>>;
@@ -141,7 +142,7 @@ pub trait WorkflowHost: Send + Sync {
     fn keyed_routes(&self, w: &Workflow, event: &str) -> Vec<(String, KeyedRoute)>;
     /// Tasks the workflows run beside the engine's own for its lifetime
     /// (e.g. the call sweeper).
-    fn background_tasks(&self, engine: Arc<Engine>) -> Vec<BoxFuture<'static, ()>>;
+    fn background_tasks(&self, services: Services) -> Vec<BoxFuture<'static, ()>>;
 }
 
 /// What an event does to a live run with its key.

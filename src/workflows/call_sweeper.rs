@@ -27,10 +27,9 @@
 //! provider is asked.
 
 use crate::notify::acknowledgement::{self, Delivery};
-use crate::runtime::Engine;
+use crate::runtime::Services;
 use crate::store::audit::{self, Entity};
 use serde_json::json;
-use std::sync::Arc;
 use std::time::Duration;
 use uuid::Uuid;
 
@@ -43,7 +42,7 @@ pub const RECONCILE_MARGIN: Duration = Duration::from_secs(10);
 pub const HANGUP_RETRY: Duration = Duration::from_secs(30);
 
 /// Runs until the engine stops.
-pub async fn run(engine: Arc<Engine>) {
+pub async fn run(engine: Services) {
     let mut stop = engine.stop_signal();
     loop {
         if *stop.borrow() {
@@ -73,13 +72,13 @@ pub struct SweepReport {
 
 /// One sweep: hang-ups, then reconciliation. Errors: a database error (the
 /// next sweep tries again; provider errors are logged, not returned).
-pub async fn sweep_once(engine: &Arc<Engine>) -> Result<SweepReport, sqlx::Error> {
+pub async fn sweep_once(engine: &Services) -> Result<SweepReport, sqlx::Error> {
     let mut report = SweepReport::default();
     let Some(twilio) = engine.providers.twilio.as_ref() else { return Ok(report) };
     let actor = format!("reconciler:{}", engine.engine_id);
 
     // 1. Hang-ups.
-    let mut tx = engine.db.pool.begin().await?;
+    let mut tx = engine.pool.begin().await?;
     let to_end: Vec<(Uuid, String, String)> = sqlx::query_as(
         "WITH due AS (
              SELECT n.id, a.status AS alert_status FROM wardcall.notification_attempts n
@@ -122,7 +121,7 @@ pub async fn sweep_once(engine: &Arc<Engine>) -> Result<SweepReport, sqlx::Error
     report.hangups = to_end.len();
 
     // 2. Attempts past their expected end without a final status.
-    let mut tx = engine.db.pool.begin().await?;
+    let mut tx = engine.pool.begin().await?;
     let overdue: Vec<(Uuid, String)> = sqlx::query_as(
         "WITH due AS (
              SELECT id FROM wardcall.notification_attempts
@@ -158,7 +157,7 @@ pub async fn sweep_once(engine: &Arc<Engine>) -> Result<SweepReport, sqlx::Error
 
     // 3. Intents never confirmed whose run is over: nothing will place or
     //    reconcile them any more.
-    let mut tx = engine.db.pool.begin().await?;
+    let mut tx = engine.pool.begin().await?;
     let abandoned: Vec<Uuid> = sqlx::query_scalar(
         "WITH due AS (
              SELECT n.id FROM wardcall.notification_attempts n JOIN wardcall.runs r ON r.id = n.run_id
@@ -193,7 +192,7 @@ pub async fn sweep_once(engine: &Arc<Engine>) -> Result<SweepReport, sqlx::Error
         "DELETE FROM wardcall.webhook_receipts WHERE ctid IN (
              SELECT ctid FROM wardcall.webhook_receipts WHERE received_at < clock_timestamp() - interval '1 day' LIMIT 1000)",
     )
-    .execute(&engine.db.pool)
+    .execute(&engine.pool)
     .await?;
     Ok(report)
 }

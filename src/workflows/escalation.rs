@@ -53,7 +53,7 @@ pub const TERMINAL_CALL_STATUSES: &[&str] = &["completed", "busy", "no-answer", 
 /// Runs the current step of an escalation run.
 pub async fn run_step(ctx: &mut StepContext<'_>, settings: &EscalationWorkflow) -> Result<Transition, StepError> {
     let policy = ctx
-        .engine
+        .services
         .config
         .policy(&settings.policy)
         .cloned()
@@ -95,7 +95,7 @@ async fn render_message(ctx: &StepContext<'_>, settings: &EscalationWorkflow) ->
     let template = Template::parse(&settings.message).map_err(|e| StepError::Permanent(anyhow!(e)))?;
     let mut values = HashMap::new();
     for (name, sql) in &settings.lookups {
-        match run_lookup(&ctx.engine.db.pool, sql, &ctx.run.input).await {
+        match run_lookup(&ctx.services.pool, sql, &ctx.run.input).await {
             Ok(LookupOutcome::Value(v)) => {
                 values.insert(name.clone(), v);
             }
@@ -158,8 +158,8 @@ async fn run_lookup(pool: &sqlx::PgPool, sql: &str, input: &Value) -> Result<Loo
 
 async fn audit_lookup_fault(ctx: &StepContext<'_>, name: &str, action: &str, detail: Value) {
     let result = async {
-        let mut conn = ctx.engine.db.pool.acquire().await?;
-        audit::record(&mut conn, Entity::Run, &ctx.run.id.to_string(), action, None, None, &ctx.engine.actor(), detail).await
+        let mut conn = ctx.services.pool.acquire().await?;
+        audit::record(&mut conn, Entity::Run, &ctx.run.id.to_string(), action, None, None, &ctx.services.actor(), detail).await
     }
     .await;
     if let Err(e) = result {
@@ -224,10 +224,10 @@ async fn record_with_retry(ctx: &StepContext<'_>, settings: &EscalationWorkflow,
 /// closed is handed to the call sweeper, which ends it at once.
 async fn record_call_result(ctx: &StepContext<'_>, settings: &EscalationWorkflow, actor: &str, placed: &PlacedCall) -> Result<Option<String>, sqlx::Error> {
     use crate::providers::twilio::client::TwilioError;
-    let engine = ctx.engine;
+    let engine = ctx.services;
     let attempt_id = placed.attempt_id;
     let id_text = attempt_id.to_string();
-    let mut tx = engine.db.pool.begin().await?;
+    let mut tx = engine.pool.begin().await?;
     let (previous, alert_status): (String, String) = sqlx::query_as(
         "SELECT n.status, a.status FROM wardcall.notification_attempts n JOIN wardcall.alerts a ON a.id = n.alert_id
           WHERE n.id = $1 FOR UPDATE OF n",
@@ -424,10 +424,10 @@ async fn reconcile_ambiguous(
 ) -> Result<HashMap<Uuid, Option<String>>, StepError> {
     // No connection is held while the provider is asked.
     let ambiguous: Vec<Attempt> = {
-        let mut conn = ctx.engine.db.pool.acquire().await?;
+        let mut conn = ctx.services.pool.acquire().await?;
         latest_attempts(&mut conn, ctx.run.id, cycle, step_index).await?.into_iter().filter(|a| a.ambiguous(ctx.run.fencing_token)).collect()
     };
-    let pool = &ctx.engine.db.pool;
+    let pool = &ctx.services.pool;
     let mut found = HashMap::new();
     for a in ambiguous {
         let calls = match twilio.client.list_calls_to(&a.destination, 20).await {
@@ -517,13 +517,13 @@ async fn tier_recipients(ctx: &mut StepContext<'_>, step: &PolicyStep, cycle: i3
     if let Some(list) = recipients::recorded(ctx.state, &key) {
         return TierRecipients { list, resolved_now: false, audit: None };
     }
-    let engine = ctx.engine.clone();
+    let engine = ctx.services.clone();
     // `$2`: the run's variables (kept by earlier steps of the workflow).
     let vars = crate::workflows::variables(ctx.state);
-    let mut outcome = recipients::resolve(&engine.db.pool, &engine.config, &step.who, &ctx.run.input, &vars).await;
+    let mut outcome = recipients::resolve(&engine.pool, &engine.config, &step.who, &ctx.run.input, &vars).await;
     if outcome.as_ref().err().and_then(|e| e.sqlstate()).is_some_and(|c| !c.starts_with("42")) {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        outcome = recipients::resolve(&engine.db.pool, &engine.config, &step.who, &ctx.run.input, &vars).await;
+        outcome = recipients::resolve(&engine.pool, &engine.config, &step.who, &ctx.run.input, &vars).await;
     }
     let (resolved, failure) = match outcome {
         Ok(r) => (r, None),
@@ -590,7 +590,7 @@ async fn empty_tier(
     step_index: i32,
     listed: usize,
 ) -> Result<Transition, StepError> {
-    let actor = ctx.engine.actor();
+    let actor = ctx.services.actor();
     // While the alarm is raised, the rounds that find nobody again are not
     // audited one by one (the alarm is, once, and `wardcall status` shows it).
     let alarmed: bool = sqlx::query_scalar("SELECT nobody_since IS NOT NULL FROM wardcall.alerts WHERE id = $1").bind(alert_id).fetch_one(&mut *tx).await?;
@@ -682,7 +682,7 @@ async fn open_alert(conn: &mut PgConnection, ctx: &StepContext<'_>, settings: &E
             "alert.opened",
             None,
             Some("open"),
-            &ctx.engine.actor(),
+            &ctx.services.actor(),
             json!({"run_id": ctx.run.id, "policy": settings.policy}),
         )
         .await?;
@@ -696,7 +696,7 @@ async fn open_alert(conn: &mut PgConnection, ctx: &StepContext<'_>, settings: &E
 }
 
 async fn place_calls(ctx: &mut StepContext<'_>, settings: &EscalationWorkflow, policy: &Policy) -> Result<Transition, StepError> {
-    let engine = ctx.engine.clone();
+    let engine = ctx.services.clone();
     let twilio = engine.providers.twilio.as_ref().ok_or_else(|| StepError::Permanent(anyhow!("no Twilio provider configured")))?;
     let message = ctx.state.get("message").and_then(Value::as_str).unwrap_or_default().to_string();
     let (cycle, step_index) = position(ctx.state);
@@ -731,7 +731,7 @@ async fn place_calls(ctx: &mut StepContext<'_>, settings: &EscalationWorkflow, p
     let callable: Vec<Recipient> = tier.list.iter().filter(|r| r.address(Channel::Voice).is_some()).cloned().collect();
 
     // 1. Record the intents (and the alert), fenced, in one transaction.
-    let mut tx = engine.db.pool.begin().await?;
+    let mut tx = engine.pool.begin().await?;
     if !lock_fenced(&mut tx, ctx.run.id, ctx.run.fencing_token).await? {
         return Err(StepError::LeaseLost);
     }
@@ -942,7 +942,7 @@ async fn evaluate_position(
     policy: &Policy,
     timed_out: Option<bool>,
 ) -> Result<Transition, StepError> {
-    let engine = ctx.engine.clone();
+    let engine = ctx.services.clone();
     let actor = engine.actor();
     let (cycle, step_index) = position(ctx.state);
     let alert_id: Uuid = ctx
@@ -966,7 +966,7 @@ async fn evaluate_position(
             o.remove("sms_fallback_due");
         }
     }
-    let mut tx = engine.db.pool.begin().await?;
+    let mut tx = engine.pool.begin().await?;
     if !lock_fenced(&mut tx, ctx.run.id, ctx.run.fencing_token).await? {
         return Err(StepError::LeaseLost);
     }
@@ -1073,14 +1073,14 @@ async fn end_ringing_calls(ctx: &StepContext<'_>, alert_id: Uuid) {
             AND status IN ('requested','initiated','ringing','in-progress')",
     )
     .bind(alert_id)
-    .fetch_all(&ctx.engine.db.pool)
+    .fetch_all(&ctx.services.pool)
     .await
     .unwrap_or_default();
     end_calls(ctx, &sids).await;
 }
 
 async fn end_calls(ctx: &StepContext<'_>, sids: &[String]) {
-    let Some(twilio) = ctx.engine.providers.twilio.as_ref() else { return };
+    let Some(twilio) = ctx.services.providers.twilio.as_ref() else { return };
     for sid in sids {
         match twilio.client.end_call(sid).await {
             Ok(()) => tracing::info!(call_sid = %sid, "ended call"),

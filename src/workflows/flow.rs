@@ -84,7 +84,7 @@ pub async fn run_step(ctx: &mut StepContext<'_>) -> Result<Transition, StepError
             }
             Ok(Transition::SleepUntil { step: next, epoch_ms: at.as_millisecond() })
         }
-        StepKind::SleepUntil(InstantSpec::Sql { sql }) => match super::team_sql::query_instant(&ctx.engine.db.pool, sql, &payload, &vars(ctx.state)).await {
+        StepKind::SleepUntil(InstantSpec::Sql { sql }) => match super::team_sql::query_instant(&ctx.services.pool, sql, &payload, &vars(ctx.state)).await {
             Ok(Some(epoch_ms)) if in_range(epoch_ms) => Ok(Transition::SleepUntil { step: next, epoch_ms }),
             Ok(Some(_)) => Err(StepError::Permanent(anyhow!("sleep_until: the query returned an instant out of range (before 1970 or after 9999)"))),
             Ok(None) => Err(StepError::Permanent(anyhow!("sleep_until: the query returned no instant (no row, or NULL)"))),
@@ -136,7 +136,7 @@ pub async fn run_step(ctx: &mut StepContext<'_>) -> Result<Transition, StepError
             Ok(Transition::Next { step: next })
         }
         StepKind::Http(h) => {
-            let engine = ctx.engine;
+            let engine = ctx.services;
             let endpoint = engine
                 .providers
                 .endpoints
@@ -177,7 +177,7 @@ pub async fn run_step(ctx: &mut StepContext<'_>) -> Result<Transition, StepError
             let live: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM wardcall.runs WHERE id = $1 AND fencing_token = $2 AND status = 'running')")
                 .bind(ctx.run.id)
                 .bind(ctx.run.fencing_token)
-                .fetch_one(&engine.db.pool)
+                .fetch_one(&engine.pool)
                 .await?;
             if !live {
                 return Err(StepError::LeaseLost);
@@ -189,7 +189,7 @@ pub async fn run_step(ctx: &mut StepContext<'_>) -> Result<Transition, StepError
             )
             .bind(ctx.run.id)
             .bind(&step_key)
-            .fetch_optional(&engine.db.pool)
+            .fetch_optional(&engine.pool)
             .await?
             .flatten();
             if let Some(status) = done {
@@ -198,7 +198,7 @@ pub async fn run_step(ctx: &mut StepContext<'_>) -> Result<Transition, StepError
                 }
                 return Ok(Transition::Next { step: next });
             }
-            let outcome = crate::outbound::perform(&engine.db.pool, &endpoint, &request, &key, &engine.engine_id).await?;
+            let outcome = crate::outbound::perform(&engine.pool, &endpoint, &request, &key, &engine.engine_id).await?;
             match crate::outbound::decide(outcome, &h.retry, attempt) {
                 crate::outbound::Decision::Done { status, body } => {
                     if let Some(k) = &step.keep {
@@ -212,7 +212,7 @@ pub async fn run_step(ctx: &mut StepContext<'_>) -> Result<Transition, StepError
             }
         }
         StepKind::Notify(n) => {
-            let engine = ctx.engine;
+            let engine = ctx.services;
             let vars = vars(ctx.state);
             let position = addr.render();
             // The recipients are resolved once and recorded with the run's
@@ -221,7 +221,7 @@ pub async fn run_step(ctx: &mut StepContext<'_>) -> Result<Transition, StepError
                 Some(list) => list,
                 None => {
                     // A failing query still reaches the step's static people.
-                    let resolved = match crate::notify::recipients::resolve(&engine.db.pool, &engine.config, &n.who(), &payload, &vars).await {
+                    let resolved = match crate::notify::recipients::resolve(&engine.pool, &engine.config, &n.who(), &payload, &vars).await {
                         Ok(r) => r,
                         Err(e) if ctx.run.step_attempt + 1 < ctx.workflow.max_attempts as i32 || n.people.is_empty() => {
                             return Err(StepError::Retryable(anyhow!("resolving the recipients of a notify step: {e}")));
@@ -249,7 +249,7 @@ pub async fn run_step(ctx: &mut StepContext<'_>) -> Result<Transition, StepError
             inner_run.step = if addr.sub.is_empty() { "start".into() } else { addr.sub.clone() };
             let transition = {
                 let mut inner = StepContext {
-                    engine: ctx.engine,
+                    services: ctx.services,
                     run: &inner_run,
                     workflow: ctx.workflow,
                     state: ctx.state,

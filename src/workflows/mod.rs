@@ -215,8 +215,8 @@ impl crate::runtime::step::WorkflowHost for Host {
         routes.dedup();
         routes
     }
-    fn background_tasks(&self, engine: std::sync::Arc<crate::runtime::Engine>) -> Vec<BoxFuture<'static, ()>> {
-        vec![Box::pin(call_sweeper::run(engine))]
+    fn background_tasks(&self, services: crate::runtime::Services) -> Vec<BoxFuture<'static, ()>> {
+        vec![Box::pin(call_sweeper::run(services))]
     }
 }
 

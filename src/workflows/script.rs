@@ -60,7 +60,7 @@ pub async fn run_step(ctx: &mut StepContext<'_>) -> Result<Transition, StepError
             let ms = number("ms").unwrap_or(0).max(0) as u64;
             tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
             ctx.check_lease()?;
-            result(ctx, json!({"worked_ms": ms, "by": ctx.engine.engine_id}));
+            result(ctx, json!({"worked_ms": ms, "by": ctx.services.engine_id}));
             Ok(Transition::Next { step: next })
         }
         "sleep" => {

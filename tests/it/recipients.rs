@@ -159,7 +159,7 @@ pub async fn policy_with_nobody_is_an_alarm_in_status_until_someone_comes_on_shi
     )
     .await;
     let cfg = h.app.engine.config.clone();
-    let problems = wardcall::runtime::status_problems(&h.db.pool, &cfg).await.unwrap();
+    let problems = wardcall::status::problems(&h.db.pool, &cfg).await.unwrap();
     assert!(problems.iter().any(|p| p.contains("policy critical-care") && p.contains("nobody to call")), "{problems:?}");
     // `wardcall status` (another process) shows it too.
     let dir = std::env::temp_dir().join(format!("wardcall-it-nobody-{}-{}", std::process::id(), h.db.name));
@@ -188,7 +188,7 @@ pub async fn policy_with_nobody_is_an_alarm_in_status_until_someone_comes_on_shi
     assert_eq!(calls_to(&h, NURSE_A), 1);
     assert_eq!(h.db.scalar_i64("SELECT count(*) FROM wardcall.alerts WHERE nobody_since IS NOT NULL").await, 0, "the alarm is cleared");
     assert_eq!(audit_details(&h.db, "alert.recipients_found").await.len(), 1);
-    let problems = wardcall::runtime::status_problems(&h.db.pool, &cfg).await.unwrap();
+    let problems = wardcall::status::problems(&h.db.pool, &cfg).await.unwrap();
     assert!(!problems.iter().any(|p| p.contains("nobody to call")), "{problems:?}");
     h.stop().await;
 }

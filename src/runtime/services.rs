@@ -1,0 +1,56 @@
+//! [`Services`]: what the engine lends to the steps of a run, to the webhook
+//! handlers and to the workflows' background tasks. It is the narrow context
+//! of DESIGN.md's layout principles: the database pool, the config, the
+//! providers, who is acting, where webhooks come back, and the engine's
+//! wake-ups; never the engine's loops, leases or health.
+
+use crate::config::Config;
+use crate::providers::Providers;
+use sqlx::PgPool;
+use std::sync::Arc;
+use tokio::sync::{watch, Notify};
+
+/// The engine's services, cheap to clone (every field is shared).
+#[derive(Clone)]
+pub struct Services {
+    /// The engine's connection pool (short transactions only).
+    pub pool: PgPool,
+    /// The loaded, checked config.
+    pub config: Arc<Config>,
+    /// The providers built from the config, with their secrets.
+    pub providers: Arc<Providers>,
+    /// Unique per process: `<hostname-ish>-<12 hex digits>`; lease owner.
+    pub engine_id: Arc<str>,
+    /// Public base URL of this engine's webhooks, without trailing slash.
+    pub public_url: Arc<str>,
+    pub(super) wake_scheduler: Arc<Notify>,
+    pub(super) call_sweeper: Arc<Notify>,
+    pub(super) shutdown: watch::Receiver<bool>,
+}
+
+impl Services {
+    /// The audit actor of this engine: `engine:<engine_id>`.
+    pub fn actor(&self) -> String {
+        format!("engine:{}", self.engine_id)
+    }
+
+    /// Wakes this engine's scheduler (a signal was delivered, a run became due).
+    pub fn wake(&self) {
+        self.wake_scheduler.notify_one();
+    }
+
+    /// Wakes the call sweeper (an alert closed: its calls may need ending).
+    pub fn wake_call_sweeper(&self) {
+        self.call_sweeper.notify_one();
+    }
+
+    /// Resolves when the call sweeper is woken (or at once if a wake-up is pending).
+    pub async fn call_sweeper_woken(&self) {
+        self.call_sweeper.notified().await
+    }
+
+    /// A receiver that turns `true` when the engine stops.
+    pub fn stop_signal(&self) -> watch::Receiver<bool> {
+        self.shutdown.clone()
+    }
+}
