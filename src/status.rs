@@ -28,7 +28,7 @@ pub async fn problems(pool: &sqlx::PgPool, config: &Config) -> Result<Vec<String
     if let Some(s) = traces.most_overdue_seconds.filter(|s| *s > stall) {
         problems.push(format!("scheduler: a run has been due for {s:.1} s without being claimed (limit {stall:.1} s)"));
     }
-    for (policy, alerts, seconds) in crate::workflows::escalation::alerts_with_nobody_to_call(pool).await? {
+    for (policy, alerts, seconds) in crate::store::alerts::with_nobody_to_call(pool).await? {
         problems.push(format!(
             "policy {policy}: {alerts} open alert(s) with nobody to call (every tier empty) for {seconds:.0} s; retried every {} s",
             crate::workflows::escalation::NOBODY_RETRY_MS / 1000

@@ -15,6 +15,8 @@ pub mod recipients;
 use serde::{Deserialize, Serialize};
 
 pub mod acknowledgement;
+pub mod channel;
+pub mod delivery;
 pub mod sms;
 
 /// The ways a recipient can be reached.

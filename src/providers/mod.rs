@@ -5,13 +5,19 @@
 pub mod twilio;
 
 use crate::config::{Config, TwilioConfig};
+use crate::notify::channel::ChannelSender;
+use crate::notify::Channel;
 use crate::providers::twilio::client::TwilioClient;
 use anyhow::Context;
+use std::sync::Arc;
 
 /// The configured providers.
 #[derive(Default)]
 pub struct Providers {
     pub twilio: Option<TwilioProvider>,
+    /// One sender per (provider, channel), in registration order; the first
+    /// for a channel is the one used ([`Providers::sender`]).
+    pub senders: Vec<Arc<dyn ChannelSender>>,
     /// The team's HTTP endpoints (`[[endpoints]]`) with their secret headers,
     /// resolved at start; what `http` steps send through ([`crate::outbound::perform`]).
     pub endpoints: crate::outbound::Endpoints,
@@ -39,7 +45,7 @@ impl Providers {
     /// (naming the key and the variable or file).
     pub fn from_config(config: &Config, auth_token: Option<String>) -> anyhow::Result<Providers> {
         let endpoints = crate::outbound::Endpoints::resolve(&config.endpoints, config.file_name())?;
-        let Some(t) = &config.providers.twilio else { return Ok(Providers { twilio: None, endpoints }) };
+        let Some(t) = &config.providers.twilio else { return Ok(Providers { twilio: None, senders: Vec::new(), endpoints }) };
         let token = match auth_token {
             Some(t) => t,
             None => read_twilio_token(t)?,
@@ -49,15 +55,21 @@ impl Providers {
             .pool_idle_timeout(std::time::Duration::from_secs(60))
             .build()
             .context("building the HTTP client")?;
-        Ok(Providers {
-            twilio: Some(TwilioProvider {
-                client: TwilioClient::new(http, &t.api_base, &t.account_sid, &token)
-                    .with_request_timeout(std::time::Duration::from_secs_f64(t.request_timeout_seconds)),
-                config: t.clone(),
-                auth_token: token,
-            }),
-            endpoints,
-        })
+        let twilio = TwilioProvider {
+            client: TwilioClient::new(http, &t.api_base, &t.account_sid, &token)
+                .with_request_timeout(std::time::Duration::from_secs_f64(t.request_timeout_seconds)),
+            config: t.clone(),
+            auth_token: token,
+        };
+        // Registration: one line per provider (its channels).
+        let senders = twilio::channels::senders(&twilio);
+        Ok(Providers { twilio: Some(twilio), senders, endpoints })
+    }
+
+    /// The sender of `channel`: the first registered for it, or `None` when
+    /// no configured provider reaches people on it.
+    pub fn sender(&self, channel: Channel) -> Option<&dyn ChannelSender> {
+        self.senders.iter().find(|s| s.channel() == channel).map(|s| s.as_ref())
     }
 }
 

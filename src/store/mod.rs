@@ -6,12 +6,17 @@
 //!
 //! - [`runs`]: runs, leases and fencing tokens, waits, signals, the outbox
 //!   claim and the dispatcher's bookkeeping.
+//! - [`alerts`]: alerts, their status and the "nobody to call" alarm.
+//! - [`attempts`]: notification attempts on every channel (intents, results,
+//!   reconciliation).
 //! - [`audit`]: the append-only audit log.
 //! - [`outbound`]: outgoing HTTP intents, outcomes and circuit breakers.
 //!
 //! Lock order, everywhere: the run row first, then the alert row, then
 //! notification attempts.
 
+pub mod alerts;
+pub mod attempts;
 pub mod audit;
 pub mod outbound;
 pub mod runs;

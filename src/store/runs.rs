@@ -135,6 +135,14 @@ pub async fn lock_fenced(conn: &mut PgConnection, id: Uuid, token: i64) -> Resul
     Ok(found.is_some())
 }
 
+/// Saves a run's state mid-step (inside a fenced transaction, after
+/// [`lock_fenced`]): e.g. the recipients a tier resolved, recorded with the
+/// intents so that an engine taking the run over calls the same people.
+pub async fn save_state(conn: &mut PgConnection, id: Uuid, state: &Value) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE wardcall.runs SET state = $2 WHERE id = $1").bind(id).bind(state).execute(conn).await?;
+    Ok(())
+}
+
 /// The outcome of resolving a wait after a claim.
 #[derive(Debug)]
 pub enum WaitResolution {

@@ -252,12 +252,12 @@ pub async fn cancel_run_in(
         return Ok(false);
     };
     if let (Some(alert), Some(settings)) = (cancelled.alert, config.workflow(&cancelled.workflow).and_then(|w| w.escalation())) {
-        escalation::write_back(
+        team_sql::write_back(
             tx,
             settings.write_back.on_cancelled.as_deref(),
             "on_cancelled",
             &cancelled.input,
-            escalation::WriteBackSubject::Alert(alert),
+            team_sql::WriteBackSubject::Alert(alert),
             actor,
         )
         .await?;

@@ -1,12 +1,15 @@
-//! The one place where the team's own SQL runs for a workflow step (lookups
-//! and write-backs of an escalation have theirs in `escalation.rs`).
+//! The one place where the team's own SQL runs: a workflow's `sql` steps,
+//! `sleep_until` instants, the escalation's lookups ([`run_lookup`]) and the
+//! write-backs of every hook ([`write_back`]).
 //!
 //! Binding: `$1` = the event payload, `$2` = the run's variables, both jsonb;
 //! only the parameters a statement uses are bound
 //! ([`super::model::sql_parameter_count`]).
 
-use serde_json::Value;
-use sqlx::PgConnection;
+use crate::store::audit::{self, Entity};
+use serde_json::{json, Value};
+use sqlx::{PgConnection, Row};
+use uuid::Uuid;
 
 /// Longest a step's statement may run (ms), PostgreSQL `statement_timeout`
 /// (manual 20.11.1 "Statement Behavior").
@@ -106,4 +109,121 @@ pub async fn query_instant(pool: &sqlx::PgPool, sql: &str, payload: &Value, vars
 /// (connection, timeout, serialization, lock) are worth a retry.
 pub fn is_permanent(e: &sqlx::Error) -> bool {
     e.as_database_error().and_then(|d| d.code()).is_some_and(|c| c.starts_with("42") || c.starts_with("22") || c.starts_with("23"))
+}
+
+/// Longest a lookup may run (ms) before it renders without its value
+/// (`statement_timeout`, PostgreSQL manual 20.11.1).
+pub const LOOKUP_STATEMENT_TIMEOUT_MS: u64 = 2_000;
+/// Longest a lookup may wait for a lock (ms), e.g. behind a team's
+/// `ALTER TABLE` (`lock_timeout`).
+pub const LOOKUP_LOCK_TIMEOUT_MS: u64 = 1_000;
+
+/// What a lookup found.
+pub enum LookupOutcome {
+    /// One row, its first column as text.
+    Value(String),
+    /// No row, or NULL.
+    Empty,
+    /// More than one row (a config fault).
+    Ambiguous,
+    /// The first column is not text (a config fault).
+    NotText,
+}
+
+/// Runs an escalation's lookup: `$1` = the event payload, in its own
+/// read-only transaction with [`LOOKUP_STATEMENT_TIMEOUT_MS`] and
+/// [`LOOKUP_LOCK_TIMEOUT_MS`], reading at most two rows.
+///
+/// Errors: the statement failed or timed out (the caller renders without
+/// the value and audits the SQLSTATE).
+pub async fn run_lookup(pool: &sqlx::PgPool, sql: &str, input: &Value) -> Result<LookupOutcome, sqlx::Error> {
+    use futures_util::TryStreamExt;
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT set_config('statement_timeout', $1, true), set_config('lock_timeout', $2, true), set_config('transaction_read_only', 'on', true)")
+        .bind(format!("{LOOKUP_STATEMENT_TIMEOUT_MS}ms"))
+        .bind(format!("{LOOKUP_LOCK_TIMEOUT_MS}ms"))
+        .execute(&mut *tx)
+        .await?;
+    let mut rows = Vec::new();
+    {
+        let mut stream = sqlx::query(sql).bind(input).fetch(&mut *tx);
+        while let Some(row) = stream.try_next().await? {
+            rows.push(row);
+            if rows.len() > 1 {
+                break;
+            }
+        }
+    }
+    tx.rollback().await?;
+    Ok(match rows.as_slice() {
+        [] => LookupOutcome::Empty,
+        [row] => match row.try_get::<Option<String>, _>(0) {
+            Ok(Some(v)) => LookupOutcome::Value(v),
+            Ok(None) => LookupOutcome::Empty,
+            Err(_) => LookupOutcome::NotText,
+        },
+        _ => LookupOutcome::Ambiguous,
+    })
+}
+
+/// Whose details a write-back statement receives as `$2`.
+#[derive(Debug, Clone, Copy)]
+pub enum WriteBackSubject {
+    /// `wardcall.attempt_details(id)`.
+    Attempt(Uuid),
+    /// `wardcall.alert_details(id)`.
+    Alert(Uuid),
+}
+
+/// Runs one write-back statement in a savepoint: `$1` = the event payload,
+/// `$2` = the subject's details. A failing statement is rolled back to the
+/// savepoint, logged and audited; it never undoes the state change around it.
+pub async fn write_back(
+    conn: &mut PgConnection,
+    sql: Option<&str>,
+    hook: &str,
+    payload: &Value,
+    subject: WriteBackSubject,
+    actor: &str,
+) -> Result<(), sqlx::Error> {
+    let Some(sql) = sql else { return Ok(()) };
+    let details: Value = match subject {
+        // The recipient's id and name (`person_id`, `person_name`) come with the attempt's details.
+        WriteBackSubject::Attempt(id) => {
+            sqlx::query_scalar("SELECT wardcall.attempt_details($1) || wardcall.attempt_recipient($1)").bind(id).fetch_one(&mut *conn).await?
+        }
+        WriteBackSubject::Alert(id) => sqlx::query_scalar("SELECT wardcall.alert_details($1)").bind(id).fetch_one(&mut *conn).await?,
+    };
+    sqlx::query("SAVEPOINT wardcall_write_back").execute(&mut *conn).await?;
+    // The capture triggers skip rows written while `wardcall.write_back` is on,
+    // so a write-back never re-triggers a page; the timeouts keep a team's
+    // long-held row lock from stalling webhooks and workers.
+    sqlx::query(
+        "SELECT set_config('wardcall.write_back', 'on', true), set_config('lock_timeout', '2s', true),
+                set_config('statement_timeout', '5s', true)",
+    )
+    .execute(&mut *conn)
+    .await?;
+    let outcome = sqlx::query(sql).bind(payload).bind(&details).execute(&mut *conn).await;
+    let reset = "SELECT set_config('wardcall.write_back', 'off', true),
+                        set_config('lock_timeout', (SELECT reset_val FROM pg_settings WHERE name = 'lock_timeout'), true),
+                        set_config('statement_timeout', (SELECT reset_val FROM pg_settings WHERE name = 'statement_timeout'), true)";
+    match outcome {
+        Ok(_) => {
+            sqlx::query("RELEASE SAVEPOINT wardcall_write_back").execute(&mut *conn).await?;
+            sqlx::query(reset).execute(&mut *conn).await?;
+        }
+        Err(e) => {
+            let msg = crate::capture::db_message(&e);
+            sqlx::query("ROLLBACK TO SAVEPOINT wardcall_write_back").execute(&mut *conn).await?;
+            sqlx::query(reset).execute(&mut *conn).await?;
+            tracing::error!(hook, error = %msg, "write-back statement failed; the state change is kept");
+            let (entity, id) = match subject {
+                WriteBackSubject::Attempt(id) => (Entity::NotificationAttempt, id),
+                WriteBackSubject::Alert(id) => (Entity::Alert, id),
+            };
+            audit::record(conn, entity, &id.to_string(), "write_back.failed", None, None, actor, json!({"hook": hook, "error": msg})).await?;
+        }
+    }
+    Ok(())
 }

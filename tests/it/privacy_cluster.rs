@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use wardcall::db::embedded::{relocation_key, RELOCATION_BASE};
-use wardcall::workflows::escalation::{write_back, WriteBackSubject};
+use wardcall::workflows::team_sql::{write_back, WriteBackSubject};
 
 pub fn tests() -> Vec<libtest_mimic::Trial> {
     trials![

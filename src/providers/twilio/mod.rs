@@ -9,6 +9,7 @@
 //! "Answering Machine Detection" (async AMD).
 
 pub mod callback;
+pub mod channels;
 pub mod client;
 pub mod messages;
 pub mod signature;

@@ -1,0 +1,266 @@
+//! Delivery through any [`ChannelSender`], the same for every channel:
+//!
+//! 1. an ambiguous intent of an earlier execution (a crash or a timeout
+//!    between the request and its record) is reconciled with the provider's
+//!    list of sends to the same address ([`reconcile`]), outside any
+//!    transaction;
+//! 2. in the step's fenced transaction, the person's latest attempt decides
+//!    ([`settle`]): adopt the send the provider has, send again under the
+//!    re-send rule (a new generation), or send nothing (it went out, or was
+//!    refused); new intents are recorded (`crate::store::attempts::insert_intent`)
+//!    and committed;
+//! 3. the sends run outside any transaction, in parallel, and every result is
+//!    recorded before any error is returned ([`send_and_record`]): a
+//!    provider's id of a send is never dropped because a write failed.
+//!
+//! Re-send rule (ARCHITECTURE.md): for a critical alert a second call or
+//! text is better than none, so an intent whose send cannot be found at the
+//! provider is marked `unknown` and sent again.
+
+use super::channel::{ChannelSender, Outgoing, ProviderRecord, SendError, SendOutcome, Sent};
+use super::Channel;
+use crate::config::redact_phone;
+use crate::runtime::Services;
+use crate::store::attempts::{self, AttemptRow};
+use crate::workflows::StepError;
+use anyhow::anyhow;
+use serde_json::Value;
+use sqlx::PgConnection;
+use std::collections::HashMap;
+use uuid::Uuid;
+
+/// Slack (ms) when matching a provider's send to an intent: Twilio's
+/// `date_created` has whole seconds, and clocks differ a little.
+const RECONCILE_CLOCK_SLACK_MS: f64 = 2_000.0;
+
+/// How long (ms after the intent) an ambiguous send may stay unverified
+/// because the provider's list cannot be read, before it is sent again
+/// anyway (a critical alert: better a second call than none).
+pub const UNVERIFIED_RESEND_AFTER_MS: f64 = 30_000.0;
+
+/// How long recording a send's result is retried (ms) before the step gives
+/// up on it; the provider's id is kept in memory meanwhile, and a later
+/// execution finds the send through the provider's list.
+pub const RECORD_RETRY_BUDGET_MS: u64 = 60_000;
+
+/// What the provider says of each ambiguous intent: `Some(sent)` to adopt
+/// (with the status to record, if one is worth it), `None` when it has no
+/// such send (send again). Intents not looked up are absent.
+pub type Reconciled = HashMap<Uuid, Option<Sent>>;
+
+/// For each attempt of `attempts` that is ambiguous under `fencing_token`
+/// ([`AttemptRow::ambiguous`]), asks the provider for its newest sends to the
+/// same address created at or after the intent (and carrying `body`, for a
+/// text) that no attempt holds yet: the oldest of them is the one the intent
+/// created. When another unconfirmed intent to the same address exists (two
+/// alerts paging the same nurse), nothing is adopted and the person is sent
+/// to again rather than risk taking another attempt's send.
+///
+/// Errors: [`StepError::Retryable`] when the provider cannot be asked and
+/// the intent is younger than [`UNVERIFIED_RESEND_AFTER_MS`] (nothing is sent
+/// meanwhile); a database error.
+pub async fn reconcile(
+    services: &Services,
+    sender: &dyn ChannelSender,
+    attempts: &[AttemptRow],
+    fencing_token: i64,
+    body: Option<&str>,
+) -> Result<Reconciled, StepError> {
+    let mut found = HashMap::new();
+    for a in attempts.iter().filter(|a| a.ambiguous(fencing_token)) {
+        let records = match sender.sent_to(&a.destination, 20).await {
+            Ok(r) => r,
+            Err(e) if jiff::Timestamp::now().as_millisecond() as f64 - a.created_ms > UNVERIFIED_RESEND_AFTER_MS => {
+                tracing::error!(attempt = %a.id, error = %e, "cannot ask the provider whether an ambiguous send went out, for too long; sending again unverified");
+                found.insert(a.id, None);
+                continue;
+            }
+            Err(e) => {
+                tracing::error!(attempt = %a.id, error = %e, "cannot ask the provider whether an ambiguous send went out; retrying before sending again");
+                return Err(StepError::Retryable(anyhow!("reconciling an ambiguous send with {} failed: {e}", sender.provider())));
+            }
+        };
+        let candidates: Vec<&ProviderRecord> = records
+            .iter()
+            .filter(|r| r.created_ms.is_some_and(|t| t as f64 >= a.created_ms - RECONCILE_CLOCK_SLACK_MS))
+            .filter(|r| body.is_none() || r.body.as_deref() == body)
+            .collect();
+        let ids: Vec<String> = candidates.iter().map(|r| r.provider_id.clone()).collect();
+        let known = attempts::known_provider_ids(&services.pool, sender.provider(), &ids).await?;
+        let rivals = attempts::unconfirmed_rivals(&services.pool, &a.destination, a.id, sender.channel().as_str()).await?;
+        let adopt = if rivals == 0 { candidates.iter().rev().find(|r| !known.contains(&r.provider_id)) } else { None };
+        // A text's status is recorded as the provider has it; a call's
+        // statuses arrive by callback (the sweeper fetches late ones).
+        let adopt = adopt.map(|r| Sent {
+            provider_id: r.provider_id.clone(),
+            status: (sender.channel() == Channel::Sms && super::acknowledgement::message_status_rank(&r.status) > 0).then(|| r.status.clone()),
+        });
+        found.insert(a.id, adopt);
+    }
+    Ok(found)
+}
+
+/// What to do when an ambiguous intent was not looked up at the provider
+/// (a first execution skips the look-up; only a retry or a takeover can find one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotLookedUp {
+    /// Send again (a call: better twice than never).
+    Resend,
+    /// Leave it to the next execution, which looks it up.
+    Wait,
+}
+
+/// In the step's fenced transaction: decides from a person's latest attempt
+/// (`latest`) whether to send them anything. Returns the generation of the
+/// intent to record, or `None`: adopted (audited `attempt.reconciled`), sent
+/// or refused already, or confirmed meanwhile (never twice).
+///
+/// Errors: a database error.
+pub async fn settle(
+    tx: &mut PgConnection,
+    latest: Option<&AttemptRow>,
+    reconciled: &Reconciled,
+    fencing_token: i64,
+    not_looked_up: NotLookedUp,
+    actor: &str,
+) -> Result<Option<i32>, sqlx::Error> {
+    let Some(a) = latest else { return Ok(Some(0)) };
+    if !a.ambiguous(fencing_token) {
+        // Sent (or reported on by callbacks), refused: never again.
+        return Ok(None);
+    }
+    match reconciled.get(&a.id) {
+        Some(Some(r)) => {
+            let status = r.status.as_deref().unwrap_or("requested");
+            if attempts::adopt(tx, a.id, &r.provider_id, status, actor).await? {
+                tracing::info!(attempt = %a.id, provider_id = %r.provider_id, "an ambiguous send had gone out; adopted it instead of sending again");
+            }
+            Ok(None)
+        }
+        None if not_looked_up == NotLookedUp::Wait => Ok(None),
+        _ => Ok(attempts::mark_unknown(tx, a.id, actor).await?.then_some(a.generation + 1)),
+    }
+}
+
+/// A write-back run in the transaction that records a send as placed (the
+/// escalation's `on_call_placed`): the team's SQL and the event's payload.
+#[derive(Debug, Clone, Copy)]
+pub struct OnSent<'a> {
+    pub hook: &'a str,
+    pub sql: &'a str,
+    pub payload: &'a Value,
+}
+
+/// Sends each message (intents committed) through `sender`, outside any
+/// transaction, in parallel; then records every result, retrying while the
+/// database refuses for up to [`RECORD_RETRY_BUDGET_MS`] (even if the run
+/// was lost meanwhile: the record is not fenced, and it is the only copy of
+/// the provider's id). A send placed after its alert closed wakes the call
+/// sweeper, which ends it.
+///
+/// Errors: [`StepError::Retryable`] when any send was unavailable or its
+/// outcome unknown (the intent stays for reconciliation), or a result could
+/// not be recorded within the budget.
+pub async fn send_and_record(
+    services: &Services,
+    sender: &dyn ChannelSender,
+    outgoing: &[Outgoing],
+    on_sent: Option<OnSent<'_>>,
+    actor: &str,
+) -> Result<(), StepError> {
+    if outgoing.is_empty() {
+        return Ok(());
+    }
+    let public_url = services.public_url.clone();
+    let results = futures_util::future::join_all(outgoing.iter().map(|o| sender.send(o, &public_url))).await;
+    let mut retry: Option<String> = None;
+    for (o, outcome) in outgoing.iter().zip(&results) {
+        let started = std::time::Instant::now();
+        let mut delay = std::time::Duration::from_millis(50);
+        loop {
+            match record_result(services, sender, o, outcome, on_sent, actor).await {
+                Ok(transient) => {
+                    if let Some(t) = transient {
+                        retry = Some(t);
+                    }
+                    break;
+                }
+                Err(e) => {
+                    let sqlstate = e.as_database_error().and_then(|d| d.code()).map(|c| c.to_string());
+                    // A unique violation cannot heal by waiting.
+                    if started.elapsed().as_millis() as u64 > RECORD_RETRY_BUDGET_MS || sqlstate.as_deref() == Some("23505") {
+                        tracing::error!(attempt = %o.attempt_id, sqlstate = ?sqlstate, "recording a send's result failed for good; it is reconciled from the provider's list");
+                        retry.get_or_insert_with(|| format!("recording a send's result failed: {}", crate::capture::db_message(&e)));
+                        break;
+                    }
+                    tracing::warn!(attempt = %o.attempt_id, sqlstate = ?sqlstate, retry_in_ms = delay.as_millis() as u64, "recording a send's result failed; retrying before anything else");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(std::time::Duration::from_secs(2));
+                }
+            }
+        }
+    }
+    match retry {
+        Some(why) => Err(StepError::Retryable(anyhow!("{why}"))),
+        None => Ok(()),
+    }
+}
+
+/// Records one send's result in its own transaction. Returns `Some(reason)`
+/// when the step must be retried: an unavailable provider or an unknown
+/// outcome leaves the intent in place (a provider outage is never mistaken
+/// for a person who did not answer). Only a definitive refusal marks the
+/// attempt failed, so the policy goes on.
+async fn record_result(
+    services: &Services,
+    sender: &dyn ChannelSender,
+    o: &Outgoing,
+    outcome: &SendOutcome,
+    on_sent: Option<OnSent<'_>>,
+    actor: &str,
+) -> Result<Option<String>, sqlx::Error> {
+    let mut tx = services.pool.begin().await?;
+    let (previous, alert_status) = attempts::lock_for_result(&mut tx, o.attempt_id).await?;
+    if let Some(e) = &outcome.content_refused {
+        tracing::warn!(attempt = %o.attempt_id, person = %o.person_id, error = %e, "the provider refused the alert's text for its content; sent the short fallback text instead");
+        attempts::audit_content_refused(&mut tx, o.attempt_id, e, actor).await?;
+    }
+    let mut closed_alert = false;
+    let transient = match &outcome.result {
+        Ok(sent) => {
+            tracing::info!(attempt = %o.attempt_id, person = %o.person_id, channel = sender.channel().as_str(), to = %redact_phone(&o.to), provider_id = %sent.provider_id, "sent");
+            attempts::record_sent(&mut tx, o.attempt_id, &previous, &sent.provider_id, sent.status.as_deref().unwrap_or("requested"), actor).await?;
+            if let Some(w) = on_sent {
+                crate::workflows::team_sql::write_back(
+                    &mut tx,
+                    Some(w.sql),
+                    w.hook,
+                    w.payload,
+                    crate::workflows::team_sql::WriteBackSubject::Attempt(o.attempt_id),
+                    actor,
+                )
+                .await?;
+            }
+            closed_alert = alert_status.as_deref().is_some_and(|s| s != "open");
+            if closed_alert {
+                tracing::warn!(attempt = %o.attempt_id, provider_id = %sent.provider_id, alert_status = ?alert_status, "a send went out after its alert closed; ending it if it can be");
+            }
+            None
+        }
+        Err(SendError::Unavailable(e)) => {
+            tracing::error!(attempt = %o.attempt_id, person = %o.person_id, error = %e, "could not send, or the outcome is unknown (provider unavailable, slow, or refusing our credentials); retrying the step after reconciling with the provider");
+            attempts::audit_provider_error(&mut tx, o.attempt_id, e, actor).await?;
+            Some(format!("{} send failed: {e}", sender.provider()))
+        }
+        Err(SendError::Refused(e)) => {
+            tracing::error!(attempt = %o.attempt_id, person = %o.person_id, error = %e, "the provider refused this send; going on without it");
+            attempts::record_refused(&mut tx, o.attempt_id, e, actor).await?;
+            None
+        }
+    };
+    tx.commit().await?;
+    if closed_alert {
+        services.wake_call_sweeper();
+    }
+    Ok(transient)
+}

@@ -1,0 +1,108 @@
+//! SQL of `wardcall.alerts` as the escalation uses it: opening an alert once
+//! per run, its status under the row lock, the "nobody to call" alarm
+//! (`nobody_since`), and the end of a policy. The webhook side
+//! (acknowledgement) is in `crate::notify::acknowledgement`.
+//!
+//! Every state change is audited in the same transaction, only if it happened.
+
+use crate::store::audit::{self, Entity};
+use serde_json::{json, Value};
+use sqlx::{PgConnection, PgPool};
+use uuid::Uuid;
+
+/// An alert as the escalation reads it under its row lock.
+#[derive(Debug, Clone)]
+pub struct LockedAlert {
+    pub id: Uuid,
+    /// `open`, `acknowledged`, `unacknowledged`, `cancelled`.
+    pub status: String,
+    /// Whether the "nobody to call" alarm is raised.
+    pub nobody_alarm: bool,
+}
+
+/// Opens the alert of `run` (once: a second call finds it) with `message`
+/// (the rendered text; patient data, never logged), audited `alert.opened`,
+/// and locks it (`FOR UPDATE`).
+///
+/// Errors: a database error.
+pub async fn open_and_lock(conn: &mut PgConnection, run: Uuid, workflow: &str, policy: &str, message: &str, actor: &str) -> Result<LockedAlert, sqlx::Error> {
+    let inserted: Option<Uuid> = sqlx::query_scalar(
+        "INSERT INTO wardcall.alerts (run_id, workflow, policy, message, status) VALUES ($1, $2, $3, $4, 'open')
+         ON CONFLICT (run_id) DO NOTHING RETURNING id",
+    )
+    .bind(run)
+    .bind(workflow)
+    .bind(policy)
+    .bind(message)
+    .fetch_optional(&mut *conn)
+    .await?;
+    if let Some(id) = inserted {
+        audit::record(conn, Entity::Alert, &id.to_string(), "alert.opened", None, Some("open"), actor, json!({"run_id": run, "policy": policy})).await?;
+    }
+    let (id, status, nobody_alarm): (Uuid, String, bool) =
+        sqlx::query_as("SELECT id, status, nobody_since IS NOT NULL FROM wardcall.alerts WHERE run_id = $1 FOR UPDATE").bind(run).fetch_one(&mut *conn).await?;
+    Ok(LockedAlert { id, status, nobody_alarm })
+}
+
+/// Locks an alert and returns its status.
+pub async fn lock_status(conn: &mut PgConnection, alert: Uuid) -> Result<String, sqlx::Error> {
+    sqlx::query_scalar("SELECT status FROM wardcall.alerts WHERE id = $1 FOR UPDATE").bind(alert).fetch_one(conn).await
+}
+
+/// The alert's rendered message (patient data: never logged).
+pub async fn message(pool: &PgPool, alert: Uuid) -> Result<String, sqlx::Error> {
+    sqlx::query_scalar("SELECT message FROM wardcall.alerts WHERE id = $1").bind(alert).fetch_one(pool).await
+}
+
+/// Raises the "nobody to call" alarm (`nobody_since`, listed by `wardcall
+/// status`) of a locked alert, audited `alert.nobody_to_call` with `detail`.
+/// Returns whether it was raised now (false: already raised).
+pub async fn raise_nobody_alarm(conn: &mut PgConnection, alert: Uuid, detail: Value, actor: &str) -> Result<bool, sqlx::Error> {
+    let first = sqlx::query("UPDATE wardcall.alerts SET nobody_since = clock_timestamp() WHERE id = $1 AND nobody_since IS NULL")
+        .bind(alert)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected()
+        > 0;
+    if first {
+        audit::record(conn, Entity::Alert, &alert.to_string(), "alert.nobody_to_call", Some("open"), Some("open"), actor, detail).await?;
+    }
+    Ok(first)
+}
+
+/// Clears the alarm (someone can be called again), audited
+/// `alert.recipients_found`. Returns whether it was raised.
+pub async fn clear_nobody_alarm(conn: &mut PgConnection, alert: Uuid, actor: &str) -> Result<bool, sqlx::Error> {
+    let cleared =
+        sqlx::query("UPDATE wardcall.alerts SET nobody_since = NULL WHERE id = $1 AND nobody_since IS NOT NULL").bind(alert).execute(&mut *conn).await?;
+    if cleared.rows_affected() > 0 {
+        audit::record(conn, Entity::Alert, &alert.to_string(), "alert.recipients_found", None, None, actor, json!({})).await?;
+    }
+    Ok(cleared.rows_affected() > 0)
+}
+
+/// The policy ran out without an acknowledgement: `open` →
+/// `unacknowledged`, audited with `detail` (reason, cycles).
+pub async fn mark_unacknowledged(conn: &mut PgConnection, alert: Uuid, detail: Value, actor: &str) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE wardcall.alerts SET status = 'unacknowledged', updated_at = clock_timestamp() WHERE id = $1").bind(alert).execute(&mut *conn).await?;
+    audit::record(conn, Entity::Alert, &alert.to_string(), "alert.unacknowledged", Some("open"), Some("unacknowledged"), actor, detail).await
+}
+
+/// Audits a step of an open alert's escalation that changes no column
+/// (`alert.escalated`, `alert.step_ended`, `alert.tier_empty`,
+/// `alert.recipients_resolved`) with `detail` (positions, counts, ids; never
+/// names or numbers).
+pub async fn audit_open(conn: &mut PgConnection, alert: Uuid, action: &str, detail: Value, actor: &str) -> Result<(), sqlx::Error> {
+    audit::record(conn, Entity::Alert, &alert.to_string(), action, Some("open"), Some("open"), actor, detail).await
+}
+
+/// Open alerts whose policy yielded nobody to call, per policy: (policy id,
+/// alerts, seconds since the oldest was found with nobody). For `wardcall status`.
+pub async fn with_nobody_to_call(pool: &PgPool) -> Result<Vec<(String, i64, f64)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT policy, count(*), extract(epoch FROM clock_timestamp() - min(nobody_since))::float8
+           FROM wardcall.alerts WHERE status = 'open' AND nobody_since IS NOT NULL GROUP BY policy ORDER BY policy",
+    )
+    .fetch_all(pool)
+    .await
+}
