@@ -1,15 +1,12 @@
 //! The HTTP server: provider webhooks and a small JSON API.
 //!
-//! **Webhooks.** Twilio webhooks (`/webhooks/twilio/{status,amd,gather,sms-status}?attempt=<uuid>`,
-//! and inbound text messages at `/webhooks/twilio/sms`)
-//! are verified with `X-Twilio-Signature` over the public URL
-//! (`http.public_url` + path and query, with or without the connection-override
-//! fragment wardcall put on it, see [`crate::providers::twilio::callback`]) and the POST
-//! parameters before anything in them is read; a missing or wrong signature
-//! gets 403 and changes nothing. Handling is idempotent and monotonic: a late
-//! or repeated callback never moves an attempt or an alert backwards. A
-//! callback that cannot be recorded (database unavailable, or no answer from
-//! it within [`WEBHOOK_DEADLINE`]) gets 503, and Twilio retries it.
+//! **Webhooks.** Each provider serves its own under `/webhooks/<provider>/`
+//! ([`crate::providers::webhook_routes`]; Twilio's in
+//! `crate::providers::twilio::webhooks`): verified before anything in them is
+//! read (403 otherwise, nothing changed), translated into the domain's events
+//! and applied by [`crate::notify::acknowledgement`]. A callback that cannot
+//! be recorded (database unavailable, or no answer from it within
+//! [`WEBHOOK_DEADLINE`]) gets 503, and the provider retries it.
 //!
 //! **API.** `GET /api/status`, `POST /api/events/{event}` (body
 //! `{"payload": {...}, "dedup_key": "..."}`), `POST /api/runs/{id}/signals/{name}`
@@ -35,14 +32,11 @@
 //! `GET /healthz` is served on every listener.
 
 use crate::config::{Config, HttpConfig};
-use crate::notify::acknowledgement::{self, CallEventError, Delivery};
-use crate::providers::twilio::callback::signed_url_candidates;
-use crate::providers::twilio::signature;
 use crate::runtime::Engine;
 use crate::store::runs as store;
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
-use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -155,7 +149,8 @@ impl HttpLimits {
 
 /// The public listener's routes: `/healthz` and the Twilio webhooks.
 pub fn webhook_router(engine: Arc<Engine>) -> Router {
-    Router::new().route("/healthz", get(healthz)).route("/webhooks/twilio/{kind}", post(twilio_webhook)).with_state(engine)
+    let webhooks = crate::providers::webhook_routes(&engine.services);
+    Router::new().route("/healthz", get(healthz)).with_state(engine).merge(webhooks)
 }
 
 /// What the API's own listener (`http.api_listen`) serves: the JSON API and `/healthz`.
@@ -477,115 +472,6 @@ async fn api_retry(State(engine): State<Arc<Engine>>, Path(id): Path<String>) ->
         RetryResult::NotFound => Err(ApiError(StatusCode::NOT_FOUND, format!("no run {run}"))),
     }
 }
-
-#[derive(Deserialize)]
-struct AttemptQuery {
-    attempt: Option<String>,
-}
-
-fn twiml_response(body: String) -> Response {
-    ([(header::CONTENT_TYPE, "text/xml; charset=utf-8")], body).into_response()
-}
-
-/// Twilio's webhooks: verified, parsed, and handed to
-/// [`crate::notify::acknowledgement`], where their meaning lives.
-async fn twilio_webhook(
-    State(engine): State<Arc<Engine>>,
-    Path(kind): Path<String>,
-    Query(q): Query<AttemptQuery>,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let Some(twilio) = engine.providers.twilio.as_ref() else {
-        return (StatusCode::NOT_FOUND, "Twilio is not configured").into_response();
-    };
-    // 1. Verify the signature before reading anything. The fragment of the
-    //    callback URL (connection overrides) never reaches the server; the
-    //    signature may cover it (see crate::providers::twilio::callback).
-    let params: Vec<(String, String)> = serde_urlencoded::from_bytes(&body).unwrap_or_default();
-    let url = format!("{}{}", engine.public_url, uri.path_and_query().map(|p| p.as_str()).unwrap_or(uri.path()));
-    let sig = headers.get("x-twilio-signature").and_then(|v| v.to_str().ok()).unwrap_or("");
-    let valid = signed_url_candidates(&url).iter().fold(false, |ok, candidate| ok | signature::verify_signature(&twilio.auth_token, candidate, &params, sig));
-    if sig.is_empty() || !valid {
-        tracing::warn!(path = %uri.path(), "rejected a Twilio webhook with a missing or wrong signature");
-        return (StatusCode::FORBIDDEN, "invalid X-Twilio-Signature").into_response();
-    }
-    let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
-    if kind == "sms" {
-        return inbound_message(&engine, get("From").unwrap_or(""), get("MessageSid").unwrap_or(""), get("Body").unwrap_or("")).await;
-    }
-    let Some(attempt) = q.attempt.as_deref().and_then(|a| a.parse::<Uuid>().ok()) else {
-        return (StatusCode::BAD_REQUEST, "missing or malformed attempt parameter").into_response();
-    };
-    let delivery =
-        Delivery { provider: "twilio", idempotency_token: headers.get("i-twilio-idempotency-token").and_then(|v| v.to_str().ok()).filter(|t| !t.is_empty()) };
-    let actor = "webhook:twilio";
-    let handled = async {
-        match kind.as_str() {
-            "status" => {
-                acknowledgement::apply_status(&engine.services, delivery, attempt, get("CallSid"), get("CallStatus").unwrap_or(""), get("AnsweredBy"), actor)
-                    .await
-                    .map(|_| Some(twiml_response(EMPTY_TWIML.to_string())))
-            }
-            "amd" => acknowledgement::apply_amd(&engine.services, delivery, attempt, get("CallSid"), get("AnsweredBy").unwrap_or("unknown"), actor)
-                .await
-                .map(|_| Some(twiml_response(EMPTY_TWIML.to_string()))),
-            "sms-status" => acknowledgement::apply_message_status(
-                &engine.services,
-                delivery,
-                attempt,
-                get("MessageSid").or(get("SmsSid")),
-                get("MessageStatus").or(get("SmsStatus")).unwrap_or(""),
-                get("ErrorCode"),
-                actor,
-            )
-            .await
-            .map(|_| Some(twiml_response(EMPTY_TWIML.to_string()))),
-            "gather" => acknowledgement::apply_keypress(&engine.services, delivery, attempt, get("CallSid"), get("Digits").unwrap_or(""))
-                .await
-                .map(|t| Some(twiml_response(t))),
-            _ => Ok(None),
-        }
-    };
-    // A webhook that cannot be recorded in time is answered 503 (its
-    // transaction, if any, is rolled back when the future is dropped), and
-    // Twilio retries it as the callback URL's connection overrides ask.
-    let reason = match tokio::time::timeout(WEBHOOK_DEADLINE, handled).await {
-        Ok(Ok(Some(r))) => return r,
-        Ok(Ok(None)) => return (StatusCode::NOT_FOUND, "unknown webhook").into_response(),
-        Ok(Err(CallEventError::UnknownAttempt)) => return (StatusCode::NOT_FOUND, "unknown attempt").into_response(),
-        Ok(Err(CallEventError::Db(e))) => crate::capture::db_message(&e),
-        Err(_) => format!("no answer from the database within {} s", WEBHOOK_DEADLINE.as_secs()),
-    };
-    tracing::error!(error = %reason, kind = %kind, attempt = %attempt,
-        "Twilio webhook not recorded: answering 503; Twilio retries it as the callback URL's connection overrides ask (up to 5 times within 15 s)");
-    (StatusCode::SERVICE_UNAVAILABLE, "database unavailable; retry").into_response()
-}
-
-/// An inbound text message (Twilio's "A message comes in" webhook, already
-/// verified): handed to [`acknowledgement::apply_reply`]. Answers an empty TwiML
-/// document (no reply text is sent), 400 without `From`/`MessageSid`, 503 when
-/// it cannot be recorded in time (Twilio retries).
-async fn inbound_message(engine: &Arc<Engine>, from: &str, message_sid: &str, body: &str) -> Response {
-    if from.is_empty() || message_sid.is_empty() {
-        return (StatusCode::BAD_REQUEST, "missing From or MessageSid").into_response();
-    }
-    let reason = match tokio::time::timeout(WEBHOOK_DEADLINE, acknowledgement::apply_reply(&engine.services, from, message_sid, body)).await {
-        Ok(Ok(outcome)) => {
-            tracing::info!(?outcome, "inbound text message handled");
-            return twiml_response(EMPTY_TWIML.to_string());
-        }
-        Ok(Err(CallEventError::UnknownAttempt)) => return twiml_response(EMPTY_TWIML.to_string()),
-        Ok(Err(CallEventError::Db(e))) => crate::capture::db_message(&e),
-        Err(_) => format!("no answer from the database within {} s", WEBHOOK_DEADLINE.as_secs()),
-    };
-    tracing::error!(error = %reason, "inbound text message not recorded: answering 503 so that Twilio retries it");
-    (StatusCode::SERVICE_UNAVAILABLE, "database unavailable; retry").into_response()
-}
-
-/// An empty TwiML document: the answer to status and AMD callbacks.
-const EMPTY_TWIML: &str = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Response/>";
 
 #[cfg(test)]
 mod tests {

@@ -20,10 +20,10 @@
 //! response and changes nothing.
 
 use crate::notify::Channel;
-use crate::providers::twilio::twiml;
 use crate::runtime::Services;
+use crate::store::attempts::{self, EventAttempt};
 use crate::store::audit::{self, Entity};
-use crate::store::runs as store;
+use crate::store::{alerts, runs, webhooks};
 use crate::workflows::escalation::CALL_UPDATE_SIGNAL;
 use crate::workflows::team_sql::{write_back, WriteBackSubject};
 use serde_json::{json, Value};
@@ -63,18 +63,6 @@ pub fn is_machine(answered_by: Option<&str>) -> bool {
     answered_by.is_some_and(|a| a.starts_with("machine") || a == "fax")
 }
 
-#[derive(sqlx::FromRow)]
-struct AttemptRow {
-    run_id: Uuid,
-    /// `None` for a one-way message of a `notify` step.
-    alert_id: Option<Uuid>,
-    person_id: String,
-    status: String,
-    provider_id: Option<String>,
-    answered_by: Option<String>,
-    acknowledged: bool,
-}
-
 /// A webhook delivery's identity, for replay detection.
 #[derive(Debug, Clone, Copy)]
 pub struct Delivery<'a> {
@@ -84,91 +72,41 @@ pub struct Delivery<'a> {
     pub idempotency_token: Option<&'a str>,
 }
 
-/// Opens the event's transaction: locks the run row first, then the attempt.
-/// Records the CallSid if the attempt had none (a call whose create response
-/// was lost: the callback names it).
-async fn lock_attempt(tx: &mut PgConnection, attempt: Uuid, call_sid: Option<&str>) -> Result<AttemptRow, CallEventError> {
-    let run_id: Option<Uuid> =
-        sqlx::query_scalar("SELECT run_id FROM wardcall.notification_attempts WHERE id = $1").bind(attempt).fetch_optional(&mut *tx).await?;
-    let run_id = run_id.ok_or(CallEventError::UnknownAttempt)?;
-    sqlx::query("SELECT 1 FROM wardcall.runs WHERE id = $1 FOR UPDATE").bind(run_id).execute(&mut *tx).await?;
-    let row: AttemptRow = sqlx::query_as(
-        "SELECT run_id, alert_id, person_id, status, provider_id, answered_by, acknowledged_at IS NOT NULL AS acknowledged
-           FROM wardcall.notification_attempts WHERE id = $1 FOR UPDATE",
-    )
-    .bind(attempt)
-    .fetch_one(&mut *tx)
-    .await?;
-    if row.provider_id.is_none() {
-        if let Some(sid) = call_sid {
-            // Never the CallSid another attempt holds (the unique index would
-            // refuse the whole event, and a nurse's keypress with it).
-            sqlx::query(
-                "UPDATE wardcall.notification_attempts SET provider_id = $2 WHERE id = $1 AND provider_id IS NULL
-                    AND NOT EXISTS (SELECT 1 FROM wardcall.notification_attempts o WHERE o.provider = 'twilio' AND o.provider_id = $2)",
-            )
-            .bind(attempt)
-            .bind(sid)
-            .execute(&mut *tx)
-            .await?;
-        }
-    }
-    Ok(row)
+/// Opens the event's transaction: locks the run row first, then the attempt
+/// ([`attempts::lock_for_event`]).
+async fn lock_attempt(tx: &mut PgConnection, delivery: Delivery<'_>, attempt: Uuid, provider_id: Option<&str>) -> Result<EventAttempt, CallEventError> {
+    attempts::lock_for_event(tx, attempt, delivery.provider, provider_id).await?.ok_or(CallEventError::UnknownAttempt)
 }
 
 /// Claims the delivery inside the event's transaction. `Some(response)`: a
 /// replay (the first delivery's response); the caller must roll back.
 async fn claim_delivery(tx: &mut PgConnection, delivery: Delivery<'_>, attempt: Uuid) -> Result<Option<String>, sqlx::Error> {
-    let Some(token) = delivery.idempotency_token else { return Ok(None) };
-    let inserted: Option<i32> = sqlx::query_scalar(
-        "INSERT INTO wardcall.webhook_receipts (provider, idempotency_token, attempt_id, response) VALUES ($1, $2, $3, '')
-         ON CONFLICT DO NOTHING RETURNING 1",
-    )
-    .bind(delivery.provider)
-    .bind(token)
-    .bind(attempt)
-    .fetch_optional(&mut *tx)
-    .await?;
-    if inserted.is_some() {
-        return Ok(None);
+    match delivery.idempotency_token {
+        Some(token) => webhooks::claim(tx, delivery.provider, token, attempt).await,
+        None => Ok(None),
     }
-    let response: Option<String> = sqlx::query_scalar("SELECT response FROM wardcall.webhook_receipts WHERE provider = $1 AND idempotency_token = $2")
-        .bind(delivery.provider)
-        .bind(token)
-        .fetch_optional(&mut *tx)
-        .await?;
-    Ok(Some(response.unwrap_or_default()))
 }
 
-/// Stored instead of a reply that reads the alert aloud: receipts never hold
-/// the alert's text (patient data); a replay rebuilds that reply.
-const REPLAY_MESSAGE_MARKER: &str = "replay:message";
-
 async fn finish_delivery(tx: &mut PgConnection, delivery: Delivery<'_>, response: &str) -> Result<(), sqlx::Error> {
-    if let Some(token) = delivery.idempotency_token {
-        sqlx::query("UPDATE wardcall.webhook_receipts SET response = $3 WHERE provider = $1 AND idempotency_token = $2")
-            .bind(delivery.provider)
-            .bind(token)
-            .bind(response)
-            .execute(&mut *tx)
-            .await?;
+    match delivery.idempotency_token {
+        Some(token) => webhooks::finish(tx, delivery.provider, token, response).await,
+        None => Ok(()),
     }
-    Ok(())
 }
 
 async fn signal_run(tx: &mut PgConnection, run: Uuid, payload: Value) -> Result<(), sqlx::Error> {
-    store::send_signal(tx, run, CALL_UPDATE_SIGNAL, &payload).await.map(|_| ())
+    runs::send_signal(tx, run, CALL_UPDATE_SIGNAL, &payload).await.map(|_| ())
 }
 
 /// The escalation settings of a run's workflow (for its write-back hooks) and
 /// the run's input (the event payload, write-back's `$1`).
 async fn run_settings_and_input(
-    engine: &Services,
+    services: &Services,
     tx: &mut PgConnection,
     run: Uuid,
 ) -> Result<Option<(crate::config::EscalationWorkflow, Value)>, sqlx::Error> {
-    let (workflow, input): (String, Value) = sqlx::query_as("SELECT workflow, input FROM wardcall.runs WHERE id = $1").bind(run).fetch_one(&mut *tx).await?;
-    Ok(engine.config.workflow(&workflow).and_then(|w| w.escalation()).map(|e| (e.clone(), input)))
+    let (workflow, input) = runs::workflow_and_input(tx, run).await?;
+    Ok(services.config.workflow(&workflow).and_then(|w| w.escalation()).map(|e| (e.clone(), input)))
 }
 
 /// A call-progress status (`initiated`, `ringing`, `in-progress`, or a final
@@ -179,7 +117,7 @@ async fn run_settings_and_input(
 ///
 /// Errors: [`CallEventError::UnknownAttempt`], or a database error.
 pub async fn apply_status(
-    engine: &Services,
+    services: &Services,
     delivery: Delivery<'_>,
     attempt: Uuid,
     call_sid: Option<&str>,
@@ -188,21 +126,15 @@ pub async fn apply_status(
     actor: &str,
 ) -> Result<(), CallEventError> {
     let new_rank = status_rank(call_status);
-    let mut tx = engine.pool.begin().await?;
-    let row = lock_attempt(&mut tx, attempt, call_sid).await?;
+    let mut tx = services.pool.begin().await?;
+    let row = lock_attempt(&mut tx, delivery, attempt, call_sid).await?;
     if claim_delivery(&mut tx, delivery, attempt).await?.is_some() {
         tx.rollback().await?;
         return Ok(());
     }
     let mut changed = false;
     if let (Some(verdict), None) = (answered_by.filter(|v| !v.is_empty()), row.answered_by.as_deref()) {
-        sqlx::query("UPDATE wardcall.notification_attempts SET answered_by = $2, updated_at = clock_timestamp() WHERE id = $1")
-            .bind(attempt)
-            .bind(verdict)
-            .execute(&mut *tx)
-            .await?;
-        audit::record(&mut tx, Entity::NotificationAttempt, &attempt.to_string(), "attempt.answered_by", None, None, actor, json!({"answered_by": verdict}))
-            .await?;
+        attempts::record_answered_by(&mut tx, attempt, verdict, actor).await?;
         changed = true;
     }
     if new_rank > status_rank(&row.status) && new_rank >= 0 {
@@ -212,26 +144,8 @@ pub async fn apply_status(
             "in-progress" => "answered_at",
             _ => "ended_at",
         };
-        sqlx::query(&format!(
-            "UPDATE wardcall.notification_attempts SET status = $2, {column} = coalesce({column}, clock_timestamp()),
-                    updated_at = clock_timestamp() WHERE id = $1"
-        ))
-        .bind(attempt)
-        .bind(call_status)
-        .execute(&mut *tx)
-        .await?;
-        audit::record(
-            &mut tx,
-            Entity::NotificationAttempt,
-            &attempt.to_string(),
-            "attempt.status",
-            Some(&row.status),
-            Some(call_status),
-            actor,
-            json!({"call_sid": call_sid}),
-        )
-        .await?;
-        if let Some((settings, input)) = run_settings_and_input(engine, &mut tx, row.run_id).await? {
+        attempts::advance_status(&mut tx, attempt, &row.status, call_status, Some(column), None, json!({"provider_id": call_sid}), actor).await?;
+        if let Some((settings, input)) = run_settings_and_input(services, &mut tx, row.run_id).await? {
             write_back(&mut tx, settings.write_back.on_call_status.as_deref(), "on_call_status", &input, WriteBackSubject::Attempt(attempt), actor).await?;
         }
         changed = true;
@@ -242,8 +156,8 @@ pub async fn apply_status(
     finish_delivery(&mut tx, delivery, "").await?;
     tx.commit().await?;
     if changed {
-        engine.wake();
-        engine.wake_call_sweeper();
+        services.wake();
+        services.wake_call_sweeper();
     }
     Ok(())
 }
@@ -253,121 +167,145 @@ pub async fn apply_status(
 ///
 /// Errors: [`CallEventError::UnknownAttempt`], or a database error.
 pub async fn apply_amd(
-    engine: &Services,
+    services: &Services,
     delivery: Delivery<'_>,
     attempt: Uuid,
     call_sid: Option<&str>,
     answered_by: &str,
     actor: &str,
 ) -> Result<(), CallEventError> {
-    let mut tx = engine.pool.begin().await?;
-    let row = lock_attempt(&mut tx, attempt, call_sid).await?;
+    let mut tx = services.pool.begin().await?;
+    let row = lock_attempt(&mut tx, delivery, attempt, call_sid).await?;
     if claim_delivery(&mut tx, delivery, attempt).await?.is_some() || row.answered_by.is_some() {
         tx.rollback().await?;
         return Ok(());
     }
-    sqlx::query("UPDATE wardcall.notification_attempts SET answered_by = $2, updated_at = clock_timestamp() WHERE id = $1")
-        .bind(attempt)
-        .bind(answered_by)
-        .execute(&mut *tx)
-        .await?;
-    audit::record(&mut tx, Entity::NotificationAttempt, &attempt.to_string(), "attempt.answered_by", None, None, actor, json!({"answered_by": answered_by}))
-        .await?;
+    attempts::record_answered_by(&mut tx, attempt, answered_by, actor).await?;
     signal_run(&mut tx, row.run_id, json!({"attempt": attempt, "answered_by": answered_by})).await?;
     finish_delivery(&mut tx, delivery, "").await?;
     tx.commit().await?;
-    engine.wake();
+    services.wake();
     Ok(())
+}
+
+/// What a keypress on a call answers: the provider turns it into its own
+/// markup (Twilio: TwiML) and the call goes on or ends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeypressReply {
+    /// 1 acknowledged the alert: thank and hang up.
+    Acknowledged,
+    /// The alert was acknowledged already (by someone else, or a replay).
+    AlreadyAcknowledged,
+    /// The alert was cancelled at the source.
+    Cancelled,
+    /// The alert is no longer open (unacknowledged and not a 1, or ended).
+    NoLongerOpen,
+    /// 2: the alert goes on to the next person.
+    Declined,
+    /// Hang up politely (a machine, an ended call, a replay).
+    Goodbye,
+    /// Any other key on an open alert: read `message` again (patient data:
+    /// never logged or stored in a receipt) and wait for a key.
+    ReadAgain { message: String },
+}
+
+impl KeypressReply {
+    /// The form kept in a webhook receipt (never the message).
+    fn receipt(&self) -> &'static str {
+        match self {
+            KeypressReply::Acknowledged => "acknowledged",
+            KeypressReply::AlreadyAcknowledged => "already_acknowledged",
+            KeypressReply::Cancelled => "cancelled",
+            KeypressReply::NoLongerOpen => "no_longer_open",
+            KeypressReply::Declined => "declined",
+            KeypressReply::Goodbye => "goodbye",
+            KeypressReply::ReadAgain { .. } => "read_again",
+        }
+    }
+
+    /// The reply a replay of a delivery gets, from its receipt (a replay
+    /// that read the message reads it again: `message`).
+    fn from_receipt(receipt: &str, message: impl FnOnce() -> String) -> KeypressReply {
+        match receipt {
+            "acknowledged" => KeypressReply::Acknowledged,
+            "already_acknowledged" => KeypressReply::AlreadyAcknowledged,
+            "cancelled" => KeypressReply::Cancelled,
+            "no_longer_open" => KeypressReply::NoLongerOpen,
+            "declined" => KeypressReply::Declined,
+            "read_again" => KeypressReply::ReadAgain { message: message() },
+            _ => KeypressReply::Goodbye,
+        }
+    }
 }
 
 /// Keypad input on a call: 1 acknowledges (a human only; also an alert the
 /// policy gave up on), 2 passes the alert to the next step, any other key
-/// replays the message. Returns the TwiML that continues the call. A replay
-/// (same idempotency token) returns the first response and changes nothing.
+/// replays the message. Returns what the call answers ([`KeypressReply`]).
+/// A replay (same idempotency token) answers as the first delivery did and
+/// changes nothing.
 ///
 /// Errors: [`CallEventError::UnknownAttempt`], or a database error.
-pub async fn apply_keypress(engine: &Services, delivery: Delivery<'_>, attempt: Uuid, call_sid: Option<&str>, digits: &str) -> Result<String, CallEventError> {
-    let mut tx = engine.pool.begin().await?;
-    let row = lock_attempt(&mut tx, attempt, call_sid).await?;
+pub async fn apply_keypress(
+    services: &Services,
+    delivery: Delivery<'_>,
+    attempt: Uuid,
+    call_sid: Option<&str>,
+    digits: &str,
+) -> Result<KeypressReply, CallEventError> {
+    let mut tx = services.pool.begin().await?;
+    let row = lock_attempt(&mut tx, delivery, attempt, call_sid).await?;
     if let Some(first_response) = claim_delivery(&mut tx, delivery, attempt).await? {
         tx.rollback().await?;
         tracing::info!(attempt = %attempt, "replayed keypress webhook ignored");
-        return Ok(match first_response.as_str() {
-            "" => twiml::say_and_hangup("Goodbye."),
-            REPLAY_MESSAGE_MARKER => {
-                let message: String = sqlx::query_scalar("SELECT message FROM wardcall.alerts WHERE id = $1")
-                    .bind(row.alert_id)
-                    .fetch_optional(&engine.pool)
-                    .await?
-                    .unwrap_or_default();
-                replay_message_twiml(engine, attempt, &message)
-            }
-            _ => first_response,
-        });
+        let message =
+            if first_response == "read_again" { alerts::message_if_any(&services.pool, row.alert_id).await?.unwrap_or_default() } else { String::new() };
+        return Ok(KeypressReply::from_receipt(&first_response, || message));
     }
     let Some(alert_id) = row.alert_id else {
         tx.rollback().await?;
         return Err(CallEventError::UnknownAttempt);
     };
-    let (alert_status, message): (String, String) =
-        sqlx::query_as("SELECT status, message FROM wardcall.alerts WHERE id = $1 FOR UPDATE").bind(alert_id).fetch_one(&mut *tx).await?;
+    let (alert_status, message) = alerts::lock_status_and_message(&mut tx, alert_id).await?;
     if row.acknowledged || (status_rank(&row.status) == 5 && !digits.starts_with('1')) {
         // The attempt that acknowledged has hung up, and no other key means
         // anything once its call ended: a replay of an earlier keypress. (A
         // late 1 on an ended call is still honoured: it can only help.)
         tx.rollback().await?;
         tracing::info!(attempt = %attempt, "keypress on an ended or acknowledging call ignored (a replay)");
-        return Ok(if alert_status == "acknowledged" {
-            twiml::say_and_hangup("This alert was already acknowledged. Goodbye.")
-        } else {
-            twiml::say_and_hangup("Goodbye.")
-        });
+        return Ok(if alert_status == "acknowledged" { KeypressReply::AlreadyAcknowledged } else { KeypressReply::Goodbye });
     }
-    sqlx::query("UPDATE wardcall.notification_attempts SET digits = coalesce(digits, '') || $2, updated_at = clock_timestamp() WHERE id = $1")
-        .bind(attempt)
-        .bind(digits)
-        .execute(&mut *tx)
-        .await?;
+    attempts::append_digits(&mut tx, attempt, digits).await?;
     let key = digits.chars().next();
     let person_actor = format!("person:{}", row.person_id);
-    let mut replays_message = false;
     let reply = if is_machine(row.answered_by.as_deref()) {
-        twiml::say_and_hangup("Goodbye.")
+        KeypressReply::Goodbye
     } else if key == Some('1') {
         // An alert the policy gave up on is still acknowledged by a human's 1.
         if alert_status == "open" || alert_status == "unacknowledged" {
             let ack = Acknowledgement { run_id: row.run_id, alert_id, alert_status: &alert_status, attempt, person_id: &row.person_id, via: Channel::Voice };
-            acknowledge_in(engine, &mut tx, ack, json!({"digits": digits})).await?;
+            acknowledge_in(services, &mut tx, ack, json!({"digits": digits})).await?;
             tracing::info!(attempt = %attempt, person = %row.person_id, "alert acknowledged by keypress");
-            twiml::say_and_hangup("Thank you. The alert is acknowledged. Goodbye.")
+            KeypressReply::Acknowledged
         } else if alert_status == "acknowledged" {
-            twiml::say_and_hangup("This alert was already acknowledged. Goodbye.")
+            KeypressReply::AlreadyAcknowledged
         } else {
-            twiml::say_and_hangup("This alert was cancelled. Goodbye.")
+            KeypressReply::Cancelled
         }
     } else if key == Some('2') && alert_status == "open" {
-        sqlx::query(
-            "UPDATE wardcall.notification_attempts SET declined_at = coalesce(declined_at, clock_timestamp()), updated_at = clock_timestamp() WHERE id = $1",
-        )
-        .bind(attempt)
-        .execute(&mut *tx)
-        .await?;
-        audit::record(&mut tx, Entity::NotificationAttempt, &attempt.to_string(), "attempt.declined", None, None, &person_actor, json!({"digits": digits}))
-            .await?;
+        attempts::record_declined(&mut tx, attempt, digits, &person_actor).await?;
         signal_run(&mut tx, row.run_id, json!({"attempt": attempt, "declined": true})).await?;
-        twiml::say_and_hangup("Understood. Escalating to the next person. Goodbye.")
+        KeypressReply::Declined
     } else if alert_status == "open" {
-        replays_message = true;
-        replay_message_twiml(engine, attempt, &message)
+        KeypressReply::ReadAgain { message }
     } else if alert_status == "acknowledged" {
-        twiml::say_and_hangup("This alert was already acknowledged. Goodbye.")
+        KeypressReply::AlreadyAcknowledged
     } else {
-        twiml::say_and_hangup("This alert is no longer open. Goodbye.")
+        KeypressReply::NoLongerOpen
     };
-    finish_delivery(&mut tx, delivery, if replays_message { REPLAY_MESSAGE_MARKER } else { &reply }).await?;
+    finish_delivery(&mut tx, delivery, reply.receipt()).await?;
     tx.commit().await?;
-    engine.wake();
-    engine.wake_call_sweeper();
+    services.wake();
+    services.wake_call_sweeper();
     Ok(reply)
 }
 
@@ -390,55 +328,17 @@ struct Acknowledgement<'a> {
 /// `acknowledged_via`), and the run is signalled (it ends ringing calls and
 /// sends nothing more). In the caller's transaction, which holds the run, the
 /// alert and the attempt locked (in that order).
-async fn acknowledge_in(engine: &Services, tx: &mut PgConnection, ack: Acknowledgement<'_>, detail: Value) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "UPDATE wardcall.alerts SET status = 'acknowledged', acknowledged_at = clock_timestamp(), acknowledged_by = $2, acknowledged_via = $3,
-                updated_at = clock_timestamp() WHERE id = $1",
-    )
-    .bind(ack.alert_id)
-    .bind(ack.person_id)
-    .bind(ack.via.as_str())
-    .execute(&mut *tx)
-    .await?;
-    let answered = if ack.via == Channel::Voice {
-        ", answered_at = coalesce(answered_at, clock_timestamp())"
-    } else {
-        ", replied_at = coalesce(replied_at, clock_timestamp())"
-    };
-    sqlx::query(&format!(
-        "UPDATE wardcall.notification_attempts SET acknowledged_at = clock_timestamp(){answered}, updated_at = clock_timestamp() WHERE id = $1"
-    ))
-    .bind(ack.attempt)
-    .execute(&mut *tx)
-    .await?;
+async fn acknowledge_in(services: &Services, tx: &mut PgConnection, ack: Acknowledgement<'_>, detail: Value) -> Result<(), sqlx::Error> {
     let mut detail = detail;
     detail["attempt"] = json!(ack.attempt);
     detail["channel"] = json!(ack.via.as_str());
-    audit::record(
-        &mut *tx,
-        Entity::Alert,
-        &ack.alert_id.to_string(),
-        "alert.acknowledged",
-        Some(ack.alert_status),
-        Some("acknowledged"),
-        &format!("person:{}", ack.person_id),
-        detail,
-    )
-    .await?;
-    if let Some((settings, input)) = run_settings_and_input(engine, tx, ack.run_id).await? {
-        write_back(tx, settings.write_back.on_acknowledged.as_deref(), "on_acknowledged", &input, WriteBackSubject::Attempt(ack.attempt), "webhook:twilio")
-            .await?;
+    alerts::acknowledge(tx, ack.alert_id, ack.alert_status, ack.person_id, ack.via.as_str(), detail).await?;
+    attempts::record_acknowledged(tx, ack.attempt, ack.via.as_str()).await?;
+    if let Some((settings, input)) = run_settings_and_input(services, tx, ack.run_id).await? {
+        let actor = format!("person:{}", ack.person_id);
+        write_back(tx, settings.write_back.on_acknowledged.as_deref(), "on_acknowledged", &input, WriteBackSubject::Attempt(ack.attempt), &actor).await?;
     }
     signal_run(tx, ack.run_id, json!({"attempt": ack.attempt, "acknowledged": true})).await
-}
-
-/// The TwiML that reads the alert again and waits for a key.
-fn replay_message_twiml(engine: &Services, attempt: Uuid, message: &str) -> String {
-    let gather_timeout = engine.providers.twilio.as_ref().map(|t| t.config.gather_timeout_seconds).unwrap_or(10);
-    let action = crate::providers::twilio::callback_url(&engine.public_url, "gather", attempt);
-    // A webhook's TwiML may be 64 kB (Twilio error 11750); the message fits.
-    twiml::say_and_gather_within(message, &action, gather_timeout, 60_000)
-        .unwrap_or_else(|| twiml::say_and_gather(twiml::FALLBACK_MESSAGE, &action, gather_timeout))
 }
 
 /// Rank of a message status (Twilio's Message resource status values):
@@ -474,7 +374,7 @@ pub const FAILED_MESSAGE_STATUSES: &[&str] = &["undelivered", "failed", "cancele
 ///
 /// Errors: [`CallEventError::UnknownAttempt`], or a database error.
 pub async fn apply_message_status(
-    engine: &Services,
+    services: &Services,
     delivery: Delivery<'_>,
     attempt: Uuid,
     message_sid: Option<&str>,
@@ -483,41 +383,24 @@ pub async fn apply_message_status(
     actor: &str,
 ) -> Result<(), CallEventError> {
     let new_rank = message_status_rank(message_status);
-    let mut tx = engine.pool.begin().await?;
-    let row = lock_attempt(&mut tx, attempt, message_sid).await?;
+    let mut tx = services.pool.begin().await?;
+    let row = lock_attempt(&mut tx, delivery, attempt, message_sid).await?;
     if claim_delivery(&mut tx, delivery, attempt).await?.is_some() || new_rank < 0 || new_rank <= message_status_rank(&row.status) {
         tx.rollback().await?;
         return Ok(());
     }
     let error =
         error_code.filter(|c| !c.is_empty() && message_status != "delivered").map(|c| format!("Twilio error {}", c.chars().take(10).collect::<String>()));
-    let ended = if new_rank >= 6 { ", ended_at = coalesce(ended_at, clock_timestamp())" } else { "" };
-    sqlx::query(&format!(
-        "UPDATE wardcall.notification_attempts SET status = $2, error = coalesce($3, error){ended}, updated_at = clock_timestamp() WHERE id = $1"
-    ))
-    .bind(attempt)
-    .bind(message_status)
-    .bind(&error)
-    .execute(&mut *tx)
-    .await?;
-    audit::record(
-        &mut tx,
-        Entity::NotificationAttempt,
-        &attempt.to_string(),
-        "attempt.status",
-        Some(&row.status),
-        Some(message_status),
-        actor,
-        json!({"message_sid": message_sid, "error_code": error_code.filter(|c| !c.is_empty())}),
-    )
-    .await?;
+    let ended = (new_rank >= 6).then_some("ended_at");
+    let detail = json!({"provider_id": message_sid, "error_code": error_code.filter(|c| !c.is_empty())});
+    attempts::advance_status(&mut tx, attempt, &row.status, message_status, ended, error.as_deref(), detail, actor).await?;
     if row.alert_id.is_some() {
         signal_run(&mut tx, row.run_id, json!({"attempt": attempt, "status": message_status})).await?;
     }
     finish_delivery(&mut tx, delivery, "").await?;
     tx.commit().await?;
     if row.alert_id.is_some() {
-        engine.wake();
+        services.wake();
     }
     Ok(())
 }
@@ -551,29 +434,17 @@ pub enum ReplyOutcome {
 /// nothing.
 ///
 /// Errors: a database error (the provider should retry).
-pub async fn apply_reply(engine: &Services, from: &str, message_sid: &str, body: &str) -> Result<ReplyOutcome, CallEventError> {
+pub async fn apply_reply(services: &Services, from: &str, message_sid: &str, body: &str) -> Result<ReplyOutcome, CallEventError> {
     use crate::providers::twilio::messages::is_reserved_keyword;
     let body = body.trim();
     // The newest attempt to this number; the newest of an open alert.
-    let newest: Option<(Uuid, Uuid, Option<Uuid>)> = sqlx::query_as(
-        "SELECT n.id, n.run_id, n.alert_id FROM wardcall.notification_attempts n
-          WHERE n.destination = $1 ORDER BY n.created_at DESC LIMIT 1",
-    )
-    .bind(from)
-    .fetch_optional(&engine.pool)
-    .await?;
-    let open: Option<(Uuid, Uuid, Uuid)> = sqlx::query_as(
-        "SELECT n.run_id, n.alert_id, a.id FROM wardcall.notification_attempts n JOIN wardcall.alerts a ON a.id = n.alert_id
-          WHERE n.destination = $1 AND a.status = 'open' ORDER BY n.created_at DESC LIMIT 1",
-    )
-    .bind(from)
-    .fetch_optional(&engine.pool)
-    .await?;
-    let mut tx = engine.pool.begin().await?;
+    let newest = attempts::newest_to(&services.pool, from).await?;
+    let open = attempts::newest_open_alert_to(&services.pool, from).await?;
+    let mut tx = services.pool.begin().await?;
     // Lock order: run, alert, attempt.
     let run_lock = open.map(|o| o.0).or(newest.map(|n| n.1));
     if let Some(run) = run_lock {
-        sqlx::query("SELECT 1 FROM wardcall.runs WHERE id = $1 FOR UPDATE").bind(run).execute(&mut *tx).await?;
+        runs::lock_row(&mut tx, run).await?;
     }
     let delivery = Delivery { provider: "twilio-sms", idempotency_token: Some(message_sid) };
     if claim_delivery(&mut tx, delivery, newest.map(|n| n.0).unwrap_or_else(Uuid::nil)).await?.is_some() {
@@ -583,23 +454,15 @@ pub async fn apply_reply(engine: &Services, from: &str, message_sid: &str, body:
     }
     let outcome = if body == "1" {
         match open {
-            Some((run_id, _, alert_id)) => {
-                let alert_status: String =
-                    sqlx::query_scalar("SELECT status FROM wardcall.alerts WHERE id = $1 FOR UPDATE").bind(alert_id).fetch_one(&mut *tx).await?;
+            Some((run_id, alert_id)) => {
+                let alert_status = alerts::lock_status(&mut tx, alert_id).await?;
                 // The person's attempt of that alert to the sender's number, a
                 // text one if there is one.
-                let attempt: Option<(Uuid, String)> = sqlx::query_as(
-                    "SELECT id, person_id FROM wardcall.notification_attempts WHERE alert_id = $1 AND destination = $2
-                      ORDER BY (channel = 'sms') DESC, created_at DESC LIMIT 1 FOR UPDATE",
-                )
-                .bind(alert_id)
-                .bind(from)
-                .fetch_optional(&mut *tx)
-                .await?;
+                let attempt = attempts::lock_attempt_of_alert_to(&mut tx, alert_id, from).await?;
                 match (alert_status.as_str(), attempt) {
                     ("open", Some((attempt, person_id))) => {
                         let ack = Acknowledgement { run_id, alert_id, alert_status: &alert_status, attempt, person_id: &person_id, via: Channel::Sms };
-                        acknowledge_in(engine, &mut tx, ack, json!({"message_sid": message_sid})).await?;
+                        acknowledge_in(services, &mut tx, ack, json!({"message_sid": message_sid})).await?;
                         tracing::info!(attempt = %attempt, person = %person_id, "alert acknowledged by text reply");
                         ReplyOutcome::Acknowledged
                     }
@@ -630,8 +493,8 @@ pub async fn apply_reply(engine: &Services, from: &str, message_sid: &str, body:
     finish_delivery(&mut tx, delivery, "").await?;
     tx.commit().await?;
     if outcome == ReplyOutcome::Acknowledged {
-        engine.wake();
-        engine.wake_call_sweeper();
+        services.wake();
+        services.wake_call_sweeper();
     }
     Ok(outcome)
 }

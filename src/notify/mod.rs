@@ -15,6 +15,7 @@ pub mod recipients;
 use serde::{Deserialize, Serialize};
 
 pub mod acknowledgement;
+pub mod call_sweeper;
 pub mod channel;
 pub mod delivery;
 pub mod sms;

@@ -86,3 +86,13 @@ fn read_twilio_token(t: &TwilioConfig) -> anyhow::Result<String> {
         _ => anyhow::bail!("providers.twilio: no auth token: set the environment variable {var} (or providers.twilio.auth_token_file)"),
     }
 }
+
+/// The webhook routes of every configured provider (one line per provider),
+/// merged into the public listener by `crate::http::webhook_router`.
+pub fn webhook_routes(services: &crate::runtime::Services) -> axum::Router {
+    let mut router = axum::Router::new();
+    if services.providers.twilio.is_some() {
+        router = router.merge(twilio::webhooks::routes(services));
+    }
+    router
+}

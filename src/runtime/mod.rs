@@ -262,7 +262,7 @@ impl Engine {
     }
 
     /// Wakes this engine's call sweeper (an alert closed: its calls may need
-    /// ending; see `workflows::call_sweeper`).
+    /// ending; see `notify::call_sweeper`).
     pub fn wake_call_sweeper(&self) {
         self.call_sweeper.notify_one();
     }

@@ -106,3 +106,30 @@ pub async fn with_nobody_to_call(pool: &PgPool) -> Result<Vec<(String, i64, f64)
     .fetch_all(pool)
     .await
 }
+
+/// Locks an alert and returns its status and message (patient data: never logged).
+pub async fn lock_status_and_message(conn: &mut PgConnection, alert: Uuid) -> Result<(String, String), sqlx::Error> {
+    sqlx::query_as("SELECT status, message FROM wardcall.alerts WHERE id = $1 FOR UPDATE").bind(alert).fetch_one(conn).await
+}
+
+/// The alert's message, if the alert exists.
+pub async fn message_if_any(pool: &PgPool, alert: Option<Uuid>) -> Result<Option<String>, sqlx::Error> {
+    sqlx::query_scalar("SELECT message FROM wardcall.alerts WHERE id = $1").bind(alert).fetch_optional(pool).await
+}
+
+/// Acknowledges a locked alert by `person_id` through `channel` (`voice`,
+/// `sms`), audited `alert.acknowledged` from `previous` by `person:<id>`
+/// with `detail`.
+pub async fn acknowledge(conn: &mut PgConnection, alert: Uuid, previous: &str, person_id: &str, channel: &str, detail: Value) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE wardcall.alerts SET status = 'acknowledged', acknowledged_at = clock_timestamp(), acknowledged_by = $2, acknowledged_via = $3,
+                updated_at = clock_timestamp() WHERE id = $1",
+    )
+    .bind(alert)
+    .bind(person_id)
+    .bind(channel)
+    .execute(&mut *conn)
+    .await?;
+    audit::record(conn, Entity::Alert, &alert.to_string(), "alert.acknowledged", Some(previous), Some("acknowledged"), &format!("person:{person_id}"), detail)
+        .await
+}

@@ -334,3 +334,257 @@ pub async fn claim_texts_to_reconcile(pool: &sqlx::PgPool, limit: i64, interval_
     .fetch_all(pool)
     .await
 }
+
+/// An attempt as a provider's event finds it (locked).
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct EventAttempt {
+    pub run_id: Uuid,
+    /// `None` for a one-way message of a `notify` step.
+    pub alert_id: Option<Uuid>,
+    pub person_id: String,
+    pub status: String,
+    pub provider_id: Option<String>,
+    pub answered_by: Option<String>,
+    pub acknowledged: bool,
+}
+
+/// Opens an event's work on an attempt in the caller's transaction: locks the
+/// run row first, then the attempt (the workers' lock order). Records
+/// `provider_id` if the attempt had none (a send whose answer was lost: the
+/// callback names it), unless another attempt of `provider` holds it (the
+/// unique index would refuse the whole event, and a nurse's keypress with it).
+/// `None`: no such attempt (a forged or stale callback URL).
+pub async fn lock_for_event(tx: &mut PgConnection, attempt: Uuid, provider: &str, provider_id: Option<&str>) -> Result<Option<EventAttempt>, sqlx::Error> {
+    let run_id: Option<Uuid> =
+        sqlx::query_scalar("SELECT run_id FROM wardcall.notification_attempts WHERE id = $1").bind(attempt).fetch_optional(&mut *tx).await?;
+    let Some(run_id) = run_id else { return Ok(None) };
+    crate::store::runs::lock_row(tx, run_id).await?;
+    let row: EventAttempt = sqlx::query_as(
+        "SELECT run_id, alert_id, person_id, status, provider_id, answered_by, acknowledged_at IS NOT NULL AS acknowledged
+           FROM wardcall.notification_attempts WHERE id = $1 FOR UPDATE",
+    )
+    .bind(attempt)
+    .fetch_one(&mut *tx)
+    .await?;
+    if let (None, Some(id)) = (&row.provider_id, provider_id) {
+        sqlx::query(
+            "UPDATE wardcall.notification_attempts SET provider_id = $2 WHERE id = $1 AND provider_id IS NULL
+                AND NOT EXISTS (SELECT 1 FROM wardcall.notification_attempts o WHERE o.provider = $3 AND o.provider_id = $2)",
+        )
+        .bind(attempt)
+        .bind(id)
+        .bind(provider)
+        .execute(&mut *tx)
+        .await?;
+    }
+    Ok(Some(row))
+}
+
+/// Records an answering-machine verdict (the first one wins), audited
+/// `attempt.answered_by`.
+pub async fn record_answered_by(tx: &mut PgConnection, attempt: Uuid, verdict: &str, actor: &str) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE wardcall.notification_attempts SET answered_by = $2, updated_at = clock_timestamp() WHERE id = $1 AND answered_by IS NULL")
+        .bind(attempt)
+        .bind(verdict)
+        .execute(&mut *tx)
+        .await?;
+    audit::record(tx, Entity::NotificationAttempt, &attempt.to_string(), "attempt.answered_by", None, None, actor, json!({"answered_by": verdict})).await
+}
+
+/// Moves an attempt to the provider's `status` (the caller checked it is a
+/// step forward), stamping `time_column` once (`initiated_at`, `ringing_at`,
+/// `answered_at`, `ended_at`, or `None`) and keeping `error` if given;
+/// audited `attempt.status` from `previous` with `detail`.
+#[allow(clippy::too_many_arguments)]
+pub async fn advance_status(
+    tx: &mut PgConnection,
+    attempt: Uuid,
+    previous: &str,
+    status: &str,
+    time_column: Option<&str>,
+    error: Option<&str>,
+    detail: serde_json::Value,
+    actor: &str,
+) -> Result<(), sqlx::Error> {
+    let stamp = match time_column {
+        Some(c @ ("initiated_at" | "ringing_at" | "answered_at" | "ended_at")) => format!(", {c} = coalesce({c}, clock_timestamp())"),
+        _ => String::new(),
+    };
+    sqlx::query(&format!(
+        "UPDATE wardcall.notification_attempts SET status = $2, error = coalesce($3, error){stamp}, updated_at = clock_timestamp() WHERE id = $1"
+    ))
+    .bind(attempt)
+    .bind(status)
+    .bind(error)
+    .execute(&mut *tx)
+    .await?;
+    audit::record(tx, Entity::NotificationAttempt, &attempt.to_string(), "attempt.status", Some(previous), Some(status), actor, detail).await
+}
+
+/// Appends keypad `digits` to the attempt's record of keys pressed.
+pub async fn append_digits(tx: &mut PgConnection, attempt: Uuid, digits: &str) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE wardcall.notification_attempts SET digits = coalesce(digits, '') || $2, updated_at = clock_timestamp() WHERE id = $1")
+        .bind(attempt)
+        .bind(digits)
+        .execute(tx)
+        .await?;
+    Ok(())
+}
+
+/// The person declined (pressed 2): audited `attempt.declined` by them.
+pub async fn record_declined(tx: &mut PgConnection, attempt: Uuid, digits: &str, actor: &str) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE wardcall.notification_attempts SET declined_at = coalesce(declined_at, clock_timestamp()), updated_at = clock_timestamp() WHERE id = $1",
+    )
+    .bind(attempt)
+    .execute(&mut *tx)
+    .await?;
+    audit::record(tx, Entity::NotificationAttempt, &attempt.to_string(), "attempt.declined", None, None, actor, json!({"digits": digits})).await
+}
+
+/// Stamps the attempt through which an alert was acknowledged: its
+/// acknowledgement time and, on `channel` `voice`, its answer time, else its
+/// reply time.
+pub async fn record_acknowledged(tx: &mut PgConnection, attempt: Uuid, channel: &str) -> Result<(), sqlx::Error> {
+    let answered =
+        if channel == "voice" { ", answered_at = coalesce(answered_at, clock_timestamp())" } else { ", replied_at = coalesce(replied_at, clock_timestamp())" };
+    sqlx::query(&format!(
+        "UPDATE wardcall.notification_attempts SET acknowledged_at = clock_timestamp(){answered}, updated_at = clock_timestamp() WHERE id = $1"
+    ))
+    .bind(attempt)
+    .execute(tx)
+    .await?;
+    Ok(())
+}
+
+/// The newest attempt (any channel) to `destination`: (attempt, run, alert).
+pub async fn newest_to(pool: &sqlx::PgPool, destination: &str) -> Result<Option<(Uuid, Uuid, Option<Uuid>)>, sqlx::Error> {
+    sqlx::query_as("SELECT id, run_id, alert_id FROM wardcall.notification_attempts WHERE destination = $1 ORDER BY created_at DESC LIMIT 1")
+        .bind(destination)
+        .fetch_optional(pool)
+        .await
+}
+
+/// The newest attempt to `destination` of an alert still open: (run, alert).
+pub async fn newest_open_alert_to(pool: &sqlx::PgPool, destination: &str) -> Result<Option<(Uuid, Uuid)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT n.run_id, n.alert_id FROM wardcall.notification_attempts n JOIN wardcall.alerts a ON a.id = n.alert_id
+          WHERE n.destination = $1 AND a.status = 'open' ORDER BY n.created_at DESC LIMIT 1",
+    )
+    .bind(destination)
+    .fetch_optional(pool)
+    .await
+}
+
+/// The person's attempt of `alert` to `destination` (a text one first),
+/// locked: (attempt, person id).
+pub async fn lock_attempt_of_alert_to(tx: &mut PgConnection, alert: Uuid, destination: &str) -> Result<Option<(Uuid, String)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT id, person_id FROM wardcall.notification_attempts WHERE alert_id = $1 AND destination = $2
+          ORDER BY (channel = 'sms') DESC, created_at DESC LIMIT 1 FOR UPDATE",
+    )
+    .bind(alert)
+    .bind(destination)
+    .fetch_optional(tx)
+    .await
+}
+
+/// Claims up to `limit` calls still live (or `unknown` with a call) whose
+/// alert was acknowledged or cancelled, not asked to end within
+/// `retry_ms`: stamps `hangup_requested_at`, audits
+/// `attempt.hangup_requested`. Returns (attempt, provider id, alert status).
+pub async fn claim_calls_to_end(pool: &sqlx::PgPool, limit: i64, retry_ms: i64, actor: &str) -> Result<Vec<(Uuid, String, String)>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let to_end: Vec<(Uuid, String, String)> = sqlx::query_as(
+        "WITH due AS (
+             SELECT n.id, a.status AS alert_status FROM wardcall.notification_attempts n
+               JOIN wardcall.alerts a ON a.id = n.alert_id
+              WHERE (n.status IN ('intent','requested','initiated','ringing','in-progress')
+                     OR (n.status = 'unknown' AND n.ended_at IS NULL))
+                AND n.provider_id IS NOT NULL AND n.acknowledged_at IS NULL AND n.channel = 'voice'
+                AND a.status IN ('acknowledged','cancelled')
+                AND (n.hangup_requested_at IS NULL
+                     OR n.hangup_requested_at < clock_timestamp() - $1 * interval '1 millisecond')
+              ORDER BY n.created_at LIMIT $2
+                FOR UPDATE OF n SKIP LOCKED)
+         UPDATE wardcall.notification_attempts n SET hangup_requested_at = clock_timestamp()
+           FROM due WHERE n.id = due.id
+         RETURNING n.id, n.provider_id, due.alert_status",
+    )
+    .bind(retry_ms)
+    .bind(limit)
+    .fetch_all(&mut *tx)
+    .await?;
+    for (id, _, alert_status) in &to_end {
+        audit::record(
+            &mut tx,
+            Entity::NotificationAttempt,
+            &id.to_string(),
+            "attempt.hangup_requested",
+            None,
+            None,
+            actor,
+            json!({"alert_status": alert_status}),
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(to_end)
+}
+
+/// Claims up to `limit` calls past their `reconcile_after` without a final
+/// status, pushing it `margin_ms` on (`FOR UPDATE SKIP LOCKED`). Returns
+/// (attempt, provider id).
+pub async fn claim_calls_to_reconcile(pool: &sqlx::PgPool, limit: i64, margin_ms: i64) -> Result<Vec<(Uuid, String)>, sqlx::Error> {
+    sqlx::query_as(
+        "WITH due AS (
+             SELECT id FROM wardcall.notification_attempts
+              WHERE (status IN ('requested','initiated','ringing','in-progress') OR (status = 'unknown' AND ended_at IS NULL))
+                AND provider_id IS NOT NULL AND channel = 'voice'
+                AND reconcile_after <= clock_timestamp()
+              ORDER BY reconcile_after LIMIT $2 FOR UPDATE SKIP LOCKED)
+         UPDATE wardcall.notification_attempts n
+            SET reconcile_after = clock_timestamp() + $1 * interval '1 millisecond'
+           FROM due WHERE n.id = due.id RETURNING n.id, n.provider_id",
+    )
+    .bind(margin_ms)
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+}
+
+/// Marks `unknown` up to `limit` intents never confirmed whose run has
+/// finished (nothing will send or reconcile them any more), audited
+/// `attempt.outcome_unknown` (rule "run ended"). Returns how many.
+pub async fn abandon_unconfirmed_intents(pool: &sqlx::PgPool, limit: i64, actor: &str) -> Result<usize, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let abandoned: Vec<Uuid> = sqlx::query_scalar(
+        "WITH due AS (
+             SELECT n.id FROM wardcall.notification_attempts n JOIN wardcall.runs r ON r.id = n.run_id
+              WHERE n.status = 'intent' AND n.provider_id IS NULL AND n.reconcile_after <= clock_timestamp()
+                AND r.status IN ('completed','failed','cancelled')
+              LIMIT $1 FOR UPDATE OF n SKIP LOCKED)
+         UPDATE wardcall.notification_attempts n
+            SET status = 'unknown', error = 'never confirmed by the provider; the run has ended',
+                ended_at = clock_timestamp(), updated_at = clock_timestamp()
+           FROM due WHERE n.id = due.id RETURNING n.id",
+    )
+    .bind(limit)
+    .fetch_all(&mut *tx)
+    .await?;
+    for id in &abandoned {
+        audit::record(
+            &mut tx,
+            Entity::NotificationAttempt,
+            &id.to_string(),
+            "attempt.outcome_unknown",
+            Some("intent"),
+            Some("unknown"),
+            actor,
+            json!({"rule": "run ended"}),
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(abandoned.len())
+}

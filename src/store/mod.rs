@@ -10,6 +10,7 @@
 //! - [`attempts`]: notification attempts on every channel (intents, results,
 //!   reconciliation).
 //! - [`audit`]: the append-only audit log.
+//! - [`webhooks`]: receipts of providers' webhooks (replays).
 //! - [`outbound`]: outgoing HTTP intents, outcomes and circuit breakers.
 //!
 //! Lock order, everywhere: the run row first, then the alert row, then
@@ -20,3 +21,4 @@ pub mod attempts;
 pub mod audit;
 pub mod outbound;
 pub mod runs;
+pub mod webhooks;

@@ -135,6 +135,18 @@ pub async fn lock_fenced(conn: &mut PgConnection, id: Uuid, token: i64) -> Resul
     Ok(found.is_some())
 }
 
+/// Locks a run row (`FOR UPDATE`) without a fencing check: the first
+/// statement of a webhook's transaction (the workers' lock order).
+pub async fn lock_row(conn: &mut PgConnection, id: Uuid) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT 1 FROM wardcall.runs WHERE id = $1 FOR UPDATE").bind(id).execute(conn).await?;
+    Ok(())
+}
+
+/// A run's workflow name and input (the event payload).
+pub async fn workflow_and_input(conn: &mut PgConnection, id: Uuid) -> Result<(String, Value), sqlx::Error> {
+    sqlx::query_as("SELECT workflow, input FROM wardcall.runs WHERE id = $1").bind(id).fetch_one(conn).await
+}
+
 /// Saves a run's state mid-step (inside a fenced transaction, after
 /// [`lock_fenced`]): e.g. the recipients a tier resolved, recorded with the
 /// intents so that an engine taking the run over calls the same people.

@@ -309,7 +309,7 @@ async fn place_calls(ctx: &mut StepContext<'_>, settings: &EscalationWorkflow, p
     // budget, leaving time to hear the message and press 1 (min 5 s, max 600 s).
     let ring_timeout_seconds = ((step.ack_timeout_seconds * 0.6).floor() as u32).clamp(5, 600);
     // When an attempt without a final callback is fetched from the provider.
-    let reconcile_after_ms = (ring_timeout_seconds as u64 * 1000 + crate::workflows::call_sweeper::RECONCILE_MARGIN.as_millis() as u64) as i64;
+    let reconcile_after_ms = (ring_timeout_seconds as u64 * 1000 + crate::notify::call_sweeper::RECONCILE_MARGIN.as_millis() as u64) as i64;
 
     // 0. An earlier execution's sends whose outcome is unknown are reconciled
     //    with the provider first, outside any transaction. Only a takeover or

@@ -11,7 +11,7 @@
 /// The acknowledgement rules moved to [`crate::notify::acknowledgement`]
 /// (every channel); this name is kept for existing paths.
 pub use crate::notify::acknowledgement as call_events;
-pub mod call_sweeper;
+
 pub mod escalation;
 pub mod flow;
 pub mod model;
@@ -216,7 +216,7 @@ impl crate::runtime::step::WorkflowHost for Host {
         routes
     }
     fn background_tasks(&self, services: crate::runtime::Services) -> Vec<BoxFuture<'static, ()>> {
-        vec![Box::pin(call_sweeper::run(services))]
+        vec![Box::pin(crate::notify::call_sweeper::run(services))]
     }
 }
 

@@ -14,6 +14,7 @@ pub mod client;
 pub mod messages;
 pub mod signature;
 pub mod twiml;
+pub mod webhooks;
 
 /// The URL of one of wardcall's Twilio webhooks for a notification attempt:
 /// `{public_url}/webhooks/twilio/{kind}?attempt={attempt}#{CONNECTION_OVERRIDES}`,
