@@ -54,8 +54,7 @@ pub async fn install_sources(pool: &PgPool, sources: &[Source], prune: bool, act
     for source in sources {
         install_one(&mut tx, source, actor).await.with_context(|| format!("source '{}'", source.name))?;
     }
-    let installed: Vec<(String, String, Vec<String>, String)> =
-        sqlx::query_as("SELECT name, table_name, triggers, function FROM wardcall.sources").fetch_all(&mut *tx).await?;
+    let installed = crate::store::sources::all(&mut tx).await?;
     for (name, table, triggers, function) in installed {
         if sources.iter().any(|s| s.name == name) {
             continue;
@@ -65,7 +64,7 @@ pub async fn install_sources(pool: &PgPool, sources: &[Source], prune: bool, act
             continue;
         }
         remove_triggers(&mut tx, &table, &triggers, &function).await?;
-        sqlx::query("DELETE FROM wardcall.sources WHERE name = $1").bind(&name).execute(&mut *tx).await?;
+        crate::store::sources::remove(&mut tx, &name).await?;
         audit::record(&mut tx, audit::Entity::Source, &name, "source.removed", None, None, actor, serde_json::json!({"table": table})).await?;
         tracing::info!(source = %name, table = %table, "removed the capture trigger of a source not in this config (--prune)");
         report.removed.push(name);
@@ -347,8 +346,7 @@ END $wardcall$",
         }
     }
     // A source that moved to another table: drop its old triggers there.
-    let previous: Option<(String, Vec<String>)> =
-        sqlx::query_as("SELECT table_name, triggers FROM wardcall.sources WHERE name = $1").bind(&source.name).fetch_optional(&mut **tx).await?;
+    let previous = crate::store::sources::table_and_triggers(tx, &source.name).await?;
     if let Some((old_table, old_triggers)) = previous {
         if old_table != qualified {
             let exists: Option<String> = sqlx::query_scalar("SELECT to_regclass($1)::text").bind(&old_table).fetch_one(&mut **tx).await?;
@@ -359,18 +357,7 @@ END $wardcall$",
             }
         }
     }
-    let changed: bool = sqlx::query_scalar(
-        "INSERT INTO wardcall.sources (name, table_name, triggers, function) VALUES ($1, $2, $3, $4)
-         ON CONFLICT (name) DO UPDATE SET table_name = EXCLUDED.table_name, triggers = EXCLUDED.triggers,
-                function = EXCLUDED.function, installed_at = clock_timestamp()
-         RETURNING xmax = 0",
-    )
-    .bind(&source.name)
-    .bind(&qualified)
-    .bind(&triggers)
-    .bind(&function)
-    .fetch_one(&mut **tx)
-    .await?;
+    let changed = crate::store::sources::upsert(tx, &source.name, &qualified, &triggers, &function).await?;
     if changed {
         audit::record(
             tx,

@@ -411,8 +411,10 @@ async fn api_emit(State(engine): State<Arc<Engine>>, Path(event): Path<String>, 
             return Err(ApiError(StatusCode::UNPROCESSABLE_ENTITY, r.to_string()));
         }
     }
-    let id: Option<i64> =
-        sqlx::query_scalar("SELECT wardcall.emit($1, $2, $3)").bind(&event).bind(&payload).bind(&b.dedup_key).fetch_one(&engine.db.pool).await?;
+    let id = {
+        let mut conn = engine.db.pool.acquire().await?;
+        crate::store::outbox::emit(&mut conn, &event, &payload, b.dedup_key.as_deref()).await?
+    };
     Ok(match id {
         Some(id) => {
             tracing::info!(event = %event, outbox_id = id, "API: event emitted");

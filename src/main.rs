@@ -188,8 +188,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let db = Database::open(&config, config.engine.pool_size).await?;
             let r = async {
                 wardcall::app::prepare_database(&db, &config, "cli").await?;
-                let id: Option<i64> =
-                    sqlx::query_scalar("SELECT wardcall.emit($1, $2, $3)").bind(&event).bind(&payload).bind(&dedup_key).fetch_one(&db.pool).await?;
+                let id = {
+                    let mut conn = db.pool.acquire().await?;
+                    wardcall::store::outbox::emit(&mut conn, &event, &payload, dedup_key.as_deref()).await?
+                };
                 match id {
                     Some(id) => {
                         tracing::info!(event = %event, outbox_id = id, "CLI: event emitted");

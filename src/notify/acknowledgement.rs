@@ -427,15 +427,15 @@ pub enum ReplyOutcome {
 /// (the newest attempt, any channel, to that number, of an alert still
 /// open), through the same acknowledgement as a keypress ([`acknowledge_in`]:
 /// alert, attempt, audit, `on_acknowledged` write-back with
-/// `acknowledged_via = 'sms'`, run signalled so ringing calls end). Twilio's
-/// reserved keywords ([`crate::providers::twilio::messages::RESERVED_KEYWORDS`]) are
-/// never commands; any other text is audited as not an acknowledgement,
+/// `acknowledged_via = 'sms'`, run signalled so ringing calls end). A
+/// provider's reserved keyword (`reserved_keyword`, told by the provider's
+/// webhook: Twilio's STOP, HELP…, which Twilio itself acts on) is never a
+/// command; any other text is audited as not an acknowledgement,
 /// without its text. A `message_sid` already handled is a replay and changes
 /// nothing.
 ///
 /// Errors: a database error (the provider should retry).
-pub async fn apply_reply(services: &Services, from: &str, message_sid: &str, body: &str) -> Result<ReplyOutcome, CallEventError> {
-    use crate::providers::twilio::messages::is_reserved_keyword;
+pub async fn apply_reply(services: &Services, from: &str, message_sid: &str, body: &str, reserved_keyword: bool) -> Result<ReplyOutcome, CallEventError> {
     let body = body.trim();
     // The newest attempt to this number; the newest of an open alert.
     let newest = attempts::newest_to(&services.pool, from).await?;
@@ -471,7 +471,7 @@ pub async fn apply_reply(services: &Services, from: &str, message_sid: &str, bod
             }
             None => ReplyOutcome::NothingToAcknowledge,
         }
-    } else if is_reserved_keyword(body) {
+    } else if reserved_keyword {
         ReplyOutcome::ReservedKeyword
     } else {
         ReplyOutcome::NotACommand

@@ -127,6 +127,11 @@ pub trait ChannelSender: Send + Sync {
     ///
     /// Errors: the provider cannot be asked, or does not know the id.
     fn fetch<'a>(&'a self, provider_id: &'a str) -> BoxFuture<'a, Result<ProviderRecord, String>>;
+    /// The longest text this channel carries, in characters (Unicode scalar
+    /// values); a longer text is shortened, never refused (DESIGN.md
+    /// invariant 10). Twilio SMS: 1,600. A call's text is fitted by its
+    /// sender (Twilio: the inline TwiML limit).
+    fn max_text_chars(&self) -> usize;
     /// Ends a send still in progress (hangs up a call). A text cannot be
     /// recalled: `Ok(())` without a request.
     ///

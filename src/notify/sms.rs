@@ -21,7 +21,6 @@ use super::delivery::{self, NotLookedUp};
 use crate::config::redact_phone;
 use crate::notify::acknowledgement::{is_machine, FAILED_MESSAGE_STATUSES};
 use crate::notify::{Channel, Recipient};
-use crate::providers::twilio::messages::{fit_body, MAX_BODY_CHARS, REPLY_INSTRUCTION};
 use crate::runtime::Services;
 use crate::store::alerts;
 use crate::store::attempts::{self, AttemptRow, NewIntent, Position};
@@ -32,6 +31,52 @@ use anyhow::anyhow;
 use serde_json::json;
 use sqlx::PgConnection;
 use uuid::Uuid;
+
+/// The instruction appended to every acknowledgeable text message. A reply
+/// of exactly `1` (trimmed) acknowledges; Twilio's reserved keywords
+/// (`crate::providers::twilio::messages::RESERVED_KEYWORDS`, told by the provider's webhook) are never commands.
+pub const REPLY_INSTRUCTION: &str = "Reply 1 to acknowledge.";
+
+/// Text fit for a message body: NUL and every other control character (C0,
+/// DEL, C1) removed, except line feeds; tabs and carriage returns become a
+/// space. Letters, digits and punctuation of any script pass unchanged.
+pub fn textable(text: &str) -> String {
+    text.chars()
+        .filter_map(|c| match c {
+            '\n' => Some('\n'),
+            '\t' | '\r' => Some(' '),
+            c if c.is_control() => None,
+            c => Some(c),
+        })
+        .collect()
+}
+
+/// The body of an acknowledgeable alert message: `message` made
+/// [`textable`], a line break and `instruction` (e.g. [`REPLY_INSTRUCTION`]),
+/// never longer than `max_chars` characters (Unicode scalar values;
+/// the channel's limit, [`ChannelSender::max_text_chars`]). A message too long keeps as much of its
+/// start as fits, then "…", so the instruction always survives (invariant 10:
+/// a message is never refused for its length). With an empty `instruction`
+/// the body is the message alone, shortened the same way.
+pub fn fit_body(message: &str, instruction: &str, max_chars: usize) -> String {
+    let message = textable(message);
+    let message = message.trim();
+    let instruction = textable(instruction);
+    let instruction = instruction.trim();
+    let tail: String = if instruction.is_empty() { String::new() } else { format!("\n{instruction}") };
+    let tail_len = tail.chars().count();
+    let message_len = message.chars().count();
+    if message_len + tail_len <= max_chars {
+        return format!("{message}{tail}");
+    }
+    if tail_len + 1 > max_chars {
+        // Not even "…" and the instruction fit: the instruction's start.
+        return instruction.chars().take(max_chars).collect();
+    }
+    let keep = max_chars - tail_len - 1;
+    let head: String = message.chars().take(keep).collect();
+    format!("{}…{tail}", head.trim_end())
+}
 
 /// How long after its intent a text message without a final status is
 /// fetched from the provider (and how often after that, for a day).
@@ -68,8 +113,9 @@ fn sms_intent<'a>(
 
 /// Sends `message` as a one-way text to each recipient with an SMS number,
 /// for the `notify` workflow step `step_key` of `run` (no reply instruction;
-/// the body is made [`crate::providers::twilio::messages::textable`] and shortened to
-/// [`MAX_BODY_CHARS`], keeping its start and "…", never refused for length).
+/// the body is made [`textable`] and shortened to the channel's limit
+/// ([`ChannelSender::max_text_chars`]), keeping its start and "…", never
+/// refused for length).
 ///
 /// Idempotent per (run, `step_key`, recipient id): the intents are committed
 /// first under the run's fencing token; a retried or taken-over step never
@@ -88,7 +134,7 @@ pub async fn send_one_way(services: &Services, run: &ClaimedRun, step_key: &str,
     let sender = sms_sender(services, &format!("the notify step '{step_key}'"))?;
     let actor = services.actor();
     let pos = Position { run: run.id, step_key, cycle: 0, step_index: 0 };
-    let body = fit_body(message, "", MAX_BODY_CHARS);
+    let body = fit_body(message, "", sender.max_text_chars());
     let existing = {
         let mut conn = services.pool.acquire().await?;
         attempts::latest_per_person(&mut conn, pos, Channel::Sms.as_str()).await?
@@ -188,7 +234,7 @@ pub async fn send_fallbacks(
         return Ok(());
     }
     let message = alerts::message(&services.pool, alert_id).await?;
-    let body = fit_body(&message, REPLY_INSTRUCTION, MAX_BODY_CHARS);
+    let body = fit_body(&message, REPLY_INSTRUCTION, sender.max_text_chars());
     let reconciled = delivery::reconcile(services, sender, &existing, run.fencing_token, Some(&body)).await?;
     let mut tx = services.pool.begin().await?;
     if !lock_fenced(&mut tx, run.id, run.fencing_token).await? {
@@ -272,4 +318,29 @@ pub async fn reconcile_messages(services: &Services) -> Result<usize, sqlx::Erro
         }
     }
     Ok(due.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Twilio's limit (`crate::providers::twilio::messages::MAX_BODY_CHARS`).
+    const MAX_BODY_CHARS: usize = 1600;
+
+    #[test]
+    fn short_bodies_pass_whole_with_the_instruction() {
+        assert_eq!(fit_body("Room 2: seizure.", REPLY_INSTRUCTION, MAX_BODY_CHARS), "Room 2: seizure.\nReply 1 to acknowledge.");
+        assert_eq!(fit_body("a\u{0}b\u{7}c\td\r\ne", "", 100), "abc d \ne");
+    }
+
+    #[test]
+    fn long_bodies_keep_start_ellipsis_and_instruction() {
+        let long = "é".repeat(5000);
+        let body = fit_body(&long, REPLY_INSTRUCTION, MAX_BODY_CHARS);
+        assert_eq!(body.chars().count(), MAX_BODY_CHARS);
+        assert!(body.starts_with("éé"));
+        assert!(body.ends_with("…\nReply 1 to acknowledge."));
+        assert_eq!(fit_body("abcdef", "xyz", 3), "xyz");
+        assert_eq!(fit_body("abcdef", "xy", 6), "ab…\nxy");
+    }
 }

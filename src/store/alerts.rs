@@ -133,3 +133,9 @@ pub async fn acknowledge(conn: &mut PgConnection, alert: Uuid, previous: &str, p
     audit::record(conn, Entity::Alert, &alert.to_string(), "alert.acknowledged", Some(previous), Some("acknowledged"), &format!("person:{person_id}"), detail)
         .await
 }
+
+/// What a write-back statement gets as `$2` for an alert: the SQL function
+/// `wardcall.alert_details` (status, times, who acknowledged and how, attempts).
+pub async fn details(conn: &mut PgConnection, alert: Uuid) -> Result<Value, sqlx::Error> {
+    sqlx::query_scalar("SELECT wardcall.alert_details($1)").bind(alert).fetch_one(conn).await
+}

@@ -588,3 +588,11 @@ pub async fn abandon_unconfirmed_intents(pool: &sqlx::PgPool, limit: i64, actor:
     tx.commit().await?;
     Ok(abandoned.len())
 }
+
+/// What a write-back statement gets as `$2` for an attempt: the SQL
+/// functions `wardcall.attempt_details` (alert, attempt, channel, statuses,
+/// times, `acknowledged_via`) and `wardcall.attempt_recipient` (`person_id`,
+/// `person_name`), merged into one JSON object.
+pub async fn details(conn: &mut PgConnection, attempt: Uuid) -> Result<serde_json::Value, sqlx::Error> {
+    sqlx::query_scalar("SELECT wardcall.attempt_details($1) || wardcall.attempt_recipient($1)").bind(attempt).fetch_one(conn).await
+}

@@ -10,7 +10,9 @@
 //! - [`attempts`]: notification attempts on every channel (intents, results,
 //!   reconciliation).
 //! - [`audit`]: the append-only audit log.
+//! - [`sources`]: the capture triggers installed on the team's tables.
 //! - [`webhooks`]: receipts of providers' webhooks (replays).
+//! - [`outbox`]: events emitted by the API, the CLI and `emit` steps.
 //! - [`outbound`]: outgoing HTTP intents, outcomes and circuit breakers.
 //!
 //! Lock order, everywhere: the run row first, then the alert row, then
@@ -20,5 +22,7 @@ pub mod alerts;
 pub mod attempts;
 pub mod audit;
 pub mod outbound;
+pub mod outbox;
 pub mod runs;
+pub mod sources;
 pub mod webhooks;

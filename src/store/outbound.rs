@@ -340,3 +340,17 @@ pub async fn endpoint_stats(pool: &PgPool) -> Result<Vec<EndpointStats>, sqlx::E
     .fetch_all(pool)
     .await
 }
+
+/// The HTTP status of a success already recorded for `step` of `run` (a
+/// crash between the request and the step's commit): the request is not
+/// sent again. `None`: no success recorded.
+pub async fn succeeded_status(pool: &PgPool, run: Uuid, step: &str) -> Result<Option<i32>, sqlx::Error> {
+    let status: Option<Option<i32>> = sqlx::query_scalar(
+        "SELECT status FROM wardcall.http_requests WHERE run_id = $1 AND step = $2 AND outcome = 'success' ORDER BY created_at DESC LIMIT 1",
+    )
+    .bind(run)
+    .bind(step)
+    .fetch_optional(pool)
+    .await?;
+    Ok(status.flatten())
+}

@@ -135,6 +135,16 @@ pub async fn lock_fenced(conn: &mut PgConnection, id: Uuid, token: i64) -> Resul
     Ok(found.is_some())
 }
 
+/// Whether this execution (fencing `token`) still holds the run, without a
+/// lock: checked before a request leaves that must not follow a cancel.
+pub async fn holds(pool: &PgPool, id: Uuid, token: i64) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM wardcall.runs WHERE id = $1 AND fencing_token = $2 AND status = 'running')")
+        .bind(id)
+        .bind(token)
+        .fetch_one(pool)
+        .await
+}
+
 /// Locks a run row (`FOR UPDATE`) without a fencing check: the first
 /// statement of a webhook's transaction (the workers' lock order).
 pub async fn lock_row(conn: &mut PgConnection, id: Uuid) -> Result<(), sqlx::Error> {

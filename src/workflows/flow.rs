@@ -174,24 +174,12 @@ pub async fn run_step(ctx: &mut StepContext<'_>) -> Result<Transition, StepError
             ctx.check_lease()?;
             // The run may have been cancelled (its token bumped) since it was
             // claimed: nothing may reach the endpoint then.
-            let live: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM wardcall.runs WHERE id = $1 AND fencing_token = $2 AND status = 'running')")
-                .bind(ctx.run.id)
-                .bind(ctx.run.fencing_token)
-                .fetch_one(&engine.pool)
-                .await?;
-            if !live {
+            if !crate::store::runs::holds(&engine.pool, ctx.run.id, ctx.run.fencing_token).await? {
                 return Err(StepError::LeaseLost);
             }
             // A success already recorded for this step (then a crash before
             // its commit) is not sent again.
-            let done: Option<i32> = sqlx::query_scalar(
-                "SELECT status FROM wardcall.http_requests WHERE run_id = $1 AND step = $2 AND outcome = 'success' ORDER BY created_at DESC LIMIT 1",
-            )
-            .bind(ctx.run.id)
-            .bind(&step_key)
-            .fetch_optional(&engine.pool)
-            .await?
-            .flatten();
+            let done = crate::store::outbound::succeeded_status(&engine.pool, ctx.run.id, &step_key).await?;
             if let Some(status) = done {
                 if let Some(k) = &step.keep {
                     keep(ctx.state, k, json!({"status": status, "body": null}));

@@ -162,13 +162,7 @@ impl CommitWork for TeamSqlWork {
 impl CommitWork for EmitWork {
     fn apply<'a>(&'a self, conn: &'a mut sqlx::PgConnection, _input: &'a Value, _state: &'a mut Value) -> BoxFuture<'a, Result<(), StepError>> {
         Box::pin(async move {
-            sqlx::query("SELECT wardcall.emit($1, $2, $3)")
-                .bind(&self.event)
-                .bind(&self.payload)
-                .bind(&self.dedup_key)
-                .execute(&mut *conn)
-                .await
-                .map_err(statement_error)?;
+            crate::store::outbox::emit(conn, &self.event, &self.payload, Some(&self.dedup_key)).await.map_err(statement_error)?;
             Ok(())
         })
     }

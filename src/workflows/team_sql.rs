@@ -189,10 +189,8 @@ pub async fn write_back(
     let Some(sql) = sql else { return Ok(()) };
     let details: Value = match subject {
         // The recipient's id and name (`person_id`, `person_name`) come with the attempt's details.
-        WriteBackSubject::Attempt(id) => {
-            sqlx::query_scalar("SELECT wardcall.attempt_details($1) || wardcall.attempt_recipient($1)").bind(id).fetch_one(&mut *conn).await?
-        }
-        WriteBackSubject::Alert(id) => sqlx::query_scalar("SELECT wardcall.alert_details($1)").bind(id).fetch_one(&mut *conn).await?,
+        WriteBackSubject::Attempt(id) => crate::store::attempts::details(conn, id).await?,
+        WriteBackSubject::Alert(id) => crate::store::alerts::details(conn, id).await?,
     };
     sqlx::query("SAVEPOINT wardcall_write_back").execute(&mut *conn).await?;
     // The capture triggers skip rows written while `wardcall.write_back` is on,

@@ -26,6 +26,7 @@ mod example_sla;
 mod fail_safe;
 mod harness;
 mod http_surface;
+mod layout;
 mod outbound;
 mod privacy_cluster;
 mod recipients;
@@ -69,5 +70,6 @@ fn all_tests() -> Vec<Trial> {
     t.extend(example_sla::tests());
     t.extend(example_hospital::tests());
     t.extend(outbound::tests());
+    t.extend(layout::tests());
     t
 }

@@ -129,6 +129,10 @@ impl ChannelSender for TwilioVoice {
         async move { self.client.fetch_call(provider_id).await.map(|c| call_record(&c)).map_err(|e| e.to_string()) }.boxed()
     }
 
+    fn max_text_chars(&self) -> usize {
+        MAX_INLINE_TWIML_CHARS
+    }
+
     fn end<'a>(&'a self, provider_id: &'a str) -> BoxFuture<'a, Result<(), String>> {
         async move { self.client.end_call(provider_id).await.map_err(|e| e.to_string()) }.boxed()
     }
@@ -178,6 +182,10 @@ impl ChannelSender for TwilioSms {
 
     fn fetch<'a>(&'a self, provider_id: &'a str) -> BoxFuture<'a, Result<ProviderRecord, String>> {
         async move { self.client.fetch_message(provider_id).await.map(|m| message_record(&m)).map_err(|e| e.to_string()) }.boxed()
+    }
+
+    fn max_text_chars(&self) -> usize {
+        super::messages::MAX_BODY_CHARS
     }
 
     fn end<'a>(&'a self, _provider_id: &'a str) -> BoxFuture<'a, Result<(), String>> {

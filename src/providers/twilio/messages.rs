@@ -1,5 +1,5 @@
 //! Twilio Programmable Messaging REST client: send a text message, fetch it,
-//! list the messages sent to a number; and the body rules (length, characters).
+//! list the messages sent to a number; Twilio's body limit and reserved keywords.
 //!
 //! Follows Twilio's Message resource reference
 //! (<https://www.twilio.com/docs/messaging/api/message-resource>): "Create a
@@ -22,11 +22,6 @@ use serde::Deserialize;
 /// concatenated message body exceeds the 1600 character limit").
 pub const MAX_BODY_CHARS: usize = 1600;
 
-/// The instruction appended to every acknowledgeable text message. A reply
-/// of exactly `1` (trimmed) acknowledges; Twilio's reserved keywords
-/// ([`RESERVED_KEYWORDS`]) are never commands.
-pub const REPLY_INSTRUCTION: &str = "Reply 1 to acknowledge.";
-
 /// Twilio's default opt-out, opt-in and help keywords, handled by Twilio
 /// itself on long codes and toll-free numbers ("Twilio support for opt-out
 /// keywords (SMS STOP filtering)",
@@ -41,47 +36,6 @@ pub const RESERVED_KEYWORDS: &[&str] =
 pub fn is_reserved_keyword(body: &str) -> bool {
     let word = body.trim();
     RESERVED_KEYWORDS.iter().any(|k| k.eq_ignore_ascii_case(word))
-}
-
-/// Text fit for a message body: NUL and every other control character (C0,
-/// DEL, C1) removed, except line feeds; tabs and carriage returns become a
-/// space. Letters, digits and punctuation of any script pass unchanged.
-pub fn textable(text: &str) -> String {
-    text.chars()
-        .filter_map(|c| match c {
-            '\n' => Some('\n'),
-            '\t' | '\r' => Some(' '),
-            c if c.is_control() => None,
-            c => Some(c),
-        })
-        .collect()
-}
-
-/// The body of an acknowledgeable alert message: `message` made
-/// [`textable`], a line break and `instruction` (e.g. [`REPLY_INSTRUCTION`]),
-/// never longer than `max_chars` characters (Unicode scalar values;
-/// [`MAX_BODY_CHARS`] for Twilio). A message too long keeps as much of its
-/// start as fits, then "…", so the instruction always survives (invariant 10:
-/// a message is never refused for its length). With an empty `instruction`
-/// the body is the message alone, shortened the same way.
-pub fn fit_body(message: &str, instruction: &str, max_chars: usize) -> String {
-    let message = textable(message);
-    let message = message.trim();
-    let instruction = textable(instruction);
-    let instruction = instruction.trim();
-    let tail: String = if instruction.is_empty() { String::new() } else { format!("\n{instruction}") };
-    let tail_len = tail.chars().count();
-    let message_len = message.chars().count();
-    if message_len + tail_len <= max_chars {
-        return format!("{message}{tail}");
-    }
-    if tail_len + 1 > max_chars {
-        // Not even "…" and the instruction fit: the instruction's start.
-        return instruction.chars().take(max_chars).collect();
-    }
-    let keep = max_chars - tail_len - 1;
-    let head: String = message.chars().take(keep).collect();
-    format!("{}…{tail}", head.trim_end())
 }
 
 /// Parameters of "Create a Message".
@@ -207,23 +161,6 @@ impl TwilioClient {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn short_bodies_pass_whole_with_the_instruction() {
-        assert_eq!(fit_body("Room 2: seizure.", REPLY_INSTRUCTION, MAX_BODY_CHARS), "Room 2: seizure.\nReply 1 to acknowledge.");
-        assert_eq!(fit_body("a\u{0}b\u{7}c\td\r\ne", "", 100), "abc d \ne");
-    }
-
-    #[test]
-    fn long_bodies_keep_start_ellipsis_and_instruction() {
-        let long = "é".repeat(5000);
-        let body = fit_body(&long, REPLY_INSTRUCTION, MAX_BODY_CHARS);
-        assert_eq!(body.chars().count(), MAX_BODY_CHARS);
-        assert!(body.starts_with("éé"));
-        assert!(body.ends_with("…\nReply 1 to acknowledge."));
-        assert_eq!(fit_body("abcdef", "xyz", 3), "xyz");
-        assert_eq!(fit_body("abcdef", "xy", 6), "ab…\nxy");
-    }
 
     #[test]
     fn reserved_keywords_are_recognised_alone() {

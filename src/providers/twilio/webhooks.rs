@@ -147,7 +147,12 @@ async fn inbound_message(services: &Services, from: &str, message_sid: &str, bod
     if from.is_empty() || message_sid.is_empty() {
         return (StatusCode::BAD_REQUEST, "missing From or MessageSid").into_response();
     }
-    let reason = match tokio::time::timeout(WEBHOOK_DEADLINE, acknowledgement::apply_reply(services, from, message_sid, body)).await {
+    let reason = match tokio::time::timeout(
+        WEBHOOK_DEADLINE,
+        acknowledgement::apply_reply(services, from, message_sid, body, super::messages::is_reserved_keyword(body)),
+    )
+    .await
+    {
         Ok(Ok(outcome)) => {
             tracing::info!(?outcome, "inbound text message handled");
             return twiml_response(EMPTY_TWIML.to_string());
