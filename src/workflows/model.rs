@@ -341,8 +341,10 @@ pub fn parse_duration_ms(text: &str) -> Result<i64, String> {
     Ok(d.as_millis().min(i64::MAX as i128) as i64)
 }
 
-/// The variables a SQL text reads from `$2` (`$2->'name'`, `$2->>'name'`,
-/// `$2 -> 'name'`), for the unknown-variable check at load.
+/// The variables a SQL text reads from `$2`, for the unknown-variable check
+/// at load: `$2->'name'`, `$2->>'name'`, `$2 #> '{name,…}'`,
+/// `$2 #>> '{name,…}'` (the path's first element) and `$2['name']` (jsonb
+/// subscripting, PostgreSQL 14+), with or without spaces.
 pub fn sql_variable_refs(sql: &str) -> Vec<String> {
     let mut out = Vec::new();
     let bytes = sql.as_bytes();
@@ -356,10 +358,18 @@ pub fn sql_variable_refs(sql: &str) -> Vec<String> {
         while bytes.get(j).is_some_and(|b| b.is_ascii_whitespace()) {
             j += 1;
         }
-        if !sql[j..].starts_with("->") {
+        let path = if sql[j..].starts_with("#>") {
+            j += 2;
+            true
+        } else if sql[j..].starts_with("->") {
+            j += 2;
+            false
+        } else if sql[j..].starts_with('[') {
+            j += 1;
+            false
+        } else {
             continue;
-        }
-        j += 2;
+        };
         if bytes.get(j) == Some(&b'>') {
             j += 1;
         }
@@ -369,8 +379,17 @@ pub fn sql_variable_refs(sql: &str) -> Vec<String> {
         if bytes.get(j) != Some(&b'\'') {
             continue;
         }
-        if let Some(end) = sql[j + 1..].find('\'') {
-            out.push(sql[j + 1..j + 1 + end].to_string());
+        let Some(end) = sql[j + 1..].find('\'') else { continue };
+        let literal = &sql[j + 1..j + 1 + end];
+        let name = if path {
+            // A text array: '{name,inner}' or '{"name",inner}'.
+            let inner = literal.trim().trim_start_matches('{').trim_end_matches('}');
+            inner.split(',').next().unwrap_or("").trim().trim_matches('"').to_string()
+        } else {
+            literal.to_string()
+        };
+        if !name.is_empty() {
+            out.push(name);
         }
     }
     out
@@ -463,6 +482,8 @@ mod tests {
     fn variable_refs_and_parameters() {
         let sql = "UPDATE t SET a = $2->>'pick', b = ($2 -> 'nurse')->>'id' WHERE id = ($1->>'id')::uuid AND x = '$2'";
         assert_eq!(sql_variable_refs(sql), vec!["pick".to_string(), "nurse".to_string()]);
+        let sql = "SELECT $2 #>> '{slot,start}', $2#>'{\"who\"}', $2['when'], $2 [ 'x' ]";
+        assert_eq!(sql_variable_refs(sql), ["slot", "who", "when", "x"]);
         assert_eq!(sql_parameter_count(sql), 2);
         assert_eq!(sql_parameter_count("SELECT 1"), 0);
         assert_eq!(sql_parameter_count("SELECT $1::int, $$x$$"), 1);
