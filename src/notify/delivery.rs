@@ -219,20 +219,27 @@ async fn record_result(
     on_sent: Option<OnSent<'_>>,
     actor: &str,
 ) -> Result<Option<String>, sqlx::Error> {
-    let mut tx = services.pool.begin().await?;
-    let (previous, alert_status) = attempts::lock_for_result(&mut tx, o.attempt_id).await?;
+    // A write-back or a content refusal to audit share the send's
+    // transaction; otherwise the result is one statement on its own.
+    let shared = on_sent.is_some() || outcome.content_refused.is_some();
+    let (mut tx, mut conn) = if shared { (Some(services.pool.begin().await?), None) } else { (None, Some(services.pool.acquire().await?)) };
+    let c: &mut PgConnection = match (tx.as_mut(), conn.as_mut()) {
+        (Some(t), _) => t,
+        (None, Some(c)) => c,
+        (None, None) => unreachable!("a transaction or a connection was opened above"),
+    };
     if let Some(e) = &outcome.content_refused {
         tracing::warn!(attempt = %o.attempt_id, person = %o.person_id, error = %e, "the provider refused the alert's text for its content; sent the short fallback text instead");
-        attempts::audit_content_refused(&mut tx, o.attempt_id, e, actor).await?;
+        attempts::audit_content_refused(c, o.attempt_id, e, actor).await?;
     }
     let mut closed_alert = false;
     let transient = match &outcome.result {
         Ok(sent) => {
             tracing::info!(attempt = %o.attempt_id, person = %o.person_id, channel = sender.channel().as_str(), to = %redact_phone(&o.to), provider_id = %sent.provider_id, "sent");
-            attempts::record_sent(&mut tx, o.attempt_id, &previous, &sent.provider_id, sent.status.as_deref().unwrap_or("requested"), actor).await?;
+            let (_, alert_status) = attempts::record_sent(c, o.attempt_id, &sent.provider_id, sent.status.as_deref().unwrap_or("requested"), actor).await?;
             if let Some(w) = on_sent {
                 crate::workflows::team_sql::write_back(
-                    &mut tx,
+                    c,
                     Some(w.sql),
                     w.hook,
                     w.payload,
@@ -249,16 +256,18 @@ async fn record_result(
         }
         Err(SendError::Unavailable(e)) => {
             tracing::error!(attempt = %o.attempt_id, person = %o.person_id, error = %e, "could not send, or the outcome is unknown (provider unavailable, slow, or refusing our credentials); retrying the step after reconciling with the provider");
-            attempts::audit_provider_error(&mut tx, o.attempt_id, e, actor).await?;
+            attempts::audit_provider_error(c, o.attempt_id, e, actor).await?;
             Some(format!("{} send failed: {e}", sender.provider()))
         }
         Err(SendError::Refused(e)) => {
             tracing::error!(attempt = %o.attempt_id, person = %o.person_id, error = %e, "the provider refused this send; going on without it");
-            attempts::record_refused(&mut tx, o.attempt_id, e, actor).await?;
+            attempts::record_refused(c, o.attempt_id, e, actor).await?;
             None
         }
     };
-    tx.commit().await?;
+    if let Some(tx) = tx {
+        tx.commit().await?;
+    }
     if closed_alert {
         services.wake_call_sweeper();
     }

@@ -175,12 +175,7 @@ pub async fn resolve(pool: &sqlx::PgPool, config: &Config, spec: &RecipientsSpec
     let mut out = static_people(config, spec);
     let Some(sql) = spec.recipients.as_deref() else { return Ok(out) };
     let vars = if vars.is_object() { vars.clone() } else { json!({}) };
-    let mut tx = pool.begin().await?;
-    sqlx::query("SELECT set_config('statement_timeout', $1, true), set_config('lock_timeout', $2, true), set_config('transaction_read_only', 'on', true)")
-        .bind(format!("{RECIPIENTS_STATEMENT_TIMEOUT_MS}ms"))
-        .bind(format!("{RECIPIENTS_LOCK_TIMEOUT_MS}ms"))
-        .execute(&mut *tx)
-        .await?;
+    let mut tx = crate::workflows::team_sql::begin_bounded_read_only(pool, RECIPIENTS_STATEMENT_TIMEOUT_MS, RECIPIENTS_LOCK_TIMEOUT_MS).await?;
     let mut rows = Vec::new();
     {
         let mut stream = sqlx::query(sql).bind(payload).bind(&vars).fetch(&mut *tx);

@@ -261,11 +261,11 @@ pub async fn send_fallbacks(
     delivery::send_and_record(services, sender, &outgoing, None, &actor).await
 }
 
-/// Whether a person's call at the position failed and they have not been
-/// texted there yet (the fallback is due; [`send_fallbacks`] sends it).
-pub async fn fallback_due(conn: &mut PgConnection, run: Uuid, cycle: i32, step_index: i32) -> Result<bool, sqlx::Error> {
-    let pos = Position { run, step_key: "", cycle, step_index };
-    let calls = attempts::latest_per_person(&mut *conn, pos, Channel::Voice.as_str()).await?;
+/// Whether a person's call at the escalation position `pos` failed and they
+/// have not been texted there yet (the fallback is due; [`send_fallbacks`]
+/// sends it). `calls`: each person's latest call attempt at `pos`, as the
+/// caller read them in its transaction.
+pub async fn fallback_due(conn: &mut PgConnection, pos: Position<'_>, calls: &[AttemptRow]) -> Result<bool, sqlx::Error> {
     if !calls.iter().any(call_failed) {
         return Ok(false);
     }

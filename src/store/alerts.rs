@@ -26,18 +26,26 @@ pub struct LockedAlert {
 ///
 /// Errors: a database error.
 pub async fn open_and_lock(conn: &mut PgConnection, run: Uuid, workflow: &str, policy: &str, message: &str, actor: &str) -> Result<LockedAlert, sqlx::Error> {
+    // One round trip opens it with its audit row; the row this transaction
+    // inserted is its own (no one else sees it before the commit).
     let inserted: Option<Uuid> = sqlx::query_scalar(
-        "INSERT INTO wardcall.alerts (run_id, workflow, policy, message, status) VALUES ($1, $2, $3, $4, 'open')
-         ON CONFLICT (run_id) DO NOTHING RETURNING id",
+        "WITH ins AS (
+             INSERT INTO wardcall.alerts (run_id, workflow, policy, message, status) VALUES ($1, $2, $3, $4, 'open')
+             ON CONFLICT (run_id) DO NOTHING RETURNING id),
+         aud AS (
+             INSERT INTO wardcall.audit_log (entity, entity_id, action, from_state, to_state, actor, detail)
+             SELECT 'alert', ins.id::text, 'alert.opened', NULL, 'open', $5, jsonb_build_object('run_id', $1::uuid, 'policy', $3::text) FROM ins)
+         SELECT id FROM ins",
     )
     .bind(run)
     .bind(workflow)
     .bind(policy)
     .bind(message)
+    .bind(actor)
     .fetch_optional(&mut *conn)
     .await?;
     if let Some(id) = inserted {
-        audit::record(conn, Entity::Alert, &id.to_string(), "alert.opened", None, Some("open"), actor, json!({"run_id": run, "policy": policy})).await?;
+        return Ok(LockedAlert { id, status: "open".into(), nobody_alarm: false });
     }
     let (id, status, nobody_alarm): (Uuid, String, bool) =
         sqlx::query_as("SELECT id, status, nobody_since IS NOT NULL FROM wardcall.alerts WHERE run_id = $1 FOR UPDATE").bind(run).fetch_one(&mut *conn).await?;

@@ -101,12 +101,23 @@ pub struct NewIntent<'a> {
 /// position, channel and generation twice).
 pub async fn insert_intent(tx: &mut PgConnection, intent: &NewIntent<'_>, actor: &str) -> Result<Uuid, sqlx::Error> {
     let p = intent.pos;
-    let id: Uuid = sqlx::query_scalar(
-        "INSERT INTO wardcall.notification_attempts
-             (alert_id, run_id, step_key, cycle, step_index, person_id, person_name, generation, channel, destination, provider, status,
-              fencing_token, reconcile_after)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, 'intent', $12, clock_timestamp() + $13 * interval '1 millisecond')
-         RETURNING id",
+    let mut detail =
+        json!({"person_id": intent.person_id, "channel": intent.channel, "cycle": p.cycle, "step_index": p.step_index, "generation": intent.generation});
+    if !p.step_key.is_empty() {
+        detail["step_key"] = json!(p.step_key);
+    }
+    // One round trip: the intent and its audit row.
+    sqlx::query_scalar(
+        "WITH ins AS (
+             INSERT INTO wardcall.notification_attempts
+                 (alert_id, run_id, step_key, cycle, step_index, person_id, person_name, generation, channel, destination, provider, status,
+                  fencing_token, reconcile_after)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, 'intent', $12, clock_timestamp() + $13 * interval '1 millisecond')
+             RETURNING id),
+         aud AS (
+             INSERT INTO wardcall.audit_log (entity, entity_id, action, from_state, to_state, actor, detail)
+             SELECT 'notification_attempt', ins.id::text, 'attempt.intent', NULL, 'intent', $14, $15 FROM ins)
+         SELECT id FROM ins",
     )
     .bind(intent.alert_id)
     .bind(p.run)
@@ -121,71 +132,67 @@ pub async fn insert_intent(tx: &mut PgConnection, intent: &NewIntent<'_>, actor:
     .bind(intent.provider)
     .bind(intent.fencing_token)
     .bind(intent.reconcile_after_ms)
+    .bind(actor)
+    .bind(detail)
     .fetch_one(&mut *tx)
-    .await?;
-    let mut detail =
-        json!({"person_id": intent.person_id, "channel": intent.channel, "cycle": p.cycle, "step_index": p.step_index, "generation": intent.generation});
-    if !p.step_key.is_empty() {
-        detail["step_key"] = json!(p.step_key);
-    }
-    audit::record(tx, Entity::NotificationAttempt, &id.to_string(), "attempt.intent", None, Some("intent"), actor, detail).await?;
-    Ok(id)
-}
-
-/// Locks an attempt for recording its send's result. Returns its status and
-/// its alert's status (`None` for an attempt of a `notify` step).
-pub async fn lock_for_result(tx: &mut PgConnection, id: Uuid) -> Result<(String, Option<String>), sqlx::Error> {
-    sqlx::query_as(
-        "SELECT n.status, a.status FROM wardcall.notification_attempts n LEFT JOIN wardcall.alerts a ON a.id = n.alert_id
-          WHERE n.id = $1 FOR UPDATE OF n",
-    )
-    .bind(id)
-    .fetch_one(tx)
     .await
 }
 
 /// The provider accepted the send: keeps its id (the first one recorded
-/// wins), and moves an `intent` (or an `unknown` whose late answer arrived)
-/// to `status`. Audited `attempt.requested` from an intent, else
-/// `attempt.create_confirmed` (callbacks came first: a confirmation, not a transition).
-pub async fn record_sent(tx: &mut PgConnection, id: Uuid, previous: &str, provider_id: &str, status: &str, actor: &str) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "UPDATE wardcall.notification_attempts
-            SET provider_id = coalesce(provider_id, $2), requested_at = coalesce(requested_at, clock_timestamp()),
-                status = CASE WHEN status IN ('intent','unknown') THEN $3 ELSE status END, updated_at = clock_timestamp()
-          WHERE id = $1",
+/// wins) and moves an `intent` (or an `unknown` whose late answer arrived)
+/// to `status`, under the attempt's row lock. Audited `attempt.requested`
+/// from an intent, else `attempt.create_confirmed` (callbacks came first: a
+/// confirmation, not a transition). One round trip. Returns the attempt's
+/// previous status and its alert's status (`None` for a `notify` step's).
+pub async fn record_sent(conn: &mut PgConnection, id: Uuid, provider_id: &str, status: &str, actor: &str) -> Result<(String, Option<String>), sqlx::Error> {
+    sqlx::query_as(
+        "WITH prev AS (
+             SELECT n.id, n.status, a.status AS alert_status FROM wardcall.notification_attempts n
+               LEFT JOIN wardcall.alerts a ON a.id = n.alert_id
+              WHERE n.id = $1 FOR UPDATE OF n),
+         upd AS (
+             UPDATE wardcall.notification_attempts n
+                SET provider_id = coalesce(n.provider_id, $2), requested_at = coalesce(n.requested_at, clock_timestamp()),
+                    status = CASE WHEN n.status IN ('intent','unknown') THEN $3 ELSE n.status END, updated_at = clock_timestamp()
+               FROM prev WHERE n.id = prev.id
+             RETURNING prev.status AS previous, prev.alert_status),
+         aud AS (
+             INSERT INTO wardcall.audit_log (entity, entity_id, action, from_state, to_state, actor, detail)
+             SELECT 'notification_attempt', $1::text,
+                    CASE WHEN previous = 'intent' THEN 'attempt.requested' ELSE 'attempt.create_confirmed' END,
+                    CASE WHEN previous = 'intent' THEN 'intent' END, CASE WHEN previous = 'intent' THEN $3 END, $4,
+                    CASE WHEN previous = 'intent' THEN jsonb_build_object('provider_id', $2::text)
+                         ELSE jsonb_build_object('provider_id', $2::text, 'status', previous) END
+               FROM upd)
+         SELECT previous, alert_status FROM upd",
     )
     .bind(id)
     .bind(provider_id)
     .bind(status)
-    .execute(&mut *tx)
-    .await?;
-    let id_text = id.to_string();
-    if previous == "intent" {
-        audit::record(tx, Entity::NotificationAttempt, &id_text, "attempt.requested", Some("intent"), Some(status), actor, json!({"provider_id": provider_id}))
-            .await
-    } else {
-        let detail = json!({"provider_id": provider_id, "status": previous});
-        audit::record(tx, Entity::NotificationAttempt, &id_text, "attempt.create_confirmed", None, None, actor, detail).await
-    }
+    .bind(actor)
+    .fetch_one(conn)
+    .await
 }
 
 /// The provider refused the send for good: an `intent` becomes `failed` with
-/// the refusal (no patient data in it). Returns whether it changed.
-pub async fn record_refused(tx: &mut PgConnection, id: Uuid, error: &str, actor: &str) -> Result<bool, sqlx::Error> {
-    let failed = sqlx::query(
-        "UPDATE wardcall.notification_attempts SET status = 'failed', error = $2, ended_at = clock_timestamp(), updated_at = clock_timestamp()
-          WHERE id = $1 AND status = 'intent'",
+/// the refusal (no patient data in it), audited `attempt.failed`. One round
+/// trip. Returns whether it changed.
+pub async fn record_refused(conn: &mut PgConnection, id: Uuid, error: &str, actor: &str) -> Result<bool, sqlx::Error> {
+    let changed: i64 = sqlx::query_scalar(
+        "WITH upd AS (
+             UPDATE wardcall.notification_attempts SET status = 'failed', error = $2, ended_at = clock_timestamp(), updated_at = clock_timestamp()
+              WHERE id = $1 AND status = 'intent' RETURNING id),
+         aud AS (
+             INSERT INTO wardcall.audit_log (entity, entity_id, action, from_state, to_state, actor, detail)
+             SELECT 'notification_attempt', $1::text, 'attempt.failed', 'intent', 'failed', $3, jsonb_build_object('error', $2::text) FROM upd)
+         SELECT count(*) FROM upd",
     )
     .bind(id)
     .bind(error)
-    .execute(&mut *tx)
+    .bind(actor)
+    .fetch_one(conn)
     .await?;
-    if failed.rows_affected() == 1 {
-        audit::record(tx, Entity::NotificationAttempt, &id.to_string(), "attempt.failed", Some("intent"), Some("failed"), actor, json!({"error": error}))
-            .await?;
-    }
-    Ok(failed.rows_affected() == 1)
+    Ok(changed == 1)
 }
 
 /// Adopts a send the provider has for an ambiguous intent (found in its

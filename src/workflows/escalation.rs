@@ -452,14 +452,14 @@ async fn evaluate_position(
         }
         return Ok(Transition::Complete);
     }
-    if sms_fallback && crate::notify::sms::fallback_due(&mut tx, ctx.run.id, cycle, step_index).await? {
+    let attempts = attempts::latest_per_person(&mut tx, pos, Channel::Voice.as_str()).await?;
+    if sms_fallback && crate::notify::sms::fallback_due(&mut tx, pos, &attempts).await? {
         // A call failed and its person is not texted yet: evaluate again at
         // once, which sends the text (outside this transaction).
         tx.commit().await?;
         ctx.state["sms_fallback_due"] = json!(true);
         return Ok(Transition::Next { step: "await".into() });
     }
-    let attempts = attempts::latest_per_person(&mut tx, pos, Channel::Voice.as_str()).await?;
     // A text that can still be answered keeps the step waiting for its timeout.
     let all_failed = !attempts.is_empty()
         && attempts.iter().all(definitively_failed)

@@ -8,7 +8,7 @@
 
 use crate::store::audit::{self, Entity};
 use serde_json::{json, Value};
-use sqlx::{PgConnection, Row};
+use sqlx::{Executor, PgConnection, Row};
 use uuid::Uuid;
 
 /// Longest a step's statement may run (ms), PostgreSQL `statement_timeout`
@@ -27,6 +27,20 @@ fn bind<'q>(sql: &'q str, payload: &'q Value, vars: &'q Value) -> sqlx::query::Q
         q = q.bind(vars);
     }
     q
+}
+
+/// Opens a read-only transaction whose statements are bounded: at most
+/// `statement_timeout_ms` each, at most `lock_timeout_ms` waiting for a lock
+/// (PostgreSQL manual 20.11.1). One round trip: `BEGIN READ ONLY` and both
+/// `SET LOCAL` go as one simple query. Rolled back when dropped.
+///
+/// Errors: the pool cannot give a connection, or the server refuses.
+pub async fn begin_bounded_read_only(
+    pool: &sqlx::PgPool,
+    statement_timeout_ms: u64,
+    lock_timeout_ms: u64,
+) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
+    pool.begin_with(format!("BEGIN READ ONLY; SET LOCAL statement_timeout = '{statement_timeout_ms}ms'; SET LOCAL lock_timeout = '{lock_timeout_ms}ms'")).await
 }
 
 /// Runs a `sql` step's statement on `conn` (inside the transaction that
@@ -88,12 +102,7 @@ pub fn wrap_for_instant(sql: &str) -> String {
 /// Errors: PostgreSQL's.
 pub async fn query_instant(pool: &sqlx::PgPool, sql: &str, payload: &Value, vars: &Value) -> Result<Option<i64>, sqlx::Error> {
     use sqlx::Row;
-    let mut tx = pool.begin().await?;
-    sqlx::query("SELECT set_config('statement_timeout', $1, true), set_config('lock_timeout', $2, true), set_config('transaction_read_only', 'on', true)")
-        .bind(format!("{STEP_STATEMENT_TIMEOUT_MS}ms"))
-        .bind(format!("{STEP_LOCK_TIMEOUT_MS}ms"))
-        .execute(&mut *tx)
-        .await?;
+    let mut tx = begin_bounded_read_only(pool, STEP_STATEMENT_TIMEOUT_MS, STEP_LOCK_TIMEOUT_MS).await?;
     let wrapped = wrap_for_instant(sql);
     let row = bind(&wrapped, payload, vars).fetch_optional(&mut *tx).await?;
     tx.rollback().await?;
@@ -138,12 +147,7 @@ pub enum LookupOutcome {
 /// the value and audits the SQLSTATE).
 pub async fn run_lookup(pool: &sqlx::PgPool, sql: &str, input: &Value) -> Result<LookupOutcome, sqlx::Error> {
     use futures_util::TryStreamExt;
-    let mut tx = pool.begin().await?;
-    sqlx::query("SELECT set_config('statement_timeout', $1, true), set_config('lock_timeout', $2, true), set_config('transaction_read_only', 'on', true)")
-        .bind(format!("{LOOKUP_STATEMENT_TIMEOUT_MS}ms"))
-        .bind(format!("{LOOKUP_LOCK_TIMEOUT_MS}ms"))
-        .execute(&mut *tx)
-        .await?;
+    let mut tx = begin_bounded_read_only(pool, LOOKUP_STATEMENT_TIMEOUT_MS, LOOKUP_LOCK_TIMEOUT_MS).await?;
     let mut rows = Vec::new();
     {
         let mut stream = sqlx::query(sql).bind(input).fetch(&mut *tx);
@@ -192,29 +196,36 @@ pub async fn write_back(
         WriteBackSubject::Attempt(id) => crate::store::attempts::details(conn, id).await?,
         WriteBackSubject::Alert(id) => crate::store::alerts::details(conn, id).await?,
     };
-    sqlx::query("SAVEPOINT wardcall_write_back").execute(&mut *conn).await?;
     // The capture triggers skip rows written while `wardcall.write_back` is on,
     // so a write-back never re-triggers a page; the timeouts keep a team's
-    // long-held row lock from stalling webhooks and workers.
-    sqlx::query(
-        "SELECT set_config('wardcall.write_back', 'on', true), set_config('lock_timeout', '2s', true),
-                set_config('statement_timeout', '5s', true)",
+    // long-held row lock from stalling webhooks and workers. (Savepoint and
+    // settings in one round trip, as are release and reset below.)
+    // (A text without parameters goes by the simple query protocol, which
+    // takes several statements.)
+    conn.execute(
+        "SAVEPOINT wardcall_write_back;
+         SELECT set_config('wardcall.write_back', 'on', true), set_config('lock_timeout', '2s', true), set_config('statement_timeout', '5s', true)",
     )
-    .execute(&mut *conn)
     .await?;
     let outcome = sqlx::query(sql).bind(payload).bind(&details).execute(&mut *conn).await;
-    let reset = "SELECT set_config('wardcall.write_back', 'off', true),
-                        set_config('lock_timeout', (SELECT reset_val FROM pg_settings WHERE name = 'lock_timeout'), true),
-                        set_config('statement_timeout', (SELECT reset_val FROM pg_settings WHERE name = 'statement_timeout'), true)";
+    // Release (or roll back to) the savepoint and put the settings back, in one round trip.
+    macro_rules! then_reset {
+        ($first:literal) => {
+            concat!(
+                $first,
+                "; SELECT set_config('wardcall.write_back', 'off', true),
+                   set_config('lock_timeout', (SELECT reset_val FROM pg_settings WHERE name = 'lock_timeout'), true),
+                   set_config('statement_timeout', (SELECT reset_val FROM pg_settings WHERE name = 'statement_timeout'), true)"
+            )
+        };
+    }
     match outcome {
         Ok(_) => {
-            sqlx::query("RELEASE SAVEPOINT wardcall_write_back").execute(&mut *conn).await?;
-            sqlx::query(reset).execute(&mut *conn).await?;
+            conn.execute(then_reset!("RELEASE SAVEPOINT wardcall_write_back")).await?;
         }
         Err(e) => {
             let msg = crate::capture::db_message(&e);
-            sqlx::query("ROLLBACK TO SAVEPOINT wardcall_write_back").execute(&mut *conn).await?;
-            sqlx::query(reset).execute(&mut *conn).await?;
+            conn.execute(then_reset!("ROLLBACK TO SAVEPOINT wardcall_write_back")).await?;
             tracing::error!(hook, error = %msg, "write-back statement failed; the state change is kept");
             let (entity, id) = match subject {
                 WriteBackSubject::Attempt(id) => (Entity::NotificationAttempt, id),
