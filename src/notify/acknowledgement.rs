@@ -87,10 +87,12 @@ async fn claim_delivery(tx: &mut PgConnection, delivery: Delivery<'_>, attempt: 
     }
 }
 
+/// Keeps a first delivery's response for its replays (a receipt is
+/// recorded with an empty one: nothing to do for an empty response).
 async fn finish_delivery(tx: &mut PgConnection, delivery: Delivery<'_>, response: &str) -> Result<(), sqlx::Error> {
     match delivery.idempotency_token {
-        Some(token) => webhooks::finish(tx, delivery.provider, token, response).await,
-        None => Ok(()),
+        Some(token) if !response.is_empty() => webhooks::finish(tx, delivery.provider, token, response).await,
+        _ => Ok(()),
     }
 }
 
@@ -98,15 +100,11 @@ async fn signal_run(tx: &mut PgConnection, run: Uuid, payload: Value) -> Result<
     runs::send_signal(tx, run, CALL_UPDATE_SIGNAL, &payload).await.map(|_| ())
 }
 
-/// The escalation settings of a run's workflow (for its write-back hooks) and
-/// the run's input (the event payload, write-back's `$1`).
-async fn run_settings_and_input(
-    services: &Services,
-    tx: &mut PgConnection,
-    run: Uuid,
-) -> Result<Option<(crate::config::EscalationWorkflow, Value)>, sqlx::Error> {
-    let (workflow, input) = runs::workflow_and_input(tx, run).await?;
-    Ok(services.config.workflow(&workflow).and_then(|w| w.escalation()).map(|e| (e.clone(), input)))
+/// The escalation settings of an attempt's run's workflow (for its
+/// write-back hooks) and the run's input (the event payload, write-back's
+/// `$1`), as read with the run's lock.
+fn run_settings_and_input(services: &Services, row: &EventAttempt) -> Option<(crate::config::EscalationWorkflow, Value)> {
+    services.config.workflow(&row.run_workflow).and_then(|w| w.escalation()).map(|e| (e.clone(), row.run_input.clone()))
 }
 
 /// A call-progress status (`initiated`, `ringing`, `in-progress`, or a final
@@ -145,7 +143,7 @@ pub async fn apply_status(
             _ => "ended_at",
         };
         attempts::advance_status(&mut tx, attempt, &row.status, call_status, Some(column), None, json!({"provider_id": call_sid}), actor).await?;
-        if let Some((settings, input)) = run_settings_and_input(services, &mut tx, row.run_id).await? {
+        if let Some((settings, input)) = run_settings_and_input(services, &row) {
             write_back(&mut tx, settings.write_back.on_call_status.as_deref(), "on_call_status", &input, WriteBackSubject::Attempt(attempt), actor).await?;
         }
         changed = true;
@@ -282,7 +280,16 @@ pub async fn apply_keypress(
     } else if key == Some('1') {
         // An alert the policy gave up on is still acknowledged by a human's 1.
         if alert_status == "open" || alert_status == "unacknowledged" {
-            let ack = Acknowledgement { run_id: row.run_id, alert_id, alert_status: &alert_status, attempt, person_id: &row.person_id, via: Channel::Voice };
+            let ack = Acknowledgement {
+                run_id: row.run_id,
+                run_workflow: &row.run_workflow,
+                run_input: &row.run_input,
+                alert_id,
+                alert_status: &alert_status,
+                attempt,
+                person_id: &row.person_id,
+                via: Channel::Voice,
+            };
             acknowledge_in(services, &mut tx, ack, json!({"digits": digits})).await?;
             tracing::info!(attempt = %attempt, person = %row.person_id, "alert acknowledged by keypress");
             KeypressReply::Acknowledged
@@ -313,6 +320,9 @@ pub async fn apply_keypress(
 /// attempt and channel.
 struct Acknowledgement<'a> {
     run_id: Uuid,
+    /// The run's workflow and input, read with its lock.
+    run_workflow: &'a str,
+    run_input: &'a Value,
     alert_id: Uuid,
     /// The alert's status, read under its row lock (`open` or `unacknowledged`).
     alert_status: &'a str,
@@ -334,9 +344,10 @@ async fn acknowledge_in(services: &Services, tx: &mut PgConnection, ack: Acknowl
     detail["channel"] = json!(ack.via.as_str());
     alerts::acknowledge(tx, ack.alert_id, ack.alert_status, ack.person_id, ack.via.as_str(), detail).await?;
     attempts::record_acknowledged(tx, ack.attempt, ack.via.as_str()).await?;
-    if let Some((settings, input)) = run_settings_and_input(services, tx, ack.run_id).await? {
+    if let Some(settings) = services.config.workflow(ack.run_workflow).and_then(|w| w.escalation()) {
         let actor = format!("person:{}", ack.person_id);
-        write_back(tx, settings.write_back.on_acknowledged.as_deref(), "on_acknowledged", &input, WriteBackSubject::Attempt(ack.attempt), &actor).await?;
+        write_back(tx, settings.write_back.on_acknowledged.as_deref(), "on_acknowledged", ack.run_input, WriteBackSubject::Attempt(ack.attempt), &actor)
+            .await?;
     }
     signal_run(tx, ack.run_id, json!({"attempt": ack.attempt, "acknowledged": true})).await
 }
@@ -431,11 +442,20 @@ pub enum ReplyOutcome {
 /// provider's reserved keyword (`reserved_keyword`, told by the provider's
 /// webhook: Twilio's STOP, HELP…, which Twilio itself acts on) is never a
 /// command; any other text is audited as not an acknowledgement,
-/// without its text. A `message_sid` already handled is a replay and changes
+/// without its text. A message already handled (`delivery`'s token: the
+/// provider's message id, under the provider's inbound name) is a replay and changes
 /// nothing.
 ///
 /// Errors: a database error (the provider should retry).
-pub async fn apply_reply(services: &Services, from: &str, message_sid: &str, body: &str, reserved_keyword: bool) -> Result<ReplyOutcome, CallEventError> {
+pub async fn apply_reply(
+    services: &Services,
+    delivery: Delivery<'_>,
+    from: &str,
+    body: &str,
+    reserved_keyword: bool,
+    actor: &str,
+) -> Result<ReplyOutcome, CallEventError> {
+    let message_sid = delivery.idempotency_token.unwrap_or_default();
     let body = body.trim();
     // The newest attempt to this number; the newest of an open alert.
     let newest = attempts::newest_to(&services.pool, from).await?;
@@ -443,10 +463,10 @@ pub async fn apply_reply(services: &Services, from: &str, message_sid: &str, bod
     let mut tx = services.pool.begin().await?;
     // Lock order: run, alert, attempt.
     let run_lock = open.map(|o| o.0).or(newest.map(|n| n.1));
-    if let Some(run) = run_lock {
-        runs::lock_row(&mut tx, run).await?;
-    }
-    let delivery = Delivery { provider: "twilio-sms", idempotency_token: Some(message_sid) };
+    let (run_workflow, run_input) = match run_lock {
+        Some(run) => runs::lock_row_reading(&mut tx, run).await?,
+        None => (String::new(), Value::Null),
+    };
     if claim_delivery(&mut tx, delivery, newest.map(|n| n.0).unwrap_or_else(Uuid::nil)).await?.is_some() {
         tx.rollback().await?;
         tracing::info!("replayed inbound message ignored");
@@ -461,7 +481,17 @@ pub async fn apply_reply(services: &Services, from: &str, message_sid: &str, bod
                 let attempt = attempts::lock_attempt_of_alert_to(&mut tx, alert_id, from).await?;
                 match (alert_status.as_str(), attempt) {
                     ("open", Some((attempt, person_id))) => {
-                        let ack = Acknowledgement { run_id, alert_id, alert_status: &alert_status, attempt, person_id: &person_id, via: Channel::Sms };
+                        // (The run locked above is this alert's: `open` comes first.)
+                        let ack = Acknowledgement {
+                            run_id,
+                            run_workflow: &run_workflow,
+                            run_input: &run_input,
+                            alert_id,
+                            alert_status: &alert_status,
+                            attempt,
+                            person_id: &person_id,
+                            via: Channel::Sms,
+                        };
                         acknowledge_in(services, &mut tx, ack, json!({"message_sid": message_sid})).await?;
                         tracing::info!(attempt = %attempt, person = %person_id, "alert acknowledged by text reply");
                         ReplyOutcome::Acknowledged
@@ -479,13 +509,13 @@ pub async fn apply_reply(services: &Services, from: &str, message_sid: &str, bod
     if outcome != ReplyOutcome::Acknowledged {
         // Audited on the sender's newest attempt, never with the text.
         let (action, detail) = match outcome {
-            ReplyOutcome::ReservedKeyword => ("reply.reserved_keyword", json!({"message_sid": message_sid, "handled_by": "twilio"})),
+            ReplyOutcome::ReservedKeyword => ("reply.reserved_keyword", json!({"message_sid": message_sid, "handled_by": "provider"})),
             ReplyOutcome::NothingToAcknowledge => ("reply.nothing_to_acknowledge", json!({"message_sid": message_sid})),
             _ => ("reply.not_an_acknowledgement", json!({"message_sid": message_sid, "chars": body.chars().count()})),
         };
         match newest {
             Some((attempt, _, _)) => {
-                audit::record(&mut tx, Entity::NotificationAttempt, &attempt.to_string(), action, None, None, "webhook:twilio", detail).await?;
+                audit::record(&mut tx, Entity::NotificationAttempt, &attempt.to_string(), action, None, None, actor, detail).await?;
             }
             None => tracing::info!(from = %crate::config::redact_phone(from), action, "inbound message from a number wardcall never reached; ignored"),
         }

@@ -346,6 +346,12 @@ pub async fn claim_texts_to_reconcile(pool: &sqlx::PgPool, limit: i64, interval_
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct EventAttempt {
     pub run_id: Uuid,
+    /// The run's workflow and input (the event payload, a write-back's `$1`),
+    /// read with the run's lock.
+    #[sqlx(skip)]
+    pub run_workflow: String,
+    #[sqlx(skip)]
+    pub run_input: serde_json::Value,
     /// `None` for a one-way message of a `notify` step.
     pub alert_id: Option<Uuid>,
     pub person_id: String,
@@ -365,14 +371,15 @@ pub async fn lock_for_event(tx: &mut PgConnection, attempt: Uuid, provider: &str
     let run_id: Option<Uuid> =
         sqlx::query_scalar("SELECT run_id FROM wardcall.notification_attempts WHERE id = $1").bind(attempt).fetch_optional(&mut *tx).await?;
     let Some(run_id) = run_id else { return Ok(None) };
-    crate::store::runs::lock_row(tx, run_id).await?;
-    let row: EventAttempt = sqlx::query_as(
+    let (run_workflow, run_input) = crate::store::runs::lock_row_reading(tx, run_id).await?;
+    let mut row: EventAttempt = sqlx::query_as(
         "SELECT run_id, alert_id, person_id, status, provider_id, answered_by, acknowledged_at IS NOT NULL AS acknowledged
            FROM wardcall.notification_attempts WHERE id = $1 FOR UPDATE",
     )
     .bind(attempt)
     .fetch_one(&mut *tx)
     .await?;
+    (row.run_workflow, row.run_input) = (run_workflow, run_input);
     if let (None, Some(id)) = (&row.provider_id, provider_id) {
         sqlx::query(
             "UPDATE wardcall.notification_attempts SET provider_id = $2 WHERE id = $1 AND provider_id IS NULL
@@ -388,20 +395,26 @@ pub async fn lock_for_event(tx: &mut PgConnection, attempt: Uuid, provider: &str
 }
 
 /// Records an answering-machine verdict (the first one wins), audited
-/// `attempt.answered_by`.
+/// `attempt.answered_by`. One round trip.
 pub async fn record_answered_by(tx: &mut PgConnection, attempt: Uuid, verdict: &str, actor: &str) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE wardcall.notification_attempts SET answered_by = $2, updated_at = clock_timestamp() WHERE id = $1 AND answered_by IS NULL")
-        .bind(attempt)
-        .bind(verdict)
-        .execute(&mut *tx)
-        .await?;
-    audit::record(tx, Entity::NotificationAttempt, &attempt.to_string(), "attempt.answered_by", None, None, actor, json!({"answered_by": verdict})).await
+    sqlx::query(
+        "WITH upd AS (
+             UPDATE wardcall.notification_attempts SET answered_by = $2, updated_at = clock_timestamp() WHERE id = $1 AND answered_by IS NULL RETURNING id)
+         INSERT INTO wardcall.audit_log (entity, entity_id, action, from_state, to_state, actor, detail)
+         SELECT 'notification_attempt', $1::text, 'attempt.answered_by', NULL, NULL, $3, jsonb_build_object('answered_by', $2::text) FROM upd",
+    )
+    .bind(attempt)
+    .bind(verdict)
+    .bind(actor)
+    .execute(tx)
+    .await?;
+    Ok(())
 }
 
 /// Moves an attempt to the provider's `status` (the caller checked it is a
 /// step forward), stamping `time_column` once (`initiated_at`, `ringing_at`,
 /// `answered_at`, `ended_at`, or `None`) and keeping `error` if given;
-/// audited `attempt.status` from `previous` with `detail`.
+/// audited `attempt.status` from `previous` with `detail`. One round trip.
 #[allow(clippy::too_many_arguments)]
 pub async fn advance_status(
     tx: &mut PgConnection,
@@ -418,14 +431,21 @@ pub async fn advance_status(
         _ => String::new(),
     };
     sqlx::query(&format!(
-        "UPDATE wardcall.notification_attempts SET status = $2, error = coalesce($3, error){stamp}, updated_at = clock_timestamp() WHERE id = $1"
+        "WITH upd AS (
+             UPDATE wardcall.notification_attempts SET status = $2, error = coalesce($3, error){stamp}, updated_at = clock_timestamp()
+              WHERE id = $1 RETURNING id)
+         INSERT INTO wardcall.audit_log (entity, entity_id, action, from_state, to_state, actor, detail)
+         SELECT 'notification_attempt', $1::text, 'attempt.status', $4, $2, $5, $6 FROM upd"
     ))
     .bind(attempt)
     .bind(status)
     .bind(error)
-    .execute(&mut *tx)
+    .bind(previous)
+    .bind(actor)
+    .bind(detail)
+    .execute(tx)
     .await?;
-    audit::record(tx, Entity::NotificationAttempt, &attempt.to_string(), "attempt.status", Some(previous), Some(status), actor, detail).await
+    Ok(())
 }
 
 /// Appends keypad `digits` to the attempt's record of keys pressed.

@@ -152,9 +152,10 @@ pub async fn lock_row(conn: &mut PgConnection, id: Uuid) -> Result<(), sqlx::Err
     Ok(())
 }
 
-/// A run's workflow name and input (the event payload).
-pub async fn workflow_and_input(conn: &mut PgConnection, id: Uuid) -> Result<(String, Value), sqlx::Error> {
-    sqlx::query_as("SELECT workflow, input FROM wardcall.runs WHERE id = $1").bind(id).fetch_one(conn).await
+/// Locks a run row like [`lock_row`] and reads its workflow name and input
+/// (the event payload) in the same round trip.
+pub async fn lock_row_reading(conn: &mut PgConnection, id: Uuid) -> Result<(String, Value), sqlx::Error> {
+    sqlx::query_as("SELECT workflow, input FROM wardcall.runs WHERE id = $1 FOR UPDATE").bind(id).fetch_one(conn).await
 }
 
 /// Saves a run's state mid-step (inside a fenced transaction, after

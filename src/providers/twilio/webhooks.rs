@@ -149,7 +149,15 @@ async fn inbound_message(services: &Services, from: &str, message_sid: &str, bod
     }
     let reason = match tokio::time::timeout(
         WEBHOOK_DEADLINE,
-        acknowledgement::apply_reply(services, from, message_sid, body, super::messages::is_reserved_keyword(body)),
+        acknowledgement::apply_reply(
+            services,
+            // Inbound messages are replayed by their MessageSid (they carry no idempotency token).
+            Delivery { provider: "twilio-sms", idempotency_token: Some(message_sid) },
+            from,
+            body,
+            super::messages::is_reserved_keyword(body),
+            "webhook:twilio",
+        ),
     )
     .await
     {
