@@ -147,7 +147,9 @@ pub async fn lock_for_result(tx: &mut PgConnection, id: Uuid) -> Result<(String,
 /// The provider accepted the send: keeps its id (the first one recorded
 /// wins), and moves an `intent` (or an `unknown` whose late answer arrived)
 /// to `status`. Audited `attempt.requested` from an intent, else
-/// `attempt.create_confirmed` (callbacks came first: a confirmation, not a transition).
+/// `attempt.create_confirmed`: from `unknown` to `status` when it moved an
+/// `unknown`, without states when callbacks came first (a confirmation, not
+/// a transition).
 pub async fn record_sent(tx: &mut PgConnection, id: Uuid, previous: &str, provider_id: &str, status: &str, actor: &str) -> Result<(), sqlx::Error> {
     sqlx::query(
         "UPDATE wardcall.notification_attempts
@@ -166,7 +168,9 @@ pub async fn record_sent(tx: &mut PgConnection, id: Uuid, previous: &str, provid
             .await
     } else {
         let detail = json!({"provider_id": provider_id, "status": previous});
-        audit::record(tx, Entity::NotificationAttempt, &id_text, "attempt.create_confirmed", None, None, actor, detail).await
+        // An `unknown` attempt moved to `status` above: a transition, audited as one.
+        let (from, to) = if previous == "unknown" { (Some(previous), Some(status)) } else { (None, None) };
+        audit::record(tx, Entity::NotificationAttempt, &id_text, "attempt.create_confirmed", from, to, actor, detail).await
     }
 }
 
