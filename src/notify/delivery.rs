@@ -56,21 +56,26 @@ pub type Reconciled = HashMap<Uuid, Option<Sent>>;
 /// alerts paging the same nurse), nothing is adopted and the person is sent
 /// to again rather than risk taking another attempt's send.
 ///
-/// Errors: [`StepError::Retryable`] when the provider cannot be asked and
-/// the intent is younger than [`UNVERIFIED_RESEND_AFTER_MS`] (nothing is sent
-/// meanwhile); a database error.
+/// `unverified`: what happens while the provider's list cannot be read.
+///
+/// Errors: [`StepError::Retryable`] when the provider cannot be asked (under
+/// [`Unverified::ResendAfter30s`], only while the intent is younger than
+/// [`UNVERIFIED_RESEND_AFTER_MS`]); nothing is sent meanwhile; a database error.
 pub async fn reconcile(
     services: &Services,
     sender: &dyn ChannelSender,
     attempts: &[AttemptRow],
     fencing_token: i64,
     body: Option<&str>,
+    unverified: Unverified,
 ) -> Result<Reconciled, StepError> {
     let mut found = HashMap::new();
     for a in attempts.iter().filter(|a| a.ambiguous(fencing_token)) {
         let records = match sender.sent_to(&a.destination, 20).await {
             Ok(r) => r,
-            Err(e) if jiff::Timestamp::now().as_millisecond() as f64 - a.created_ms > UNVERIFIED_RESEND_AFTER_MS => {
+            Err(e)
+                if unverified == Unverified::ResendAfter30s && jiff::Timestamp::now().as_millisecond() as f64 - a.created_ms > UNVERIFIED_RESEND_AFTER_MS =>
+            {
                 tracing::error!(attempt = %a.id, error = %e, "cannot ask the provider whether an ambiguous send went out, for too long; sending again unverified");
                 found.insert(a.id, None);
                 continue;
@@ -98,6 +103,18 @@ pub async fn reconcile(
         found.insert(a.id, adopt);
     }
     Ok(found)
+}
+
+/// What [`reconcile`] does while the provider's list of sends cannot be read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unverified {
+    /// The re-call rule of a call (ARCHITECTURE.md): after
+    /// [`UNVERIFIED_RESEND_AFTER_MS`] the person is called again unverified
+    /// (a critical alert: better a second call than none).
+    ResendAfter30s,
+    /// A text is never sent again before the provider's list says it did not
+    /// go out: the step retries (ARCHITECTURE.md, invariant 2).
+    Retry,
 }
 
 /// What to do when an ambiguous intent was not looked up at the provider

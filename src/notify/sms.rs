@@ -139,7 +139,7 @@ pub async fn send_one_way(services: &Services, run: &ClaimedRun, step_key: &str,
         let mut conn = services.pool.acquire().await?;
         attempts::latest_per_person(&mut conn, pos, Channel::Sms.as_str()).await?
     };
-    let reconciled = delivery::reconcile(services, sender, &existing, run.fencing_token, Some(&body)).await?;
+    let reconciled = delivery::reconcile(services, sender, &existing, run.fencing_token, Some(&body), delivery::Unverified::Retry).await?;
     let mut tx = services.pool.begin().await?;
     if !lock_fenced(&mut tx, run.id, run.fencing_token).await? {
         return Err(StepError::LeaseLost);
@@ -235,7 +235,7 @@ pub async fn send_fallbacks(
     }
     let message = alerts::message(&services.pool, alert_id).await?;
     let body = fit_body(&message, REPLY_INSTRUCTION, sender.max_text_chars());
-    let reconciled = delivery::reconcile(services, sender, &existing, run.fencing_token, Some(&body)).await?;
+    let reconciled = delivery::reconcile(services, sender, &existing, run.fencing_token, Some(&body), delivery::Unverified::Retry).await?;
     let mut tx = services.pool.begin().await?;
     if !lock_fenced(&mut tx, run.id, run.fencing_token).await? {
         return Err(StepError::LeaseLost);

@@ -19,6 +19,7 @@ pub fn tests() -> Vec<libtest_mimic::Trial> {
     trials![
         review_layout::keypress_receipts_of_the_previous_version_replay_as_before,
         review_layout::late_create_answer_on_an_unknown_attempt_is_audited_as_a_transition,
+        review_layout::ambiguous_text_is_not_sent_again_unverified,
     ]
 }
 
