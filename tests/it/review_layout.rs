@@ -2,7 +2,7 @@
 //! changed that DESIGN.md's invariants forbid. Each test failed on the
 //! refactored code before its fix.
 
-use crate::escalation::{start_on, Hospital, NURSE_A, SEIZURE_INSERT};
+use crate::escalation::{start_on, start_with, Hospital, NURSE_A, SEIZURE_INSERT};
 use crate::harness::*;
 use futures_util::future::BoxFuture;
 use futures_util::FutureExt;
@@ -20,6 +20,7 @@ pub fn tests() -> Vec<libtest_mimic::Trial> {
         review_layout::keypress_receipts_of_the_previous_version_replay_as_before,
         review_layout::late_create_answer_on_an_unknown_attempt_is_audited_as_a_transition,
         review_layout::ambiguous_text_is_not_sent_again_unverified,
+        review_layout::sms_fallback_attempt_keeps_the_person_name,
     ]
 }
 
@@ -221,5 +222,35 @@ pub async fn ambiguous_text_is_not_sent_again_unverified() {
         sqlx::query_scalar("SELECT status FROM wardcall.notification_attempts WHERE id = $1").bind(intent).fetch_one(&h.db.pool).await.unwrap();
     assert_eq!(status, "intent", "the intent stays for reconciliation");
     assert_eq!(h.db.scalar_i64("SELECT count(*) FROM wardcall.notification_attempts WHERE channel = 'sms'").await, 1);
+    h.stop().await;
+}
+
+/// The recipient's name is kept on every attempt, a text's as a call's
+/// (README: write-backs get `person_name`): an alert acknowledged by a text
+/// reply gives its `on_acknowledged` write-back the name, as a keypress does.
+pub async fn sms_fallback_attempt_keeps_the_person_name() {
+    let db = TestDb::new().await;
+    db.exec(wardcall::devtools::demo::HOSPITAL_SCHEMA).await;
+    let h = start_with(db, Persona::Busy, Persona::NoAnswer, |c| {
+        for p in &mut c.policies {
+            for s in &mut p.steps {
+                s.sms_fallback = true;
+            }
+        }
+    })
+    .await;
+    h.emulator.set_sms_persona(NURSE_A, wardcall::devtools::twilio_emulator::SmsPersona::Deliver);
+    h.db.exec(SEIZURE_INSERT).await;
+    await_true(&h.db, "the SMS fallback", Duration::from_secs(15), "SELECT count(*) = 1 FROM wardcall.notification_attempts WHERE channel = 'sms'").await;
+    let (call, text): (serde_json::Value, serde_json::Value) = sqlx::query_as(
+        "SELECT wardcall.attempt_recipient((SELECT id FROM wardcall.notification_attempts WHERE channel = 'voice' AND destination = $1)),
+                wardcall.attempt_recipient((SELECT id FROM wardcall.notification_attempts WHERE channel = 'sms'))",
+    )
+    .bind(NURSE_A)
+    .fetch_one(&h.db.pool)
+    .await
+    .unwrap();
+    assert!(call.get("person_name").is_some(), "the call's attempt has the name: {call}");
+    assert_eq!(text, call, "the text's attempt names the same person as the call's");
     h.stop().await;
 }
