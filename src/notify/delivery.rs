@@ -53,8 +53,9 @@ pub type Reconciled = HashMap<Uuid, Option<Sent>>;
 /// same address created at or after the intent (and carrying `body`, for a
 /// text) that no attempt holds yet: the oldest of them is the one the intent
 /// created. When another unconfirmed intent to the same address exists (two
-/// alerts paging the same nurse), nothing is adopted and the person is sent
-/// to again rather than risk taking another attempt's send.
+/// alerts paging the same nurse; for a text, only one of the same run, as
+/// another alert's text has another body), nothing is adopted and the person
+/// is sent to again rather than risk taking another attempt's send.
 ///
 /// `unverified`: what happens while the provider's list cannot be read.
 ///
@@ -92,7 +93,11 @@ pub async fn reconcile(
             .collect();
         let ids: Vec<String> = candidates.iter().map(|r| r.provider_id.clone()).collect();
         let known = attempts::known_provider_ids(&services.pool, sender.provider(), &ids).await?;
-        let rivals = attempts::unconfirmed_rivals(&services.pool, &a.destination, a.id, sender.channel().as_str()).await?;
+        // A text is matched by its body too: another alert's text to the
+        // same number is told apart, so only the same run's intents (the same
+        // body: two people sharing a phone) are rivals; without that, both
+        // would adopt one message and the unique index would refuse the step.
+        let rivals = attempts::unconfirmed_rivals(&services.pool, &a.destination, a.id, sender.channel().as_str(), body.is_some()).await?;
         let adopt = if rivals == 0 { candidates.iter().rev().find(|r| !known.contains(&r.provider_id)) } else { None };
         // A text's status is recorded as the provider has it; a call's
         // statuses arrive by callback (the sweeper fetches late ones).

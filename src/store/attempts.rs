@@ -275,16 +275,20 @@ pub async fn known_provider_ids(pool: &sqlx::PgPool, provider: &str, provider_id
 
 /// Other unconfirmed intents (or unknowns) on `channel` to the same address
 /// within the last hour: any of them could own an unclaimed send at the
-/// provider, so none is adopted.
-pub async fn unconfirmed_rivals(pool: &sqlx::PgPool, destination: &str, except: Uuid, channel: &str) -> Result<i64, sqlx::Error> {
+/// provider, so none is adopted. `same_run_only`: only those of `except`'s
+/// run count (texts: the provider's record carries the body, which tells
+/// another alert's text apart; the same run's carry the same body).
+pub async fn unconfirmed_rivals(pool: &sqlx::PgPool, destination: &str, except: Uuid, channel: &str, same_run_only: bool) -> Result<i64, sqlx::Error> {
     sqlx::query_scalar(
         "SELECT count(*) FROM wardcall.notification_attempts
           WHERE destination = $1 AND id <> $2 AND channel = $3 AND status IN ('intent','unknown') AND provider_id IS NULL
-            AND created_at > clock_timestamp() - interval '1 hour'",
+            AND created_at > clock_timestamp() - interval '1 hour'
+            AND (NOT $4 OR run_id = (SELECT run_id FROM wardcall.notification_attempts WHERE id = $2))",
     )
     .bind(destination)
     .bind(except)
     .bind(channel)
+    .bind(same_run_only)
     .fetch_one(pool)
     .await
 }

@@ -21,6 +21,7 @@ pub fn tests() -> Vec<libtest_mimic::Trial> {
         review_layout::late_create_answer_on_an_unknown_attempt_is_audited_as_a_transition,
         review_layout::ambiguous_text_is_not_sent_again_unverified,
         review_layout::sms_fallback_attempt_keeps_the_person_name,
+        review_layout::ambiguous_text_is_adopted_beside_another_alerts_text,
     ]
 }
 
@@ -252,5 +253,72 @@ pub async fn sms_fallback_attempt_keeps_the_person_name() {
     .unwrap();
     assert!(call.get("person_name").is_some(), "the call's attempt has the name: {call}");
     assert_eq!(text, call, "the text's attempt names the same person as the call's");
+    h.stop().await;
+}
+
+/// Inserts a run of the hospital's workflow held by an execution with
+/// fencing token 2 (not due: the engine leaves it alone) and returns it as claimed.
+async fn held_run(h: &Hospital) -> wardcall::store::runs::ClaimedRun {
+    let id: uuid::Uuid = sqlx::query_scalar(
+        "INSERT INTO wardcall.runs (workflow, event, input, step, status, lease_owner, fencing_token, due_at)
+         VALUES ('critical-alert-call', 'test', '{}', 'notify', 'running', 'engine:test', 2, clock_timestamp() + interval '1 hour') RETURNING id",
+    )
+    .fetch_one(&h.db.pool)
+    .await
+    .unwrap();
+    wardcall::store::runs::ClaimedRun {
+        id,
+        workflow: "critical-alert-call".into(),
+        event: "test".into(),
+        input: serde_json::json!({}),
+        state: serde_json::json!({}),
+        step: "notify".into(),
+        step_attempt: 1,
+        fencing_token: 2,
+        wait_signal: None,
+        wait_outcome: None,
+        previous_status: "pending".into(),
+    }
+}
+
+/// Two runs text the same nurse (two alerts while she is busy) and both
+/// engines stop between the create request and its record. Each text is told
+/// apart at the provider by its body, so each intent adopts its own message
+/// and nobody is texted twice (as before the refactor); the rivals rule of
+/// calls (which cannot be told apart) must not turn that into a re-send.
+pub async fn ambiguous_text_is_adopted_beside_another_alerts_text() {
+    let h = hospital_a_silent().await;
+    let (a, b) = (held_run(&h).await, held_run(&h).await);
+    for run in [&a, &b] {
+        sqlx::query(
+            "INSERT INTO wardcall.notification_attempts (run_id, step_key, cycle, step_index, person_id, generation, channel, destination, provider,
+                                                         status, fencing_token, created_at)
+             VALUES ($1, 'notify', 0, 0, 'nurse-avery', 0, 'sms', $2, 'twilio', 'intent', 1, clock_timestamp() - interval '3 seconds')",
+        )
+        .bind(run.id)
+        .bind(NURSE_A)
+        .execute(&h.db.pool)
+        .await
+        .unwrap();
+    }
+    // Both messages reached the provider; their answers were lost.
+    let services = h.app.engine.services.clone();
+    let sms = services.providers.sender(Channel::Sms).expect("Twilio SMS");
+    for (run, body) in [(&a, "Linen change in Room 2"), (&b, "Fall risk in Room 7")] {
+        let out =
+            Outgoing { attempt_id: uuid::Uuid::new_v4(), person_id: "nurse-avery".into(), to: NURSE_A.into(), content: Content::Text { body: body.into() } };
+        assert!(sms.send(&out, &services.public_url).await.result.is_ok(), "run {}", run.id);
+    }
+    let who = Recipient { id: "nurse-avery".into(), name: "Avery".into(), voice: None, sms: Some(NURSE_A.into()) };
+    wardcall::notify::sms::send_one_way(&services, &a, "notify", std::slice::from_ref(&who), "Linen change in Room 2").await.expect("reconciled");
+    assert_eq!(h.emulator.messages().len(), 2, "nothing was sent again");
+    let adopted: Option<String> = sqlx::query_scalar("SELECT provider_id FROM wardcall.notification_attempts WHERE run_id = $1 AND generation = 0")
+        .bind(a.id)
+        .fetch_one(&h.db.pool)
+        .await
+        .unwrap();
+    let linen = h.emulator.messages().into_iter().find(|m| m.body == "Linen change in Room 2").unwrap().sid;
+    assert_eq!(adopted, Some(linen), "run A adopted its own message");
+    assert_eq!(h.db.scalar_i64("SELECT count(*) FROM wardcall.audit_log WHERE action = 'attempt.outcome_unknown'").await, 0);
     h.stop().await;
 }
