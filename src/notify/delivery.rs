@@ -113,12 +113,14 @@ pub async fn reconcile(
 /// What [`reconcile`] does while the provider's list of sends cannot be read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Unverified {
-    /// The re-call rule of a call (ARCHITECTURE.md): after
-    /// [`UNVERIFIED_RESEND_AFTER_MS`] the person is called again unverified
-    /// (a critical alert: better a second call than none).
+    /// The re-call rule of a critical alert (ARCHITECTURE.md): after
+    /// [`UNVERIFIED_RESEND_AFTER_MS`] the person is called (or, for the
+    /// escalation's SMS fallback, texted) again unverified: better a second
+    /// call than none, and an unreadable list never holds the escalation.
     ResendAfter30s,
-    /// A text is never sent again before the provider's list says it did not
-    /// go out: the step retries (ARCHITECTURE.md, invariant 2).
+    /// A `notify` step's one-way text is never sent again before the
+    /// provider's list says it did not go out: the step retries
+    /// (ARCHITECTURE.md, invariant 2).
     Retry,
 }
 

@@ -246,7 +246,10 @@ pub async fn send_fallbacks(
     }
     let message = alerts::message(&services.pool, alert_id).await?;
     let body = fit_body(&message, REPLY_INSTRUCTION, sender.max_text_chars());
-    let reconciled = delivery::reconcile(services, sender, &existing, run.fencing_token, Some(&body), delivery::Unverified::Retry).await?;
+    // A critical alert's fallback follows the re-call rule (better a second
+    // text than none): a message list that stays unreadable must not hold the
+    // escalation's evaluation, and with it the next tier's calls, for ever.
+    let reconciled = delivery::reconcile(services, sender, &existing, run.fencing_token, Some(&body), delivery::Unverified::ResendAfter30s).await?;
     let mut tx = services.pool.begin().await?;
     if !lock_fenced(&mut tx, run.id, run.fencing_token).await? {
         return Err(StepError::LeaseLost);

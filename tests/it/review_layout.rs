@@ -22,6 +22,7 @@ pub fn tests() -> Vec<libtest_mimic::Trial> {
         review_layout::ambiguous_text_is_not_sent_again_unverified,
         review_layout::sms_fallback_attempt_keeps_the_person_name,
         review_layout::ambiguous_text_is_adopted_beside_another_alerts_text,
+        review_layout::sms_fallback_is_not_held_by_an_unreadable_message_list,
     ]
 }
 
@@ -320,5 +321,52 @@ pub async fn ambiguous_text_is_adopted_beside_another_alerts_text() {
     let linen = h.emulator.messages().into_iter().find(|m| m.body == "Linen change in Room 2").unwrap().sid;
     assert_eq!(adopted, Some(linen), "run A adopted its own message");
     assert_eq!(h.db.scalar_i64("SELECT count(*) FROM wardcall.audit_log WHERE action = 'attempt.outcome_unknown'").await, 0);
+    h.stop().await;
+}
+
+/// The escalation's SMS fallback is a critical alert's: when its ambiguous
+/// text cannot be checked because the provider's message list stays
+/// unreadable, it follows the re-call rule (texted again after 30 s) rather
+/// than failing every evaluation, which would hold the escalation (and the
+/// next tier's calls) for as long as the list is down (invariant 10).
+pub async fn sms_fallback_is_not_held_by_an_unreadable_message_list() {
+    let h = hospital_a_silent().await;
+    let run = held_run(&h).await;
+    let alert: uuid::Uuid = sqlx::query_scalar(
+        "INSERT INTO wardcall.alerts (run_id, workflow, policy, message, status) VALUES ($1, 'critical-alert-call', 'critical-care', 'Seizure in Room 2', 'open')
+         RETURNING id",
+    )
+    .bind(run.id)
+    .fetch_one(&h.db.pool)
+    .await
+    .unwrap();
+    // Nurse A's call was busy; her fallback text's answer was lost a minute ago.
+    for (channel, status) in [("voice", "busy"), ("sms", "intent")] {
+        sqlx::query(
+            "INSERT INTO wardcall.notification_attempts (alert_id, run_id, cycle, step_index, person_id, generation, channel, destination, provider, status,
+                                                         fencing_token, created_at)
+             VALUES ($1, $2, 0, 0, 'nurse-avery', 0, $3, $4, 'twilio', $5, 1, clock_timestamp() - interval '60 seconds')",
+        )
+        .bind(alert)
+        .bind(run.id)
+        .bind(channel)
+        .bind(NURSE_A)
+        .bind(status)
+        .execute(&h.db.pool)
+        .await
+        .unwrap();
+    }
+    let sms = Arc::new(FakeSender { channel: Channel::Sms, provider_id: "SM0123456789abcdef0123456789abcdee".into(), sends: AtomicUsize::new(0) });
+    let mut services = h.app.engine.services.clone();
+    services.providers = Arc::new(wardcall::providers::Providers { senders: vec![sms.clone()], ..Default::default() });
+    wardcall::notify::sms::send_fallbacks(&services, &run, alert, 0, 0, &[]).await.expect("the fallback goes on");
+    assert_eq!(sms.sends.load(Ordering::SeqCst), 1, "texted again under the re-call rule");
+    let statuses: Vec<(i32, String)> =
+        sqlx::query_as("SELECT generation, status FROM wardcall.notification_attempts WHERE channel = 'sms' AND run_id = $1 ORDER BY generation")
+            .bind(run.id)
+            .fetch_all(&h.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(statuses, vec![(0, "unknown".to_string()), (1, "requested".to_string())]);
     h.stop().await;
 }
