@@ -130,10 +130,12 @@ pub async fn late_create_answer_on_an_unknown_attempt_is_audited_as_a_transition
     h.db.exec(SEIZURE_INSERT).await;
     await_true(&h.db, "the first call", Duration::from_secs(10), "SELECT count(*) = 1 FROM wardcall.notification_attempts WHERE status = 'in-progress'").await;
     // The state the re-call rule leaves: an earlier generation of the
-    // person's attempt, marked unknown (audited so), never confirmed.
+    // person's attempt, marked unknown (audited so), never confirmed. (No
+    // alert_id: the foreign-key locks of alert then run would deadlock with
+    // the engine's run-then-alert evaluation of the live call.)
     let unknown: uuid::Uuid = sqlx::query_scalar(
-        "INSERT INTO wardcall.notification_attempts (alert_id, run_id, cycle, step_index, person_id, generation, channel, destination, provider, status, fencing_token)
-         SELECT alert_id, run_id, 5, 0, person_id, 0, 'voice', destination, 'twilio', 'unknown', 0 FROM wardcall.notification_attempts RETURNING id",
+        "INSERT INTO wardcall.notification_attempts (run_id, cycle, step_index, person_id, generation, channel, destination, provider, status, fencing_token)
+         SELECT run_id, 5, 0, person_id, 0, 'voice', destination, 'twilio', 'unknown', 0 FROM wardcall.notification_attempts RETURNING id",
     )
     .fetch_one(&h.db.pool)
     .await
