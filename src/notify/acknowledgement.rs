@@ -223,6 +223,12 @@ impl KeypressReply {
 
     /// The reply a replay of a delivery gets, from its receipt (a replay
     /// that read the message reads it again: `message`).
+    ///
+    /// Receipts written before replies had names (kept for a day, see
+    /// [`crate::store::webhooks::prune`]) hold the TwiML answered, or
+    /// `replay:message` for a reply that read the alert again: they are read
+    /// by their spoken words, so a replay that reaches an upgraded engine
+    /// still answers as the first delivery did.
     fn from_receipt(receipt: &str, message: impl FnOnce() -> String) -> KeypressReply {
         match receipt {
             "acknowledged" => KeypressReply::Acknowledged,
@@ -230,7 +236,13 @@ impl KeypressReply {
             "cancelled" => KeypressReply::Cancelled,
             "no_longer_open" => KeypressReply::NoLongerOpen,
             "declined" => KeypressReply::Declined,
-            "read_again" => KeypressReply::ReadAgain { message: message() },
+            "read_again" | "replay:message" => KeypressReply::ReadAgain { message: message() },
+            // The previous version's TwiML receipts.
+            r if r.contains("The alert is acknowledged.") => KeypressReply::Acknowledged,
+            r if r.contains("This alert was already acknowledged.") => KeypressReply::AlreadyAcknowledged,
+            r if r.contains("This alert was cancelled.") => KeypressReply::Cancelled,
+            r if r.contains("This alert is no longer open.") => KeypressReply::NoLongerOpen,
+            r if r.contains("Escalating to the next person.") => KeypressReply::Declined,
             _ => KeypressReply::Goodbye,
         }
     }
@@ -255,8 +267,11 @@ pub async fn apply_keypress(
     if let Some(first_response) = claim_delivery(&mut tx, delivery, attempt).await? {
         tx.rollback().await?;
         tracing::info!(attempt = %attempt, "replayed keypress webhook ignored");
-        let message =
-            if first_response == "read_again" { alerts::message_if_any(&services.pool, row.alert_id).await?.unwrap_or_default() } else { String::new() };
+        let message = if matches!(first_response.as_str(), "read_again" | "replay:message") {
+            alerts::message_if_any(&services.pool, row.alert_id).await?.unwrap_or_default()
+        } else {
+            String::new()
+        };
         return Ok(KeypressReply::from_receipt(&first_response, || message));
     }
     let Some(alert_id) = row.alert_id else {

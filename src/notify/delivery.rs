@@ -53,24 +53,30 @@ pub type Reconciled = HashMap<Uuid, Option<Sent>>;
 /// same address created at or after the intent (and carrying `body`, for a
 /// text) that no attempt holds yet: the oldest of them is the one the intent
 /// created. When another unconfirmed intent to the same address exists (two
-/// alerts paging the same nurse), nothing is adopted and the person is sent
-/// to again rather than risk taking another attempt's send.
+/// alerts paging the same nurse; for a text, only one of the same run, as
+/// another alert's text has another body), nothing is adopted and the person
+/// is sent to again rather than risk taking another attempt's send.
 ///
-/// Errors: [`StepError::Retryable`] when the provider cannot be asked and
-/// the intent is younger than [`UNVERIFIED_RESEND_AFTER_MS`] (nothing is sent
-/// meanwhile); a database error.
+/// `unverified`: what happens while the provider's list cannot be read.
+///
+/// Errors: [`StepError::Retryable`] when the provider cannot be asked (under
+/// [`Unverified::ResendAfter30s`], only while the intent is younger than
+/// [`UNVERIFIED_RESEND_AFTER_MS`]); nothing is sent meanwhile; a database error.
 pub async fn reconcile(
     services: &Services,
     sender: &dyn ChannelSender,
     attempts: &[AttemptRow],
     fencing_token: i64,
     body: Option<&str>,
+    unverified: Unverified,
 ) -> Result<Reconciled, StepError> {
     let mut found = HashMap::new();
     for a in attempts.iter().filter(|a| a.ambiguous(fencing_token)) {
         let records = match sender.sent_to(&a.destination, 20).await {
             Ok(r) => r,
-            Err(e) if jiff::Timestamp::now().as_millisecond() as f64 - a.created_ms > UNVERIFIED_RESEND_AFTER_MS => {
+            Err(e)
+                if unverified == Unverified::ResendAfter30s && jiff::Timestamp::now().as_millisecond() as f64 - a.created_ms > UNVERIFIED_RESEND_AFTER_MS =>
+            {
                 tracing::error!(attempt = %a.id, error = %e, "cannot ask the provider whether an ambiguous send went out, for too long; sending again unverified");
                 found.insert(a.id, None);
                 continue;
@@ -87,7 +93,11 @@ pub async fn reconcile(
             .collect();
         let ids: Vec<String> = candidates.iter().map(|r| r.provider_id.clone()).collect();
         let known = attempts::known_provider_ids(&services.pool, sender.provider(), &ids).await?;
-        let rivals = attempts::unconfirmed_rivals(&services.pool, &a.destination, a.id, sender.channel().as_str()).await?;
+        // A text is matched by its body too: another alert's text to the
+        // same number is told apart, so only the same run's intents (the same
+        // body: two people sharing a phone) are rivals; without that, both
+        // would adopt one message and the unique index would refuse the step.
+        let rivals = attempts::unconfirmed_rivals(&services.pool, &a.destination, a.id, sender.channel().as_str(), body.is_some()).await?;
         let adopt = if rivals == 0 { candidates.iter().rev().find(|r| !known.contains(&r.provider_id)) } else { None };
         // A text's status is recorded as the provider has it; a call's
         // statuses arrive by callback (the sweeper fetches late ones).
@@ -98,6 +108,20 @@ pub async fn reconcile(
         found.insert(a.id, adopt);
     }
     Ok(found)
+}
+
+/// What [`reconcile`] does while the provider's list of sends cannot be read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unverified {
+    /// The re-call rule of a critical alert (ARCHITECTURE.md): after
+    /// [`UNVERIFIED_RESEND_AFTER_MS`] the person is called (or, for the
+    /// escalation's SMS fallback, texted) again unverified: better a second
+    /// call than none, and an unreadable list never holds the escalation.
+    ResendAfter30s,
+    /// A `notify` step's one-way text is never sent again before the
+    /// provider's list says it did not go out: the step retries
+    /// (ARCHITECTURE.md, invariant 2).
+    Retry,
 }
 
 /// What to do when an ambiguous intent was not looked up at the provider

@@ -87,12 +87,15 @@ fn sms_sender<'a>(services: &'a Services, what: &str) -> Result<&'a dyn ChannelS
     services.providers.sender(Channel::Sms).ok_or_else(|| StepError::Permanent(anyhow!("{what} sends SMS, but no SMS provider is configured")))
 }
 
-/// The intent of a text to `to` at `pos`.
+/// The intent of a text to `to` at `pos` (`person_name`: the recipient's
+/// display name, kept on the attempt for write-backs, never logged).
+#[allow(clippy::too_many_arguments)]
 fn sms_intent<'a>(
     run: &ClaimedRun,
     alert_id: Option<Uuid>,
     pos: Position<'a>,
     person_id: &'a str,
+    person_name: Option<&'a str>,
     generation: i32,
     to: &'a str,
     provider: &'a str,
@@ -101,7 +104,7 @@ fn sms_intent<'a>(
         alert_id,
         pos,
         person_id,
-        person_name: None,
+        person_name,
         generation,
         channel: Channel::Sms.as_str(),
         destination: to,
@@ -139,7 +142,7 @@ pub async fn send_one_way(services: &Services, run: &ClaimedRun, step_key: &str,
         let mut conn = services.pool.acquire().await?;
         attempts::latest_per_person(&mut conn, pos, Channel::Sms.as_str()).await?
     };
-    let reconciled = delivery::reconcile(services, sender, &existing, run.fencing_token, Some(&body)).await?;
+    let reconciled = delivery::reconcile(services, sender, &existing, run.fencing_token, Some(&body), delivery::Unverified::Retry).await?;
     let mut tx = services.pool.begin().await?;
     if !lock_fenced(&mut tx, run.id, run.fencing_token).await? {
         return Err(StepError::LeaseLost);
@@ -168,7 +171,8 @@ pub async fn send_one_way(services: &Services, run: &ClaimedRun, step_key: &str,
         };
         let latest = existing.iter().find(|a| a.person_id == r.id);
         if let Some(generation) = delivery::settle(&mut tx, latest, &reconciled, run.fencing_token, NotLookedUp::Wait, &actor).await? {
-            let attempt_id = attempts::insert_intent(&mut tx, &sms_intent(run, None, pos, &r.id, generation, to, sender.provider()), &actor).await?;
+            let attempt_id =
+                attempts::insert_intent(&mut tx, &sms_intent(run, None, pos, &r.id, Some(&r.name), generation, to, sender.provider()), &actor).await?;
             outgoing.push(Outgoing { attempt_id, person_id: r.id.clone(), to: to.to_string(), content: Content::Text { body: body.clone() } });
         }
     }
@@ -185,6 +189,13 @@ fn fallback_address(services: &Services, tier: &[crate::notify::Recipient], pers
         return sms;
     }
     services.config.person(person_id).map(|p| p.phone.clone()).unwrap_or_else(|| called.to_string())
+}
+
+/// The display name of an escalation recipient (the tier's recorded
+/// recipient, else the config person), kept on the text's attempt as on the
+/// call's: write-backs get it as `person_name` (README, write-back details).
+fn fallback_name(services: &Services, tier: &[crate::notify::Recipient], person_id: &str) -> Option<String> {
+    tier.iter().find(|r| r.id == person_id).map(|r| r.name.clone()).or_else(|| services.config.person(person_id).map(|p| p.name.clone()))
 }
 
 /// The call failed to reach a human: busy, no answer, failed, voicemail,
@@ -235,7 +246,10 @@ pub async fn send_fallbacks(
     }
     let message = alerts::message(&services.pool, alert_id).await?;
     let body = fit_body(&message, REPLY_INSTRUCTION, sender.max_text_chars());
-    let reconciled = delivery::reconcile(services, sender, &existing, run.fencing_token, Some(&body)).await?;
+    // A critical alert's fallback follows the re-call rule (better a second
+    // text than none): a message list that stays unreadable must not hold the
+    // escalation's evaluation, and with it the next tier's calls, for ever.
+    let reconciled = delivery::reconcile(services, sender, &existing, run.fencing_token, Some(&body), delivery::Unverified::ResendAfter30s).await?;
     let mut tx = services.pool.begin().await?;
     if !lock_fenced(&mut tx, run.id, run.fencing_token).await? {
         return Err(StepError::LeaseLost);
@@ -251,7 +265,8 @@ pub async fn send_fallbacks(
         let latest = existing.iter().find(|a| a.person_id == c.person_id);
         if let Some(generation) = delivery::settle(&mut tx, latest, &reconciled, run.fencing_token, NotLookedUp::Wait, &actor).await? {
             let to = fallback_address(services, tier, &c.person_id, &c.destination);
-            let intent = sms_intent(run, Some(alert_id), pos, &c.person_id, generation, &to, sender.provider());
+            let name = fallback_name(services, tier, &c.person_id);
+            let intent = sms_intent(run, Some(alert_id), pos, &c.person_id, name.as_deref(), generation, &to, sender.provider());
             let attempt_id = attempts::insert_intent(&mut tx, &intent, &actor).await?;
             tracing::info!(attempt = %attempt_id, person = %c.person_id, call_status = %c.status, to = %redact_phone(&to), "call failed; sending the SMS fallback");
             outgoing.push(Outgoing { attempt_id, person_id: c.person_id.clone(), to, content: Content::Text { body: body.clone() } });

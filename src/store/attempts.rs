@@ -141,9 +141,11 @@ pub async fn insert_intent(tx: &mut PgConnection, intent: &NewIntent<'_>, actor:
 /// The provider accepted the send: keeps its id (the first one recorded
 /// wins) and moves an `intent` (or an `unknown` whose late answer arrived)
 /// to `status`, under the attempt's row lock. Audited `attempt.requested`
-/// from an intent, else `attempt.create_confirmed` (callbacks came first: a
-/// confirmation, not a transition). One round trip. Returns the attempt's
-/// previous status and its alert's status (`None` for a `notify` step's).
+/// from an intent, else `attempt.create_confirmed`: from `unknown` to
+/// `status` when it moved an `unknown`, without states when callbacks came
+/// first (a confirmation, not a transition). One round trip. Returns the
+/// attempt's previous status and its alert's status (`None` for a `notify`
+/// step's).
 pub async fn record_sent(conn: &mut PgConnection, id: Uuid, provider_id: &str, status: &str, actor: &str) -> Result<(String, Option<String>), sqlx::Error> {
     sqlx::query_as(
         "WITH prev AS (
@@ -160,7 +162,7 @@ pub async fn record_sent(conn: &mut PgConnection, id: Uuid, provider_id: &str, s
              INSERT INTO wardcall.audit_log (entity, entity_id, action, from_state, to_state, actor, detail)
              SELECT 'notification_attempt', $1::text,
                     CASE WHEN previous = 'intent' THEN 'attempt.requested' ELSE 'attempt.create_confirmed' END,
-                    CASE WHEN previous = 'intent' THEN 'intent' END, CASE WHEN previous = 'intent' THEN $3 END, $4,
+                    CASE WHEN previous IN ('intent','unknown') THEN previous END, CASE WHEN previous IN ('intent','unknown') THEN $3 END, $4,
                     CASE WHEN previous = 'intent' THEN jsonb_build_object('provider_id', $2::text)
                          ELSE jsonb_build_object('provider_id', $2::text, 'status', previous) END
                FROM upd)
@@ -278,16 +280,20 @@ pub async fn known_provider_ids(pool: &sqlx::PgPool, provider: &str, provider_id
 
 /// Other unconfirmed intents (or unknowns) on `channel` to the same address
 /// within the last hour: any of them could own an unclaimed send at the
-/// provider, so none is adopted.
-pub async fn unconfirmed_rivals(pool: &sqlx::PgPool, destination: &str, except: Uuid, channel: &str) -> Result<i64, sqlx::Error> {
+/// provider, so none is adopted. `same_run_only`: only those of `except`'s
+/// run count (texts: the provider's record carries the body, which tells
+/// another alert's text apart; the same run's carry the same body).
+pub async fn unconfirmed_rivals(pool: &sqlx::PgPool, destination: &str, except: Uuid, channel: &str, same_run_only: bool) -> Result<i64, sqlx::Error> {
     sqlx::query_scalar(
         "SELECT count(*) FROM wardcall.notification_attempts
           WHERE destination = $1 AND id <> $2 AND channel = $3 AND status IN ('intent','unknown') AND provider_id IS NULL
-            AND created_at > clock_timestamp() - interval '1 hour'",
+            AND created_at > clock_timestamp() - interval '1 hour'
+            AND (NOT $4 OR run_id = (SELECT run_id FROM wardcall.notification_attempts WHERE id = $2))",
     )
     .bind(destination)
     .bind(except)
     .bind(channel)
+    .bind(same_run_only)
     .fetch_one(pool)
     .await
 }

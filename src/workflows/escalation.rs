@@ -321,7 +321,7 @@ async fn place_calls(ctx: &mut StepContext<'_>, settings: &EscalationWorkflow, p
             let mut conn = services.pool.acquire().await?;
             attempts::latest_per_person(&mut conn, pos, Channel::Voice.as_str()).await?
         };
-        delivery::reconcile(&services, voice, &existing, ctx.run.fencing_token, None).await?
+        delivery::reconcile(&services, voice, &existing, ctx.run.fencing_token, None, delivery::Unverified::ResendAfter30s).await?
     } else {
         delivery::Reconciled::new()
     };

@@ -30,6 +30,7 @@ mod layout;
 mod outbound;
 mod privacy_cluster;
 mod recipients;
+mod review_layout;
 mod runtime_resilience;
 mod sms;
 mod workflow_hardening;
@@ -71,5 +72,6 @@ fn all_tests() -> Vec<Trial> {
     t.extend(example_hospital::tests());
     t.extend(outbound::tests());
     t.extend(layout::tests());
+    t.extend(review_layout::tests());
     t
 }
