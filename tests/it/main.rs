@@ -15,6 +15,7 @@ macro_rules! trials {
     };
 }
 
+mod batching;
 mod bench_smoke;
 mod capture_runtime;
 mod config_checks;
@@ -69,5 +70,6 @@ fn all_tests() -> Vec<Trial> {
     t.extend(example_sla::tests());
     t.extend(example_hospital::tests());
     t.extend(outbound::tests());
+    t.extend(batching::tests());
     t
 }
