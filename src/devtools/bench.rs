@@ -173,6 +173,10 @@ pub struct BenchArgs {
     /// timers (1..=8).
     #[arg(long, default_value_t = 1)]
     pub engines: usize,
+    /// Worker tasks per engine (`engine.workers`) for latency, burst, steps
+    /// and timers (1..=1024).
+    #[arg(long, default_value_t = 16)]
+    pub workers: usize,
 }
 
 /// Sizes of a scenario (see [`BenchArgs`] for their meaning per scenario).
@@ -188,20 +192,23 @@ pub struct Sizes {
     pub spread_s: f64,
     /// Engines against the one database (burst, steps, timers; 1 ..= 8).
     pub engines: usize,
+    /// Worker tasks per engine (latency, burst, steps, timers; 1 ..= 1024).
+    pub workers: usize,
 }
 
 impl Default for Sizes {
     fn default() -> Self {
-        Sizes { n: None, rate: 50.0, alerts: None, spread_s: 60.0, engines: 1 }
+        Sizes { n: None, rate: 50.0, alerts: None, spread_s: 60.0, engines: 1, workers: 16 }
     }
 }
 
 impl Sizes {
     /// Checks the sizes. Errors: a rate that is not in (0, 10000], a spread not
-    /// in [0, 3600] s, an `n`/`alerts` of 0 or above 10,000,000, or engines
-    /// not in 1..=8.
+    /// in [0, 3600] s, an `n`/`alerts` of 0 or above 10,000,000, engines
+    /// not in 1..=8, or workers not in 1..=1024.
     pub fn validate(&self) -> anyhow::Result<()> {
         ensure!(self.rate.is_finite() && self.rate > 0.0 && self.rate <= 10_000.0, "--rate must be in (0, 10000] alerts/s, got {}", self.rate);
+        ensure!((1..=1024).contains(&self.workers), "--workers must be in 1..=1024, got {}", self.workers);
         ensure!((1..=8).contains(&self.engines), "--engines must be in 1..=8, got {}", self.engines);
         ensure!(self.spread_s.is_finite() && (0.0..=3600.0).contains(&self.spread_s), "--spread-s must be in [0, 3600] s, got {}", self.spread_s);
         for (name, v) in [("--n", self.n), ("--alerts", self.alerts)] {
@@ -312,7 +319,7 @@ pub struct BenchReport {
 /// (the message names the scenario and how far it got), or the JSON file
 /// cannot be written.
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
-    let sizes = Sizes { n: args.n, rate: args.rate, alerts: args.alerts, spread_s: args.spread_s, engines: args.engines };
+    let sizes = Sizes { n: args.n, rate: args.rate, alerts: args.alerts, spread_s: args.spread_s, engines: args.engines, workers: args.workers };
     sizes.validate()?;
     let cluster = EmbeddedCluster::start(&args.data_dir).await.with_context(|| format!("starting the benchmark cluster in {}", args.data_dir.display()))?;
     let options = BenchOptions { server: cluster.connect_options("postgres"), database_prefix: "wardcall_bench".into(), drop_databases: args.drop };
@@ -857,9 +864,9 @@ async fn latency(options: &BenchOptions, sizes: &Sizes) -> anyhow::Result<Scenar
     let mut r = ScenarioReport::new(
         Scenario::Latency,
         format!("commit of a critical alert INSERT → create-call request at the emulator, {n} alerts at {} /s", sizes.rate),
-        json!({"alerts": n, "rate_per_s": sizes.rate, "warm_up_alerts": n.min(50), "workers": 16}),
+        json!({"alerts": n, "rate_per_s": sizes.rate, "warm_up_alerts": n.min(50), "workers": sizes.workers}),
     );
-    let env_owned = Env::start(options, "latency", 16, 1).await?;
+    let env_owned = Env::start(options, "latency", sizes.workers, 1).await?;
     let env = &env_owned;
     let result: anyhow::Result<()> = async {
         warm_up(env, n, sizes.rate).await?;
@@ -898,9 +905,9 @@ async fn burst(options: &BenchOptions, sizes: &Sizes) -> anyhow::Result<Scenario
     let mut r = ScenarioReport::new(
         Scenario::Burst,
         format!("{n} critical alerts in one INSERT: commit → last create-call request"),
-        json!({"alerts": n, "workers": 16, "engines": sizes.engines}),
+        json!({"alerts": n, "workers": sizes.workers, "engines": sizes.engines}),
     );
-    let env_owned = Env::start(options, "burst", 16, sizes.engines).await?;
+    let env_owned = Env::start(options, "burst", sizes.workers, sizes.engines).await?;
     let env = &env_owned;
     let result: anyhow::Result<()> = async {
         let mut rx = env.emulator().subscribe();
@@ -1046,9 +1053,9 @@ async fn steps(options: &BenchOptions, sizes: &Sizes) -> anyhow::Result<Scenario
     let mut r = ScenarioReport::new(
         Scenario::Steps,
         format!("{runs} script runs of {per_run} steps: committed run.step_completed transitions per second"),
-        json!({"steps": total, "runs": runs, "steps_per_run": per_run, "workers": 16, "engines": sizes.engines}),
+        json!({"steps": total, "runs": runs, "steps_per_run": per_run, "workers": sizes.workers, "engines": sizes.engines}),
     );
-    let env_owned = Env::start(options, "steps", 16, sizes.engines).await?;
+    let env_owned = Env::start(options, "steps", sizes.workers, sizes.engines).await?;
     let env = &env_owned;
     let result: anyhow::Result<()> = async {
         let script: Vec<Value> = (0..per_run).map(|i| json!({"op": "step", "name": format!("s{i}")})).collect();
@@ -1135,10 +1142,10 @@ async fn timers(options: &BenchOptions, sizes: &Sizes) -> anyhow::Result<Scenari
     let mut r = ScenarioReport::new(
         Scenario::Timers,
         format!("{n} durable sleeps due at one instant, then {n} due over {} s: lateness = claim (audit at) − due", sizes.spread_s),
-        json!({"timers": n, "spread_s": sizes.spread_s, "workers": 16, "engines": sizes.engines}),
+        json!({"timers": n, "spread_s": sizes.spread_s, "workers": sizes.workers, "engines": sizes.engines}),
     );
     for (mode, spread) in [("instant", 0i64), ("spread", spread_ms)] {
-        let env = Env::start(options, &format!("timers_{mode}"), 16, sizes.engines).await?;
+        let env = Env::start(options, &format!("timers_{mode}"), sizes.workers, sizes.engines).await?;
         // Time to notice new rows (the idle poll, 250 ms) plus insertion time.
         let lead_ms = 1000 + (n / 5) as i64;
         let result = {
