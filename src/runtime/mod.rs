@@ -212,6 +212,9 @@ pub struct GroupCommitStats {
     pub fenced_out: AtomicU64,
     /// The largest batch so far.
     pub largest: AtomicU64,
+    /// Transitions whose run's row another transaction held (a webhook's):
+    /// left out of their batch and committed on their own, waiting for the lock.
+    pub busy: AtomicU64,
 }
 
 impl Engine {
@@ -1109,18 +1112,43 @@ async fn group_committer(pool: sqlx::PgPool, mut rx: mpsc::UnboundedReceiver<Com
             stats.batches.fetch_add(1, Ordering::Relaxed);
             stats.transitions.fetch_add(items.len() as u64, Ordering::Relaxed);
             stats.largest.fetch_max(items.len() as u64, Ordering::Relaxed);
-            let outcomes = match store::commit_transitions(&pool, &items).await {
+            let outcomes = match store::commit_transitions_skip_locked(&pool, &items).await {
                 Ok(o) => o,
                 Err(e) => {
                     tracing::warn!(runs = items.len(), error = %crate::capture::db_message(&e), "a group commit failed; the leases will lapse and the steps re-run");
-                    vec![None; items.len()]
+                    vec![store::GroupOutcome::LeaseLost; items.len()]
                 }
             };
             drop(flight);
-            let lost = outcomes.iter().filter(|o| o.is_none()).count();
-            stats.fenced_out.fetch_add(lost as u64, Ordering::Relaxed);
-            for (request, outcome) in batch.into_iter().zip(outcomes) {
-                let _ = request.reply.send(outcome);
+            for ((request, item), outcome) in batch.into_iter().zip(items).zip(outcomes) {
+                match outcome {
+                    store::GroupOutcome::Committed { due_now } => {
+                        let _ = request.reply.send(Some(due_now));
+                    }
+                    store::GroupOutcome::LeaseLost => {
+                        stats.fenced_out.fetch_add(1, Ordering::Relaxed);
+                        let _ = request.reply.send(None);
+                    }
+                    store::GroupOutcome::Busy => {
+                        // Its row is held (a webhook locks the run first): commit
+                        // it alone, waiting for the lock, without holding the batch.
+                        stats.busy.fetch_add(1, Ordering::Relaxed);
+                        let (pool, stats) = (pool.clone(), stats.clone());
+                        tokio::spawn(async move {
+                            let outcome = match store::commit_transitions(&pool, std::slice::from_ref(&item)).await {
+                                Ok(mut o) => o.pop().flatten(),
+                                Err(e) => {
+                                    tracing::warn!(run = %item.id, error = %crate::capture::db_message(&e), "committing a step failed; the lease will lapse and the step re-run");
+                                    None
+                                }
+                            };
+                            if outcome.is_none() {
+                                stats.fenced_out.fetch_add(1, Ordering::Relaxed);
+                            }
+                            let _ = request.reply.send(outcome);
+                        });
+                    }
+                }
             }
         });
     }

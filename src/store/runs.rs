@@ -430,7 +430,42 @@ fn transition_row(t: &TransitionCommit) -> (&'static str, &'static str, &'static
 /// first has locked the runs, so that it sees every signal committed before
 /// (`wardcall.send_signal` locks the run row too): a signal either is seen
 /// here or finds the run `waiting` and makes it due itself.
+///
+/// A run whose row another transaction holds (a webhook's, a cancel's) is
+/// waited for; [`commit_transitions_skip_locked`] does not wait.
 pub async fn commit_transitions(pool: &PgPool, batch: &[TransitionCommit]) -> Result<Vec<Option<bool>>, sqlx::Error> {
+    Ok(commit_batch(pool, batch, false)
+        .await?
+        .into_iter()
+        .map(|o| match o {
+            GroupOutcome::Committed { due_now } => Some(due_now),
+            _ => None,
+        })
+        .collect())
+}
+
+/// What a group commit did with one run's transition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupOutcome {
+    /// Written and audited; `due_now`: a `wait` whose signal had already arrived.
+    Committed { due_now: bool },
+    /// The run's fencing token moved on (or it is no longer `running`): nothing written.
+    LeaseLost,
+    /// Another transaction held the run's row: nothing written, not waited
+    /// for; commit it on its own ([`commit_transitions`]).
+    Busy,
+}
+
+/// [`commit_transitions`] without waiting for row locks: a run whose row
+/// another transaction holds (e.g. a webhook's, which locks the run first)
+/// is left out as [`GroupOutcome::Busy`], so that one run's lock wait does
+/// not hold the whole batch (`FOR UPDATE SKIP LOCKED`; a run is busy when its
+/// token still matched in the statement's snapshot but its row was locked).
+pub async fn commit_transitions_skip_locked(pool: &PgPool, batch: &[TransitionCommit]) -> Result<Vec<GroupOutcome>, sqlx::Error> {
+    commit_batch(pool, batch, true).await
+}
+
+async fn commit_batch(pool: &PgPool, batch: &[TransitionCommit], skip_locked: bool) -> Result<Vec<GroupOutcome>, sqlx::Error> {
     if batch.is_empty() {
         return Ok(Vec::new());
     }
@@ -475,7 +510,7 @@ pub async fn commit_transitions(pool: &PgPool, batch: &[TransitionCommit]) -> Re
         details.push(detail);
         actors.push(t.actor.as_str());
     }
-    let query = sqlx::query_scalar::<_, Uuid>(
+    let sql = format!(
         "WITH input AS (
              SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::jsonb[], $4::text[], $5::text[], $6::bigint[], $7::bigint[],
                                   $8::text[], $9::text[], $10::text[], $11::text[], $12::jsonb[], $13::text[])
@@ -483,7 +518,7 @@ pub async fn commit_transitions(pool: &PgPool, batch: &[TransitionCommit]) -> Re
          locked AS (
              SELECT r.id FROM wardcall.runs r JOIN input i ON i.id = r.id
               WHERE r.fencing_token = i.token AND r.status = 'running'
-              ORDER BY r.id FOR UPDATE OF r),
+              ORDER BY r.id FOR UPDATE OF r{lock}),
          updated AS (
              UPDATE wardcall.runs r SET
                     state = i.state,
@@ -511,26 +546,36 @@ pub async fn commit_transitions(pool: &PgPool, batch: &[TransitionCommit]) -> Re
              INSERT INTO wardcall.audit_log (entity, entity_id, action, from_state, to_state, actor, detail)
              SELECT 'run', i.id::text, i.action, 'running', i.to_status, i.actor, i.detail
                FROM input i JOIN updated u ON u.id = i.id)
-         SELECT id FROM updated",
-    )
-    .bind(&ids)
-    .bind(&tokens)
-    .bind(&states)
-    .bind(&next_steps)
-    .bind(&kinds)
-    .bind(&due_epochs)
-    .bind(&delays)
-    .bind(&signals)
-    .bind(&errors)
-    .bind(&actions)
-    .bind(&statuses)
-    .bind(&details)
-    .bind(&actors);
-    let (committed, due_now): (Vec<Uuid>, Vec<Uuid>) = if waits.is_empty() {
+         SELECT id, true FROM updated{busy}",
+        lock = if skip_locked { " SKIP LOCKED" } else { "" },
+        busy = if skip_locked {
+            "
+         UNION ALL
+         SELECT r.id, false FROM wardcall.runs r JOIN input i ON i.id = r.id
+          WHERE r.fencing_token = i.token AND r.status = 'running' AND NOT EXISTS (SELECT 1 FROM locked l WHERE l.id = r.id)"
+        } else {
+            ""
+        },
+    );
+    let query = sqlx::query_as::<_, (Uuid, bool)>(&sql)
+        .bind(&ids)
+        .bind(&tokens)
+        .bind(&states)
+        .bind(&next_steps)
+        .bind(&kinds)
+        .bind(&due_epochs)
+        .bind(&delays)
+        .bind(&signals)
+        .bind(&errors)
+        .bind(&actions)
+        .bind(&statuses)
+        .bind(&details)
+        .bind(&actors);
+    let (rows, due_now): (Vec<(Uuid, bool)>, Vec<Uuid>) = if waits.is_empty() {
         (query.fetch_all(pool).await?, Vec::new())
     } else {
         let mut tx = pool.begin().await?;
-        let committed = query.fetch_all(&mut *tx).await?;
+        let rows = query.fetch_all(&mut *tx).await?;
         // A new statement after the lock: it sees every signal committed so far.
         let due_now = sqlx::query_scalar(
             "UPDATE wardcall.runs r SET due_at = clock_timestamp()
@@ -538,14 +583,21 @@ pub async fn commit_transitions(pool: &PgPool, batch: &[TransitionCommit]) -> Re
                 AND EXISTS (SELECT 1 FROM wardcall.signals s WHERE s.run_id = r.id AND s.name = r.wait_signal AND s.consumed_at IS NULL)
              RETURNING r.id",
         )
-        .bind(committed.iter().copied().filter(|id| waits.contains(id)).collect::<Vec<Uuid>>())
+        .bind(rows.iter().filter(|(id, written)| *written && waits.contains(id)).map(|(id, _)| *id).collect::<Vec<Uuid>>())
         .fetch_all(&mut *tx)
         .await?;
         tx.commit().await?;
-        (committed, due_now)
+        (rows, due_now)
     };
-    let committed: std::collections::HashSet<Uuid> = committed.into_iter().collect();
-    Ok(batch.iter().map(|t| committed.contains(&t.id).then(|| due_now.contains(&t.id))).collect())
+    let found: std::collections::HashMap<Uuid, bool> = rows.into_iter().collect();
+    Ok(batch
+        .iter()
+        .map(|t| match found.get(&t.id) {
+            Some(true) => GroupOutcome::Committed { due_now: due_now.contains(&t.id) },
+            Some(false) => GroupOutcome::Busy,
+            None => GroupOutcome::LeaseLost,
+        })
+        .collect())
 }
 
 /// Records a failed attempt of the current step: schedules a retry `delay_ms`

@@ -19,6 +19,7 @@ pub fn tests() -> Vec<libtest_mimic::Trial> {
     trials![
         batching::lost_lease_in_a_batch_commits_the_others,
         batching::crash_in_a_batched_commit_writes_none_of_its_runs,
+        batching::a_held_run_does_not_hold_its_batch,
         batching::engine_batch_with_a_lost_lease,
         batching::critical_alert_is_not_held_behind_a_batch,
         batching::two_engines_at_burst_size_run_each_step_once,
@@ -179,6 +180,30 @@ pub async fn crash_in_a_batched_commit_writes_none_of_its_runs() {
     assert!(outcomes.iter().all(|o| *o == Some(false)), "{outcomes:?}");
     assert_eq!(db.scalar_i64("SELECT count(*) FROM wardcall.runs WHERE step = 'op:1'").await, 6);
     committer.close().await;
+}
+
+/// A batch in which one run's row is held by another transaction (a webhook
+/// locks the run first) commits the others at once and reports that one
+/// `Busy` (not lost): the engine then commits it alone, waiting for the lock.
+pub async fn a_held_run_does_not_hold_its_batch() {
+    let db = TestDb::new().await;
+    let runs = claimed_runs(&db, 4, "test").await;
+    let mut holder = db.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM wardcall.runs WHERE id = $1 FOR UPDATE").bind(runs[1].id).execute(&mut *holder).await.unwrap();
+    // And one whose lease was lost.
+    sqlx::query("UPDATE wardcall.runs SET fencing_token = fencing_token + 1 WHERE id = $1").bind(runs[3].id).execute(&db.pool).await.unwrap();
+    let batch: Vec<TransitionCommit> = runs.iter().map(|r| transition(r, Parking::Continue)).collect();
+    let outcomes = tokio::time::timeout(Duration::from_secs(5), store::commit_transitions_skip_locked(&db.pool, &batch))
+        .await
+        .expect("the batch does not wait for the held row")
+        .unwrap();
+    use store::GroupOutcome::*;
+    assert_eq!(outcomes, vec![Committed { due_now: false }, Busy, Committed { due_now: false }, LeaseLost]);
+    assert_eq!(audited(&db, runs[1].id).await, vec!["run.claimed"], "the held run was not written");
+    holder.rollback().await.unwrap();
+    let alone = store::commit_transitions(&db.pool, &batch[1..2]).await.unwrap();
+    assert_eq!(alone, vec![Some(false)]);
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM wardcall.runs WHERE step = 'op:1'").await, 3);
 }
 
 /// Through the engine: eight runs whose first step ends at the same moment
