@@ -198,6 +198,11 @@ struct GroupCommit {
     tx: mpsc::UnboundedSender<CommitRequest>,
     rx: std::sync::Mutex<Option<mpsc::UnboundedReceiver<CommitRequest>>>,
     stats: Arc<GroupCommitStats>,
+    /// The commits in flight ([`GROUP_COMMITS_IN_FLIGHT`]), shared by the
+    /// committer's batches and the workers' direct commits.
+    flights: Arc<Semaphore>,
+    /// Transitions queued and not yet taken into a batch.
+    queued: Arc<AtomicU64>,
 }
 
 /// Counts of an engine's group commits (read with [`Engine::group_commit_stats`]).
@@ -240,7 +245,13 @@ impl Engine {
             host,
             group: {
                 let (tx, rx) = mpsc::unbounded_channel();
-                GroupCommit { tx, rx: std::sync::Mutex::new(Some(rx)), stats: Arc::new(GroupCommitStats::default()) }
+                GroupCommit {
+                    tx,
+                    rx: std::sync::Mutex::new(Some(rx)),
+                    stats: Arc::new(GroupCommitStats::default()),
+                    flights: Arc::new(Semaphore::new(GROUP_COMMITS_IN_FLIGHT)),
+                    queued: Arc::new(AtomicU64::new(0)),
+                }
             },
         })
     }
@@ -301,13 +312,38 @@ impl Engine {
     /// statement with per-run fencing ([`store::commit_transitions`]).
     /// `None`: the lease was lost (or the commit failed: the lease lapses and
     /// the step re-runs), nothing was written; `Some(due_now)`: committed.
+    ///
+    /// When no batch is forming (nothing queued, a flight free), the worker
+    /// commits its own transition at once, crossing no task: a lone alert
+    /// pays one statement and no hop.
     async fn commit_grouped(&self, item: store::TransitionCommit) -> Option<bool> {
-        let rx = self.group.rx.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let g = &self.group;
+        if g.queued.load(Ordering::Acquire) == 0 {
+            if let Ok(_flight) = g.flights.clone().try_acquire_owned() {
+                g.stats.batches.fetch_add(1, Ordering::Relaxed);
+                g.stats.transitions.fetch_add(1, Ordering::Relaxed);
+                g.stats.largest.fetch_max(1, Ordering::Relaxed);
+                let outcome = match store::commit_transitions(&self.db.pool, std::slice::from_ref(&item)).await {
+                    Ok(mut o) => o.pop().flatten(),
+                    Err(e) => {
+                        tracing::warn!(run = %item.id, error = %crate::capture::db_message(&e), "committing a step failed; the lease will lapse and the step re-run");
+                        None
+                    }
+                };
+                if outcome.is_none() {
+                    g.stats.fenced_out.fetch_add(1, Ordering::Relaxed);
+                }
+                return outcome;
+            }
+        }
+        let rx = g.rx.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(rx) = rx {
-            tokio::spawn(group_committer(self.db.pool.clone(), rx, self.group.stats.clone()));
+            tokio::spawn(group_committer(self.db.pool.clone(), rx, g.stats.clone(), g.flights.clone(), g.queued.clone()));
         }
         let (reply, outcome) = oneshot::channel();
-        if self.group.tx.send(CommitRequest { item, reply }).is_err() {
+        g.queued.fetch_add(1, Ordering::AcqRel);
+        if g.tx.send(CommitRequest { item, reply }).is_err() {
+            g.queued.fetch_sub(1, Ordering::AcqRel);
             return None;
         }
         outcome.await.unwrap_or(None)
@@ -1094,11 +1130,18 @@ async fn when_matches(tx: &mut sqlx::PgConnection, when: &str, ids: &[i64], payl
 /// (at most [`GROUP_COMMIT_MAX`]) as soon as one of its
 /// [`GROUP_COMMITS_IN_FLIGHT`] commits is free, and commits them in one
 /// statement. Ends when the engine (the queue's sender) is dropped.
-async fn group_committer(pool: sqlx::PgPool, mut rx: mpsc::UnboundedReceiver<CommitRequest>, stats: Arc<GroupCommitStats>) {
-    let flights = Arc::new(Semaphore::new(GROUP_COMMITS_IN_FLIGHT));
+async fn group_committer(
+    pool: sqlx::PgPool,
+    mut rx: mpsc::UnboundedReceiver<CommitRequest>,
+    stats: Arc<GroupCommitStats>,
+    flights: Arc<Semaphore>,
+    queued: Arc<AtomicU64>,
+) {
     loop {
-        let Ok(flight) = flights.clone().acquire_owned().await else { return };
         let Some(first) = rx.recv().await else { return };
+        // Queued transitions keep the workers off the direct path until
+        // this batch is taken; more may join while a flight frees.
+        let Ok(flight) = flights.clone().acquire_owned().await else { return };
         let mut batch = vec![first];
         while batch.len() < GROUP_COMMIT_MAX {
             match rx.try_recv() {
@@ -1106,6 +1149,7 @@ async fn group_committer(pool: sqlx::PgPool, mut rx: mpsc::UnboundedReceiver<Com
                 Err(_) => break,
             }
         }
+        queued.fetch_sub(batch.len() as u64, Ordering::AcqRel);
         let (pool, stats) = (pool.clone(), stats.clone());
         tokio::spawn(async move {
             let items: Vec<store::TransitionCommit> = batch.iter().map(|r| r.item.clone()).collect();
