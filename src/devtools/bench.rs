@@ -168,6 +168,15 @@ pub struct BenchArgs {
     /// Drop each benchmark database afterwards (default: kept, for EXPLAIN ANALYZE).
     #[arg(long)]
     pub drop: bool,
+    /// Engines (each an `App` with its own pool, as separate `wardcall serve`
+    /// processes would be) against the one database, for burst, steps and
+    /// timers (1..=8).
+    #[arg(long, default_value_t = 1)]
+    pub engines: usize,
+    /// Worker tasks per engine (`engine.workers`) for latency, burst, steps
+    /// and timers (1..=1024).
+    #[arg(long, default_value_t = 16)]
+    pub workers: usize,
 }
 
 /// Sizes of a scenario (see [`BenchArgs`] for their meaning per scenario).
@@ -181,19 +190,26 @@ pub struct Sizes {
     pub alerts: Option<u64>,
     /// Seconds over which the spread timers fall due (0 ..= 3600).
     pub spread_s: f64,
+    /// Engines against the one database (burst, steps, timers; 1 ..= 8).
+    pub engines: usize,
+    /// Worker tasks per engine (latency, burst, steps, timers; 1 ..= 1024).
+    pub workers: usize,
 }
 
 impl Default for Sizes {
     fn default() -> Self {
-        Sizes { n: None, rate: 50.0, alerts: None, spread_s: 60.0 }
+        Sizes { n: None, rate: 50.0, alerts: None, spread_s: 60.0, engines: 1, workers: 16 }
     }
 }
 
 impl Sizes {
     /// Checks the sizes. Errors: a rate that is not in (0, 10000], a spread not
-    /// in [0, 3600] s, or an `n`/`alerts` of 0 or above 10,000,000.
+    /// in [0, 3600] s, an `n`/`alerts` of 0 or above 10,000,000, engines
+    /// not in 1..=8, or workers not in 1..=1024.
     pub fn validate(&self) -> anyhow::Result<()> {
         ensure!(self.rate.is_finite() && self.rate > 0.0 && self.rate <= 10_000.0, "--rate must be in (0, 10000] alerts/s, got {}", self.rate);
+        ensure!((1..=1024).contains(&self.workers), "--workers must be in 1..=1024, got {}", self.workers);
+        ensure!((1..=8).contains(&self.engines), "--engines must be in 1..=8, got {}", self.engines);
         ensure!(self.spread_s.is_finite() && (0.0..=3600.0).contains(&self.spread_s), "--spread-s must be in [0, 3600] s, got {}", self.spread_s);
         for (name, v) in [("--n", self.n), ("--alerts", self.alerts)] {
             if let Some(v) = v {
@@ -303,7 +319,7 @@ pub struct BenchReport {
 /// (the message names the scenario and how far it got), or the JSON file
 /// cannot be written.
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
-    let sizes = Sizes { n: args.n, rate: args.rate, alerts: args.alerts, spread_s: args.spread_s };
+    let sizes = Sizes { n: args.n, rate: args.rate, alerts: args.alerts, spread_s: args.spread_s, engines: args.engines, workers: args.workers };
     sizes.validate()?;
     let cluster = EmbeddedCluster::start(&args.data_dir).await.with_context(|| format!("starting the benchmark cluster in {}", args.data_dir.display()))?;
     let options = BenchOptions { server: cluster.connect_options("postgres"), database_prefix: "wardcall_bench".into(), drop_databases: args.drop };
@@ -435,6 +451,8 @@ struct Env {
     engine_pool: PgPool,
     options: PgConnectOptions,
     app: Option<App>,
+    /// The engines after the first (`--engines`), each with its own pool.
+    more_engines: Vec<(App, PgPool)>,
     emulator: Option<EmulatorHandle>,
     /// The emulator's own runtime (one thread): the provider is another
     /// machine in production, so its clock must not queue behind the engine's tasks.
@@ -474,8 +492,9 @@ impl Drop for BackgroundRuntime {
 }
 
 impl Env {
-    /// Creates `<prefix>_<suffix>` afresh and starts everything with `workers` worker tasks.
-    async fn start(options: &BenchOptions, suffix: &str, workers: usize) -> anyhow::Result<Env> {
+    /// Creates `<prefix>_<suffix>` afresh and starts everything with `workers`
+    /// worker tasks per engine and `engines` engines.
+    async fn start(options: &BenchOptions, suffix: &str, workers: usize, engines: usize) -> anyhow::Result<Env> {
         let name = format!("{}_{}", options.database_prefix, suffix);
         recreate_database(&options.server, &name).await?;
         let db_options = options.server.clone().database(&name);
@@ -526,12 +545,13 @@ impl Env {
         config.workflows.push(Workflow { max_attempts: 3, retry_base_ms: 200, retry_max_ms: 1000, ..Workflow::script(SCRIPT_WORKFLOW, SCRIPT_EVENT) });
         config.validate("examples/hospital/wardcall.toml (bench)")?;
         let pool_size = config.engine.pool_size;
+        let config = std::sync::Arc::new(config);
         // The engine's pool exactly as `wardcall serve` opens it (Database::open).
         let engine_pool = connect_pool_with(db_options.clone(), &config.engine).await?;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.context("binding the engine's HTTP listener")?;
         let app = App::start(
             Database { pool: engine_pool.clone(), connect_options: db_options.clone(), embedded: None },
-            std::sync::Arc::new(config),
+            config.clone(),
             StartOptions { twilio_auth_token: Some(BENCH_AUTH_TOKEN.into()), http_listener: Some(listener), ..Default::default() },
         )
         .await;
@@ -544,7 +564,21 @@ impl Env {
                 return Err(e.context("starting the engine"));
             }
         };
+        let mut more_engines = Vec::new();
+        for _ in 1..engines {
+            let pool = connect_pool_with(db_options.clone(), &config.engine).await?;
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.context("binding an engine's HTTP listener")?;
+            let started = App::start(
+                Database { pool: pool.clone(), connect_options: db_options.clone(), embedded: None },
+                config.clone(),
+                StartOptions { twilio_auth_token: Some(BENCH_AUTH_TOKEN.into()), http_listener: Some(listener), ..Default::default() },
+            )
+            .await
+            .context("starting another engine")?;
+            more_engines.push((started, pool));
+        }
         Ok(Env {
+            more_engines,
             name,
             admin: options.server.clone(),
             drop_database: options.drop_databases,
@@ -559,6 +593,23 @@ impl Env {
         })
     }
 
+    /// Adds the group-commit counts of every engine (batches, transitions per
+    /// batch, the largest batch) to `r`.
+    fn add_group_commit_figures(&self, r: &mut ScenarioReport) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let engines = self.app.iter().map(|a| a.engine.clone()).chain(self.more_engines.iter().map(|(a, _)| a.engine.clone()));
+        let (mut batches, mut transitions, mut largest) = (0u64, 0u64, 0u64);
+        for e in engines {
+            let g = e.group_commit_stats();
+            batches += g.batches.load(Relaxed);
+            transitions += g.transitions.load(Relaxed);
+            largest = largest.max(g.largest.load(Relaxed));
+        }
+        r.add("group_commits", batches as f64, "count");
+        r.add("transitions_per_group_commit", transitions as f64 / (batches.max(1) as f64), "count");
+        r.add("largest_group_commit", largest as f64, "count");
+    }
+
     fn emulator(&self) -> &EmulatorHandle {
         self.emulator.as_ref().expect("emulator runs until stop")
     }
@@ -567,6 +618,10 @@ impl Env {
     async fn stop(mut self) -> anyhow::Result<()> {
         if let Some(app) = self.app.take() {
             app.stop(Duration::from_secs(5)).await;
+        }
+        for (app, pool) in self.more_engines.drain(..) {
+            app.stop(Duration::from_secs(5)).await;
+            pool.close().await;
         }
         if let Some(em) = self.emulator.take() {
             em.shutdown().await;
@@ -809,9 +864,9 @@ async fn latency(options: &BenchOptions, sizes: &Sizes) -> anyhow::Result<Scenar
     let mut r = ScenarioReport::new(
         Scenario::Latency,
         format!("commit of a critical alert INSERT → create-call request at the emulator, {n} alerts at {} /s", sizes.rate),
-        json!({"alerts": n, "rate_per_s": sizes.rate, "warm_up_alerts": n.min(50), "workers": 16}),
+        json!({"alerts": n, "rate_per_s": sizes.rate, "warm_up_alerts": n.min(50), "workers": sizes.workers}),
     );
-    let env_owned = Env::start(options, "latency", 16).await?;
+    let env_owned = Env::start(options, "latency", sizes.workers, 1).await?;
     let env = &env_owned;
     let result: anyhow::Result<()> = async {
         warm_up(env, n, sizes.rate).await?;
@@ -850,9 +905,9 @@ async fn burst(options: &BenchOptions, sizes: &Sizes) -> anyhow::Result<Scenario
     let mut r = ScenarioReport::new(
         Scenario::Burst,
         format!("{n} critical alerts in one INSERT: commit → last create-call request"),
-        json!({"alerts": n, "workers": 16}),
+        json!({"alerts": n, "workers": sizes.workers, "engines": sizes.engines}),
     );
-    let env_owned = Env::start(options, "burst", 16).await?;
+    let env_owned = Env::start(options, "burst", sizes.workers, sizes.engines).await?;
     let env = &env_owned;
     let result: anyhow::Result<()> = async {
         let mut rx = env.emulator().subscribe();
@@ -867,6 +922,7 @@ async fn burst(options: &BenchOptions, sizes: &Sizes) -> anyhow::Result<Scenario
         r.add_target("last_call", *l.last().unwrap_or(&f64::NAN), "ms", 1000.0, true);
         let last_s = l.last().copied().unwrap_or(f64::NAN) / 1000.0;
         r.add("calls_per_s", n as f64 / last_s, "/s");
+        env.add_group_commit_figures(&mut r);
         Ok(())
     }
     .await;
@@ -882,7 +938,7 @@ async fn flood(options: &BenchOptions, sizes: &Sizes) -> anyhow::Result<Scenario
         format!("one critical alert during a flood of {n} script events due at once: commit → first call vs the flood's drain"),
         json!({"flood_events": n, "workers": 16}),
     );
-    let env_owned = Env::start(options, "flood", 16).await?;
+    let env_owned = Env::start(options, "flood", 16, 1).await?;
     let env = &env_owned;
     let result: anyhow::Result<()> = async {
         let payload = json!({ "steps": [{"op": "step", "name": "flood"}] });
@@ -950,7 +1006,7 @@ async fn throughput(options: &BenchOptions, sizes: &Sizes) -> anyhow::Result<Sce
         json!({"alerts": n, "workers": [1, 2, 4]}),
     );
     for workers in [1usize, 2, 4] {
-        let env = Env::start(options, &format!("throughput_w{workers}"), workers).await?;
+        let env = Env::start(options, &format!("throughput_w{workers}"), workers, 1).await?;
         let result = {
             let env = &env;
             async move {
@@ -997,9 +1053,9 @@ async fn steps(options: &BenchOptions, sizes: &Sizes) -> anyhow::Result<Scenario
     let mut r = ScenarioReport::new(
         Scenario::Steps,
         format!("{runs} script runs of {per_run} steps: committed run.step_completed transitions per second"),
-        json!({"steps": total, "runs": runs, "steps_per_run": per_run, "workers": 16}),
+        json!({"steps": total, "runs": runs, "steps_per_run": per_run, "workers": sizes.workers, "engines": sizes.engines}),
     );
-    let env_owned = Env::start(options, "steps", 16).await?;
+    let env_owned = Env::start(options, "steps", sizes.workers, sizes.engines).await?;
     let env = &env_owned;
     let result: anyhow::Result<()> = async {
         let script: Vec<Value> = (0..per_run).map(|i| json!({"op": "step", "name": format!("s{i}")})).collect();
@@ -1037,7 +1093,8 @@ async fn steps(options: &BenchOptions, sizes: &Sizes) -> anyhow::Result<Scenario
         r.add("steps_completed", count as f64, "count");
         r.add_target("steps_per_s", count as f64 / span.unwrap_or(f64::NAN), "/s", 5000.0, false);
         r.add("steps_per_s_client_clock", count as f64 / client_s, "/s");
-        r.notes.push("steps_per_s: run.step_completed audit rows / (last of them − first run.created), database clock; each step is one fenced transaction (lock, update, audit row, commit)".into());
+        env.add_group_commit_figures(&mut r);
+        r.notes.push("steps_per_s: run.step_completed audit rows / (last of them − first run.created), database clock; each step's transition is committed by the engine's group committer, in one statement per batch (the fenced updates and their audit rows)".into());
         Ok(())
     }
     .await;
@@ -1085,10 +1142,10 @@ async fn timers(options: &BenchOptions, sizes: &Sizes) -> anyhow::Result<Scenari
     let mut r = ScenarioReport::new(
         Scenario::Timers,
         format!("{n} durable sleeps due at one instant, then {n} due over {} s: lateness = claim (audit at) − due", sizes.spread_s),
-        json!({"timers": n, "spread_s": sizes.spread_s, "workers": 16}),
+        json!({"timers": n, "spread_s": sizes.spread_s, "workers": sizes.workers, "engines": sizes.engines}),
     );
     for (mode, spread) in [("instant", 0i64), ("spread", spread_ms)] {
-        let env = Env::start(options, &format!("timers_{mode}"), 16).await?;
+        let env = Env::start(options, &format!("timers_{mode}"), sizes.workers, sizes.engines).await?;
         // Time to notice new rows (the idle poll, 250 ms) plus insertion time.
         let lead_ms = 1000 + (n / 5) as i64;
         let result = {
@@ -1168,7 +1225,7 @@ async fn scale(options: &BenchOptions, sizes: &Sizes) -> anyhow::Result<Scenario
         format!("latency ({alerts} alerts at {} /s) before and after {sleeping} runs sleep in wardcall.runs", sizes.rate),
         json!({"sleeping_runs": sleeping, "alerts": alerts, "rate_per_s": sizes.rate, "warm_up_alerts": alerts.min(50), "workers": 16}),
     );
-    let env_owned = Env::start(options, "scale", 16).await?;
+    let env_owned = Env::start(options, "scale", 16, 1).await?;
     let env = &env_owned;
     let result: anyhow::Result<()> = async {
         warm_up(env, alerts, sizes.rate).await?;
@@ -1241,7 +1298,7 @@ async fn resources(options: &BenchOptions, sizes: &Sizes) -> anyhow::Result<Scen
     );
     // Reset the peak (VmHWM) to the current RSS (Linux: clear_refs 5).
     let reset = std::fs::write("/proc/self/clear_refs", "5").is_ok();
-    let env_owned = Env::start(options, "resources", 16).await?;
+    let env_owned = Env::start(options, "resources", 16, 1).await?;
     let env = &env_owned;
     let result: anyhow::Result<()> = async {
         tokio::time::sleep(Duration::from_secs(2)).await;

@@ -40,7 +40,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use step::{StepContext, StepError, Transition, WorkflowHost};
-use tokio::sync::{watch, Notify, Semaphore};
+use tokio::sync::{mpsc, oneshot, watch, Notify, Semaphore};
 use tokio::task::JoinSet;
 
 /// Advisory lock key that serialises outbox dispatch across engines
@@ -146,6 +146,56 @@ pub struct Engine {
     health: Health,
     /// The workflows, behind the step contract.
     host: Arc<dyn WorkflowHost>,
+    /// Step transitions on their way to the group committer.
+    group: GroupCommit,
+}
+
+/// Most step transitions the group committer commits in one statement
+/// ([`store::commit_transitions`]). Chosen with `wardcall bench steps` and
+/// `burst` (BENCHMARKS.md, "Issue 9"): larger batches gained nothing measurable.
+pub const GROUP_COMMIT_MAX: usize = 128;
+
+/// Group commits in flight at once, each on a connection of the pool. While
+/// they are in flight, further transitions queue and form the next batch:
+/// the group-commit window is the time of a commit in flight (no timer;
+/// a lone transition is committed at once).
+pub const GROUP_COMMITS_IN_FLIGHT: usize = 2;
+
+/// A transition waiting for the group committer, and where its outcome goes
+/// (`None`: the lease was lost or the commit failed; `Some(due_now)`: committed).
+struct CommitRequest {
+    item: store::TransitionCommit,
+    reply: oneshot::Sender<Option<bool>>,
+}
+
+/// The group committer's queue (its task starts with the first transition)
+/// and its counts.
+struct GroupCommit {
+    tx: mpsc::UnboundedSender<CommitRequest>,
+    rx: std::sync::Mutex<Option<mpsc::UnboundedReceiver<CommitRequest>>>,
+    stats: Arc<GroupCommitStats>,
+    /// The commits in flight ([`GROUP_COMMITS_IN_FLIGHT`]), shared by the
+    /// committer's batches and the workers' direct commits.
+    flights: Arc<Semaphore>,
+    /// Transitions queued and not yet taken into a batch.
+    queued: Arc<AtomicU64>,
+}
+
+/// Counts of an engine's group commits (read with [`Engine::group_commit_stats`]).
+#[derive(Debug, Default)]
+pub struct GroupCommitStats {
+    /// Batches committed (or attempted).
+    pub batches: AtomicU64,
+    /// Transitions in those batches.
+    pub transitions: AtomicU64,
+    /// Transitions not written: their run's fencing token had moved on (the
+    /// lease was lost), or their batch failed.
+    pub fenced_out: AtomicU64,
+    /// The largest batch so far.
+    pub largest: AtomicU64,
+    /// Transitions whose run's row another transaction held (a webhook's):
+    /// left out of their batch and committed on their own, waiting for the lock.
+    pub busy: AtomicU64,
 }
 
 impl Engine {
@@ -184,6 +234,16 @@ impl Engine {
             shutdown,
             health: Health::new(),
             host,
+            group: {
+                let (tx, rx) = mpsc::unbounded_channel();
+                GroupCommit {
+                    tx,
+                    rx: std::sync::Mutex::new(Some(rx)),
+                    stats: Arc::new(GroupCommitStats::default()),
+                    flights: Arc::new(Semaphore::new(GROUP_COMMITS_IN_FLIGHT)),
+                    queued: Arc::new(AtomicU64::new(0)),
+                }
+            },
         })
     }
 
@@ -230,6 +290,54 @@ impl Engine {
             }
         }
         HealthReport { healthy: problems.is_empty(), problems }
+    }
+
+    /// Counts of this engine's group commits of step transitions (batches,
+    /// transitions, those fenced out, the largest batch).
+    pub fn group_commit_stats(&self) -> &GroupCommitStats {
+        &self.group.stats
+    }
+
+    /// Commits a step transition (no [`step::CommitWork`]) together with the
+    /// transitions other workers of this engine hand in meanwhile, in one
+    /// statement with per-run fencing ([`store::commit_transitions`]).
+    /// `None`: the lease was lost (or the commit failed: the lease lapses and
+    /// the step re-runs), nothing was written; `Some(due_now)`: committed.
+    ///
+    /// When no batch is forming (nothing queued, a flight free), the worker
+    /// commits its own transition at once, crossing no task: a lone alert
+    /// pays one statement and no hop.
+    async fn commit_grouped(&self, item: store::TransitionCommit) -> Option<bool> {
+        let g = &self.group;
+        if g.queued.load(Ordering::Acquire) == 0 {
+            if let Ok(_flight) = g.flights.clone().try_acquire_owned() {
+                g.stats.batches.fetch_add(1, Ordering::Relaxed);
+                g.stats.transitions.fetch_add(1, Ordering::Relaxed);
+                g.stats.largest.fetch_max(1, Ordering::Relaxed);
+                let outcome = match store::commit_transitions(&self.db.pool, std::slice::from_ref(&item)).await {
+                    Ok(mut o) => o.pop().flatten(),
+                    Err(e) => {
+                        tracing::warn!(run = %item.id, error = %crate::capture::db_message(&e), "committing a step failed; the lease will lapse and the step re-run");
+                        None
+                    }
+                };
+                if outcome.is_none() {
+                    g.stats.fenced_out.fetch_add(1, Ordering::Relaxed);
+                }
+                return outcome;
+            }
+        }
+        let rx = g.rx.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(rx) = rx {
+            tokio::spawn(group_committer(self.db.pool.clone(), rx, g.stats.clone(), g.flights.clone(), g.queued.clone()));
+        }
+        let (reply, outcome) = oneshot::channel();
+        g.queued.fetch_add(1, Ordering::AcqRel);
+        if g.tx.send(CommitRequest { item, reply }).is_err() {
+            g.queued.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        outcome.await.unwrap_or(None)
     }
 
     /// The audit actor of this engine: `engine:<engine_id>`.
@@ -890,7 +998,9 @@ impl Engine {
 
     /// Commits a step: its [`workflows::CommitWork`] (a `sql` step's statement,
     /// an `emit`) and its transition in one transaction fenced by the lease's
-    /// token. `Ok(None)`: the lease was lost, nothing was written;
+    /// token; a step without such work is committed by the group committer
+    /// with other runs' transitions ([`Engine::commit_grouped`]).
+    /// `Ok(None)`: the lease was lost, nothing was written;
     /// `Ok(Some(due_now))`: committed. A database error in the commit itself
     /// is reported as lost (the lease lapses and the step re-runs); an error
     /// of the step's own statement is the step's error.
@@ -904,13 +1014,16 @@ impl Engine {
         actor: &str,
     ) -> Result<Option<bool>, StepError> {
         if work.is_empty() {
-            return match store::commit_transition(&self.db.pool, run, state, next_step, parking, actor).await {
-                Ok(r) => Ok(r),
-                Err(e) => {
-                    tracing::warn!(run = %run.id, error = %crate::capture::db_message(&e), "committing a step failed; the lease will lapse and the step re-run");
-                    Ok(None)
-                }
+            let item = store::TransitionCommit {
+                id: run.id,
+                fencing_token: run.fencing_token,
+                step: run.step.clone(),
+                state: state.clone(),
+                next_step: next_step.to_string(),
+                parking: parking.clone(),
+                actor: actor.to_string(),
             };
+            return Ok(self.commit_grouped(item).await);
         }
         let attempt = async {
             let mut tx = self.db.pool.begin().await?;
@@ -1001,6 +1114,78 @@ async fn when_matches(tx: &mut sqlx::PgConnection, when: &str, ids: &[i64], payl
             sqlx::query("ROLLBACK TO SAVEPOINT wardcall_when").execute(&mut *tx).await?;
             Ok(Err(e.as_database_error().and_then(|d| d.code()).map(|c| c.to_string())))
         }
+    }
+}
+
+/// The group committer of one engine: takes the transitions queued so far
+/// (at most [`GROUP_COMMIT_MAX`]) as soon as one of its
+/// [`GROUP_COMMITS_IN_FLIGHT`] commits is free, and commits them in one
+/// statement. Ends when the engine (the queue's sender) is dropped.
+async fn group_committer(
+    pool: sqlx::PgPool,
+    mut rx: mpsc::UnboundedReceiver<CommitRequest>,
+    stats: Arc<GroupCommitStats>,
+    flights: Arc<Semaphore>,
+    queued: Arc<AtomicU64>,
+) {
+    loop {
+        let Some(first) = rx.recv().await else { return };
+        // Queued transitions keep the workers off the direct path until
+        // this batch is taken; more may join while a flight frees.
+        let Ok(flight) = flights.clone().acquire_owned().await else { return };
+        let mut batch = vec![first];
+        while batch.len() < GROUP_COMMIT_MAX {
+            match rx.try_recv() {
+                Ok(r) => batch.push(r),
+                Err(_) => break,
+            }
+        }
+        queued.fetch_sub(batch.len() as u64, Ordering::AcqRel);
+        let (pool, stats) = (pool.clone(), stats.clone());
+        tokio::spawn(async move {
+            let items: Vec<store::TransitionCommit> = batch.iter().map(|r| r.item.clone()).collect();
+            stats.batches.fetch_add(1, Ordering::Relaxed);
+            stats.transitions.fetch_add(items.len() as u64, Ordering::Relaxed);
+            stats.largest.fetch_max(items.len() as u64, Ordering::Relaxed);
+            let outcomes = match store::commit_transitions_skip_locked(&pool, &items).await {
+                Ok(o) => o,
+                Err(e) => {
+                    tracing::warn!(runs = items.len(), error = %crate::capture::db_message(&e), "a group commit failed; the leases will lapse and the steps re-run");
+                    vec![store::GroupOutcome::LeaseLost; items.len()]
+                }
+            };
+            drop(flight);
+            for ((request, item), outcome) in batch.into_iter().zip(items).zip(outcomes) {
+                match outcome {
+                    store::GroupOutcome::Committed { due_now } => {
+                        let _ = request.reply.send(Some(due_now));
+                    }
+                    store::GroupOutcome::LeaseLost => {
+                        stats.fenced_out.fetch_add(1, Ordering::Relaxed);
+                        let _ = request.reply.send(None);
+                    }
+                    store::GroupOutcome::Busy => {
+                        // Its row is held (a webhook locks the run first): commit
+                        // it alone, waiting for the lock, without holding the batch.
+                        stats.busy.fetch_add(1, Ordering::Relaxed);
+                        let (pool, stats) = (pool.clone(), stats.clone());
+                        tokio::spawn(async move {
+                            let outcome = match store::commit_transitions(&pool, std::slice::from_ref(&item)).await {
+                                Ok(mut o) => o.pop().flatten(),
+                                Err(e) => {
+                                    tracing::warn!(run = %item.id, error = %crate::capture::db_message(&e), "committing a step failed; the lease will lapse and the step re-run");
+                                    None
+                                }
+                            };
+                            if outcome.is_none() {
+                                stats.fenced_out.fetch_add(1, Ordering::Relaxed);
+                            }
+                            let _ = request.reply.send(outcome);
+                        });
+                    }
+                }
+            }
+        });
     }
 }
 

@@ -255,8 +255,9 @@ pub enum Parking {
 }
 
 /// Commits a step's transition if the lease still holds: new state and step,
-/// and the run's new status. Returns `Ok(None)` when the lease was lost (nothing
-/// was written), else whether the run is due immediately (a kept signal).
+/// and the run's new status, audited, in one statement ([`commit_transitions`]
+/// with one run). Returns `Ok(None)` when the lease was lost (nothing was
+/// written), else whether the run is due immediately (a kept signal).
 pub async fn commit_transition(
     pool: &PgPool,
     run: &ClaimedRun,
@@ -265,13 +266,16 @@ pub async fn commit_transition(
     parking: &Parking,
     actor: &str,
 ) -> Result<Option<bool>, sqlx::Error> {
-    let mut tx = pool.begin().await?;
-    if !lock_fenced(&mut tx, run.id, run.fencing_token).await? {
-        return Ok(None);
-    }
-    let due_now = write_transition(&mut tx, run, state, next_step, parking, actor).await?;
-    tx.commit().await?;
-    Ok(Some(due_now))
+    let one = TransitionCommit {
+        id: run.id,
+        fencing_token: run.fencing_token,
+        step: run.step.clone(),
+        state: state.clone(),
+        next_step: next_step.to_string(),
+        parking: parking.clone(),
+        actor: actor.to_string(),
+    };
+    Ok(commit_transitions(pool, std::slice::from_ref(&one)).await?.pop().flatten())
 }
 
 /// Writes a step's transition inside the caller's transaction, which has
@@ -398,6 +402,233 @@ pub async fn write_transition(
     };
     audit::record(&mut *tx, Entity::Run, &run.id.to_string(), action, Some("running"), Some(status), actor, detail).await?;
     Ok(due_now)
+}
+
+/// One step transition of a run, to be committed with others in one
+/// statement by [`commit_transitions`].
+#[derive(Debug, Clone)]
+pub struct TransitionCommit {
+    /// The run.
+    pub id: Uuid,
+    /// The fencing token of this engine's claim; the transition commits only
+    /// while the run still carries it (and is `running`).
+    pub fencing_token: i64,
+    /// The step that ran (`runs.step` when it ran; the audit detail names it).
+    pub step: String,
+    /// The run's new state.
+    pub state: Value,
+    /// The step the run goes on with.
+    pub next_step: String,
+    /// What the run becomes.
+    pub parking: Parking,
+    /// The audit actor (`engine:<id>`).
+    pub actor: String,
+}
+
+/// The kind (as the batched statement names it), new status, audit action and
+/// audit detail of a transition; the same as [`write_transition`] writes.
+fn transition_row(t: &TransitionCommit) -> (&'static str, &'static str, &'static str, Value) {
+    let (step, next) = (&t.step, &t.next_step);
+    match &t.parking {
+        Parking::Continue => ("continue", "running", "run.step_completed", json!({"from_step": step, "to_step": next})),
+        Parking::Sleep { due_at_epoch_ms, delay_ms } => {
+            ("sleep", "sleeping", "run.sleeping", json!({"from_step": step, "to_step": next, "delay_ms": delay_ms, "due_at_epoch_ms": due_at_epoch_ms}))
+        }
+        Parking::Wait { signal, timeout_ms } => {
+            ("wait", "waiting", "run.waiting", json!({"from_step": step, "to_step": next, "signal": signal, "timeout_ms": timeout_ms}))
+        }
+        Parking::Complete => ("complete", "completed", "run.completed", json!({"step": step})),
+        Parking::Fail { error } => ("fail", "failed", "run.failed", json!({"step": step, "error": error})),
+        Parking::Cancelled => ("cancelled", "cancelled", "run.cancelled", json!({"step": step})),
+        Parking::Defer { delay_ms } => ("defer", "sleeping", "run.deferred", json!({"step": step, "deferred_ms": delay_ms})),
+    }
+}
+
+/// Commits the transitions of many runs (a group commit) with per-run
+/// fencing, in one statement (two, in one transaction, when a run parks on a
+/// `wait`): each run whose fencing token still matches and that is still
+/// `running` is locked (in id order, so that two batches cannot deadlock),
+/// updated exactly as [`write_transition`] would, and audited; a run whose
+/// token moved on (its lease was lost) is neither written nor audited, and
+/// the others still commit. The batch is atomic: on an error (or a crash)
+/// nothing of it is written.
+///
+/// Returns, in the order of `batch`: `None` for a run whose lease was lost,
+/// else `Some(due_now)` (a `wait` whose signal had already arrived: the run
+/// is due at once).
+///
+/// A `wait`'s kept signal is looked for by a second statement after the
+/// first has locked the runs, so that it sees every signal committed before
+/// (`wardcall.send_signal` locks the run row too): a signal either is seen
+/// here or finds the run `waiting` and makes it due itself.
+///
+/// A run whose row another transaction holds (a webhook's, a cancel's) is
+/// waited for; [`commit_transitions_skip_locked`] does not wait.
+pub async fn commit_transitions(pool: &PgPool, batch: &[TransitionCommit]) -> Result<Vec<Option<bool>>, sqlx::Error> {
+    Ok(commit_batch(pool, batch, false)
+        .await?
+        .into_iter()
+        .map(|o| match o {
+            GroupOutcome::Committed { due_now } => Some(due_now),
+            _ => None,
+        })
+        .collect())
+}
+
+/// What a group commit did with one run's transition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupOutcome {
+    /// Written and audited; `due_now`: a `wait` whose signal had already arrived.
+    Committed { due_now: bool },
+    /// The run's fencing token moved on (or it is no longer `running`): nothing written.
+    LeaseLost,
+    /// Another transaction held the run's row: nothing written, not waited
+    /// for; commit it on its own ([`commit_transitions`]).
+    Busy,
+}
+
+/// [`commit_transitions`] without waiting for row locks: a run whose row
+/// another transaction holds (e.g. a webhook's, which locks the run first)
+/// is left out as [`GroupOutcome::Busy`], so that one run's lock wait does
+/// not hold the whole batch (`FOR UPDATE SKIP LOCKED`; a run is busy when its
+/// token still matched in the statement's snapshot but its row was locked).
+pub async fn commit_transitions_skip_locked(pool: &PgPool, batch: &[TransitionCommit]) -> Result<Vec<GroupOutcome>, sqlx::Error> {
+    commit_batch(pool, batch, true).await
+}
+
+async fn commit_batch(pool: &PgPool, batch: &[TransitionCommit], skip_locked: bool) -> Result<Vec<GroupOutcome>, sqlx::Error> {
+    if batch.is_empty() {
+        return Ok(Vec::new());
+    }
+    let n = batch.len();
+    let mut ids = Vec::with_capacity(n);
+    let mut tokens = Vec::with_capacity(n);
+    let mut states = Vec::with_capacity(n);
+    let mut next_steps = Vec::with_capacity(n);
+    let mut kinds = Vec::with_capacity(n);
+    let mut due_epochs: Vec<Option<i64>> = Vec::with_capacity(n);
+    let mut delays = Vec::with_capacity(n);
+    let mut signals: Vec<Option<&str>> = Vec::with_capacity(n);
+    let mut errors: Vec<Option<&str>> = Vec::with_capacity(n);
+    let mut actions = Vec::with_capacity(n);
+    let mut statuses = Vec::with_capacity(n);
+    let mut details = Vec::with_capacity(n);
+    let mut actors = Vec::with_capacity(n);
+    let mut waits = Vec::new();
+    for t in batch {
+        let (kind, status, action, detail) = transition_row(t);
+        let (due_epoch, delay, signal, error) = match &t.parking {
+            Parking::Sleep { due_at_epoch_ms, delay_ms } => (*due_at_epoch_ms, (*delay_ms).max(0), None, None),
+            Parking::Wait { signal, timeout_ms } => (None, (*timeout_ms).max(0), Some(signal.as_str()), None),
+            Parking::Defer { delay_ms } => (None, (*delay_ms).max(0), None, None),
+            Parking::Fail { error } => (None, 0, None, Some(error.as_str())),
+            _ => (None, 0, None, None),
+        };
+        if kind == "wait" {
+            waits.push(t.id);
+        }
+        ids.push(t.id);
+        tokens.push(t.fencing_token);
+        states.push(&t.state);
+        next_steps.push(t.next_step.as_str());
+        kinds.push(kind);
+        due_epochs.push(due_epoch);
+        delays.push(delay);
+        signals.push(signal);
+        errors.push(error);
+        actions.push(action);
+        statuses.push(status);
+        details.push(detail);
+        actors.push(t.actor.as_str());
+    }
+    let sql = format!(
+        "WITH input AS (
+             SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::jsonb[], $4::text[], $5::text[], $6::bigint[], $7::bigint[],
+                                  $8::text[], $9::text[], $10::text[], $11::text[], $12::jsonb[], $13::text[])
+                 AS t(id, token, state, next_step, kind, due_epoch_ms, delay_ms, signal, error, action, to_status, detail, actor)),
+         locked AS (
+             SELECT r.id FROM wardcall.runs r JOIN input i ON i.id = r.id
+              WHERE r.fencing_token = i.token AND r.status = 'running'
+              ORDER BY r.id FOR UPDATE OF r{lock}),
+         updated AS (
+             UPDATE wardcall.runs r SET
+                    state = i.state,
+                    step = CASE WHEN i.kind = 'defer' THEN r.step ELSE i.next_step END,
+                    step_attempt = CASE WHEN i.kind IN ('continue','sleep','wait') THEN 0
+                                        WHEN i.kind = 'fail' THEN r.step_attempt + 1 ELSE r.step_attempt END,
+                    wait_outcome = CASE WHEN i.kind IN ('fail','defer') THEN r.wait_outcome END,
+                    last_error = CASE WHEN i.kind IN ('continue','sleep','wait') THEN NULL
+                                      WHEN i.kind = 'fail' THEN i.error ELSE r.last_error END,
+                    status = i.to_status,
+                    lease_owner = CASE WHEN i.kind = 'continue' THEN r.lease_owner END,
+                    key = CASE WHEN i.kind = 'cancelled' THEN NULL ELSE r.key END,
+                    wait_signal = CASE WHEN i.kind = 'wait' THEN i.signal ELSE r.wait_signal END,
+                    wait_deadline = CASE WHEN i.kind = 'wait' THEN clock_timestamp() + i.delay_ms * interval '1 millisecond'
+                                         ELSE r.wait_deadline END,
+                    due_at = CASE WHEN i.kind = 'sleep' AND i.due_epoch_ms IS NOT NULL THEN to_timestamp(i.due_epoch_ms / 1000.0)
+                                  WHEN i.kind IN ('sleep','wait','defer') THEN clock_timestamp() + i.delay_ms * interval '1 millisecond'
+                                  ELSE r.due_at END,
+                    finished_at = CASE WHEN i.kind IN ('complete','fail','cancelled') THEN clock_timestamp() ELSE r.finished_at END,
+                    updated_at = clock_timestamp()
+               FROM input i JOIN locked l ON l.id = i.id
+              WHERE r.id = i.id AND r.fencing_token = i.token AND r.status = 'running'
+             RETURNING r.id),
+         audited AS (
+             INSERT INTO wardcall.audit_log (entity, entity_id, action, from_state, to_state, actor, detail)
+             SELECT 'run', i.id::text, i.action, 'running', i.to_status, i.actor, i.detail
+               FROM input i JOIN updated u ON u.id = i.id)
+         SELECT id, true FROM updated{busy}",
+        lock = if skip_locked { " SKIP LOCKED" } else { "" },
+        busy = if skip_locked {
+            "
+         UNION ALL
+         SELECT r.id, false FROM wardcall.runs r JOIN input i ON i.id = r.id
+          WHERE r.fencing_token = i.token AND r.status = 'running' AND NOT EXISTS (SELECT 1 FROM locked l WHERE l.id = r.id)"
+        } else {
+            ""
+        },
+    );
+    let query = sqlx::query_as::<_, (Uuid, bool)>(&sql)
+        .bind(&ids)
+        .bind(&tokens)
+        .bind(&states)
+        .bind(&next_steps)
+        .bind(&kinds)
+        .bind(&due_epochs)
+        .bind(&delays)
+        .bind(&signals)
+        .bind(&errors)
+        .bind(&actions)
+        .bind(&statuses)
+        .bind(&details)
+        .bind(&actors);
+    let (rows, due_now): (Vec<(Uuid, bool)>, Vec<Uuid>) = if waits.is_empty() {
+        (query.fetch_all(pool).await?, Vec::new())
+    } else {
+        let mut tx = pool.begin().await?;
+        let rows = query.fetch_all(&mut *tx).await?;
+        // A new statement after the lock: it sees every signal committed so far.
+        let due_now = sqlx::query_scalar(
+            "UPDATE wardcall.runs r SET due_at = clock_timestamp()
+              WHERE r.id = ANY($1) AND r.status = 'waiting'
+                AND EXISTS (SELECT 1 FROM wardcall.signals s WHERE s.run_id = r.id AND s.name = r.wait_signal AND s.consumed_at IS NULL)
+             RETURNING r.id",
+        )
+        .bind(rows.iter().filter(|(id, written)| *written && waits.contains(id)).map(|(id, _)| *id).collect::<Vec<Uuid>>())
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        (rows, due_now)
+    };
+    let found: std::collections::HashMap<Uuid, bool> = rows.into_iter().collect();
+    Ok(batch
+        .iter()
+        .map(|t| match found.get(&t.id) {
+            Some(true) => GroupOutcome::Committed { due_now: due_now.contains(&t.id) },
+            Some(false) => GroupOutcome::Busy,
+            None => GroupOutcome::LeaseLost,
+        })
+        .collect())
 }
 
 /// Records a failed attempt of the current step: schedules a retry `delay_ms`

@@ -15,6 +15,7 @@ macro_rules! trials {
     };
 }
 
+mod batching;
 mod bench_smoke;
 mod capture_runtime;
 mod config_checks;
@@ -73,5 +74,6 @@ fn all_tests() -> Vec<Trial> {
     t.extend(outbound::tests());
     t.extend(layout::tests());
     t.extend(review_layout::tests());
+    t.extend(batching::tests());
     t
 }

@@ -1,0 +1,353 @@
+//! Issue 9: the batched runtime. Group commits keep per-run fencing (a run
+//! whose lease was lost in a batch does not commit, the others do), a batch is
+//! atomic (a crash in the middle writes none of its runs), critical work is not
+//! held behind a batch of other work, and two engines at burst size still run
+//! each step once.
+
+use crate::harness::*;
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use uuid::Uuid;
+use wardcall::config::Workflow;
+use wardcall::devtools::twilio_emulator::{EmulatorConfig, EmulatorEvent, Persona, TwilioEmulator};
+use wardcall::store::runs::{self as store, Parking, TransitionCommit};
+
+pub fn tests() -> Vec<libtest_mimic::Trial> {
+    trials![
+        batching::lost_lease_in_a_batch_commits_the_others,
+        batching::crash_in_a_batched_commit_writes_none_of_its_runs,
+        batching::a_held_run_does_not_hold_its_batch,
+        batching::engine_batch_with_a_lost_lease,
+        batching::critical_alert_is_not_held_behind_a_batch,
+        batching::two_engines_at_burst_size_run_each_step_once,
+    ]
+}
+
+const TASKS_TABLE: &str = "CREATE TABLE IF NOT EXISTS tasks (id bigserial PRIMARY KEY, kind text NOT NULL, steps jsonb NOT NULL DEFAULT '[]')";
+
+fn script_config(workers: usize) -> String {
+    format!(
+        r#"
+[engine]
+lease_ms = 2000
+sweep_ms = 200
+poll_ms = 100
+workers = {workers}
+
+[[sources]]
+name = "tasks"
+table = "tasks"
+operations = ["INSERT"]
+condition = "NEW.kind = 'go'"
+event = "task.created"
+
+[[workflows]]
+name = "script"
+event = "task.created"
+kind = "script"
+max_attempts = 3
+retry_base_ms = 20
+retry_max_ms = 100
+"#
+    )
+}
+
+/// Inserts `n` pending runs (no engine runs here) and claims them for
+/// `owner` with a long lease, as an engine's scheduler would.
+async fn claimed_runs(db: &TestDb, n: i64, owner: &str) -> Vec<store::ClaimedRun> {
+    sqlx::query(
+        "INSERT INTO wardcall.runs (workflow, event, input, step, status) SELECT 'script', 'test', '{}', 'start', 'pending' FROM generate_series(1, $1)",
+    )
+    .bind(n)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let mut runs = store::claim_due(&db.pool, owner, n, 600_000).await.unwrap();
+    assert_eq!(runs.len() as i64, n);
+    runs.sort_by_key(|r| r.id);
+    runs
+}
+
+fn transition(run: &store::ClaimedRun, parking: Parking) -> TransitionCommit {
+    TransitionCommit {
+        id: run.id,
+        fencing_token: run.fencing_token,
+        step: run.step.clone(),
+        state: json!({"done": run.id.to_string()}),
+        next_step: "op:1".into(),
+        parking,
+        actor: "engine:test".into(),
+    }
+}
+
+fn parkings() -> Vec<Parking> {
+    vec![
+        Parking::Continue,
+        Parking::Sleep { due_at_epoch_ms: None, delay_ms: 60_000 },
+        Parking::Wait { signal: "ack".into(), timeout_ms: 60_000 },
+        Parking::Complete,
+        Parking::Fail { error: "gave up".into() },
+        Parking::Defer { delay_ms: 60_000 },
+    ]
+}
+
+async fn audited(db: &TestDb, run: Uuid) -> Vec<String> {
+    sqlx::query_scalar("SELECT action FROM wardcall.audit_log WHERE entity = 'run' AND entity_id = $1 ORDER BY id")
+        .bind(run.to_string())
+        .fetch_all(&db.pool)
+        .await
+        .unwrap()
+}
+
+/// A batch of six runs, each parking differently, one of whose lease was
+/// taken over before the commit: the five others commit (state, status,
+/// audit), that one is neither written nor audited.
+pub async fn lost_lease_in_a_batch_commits_the_others() {
+    let db = TestDb::new().await;
+    let runs = claimed_runs(&db, 6, "test").await;
+    // Another engine takes run 2 over (a new claim bumps the token).
+    let thief = runs[2].id;
+    sqlx::query("UPDATE wardcall.runs SET fencing_token = fencing_token + 1, lease_owner = 'thief' WHERE id = $1").bind(thief).execute(&db.pool).await.unwrap();
+    let batch: Vec<TransitionCommit> = runs.iter().zip(parkings()).map(|(r, p)| transition(r, p)).collect();
+    let outcomes = store::commit_transitions(&db.pool, &batch).await.unwrap();
+    assert_eq!(outcomes.len(), 6);
+    for (i, (run, outcome)) in runs.iter().zip(&outcomes).enumerate() {
+        let (status, step, state, token): (String, String, Value, i64) =
+            sqlx::query_as("SELECT status, step, state, fencing_token FROM wardcall.runs WHERE id = $1").bind(run.id).fetch_one(&db.pool).await.unwrap();
+        let actions = audited(&db, run.id).await;
+        if run.id == thief {
+            assert_eq!(*outcome, None, "the run whose lease was lost reports it");
+            assert_eq!((status.as_str(), step.as_str(), token), ("running", "start", run.fencing_token + 1), "nothing written for the lost run");
+            assert_eq!(state, json!({}));
+            assert_eq!(actions, vec!["run.claimed"], "nothing audited for the lost run");
+        } else {
+            assert_eq!(*outcome, Some(false), "run {i} commits");
+            let want = ["running", "sleeping", "waiting", "completed", "failed", "sleeping"][i];
+            assert_eq!(status, want, "run {i}");
+            assert_eq!(state["done"], run.id.to_string());
+            assert_eq!(actions.len(), 2, "run {i}: {actions:?}");
+        }
+    }
+    // A wait whose signal was already kept is due at once (the second statement of the batch).
+    let more = claimed_runs(&db, 3, "test").await;
+    sqlx::query("SELECT wardcall.send_signal($1, 'ack', '{}')").bind(more[1].id).execute(&db.pool).await.unwrap();
+    let batch: Vec<TransitionCommit> = more.iter().map(|r| transition(r, Parking::Wait { signal: "ack".into(), timeout_ms: 60_000 })).collect();
+    let outcomes = store::commit_transitions(&db.pool, &batch).await.unwrap();
+    assert_eq!(outcomes, vec![Some(false), Some(true), Some(false)]);
+}
+
+/// A batch whose statement is killed half-way (its backend terminated while
+/// it waits for the lock of the fourth of six runs, the first three already
+/// updated in its transaction) writes none of them: each run is either fully
+/// advanced or not at all. The same batch then commits whole.
+pub async fn crash_in_a_batched_commit_writes_none_of_its_runs() {
+    let db = TestDb::new().await;
+    let runs = claimed_runs(&db, 6, "test").await;
+    // Hold the fourth run (in id order, the batch's lock order).
+    let mut holder = db.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM wardcall.runs WHERE id = $1 FOR UPDATE").bind(runs[3].id).execute(&mut *holder).await.unwrap();
+    let committer = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(db.database().connect_options.clone().application_name("batch-under-test"))
+        .await
+        .unwrap();
+    let batch: Vec<TransitionCommit> = runs.iter().map(|r| transition(r, Parking::Continue)).collect();
+    let task = {
+        let (committer, batch) = (committer.clone(), batch.clone());
+        tokio::spawn(async move { store::commit_transitions(&committer, &batch).await })
+    };
+    await_true(
+        &db,
+        "the batch to block on the held run",
+        Duration::from_secs(10),
+        "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE application_name = 'batch-under-test' AND wait_event_type = 'Lock')",
+    )
+    .await;
+    db.exec("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'batch-under-test'").await;
+    let result = tokio::time::timeout(Duration::from_secs(10), task).await.expect("the killed batch returns").unwrap();
+    assert!(result.is_err(), "the killed batch reports an error: {result:?}");
+    holder.rollback().await.unwrap();
+    for run in &runs {
+        let (step, token): (String, i64) =
+            sqlx::query_as("SELECT step, fencing_token FROM wardcall.runs WHERE id = $1").bind(run.id).fetch_one(&db.pool).await.unwrap();
+        assert_eq!((step.as_str(), token), ("start", run.fencing_token), "no run of the killed batch advanced");
+        assert_eq!(audited(&db, run.id).await, vec!["run.claimed"]);
+    }
+    let outcomes = store::commit_transitions(&db.pool, &batch).await.unwrap();
+    assert!(outcomes.iter().all(|o| *o == Some(false)), "{outcomes:?}");
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM wardcall.runs WHERE step = 'op:1'").await, 6);
+    committer.close().await;
+}
+
+/// A batch in which one run's row is held by another transaction (a webhook
+/// locks the run first) commits the others at once and reports that one
+/// `Busy` (not lost): the engine then commits it alone, waiting for the lock.
+pub async fn a_held_run_does_not_hold_its_batch() {
+    let db = TestDb::new().await;
+    let runs = claimed_runs(&db, 4, "test").await;
+    let mut holder = db.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM wardcall.runs WHERE id = $1 FOR UPDATE").bind(runs[1].id).execute(&mut *holder).await.unwrap();
+    // And one whose lease was lost.
+    sqlx::query("UPDATE wardcall.runs SET fencing_token = fencing_token + 1 WHERE id = $1").bind(runs[3].id).execute(&db.pool).await.unwrap();
+    let batch: Vec<TransitionCommit> = runs.iter().map(|r| transition(r, Parking::Continue)).collect();
+    let outcomes = tokio::time::timeout(Duration::from_secs(5), store::commit_transitions_skip_locked(&db.pool, &batch))
+        .await
+        .expect("the batch does not wait for the held row")
+        .unwrap();
+    use store::GroupOutcome::*;
+    assert_eq!(outcomes, vec![Committed { due_now: false }, Busy, Committed { due_now: false }, LeaseLost]);
+    assert_eq!(audited(&db, runs[1].id).await, vec!["run.claimed"], "the held run was not written");
+    holder.rollback().await.unwrap();
+    let alone = store::commit_transitions(&db.pool, &batch[1..2]).await.unwrap();
+    assert_eq!(alone, vec![Some(false)]);
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM wardcall.runs WHERE step = 'op:1'").await, 3);
+}
+
+/// Through the engine: eight runs whose first step ends at the same moment
+/// are committed in group; one of them was taken over meanwhile. The seven
+/// others commit; that one commits nothing until this engine takes it back
+/// (after its lease lapses) and then runs each step once.
+pub async fn engine_batch_with_a_lost_lease() {
+    let db = TestDb::new().await;
+    db.exec(TASKS_TABLE).await;
+    let app = start_app(&db, config(&script_config(8))).await;
+    db.exec(r#"INSERT INTO tasks (kind, steps) SELECT 'go', '[{"op":"work","ms":400},{"op":"step"}]' FROM generate_series(1, 8)"#).await;
+    await_true(
+        &db,
+        "eight runs in their first step",
+        Duration::from_secs(10),
+        "SELECT count(*) = 8 FROM wardcall.runs WHERE status = 'running' AND step = 'start'",
+    )
+    .await;
+    // Another engine takes one over (its lease renewal has not run yet: 400 ms < 2000/3 ms).
+    let thief: Uuid = sqlx::query_scalar(
+        "UPDATE wardcall.runs SET fencing_token = fencing_token + 1, lease_owner = 'thief'
+          WHERE id = (SELECT id FROM wardcall.runs ORDER BY id LIMIT 1) RETURNING id",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    await_true(&db, "the seven others to complete", Duration::from_secs(10), "SELECT count(*) = 7 FROM wardcall.runs WHERE status = 'completed'").await;
+    let thief_steps = db
+        .scalar_i64(&format!("SELECT count(*) FROM wardcall.audit_log WHERE entity_id = '{thief}' AND action IN ('run.step_completed', 'run.completed')"))
+        .await;
+    assert_eq!(thief_steps, 0, "the run whose lease was lost committed nothing");
+    let stats = app.engine.group_commit_stats();
+    assert!(stats.fenced_out.load(Ordering::Relaxed) >= 1, "the lost run was fenced out of its batch");
+    assert!(stats.largest.load(Ordering::Relaxed) > 1, "transitions were committed in groups");
+    // Its lease (still the old one's due_at) lapses; this engine takes it over.
+    await_true(&db, "the taken-over run to complete", Duration::from_secs(15), "SELECT count(*) = 8 FROM wardcall.runs WHERE status = 'completed'").await;
+    let dupes = db
+        .scalar_i64(
+            "SELECT count(*) FROM (SELECT entity_id, action, detail->>'from_step' FROM wardcall.audit_log
+              WHERE entity = 'run' AND action IN ('run.step_completed','run.completed') GROUP BY 1, 2, 3 HAVING count(*) > 1) d",
+        )
+        .await;
+    assert_eq!(dupes, 0, "each step committed once");
+    app.stop(Duration::from_secs(2)).await;
+}
+
+/// A critical alert arriving while group commits of a flood of other runs
+/// are under way (16 workers all stepping, batches of many runs) is called
+/// while most of the flood is unfinished, in a small fraction of its drain time.
+pub async fn critical_alert_is_not_held_behind_a_batch() {
+    const FLOOD: i64 = 400;
+    const STEPS: usize = 25;
+    let db = TestDb::new().await;
+    db.exec(wardcall::devtools::demo::HOSPITAL_SCHEMA).await;
+    let emulator = TwilioEmulator::start(
+        EmulatorConfig { account_sid: ACCOUNT_SID.into(), auth_token: AUTH_TOKEN.into(), personas: HashMap::new(), default_persona: Persona::NoAnswer },
+        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+    )
+    .await
+    .unwrap();
+    let mut cfg = crate::escalation::hospital_config(&emulator.base_url(), 600.0, 1);
+    cfg.engine.workers = 16;
+    cfg.workflows.push(Workflow { max_attempts: 3, retry_base_ms: 20, retry_max_ms: 100, ..Workflow::script("flood", "flood") });
+    cfg.validate("hospital.toml").unwrap();
+    let app = start_app(&db, Arc::new(cfg)).await;
+    let flooded = "SELECT count(*) FROM wardcall.runs WHERE workflow = 'flood' AND status = 'completed'";
+    let script: Vec<Value> = (0..STEPS).map(|i| json!({"op": "step", "name": format!("s{i}")})).collect();
+    let t0 = Instant::now();
+    sqlx::query("SELECT count(wardcall.emit('flood', $1)) FROM generate_series(1, $2)")
+        .bind(json!({ "steps": script }))
+        .bind(FLOOD)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    await_true(
+        &db,
+        "the flood to be under way",
+        Duration::from_secs(30),
+        "SELECT count(*) FILTER (WHERE status = 'completed') >= 16 FROM wardcall.runs WHERE workflow = 'flood'",
+    )
+    .await;
+    let mut events = emulator.subscribe();
+    db.exec(crate::escalation::SEIZURE_INSERT).await;
+    let inserted = Instant::now();
+    let called_at = loop {
+        match tokio::time::timeout(Duration::from_secs(60), events.recv()).await.expect("the critical alert is called").unwrap() {
+            EmulatorEvent::CallCreated { received_at, .. } => break received_at,
+            _ => continue,
+        }
+    };
+    let first_call = called_at.saturating_duration_since(inserted);
+    let unfinished = FLOOD - db.scalar_i64(flooded).await;
+    let largest = app.engine.group_commit_stats().largest.load(Ordering::Relaxed);
+    await_true(&db, "the flood to drain", Duration::from_secs(240), &format!("SELECT ({flooded}) = {FLOOD}")).await;
+    let drain = t0.elapsed();
+    eprintln!("critical first call after {first_call:?}; flood unfinished then: {unfinished} of {FLOOD}; drained in {drain:?}; largest batch {largest}");
+    assert!(largest > 1, "the flood was committed in groups (largest batch {largest})");
+    assert!(unfinished * 2 > FLOOD, "the call waited for the flood: only {unfinished} of {FLOOD} flood runs were left");
+    assert!(first_call * 4 < drain, "first call after {first_call:?}, flood drained in {drain:?}");
+    app.stop(Duration::from_secs(2)).await;
+    emulator.shutdown().await;
+}
+
+/// The two-engine test of `capture_runtime` at burst size: 1,000 runs, each
+/// a step, a sleep, a wait that times out and a step, on two engines sharing
+/// one database; every transition is committed exactly once and both engines work.
+pub async fn two_engines_at_burst_size_run_each_step_once() {
+    const RUNS: i64 = 1000;
+    let db = TestDb::new().await;
+    db.exec(TASKS_TABLE).await;
+    let cfg = config(&script_config(16));
+    let a = start_app(&db, cfg.clone()).await;
+    let b = start_app(&db, cfg).await;
+    db.exec(&format!(
+        "INSERT INTO tasks (kind, steps) SELECT 'go', '[{{\"op\":\"step\"}},{{\"op\":\"sleep\",\"ms\":30}},{{\"op\":\"step\"}},{{\"op\":\"wait\",\"signal\":\"x\",\"timeout_ms\":50}},{{\"op\":\"step\"}}]' FROM generate_series(1, {RUNS})"
+    ))
+    .await;
+    await_true(&db, "all runs completed", Duration::from_secs(180), &format!("SELECT count(*) = {RUNS} FROM wardcall.runs WHERE status = 'completed'")).await;
+    let dupes = db
+        .scalar_i64(
+            "SELECT count(*) FROM (SELECT entity_id, action, detail->>'from_step' FROM wardcall.audit_log
+              WHERE entity = 'run' AND action IN ('run.step_completed','run.sleeping','run.waiting','run.completed')
+              GROUP BY 1, 2, 3 HAVING count(*) > 1) d",
+        )
+        .await;
+    assert_eq!(dupes, 0, "a transition was committed twice");
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM wardcall.audit_log WHERE action = 'run.completed'").await, RUNS);
+    // Each run: 3 steps + sleep + wait + complete = 6 transitions.
+    assert_eq!(
+        db.scalar_i64("SELECT count(*) FROM wardcall.audit_log WHERE action IN ('run.step_completed','run.sleeping','run.waiting','run.completed')").await,
+        RUNS * 6
+    );
+    let owners = db.scalar_i64("SELECT count(DISTINCT actor) FROM wardcall.audit_log WHERE action IN ('run.claimed','run.created')").await;
+    assert!(owners >= 2, "only one engine worked");
+    let (ga, gb) = (a.engine.group_commit_stats(), b.engine.group_commit_stats());
+    eprintln!(
+        "group commits: engine a {} batches / {} transitions (largest {}), engine b {} / {} (largest {})",
+        ga.batches.load(Ordering::Relaxed),
+        ga.transitions.load(Ordering::Relaxed),
+        ga.largest.load(Ordering::Relaxed),
+        gb.batches.load(Ordering::Relaxed),
+        gb.transitions.load(Ordering::Relaxed),
+        gb.largest.load(Ordering::Relaxed)
+    );
+    a.stop(Duration::from_secs(2)).await;
+    b.stop(Duration::from_secs(2)).await;
+}
