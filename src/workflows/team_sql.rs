@@ -54,11 +54,18 @@ pub async fn begin_bounded_read_only(
 /// Errors: PostgreSQL's (the caller rolls back and decides retry or failure
 /// with [`is_permanent`]).
 pub async fn run_step_statement(conn: &mut PgConnection, sql: &str, keep: bool, payload: &Value, vars: &Value) -> Result<Value, sqlx::Error> {
-    sqlx::query("SELECT set_config('wardcall.write_back', 'on', true), set_config('statement_timeout', $1, true), set_config('lock_timeout', $2, true)")
-        .bind(format!("{STEP_STATEMENT_TIMEOUT_MS}ms"))
-        .bind(format!("{STEP_LOCK_TIMEOUT_MS}ms"))
-        .execute(&mut *conn)
-        .await?;
+    // The previous timeouts are kept in `wardcall.saved_*` (read in the FROM
+    // subquery, before the new ones are set) and put back after: cheaper than
+    // reading `pg_settings`, which builds every setting's row.
+    sqlx::query(
+        "SELECT set_config('wardcall.write_back', 'on', true), set_config('statement_timeout', $1, true), set_config('lock_timeout', $2, true)
+           FROM (SELECT set_config('wardcall.saved_statement_timeout', current_setting('statement_timeout'), true),
+                        set_config('wardcall.saved_lock_timeout', current_setting('lock_timeout'), true)) saved",
+    )
+    .bind(format!("{STEP_STATEMENT_TIMEOUT_MS}ms"))
+    .bind(format!("{STEP_LOCK_TIMEOUT_MS}ms"))
+    .execute(&mut *conn)
+    .await?;
     let result = if keep {
         let wrapped = wrap_for_keep(sql);
         let rows: Vec<Value> = {
@@ -75,8 +82,8 @@ pub async fn run_step_statement(conn: &mut PgConnection, sql: &str, keep: bool, 
     };
     sqlx::query(
         "SELECT set_config('wardcall.write_back', 'off', true),
-                set_config('statement_timeout', (SELECT reset_val FROM pg_settings WHERE name = 'statement_timeout'), true),
-                set_config('lock_timeout', (SELECT reset_val FROM pg_settings WHERE name = 'lock_timeout'), true)",
+                set_config('statement_timeout', current_setting('wardcall.saved_statement_timeout'), true),
+                set_config('lock_timeout', current_setting('wardcall.saved_lock_timeout'), true)",
     )
     .execute(&mut *conn)
     .await?;
@@ -204,18 +211,20 @@ pub async fn write_back(
     // takes several statements.)
     conn.execute(
         "SAVEPOINT wardcall_write_back;
-         SELECT set_config('wardcall.write_back', 'on', true), set_config('lock_timeout', '2s', true), set_config('statement_timeout', '5s', true)",
+         SELECT set_config('wardcall.write_back', 'on', true), set_config('lock_timeout', '2s', true), set_config('statement_timeout', '5s', true)
+           FROM (SELECT set_config('wardcall.saved_statement_timeout', current_setting('statement_timeout'), true),
+                        set_config('wardcall.saved_lock_timeout', current_setting('lock_timeout'), true)) saved",
     )
     .await?;
     let outcome = sqlx::query(sql).bind(payload).bind(&details).execute(&mut *conn).await;
-    // Release (or roll back to) the savepoint and put the settings back, in one round trip.
+    // Release the savepoint and put the settings back, in one round trip.
     macro_rules! then_reset {
         ($first:literal) => {
             concat!(
                 $first,
                 "; SELECT set_config('wardcall.write_back', 'off', true),
-                   set_config('lock_timeout', (SELECT reset_val FROM pg_settings WHERE name = 'lock_timeout'), true),
-                   set_config('statement_timeout', (SELECT reset_val FROM pg_settings WHERE name = 'statement_timeout'), true)"
+                   set_config('lock_timeout', current_setting('wardcall.saved_lock_timeout'), true),
+                   set_config('statement_timeout', current_setting('wardcall.saved_statement_timeout'), true)"
             )
         };
     }
@@ -225,7 +234,9 @@ pub async fn write_back(
         }
         Err(e) => {
             let msg = crate::capture::db_message(&e);
-            conn.execute(then_reset!("ROLLBACK TO SAVEPOINT wardcall_write_back")).await?;
+            // Rolling back to the savepoint also undoes the settings made after it
+            // (PostgreSQL reverts `SET LOCAL` with the subtransaction).
+            conn.execute("ROLLBACK TO SAVEPOINT wardcall_write_back").await?;
             tracing::error!(hook, error = %msg, "write-back statement failed; the state change is kept");
             let (entity, id) = match subject {
                 WriteBackSubject::Attempt(id) => (Entity::NotificationAttempt, id),

@@ -13,6 +13,7 @@ pub fn tests() -> Vec<libtest_mimic::Trial> {
         workflow_hardening::cancel_on_key_reading_a_variable_is_refused_at_load,
         workflow_hardening::escalation_run_live_across_the_upgrade_keeps_escalating,
         workflow_hardening::a_failing_step_before_escalate_does_not_stop_the_alert,
+        workflow_hardening::team_sql_puts_the_session_settings_back,
     ]
 }
 
@@ -305,4 +306,39 @@ pub async fn a_failing_step_before_escalate_does_not_stop_the_alert() {
     let jumped = h.db.scalar_i64("SELECT count(*) FROM wardcall.audit_log WHERE action = 'run.failing' AND detail->>'hook' = 'steps:1'").await;
     assert_eq!(jumped, 1, "the failure is audited with the step the run went on at");
     h.app.stop(Duration::from_secs(2)).await;
+}
+
+/// A write-back (succeeding or failing) and a `sql` step's statement bound
+/// their own statement and mark it a write-back, then put the transaction's
+/// settings back as they were: later statements of the same transaction (the
+/// step's commit, the webhook's audit rows) keep the session's timeouts, and
+/// capture triggers fire again.
+pub async fn team_sql_puts_the_session_settings_back() {
+    use wardcall::workflows::team_sql::{run_step_statement, write_back, WriteBackSubject};
+    let db = TestDb::new().await;
+    db.exec(
+        "CREATE TABLE wb (id int PRIMARY KEY);
+         INSERT INTO wardcall.runs (id, workflow, event, input, step, status)
+              VALUES ('00000000-0000-0000-0000-0000000000a2', 'w', 'e', '{}', 'call', 'completed');
+         INSERT INTO wardcall.alerts (id, run_id, workflow, policy, message, status)
+              VALUES ('00000000-0000-0000-0000-0000000000b2', '00000000-0000-0000-0000-0000000000a2', 'w', 'p', 'm', 'open');",
+    )
+    .await;
+    let alert = uuid::Uuid::parse_str("00000000-0000-0000-0000-0000000000b2").unwrap();
+    let mut conn = db.pool.acquire().await.unwrap();
+    let settings = "SELECT current_setting('statement_timeout') || ' ' || current_setting('lock_timeout') || ' '
+                           || coalesce(nullif(current_setting('wardcall.write_back', true), ''), 'off')";
+    let session: String = sqlx::query_scalar(settings).fetch_one(&mut *conn).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut *conn).await.unwrap();
+    let payload = serde_json::json!({"id": 1});
+    for (sql, what) in [("INSERT INTO wb VALUES (($1->>'id')::int)", "a write-back that succeeds"), ("INSERT INTO wb VALUES (1)", "a write-back that fails")] {
+        write_back(&mut conn, Some(sql), "on_acknowledged", &payload, WriteBackSubject::Alert(alert), "test").await.unwrap();
+        let now: String = sqlx::query_scalar(settings).fetch_one(&mut *conn).await.unwrap();
+        assert_eq!(now, session, "after {what}");
+    }
+    run_step_statement(&mut conn, "INSERT INTO wb VALUES (2)", false, &payload, &serde_json::json!({})).await.unwrap();
+    let now: String = sqlx::query_scalar(settings).fetch_one(&mut *conn).await.unwrap();
+    assert_eq!(now, session, "after a sql step's statement");
+    sqlx::query("COMMIT").execute(&mut *conn).await.unwrap();
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM wb").await, 2);
 }
