@@ -537,23 +537,7 @@ impl Engine {
         // uncommitted batch would be invisible. Waiting for a batch is
         // milliseconds; critical events still come first within each batch.
         sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(DISPATCH_LOCK_KEY).execute(&mut *tx).await?;
-        let mut rows: Vec<(i64, String, Value, String)> = sqlx::query_as(
-            "WITH crit AS (
-                 SELECT id FROM wardcall.outbox WHERE processed_at IS NULL AND event = ANY($3)
-                  ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED),
-             rest AS (
-                 SELECT id FROM wardcall.outbox WHERE processed_at IS NULL AND id NOT IN (SELECT id FROM crit)
-                  ORDER BY id LIMIT greatest($1 - (SELECT count(*) FROM crit), 0) FOR UPDATE SKIP LOCKED),
-             batch AS (SELECT id FROM crit UNION ALL SELECT id FROM rest)
-             UPDATE wardcall.outbox o SET processed_at = clock_timestamp(), processed_by = $2
-               FROM batch WHERE o.id = batch.id
-             RETURNING o.id, o.event, o.payload, o.source",
-        )
-        .bind(limit)
-        .bind(&self.engine_id)
-        .bind(&critical_events)
-        .fetch_all(&mut *tx)
-        .await?;
+        let mut rows = crate::store::outbox::claim_batch(&mut tx, limit, &self.engine_id, &critical_events).await?;
         // Critical events first (they take the free worker slots first), then by id.
         rows.sort_by_key(|(id, event, _, _)| (!critical_events.contains(event), *id));
         if rows.is_empty() {
@@ -673,18 +657,12 @@ impl Engine {
             }
         }
         if !unrouted.is_empty() {
-            sqlx::query("UPDATE wardcall.outbox SET unrouted_at = clock_timestamp() WHERE id = ANY($1)").bind(&unrouted).execute(&mut *tx).await?;
+            crate::store::outbox::mark_unrouted(&mut tx, &unrouted).await?;
         }
         // Take as many runs as there are free worker slots: they start leased
         // to us. Critical runs come first; other runs take no slot while a
         // critical run is due, so that the scheduler claims it first.
-        let critical_due = criticals.iter().any(|c| !c)
-            && sqlx::query_scalar::<_, bool>(
-                "SELECT EXISTS (SELECT 1 FROM wardcall.runs
-                                 WHERE critical AND status IN ('pending','running','sleeping','waiting') AND due_at <= now())",
-            )
-            .fetch_one(&mut *tx)
-            .await?;
+        let critical_due = criticals.iter().any(|c| !c) && store::critical_run_due(&mut tx).await?;
         let mut taken = Vec::new();
         for &critical in &criticals {
             if !critical && critical_due {
@@ -696,38 +674,20 @@ impl Engine {
             }
         }
         let lease_now: Vec<bool> = (0..workflow_names.len()).map(|i| i < taken.len()).collect();
-        let created = sqlx::query(
-            "WITH input AS (
-                 SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::jsonb[], $5::bool[], $8::bool[], $9::text[])
-                     AS t(workflow, event_id, event, input, take, critical, key)),
-             created AS (
-                 INSERT INTO wardcall.runs (workflow, event_id, event, input, step, status, lease_owner, fencing_token, due_at, critical, key)
-                 SELECT workflow, event_id, event, input, 'start',
-                        CASE WHEN take THEN 'running' ELSE 'pending' END,
-                        CASE WHEN take THEN $6 END,
-                        CASE WHEN take THEN 1 ELSE 0 END,
-                        CASE WHEN take THEN clock_timestamp() + $7 * interval '1 millisecond' ELSE clock_timestamp() END,
-                        critical, key
-                   FROM input
-                 ON CONFLICT DO NOTHING
-                 RETURNING id, workflow, event, input, state, step, step_attempt, fencing_token, wait_signal, wait_outcome, status),
-             audited AS (
-                 INSERT INTO wardcall.audit_log (entity, entity_id, action, from_state, to_state, actor, detail)
-                 SELECT 'run', id::text, 'run.created', NULL, status, 'engine:' || $6,
-                        jsonb_build_object('workflow', workflow, 'event', event)
-                   FROM created)
-             SELECT *, 'pending'::text AS previous_status FROM created",
+        let created = store::create_runs(
+            &mut tx,
+            &store::NewRuns {
+                workflows: &workflow_names,
+                event_ids: &event_ids,
+                events: &events,
+                inputs: &inputs,
+                leased: &lease_now,
+                criticals: &criticals,
+                keys: &keys,
+            },
+            &self.engine_id,
+            self.lease_ms(),
         )
-        .bind(&workflow_names)
-        .bind(&event_ids)
-        .bind(&events)
-        .bind(&inputs)
-        .bind(&lease_now)
-        .bind(&self.engine_id)
-        .bind(self.lease_ms())
-        .bind(&criticals)
-        .bind(&keys)
-        .fetch_all(&mut *tx)
         .await?;
         // Events that cancel runs by key, or that runs wait for by key: only
         // runs created by an older event are touched.
@@ -736,25 +696,10 @@ impl Engine {
         }
         let mut to_run = Vec::new();
         let mut pending = 0;
-        for row in &created {
-            use sqlx::Row;
-            let status: String = row.try_get("status")?;
-            if status == "running" {
-                to_run.push(ClaimedRun {
-                    id: row.try_get("id")?,
-                    workflow: row.try_get("workflow")?,
-                    event: row.try_get("event")?,
-                    input: row.try_get("input")?,
-                    state: row.try_get("state")?,
-                    step: row.try_get("step")?,
-                    step_attempt: row.try_get("step_attempt")?,
-                    fencing_token: row.try_get("fencing_token")?,
-                    wait_signal: None,
-                    wait_outcome: None,
-                    previous_status: "pending".into(),
-                });
-            } else {
-                pending += 1;
+        for created_run in created {
+            match created_run {
+                Some(run) => to_run.push(run),
+                None => pending += 1,
             }
         }
         if pending > 0 {

@@ -1,8 +1,8 @@
 //! SQL of `wardcall.outbox` from the emitting side: an event written by the
 //! API, the CLI or an `emit` step, through the SQL function `wardcall.emit`
 //! (migration 0001), exactly as a team's trigger or `SELECT wardcall.emit(…)`
-//! writes one. The dispatcher's side (claiming rows into runs) is in
-//! [`super::runs`] and the runtime.
+//! writes one; and the dispatcher's side: claiming a batch of rows
+//! ([`claim_batch`]) and marking the ones no workflow listens to.
 
 use serde_json::Value;
 use sqlx::PgConnection;
@@ -15,4 +15,41 @@ use sqlx::PgConnection;
 /// Errors: a database error (e.g. a NUL character in the payload).
 pub async fn emit(conn: &mut PgConnection, event: &str, payload: &Value, dedup_key: Option<&str>) -> Result<Option<i64>, sqlx::Error> {
     sqlx::query_scalar("SELECT wardcall.emit($1, $2, $3)").bind(event).bind(payload).bind(dedup_key).fetch_one(conn).await
+}
+
+/// Claims up to `limit` unprocessed outbox rows for the dispatcher, events
+/// of `critical_events` first, then by id, skipping rows another dispatcher
+/// holds (`FOR UPDATE SKIP LOCKED`), and marks them processed by
+/// `engine_id`, in the caller's transaction. Returns (id, event, payload,
+/// source) per row.
+pub async fn claim_batch(
+    conn: &mut PgConnection,
+    limit: i64,
+    engine_id: &str,
+    critical_events: &[String],
+) -> Result<Vec<(i64, String, Value, String)>, sqlx::Error> {
+    sqlx::query_as(
+        "WITH crit AS (
+             SELECT id FROM wardcall.outbox WHERE processed_at IS NULL AND event = ANY($3)
+              ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED),
+         rest AS (
+             SELECT id FROM wardcall.outbox WHERE processed_at IS NULL AND id NOT IN (SELECT id FROM crit)
+              ORDER BY id LIMIT greatest($1 - (SELECT count(*) FROM crit), 0) FOR UPDATE SKIP LOCKED),
+         batch AS (SELECT id FROM crit UNION ALL SELECT id FROM rest)
+         UPDATE wardcall.outbox o SET processed_at = clock_timestamp(), processed_by = $2
+           FROM batch WHERE o.id = batch.id
+         RETURNING o.id, o.event, o.payload, o.source",
+    )
+    .bind(limit)
+    .bind(engine_id)
+    .bind(critical_events)
+    .fetch_all(conn)
+    .await
+}
+
+/// Marks outbox rows whose event no workflow listened to when dispatched
+/// (`unrouted_at`): kept and counted, never deleted.
+pub async fn mark_unrouted(conn: &mut PgConnection, ids: &[i64]) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE wardcall.outbox SET unrouted_at = clock_timestamp() WHERE id = ANY($1)").bind(ids).execute(conn).await?;
+    Ok(())
 }

@@ -145,6 +145,81 @@ pub async fn holds(pool: &PgPool, id: Uuid, token: i64) -> Result<bool, sqlx::Er
         .await
 }
 
+/// Whether a critical run is due now (the dispatcher then leases no other
+/// run, so that the scheduler claims the critical one first).
+pub async fn critical_run_due(conn: &mut PgConnection) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM wardcall.runs
+                         WHERE critical AND status IN ('pending','running','sleeping','waiting') AND due_at <= now())",
+    )
+    .fetch_one(conn)
+    .await
+}
+
+/// The runs a dispatch batch creates, one per index of every slice.
+#[derive(Debug, Clone, Copy)]
+pub struct NewRuns<'a> {
+    pub workflows: &'a [String],
+    /// The outbox row each run comes from (one run per workflow and event).
+    pub event_ids: &'a [i64],
+    pub events: &'a [String],
+    pub inputs: &'a [Value],
+    /// Created leased to the dispatching engine (`running`, token 1) rather
+    /// than `pending`.
+    pub leased: &'a [bool],
+    pub criticals: &'a [bool],
+    /// The run's key (`runs.key`, one live run per workflow and key), if any.
+    pub keys: &'a [Option<String>],
+}
+
+/// Creates a dispatch batch's runs in one statement, audited `run.created`
+/// (actor `engine:<engine_id>`): a leased run is `running` under
+/// `engine_id` with a lease of `lease_ms` milliseconds, the others `pending`
+/// and due now. A run whose (workflow, outbox row) exists already is not
+/// created again. Returns, in creation order, the leased runs as claimed
+/// (`Some`) and a `None` per pending run.
+pub async fn create_runs(conn: &mut PgConnection, runs: &NewRuns<'_>, engine_id: &str, lease_ms: i64) -> Result<Vec<Option<ClaimedRun>>, sqlx::Error> {
+    let rows = sqlx::query(
+        "WITH input AS (
+             SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::jsonb[], $5::bool[], $8::bool[], $9::text[])
+                 AS t(workflow, event_id, event, input, take, critical, key)),
+         created AS (
+             INSERT INTO wardcall.runs (workflow, event_id, event, input, step, status, lease_owner, fencing_token, due_at, critical, key)
+             SELECT workflow, event_id, event, input, 'start',
+                    CASE WHEN take THEN 'running' ELSE 'pending' END,
+                    CASE WHEN take THEN $6 END,
+                    CASE WHEN take THEN 1 ELSE 0 END,
+                    CASE WHEN take THEN clock_timestamp() + $7 * interval '1 millisecond' ELSE clock_timestamp() END,
+                    critical, key
+               FROM input
+             ON CONFLICT DO NOTHING
+             RETURNING id, workflow, event, input, state, step, step_attempt, fencing_token, wait_signal, wait_outcome, status),
+         audited AS (
+             INSERT INTO wardcall.audit_log (entity, entity_id, action, from_state, to_state, actor, detail)
+             SELECT 'run', id::text, 'run.created', NULL, status, 'engine:' || $6,
+                    jsonb_build_object('workflow', workflow, 'event', event)
+               FROM created)
+         SELECT *, 'pending'::text AS previous_status FROM created",
+    )
+    .bind(runs.workflows)
+    .bind(runs.event_ids)
+    .bind(runs.events)
+    .bind(runs.inputs)
+    .bind(runs.leased)
+    .bind(engine_id)
+    .bind(lease_ms)
+    .bind(runs.criticals)
+    .bind(runs.keys)
+    .fetch_all(conn)
+    .await?;
+    let mut out = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let status: String = row.try_get("status")?;
+        out.push(if status == "running" { Some(ClaimedRun::from_row(row)?) } else { None });
+    }
+    Ok(out)
+}
+
 /// Locks a run row (`FOR UPDATE`) without a fencing check: the first
 /// statement of a webhook's transaction (the workers' lock order).
 pub async fn lock_row(conn: &mut PgConnection, id: Uuid) -> Result<(), sqlx::Error> {
