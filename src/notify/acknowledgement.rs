@@ -58,6 +58,10 @@ pub fn status_rank(s: &str) -> i32 {
     }
 }
 
+/// The [`status_rank`] of a final call status (`completed`, `busy`,
+/// `no-answer`, `failed`, `canceled`).
+const FINAL_CALL_RANK: i32 = 5;
+
 /// Whether an AMD verdict (`AnsweredBy`) says no human took the call.
 pub fn is_machine(answered_by: Option<&str>) -> bool {
     answered_by.is_some_and(|a| a.starts_with("machine") || a == "fax")
@@ -131,9 +135,17 @@ pub async fn apply_status(
         return Ok(());
     }
     let mut changed = false;
+    // Whether the run must look again: a final status or a machine verdict
+    // can end the step (every call failed, voicemail to hang up). Progress
+    // (`initiated`, `ringing`, `in-progress`) cannot: a run waits for its
+    // deadline anyway, and a human on the line is seen then (the grace
+    // period). Signalling progress cost a signal row, a wake-up and an
+    // evaluation per callback, with the run's row held.
+    let mut decisive = false;
     if let (Some(verdict), None) = (answered_by.filter(|v| !v.is_empty()), row.answered_by.as_deref()) {
         attempts::record_answered_by(&mut tx, attempt, verdict, actor).await?;
         changed = true;
+        decisive = true;
     }
     if new_rank > status_rank(&row.status) && new_rank >= 0 {
         let column = match call_status {
@@ -147,14 +159,17 @@ pub async fn apply_status(
             write_back(&mut tx, settings.write_back.on_call_status.as_deref(), "on_call_status", &input, WriteBackSubject::Attempt(attempt), actor).await?;
         }
         changed = true;
+        decisive |= new_rank == FINAL_CALL_RANK;
     }
-    if changed {
+    if decisive {
         signal_run(&mut tx, row.run_id, json!({"attempt": attempt, "status": call_status})).await?;
     }
     finish_delivery(&mut tx, delivery, "").await?;
     tx.commit().await?;
-    if changed {
+    if decisive {
         services.wake();
+    }
+    if changed {
         services.wake_call_sweeper();
     }
     Ok(())

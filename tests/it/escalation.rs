@@ -128,6 +128,12 @@ pub async fn scenario_end_to_end_no_answer_then_backup_acknowledges() {
     assert_eq!(calls_to(&h, NURSE_A), 1, "no second call to the nurse who did not answer");
     assert_eq!(h.db.scalar_i64("SELECT count(*) FROM wardcall.audit_log WHERE action = 'alert.acknowledged'").await, 1);
     await_true(&h.db, "the run to complete", Duration::from_secs(10), "SELECT count(*) = 1 FROM wardcall.runs WHERE status = 'completed'").await;
+    // Progress callbacks (initiated, ringing, in-progress) are recorded but
+    // do not wake the run; the final ones (nurse A's no-answer) do.
+    let progress = h.db.scalar_i64("SELECT count(*) FROM wardcall.signals WHERE payload->>'status' IN ('initiated','ringing','in-progress')").await;
+    assert_eq!(progress, 0, "progress callbacks signalled the run");
+    assert!(h.db.scalar_i64("SELECT count(*) FROM wardcall.signals WHERE payload->>'status' = 'no-answer'").await >= 1);
+    assert!(h.db.scalar_i64("SELECT count(*) FROM wardcall.notification_attempts WHERE ringing_at IS NOT NULL").await >= 2, "progress is still recorded");
     h.stop().await;
 }
 
