@@ -42,7 +42,9 @@ use sqlx::PgConnection;
 use std::collections::HashMap;
 use uuid::Uuid;
 
-/// Signal name the webhooks send to an escalation run on every call event.
+/// Signal name the webhooks send to an escalation run on every call event
+/// that can change its decision: a final status, a machine verdict, a
+/// keypress, an acknowledgement, a text's status (progress is recorded, not signalled).
 pub const CALL_UPDATE_SIGNAL: &str = "call_update";
 
 /// Extra time (ms) a step waits past its deadline while a human is on the
