@@ -91,8 +91,10 @@ pub async fn run_step(ctx: &mut StepContext<'_>, settings: &EscalationWorkflow) 
 async fn render_message(ctx: &StepContext<'_>, settings: &EscalationWorkflow) -> Result<String, StepError> {
     let template = Template::parse(&settings.message).map_err(|e| StepError::Permanent(anyhow!(e)))?;
     let mut values = HashMap::new();
-    for (name, sql) in &settings.lookups {
-        match team_sql::run_lookup(&ctx.services.pool, sql, &ctx.run.input).await {
+    let sqls: Vec<&str> = settings.lookups.values().map(|sql| sql.as_str()).collect();
+    let outcomes = team_sql::run_lookups(&ctx.services.pool, &sqls, &ctx.run.input).await;
+    for ((name, _), outcome) in settings.lookups.iter().zip(outcomes) {
+        match outcome {
             Ok(team_sql::LookupOutcome::Value(v)) => {
                 values.insert(name.clone(), v);
             }

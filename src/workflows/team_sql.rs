@@ -153,11 +153,51 @@ pub enum LookupOutcome {
 /// Errors: the statement failed or timed out (the caller renders without
 /// the value and audits the SQLSTATE).
 pub async fn run_lookup(pool: &sqlx::PgPool, sql: &str, input: &Value) -> Result<LookupOutcome, sqlx::Error> {
-    use futures_util::TryStreamExt;
     let mut tx = begin_bounded_read_only(pool, LOOKUP_STATEMENT_TIMEOUT_MS, LOOKUP_LOCK_TIMEOUT_MS).await?;
+    let outcome = fetch_lookup(&mut tx, sql, input).await?;
+    tx.rollback().await?;
+    Ok(outcome)
+}
+
+/// Runs an escalation's lookups (`sqls`, in order, each with `$1` = the
+/// event payload), all in one bounded read-only transaction: one round trip
+/// each, plus one to begin and one to end, instead of three each. A lookup
+/// that fails aborts that transaction: its error is its outcome (it is not
+/// run twice: a timed-out lookup must not delay the call twice), and the
+/// lookups after it run one by one, each in its own transaction
+/// ([`run_lookup`]). Returns one outcome per lookup, in order.
+pub async fn run_lookups(pool: &sqlx::PgPool, sqls: &[&str], input: &Value) -> Vec<Result<LookupOutcome, sqlx::Error>> {
+    let mut out = Vec::with_capacity(sqls.len());
+    match begin_bounded_read_only(pool, LOOKUP_STATEMENT_TIMEOUT_MS, LOOKUP_LOCK_TIMEOUT_MS).await {
+        Ok(mut tx) => {
+            for sql in sqls {
+                let outcome = fetch_lookup(&mut tx, sql, input).await;
+                let failed = outcome.is_err();
+                out.push(outcome);
+                if failed {
+                    break; // the transaction is aborted; dropping it rolls it back
+                }
+            }
+            if out.len() == sqls.len() && out.last().map_or(true, Result::is_ok) {
+                let _ = tx.rollback().await;
+            }
+        }
+        Err(e) => {
+            tracing::debug!(error = %crate::capture::db_message(&e), "lookups: a shared transaction could not begin; running them one by one");
+        }
+    }
+    for sql in &sqls[out.len()..] {
+        out.push(run_lookup(pool, sql, input).await);
+    }
+    out
+}
+
+/// Runs one lookup on `conn`, reading at most two rows.
+async fn fetch_lookup(conn: &mut PgConnection, sql: &str, input: &Value) -> Result<LookupOutcome, sqlx::Error> {
+    use futures_util::TryStreamExt;
     let mut rows = Vec::new();
     {
-        let mut stream = sqlx::query(sql).bind(input).fetch(&mut *tx);
+        let mut stream = sqlx::query(sql).bind(input).fetch(&mut *conn);
         while let Some(row) = stream.try_next().await? {
             rows.push(row);
             if rows.len() > 1 {
@@ -165,7 +205,6 @@ pub async fn run_lookup(pool: &sqlx::PgPool, sql: &str, input: &Value) -> Result
             }
         }
     }
-    tx.rollback().await?;
     Ok(match rows.as_slice() {
         [] => LookupOutcome::Empty,
         [row] => match row.try_get::<Option<String>, _>(0) {

@@ -14,6 +14,7 @@ pub fn tests() -> Vec<libtest_mimic::Trial> {
         workflow_hardening::escalation_run_live_across_the_upgrade_keeps_escalating,
         workflow_hardening::a_failing_step_before_escalate_does_not_stop_the_alert,
         workflow_hardening::team_sql_puts_the_session_settings_back,
+        workflow_hardening::lookups_share_a_transaction_and_a_failure_stops_only_itself,
     ]
 }
 
@@ -341,4 +342,32 @@ pub async fn team_sql_puts_the_session_settings_back() {
     assert_eq!(now, session, "after a sql step's statement");
     sqlx::query("COMMIT").execute(&mut *conn).await.unwrap();
     assert_eq!(db.scalar_i64("SELECT count(*) FROM wb").await, 2);
+}
+
+/// An escalation's lookups run in one read-only transaction; one that
+/// returns several rows leaves the others unharmed, and one that fails is
+/// its own outcome while the lookups after it still run.
+pub async fn lookups_share_a_transaction_and_a_failure_stops_only_itself() {
+    use wardcall::workflows::team_sql::{run_lookups, LookupOutcome};
+    let db = TestDb::new().await;
+    db.exec("CREATE TABLE two_rows (x text); INSERT INTO two_rows VALUES ('a'), ('b');").await;
+    let sqls = [
+        "SELECT x FROM two_rows",
+        "SELECT $1->>'room'",
+        "SELECT (1 / ($1->>'zero')::int)::text",
+        "SELECT 'after the failure'",
+        "SELECT NULL::text",
+    ];
+    let out = run_lookups(&db.pool, &sqls, &serde_json::json!({"room": "Room 2", "zero": 0})).await;
+    let seen: Vec<String> = out
+        .iter()
+        .map(|o| match o {
+            Ok(LookupOutcome::Value(v)) => format!("value {v}"),
+            Ok(LookupOutcome::Empty) => "empty".into(),
+            Ok(LookupOutcome::Ambiguous) => "ambiguous".into(),
+            Ok(LookupOutcome::NotText) => "not text".into(),
+            Err(e) => format!("error {}", e.as_database_error().and_then(|d| d.code()).unwrap_or_default()),
+        })
+        .collect();
+    assert_eq!(seen, ["ambiguous", "value Room 2", "error 22012", "value after the failure", "empty"]);
 }
