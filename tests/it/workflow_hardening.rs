@@ -351,13 +351,7 @@ pub async fn lookups_share_a_transaction_and_a_failure_stops_only_itself() {
     use wardcall::workflows::team_sql::{run_lookups, LookupOutcome};
     let db = TestDb::new().await;
     db.exec("CREATE TABLE two_rows (x text); INSERT INTO two_rows VALUES ('a'), ('b');").await;
-    let sqls = [
-        "SELECT x FROM two_rows",
-        "SELECT $1->>'room'",
-        "SELECT (1 / ($1->>'zero')::int)::text",
-        "SELECT 'after the failure'",
-        "SELECT NULL::text",
-    ];
+    let sqls = ["SELECT x FROM two_rows", "SELECT $1->>'room'", "SELECT (1 / ($1->>'zero')::int)::text", "SELECT 'after the failure'", "SELECT NULL::text"];
     let out = run_lookups(&db.pool, &sqls, &serde_json::json!({"room": "Room 2", "zero": 0})).await;
     let seen: Vec<String> = out
         .iter()
