@@ -152,7 +152,15 @@ pub async fn lifecycle_along_the_backup_chain_on_the_teams_schema() {
     // wardcall never writes over it, whatever callbacks still arrive.
     h.db.exec(&format!("UPDATE care_alerts SET status = 'resolved', resolved_at = now(), outcome = 'Pharmacy called; dose corrected' WHERE id = '{id}'")).await;
     await_true(&h.db, "the calls to end", Duration::from_secs(15), "SELECT count(*) = 0 FROM wardcall.notification_attempts WHERE ended_at IS NULL").await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Every callback is recorded and the run has decided: nothing is left
+    // that could still write to the team's row.
+    await_true(
+        &h.db,
+        "the run to end",
+        Duration::from_secs(15),
+        "SELECT count(*) = 0 FROM wardcall.runs WHERE status IN ('pending','running','sleeping','waiting')",
+    )
+    .await;
     let row = h.row(id).await;
     assert_eq!(
         (row.0.as_str(), row.1.as_deref(), row.4, row.5.as_deref()),
