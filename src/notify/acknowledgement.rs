@@ -41,26 +41,64 @@ pub enum CallEventError {
     Db(#[from] sqlx::Error),
 }
 
-/// Rank of a provider call status: updates only ever move forward.
-/// `intent` and `unknown` 0 < `requested` 1 < `initiated` 2 < `ringing` 3 <
-/// `in-progress` 4 < final 5; unknown words are -1. `unknown` (an intent
-/// whose outcome was never learnt) ranks with `intent`: a callback that shows
-/// the call exists after all moves it on, so it can be ended and reconciled.
+/// Provider call statuses and their ranks (the one table of them): updates
+/// only ever move forward. `intent` and `unknown` 0 < `requested` 1 <
+/// `initiated` 2 < `ringing` 3 < `in-progress` 4 < final 5. `unknown` (an
+/// intent whose outcome was never learnt) ranks with `intent`: a callback
+/// that shows the call exists after all moves it on, so it can be ended and
+/// reconciled.
+const CALL_STATUS_RANKS: &[(&str, i32)] = &[
+    ("intent", 0),
+    ("unknown", 0),
+    ("requested", 1),
+    ("initiated", 2),
+    ("ringing", 3),
+    ("in-progress", 4),
+    ("completed", FINAL_CALL_RANK),
+    ("busy", FINAL_CALL_RANK),
+    ("no-answer", FINAL_CALL_RANK),
+    ("failed", FINAL_CALL_RANK),
+    ("canceled", FINAL_CALL_RANK),
+];
+
+/// Rank of a provider call status (see `CALL_STATUS_RANKS`): updates only
+/// ever move forward. `intent` and `unknown` 0 < `requested` 1 <
+/// `initiated` 2 < `ringing` 3 < `in-progress` 4 < final 5; unknown words
+/// are -1.
 pub fn status_rank(s: &str) -> i32 {
-    match s {
-        "intent" | "unknown" => 0,
-        "requested" => 1,
-        "initiated" => 2,
-        "ringing" => 3,
-        "in-progress" => 4,
-        "completed" | "busy" | "no-answer" | "failed" | "canceled" => 5,
-        _ => -1,
-    }
+    rank_in(CALL_STATUS_RANKS, s)
+}
+
+fn rank_in(table: &[(&str, i32)], s: &str) -> i32 {
+    table.iter().find(|(word, _)| *word == s).map_or(-1, |(_, rank)| *rank)
 }
 
 /// The [`status_rank`] of a final call status (`completed`, `busy`,
 /// `no-answer`, `failed`, `canceled`).
 const FINAL_CALL_RANK: i32 = 5;
+
+/// Every status an attempt can hold (a call's or a message's, each once)
+/// whose [`status_rank`] is below `rank`: the statuses a call status of
+/// `rank` moves forward from, for SQL that compares ranks without a second
+/// table of them (a message's words rank -1 as call statuses, as in
+/// [`apply_status`]'s comparison).
+fn statuses_ranked_below(rank: i32) -> Vec<&'static str> {
+    let mut words: Vec<&'static str> = CALL_STATUS_RANKS.iter().chain(MESSAGE_STATUS_RANKS).map(|(word, _)| *word).filter(|w| status_rank(w) < rank).collect();
+    words.sort_unstable();
+    words.dedup();
+    words
+}
+
+/// The attempt's column a call status stamps (once): `initiated_at`,
+/// `ringing_at`, `answered_at` (`in-progress`), else `ended_at`.
+fn time_column(call_status: &str) -> &'static str {
+    match call_status {
+        "initiated" => "initiated_at",
+        "ringing" => "ringing_at",
+        "in-progress" => "answered_at",
+        _ => "ended_at",
+    }
+}
 
 /// Whether an AMD verdict (`AnsweredBy`) says no human took the call.
 pub fn is_machine(answered_by: Option<&str>) -> bool {
@@ -117,8 +155,85 @@ fn run_settings_and_input(services: &Services, row: &EventAttempt) -> Option<(cr
 /// repeated status changes nothing. `actor` names the source in the audit log
 /// (`webhook:twilio`, `reconciler:<engine>`).
 ///
+/// Two paths, one outcome. A progress status (ranked above `requested` and
+/// below final) without an AMD verdict, with the provider's call id, takes
+/// the short path first: one statement in autocommit that locks only the
+/// attempt ([`attempts::advance_progress`]: receipt, monotonic advance, audit
+/// row). It applies only when the attempt holds that call id (or none yet,
+/// and the status moves it) and its run's workflow has no `on_call_status`
+/// write-back; otherwise it writes nothing and the full transaction follows
+/// (`apply_status_locked`: run, then attempt locked; the verdict; a final
+/// status signals the run; the write-back). An unknown attempt is answered
+/// by the full path, as [`CallEventError::UnknownAttempt`].
+///
+/// Why the short path needs no run lock. Such a status cannot change a run's
+/// decision through a signal (progress does not signal the run since 8ca512a)
+/// and writes nothing of the team's. The only thing a run reads of it is the
+/// attempt row: the escalation's `evaluate_position` reads its position's
+/// voice attempts once, in one statement (`attempts::latest_per_person`),
+/// under the run's lock, and decides from that one snapshot (failed calls,
+/// declines, a human on the line, voicemail to end). The short path changes
+/// the attempt row, its receipt and its audit row in one atomic commit, and
+/// nothing else a run reads: an evaluation sees the attempt either wholly
+/// before or wholly after it, which is exactly what the full path allowed
+/// (its callback waited for the run's lock, so it ran wholly before or
+/// wholly after the evaluation's transaction). The sending side's writes of
+/// the attempt (`record_sent`, `adopt`, `mark_unknown`) lock the row and
+/// re-check their conditions in SQL, so they compose with it as they did
+/// with the full path. Neither path wakes the run for progress; both wake
+/// the call sweeper when something changed.
+///
 /// Errors: [`CallEventError::UnknownAttempt`], or a database error.
 pub async fn apply_status(
+    services: &Services,
+    delivery: Delivery<'_>,
+    attempt: Uuid,
+    call_sid: Option<&str>,
+    call_status: &str,
+    answered_by: Option<&str>,
+    actor: &str,
+) -> Result<(), CallEventError> {
+    let new_rank = status_rank(call_status);
+    let progress = new_rank > status_rank("requested") && new_rank < FINAL_CALL_RANK;
+    let verdict = answered_by.is_some_and(|v| !v.is_empty());
+    if let (true, false, Some(call_sid)) = (progress, verdict, call_sid) {
+        let excluded = workflows_with_status_write_back(&services.config);
+        let from = statuses_ranked_below(new_rank);
+        let update = attempts::ProgressUpdate {
+            attempt,
+            provider: delivery.provider,
+            idempotency_token: delivery.idempotency_token,
+            provider_id: call_sid,
+            status: call_status,
+            time_column: time_column(call_status),
+            from_statuses: &from,
+            excluded_workflows: &excluded,
+            actor,
+        };
+        match attempts::advance_progress(&services.pool, &update).await? {
+            attempts::ProgressOutcome::Recorded { changed } => {
+                if changed {
+                    services.wake_call_sweeper();
+                }
+                return Ok(());
+            }
+            attempts::ProgressOutcome::NotApplicable => {}
+        }
+    }
+    apply_status_locked(services, delivery, attempt, call_sid, call_status, answered_by, actor).await
+}
+
+/// The workflows with an `on_call_status` write-back (their attempts'
+/// statuses take the full path, which runs it).
+fn workflows_with_status_write_back(config: &crate::config::Config) -> Vec<&str> {
+    config.workflows.iter().filter(|w| w.escalation().is_some_and(|e| e.write_back.on_call_status.is_some())).map(|w| w.name.as_str()).collect()
+}
+
+/// [`apply_status`]'s full path: one transaction that locks the run's row,
+/// then the attempt's, records the verdict and the status, runs the
+/// `on_call_status` write-back, and signals the run when the status is
+/// final or a machine answered.
+async fn apply_status_locked(
     services: &Services,
     delivery: Delivery<'_>,
     attempt: Uuid,
@@ -148,13 +263,8 @@ pub async fn apply_status(
         decisive = true;
     }
     if new_rank > status_rank(&row.status) && new_rank >= 0 {
-        let column = match call_status {
-            "initiated" => "initiated_at",
-            "ringing" => "ringing_at",
-            "in-progress" => "answered_at",
-            _ => "ended_at",
-        };
-        attempts::advance_status(&mut tx, attempt, &row.status, call_status, Some(column), None, json!({"provider_id": call_sid}), actor).await?;
+        attempts::advance_status(&mut tx, attempt, &row.status, call_status, Some(time_column(call_status)), None, json!({"provider_id": call_sid}), actor)
+            .await?;
         if let Some((settings, input)) = run_settings_and_input(services, &row) {
             write_back(&mut tx, settings.write_back.on_call_status.as_deref(), "on_call_status", &input, WriteBackSubject::Attempt(attempt), actor).await?;
         }
@@ -382,23 +492,34 @@ async fn acknowledge_in(services: &Services, tx: &mut PgConnection, ack: Acknowl
     signal_run(tx, ack.run_id, json!({"attempt": ack.attempt, "acknowledged": true})).await
 }
 
-/// Rank of a message status (Twilio's Message resource status values):
-/// updates only ever move forward. `intent`/`unknown` 0 < `requested` 1 <
+/// Message statuses (Twilio's Message resource status values,
+/// <https://www.twilio.com/docs/messaging/api/message-resource#message-status-values>)
+/// and their ranks: `intent`/`unknown` 0 < `requested` 1 <
+/// `accepted`/`scheduled` 2 < `queued` 3 < `sending` 4 < `sent` 5 < final
+/// (`delivered`, `undelivered`, `failed`, `canceled`) 6 < `read` 7.
+const MESSAGE_STATUS_RANKS: &[(&str, i32)] = &[
+    ("intent", 0),
+    ("unknown", 0),
+    ("requested", 1),
+    ("accepted", 2),
+    ("scheduled", 2),
+    ("queued", 3),
+    ("sending", 4),
+    ("sent", 5),
+    ("delivered", 6),
+    ("undelivered", 6),
+    ("failed", 6),
+    ("canceled", 6),
+    ("read", 7),
+];
+
+/// Rank of a message status (see `MESSAGE_STATUS_RANKS`): updates only ever
+/// move forward. `intent`/`unknown` 0 < `requested` 1 <
 /// `accepted`/`scheduled` 2 < `queued` 3 < `sending` 4 < `sent` 5 < final
 /// (`delivered`, `undelivered`, `failed`, `canceled`) 6 < `read` 7; unknown
 /// words are -1.
 pub fn message_status_rank(s: &str) -> i32 {
-    match s {
-        "intent" | "unknown" => 0,
-        "requested" => 1,
-        "accepted" | "scheduled" => 2,
-        "queued" => 3,
-        "sending" => 4,
-        "sent" => 5,
-        "delivered" | "undelivered" | "failed" | "canceled" => 6,
-        "read" => 7,
-        _ => -1,
-    }
+    rank_in(MESSAGE_STATUS_RANKS, s)
 }
 
 /// Message statuses after which a text can no longer be acknowledged by its

@@ -454,6 +454,115 @@ pub async fn advance_status(
     Ok(())
 }
 
+/// A call's progress status to record in one statement
+/// ([`advance_progress`]), as `crate::notify::acknowledgement::apply_status`
+/// decided it may be.
+#[derive(Debug, Clone, Copy)]
+pub struct ProgressUpdate<'a> {
+    pub attempt: Uuid,
+    /// The webhook's provider (`twilio`): the receipt's, and whose ids the
+    /// attempt's `provider_id` must not duplicate.
+    pub provider: &'a str,
+    /// The delivery's idempotency token, when it has one: a receipt is
+    /// recorded with an empty response, and a replay changes nothing.
+    pub idempotency_token: Option<&'a str>,
+    /// The provider's id of the call (Twilio's `CallSid`): the attempt must
+    /// hold it, or none yet (then it is recorded, unless another attempt of
+    /// `provider` holds it).
+    pub provider_id: &'a str,
+    /// The new status (`initiated`, `ringing`, `in-progress`).
+    pub status: &'a str,
+    /// The column stamped once: `initiated_at`, `ringing_at` or `answered_at`.
+    pub time_column: &'a str,
+    /// The statuses `status` moves forward from (those ranked below it, as
+    /// the caller ranks them): any other status is left as it is.
+    pub from_statuses: &'a [&'a str],
+    /// Workflows whose runs' attempts must not take this path (those with an
+    /// `on_call_status` write-back).
+    pub excluded_workflows: &'a [&'a str],
+    /// The audit actor (`webhook:twilio`, `reconciler:<engine>`).
+    pub actor: &'a str,
+}
+
+/// What [`advance_progress`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProgressOutcome {
+    /// Nothing was read into a decision and nothing was written: no such
+    /// attempt, or it holds another provider id, or it holds none and the
+    /// status would not move it, or its run's workflow is excluded. The
+    /// caller takes the full path.
+    NotApplicable,
+    /// Recorded: the receipt (if a token was given and it was not a replay)
+    /// and, when `changed`, the status, its time stamp, the provider id if it
+    /// was missing, and the `attempt.status` audit row.
+    Recorded { changed: bool },
+}
+
+/// Records a call's progress status in one statement, in autocommit (one
+/// round trip): locks the attempt's row (and only it), claims the delivery's
+/// receipt (`ON CONFLICT DO NOTHING`: a replay changes nothing), moves the
+/// status forward if it is one of `from_statuses` (stamping `time_column`
+/// once and recording `provider_id` if the attempt had none and no other
+/// attempt of `provider` holds it), and audits `attempt.status` from the
+/// previous status with `{"provider_id": …}`, all only if the attempt is
+/// eligible (see [`ProgressOutcome::NotApplicable`]): a statement that does
+/// not apply writes nothing, so the full path can follow it.
+///
+/// Locks: the attempt's row (`FOR UPDATE`, before anything is written), then
+/// the receipt's key. The workers' lock order is run, then alert, then
+/// attempts; this statement holds no run or alert lock, takes the attempt's
+/// lock first and no row lock after it (the receipt is a new key whose only
+/// rival is another delivery of the same webhook, which must hold this same
+/// attempt's lock first; the run's row is read without a lock, for its
+/// workflow). A transaction that waits for it holds at most locks that come
+/// before the attempt, and it waits for none: it cannot close a cycle, so it
+/// cannot deadlock. Errors: a database error (e.g. a unique violation when
+/// another attempt records the same provider id at the same moment; the
+/// provider retries).
+pub async fn advance_progress(pool: &sqlx::PgPool, p: &ProgressUpdate<'_>) -> Result<ProgressOutcome, sqlx::Error> {
+    let stamp = match p.time_column {
+        c @ ("initiated_at" | "ringing_at" | "answered_at" | "ended_at") => c,
+        _ => return Ok(ProgressOutcome::NotApplicable),
+    };
+    let (eligible, changed): (bool, bool) = sqlx::query_as(&format!(
+        "WITH att AS (
+             SELECT n.id, n.status FROM wardcall.notification_attempts n
+              WHERE n.id = $1
+                AND (n.provider_id = $3 OR (n.provider_id IS NULL AND n.status = ANY($6)))
+                AND NOT EXISTS (SELECT 1 FROM wardcall.runs r WHERE r.id = n.run_id AND r.workflow = ANY($7))
+                FOR UPDATE OF n),
+         rec AS (
+             INSERT INTO wardcall.webhook_receipts (provider, idempotency_token, attempt_id, response)
+             SELECT $2, $4, att.id, '' FROM att WHERE $4::text IS NOT NULL
+             ON CONFLICT DO NOTHING RETURNING 1),
+         upd AS (
+             UPDATE wardcall.notification_attempts n
+                SET status = $5,
+                    provider_id = CASE WHEN n.provider_id IS NOT NULL THEN n.provider_id
+                                       WHEN EXISTS (SELECT 1 FROM wardcall.notification_attempts o WHERE o.provider = $2 AND o.provider_id = $3) THEN NULL
+                                       ELSE $3 END,
+                    {stamp} = coalesce(n.{stamp}, clock_timestamp()), updated_at = clock_timestamp()
+               FROM att
+              WHERE n.id = att.id AND n.status = ANY($6) AND ($4::text IS NULL OR EXISTS (SELECT 1 FROM rec))
+             RETURNING att.status AS previous),
+         aud AS (
+             INSERT INTO wardcall.audit_log (entity, entity_id, action, from_state, to_state, actor, detail)
+             SELECT 'notification_attempt', $1::text, 'attempt.status', previous, $5, $8, jsonb_build_object('provider_id', $3::text) FROM upd)
+         SELECT EXISTS (SELECT 1 FROM att), EXISTS (SELECT 1 FROM upd)"
+    ))
+    .bind(p.attempt)
+    .bind(p.provider)
+    .bind(p.provider_id)
+    .bind(p.idempotency_token)
+    .bind(p.status)
+    .bind(p.from_statuses)
+    .bind(p.excluded_workflows)
+    .bind(p.actor)
+    .fetch_one(pool)
+    .await?;
+    Ok(if eligible { ProgressOutcome::Recorded { changed } } else { ProgressOutcome::NotApplicable })
+}
+
 /// Appends keypad `digits` to the attempt's record of keys pressed.
 pub async fn append_digits(tx: &mut PgConnection, attempt: Uuid, digits: &str) -> Result<(), sqlx::Error> {
     sqlx::query("UPDATE wardcall.notification_attempts SET digits = coalesce(digits, '') || $2, updated_at = clock_timestamp() WHERE id = $1")

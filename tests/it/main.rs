@@ -17,6 +17,7 @@ macro_rules! trials {
 
 mod batching;
 mod bench_smoke;
+mod callbacks;
 mod capture_runtime;
 mod config_checks;
 mod escalation;
@@ -75,5 +76,6 @@ fn all_tests() -> Vec<Trial> {
     t.extend(layout::tests());
     t.extend(review_layout::tests());
     t.extend(batching::tests());
+    t.extend(callbacks::tests());
     t
 }

@@ -1,0 +1,218 @@
+//! Call status callbacks (issue 9): a progress status (`initiated`,
+//! `ringing`, `in-progress`) without an AMD verdict is recorded in one short
+//! statement that never waits for the run's row; everything else (a final
+//! status, a verdict, an `on_call_status` write-back) keeps the full
+//! transaction, which locks the run first.
+
+use crate::escalation::{hospital_config, start_with, Hospital, NURSE_A, SEIZURE_INSERT};
+use crate::harness::*;
+use serde_json::{json, Value};
+use std::time::Duration;
+use uuid::Uuid;
+use wardcall::devtools::twilio_emulator::Persona;
+use wardcall::providers::twilio::signature::compute_signature;
+
+pub fn tests() -> Vec<libtest_mimic::Trial> {
+    trials![
+        callbacks::progress_advances_once_and_replays_and_late_statuses_change_nothing,
+        callbacks::progress_does_not_wait_for_the_run_row_but_a_final_status_does,
+        callbacks::progress_with_on_call_status_write_back_still_writes_back,
+    ]
+}
+
+/// The hospital app (both nurses never answer), with no alert: the tests
+/// build the attempts themselves.
+async fn quiet_hospital(configure: impl FnOnce(&mut wardcall::config::Config)) -> Hospital {
+    let db = TestDb::new().await;
+    db.exec(wardcall::devtools::demo::HOSPITAL_SCHEMA).await;
+    start_with(db, Persona::NoAnswer, Persona::NoAnswer, |cfg| {
+        *cfg = hospital_config(&cfg.providers.twilio.as_ref().unwrap().api_base, 30.0, 1);
+        configure(cfg);
+    })
+    .await
+}
+
+/// A run waiting for an hour (nothing claims it meanwhile), its open alert,
+/// and a call attempt for nurse A in `status` holding `call_sid`. Returns
+/// (run, attempt).
+async fn waiting_attempt(db: &TestDb, status: &str, call_sid: Option<&str>) -> (Uuid, Uuid) {
+    let run: Uuid = sqlx::query_scalar(
+        "INSERT INTO wardcall.runs (workflow, event, input, state, step, status, fencing_token, due_at, wait_signal, wait_deadline)
+         VALUES ('critical-alert-call', 'alert.critical', '{}', '{\"cycle\": 0, \"step_index\": 0}', 'await', 'waiting', 1,
+                 clock_timestamp() + interval '1 hour', 'call_update', clock_timestamp() + interval '1 hour') RETURNING id",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    let alert: Uuid = sqlx::query_scalar(
+        "INSERT INTO wardcall.alerts (run_id, workflow, policy, message, status)
+         VALUES ($1, 'critical-alert-call', 'critical-care', 'Critical alert.', 'open') RETURNING id",
+    )
+    .bind(run)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    let attempt: Uuid = sqlx::query_scalar(
+        "INSERT INTO wardcall.notification_attempts
+             (alert_id, run_id, cycle, step_index, person_id, channel, destination, provider, provider_id, status, fencing_token, requested_at)
+         VALUES ($1, $2, 0, 0, 'nurse-avery', 'voice', $3, 'twilio', $4, $5, 1, clock_timestamp()) RETURNING id",
+    )
+    .bind(alert)
+    .bind(run)
+    .bind(NURSE_A)
+    .bind(call_sid)
+    .bind(status)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    (run, attempt)
+}
+
+/// Posts a signed status callback for `attempt` as Twilio would, with
+/// `I-Twilio-Idempotency-Token: token` when given.
+async fn post_status(h: &Hospital, attempt: Uuid, call_sid: &str, status: &str, token: Option<&str>) -> reqwest::StatusCode {
+    let url = format!("http://{}/webhooks/twilio/status?attempt={attempt}", h.app.http_addr.unwrap());
+    let params: Vec<(String, String)> = [("CallSid", call_sid), ("AccountSid", ACCOUNT_SID), ("To", NURSE_A), ("CallStatus", status)]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let mut req = reqwest::Client::new()
+        .post(&url)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("X-Twilio-Signature", compute_signature(AUTH_TOKEN, &url, &params))
+        .body(serde_urlencoded::to_string(&params).unwrap());
+    if let Some(token) = token {
+        req = req.header("I-Twilio-Idempotency-Token", token);
+    }
+    req.send().await.unwrap().status()
+}
+
+/// The attempt's whole row (`updated_at` included: a callback that changes
+/// nothing does not touch it).
+async fn attempt_row(db: &TestDb, attempt: Uuid) -> Value {
+    sqlx::query_scalar("SELECT to_jsonb(n) FROM wardcall.notification_attempts n WHERE id = $1").bind(attempt).fetch_one(&db.pool).await.unwrap()
+}
+
+/// The attempt's `attempt.status` audit rows: (from, to, actor, detail), oldest first.
+async fn status_audit(db: &TestDb, attempt: Uuid) -> Vec<(Option<String>, Option<String>, String, Value)> {
+    sqlx::query_as(
+        "SELECT from_state, to_state, actor, detail FROM wardcall.audit_log
+          WHERE entity = 'notification_attempt' AND entity_id = $1::text AND action = 'attempt.status' ORDER BY id",
+    )
+    .bind(attempt)
+    .fetch_all(&db.pool)
+    .await
+    .unwrap()
+}
+
+pub async fn progress_advances_once_and_replays_and_late_statuses_change_nothing() {
+    let h = quiet_hospital(|_| {}).await;
+    let sid = "CA00000000000000000000000000000a01";
+    let (_, attempt) = waiting_attempt(&h.db, "requested", Some(sid)).await;
+    assert_eq!(post_status(&h, attempt, sid, "initiated", Some("tok-initiated")).await, 200);
+    let after_initiated = attempt_row(&h.db, attempt).await;
+    assert_eq!(after_initiated["status"], "initiated");
+    assert!(after_initiated["initiated_at"].is_string());
+    assert_eq!(post_status(&h, attempt, sid, "ringing", Some("tok-ringing")).await, 200);
+    let after_ringing = attempt_row(&h.db, attempt).await;
+    assert_eq!(after_ringing["status"], "ringing");
+    assert!(after_ringing["ringing_at"].is_string());
+    assert_eq!(after_ringing["initiated_at"], after_initiated["initiated_at"], "a time is stamped once");
+    let expected = vec![
+        (Some("requested".to_string()), Some("initiated".to_string()), "webhook:twilio".to_string(), json!({"provider_id": sid})),
+        (Some("initiated".to_string()), Some("ringing".to_string()), "webhook:twilio".to_string(), json!({"provider_id": sid})),
+    ];
+    assert_eq!(status_audit(&h.db, attempt).await, expected, "one audit row per change");
+    // Replays of both deliveries (same tokens), and a late `initiated` (a new
+    // token): answered as before, nothing changed, nothing audited.
+    assert_eq!(post_status(&h, attempt, sid, "ringing", Some("tok-ringing")).await, 200);
+    assert_eq!(post_status(&h, attempt, sid, "initiated", Some("tok-initiated")).await, 200);
+    assert_eq!(post_status(&h, attempt, sid, "initiated", Some("tok-late")).await, 200);
+    assert_eq!(post_status(&h, attempt, sid, "initiated", None).await, 200);
+    assert_eq!(attempt_row(&h.db, attempt).await, after_ringing, "the attempt did not change (nor its updated_at)");
+    assert_eq!(status_audit(&h.db, attempt).await, expected, "no audit row for what did not happen");
+    assert_eq!(h.db.scalar_i64("SELECT count(*) FROM wardcall.webhook_receipts WHERE response = ''").await, 3, "one receipt per delivery");
+    assert_eq!(h.db.scalar_i64("SELECT count(*) FROM wardcall.signals").await, 0, "progress does not signal the run");
+    // A send whose answer was lost: the callback names the call, as before.
+    let (_, unnamed) = waiting_attempt(&h.db, "intent", None).await;
+    let sid2 = "CA00000000000000000000000000000a02";
+    assert_eq!(post_status(&h, unnamed, sid2, "ringing", Some("tok-unnamed")).await, 200);
+    let row = attempt_row(&h.db, unnamed).await;
+    assert_eq!((row["status"].as_str(), row["provider_id"].as_str()), (Some("ringing"), Some(sid2)));
+    assert_eq!(status_audit(&h.db, unnamed).await.len(), 1);
+    // An unknown attempt is answered as before.
+    assert_eq!(post_status(&h, Uuid::new_v4(), sid, "ringing", Some("tok-unknown")).await, 404);
+    h.stop().await;
+}
+
+pub async fn progress_does_not_wait_for_the_run_row_but_a_final_status_does() {
+    let h = quiet_hospital(|_| {}).await;
+    let sid = "CA00000000000000000000000000000b01";
+    let (run, attempt) = waiting_attempt(&h.db, "initiated", Some(sid)).await;
+    // Another transaction (a worker evaluating the run, a group commit) holds the run's row.
+    let mut holder = h.db.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM wardcall.runs WHERE id = $1 FOR UPDATE").bind(run).execute(&mut *holder).await.unwrap();
+    let answered = tokio::time::timeout(Duration::from_secs(3), post_status(&h, attempt, sid, "ringing", Some("tok-b-ringing"))).await;
+    assert_eq!(answered.expect("a progress callback answered while the run's row is held"), 200);
+    let row = attempt_row(&h.db, attempt).await;
+    assert_eq!(row["status"], "ringing", "recorded while the run's row is held");
+    assert_eq!(status_audit(&h.db, attempt).await.len(), 1);
+    // A final status still takes the run's lock (it signals the run): it
+    // waits for the holder, then is recorded once the row is released.
+    let h_url = h.app.http_addr.unwrap();
+    let final_status = tokio::spawn({
+        let url = format!("http://{h_url}/webhooks/twilio/status?attempt={attempt}");
+        async move {
+            let params: Vec<(String, String)> =
+                [("CallSid", sid), ("AccountSid", ACCOUNT_SID), ("CallStatus", "no-answer")].iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+            reqwest::Client::new()
+                .post(&url)
+                .header("content-type", "application/x-www-form-urlencoded")
+                .header("X-Twilio-Signature", compute_signature(AUTH_TOKEN, &url, &params))
+                .header("I-Twilio-Idempotency-Token", "tok-b-final")
+                .body(serde_urlencoded::to_string(&params).unwrap())
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }
+    });
+    await_true(
+        &h.db,
+        "the final callback waiting for the run's row",
+        Duration::from_secs(3),
+        "SELECT count(*) = 1 FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock' AND query LIKE '%wardcall.runs%'",
+    )
+    .await;
+    assert_eq!(attempt_row(&h.db, attempt).await["status"], "ringing");
+    holder.rollback().await.unwrap();
+    assert_eq!(final_status.await.unwrap(), 200);
+    assert_eq!(attempt_row(&h.db, attempt).await["status"], "no-answer");
+    assert_eq!(h.db.scalar_i64("SELECT count(*) FROM wardcall.signals WHERE payload->>'status' = 'no-answer'").await, 1, "the final status signalled the run");
+    h.stop().await;
+}
+
+pub async fn progress_with_on_call_status_write_back_still_writes_back() {
+    // The team keeps the latest call status on its row: every status,
+    // progress included, is written back (the full path).
+    let hook = "UPDATE alerts SET metadata = jsonb_set(metadata, '{statuses}', coalesce(metadata->'statuses', '[]'::jsonb) || to_jsonb($2->>'provider_status'))
+                 WHERE id = ($1->>'id')::uuid";
+    let h = quiet_hospital(|cfg| {
+        cfg.workflows[0].escalation_mut().unwrap().write_back.on_call_status = Some(hook.into());
+    })
+    .await;
+    h.db.exec(SEIZURE_INSERT).await;
+    // The emulator's nurse never answers: `initiated`, then `ringing`.
+    await_true(
+        &h.db,
+        "initiated and ringing written back",
+        Duration::from_secs(15),
+        "SELECT count(*) = 1 FROM alerts WHERE metadata->'statuses' @> '[\"initiated\", \"ringing\"]'",
+    )
+    .await;
+    let statuses: Value = sqlx::query_scalar("SELECT metadata->'statuses' FROM alerts").fetch_one(&h.db.pool).await.unwrap();
+    assert_eq!(statuses, json!(["initiated", "ringing"]), "each progress status written back once");
+    assert_eq!(h.db.scalar_i64("SELECT count(*) FROM wardcall.audit_log WHERE action = 'attempt.status'").await, 2);
+    assert_eq!(h.db.scalar_i64("SELECT count(*) FROM wardcall.alerts WHERE status = 'open'").await, 1);
+    h.stop().await;
+}
