@@ -12,7 +12,10 @@
 //! the channel (`alerts.acknowledged_via`, given to write-backs). Each event is
 //! applied in one transaction that locks the run row first, then the alert,
 //! then the attempt (the lock order of the workers), writes back into the
-//! team's row, and signals the run.
+//! team's row, and signals the run; except a call's progress status without
+//! an AMD verdict or an `on_call_status` write-back, which decides nothing
+//! and is recorded in one statement that locks only the attempt (see
+//! [`apply_status`]).
 //!
 //! Replays: a webhook carrying an idempotency token (Twilio's
 //! `I-Twilio-Idempotency-Token`; for an inbound message, its `MessageSid`) is
@@ -678,4 +681,33 @@ pub async fn apply_reply(
         services.wake_call_sweeper();
     }
     Ok(outcome)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn call_statuses_rank_as_before_and_the_ones_below_are_derived() {
+        let ranks: Vec<i32> =
+            ["intent", "unknown", "requested", "initiated", "ringing", "in-progress", "completed", "busy", "no-answer", "failed", "canceled", "queued", ""]
+                .iter()
+                .map(|s| status_rank(s))
+                .collect();
+        assert_eq!(ranks, [0, 0, 1, 2, 3, 4, 5, 5, 5, 5, 5, -1, -1]);
+        assert_eq!(message_status_rank("sent"), 5);
+        assert_eq!(message_status_rank("read"), 7);
+        assert_eq!(message_status_rank("ringing"), -1);
+        // `ringing` moves forward from everything ranked below it, a message's
+        // words included (they rank -1 as call statuses), and from nothing else.
+        let below = statuses_ranked_below(status_rank("ringing"));
+        for w in ["intent", "unknown", "requested", "initiated", "accepted", "queued", "sent", "delivered", "read"] {
+            assert!(below.contains(&w), "{w} is below ringing");
+        }
+        for w in ["ringing", "in-progress", "completed", "failed", "canceled"] {
+            assert!(!below.contains(&w), "{w} is not below ringing");
+        }
+        assert_eq!(below.len(), below.iter().collect::<std::collections::BTreeSet<_>>().len(), "each once");
+        assert_eq!(time_column("in-progress"), "answered_at");
+    }
 }

@@ -514,9 +514,12 @@ pub enum ProgressOutcome {
 /// lock first and no row lock after it (the receipt is a new key whose only
 /// rival is another delivery of the same webhook, which must hold this same
 /// attempt's lock first; the run's row is read without a lock, for its
-/// workflow). A transaction that waits for it holds at most locks that come
-/// before the attempt, and it waits for none: it cannot close a cycle, so it
-/// cannot deadlock. Errors: a database error (e.g. a unique violation when
+/// workflow; the attempt's run and alert keys do not change, so no foreign
+/// key check locks them). A transaction that waits for it holds at most locks
+/// that come before the attempt, and it waits for none of them: it cannot
+/// close a cycle, so it cannot deadlock. (Recording a missing provider id may
+/// wait on the unique index for a transaction giving the same id to another
+/// attempt; that one holds only its own attempt, never this one.) Errors: a database error (e.g. a unique violation when
 /// another attempt records the same provider id at the same moment; the
 /// provider retries).
 pub async fn advance_progress(pool: &sqlx::PgPool, p: &ProgressUpdate<'_>) -> Result<ProgressOutcome, sqlx::Error> {
