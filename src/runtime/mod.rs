@@ -155,6 +155,10 @@ pub struct Engine {
 /// `burst` (BENCHMARKS.md, "Issue 9"): larger batches gained nothing measurable.
 pub const GROUP_COMMIT_MAX: usize = 128;
 
+/// Most runs one claim takes ([`store::claim_due`]), in one statement; a
+/// claim takes at most as many as there are free workers.
+pub const CLAIM_MAX: usize = 256;
+
 /// Group commits in flight at once, each on a connection of the pool. While
 /// they are in flight, further transitions queue and form the next batch:
 /// the group-commit window is the time of a commit in flight (no timer;
@@ -753,7 +757,7 @@ impl Engine {
             let free = self.slots.available_permits();
             let mut claimed_full = false;
             if free > 0 {
-                let limit = free.min(64) as i64;
+                let limit = free.min(CLAIM_MAX) as i64;
                 match store::claim_due(&self.db.pool, &self.engine_id, limit, self.lease_ms()).await {
                     Ok(runs) => {
                         claimed_full = runs.len() as i64 == limit;
@@ -834,7 +838,7 @@ impl Engine {
                     }
                 }
             }
-            let Some(workflow) = self.config.workflow(&run.workflow).cloned() else {
+            let Some(workflow) = self.config.workflow(&run.workflow) else {
                 // Fail visibly instead of retrying forever: status `failed`,
                 // `last_error` naming the workflow, audited `run.failed`, logged.
                 let msg = format!("workflow '{}' is not in this engine's config (removed?): the run cannot proceed", run.workflow);
@@ -845,12 +849,13 @@ impl Engine {
                 }
                 break;
             };
-            let rule = self.host.retry_rule(&workflow, &run.step);
-            let mut state = run.state.clone();
+            let rule = self.host.retry_rule(workflow, &run.step);
+            // Taken, not copied: on a failure the run is re-claimed from the
+            // database; on success the new state goes back into `run`.
+            let mut state = std::mem::take(&mut run.state);
             let (result, in_commit) = {
                 use futures_util::FutureExt;
-                let mut ctx =
-                    StepContext { services: &self.services, run: &run, workflow: &workflow, state: &mut state, lease_lost: &lost, in_commit: Vec::new() };
+                let mut ctx = StepContext { services: &self.services, run: &run, workflow, state: &mut state, lease_lost: &lost, in_commit: Vec::new() };
                 // A panicking step is a bug; it must not leave the run leased
                 // forever nor crash-loop: it counts as a failed attempt.
                 let r = match std::panic::AssertUnwindSafe(self.host.run_step(&mut ctx)).catch_unwind().await {
@@ -903,15 +908,15 @@ impl Engine {
                 Err(StepError::RetryIn { error, delay_ms }) => {
                     let msg = error;
                     tracing::warn!(run = %run.id, step = %run.step, attempt = run.step_attempt + 1, error = %msg, retry_in_ms = delay_ms, "step failed");
-                    let hook = self.host.failure_hook(&workflow, &run.step);
+                    let hook = self.host.failure_hook(workflow, &run.step);
                     matches!(store::record_step_failure(&self.db.pool, &run, &msg, rule.max_attempts, delay_ms, hook.as_deref(), &actor).await, Ok(Some(_)))
                 }
                 Err(StepError::Retryable(err)) => {
-                    let delay = retry_delay_ms(&workflow, run.step_attempt + 1);
+                    let delay = retry_delay_ms(workflow, run.step_attempt + 1);
                     let delay = rule.cap_ms.map_or(delay, |cap| delay.min(cap));
                     let msg = crate::capture::error_text(&err);
                     tracing::warn!(run = %run.id, step = %run.step, attempt = run.step_attempt + 1, error = %msg, "step failed");
-                    let hook = self.host.failure_hook(&workflow, &run.step);
+                    let hook = self.host.failure_hook(workflow, &run.step);
                     matches!(store::record_step_failure(&self.db.pool, &run, &msg, rule.max_attempts, delay, hook.as_deref(), &actor).await, Ok(Some(_)))
                 }
                 Err(StepError::Permanent(err)) if rule.max_attempts == u32::MAX => {
@@ -919,14 +924,14 @@ impl Engine {
                     // (the config or the provider may be fixed meanwhile).
                     let msg = crate::capture::error_text(&err);
                     tracing::error!(run = %run.id, step = %run.step, error = %msg, "escalation step failed; retrying (alerts are never dead-lettered)");
-                    let delay = retry_delay_ms(&workflow, run.step_attempt + 1);
+                    let delay = retry_delay_ms(workflow, run.step_attempt + 1);
                     let delay = rule.cap_ms.map_or(delay, |cap| delay.min(cap));
                     matches!(store::record_step_failure(&self.db.pool, &run, &msg, u32::MAX, delay, None, &actor).await, Ok(Some(_)))
                 }
                 Err(StepError::Permanent(err)) => {
                     let msg = crate::capture::error_text(&err);
                     tracing::error!(run = %run.id, step = %run.step, error = %msg, "step failed permanently");
-                    let hook = self.host.failure_hook(&workflow, &run.step);
+                    let hook = self.host.failure_hook(workflow, &run.step);
                     if hook.is_some() {
                         matches!(store::record_step_failure(&self.db.pool, &run, &msg, 0, 0, hook.as_deref(), &actor).await, Ok(Some(_)))
                     } else {
@@ -959,16 +964,22 @@ impl Engine {
         actor: &str,
     ) -> Result<Option<bool>, StepError> {
         if work.is_empty() {
+            // The state is shared with the batch, not copied: a long run's
+            // state (a script's results, an escalation's positions) is the
+            // largest thing a step hands in.
+            let shared = Arc::new(std::mem::take(state));
             let item = store::TransitionCommit {
                 id: run.id,
                 fencing_token: run.fencing_token,
                 step: run.step.clone(),
-                state: state.clone(),
+                state: shared.clone(),
                 next_step: next_step.to_string(),
                 parking: parking.clone(),
                 actor: actor.to_string(),
             };
-            return Ok(self.commit_grouped(item).await);
+            let outcome = self.commit_grouped(item).await;
+            *state = Arc::try_unwrap(shared).unwrap_or_else(|still_shared| (*still_shared).clone());
+            return Ok(outcome);
         }
         let attempt = async {
             let mut tx = self.db.pool.begin().await?;
@@ -1088,6 +1099,7 @@ async fn group_committer(
         queued.fetch_sub(batch.len() as u64, Ordering::AcqRel);
         let (pool, stats) = (pool.clone(), stats.clone());
         tokio::spawn(async move {
+            // Cheap copies: the states are shared (`Arc`), not cloned.
             let items: Vec<store::TransitionCommit> = batch.iter().map(|r| r.item.clone()).collect();
             stats.batches.fetch_add(1, Ordering::Relaxed);
             stats.transitions.fetch_add(items.len() as u64, Ordering::Relaxed);
@@ -1101,13 +1113,19 @@ async fn group_committer(
             };
             drop(flight);
             for ((request, item), outcome) in batch.into_iter().zip(items).zip(outcomes) {
+                // The batch lets go of the state before the worker resumes,
+                // so that the worker takes it back without a copy.
+                let CommitRequest { item: queued, reply } = request;
+                drop(queued);
                 match outcome {
                     store::GroupOutcome::Committed { due_now } => {
-                        let _ = request.reply.send(Some(due_now));
+                        drop(item);
+                        let _ = reply.send(Some(due_now));
                     }
                     store::GroupOutcome::LeaseLost => {
+                        drop(item);
                         stats.fenced_out.fetch_add(1, Ordering::Relaxed);
-                        let _ = request.reply.send(None);
+                        let _ = reply.send(None);
                     }
                     store::GroupOutcome::Busy => {
                         // Its row is held (a webhook locks the run first): commit
@@ -1125,7 +1143,8 @@ async fn group_committer(
                             if outcome.is_none() {
                                 stats.fenced_out.fetch_add(1, Ordering::Relaxed);
                             }
-                            let _ = request.reply.send(outcome);
+                            drop(item);
+                            let _ = reply.send(outcome);
                         });
                     }
                 }

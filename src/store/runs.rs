@@ -345,7 +345,7 @@ pub async fn commit_transition(
         id: run.id,
         fencing_token: run.fencing_token,
         step: run.step.clone(),
-        state: state.clone(),
+        state: std::sync::Arc::new(state.clone()),
         next_step: next_step.to_string(),
         parking: parking.clone(),
         actor: actor.to_string(),
@@ -490,8 +490,9 @@ pub struct TransitionCommit {
     pub fencing_token: i64,
     /// The step that ran (`runs.step` when it ran; the audit detail names it).
     pub step: String,
-    /// The run's new state.
-    pub state: Value,
+    /// The run's new state (shared, not copied, between the worker that
+    /// waits for the commit and the batch that writes it).
+    pub state: std::sync::Arc<Value>,
     /// The step the run goes on with.
     pub next_step: String,
     /// What the run becomes.
@@ -604,7 +605,7 @@ async fn commit_batch(pool: &PgPool, batch: &[TransitionCommit], skip_locked: bo
         }
         ids.push(t.id);
         tokens.push(t.fencing_token);
-        states.push(&t.state);
+        states.push(&*t.state);
         next_steps.push(t.next_step.as_str());
         kinds.push(kind);
         due_epochs.push(due_epoch);

@@ -30,7 +30,8 @@ fn index_of(step: &str) -> Result<usize, StepError> {
 
 /// Executes element `i` of the script.
 pub async fn run_step(ctx: &mut StepContext<'_>) -> Result<Transition, StepError> {
-    let steps = ctx.run.input.get("steps").and_then(Value::as_array).cloned().unwrap_or_default();
+    let run = ctx.run;
+    let steps: &[Value] = run.input.get("steps").and_then(Value::as_array).map(Vec::as_slice).unwrap_or(&[]);
     let i = index_of(&ctx.run.step)?;
     if !ctx.state.is_object() {
         *ctx.state = json!({});

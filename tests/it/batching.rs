@@ -76,7 +76,7 @@ fn transition(run: &store::ClaimedRun, parking: Parking) -> TransitionCommit {
         id: run.id,
         fencing_token: run.fencing_token,
         step: run.step.clone(),
-        state: json!({"done": run.id.to_string()}),
+        state: json!({"done": run.id.to_string()}).into(),
         next_step: "op:1".into(),
         parking,
         actor: "engine:test".into(),
