@@ -137,7 +137,7 @@ pub struct EngineConfig {
 impl Default for EngineConfig {
     fn default() -> Self {
         EngineConfig {
-            workers: 16,
+            workers: 128,
             lease_ms: 5000,
             sweep_ms: 500,
             poll_ms: 250,
@@ -267,6 +267,17 @@ pub struct TwilioConfig {
     /// with Twilio's call list before any call is placed again. Default 10.
     #[serde(default = "default_twilio_request_timeout")]
     pub request_timeout_seconds: f64,
+    /// Most REST requests this process sends to the account at once; the
+    /// others wait their turn in wardcall instead of being refused by Twilio
+    /// with 429 / 20429 (the account's concurrency limit, 100 by default:
+    /// <https://www.twilio.com/docs/api/errors/20429>). Default 50, 1–1000.
+    /// With several engines, keep their sum under the account's limit.
+    #[serde(default = "default_twilio_max_concurrent_requests")]
+    pub max_concurrent_requests: usize,
+}
+
+fn default_twilio_max_concurrent_requests() -> usize {
+    crate::providers::twilio::client::DEFAULT_MAX_CONCURRENT_REQUESTS
 }
 
 fn default_twilio_request_timeout() -> f64 {
@@ -743,6 +754,7 @@ impl Config {
             if !(0.5..=60.0).contains(&t.request_timeout_seconds) {
                 return Err(err("providers.twilio.request_timeout_seconds".into(), "must be 0.5..=60".into()));
             }
+            range("providers.twilio.max_concurrent_requests", t.max_concurrent_requests as u64, (1, 1000))?;
         }
         crate::outbound::check_endpoints(&self.endpoints).map_err(|(key, problem)| err(key, problem))?;
         let mut people = HashSet::new();

@@ -57,7 +57,8 @@ impl Providers {
             .context("building the HTTP client")?;
         let twilio = TwilioProvider {
             client: TwilioClient::new(http, &t.api_base, &t.account_sid, &token)
-                .with_request_timeout(std::time::Duration::from_secs_f64(t.request_timeout_seconds)),
+                .with_request_timeout(std::time::Duration::from_secs_f64(t.request_timeout_seconds))
+                .with_max_concurrent_requests(t.max_concurrent_requests),
             config: t.clone(),
             auth_token: token,
         };

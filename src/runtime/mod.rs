@@ -163,7 +163,7 @@ pub const CLAIM_MAX: usize = 256;
 /// they are in flight, further transitions queue and form the next batch:
 /// the group-commit window is the time of a commit in flight (no timer;
 /// a lone transition is committed at once).
-pub const GROUP_COMMITS_IN_FLIGHT: usize = 2;
+pub const GROUP_COMMITS_IN_FLIGHT: usize = 4;
 
 /// A transition waiting for the group committer, and where its outcome goes
 /// (`None`: the lease was lost or the commit failed; `Some(due_now)`: committed).

@@ -228,6 +228,7 @@ impl TwilioEmulator {
             }),
             messages: Mutex::new(messages::MessageBook::default()),
             tasks: Mutex::new(JoinSet::new()),
+            concurrency: RequestConcurrency::default(),
         });
         let app = router(inner.clone());
         let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
@@ -282,6 +283,23 @@ impl EmulatorHandle {
     /// accepted and starts at once). `Duration::ZERO` turns it off.
     pub fn set_create_response_delay(&self, delay: Duration) {
         lock(&self.inner.state).faults.create_response_delay = delay;
+    }
+
+    /// Fault mode: the account's REST API concurrency limit. Twilio answers a
+    /// request beyond the account's concurrent requests (100 by default) with
+    /// HTTP 429 and error 20429 ("Too Many Requests"; not processed, safe to
+    /// retry: <https://www.twilio.com/docs/api/errors/20429>). `None` (the
+    /// default) accepts any number at once.
+    pub fn set_concurrency_limit(&self, limit: Option<usize>) {
+        lock(&self.inner.state).faults.concurrency_limit = limit;
+    }
+
+    /// The most REST requests of the account this emulator was answering at
+    /// once, and how many it refused with 429 / 20429 under
+    /// [`EmulatorHandle::set_concurrency_limit`].
+    pub fn request_concurrency(&self) -> (usize, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (self.inner.concurrency.peak.load(Relaxed), self.inner.concurrency.refused.load(Relaxed))
     }
 
     /// Fault mode: refuse inline TwiML longer than `limit` characters with
@@ -382,6 +400,17 @@ struct Inner {
     state: Mutex<CallBook>,
     messages: Mutex<messages::MessageBook>,
     tasks: Mutex<JoinSet<()>>,
+    /// REST requests of the account being answered right now, the most seen
+    /// at once, and those refused with 429 / 20429 ([`Faults::concurrency_limit`]).
+    concurrency: RequestConcurrency,
+}
+
+/// Counts of the account's concurrent REST requests.
+#[derive(Default)]
+struct RequestConcurrency {
+    in_flight: std::sync::atomic::AtomicUsize,
+    peak: std::sync::atomic::AtomicUsize,
+    refused: std::sync::atomic::AtomicU64,
 }
 
 struct CallBook {
@@ -420,6 +449,9 @@ struct Faults {
     /// Destinations whose status callbacks are lost (never delivered), as
     /// when they were sent to an engine that was down.
     lost_status_callbacks: std::collections::HashSet<String>,
+    /// The account's REST API concurrency limit: a request beyond it is
+    /// refused with 429 / 20429, as Twilio does.
+    concurrency_limit: Option<usize>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -602,7 +634,31 @@ fn router(inner: Arc<Inner>) -> Router {
     messages::routes(router)
         .fallback(|uri: Uri| async move { not_found(uri.path()) })
         .method_not_allowed_fallback(|| async { twilio_error(StatusCode::METHOD_NOT_ALLOWED, 20004, "Method not allowed") })
+        .layer(axum::middleware::from_fn_with_state(inner.clone(), limit_concurrency))
         .with_state(inner)
+}
+
+/// Counts the account's requests in flight and, under the concurrency-limit
+/// fault, refuses one beyond the limit with 429 / 20429 before it is
+/// processed (<https://www.twilio.com/docs/api/errors/20429>).
+async fn limit_concurrency(State(inner): State<Arc<Inner>>, request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    use std::sync::atomic::Ordering::SeqCst;
+    let c = &inner.concurrency;
+    let now = c.in_flight.fetch_add(1, SeqCst) + 1;
+    struct Leave<'a>(&'a std::sync::atomic::AtomicUsize);
+    impl Drop for Leave<'_> {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, SeqCst);
+        }
+    }
+    let _leave = Leave(&c.in_flight);
+    let limit = lock(&inner.state).faults.concurrency_limit;
+    if limit.is_some_and(|limit| now > limit) {
+        c.refused.fetch_add(1, SeqCst);
+        return twilio_error(StatusCode::TOO_MANY_REQUESTS, 20429, "Too Many Requests").into_response();
+    }
+    c.peak.fetch_max(now, SeqCst);
+    next.run(request).await
 }
 
 fn first<'a>(params: &'a [(String, String)], name: &str) -> Option<&'a str> {
@@ -1602,6 +1658,41 @@ mod tests {
             assert!(hits.iter().all(|h| h.signature_ok), "a signature failed to verify: {hits:#?}");
             hits.iter().map(Hit::summary).collect()
         }
+    }
+
+    /// Twilio refuses requests beyond the account's concurrency limit with
+    /// 429 / 20429; a client capped at the limit queues its burst instead.
+    #[tokio::test]
+    async fn concurrency_limit_refuses_beyond_it_and_a_capped_client_stays_under() {
+        let rig = rig(&[(NURSE, Persona::NoAnswer)]).await;
+        rig.emu.set_concurrency_limit(Some(3));
+        rig.emu.set_create_response_delay(Duration::from_millis(150));
+        let burst = |client: TwilioClient| {
+            let request = rig.alert(NURSE, 5);
+            async move {
+                let calls = (0..12).map(|_| {
+                    let (client, request) = (client.clone(), request.clone());
+                    async move { client.create_call(&request).await }
+                });
+                futures_util::future::join_all(calls).await
+            }
+        };
+        // Uncapped (beyond the limit): some are refused, retryable, 20429.
+        let results = burst(rig.client.clone().with_max_concurrent_requests(12)).await;
+        let refused: Vec<&TwilioError> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+        assert!(!refused.is_empty(), "12 requests at once beyond a limit of 3 must meet 429s");
+        for e in &refused {
+            assert!(matches!(e, TwilioError::Api { http_status: 429, code: Some(20429), .. }), "{e:?}");
+            assert!(e.is_retryable());
+        }
+        let (_, refused_before) = rig.emu.request_concurrency();
+        assert_eq!(refused_before as usize, refused.len());
+        // Capped at the limit: every request goes through, none is refused.
+        let results = burst(rig.client.clone().with_max_concurrent_requests(3)).await;
+        assert!(results.iter().all(Result::is_ok), "{results:?}");
+        let (peak, refused_after) = rig.emu.request_concurrency();
+        assert_eq!(refused_after, refused_before, "the capped client met a 429");
+        assert!(peak <= 3, "peak {peak}");
     }
 
     #[tokio::test]

@@ -14,6 +14,7 @@
 //! Auth Token never are; Twilio's error messages can quote the phone number,
 //! so long digit runs are redacted from [`TwilioError`]'s `Display`.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -44,7 +45,15 @@ pub struct TwilioClient {
     account_sid: String,
     auth_token: String,
     request_timeout: Duration,
+    /// Requests to the account at once ([`TwilioClient::with_max_concurrent_requests`]).
+    concurrency: Arc<tokio::sync::Semaphore>,
 }
+
+/// Default of the most REST requests a client sends to its account at once:
+/// half of Twilio's default per-account concurrency of 100
+/// (<https://www.twilio.com/docs/api/errors/20429>), leaving room for the
+/// account's other users.
+pub const DEFAULT_MAX_CONCURRENT_REQUESTS: usize = 50;
 
 impl std::fmt::Debug for TwilioClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -220,7 +229,20 @@ impl TwilioClient {
             account_sid: account_sid.to_string(),
             auth_token: auth_token.to_string(),
             request_timeout: REQUEST_TIMEOUT,
+            concurrency: Arc::new(tokio::sync::Semaphore::new(DEFAULT_MAX_CONCURRENT_REQUESTS)),
         }
+    }
+
+    /// Sends at most `limit` (≥ 1) requests to the account at once
+    /// ([`DEFAULT_MAX_CONCURRENT_REQUESTS`] by default); the others wait for
+    /// a free place before they are sent, so that a burst of alerts queues
+    /// here instead of being refused by Twilio with 429 / 20429 (the
+    /// account's concurrency limit, <https://www.twilio.com/docs/api/errors/20429>).
+    /// The wait is not part of the request's timeout: a request that has not
+    /// left is never ambiguous.
+    pub fn with_max_concurrent_requests(mut self, limit: usize) -> Self {
+        self.concurrency = Arc::new(tokio::sync::Semaphore::new(limit.max(1)));
+        self
     }
 
     /// Replaces the per-request timeout ([`REQUEST_TIMEOUT`] by default):
@@ -274,6 +296,9 @@ impl TwilioClient {
     /// Sends an API request with the account's credentials, JSON accepted and
     /// the request timeout; returns the status and the (capped) body.
     async fn send(&self, request: reqwest::RequestBuilder) -> Result<(u16, Vec<u8>), TwilioError> {
+        // Held until the body is read. The semaphore is never closed; were
+        // it closed, nothing was sent, which the error says.
+        let _place = self.concurrency.acquire().await.map_err(|_| TwilioError::Transport("not sent: the request limiter was closed".into()))?;
         let response = request
             .basic_auth(&self.account_sid, Some(&self.auth_token))
             .header(reqwest::header::ACCEPT, "application/json")
