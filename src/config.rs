@@ -134,10 +134,16 @@ pub struct EngineConfig {
     pub heartbeat_ms: u64,
 }
 
+/// Default of `engine.workers`: runs one process executes at once. Chosen
+/// with `wardcall bench steps|timers|burst --workers N` (BENCHMARKS.md,
+/// "Issue 9"): a run waiting for its group commit holds a worker's place but
+/// no connection, so more runs in flight make larger batches.
+pub const DEFAULT_WORKERS: usize = 128;
+
 impl Default for EngineConfig {
     fn default() -> Self {
         EngineConfig {
-            workers: 128,
+            workers: DEFAULT_WORKERS,
             lease_ms: 5000,
             sweep_ms: 500,
             poll_ms: 250,

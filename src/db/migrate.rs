@@ -22,6 +22,7 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     (8, "recipients", include_str!("../../migrations/0008_recipients.sql")),
     (9, "outbound_http", include_str!("../../migrations/0009_outbound_http.sql")),
     (10, "dead_letter_step", include_str!("../../migrations/0010_dead_letter_step.sql")),
+    (11, "function_plans", include_str!("../../migrations/0011_function_plans.sql")),
 ];
 
 /// Applies the migrations not yet applied; returns how many it applied.

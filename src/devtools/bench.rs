@@ -174,8 +174,8 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 1)]
     pub engines: usize,
     /// Worker tasks per engine (`engine.workers`) for latency, burst, steps
-    /// and timers (1..=1024).
-    #[arg(long, default_value_t = 16)]
+    /// and timers (1..=1024; default: `engine.workers`'s default).
+    #[arg(long, default_value_t = crate::config::DEFAULT_WORKERS)]
     pub workers: usize,
 }
 
@@ -198,7 +198,7 @@ pub struct Sizes {
 
 impl Default for Sizes {
     fn default() -> Self {
-        Sizes { n: None, rate: 50.0, alerts: None, spread_s: 60.0, engines: 1, workers: 16 }
+        Sizes { n: None, rate: 50.0, alerts: None, spread_s: 60.0, engines: 1, workers: crate::config::DEFAULT_WORKERS }
     }
 }
 
@@ -936,9 +936,9 @@ async fn flood(options: &BenchOptions, sizes: &Sizes) -> anyhow::Result<Scenario
     let mut r = ScenarioReport::new(
         Scenario::Flood,
         format!("one critical alert during a flood of {n} script events due at once: commit → first call vs the flood's drain"),
-        json!({"flood_events": n, "workers": 16}),
+        json!({"flood_events": n, "workers": crate::config::DEFAULT_WORKERS}),
     );
-    let env_owned = Env::start(options, "flood", 16, 1).await?;
+    let env_owned = Env::start(options, "flood", crate::config::DEFAULT_WORKERS, 1).await?;
     let env = &env_owned;
     let result: anyhow::Result<()> = async {
         let payload = json!({ "steps": [{"op": "step", "name": "flood"}] });
@@ -1235,9 +1235,9 @@ async fn scale(options: &BenchOptions, sizes: &Sizes) -> anyhow::Result<Scenario
     let mut r = ScenarioReport::new(
         Scenario::Scale,
         format!("latency ({alerts} alerts at {} /s) before and after {sleeping} runs sleep in wardcall.runs", sizes.rate),
-        json!({"sleeping_runs": sleeping, "alerts": alerts, "rate_per_s": sizes.rate, "warm_up_alerts": alerts.min(50), "workers": 16}),
+        json!({"sleeping_runs": sleeping, "alerts": alerts, "rate_per_s": sizes.rate, "warm_up_alerts": alerts.min(50), "workers": crate::config::DEFAULT_WORKERS}),
     );
-    let env_owned = Env::start(options, "scale", 16, 1).await?;
+    let env_owned = Env::start(options, "scale", crate::config::DEFAULT_WORKERS, 1).await?;
     let env = &env_owned;
     let result: anyhow::Result<()> = async {
         warm_up(env, alerts, sizes.rate).await?;
@@ -1306,11 +1306,11 @@ async fn resources(options: &BenchOptions, sizes: &Sizes) -> anyhow::Result<Scen
         format!(
             "resident memory of this process (engine + emulator + client) and PostgreSQL connections of the engine, at rest and under a burst of {n} alerts"
         ),
-        json!({"alerts": n, "workers": 16}),
+        json!({"alerts": n, "workers": crate::config::DEFAULT_WORKERS}),
     );
     // Reset the peak (VmHWM) to the current RSS (Linux: clear_refs 5).
     let reset = std::fs::write("/proc/self/clear_refs", "5").is_ok();
-    let env_owned = Env::start(options, "resources", 16, 1).await?;
+    let env_owned = Env::start(options, "resources", crate::config::DEFAULT_WORKERS, 1).await?;
     let env = &env_owned;
     let result: anyhow::Result<()> = async {
         tokio::time::sleep(Duration::from_secs(2)).await;
@@ -1363,7 +1363,7 @@ async fn bookings(options: &BenchOptions, sizes: &Sizes) -> anyhow::Result<Scena
     let mut r = ScenarioReport::new(
         Scenario::Bookings,
         format!("{n} follow-up bookings due at one instant, then {n} due over {} s: lateness = POST at the endpoint − scheduled_at", sizes.spread_s),
-        json!({"bookings": n, "spread_s": sizes.spread_s, "workers": 16}),
+        json!({"bookings": n, "spread_s": sizes.spread_s, "workers": crate::config::DEFAULT_WORKERS}),
     );
     let example = crate::devtools::demo::example("bookings").context("the bookings example")?;
     for (mode, spread) in [("instant", 0i64), ("spread", spread_ms)] {
@@ -1478,7 +1478,7 @@ async fn bookings(options: &BenchOptions, sizes: &Sizes) -> anyhow::Result<Scena
         r.add(format!("{mode}_scheduled_per_s"), n as f64 / scheduled_s.max(1e-3), "/s");
     }
     r.notes
-        .push("each booking runs the shipped workflow: schedule (sql write-back), sleep_until scheduled_at, POST (http step), done (sql); 16 workers".into());
+        .push("each booking runs the shipped workflow: schedule (sql write-back), sleep_until scheduled_at, POST (http step), done (sql); engine.workers at its default".into());
     Ok(r)
 }
 
