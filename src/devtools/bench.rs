@@ -177,6 +177,13 @@ pub struct BenchArgs {
     /// and timers (1..=1024; default: `engine.workers`'s default).
     #[arg(long, default_value_t = crate::config::DEFAULT_WORKERS)]
     pub workers: usize,
+    /// Counts the statements each scenario ran with `pg_stat_statements`
+    /// (preloaded in the benchmark cluster, which is restarted for it; every
+    /// statement, nested ones included): totals per scenario, transactions,
+    /// and the most frequent statements in the report's notes. The counts do
+    /// not depend on the machine's load; the timings they come with do.
+    #[arg(long)]
+    pub statements: bool,
 }
 
 /// Sizes of a scenario (see [`BenchArgs`] for their meaning per scenario).
@@ -321,7 +328,12 @@ pub struct BenchReport {
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let sizes = Sizes { n: args.n, rate: args.rate, alerts: args.alerts, spread_s: args.spread_s, engines: args.engines, workers: args.workers };
     sizes.validate()?;
-    let cluster = EmbeddedCluster::start(&args.data_dir).await.with_context(|| format!("starting the benchmark cluster in {}", args.data_dir.display()))?;
+    let mut cluster = EmbeddedCluster::start(&args.data_dir).await.with_context(|| format!("starting the benchmark cluster in {}", args.data_dir.display()))?;
+    if preload_statement_counts(&cluster.connect_options("postgres"), args.statements).await? {
+        // shared_preload_libraries changes only with a restart.
+        cluster.stop().await.context("restarting the benchmark cluster for pg_stat_statements")?;
+        cluster = EmbeddedCluster::start(&args.data_dir).await.context("restarting the benchmark cluster for pg_stat_statements")?;
+    }
     let options = BenchOptions { server: cluster.connect_options("postgres"), database_prefix: "wardcall_bench".into(), drop_databases: args.drop };
     let result = async {
         let mut machine = machine(&options.server).await?;
@@ -337,7 +349,13 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         );
         let mut reports = Vec::new();
         for scenario in args.scenario.expand() {
-            let report = run_scenario(&options, scenario, &sizes).await.with_context(|| format!("scenario {}", scenario.name()))?;
+            if args.statements {
+                reset_statement_counts(&options).await?;
+            }
+            let mut report = run_scenario(&options, scenario, &sizes).await.with_context(|| format!("scenario {}", scenario.name()))?;
+            if args.statements {
+                add_statement_counts(&options, &mut report).await?;
+            }
             print!("{}", render_table(&report));
             reports.push(report);
         }
@@ -354,6 +372,76 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         tracing::warn!(error = %e, "stopping the benchmark cluster failed");
     }
     result
+}
+
+/// Makes the cluster preload `pg_stat_statements` (tracking nested
+/// statements too) when `wanted`, or stop preloading it when not, with
+/// `ALTER SYSTEM` (PostgreSQL 15 manual, F.32 "pg_stat_statements").
+/// Returns whether the setting changed, i.e. the cluster must be restarted.
+async fn preload_statement_counts(server: &PgConnectOptions, wanted: bool) -> anyhow::Result<bool> {
+    let mut conn = server.connect().await.context("connecting to the benchmark cluster")?;
+    let now: String = sqlx::query_scalar("SELECT current_setting('shared_preload_libraries')").fetch_one(&mut conn).await?;
+    let loaded = now.split(',').any(|l| l.trim() == "pg_stat_statements");
+    if loaded == wanted {
+        return Ok(false);
+    }
+    // One statement each: ALTER SYSTEM cannot run in a transaction block.
+    // `pg_stat_statements.track` is known only once the library is loaded:
+    // it is set after the restart ([`reset_statement_counts`]).
+    let statements: &[&str] = if wanted {
+        &["ALTER SYSTEM SET shared_preload_libraries = 'pg_stat_statements'"]
+    } else {
+        &["ALTER SYSTEM RESET shared_preload_libraries", "ALTER SYSTEM RESET pg_stat_statements.track"]
+    };
+    for statement in statements {
+        sqlx::raw_sql(statement).execute(&mut conn).await.with_context(|| format!("{statement} (pg_stat_statements)"))?;
+    }
+    Ok(true)
+}
+
+/// Makes `pg_stat_statements` count nested statements too (`track = all`,
+/// reloaded), creates the extension in `postgres` (where it is read) and
+/// empties it, before a scenario.
+async fn reset_statement_counts(options: &BenchOptions) -> anyhow::Result<()> {
+    let mut conn = options.server.connect().await?;
+    for statement in [
+        "ALTER SYSTEM SET pg_stat_statements.track = 'all'",
+        "SELECT pg_reload_conf()",
+        "CREATE EXTENSION IF NOT EXISTS pg_stat_statements",
+        "SELECT pg_stat_statements_reset()",
+    ] {
+        sqlx::raw_sql(statement).execute(&mut conn).await.with_context(|| format!("{statement} (is the server's contrib package installed?)"))?;
+    }
+    Ok(())
+}
+
+/// Adds the statement counts of the scenario's databases (every database
+/// but `postgres`, dropped ones included: the counts are kept by database
+/// oid) to its report:
+/// figures `statements` and `statement_ms` (summed execution time), and
+/// notes with the 15 most frequent statements (calls, mean ms, the query's
+/// first 110 characters, as normalised by `pg_stat_statements`).
+async fn add_statement_counts(options: &BenchOptions, report: &mut ScenarioReport) -> anyhow::Result<()> {
+    let mut conn = options.server.connect().await?;
+    let (calls, ms): (Option<i64>, Option<f64>) = sqlx::query_as(
+        "SELECT sum(s.calls)::bigint, sum(s.total_exec_time)::float8
+           FROM pg_stat_statements s WHERE s.dbid <> (SELECT oid FROM pg_database WHERE datname = current_database())",
+    )
+    .fetch_one(&mut conn)
+    .await?;
+    report.add("statements", calls.unwrap_or(0) as f64, "count");
+    report.add("statement_ms", ms.unwrap_or(0.0), "ms");
+    let top: Vec<(i64, f64, String)> = sqlx::query_as(
+        "SELECT s.calls, s.mean_exec_time, left(regexp_replace(s.query, '\\s+', ' ', 'g'), 110)
+           FROM pg_stat_statements s WHERE s.dbid <> (SELECT oid FROM pg_database WHERE datname = current_database())
+          ORDER BY s.calls DESC, s.total_exec_time DESC LIMIT 15",
+    )
+    .fetch_all(&mut conn)
+    .await?;
+    for (calls, mean_ms, query) in top {
+        report.notes.push(format!("statement: {calls} calls, mean {mean_ms:.3} ms: {query}"));
+    }
+    Ok(())
 }
 
 /// Reads the machine description (cores, memory, server version and durability settings).
