@@ -72,6 +72,7 @@ pub async fn critical_alert_is_not_held_behind_slow_sql_work_at_default_workers(
     .unwrap();
     let mut cfg = crate::escalation::hospital_config(&emulator.base_url(), 600.0, 1);
     let defaults = wardcall::config::EngineConfig::default();
+    // `REVIEW_WORKERS=16` runs the same flood at the previous default.
     let workers = std::env::var("REVIEW_WORKERS").ok().and_then(|w| w.parse().ok()).unwrap_or(defaults.workers);
     cfg.engine.workers = workers;
     cfg.engine.pool_size = defaults.pool_size;
