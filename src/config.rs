@@ -108,7 +108,9 @@ pub mod limits {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EngineConfig {
-    /// Concurrent steps this process executes. Default 16.
+    /// Concurrent steps this process executes. Default 128 (a run waiting
+    /// for its group commit holds no connection; non-critical steps' own
+    /// commit transactions hold at most half of `pool_size`).
     pub workers: usize,
     /// Lease on a claimed run, in milliseconds. Default 5000. Renewed every third of it.
     pub lease_ms: u64,

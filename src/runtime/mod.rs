@@ -148,6 +148,21 @@ pub struct Engine {
     host: Arc<dyn WorkflowHost>,
     /// Step transitions on their way to the group committer.
     group: GroupCommit,
+    /// Places for non-critical steps' own commit transactions (a `sql`
+    /// step's statement, an `emit`: [`step::CommitWork`]), which hold a pooled
+    /// connection for as long as the team's statement runs: half of
+    /// `engine.pool_size` ([`commit_work_places`]). With more workers than
+    /// connections, a flood of slow `sql` steps would otherwise take the
+    /// whole pool (it is first come, first served), and a critical alert's
+    /// dispatch and steps, the lease renewals and the webhooks would queue
+    /// behind it (DESIGN.md invariants 3 and 10).
+    commit_work: Arc<Semaphore>,
+}
+
+/// Non-critical steps' commit transactions with work in flight at once
+/// (see `Engine::commit_work`): half of the pool, at least one.
+pub fn commit_work_places(pool_size: u32) -> usize {
+    (pool_size as usize / 2).max(1)
 }
 
 /// Most step transitions the group committer commits in one statement
@@ -210,6 +225,7 @@ impl Engine {
         let hostname = std::env::var("HOSTNAME").unwrap_or_else(|_| "wardcall".into());
         let engine_id = format!("{}-{}", hostname, &uuid::Uuid::new_v4().simple().to_string()[..12]);
         let workers = config.engine.workers;
+        let commit_work = Arc::new(Semaphore::new(commit_work_places(config.engine.pool_size)));
         let providers = Arc::new(providers);
         let public_url = public_url.trim_end_matches('/').to_string();
         let (wake_scheduler, call_sweeper) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
@@ -238,6 +254,7 @@ impl Engine {
             shutdown,
             health: Health::new(),
             host,
+            commit_work,
             group: {
                 let (tx, rx) = mpsc::unbounded_channel();
                 GroupCommit {
@@ -880,7 +897,8 @@ impl Engine {
                         Transition::Cancelled => (run.step.clone(), Parking::Cancelled),
                         Transition::Defer { delay_ms } => (run.step.clone(), Parking::Defer { delay_ms }),
                     };
-                    match self.commit_step(&run, &mut state, &next_step, &parking, &in_commit, &actor).await {
+                    let critical = self.host.is_critical(workflow);
+                    match self.commit_step(&run, critical, &mut state, &next_step, &parking, &in_commit, &actor).await {
                         Ok(committed) => Ok((next_step, parking, committed)),
                         Err(step_error) => Err(step_error),
                     }
@@ -953,10 +971,13 @@ impl Engine {
     /// `Ok(None)`: the lease was lost, nothing was written;
     /// `Ok(Some(due_now))`: committed. A database error in the commit itself
     /// is reported as lost (the lease lapses and the step re-runs); an error
-    /// of the step's own statement is the step's error.
+    /// of the step's own statement is the step's error. A non-critical run's
+    /// transaction with work first waits for a place (`Engine::commit_work`).
+    #[allow(clippy::too_many_arguments)]
     async fn commit_step(
         &self,
         run: &ClaimedRun,
+        critical: bool,
         state: &mut Value,
         next_step: &str,
         parking: &Parking,
@@ -981,6 +1002,9 @@ impl Engine {
             *state = Arc::try_unwrap(shared).unwrap_or_else(|still_shared| (*still_shared).clone());
             return Ok(outcome);
         }
+        // A non-critical run waits for a place before it takes a connection
+        // (`Engine::commit_work`); a critical one never waits for one.
+        let _place = if critical { None } else { Some(self.commit_work.acquire().await.expect("the commit-work semaphore is never closed")) };
         let attempt = async {
             let mut tx = self.db.pool.begin().await?;
             if !store::lock_fenced(&mut tx, run.id, run.fencing_token).await? {

@@ -32,6 +32,7 @@ mod layout;
 mod outbound;
 mod privacy_cluster;
 mod recipients;
+mod review_burst;
 mod review_layout;
 mod runtime_resilience;
 mod sms;
@@ -77,5 +78,6 @@ fn all_tests() -> Vec<Trial> {
     t.extend(review_layout::tests());
     t.extend(batching::tests());
     t.extend(callbacks::tests());
+    t.extend(review_burst::tests());
     t
 }
