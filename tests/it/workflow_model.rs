@@ -149,7 +149,14 @@ pub async fn replace_by_key_moves_a_timer() {
         sqlx::query_scalar("SELECT (extract(epoch FROM fired_at - due_at) * 1000)::float8 FROM jobs WHERE id = $1").bind(id).fetch_one(&db.pool).await.unwrap();
     assert!((0.0..2000.0).contains(&late_ms), "fired {late_ms} ms after the new due time (before it if negative)");
     // Fired once, at the new time; the replaced run ran no on_cancel hook.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Await the run's end (its last step writes `done`) rather than sleeping.
+    await_true(
+        &db,
+        "every run to end",
+        Duration::from_secs(5),
+        "SELECT count(*) = 0 FROM wardcall.runs WHERE status IN ('pending','running','sleeping','waiting')",
+    )
+    .await;
     let (status, _, note, fires) = job_row(&db, id).await;
     assert_eq!((status.as_str(), note, fires), ("done", None, 1));
     assert_eq!(db.scalar_i64("SELECT count(*) FROM wardcall.runs WHERE status = 'cancelled'").await, 1);
