@@ -551,13 +551,15 @@ impl Engine {
     /// and event name (never its payload).
     pub async fn dispatch_batch(self: &Arc<Self>, limit: i64) -> anyhow::Result<usize> {
         let critical_events: Vec<String> = self.config.workflows.iter().filter(|w| self.host.is_critical(w)).map(|w| w.event.clone()).collect();
-        let mut tx = self.db.pool.begin().await?;
         // One dispatcher at a time, of all engines: keyed events (a create,
         // its replacement, its cancel, an awaited event) must meet the runs of
         // every older event, and an older event held in another engine's
         // uncommitted batch would be invisible. Waiting for a batch is
         // milliseconds; critical events still come first within each batch.
-        sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(DISPATCH_LOCK_KEY).execute(&mut *tx).await?;
+        // (`BEGIN` and the lock go as one simple query: one round trip. The
+        // claim below is a later statement, so its snapshot is taken after
+        // the lock is held and sees every earlier batch.)
+        let mut tx = self.db.pool.begin_with(format!("BEGIN; SELECT pg_advisory_xact_lock({DISPATCH_LOCK_KEY})")).await?;
         let mut rows = crate::store::outbox::claim_batch(&mut tx, limit, &self.engine_id, &critical_events).await?;
         // Critical events first (they take the free worker slots first), then by id.
         rows.sort_by_key(|(id, event, _, _)| (!critical_events.contains(event), *id));

@@ -18,38 +18,67 @@ pub struct LockedAlert {
     pub status: String,
     /// Whether the "nobody to call" alarm is raised.
     pub nobody_alarm: bool,
+    /// Whether this transaction opened it (then no attempt of the run can
+    /// exist yet: they are recorded with their alert's id, after it).
+    pub opened_now: bool,
 }
 
-/// Opens the alert of `run` (once: a second call finds it) with `message`
-/// (the rendered text; patient data, never logged), audited `alert.opened`,
-/// and locks it (`FOR UPDATE`).
+/// Fences the run and opens its alert, in one statement: locks the run row
+/// if this execution still holds it with fencing `token` (as
+/// [`crate::store::runs::lock_fenced`]), then opens the alert of `run` (once:
+/// a later tier or a takeover finds it) with `message` (the rendered text;
+/// patient data, never logged), audited `alert.opened`, or locks the
+/// existing one (`FOR UPDATE`). Returns `None`, having changed nothing, when
+/// the lease was lost.
+///
+/// One round trip for what took three (fence, insert, lock): the first
+/// tier's call waits for it.
 ///
 /// Errors: a database error.
-pub async fn open_and_lock(conn: &mut PgConnection, run: Uuid, workflow: &str, policy: &str, message: &str, actor: &str) -> Result<LockedAlert, sqlx::Error> {
-    // One round trip opens it with its audit row; the row this transaction
-    // inserted is its own (no one else sees it before the commit).
-    let inserted: Option<Uuid> = sqlx::query_scalar(
-        "WITH ins AS (
-             INSERT INTO wardcall.alerts (run_id, workflow, policy, message, status) VALUES ($1, $2, $3, $4, 'open')
+pub async fn fence_and_open(
+    conn: &mut PgConnection,
+    run: Uuid,
+    token: i64,
+    workflow: &str,
+    policy: &str,
+    message: &str,
+    actor: &str,
+) -> Result<Option<LockedAlert>, sqlx::Error> {
+    // `fence` is referenced twice, so it is evaluated once, first; `old`
+    // reads the statement's snapshot, so it finds an alert committed by an
+    // earlier execution, never the one `ins` adds.
+    let row: (bool, Option<Uuid>, Option<Uuid>, Option<String>, Option<bool>) = sqlx::query_as(
+        "WITH fence AS (
+             SELECT id FROM wardcall.runs WHERE id = $1 AND fencing_token = $6 AND status = 'running' FOR UPDATE),
+         ins AS (
+             INSERT INTO wardcall.alerts (run_id, workflow, policy, message, status)
+             SELECT $1, $2, $3, $4, 'open' FROM fence
              ON CONFLICT (run_id) DO NOTHING RETURNING id),
          aud AS (
              INSERT INTO wardcall.audit_log (entity, entity_id, action, from_state, to_state, actor, detail)
-             SELECT 'alert', ins.id::text, 'alert.opened', NULL, 'open', $5, jsonb_build_object('run_id', $1::uuid, 'policy', $3::text) FROM ins)
-         SELECT id FROM ins",
+             SELECT 'alert', ins.id::text, 'alert.opened', NULL, 'open', $5, jsonb_build_object('run_id', $1::uuid, 'policy', $3::text) FROM ins),
+         old AS (
+             SELECT a.id, a.status, a.nobody_since IS NOT NULL AS nobody_alarm FROM wardcall.alerts a
+              WHERE a.run_id = $1 AND EXISTS (SELECT 1 FROM fence) FOR UPDATE)
+         SELECT EXISTS (SELECT 1 FROM fence), (SELECT id FROM ins), old.id, old.status, old.nobody_alarm
+           FROM (SELECT) one LEFT JOIN old ON true",
     )
     .bind(run)
     .bind(workflow)
     .bind(policy)
     .bind(message)
     .bind(actor)
-    .fetch_optional(&mut *conn)
+    .bind(token)
+    .fetch_one(&mut *conn)
     .await?;
-    if let Some(id) = inserted {
-        return Ok(LockedAlert { id, status: "open".into(), nobody_alarm: false });
-    }
-    let (id, status, nobody_alarm): (Uuid, String, bool) =
-        sqlx::query_as("SELECT id, status, nobody_since IS NOT NULL FROM wardcall.alerts WHERE run_id = $1 FOR UPDATE").bind(run).fetch_one(&mut *conn).await?;
-    Ok(LockedAlert { id, status, nobody_alarm })
+    Ok(match row {
+        (false, ..) => None,
+        (true, Some(id), ..) => Some(LockedAlert { id, status: "open".into(), nobody_alarm: false, opened_now: true }),
+        (true, None, Some(id), Some(status), nobody_alarm) => Some(LockedAlert { id, status, nobody_alarm: nobody_alarm.unwrap_or(false), opened_now: false }),
+        // Fenced, nothing inserted and nothing found: the alert was deleted
+        // by hand between the two; refuse rather than guess.
+        (true, None, ..) => return Err(sqlx::Error::RowNotFound),
+    })
 }
 
 /// Locks an alert and returns its status.
@@ -143,7 +172,9 @@ pub async fn acknowledge(conn: &mut PgConnection, alert: Uuid, previous: &str, p
 }
 
 /// What a write-back statement gets as `$2` for an alert: the SQL function
-/// `wardcall.alert_details` (status, times, who acknowledged and how, attempts).
-pub async fn details(conn: &mut PgConnection, alert: Uuid) -> Result<Value, sqlx::Error> {
-    sqlx::query_scalar("SELECT wardcall.alert_details($1)").bind(alert).fetch_one(conn).await
+/// `wardcall.alert_details` (status, times, who acknowledged and how,
+/// attempts). The query's text, with the id as a literal (see
+/// [`crate::store::attempts::details_query`]).
+pub fn details_query(alert: Uuid) -> String {
+    format!("SELECT wardcall.alert_details('{alert}'::uuid)")
 }

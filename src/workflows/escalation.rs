@@ -260,7 +260,7 @@ async fn empty_tier(
         o.remove("step_deadline_ms");
     }
     if whole_cycle_empty {
-        // (The alert row is locked by `open_and_lock`.)
+        // (The alert row is locked by `fence_and_open`.)
         let detail = json!({"policy": policy.id, "cycle": cycle, "retry_ms": NOBODY_RETRY_MS});
         let first = alerts::raise_nobody_alarm(&mut tx, alert_id, detail, &actor).await?;
         tx.commit().await?;
@@ -337,10 +337,9 @@ async fn place_calls(ctx: &mut StepContext<'_>, settings: &EscalationWorkflow, p
 
     // 1. Record the intents (and the alert), fenced, in one transaction.
     let mut tx = services.pool.begin().await?;
-    if !runs::lock_fenced(&mut tx, ctx.run.id, ctx.run.fencing_token).await? {
+    let Some(alert) = alerts::fence_and_open(&mut tx, ctx.run.id, ctx.run.fencing_token, &ctx.workflow.name, &settings.policy, &message, &actor).await? else {
         return Err(StepError::LeaseLost);
-    }
-    let alert = alerts::open_and_lock(&mut tx, ctx.run.id, &ctx.workflow.name, &settings.policy, &message, &actor).await?;
+    };
     let alert_id = alert.id;
     ctx.state["alert_id"] = json!(alert_id);
     if alert.status != "open" {
@@ -359,7 +358,8 @@ async fn place_calls(ctx: &mut StepContext<'_>, settings: &EscalationWorkflow, p
     if alert.nobody_alarm && alerts::clear_nobody_alarm(&mut tx, alert_id, &actor).await? {
         tracing::info!(alert = %alert_id, "an alert that had nobody to call has recipients again");
     }
-    let existing = attempts::latest_per_person(&mut tx, pos, Channel::Voice.as_str()).await?;
+    // An alert opened by this transaction has no attempts yet: no look-up.
+    let existing = if alert.opened_now { Vec::new() } else { attempts::latest_per_person(&mut tx, pos, Channel::Voice.as_str()).await? };
     if existing.is_empty() && (cycle, step_index) != (0, 0) {
         alerts::audit_open(&mut tx, alert_id, "alert.escalated", json!({"cycle": cycle, "step_index": step_index}), &actor).await?;
         write_back(&mut tx, settings.write_back.on_escalated.as_deref(), "on_escalated", &ctx.run.input, WriteBackSubject::Alert(alert_id), &actor).await?;

@@ -155,7 +155,7 @@ pub enum LookupOutcome {
 pub async fn run_lookup(pool: &sqlx::PgPool, sql: &str, input: &Value) -> Result<LookupOutcome, sqlx::Error> {
     let mut tx = begin_bounded_read_only(pool, LOOKUP_STATEMENT_TIMEOUT_MS, LOOKUP_LOCK_TIMEOUT_MS).await?;
     let outcome = fetch_lookup(&mut tx, sql, input).await?;
-    tx.rollback().await?;
+    drop(tx); // rolled back when the pool takes the connection back (see `run_lookups`)
     Ok(outcome)
 }
 
@@ -178,9 +178,9 @@ pub async fn run_lookups(pool: &sqlx::PgPool, sqls: &[&str], input: &Value) -> V
                     break; // the transaction is aborted; dropping it rolls it back
                 }
             }
-            if out.len() == sqls.len() && out.last().map_or(true, Result::is_ok) {
-                let _ = tx.rollback().await;
-            }
+            // Dropped, not awaited: the `ROLLBACK` is queued on the connection
+            // and sent when the pool takes it back, off the call's path.
+            drop(tx);
         }
         Err(e) => {
             tracing::debug!(error = %crate::capture::db_message(&e), "lookups: a shared transaction could not begin; running them one by one");
@@ -228,6 +228,12 @@ pub enum WriteBackSubject {
 /// Runs one write-back statement in a savepoint: `$1` = the event payload,
 /// `$2` = the subject's details. A failing statement is rolled back to the
 /// savepoint, logged and audited; it never undoes the state change around it.
+/// The transaction can go on after it (the savepoint is released and the
+/// settings put back); see [`write_back_before_commit`] when only the commit
+/// follows.
+///
+/// Errors: the database's, for the statements around the team's (the
+/// team's own error is audited, not returned).
 pub async fn write_back(
     conn: &mut PgConnection,
     sql: Option<&str>,
@@ -236,25 +242,57 @@ pub async fn write_back(
     subject: WriteBackSubject,
     actor: &str,
 ) -> Result<(), sqlx::Error> {
+    write_back_in(conn, sql, hook, payload, subject, actor, false).await
+}
+
+/// [`write_back`] for a caller whose next statement is `COMMIT`: on success
+/// the savepoint and the write-back's settings are left for the commit to
+/// end (PostgreSQL releases a transaction's savepoints and `SET LOCAL`s at
+/// commit), which saves a round trip while the caller holds its row locks.
+/// Nothing but the commit may follow on `conn`.
+///
+/// Errors: as [`write_back`].
+pub async fn write_back_before_commit(
+    conn: &mut PgConnection,
+    sql: Option<&str>,
+    hook: &str,
+    payload: &Value,
+    subject: WriteBackSubject,
+    actor: &str,
+) -> Result<(), sqlx::Error> {
+    write_back_in(conn, sql, hook, payload, subject, actor, true).await
+}
+
+async fn write_back_in(
+    conn: &mut PgConnection,
+    sql: Option<&str>,
+    hook: &str,
+    payload: &Value,
+    subject: WriteBackSubject,
+    actor: &str,
+    commit_follows: bool,
+) -> Result<(), sqlx::Error> {
     let Some(sql) = sql else { return Ok(()) };
-    let details: Value = match subject {
+    let details_query = match subject {
         // The recipient's id and name (`person_id`, `person_name`) come with the attempt's details.
-        WriteBackSubject::Attempt(id) => crate::store::attempts::details(conn, id).await?,
-        WriteBackSubject::Alert(id) => crate::store::alerts::details(conn, id).await?,
+        WriteBackSubject::Attempt(id) => crate::store::attempts::details_query(id),
+        WriteBackSubject::Alert(id) => crate::store::alerts::details_query(id),
     };
     // The capture triggers skip rows written while `wardcall.write_back` is on,
     // so a write-back never re-triggers a page; the timeouts keep a team's
-    // long-held row lock from stalling webhooks and workers. (Savepoint and
-    // settings in one round trip, as are release and reset below.)
-    // (A text without parameters goes by the simple query protocol, which
-    // takes several statements.)
-    conn.execute(
-        "SAVEPOINT wardcall_write_back;
+    // long-held row lock from stalling webhooks and workers. The subject's
+    // details, the savepoint and the settings go in one round trip (a text
+    // without parameters goes by the simple query protocol, which takes
+    // several statements; the details are its first row).
+    let opening = format!(
+        "{details_query};
+         SAVEPOINT wardcall_write_back;
          SELECT set_config('wardcall.write_back', 'on', true), set_config('lock_timeout', '2s', true), set_config('statement_timeout', '5s', true)
            FROM (SELECT set_config('wardcall.saved_statement_timeout', current_setting('statement_timeout'), true),
-                        set_config('wardcall.saved_lock_timeout', current_setting('lock_timeout'), true)) saved",
-    )
-    .await?;
+                        set_config('wardcall.saved_lock_timeout', current_setting('lock_timeout'), true)) saved"
+    );
+    let rows = conn.fetch_all(opening.as_str()).await?;
+    let details: Value = rows.first().ok_or(sqlx::Error::RowNotFound)?.try_get(0)?;
     let outcome = sqlx::query(sql).bind(payload).bind(&details).execute(&mut *conn).await;
     // Release the savepoint and put the settings back, in one round trip.
     macro_rules! then_reset {
@@ -268,6 +306,7 @@ pub async fn write_back(
         };
     }
     match outcome {
+        Ok(_) if commit_follows => {}
         Ok(_) => {
             conn.execute(then_reset!("RELEASE SAVEPOINT wardcall_write_back")).await?;
         }

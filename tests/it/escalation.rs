@@ -29,6 +29,8 @@ pub fn tests() -> Vec<libtest_mimic::Trial> {
         escalation::provider_outage_never_escalates_or_gives_up,
         escalation::late_press_of_one_acknowledges_an_unacknowledged_alert,
         escalation::write_back_does_not_retrigger_an_update_source,
+        escalation::write_back_before_commit_keeps_the_change_and_its_settings_end_at_commit,
+        escalation::fence_and_open_opens_once_and_never_without_the_lease,
     ]
 }
 
@@ -535,4 +537,85 @@ pub async fn write_back_does_not_retrigger_an_update_source() {
     assert_eq!(db.scalar_i64("SELECT count(*) FROM wardcall.outbox").await, 2);
     app.stop(Duration::from_secs(2)).await;
     emulator.shutdown().await;
+}
+
+/// `write_back_before_commit` (the send's record, which leaves its savepoint
+/// and settings for the commit to end): the team's statement gets the
+/// subject's details as `$2`; a failing one is rolled back to its savepoint
+/// and audited while the state change before it commits; and after the
+/// commit the session's settings are its own again (no `wardcall.write_back`
+/// left on, no 5-s statement timeout).
+pub async fn write_back_before_commit_keeps_the_change_and_its_settings_end_at_commit() {
+    use wardcall::workflows::team_sql::{write_back_before_commit, WriteBackSubject};
+    let db = TestDb::new().await;
+    db.exec(
+        "CREATE TABLE wb_seen (status text NOT NULL);
+         INSERT INTO wardcall.runs (id, workflow, event, input, step, status)
+              VALUES ('00000000-0000-0000-0000-0000000000a2', 'w', 'e', '{}', 'call', 'completed');
+         INSERT INTO wardcall.alerts (id, run_id, workflow, policy, message, status)
+              VALUES ('00000000-0000-0000-0000-0000000000b2', '00000000-0000-0000-0000-0000000000a2', 'w', 'p', 'm', 'open');",
+    )
+    .await;
+    let alert = uuid::Uuid::parse_str("00000000-0000-0000-0000-0000000000b2").unwrap();
+    let mut conn = db.pool.acquire().await.unwrap();
+    let before: (String, String) =
+        sqlx::query_as("SELECT current_setting('statement_timeout'), current_setting('lock_timeout')").fetch_one(&mut *conn).await.unwrap();
+    for (sql, message) in [("INSERT INTO wb_seen VALUES ($2->>'alert_status')", "first"), ("INSERT INTO wb_seen VALUES (NULL)", "second")] {
+        sqlx::query("BEGIN").execute(&mut *conn).await.unwrap();
+        sqlx::query("UPDATE wardcall.alerts SET message = $1 WHERE id = $2").bind(message).bind(alert).execute(&mut *conn).await.unwrap();
+        write_back_before_commit(&mut conn, Some(sql), "on_call_placed", &serde_json::json!({}), WriteBackSubject::Alert(alert), "test")
+            .await
+            .expect("a failing write-back is kept out of the transaction");
+        sqlx::query("COMMIT").execute(&mut *conn).await.unwrap();
+        let kept: String = sqlx::query_scalar("SELECT message FROM wardcall.alerts WHERE id = $1").bind(alert).fetch_one(&db.pool).await.unwrap();
+        assert_eq!(kept, message, "the state change before the write-back committed");
+        let after: (String, String, Option<String>) =
+            sqlx::query_as("SELECT current_setting('statement_timeout'), current_setting('lock_timeout'), current_setting('wardcall.write_back', true)")
+                .fetch_one(&mut *conn)
+                .await
+                .unwrap();
+        assert_eq!((after.0.clone(), after.1.clone()), before, "the write-back's timeouts ended with the commit ({sql})");
+        assert_ne!(after.2.as_deref(), Some("on"), "wardcall.write_back ended with the commit ({sql})");
+    }
+    let seen: Vec<String> = sqlx::query_scalar("SELECT status FROM wb_seen").fetch_all(&db.pool).await.unwrap();
+    assert_eq!(seen, vec!["open".to_string()], "the first statement saw the alert's details as $2; the failing one left nothing");
+    let failed: i64 = sqlx::query_scalar("SELECT count(*) FROM wardcall.audit_log WHERE action = 'write_back.failed' AND entity_id = $1")
+        .bind(alert.to_string())
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(failed, 1, "the failing write-back is audited");
+}
+
+/// `alerts::fence_and_open` (fence, open and lock in one statement): a stale
+/// fencing token opens nothing; the holder opens the alert once, audited
+/// once; a later tier of the same execution finds and locks the same alert.
+pub async fn fence_and_open_opens_once_and_never_without_the_lease() {
+    use wardcall::store::alerts::fence_and_open;
+    let db = TestDb::new().await;
+    let run = uuid::Uuid::parse_str("00000000-0000-0000-0000-0000000000a3").unwrap();
+    sqlx::query("INSERT INTO wardcall.runs (id, workflow, event, input, step, status, fencing_token) VALUES ($1, 'w', 'e', '{}', 'call', 'running', 7)")
+        .bind(run)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let mut conn = db.pool.acquire().await.unwrap();
+    let stale = fence_and_open(&mut conn, run, 6, "w", "p", "m", "test").await.unwrap();
+    assert!(stale.is_none(), "a stale fencing token opens nothing");
+    let alerts: i64 = sqlx::query_scalar("SELECT count(*) FROM wardcall.alerts WHERE run_id = $1").bind(run).fetch_one(&db.pool).await.unwrap();
+    assert_eq!(alerts, 0, "no alert without the lease");
+    let first = fence_and_open(&mut conn, run, 7, "w", "p", "m", "test").await.unwrap().expect("the holder opens the alert");
+    assert!(first.opened_now && first.status == "open");
+    let again = fence_and_open(&mut conn, run, 7, "w", "p", "m", "test").await.unwrap().expect("the holder finds the alert");
+    assert!(!again.opened_now, "the second call finds the alert it opened");
+    assert_eq!(again.id, first.id);
+    assert_eq!(again.status, "open");
+    let opened: i64 = sqlx::query_scalar("SELECT count(*) FROM wardcall.audit_log WHERE action = 'alert.opened' AND entity_id = $1")
+        .bind(first.id.to_string())
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(opened, 1, "opened and audited once");
+    sqlx::query("UPDATE wardcall.runs SET status = 'cancelled' WHERE id = $1").bind(run).execute(&db.pool).await.unwrap();
+    assert!(fence_and_open(&mut conn, run, 7, "w", "p", "m", "test").await.unwrap().is_none(), "a run no longer running is not fenced");
 }
