@@ -182,6 +182,9 @@ pub struct OnSent<'a> {
 /// the provider's id). A send placed after its alert closed wakes the call
 /// sweeper, which ends it.
 ///
+/// Returns how many sends the provider accepted (each recorded); the others
+/// were refused for good (recorded `failed`).
+///
 /// Errors: [`StepError::Retryable`] when any send was unavailable or its
 /// outcome unknown (the intent stays for reconciliation), or a result could
 /// not be recorded within the budget.
@@ -191,9 +194,9 @@ pub async fn send_and_record(
     outgoing: &[Outgoing],
     on_sent: Option<OnSent<'_>>,
     actor: &str,
-) -> Result<(), StepError> {
+) -> Result<usize, StepError> {
     if outgoing.is_empty() {
-        return Ok(());
+        return Ok(0);
     }
     let public_url = services.public_url.clone();
     let results = futures_util::future::join_all(outgoing.iter().map(|o| sender.send(o, &public_url))).await;
@@ -226,7 +229,7 @@ pub async fn send_and_record(
     }
     match retry {
         Some(why) => Err(StepError::Retryable(anyhow!("{why}"))),
-        None => Ok(()),
+        None => Ok(results.iter().filter(|r| r.result.is_ok()).count()),
     }
 }
 

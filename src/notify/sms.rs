@@ -177,7 +177,7 @@ pub async fn send_one_way(services: &Services, run: &ClaimedRun, step_key: &str,
         }
     }
     tx.commit().await?;
-    delivery::send_and_record(services, sender, &outgoing, None, &actor).await
+    delivery::send_and_record(services, sender, &outgoing, None, &actor).await.map(|_| ())
 }
 
 /// The SMS number of an escalation recipient: the config person's `phone`
@@ -273,7 +273,7 @@ pub async fn send_fallbacks(
         }
     }
     tx.commit().await?;
-    delivery::send_and_record(services, sender, &outgoing, None, &actor).await
+    delivery::send_and_record(services, sender, &outgoing, None, &actor).await.map(|_| ())
 }
 
 /// Whether a person's call at the escalation position `pos` failed and they

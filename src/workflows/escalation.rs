@@ -396,13 +396,24 @@ async fn place_calls(ctx: &mut StepContext<'_>, settings: &EscalationWorkflow, p
     // 2. Place the calls, outside any transaction, in parallel, and record
     //    every result before returning any error.
     let on_sent = settings.write_back.on_call_placed.as_deref().map(|sql| OnSent { hook: "on_call_placed", sql, payload: &ctx.run.input });
-    delivery::send_and_record(&services, voice, &outgoing, on_sent, &actor).await?;
+    let accepted = delivery::send_and_record(&services, voice, &outgoing, on_sent, &actor).await?;
     let deadline = jiff::Timestamp::now().as_millisecond() + ack_timeout_ms;
-    if ctx.state.get("step_deadline_ms").is_none() || outgoing.len() == callable.len() {
+    let everyone_called = outgoing.len() == callable.len();
+    if ctx.state.get("step_deadline_ms").is_none() || everyone_called {
         ctx.state["step_deadline_ms"] = json!(deadline);
     }
     ctx.check_lease()?;
-    // Decide at once whether anything can still be acknowledged.
+    // Every person of the tier was called now and the provider accepted
+    // every call: nothing can be decided before a final status, a machine
+    // verdict, a key or an acknowledgement (each signals the run, and a
+    // signal that arrives before the wait is kept) or the deadline (the
+    // wait's timeout). Wait at once, without reading back what was just
+    // written (a transaction of four statements per alert in a burst).
+    if everyone_called && accepted == outgoing.len() {
+        return Ok(Transition::Wait { step: "await".into(), signal: CALL_UPDATE_SIGNAL.into(), timeout_ms: ack_timeout_ms.max(1) });
+    }
+    // Otherwise decide at once whether anything can still be acknowledged
+    // (a refused call, a tier partly called before a takeover).
     evaluate_position(ctx, settings, policy, None).await
 }
 

@@ -15,6 +15,7 @@ pub fn tests() -> Vec<libtest_mimic::Trial> {
         escalation::scenario_end_to_end_no_answer_then_backup_acknowledges,
         escalation::busy_escalates_without_waiting_out_the_timeout,
         escalation::failed_call_escalates_without_waiting_out_the_timeout,
+        escalation::refused_call_escalates_without_waiting_out_the_timeout,
         escalation::voicemail_is_not_an_acknowledgement,
         escalation::digit_two_escalates_at_once,
         escalation::silent_answer_is_not_an_acknowledgement_and_policy_repeats,
@@ -164,6 +165,24 @@ pub async fn busy_escalates_without_waiting_out_the_timeout() {
 pub async fn failed_call_escalates_without_waiting_out_the_timeout() {
     let (h, delay) = escalation_delay(Persona::Fail).await;
     assert!(delay < Duration::from_secs(5), "escalated after {delay:?}");
+    h.stop().await;
+}
+
+/// The provider refuses the first tier's only call at once (Twilio 400 /
+/// 21215, the account may not call that number): no callback will ever come,
+/// so the step must decide right after the send, not wait out its 30 s.
+pub async fn refused_call_escalates_without_waiting_out_the_timeout() {
+    let h = hospital(Persona::NoAnswer, Persona::Answer { ring_ms: 100, think_ms: 100, digits: "1".into() }, 30.0, 1).await;
+    h.emulator.set_geo_permission_denied(NURSE_A, true);
+    let inserted = std::time::Instant::now();
+    h.db.exec(SEIZURE_INSERT).await;
+    await_alert_status(&h.db, "acknowledged", Duration::from_secs(20)).await;
+    let calls = h.emulator.calls();
+    assert!(calls.iter().all(|c| c.to != NURSE_A), "the refused call never existed");
+    let b = calls.iter().find(|c| c.to == NURSE_B).expect("the backup was called");
+    let delay = b.received_at.duration_since(inserted);
+    assert!(delay < Duration::from_secs(5), "escalated after {delay:?}");
+    assert_eq!(h.db.scalar_i64(&format!("SELECT count(*) FROM wardcall.notification_attempts WHERE destination = '{NURSE_A}' AND status = 'failed'")).await, 1);
     h.stop().await;
 }
 

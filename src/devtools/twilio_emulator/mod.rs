@@ -294,6 +294,20 @@ impl EmulatorHandle {
         lock(&self.inner.state).faults.concurrency_limit = limit;
     }
 
+    /// Fault mode: the account's voice geographic permissions do not allow
+    /// calls to `number` (E.164): a create-call request to it is refused
+    /// with HTTP 400 and error 21215 ("Account not authorized to call …",
+    /// <https://www.twilio.com/docs/api/errors/21215>), a refusal that no
+    /// retry heals (`denied = false` allows it again).
+    pub fn set_geo_permission_denied(&self, number: &str, denied: bool) {
+        let mut book = lock(&self.inner.state);
+        if denied {
+            book.faults.geo_permission_denied.insert(number.to_string());
+        } else {
+            book.faults.geo_permission_denied.remove(number);
+        }
+    }
+
     /// The most REST requests of the account this emulator was answering at
     /// once, and how many it refused with 429 / 20429 under
     /// [`EmulatorHandle::set_concurrency_limit`].
@@ -452,6 +466,9 @@ struct Faults {
     /// The account's REST API concurrency limit: a request beyond it is
     /// refused with 429 / 20429, as Twilio does.
     concurrency_limit: Option<usize>,
+    /// Destinations the account's voice geographic permissions do not allow:
+    /// a create-call request to one is refused with 400 / 21215.
+    geo_permission_denied: std::collections::HashSet<String>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -729,6 +746,15 @@ async fn create_call(
     };
     let valid = validate_create(&params)?;
     let faults = lock(&inner.state).faults.clone();
+    if faults.geo_permission_denied.contains(&valid.to) {
+        return Err(bad_request(
+            21215,
+            format!(
+                "Account not authorized to call {}. Perhaps you need to enable some international permissions: https://www.twilio.com/console/voice/calls/geo-permissions/low-risk",
+                valid.to
+            ),
+        ));
+    }
     if let (Some(limit), Some(twiml)) = (faults.twiml_limit, first(&params, "Twiml")) {
         if twiml.chars().count() > limit {
             return Err(bad_request(32018, format!("Twiml size exceeded maximum allowed value of {limit} characters")));
