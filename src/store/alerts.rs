@@ -178,3 +178,117 @@ pub async fn acknowledge(conn: &mut PgConnection, alert: Uuid, previous: &str, p
 pub fn details_query(alert: Uuid) -> String {
     format!("SELECT wardcall.alert_details('{alert}'::uuid)")
 }
+
+/// One recipient of a fresh alert's first intents (see [`open_with_intents`]).
+#[derive(Debug, Clone, Copy)]
+pub struct FirstIntent<'a> {
+    pub person_id: &'a str,
+    /// The recipient's display name (for write-backs; never logged).
+    pub person_name: &'a str,
+    /// The address called (E.164 for voice; never logged).
+    pub destination: &'a str,
+}
+
+/// A row of [`open_with_intents`]'s statement: fenced, the alert opened,
+/// one recipient's person id and intent (absent when none was recorded).
+type OpenedRow = (bool, Option<Uuid>, Option<String>, Option<Uuid>);
+
+/// What [`open_with_intents`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OpenedWithIntents {
+    /// The lease was lost: nothing was written.
+    LeaseLost,
+    /// The run already has its alert (a takeover or a retry): nothing was
+    /// written; the caller takes the general path ([`fence_and_open`]).
+    AlertExists,
+    /// The alert is open with one intent per recipient: `(person_id,
+    /// attempt id)`, every one of them.
+    Opened { alert: Uuid, intents: Vec<(String, Uuid)> },
+}
+
+/// A run's first escalation step, in one autocommit statement: fences the
+/// run (fencing `token`, as [`crate::store::runs::lock_fenced`]), opens its
+/// alert with `message` (audited `alert.opened`) and records an intent at
+/// generation 0 for each of `recipients` at position (`cycle`,
+/// `step_index`) on `channel` through `provider`, to be reconciled
+/// `reconcile_after_ms` milliseconds from now (audited `attempt.intent`,
+/// person id, channel and position, never the address), with the audit rows
+/// in that order. Nothing is written unless the run is fenced and has no
+/// alert yet. The intents are committed when it returns (DESIGN.md
+/// invariant 2: before their sends).
+///
+/// One round trip and one commit where the general path takes four round
+/// trips (begin, fence and alert, intents, commit): the first call of every
+/// alert waits for it.
+///
+/// Errors: a database error (e.g. a unique violation: the same person twice
+/// in `recipients`).
+#[allow(clippy::too_many_arguments)]
+pub async fn open_with_intents(
+    pool: &PgPool,
+    run: Uuid,
+    token: i64,
+    workflow: &str,
+    policy: &str,
+    message: &str,
+    (cycle, step_index): (i32, i32),
+    channel: &str,
+    provider: &str,
+    reconcile_after_ms: i64,
+    recipients: &[FirstIntent<'_>],
+    actor: &str,
+) -> Result<OpenedWithIntents, sqlx::Error> {
+    let person_ids: Vec<&str> = recipients.iter().map(|r| r.person_id).collect();
+    let names: Vec<&str> = recipients.iter().map(|r| r.person_name).collect();
+    let destinations: Vec<&str> = recipients.iter().map(|r| r.destination).collect();
+    // The audit rows go in one INSERT (alert first, then the intents in
+    // recipient order), so that their ids keep the order of the events.
+    let rows: Vec<OpenedRow> = sqlx::query_as(
+        "WITH fence AS (
+             SELECT id FROM wardcall.runs WHERE id = $1 AND fencing_token = $2 AND status = 'running' FOR UPDATE),
+         alert AS (
+             INSERT INTO wardcall.alerts (run_id, workflow, policy, message, status)
+             SELECT $1, $3, $4, $5, 'open' FROM fence
+             ON CONFLICT (run_id) DO NOTHING RETURNING id),
+         intents AS (
+             INSERT INTO wardcall.notification_attempts
+                 (alert_id, run_id, step_key, cycle, step_index, person_id, person_name, generation, channel, destination, provider, status,
+                  fencing_token, reconcile_after)
+             SELECT alert.id, $1, '', $7, $8, p.person_id, p.person_name, 0, $9, p.destination, $10, 'intent', $2,
+                    clock_timestamp() + $11 * interval '1 millisecond'
+               FROM alert, unnest($12::text[], $13::text[], $14::text[]) WITH ORDINALITY AS p(person_id, person_name, destination, ord)
+              ORDER BY p.ord
+             RETURNING id, person_id),
+         audited AS (
+             INSERT INTO wardcall.audit_log (entity, entity_id, action, from_state, to_state, actor, detail)
+             SELECT 'alert', alert.id::text, 'alert.opened', NULL, 'open', $6, jsonb_build_object('run_id', $1::uuid, 'policy', $4::text) FROM alert
+             UNION ALL
+             SELECT 'notification_attempt', intents.id::text, 'attempt.intent', NULL, 'intent', $6,
+                    jsonb_build_object('person_id', intents.person_id, 'channel', $9::text, 'cycle', $7::int, 'step_index', $8::int, 'generation', 0)
+               FROM intents)
+         SELECT f.fenced, (SELECT id FROM alert), i.person_id, i.id
+           FROM (SELECT EXISTS (SELECT 1 FROM fence) AS fenced) f LEFT JOIN intents i ON true",
+    )
+    .bind(run)
+    .bind(token)
+    .bind(workflow)
+    .bind(policy)
+    .bind(message)
+    .bind(actor)
+    .bind(cycle)
+    .bind(step_index)
+    .bind(channel)
+    .bind(provider)
+    .bind(reconcile_after_ms)
+    .bind(&person_ids)
+    .bind(&names)
+    .bind(&destinations)
+    .fetch_all(pool)
+    .await?;
+    let Some((fenced, alert, ..)) = rows.first().cloned() else { return Err(sqlx::Error::RowNotFound) };
+    Ok(match (fenced, alert) {
+        (false, _) => OpenedWithIntents::LeaseLost,
+        (true, None) => OpenedWithIntents::AlertExists,
+        (true, Some(alert)) => OpenedWithIntents::Opened { alert, intents: rows.into_iter().filter_map(|(_, _, person, id)| Some((person?, id?))).collect() },
+    })
+}

@@ -335,63 +335,122 @@ async fn place_calls(ctx: &mut StepContext<'_>, settings: &EscalationWorkflow, p
     let tier = tier_recipients(ctx, step, cycle, step_index).await;
     let callable: Vec<Recipient> = tier.list.iter().filter(|r| r.address(Channel::Voice).is_some()).cloned().collect();
 
-    // 1. Record the intents (and the alert), fenced, in one transaction.
-    let mut tx = services.pool.begin().await?;
-    let Some(alert) = alerts::fence_and_open(&mut tx, ctx.run.id, ctx.run.fencing_token, &ctx.workflow.name, &settings.policy, &message, &actor).await? else {
-        return Err(StepError::LeaseLost);
-    };
-    let alert_id = alert.id;
-    ctx.state["alert_id"] = json!(alert_id);
-    if alert.status != "open" {
-        tx.commit().await?;
-        return Ok(Transition::Complete);
-    }
-    // A list from a query is recorded with the intents (a takeover must call
-    // the same people); a tier of static people only is the config's, the
-    // same after a takeover: recording it would cost a statement before every call.
-    if tier.resolved_now && (step.who.recipients.is_some() || tier.audit.is_some()) {
-        record_tier_recipients(&mut tx, ctx, alert_id, tier.audit.as_ref(), &actor).await?;
-    }
-    if callable.is_empty() {
-        return empty_tier(ctx, tx, settings, policy, &alert, cycle, step_index, tier.list.len()).await;
-    }
-    if alert.nobody_alarm && alerts::clear_nobody_alarm(&mut tx, alert_id, &actor).await? {
-        tracing::info!(alert = %alert_id, "an alert that had nobody to call has recipients again");
-    }
-    // An alert opened by this transaction has no attempts yet: no look-up.
-    let existing = if alert.opened_now { Vec::new() } else { attempts::latest_per_person(&mut tx, pos, Channel::Voice.as_str()).await? };
-    if existing.is_empty() && (cycle, step_index) != (0, 0) {
-        alerts::audit_open(&mut tx, alert_id, "alert.escalated", json!({"cycle": cycle, "step_index": step_index}), &actor).await?;
-        write_back(&mut tx, settings.write_back.on_escalated.as_deref(), "on_escalated", &ctx.run.input, WriteBackSubject::Alert(alert_id), &actor).await?;
-    }
-    let mut outgoing: Vec<Outgoing> = Vec::new();
-    for person in &callable {
-        let phone = person.voice.clone().unwrap_or_default();
-        let latest = existing.iter().find(|a| a.person_id == person.id);
-        let Some(generation) = delivery::settle(&mut tx, latest, &reconciled, ctx.run.fencing_token, NotLookedUp::Resend, &actor).await? else {
-            continue; // placed, adopted, refused, or being reported on by callbacks: never call twice
-        };
-        let intent = attempts::NewIntent {
-            alert_id: Some(alert_id),
-            pos,
-            person_id: &person.id,
-            person_name: Some(&person.name),
-            generation,
-            channel: Channel::Voice.as_str(),
-            destination: &phone,
-            provider: voice.provider(),
-            fencing_token: ctx.run.fencing_token,
+    // 1. Record the intents (and the alert), fenced. A run's first tier (no
+    //    alert yet, nothing to reconcile, no recipient list to record) is
+    //    one autocommit statement; anything else is one transaction.
+    let first_tier = ctx.state.get("alert_id").is_none()
+        && ctx.run.step_attempt == 0
+        && ctx.run.previous_status != "running"
+        && (cycle, step_index) == (0, 0)
+        && !(tier.resolved_now && (step.who.recipients.is_some() || tier.audit.is_some()))
+        && !callable.is_empty();
+    let mut opened: Option<Vec<Outgoing>> = None;
+    if first_tier {
+        let recipients: Vec<alerts::FirstIntent> = callable
+            .iter()
+            .map(|p| alerts::FirstIntent { person_id: &p.id, person_name: &p.name, destination: p.voice.as_deref().unwrap_or_default() })
+            .collect();
+        let outcome = alerts::open_with_intents(
+            &services.pool,
+            ctx.run.id,
+            ctx.run.fencing_token,
+            &ctx.workflow.name,
+            &settings.policy,
+            &message,
+            (cycle, step_index),
+            Channel::Voice.as_str(),
+            voice.provider(),
             reconcile_after_ms,
-        };
-        let attempt_id = attempts::insert_intent(&mut tx, &intent, &actor).await?;
-        outgoing.push(Outgoing {
-            attempt_id,
-            person_id: person.id.clone(),
-            to: phone,
-            content: Content::Spoken { message: message.clone(), ring_timeout_seconds },
-        });
+            &recipients,
+            &actor,
+        )
+        .await?;
+        match outcome {
+            alerts::OpenedWithIntents::LeaseLost => return Err(StepError::LeaseLost),
+            // A takeover of a run whose alert committed: the general path.
+            alerts::OpenedWithIntents::AlertExists => {}
+            alerts::OpenedWithIntents::Opened { alert, intents } => {
+                ctx.state["alert_id"] = json!(alert);
+                let by_person: HashMap<String, Uuid> = intents.into_iter().collect();
+                let mut out = Vec::with_capacity(callable.len());
+                for person in &callable {
+                    let attempt_id = *by_person.get(&person.id).ok_or_else(|| StepError::Permanent(anyhow!("an intent of the first tier was not recorded")))?;
+                    out.push(Outgoing {
+                        attempt_id,
+                        person_id: person.id.clone(),
+                        to: person.voice.clone().unwrap_or_default(),
+                        content: Content::Spoken { message: message.clone(), ring_timeout_seconds },
+                    });
+                }
+                opened = Some(out);
+            }
+        }
     }
-    tx.commit().await?;
+    let outgoing = match opened {
+        Some(outgoing) => outgoing,
+        None => {
+            let mut tx = services.pool.begin().await?;
+            let Some(alert) =
+                alerts::fence_and_open(&mut tx, ctx.run.id, ctx.run.fencing_token, &ctx.workflow.name, &settings.policy, &message, &actor).await?
+            else {
+                return Err(StepError::LeaseLost);
+            };
+            let alert_id = alert.id;
+            ctx.state["alert_id"] = json!(alert_id);
+            if alert.status != "open" {
+                tx.commit().await?;
+                return Ok(Transition::Complete);
+            }
+            // A list from a query is recorded with the intents (a takeover must call
+            // the same people); a tier of static people only is the config's, the
+            // same after a takeover: recording it would cost a statement before every call.
+            if tier.resolved_now && (step.who.recipients.is_some() || tier.audit.is_some()) {
+                record_tier_recipients(&mut tx, ctx, alert_id, tier.audit.as_ref(), &actor).await?;
+            }
+            if callable.is_empty() {
+                return empty_tier(ctx, tx, settings, policy, &alert, cycle, step_index, tier.list.len()).await;
+            }
+            if alert.nobody_alarm && alerts::clear_nobody_alarm(&mut tx, alert_id, &actor).await? {
+                tracing::info!(alert = %alert_id, "an alert that had nobody to call has recipients again");
+            }
+            // An alert opened by this transaction has no attempts yet: no look-up.
+            let existing = if alert.opened_now { Vec::new() } else { attempts::latest_per_person(&mut tx, pos, Channel::Voice.as_str()).await? };
+            if existing.is_empty() && (cycle, step_index) != (0, 0) {
+                alerts::audit_open(&mut tx, alert_id, "alert.escalated", json!({"cycle": cycle, "step_index": step_index}), &actor).await?;
+                write_back(&mut tx, settings.write_back.on_escalated.as_deref(), "on_escalated", &ctx.run.input, WriteBackSubject::Alert(alert_id), &actor)
+                    .await?;
+            }
+            let mut outgoing: Vec<Outgoing> = Vec::new();
+            for person in &callable {
+                let phone = person.voice.clone().unwrap_or_default();
+                let latest = existing.iter().find(|a| a.person_id == person.id);
+                let Some(generation) = delivery::settle(&mut tx, latest, &reconciled, ctx.run.fencing_token, NotLookedUp::Resend, &actor).await? else {
+                    continue; // placed, adopted, refused, or being reported on by callbacks: never call twice
+                };
+                let intent = attempts::NewIntent {
+                    alert_id: Some(alert_id),
+                    pos,
+                    person_id: &person.id,
+                    person_name: Some(&person.name),
+                    generation,
+                    channel: Channel::Voice.as_str(),
+                    destination: &phone,
+                    provider: voice.provider(),
+                    fencing_token: ctx.run.fencing_token,
+                    reconcile_after_ms,
+                };
+                let attempt_id = attempts::insert_intent(&mut tx, &intent, &actor).await?;
+                outgoing.push(Outgoing {
+                    attempt_id,
+                    person_id: person.id.clone(),
+                    to: phone,
+                    content: Content::Spoken { message: message.clone(), ring_timeout_seconds },
+                });
+            }
+            tx.commit().await?;
+            outgoing
+        }
+    };
 
     // 2. Place the calls, outside any transaction, in parallel, and record
     //    every result before returning any error.

@@ -32,6 +32,7 @@ pub fn tests() -> Vec<libtest_mimic::Trial> {
         escalation::write_back_does_not_retrigger_an_update_source,
         escalation::write_back_before_commit_keeps_the_change_and_its_settings_end_at_commit,
         escalation::fence_and_open_opens_once_and_never_without_the_lease,
+        escalation::open_with_intents_writes_all_or_nothing,
     ]
 }
 
@@ -637,4 +638,51 @@ pub async fn fence_and_open_opens_once_and_never_without_the_lease() {
     assert_eq!(opened, 1, "opened and audited once");
     sqlx::query("UPDATE wardcall.runs SET status = 'cancelled' WHERE id = $1").bind(run).execute(&db.pool).await.unwrap();
     assert!(fence_and_open(&mut conn, run, 7, "w", "p", "m", "test").await.unwrap().is_none(), "a run no longer running is not fenced");
+}
+
+/// `alerts::open_with_intents` (a run's first tier in one statement): a stale
+/// fencing token writes nothing; the holder gets the alert and one intent per
+/// recipient, audited alert first, then the intents in order; a run that
+/// already has its alert gets nothing more (the general path decides).
+pub async fn open_with_intents_writes_all_or_nothing() {
+    use wardcall::store::alerts::{open_with_intents, FirstIntent, OpenedWithIntents};
+    let db = TestDb::new().await;
+    let run = uuid::Uuid::parse_str("00000000-0000-0000-0000-0000000000a4").unwrap();
+    sqlx::query("INSERT INTO wardcall.runs (id, workflow, event, input, step, status, fencing_token) VALUES ($1, 'w', 'e', '{}', 'call', 'running', 3)")
+        .bind(run)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let people = [
+        FirstIntent { person_id: "nurse-a", person_name: "A", destination: NURSE_A },
+        FirstIntent { person_id: "nurse-b", person_name: "B", destination: NURSE_B },
+    ];
+    let open = |token: i64| open_with_intents(&db.pool, run, token, "w", "p", "m", (0, 0), "voice", "twilio", 60_000, &people, "test");
+    assert_eq!(open(2).await.unwrap(), OpenedWithIntents::LeaseLost);
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM wardcall.alerts").await + db.scalar_i64("SELECT count(*) FROM wardcall.notification_attempts").await, 0);
+    let OpenedWithIntents::Opened { alert, intents } = open(3).await.unwrap() else { panic!("the holder opens the alert") };
+    assert_eq!(intents.iter().map(|(p, _)| p.as_str()).collect::<Vec<_>>(), vec!["nurse-a", "nurse-b"]);
+    let rows: Vec<(uuid::Uuid, String, String, i32, String, Option<uuid::Uuid>)> =
+        sqlx::query_as("SELECT id, person_id, status, generation, destination, alert_id FROM wardcall.notification_attempts ORDER BY person_id")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(rows.len(), 2);
+    for ((id, person, status, generation, destination, alert_id), (want_person, want_id)) in rows.iter().zip(&intents) {
+        assert_eq!((person, id), (want_person, want_id));
+        assert_eq!((status.as_str(), *generation, *alert_id), ("intent", 0, Some(alert)));
+        assert_eq!(destination, if person == "nurse-a" { NURSE_A } else { NURSE_B });
+    }
+    let audit: Vec<String> = sqlx::query_scalar("SELECT action FROM wardcall.audit_log ORDER BY id").fetch_all(&db.pool).await.unwrap();
+    assert_eq!(audit, vec!["alert.opened", "attempt.intent", "attempt.intent"], "the alert's audit row comes first");
+    let details: Vec<serde_json::Value> =
+        sqlx::query_scalar("SELECT detail FROM wardcall.audit_log WHERE action = 'attempt.intent' ORDER BY id").fetch_all(&db.pool).await.unwrap();
+    assert_eq!(details[0], serde_json::json!({"person_id": "nurse-a", "channel": "voice", "cycle": 0, "step_index": 0, "generation": 0}));
+    assert!(!audit_text(&db).await.contains(NURSE_A), "no phone number in the audit log");
+    assert_eq!(open(3).await.unwrap(), OpenedWithIntents::AlertExists, "a second first tier finds the alert");
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM wardcall.notification_attempts").await, 2, "and records nothing more");
+}
+
+async fn audit_text(db: &TestDb) -> String {
+    sqlx::query_scalar::<_, String>("SELECT string_agg(detail::text, ' ') FROM wardcall.audit_log").fetch_one(&db.pool).await.unwrap()
 }
