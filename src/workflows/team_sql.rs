@@ -153,22 +153,106 @@ pub enum LookupOutcome {
 /// Errors: the statement failed or timed out (the caller renders without
 /// the value and audits the SQLSTATE).
 pub async fn run_lookup(pool: &sqlx::PgPool, sql: &str, input: &Value) -> Result<LookupOutcome, sqlx::Error> {
-    let mut tx = begin_bounded_read_only(pool, LOOKUP_STATEMENT_TIMEOUT_MS, LOOKUP_LOCK_TIMEOUT_MS).await?;
+    run_lookup_bounded(pool, sql, input, LOOKUP_STATEMENT_TIMEOUT_MS, LOOKUP_LOCK_TIMEOUT_MS).await
+}
+
+async fn run_lookup_bounded(
+    pool: &sqlx::PgPool,
+    sql: &str,
+    input: &Value,
+    statement_timeout_ms: u64,
+    lock_timeout_ms: u64,
+) -> Result<LookupOutcome, sqlx::Error> {
+    let mut tx = begin_bounded_read_only(pool, statement_timeout_ms, lock_timeout_ms).await?;
     let outcome = fetch_lookup(&mut tx, sql, input).await?;
     drop(tx); // rolled back when the pool takes the connection back (see `run_lookups`)
     Ok(outcome)
 }
 
+/// A lookup run again after the lookups' shared statement timed out gets
+/// this long (ms, `statement_timeout`), so that the slow one fails fast the
+/// second time and the call waits at most a fraction of a second more.
+pub const LOOKUP_RETRY_STATEMENT_TIMEOUT_MS: u64 = 250;
+/// Lock wait (ms, `lock_timeout`) of a lookup run again after a timeout.
+pub const LOOKUP_RETRY_LOCK_TIMEOUT_MS: u64 = 100;
+
 /// Runs an escalation's lookups (`sqls`, in order, each with `$1` = the
-/// event payload), all in one bounded read-only transaction: one round trip
-/// each, plus one to begin and one to end, instead of three each. A lookup
-/// that fails aborts that transaction: its error is its outcome (it is not
-/// run twice: a timed-out lookup must not delay the call twice), and the
-/// lookups after it run one by one, each in its own transaction
-/// ([`run_lookup`]). Returns one outcome per lookup, in order.
+/// event payload) in one bounded read-only transaction. Two or more go as
+/// one statement ([`lookups_statement`]): one round trip for all, plus one
+/// to begin (the rollback is queued, off the call's path). If that
+/// statement fails, the lookups run one by one ([`run_lookups_in_turn`]) so
+/// that each gets its own outcome: with the usual bounds after an error
+/// (which comes at once), with [`LOOKUP_RETRY_STATEMENT_TIMEOUT_MS`] and
+/// [`LOOKUP_RETRY_LOCK_TIMEOUT_MS`] after a timeout, so that a slow lookup
+/// delays the call by its timeout once, plus a fraction of a second, while
+/// the fast ones still render (DESIGN.md invariant 10). Returns one outcome
+/// per lookup, in order.
 pub async fn run_lookups(pool: &sqlx::PgPool, sqls: &[&str], input: &Value) -> Vec<Result<LookupOutcome, sqlx::Error>> {
+    if sqls.len() < 2 {
+        return run_lookups_in_turn(pool, sqls, input, LOOKUP_STATEMENT_TIMEOUT_MS, LOOKUP_LOCK_TIMEOUT_MS).await;
+    }
+    let together = async {
+        let mut tx = begin_bounded_read_only(pool, LOOKUP_STATEMENT_TIMEOUT_MS, LOOKUP_LOCK_TIMEOUT_MS).await?;
+        let row = sqlx::query(&lookups_statement(sqls)).bind(input).fetch_one(&mut *tx).await?;
+        drop(tx); // rolled back when the pool takes the connection back
+        Ok::<_, sqlx::Error>(row)
+    };
+    match together.await {
+        Ok(row) => (0..sqls.len())
+            .map(|i| {
+                Ok(match row.try_get::<Vec<Option<String>>, _>(i) {
+                    Err(_) => LookupOutcome::NotText,
+                    Ok(values) => match values.as_slice() {
+                        [] | [None] => LookupOutcome::Empty,
+                        [Some(v)] => LookupOutcome::Value(v.clone()),
+                        _ => LookupOutcome::Ambiguous,
+                    },
+                })
+            })
+            .collect(),
+        Err(e) => {
+            let sqlstate = e.as_database_error().and_then(|d| d.code()).map(|c| c.to_string());
+            let timed_out = matches!(sqlstate.as_deref(), Some("57014" | "55P03"));
+            tracing::debug!(sqlstate = ?sqlstate, timed_out, "lookups: the shared statement failed; running them one by one");
+            if timed_out {
+                run_lookups_in_turn(pool, sqls, input, LOOKUP_RETRY_STATEMENT_TIMEOUT_MS, LOOKUP_RETRY_LOCK_TIMEOUT_MS).await
+            } else {
+                run_lookups_in_turn(pool, sqls, input, LOOKUP_STATEMENT_TIMEOUT_MS, LOOKUP_LOCK_TIMEOUT_MS).await
+            }
+        }
+    }
+}
+
+/// The one statement that runs several lookups: each lookup as a subquery
+/// whose first column (renamed by a column alias, whatever its name) is
+/// gathered into an array of at most two values, one column per lookup, in
+/// order. An empty array is no row; two values are more than one row; a
+/// column that is not a text array is not text.
+pub fn lookups_statement(sqls: &[&str]) -> String {
+    let columns: Vec<String> = sqls
+        .iter()
+        .enumerate()
+        .map(|(i, sql)| {
+            format!("ARRAY(SELECT wardcall_value FROM ({}\n) AS wardcall_lookup(wardcall_value) LIMIT 2) AS lookup_{i}", sql.trim().trim_end_matches(';'))
+        })
+        .collect();
+    format!("SELECT {}", columns.join(",\n       "))
+}
+
+/// Runs the lookups in order in one bounded read-only transaction
+/// (`statement_timeout_ms`, `lock_timeout_ms`): one round trip each. A
+/// lookup that fails aborts that transaction: its error is its outcome (it
+/// is not run again), and the lookups after it run one by one, each in its
+/// own transaction ([`run_lookup`]).
+async fn run_lookups_in_turn(
+    pool: &sqlx::PgPool,
+    sqls: &[&str],
+    input: &Value,
+    statement_timeout_ms: u64,
+    lock_timeout_ms: u64,
+) -> Vec<Result<LookupOutcome, sqlx::Error>> {
     let mut out = Vec::with_capacity(sqls.len());
-    match begin_bounded_read_only(pool, LOOKUP_STATEMENT_TIMEOUT_MS, LOOKUP_LOCK_TIMEOUT_MS).await {
+    match begin_bounded_read_only(pool, statement_timeout_ms, lock_timeout_ms).await {
         Ok(mut tx) => {
             for sql in sqls {
                 let outcome = fetch_lookup(&mut tx, sql, input).await;
@@ -187,7 +271,7 @@ pub async fn run_lookups(pool: &sqlx::PgPool, sqls: &[&str], input: &Value) -> V
         }
     }
     for sql in &sqls[out.len()..] {
-        out.push(run_lookup(pool, sql, input).await);
+        out.push(run_lookup_bounded(pool, sql, input, statement_timeout_ms, lock_timeout_ms).await);
     }
     out
 }

@@ -15,6 +15,7 @@ pub fn tests() -> Vec<libtest_mimic::Trial> {
         workflow_hardening::a_failing_step_before_escalate_does_not_stop_the_alert,
         workflow_hardening::team_sql_puts_the_session_settings_back,
         workflow_hardening::lookups_share_a_transaction_and_a_failure_stops_only_itself,
+        workflow_hardening::lookups_go_as_one_statement_and_a_slow_one_delays_once,
     ]
 }
 
@@ -364,4 +365,47 @@ pub async fn lookups_share_a_transaction_and_a_failure_stops_only_itself() {
         })
         .collect();
     assert_eq!(seen, ["ambiguous", "value Room 2", "error 22012", "value after the failure", "empty"]);
+}
+
+fn lookup_outcomes(out: &[Result<wardcall::workflows::team_sql::LookupOutcome, sqlx::Error>]) -> Vec<String> {
+    use wardcall::workflows::team_sql::LookupOutcome;
+    out.iter()
+        .map(|o| match o {
+            Ok(LookupOutcome::Value(v)) => format!("value {v}"),
+            Ok(LookupOutcome::Empty) => "empty".into(),
+            Ok(LookupOutcome::Ambiguous) => "ambiguous".into(),
+            Ok(LookupOutcome::NotText) => "not text".into(),
+            Err(e) => format!("error {}", e.as_database_error().and_then(|d| d.code()).unwrap_or_default()),
+        })
+        .collect()
+}
+
+/// Lookups that all succeed go as one statement (`lookups_statement`), each
+/// with the outcome it has alone: a value whatever its column's name, no
+/// row, NULL, more than one row, a column that is not text, a trailing
+/// comment and semicolon. A lookup that outlasts the statement timeout
+/// (2 s) delays the call once: the others still render, and the whole takes
+/// well under two timeouts.
+pub async fn lookups_go_as_one_statement_and_a_slow_one_delays_once() {
+    use wardcall::workflows::team_sql::run_lookups;
+    let db = TestDb::new().await;
+    db.exec("CREATE TABLE two_rows (x text); INSERT INTO two_rows VALUES ('a'), ('b');").await;
+    let input = serde_json::json!({"room": "Room 2"});
+    let sqls = [
+        "SELECT $1->>'room' AS room_name",
+        "SELECT x FROM two_rows WHERE false",
+        "SELECT NULL::text",
+        "SELECT x FROM two_rows",
+        "SELECT 42",
+        "SELECT 'Dana Vale'::varchar, 1 -- the patient\n;",
+    ];
+    let out = run_lookups(&db.pool, &sqls, &input).await;
+    assert_eq!(lookup_outcomes(&out), ["value Room 2", "empty", "empty", "ambiguous", "not text", "value Dana Vale"]);
+
+    let slow = ["SELECT $1->>'room'", "SELECT 'slow'::text FROM pg_sleep(5)", "SELECT 'after'"];
+    let started = std::time::Instant::now();
+    let out = run_lookups(&db.pool, &slow, &input).await;
+    let took = started.elapsed();
+    assert_eq!(lookup_outcomes(&out), ["value Room 2", "error 57014", "value after"]);
+    assert!(took < std::time::Duration::from_millis(3_500), "a slow lookup delayed the call by {took:?}");
 }
