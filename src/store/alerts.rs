@@ -173,10 +173,10 @@ pub async fn acknowledge(conn: &mut PgConnection, alert: Uuid, previous: &str, p
 
 /// What a write-back statement gets as `$2` for an alert: the SQL function
 /// `wardcall.alert_details` (status, times, who acknowledged and how,
-/// attempts). The query's text, with the id as a literal (see
-/// [`crate::store::attempts::details_query`]).
-pub fn details_query(alert: Uuid) -> String {
-    format!("SELECT wardcall.alert_details('{alert}'::uuid)")
+/// attempts). An SQL expression, with the id as a literal (see
+/// [`crate::store::attempts::details_expression`]).
+pub fn details_expression(alert: Uuid) -> String {
+    format!("wardcall.alert_details('{alert}'::uuid)")
 }
 
 /// One recipient of a fresh alert's first intents (see [`open_with_intents`]).

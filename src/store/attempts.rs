@@ -737,9 +737,9 @@ pub async fn abandon_unconfirmed_intents(pool: &sqlx::PgPool, limit: i64, actor:
 /// What a write-back statement gets as `$2` for an attempt: the SQL
 /// functions `wardcall.attempt_details` (alert, attempt, channel, statuses,
 /// times, `acknowledged_via`) and `wardcall.attempt_recipient` (`person_id`,
-/// `person_name`), merged into one JSON object. The query's text, with the
-/// id as a literal (a UUID: nothing to escape), so that it can go in one
-/// simple query with the write-back's savepoint (one round trip).
-pub fn details_query(attempt: Uuid) -> String {
-    format!("SELECT wardcall.attempt_details('{attempt}'::uuid) || wardcall.attempt_recipient('{attempt}'::uuid)")
+/// `person_name`), merged into one JSON object. An SQL expression, with the
+/// id as a literal (a UUID: nothing to escape), so that it can go in the
+/// simple query that opens the write-back's savepoint (one round trip).
+pub fn details_expression(attempt: Uuid) -> String {
+    format!("wardcall.attempt_details('{attempt}'::uuid) || wardcall.attempt_recipient('{attempt}'::uuid)")
 }

@@ -357,21 +357,21 @@ async fn write_back_in(
     commit_follows: bool,
 ) -> Result<(), sqlx::Error> {
     let Some(sql) = sql else { return Ok(()) };
-    let details_query = match subject {
+    let details = match subject {
         // The recipient's id and name (`person_id`, `person_name`) come with the attempt's details.
-        WriteBackSubject::Attempt(id) => crate::store::attempts::details_query(id),
-        WriteBackSubject::Alert(id) => crate::store::alerts::details_query(id),
+        WriteBackSubject::Attempt(id) => crate::store::attempts::details_expression(id),
+        WriteBackSubject::Alert(id) => crate::store::alerts::details_expression(id),
     };
     // The capture triggers skip rows written while `wardcall.write_back` is on,
     // so a write-back never re-triggers a page; the timeouts keep a team's
-    // long-held row lock from stalling webhooks and workers. The subject's
-    // details, the savepoint and the settings go in one round trip (a text
-    // without parameters goes by the simple query protocol, which takes
-    // several statements; the details are its first row).
+    // long-held row lock from stalling webhooks and workers. The savepoint,
+    // then the subject's details and the settings in one `SELECT`, go in one
+    // round trip (a text without parameters goes by the simple query
+    // protocol, which takes several statements; the `SELECT` is the only
+    // one that returns a row).
     let opening = format!(
-        "{details_query};
-         SAVEPOINT wardcall_write_back;
-         SELECT set_config('wardcall.write_back', 'on', true), set_config('lock_timeout', '2s', true), set_config('statement_timeout', '5s', true)
+        "SAVEPOINT wardcall_write_back;
+         SELECT {details}, set_config('wardcall.write_back', 'on', true), set_config('lock_timeout', '2s', true), set_config('statement_timeout', '5s', true)
            FROM (SELECT set_config('wardcall.saved_statement_timeout', current_setting('statement_timeout'), true),
                         set_config('wardcall.saved_lock_timeout', current_setting('lock_timeout'), true)) saved"
     );
