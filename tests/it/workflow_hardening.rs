@@ -349,22 +349,12 @@ pub async fn team_sql_puts_the_session_settings_back() {
 /// returns several rows leaves the others unharmed, and one that fails is
 /// its own outcome while the lookups after it still run.
 pub async fn lookups_share_a_transaction_and_a_failure_stops_only_itself() {
-    use wardcall::workflows::team_sql::{run_lookups, LookupOutcome};
+    use wardcall::workflows::team_sql::run_lookups;
     let db = TestDb::new().await;
     db.exec("CREATE TABLE two_rows (x text); INSERT INTO two_rows VALUES ('a'), ('b');").await;
     let sqls = ["SELECT x FROM two_rows", "SELECT $1->>'room'", "SELECT (1 / ($1->>'zero')::int)::text", "SELECT 'after the failure'", "SELECT NULL::text"];
     let out = run_lookups(&db.pool, &sqls, &serde_json::json!({"room": "Room 2", "zero": 0})).await;
-    let seen: Vec<String> = out
-        .iter()
-        .map(|o| match o {
-            Ok(LookupOutcome::Value(v)) => format!("value {v}"),
-            Ok(LookupOutcome::Empty) => "empty".into(),
-            Ok(LookupOutcome::Ambiguous) => "ambiguous".into(),
-            Ok(LookupOutcome::NotText) => "not text".into(),
-            Err(e) => format!("error {}", e.as_database_error().and_then(|d| d.code()).unwrap_or_default()),
-        })
-        .collect();
-    assert_eq!(seen, ["ambiguous", "value Room 2", "error 22012", "value after the failure", "empty"]);
+    assert_eq!(lookup_outcomes(&out), ["ambiguous", "value Room 2", "error 22012", "value after the failure", "empty"]);
 }
 
 fn lookup_outcomes(out: &[Result<wardcall::workflows::team_sql::LookupOutcome, sqlx::Error>]) -> Vec<String> {
