@@ -23,6 +23,10 @@ pub struct Outgoing {
     pub to: String,
     /// What to deliver.
     pub content: Content,
+    /// Whether the send serves a critical run (an escalation, or a workflow
+    /// marked `critical`): it may take the provider's places kept for
+    /// critical sends (e.g. [`crate::providers::twilio::client::RequestPriority`]).
+    pub critical: bool,
 }
 
 /// What a send delivers.

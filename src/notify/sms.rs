@@ -136,6 +136,7 @@ fn sms_intent<'a>(
 pub async fn send_one_way(services: &Services, run: &ClaimedRun, step_key: &str, recipients: &[Recipient], message: &str) -> Result<(), StepError> {
     let sender = sms_sender(services, &format!("the notify step '{step_key}'"))?;
     let actor = services.actor();
+    let critical = services.config.workflows.iter().any(|w| w.name == run.workflow && crate::workflows::is_critical(w));
     let pos = Position { run: run.id, step_key, cycle: 0, step_index: 0 };
     let body = fit_body(message, "", sender.max_text_chars());
     let existing = {
@@ -173,7 +174,7 @@ pub async fn send_one_way(services: &Services, run: &ClaimedRun, step_key: &str,
         if let Some(generation) = delivery::settle(&mut tx, latest, &reconciled, run.fencing_token, NotLookedUp::Wait, &actor).await? {
             let attempt_id =
                 attempts::insert_intent(&mut tx, &sms_intent(run, None, pos, &r.id, Some(&r.name), generation, to, sender.provider()), &actor).await?;
-            outgoing.push(Outgoing { attempt_id, person_id: r.id.clone(), to: to.to_string(), content: Content::Text { body: body.clone() } });
+            outgoing.push(Outgoing { attempt_id, person_id: r.id.clone(), to: to.to_string(), content: Content::Text { body: body.clone() }, critical });
         }
     }
     tx.commit().await?;
@@ -269,7 +270,8 @@ pub async fn send_fallbacks(
             let intent = sms_intent(run, Some(alert_id), pos, &c.person_id, name.as_deref(), generation, &to, sender.provider());
             let attempt_id = attempts::insert_intent(&mut tx, &intent, &actor).await?;
             tracing::info!(attempt = %attempt_id, person = %c.person_id, call_status = %c.status, to = %redact_phone(&to), "call failed; sending the SMS fallback");
-            outgoing.push(Outgoing { attempt_id, person_id: c.person_id.clone(), to, content: Content::Text { body: body.clone() } });
+            // An escalation's fallback: always critical (`workflows::is_critical`).
+            outgoing.push(Outgoing { attempt_id, person_id: c.person_id.clone(), to, content: Content::Text { body: body.clone() }, critical: true });
         }
     }
     tx.commit().await?;

@@ -380,6 +380,7 @@ async fn place_calls(ctx: &mut StepContext<'_>, settings: &EscalationWorkflow, p
                         person_id: person.id.clone(),
                         to: person.voice.clone().unwrap_or_default(),
                         content: Content::Spoken { message: message.clone(), ring_timeout_seconds },
+                        critical: true, // an escalation is always critical (`workflows::is_critical`)
                     });
                 }
                 opened = Some(out);
@@ -445,6 +446,7 @@ async fn place_calls(ctx: &mut StepContext<'_>, settings: &EscalationWorkflow, p
                     person_id: person.id.clone(),
                     to: phone,
                     content: Content::Spoken { message: message.clone(), ring_timeout_seconds },
+                    critical: true,
                 });
             }
             tx.commit().await?;

@@ -154,6 +154,7 @@ pub async fn late_create_answer_on_an_unknown_attempt_is_audited_as_a_transition
         person_id: "nurse-avery".into(),
         to: NURSE_A.into(),
         content: Content::Spoken { message: "m".into(), ring_timeout_seconds: 18 },
+        critical: true,
     };
     let services = h.app.engine.services.clone();
     wardcall::notify::delivery::send_and_record(&services, &late, &[out], None, "engine:lost").await.expect("recorded");
@@ -308,8 +309,13 @@ pub async fn ambiguous_text_is_adopted_beside_another_alerts_text() {
     let services = h.app.engine.services.clone();
     let sms = services.providers.sender(Channel::Sms).expect("Twilio SMS");
     for (run, body) in [(&a, "Linen change in Room 2"), (&b, "Fall risk in Room 7")] {
-        let out =
-            Outgoing { attempt_id: uuid::Uuid::new_v4(), person_id: "nurse-avery".into(), to: NURSE_A.into(), content: Content::Text { body: body.into() } };
+        let out = Outgoing {
+            attempt_id: uuid::Uuid::new_v4(),
+            person_id: "nurse-avery".into(),
+            to: NURSE_A.into(),
+            content: Content::Text { body: body.into() },
+            critical: false,
+        };
         assert!(sms.send(&out, &services.public_url).await.result.is_ok(), "run {}", run.id);
     }
     let who = Recipient { id: "nurse-avery".into(), name: "Avery".into(), voice: None, sms: Some(NURSE_A.into()) };

@@ -1721,6 +1721,40 @@ mod tests {
         assert!(peak <= 3, "peak {peak}");
     }
 
+    /// The client keeps a fifth of its places for critical sends: while
+    /// ordinary requests hold every other place and more wait, a critical
+    /// call is sent at once, ahead of the ordinary ones queued before it.
+    #[tokio::test]
+    async fn critical_requests_take_the_reserved_places_ahead_of_ordinary_ones() {
+        use crate::providers::twilio::client::RequestPriority;
+        const CRITICAL: &str = "+15005550009";
+        let rig = rig(&[(NURSE, Persona::NoAnswer), (CRITICAL, Persona::NoAnswer)]).await;
+        rig.emu.set_create_response_delay(Duration::from_millis(400));
+        let client = rig.client.clone().with_max_concurrent_requests(5); // 4 ordinary places, 1 reserved
+        let ordinary = rig.alert(NURSE, 5);
+        let flood = futures_util::future::join_all((0..8).map(|_| {
+            let (client, request) = (client.clone(), ordinary.clone());
+            async move { client.create_call_as(&request, RequestPriority::Ordinary).await }
+        }));
+        let critical = async {
+            // Once the ordinary requests hold their four places (and four more wait):
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+            while rig.emu.calls().len() < 4 {
+                assert!(tokio::time::Instant::now() < deadline, "the ordinary requests never arrived");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            client.create_call_as(&rig.alert(CRITICAL, 5), RequestPriority::Critical).await
+        };
+        let (flood, critical) = tokio::join!(flood, critical);
+        assert!(flood.iter().all(Result::is_ok) && critical.is_ok());
+        let calls = rig.emu.calls();
+        let critical_at = calls.iter().find(|c| c.to == CRITICAL).expect("the critical call").received_at;
+        let mut ordinary_at: Vec<_> = calls.iter().filter(|c| c.to == NURSE).map(|c| c.received_at).collect();
+        ordinary_at.sort();
+        assert_eq!(ordinary_at.len(), 8);
+        assert!(critical_at < ordinary_at[4], "the critical call waited behind the ordinary ones queued before it");
+    }
+
     #[tokio::test]
     async fn answered_call_round_trip() {
         let persona = Persona::Answer { ring_ms: 20, think_ms: 20, digits: "1".into() };

@@ -8,7 +8,7 @@
 //! Contracts: <https://www.twilio.com/docs/voice/api/call-resource>,
 //! <https://www.twilio.com/docs/messaging/api/message-resource>.
 
-use super::client::{CallResource, CreateCallRequest, TwilioClient, TwilioError, MAX_INLINE_TWIML_CHARS};
+use super::client::{CallResource, CreateCallRequest, RequestPriority, TwilioClient, TwilioError, MAX_INLINE_TWIML_CHARS};
 use super::messages::{CreateMessageRequest, MessageResource};
 use super::{callback_url, twiml};
 use crate::config::TwilioConfig;
@@ -106,13 +106,14 @@ impl ChannelSender for TwilioVoice {
                 machine_detection: self.config.machine_detection,
                 async_amd_status_callback: self.config.machine_detection.then(|| callback_url(public_url, "amd", out.attempt_id)),
             };
-            let mut result = self.client.create_call(&req).await;
+            let priority = if out.critical { RequestPriority::Critical } else { RequestPriority::Ordinary };
+            let mut result = self.client.create_call_as(&req, priority).await;
             let mut content_refused = None;
             if let Err(e) = &result {
                 if e.is_content_refusal() {
                     content_refused = Some(e.to_string());
                     req.twiml = twiml::say_and_gather(twiml::FALLBACK_MESSAGE, &action, gather_timeout);
-                    result = self.client.create_call(&req).await;
+                    result = self.client.create_call_as(&req, priority).await;
                 }
             }
             let result = result.map(|call| Sent { provider_id: call.sid, status: None }).map_err(|e| classify(&e));
@@ -167,7 +168,7 @@ impl ChannelSender for TwilioSms {
             };
             let result = self
                 .client
-                .create_message(&req)
+                .create_message_as(&req, if out.critical { RequestPriority::Critical } else { RequestPriority::Ordinary })
                 .await
                 .map(|m| Sent { status: (message_status_rank(&m.status) > 0).then(|| m.status.clone()), provider_id: m.sid })
                 .map_err(|e| classify(&e));

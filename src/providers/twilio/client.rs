@@ -47,6 +47,28 @@ pub struct TwilioClient {
     request_timeout: Duration,
     /// Requests to the account at once ([`TwilioClient::with_max_concurrent_requests`]).
     concurrency: Arc<tokio::sync::Semaphore>,
+    /// The places of those that [`RequestPriority::Ordinary`] requests may
+    /// hold: all but the ones reserved for critical sends.
+    ordinary: Arc<tokio::sync::Semaphore>,
+}
+
+/// Which places of the account's request limiter a request may take
+/// ([`TwilioClient::with_max_concurrent_requests`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestPriority {
+    /// A critical run's send (an escalation's call or text, a `critical`
+    /// workflow's notification): any free place, including the reserved
+    /// ones, so that a flood of other work never holds it (DESIGN.md
+    /// invariant 10).
+    Critical,
+    /// Everything else: at most the unreserved places.
+    Ordinary,
+}
+
+/// Places of the request limiter that only [`RequestPriority::Critical`]
+/// requests take: a fifth of the limit (10 of the default 50).
+pub fn reserved_for_critical(limit: usize) -> usize {
+    limit.max(1) / 5
 }
 
 /// Default of the most REST requests a client sends to its account at once:
@@ -230,6 +252,7 @@ impl TwilioClient {
             auth_token: auth_token.to_string(),
             request_timeout: REQUEST_TIMEOUT,
             concurrency: Arc::new(tokio::sync::Semaphore::new(DEFAULT_MAX_CONCURRENT_REQUESTS)),
+            ordinary: Arc::new(tokio::sync::Semaphore::new(DEFAULT_MAX_CONCURRENT_REQUESTS - reserved_for_critical(DEFAULT_MAX_CONCURRENT_REQUESTS))),
         }
     }
 
@@ -239,9 +262,13 @@ impl TwilioClient {
     /// here instead of being refused by Twilio with 429 / 20429 (the
     /// account's concurrency limit, <https://www.twilio.com/docs/api/errors/20429>).
     /// The wait is not part of the request's timeout: a request that has not
-    /// left is never ambiguous.
+    /// left is never ambiguous. [`reserved_for_critical`] of the places are
+    /// kept for [`RequestPriority::Critical`] requests: ordinary requests
+    /// (other runs' texts, reconciliation, hang-ups) never hold them.
     pub fn with_max_concurrent_requests(mut self, limit: usize) -> Self {
-        self.concurrency = Arc::new(tokio::sync::Semaphore::new(limit.max(1)));
+        let limit = limit.max(1);
+        self.concurrency = Arc::new(tokio::sync::Semaphore::new(limit));
+        self.ordinary = Arc::new(tokio::sync::Semaphore::new(limit - reserved_for_critical(limit)));
         self
     }
 
@@ -290,15 +317,21 @@ impl TwilioClient {
     }
 
     pub(crate) async fn get(&self, url: url::Url) -> Result<(u16, Vec<u8>), TwilioError> {
-        self.send(self.http.get(url)).await
+        self.send(self.http.get(url), RequestPriority::Ordinary).await
     }
 
     /// Sends an API request with the account's credentials, JSON accepted and
     /// the request timeout; returns the status and the (capped) body.
-    async fn send(&self, request: reqwest::RequestBuilder) -> Result<(u16, Vec<u8>), TwilioError> {
-        // Held until the body is read. The semaphore is never closed; were
-        // it closed, nothing was sent, which the error says.
-        let _place = self.concurrency.acquire().await.map_err(|_| TwilioError::Transport("not sent: the request limiter was closed".into()))?;
+    async fn send(&self, request: reqwest::RequestBuilder, priority: RequestPriority) -> Result<(u16, Vec<u8>), TwilioError> {
+        // Held until the body is read. The semaphores are never closed; were
+        // one closed, nothing was sent, which the error says. An ordinary
+        // request takes an unreserved place first, then a place.
+        let closed = |_| TwilioError::Transport("not sent: the request limiter was closed".into());
+        let _unreserved = match priority {
+            RequestPriority::Ordinary => Some(self.ordinary.acquire().await.map_err(closed)?),
+            RequestPriority::Critical => None,
+        };
+        let _place = self.concurrency.acquire().await.map_err(closed)?;
         let response = request
             .basic_auth(&self.account_sid, Some(&self.auth_token))
             .header(reqwest::header::ACCEPT, "application/json")
@@ -329,9 +362,17 @@ impl TwilioClient {
     /// a success body lacks `sid`/`status`; [`TwilioError::InvalidRequest`]
     /// if `machine_detection` is set without `async_amd_status_callback`.
     pub async fn create_call(&self, req: &CreateCallRequest) -> Result<CreatedCall, TwilioError> {
+        self.create_call_as(req, RequestPriority::Critical).await
+    }
+
+    /// [`TwilioClient::create_call`] with the request limiter's `priority`
+    /// (a call for a run that is not critical is [`RequestPriority::Ordinary`]).
+    ///
+    /// Errors: as [`TwilioClient::create_call`].
+    pub async fn create_call_as(&self, req: &CreateCallRequest, priority: RequestPriority) -> Result<CreatedCall, TwilioError> {
         let form = create_call_form(req)?;
         let url = self.endpoint(&["Calls.json"])?;
-        let (status, body) = self.post_form(url, &form).await?;
+        let (status, body) = self.post_form(url, &form, priority).await?;
         if !(200..300).contains(&status) {
             let err = api_error(status, &body);
             tracing::warn!(http_status = status, code = ?error_code(&err), "Twilio refused to create call");
@@ -363,7 +404,7 @@ impl TwilioClient {
     pub async fn end_call(&self, call_sid: &str) -> Result<(), TwilioError> {
         let url = self.endpoint(&["Calls", &format!("{call_sid}.json")])?;
         let form = [("Status", "completed".to_string())];
-        let (status, body) = self.post_form(url, &form).await?;
+        let (status, body) = self.post_form(url, &form, RequestPriority::Ordinary).await?;
         if (200..300).contains(&status) {
             tracing::debug!(call_sid, "Twilio call ended");
             return Ok(());
@@ -388,10 +429,10 @@ impl TwilioClient {
         Ok(url)
     }
 
-    pub(crate) async fn post_form(&self, url: url::Url, form: &[(&str, String)]) -> Result<(u16, Vec<u8>), TwilioError> {
+    pub(crate) async fn post_form(&self, url: url::Url, form: &[(&str, String)], priority: RequestPriority) -> Result<(u16, Vec<u8>), TwilioError> {
         let body = serde_urlencoded::to_string(form).map_err(|e| TwilioError::InvalidRequest(format!("form encoding: {e}")))?;
         let request = self.http.post(url).header(reqwest::header::CONTENT_TYPE, "application/x-www-form-urlencoded").body(body);
-        self.send(request).await
+        self.send(request, priority).await
     }
 }
 

@@ -110,8 +110,17 @@ impl TwilioClient {
     /// [`TwilioError::Transport`]; [`TwilioError::Decode`] if a success body
     /// lacks `sid`/`status`/`to`.
     pub async fn create_message(&self, req: &CreateMessageRequest) -> Result<MessageResource, TwilioError> {
+        self.create_message_as(req, super::client::RequestPriority::Critical).await
+    }
+
+    /// [`TwilioClient::create_message`] with the request limiter's
+    /// `priority` (a text for a run that is not critical is
+    /// [`super::client::RequestPriority::Ordinary`]).
+    ///
+    /// Errors: as [`TwilioClient::create_message`].
+    pub async fn create_message_as(&self, req: &CreateMessageRequest, priority: super::client::RequestPriority) -> Result<MessageResource, TwilioError> {
         let url = self.endpoint(&["Messages.json"])?;
-        let (status, body) = self.post_form(url, &create_message_form(req)).await?;
+        let (status, body) = self.post_form(url, &create_message_form(req), priority).await?;
         if !(200..300).contains(&status) {
             let err = api_error(status, &body);
             tracing::warn!(http_status = status, code = ?error_code(&err), "Twilio refused to create a message");
