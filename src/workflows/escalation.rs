@@ -374,7 +374,9 @@ async fn place_calls(ctx: &mut StepContext<'_>, settings: &EscalationWorkflow, p
                 let by_person: HashMap<String, Uuid> = intents.into_iter().collect();
                 let mut out = Vec::with_capacity(callable.len());
                 for person in &callable {
-                    let attempt_id = *by_person.get(&person.id).ok_or_else(|| StepError::Permanent(anyhow!("an intent of the first tier was not recorded")))?;
+                    let attempt_id = *by_person.get(&person.id).ok_or_else(|| {
+                        StepError::Retryable(anyhow!("an intent of the first tier was not recorded; the step is retried on the general path"))
+                    })?;
                     out.push(Outgoing {
                         attempt_id,
                         person_id: person.id.clone(),
