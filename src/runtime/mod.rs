@@ -559,7 +559,21 @@ impl Engine {
         // (`BEGIN` and the lock go as one simple query: one round trip. The
         // claim below is a later statement, so its snapshot is taken after
         // the lock is held and sees every earlier batch.)
-        let mut tx = self.db.pool.begin_with(format!("BEGIN; SELECT pg_advisory_xact_lock({DISPATCH_LOCK_KEY})")).await?;
+        let mut conn = self.db.pool.acquire().await?;
+        let begun = sqlx::Connection::begin_with(&mut *conn, format!("BEGIN; SELECT pg_advisory_xact_lock({DISPATCH_LOCK_KEY})")).await;
+        if begun.is_err() {
+            // sqlx counts the transaction as open only once the whole query
+            // succeeded: after a failed lock wait (`lock_timeout` behind
+            // another engine's batch, `statement_timeout`, a cancel) the
+            // server's transaction is still there, aborted, and sqlx queues
+            // no `ROLLBACK`. Returned to the pool, the connection would fail
+            // every later statement (25P02) of whoever took it: it is closed
+            // instead (the server rolls back).
+            let error = begun.err();
+            conn.close_on_drop();
+            return Err(error.map_or_else(|| anyhow::anyhow!("the dispatch transaction did not begin"), Into::into));
+        }
+        let mut tx = begun?;
         let mut rows = crate::store::outbox::claim_batch(&mut tx, limit, &self.engine_id, &critical_events).await?;
         // Critical events first (they take the free worker slots first), then by id.
         rows.sort_by_key(|(id, event, _, _)| (!critical_events.contains(event), *id));

@@ -1,0 +1,105 @@
+//! Defects found in review of the alert path's round-trip cuts (issue 9:
+//! `fence_and_open`, `open_with_intents`, `write_back_before_commit`, the
+//! dispatcher's `BEGIN` + lock in one simple query, lookups in one
+//! statement), each with the test that showed it (each failed before its fix).
+
+use crate::harness::*;
+use sqlx::ConnectOptions;
+use std::time::Duration;
+use wardcall::config::EngineConfig;
+
+pub fn tests() -> Vec<libtest_mimic::Trial> {
+    trials![
+        review_alert_path::a_dispatch_lock_timeout_leaves_no_aborted_transaction_in_the_pool,
+        review_alert_path::lookups_of_a_domain_over_text_render_as_they_do_alone,
+    ]
+}
+
+const QUIET: &str = "[engine]\nsweep_ms = 100\n";
+
+/// Connections of this test's database other than `except_pid` that sit in
+/// a transaction between statements (open or aborted).
+async fn idle_in_transaction(db: &TestDb, except_pid: i32) -> Vec<String> {
+    sqlx::query_scalar(
+        "SELECT state || ': ' || left(query, 80) FROM pg_stat_activity
+          WHERE datname = current_database() AND pid <> $1 AND pid <> pg_backend_pid() AND state LIKE 'idle in transaction%'",
+    )
+    .bind(except_pid)
+    .fetch_all(&db.pool)
+    .await
+    .unwrap()
+}
+
+/// The dispatcher begins its transaction and takes the dispatch lock in one
+/// simple query (`BEGIN; SELECT pg_advisory_xact_lock(…)`). When the lock
+/// wait ends in an error (another engine's batch held it past the engine's
+/// `lock_timeout`: several engines, DESIGN.md invariant 9), sqlx never
+/// counted the transaction as open (it does so only once the whole query
+/// succeeded), so it queues no `ROLLBACK`: the connection went back to the
+/// pool inside an aborted transaction, and every later statement on it
+/// (a run's fence, an alert's intents) failed with 25P02 until the
+/// connection's lifetime ended.
+pub async fn a_dispatch_lock_timeout_leaves_no_aborted_transaction_in_the_pool() {
+    let db = TestDb::new().await;
+    let settings = EngineConfig { lock_timeout_ms: 200, pool_size: 4, ..EngineConfig::default() };
+    let pool = wardcall::db::connect_pool_with(db.options.clone(), &settings).await.unwrap();
+    let database = wardcall::db::Database { pool: pool.clone(), connect_options: db.options.clone(), embedded: None };
+    let app = wardcall::app::App::start(database, config(QUIET), wardcall::app::StartOptions { no_http: true, ..Default::default() }).await.expect("app starts");
+
+    // "Another engine" holds the dispatch lock (its batch is slow).
+    let mut other = db.options.connect().await.unwrap();
+    let other_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(&mut other).await.unwrap();
+    sqlx::raw_sql(&format!("BEGIN; SELECT pg_advisory_xact_lock({})", wardcall::runtime::DISPATCH_LOCK_KEY)).execute(&mut other).await.unwrap();
+    let err = app.engine.dispatch_batch(10).await.expect_err("the lock wait is bounded by lock_timeout");
+    let code = err.downcast_ref::<sqlx::Error>().and_then(|e| e.as_database_error()).and_then(|d| d.code()).map(|c| c.to_string());
+    assert_eq!(code.as_deref(), Some("55P03"), "{err:#}");
+    sqlx::raw_sql("ROLLBACK").execute(&mut other).await.unwrap();
+
+    // The batch's connection went back to the pool: it must be usable.
+    await_some("no pooled connection left in a transaction", Duration::from_secs(3), || async {
+        let left = idle_in_transaction(&db, other_pid).await;
+        if !left.is_empty() {
+            eprintln!("left in a transaction: {left:?}");
+        }
+        left.is_empty().then_some(())
+    })
+    .await;
+    // Every pooled connection answers (taken all at once, so each is tried).
+    let mut held = Vec::new();
+    for _ in 0..settings.pool_size {
+        held.push(pool.acquire().await.unwrap());
+    }
+    for conn in &mut held {
+        let one: i32 = sqlx::query_scalar("SELECT 1").fetch_one(&mut **conn).await.expect("a pooled connection answers");
+        assert_eq!(one, 1);
+    }
+    drop(held);
+    assert!(app.engine.dispatch_batch(10).await.is_ok(), "the dispatcher works again once the lock is free");
+    app.stop(Duration::from_secs(2)).await;
+}
+
+/// Lookups go as one statement, each gathered with `ARRAY(…)`; alone, a
+/// lookup's first column renders when it is text-like. A team's column of a
+/// domain over text (`CREATE DOMAIN room_code AS text`, common for codes
+/// and identifiers) is reported as `text` alone, but `ARRAY(…)` of it is an
+/// array of the domain, which the decoder does not take for text: the value
+/// rendered empty and was audited as a config fault ("not one text
+/// column") whenever the alert had two or more lookups.
+pub async fn lookups_of_a_domain_over_text_render_as_they_do_alone() {
+    use wardcall::workflows::team_sql::{run_lookup, run_lookups, LookupOutcome};
+    let db = TestDb::new().await;
+    db.exec("CREATE DOMAIN room_code AS text CHECK (VALUE <> ''); CREATE TABLE rooms (code room_code); INSERT INTO rooms VALUES ('ICU-2');").await;
+    let input = serde_json::json!({});
+    let show = |o: &Result<LookupOutcome, sqlx::Error>| match o {
+        Ok(LookupOutcome::Value(v)) => format!("value {v}"),
+        Ok(LookupOutcome::Empty) => "empty".into(),
+        Ok(LookupOutcome::Ambiguous) => "ambiguous".into(),
+        Ok(LookupOutcome::NotText) => "not text".into(),
+        Err(e) => format!("error {e}"),
+    };
+    let alone = run_lookup(&db.pool, "SELECT code FROM rooms", &input).await;
+    assert_eq!(show(&alone), "value ICU-2", "alone, a domain over text is text");
+    let together = run_lookups(&db.pool, &["SELECT code FROM rooms", "SELECT 'Dana'", "SELECT 42"], &input).await;
+    let seen: Vec<String> = together.iter().map(show).collect();
+    assert_eq!(seen, ["value ICU-2", "value Dana", "not text"], "each lookup has the outcome it has alone");
+}
