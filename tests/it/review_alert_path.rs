@@ -12,6 +12,7 @@ pub fn tests() -> Vec<libtest_mimic::Trial> {
     trials![
         review_alert_path::a_dispatch_lock_timeout_leaves_no_aborted_transaction_in_the_pool,
         review_alert_path::lookups_of_a_domain_over_text_render_as_they_do_alone,
+        review_alert_path::a_takeover_after_open_with_intents_calls_again_under_the_recall_rule,
     ]
 }
 
@@ -44,7 +45,8 @@ pub async fn a_dispatch_lock_timeout_leaves_no_aborted_transaction_in_the_pool()
     let settings = EngineConfig { lock_timeout_ms: 200, pool_size: 4, ..EngineConfig::default() };
     let pool = wardcall::db::connect_pool_with(db.options.clone(), &settings).await.unwrap();
     let database = wardcall::db::Database { pool: pool.clone(), connect_options: db.options.clone(), embedded: None };
-    let app = wardcall::app::App::start(database, config(QUIET), wardcall::app::StartOptions { no_http: true, ..Default::default() }).await.expect("app starts");
+    let app =
+        wardcall::app::App::start(database, config(QUIET), wardcall::app::StartOptions { no_http: true, ..Default::default() }).await.expect("app starts");
 
     // "Another engine" holds the dispatch lock (its batch is slow).
     let mut other = db.options.connect().await.unwrap();
@@ -102,4 +104,53 @@ pub async fn lookups_of_a_domain_over_text_render_as_they_do_alone() {
     let together = run_lookups(&db.pool, &["SELECT code FROM rooms", "SELECT 'Dana'", "SELECT 42"], &input).await;
     let seen: Vec<String> = together.iter().map(show).collect();
     assert_eq!(seen, ["value ICU-2", "value Dana", "not text"], "each lookup has the outcome it has alone");
+}
+
+/// Checked, not a defect: an engine that committed a run's first tier with
+/// `alerts::open_with_intents` (alert and intents in one autocommit
+/// statement) and died before its send and before the run's transition is
+/// taken over like one that used the transaction path: the new owner (a
+/// takeover, so the general path) finds the alert, marks the intent of
+/// unknown outcome `unknown` and calls nurse A again (generation 1, the
+/// re-call rule), once; the alert is opened and audited once.
+pub async fn a_takeover_after_open_with_intents_calls_again_under_the_recall_rule() {
+    use crate::escalation::{await_alert_status, calls_to, start_on, NURSE_A, SEIZURE_INSERT};
+    use wardcall::devtools::twilio_emulator::Persona;
+    use wardcall::store::alerts::{open_with_intents, FirstIntent, OpenedWithIntents};
+    let db = TestDb::new().await;
+    db.exec(wardcall::devtools::demo::HOSPITAL_SCHEMA).await;
+    let cfg = crate::escalation::hospital_config("http://127.0.0.1:9", 30.0, 1);
+    wardcall::app::prepare_database(&db.database(), &cfg, "test").await.unwrap();
+    db.exec(SEIZURE_INSERT).await; // (no engine yet: the outbox keeps it)
+    let message = "Critical alert at Haven Hospital. Room 2, patient Dana Vale.";
+    let run: uuid::Uuid = sqlx::query_scalar(
+        "INSERT INTO wardcall.runs (workflow, event_id, event, input, state, step, status, lease_owner, fencing_token, due_at)
+         SELECT 'critical-alert-call', o.id, o.event, o.payload, '{}', 'start', 'running', 'crashed-engine', 1, clock_timestamp() + interval '1 hour'
+           FROM wardcall.outbox o RETURNING id",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    db.exec("UPDATE wardcall.outbox SET processed_at = clock_timestamp(), processed_by = 'crashed-engine'").await;
+    // The crashed engine's first tier, committed; then it died.
+    let people = [FirstIntent { person_id: "nurse-avery", person_name: "Avery Quinn", destination: NURSE_A }];
+    let opened =
+        open_with_intents(&db.pool, run, 1, "critical-alert-call", "critical-care", message, (0, 0), "voice", "twilio", 60_000, &people, "engine:crashed")
+            .await
+            .unwrap();
+    assert!(matches!(opened, OpenedWithIntents::Opened { .. }), "{opened:?}");
+    sqlx::query("UPDATE wardcall.runs SET due_at = clock_timestamp() - interval '1 second' WHERE id = $1").bind(run).execute(&db.pool).await.unwrap();
+
+    let h = start_on(db, Persona::Answer { ring_ms: 100, think_ms: 100, digits: "1".into() }, Persona::NoAnswer, 10.0, 1).await;
+    await_alert_status(&h.db, "acknowledged", Duration::from_secs(15)).await;
+    assert_eq!(calls_to(&h, NURSE_A), 1, "the intent of unknown outcome was called again, once");
+    let statuses: Vec<(i32, String)> =
+        sqlx::query_as("SELECT generation, status FROM wardcall.notification_attempts ORDER BY generation").fetch_all(&h.db.pool).await.unwrap();
+    assert_eq!(statuses.len(), 2, "{statuses:?}");
+    assert_eq!(statuses[0], (0, "unknown".to_string()));
+    assert_eq!(statuses[1].0, 1);
+    assert_eq!(h.db.scalar_i64("SELECT count(*) FROM wardcall.alerts").await, 1);
+    assert_eq!(h.db.scalar_i64("SELECT count(*) FROM wardcall.audit_log WHERE action = 'alert.opened'").await, 1);
+    assert_eq!(h.db.scalar_i64("SELECT count(*) FROM wardcall.audit_log WHERE action = 'attempt.outcome_unknown'").await, 1);
+    h.stop().await;
 }
