@@ -188,6 +188,9 @@ pub const LOOKUP_RETRY_LOCK_TIMEOUT_MS: u64 = 100;
 /// the fast ones still render (DESIGN.md invariant 10). Returns one outcome
 /// per lookup, in order.
 pub async fn run_lookups(pool: &sqlx::PgPool, sqls: &[&str], input: &Value) -> Vec<Result<LookupOutcome, sqlx::Error>> {
+    if sqls.is_empty() {
+        return Vec::new(); // no connection, no transaction: nothing to read
+    }
     if sqls.len() < 2 {
         return run_lookups_in_turn(pool, sqls, input, LOOKUP_STATEMENT_TIMEOUT_MS, LOOKUP_LOCK_TIMEOUT_MS).await;
     }

@@ -13,6 +13,7 @@ pub fn tests() -> Vec<libtest_mimic::Trial> {
         review_alert_path::a_dispatch_lock_timeout_leaves_no_aborted_transaction_in_the_pool,
         review_alert_path::lookups_of_a_domain_over_text_render_as_they_do_alone,
         review_alert_path::a_takeover_after_open_with_intents_calls_again_under_the_recall_rule,
+        review_alert_path::an_alert_without_lookups_takes_no_connection_to_render,
     ]
 }
 
@@ -153,4 +154,18 @@ pub async fn a_takeover_after_open_with_intents_calls_again_under_the_recall_rul
     assert_eq!(h.db.scalar_i64("SELECT count(*) FROM wardcall.audit_log WHERE action = 'alert.opened'").await, 1);
     assert_eq!(h.db.scalar_i64("SELECT count(*) FROM wardcall.audit_log WHERE action = 'attempt.outcome_unknown'").await, 1);
     h.stop().await;
+}
+
+/// An escalation without lookups rendered through `run_lookups` with an
+/// empty list, which still took a pooled connection and began a read-only
+/// transaction (a round trip, and under a burst a wait for a connection) on
+/// every alert's way to its first call, for nothing.
+pub async fn an_alert_without_lookups_takes_no_connection_to_render() {
+    use wardcall::workflows::team_sql::run_lookups;
+    let db = TestDb::new().await;
+    let settings = EngineConfig { pool_size: 1, acquire_timeout_ms: 3_000, ..EngineConfig::default() };
+    let pool = wardcall::db::connect_pool_with(db.options.clone(), &settings).await.unwrap();
+    let _busy = pool.acquire().await.unwrap(); // every connection is busy (a burst)
+    let out = tokio::time::timeout(Duration::from_millis(500), run_lookups(&pool, &[], &serde_json::json!({}))).await.expect("no lookups: nothing to wait for");
+    assert!(out.is_empty());
 }
