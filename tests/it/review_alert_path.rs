@@ -14,6 +14,7 @@ pub fn tests() -> Vec<libtest_mimic::Trial> {
         review_alert_path::lookups_of_a_domain_over_text_render_as_they_do_alone,
         review_alert_path::a_takeover_after_open_with_intents_calls_again_under_the_recall_rule,
         review_alert_path::an_alert_without_lookups_takes_no_connection_to_render,
+        review_alert_path::a_dispatch_dropped_during_its_lock_wait_leaves_no_transaction_in_the_pool,
     ]
 }
 
@@ -168,4 +169,31 @@ pub async fn an_alert_without_lookups_takes_no_connection_to_render() {
     let _busy = pool.acquire().await.unwrap(); // every connection is busy (a burst)
     let out = tokio::time::timeout(Duration::from_millis(500), run_lookups(&pool, &[], &serde_json::json!({}))).await.expect("no lookups: nothing to wait for");
     assert!(out.is_empty());
+}
+
+/// The same `BEGIN` + lock, its future dropped during the lock wait (an
+/// engine's tasks aborted, e.g. an `App` dropped without `stop`): the pool's
+/// return ping waited for the lock, then put the connection back into the
+/// pool inside an open transaction holding the dispatch lock, which stalled
+/// every engine's dispatcher, and whose next user's autocommit statements (a
+/// run's intents) would not have committed.
+pub async fn a_dispatch_dropped_during_its_lock_wait_leaves_no_transaction_in_the_pool() {
+    let db = TestDb::new().await;
+    let settings = EngineConfig { lock_timeout_ms: 2_000, pool_size: 4, ..EngineConfig::default() };
+    let pool = wardcall::db::connect_pool_with(db.options.clone(), &settings).await.unwrap();
+    let database = wardcall::db::Database { pool: pool.clone(), connect_options: db.options.clone(), embedded: None };
+    let app =
+        wardcall::app::App::start(database, config(QUIET), wardcall::app::StartOptions { no_http: true, ..Default::default() }).await.expect("app starts");
+    let mut other = db.options.connect().await.unwrap();
+    let other_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(&mut other).await.unwrap();
+    sqlx::raw_sql(&format!("BEGIN; SELECT pg_advisory_xact_lock({})", wardcall::runtime::DISPATCH_LOCK_KEY)).execute(&mut other).await.unwrap();
+    let dropped = tokio::time::timeout(Duration::from_millis(300), app.engine.dispatch_batch(10)).await;
+    assert!(dropped.is_err(), "the dispatch waited for the lock and was dropped");
+    sqlx::raw_sql("ROLLBACK").execute(&mut other).await.unwrap();
+    // The dropped dispatch's lock request was queued before this one: had its
+    // connection gone back to the pool, it would hold the lock now, for good.
+    let again = app.engine.dispatch_batch(10).await;
+    let left = idle_in_transaction(&db, other_pid).await;
+    assert!(again.is_ok() && left.is_empty(), "dispatch after the lock was freed: {again:?}; left in a transaction: {left:?}");
+    app.stop(Duration::from_secs(2)).await;
 }
