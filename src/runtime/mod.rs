@@ -559,7 +559,19 @@ impl Engine {
         // (`BEGIN` and the lock go as one simple query: one round trip. The
         // claim below is a later statement, so its snapshot is taken after
         // the lock is held and sees every earlier batch.)
-        let mut tx = self.db.pool.begin_with(format!("BEGIN; SELECT pg_advisory_xact_lock({DISPATCH_LOCK_KEY})")).await?;
+        // sqlx counts the transaction as open only once the whole query
+        // succeeded: if the lock wait fails (`lock_timeout` behind another
+        // engine's batch, `statement_timeout`, a cancel) or this future is
+        // dropped during it, the server's transaction is still there (aborted,
+        // or holding the lock) and sqlx queues no `ROLLBACK`. Returned to the
+        // pool, the connection would fail every later statement of whoever
+        // took it (25P02), or run their autocommit statements (a run's
+        // intents) inside a transaction nobody commits: it is closed instead
+        // (the server rolls back).
+        let mut guard = Beginning { conn: self.db.pool.acquire().await?, begun: false };
+        let begun = sqlx::Connection::begin_with(&mut *guard.conn, format!("BEGIN; SELECT pg_advisory_xact_lock({DISPATCH_LOCK_KEY})")).await;
+        guard.begun = begun.is_ok();
+        let mut tx = begun?;
         let mut rows = crate::store::outbox::claim_batch(&mut tx, limit, &self.engine_id, &critical_events).await?;
         // Critical events first (they take the free worker slots first), then by id.
         rows.sort_by_key(|(id, event, _, _)| (!critical_events.contains(event), *id));
@@ -1079,6 +1091,23 @@ fn run_key(template: &str, payload: &Value) -> Option<String> {
         return Some(format!("sha1:{}", digest.iter().map(|b| format!("{b:02x}")).collect::<String>()));
     }
     Some(k)
+}
+
+/// A pooled connection on which a transaction is being begun with a
+/// statement of several parts ([`Engine::dispatch_batch`]): closed, not
+/// returned to the pool, unless `begun` (sqlx then tracks the transaction and
+/// rolls it back when dropped).
+struct Beginning {
+    conn: sqlx::pool::PoolConnection<sqlx::Postgres>,
+    begun: bool,
+}
+
+impl Drop for Beginning {
+    fn drop(&mut self) {
+        if !self.begun {
+            self.conn.close_on_drop();
+        }
+    }
 }
 
 /// Evaluates a workflow's `when` over a batch of payloads in one statement

@@ -188,6 +188,9 @@ pub const LOOKUP_RETRY_LOCK_TIMEOUT_MS: u64 = 100;
 /// the fast ones still render (DESIGN.md invariant 10). Returns one outcome
 /// per lookup, in order.
 pub async fn run_lookups(pool: &sqlx::PgPool, sqls: &[&str], input: &Value) -> Vec<Result<LookupOutcome, sqlx::Error>> {
+    if sqls.is_empty() {
+        return Vec::new(); // no connection, no transaction: nothing to read
+    }
     if sqls.len() < 2 {
         return run_lookups_in_turn(pool, sqls, input, LOOKUP_STATEMENT_TIMEOUT_MS, LOOKUP_LOCK_TIMEOUT_MS).await;
     }
@@ -198,18 +201,24 @@ pub async fn run_lookups(pool: &sqlx::PgPool, sqls: &[&str], input: &Value) -> V
         Ok::<_, sqlx::Error>(row)
     };
     match together.await {
-        Ok(row) => (0..sqls.len())
-            .map(|i| {
-                Ok(match row.try_get::<Vec<Option<String>>, _>(i) {
-                    Err(_) => LookupOutcome::NotText,
-                    Ok(values) => match values.as_slice() {
+        Ok(row) => {
+            let mut out = Vec::with_capacity(sqls.len());
+            for (i, sql) in sqls.iter().enumerate() {
+                out.push(match row.try_get::<Vec<Option<String>>, _>(i) {
+                    Ok(values) => Ok(match values.as_slice() {
                         [] | [None] => LookupOutcome::Empty,
                         [Some(v)] => LookupOutcome::Value(v.clone()),
                         _ => LookupOutcome::Ambiguous,
-                    },
-                })
-            })
-            .collect(),
+                    }),
+                    // Not an array of text: a column that is not text (a
+                    // config fault), or one that is text alone but not in an
+                    // array (a domain over text: `ARRAY(…)` of it is an array
+                    // of the domain). Run alone, it gets its own outcome.
+                    Err(_) => run_lookup(pool, sql, input).await,
+                });
+            }
+            out
+        }
         Err(e) => {
             let sqlstate = e.as_database_error().and_then(|d| d.code()).map(|c| c.to_string());
             let timed_out = matches!(sqlstate.as_deref(), Some("57014" | "55P03"));
@@ -227,7 +236,8 @@ pub async fn run_lookups(pool: &sqlx::PgPool, sqls: &[&str], input: &Value) -> V
 /// whose first column (renamed by a column alias, whatever its name) is
 /// gathered into an array of at most two values, one column per lookup, in
 /// order. An empty array is no row; two values are more than one row; a
-/// column that is not a text array is not text.
+/// column that is not a text array is run again alone ([`run_lookup`]: a
+/// domain over text is text alone, its array is not).
 pub fn lookups_statement(sqls: &[&str]) -> String {
     let columns: Vec<String> = sqls
         .iter()

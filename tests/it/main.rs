@@ -32,6 +32,7 @@ mod layout;
 mod outbound;
 mod privacy_cluster;
 mod recipients;
+mod review_alert_path;
 mod review_burst;
 mod review_layout;
 mod runtime_resilience;
@@ -79,5 +80,6 @@ fn all_tests() -> Vec<Trial> {
     t.extend(batching::tests());
     t.extend(callbacks::tests());
     t.extend(review_burst::tests());
+    t.extend(review_alert_path::tests());
     t
 }

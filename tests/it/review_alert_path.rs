@@ -1,0 +1,199 @@
+//! Defects found in review of the alert path's round-trip cuts (issue 9:
+//! `fence_and_open`, `open_with_intents`, `write_back_before_commit`, the
+//! dispatcher's `BEGIN` + lock in one simple query, lookups in one
+//! statement), each with the test that showed it (each failed before its fix).
+
+use crate::harness::*;
+use sqlx::ConnectOptions;
+use std::time::Duration;
+use wardcall::config::EngineConfig;
+
+pub fn tests() -> Vec<libtest_mimic::Trial> {
+    trials![
+        review_alert_path::a_dispatch_lock_timeout_leaves_no_aborted_transaction_in_the_pool,
+        review_alert_path::lookups_of_a_domain_over_text_render_as_they_do_alone,
+        review_alert_path::a_takeover_after_open_with_intents_calls_again_under_the_recall_rule,
+        review_alert_path::an_alert_without_lookups_takes_no_connection_to_render,
+        review_alert_path::a_dispatch_dropped_during_its_lock_wait_leaves_no_transaction_in_the_pool,
+    ]
+}
+
+const QUIET: &str = "[engine]\nsweep_ms = 100\n";
+
+/// Connections of this test's database other than `except_pid` that sit in
+/// a transaction between statements (open or aborted).
+async fn idle_in_transaction(db: &TestDb, except_pid: i32) -> Vec<String> {
+    sqlx::query_scalar(
+        "SELECT state || ': ' || left(query, 80) FROM pg_stat_activity
+          WHERE datname = current_database() AND pid <> $1 AND pid <> pg_backend_pid() AND state LIKE 'idle in transaction%'",
+    )
+    .bind(except_pid)
+    .fetch_all(&db.pool)
+    .await
+    .unwrap()
+}
+
+/// The dispatcher begins its transaction and takes the dispatch lock in one
+/// simple query (`BEGIN; SELECT pg_advisory_xact_lock(…)`). When the lock
+/// wait ends in an error (another engine's batch held it past the engine's
+/// `lock_timeout`: several engines, DESIGN.md invariant 9), sqlx never
+/// counted the transaction as open (it does so only once the whole query
+/// succeeded), so it queues no `ROLLBACK`: the connection went back to the
+/// pool inside an aborted transaction, and every later statement on it
+/// (a run's fence, an alert's intents) failed with 25P02 until the
+/// connection's lifetime ended.
+pub async fn a_dispatch_lock_timeout_leaves_no_aborted_transaction_in_the_pool() {
+    let db = TestDb::new().await;
+    let settings = EngineConfig { lock_timeout_ms: 200, pool_size: 4, ..EngineConfig::default() };
+    let pool = wardcall::db::connect_pool_with(db.options.clone(), &settings).await.unwrap();
+    let database = wardcall::db::Database { pool: pool.clone(), connect_options: db.options.clone(), embedded: None };
+    let app =
+        wardcall::app::App::start(database, config(QUIET), wardcall::app::StartOptions { no_http: true, ..Default::default() }).await.expect("app starts");
+
+    // "Another engine" holds the dispatch lock (its batch is slow).
+    let mut other = db.options.connect().await.unwrap();
+    let other_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(&mut other).await.unwrap();
+    sqlx::raw_sql(&format!("BEGIN; SELECT pg_advisory_xact_lock({})", wardcall::runtime::DISPATCH_LOCK_KEY)).execute(&mut other).await.unwrap();
+    let err = app.engine.dispatch_batch(10).await.expect_err("the lock wait is bounded by lock_timeout");
+    let code = err.downcast_ref::<sqlx::Error>().and_then(|e| e.as_database_error()).and_then(|d| d.code()).map(|c| c.to_string());
+    assert_eq!(code.as_deref(), Some("55P03"), "{err:#}");
+    sqlx::raw_sql("ROLLBACK").execute(&mut other).await.unwrap();
+
+    // The batch's connection went back to the pool: it must be usable.
+    await_some("no pooled connection left in a transaction", Duration::from_secs(3), || async {
+        let left = idle_in_transaction(&db, other_pid).await;
+        if !left.is_empty() {
+            eprintln!("left in a transaction: {left:?}");
+        }
+        left.is_empty().then_some(())
+    })
+    .await;
+    // Every pooled connection answers (taken all at once, so each is tried).
+    let mut held = Vec::new();
+    for _ in 0..settings.pool_size {
+        held.push(pool.acquire().await.unwrap());
+    }
+    for conn in &mut held {
+        let one: i32 = sqlx::query_scalar("SELECT 1").fetch_one(&mut **conn).await.expect("a pooled connection answers");
+        assert_eq!(one, 1);
+    }
+    drop(held);
+    assert!(app.engine.dispatch_batch(10).await.is_ok(), "the dispatcher works again once the lock is free");
+    app.stop(Duration::from_secs(2)).await;
+}
+
+/// Lookups go as one statement, each gathered with `ARRAY(…)`; alone, a
+/// lookup's first column renders when it is text-like. A team's column of a
+/// domain over text (`CREATE DOMAIN room_code AS text`, common for codes
+/// and identifiers) is reported as `text` alone, but `ARRAY(…)` of it is an
+/// array of the domain, which the decoder does not take for text: the value
+/// rendered empty and was audited as a config fault ("not one text
+/// column") whenever the alert had two or more lookups.
+pub async fn lookups_of_a_domain_over_text_render_as_they_do_alone() {
+    use wardcall::workflows::team_sql::{run_lookup, run_lookups, LookupOutcome};
+    let db = TestDb::new().await;
+    db.exec("CREATE DOMAIN room_code AS text CHECK (VALUE <> ''); CREATE TABLE rooms (code room_code); INSERT INTO rooms VALUES ('ICU-2');").await;
+    let input = serde_json::json!({});
+    let show = |o: &Result<LookupOutcome, sqlx::Error>| match o {
+        Ok(LookupOutcome::Value(v)) => format!("value {v}"),
+        Ok(LookupOutcome::Empty) => "empty".into(),
+        Ok(LookupOutcome::Ambiguous) => "ambiguous".into(),
+        Ok(LookupOutcome::NotText) => "not text".into(),
+        Err(e) => format!("error {e}"),
+    };
+    let alone = run_lookup(&db.pool, "SELECT code FROM rooms", &input).await;
+    assert_eq!(show(&alone), "value ICU-2", "alone, a domain over text is text");
+    let together = run_lookups(&db.pool, &["SELECT code FROM rooms", "SELECT 'Dana'", "SELECT 42"], &input).await;
+    let seen: Vec<String> = together.iter().map(show).collect();
+    assert_eq!(seen, ["value ICU-2", "value Dana", "not text"], "each lookup has the outcome it has alone");
+}
+
+/// Checked, not a defect: an engine that committed a run's first tier with
+/// `alerts::open_with_intents` (alert and intents in one autocommit
+/// statement) and died before its send and before the run's transition is
+/// taken over like one that used the transaction path: the new owner (a
+/// takeover, so the general path) finds the alert, marks the intent of
+/// unknown outcome `unknown` and calls nurse A again (generation 1, the
+/// re-call rule), once; the alert is opened and audited once.
+pub async fn a_takeover_after_open_with_intents_calls_again_under_the_recall_rule() {
+    use crate::escalation::{await_alert_status, calls_to, start_on, NURSE_A, SEIZURE_INSERT};
+    use wardcall::devtools::twilio_emulator::Persona;
+    use wardcall::store::alerts::{open_with_intents, FirstIntent, OpenedWithIntents};
+    let db = TestDb::new().await;
+    db.exec(wardcall::devtools::demo::HOSPITAL_SCHEMA).await;
+    let cfg = crate::escalation::hospital_config("http://127.0.0.1:9", 30.0, 1);
+    wardcall::app::prepare_database(&db.database(), &cfg, "test").await.unwrap();
+    db.exec(SEIZURE_INSERT).await; // (no engine yet: the outbox keeps it)
+    let message = "Critical alert at Haven Hospital. Room 2, patient Dana Vale.";
+    let run: uuid::Uuid = sqlx::query_scalar(
+        "INSERT INTO wardcall.runs (workflow, event_id, event, input, state, step, status, lease_owner, fencing_token, due_at)
+         SELECT 'critical-alert-call', o.id, o.event, o.payload, '{}', 'start', 'running', 'crashed-engine', 1, clock_timestamp() + interval '1 hour'
+           FROM wardcall.outbox o RETURNING id",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    db.exec("UPDATE wardcall.outbox SET processed_at = clock_timestamp(), processed_by = 'crashed-engine'").await;
+    // The crashed engine's first tier, committed; then it died.
+    let people = [FirstIntent { person_id: "nurse-avery", person_name: "Avery Quinn", destination: NURSE_A }];
+    let opened =
+        open_with_intents(&db.pool, run, 1, "critical-alert-call", "critical-care", message, (0, 0), "voice", "twilio", 60_000, &people, "engine:crashed")
+            .await
+            .unwrap();
+    assert!(matches!(opened, OpenedWithIntents::Opened { .. }), "{opened:?}");
+    sqlx::query("UPDATE wardcall.runs SET due_at = clock_timestamp() - interval '1 second' WHERE id = $1").bind(run).execute(&db.pool).await.unwrap();
+
+    let h = start_on(db, Persona::Answer { ring_ms: 100, think_ms: 100, digits: "1".into() }, Persona::NoAnswer, 10.0, 1).await;
+    await_alert_status(&h.db, "acknowledged", Duration::from_secs(15)).await;
+    assert_eq!(calls_to(&h, NURSE_A), 1, "the intent of unknown outcome was called again, once");
+    let statuses: Vec<(i32, String)> =
+        sqlx::query_as("SELECT generation, status FROM wardcall.notification_attempts ORDER BY generation").fetch_all(&h.db.pool).await.unwrap();
+    assert_eq!(statuses.len(), 2, "{statuses:?}");
+    assert_eq!(statuses[0], (0, "unknown".to_string()));
+    assert_eq!(statuses[1].0, 1);
+    assert_eq!(h.db.scalar_i64("SELECT count(*) FROM wardcall.alerts").await, 1);
+    assert_eq!(h.db.scalar_i64("SELECT count(*) FROM wardcall.audit_log WHERE action = 'alert.opened'").await, 1);
+    assert_eq!(h.db.scalar_i64("SELECT count(*) FROM wardcall.audit_log WHERE action = 'attempt.outcome_unknown'").await, 1);
+    h.stop().await;
+}
+
+/// An escalation without lookups rendered through `run_lookups` with an
+/// empty list, which still took a pooled connection and began a read-only
+/// transaction (a round trip, and under a burst a wait for a connection) on
+/// every alert's way to its first call, for nothing.
+pub async fn an_alert_without_lookups_takes_no_connection_to_render() {
+    use wardcall::workflows::team_sql::run_lookups;
+    let db = TestDb::new().await;
+    let settings = EngineConfig { pool_size: 1, acquire_timeout_ms: 3_000, ..EngineConfig::default() };
+    let pool = wardcall::db::connect_pool_with(db.options.clone(), &settings).await.unwrap();
+    let _busy = pool.acquire().await.unwrap(); // every connection is busy (a burst)
+    let out = tokio::time::timeout(Duration::from_millis(500), run_lookups(&pool, &[], &serde_json::json!({}))).await.expect("no lookups: nothing to wait for");
+    assert!(out.is_empty());
+}
+
+/// The same `BEGIN` + lock, its future dropped during the lock wait (an
+/// engine's tasks aborted, e.g. an `App` dropped without `stop`): the pool's
+/// return ping waited for the lock, then put the connection back into the
+/// pool inside an open transaction holding the dispatch lock, which stalled
+/// every engine's dispatcher, and whose next user's autocommit statements (a
+/// run's intents) would not have committed.
+pub async fn a_dispatch_dropped_during_its_lock_wait_leaves_no_transaction_in_the_pool() {
+    let db = TestDb::new().await;
+    let settings = EngineConfig { lock_timeout_ms: 2_000, pool_size: 4, ..EngineConfig::default() };
+    let pool = wardcall::db::connect_pool_with(db.options.clone(), &settings).await.unwrap();
+    let database = wardcall::db::Database { pool: pool.clone(), connect_options: db.options.clone(), embedded: None };
+    let app =
+        wardcall::app::App::start(database, config(QUIET), wardcall::app::StartOptions { no_http: true, ..Default::default() }).await.expect("app starts");
+    let mut other = db.options.connect().await.unwrap();
+    let other_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(&mut other).await.unwrap();
+    sqlx::raw_sql(&format!("BEGIN; SELECT pg_advisory_xact_lock({})", wardcall::runtime::DISPATCH_LOCK_KEY)).execute(&mut other).await.unwrap();
+    let dropped = tokio::time::timeout(Duration::from_millis(300), app.engine.dispatch_batch(10)).await;
+    assert!(dropped.is_err(), "the dispatch waited for the lock and was dropped");
+    sqlx::raw_sql("ROLLBACK").execute(&mut other).await.unwrap();
+    // The dropped dispatch's lock request was queued before this one: had its
+    // connection gone back to the pool, it would hold the lock now, for good.
+    let again = app.engine.dispatch_batch(10).await;
+    let left = idle_in_transaction(&db, other_pid).await;
+    assert!(again.is_ok() && left.is_empty(), "dispatch after the lock was freed: {again:?}; left in a transaction: {left:?}");
+    app.stop(Duration::from_secs(2)).await;
+}
