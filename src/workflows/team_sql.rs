@@ -127,8 +127,12 @@ pub fn is_permanent(e: &sqlx::Error) -> bool {
     e.as_database_error().and_then(|d| d.code()).is_some_and(|c| c.starts_with("42") || c.starts_with("22") || c.starts_with("23"))
 }
 
-/// Longest a lookup may run (ms) before it renders without its value
-/// (`statement_timeout`, PostgreSQL manual 20.11.1).
+/// Longest a step's lookups may run (ms) before they render without their
+/// values (`statement_timeout`, PostgreSQL manual 20.11.1): one lookup
+/// alone, or all of a step's lookups together when they go as one statement
+/// ([`run_lookups`]; after such a timeout each gets
+/// [`LOOKUP_RETRY_STATEMENT_TIMEOUT_MS`] alone). It bounds how long lookups
+/// can delay a call: about this plus a fraction of a second per lookup.
 pub const LOOKUP_STATEMENT_TIMEOUT_MS: u64 = 2_000;
 /// Longest a lookup may wait for a lock (ms), e.g. behind a team's
 /// `ALTER TABLE` (`lock_timeout`).
@@ -218,6 +222,12 @@ pub async fn run_lookups(pool: &sqlx::PgPool, sqls: &[&str], input: &Value) -> V
                 });
             }
             out
+        }
+        // No connection within the pool's acquire timeout: the call must not
+        // wait for one again per lookup; every value renders empty.
+        Err(sqlx::Error::PoolTimedOut) => {
+            tracing::warn!(lookups = sqls.len(), "lookups: no database connection in time; the message renders without their values");
+            sqls.iter().map(|_| Err(sqlx::Error::PoolTimedOut)).collect()
         }
         Err(e) => {
             let sqlstate = e.as_database_error().and_then(|d| d.code()).map(|c| c.to_string());

@@ -16,6 +16,7 @@ pub fn tests() -> Vec<libtest_mimic::Trial> {
         workflow_hardening::team_sql_puts_the_session_settings_back,
         workflow_hardening::lookups_share_a_transaction_and_a_failure_stops_only_itself,
         workflow_hardening::lookups_go_as_one_statement_and_a_slow_one_delays_once,
+        workflow_hardening::lookups_without_a_connection_wait_for_one_once,
     ]
 }
 
@@ -398,4 +399,21 @@ pub async fn lookups_go_as_one_statement_and_a_slow_one_delays_once() {
     let took = started.elapsed();
     assert_eq!(lookup_outcomes(&out), ["value Room 2", "error 57014", "value after"]);
     assert!(took < std::time::Duration::from_millis(3_500), "a slow lookup delayed the call by {took:?}");
+}
+
+/// The pool has no connection to give (every one held): the lookups wait for
+/// one once (the pool's acquire timeout), not again for each lookup, and all
+/// render without their values.
+pub async fn lookups_without_a_connection_wait_for_one_once() {
+    use wardcall::workflows::team_sql::run_lookups;
+    let db = TestDb::new().await;
+    let acquire = std::time::Duration::from_millis(400);
+    let pool = sqlx::postgres::PgPoolOptions::new().max_connections(1).acquire_timeout(acquire).connect_with(db.options.clone()).await.unwrap();
+    let held = pool.acquire().await.unwrap();
+    let started = std::time::Instant::now();
+    let out = run_lookups(&pool, &["SELECT 'a'", "SELECT 'b'", "SELECT 'c'"], &serde_json::json!({})).await;
+    let took = started.elapsed();
+    assert!(out.iter().all(|o| matches!(o, Err(sqlx::Error::PoolTimedOut))), "{:?}", lookup_outcomes(&out));
+    assert!(took < acquire * 2, "waited for a connection more than once: {took:?}");
+    drop(held);
 }
