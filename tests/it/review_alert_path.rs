@@ -21,11 +21,17 @@ pub fn tests() -> Vec<libtest_mimic::Trial> {
 const QUIET: &str = "[engine]\nsweep_ms = 100\n";
 
 /// Connections of this test's database other than `except_pid` that sit in
-/// a transaction between statements (open or aborted).
+/// a transaction between statements (open or aborted) for 300 ms or more. A
+/// leaked transaction stays for good; the engine's own dispatcher (sweeping
+/// every 100 ms) is between two statements of a live one for microseconds,
+/// which a loaded machine can stretch to milliseconds, never to 300 ms: an
+/// absence is checked over a window, so the check waits for it first.
 async fn idle_in_transaction(db: &TestDb, except_pid: i32) -> Vec<String> {
+    tokio::time::sleep(Duration::from_millis(400)).await;
     sqlx::query_scalar(
         "SELECT state || ': ' || left(query, 80) FROM pg_stat_activity
-          WHERE datname = current_database() AND pid <> $1 AND pid <> pg_backend_pid() AND state LIKE 'idle in transaction%'",
+          WHERE datname = current_database() AND pid <> $1 AND pid <> pg_backend_pid() AND state LIKE 'idle in transaction%'
+            AND state_change < clock_timestamp() - interval '300 milliseconds'",
     )
     .bind(except_pid)
     .fetch_all(&db.pool)
