@@ -139,7 +139,14 @@ pub struct Engine {
     /// What steps, webhooks and the workflows' tasks get of this engine.
     pub services: Services,
     slots: Arc<Semaphore>,
+    /// Wakes the scheduler to claim at once (a run became due: a signal,
+    /// new pending runs, a `wait` whose signal had arrived).
     wake_scheduler: Arc<Notify>,
+    /// A worker slot was freed (a run parked, finished or lost its lease):
+    /// the scheduler claims once enough slots are free ([`CLAIM_COALESCE_WINDOW`]).
+    slot_freed: Notify,
+    /// Counts of the scheduler's claims.
+    claims: ClaimStats,
     wake_dispatcher: Notify,
     call_sweeper: Arc<Notify>,
     shutdown: watch::Sender<bool>,
@@ -173,6 +180,38 @@ pub const GROUP_COMMIT_MAX: usize = 128;
 /// Most runs one claim takes ([`store::claim_due`]), in one statement; a
 /// claim takes at most as many as there are free workers.
 pub const CLAIM_MAX: usize = 256;
+
+/// How long the scheduler, while due runs are waiting for free workers (its
+/// last claim took all it asked for), waits after the first worker frees
+/// for more to free before it claims: claims then take many runs each
+/// instead of one or two (every claim is a statement and a durable commit).
+/// It claims at once when [`claim_coalesce_slots`] workers are free, when
+/// woken for a run that became due (a signal, new pending runs), or when a
+/// critical run is due ([`store::critical_run_due`], asked when the first
+/// worker frees), so that a critical alert is never held back by it
+/// (DESIGN.md invariant 10). Chosen with `wardcall bench timers`
+/// (BENCHMARKS.md, "Issue 9, part 2: timers in bulk").
+pub const CLAIM_COALESCE_WINDOW: Duration = Duration::from_millis(5);
+
+/// Free workers at which the scheduler claims without waiting out
+/// [`CLAIM_COALESCE_WINDOW`]: a quarter of `engine.workers`, at least one,
+/// at most [`CLAIM_MAX`].
+pub fn claim_coalesce_slots(workers: usize) -> usize {
+    (workers / 4).clamp(1, CLAIM_MAX)
+}
+
+/// Counts of an engine's claims of due runs (read with [`Engine::claim_stats`]).
+#[derive(Debug, Default)]
+pub struct ClaimStats {
+    /// Claim statements run ([`store::claim_due`]), empty ones included.
+    pub claims: AtomicU64,
+    /// Runs those claims took.
+    pub runs: AtomicU64,
+    /// Claims that took no run.
+    pub empty: AtomicU64,
+    /// The most runs one claim took.
+    pub largest: AtomicU64,
+}
 
 /// Group commits in flight at once, each on a connection of the pool. While
 /// they are in flight, further transitions queue and form the next batch:
@@ -249,6 +288,8 @@ impl Engine {
             services,
             slots: Arc::new(Semaphore::new(workers)),
             wake_scheduler,
+            slot_freed: Notify::new(),
+            claims: ClaimStats::default(),
             wake_dispatcher: Notify::new(),
             call_sweeper,
             shutdown,
@@ -317,6 +358,12 @@ impl Engine {
     /// transitions, those fenced out, the largest batch).
     pub fn group_commit_stats(&self) -> &GroupCommitStats {
         &self.group.stats
+    }
+
+    /// Counts of this engine's claims of due runs (claims, runs taken, empty
+    /// claims, the largest claim).
+    pub fn claim_stats(&self) -> &ClaimStats {
+        &self.claims
     }
 
     /// Commits a step transition (no [`step::CommitWork`]) together with the
@@ -728,11 +775,7 @@ impl Engine {
         }
         tx.commit().await?;
         for (run, permit) in to_run.into_iter().zip(taken) {
-            let e = self.clone();
-            tokio::spawn(async move {
-                e.execute(run).await;
-                drop(permit);
-            });
+            self.start(run, permit);
         }
         if pending > 0 {
             self.wake_scheduler.notify_one();
@@ -763,6 +806,85 @@ impl Engine {
         Ok(())
     }
 
+    /// Executes `run` on a task of its own, holding the worker slot `permit`
+    /// until the run parks, finishes or loses its lease; then tells the
+    /// scheduler the slot is free.
+    fn start(self: &Arc<Self>, run: ClaimedRun, permit: tokio::sync::OwnedSemaphorePermit) {
+        let e = self.clone();
+        tokio::spawn(async move {
+            e.execute(run).await;
+            drop(permit);
+            e.slot_freed.notify_one();
+        });
+    }
+
+    /// Claims due runs up to the free workers ([`CLAIM_MAX`] at most) and
+    /// starts them. Returns how many it asked for and how many it got.
+    async fn claim_and_start(self: &Arc<Self>, free: usize) -> (usize, usize) {
+        let limit = free.min(CLAIM_MAX);
+        let runs = match store::claim_due(&self.db.pool, &self.engine_id, limit as i64, self.lease_ms()).await {
+            Ok(runs) => runs,
+            Err(e) => {
+                let why = self.db.explain(&e).await;
+                tracing::warn!(error = %why, "claiming due runs failed");
+                return (limit, 0);
+            }
+        };
+        let c = &self.claims;
+        c.claims.fetch_add(1, Ordering::Relaxed);
+        c.runs.fetch_add(runs.len() as u64, Ordering::Relaxed);
+        c.largest.fetch_max(runs.len() as u64, Ordering::Relaxed);
+        if runs.is_empty() {
+            c.empty.fetch_add(1, Ordering::Relaxed);
+        }
+        let got = runs.len();
+        for run in runs {
+            let permit = match self.slots.clone().try_acquire_owned() {
+                Ok(p) => p,
+                Err(_) => self.slots.clone().acquire_owned().await.expect("semaphore never closed"),
+            };
+            self.start(run, permit);
+        }
+        (limit, got)
+    }
+
+    /// While due runs wait for workers: returns when the scheduler should
+    /// claim again, i.e. when [`claim_coalesce_slots`] workers are free, or
+    /// [`CLAIM_COALESCE_WINDOW`] after the first worker freed, or at once when
+    /// woken for a newly due run or when a critical run is due (asked once,
+    /// when the first worker frees), or after `poll` with no worker freed.
+    async fn await_free_workers(&self, poll: Duration, stop: &mut watch::Receiver<bool>) {
+        let enough = claim_coalesce_slots(self.config.engine.workers);
+        if self.slots.available_permits() == 0 {
+            tokio::select! {
+                _ = self.wake_scheduler.notified() => return,
+                _ = self.slot_freed.notified() => {}
+                _ = tokio::time::sleep(poll) => return,
+                _ = stop.changed() => return,
+            }
+        }
+        if self.slots.available_permits() >= enough {
+            return;
+        }
+        // A critical run due now is claimed with the workers free now.
+        match self.db.pool.acquire().await {
+            Ok(mut conn) => match store::critical_run_due(&mut conn).await {
+                Ok(false) => {}
+                _ => return,
+            },
+            Err(_) => return,
+        }
+        let deadline = tokio::time::Instant::now() + CLAIM_COALESCE_WINDOW;
+        while self.slots.available_permits() < enough {
+            tokio::select! {
+                _ = self.wake_scheduler.notified() => return,
+                _ = self.slot_freed.notified() => {}
+                _ = tokio::time::sleep_until(deadline) => return,
+                _ = stop.changed() => return,
+            }
+        }
+    }
+
     async fn scheduler_loop(self: Arc<Self>) {
         let mut stop = self.shutdown.subscribe();
         let poll = Duration::from_millis(self.config.engine.poll_ms);
@@ -772,41 +894,25 @@ impl Engine {
             }
             self.health.beat(&self.health.scheduler_beat);
             let free = self.slots.available_permits();
-            let mut claimed_full = false;
-            if free > 0 {
-                let limit = free.min(CLAIM_MAX) as i64;
-                match store::claim_due(&self.db.pool, &self.engine_id, limit, self.lease_ms()).await {
-                    Ok(runs) => {
-                        claimed_full = runs.len() as i64 == limit;
-                        for run in runs {
-                            let permit = match self.slots.clone().try_acquire_owned() {
-                                Ok(p) => p,
-                                Err(_) => self.slots.clone().acquire_owned().await.expect("semaphore never closed"),
-                            };
-                            let e = self.clone();
-                            tokio::spawn(async move {
-                                e.execute(run).await;
-                                drop(permit);
-                                e.wake_scheduler.notify_one();
-                            });
-                        }
-                    }
-                    Err(e) => {
-                        let why = self.db.explain(&e).await;
-                        tracing::warn!(error = %why, "claiming due runs failed");
-                    }
-                }
-            }
-            if claimed_full {
+            // Due runs are waiting for workers when every worker is busy or
+            // the claim took all it asked for: claim again when enough
+            // workers are free, not for every one that frees.
+            let backlog = free == 0 || {
+                let (asked, got) = self.claim_and_start(free).await;
+                got == asked
+            };
+            if backlog {
+                self.await_free_workers(poll, &mut stop).await;
                 continue;
             }
             let wait = match store::next_due_in_ms(&self.db.pool).await {
-                Ok(Some(ms)) if ms <= 0.0 && free > 0 => Duration::from_millis(1),
-                Ok(Some(ms)) if ms > 0.0 => Duration::from_micros((ms * 1000.0) as u64).min(poll),
+                Ok(Some(ms)) if ms <= 0.0 => Duration::from_millis(1),
+                Ok(Some(ms)) => Duration::from_micros((ms * 1000.0) as u64).min(poll),
                 _ => poll,
             };
             tokio::select! {
                 _ = self.wake_scheduler.notified() => {}
+                _ = self.slot_freed.notified() => {}
                 _ = tokio::time::sleep(wait) => {}
                 _ = stop.changed() => return,
             }
