@@ -177,6 +177,21 @@ pub fn commit_work_places(pool_size: u32) -> usize {
 /// `burst` (BENCHMARKS.md, "Issue 9"): larger batches gained nothing measurable.
 pub const GROUP_COMMIT_MAX: usize = 128;
 
+/// Transitions at which a forming batch is committed at once although
+/// other group commits are in flight (see [`GROUP_COMMIT_WINDOW`]).
+pub const GROUP_COMMIT_MIN: usize = 32;
+
+/// How long a batch of non-critical transitions may wait for more while
+/// other group commits are in flight, before it is committed however
+/// small: a batch is committed at once when no commit is in flight, else
+/// when it holds [`GROUP_COMMIT_MIN`] transitions or after this window.
+/// Without it, the first transitions of a cohort of runs (a claim of many
+/// due timers) each took a flight of their own, and most group commits held
+/// one to three transitions (BENCHMARKS.md, "Issue 9, part 2: timers in
+/// bulk"). A critical run's transition is committed at once by its worker
+/// when a flight is free and nothing is queued ([`Engine::commit_grouped`]).
+pub const GROUP_COMMIT_WINDOW: Duration = Duration::from_millis(2);
+
 /// Most runs one claim takes ([`store::claim_due`]), in one statement; a
 /// claim takes at most as many as there are free workers.
 pub const CLAIM_MAX: usize = 256;
@@ -372,12 +387,15 @@ impl Engine {
     /// `None`: the lease was lost (or the commit failed: the lease lapses and
     /// the step re-runs), nothing was written; `Some(due_now)`: committed.
     ///
-    /// When no batch is forming (nothing queued, a flight free), the worker
-    /// commits its own transition at once, crossing no task: a lone alert
-    /// pays one statement and no hop.
-    async fn commit_grouped(&self, item: store::TransitionCommit) -> Option<bool> {
+    /// When no batch is forming and no commit is in flight (a critical run's
+    /// transition: whenever a flight is free), the worker commits its own
+    /// transition at once, crossing no task: a lone alert pays one statement
+    /// and no hop, and a critical one never waits for a batch to form.
+    /// Otherwise the transition joins the next batch ([`group_committer`]).
+    async fn commit_grouped(&self, item: store::TransitionCommit, critical: bool) -> Option<bool> {
         let g = &self.group;
-        if g.queued.load(Ordering::Acquire) == 0 {
+        let idle = g.flights.available_permits() == GROUP_COMMITS_IN_FLIGHT && g.queued.load(Ordering::Acquire) == 0;
+        if critical || idle {
             if let Ok(_flight) = g.flights.clone().try_acquire_owned() {
                 g.stats.batches.fetch_add(1, Ordering::Relaxed);
                 g.stats.transitions.fetch_add(1, Ordering::Relaxed);
@@ -1104,7 +1122,7 @@ impl Engine {
                 parking: parking.clone(),
                 actor: actor.to_string(),
             };
-            let outcome = self.commit_grouped(item).await;
+            let outcome = self.commit_grouped(item, critical).await;
             *state = Arc::try_unwrap(shared).unwrap_or_else(|still_shared| (*still_shared).clone());
             return Ok(outcome);
         }
@@ -1203,10 +1221,12 @@ async fn when_matches(tx: &mut sqlx::PgConnection, when: &str, ids: &[i64], payl
     }
 }
 
-/// The group committer of one engine: takes the transitions queued so far
-/// (at most [`GROUP_COMMIT_MAX`]) as soon as one of its
-/// [`GROUP_COMMITS_IN_FLIGHT`] commits is free, and commits them in one
-/// statement. Ends when the engine (the queue's sender) is dropped.
+/// The group committer of one engine: forms a batch of the transitions
+/// queued (at most [`GROUP_COMMIT_MAX`]) until no commit is in flight, or it
+/// holds [`GROUP_COMMIT_MIN`], or [`GROUP_COMMIT_WINDOW`] has passed; then,
+/// as soon as one of its [`GROUP_COMMITS_IN_FLIGHT`] commits is free,
+/// commits it in one statement. Ends when the engine (the queue's sender)
+/// is dropped.
 async fn group_committer(
     pool: sqlx::PgPool,
     mut rx: mpsc::UnboundedReceiver<CommitRequest>,
@@ -1217,9 +1237,31 @@ async fn group_committer(
     loop {
         let Some(first) = rx.recv().await else { return };
         // Queued transitions keep the workers off the direct path until
-        // this batch is taken; more may join while a flight frees.
-        let Ok(flight) = flights.clone().acquire_owned().await else { return };
+        // this batch is taken; more join while it forms: until no commit is
+        // in flight, or it holds GROUP_COMMIT_MIN, or GROUP_COMMIT_WINDOW
+        // has passed since its first transition, and then while a flight frees.
+        let formed_by = tokio::time::Instant::now() + GROUP_COMMIT_WINDOW;
         let mut batch = vec![first];
+        let mut open = true;
+        loop {
+            while batch.len() < GROUP_COMMIT_MAX {
+                match rx.try_recv() {
+                    Ok(r) => batch.push(r),
+                    Err(_) => break,
+                }
+            }
+            if !open || batch.len() >= GROUP_COMMIT_MIN || flights.available_permits() == GROUP_COMMITS_IN_FLIGHT {
+                break;
+            }
+            tokio::select! {
+                r = rx.recv() => match r {
+                    Some(r) => batch.push(r),
+                    None => open = false,
+                },
+                _ = tokio::time::sleep_until(formed_by) => break,
+            }
+        }
+        let Ok(flight) = flights.clone().acquire_owned().await else { return };
         while batch.len() < GROUP_COMMIT_MAX {
             match rx.try_recv() {
                 Ok(r) => batch.push(r),
