@@ -419,8 +419,9 @@ async fn reset_statement_counts(options: &BenchOptions) -> anyhow::Result<()> {
 /// but `postgres`, dropped ones included: the counts are kept by database
 /// oid) to its report:
 /// figures `statements` and `statement_ms` (summed execution time), and
-/// notes with the 15 most frequent statements (calls, mean ms, the query's
-/// first 110 characters, as normalised by `pg_stat_statements`).
+/// notes with the 15 most frequent statements of each database (calls,
+/// mean ms, the query's first 110 characters, as normalised by
+/// `pg_stat_statements`).
 async fn add_statement_counts(options: &BenchOptions, report: &mut ScenarioReport) -> anyhow::Result<()> {
     let mut conn = options.server.connect().await?;
     let (calls, ms): (Option<i64>, Option<f64>) = sqlx::query_as(
@@ -431,15 +432,20 @@ async fn add_statement_counts(options: &BenchOptions, report: &mut ScenarioRepor
     .await?;
     report.add("statements", calls.unwrap_or(0) as f64, "count");
     report.add("statement_ms", ms.unwrap_or(0.0), "ms");
-    let top: Vec<(i64, f64, String)> = sqlx::query_as(
-        "SELECT s.calls, s.mean_exec_time, left(regexp_replace(s.query, '\\s+', ' ', 'g'), 110)
-           FROM pg_stat_statements s WHERE s.dbid <> (SELECT oid FROM pg_database WHERE datname = current_database())
-          ORDER BY s.calls DESC, s.total_exec_time DESC LIMIT 15",
+    // Per database (a scenario with several modes, e.g. timers' instant and
+    // spread, has one database each, numbered in the order they were created).
+    let top: Vec<(i64, i64, f64, String)> = sqlx::query_as(
+        "SELECT db, calls, mean_exec_time, query FROM (
+             SELECT dense_rank() OVER (ORDER BY s.dbid) AS db, s.calls, s.mean_exec_time,
+                    left(regexp_replace(s.query, '\\s+', ' ', 'g'), 110) AS query,
+                    row_number() OVER (PARTITION BY s.dbid ORDER BY s.calls DESC, s.total_exec_time DESC) AS rank
+               FROM pg_stat_statements s WHERE s.dbid <> (SELECT oid FROM pg_database WHERE datname = current_database())) t
+          WHERE rank <= 15 ORDER BY db, rank",
     )
     .fetch_all(&mut conn)
     .await?;
-    for (calls, mean_ms, query) in top {
-        report.notes.push(format!("statement: {calls} calls, mean {mean_ms:.3} ms: {query}"));
+    for (db, calls, mean_ms, query) in top {
+        report.notes.push(format!("statement (database {db}): {calls} calls, mean {mean_ms:.3} ms: {query}"));
     }
     Ok(())
 }
@@ -684,18 +690,37 @@ impl Env {
     /// Adds the group-commit counts of every engine (batches, transitions per
     /// batch, the largest batch) to `r`.
     fn add_group_commit_figures(&self, r: &mut ScenarioReport) {
+        self.add_engine_figures(r, "", false);
+    }
+
+    /// Adds the group-commit counts of every engine to `r`, each figure's
+    /// name prefixed with `prefix`, and, when `claims`, the counts of their
+    /// claims of due runs (claims, runs per claim, empty claims, the largest).
+    fn add_engine_figures(&self, r: &mut ScenarioReport, prefix: &str, claims: bool) {
         use std::sync::atomic::Ordering::Relaxed;
         let engines = self.app.iter().map(|a| a.engine.clone()).chain(self.more_engines.iter().map(|(a, _)| a.engine.clone()));
         let (mut batches, mut transitions, mut largest) = (0u64, 0u64, 0u64);
+        let (mut claimed, mut runs, mut empty, mut largest_claim) = (0u64, 0u64, 0u64, 0u64);
         for e in engines {
             let g = e.group_commit_stats();
             batches += g.batches.load(Relaxed);
             transitions += g.transitions.load(Relaxed);
             largest = largest.max(g.largest.load(Relaxed));
+            let c = e.claim_stats();
+            claimed += c.claims.load(Relaxed);
+            runs += c.runs.load(Relaxed);
+            empty += c.empty.load(Relaxed);
+            largest_claim = largest_claim.max(c.largest.load(Relaxed));
         }
-        r.add("group_commits", batches as f64, "count");
-        r.add("transitions_per_group_commit", transitions as f64 / (batches.max(1) as f64), "count");
-        r.add("largest_group_commit", largest as f64, "count");
+        r.add(format!("{prefix}group_commits"), batches as f64, "count");
+        r.add(format!("{prefix}transitions_per_group_commit"), transitions as f64 / (batches.max(1) as f64), "count");
+        r.add(format!("{prefix}largest_group_commit"), largest as f64, "count");
+        if claims {
+            r.add(format!("{prefix}claims"), claimed as f64, "count");
+            r.add(format!("{prefix}runs_per_claim"), runs as f64 / (claimed.max(1) as f64), "count");
+            r.add(format!("{prefix}empty_claims"), empty as f64, "count");
+            r.add(format!("{prefix}largest_claim"), largest_claim as f64, "count");
+        }
     }
 
     fn emulator(&self) -> &EmulatorHandle {
@@ -1287,6 +1312,9 @@ async fn timers(options: &BenchOptions, sizes: &Sizes) -> anyhow::Result<Scenari
             }
             .await
         };
+        if result.is_ok() {
+            env.add_engine_figures(&mut r, &format!("{mode}_"), true);
+        }
         let figures = env.finish(result).await?;
         let (in_time, (count, p50, p99, max, min, span, step_p50, step_p99)) = figures;
         let nan = f64::NAN;

@@ -139,7 +139,14 @@ pub struct Engine {
     /// What steps, webhooks and the workflows' tasks get of this engine.
     pub services: Services,
     slots: Arc<Semaphore>,
+    /// Wakes the scheduler to claim at once (a run became due: a signal,
+    /// new pending runs, a `wait` whose signal had arrived).
     wake_scheduler: Arc<Notify>,
+    /// A worker slot was freed (a run parked, finished or lost its lease):
+    /// the scheduler claims once enough slots are free ([`CLAIM_COALESCE_WINDOW`]).
+    slot_freed: Notify,
+    /// Counts of the scheduler's claims.
+    claims: ClaimStats,
     wake_dispatcher: Notify,
     call_sweeper: Arc<Notify>,
     shutdown: watch::Sender<bool>,
@@ -170,9 +177,56 @@ pub fn commit_work_places(pool_size: u32) -> usize {
 /// `burst` (BENCHMARKS.md, "Issue 9"): larger batches gained nothing measurable.
 pub const GROUP_COMMIT_MAX: usize = 128;
 
+/// Transitions at which a forming batch is committed at once although
+/// other group commits are in flight (see [`GROUP_COMMIT_WINDOW`]).
+pub const GROUP_COMMIT_MIN: usize = 32;
+
+/// How long a batch of non-critical transitions may wait for more while
+/// other group commits are in flight, before it is committed however
+/// small: a batch is committed at once when no commit is in flight, else
+/// when it holds [`GROUP_COMMIT_MIN`] transitions or after this window.
+/// Without it, the first transitions of a cohort of runs (a claim of many
+/// due timers) each took a flight of their own, and most group commits held
+/// one to three transitions (BENCHMARKS.md, "Issue 9, part 2: timers in
+/// bulk"). A critical run's transition is committed at once by its worker
+/// when a flight is free and nothing is queued ([`Engine::commit_grouped`]).
+pub const GROUP_COMMIT_WINDOW: Duration = Duration::from_millis(2);
+
 /// Most runs one claim takes ([`store::claim_due`]), in one statement; a
 /// claim takes at most as many as there are free workers.
 pub const CLAIM_MAX: usize = 256;
+
+/// How long the scheduler, while due runs are waiting for free workers (its
+/// last claim took all it asked for), waits after the first worker frees
+/// for more to free before it claims: claims then take many runs each
+/// instead of one or two (every claim is a statement and a durable commit).
+/// It claims at once when [`claim_coalesce_slots`] workers are free, when
+/// woken for a run that became due (a signal, new pending runs), or when a
+/// critical run is due ([`store::critical_run_due`], asked when the first
+/// worker frees), so that a critical alert is never held back by it
+/// (DESIGN.md invariant 10). Chosen with `wardcall bench timers`
+/// (BENCHMARKS.md, "Issue 9, part 2: timers in bulk").
+pub const CLAIM_COALESCE_WINDOW: Duration = Duration::from_millis(5);
+
+/// Free workers at which the scheduler claims without waiting out
+/// [`CLAIM_COALESCE_WINDOW`]: a quarter of `engine.workers`, at least one,
+/// at most [`CLAIM_MAX`].
+pub fn claim_coalesce_slots(workers: usize) -> usize {
+    (workers / 4).clamp(1, CLAIM_MAX)
+}
+
+/// Counts of an engine's claims of due runs (read with [`Engine::claim_stats`]).
+#[derive(Debug, Default)]
+pub struct ClaimStats {
+    /// Claim statements run ([`store::claim_due`]), empty ones included.
+    pub claims: AtomicU64,
+    /// Runs those claims took.
+    pub runs: AtomicU64,
+    /// Claims that took no run.
+    pub empty: AtomicU64,
+    /// The most runs one claim took.
+    pub largest: AtomicU64,
+}
 
 /// Group commits in flight at once, each on a connection of the pool. While
 /// they are in flight, further transitions queue and form the next batch:
@@ -249,6 +303,8 @@ impl Engine {
             services,
             slots: Arc::new(Semaphore::new(workers)),
             wake_scheduler,
+            slot_freed: Notify::new(),
+            claims: ClaimStats::default(),
             wake_dispatcher: Notify::new(),
             call_sweeper,
             shutdown,
@@ -319,18 +375,27 @@ impl Engine {
         &self.group.stats
     }
 
+    /// Counts of this engine's claims of due runs (claims, runs taken, empty
+    /// claims, the largest claim).
+    pub fn claim_stats(&self) -> &ClaimStats {
+        &self.claims
+    }
+
     /// Commits a step transition (no [`step::CommitWork`]) together with the
     /// transitions other workers of this engine hand in meanwhile, in one
     /// statement with per-run fencing ([`store::commit_transitions`]).
     /// `None`: the lease was lost (or the commit failed: the lease lapses and
     /// the step re-runs), nothing was written; `Some(due_now)`: committed.
     ///
-    /// When no batch is forming (nothing queued, a flight free), the worker
-    /// commits its own transition at once, crossing no task: a lone alert
-    /// pays one statement and no hop.
-    async fn commit_grouped(&self, item: store::TransitionCommit) -> Option<bool> {
+    /// When no batch is forming and no commit is in flight (a critical run's
+    /// transition: whenever a flight is free), the worker commits its own
+    /// transition at once, crossing no task: a lone alert pays one statement
+    /// and no hop, and a critical one never waits for a batch to form.
+    /// Otherwise the transition joins the next batch ([`group_committer`]).
+    async fn commit_grouped(&self, item: store::TransitionCommit, critical: bool) -> Option<bool> {
         let g = &self.group;
-        if g.queued.load(Ordering::Acquire) == 0 {
+        let idle = g.flights.available_permits() == GROUP_COMMITS_IN_FLIGHT && g.queued.load(Ordering::Acquire) == 0;
+        if critical || idle {
             if let Ok(_flight) = g.flights.clone().try_acquire_owned() {
                 g.stats.batches.fetch_add(1, Ordering::Relaxed);
                 g.stats.transitions.fetch_add(1, Ordering::Relaxed);
@@ -742,11 +807,7 @@ impl Engine {
         }
         tx.commit().await?;
         for (run, permit) in to_run.into_iter().zip(taken) {
-            let e = self.clone();
-            tokio::spawn(async move {
-                e.execute(run).await;
-                drop(permit);
-            });
+            self.start(run, permit);
         }
         if pending > 0 {
             self.wake_scheduler.notify_one();
@@ -777,6 +838,85 @@ impl Engine {
         Ok(())
     }
 
+    /// Executes `run` on a task of its own, holding the worker slot `permit`
+    /// until the run parks, finishes or loses its lease; then tells the
+    /// scheduler the slot is free.
+    fn start(self: &Arc<Self>, run: ClaimedRun, permit: tokio::sync::OwnedSemaphorePermit) {
+        let e = self.clone();
+        tokio::spawn(async move {
+            e.execute(run).await;
+            drop(permit);
+            e.slot_freed.notify_one();
+        });
+    }
+
+    /// Claims due runs up to the free workers ([`CLAIM_MAX`] at most) and
+    /// starts them. Returns how many it asked for and how many it got.
+    async fn claim_and_start(self: &Arc<Self>, free: usize) -> (usize, usize) {
+        let limit = free.min(CLAIM_MAX);
+        let runs = match store::claim_due(&self.db.pool, &self.engine_id, limit as i64, self.lease_ms()).await {
+            Ok(runs) => runs,
+            Err(e) => {
+                let why = self.db.explain(&e).await;
+                tracing::warn!(error = %why, "claiming due runs failed");
+                return (limit, 0);
+            }
+        };
+        let c = &self.claims;
+        c.claims.fetch_add(1, Ordering::Relaxed);
+        c.runs.fetch_add(runs.len() as u64, Ordering::Relaxed);
+        c.largest.fetch_max(runs.len() as u64, Ordering::Relaxed);
+        if runs.is_empty() {
+            c.empty.fetch_add(1, Ordering::Relaxed);
+        }
+        let got = runs.len();
+        for run in runs {
+            let permit = match self.slots.clone().try_acquire_owned() {
+                Ok(p) => p,
+                Err(_) => self.slots.clone().acquire_owned().await.expect("semaphore never closed"),
+            };
+            self.start(run, permit);
+        }
+        (limit, got)
+    }
+
+    /// While due runs wait for workers: returns when the scheduler should
+    /// claim again, i.e. when [`claim_coalesce_slots`] workers are free, or
+    /// [`CLAIM_COALESCE_WINDOW`] after the first worker freed, or at once when
+    /// woken for a newly due run or when a critical run is due (asked once,
+    /// when the first worker frees), or after `poll` with no worker freed.
+    async fn await_free_workers(&self, poll: Duration, stop: &mut watch::Receiver<bool>) {
+        let enough = claim_coalesce_slots(self.config.engine.workers);
+        if self.slots.available_permits() == 0 {
+            tokio::select! {
+                _ = self.wake_scheduler.notified() => return,
+                _ = self.slot_freed.notified() => {}
+                _ = tokio::time::sleep(poll) => return,
+                _ = stop.changed() => return,
+            }
+        }
+        if self.slots.available_permits() >= enough {
+            return;
+        }
+        // A critical run due now is claimed with the workers free now.
+        match self.db.pool.acquire().await {
+            Ok(mut conn) => match store::critical_run_due(&mut conn).await {
+                Ok(false) => {}
+                _ => return,
+            },
+            Err(_) => return,
+        }
+        let deadline = tokio::time::Instant::now() + CLAIM_COALESCE_WINDOW;
+        while self.slots.available_permits() < enough {
+            tokio::select! {
+                _ = self.wake_scheduler.notified() => return,
+                _ = self.slot_freed.notified() => {}
+                _ = tokio::time::sleep_until(deadline) => return,
+                _ = stop.changed() => return,
+            }
+        }
+    }
+
     async fn scheduler_loop(self: Arc<Self>) {
         let mut stop = self.shutdown.subscribe();
         let poll = Duration::from_millis(self.config.engine.poll_ms);
@@ -786,41 +926,25 @@ impl Engine {
             }
             self.health.beat(&self.health.scheduler_beat);
             let free = self.slots.available_permits();
-            let mut claimed_full = false;
-            if free > 0 {
-                let limit = free.min(CLAIM_MAX) as i64;
-                match store::claim_due(&self.db.pool, &self.engine_id, limit, self.lease_ms()).await {
-                    Ok(runs) => {
-                        claimed_full = runs.len() as i64 == limit;
-                        for run in runs {
-                            let permit = match self.slots.clone().try_acquire_owned() {
-                                Ok(p) => p,
-                                Err(_) => self.slots.clone().acquire_owned().await.expect("semaphore never closed"),
-                            };
-                            let e = self.clone();
-                            tokio::spawn(async move {
-                                e.execute(run).await;
-                                drop(permit);
-                                e.wake_scheduler.notify_one();
-                            });
-                        }
-                    }
-                    Err(e) => {
-                        let why = self.db.explain(&e).await;
-                        tracing::warn!(error = %why, "claiming due runs failed");
-                    }
-                }
-            }
-            if claimed_full {
+            // Due runs are waiting for workers when every worker is busy or
+            // the claim took all it asked for: claim again when enough
+            // workers are free, not for every one that frees.
+            let backlog = free == 0 || {
+                let (asked, got) = self.claim_and_start(free).await;
+                got == asked
+            };
+            if backlog {
+                self.await_free_workers(poll, &mut stop).await;
                 continue;
             }
             let wait = match store::next_due_in_ms(&self.db.pool).await {
-                Ok(Some(ms)) if ms <= 0.0 && free > 0 => Duration::from_millis(1),
-                Ok(Some(ms)) if ms > 0.0 => Duration::from_micros((ms * 1000.0) as u64).min(poll),
+                Ok(Some(ms)) if ms <= 0.0 => Duration::from_millis(1),
+                Ok(Some(ms)) => Duration::from_micros((ms * 1000.0) as u64).min(poll),
                 _ => poll,
             };
             tokio::select! {
                 _ = self.wake_scheduler.notified() => {}
+                _ = self.slot_freed.notified() => {}
                 _ = tokio::time::sleep(wait) => {}
                 _ = stop.changed() => return,
             }
@@ -1012,7 +1136,7 @@ impl Engine {
                 parking: parking.clone(),
                 actor: actor.to_string(),
             };
-            let outcome = self.commit_grouped(item).await;
+            let outcome = self.commit_grouped(item, critical).await;
             *state = Arc::try_unwrap(shared).unwrap_or_else(|still_shared| (*still_shared).clone());
             return Ok(outcome);
         }
@@ -1128,10 +1252,12 @@ async fn when_matches(tx: &mut sqlx::PgConnection, when: &str, ids: &[i64], payl
     }
 }
 
-/// The group committer of one engine: takes the transitions queued so far
-/// (at most [`GROUP_COMMIT_MAX`]) as soon as one of its
-/// [`GROUP_COMMITS_IN_FLIGHT`] commits is free, and commits them in one
-/// statement. Ends when the engine (the queue's sender) is dropped.
+/// The group committer of one engine: forms a batch of the transitions
+/// queued (at most [`GROUP_COMMIT_MAX`]) until no commit is in flight, or it
+/// holds [`GROUP_COMMIT_MIN`], or [`GROUP_COMMIT_WINDOW`] has passed; then,
+/// as soon as one of its [`GROUP_COMMITS_IN_FLIGHT`] commits is free,
+/// commits it in one statement. Ends when the engine (the queue's sender)
+/// is dropped.
 async fn group_committer(
     pool: sqlx::PgPool,
     mut rx: mpsc::UnboundedReceiver<CommitRequest>,
@@ -1142,9 +1268,31 @@ async fn group_committer(
     loop {
         let Some(first) = rx.recv().await else { return };
         // Queued transitions keep the workers off the direct path until
-        // this batch is taken; more may join while a flight frees.
-        let Ok(flight) = flights.clone().acquire_owned().await else { return };
+        // this batch is taken; more join while it forms: until no commit is
+        // in flight, or it holds GROUP_COMMIT_MIN, or GROUP_COMMIT_WINDOW
+        // has passed since its first transition, and then while a flight frees.
+        let formed_by = tokio::time::Instant::now() + GROUP_COMMIT_WINDOW;
         let mut batch = vec![first];
+        let mut open = true;
+        loop {
+            while batch.len() < GROUP_COMMIT_MAX {
+                match rx.try_recv() {
+                    Ok(r) => batch.push(r),
+                    Err(_) => break,
+                }
+            }
+            if !open || batch.len() >= GROUP_COMMIT_MIN || flights.available_permits() == GROUP_COMMITS_IN_FLIGHT {
+                break;
+            }
+            tokio::select! {
+                r = rx.recv() => match r {
+                    Some(r) => batch.push(r),
+                    None => open = false,
+                },
+                _ = tokio::time::sleep_until(formed_by) => break,
+            }
+        }
+        let Ok(flight) = flights.clone().acquire_owned().await else { return };
         while batch.len() < GROUP_COMMIT_MAX {
             match rx.try_recv() {
                 Ok(r) => batch.push(r),

@@ -2,7 +2,9 @@
 //! whose lease was lost in a batch does not commit, the others do), a batch is
 //! atomic (a crash in the middle writes none of its runs), critical work is not
 //! held behind a batch of other work, and two engines at burst size still run
-//! each step once.
+//! each step once. Many due timers are claimed in few claims (the scheduler
+//! waits for several workers to free), yet a critical run due meanwhile is
+//! claimed as soon as one worker frees.
 
 use crate::harness::*;
 use serde_json::{json, Value};
@@ -23,6 +25,8 @@ pub fn tests() -> Vec<libtest_mimic::Trial> {
         batching::engine_batch_with_a_lost_lease,
         batching::critical_alert_is_not_held_behind_a_batch,
         batching::two_engines_at_burst_size_run_each_step_once,
+        batching::due_timers_are_claimed_in_few_claims,
+        batching::critical_run_is_claimed_at_once_during_a_timer_flood,
     ]
 }
 
@@ -350,4 +354,113 @@ pub async fn two_engines_at_burst_size_run_each_step_once() {
     );
     a.stop(Duration::from_secs(2)).await;
     b.stop(Duration::from_secs(2)).await;
+}
+
+/// Inserts `n` script runs parked as a `sleep_until` step leaves them (status
+/// `sleeping`, due now), each running `steps` when woken; `critical` as the
+/// dispatcher would set it for a workflow that pages people.
+async fn due_timers(db: &TestDb, n: i64, steps: &str, critical: bool) {
+    sqlx::query(&format!(
+        "INSERT INTO wardcall.runs (workflow, event, input, step, status, due_at, critical)
+         SELECT 'script', 'timer', jsonb_build_object('steps', {steps}), 'op:0', 'sleeping', now(), $2 FROM generate_series(1, $1) g"
+    ))
+    .bind(n)
+    .bind(critical)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+}
+
+/// Claim statements that claimed runs, counted in the audit log: the
+/// `run.claimed` rows of one claim share its transaction id.
+async fn claim_transactions(db: &TestDb) -> i64 {
+    db.scalar_i64("SELECT count(DISTINCT xmin::text) FROM wardcall.audit_log WHERE action = 'run.claimed'").await
+}
+
+/// 640 timers due at one instant on an engine of 32 workers, each holding
+/// its worker 10 to 100 ms (so that workers free one by one): the scheduler
+/// claims when a quarter of its workers are free (or a few milliseconds
+/// after the first frees), not for every worker that frees, so the timers
+/// take few claims (before: one to two runs per claim).
+pub async fn due_timers_are_claimed_in_few_claims() {
+    const TIMERS: i64 = 640;
+    let db = TestDb::new().await;
+    db.exec(TASKS_TABLE).await;
+    let app = start_app(&db, config(&script_config(32))).await;
+    due_timers(&db, TIMERS, "jsonb_build_array(jsonb_build_object('op', 'work', 'ms', 10 + (g * 37) % 91), jsonb_build_object('op', 'step'))", false).await;
+    await_true(
+        &db,
+        "every timer to complete",
+        Duration::from_secs(60),
+        &format!("SELECT count(*) = {TIMERS} FROM wardcall.runs WHERE event = 'timer' AND status = 'completed'"),
+    )
+    .await;
+    let claims = claim_transactions(&db).await;
+    let stats = app.engine.claim_stats();
+    let (counted, runs) = (stats.claims.load(Ordering::Relaxed), stats.runs.load(Ordering::Relaxed));
+    let (empty, largest) = (stats.empty.load(Ordering::Relaxed), stats.largest.load(Ordering::Relaxed));
+    eprintln!("{TIMERS} timers: {claims} claims in the audit log; engine: {counted} claims ({empty} empty) of {runs} runs, largest {largest}");
+    assert_eq!(runs as i64, TIMERS, "each timer claimed once");
+    assert_eq!(counted - empty, claims as u64, "the engine's count of claims that took runs matches the audit log");
+    assert!(claims * 4 <= TIMERS, "{claims} claims for {TIMERS} timers: fewer than 4 runs per claim");
+    app.stop(Duration::from_secs(2)).await;
+}
+
+/// A critical run falls due while the 8 workers are busy with a flood of
+/// non-critical timers that free them one by one, every 100 ms: it is
+/// claimed as soon as the first worker frees (the scheduler asks whether a
+/// critical run is due instead of waiting for more workers), before any
+/// timer of the flood claimed after it fell due.
+pub async fn critical_run_is_claimed_at_once_during_a_timer_flood() {
+    const FLOOD: i64 = 64;
+    let db = TestDb::new().await;
+    db.exec(TASKS_TABLE).await;
+    let app = start_app(&db, config(&script_config(8))).await;
+    due_timers(&db, FLOOD, "jsonb_build_array(jsonb_build_object('op', 'work', 'ms', 200 + (g % 8) * 100), jsonb_build_object('op', 'step'))", false).await;
+    await_true(
+        &db,
+        "the flood to take every worker",
+        Duration::from_secs(10),
+        "SELECT count(*) = 8 FROM wardcall.runs WHERE event = 'timer' AND status = 'running'",
+    )
+    .await;
+    // Just after a claim: the next worker frees in about 100 ms.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    sqlx::query(
+        "INSERT INTO wardcall.runs (workflow, event, input, step, status, due_at, critical)
+         VALUES ('script', 'critical-timer', '{\"steps\": [{\"op\": \"step\"}]}', 'op:0', 'sleeping', now(), true)",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    await_true(
+        &db,
+        "the critical run to complete",
+        Duration::from_secs(20),
+        "SELECT count(*) = 1 FROM wardcall.runs WHERE event = 'critical-timer' AND status = 'completed'",
+    )
+    .await;
+    // After the first worker that freed once the critical run was due.
+    let (after_free_ms, flood_first): (f64, i64) = sqlx::query_as(
+        "WITH c AS (SELECT r.created_at AS due, a.at AS claimed, a.xmin::text AS claim
+                      FROM wardcall.runs r JOIN wardcall.audit_log a ON a.entity_id = r.id::text AND a.action = 'run.claimed'
+                     WHERE r.event = 'critical-timer'),
+              freed AS (SELECT min(a.at) AS at FROM wardcall.audit_log a JOIN wardcall.runs r ON a.entity_id = r.id::text, c
+                         WHERE r.event = 'timer' AND a.action = 'run.completed' AND a.at > c.due)
+         SELECT (extract(epoch FROM c.claimed - freed.at) * 1000)::float8,
+                (SELECT count(*) FROM wardcall.audit_log a JOIN wardcall.runs r ON a.entity_id = r.id::text
+                  WHERE r.event = 'timer' AND a.action = 'run.claimed' AND a.at > c.due AND a.at < c.claimed AND a.xmin::text <> c.claim)
+           FROM c, freed",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    let left = db.scalar_i64("SELECT count(*) FROM wardcall.runs WHERE event = 'timer' AND status <> 'completed'").await;
+    eprintln!(
+        "critical run claimed {after_free_ms:.1} ms after the first worker freed; flood timers claimed before it: {flood_first}; flood left: {left} of {FLOOD}"
+    );
+    assert_eq!(flood_first, 0, "flood timers were claimed before the critical run");
+    assert!(after_free_ms < 60.0, "the critical run was claimed {after_free_ms:.1} ms after a worker freed (the next frees about 100 ms later)");
+    assert!(left > FLOOD / 2, "the flood was nearly over ({left} left): the test did not test a busy engine");
+    app.stop(Duration::from_secs(2)).await;
 }
