@@ -23,6 +23,7 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     (9, "outbound_http", include_str!("../../migrations/0009_outbound_http.sql")),
     (10, "dead_letter_step", include_str!("../../migrations/0010_dead_letter_step.sql")),
     (11, "function_plans", include_str!("../../migrations/0011_function_plans.sql")),
+    (12, "runs_fillfactor", include_str!("../../migrations/0012_runs_fillfactor.sql")),
 ];
 
 /// Applies the migrations not yet applied; returns how many it applied.

@@ -27,6 +27,7 @@ pub fn tests() -> Vec<libtest_mimic::Trial> {
         batching::two_engines_at_burst_size_run_each_step_once,
         batching::due_timers_are_claimed_in_few_claims,
         batching::critical_run_is_claimed_at_once_during_a_timer_flood,
+        batching::group_commit_finds_its_runs_by_primary_key,
     ]
 }
 
@@ -463,4 +464,56 @@ pub async fn critical_run_is_claimed_at_once_during_a_timer_flood() {
     assert!(after_free_ms < 60.0, "the critical run was claimed {after_free_ms:.1} ms after a worker freed (the next frees about 100 ms later)");
     assert!(left > FLOOD / 2, "the flood was nearly over ({left} left): the test did not test a busy engine");
     app.stop(Duration::from_secs(2)).await;
+}
+
+/// The group commit's plan finds the batch's runs by primary key whatever the
+/// statistics say. Here they were taken while 5,000 runs slept (so "running"
+/// looks rare), then all 5,000 were claimed: a plan through `runs_status`
+/// would read every running run to find the 30 of the batch. Checked with and
+/// without `SKIP LOCKED`, for a custom plan (the values known) and a generic one.
+pub async fn group_commit_finds_its_runs_by_primary_key() {
+    let db = TestDb::new().await;
+    sqlx::query(
+        "INSERT INTO wardcall.runs (workflow, event, input, step, status, due_at)
+         SELECT 'script', 'test', '{}', 'start', 'sleeping', now() - interval '1 minute' FROM generate_series(1, 5000)",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    db.exec("ANALYZE wardcall.runs").await;
+    let claimed = store::claim_due(&db.pool, "test", 5000, 600_000).await.unwrap();
+    assert_eq!(claimed.len(), 5000);
+    let batch = &claimed[..30];
+    let ids: Vec<Uuid> = batch.iter().map(|r| r.id).collect();
+    let tokens: Vec<i64> = batch.iter().map(|r| r.fencing_token).collect();
+    let text = |v: &str| vec![v.to_string(); batch.len()];
+    let none_text: Vec<Option<String>> = vec![None; batch.len()];
+    let jsonb: Vec<Value> = vec![json!({}); batch.len()];
+    let mut conn = db.pool.acquire().await.unwrap();
+    for mode in ["auto", "force_generic_plan"] {
+        sqlx::query(&format!("SET plan_cache_mode = {mode}")).execute(&mut *conn).await.unwrap();
+        for skip_locked in [false, true] {
+            let sql = format!("EXPLAIN (FORMAT JSON) {}", store::group_commit_statement(skip_locked));
+            let plan: Value = sqlx::query_scalar(&sql)
+                .bind(&ids)
+                .bind(&tokens)
+                .bind(&jsonb)
+                .bind(text("op:1"))
+                .bind(text("continue"))
+                .bind(vec![None::<i64>; batch.len()])
+                .bind(vec![0i64; batch.len()])
+                .bind(&none_text)
+                .bind(&none_text)
+                .bind(text("run.step_completed"))
+                .bind(text("running"))
+                .bind(&jsonb)
+                .bind(text("engine:test"))
+                .fetch_one(&mut *conn)
+                .await
+                .unwrap();
+            let plan = plan.to_string();
+            assert!(!plan.contains("runs_status"), "{mode}, skip_locked {skip_locked}: the plan reads runs_status: {plan}");
+            assert!(plan.contains("runs_pkey"), "{mode}, skip_locked {skip_locked}: the plan does not use the primary key: {plan}");
+        }
+    }
 }

@@ -1,0 +1,12 @@
+-- Issue 9: room on every page of wardcall.runs for heap-only tuple (HOT)
+-- updates (PostgreSQL 15 manual, "CREATE TABLE … fillfactor" and
+-- src/backend/access/heap/README.HOT).
+--
+-- A step that goes on (`continue`) rewrites its run's state, step and
+-- updated_at, but no indexed column. With full pages (the default
+-- fillfactor 100) the new version lands on another page and every index of
+-- the table gets an entry for it: five index insertions per step, and index
+-- scans (the claim's, the group commit's) wading through the dead entries.
+-- With a fifth of each page kept free the new version stays on its page and
+-- no index changes. Existing pages keep their layout until they are rewritten.
+ALTER TABLE wardcall.runs SET (fillfactor = 80);
