@@ -177,6 +177,11 @@ pub struct BenchArgs {
     /// and timers (1..=1024; default: `engine.workers`'s default).
     #[arg(long, default_value_t = crate::config::DEFAULT_WORKERS)]
     pub workers: usize,
+    /// Each engine's `engine.pool_size` (PostgreSQL connections; within the
+    /// range the config accepts); default: `engine.pool_size`'s default.
+    /// BENCHMARKS.md, "Issue 9, fourth session", compares 8 with 20.
+    #[arg(long)]
+    pub pool_size: Option<u32>,
     /// Counts the statements each scenario ran with `pg_stat_statements`
     /// (preloaded in the benchmark cluster, which is restarted for it; every
     /// statement, nested ones included): totals per scenario, transactions,
@@ -242,6 +247,8 @@ pub struct BenchOptions {
     pub database_prefix: String,
     /// Drop each database when its scenario ends.
     pub drop_databases: bool,
+    /// Each engine's `engine.pool_size`; `None`: its default.
+    pub pool_size: Option<u32>,
 }
 
 /// One measured figure.
@@ -334,7 +341,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         cluster.stop().await.context("restarting the benchmark cluster for pg_stat_statements")?;
         cluster = EmbeddedCluster::start(&args.data_dir).await.context("restarting the benchmark cluster for pg_stat_statements")?;
     }
-    let options = BenchOptions { server: cluster.connect_options("postgres"), database_prefix: "wardcall_bench".into(), drop_databases: args.drop };
+    let options = BenchOptions {
+        server: cluster.connect_options("postgres"),
+        database_prefix: "wardcall_bench".into(),
+        drop_databases: args.drop,
+        pool_size: args.pool_size,
+    };
     let result = async {
         let mut machine = machine(&options.server).await?;
         println!(
@@ -636,6 +648,9 @@ impl Env {
         }
         config.http.listen = "127.0.0.1:0".into();
         config.engine.workers = workers;
+        if let Some(n) = options.pool_size {
+            config.engine.pool_size = n;
+        }
         config.workflows.push(Workflow { max_attempts: 3, retry_base_ms: 200, retry_max_ms: 1000, ..Workflow::script(SCRIPT_WORKFLOW, SCRIPT_EVENT) });
         config.validate("examples/hospital/wardcall.toml (bench)")?;
         let pool_size = config.engine.pool_size;

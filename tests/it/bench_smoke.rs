@@ -21,7 +21,12 @@ pub fn tests() -> Vec<libtest_mimic::Trial> {
 }
 
 fn options() -> BenchOptions {
-    BenchOptions { server: crate::harness::init().admin.clone(), database_prefix: format!("wardcall_it_bench_{}", std::process::id()), drop_databases: true }
+    BenchOptions {
+        server: crate::harness::init().admin.clone(),
+        database_prefix: format!("wardcall_it_bench_{}", std::process::id()),
+        drop_databases: true,
+        pool_size: None,
+    }
 }
 
 async fn smoke(scenario: Scenario, sizes: Sizes) -> ScenarioReport {
