@@ -674,7 +674,9 @@ async fn commit_batch(pool: &PgPool, batch: &[TransitionCommit], skip_locked: bo
 ///
 /// The batch's runs are found by primary key (`r.id = ANY($1)`), never through
 /// their status: `r.status = i.held` compares with a column of the
-/// materialized input, which the planner cannot turn into an index condition.
+/// materialized input (`MATERIALIZED`: inlined, `held` would fold back into
+/// the constant), a join clause that cannot become a restriction on
+/// `runs_status` (the unique primary key wins the join).
 /// Written as `r.status = 'running'`, the planner's estimate of running rows
 /// (often "about one", from statistics taken while few ran) made it scan every
 /// running run's entry in `runs_status` and filter by id: 13 ms instead of

@@ -470,7 +470,9 @@ pub async fn critical_run_is_claimed_at_once_during_a_timer_flood() {
 /// statistics say. Here they were taken while 5,000 runs slept (so "running"
 /// looks rare), then all 5,000 were claimed: a plan through `runs_status`
 /// would read every running run to find the 30 of the batch. Checked with and
-/// without `SKIP LOCKED`, for a custom plan (the values known) and a generic one.
+/// without `SKIP LOCKED`, for a custom plan (the values known) and a generic one
+/// (PREPAREd and EXECUTEd under `force_generic_plan`). And the status still
+/// fences: a run whose token matches but which no longer runs is not written.
 pub async fn group_commit_finds_its_runs_by_primary_key() {
     let db = TestDb::new().await;
     sqlx::query(
@@ -490,9 +492,44 @@ pub async fn group_commit_finds_its_runs_by_primary_key() {
     let none_text: Vec<Option<String>> = vec![None; batch.len()];
     let jsonb: Vec<Value> = vec![json!({}); batch.len()];
     let mut conn = db.pool.acquire().await.unwrap();
-    for mode in ["auto", "force_generic_plan"] {
-        sqlx::query(&format!("SET plan_cache_mode = {mode}")).execute(&mut *conn).await.unwrap();
+    // A custom plan: EXPLAIN with the values bound. A generic one: the
+    // statement PREPAREd, then EXECUTEd under force_generic_plan.
+    sqlx::query("SET plan_cache_mode = force_generic_plan").execute(&mut *conn).await.unwrap();
+    for (name, skip_locked) in [("group_commit", false), ("group_commit_skip_locked", true)] {
+        let types = "uuid[], bigint[], jsonb[], text[], text[], bigint[], bigint[], text[], text[], text[], text[], jsonb[], text[]";
+        sqlx::raw_sql(&format!("PREPARE {name} ({types}) AS {}", store::group_commit_statement(skip_locked))).execute(&mut *conn).await.unwrap();
+    }
+    for mode in ["custom", "generic"] {
         for skip_locked in [false, true] {
+            if mode == "generic" {
+                // EXECUTE takes no bound parameters: the batch as literals (ids and tokens are ours).
+                let n = batch.len();
+                let ids = ids.iter().map(Uuid::to_string).collect::<Vec<_>>().join(",");
+                let tokens = tokens.iter().map(i64::to_string).collect::<Vec<_>>().join(",");
+                let fill = |v: &str, t: &str| format!("array_fill({v}::{t}, ARRAY[{n}])");
+                let args = [
+                    format!("'{{{ids}}}'"),
+                    format!("'{{{tokens}}}'"),
+                    fill("'{}'", "jsonb"),
+                    fill("'op:1'", "text"),
+                    fill("'continue'", "text"),
+                    fill("NULL", "bigint"),
+                    fill("0", "bigint"),
+                    fill("NULL", "text"),
+                    fill("NULL", "text"),
+                    fill("'run.step_completed'", "text"),
+                    fill("'running'", "text"),
+                    fill("'{}'", "jsonb"),
+                    fill("'engine:test'", "text"),
+                ]
+                .join(", ");
+                let name = if skip_locked { "group_commit_skip_locked" } else { "group_commit" };
+                let plan: Value = sqlx::query_scalar(&format!("EXPLAIN (FORMAT JSON) EXECUTE {name}({args})")).fetch_one(&mut *conn).await.unwrap();
+                let plan = plan.to_string();
+                assert!(!plan.contains("runs_status"), "{mode}, skip_locked {skip_locked}: the plan reads runs_status: {plan}");
+                assert!(plan.contains("runs_pkey"), "{mode}, skip_locked {skip_locked}: the plan does not use the primary key: {plan}");
+                continue;
+            }
             let sql = format!("EXPLAIN (FORMAT JSON) {}", store::group_commit_statement(skip_locked));
             let plan: Value = sqlx::query_scalar(&sql)
                 .bind(&ids)
@@ -516,4 +553,28 @@ pub async fn group_commit_finds_its_runs_by_primary_key() {
             assert!(plan.contains("runs_pkey"), "{mode}, skip_locked {skip_locked}: the plan does not use the primary key: {plan}");
         }
     }
+    drop(conn);
+    // The status is still part of the fence: a run whose token matches but
+    // which is no longer running is neither written nor audited.
+    let stopped = batch[1].id;
+    sqlx::query("UPDATE wardcall.runs SET status = 'sleeping' WHERE id = $1").bind(stopped).execute(&db.pool).await.unwrap();
+    let commits: Vec<TransitionCommit> = batch[..3].iter().map(|r| transition(r, Parking::Continue)).collect();
+    for skip_locked in [false, true] {
+        let outcomes = if skip_locked {
+            store::commit_transitions_skip_locked(&db.pool, &commits[2..])
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|o| o == store::GroupOutcome::LeaseLost)
+                .collect::<Vec<_>>()
+        } else {
+            store::commit_transitions(&db.pool, &commits[..2]).await.unwrap().into_iter().map(|o| o.is_none()).collect()
+        };
+        assert_eq!(outcomes, if skip_locked { vec![false] } else { vec![false, true] }, "skip_locked {skip_locked}");
+    }
+    let (status, step): (String, String) =
+        sqlx::query_as("SELECT status, step FROM wardcall.runs WHERE id = $1").bind(stopped).fetch_one(&db.pool).await.unwrap();
+    assert_eq!((status.as_str(), step.as_str()), ("sleeping", "start"), "the stopped run is not written");
+    assert_eq!(audited(&db, stopped).await, vec!["run.claimed"], "nor audited");
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM wardcall.runs WHERE step = 'op:1'").await, 2);
 }
