@@ -131,10 +131,12 @@ impl App {
     /// leases still held are released, the HTTP server stops. The database
     /// (and an embedded cluster) stays up; see [`Database::shutdown`].
     pub async fn stop(self, grace: Duration) {
+        let webhook_pool = self.engine.services.webhook_pool.clone();
         self.tasks.stop(grace).await;
         let _ = self.http_stop.send(true);
         for handle in self.http {
             let _ = tokio::time::timeout(Duration::from_secs(5), handle).await;
         }
+        webhook_pool.close().await;
     }
 }

@@ -117,13 +117,13 @@ pub async fn check_config_against_database(db: &crate::db::Database, config: &Co
         .fetch_one(&mut *tx)
         .await?;
         let usable = (max - reserved).max(0) as i64;
-        let wanted = config.engine.pool_size as i64 + 1;
+        let wanted = config.engine.pool_size as i64 + config.engine.webhook_pool_size as i64 + 1;
         if wanted > usable {
             return Err(fail(
                 "engine.pool_size".into(),
                 format!(
-                    "{} connections plus one for the listener exceed what the server allows: max_connections {max} leaves {usable} for clients",
-                    config.engine.pool_size
+                    "{} connections, plus engine.webhook_pool_size {} and one for the listener, exceed what the server allows: max_connections {max} leaves {usable} for clients",
+                    config.engine.pool_size, config.engine.webhook_pool_size
                 ),
             )
             .into());

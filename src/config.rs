@@ -90,6 +90,8 @@ pub mod limits {
     /// `engine.pool_size`: also checked at start against the server's
     /// `max_connections` (minus its reserved connections, minus one for the listener).
     pub const POOL_SIZE: (u32, u32) = (2, 1000);
+    /// `engine.webhook_pool_size`: also counted in the start-up check against `max_connections`.
+    pub const WEBHOOK_POOL_SIZE: (u32, u32) = (1, 100);
     /// `workflows[].max_attempts`.
     pub const MAX_ATTEMPTS: (u32, u32) = (1, 1000);
     /// `workflows[].retry_base_ms`.
@@ -120,6 +122,9 @@ pub struct EngineConfig {
     pub poll_ms: u64,
     /// Connections in this process's pool. Default 20.
     pub pool_size: u32,
+    /// Connections of the provider webhooks' own pool, besides `pool_size`.
+    /// Default 4.
+    pub webhook_pool_size: u32,
     /// Longest wait for a pooled connection (or a new one), in milliseconds,
     /// 100..=600000. Default 5000. On expiry the error carries PostgreSQL's own
     /// reason when the server refused the connection.
@@ -150,6 +155,7 @@ impl Default for EngineConfig {
             sweep_ms: 500,
             poll_ms: 250,
             pool_size: 20,
+            webhook_pool_size: 4,
             acquire_timeout_ms: 5000,
             statement_timeout_ms: 10_000,
             lock_timeout_ms: 2000,
@@ -703,6 +709,7 @@ impl Config {
         range("engine.sweep_ms", e.sweep_ms, limits::SWEEP_MS)?;
         range("engine.poll_ms", e.poll_ms, limits::POLL_MS)?;
         range("engine.pool_size", e.pool_size as u64, (limits::POOL_SIZE.0 as u64, limits::POOL_SIZE.1 as u64))?;
+        range("engine.webhook_pool_size", e.webhook_pool_size as u64, (limits::WEBHOOK_POOL_SIZE.0 as u64, limits::WEBHOOK_POOL_SIZE.1 as u64))?;
         for (key, v, lo, hi) in [
             ("engine.acquire_timeout_ms", e.acquire_timeout_ms, 100, 600_000),
             ("engine.statement_timeout_ms", e.statement_timeout_ms, 100, 3_600_000),

@@ -119,6 +119,20 @@ pub async fn connect_pool_with(options: PgConnectOptions, settings: &EngineConfi
     }
 }
 
+/// The webhooks' own pool ([`crate::runtime::Services::for_webhooks`]):
+/// `settings.webhook_pool_size` connections with the options of `pool` (its
+/// session settings, [`session_options`]) under the application name
+/// `wardcall-webhooks`, opened on first use and kept. Never fails: a
+/// connection that cannot be opened is the first webhook's error.
+pub fn webhook_pool(pool: &PgPool, settings: &EngineConfig) -> PgPool {
+    let options = (*pool.connect_options()).clone().application_name("wardcall-webhooks");
+    PgPoolOptions::new()
+        .max_connections(settings.webhook_pool_size)
+        .min_connections(0)
+        .acquire_timeout(Duration::from_millis(settings.acquire_timeout_ms))
+        .connect_lazy_with(options)
+}
+
 /// Describes `e` with PostgreSQL's own reason. The pool's `PoolTimedOut` says
 /// only that no connection came in time (sqlx retries refusals it deems
 /// transient, such as SQLSTATE 53300 "too many connections", until its

@@ -91,6 +91,7 @@ fn read_twilio_token(t: &TwilioConfig) -> anyhow::Result<String> {
 /// The webhook routes of every configured provider (one line per provider),
 /// merged into the public listener by `crate::http::webhook_router`.
 pub fn webhook_routes(services: &crate::runtime::Services) -> axum::Router {
+    let services = &services.for_webhooks();
     let mut router = axum::Router::new();
     if services.providers.twilio.is_some() {
         router = router.merge(twilio::webhooks::routes(services));

@@ -284,8 +284,10 @@ impl Engine {
         let public_url = public_url.trim_end_matches('/').to_string();
         let (wake_scheduler, call_sweeper) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
         let shutdown = watch::channel(false).0;
+        let webhook_pool = crate::db::webhook_pool(&db.pool, &config.engine);
         let services = Services {
             pool: db.pool.clone(),
+            webhook_pool,
             config: config.clone(),
             providers: providers.clone(),
             engine_id: engine_id.as_str().into(),

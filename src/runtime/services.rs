@@ -13,8 +13,13 @@ use tokio::sync::{watch, Notify};
 /// The engine's services, cheap to clone (every field is shared).
 #[derive(Clone)]
 pub struct Services {
-    /// The engine's connection pool (short transactions only).
+    /// The pool this work takes connections from (short transactions only):
+    /// the engine's pool, or in the webhook handlers' copy
+    /// ([`Services::for_webhooks`]) the webhooks' own.
     pub pool: PgPool,
+    /// The webhooks' own pool, `engine.webhook_pool_size` connections opened
+    /// on first use (application name `wardcall-webhooks`).
+    pub webhook_pool: PgPool,
     /// The loaded, checked config.
     pub config: Arc<Config>,
     /// The providers built from the config, with their secrets.
@@ -29,6 +34,16 @@ pub struct Services {
 }
 
 impl Services {
+    /// A copy whose [`Services::pool`] is the webhooks' own pool, for the
+    /// provider webhooks' handlers. A status callback that waits for a row
+    /// lock (a call's first callback waits for its attempt while the worker
+    /// records the send) then holds one of the webhooks' connections, not
+    /// one the workers need; and during a burst's thousands of callbacks the
+    /// workers keep their pool (BENCHMARKS.md, "Issue 9, fourth session").
+    pub fn for_webhooks(&self) -> Services {
+        Services { pool: self.webhook_pool.clone(), ..self.clone() }
+    }
+
     /// The audit actor of this engine: `engine:<engine_id>`.
     pub fn actor(&self) -> String {
         format!("engine:{}", self.engine_id)

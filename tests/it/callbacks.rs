@@ -17,6 +17,7 @@ pub fn tests() -> Vec<libtest_mimic::Trial> {
         callbacks::progress_advances_once_and_replays_and_late_statuses_change_nothing,
         callbacks::progress_does_not_wait_for_the_run_row_but_a_final_status_does,
         callbacks::progress_with_on_call_status_write_back_still_writes_back,
+        callbacks::webhooks_have_their_own_pool,
     ]
 }
 
@@ -214,5 +215,33 @@ pub async fn progress_with_on_call_status_write_back_still_writes_back() {
     assert_eq!(statuses, json!(["initiated", "ringing"]), "each progress status written back once");
     assert_eq!(h.db.scalar_i64("SELECT count(*) FROM wardcall.audit_log WHERE action = 'attempt.status'").await, 2);
     assert_eq!(h.db.scalar_i64("SELECT count(*) FROM wardcall.alerts WHERE status = 'open'").await, 1);
+    h.stop().await;
+}
+
+/// The provider webhooks take their connections from their own pool
+/// (`engine.webhook_pool_size`): with every connection of the engine's pool
+/// held (workers busy, or waiting for locks), a status callback is still
+/// recorded at once, and its connection is `wardcall-webhooks`'.
+pub async fn webhooks_have_their_own_pool() {
+    let h = quiet_hospital(|cfg| {
+        cfg.engine.pool_size = 2;
+        cfg.engine.webhook_pool_size = 1;
+        cfg.engine.acquire_timeout_ms = 1000;
+    })
+    .await;
+    let sid = "CA00000000000000000000000000000c01";
+    let (_, attempt) = waiting_attempt(&h.db, "requested", Some(sid)).await;
+    let pool = &h.app.engine.services.pool;
+    // Hold every connection the engine's pool will give.
+    let mut held = Vec::new();
+    while let Ok(Ok(conn)) = tokio::time::timeout(Duration::from_millis(300), pool.acquire()).await {
+        held.push(conn);
+        assert!(held.len() <= 100, "the engine's pool never ran out");
+    }
+    // The handler answers after its transaction committed.
+    assert_eq!(post_status(&h, attempt, sid, "ringing", Some("tok-own-pool")).await, 200);
+    drop(held);
+    assert_eq!(attempt_row(&h.db, attempt).await["status"], "ringing", "recorded while the engine's pool was exhausted");
+    assert_eq!(h.db.scalar_i64("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'wardcall-webhooks' AND datname = current_database()").await, 1);
     h.stop().await;
 }
