@@ -416,8 +416,8 @@ pub async fn webhook_answers_503_within_its_deadline_when_no_connection_is_free(
     let db = TestDb::new().await;
     db.exec(wardcall::devtools::demo::HOSPITAL_SCHEMA).await;
     let c = crate::escalation::hospital_config("http://127.0.0.1:9", 30.0, 1);
-    // The app on a pool of 3 connections, which the test then holds: no
-    // connection is free for the webhook (the pool's own wait is 10 s).
+    // The app on a pool of 3 connections and the webhooks' own 4, which the
+    // test then holds: no connection is free for the webhook.
     let pool = wardcall::db::connect_pool(db.options.clone(), 3).await.unwrap();
     let database = wardcall::db::Database { pool: pool.clone(), connect_options: db.options.clone(), embedded: None };
     let app = App::start(
@@ -432,13 +432,16 @@ pub async fn webhook_answers_503_within_its_deadline_when_no_connection_is_free(
     .await
     .unwrap();
     let base = format!("http://{}", app.http_addr.unwrap());
-    // Take every connection the engine does not keep for itself (its LISTEN
-    // connection may come from this pool): until none is free for 2 s.
+    // Take every connection of the webhooks' own pool (`engine.webhook_pool_size`)
+    // and of the engine's (its LISTEN connection may come from it): until
+    // none is free for 2 s.
     let mut held = Vec::new();
-    while let Ok(Ok(c)) = tokio::time::timeout(Duration::from_secs(2), pool.acquire()).await {
-        held.push(c);
+    for pool in [&app.engine.services.webhook_pool, &pool] {
+        while let Ok(Ok(c)) = tokio::time::timeout(Duration::from_secs(2), pool.acquire()).await {
+            held.push(c);
+        }
     }
-    assert!(!held.is_empty());
+    assert!(held.len() >= app.engine.config.engine.webhook_pool_size as usize, "{} held", held.len());
     let t = Instant::now();
     let r = signed_status_webhook(&reqwest::Client::new(), &base, uuid::Uuid::new_v4()).send().await.unwrap();
     let took = t.elapsed();
