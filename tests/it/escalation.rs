@@ -30,6 +30,7 @@ pub fn tests() -> Vec<libtest_mimic::Trial> {
         escalation::provider_outage_never_escalates_or_gives_up,
         escalation::late_press_of_one_acknowledges_an_unacknowledged_alert,
         escalation::write_back_does_not_retrigger_an_update_source,
+        escalation::team_triggers_fired_by_a_write_back_are_captured,
         escalation::write_back_before_commit_keeps_the_change_and_its_settings_end_at_commit,
         escalation::fence_and_open_opens_once_and_never_without_the_lease,
         escalation::open_with_intents_writes_all_or_nothing,
@@ -557,6 +558,49 @@ pub async fn write_back_does_not_retrigger_an_update_source() {
     assert_eq!(db.scalar_i64("SELECT count(*) FROM wardcall.outbox").await, 2);
     app.stop(Duration::from_secs(2)).await;
     emulator.shutdown().await;
+}
+
+/// The team's own triggers that a write-back fires write rows that are
+/// captured: an immediate `AFTER UPDATE` trigger, and a `DEFERRABLE INITIALLY
+/// DEFERRED` constraint trigger, which fires at the send's commit while
+/// `wardcall.write_back` is still on (`write_back_before_commit`). The
+/// write-back's own row is still not captured.
+pub async fn team_triggers_fired_by_a_write_back_are_captured() {
+    let db = TestDb::new().await;
+    db.exec(wardcall::devtools::demo::HOSPITAL_SCHEMA).await;
+    db.exec(
+        "CREATE TABLE followups (id serial PRIMARY KEY, alert_id uuid NOT NULL, via text NOT NULL);
+         CREATE FUNCTION note_call_placed() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN INSERT INTO followups (alert_id, via) VALUES (NEW.id, TG_ARGV[0]); RETURN NULL; END $$;
+         CREATE TRIGGER call_placed_now AFTER UPDATE ON alerts FOR EACH ROW
+           WHEN (OLD.metadata->'call' IS NULL AND NEW.metadata->'call' IS NOT NULL) EXECUTE FUNCTION note_call_placed('immediate');
+         CREATE CONSTRAINT TRIGGER call_placed_at_commit AFTER UPDATE ON alerts DEFERRABLE INITIALLY DEFERRED FOR EACH ROW
+           WHEN (OLD.metadata->'call' IS NULL AND NEW.metadata->'call' IS NOT NULL) EXECUTE FUNCTION note_call_placed('deferred');",
+    )
+    .await;
+    let followups = Config::parse(
+        "[[sources]]\nname = \"followups\"\ntable = \"followups\"\nevent = \"followup.created\"\n\n[[workflows]]\nname = \"followup\"\nevent = \"followup.created\"\nkind = \"script\"\n",
+        "followups.toml",
+    )
+    .unwrap();
+    let h = start_with(db, Persona::Answer { ring_ms: 50, think_ms: 50, digits: "1".into() }, Persona::NoAnswer, |cfg| {
+        cfg.sources[0].operations.push(wardcall::config::Operation::Update);
+        cfg.sources.extend(followups.sources);
+        cfg.workflows.extend(followups.workflows);
+    })
+    .await;
+    h.db.exec(SEIZURE_INSERT).await;
+    await_true(&h.db, "the acknowledgement written back", Duration::from_secs(20), "SELECT count(*) = 1 FROM alerts WHERE status = 'acknowledged'").await;
+    assert_eq!(h.db.scalar_i64("SELECT count(*) FROM followups").await, 2, "the team's triggers ran once each");
+    await_true(
+        &h.db,
+        "both of the team's follow-ups captured",
+        Duration::from_secs(10),
+        "SELECT coalesce(array_agg(payload->>'via' ORDER BY payload->>'via') = '{deferred,immediate}', false) FROM wardcall.outbox WHERE source = 'followups'",
+    )
+    .await;
+    assert_eq!(h.db.scalar_i64("SELECT count(*) FROM wardcall.outbox WHERE source <> 'followups'").await, 1, "the write-backs' own rows were not captured");
+    h.stop().await;
 }
 
 /// `write_back_before_commit` (the send's record, which leaves its savepoint
