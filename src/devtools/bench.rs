@@ -23,8 +23,9 @@
 //! - `throughput`: N alerts in one statement with 1, 2 and 4 worker tasks
 //!   (`engine.workers`); events per second from the commit until N attempts are
 //!   recorded `requested` (call placed, its CallSid committed).
-//! - `steps`: script runs of 50 `{"op":"step"}` each; committed
-//!   `run.step_completed` transitions per second.
+//! - `steps`: script runs of 50 `{"op":"step"}` each; committed step
+//!   transitions per second (`run.step_completed`, and `run.completed` for
+//!   each run's last step, which ends the run in its own transition).
 //! - `timers`: N sleeping script runs due at one instant, then N due over
 //!   `--spread-s` seconds; lateness = audit time of the claim that wakes the
 //!   run − its due time.
@@ -1213,8 +1214,8 @@ async fn steps(options: &BenchOptions, sizes: &Sizes) -> anyhow::Result<Scenario
         }
         let client_s = t0.elapsed().as_secs_f64();
         let (count, span): (i64, Option<f64>) = sqlx::query_as(
-            "SELECT count(*) FILTER (WHERE action = 'run.step_completed'),
-                    extract(epoch FROM max(at) FILTER (WHERE action = 'run.step_completed') - min(at) FILTER (WHERE action = 'run.created'))::float8
+            "SELECT count(*) FILTER (WHERE action IN ('run.step_completed', 'run.completed')),
+                    extract(epoch FROM max(at) FILTER (WHERE action IN ('run.step_completed', 'run.completed')) - min(at) FILTER (WHERE action = 'run.created'))::float8
                FROM wardcall.audit_log WHERE entity = 'run'",
         )
         .fetch_one(&env.client)
@@ -1223,7 +1224,7 @@ async fn steps(options: &BenchOptions, sizes: &Sizes) -> anyhow::Result<Scenario
         r.add_target("steps_per_s", count as f64 / span.unwrap_or(f64::NAN), "/s", 20_000.0, false);
         r.add("steps_per_s_client_clock", count as f64 / client_s, "/s");
         env.add_group_commit_figures(&mut r);
-        r.notes.push("steps_per_s: run.step_completed audit rows / (last of them − first run.created), database clock; each step's transition is committed by the engine's group committer, in one statement per batch (the fenced updates and their audit rows)".into());
+        r.notes.push("steps_per_s: committed step transitions (run.step_completed and run.completed audit rows: a run's last step ends it in its own transition) / (last of them − first run.created), database clock; each step's transition is committed by the engine's group committer, in one statement per batch (the fenced updates and their audit rows)".into());
         Ok(())
     }
     .await;
@@ -1318,7 +1319,8 @@ async fn timers(options: &BenchOptions, sizes: &Sizes) -> anyhow::Result<Scenari
                           -- The step after the wake-up: its transition committed.
                           stepped AS MATERIALIZED (
                          SELECT entity_id::uuid AS id, at FROM wardcall.audit_log
-                          WHERE entity = 'run' AND action = 'run.step_completed' AND detail->>'from_step' = 'op:1'),
+                          WHERE entity = 'run' AND ((action = 'run.step_completed' AND detail->>'from_step' = 'op:1')
+                                                    OR (action = 'run.completed' AND detail->>'step' = 'op:1'))),
                           s AS (
                          SELECT extract(epoch FROM a.at) * 1000 - (r.input->'steps'->0->>'epoch_ms')::float8 AS late
                            FROM wardcall.runs r JOIN stepped a ON a.id = r.id
@@ -1361,8 +1363,8 @@ async fn timers(options: &BenchOptions, sizes: &Sizes) -> anyhow::Result<Scenari
             r.notes.push(format!("{mode}: the timers were inserted after the first was due; lateness includes the insert"));
         }
     }
-    r.notes.push("timers are inserted in SQL in the state a sleep_until step leaves a run (status sleeping, due_at); each firing claims the run and commits one step and the completion".into());
-    r.notes.push("step_committed: the audit time of the woken step's committed transition (run.step_completed from op:1) − due: when the step after the sleep has run and is durable".into());
+    r.notes.push("timers are inserted in SQL in the state a sleep_until step leaves a run (status sleeping, due_at); each firing claims the run and commits its one step, which completes the run (one transition)".into());
+    r.notes.push("step_committed: the audit time of the woken step's committed transition (run.step_completed from op:1, or run.completed at op:1: the last step ends the run in its own transition) − due: when the step after the sleep has run and is durable".into());
     Ok(r)
 }
 

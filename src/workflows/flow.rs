@@ -53,6 +53,19 @@ fn end_of_phase(ctx: &StepContext<'_>, phase: Phase) -> Transition {
     }
 }
 
+/// Where a run goes once the step at `addr` is done: the next step of its
+/// phase, or, when that step was the phase's last, the end of the phase
+/// ([`end_of_phase`]) in the same transition. Ending in the last step's own
+/// transition saves each run a row version, an audit row and a commit: a
+/// `Next` to a step that does not exist would only be claimed to end the run.
+fn after(ctx: &StepContext<'_>, addr: &StepAddress) -> Transition {
+    if ctx.workflow.phase_steps(addr.phase).get(addr.index + 1).is_some() {
+        Transition::Next { step: addr.next().render() }
+    } else {
+        end_of_phase(ctx, addr.phase)
+    }
+}
+
 /// Runs the current step of a run of a workflow of kind `steps`.
 pub async fn run_step(ctx: &mut StepContext<'_>) -> Result<Transition, StepError> {
     let addr = StepAddress::parse(&ctx.run.step).ok_or_else(|| StepError::Permanent(anyhow!("'{}' is not a step of a list of steps", ctx.run.step)))?;
@@ -65,7 +78,7 @@ pub async fn run_step(ctx: &mut StepContext<'_>) -> Result<Transition, StepError
     match kind {
         StepKind::Sql(sql) => {
             ctx.in_commit.push(Box::new(TeamSqlWork { sql: sql.to_string(), keep: step.keep.clone() }));
-            Ok(Transition::Next { step: next })
+            Ok(after(ctx, &addr))
         }
         StepKind::Sleep(d) => {
             let delay_ms = super::model::parse_duration_ms(d).map_err(|p| StepError::Permanent(anyhow!(p)))?;
@@ -108,7 +121,7 @@ pub async fn run_step(ctx: &mut StepContext<'_>) -> Result<Transition, StepError
                     keep(ctx.state, k, Value::Null);
                 }
                 return match wait.on_timeout {
-                    OnTimeout::Continue => Ok(Transition::Next { step: next }),
+                    OnTimeout::Continue => Ok(after(ctx, &addr)),
                     OnTimeout::Fail => Err(StepError::Permanent(anyhow!("wait for {signal} timed out"))),
                     OnTimeout::Complete => Ok(end_of_phase(ctx, Phase::Main)),
                 };
@@ -116,7 +129,7 @@ pub async fn run_step(ctx: &mut StepContext<'_>) -> Result<Transition, StepError
             if let Some(k) = &step.keep {
                 keep(ctx.state, k, outcome.get("payload").cloned().unwrap_or(Value::Null));
             }
-            Ok(Transition::Next { step: next })
+            Ok(after(ctx, &addr))
         }
         StepKind::Emit(emit) => {
             let vars = vars(ctx.state);
@@ -133,7 +146,7 @@ pub async fn run_step(ctx: &mut StepContext<'_>) -> Result<Transition, StepError
                 payload: Value::Object(body),
                 dedup_key: format!("run:{}:{}", ctx.run.id, addr.render()),
             }));
-            Ok(Transition::Next { step: next })
+            Ok(after(ctx, &addr))
         }
         StepKind::Http(h) => {
             let engine = ctx.services;
@@ -184,7 +197,7 @@ pub async fn run_step(ctx: &mut StepContext<'_>) -> Result<Transition, StepError
                 if let Some(k) = &step.keep {
                     keep(ctx.state, k, json!({"status": status, "body": null}));
                 }
-                return Ok(Transition::Next { step: next });
+                return Ok(after(ctx, &addr));
             }
             let outcome = crate::outbound::perform(&engine.pool, &endpoint, &request, &key, &engine.engine_id).await?;
             match crate::outbound::decide(outcome, &h.retry, attempt) {
@@ -192,7 +205,7 @@ pub async fn run_step(ctx: &mut StepContext<'_>) -> Result<Transition, StepError
                     if let Some(k) = &step.keep {
                         keep(ctx.state, k, json!({"status": status, "body": body}));
                     }
-                    Ok(Transition::Next { step: next })
+                    Ok(after(ctx, &addr))
                 }
                 crate::outbound::Decision::Retry { delay_ms, error } => Err(StepError::RetryIn { error, delay_ms }),
                 crate::outbound::Decision::WaitForBreaker { delay_ms } => Ok(Transition::Defer { delay_ms }),
@@ -229,7 +242,7 @@ pub async fn run_step(ctx: &mut StepContext<'_>) -> Result<Transition, StepError
             }
             let message = Template::parse(&n.message).map_err(|p| StepError::Permanent(anyhow!(p)))?.render_with(&payload, &HashMap::new(), &vars);
             crate::notify::sms::send_one_way(engine, ctx.run, &position, &recipients, &message).await?;
-            Ok(Transition::Next { step: next })
+            Ok(after(ctx, &addr))
         }
         StepKind::Escalate(settings) => {
             let settings = settings.clone();
@@ -253,7 +266,7 @@ pub async fn run_step(ctx: &mut StepContext<'_>) -> Result<Transition, StepError
                 Transition::Wait { step, signal, timeout_ms } => Transition::Wait { step: addr.with_sub(&step).render(), signal, timeout_ms },
                 Transition::Defer { delay_ms } => Transition::Defer { delay_ms },
                 // The alert is closed (acknowledged, unacknowledged, cancelled): the workflow goes on.
-                Transition::Complete => Transition::Next { step: next },
+                Transition::Complete => after(ctx, &addr),
                 other @ (Transition::Fail { .. } | Transition::Cancelled) => other,
             })
         }

@@ -46,6 +46,9 @@ pub async fn run_step(ctx: &mut StepContext<'_>) -> Result<Transition, StepError
         return Ok(Transition::Complete);
     };
     let next = step_name(i + 1);
+    // After the script's last element the run ends in that element's own
+    // transition (as `flow::after` does for a list of steps).
+    let done = if steps.get(i + 1).is_some() { Transition::Next { step: next.clone() } } else { Transition::Complete };
     let kind = op.get("op").and_then(Value::as_str).unwrap_or("");
     let number = |k: &str| op.get(k).and_then(Value::as_i64);
     let result = |ctx: &mut StepContext<'_>, v: Value| {
@@ -55,14 +58,14 @@ pub async fn run_step(ctx: &mut StepContext<'_>) -> Result<Transition, StepError
         "step" => {
             let ran_at = jiff::Timestamp::now().to_string();
             result(ctx, json!({"name": op.get("name"), "ran_at": ran_at, "attempt": ctx.run.step_attempt + 1}));
-            Ok(Transition::Next { step: next })
+            Ok(done)
         }
         "work" => {
             let ms = number("ms").unwrap_or(0).max(0) as u64;
             tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
             ctx.check_lease()?;
             result(ctx, json!({"worked_ms": ms, "by": ctx.services.engine_id}));
-            Ok(Transition::Next { step: next })
+            Ok(done)
         }
         "sleep" => {
             let ms = number("ms").ok_or_else(|| StepError::Permanent(anyhow!("sleep at {i} needs 'ms'")))?;
@@ -86,7 +89,7 @@ pub async fn run_step(ctx: &mut StepContext<'_>) -> Result<Transition, StepError
                 Err(StepError::Retryable(anyhow!("{error} (attempt {})", ctx.run.step_attempt + 1)))
             } else {
                 result(ctx, json!({"succeeded_after_attempts": ctx.run.step_attempt + 1}));
-                Ok(Transition::Next { step: next })
+                Ok(done)
             }
         }
         other => Err(StepError::Permanent(anyhow!("unknown op '{other}' at step {i}"))),

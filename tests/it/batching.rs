@@ -336,10 +336,10 @@ pub async fn two_engines_at_burst_size_run_each_step_once() {
         .await;
     assert_eq!(dupes, 0, "a transition was committed twice");
     assert_eq!(db.scalar_i64("SELECT count(*) FROM wardcall.audit_log WHERE action = 'run.completed'").await, RUNS);
-    // Each run: 3 steps + sleep + wait + complete = 6 transitions.
+    // Each run: 2 steps + sleep + wait + the last step, which completes the run = 5 transitions.
     assert_eq!(
         db.scalar_i64("SELECT count(*) FROM wardcall.audit_log WHERE action IN ('run.step_completed','run.sleeping','run.waiting','run.completed')").await,
-        RUNS * 6
+        RUNS * 5
     );
     let owners = db.scalar_i64("SELECT count(DISTINCT actor) FROM wardcall.audit_log WHERE action IN ('run.claimed','run.created')").await;
     assert!(owners >= 2, "only one engine worked");

@@ -75,7 +75,11 @@ pub async fn committed_row_starts_a_run() {
     assert_eq!(state["results"]["1"]["name"], "b");
     // Every state change is audited and nothing was deleted.
     let actions: Vec<String> = sqlx::query_scalar("SELECT action FROM wardcall.audit_log WHERE entity = 'run' ORDER BY id").fetch_all(&db.pool).await.unwrap();
-    assert_eq!(actions, vec!["run.created", "run.step_completed", "run.step_completed", "run.completed"]);
+    // The last step ends the run in its own transition.
+    assert_eq!(actions, vec!["run.created", "run.step_completed", "run.completed"]);
+    let ended_at: String =
+        sqlx::query_scalar("SELECT detail->>'step' FROM wardcall.audit_log WHERE action = 'run.completed'").fetch_one(&db.pool).await.unwrap();
+    assert_eq!(ended_at, "op:1");
     assert_eq!(db.scalar_i64("SELECT count(*) FROM wardcall.outbox WHERE processed_at IS NOT NULL").await, 1);
     app.stop(Duration::from_secs(2)).await;
 }

@@ -9,6 +9,7 @@ use wardcall::config::Config;
 pub fn tests() -> Vec<libtest_mimic::Trial> {
     trials![
         workflow_model::sql_steps_keep_variables_emit_and_write_back,
+        workflow_model::the_last_step_of_a_phase_ends_it_in_its_own_transition,
         workflow_model::replace_by_key_moves_a_timer,
         workflow_model::cancel_on_cancels_a_sleeping_run_and_runs_on_cancel,
         workflow_model::wait_for_an_event_by_key_with_and_without_timeout,
@@ -100,6 +101,50 @@ sql = "INSERT INTO job_log (job_id, what) VALUES (($1->>'job')::bigint, $1->>'na
     let emitted: Value = sqlx::query_scalar("SELECT payload FROM wardcall.outbox WHERE event = 'job.scheduled'").fetch_one(&db.pool).await.unwrap();
     assert_eq!(emitted["job"], id, "a lone placeholder keeps the JSON type: {emitted}");
     assert_eq!(emitted["kind"], "call");
+    app.stop(Duration::from_secs(2)).await;
+}
+
+/// A phase's last step ends the phase in its own transition (with its
+/// statement, exactly once): the main list's last step goes on to
+/// `on_complete` and the hook's last step completes the run, so no run is
+/// claimed again only to find that nothing is left.
+pub async fn the_last_step_of_a_phase_ends_it_in_its_own_transition() {
+    let db = TestDb::new().await;
+    db.exec(JOBS).await;
+    let cfg = jobs_config(
+        r#"
+[[workflows]]
+name = "noted"
+event = "job.saved"
+key = "{id}"
+
+[[workflows.steps]]
+sql = "INSERT INTO job_log (job_id, what) VALUES (($1->>'id')::bigint, 'first')"
+
+[[workflows.steps]]
+sql = "INSERT INTO job_log (job_id, what) VALUES (($1->>'id')::bigint, 'last')"
+
+[[workflows.on_complete]]
+sql = "INSERT INTO job_log (job_id, what) VALUES (($1->>'id')::bigint, 'completed')"
+"#,
+    );
+    let app = start_app(&db, config(&cfg)).await;
+    let id = db.scalar_i64("INSERT INTO jobs (kind) VALUES ('call') RETURNING id").await;
+    await_true(&db, "the run to complete", Duration::from_secs(10), "SELECT count(*) = 1 FROM wardcall.runs WHERE status = 'completed'").await;
+    let logged: Vec<String> = sqlx::query_scalar("SELECT what FROM job_log WHERE job_id = $1 ORDER BY id").bind(id).fetch_all(&db.pool).await.unwrap();
+    assert_eq!(logged, vec!["first", "last", "completed"], "each statement ran once");
+    let audited: Vec<(String, Option<String>)> =
+        sqlx::query_as("SELECT action, coalesce(detail->>'from_step', detail->>'step') FROM wardcall.audit_log WHERE entity = 'run' ORDER BY id")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    let expected =
+        [("run.created", None), ("run.step_completed", Some("start")), ("run.step_completed", Some("steps:1")), ("run.completed", Some("on_complete:0"))];
+    let expected: Vec<(String, Option<String>)> = expected.iter().map(|(a, s)| (a.to_string(), s.map(str::to_string))).collect();
+    assert_eq!(audited, expected);
+    let to_step: String =
+        sqlx::query_scalar("SELECT detail->>'to_step' FROM wardcall.audit_log WHERE detail->>'from_step' = 'steps:1'").fetch_one(&db.pool).await.unwrap();
+    assert_eq!(to_step, "on_complete:0", "the main list's last step goes straight to the hook");
     app.stop(Duration::from_secs(2)).await;
 }
 
