@@ -299,12 +299,11 @@ async fn install_one(tx: &mut Transaction<'_, Postgres>, source: &Source, actor:
         "CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql AS $wardcall$
 #variable_conflict use_column
 BEGIN
-    -- wardcall's own write-backs never re-trigger a page: rows the write-back
-    -- statement itself wrote (trigger depth 1) are skipped. Rows the team's own
-    -- triggers write because of it (depth 2 and more, immediate or DEFERRED
-    -- to the commit, while the setting is still on) are captured: they are
-    -- the team's events, and skipping them would lose an alert.
-    IF coalesce(current_setting('wardcall.write_back', true), '') = 'on' AND pg_trigger_depth() = 1 THEN
+    -- wardcall's own write-backs never re-trigger a page: rows written while
+    -- a write-back statement runs (by it or by the triggers it fires) are
+    -- skipped. The setting is off again before anything else runs, the
+    -- commit's deferred triggers included, whose rows are captured.
+    IF coalesce(current_setting('wardcall.write_back', true), '') = 'on' THEN
         RETURN NULL;
     END IF;
     IF TG_OP = 'INSERT' THEN

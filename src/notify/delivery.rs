@@ -265,9 +265,7 @@ async fn record_result(
             tracing::info!(attempt = %o.attempt_id, person = %o.person_id, channel = sender.channel().as_str(), to = %redact_phone(&o.to), provider_id = %sent.provider_id, "sent");
             let (_, alert_status) = attempts::record_sent(c, o.attempt_id, &sent.provider_id, sent.status.as_deref().unwrap_or("requested"), actor).await?;
             if let Some(w) = on_sent {
-                // The last statement before the commit (nothing else below
-                // runs on `c`): the savepoint is left for the commit to end.
-                crate::workflows::team_sql::write_back_before_commit(
+                crate::workflows::team_sql::write_back(
                     c,
                     Some(w.sql),
                     w.hook,

@@ -332,9 +332,11 @@ pub enum WriteBackSubject {
 /// Runs one write-back statement in a savepoint: `$1` = the event payload,
 /// `$2` = the subject's details. A failing statement is rolled back to the
 /// savepoint, logged and audited; it never undoes the state change around it.
-/// The transaction can go on after it (the savepoint is released and the
-/// settings put back); see [`write_back_before_commit`] when only the commit
-/// follows.
+/// On success the savepoint is released and the settings are put back before
+/// this returns, so the transaction can go on, and the team's `DEFERRABLE
+/// INITIALLY DEFERRED` triggers, which fire at its commit, run with
+/// `wardcall.write_back` off: the rows they write are captured (only the
+/// write-back statement, with what its immediate triggers write, is skipped).
 ///
 /// Errors: the database's, for the statements around the team's (the
 /// team's own error is audited, not returned).
@@ -345,36 +347,6 @@ pub async fn write_back(
     payload: &Value,
     subject: WriteBackSubject,
     actor: &str,
-) -> Result<(), sqlx::Error> {
-    write_back_in(conn, sql, hook, payload, subject, actor, false).await
-}
-
-/// [`write_back`] for a caller whose next statement is `COMMIT`: on success
-/// the savepoint and the write-back's settings are left for the commit to
-/// end (PostgreSQL releases a transaction's savepoints and `SET LOCAL`s at
-/// commit), which saves a round trip while the caller holds its row locks.
-/// Nothing but the commit may follow on `conn`.
-///
-/// Errors: as [`write_back`].
-pub async fn write_back_before_commit(
-    conn: &mut PgConnection,
-    sql: Option<&str>,
-    hook: &str,
-    payload: &Value,
-    subject: WriteBackSubject,
-    actor: &str,
-) -> Result<(), sqlx::Error> {
-    write_back_in(conn, sql, hook, payload, subject, actor, true).await
-}
-
-async fn write_back_in(
-    conn: &mut PgConnection,
-    sql: Option<&str>,
-    hook: &str,
-    payload: &Value,
-    subject: WriteBackSubject,
-    actor: &str,
-    commit_follows: bool,
 ) -> Result<(), sqlx::Error> {
     let Some(sql) = sql else { return Ok(()) };
     let details = match subject {
@@ -398,21 +370,17 @@ async fn write_back_in(
     let rows = conn.fetch_all(opening.as_str()).await?;
     let details: Value = rows.first().ok_or(sqlx::Error::RowNotFound)?.try_get(0)?;
     let outcome = sqlx::query(sql).bind(payload).bind(&details).execute(&mut *conn).await;
-    // Release the savepoint and put the settings back, in one round trip.
-    macro_rules! then_reset {
-        ($first:literal) => {
-            concat!(
-                $first,
-                "; SELECT set_config('wardcall.write_back', 'off', true),
-                   set_config('lock_timeout', current_setting('wardcall.saved_lock_timeout'), true),
-                   set_config('statement_timeout', current_setting('wardcall.saved_statement_timeout'), true)"
-            )
-        };
-    }
     match outcome {
-        Ok(_) if commit_follows => {}
         Ok(_) => {
-            conn.execute(then_reset!("RELEASE SAVEPOINT wardcall_write_back")).await?;
+            // Release the savepoint and put the settings back, in one round
+            // trip, before anything else runs (the commit's deferred triggers too).
+            conn.execute(
+                "RELEASE SAVEPOINT wardcall_write_back;
+                 SELECT set_config('wardcall.write_back', 'off', true),
+                        set_config('lock_timeout', current_setting('wardcall.saved_lock_timeout'), true),
+                        set_config('statement_timeout', current_setting('wardcall.saved_statement_timeout'), true)",
+            )
+            .await?;
         }
         Err(e) => {
             let msg = crate::capture::db_message(&e);

@@ -30,8 +30,8 @@ pub fn tests() -> Vec<libtest_mimic::Trial> {
         escalation::provider_outage_never_escalates_or_gives_up,
         escalation::late_press_of_one_acknowledges_an_unacknowledged_alert,
         escalation::write_back_does_not_retrigger_an_update_source,
-        escalation::team_triggers_fired_by_a_write_back_are_captured,
-        escalation::write_back_before_commit_keeps_the_change_and_its_settings_end_at_commit,
+        escalation::a_deferred_team_trigger_fired_by_a_write_back_is_captured,
+        escalation::write_back_keeps_the_change_and_puts_its_settings_back,
         escalation::fence_and_open_opens_once_and_never_without_the_lease,
         escalation::open_with_intents_writes_all_or_nothing,
     ]
@@ -560,12 +560,13 @@ pub async fn write_back_does_not_retrigger_an_update_source() {
     emulator.shutdown().await;
 }
 
-/// The team's own triggers that a write-back fires write rows that are
-/// captured: an immediate `AFTER UPDATE` trigger, and a `DEFERRABLE INITIALLY
-/// DEFERRED` constraint trigger, which fires at the send's commit while
-/// `wardcall.write_back` is still on (`write_back_before_commit`). The
-/// write-back's own row is still not captured.
-pub async fn team_triggers_fired_by_a_write_back_are_captured() {
+/// A team's `DEFERRABLE INITIALLY DEFERRED` trigger that a write-back fires
+/// runs at the send's commit, after the write-back statement: the row it
+/// writes into a captured table is captured (the send's record once left
+/// `wardcall.write_back` on until the commit, and such rows were dropped).
+/// What the write-back statement writes, with its immediate triggers, is
+/// not captured, so that no write-back can loop into a page.
+pub async fn a_deferred_team_trigger_fired_by_a_write_back_is_captured() {
     let db = TestDb::new().await;
     db.exec(wardcall::devtools::demo::HOSPITAL_SCHEMA).await;
     db.exec(
@@ -594,23 +595,23 @@ pub async fn team_triggers_fired_by_a_write_back_are_captured() {
     assert_eq!(h.db.scalar_i64("SELECT count(*) FROM followups").await, 2, "the team's triggers ran once each");
     await_true(
         &h.db,
-        "both of the team's follow-ups captured",
+        "the deferred trigger's follow-up captured",
         Duration::from_secs(10),
-        "SELECT coalesce(array_agg(payload->>'via' ORDER BY payload->>'via') = '{deferred,immediate}', false) FROM wardcall.outbox WHERE source = 'followups'",
+        "SELECT coalesce(array_agg(payload->>'via') = '{deferred}', false) FROM wardcall.outbox WHERE source = 'followups'",
     )
     .await;
     assert_eq!(h.db.scalar_i64("SELECT count(*) FROM wardcall.outbox WHERE source <> 'followups'").await, 1, "the write-backs' own rows were not captured");
     h.stop().await;
 }
 
-/// `write_back_before_commit` (the send's record, which leaves its savepoint
-/// and settings for the commit to end): the team's statement gets the
-/// subject's details as `$2`; a failing one is rolled back to its savepoint
-/// and audited while the state change before it commits; and after the
-/// commit the session's settings are its own again (no `wardcall.write_back`
-/// left on, no 5-s statement timeout).
-pub async fn write_back_before_commit_keeps_the_change_and_its_settings_end_at_commit() {
-    use wardcall::workflows::team_sql::{write_back_before_commit, WriteBackSubject};
+/// `write_back` (the send's record, a hook's write-back): the team's
+/// statement gets the subject's details as `$2`; a failing one is rolled back
+/// to its savepoint and audited while the state change before it commits; and
+/// `wardcall.write_back` and the write-back's timeouts are back to what they
+/// were as soon as it returns, before the commit (whose deferred triggers
+/// must not run with capture off).
+pub async fn write_back_keeps_the_change_and_puts_its_settings_back() {
+    use wardcall::workflows::team_sql::{write_back, WriteBackSubject};
     let db = TestDb::new().await;
     db.exec(
         "CREATE TABLE wb_seen (status text NOT NULL);
@@ -622,24 +623,21 @@ pub async fn write_back_before_commit_keeps_the_change_and_its_settings_end_at_c
     .await;
     let alert = uuid::Uuid::parse_str("00000000-0000-0000-0000-0000000000b2").unwrap();
     let mut conn = db.pool.acquire().await.unwrap();
-    let before: (String, String) =
-        sqlx::query_as("SELECT current_setting('statement_timeout'), current_setting('lock_timeout')").fetch_one(&mut *conn).await.unwrap();
+    let settings = "SELECT current_setting('statement_timeout'), current_setting('lock_timeout'), coalesce(current_setting('wardcall.write_back', true), '')";
+    let before: (String, String, String) = sqlx::query_as(settings).fetch_one(&mut *conn).await.unwrap();
+    assert_ne!(before.2, "on");
     for (sql, message) in [("INSERT INTO wb_seen VALUES ($2->>'alert_status')", "first"), ("INSERT INTO wb_seen VALUES (NULL)", "second")] {
         sqlx::query("BEGIN").execute(&mut *conn).await.unwrap();
         sqlx::query("UPDATE wardcall.alerts SET message = $1 WHERE id = $2").bind(message).bind(alert).execute(&mut *conn).await.unwrap();
-        write_back_before_commit(&mut conn, Some(sql), "on_call_placed", &serde_json::json!({}), WriteBackSubject::Alert(alert), "test")
+        write_back(&mut conn, Some(sql), "on_call_placed", &serde_json::json!({}), WriteBackSubject::Alert(alert), "test")
             .await
             .expect("a failing write-back is kept out of the transaction");
+        let inside: (String, String, String) = sqlx::query_as(settings).fetch_one(&mut *conn).await.unwrap();
+        assert_eq!((&inside.0, &inside.1), (&before.0, &before.1), "the write-back's timeouts are put back before the commit ({sql})");
+        assert_ne!(inside.2, "on", "wardcall.write_back is off again before the commit ({sql})");
         sqlx::query("COMMIT").execute(&mut *conn).await.unwrap();
         let kept: String = sqlx::query_scalar("SELECT message FROM wardcall.alerts WHERE id = $1").bind(alert).fetch_one(&db.pool).await.unwrap();
         assert_eq!(kept, message, "the state change before the write-back committed");
-        let after: (String, String, Option<String>) =
-            sqlx::query_as("SELECT current_setting('statement_timeout'), current_setting('lock_timeout'), current_setting('wardcall.write_back', true)")
-                .fetch_one(&mut *conn)
-                .await
-                .unwrap();
-        assert_eq!((after.0.clone(), after.1.clone()), before, "the write-back's timeouts ended with the commit ({sql})");
-        assert_ne!(after.2.as_deref(), Some("on"), "wardcall.write_back ended with the commit ({sql})");
     }
     let seen: Vec<String> = sqlx::query_scalar("SELECT status FROM wb_seen").fetch_all(&db.pool).await.unwrap();
     assert_eq!(seen, vec!["open".to_string()], "the first statement saw the alert's details as $2; the failing one left nothing");

@@ -1,5 +1,5 @@
 //! Defects found in review of the alert path's round-trip cuts (issue 9:
-//! `fence_and_open`, `open_with_intents`, `write_back_before_commit`, the
+//! `fence_and_open`, `open_with_intents`, `write_back`, the
 //! dispatcher's `BEGIN` + lock in one simple query, lookups in one
 //! statement), each with the test that showed it (each failed before its fix).
 
