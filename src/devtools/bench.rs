@@ -1182,7 +1182,7 @@ async fn steps(options: &BenchOptions, sizes: &Sizes) -> anyhow::Result<Scenario
     let total = runs * per_run;
     let mut r = ScenarioReport::new(
         Scenario::Steps,
-        format!("{runs} script runs of {per_run} steps: committed run.step_completed transitions per second"),
+        format!("{runs} script runs of {per_run} steps: committed step transitions per second"),
         json!({"steps": total, "runs": runs, "steps_per_run": per_run, "workers": sizes.workers, "engines": sizes.engines}),
     );
     let env_owned = Env::start(options, "steps", sizes.workers, sizes.engines).await?;

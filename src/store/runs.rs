@@ -418,7 +418,7 @@ pub async fn write_transition(
         }
         Parking::Complete => {
             sqlx::query(
-                "UPDATE wardcall.runs SET state = $2, step = $3, status = 'completed', lease_owner = NULL,
+                "UPDATE wardcall.runs SET state = $2, step = $3, status = 'completed', lease_owner = NULL, step_attempt = 0, last_error = NULL,
                         wait_outcome = NULL, finished_at = clock_timestamp(), updated_at = clock_timestamp() WHERE id = $1",
             )
             .bind(run.id)
@@ -696,10 +696,10 @@ pub fn group_commit_statement(skip_locked: bool) -> String {
              UPDATE wardcall.runs r SET
                     state = i.state,
                     step = CASE WHEN i.kind = 'defer' THEN r.step ELSE i.next_step END,
-                    step_attempt = CASE WHEN i.kind IN ('continue','sleep','wait') THEN 0
+                    step_attempt = CASE WHEN i.kind IN ('continue','sleep','wait','complete') THEN 0
                                         WHEN i.kind = 'fail' THEN r.step_attempt + 1 ELSE r.step_attempt END,
                     wait_outcome = CASE WHEN i.kind IN ('fail','defer') THEN r.wait_outcome END,
-                    last_error = CASE WHEN i.kind IN ('continue','sleep','wait') THEN NULL
+                    last_error = CASE WHEN i.kind IN ('continue','sleep','wait','complete') THEN NULL
                                       WHEN i.kind = 'fail' THEN i.error ELSE r.last_error END,
                     status = i.to_status,
                     lease_owner = CASE WHEN i.kind = 'continue' THEN r.lease_owner END,

@@ -8,6 +8,7 @@ use wardcall::config::Config;
 pub fn tests() -> Vec<libtest_mimic::Trial> {
     trials![
         capture_runtime::committed_row_starts_a_run,
+        capture_runtime::a_run_whose_last_step_was_retried_completes_without_its_error,
         capture_runtime::rolled_back_row_starts_nothing,
         capture_runtime::one_notify_per_statement_and_condition_filters,
         capture_runtime::update_capture_sees_old_and_new,
@@ -81,6 +82,22 @@ pub async fn committed_row_starts_a_run() {
         sqlx::query_scalar("SELECT detail->>'step' FROM wardcall.audit_log WHERE action = 'run.completed'").fetch_one(&db.pool).await.unwrap();
     assert_eq!(ended_at, "op:1");
     assert_eq!(db.scalar_i64("SELECT count(*) FROM wardcall.outbox WHERE processed_at IS NOT NULL").await, 1);
+    app.stop(Duration::from_secs(2)).await;
+}
+
+/// The last step ends the run in its own transition: when that step failed
+/// once before it succeeded, the completed run keeps neither its error nor
+/// its attempt count (a `Next` used to clear them first).
+pub async fn a_run_whose_last_step_was_retried_completes_without_its_error() {
+    let db = TestDb::new().await;
+    db.exec(TASKS_TABLE).await;
+    let app = start_app(&db, config(&script_config(""))).await;
+    db.exec(r#"INSERT INTO tasks (kind, steps) VALUES ('go', '[{"op":"step"},{"op":"fail","times":1,"error":"flaky"}]')"#).await;
+    await_true(&db, "the run to complete", Duration::from_secs(10), "SELECT count(*) = 1 FROM wardcall.runs WHERE status = 'completed'").await;
+    let (last_error, step_attempt): (Option<String>, i32) =
+        sqlx::query_as("SELECT last_error, step_attempt FROM wardcall.runs").fetch_one(&db.pool).await.unwrap();
+    assert_eq!((last_error, step_attempt), (None, 0));
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM wardcall.audit_log WHERE action = 'run.retry_scheduled'").await, 1, "the step failed once");
     app.stop(Duration::from_secs(2)).await;
 }
 
