@@ -51,7 +51,7 @@ async fn count_on(probe: &sqlx::PgPool, sql: &str) -> i64 {
 /// `engine.lease_ms`, `engine.acquire_timeout_ms`), a flood of 300
 /// non-critical runs whose `sql` step takes 1 s: a critical alert inserted
 /// (by the team's application, on its own connection) as the flood starts is
-/// called within 2 s. With 16 workers, the previous default, the flood's
+/// called within 3 s (about 1 s; held behind the flood, 5 s or more). With 16 workers, the previous default, the flood's
 /// steps hold at most 16 of the 20 pooled connections and the alert's
 /// dispatch and step never wait for one; with 128, the alert's every
 /// statement queues behind the flood's (the pool is first come, first
@@ -115,6 +115,8 @@ pub async fn critical_alert_is_not_held_behind_slow_sql_work_at_default_workers(
     eprintln!(
         "workers {workers}: critical first call after {first_call:?} (flood unfinished then: {unfinished} of {FLOOD}); leases taken over {taken_over}; steps retried {retried}"
     );
-    assert!(first_call < Duration::from_secs(2), "the critical alert was called {first_call:?} after its insert: held behind the flood's connections");
+    // About 1 s here and 1.15 s on a loaded CI machine; held behind the
+    // flood's connections it is 5 s or more (the acquire timeout).
+    assert!(first_call < Duration::from_secs(3), "the critical alert was called {first_call:?} after its insert: held behind the flood's connections");
     assert_eq!((taken_over, retried), (0, 0), "leases lapsed (a step ran again) or steps failed waiting for a connection");
 }
