@@ -56,8 +56,9 @@ fn end_of_phase(ctx: &StepContext<'_>, phase: Phase) -> Transition {
 /// Where a run goes once the step at `addr` is done: the next step of its
 /// phase, or, when that step was the phase's last, the end of the phase
 /// ([`end_of_phase`]) in the same transition. Ending in the last step's own
-/// transition saves each run a row version, an audit row and a commit: a
-/// `Next` to a step that does not exist would only be claimed to end the run.
+/// transition saves each run a row version, an audit row and a commit: after
+/// a `Next` to a step that does not exist, the worker ran once more only to
+/// find that nothing was left and commit the ending on its own.
 fn after(ctx: &StepContext<'_>, addr: &StepAddress) -> Transition {
     if ctx.workflow.phase_steps(addr.phase).get(addr.index + 1).is_some() {
         Transition::Next { step: addr.next().render() }

@@ -106,8 +106,8 @@ sql = "INSERT INTO job_log (job_id, what) VALUES (($1->>'job')::bigint, $1->>'na
 
 /// A phase's last step ends the phase in its own transition (with its
 /// statement, exactly once): the main list's last step goes on to
-/// `on_complete` and the hook's last step completes the run, so no run is
-/// claimed again only to find that nothing is left.
+/// `on_complete` and the hook's last step completes the run, so no run
+/// commits a transition of its own only to find that nothing is left.
 pub async fn the_last_step_of_a_phase_ends_it_in_its_own_transition() {
     let db = TestDb::new().await;
     db.exec(JOBS).await;
