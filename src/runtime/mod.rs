@@ -147,6 +147,10 @@ pub struct Engine {
     slot_freed: Notify,
     /// Counts of the scheduler's claims.
     claims: ClaimStats,
+    /// Claims whose commit is in flight ([`CLAIMS_IN_FLIGHT`]).
+    claim_flights: Arc<Semaphore>,
+    /// A claim's commit landed (its runs are leased or written).
+    claim_landed: Notify,
     wake_dispatcher: Notify,
     call_sweeper: Arc<Notify>,
     shutdown: watch::Sender<bool>,
@@ -192,7 +196,7 @@ pub const GROUP_COMMIT_MIN: usize = 32;
 /// when a flight is free and nothing is queued ([`Engine::commit_grouped`]).
 pub const GROUP_COMMIT_WINDOW: Duration = Duration::from_millis(2);
 
-/// Most runs one claim takes ([`store::claim_due`]), in one statement; a
+/// Most runs one claim takes ([`store::lock_due`]), in one transaction; a
 /// claim takes at most as many as there are free workers.
 pub const CLAIM_MAX: usize = 256;
 
@@ -208,6 +212,12 @@ pub const CLAIM_MAX: usize = 256;
 /// (BENCHMARKS.md, "Issue 9, part 2: timers in bulk").
 pub const CLAIM_COALESCE_WINDOW: Duration = Duration::from_millis(5);
 
+/// Claims whose commit may be in flight at once: the scheduler locks the
+/// next due runs and runs their steps while the last claim's transitions
+/// and leases commit (on another connection, another core of PostgreSQL).
+/// Chosen with `wardcall bench timers` (BENCHMARKS.md, "Issue 9, sixth session").
+pub const CLAIMS_IN_FLIGHT: usize = 2;
+
 /// Free workers at which the scheduler claims without waiting out
 /// [`CLAIM_COALESCE_WINDOW`]: a quarter of `engine.workers`, at least one,
 /// at most [`CLAIM_MAX`].
@@ -218,14 +228,20 @@ pub fn claim_coalesce_slots(workers: usize) -> usize {
 /// Counts of an engine's claims of due runs (read with [`Engine::claim_stats`]).
 #[derive(Debug, Default)]
 pub struct ClaimStats {
-    /// Claim statements run ([`store::claim_due`]), empty ones included.
+    /// Claim transactions run ([`store::lock_due`]), empty ones included.
     pub claims: AtomicU64,
-    /// Runs those claims took.
+    /// Runs those claims leased to workers.
     pub runs: AtomicU64,
+    /// Runs whose step ran inside the claim and whose transition was
+    /// committed with it, without a lease (`WorkflowHost::runs_in_claim`).
+    pub fired_in_claim: AtomicU64,
     /// Claims that took no run.
     pub empty: AtomicU64,
-    /// The most runs one claim took.
+    /// The most runs one claim took (leased or run inside it).
     pub largest: AtomicU64,
+    /// Whether the last claim ran steps inside it (the next one then looks
+    /// at up to [`CLAIM_MAX`] due runs, free workers or not).
+    pub fired_last: AtomicBool,
 }
 
 /// Group commits in flight at once, each on a connection of the pool. While
@@ -307,6 +323,8 @@ impl Engine {
             wake_scheduler,
             slot_freed: Notify::new(),
             claims: ClaimStats::default(),
+            claim_flights: Arc::new(Semaphore::new(CLAIMS_IN_FLIGHT)),
+            claim_landed: Notify::new(),
             wake_dispatcher: Notify::new(),
             call_sweeper,
             shutdown,
@@ -852,34 +870,228 @@ impl Engine {
         });
     }
 
-    /// Claims due runs up to the free workers ([`CLAIM_MAX`] at most) and
-    /// starts them. Returns how many it asked for and how many it got.
+    /// Claims due runs and starts them: leases at most as many as there are
+    /// free workers ([`CLAIM_MAX`] at most), reserving their workers first;
+    /// after a claim that ran steps inside it, looks at up to [`CLAIM_MAX`]
+    /// due runs (steps run inside a claim need no worker). The scheduler
+    /// locks the runs and runs their steps ([`Engine::lock_due_runs`]); the
+    /// commit and the workers' start happen on a task of their own
+    /// ([`Engine::land_claim`]), [`CLAIMS_IN_FLIGHT`] at most, so that the
+    /// scheduler locks the next due runs meanwhile. Returns how many due runs
+    /// it asked for and how many it locked (leased, run inside the claim, or
+    /// left due for want of a worker).
     async fn claim_and_start(self: &Arc<Self>, free: usize) -> (usize, usize) {
-        let limit = free.min(CLAIM_MAX);
-        let runs = match store::claim_due(&self.db.pool, &self.engine_id, limit as i64, self.lease_ms()).await {
-            Ok(runs) => runs,
+        let Ok(flight) = self.claim_flights.clone().acquire_owned().await else { return (0, 0) };
+        let fired_last = self.claims.fired_last.load(Ordering::Relaxed);
+        let want = free.min(self.slots.available_permits()).min(CLAIM_MAX);
+        // The workers of the runs this claim leases: each starts at once.
+        let reserved = if want > 0 { self.slots.clone().try_acquire_many_owned(want as u32).ok() } else { None };
+        let lease_max = if reserved.is_some() { want } else { 0 };
+        let limit = if fired_last { CLAIM_MAX } else { lease_max };
+        if limit == 0 {
+            return (0, 0);
+        }
+        match self.lock_due_runs(limit, lease_max).await {
+            Ok(claim) => {
+                let locked = claim.locked;
+                self.claims.fired_last.store(!claim.fired.is_empty(), Ordering::Relaxed);
+                let e = self.clone();
+                tokio::spawn(async move { e.land_claim(claim, reserved, lease_max, flight).await });
+                (limit, locked)
+            }
+            Err(e) => {
+                let why = self.db.explain(&e).await;
+                tracing::warn!(error = %why, "locking due runs failed; claiming with leases only");
+                self.claims.fired_last.store(false, Ordering::Relaxed);
+                let got = self.claim_with_leases_only(lease_max, reserved).await;
+                drop(flight);
+                (limit, got)
+            }
+        }
+    }
+
+    /// [`store::claim_due`]: up to `lease_max` due runs leased in one
+    /// statement, no step run inside it, started on the `reserved` workers.
+    /// The fallback of a claim that could not run steps inside it: whatever
+    /// failed there (a step's transition that cannot be written, an emit)
+    /// must not hold up the other due runs, a critical alert's among them.
+    /// Returns how many it leased.
+    async fn claim_with_leases_only(self: &Arc<Self>, lease_max: usize, reserved: Option<tokio::sync::OwnedSemaphorePermit>) -> usize {
+        if lease_max == 0 {
+            return 0;
+        }
+        match store::claim_due(&self.db.pool, &self.engine_id, lease_max as i64, self.lease_ms()).await {
+            Ok(runs) => {
+                let n = runs.len();
+                self.count_claim(n, 0);
+                self.start_reserved(runs, reserved);
+                n
+            }
             Err(e) => {
                 let why = self.db.explain(&e).await;
                 tracing::warn!(error = %why, "claiming due runs failed");
-                return (limit, 0);
+                0
             }
-        };
+        }
+    }
+
+    fn count_claim(&self, leased: usize, fired: usize) {
         let c = &self.claims;
         c.claims.fetch_add(1, Ordering::Relaxed);
-        c.runs.fetch_add(runs.len() as u64, Ordering::Relaxed);
-        c.largest.fetch_max(runs.len() as u64, Ordering::Relaxed);
-        if runs.is_empty() {
+        c.runs.fetch_add(leased as u64, Ordering::Relaxed);
+        c.fired_in_claim.fetch_add(fired as u64, Ordering::Relaxed);
+        c.largest.fetch_max((leased + fired) as u64, Ordering::Relaxed);
+        if leased + fired == 0 {
             c.empty.fetch_add(1, Ordering::Relaxed);
         }
-        let got = runs.len();
+    }
+
+    /// Starts `runs` on the workers `reserved` for them (one each); the
+    /// reservation's surplus goes back to the pool.
+    fn start_reserved(self: &Arc<Self>, runs: Vec<ClaimedRun>, mut reserved: Option<tokio::sync::OwnedSemaphorePermit>) {
         for run in runs {
-            let permit = match self.slots.clone().try_acquire_owned() {
-                Ok(p) => p,
-                Err(_) => self.slots.clone().acquire_owned().await.expect("semaphore never closed"),
-            };
-            self.start(run, permit);
+            let permit = reserved.as_mut().and_then(|r| if r.num_permits() > 1 { r.split(1) } else { None }).or_else(|| reserved.take());
+            match permit {
+                Some(p) => self.start(run, p),
+                // Not reached: a claim leases no more runs than it reserved workers for.
+                None => tracing::error!(run = %run.id, "a leased run has no worker; its lease will lapse and it is claimed again"),
+            }
         }
-        (limit, got)
+        if reserved.take().is_some() {
+            self.slot_freed.notify_one();
+        }
+    }
+
+    /// Commits a claim locked by [`Engine::lock_due_runs`]: the transitions
+    /// of the steps run inside it ([`store::commit_fired_in_claim`]) and the
+    /// leases ([`store::claim_locked`]), in its one transaction; then starts
+    /// the leased runs on the `reserved` workers. If the commit fails,
+    /// nothing of it is written and the due runs are claimed again with
+    /// leases only ([`Engine::claim_with_leases_only`]).
+    async fn land_claim(
+        self: Arc<Self>,
+        claim: LockedClaim,
+        reserved: Option<tokio::sync::OwnedSemaphorePermit>,
+        lease_max: usize,
+        flight: tokio::sync::OwnedSemaphorePermit,
+    ) {
+        let LockedClaim { mut tx, fired, held, leased, .. } = claim;
+        let landed = async {
+            let held: Vec<&str> = held.iter().map(String::as_str).collect();
+            let outcomes = store::commit_fired_in_claim(&mut tx, &fired, &held).await?;
+            if let Some(i) = outcomes.iter().position(|o| !matches!(o, store::GroupOutcome::Committed { .. })) {
+                // The claim holds these rows: this cannot happen short of a bug.
+                return Err(sqlx::Error::Protocol(format!("run {} run inside a claim could not be written", fired[i].id)));
+            }
+            let leased: Vec<&ClaimedRun> = leased.iter().collect();
+            let claimed = store::claim_locked(&mut tx, &leased, &self.engine_id, self.lease_ms()).await?;
+            tx.commit().await?;
+            Ok::<_, sqlx::Error>(claimed)
+        }
+        .await;
+        match landed {
+            Ok(claimed) => {
+                self.count_claim(claimed.len(), fired.len());
+                self.start_reserved(claimed, reserved);
+            }
+            Err(e) => {
+                let why = self.db.explain(&e).await;
+                tracing::warn!(error = %why, "a claim that ran steps inside it failed; claiming with leases only");
+                self.claims.fired_last.store(false, Ordering::Relaxed);
+                self.claim_with_leases_only(lease_max, reserved).await;
+            }
+        }
+        drop(flight);
+        self.claim_landed.notify_one();
+    }
+
+    /// The first half of a claim, in one transaction: locks up to `limit`
+    /// due runs ([`store::lock_due`], critical runs first); runs the step of
+    /// each non-critical one whose step needs no I/O
+    /// ([`WorkflowHost::runs_in_claim`]) and keeps its transition if the
+    /// step parks or ends the run, to be committed with the claim
+    /// ([`Engine::land_claim`]): one row version and one audit row for a
+    /// fired timer instead of a claim and a transition; chooses the runs to
+    /// lease, at most `lease_max` (critical first, then oldest due first).
+    /// A step run here that goes on to another step, waits, fails or panics
+    /// is discarded (it had no effect) and its run leased, so that a worker
+    /// runs it as usual. The runs neither run nor leased stay as they were.
+    /// The commit is atomic: after a crash or an error nothing of it is
+    /// written and every run is due as before.
+    ///
+    /// Errors: a database error (the transaction is rolled back).
+    async fn lock_due_runs(self: &Arc<Self>, limit: usize, lease_max: usize) -> Result<LockedClaim, sqlx::Error> {
+        let actor = self.actor();
+        let mut tx = self.db.pool.begin().await?;
+        let due = store::lock_due(&mut tx, limit as i64).await?;
+        let locked = due.len();
+        let mut claim = LockedClaim { tx, fired: Vec::new(), held: Vec::new(), leased: Vec::new(), locked };
+        for (run, critical) in due {
+            // A critical run is leased at once (and its worker starts first).
+            let in_claim = if critical { None } else { self.run_in_claim(&mut claim.tx, &run, &actor).await? };
+            match in_claim {
+                Some(transition) => {
+                    claim.fired.push(transition);
+                    claim.held.push(run.previous_status);
+                }
+                // More than the free workers are left due, untouched.
+                None if claim.leased.len() < lease_max => claim.leased.push(run),
+                None => {}
+            }
+        }
+        Ok(claim)
+    }
+
+    /// Runs `run`'s step inside the claim's transaction `tx` when the
+    /// workflows say it needs no I/O ([`WorkflowHost::runs_in_claim`]) and it
+    /// was not left `running` by a lost lease (a takeover is leased and
+    /// audited as such). Returns its transition when the step parks or ends
+    /// the run (its [`step::CommitWork`] applied in a savepoint of `tx`),
+    /// `None` when a worker should run it instead (nothing of it written).
+    async fn run_in_claim(&self, tx: &mut sqlx::PgConnection, run: &ClaimedRun, actor: &str) -> Result<Option<store::TransitionCommit>, sqlx::Error> {
+        if run.previous_status == "running" {
+            return Ok(None);
+        }
+        let Some(workflow) = self.config.workflow(&run.workflow) else { return Ok(None) };
+        if !self.host.runs_in_claim(workflow, run) {
+            return Ok(None);
+        }
+        let lost = Arc::new(AtomicBool::new(false));
+        let mut state = run.state.clone();
+        let (result, in_commit) = {
+            use futures_util::FutureExt;
+            let mut ctx = StepContext { services: &self.services, run, workflow, state: &mut state, lease_lost: &lost, in_commit: Vec::new() };
+            let r = std::panic::AssertUnwindSafe(self.host.run_step(&mut ctx)).catch_unwind().await;
+            (r, std::mem::take(&mut ctx.in_commit))
+        };
+        let (next_step, parking) = match result {
+            Ok(Ok(
+                transition
+                @ (Transition::Sleep { .. } | Transition::SleepUntil { .. } | Transition::Complete | Transition::Fail { .. } | Transition::Cancelled),
+            )) => parking_of(transition, &run.step),
+            _ => return Ok(None),
+        };
+        if !in_commit.is_empty() {
+            use sqlx::Connection;
+            let mut savepoint = tx.begin().await?;
+            for work in &in_commit {
+                if work.apply(&mut savepoint, &run.input, &mut state).await.is_err() {
+                    // The worker runs the step again and meets the error there.
+                    savepoint.rollback().await?;
+                    return Ok(None);
+                }
+            }
+            savepoint.commit().await?;
+        }
+        Ok(Some(store::TransitionCommit {
+            id: run.id,
+            fencing_token: run.fencing_token,
+            step: run.step.clone(),
+            state: Arc::new(state),
+            next_step,
+            parking,
+            actor: actor.to_string(),
+        }))
     }
 
     /// While due runs wait for workers: returns when the scheduler should
@@ -928,15 +1140,28 @@ impl Engine {
             }
             self.health.beat(&self.health.scheduler_beat);
             let free = self.slots.available_permits();
+            let (asked, got) = if free == 0 && !self.claims.fired_last.load(Ordering::Relaxed) { (0, 0) } else { self.claim_and_start(free).await };
+            let full = asked > 0 && got == asked;
+            if full && self.claims.fired_last.load(Ordering::Relaxed) {
+                // Steps ran inside that claim and more runs are due: claim
+                // again at once (the claims in flight bound how far ahead).
+                continue;
+            }
             // Due runs are waiting for workers when every worker is busy or
             // the claim took all it asked for: claim again when enough
             // workers are free, not for every one that frees.
-            let backlog = free == 0 || {
-                let (asked, got) = self.claim_and_start(free).await;
-                got == asked
-            };
-            if backlog {
+            if free == 0 || full {
                 self.await_free_workers(poll, &mut stop).await;
+                continue;
+            }
+            if self.claim_flights.available_permits() < CLAIMS_IN_FLIGHT {
+                // The runs of a claim in flight still look due until it lands.
+                tokio::select! {
+                    _ = self.claim_landed.notified() => {}
+                    _ = self.wake_scheduler.notified() => {}
+                    _ = tokio::time::sleep(poll) => {}
+                    _ = stop.changed() => return,
+                }
                 continue;
             }
             let wait = match store::next_due_in_ms(&self.db.pool).await {
@@ -1027,16 +1252,7 @@ impl Engine {
             };
             let result = match result {
                 Ok(transition) => {
-                    let (next_step, parking) = match transition {
-                        Transition::Next { step } => (step, Parking::Continue),
-                        Transition::Sleep { step, delay_ms } => (step, Parking::Sleep { due_at_epoch_ms: None, delay_ms }),
-                        Transition::SleepUntil { step, epoch_ms } => (step, Parking::Sleep { due_at_epoch_ms: Some(epoch_ms), delay_ms: 0 }),
-                        Transition::Wait { step, signal, timeout_ms } => (step, Parking::Wait { signal, timeout_ms }),
-                        Transition::Complete => (run.step.clone(), Parking::Complete),
-                        Transition::Fail { error } => (run.step.clone(), Parking::Fail { error }),
-                        Transition::Cancelled => (run.step.clone(), Parking::Cancelled),
-                        Transition::Defer { delay_ms } => (run.step.clone(), Parking::Defer { delay_ms }),
-                    };
+                    let (next_step, parking) = parking_of(transition, &run.step);
                     let critical = self.host.is_critical(workflow);
                     match self.commit_step(&run, critical, &mut state, &next_step, &parking, &in_commit, &actor).await {
                         Ok(committed) => Ok((next_step, parking, committed)),
@@ -1356,6 +1572,35 @@ async fn group_committer(
             }
         });
     }
+}
+
+/// The step a run goes on with and what it becomes after a step at
+/// `current` answered `transition`.
+fn parking_of(transition: Transition, current: &str) -> (String, Parking) {
+    match transition {
+        Transition::Next { step } => (step, Parking::Continue),
+        Transition::Sleep { step, delay_ms } => (step, Parking::Sleep { due_at_epoch_ms: None, delay_ms }),
+        Transition::SleepUntil { step, epoch_ms } => (step, Parking::Sleep { due_at_epoch_ms: Some(epoch_ms), delay_ms: 0 }),
+        Transition::Wait { step, signal, timeout_ms } => (step, Parking::Wait { signal, timeout_ms }),
+        Transition::Complete => (current.to_string(), Parking::Complete),
+        Transition::Fail { error } => (current.to_string(), Parking::Fail { error }),
+        Transition::Cancelled => (current.to_string(), Parking::Cancelled),
+        Transition::Defer { delay_ms } => (current.to_string(), Parking::Defer { delay_ms }),
+    }
+}
+
+/// A claim whose runs are locked and whose in-claim steps have run, not yet
+/// committed ([`Engine::lock_due_runs`], [`Engine::land_claim`]).
+struct LockedClaim {
+    tx: sqlx::Transaction<'static, sqlx::Postgres>,
+    /// Transitions of the steps run inside the claim.
+    fired: Vec<store::TransitionCommit>,
+    /// The status each of `fired`'s runs was due in.
+    held: Vec<String>,
+    /// Runs to lease.
+    leased: Vec<ClaimedRun>,
+    /// Due runs locked.
+    locked: usize,
 }
 
 /// Aborts a task when dropped.

@@ -120,6 +120,16 @@ pub trait WorkflowHost: Send + Sync {
     fn run_step<'a, 'c: 'a>(&'a self, ctx: &'a mut StepContext<'c>) -> BoxFuture<'a, Result<Transition, StepError>>;
     /// Whether runs of `w` are claimed and dispatched before other work.
     fn is_critical(&self, w: &Workflow) -> bool;
+    /// Whether `run`'s current step (`run.step`) may run inside the claim's
+    /// transaction instead of on a worker under a lease: true only for a
+    /// step that performs no I/O (no provider, HTTP or lookup; its future
+    /// never waits on anything but the CPU) and whose [`CommitWork`], if any,
+    /// is a short write to wardcall's own tables (an `emit`), never a team's
+    /// statement. The runtime then runs it while the claim holds the run's
+    /// row, and commits its transition (if it parks or ends the run) with
+    /// the claim, so the run takes one row version instead of two (DESIGN.md
+    /// invariant 3 forbids locks held across I/O, which such a step has none of).
+    fn runs_in_claim(&self, w: &Workflow, run: &ClaimedRun) -> bool;
     /// How `step` (a `runs.step` value) of `w` is retried.
     fn retry_rule(&self, w: &Workflow, step: &str) -> RetryRule;
     /// Where a run of `w` goes when `step` failed for good (a hook's first

@@ -96,6 +96,76 @@ pub async fn claim_due(pool: &PgPool, owner: &str, limit: i64, lease_ms: i64) ->
     rows.iter().map(ClaimedRun::from_row).collect()
 }
 
+/// The first statement of a claim that may run steps inside it
+/// (`Engine::claim_and_start`): locks up to `limit` due runs, in
+/// [`claim_due`]'s order (critical first, then oldest due first), with
+/// `FOR UPDATE SKIP LOCKED`, and reads them without changing them. Each is
+/// returned as it is: `fencing_token` its current token, `previous_status`
+/// its status, with its `runs.critical` flag. The caller's transaction then either runs a run's step and
+/// writes its transition ([`commit_fired_in_claim`]) or claims it
+/// ([`claim_locked`]); what it does neither with stays as it was at commit.
+pub async fn lock_due(conn: &mut PgConnection, limit: i64) -> Result<Vec<(ClaimedRun, bool)>, sqlx::Error> {
+    let rows = sqlx::query(
+        "WITH crit AS (
+             SELECT id FROM wardcall.runs
+              WHERE critical AND status IN ('pending','running','sleeping','waiting') AND due_at <= now()
+              ORDER BY due_at LIMIT $1 FOR UPDATE SKIP LOCKED),
+         rest AS (
+             SELECT id FROM wardcall.runs
+              WHERE NOT critical AND status IN ('pending','running','sleeping','waiting') AND due_at <= now()
+              ORDER BY due_at LIMIT greatest($1 - (SELECT count(*) FROM crit), 0) FOR UPDATE SKIP LOCKED),
+         due AS (SELECT id, 0 AS half, row_number() OVER () AS n FROM crit UNION ALL SELECT id, 1, row_number() OVER () FROM rest)
+         SELECT r.id, r.workflow, r.event, r.input, r.state, r.step, r.step_attempt, r.fencing_token,
+                r.wait_signal, r.wait_outcome, r.status AS previous_status, r.critical
+           FROM due JOIN wardcall.runs r ON r.id = due.id
+          ORDER BY due.half, due.n",
+    )
+    .bind(limit)
+    .fetch_all(conn)
+    .await?;
+    rows.iter().map(|r| Ok((ClaimedRun::from_row(r)?, r.try_get("critical")?))).collect()
+}
+
+/// Claims runs locked by [`lock_due`] in the caller's transaction, as
+/// [`claim_due`] claims: each gets a lease of `lease_ms` milliseconds held by
+/// `owner` and its next fencing token, audited `run.claimed` (or
+/// `run.lease_taken_over` when it was `running`), in one statement.
+/// Returns them claimed, in the order of `runs`.
+pub async fn claim_locked(conn: &mut PgConnection, runs: &[&ClaimedRun], owner: &str, lease_ms: i64) -> Result<Vec<ClaimedRun>, sqlx::Error> {
+    if runs.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids: Vec<Uuid> = runs.iter().map(|r| r.id).collect();
+    let previous: Vec<&str> = runs.iter().map(|r| r.previous_status.as_str()).collect();
+    let rows = sqlx::query(
+        "WITH due AS (SELECT * FROM unnest($1::uuid[], $2::text[]) AS t(id, previous_status)),
+         claimed AS (
+             UPDATE wardcall.runs r
+                SET status = 'running', lease_owner = $3, fencing_token = r.fencing_token + 1,
+                    due_at = clock_timestamp() + $4 * interval '1 millisecond', updated_at = clock_timestamp()
+               FROM due WHERE r.id = due.id
+             RETURNING r.id, r.workflow, r.event, r.input, r.state, r.step, r.step_attempt, r.fencing_token,
+                       r.wait_signal, r.wait_outcome, due.previous_status),
+         audited AS (
+             INSERT INTO wardcall.audit_log (entity, entity_id, action, from_state, to_state, actor, detail)
+             SELECT 'run', id::text,
+                    CASE WHEN previous_status = 'running' THEN 'run.lease_taken_over' ELSE 'run.claimed' END,
+                    previous_status, 'running', 'engine:' || $3,
+                    jsonb_build_object('step', step, 'fencing_token', fencing_token)
+               FROM claimed)
+         SELECT * FROM claimed",
+    )
+    .bind(&ids)
+    .bind(&previous)
+    .bind(owner)
+    .bind(lease_ms)
+    .fetch_all(conn)
+    .await?;
+    let mut by_id: std::collections::HashMap<Uuid, ClaimedRun> =
+        rows.iter().map(ClaimedRun::from_row).map(|r| r.map(|r| (r.id, r))).collect::<Result<_, _>>()?;
+    Ok(ids.iter().filter_map(|id| by_id.remove(id)).collect())
+}
+
 /// Milliseconds until the next live run is due (negative: overdue), or `None`
 /// when no run is live. Two index lookups on `runs_claim`.
 pub async fn next_due_in_ms(pool: &PgPool) -> Result<Option<f64>, sqlx::Error> {
@@ -572,67 +642,116 @@ pub async fn commit_transitions_skip_locked(pool: &PgPool, batch: &[TransitionCo
     commit_batch(pool, batch, true).await
 }
 
+/// The 14 arrays of a group commit's statement ([`group_commit_statement`]),
+/// one element per transition, and the runs that park on a `wait`.
+struct GroupArrays<'a> {
+    ids: Vec<Uuid>,
+    tokens: Vec<i64>,
+    states: Vec<&'a Value>,
+    next_steps: Vec<&'a str>,
+    kinds: Vec<&'static str>,
+    due_epochs: Vec<Option<i64>>,
+    delays: Vec<i64>,
+    signals: Vec<Option<&'a str>>,
+    errors: Vec<Option<&'a str>>,
+    actions: Vec<&'static str>,
+    statuses: Vec<&'static str>,
+    details: Vec<Value>,
+    actors: Vec<&'a str>,
+    held: Vec<&'a str>,
+    waits: Vec<Uuid>,
+}
+
+impl<'a> GroupArrays<'a> {
+    /// `held[i]`: the status `batch[i]`'s run must have to be written.
+    fn new(batch: &'a [TransitionCommit], held: &[&'a str]) -> GroupArrays<'a> {
+        let n = batch.len();
+        let mut a = GroupArrays {
+            ids: Vec::with_capacity(n),
+            tokens: Vec::with_capacity(n),
+            states: Vec::with_capacity(n),
+            next_steps: Vec::with_capacity(n),
+            kinds: Vec::with_capacity(n),
+            due_epochs: Vec::with_capacity(n),
+            delays: Vec::with_capacity(n),
+            signals: Vec::with_capacity(n),
+            errors: Vec::with_capacity(n),
+            actions: Vec::with_capacity(n),
+            statuses: Vec::with_capacity(n),
+            details: Vec::with_capacity(n),
+            actors: Vec::with_capacity(n),
+            held: held.to_vec(),
+            waits: Vec::new(),
+        };
+        for t in batch {
+            let (kind, status, action, detail) = transition_row(t);
+            let (due_epoch, delay, signal, error) = match &t.parking {
+                Parking::Sleep { due_at_epoch_ms, delay_ms } => (*due_at_epoch_ms, (*delay_ms).max(0), None, None),
+                Parking::Wait { signal, timeout_ms } => (None, (*timeout_ms).max(0), Some(signal.as_str()), None),
+                Parking::Defer { delay_ms } => (None, (*delay_ms).max(0), None, None),
+                Parking::Fail { error } => (None, 0, None, Some(error.as_str())),
+                _ => (None, 0, None, None),
+            };
+            if kind == "wait" {
+                a.waits.push(t.id);
+            }
+            a.ids.push(t.id);
+            a.tokens.push(t.fencing_token);
+            a.states.push(&*t.state);
+            a.next_steps.push(t.next_step.as_str());
+            a.kinds.push(kind);
+            a.due_epochs.push(due_epoch);
+            a.delays.push(delay);
+            a.signals.push(signal);
+            a.errors.push(error);
+            a.actions.push(action);
+            a.statuses.push(status);
+            a.details.push(detail);
+            a.actors.push(t.actor.as_str());
+        }
+        a
+    }
+
+    fn query<'q>(&'q self, sql: &'q str) -> sqlx::query::QueryAs<'q, sqlx::Postgres, (Uuid, bool), sqlx::postgres::PgArguments> {
+        sqlx::query_as::<_, (Uuid, bool)>(sql)
+            .bind(&self.ids)
+            .bind(&self.tokens)
+            .bind(&self.states)
+            .bind(&self.next_steps)
+            .bind(&self.kinds)
+            .bind(&self.due_epochs)
+            .bind(&self.delays)
+            .bind(&self.signals)
+            .bind(&self.errors)
+            .bind(&self.actions)
+            .bind(&self.statuses)
+            .bind(&self.details)
+            .bind(&self.actors)
+            .bind(&self.held)
+    }
+}
+
+/// How the rows a group commit's statement returned map to its batch.
+fn group_outcomes(batch: &[TransitionCommit], rows: Vec<(Uuid, bool)>, due_now: &[Uuid]) -> Vec<GroupOutcome> {
+    let found: std::collections::HashMap<Uuid, bool> = rows.into_iter().collect();
+    batch
+        .iter()
+        .map(|t| match found.get(&t.id) {
+            Some(true) => GroupOutcome::Committed { due_now: due_now.contains(&t.id) },
+            Some(false) => GroupOutcome::Busy,
+            None => GroupOutcome::LeaseLost,
+        })
+        .collect()
+}
+
 async fn commit_batch(pool: &PgPool, batch: &[TransitionCommit], skip_locked: bool) -> Result<Vec<GroupOutcome>, sqlx::Error> {
     if batch.is_empty() {
         return Ok(Vec::new());
     }
-    let n = batch.len();
-    let mut ids = Vec::with_capacity(n);
-    let mut tokens = Vec::with_capacity(n);
-    let mut states = Vec::with_capacity(n);
-    let mut next_steps = Vec::with_capacity(n);
-    let mut kinds = Vec::with_capacity(n);
-    let mut due_epochs: Vec<Option<i64>> = Vec::with_capacity(n);
-    let mut delays = Vec::with_capacity(n);
-    let mut signals: Vec<Option<&str>> = Vec::with_capacity(n);
-    let mut errors: Vec<Option<&str>> = Vec::with_capacity(n);
-    let mut actions = Vec::with_capacity(n);
-    let mut statuses = Vec::with_capacity(n);
-    let mut details = Vec::with_capacity(n);
-    let mut actors = Vec::with_capacity(n);
-    let mut waits = Vec::new();
-    for t in batch {
-        let (kind, status, action, detail) = transition_row(t);
-        let (due_epoch, delay, signal, error) = match &t.parking {
-            Parking::Sleep { due_at_epoch_ms, delay_ms } => (*due_at_epoch_ms, (*delay_ms).max(0), None, None),
-            Parking::Wait { signal, timeout_ms } => (None, (*timeout_ms).max(0), Some(signal.as_str()), None),
-            Parking::Defer { delay_ms } => (None, (*delay_ms).max(0), None, None),
-            Parking::Fail { error } => (None, 0, None, Some(error.as_str())),
-            _ => (None, 0, None, None),
-        };
-        if kind == "wait" {
-            waits.push(t.id);
-        }
-        ids.push(t.id);
-        tokens.push(t.fencing_token);
-        states.push(&*t.state);
-        next_steps.push(t.next_step.as_str());
-        kinds.push(kind);
-        due_epochs.push(due_epoch);
-        delays.push(delay);
-        signals.push(signal);
-        errors.push(error);
-        actions.push(action);
-        statuses.push(status);
-        details.push(detail);
-        actors.push(t.actor.as_str());
-    }
+    let arrays = GroupArrays::new(batch, &vec!["running"; batch.len()]);
     let sql = group_commit_statement(skip_locked);
-    let query = sqlx::query_as::<_, (Uuid, bool)>(&sql)
-        .bind(&ids)
-        .bind(&tokens)
-        .bind(&states)
-        .bind(&next_steps)
-        .bind(&kinds)
-        .bind(&due_epochs)
-        .bind(&delays)
-        .bind(&signals)
-        .bind(&errors)
-        .bind(&actions)
-        .bind(&statuses)
-        .bind(&details)
-        .bind(&actors);
-    let (rows, due_now): (Vec<(Uuid, bool)>, Vec<Uuid>) = if waits.is_empty() {
+    let query = arrays.query(&sql);
+    let (rows, due_now): (Vec<(Uuid, bool)>, Vec<Uuid>) = if arrays.waits.is_empty() {
         (query.fetch_all(pool).await?, Vec::new())
     } else {
         let mut tx = pool.begin().await?;
@@ -644,38 +763,55 @@ async fn commit_batch(pool: &PgPool, batch: &[TransitionCommit], skip_locked: bo
                 AND EXISTS (SELECT 1 FROM wardcall.signals s WHERE s.run_id = r.id AND s.name = r.wait_signal AND s.consumed_at IS NULL)
              RETURNING r.id",
         )
-        .bind(rows.iter().filter(|(id, written)| *written && waits.contains(id)).map(|(id, _)| *id).collect::<Vec<Uuid>>())
+        .bind(rows.iter().filter(|(id, written)| *written && arrays.waits.contains(id)).map(|(id, _)| *id).collect::<Vec<Uuid>>())
         .fetch_all(&mut *tx)
         .await?;
         tx.commit().await?;
         (rows, due_now)
     };
-    let found: std::collections::HashMap<Uuid, bool> = rows.into_iter().collect();
-    Ok(batch
-        .iter()
-        .map(|t| match found.get(&t.id) {
-            Some(true) => GroupOutcome::Committed { due_now: due_now.contains(&t.id) },
-            Some(false) => GroupOutcome::Busy,
-            None => GroupOutcome::LeaseLost,
-        })
-        .collect())
+    Ok(group_outcomes(batch, rows, &due_now))
+}
+
+/// Writes, in the caller's transaction, the transitions of steps that ran
+/// inside a claim (`Engine::claim_and_start`): runs locked by [`lock_due`]
+/// and never leased, `held[i]` the status `batch[i]`'s run was due in (its
+/// fencing token unchanged). The same statement as a group commit
+/// ([`group_commit_statement`]): each run written exactly as
+/// [`write_transition`] would and audited with `from_state` = its `held`
+/// status. A batch holds no `wait` (a wait's kept signal needs a statement
+/// of its own: such a step is run by a worker instead).
+///
+/// Returns, in the order of `batch`, [`GroupOutcome::Committed`] for each run
+/// written, or [`GroupOutcome::LeaseLost`] for one whose token or status no
+/// longer matched (none should: the caller holds their rows).
+pub async fn commit_fired_in_claim(conn: &mut PgConnection, batch: &[TransitionCommit], held: &[&str]) -> Result<Vec<GroupOutcome>, sqlx::Error> {
+    if batch.is_empty() {
+        return Ok(Vec::new());
+    }
+    debug_assert!(batch.iter().all(|t| !matches!(t.parking, Parking::Wait { .. })), "a wait is not run inside a claim");
+    let arrays = GroupArrays::new(batch, held);
+    let sql = group_commit_statement(false);
+    let rows = arrays.query(&sql).fetch_all(conn).await?;
+    Ok(group_outcomes(batch, rows, &[]))
 }
 
 /// The text of a group commit's statement ([`commit_transitions`], and with
-/// `skip_locked` [`commit_transitions_skip_locked`]), for `EXPLAIN`. It takes
-/// the batch as 13 arrays of one element per run, in this order: `id uuid[]`,
-/// `token bigint[]`, `state jsonb[]`, `next_step text[]`, `kind text[]`
-/// (`continue`, `sleep`, `wait`, `complete`, `fail`, `cancelled`, `defer`),
-/// `due_epoch_ms bigint[]` (UTC milliseconds, or NULL), `delay_ms bigint[]`,
-/// `signal text[]`, `error text[]`, `action text[]` (the audit action),
-/// `to_status text[]`, `detail jsonb[]` (the audit detail), `actor text[]`;
-/// it returns `(id, written)` per run found with its token: `written` false
+/// `skip_locked` [`commit_transitions_skip_locked`]; [`commit_fired_in_claim`]),
+/// for `EXPLAIN`. It takes the batch as 14 arrays of one element per run, in
+/// this order: `id uuid[]`, `token bigint[]`, `state jsonb[]`, `next_step
+/// text[]`, `kind text[]` (`continue`, `sleep`, `wait`, `complete`, `fail`,
+/// `cancelled`, `defer`), `due_epoch_ms bigint[]` (UTC milliseconds, or
+/// NULL), `delay_ms bigint[]`, `signal text[]`, `error text[]`, `action
+/// text[]` (the audit action), `to_status text[]`, `detail jsonb[]` (the
+/// audit detail), `actor text[]`, `held text[]` (the status the run must
+/// still have, also the audit row's `from_state`: `running` for a worker's
+/// step, the status it was due in for a step run inside a claim); it returns
+/// `(id, written)` per run found with its token and status: `written` false
 /// when another transaction held its row (only with `skip_locked`).
 ///
 /// The batch's runs are found by primary key (`r.id = ANY($1)`), never through
 /// their status: `r.status = i.held` compares with a column of the
-/// materialized input (`MATERIALIZED`: inlined, `held` would fold back into
-/// the constant), a join clause that cannot become a restriction on
+/// materialized input, a join clause that cannot become a restriction on
 /// `runs_status` (the unique primary key wins the join).
 /// Written as `r.status = 'running'`, the planner's estimate of running rows
 /// (often "about one", from statistics taken while few ran) made it scan every
@@ -685,9 +821,9 @@ async fn commit_batch(pool: &PgPool, batch: &[TransitionCommit], skip_locked: bo
 pub fn group_commit_statement(skip_locked: bool) -> String {
     format!(
         "WITH input AS MATERIALIZED (
-             SELECT *, 'running'::text AS held FROM unnest($1::uuid[], $2::bigint[], $3::jsonb[], $4::text[], $5::text[], $6::bigint[], $7::bigint[],
-                                  $8::text[], $9::text[], $10::text[], $11::text[], $12::jsonb[], $13::text[])
-                 AS t(id, token, state, next_step, kind, due_epoch_ms, delay_ms, signal, error, action, to_status, detail, actor)),
+             SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::jsonb[], $4::text[], $5::text[], $6::bigint[], $7::bigint[],
+                                  $8::text[], $9::text[], $10::text[], $11::text[], $12::jsonb[], $13::text[], $14::text[])
+                 AS t(id, token, state, next_step, kind, due_epoch_ms, delay_ms, signal, error, action, to_status, detail, actor, held)),
          locked AS (
              SELECT r.id FROM wardcall.runs r JOIN input i ON i.id = r.id
               WHERE r.id = ANY($1::uuid[]) AND r.fencing_token = i.token AND r.status = i.held
@@ -717,7 +853,7 @@ pub fn group_commit_statement(skip_locked: bool) -> String {
              RETURNING r.id),
          audited AS (
              INSERT INTO wardcall.audit_log (entity, entity_id, action, from_state, to_state, actor, detail)
-             SELECT 'run', i.id::text, i.action, 'running', i.to_status, i.actor, i.detail
+             SELECT 'run', i.id::text, i.action, i.held, i.to_status, i.actor, i.detail
                FROM input i JOIN updated u ON u.id = i.id)
          SELECT id, true FROM updated{busy}",
         lock = if skip_locked { " SKIP LOCKED" } else { "" },

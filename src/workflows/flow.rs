@@ -67,6 +67,17 @@ fn after(ctx: &StepContext<'_>, addr: &StepAddress) -> Transition {
     }
 }
 
+/// Whether the run's current step needs no I/O ([`super::runs_in_claim`]):
+/// a `sleep`, a `sleep_until` with a template instant, an `emit` (its event
+/// is written with the claim), or the end of a phase. A `wait`, a `sql`
+/// step (a team's statement), a `sleep_until` computed by SQL and every step
+/// that reaches a provider or an endpoint run on a worker.
+pub fn runs_in_claim(w: &crate::config::Workflow, run: &crate::store::runs::ClaimedRun) -> bool {
+    let Some(addr) = StepAddress::parse(&run.step) else { return false };
+    let Some(step) = w.phase_steps(addr.phase).get(addr.index) else { return true };
+    matches!(step.kind(), Ok(StepKind::Sleep(_) | StepKind::SleepUntil(InstantSpec::Template(_)) | StepKind::Emit(_)))
+}
+
 /// Runs the current step of a run of a workflow of kind `steps`.
 pub async fn run_step(ctx: &mut StepContext<'_>) -> Result<Transition, StepError> {
     let addr = StepAddress::parse(&ctx.run.step).ok_or_else(|| StepError::Permanent(anyhow!("'{}' is not a step of a list of steps", ctx.run.step)))?;

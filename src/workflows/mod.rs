@@ -40,6 +40,23 @@ pub fn is_critical(w: &Workflow) -> bool {
     w.critical || w.escalation().is_some()
 }
 
+/// Whether `run`'s current step needs no I/O and may run inside the claim
+/// that wakes it ([`crate::runtime::step::WorkflowHost::runs_in_claim`]):
+/// in a script, a `step`, `sleep` or `sleep_until` element, or the end of
+/// the script; in a list of steps, a `sleep`, a `sleep_until` with a
+/// template instant (one computed by SQL runs a team's query), an `emit`, or
+/// the end of a phase. Never a step of a critical workflow (it is claimed
+/// with a lease, first) nor a run resolving a wait.
+pub fn runs_in_claim(w: &Workflow, run: &crate::store::runs::ClaimedRun) -> bool {
+    if is_critical(w) || run.wait_signal.is_some() {
+        return false;
+    }
+    match w.kind {
+        WorkflowKind::Script => script::runs_in_claim(run),
+        WorkflowKind::Steps | WorkflowKind::Escalation => flow::runs_in_claim(w, run),
+    }
+}
+
 /// Longest delay (ms) between retries of an escalation step: an alert keeps
 /// being retried, at least this often, until someone can be called.
 pub const ESCALATION_RETRY_CAP_MS: i64 = 15_000;
@@ -177,6 +194,9 @@ impl crate::runtime::step::WorkflowHost for Host {
     }
     fn is_critical(&self, w: &Workflow) -> bool {
         is_critical(w)
+    }
+    fn runs_in_claim(&self, w: &Workflow, run: &crate::store::runs::ClaimedRun) -> bool {
+        runs_in_claim(w, run)
     }
     fn retry_rule(&self, w: &Workflow, step: &str) -> RetryRule {
         retry_rule(w, step)

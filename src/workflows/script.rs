@@ -28,6 +28,16 @@ fn index_of(step: &str) -> Result<usize, StepError> {
     step.strip_prefix("op:").and_then(|s| s.parse().ok()).ok_or_else(|| StepError::Permanent(anyhow!("unknown script step '{step}'")))
 }
 
+/// Whether the run's current element needs no I/O
+/// ([`super::runs_in_claim`]): `step`, `sleep`, `sleep_until`, or past the end.
+pub fn runs_in_claim(run: &crate::store::runs::ClaimedRun) -> bool {
+    let Ok(i) = index_of(&run.step) else { return false };
+    match run.input.get("steps").and_then(Value::as_array).and_then(|s| s.get(i)) {
+        None => true,
+        Some(op) => matches!(op.get("op").and_then(Value::as_str), Some("step" | "sleep" | "sleep_until")),
+    }
+}
+
 /// Executes element `i` of the script.
 pub async fn run_step(ctx: &mut StepContext<'_>) -> Result<Transition, StepError> {
     let run = ctx.run;

@@ -4,7 +4,10 @@
 //! held behind a batch of other work, and two engines at burst size still run
 //! each step once. Many due timers are claimed in few claims (the scheduler
 //! waits for several workers to free), yet a critical run due meanwhile is
-//! claimed as soon as one worker frees.
+//! claimed as soon as one worker frees. A due timer whose step needs no I/O
+//! runs inside its claim, which commits the step's transition: one version
+//! per timer; the claim stays atomic, and a transition it cannot write
+//! holds up no other run.
 
 use crate::harness::*;
 use serde_json::{json, Value};
@@ -28,6 +31,9 @@ pub fn tests() -> Vec<libtest_mimic::Trial> {
         batching::due_timers_are_claimed_in_few_claims,
         batching::critical_run_is_claimed_at_once_during_a_timer_flood,
         batching::group_commit_finds_its_runs_by_primary_key,
+        batching::a_timer_whose_step_needs_no_io_fires_inside_its_claim,
+        batching::an_error_inside_a_claim_that_ran_steps_writes_none_of_it,
+        batching::a_step_run_inside_a_claim_that_cannot_be_written_holds_up_no_run,
     ]
 }
 
@@ -512,7 +518,7 @@ pub async fn group_commit_finds_its_runs_by_primary_key() {
     // statement PREPAREd, then EXECUTEd under force_generic_plan.
     sqlx::query("SET plan_cache_mode = force_generic_plan").execute(&mut *conn).await.unwrap();
     for (name, skip_locked) in [("group_commit", false), ("group_commit_skip_locked", true)] {
-        let types = "uuid[], bigint[], jsonb[], text[], text[], bigint[], bigint[], text[], text[], text[], text[], jsonb[], text[]";
+        let types = "uuid[], bigint[], jsonb[], text[], text[], bigint[], bigint[], text[], text[], text[], text[], jsonb[], text[], text[]";
         sqlx::raw_sql(&format!("PREPARE {name} ({types}) AS {}", store::group_commit_statement(skip_locked))).execute(&mut *conn).await.unwrap();
     }
     for mode in ["custom", "generic"] {
@@ -537,6 +543,7 @@ pub async fn group_commit_finds_its_runs_by_primary_key() {
                     fill("'running'", "text"),
                     fill("'{}'", "jsonb"),
                     fill("'engine:test'", "text"),
+                    fill("'running'", "text"),
                 ]
                 .join(", ");
                 let name = if skip_locked { "group_commit_skip_locked" } else { "group_commit" };
@@ -557,6 +564,7 @@ pub async fn group_commit_finds_its_runs_by_primary_key() {
                     .bind(text("running"))
                     .bind(&jsonb)
                     .bind(text("engine:test"))
+                    .bind(text("running"))
                     .fetch_one(&mut *conn)
                     .await
                     .unwrap()
@@ -591,4 +599,183 @@ pub async fn group_commit_finds_its_runs_by_primary_key() {
     assert_eq!((status.as_str(), step.as_str()), ("sleeping", "start"), "the stopped run is not written");
     assert_eq!(audited(&db, stopped).await, vec!["run.claimed"], "nor audited");
     assert_eq!(db.scalar_i64("SELECT count(*) FROM wardcall.runs WHERE step = 'op:1'").await, 2);
+}
+
+/// Audit actions of the runs of `event`, per run, in order, with the
+/// status each left (`action:from_state`).
+async fn audit_by_run(db: &TestDb, event: &str) -> Vec<Vec<String>> {
+    sqlx::query_scalar(
+        "SELECT array_agg(a.action || ':' || coalesce(a.from_state, '') ORDER BY a.id)
+           FROM wardcall.runs r JOIN wardcall.audit_log a ON a.entity = 'run' AND a.entity_id = r.id::text
+          WHERE r.event = $1 GROUP BY r.id ORDER BY r.id",
+    )
+    .bind(event)
+    .fetch_all(&db.pool)
+    .await
+    .unwrap()
+}
+
+/// 300 timers due at once whose woken element needs no I/O (a script
+/// `step`, the script's last: it ends the run), beside 20 whose element
+/// holds a worker (`work`) and 20 that sleep once more (`sleep`, then a
+/// `step`): the first are each written once, `sleeping` → `completed` in the
+/// claim's own commit (no `run.claimed`, no lease, one row version); the
+/// sleeping ones likewise go `sleeping` → `sleeping` → `completed`; the
+/// `work` ones are claimed with a lease and run by a worker as before.
+pub async fn a_timer_whose_step_needs_no_io_fires_inside_its_claim() {
+    let db = TestDb::new().await;
+    db.exec(TASKS_TABLE).await;
+    let app = start_app(&db, config(&script_config(16))).await;
+    let insert = |event: &'static str, n: i64, steps: &'static str| {
+        let pool = db.pool.clone();
+        async move {
+            sqlx::query(&format!(
+                "INSERT INTO wardcall.runs (workflow, event, input, step, status, due_at)
+                 SELECT 'script', $2, jsonb_build_object('steps', {steps}), 'op:0', 'sleeping', now() FROM generate_series(1, $1) g"
+            ))
+            .bind(n)
+            .bind(event)
+            .execute(&pool)
+            .await
+            .unwrap();
+        }
+    };
+    // One transaction: the scheduler sees them all due at once.
+    insert("local", 300, "jsonb_build_array(jsonb_build_object('op', 'step', 'name', 'fired'))").await;
+    insert("work", 20, "jsonb_build_array(jsonb_build_object('op', 'work', 'ms', 5), jsonb_build_object('op', 'step'))").await;
+    insert("twice", 20, "jsonb_build_array(jsonb_build_object('op', 'sleep', 'ms', 1), jsonb_build_object('op', 'step'))").await;
+    await_true(
+        &db,
+        "every timer to complete",
+        Duration::from_secs(30),
+        "SELECT count(*) = 340 FROM wardcall.runs WHERE event IN ('local','work','twice') AND status = 'completed'",
+    )
+    .await;
+    let local = audit_by_run(&db, "local").await;
+    assert_eq!(local.len(), 300);
+    for actions in &local {
+        assert_eq!(actions, &vec!["run.completed:sleeping".to_string()], "a local timer is written once, by its claim");
+    }
+    for actions in audit_by_run(&db, "twice").await {
+        assert_eq!(actions, vec!["run.sleeping:sleeping", "run.completed:sleeping"], "each element of a sleeping chain once");
+    }
+    for actions in audit_by_run(&db, "work").await {
+        assert_eq!(actions[0], "run.claimed:sleeping", "a step that holds a worker is claimed with a lease: {actions:?}");
+        assert_eq!(actions.last().map(String::as_str), Some("run.completed:running"), "{actions:?}");
+    }
+    // The step ran (its result is kept) and the run holds no lease.
+    let (with_result, leased, tokens): (i64, i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE state->'results'->'0'->>'name' = 'fired'), count(lease_owner), max(fencing_token)
+           FROM wardcall.runs WHERE event = 'local'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!((with_result, leased, tokens), (300, 0, 0), "each local step's result kept, no lease taken, no token spent");
+    let stats = app.engine.claim_stats();
+    let (fired, leased_runs) = (stats.fired_in_claim.load(Ordering::Relaxed), stats.runs.load(Ordering::Relaxed));
+    eprintln!("fired inside claims: {fired}; leased: {leased_runs}; claims: {}", stats.claims.load(Ordering::Relaxed));
+    assert_eq!(fired, 300 + 20 * 2, "the engine counts the steps it ran inside claims");
+    assert_eq!(leased_runs, 20, "only the work timers were leased");
+    app.stop(Duration::from_secs(2)).await;
+}
+
+/// Sequence `claim_failures` counts each claim that reached a `run.claimed`
+/// row of an event-`poison` run (a sequence is not rolled back), and the
+/// trigger then makes the claim fail, as a crash between its statements would.
+const POISON_CLAIMS: &str = "
+    CREATE SEQUENCE claim_failures;
+    CREATE FUNCTION poison() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        IF NEW.action = 'run.claimed' AND EXISTS (SELECT 1 FROM wardcall.runs WHERE id::text = NEW.entity_id AND event = 'poison') THEN
+            PERFORM nextval('claim_failures');
+            RAISE EXCEPTION 'poisoned claim';
+        END IF;
+        RETURN NEW;
+    END $$;
+    CREATE TRIGGER poison BEFORE INSERT ON wardcall.audit_log FOR EACH ROW EXECUTE FUNCTION poison();";
+
+/// A claim that has run 50 timers' steps inside it (their transitions
+/// written) fails afterwards, when it leases a 51st run: none of the 50 is
+/// advanced or audited, however often the claim is tried; once the failure
+/// is gone, each of them completes exactly once.
+pub async fn an_error_inside_a_claim_that_ran_steps_writes_none_of_it() {
+    let db = TestDb::new().await;
+    db.exec(TASKS_TABLE).await;
+    db.exec(POISON_CLAIMS).await;
+    sqlx::raw_sql(
+        "INSERT INTO wardcall.runs (workflow, event, input, step, status, due_at)
+         SELECT 'script', 'local', '{\"steps\": [{\"op\": \"step\"}]}', 'op:0', 'sleeping', now() - interval '1 second' FROM generate_series(1, 50);
+         INSERT INTO wardcall.runs (workflow, event, input, step, status, due_at)
+         VALUES ('script', 'poison', '{\"steps\": [{\"op\": \"work\", \"ms\": 1}]}', 'op:0', 'sleeping', now())",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let app = start_app(&db, config(&script_config(64))).await;
+    // Each claim is tried twice (with steps run inside it, then leases only).
+    await_true(&db, "three claims to fail", Duration::from_secs(20), "SELECT last_value >= 6 FROM claim_failures").await;
+    let (sleeping, audited): (i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE status = 'sleeping' AND fencing_token = 0 AND state = '{}'),
+                (SELECT count(*) FROM wardcall.audit_log WHERE entity = 'run')
+           FROM wardcall.runs WHERE event = 'local'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!((sleeping, audited), (50, 0), "a failed claim wrote nothing of the steps it ran");
+    db.exec("DROP TRIGGER poison ON wardcall.audit_log").await;
+    await_true(
+        &db,
+        "every run to complete",
+        Duration::from_secs(20),
+        "SELECT count(*) = 51 FROM wardcall.runs WHERE event IN ('local','poison') AND status = 'completed'",
+    )
+    .await;
+    for actions in audit_by_run(&db, "local").await {
+        assert_eq!(actions, vec!["run.completed:sleeping"], "each step written once");
+    }
+    app.stop(Duration::from_secs(2)).await;
+}
+
+/// When the transitions of the steps a claim ran cannot be written (here a
+/// trigger refuses them), the claim is tried again with leases only: every
+/// run, the critical one first, is run by a worker and completes; nothing
+/// waits for the cause to go away (DESIGN.md invariant 10).
+pub async fn a_step_run_inside_a_claim_that_cannot_be_written_holds_up_no_run() {
+    let db = TestDb::new().await;
+    db.exec(TASKS_TABLE).await;
+    db.exec(
+        "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             IF NEW.from_state = 'sleeping' AND NEW.action = 'run.completed' THEN RAISE EXCEPTION 'refused'; END IF;
+             RETURN NEW;
+         END $$;
+         CREATE TRIGGER refuse BEFORE INSERT ON wardcall.audit_log FOR EACH ROW EXECUTE FUNCTION refuse();",
+    )
+    .await;
+    sqlx::raw_sql(
+        "INSERT INTO wardcall.runs (workflow, event, input, step, status, due_at)
+         SELECT 'script', 'local', '{\"steps\": [{\"op\": \"step\"}]}', 'op:0', 'sleeping', now() FROM generate_series(1, 40);
+         INSERT INTO wardcall.runs (workflow, event, input, step, status, due_at, critical)
+         VALUES ('script', 'critical-timer', '{\"steps\": [{\"op\": \"step\"}]}', 'op:0', 'sleeping', now(), true)",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let app = start_app(&db, config(&script_config(64))).await;
+    await_true(
+        &db,
+        "every run to complete on a worker",
+        Duration::from_secs(20),
+        "SELECT count(*) = 41 FROM wardcall.runs WHERE event IN ('local','critical-timer') AND status = 'completed'",
+    )
+    .await;
+    for event in ["local", "critical-timer"] {
+        for actions in audit_by_run(&db, event).await {
+            assert_eq!(actions, vec!["run.claimed:sleeping", "run.completed:running"], "{event}: leased and run by a worker");
+        }
+    }
+    assert_eq!(app.engine.claim_stats().fired_in_claim.load(Ordering::Relaxed), 0);
+    app.stop(Duration::from_secs(2)).await;
 }
