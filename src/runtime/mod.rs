@@ -218,6 +218,10 @@ pub const CLAIM_COALESCE_WINDOW: Duration = Duration::from_millis(5);
 /// Chosen with `wardcall bench timers` (BENCHMARKS.md, "Issue 9, sixth session").
 pub const CLAIMS_IN_FLIGHT: usize = 2;
 
+/// How long claims run no step inside them after one that did failed (and
+/// was claimed again with leases only).
+pub const STEPS_IN_CLAIM_PAUSE: Duration = Duration::from_secs(1);
+
 /// Free workers at which the scheduler claims without waiting out
 /// [`CLAIM_COALESCE_WINDOW`]: a quarter of `engine.workers`, at least one,
 /// at most [`CLAIM_MAX`].
@@ -242,6 +246,9 @@ pub struct ClaimStats {
     /// Whether the last claim ran steps inside it (the next one then looks
     /// at up to [`CLAIM_MAX`] due runs, free workers or not).
     pub fired_last: AtomicBool,
+    /// Until when (ms of the engine's clock) claims run no step inside them,
+    /// after one that did failed ([`STEPS_IN_CLAIM_PAUSE`]).
+    steps_paused_until_ms: AtomicU64,
 }
 
 /// Group commits in flight at once, each on a connection of the pool. While
@@ -871,7 +878,8 @@ impl Engine {
     }
 
     /// Claims due runs and starts them: leases at most as many as there are
-    /// free workers ([`CLAIM_MAX`] at most), reserving their workers first;
+    /// free workers ([`CLAIM_MAX`] at most), reserving their workers once
+    /// they are chosen;
     /// after a claim that ran steps inside it, looks at up to [`CLAIM_MAX`]
     /// due runs (steps run inside a claim need no worker). The scheduler
     /// locks the runs and runs their steps ([`Engine::lock_due_runs`]); the
@@ -883,18 +891,21 @@ impl Engine {
     async fn claim_and_start(self: &Arc<Self>, free: usize) -> (usize, usize) {
         let Ok(flight) = self.claim_flights.clone().acquire_owned().await else { return (0, 0) };
         let fired_last = self.claims.fired_last.load(Ordering::Relaxed);
-        let want = free.min(self.slots.available_permits()).min(CLAIM_MAX);
-        // The workers of the runs this claim leases: each starts at once.
-        let reserved = if want > 0 { self.slots.clone().try_acquire_many_owned(want as u32).ok() } else { None };
-        let lease_max = if reserved.is_some() { want } else { 0 };
+        let lease_max = free.min(CLAIM_MAX);
         let limit = if fired_last { CLAIM_MAX } else { lease_max };
         if limit == 0 {
             return (0, 0);
         }
         match self.lock_due_runs(limit, lease_max).await {
-            Ok(claim) => {
+            Ok(mut claim) => {
                 let locked = claim.locked;
                 self.claims.fired_last.store(!claim.fired.is_empty(), Ordering::Relaxed);
+                // The workers of the runs to lease, reserved now that their
+                // number is known (the dispatcher may have taken some of the
+                // free ones meanwhile: the runs it cannot start stay due).
+                let wanted = claim.leased.len().min(self.slots.available_permits());
+                let reserved = if wanted > 0 { self.slots.clone().try_acquire_many_owned(wanted as u32).ok() } else { None };
+                claim.leased.truncate(reserved.as_ref().map_or(0, |r| r.num_permits()));
                 let e = self.clone();
                 tokio::spawn(async move { e.land_claim(claim, reserved, lease_max, flight).await });
                 (limit, locked)
@@ -902,29 +913,28 @@ impl Engine {
             Err(e) => {
                 let why = self.db.explain(&e).await;
                 tracing::warn!(error = %why, "locking due runs failed; claiming with leases only");
-                self.claims.fired_last.store(false, Ordering::Relaxed);
-                let got = self.claim_with_leases_only(lease_max, reserved).await;
+                self.pause_steps_in_claims();
+                let got = self.claim_with_leases_only(lease_max).await;
                 drop(flight);
                 (limit, got)
             }
         }
     }
 
-    /// [`store::claim_due`]: up to `lease_max` due runs leased in one
-    /// statement, no step run inside it, started on the `reserved` workers.
-    /// The fallback of a claim that could not run steps inside it: whatever
-    /// failed there (a step's transition that cannot be written, an emit)
-    /// must not hold up the other due runs, a critical alert's among them.
-    /// Returns how many it leased.
-    async fn claim_with_leases_only(self: &Arc<Self>, lease_max: usize, reserved: Option<tokio::sync::OwnedSemaphorePermit>) -> usize {
-        if lease_max == 0 {
-            return 0;
-        }
-        match store::claim_due(&self.db.pool, &self.engine_id, lease_max as i64, self.lease_ms()).await {
+    /// [`store::claim_due`]: up to `want` due runs (at most the workers free
+    /// now, which it reserves) leased in one statement, no step run inside
+    /// it. The fallback of a claim that could not run steps inside it:
+    /// whatever failed there (a step's transition that cannot be written, an
+    /// emit) must not hold up the due runs, a critical alert's first among
+    /// them. Returns how many it leased.
+    async fn claim_with_leases_only(self: &Arc<Self>, want: usize) -> usize {
+        let want = want.min(self.slots.available_permits()).min(CLAIM_MAX);
+        let Some(reserved) = (want > 0).then(|| self.slots.clone().try_acquire_many_owned(want as u32).ok()).flatten() else { return 0 };
+        match store::claim_due(&self.db.pool, &self.engine_id, want as i64, self.lease_ms()).await {
             Ok(runs) => {
                 let n = runs.len();
                 self.count_claim(n, 0);
-                self.start_reserved(runs, reserved);
+                self.start_reserved(runs, Some(reserved));
                 n
             }
             Err(e) => {
@@ -933,6 +943,15 @@ impl Engine {
                 0
             }
         }
+    }
+
+    /// After a claim that ran steps inside it failed: the next claims, for
+    /// [`STEPS_IN_CLAIM_PAUSE`], run no step inside them (each would fail
+    /// the same way and be claimed twice).
+    fn pause_steps_in_claims(&self) {
+        self.claims.fired_last.store(false, Ordering::Relaxed);
+        let until = self.health.now_ms() + STEPS_IN_CLAIM_PAUSE.as_millis() as u64;
+        self.claims.steps_paused_until_ms.store(until, Ordering::Relaxed);
     }
 
     fn count_claim(&self, leased: usize, fired: usize) {
@@ -997,8 +1016,9 @@ impl Engine {
             Err(e) => {
                 let why = self.db.explain(&e).await;
                 tracing::warn!(error = %why, "a claim that ran steps inside it failed; claiming with leases only");
-                self.claims.fired_last.store(false, Ordering::Relaxed);
-                self.claim_with_leases_only(lease_max, reserved).await;
+                self.pause_steps_in_claims();
+                drop(reserved);
+                self.claim_with_leases_only(lease_max).await;
             }
         }
         drop(flight);
@@ -1025,10 +1045,11 @@ impl Engine {
         let mut tx = self.db.pool.begin().await?;
         let due = store::lock_due(&mut tx, limit as i64).await?;
         let locked = due.len();
+        let run_steps = self.health.now_ms() >= self.claims.steps_paused_until_ms.load(Ordering::Relaxed);
         let mut claim = LockedClaim { tx, fired: Vec::new(), held: Vec::new(), leased: Vec::new(), locked };
         for (run, critical) in due {
             // A critical run is leased at once (and its worker starts first).
-            let in_claim = if critical { None } else { self.run_in_claim(&mut claim.tx, &run, &actor).await? };
+            let in_claim = if critical || !run_steps { None } else { self.run_in_claim(&mut claim.tx, &run, &actor).await? };
             match in_claim {
                 Some(transition) => {
                     claim.fired.push(transition);
@@ -1155,12 +1176,16 @@ impl Engine {
                 continue;
             }
             if self.claim_flights.available_permits() < CLAIMS_IN_FLIGHT {
-                // The runs of a claim in flight still look due until it lands.
-                tokio::select! {
-                    _ = self.claim_landed.notified() => {}
-                    _ = self.wake_scheduler.notified() => {}
-                    _ = tokio::time::sleep(poll) => {}
-                    _ = stop.changed() => return,
+                // The runs of a claim in flight still look due until it lands:
+                // wait for every claim in flight to land (or a wake, or `poll`).
+                let deadline = tokio::time::Instant::now() + poll;
+                while self.claim_flights.available_permits() < CLAIMS_IN_FLIGHT {
+                    tokio::select! {
+                        _ = self.claim_landed.notified() => {}
+                        _ = self.wake_scheduler.notified() => break,
+                        _ = tokio::time::sleep_until(deadline) => break,
+                        _ = stop.changed() => return,
+                    }
                 }
                 continue;
             }

@@ -696,9 +696,11 @@ const POISON_CLAIMS: &str = "
     CREATE TRIGGER poison BEFORE INSERT ON wardcall.audit_log FOR EACH ROW EXECUTE FUNCTION poison();";
 
 /// A claim that has run 50 timers' steps inside it (their transitions
-/// written) fails afterwards, when it leases a 51st run: none of the 50 is
+/// written) fails afterwards, when it leases a 51st run (due first, so that
+/// every claim, of any size, takes it): none of the 50 is
 /// advanced or audited, however often the claim is tried; once the failure
-/// is gone, each of them completes exactly once.
+/// is gone, each of them completes exactly once (on a worker if claims are
+/// still pausing steps inside them, `STEPS_IN_CLAIM_PAUSE`).
 pub async fn an_error_inside_a_claim_that_ran_steps_writes_none_of_it() {
     let db = TestDb::new().await;
     db.exec(TASKS_TABLE).await;
@@ -707,7 +709,7 @@ pub async fn an_error_inside_a_claim_that_ran_steps_writes_none_of_it() {
         "INSERT INTO wardcall.runs (workflow, event, input, step, status, due_at)
          SELECT 'script', 'local', '{\"steps\": [{\"op\": \"step\"}]}', 'op:0', 'sleeping', now() - interval '1 second' FROM generate_series(1, 50);
          INSERT INTO wardcall.runs (workflow, event, input, step, status, due_at)
-         VALUES ('script', 'poison', '{\"steps\": [{\"op\": \"work\", \"ms\": 1}]}', 'op:0', 'sleeping', now())",
+         VALUES ('script', 'poison', '{\"steps\": [{\"op\": \"work\", \"ms\": 1}]}', 'op:0', 'sleeping', now() - interval '2 seconds')",
     )
     .execute(&db.pool)
     .await
@@ -732,8 +734,10 @@ pub async fn an_error_inside_a_claim_that_ran_steps_writes_none_of_it() {
         "SELECT count(*) = 51 FROM wardcall.runs WHERE event IN ('local','poison') AND status = 'completed'",
     )
     .await;
+    // Inside a claim, or (for a second after a failed one) on a worker:
+    // either way once.
     for actions in audit_by_run(&db, "local").await {
-        assert_eq!(actions, vec!["run.completed:sleeping"], "each step written once");
+        assert!(actions == ["run.completed:sleeping"] || actions == ["run.claimed:sleeping", "run.completed:running"], "each step written once: {actions:?}");
     }
     app.stop(Duration::from_secs(2)).await;
 }
