@@ -999,15 +999,24 @@ impl Engine {
             let held: Vec<&str> = held.iter().map(String::as_str).collect();
             let outcomes = store::commit_fired_in_claim(&mut tx, &fired, &held).await?;
             if let Some(i) = outcomes.iter().position(|o| !matches!(o, store::GroupOutcome::Committed { .. })) {
-                // The claim holds these rows: this cannot happen short of a bug.
+                // The claim holds these rows (read as locked): this cannot
+                // happen short of a bug; writing nothing is safe.
                 return Err(sqlx::Error::Protocol(format!("run {} run inside a claim could not be written", fired[i].id)));
             }
             let leased: Vec<&ClaimedRun> = leased.iter().collect();
-            let claimed = store::claim_locked(&mut tx, &leased, &self.engine_id, self.lease_ms()).await?;
-            tx.commit().await?;
-            Ok::<_, sqlx::Error>(claimed)
+            store::claim_locked(&mut tx, &leased, &self.engine_id, self.lease_ms()).await
         }
         .await;
+        let landed = match landed {
+            Ok(claimed) => tx.commit().await.map(|()| claimed),
+            Err(e) => {
+                // Rolled back before the fallback claims, which would skip
+                // the rows this transaction still held (`SKIP LOCKED`): a
+                // dropped transaction's ROLLBACK is only queued.
+                let _ = tx.rollback().await;
+                Err(e)
+            }
+        };
         match landed {
             Ok(claimed) => {
                 self.count_claim(claimed.len(), fired.len());
@@ -1043,13 +1052,32 @@ impl Engine {
     async fn lock_due_runs(self: &Arc<Self>, limit: usize, lease_max: usize) -> Result<LockedClaim, sqlx::Error> {
         let actor = self.actor();
         let mut tx = self.db.pool.begin().await?;
-        let due = store::lock_due(&mut tx, limit as i64).await?;
+        // Critical runs only as many as can be leased: one locked and left
+        // would be skipped by every other claim until this one lands.
+        let due = match store::lock_due(&mut tx, lease_max as i64, limit as i64).await {
+            Ok(due) => due,
+            Err(e) => {
+                let _ = tx.rollback().await;
+                return Err(e);
+            }
+        };
         let locked = due.len();
-        let run_steps = self.health.now_ms() >= self.claims.steps_paused_until_ms.load(Ordering::Relaxed);
+        // A claim that leases a critical run runs no step inside it: the
+        // critical run's worker starts as soon as its lease commits.
+        let run_steps = self.health.now_ms() >= self.claims.steps_paused_until_ms.load(Ordering::Relaxed) && !due.iter().any(|(_, critical)| *critical);
         let mut claim = LockedClaim { tx, fired: Vec::new(), held: Vec::new(), leased: Vec::new(), locked };
         for (run, critical) in due {
-            // A critical run is leased at once (and its worker starts first).
-            let in_claim = if critical || !run_steps { None } else { self.run_in_claim(&mut claim.tx, &run, &actor).await? };
+            let in_claim = if critical || !run_steps {
+                None
+            } else {
+                match self.run_in_claim(&mut claim.tx, &run, &actor).await {
+                    Ok(in_claim) => in_claim,
+                    Err(e) => {
+                        let _ = claim.tx.rollback().await;
+                        return Err(e);
+                    }
+                }
+            };
             match in_claim {
                 Some(transition) => {
                     claim.fired.push(transition);
@@ -1093,10 +1121,12 @@ impl Engine {
             _ => return Ok(None),
         };
         if !in_commit.is_empty() {
+            use futures_util::FutureExt;
             use sqlx::Connection;
             let mut savepoint = tx.begin().await?;
             for work in &in_commit {
-                if work.apply(&mut savepoint, &run.input, &mut state).await.is_err() {
+                let applied = std::panic::AssertUnwindSafe(work.apply(&mut savepoint, &run.input, &mut state)).catch_unwind().await;
+                if !matches!(applied, Ok(Ok(()))) {
                     // The worker runs the step again and meets the error there.
                     savepoint.rollback().await?;
                     return Ok(None);
@@ -1178,6 +1208,7 @@ impl Engine {
             if self.claim_flights.available_permits() < CLAIMS_IN_FLIGHT {
                 // The runs of a claim in flight still look due until it lands:
                 // wait for every claim in flight to land (or a wake, or `poll`).
+                // Then the next due time below is true again.
                 let deadline = tokio::time::Instant::now() + poll;
                 while self.claim_flights.available_permits() < CLAIMS_IN_FLIGHT {
                     tokio::select! {
@@ -1187,7 +1218,6 @@ impl Engine {
                         _ = stop.changed() => return,
                     }
                 }
-                continue;
             }
             let wait = match store::next_due_in_ms(&self.db.pool).await {
                 Ok(Some(ms)) if ms <= 0.0 => Duration::from_millis(1),
@@ -1418,7 +1448,10 @@ impl Engine {
     /// listener, dispatcher and scheduler have returned ([`EngineTasks::stop`]).
     async fn drain_and_release(self: &Arc<Self>, grace: Duration) {
         let workers = self.config.engine.workers as u32;
-        let _held = tokio::time::timeout(grace, self.slots.acquire_many(workers)).await;
+        let started = tokio::time::Instant::now();
+        // Claims in flight land (and start their runs) before the workers drain.
+        let _claims = tokio::time::timeout(grace, self.claim_flights.acquire_many(CLAIMS_IN_FLIGHT as u32)).await;
+        let _held = tokio::time::timeout(grace.saturating_sub(started.elapsed()), self.slots.acquire_many(workers)).await;
         match store::release_leases(&self.db.pool, &self.engine_id).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(runs = n, "released leases at shutdown"),

@@ -97,29 +97,39 @@ pub async fn claim_due(pool: &PgPool, owner: &str, limit: i64, lease_ms: i64) ->
 }
 
 /// The first statement of a claim that may run steps inside it
-/// (`Engine::claim_and_start`): locks up to `limit` due runs, in
-/// [`claim_due`]'s order (critical first, then oldest due first), with
+/// (`Engine::claim_and_start`): locks up to `critical_limit` due critical
+/// runs (oldest due first), then other due runs up to `limit` in all, with
 /// `FOR UPDATE SKIP LOCKED`, and reads them without changing them. Each is
 /// returned as it is: `fencing_token` its current token, `previous_status`
-/// its status, with its `runs.critical` flag. The caller's transaction then either runs a run's step and
-/// writes its transition ([`commit_fired_in_claim`]) or claims it
-/// ([`claim_locked`]); what it does neither with stays as it was at commit.
-pub async fn lock_due(conn: &mut PgConnection, limit: i64) -> Result<Vec<(ClaimedRun, bool)>, sqlx::Error> {
+/// its status, with its `runs.critical` flag; critical runs first.
+///
+/// The columns come from the locking scans themselves, so each row is the
+/// version the lock holds: a run that another claim advanced and committed
+/// after this statement's snapshot is read as that claim left it (a
+/// `SELECT … FOR UPDATE` returns the newest version it locked, PostgreSQL 15
+/// manual, 13.2.1 "Read Committed Isolation Level"), never as it was before.
+///
+/// The caller's transaction then either runs a run's step and writes its
+/// transition ([`commit_fired_in_claim`]) or leases it ([`claim_locked`]);
+/// what it does neither with stays as it was at commit.
+pub async fn lock_due(conn: &mut PgConnection, critical_limit: i64, limit: i64) -> Result<Vec<(ClaimedRun, bool)>, sqlx::Error> {
     let rows = sqlx::query(
         "WITH crit AS (
-             SELECT id FROM wardcall.runs
+             SELECT id, workflow, event, input, state, step, step_attempt, fencing_token, wait_signal, wait_outcome,
+                    status AS previous_status, critical, due_at
+               FROM wardcall.runs
               WHERE critical AND status IN ('pending','running','sleeping','waiting') AND due_at <= now()
-              ORDER BY due_at LIMIT $1 FOR UPDATE SKIP LOCKED),
+              ORDER BY due_at LIMIT least($1, $2) FOR UPDATE SKIP LOCKED),
          rest AS (
-             SELECT id FROM wardcall.runs
+             SELECT id, workflow, event, input, state, step, step_attempt, fencing_token, wait_signal, wait_outcome,
+                    status AS previous_status, critical, due_at
+               FROM wardcall.runs
               WHERE NOT critical AND status IN ('pending','running','sleeping','waiting') AND due_at <= now()
-              ORDER BY due_at LIMIT greatest($1 - (SELECT count(*) FROM crit), 0) FOR UPDATE SKIP LOCKED),
-         due AS (SELECT id, 0 AS half, row_number() OVER () AS n FROM crit UNION ALL SELECT id, 1, row_number() OVER () FROM rest)
-         SELECT r.id, r.workflow, r.event, r.input, r.state, r.step, r.step_attempt, r.fencing_token,
-                r.wait_signal, r.wait_outcome, r.status AS previous_status, r.critical
-           FROM due JOIN wardcall.runs r ON r.id = due.id
-          ORDER BY due.half, due.n",
+              ORDER BY due_at LIMIT greatest($2 - (SELECT count(*) FROM crit), 0) FOR UPDATE SKIP LOCKED)
+         SELECT *, 0 AS half FROM crit UNION ALL SELECT *, 1 FROM rest
+          ORDER BY half, due_at",
     )
+    .bind(critical_limit)
     .bind(limit)
     .fetch_all(conn)
     .await?;
@@ -805,7 +815,9 @@ pub async fn commit_fired_in_claim(conn: &mut PgConnection, batch: &[TransitionC
 /// text[]` (the audit action), `to_status text[]`, `detail jsonb[]` (the
 /// audit detail), `actor text[]`, `held text[]` (the status the run must
 /// still have, also the audit row's `from_state`: `running` for a worker's
-/// step, the status it was due in for a step run inside a claim); it returns
+/// step, the status it was due in for a step run inside a claim, whose
+/// transition also takes the run's next fencing token, so that a second
+/// writer holding the same token is fenced out); it returns
 /// `(id, written)` per run found with its token and status: `written` false
 /// when another transaction held its row (only with `skip_locked`).
 ///
@@ -831,6 +843,7 @@ pub fn group_commit_statement(skip_locked: bool) -> String {
          updated AS (
              UPDATE wardcall.runs r SET
                     state = i.state,
+                    fencing_token = CASE WHEN i.held = 'running' THEN r.fencing_token ELSE r.fencing_token + 1 END,
                     step = CASE WHEN i.kind = 'defer' THEN r.step ELSE i.next_step END,
                     step_attempt = CASE WHEN i.kind IN ('continue','sleep','wait','complete') THEN 0
                                         WHEN i.kind = 'fail' THEN r.step_attempt + 1 ELSE r.step_attempt END,

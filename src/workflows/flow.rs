@@ -67,15 +67,24 @@ fn after(ctx: &StepContext<'_>, addr: &StepAddress) -> Transition {
     }
 }
 
-/// Whether the run's current step needs no I/O ([`super::runs_in_claim`]):
-/// a `sleep`, a `sleep_until` with a template instant, an `emit` (its event
-/// is written with the claim), or the end of a phase. A `wait`, a `sql`
+/// Whether the run's current step needs no I/O and parks or ends the run
+/// ([`super::runs_in_claim`]): a `sleep`, a `sleep_until` with a template
+/// instant, an `emit` that ends the run (its event is written with the
+/// claim), or the end of a phase that ends the run. A `wait`, a `sql`
 /// step (a team's statement), a `sleep_until` computed by SQL and every step
 /// that reaches a provider or an endpoint run on a worker.
 pub fn runs_in_claim(w: &crate::config::Workflow, run: &crate::store::runs::ClaimedRun) -> bool {
     let Some(addr) = StepAddress::parse(&run.step) else { return false };
-    let Some(step) = w.phase_steps(addr.phase).get(addr.index) else { return true };
-    matches!(step.kind(), Ok(StepKind::Sleep(_) | StepKind::SleepUntil(InstantSpec::Template(_)) | StepKind::Emit(_)))
+    // Where the phase's end leads: a `Next` (into `on_complete`) runs on a worker.
+    let phase_ends_the_run = !(addr.phase == Phase::Main && !w.on_complete.is_empty());
+    let Some(step) = w.phase_steps(addr.phase).get(addr.index) else { return phase_ends_the_run };
+    let last = w.phase_steps(addr.phase).get(addr.index + 1).is_none();
+    match step.kind() {
+        Ok(StepKind::Sleep(_) | StepKind::SleepUntil(InstantSpec::Template(_))) => true,
+        // An emit goes on to the next step unless it ends the run.
+        Ok(StepKind::Emit(_)) => last && phase_ends_the_run,
+        _ => false,
+    }
 }
 
 /// Runs the current step of a run of a workflow of kind `steps`.

@@ -40,12 +40,13 @@ pub fn is_critical(w: &Workflow) -> bool {
     w.critical || w.escalation().is_some()
 }
 
-/// Whether `run`'s current step needs no I/O and may run inside the claim
-/// that wakes it ([`crate::runtime::step::WorkflowHost::runs_in_claim`]):
-/// in a script, a `step`, `sleep` or `sleep_until` element, or the end of
-/// the script; in a list of steps, a `sleep`, a `sleep_until` with a
-/// template instant (one computed by SQL runs a team's query), an `emit`, or
-/// the end of a phase. Never a step of a critical workflow (it is claimed
+/// Whether `run`'s current step needs no I/O, parks or ends the run, and so
+/// may run inside the claim that wakes it
+/// ([`crate::runtime::step::WorkflowHost::runs_in_claim`]): in a script, a
+/// `sleep` or `sleep_until` element, the last element when it is a `step`,
+/// or the end of the script; in a list of steps, a `sleep`, a `sleep_until`
+/// with a template instant (one computed by SQL runs a team's query), an
+/// `emit` that ends the run, or the end of a phase that ends the run. Never a step of a critical workflow (it is claimed
 /// with a lease, first) nor a run resolving a wait.
 pub fn runs_in_claim(w: &Workflow, run: &crate::store::runs::ClaimedRun) -> bool {
     if is_critical(w) || run.wait_signal.is_some() {

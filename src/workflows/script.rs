@@ -28,13 +28,18 @@ fn index_of(step: &str) -> Result<usize, StepError> {
     step.strip_prefix("op:").and_then(|s| s.parse().ok()).ok_or_else(|| StepError::Permanent(anyhow!("unknown script step '{step}'")))
 }
 
-/// Whether the run's current element needs no I/O
-/// ([`super::runs_in_claim`]): `step`, `sleep`, `sleep_until`, or past the end.
+/// Whether the run's current element needs no I/O and parks or ends the run
+/// ([`super::runs_in_claim`]): `sleep`, `sleep_until`, the last element when
+/// it is a `step`, or past the end. (A `step` followed by more elements goes
+/// on to the next one: it runs on a worker, which goes on with the run.)
 pub fn runs_in_claim(run: &crate::store::runs::ClaimedRun) -> bool {
     let Ok(i) = index_of(&run.step) else { return false };
-    match run.input.get("steps").and_then(Value::as_array).and_then(|s| s.get(i)) {
+    let steps = run.input.get("steps").and_then(Value::as_array).map(Vec::as_slice).unwrap_or(&[]);
+    match steps.get(i).map(|op| op.get("op").and_then(Value::as_str)) {
         None => true,
-        Some(op) => matches!(op.get("op").and_then(Value::as_str), Some("step" | "sleep" | "sleep_until")),
+        Some(Some("sleep" | "sleep_until")) => true,
+        Some(Some("step")) => i + 1 == steps.len(),
+        Some(_) => false,
     }
 }
 

@@ -34,6 +34,7 @@ pub fn tests() -> Vec<libtest_mimic::Trial> {
         batching::a_timer_whose_step_needs_no_io_fires_inside_its_claim,
         batching::an_error_inside_a_claim_that_ran_steps_writes_none_of_it,
         batching::a_step_run_inside_a_claim_that_cannot_be_written_holds_up_no_run,
+        batching::chained_sleeps_fired_inside_claims_run_each_element_once,
     ]
 }
 
@@ -671,7 +672,7 @@ pub async fn a_timer_whose_step_needs_no_io_fires_inside_its_claim() {
     .fetch_one(&db.pool)
     .await
     .unwrap();
-    assert_eq!((with_result, leased, tokens), (300, 0, 0), "each local step's result kept, no lease taken, no token spent");
+    assert_eq!((with_result, leased, tokens), (300, 0, 1), "each local step's result kept, no lease taken, the token moved on once");
     let stats = app.engine.claim_stats();
     let (fired, leased_runs) = (stats.fired_in_claim.load(Ordering::Relaxed), stats.runs.load(Ordering::Relaxed));
     eprintln!("fired inside claims: {fired}; leased: {leased_runs}; claims: {}", stats.claims.load(Ordering::Relaxed));
@@ -781,5 +782,45 @@ pub async fn a_step_run_inside_a_claim_that_cannot_be_written_holds_up_no_run() 
         }
     }
     assert_eq!(app.engine.claim_stats().fired_in_claim.load(Ordering::Relaxed), 0);
+    app.stop(Duration::from_secs(2)).await;
+}
+
+/// 600 runs of five sleeps of 0 ms and a last `step`, all due at once: each
+/// element fires inside a claim and makes its run due again at once, while
+/// two claims are in flight (one landing while the next locks). Each element
+/// is written exactly once: a claim that locks a run another claim has just
+/// advanced reads it as that claim left it (not the version of its
+/// snapshot, which would run the same element a second time).
+pub async fn chained_sleeps_fired_inside_claims_run_each_element_once() {
+    const RUNS: i64 = 600;
+    let db = TestDb::new().await;
+    db.exec(TASKS_TABLE).await;
+    let app = start_app(&db, config(&script_config(16))).await;
+    sqlx::query(
+        "INSERT INTO wardcall.runs (workflow, event, input, step, status, due_at)
+         SELECT 'script', 'chain', jsonb_build_object('steps', jsonb_build_array(
+                    jsonb_build_object('op', 'sleep', 'ms', 0), jsonb_build_object('op', 'sleep', 'ms', 0),
+                    jsonb_build_object('op', 'sleep', 'ms', 0), jsonb_build_object('op', 'sleep', 'ms', 0),
+                    jsonb_build_object('op', 'sleep', 'ms', 0), jsonb_build_object('op', 'step'))),
+                'op:0', 'sleeping', now()
+           FROM generate_series(1, $1)",
+    )
+    .bind(RUNS)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    await_true(
+        &db,
+        "every chain to complete",
+        Duration::from_secs(60),
+        &format!("SELECT count(*) = {RUNS} FROM wardcall.runs WHERE event = 'chain' AND status = 'completed'"),
+    )
+    .await;
+    let expected: Vec<String> = ["run.sleeping:sleeping"; 5].into_iter().chain(["run.completed:sleeping"]).map(String::from).collect();
+    let by_run = audit_by_run(&db, "chain").await;
+    let wrong: Vec<&Vec<String>> = by_run.iter().filter(|a| **a != expected).collect();
+    assert!(wrong.is_empty(), "{} of {RUNS} runs audited otherwise, e.g. {:?}", wrong.len(), wrong.first());
+    let stats = app.engine.claim_stats();
+    eprintln!("{RUNS} chains: {} claims, {} steps inside them", stats.claims.load(Ordering::Relaxed), stats.fired_in_claim.load(Ordering::Relaxed));
     app.stop(Duration::from_secs(2)).await;
 }
