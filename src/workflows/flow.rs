@@ -76,7 +76,7 @@ fn after(ctx: &StepContext<'_>, addr: &StepAddress) -> Transition {
 pub fn runs_in_claim(w: &crate::config::Workflow, run: &crate::store::runs::ClaimedRun) -> bool {
     let Some(addr) = StepAddress::parse(&run.step) else { return false };
     // Where the phase's end leads: a `Next` (into `on_complete`) runs on a worker.
-    let phase_ends_the_run = !(addr.phase == Phase::Main && !w.on_complete.is_empty());
+    let phase_ends_the_run = addr.phase != Phase::Main || w.on_complete.is_empty();
     let Some(step) = w.phase_steps(addr.phase).get(addr.index) else { return phase_ends_the_run };
     let last = w.phase_steps(addr.phase).get(addr.index + 1).is_none();
     match step.kind() {
