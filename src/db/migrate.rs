@@ -24,6 +24,7 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     (10, "dead_letter_step", include_str!("../../migrations/0010_dead_letter_step.sql")),
     (11, "function_plans", include_str!("../../migrations/0011_function_plans.sql")),
     (12, "runs_fillfactor", include_str!("../../migrations/0012_runs_fillfactor.sql")),
+    (13, "runs_state_lz4", include_str!("../../migrations/0013_runs_state_lz4.sql")),
 ];
 
 /// Applies the migrations not yet applied; returns how many it applied.

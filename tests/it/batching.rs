@@ -35,6 +35,7 @@ pub fn tests() -> Vec<libtest_mimic::Trial> {
         batching::an_error_inside_a_claim_that_ran_steps_writes_none_of_it,
         batching::a_step_run_inside_a_claim_that_cannot_be_written_holds_up_no_run,
         batching::chained_sleeps_fired_inside_claims_run_each_element_once,
+        batching::a_runs_large_state_is_compressed_with_lz4,
     ]
 }
 
@@ -822,5 +823,26 @@ pub async fn chained_sleeps_fired_inside_claims_run_each_element_once() {
     assert!(wrong.is_empty(), "{} of {RUNS} runs audited otherwise, e.g. {:?}", wrong.len(), wrong.first());
     let stats = app.engine.claim_stats();
     eprintln!("{RUNS} chains: {} claims, {} steps inside them", stats.claims.load(Ordering::Relaxed), stats.fired_in_claim.load(Ordering::Relaxed));
+    app.stop(Duration::from_secs(2)).await;
+}
+
+/// Migration 0013: where the server has lz4 (it does here: the test asserts
+/// it, so that a cluster without it is noticed), `runs.state` is compressed
+/// with lz4, not pglz: a script run of 60 steps, whose state passes the
+/// 2 kB at which PostgreSQL compresses, is stored lz4-compressed.
+pub async fn a_runs_large_state_is_compressed_with_lz4() {
+    let db = TestDb::new().await;
+    db.exec(TASKS_TABLE).await;
+    let lz4: bool =
+        sqlx::query_scalar("SELECT 'lz4' = ANY (enumvals) FROM pg_settings WHERE name = 'default_toast_compression'").fetch_one(&db.pool).await.unwrap();
+    assert!(lz4, "this PostgreSQL was built without lz4: runs.state keeps pglz (the migration is a no-op there)");
+    let app = start_app(&db, config(&script_config(4))).await;
+    let steps: Vec<Value> = (0..60).map(|i| json!({"op": "step", "name": format!("step number {i}")})).collect();
+    sqlx::query("INSERT INTO tasks (kind, steps) VALUES ('go', $1)").bind(json!(steps)).execute(&db.pool).await.unwrap();
+    await_true(&db, "the run to complete", Duration::from_secs(20), "SELECT count(*) = 1 FROM wardcall.runs WHERE status = 'completed'").await;
+    let (compression, text_bytes): (Option<String>, i32) =
+        sqlx::query_as("SELECT pg_column_compression(state), octet_length(state::text) FROM wardcall.runs").fetch_one(&db.pool).await.unwrap();
+    assert!(text_bytes > 2048, "the state ({text_bytes} bytes) is large enough to be compressed");
+    assert_eq!(compression.as_deref(), Some("lz4"));
     app.stop(Duration::from_secs(2)).await;
 }
