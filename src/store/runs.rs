@@ -52,6 +52,31 @@ impl ClaimedRun {
     }
 }
 
+/// The two CTEs that lease the runs of a CTE `due` (columns `id`,
+/// `previous_status`) to the engine named by parameter `owner` for `lease_ms`
+/// milliseconds (a parameter), each with its next fencing token, and audit
+/// each lease (`run.claimed`, or `run.lease_taken_over` from `running`):
+/// `claimed` returns the leased runs as [`ClaimedRun::from_row`] reads them.
+/// Shared by [`claim_due`] and [`claim_locked`].
+fn lease_ctes(owner: &str, lease_ms: &str) -> String {
+    format!(
+        "claimed AS (
+             UPDATE wardcall.runs r
+                SET status = 'running', lease_owner = {owner}, fencing_token = r.fencing_token + 1,
+                    due_at = clock_timestamp() + {lease_ms} * interval '1 millisecond', updated_at = clock_timestamp()
+               FROM due WHERE r.id = due.id
+             RETURNING r.id, r.workflow, r.event, r.input, r.state, r.step, r.step_attempt, r.fencing_token,
+                       r.wait_signal, r.wait_outcome, r.critical, due.previous_status),
+         audited AS (
+             INSERT INTO wardcall.audit_log (entity, entity_id, action, from_state, to_state, actor, detail)
+             SELECT 'run', id::text,
+                    CASE WHEN previous_status = 'running' THEN 'run.lease_taken_over' ELSE 'run.claimed' END,
+                    previous_status, 'running', 'engine:' || {owner},
+                    jsonb_build_object('step', step, 'fencing_token', fencing_token)
+               FROM claimed)"
+    )
+}
+
 /// Claims up to `limit` due runs (pending, sleeping, waiting past deadline or
 /// signalled, or running with a lapsed lease) with `FOR UPDATE SKIP LOCKED`,
 /// giving each a lease of `lease_ms` milliseconds and a new fencing token, and
@@ -62,8 +87,9 @@ impl ClaimedRun {
 /// never delays a critical alert's claim (DESIGN.md invariant 10). Each half is
 /// an index range scan on `runs_claim (critical, due_at)` (migration 0003).
 pub async fn claim_due(pool: &PgPool, owner: &str, limit: i64, lease_ms: i64) -> Result<Vec<ClaimedRun>, sqlx::Error> {
-    let rows = sqlx::query(
-        "WITH crit AS (
+    static STATEMENT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        format!(
+            "WITH crit AS (
              SELECT id, status AS previous_status FROM wardcall.runs
               WHERE critical AND status IN ('pending','running','sleeping','waiting') AND due_at <= now()
               ORDER BY due_at LIMIT $2 FOR UPDATE SKIP LOCKED),
@@ -72,27 +98,12 @@ pub async fn claim_due(pool: &PgPool, owner: &str, limit: i64, lease_ms: i64) ->
               WHERE NOT critical AND status IN ('pending','running','sleeping','waiting') AND due_at <= now()
               ORDER BY due_at LIMIT greatest($2 - (SELECT count(*) FROM crit), 0) FOR UPDATE SKIP LOCKED),
          due AS (SELECT * FROM crit UNION ALL SELECT * FROM rest),
-         claimed AS (
-             UPDATE wardcall.runs r
-                SET status = 'running', lease_owner = $1, fencing_token = r.fencing_token + 1,
-                    due_at = clock_timestamp() + $3 * interval '1 millisecond', updated_at = clock_timestamp()
-               FROM due WHERE r.id = due.id
-             RETURNING r.id, r.workflow, r.event, r.input, r.state, r.step, r.step_attempt, r.fencing_token,
-                       r.wait_signal, r.wait_outcome, r.critical, due.previous_status),
-         audited AS (
-             INSERT INTO wardcall.audit_log (entity, entity_id, action, from_state, to_state, actor, detail)
-             SELECT 'run', id::text,
-                    CASE WHEN previous_status = 'running' THEN 'run.lease_taken_over' ELSE 'run.claimed' END,
-                    previous_status, 'running', 'engine:' || $1,
-                    jsonb_build_object('step', step, 'fencing_token', fencing_token)
-               FROM claimed)
+         {}
          SELECT * FROM claimed ORDER BY critical DESC",
-    )
-    .bind(owner)
-    .bind(limit)
-    .bind(lease_ms)
-    .fetch_all(pool)
-    .await?;
+            lease_ctes("$1", "$3")
+        )
+    });
+    let rows = sqlx::query(&STATEMENT).bind(owner).bind(limit).bind(lease_ms).fetch_all(pool).await?;
     rows.iter().map(ClaimedRun::from_row).collect()
 }
 
@@ -147,30 +158,15 @@ pub async fn claim_locked(conn: &mut PgConnection, runs: &[&ClaimedRun], owner: 
     }
     let ids: Vec<Uuid> = runs.iter().map(|r| r.id).collect();
     let previous: Vec<&str> = runs.iter().map(|r| r.previous_status.as_str()).collect();
-    let rows = sqlx::query(
-        "WITH due AS (SELECT * FROM unnest($1::uuid[], $2::text[]) AS t(id, previous_status)),
-         claimed AS (
-             UPDATE wardcall.runs r
-                SET status = 'running', lease_owner = $3, fencing_token = r.fencing_token + 1,
-                    due_at = clock_timestamp() + $4 * interval '1 millisecond', updated_at = clock_timestamp()
-               FROM due WHERE r.id = due.id
-             RETURNING r.id, r.workflow, r.event, r.input, r.state, r.step, r.step_attempt, r.fencing_token,
-                       r.wait_signal, r.wait_outcome, due.previous_status),
-         audited AS (
-             INSERT INTO wardcall.audit_log (entity, entity_id, action, from_state, to_state, actor, detail)
-             SELECT 'run', id::text,
-                    CASE WHEN previous_status = 'running' THEN 'run.lease_taken_over' ELSE 'run.claimed' END,
-                    previous_status, 'running', 'engine:' || $3,
-                    jsonb_build_object('step', step, 'fencing_token', fencing_token)
-               FROM claimed)
+    static STATEMENT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        format!(
+            "WITH due AS (SELECT * FROM unnest($1::uuid[], $2::text[]) AS t(id, previous_status)),
+         {}
          SELECT * FROM claimed",
-    )
-    .bind(&ids)
-    .bind(&previous)
-    .bind(owner)
-    .bind(lease_ms)
-    .fetch_all(conn)
-    .await?;
+            lease_ctes("$3", "$4")
+        )
+    });
+    let rows = sqlx::query(&STATEMENT).bind(&ids).bind(&previous).bind(owner).bind(lease_ms).fetch_all(conn).await?;
     let mut by_id: std::collections::HashMap<Uuid, ClaimedRun> =
         rows.iter().map(ClaimedRun::from_row).map(|r| r.map(|r| (r.id, r))).collect::<Result<_, _>>()?;
     Ok(ids.iter().filter_map(|id| by_id.remove(id)).collect())
