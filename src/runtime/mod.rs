@@ -886,29 +886,32 @@ impl Engine {
     /// commit and the workers' start happen on a task of their own
     /// ([`Engine::land_claim`]), [`CLAIMS_IN_FLIGHT`] at most, so that the
     /// scheduler locks the next due runs meanwhile. Returns how many due runs
-    /// it asked for and how many it locked (leased, run inside the claim, or
-    /// left due for want of a worker).
-    async fn claim_and_start(self: &Arc<Self>, free: usize) -> (usize, usize) {
+    /// it asked for and how many it used (leased or run inside the claim;
+    /// runs it locked and left due for want of a worker do not count).
+    async fn claim_and_start(self: &Arc<Self>) -> (usize, usize) {
         let Ok(flight) = self.claim_flights.clone().acquire_owned().await else { return (0, 0) };
         let fired_last = self.claims.fired_last.load(Ordering::Relaxed);
-        let lease_max = free.min(CLAIM_MAX);
+        // Free workers counted again: workers may have freed while this
+        // waited for a claim to land (`free` is only the caller's hint).
+        let lease_max = self.slots.available_permits().min(CLAIM_MAX);
         let limit = if fired_last { CLAIM_MAX } else { lease_max };
         if limit == 0 {
             return (0, 0);
         }
         match self.lock_due_runs(limit, lease_max).await {
             Ok(mut claim) => {
-                let locked = claim.locked;
                 self.claims.fired_last.store(!claim.fired.is_empty(), Ordering::Relaxed);
                 // The workers of the runs to lease, reserved now that their
                 // number is known (the dispatcher may have taken some of the
                 // free ones meanwhile: the runs it cannot start stay due).
-                let wanted = claim.leased.len().min(self.slots.available_permits());
-                let reserved = if wanted > 0 { self.slots.clone().try_acquire_many_owned(wanted as u32).ok() } else { None };
+                let reserved = self.reserve_workers(claim.leased.len());
                 claim.leased.truncate(reserved.as_ref().map_or(0, |r| r.num_permits()));
+                // Runs locked but neither run nor leased do not count: a
+                // claim is "full" when it used all it asked for.
+                let got = claim.fired.len() + claim.leased.len();
                 let e = self.clone();
                 tokio::spawn(async move { e.land_claim(claim, reserved, lease_max, flight).await });
-                (limit, locked)
+                (limit, got)
             }
             Err(e) => {
                 let why = self.db.explain(&e).await;
@@ -928,8 +931,13 @@ impl Engine {
     /// emit) must not hold up the due runs, a critical alert's first among
     /// them. Returns how many it leased.
     async fn claim_with_leases_only(self: &Arc<Self>, want: usize) -> usize {
-        let want = want.min(self.slots.available_permits()).min(CLAIM_MAX);
-        let Some(reserved) = (want > 0).then(|| self.slots.clone().try_acquire_many_owned(want as u32).ok()).flatten() else { return 0 };
+        if self.stopping() {
+            return 0;
+        }
+        // As many as are free now (the failed claim's workers are back).
+        let want = want.max(self.slots.available_permits()).min(CLAIM_MAX);
+        let Some(reserved) = self.reserve_workers(want) else { return 0 };
+        let want = reserved.num_permits();
         match store::claim_due(&self.db.pool, &self.engine_id, want as i64, self.lease_ms()).await {
             Ok(runs) => {
                 let n = runs.len();
@@ -952,6 +960,27 @@ impl Engine {
         self.claims.fired_last.store(false, Ordering::Relaxed);
         let until = self.health.now_ms() + STEPS_IN_CLAIM_PAUSE.as_millis() as u64;
         self.claims.steps_paused_until_ms.store(until, Ordering::Relaxed);
+    }
+
+    /// Reserves up to `n` free workers (as many as are free, when fewer:
+    /// the dispatcher takes free workers concurrently); `None` when none is.
+    fn reserve_workers(&self, n: usize) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let n = n.min(self.slots.available_permits());
+        if n == 0 {
+            return None;
+        }
+        if let Ok(all) = self.slots.clone().try_acquire_many_owned(n as u32) {
+            return Some(all);
+        }
+        let mut reserved: Option<tokio::sync::OwnedSemaphorePermit> = None;
+        while reserved.as_ref().map_or(0, |r| r.num_permits()) < n {
+            let Ok(one) = self.slots.clone().try_acquire_owned() else { break };
+            match reserved.as_mut() {
+                Some(r) => r.merge(one),
+                None => reserved = Some(one),
+            }
+        }
+        reserved
     }
 
     fn count_claim(&self, leased: usize, fired: usize) {
@@ -990,7 +1019,7 @@ impl Engine {
     async fn land_claim(
         self: Arc<Self>,
         claim: LockedClaim,
-        reserved: Option<tokio::sync::OwnedSemaphorePermit>,
+        mut reserved: Option<tokio::sync::OwnedSemaphorePermit>,
         lease_max: usize,
         flight: tokio::sync::OwnedSemaphorePermit,
     ) {
@@ -1026,7 +1055,9 @@ impl Engine {
                 let why = self.db.explain(&e).await;
                 tracing::warn!(error = %why, "a claim that ran steps inside it failed; claiming with leases only");
                 self.pause_steps_in_claims();
-                drop(reserved);
+                if reserved.take().is_some() {
+                    self.slot_freed.notify_one();
+                }
                 self.claim_with_leases_only(lease_max).await;
             }
         }
@@ -1061,11 +1092,10 @@ impl Engine {
                 return Err(e);
             }
         };
-        let locked = due.len();
         // A claim that leases a critical run runs no step inside it: the
         // critical run's worker starts as soon as its lease commits.
         let run_steps = self.health.now_ms() >= self.claims.steps_paused_until_ms.load(Ordering::Relaxed) && !due.iter().any(|(_, critical)| *critical);
-        let mut claim = LockedClaim { tx, fired: Vec::new(), held: Vec::new(), leased: Vec::new(), locked };
+        let mut claim = LockedClaim { tx, fired: Vec::new(), held: Vec::new(), leased: Vec::new() };
         for (run, critical) in due {
             let in_claim = if critical || !run_steps {
                 None
@@ -1191,7 +1221,7 @@ impl Engine {
             }
             self.health.beat(&self.health.scheduler_beat);
             let free = self.slots.available_permits();
-            let (asked, got) = if free == 0 && !self.claims.fired_last.load(Ordering::Relaxed) { (0, 0) } else { self.claim_and_start(free).await };
+            let (asked, got) = if free == 0 && !self.claims.fired_last.load(Ordering::Relaxed) { (0, 0) } else { self.claim_and_start().await };
             let full = asked > 0 && got == asked;
             if full && self.claims.fired_last.load(Ordering::Relaxed) {
                 // Steps ran inside that claim and more runs are due: claim
@@ -1657,8 +1687,6 @@ struct LockedClaim {
     held: Vec<String>,
     /// Runs to lease.
     leased: Vec<ClaimedRun>,
-    /// Due runs locked.
-    locked: usize,
 }
 
 /// Aborts a task when dropped.

@@ -24,7 +24,8 @@ pub struct ClaimedRun {
     pub step: String,
     /// Failed attempts of the current step so far (0 on first try).
     pub step_attempt: i32,
-    /// Incremented on every claim; every commit checks it.
+    /// Incremented on every claim (and by a step run inside a claim,
+    /// `commit_fired_in_claim`); every commit checks it.
     pub fencing_token: i64,
     /// Set while a wait is unresolved (the run was claimed at its deadline or on a signal).
     pub wait_signal: Option<String>,
