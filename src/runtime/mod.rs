@@ -891,8 +891,8 @@ impl Engine {
     async fn claim_and_start(self: &Arc<Self>) -> (usize, usize) {
         let Ok(flight) = self.claim_flights.clone().acquire_owned().await else { return (0, 0) };
         let fired_last = self.claims.fired_last.load(Ordering::Relaxed);
-        // Free workers counted again: workers may have freed while this
-        // waited for a claim to land (`free` is only the caller's hint).
+        // Free workers counted now, after waiting for a claim to land
+        // (workers may have freed meanwhile).
         let lease_max = self.slots.available_permits().min(CLAIM_MAX);
         let limit = if fired_last { CLAIM_MAX } else { lease_max };
         if limit == 0 {
