@@ -910,33 +910,32 @@ impl Engine {
                 // claim is "full" when it used all it asked for.
                 let got = claim.fired.len() + claim.leased.len();
                 let e = self.clone();
-                tokio::spawn(async move { e.land_claim(claim, reserved, lease_max, flight).await });
+                tokio::spawn(async move { e.land_claim(claim, reserved, flight).await });
                 (limit, got)
             }
             Err(e) => {
                 let why = self.db.explain(&e).await;
                 tracing::warn!(error = %why, "locking due runs failed; claiming with leases only");
                 self.pause_steps_in_claims();
-                let got = self.claim_with_leases_only(lease_max).await;
+                let got = self.claim_with_leases_only().await;
                 drop(flight);
                 (limit, got)
             }
         }
     }
 
-    /// [`store::claim_due`]: up to `want` due runs (at most the workers free
-    /// now, which it reserves) leased in one statement, no step run inside
+    /// [`store::claim_due`]: as many due runs as there are free workers now
+    /// ([`CLAIM_MAX`] at most; it reserves them) leased in one statement, no step run inside
     /// it. The fallback of a claim that could not run steps inside it:
     /// whatever failed there (a step's transition that cannot be written, an
     /// emit) must not hold up the due runs, a critical alert's first among
     /// them. Returns how many it leased.
-    async fn claim_with_leases_only(self: &Arc<Self>, want: usize) -> usize {
+    async fn claim_with_leases_only(self: &Arc<Self>) -> usize {
         if self.stopping() {
             return 0;
         }
         // As many as are free now (the failed claim's workers are back).
-        let want = want.max(self.slots.available_permits()).min(CLAIM_MAX);
-        let Some(reserved) = self.reserve_workers(want) else { return 0 };
+        let Some(reserved) = self.reserve_workers(CLAIM_MAX) else { return 0 };
         let want = reserved.num_permits();
         match store::claim_due(&self.db.pool, &self.engine_id, want as i64, self.lease_ms()).await {
             Ok(runs) => {
@@ -1020,7 +1019,6 @@ impl Engine {
         self: Arc<Self>,
         claim: LockedClaim,
         mut reserved: Option<tokio::sync::OwnedSemaphorePermit>,
-        lease_max: usize,
         flight: tokio::sync::OwnedSemaphorePermit,
     ) {
         let LockedClaim { mut tx, fired, held, leased, .. } = claim;
@@ -1058,7 +1056,7 @@ impl Engine {
                 if reserved.take().is_some() {
                     self.slot_freed.notify_one();
                 }
-                self.claim_with_leases_only(lease_max).await;
+                self.claim_with_leases_only().await;
             }
         }
         drop(flight);
