@@ -212,6 +212,14 @@ pub const CLAIM_MAX: usize = 256;
 /// (BENCHMARKS.md, "Issue 9, part 2: timers in bulk").
 pub const CLAIM_COALESCE_WINDOW: Duration = Duration::from_millis(5);
 
+/// The longest the scheduler waits between claims while runs are due that
+/// its last claim could not take because another transaction holds their
+/// rows (it backs off 1, 2, 4 … ms up to this, or `engine.poll_ms` if
+/// shorter). A wake (a signal, a run made due, a worker freeing) claims at
+/// once. Before, it claimed every millisecond for as long as the lock was
+/// held: about a thousand claims and due-time queries a second.
+pub const LOCKED_DUE_POLL_MAX: Duration = Duration::from_millis(50);
+
 /// Claims whose commit may be in flight at once: the scheduler locks the
 /// next due runs and runs their steps while the last claim's transitions
 /// and leases commit (on another connection, another core of PostgreSQL).
@@ -1213,6 +1221,9 @@ impl Engine {
     async fn scheduler_loop(self: Arc<Self>) {
         let mut stop = self.shutdown.subscribe();
         let poll = Duration::from_millis(self.config.engine.poll_ms);
+        // The wait before the next claim while runs are due that the last
+        // claim could not take (see `LOCKED_DUE_POLL_MAX`).
+        let mut locked_due_wait = Duration::ZERO;
         loop {
             if self.stopping() {
                 return;
@@ -1248,8 +1259,23 @@ impl Engine {
                 }
             }
             let wait = match store::next_due_in_ms(&self.db.pool).await {
-                Ok(Some(ms)) if ms <= 0.0 => Duration::from_millis(1),
-                Ok(Some(ms)) => Duration::from_micros((ms * 1000.0) as u64).min(poll),
+                // Due, yet the claim took none of them: their rows are
+                // locked by another transaction (another engine's claim, a
+                // webhook's, a team's write-back), which may hold them for
+                // seconds. Poll again sooner than `poll`, but not every
+                // millisecond: 1, 2, 4 … ms up to `LOCKED_DUE_POLL_MAX`.
+                Ok(Some(ms)) if ms <= 0.0 && asked > 0 && got == 0 => {
+                    locked_due_wait = (locked_due_wait * 2).clamp(Duration::from_millis(1), LOCKED_DUE_POLL_MAX.min(poll));
+                    locked_due_wait
+                }
+                Ok(Some(ms)) if ms <= 0.0 => {
+                    locked_due_wait = Duration::ZERO;
+                    Duration::from_millis(1)
+                }
+                Ok(Some(ms)) => {
+                    locked_due_wait = Duration::ZERO;
+                    Duration::from_micros((ms * 1000.0) as u64).min(poll)
+                }
                 _ => poll,
             };
             tokio::select! {

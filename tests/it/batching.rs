@@ -36,6 +36,7 @@ pub fn tests() -> Vec<libtest_mimic::Trial> {
         batching::a_step_run_inside_a_claim_that_cannot_be_written_holds_up_no_run,
         batching::chained_sleeps_fired_inside_claims_run_each_element_once,
         batching::a_runs_large_state_is_compressed_with_lz4,
+        batching::a_due_run_held_by_another_transaction_is_not_claimed_every_millisecond,
     ]
 }
 
@@ -844,5 +845,48 @@ pub async fn a_runs_large_state_is_compressed_with_lz4() {
         sqlx::query_as("SELECT pg_column_compression(state), octet_length(state::text) FROM wardcall.runs").fetch_one(&db.pool).await.unwrap();
     assert!(text_bytes > 2048, "the state ({text_bytes} bytes) is large enough to be compressed");
     assert_eq!(compression.as_deref(), Some("lz4"));
+    app.stop(Duration::from_secs(2)).await;
+}
+
+/// A run falls due while another transaction holds its row (as another
+/// engine's claim, a webhook's transaction or a team's write-back can, for
+/// seconds): the scheduler's claims skip it (`SKIP LOCKED`) and the next
+/// due time says it is due. For the second the lock is held the scheduler
+/// claims at most every `LOCKED_DUE_POLL_MAX` (50 ms) instead of every
+/// millisecond, and once the lock goes the run is claimed and completes.
+pub async fn a_due_run_held_by_another_transaction_is_not_claimed_every_millisecond() {
+    let db = TestDb::new().await;
+    db.exec(TASKS_TABLE).await;
+    let app = start_app(&db, config(&script_config(4))).await;
+    let id: Uuid = sqlx::query_scalar(
+        "INSERT INTO wardcall.runs (workflow, event, input, step, status, due_at)
+         VALUES ('script', 'held', jsonb_build_object('steps', jsonb_build_array(jsonb_build_object('op', 'work', 'ms', 1))), 'op:0', 'sleeping',
+                 clock_timestamp() + interval '400 milliseconds')
+         RETURNING id",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    let mut holder = db.pool.begin().await.unwrap();
+    let still_ahead: bool =
+        sqlx::query_scalar("SELECT due_at > clock_timestamp() FROM wardcall.runs WHERE id = $1 FOR UPDATE").bind(id).fetch_one(&mut *holder).await.unwrap();
+    assert!(still_ahead, "the row must be locked before the run falls due (a slow machine: run again)");
+    await_true(&db, "the run to fall due", Duration::from_secs(5), &format!("SELECT due_at <= clock_timestamp() FROM wardcall.runs WHERE id = '{id}'")).await;
+    let stats = app.engine.claim_stats();
+    let before = stats.claims.load(Ordering::Relaxed);
+    // The window in which the scheduler can only poll: what is counted is
+    // how often it does (absence of claims, not an event to await).
+    let held = Duration::from_millis(1000);
+    tokio::time::sleep(held).await;
+    let claims = stats.claims.load(Ordering::Relaxed) - before;
+    let status: String = sqlx::query_scalar("SELECT status FROM wardcall.runs WHERE id = $1").bind(id).fetch_one(&db.pool).await.unwrap();
+    assert_eq!(status, "sleeping", "the held run cannot be claimed");
+    holder.rollback().await.unwrap();
+    let released = Instant::now();
+    await_true(&db, "the run to complete once released", Duration::from_secs(5), &format!("SELECT status = 'completed' FROM wardcall.runs WHERE id = '{id}'"))
+        .await;
+    eprintln!("claims while the due run was held for {held:?}: {claims}; completed {:?} after the release", released.elapsed());
+    assert!(claims >= 5, "the scheduler kept looking for the due run while it was held ({claims} claims)");
+    assert!(claims <= 60, "{claims} claims in {held:?} while a due run was held elsewhere: polling every millisecond");
     app.stop(Duration::from_secs(2)).await;
 }
