@@ -30,8 +30,9 @@
 //!   `--spread-s` seconds; lateness = audit time of the first change that
 //!   wakes the run (its claim, or the transition of a step run inside the
 //!   claim) − its due time.
-//! - `scale`: `latency` before and after inserting N runs sleeping far in the
-//!   future (as SLA timers would).
+//! - `scale`: `latency` in two databases of the one cluster, one holding N
+//!   runs sleeping far in the future (as SLA timers would), in alternating
+//!   rounds; the target figures are the medians of the rounds' ratios.
 //! - `resources`: resident memory of this process (engine, emulator and client
 //!   share it) at rest and at peak, and the PostgreSQL connections the engine holds.
 //! - `flood`: N non-critical script events (one `step` each) emitted in one
@@ -1382,22 +1383,37 @@ async fn settle(env: &Env) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Latency runs of `scale` per database, taken in alternating order.
+pub const SCALE_ROUNDS: u64 = 3;
+
+/// `scale`: two databases on the one cluster, each with its engine and
+/// emulator: `scale_base` as the latency scenario has it, and `scale_big`
+/// with `n` runs sleeping 30 days or more (as SLA timers would). After a
+/// warm-up and `VACUUM ANALYZE` + `CHECKPOINT` of both, latency runs of
+/// `alerts` alerts alternate between them ([`SCALE_ROUNDS`] each, in ABBA
+/// order), so that each pair of runs shares the same minute of a noisy
+/// host. The target figures are the medians of the rounds' ratios
+/// (scaled / base) of p50 and of p99; the pooled latencies of each database
+/// are reported beside them.
 async fn scale(options: &BenchOptions, sizes: &Sizes) -> anyhow::Result<ScenarioReport> {
     let sleeping = sizes.n_or(1_000_000);
     let alerts = sizes.alerts.unwrap_or(sleeping.min(1000));
     let mut r = ScenarioReport::new(
         Scenario::Scale,
-        format!("latency ({alerts} alerts at {} /s) before and after {sleeping} runs sleep in wardcall.runs", sizes.rate),
-        json!({"sleeping_runs": sleeping, "alerts": alerts, "rate_per_s": sizes.rate, "warm_up_alerts": alerts.min(50), "workers": crate::config::DEFAULT_WORKERS}),
+        format!(
+            "latency ({alerts} alerts at {} /s, {SCALE_ROUNDS} rounds) without and with {sleeping} runs sleeping in wardcall.runs, alternating",
+            sizes.rate
+        ),
+        json!({"sleeping_runs": sleeping, "alerts": alerts, "rounds": SCALE_ROUNDS, "rate_per_s": sizes.rate, "warm_up_alerts": alerts.min(50),
+               "workers": crate::config::DEFAULT_WORKERS}),
     );
-    let env_owned = Env::start(options, "scale", crate::config::DEFAULT_WORKERS, 1).await?;
-    let env = &env_owned;
+    let base_owned = Env::start(options, "scale_base", crate::config::DEFAULT_WORKERS, 1).await?;
+    let big_owned = match Env::start(options, "scale_big", crate::config::DEFAULT_WORKERS, 1).await {
+        Ok(env) => env,
+        Err(e) => return base_owned.finish(Err(e)).await,
+    };
+    let (base_env, big_env) = (&base_owned, &big_owned);
     let result: anyhow::Result<()> = async {
-        warm_up(env, alerts, sizes.rate).await?;
-        settle(env).await?;
-        let base = steady_run(env, 0, alerts, sizes.rate).await?;
-        add_latency_figures(&mut r, "baseline_", &base, false);
-        add_stage_figures(&mut r, env, "baseline_", 0, alerts).await?;
         let t = Instant::now();
         sqlx::query(
             "INSERT INTO wardcall.runs (workflow, event, input, state, step, status, due_at)
@@ -1408,26 +1424,56 @@ async fn scale(options: &BenchOptions, sizes: &Sizes) -> anyhow::Result<Scenario
         )
         .bind(SCRIPT_WORKFLOW)
         .bind(sleeping as i64)
-        .execute(&env.client)
+        .execute(&big_env.client)
         .await
         .context("inserting the sleeping runs")?;
         r.add("insert_sleeping_runs", t.elapsed().as_secs_f64(), "s");
+        for env in [base_env, big_env] {
+            warm_up(env, alerts, sizes.rate).await?;
+        }
         let t = Instant::now();
-        settle(env).await?;
+        for env in [base_env, big_env] {
+            settle(env).await?;
+        }
         r.add("vacuum_analyze_checkpoint", t.elapsed().as_secs_f64(), "s");
-        let live: i64 = sqlx::query_scalar("SELECT count(*) FROM wardcall.runs WHERE status = 'sleeping'").fetch_one(&env.client).await?;
+        let live: i64 = sqlx::query_scalar("SELECT count(*) FROM wardcall.runs WHERE status = 'sleeping'").fetch_one(&big_env.client).await?;
         r.add("sleeping_runs", live as f64, "count");
-        let scaled = steady_run(env, alerts, alerts, sizes.rate).await?;
-        add_latency_figures(&mut r, "scaled_", &scaled, false);
-        add_stage_figures(&mut r, env, "scaled_", alerts, alerts).await?;
+        let (mut base, mut scaled) = (Vec::new(), Vec::new());
+        for round in 0..SCALE_ROUNDS {
+            // ABBA: the base first in even rounds, the big database first in odd ones.
+            let first = round * alerts;
+            if round % 2 == 0 {
+                base.push(steady_run(base_env, first, alerts, sizes.rate).await?);
+                scaled.push(steady_run(big_env, first, alerts, sizes.rate).await?);
+            } else {
+                scaled.push(steady_run(big_env, first, alerts, sizes.rate).await?);
+                base.push(steady_run(base_env, first, alerts, sizes.rate).await?);
+            }
+        }
+        let pooled = |runs: &[SteadyRun]| SteadyRun {
+            latencies: runs.iter().flat_map(|x| x.latencies.iter().copied()).collect(),
+            commits: runs.iter().flat_map(|x| x.commits.iter().copied()).collect(),
+            achieved_rate: runs.iter().map(|x| x.achieved_rate).fold(f64::INFINITY, f64::min),
+        };
+        add_latency_figures(&mut r, "baseline_", &pooled(&base), false);
+        add_stage_figures(&mut r, base_env, "baseline_", 0, SCALE_ROUNDS * alerts).await?;
+        add_latency_figures(&mut r, "scaled_", &pooled(&scaled), false);
+        add_stage_figures(&mut r, big_env, "scaled_", 0, SCALE_ROUNDS * alerts).await?;
         let p = |v: &SteadyRun, q: f64| percentile(&sorted(v.latencies.clone()), q);
-        r.add_target("p50_ratio", p(&scaled, 0.5) / p(&base, 0.5), "ratio", 1.1, true);
-        r.add_target("p99_ratio", p(&scaled, 0.99) / p(&base, 0.99), "ratio", 1.1, true);
+        let ratios = |q: f64| -> Vec<f64> { base.iter().zip(&scaled).map(|(b, s)| p(s, q) / p(b, q)).collect() };
+        let (p50s, p99s) = (ratios(0.5), ratios(0.99));
+        r.add_target("p50_ratio", percentile(&sorted(p50s.clone()), 0.5), "ratio", 1.1, true);
+        r.add_target("p99_ratio", percentile(&sorted(p99s.clone()), 0.5), "ratio", 1.1, true);
+        let list = |v: &[f64]| v.iter().map(|x| format!("{x:.2}")).collect::<Vec<_>>().join(", ");
+        r.notes.push(format!("p50_ratio and p99_ratio: medians of the rounds' ratios (scaled / base): p50 {}; p99 {}", list(&p50s), list(&p99s)));
         Ok(())
     }
     .await;
-    env_owned.finish(result).await?;
-    r.notes.push("both latency runs follow a VACUUM ANALYZE and a CHECKPOINT (the state autovacuum and the checkpointer reach on their own); the first also follows the warm-up".into());
+    let big_stopped = big_owned.finish(Ok(())).await;
+    let outcome = base_owned.finish(result).await;
+    outcome?;
+    big_stopped?;
+    r.notes.push("the rounds follow a warm-up of each database, then a VACUUM ANALYZE and a CHECKPOINT of both (the state autovacuum and the checkpointer reach on their own); the two engines run side by side, the one not measured idle".into());
     Ok(r)
 }
 
