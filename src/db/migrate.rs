@@ -25,6 +25,7 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     (11, "function_plans", include_str!("../../migrations/0011_function_plans.sql")),
     (12, "runs_fillfactor", include_str!("../../migrations/0012_runs_fillfactor.sql")),
     (13, "runs_state_lz4", include_str!("../../migrations/0013_runs_state_lz4.sql")),
+    (14, "time_ordered_ids", include_str!("../../migrations/0014_time_ordered_ids.sql")),
 ];
 
 /// Applies the migrations not yet applied; returns how many it applied.

@@ -37,6 +37,7 @@ pub fn tests() -> Vec<libtest_mimic::Trial> {
         batching::chained_sleeps_fired_inside_claims_run_each_element_once,
         batching::a_runs_large_state_is_compressed_with_lz4,
         batching::a_due_run_held_by_another_transaction_is_not_claimed_every_millisecond,
+        batching::new_runs_alerts_and_attempts_get_time_ordered_ids,
     ]
 }
 
@@ -889,4 +890,48 @@ pub async fn a_due_run_held_by_another_transaction_is_not_claimed_every_millisec
     assert!(claims >= 5, "the scheduler kept looking for the due run while it was held ({claims} claims)");
     assert!(claims <= 60, "{claims} claims in {held:?} while a due run was held elsewhere: polling every millisecond");
     app.stop(Duration::from_secs(2)).await;
+}
+
+/// Runs, alerts and notification attempts get UUID version 7 ids by default
+/// (migration 0014): the version nibble is 7, the variant is RFC 9562's, the
+/// first 48 bits are the insert's Unix time in ms, and ids of rows inserted
+/// later sort after earlier ones (their primary-key entries go to the
+/// right-most leaf pages instead of random ones).
+pub async fn new_runs_alerts_and_attempts_get_time_ordered_ids() {
+    let db = TestDb::new().await;
+    for table in ["runs", "alerts", "notification_attempts"] {
+        let default: String = sqlx::query_scalar(
+            "SELECT column_default FROM information_schema.columns WHERE table_schema = 'wardcall' AND table_name = $1 AND column_name = 'id'",
+        )
+        .bind(table)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        assert_eq!(default, "wardcall.uuid_v7()", "wardcall.{table}.id");
+    }
+    let mut ids: Vec<Uuid> = Vec::new();
+    for _ in 0..5 {
+        let id: Uuid = sqlx::query_scalar(
+            "INSERT INTO wardcall.runs (workflow, event, input, step, status) VALUES ('script', 'ids', '{}', 'op:0', 'completed') RETURNING id",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        ids.push(id);
+        // The next insert a millisecond later at least: a later time prefix.
+        sqlx::query("SELECT pg_sleep(0.002)").execute(&db.pool).await.unwrap();
+    }
+    let now_ms = jiff::Timestamp::now().as_millisecond() as u64;
+    for id in &ids {
+        assert_eq!(id.get_version_num(), 7, "{id}");
+        assert_eq!(id.get_variant(), uuid::Variant::RFC4122, "{id}");
+        let b = id.as_bytes();
+        let ms = u64::from_be_bytes([0, 0, b[0], b[1], b[2], b[3], b[4], b[5]]);
+        assert!(ms <= now_ms && now_ms - ms < 60_000, "{id}: time prefix {ms} ms, now {now_ms} ms");
+    }
+    let mut sorted = ids.clone();
+    sorted.sort();
+    assert_eq!(sorted, ids, "ids inserted later sort after earlier ones");
+    sorted.dedup();
+    assert_eq!(sorted.len(), 5);
 }
