@@ -14,8 +14,10 @@
 -- instead of 1.2 kB (BENCHMARKS.md, "Issue 9, seventh session"). Time-ordered
 -- ids go to the right-most leaf pages, as a bigserial's would.
 --
--- Existing ids stay as they are; ids are compared only for equality and to
--- order row locks, which any total order serves.
+-- Existing ids stay as they are. The engine compares ids only for equality
+-- and to order row locks, which any total order serves; `wardcall bench
+-- bookings` hands out due times in id order, which is now creation order
+-- (it was random).
 CREATE FUNCTION wardcall.uuid_v7() RETURNS uuid LANGUAGE sql VOLATILE PARALLEL SAFE AS $$
     SELECT encode(
         set_bit(set_bit(overlay(uuid_send(gen_random_uuid())

@@ -1390,8 +1390,8 @@ pub const SCALE_ROUNDS: u64 = 3;
 /// emulator: `scale_base` as the latency scenario has it, and `scale_big`
 /// with `n` runs sleeping 30 days or more (as SLA timers would). After a
 /// warm-up and `VACUUM ANALYZE` + `CHECKPOINT` of both, latency runs of
-/// `alerts` alerts alternate between them ([`SCALE_ROUNDS`] each, in ABBA
-/// order), so that each pair of runs shares the same minute of a noisy
+/// `alerts` alerts alternate between them ([`SCALE_ROUNDS`] each, the base
+/// first in even rounds and the big database first in odd ones), so that each pair of runs shares the same minute of a noisy
 /// host. The target figures are the medians of the rounds' ratios
 /// (scaled / base) of p50 and of p99; the pooled latencies of each database
 /// are reported beside them.
@@ -1440,7 +1440,8 @@ async fn scale(options: &BenchOptions, sizes: &Sizes) -> anyhow::Result<Scenario
         r.add("sleeping_runs", live as f64, "count");
         let (mut base, mut scaled) = (Vec::new(), Vec::new());
         for round in 0..SCALE_ROUNDS {
-            // ABBA: the base first in even rounds, the big database first in odd ones.
+            // Alternating: the base first in even rounds (0, 2, …), the big
+            // database first in odd ones (ABBAAB… for the two of them).
             let first = round * alerts;
             if round % 2 == 0 {
                 base.push(steady_run(base_env, first, alerts, sizes.rate).await?);

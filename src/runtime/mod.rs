@@ -215,8 +215,8 @@ pub const CLAIM_COALESCE_WINDOW: Duration = Duration::from_millis(5);
 /// The longest the scheduler waits between claims while runs are due that
 /// its last claim could not take because another transaction holds their
 /// rows (it backs off 1, 2, 4 … ms up to this, or `engine.poll_ms` if
-/// shorter). A wake (a signal, a run made due, a worker freeing) claims at
-/// once. Before, it claimed every millisecond for as long as the lock was
+/// shorter), and never past the due time of the next run still ahead. A
+/// wake (a signal, a run made due, a worker freeing) claims at once. Before, it claimed every millisecond for as long as the lock was
 /// held: about a thousand claims and due-time queries a second.
 pub const LOCKED_DUE_POLL_MAX: Duration = Duration::from_millis(50);
 
@@ -1232,6 +1232,9 @@ impl Engine {
             let free = self.slots.available_permits();
             let (asked, got) = if free == 0 && !self.claims.fired_last.load(Ordering::Relaxed) { (0, 0) } else { self.claim_and_start().await };
             let full = asked > 0 && got == asked;
+            if got > 0 {
+                locked_due_wait = Duration::ZERO;
+            }
             if full && self.claims.fired_last.load(Ordering::Relaxed) {
                 // Steps ran inside that claim and more runs are due: claim
                 // again at once (the claims in flight bound how far ahead).
@@ -1249,34 +1252,49 @@ impl Engine {
                 // wait for every claim in flight to land (or a wake, or `poll`).
                 // Then the next due time below is true again.
                 let deadline = tokio::time::Instant::now() + poll;
+                let mut woken = false;
                 while self.claim_flights.available_permits() < CLAIMS_IN_FLIGHT {
                     tokio::select! {
                         _ = self.claim_landed.notified() => {}
-                        _ = self.wake_scheduler.notified() => break,
+                        _ = self.wake_scheduler.notified() => {
+                            woken = true;
+                            break;
+                        }
                         _ = tokio::time::sleep_until(deadline) => break,
                         _ = stop.changed() => return,
                     }
                 }
+                if woken {
+                    // A wake (a signal, a run made due) claims at once.
+                    locked_due_wait = Duration::ZERO;
+                    continue;
+                }
             }
+            let until_ms = |ms: f64| Duration::from_micros((ms.max(0.0) * 1000.0) as u64).min(poll);
             let wait = match store::next_due_in_ms(&self.db.pool).await {
                 // Due, yet the claim took none of them: their rows are
                 // locked by another transaction (another engine's claim, a
                 // webhook's, a team's write-back), which may hold them for
                 // seconds. Poll again sooner than `poll`, but not every
-                // millisecond: 1, 2, 4 … ms up to `LOCKED_DUE_POLL_MAX`.
-                Ok(Some(ms)) if ms <= 0.0 && asked > 0 && got == 0 => {
+                // millisecond: 1, 2, 4 … ms up to `LOCKED_DUE_POLL_MAX`;
+                // and never past the next run still ahead (a critical
+                // alert's timeout falls due: nothing else wakes for it).
+                Ok((Some(ms), ahead)) if ms <= 0.0 && asked > 0 && got == 0 => {
                     locked_due_wait = (locked_due_wait * 2).clamp(Duration::from_millis(1), LOCKED_DUE_POLL_MAX.min(poll));
-                    locked_due_wait
+                    ahead.map_or(locked_due_wait, |a| locked_due_wait.min(until_ms(a)))
                 }
-                Ok(Some(ms)) if ms <= 0.0 => {
+                Ok((Some(ms), _)) if ms <= 0.0 => {
                     locked_due_wait = Duration::ZERO;
                     Duration::from_millis(1)
                 }
-                Ok(Some(ms)) => {
+                Ok((Some(ms), _)) => {
                     locked_due_wait = Duration::ZERO;
-                    Duration::from_micros((ms * 1000.0) as u64).min(poll)
+                    until_ms(ms)
                 }
-                _ => poll,
+                _ => {
+                    locked_due_wait = Duration::ZERO;
+                    poll
+                }
             };
             tokio::select! {
                 _ = self.wake_scheduler.notified() => {}

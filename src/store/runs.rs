@@ -173,14 +173,26 @@ pub async fn claim_locked(conn: &mut PgConnection, runs: &[&ClaimedRun], owner: 
     Ok(ids.iter().filter_map(|id| by_id.remove(id)).collect())
 }
 
-/// Milliseconds until the next live run is due (negative: overdue), or `None`
-/// when no run is live. Two index lookups on `runs_claim`.
-pub async fn next_due_in_ms(pool: &PgPool) -> Result<Option<f64>, sqlx::Error> {
-    sqlx::query_scalar(
-        "SELECT (extract(epoch FROM (least(
+/// When live runs are due, in milliseconds from now, read with the
+/// database's clock: `(next, next_ahead)`. `next` is the earliest due time
+/// of any live run (negative: overdue), `next_ahead` the earliest still in
+/// the future (what the scheduler must wake for while overdue runs are held
+/// by another transaction); `None` when there is no such run. Four index
+/// lookups on `runs_claim` (one per `critical` value and bound).
+///
+/// Errors: a database error.
+pub async fn next_due_in_ms(pool: &PgPool) -> Result<(Option<f64>, Option<f64>), sqlx::Error> {
+    sqlx::query_as(
+        "WITH t AS (SELECT clock_timestamp() AS now)
+         SELECT (extract(epoch FROM least(
                     (SELECT min(due_at) FROM wardcall.runs WHERE critical AND status IN ('pending','running','sleeping','waiting')),
                     (SELECT min(due_at) FROM wardcall.runs WHERE NOT critical AND status IN ('pending','running','sleeping','waiting')))
-                 - clock_timestamp())) * 1000)::float8",
+                 - t.now) * 1000)::float8,
+                (extract(epoch FROM least(
+                    (SELECT min(due_at) FROM wardcall.runs WHERE critical AND status IN ('pending','running','sleeping','waiting') AND due_at > t.now),
+                    (SELECT min(due_at) FROM wardcall.runs WHERE NOT critical AND status IN ('pending','running','sleeping','waiting') AND due_at > t.now))
+                 - t.now) * 1000)::float8
+           FROM t",
     )
     .fetch_one(pool)
     .await
