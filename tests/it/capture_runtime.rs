@@ -195,18 +195,28 @@ pub async fn killing_the_listener_connection_loses_nothing() {
         "SELECT count(*) >= 1 FROM pg_stat_activity WHERE datname = current_database() AND query LIKE 'LISTEN%'",
     )
     .await;
+    // Backends already terminated: one may still be listed for a moment
+    // after `pg_terminate_backend` returns, so each round waits for a
+    // listener that is not one of them (the engine's reconnection).
+    let mut terminated: Vec<i32> = Vec::new();
     for round in 0..3 {
+        let known = format!("ARRAY[{}]::int[]", terminated.iter().map(i32::to_string).collect::<Vec<_>>().join(","));
         await_true(
             &db,
             "the listener to be connected",
             Duration::from_secs(10),
-            "SELECT count(*) >= 1 FROM pg_stat_activity WHERE datname = current_database() AND query LIKE 'LISTEN%'",
+            &format!("SELECT count(*) >= 1 FROM pg_stat_activity WHERE datname = current_database() AND query LIKE 'LISTEN%' AND pid <> ALL ({known})"),
         )
         .await;
-        let killed = db
-            .scalar_i64("SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() AND query LIKE 'LISTEN%' AND pid <> pg_backend_pid()) t")
-            .await;
-        assert!(killed >= 1, "round {round}: no listener backend found");
+        let killed: Vec<i32> = sqlx::query_scalar(&format!(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND query LIKE 'LISTEN%' AND pid <> pg_backend_pid() AND pid <> ALL ({known})
+                AND pg_terminate_backend(pid)"
+        ))
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+        assert!(!killed.is_empty(), "round {round}: no listener backend found");
+        terminated.extend(killed);
         db.exec("INSERT INTO tasks (kind, steps) VALUES ('go', '[{\"op\":\"step\"}]')").await;
     }
     await_true(&db, "all three runs complete", Duration::from_secs(10), "SELECT count(*) = 3 FROM wardcall.runs WHERE status = 'completed'").await;
