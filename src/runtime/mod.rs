@@ -216,8 +216,10 @@ pub const CLAIM_COALESCE_WINDOW: Duration = Duration::from_millis(5);
 /// its last claim could not take because another transaction holds their
 /// rows (it backs off 1, 2, 4 … ms up to this, or `engine.poll_ms` if
 /// shorter), and never past the due time of the next run still ahead. A
-/// wake (a signal, a run made due, a worker freeing) claims at once. Before, it claimed every millisecond for as long as the lock was
-/// held: about a thousand claims and due-time queries a second.
+/// wake (a signal, a run made due, a worker freeing) claims at once.
+/// Before, it claimed every millisecond for as long as the lock was held:
+/// about three hundred claims and as many due-time queries a second
+/// (BENCHMARKS.md, "Issue 9, seventh session").
 pub const LOCKED_DUE_POLL_MAX: Duration = Duration::from_millis(50);
 
 /// Claims whose commit may be in flight at once: the scheduler locks the
