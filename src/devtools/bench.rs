@@ -1054,7 +1054,26 @@ async fn burst(options: &BenchOptions, sizes: &Sizes) -> anyhow::Result<Scenario
         r.add_target("last_call", *l.last().unwrap_or(&f64::NAN), "ms", 1000.0, true);
         let last_s = l.last().copied().unwrap_or(f64::NAN) / 1000.0;
         r.add("calls_per_s", n as f64 / last_s, "/s");
+        // The bookkeeping after the calls: every send recorded (its CallSid
+        // and `requested_at`) and every run parked waiting for its
+        // acknowledgement; polled every 5 ms on the client's clock.
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let (recorded, parked): (i64, i64) = sqlx::query_as(
+                "SELECT (SELECT count(*) FROM wardcall.notification_attempts WHERE requested_at IS NOT NULL),
+                        (SELECT count(*) FROM wardcall.runs WHERE status = 'waiting')",
+            )
+            .fetch_one(&env.client)
+            .await?;
+            if recorded as u64 >= n && parked as u64 >= n {
+                r.add("all_recorded_and_parked", committed.elapsed().as_secs_f64() * 1000.0, "ms");
+                break;
+            }
+            ensure!(Instant::now() < deadline, "timed out: {recorded} of {n} sends recorded, {parked} runs parked");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         env.add_group_commit_figures(&mut r);
+        r.notes.push("all_recorded_and_parked: commit → every send's record (CallSid, requested_at) committed and every run parked waiting for its acknowledgement, polled every 5 ms".into());
         Ok(())
     }
     .await;
