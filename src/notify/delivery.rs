@@ -20,6 +20,7 @@
 use super::channel::{ChannelSender, Outgoing, ProviderRecord, SendError, SendOutcome, Sent};
 use super::Channel;
 use crate::config::redact_phone;
+use crate::runtime::step::WorkerSlot;
 use crate::runtime::Services;
 use crate::store::attempts::{self, AttemptRow};
 use crate::workflows::StepError;
@@ -176,7 +177,10 @@ pub struct OnSent<'a> {
 }
 
 /// Sends each message (intents committed) through `sender`, outside any
-/// transaction, in parallel; then records every result, retrying while the
+/// transaction, in parallel; then, with the step's worker `slot` traded for
+/// a recording place ([`WorkerSlot::leave_for_records`]: a burst's next
+/// calls go first), records every result (an accepted send through the
+/// [`RecordCommitter`]'s next batch), retrying while the
 /// database refuses for up to [`RECORD_RETRY_BUDGET_MS`] (even if the run
 /// was lost meanwhile: the record is not fenced, and it is the only copy of
 /// the provider's id). A send placed after its alert closed wakes the call
@@ -194,12 +198,16 @@ pub async fn send_and_record(
     outgoing: &[Outgoing],
     on_sent: Option<OnSent<'_>>,
     actor: &str,
+    slot: &WorkerSlot,
 ) -> Result<usize, StepError> {
     if outgoing.is_empty() {
         return Ok(0);
     }
     let public_url = services.public_url.clone();
     let results = futures_util::future::join_all(outgoing.iter().map(|o| sender.send(o, &public_url))).await;
+    // The requests are answered: from here the step only records, on a
+    // recording place, and its worker slot starts the next run.
+    slot.leave_for_records().await;
     let mut retry: Option<String> = None;
     for (o, outcome) in outgoing.iter().zip(&results) {
         let started = std::time::Instant::now();
@@ -246,6 +254,26 @@ async fn record_result(
     on_sent: Option<OnSent<'_>>,
     actor: &str,
 ) -> Result<Option<String>, sqlx::Error> {
+    if let (Ok(sent), None) = (&outcome.result, &outcome.content_refused) {
+        // The common case: an accepted send, recorded (with its write-back)
+        // in the record committer's next batch.
+        tracing::info!(attempt = %o.attempt_id, person = %o.person_id, channel = sender.channel().as_str(), to = %redact_phone(&o.to), provider_id = %sent.provider_id, "sent");
+        let committer = services.shared(|| RecordCommitter::new(services.pool.clone()));
+        let alert_status = committer
+            .record(QueuedRecord {
+                attempt_id: o.attempt_id,
+                provider_id: sent.provider_id.clone(),
+                status: sent.status.clone().unwrap_or_else(|| "requested".into()),
+                on_sent: on_sent.map(|w| (w.hook.to_string(), w.sql.to_string(), w.payload.clone())),
+                actor: actor.to_string(),
+            })
+            .await?;
+        if alert_status.as_deref().is_some_and(|s| s != "open") {
+            tracing::warn!(attempt = %o.attempt_id, provider_id = %sent.provider_id, alert_status = ?alert_status, "a send went out after its alert closed; ending it if it can be");
+            services.wake_call_sweeper();
+        }
+        return Ok(None);
+    }
     // A write-back or a content refusal to audit share the send's
     // transaction; otherwise the result is one statement on its own.
     let shared = on_sent.is_some() || outcome.content_refused.is_some();
@@ -299,4 +327,164 @@ async fn record_result(
         services.wake_call_sweeper();
     }
     Ok(transient)
+}
+
+/// Largest batch of records the record committer commits in one transaction.
+/// Its write-backs run one after another inside it, each bounded by the
+/// write-back's 5 s `statement_timeout`.
+pub const RECORD_BATCH_MAX: usize = 64;
+
+/// An accepted send's record, queued for the [`RecordCommitter`]: the
+/// attempt, the provider's id and status, the write-back to run with it
+/// (`(hook, sql, payload)`) and the audit actor.
+#[derive(Debug)]
+pub struct QueuedRecord {
+    pub attempt_id: Uuid,
+    pub provider_id: String,
+    pub status: String,
+    pub on_sent: Option<(String, String, Value)>,
+    pub actor: String,
+}
+
+type RecordReply = tokio::sync::oneshot::Sender<Result<Option<String>, sqlx::Error>>;
+
+/// Commits the records of accepted sends in batches, one batch at a time:
+/// every record queued meanwhile (up to [`RECORD_BATCH_MAX`]) in one
+/// transaction: the attempts in one statement
+/// ([`attempts::record_sent_many`]) and the write-backs each in a savepoint
+/// ([`crate::workflows::team_sql::write_back_attempts`]), one commit.
+///
+/// Why: during a burst the records of the calls already placed were two
+/// thirds of the database's work, and they ran beside the next alerts'
+/// first calls. One batch at a time leaves the CPU to those calls; a batch
+/// of many records costs one commit and three round trips a record instead
+/// of a transaction of seven round trips each (BENCHMARKS.md, "Issue 9,
+/// eighth session"). Two batches never wait for each other (there is one),
+/// and a batch locks its attempts in id order.
+///
+/// A batch that fails is retried record by record, so that each record gets
+/// its own outcome (the caller retries or gives up on it: [`send_and_record`]).
+/// One per engine ([`Services::shared`], made with the engine's pool by the
+/// first step that records); its task starts on first use and ends when the
+/// engine's services are dropped.
+#[derive(Clone)]
+pub struct RecordCommitter {
+    pool: sqlx::PgPool,
+    queue: std::sync::Arc<std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<(QueuedRecord, RecordReply)>>>,
+}
+
+impl std::fmt::Debug for RecordCommitter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RecordCommitter").finish_non_exhaustive()
+    }
+}
+
+impl RecordCommitter {
+    /// A committer taking its connections from `pool` (the engine's).
+    pub fn new(pool: sqlx::PgPool) -> RecordCommitter {
+        RecordCommitter { pool, queue: Default::default() }
+    }
+
+    /// Queues `record` for the next batch and waits for its commit. Returns
+    /// the status of the attempt's alert (`None` for a `notify` step's
+    /// attempt).
+    ///
+    /// Errors: the database's (the record committed alone after its batch
+    /// failed, and failed again); `RowNotFound` when the attempt does not
+    /// exist; a protocol error if the committer's task is gone.
+    pub async fn record(&self, record: QueuedRecord) -> Result<Option<String>, sqlx::Error> {
+        let queue = self.queue.get_or_init(|| {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            tokio::spawn(run_record_committer(self.pool.clone(), rx));
+            tx
+        });
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        queue.send((record, reply)).map_err(|_| sqlx::Error::Protocol("the record committer has stopped".into()))?;
+        answer.await.map_err(|_| sqlx::Error::Protocol("the record committer dropped a record".into()))?
+    }
+}
+
+async fn run_record_committer(pool: sqlx::PgPool, mut rx: tokio::sync::mpsc::UnboundedReceiver<(QueuedRecord, RecordReply)>) {
+    let mut held: Option<(QueuedRecord, RecordReply)> = None;
+    loop {
+        let first = match held.take() {
+            Some(r) => r,
+            None => match rx.recv().await {
+                Some(r) => r,
+                None => return,
+            },
+        };
+        // One actor per batch (the audit rows' actor); another waits for the next.
+        let mut batch = vec![first];
+        while batch.len() < RECORD_BATCH_MAX {
+            match rx.try_recv() {
+                Ok(r) if r.0.actor == batch[0].0.actor => batch.push(r),
+                Ok(r) => {
+                    held = Some(r);
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        let records: Vec<&QueuedRecord> = batch.iter().map(|(r, _)| r).collect();
+        match commit_records(&pool, &records).await {
+            Ok(statuses) => {
+                for (r, reply) in batch {
+                    let _ = reply.send(statuses.get(&r.attempt_id).cloned().ok_or(sqlx::Error::RowNotFound));
+                }
+            }
+            Err(e) if batch.len() == 1 => {
+                let _ = batch.pop().map(|(_, reply)| reply.send(Err(e)));
+            }
+            Err(e) => {
+                tracing::warn!(records = batch.len(), error = %crate::capture::db_message(&e), "a batch of send records failed; recording them one by one");
+                for (r, reply) in batch {
+                    let one = commit_records(&pool, &[&r]).await.and_then(|s| s.get(&r.attempt_id).cloned().ok_or(sqlx::Error::RowNotFound));
+                    let _ = reply.send(one);
+                }
+            }
+        }
+    }
+}
+
+/// One transaction: the records, then the write-backs in queue order.
+/// Returns each recorded attempt's alert status.
+async fn commit_records(pool: &sqlx::PgPool, records: &[&QueuedRecord]) -> Result<HashMap<Uuid, Option<String>>, sqlx::Error> {
+    let actor = records.first().map_or("", |r| r.actor.as_str());
+    let mut tx = pool.begin().await?;
+    let sends: Vec<(Uuid, &str, &str)> = records.iter().map(|r| (r.attempt_id, r.provider_id.as_str(), r.status.as_str())).collect();
+    let recorded = attempts::record_sent_many(&mut tx, &sends, actor).await?;
+    let found: std::collections::HashSet<Uuid> = recorded.iter().map(|r| r.0).collect();
+    let write_backs: Vec<crate::workflows::team_sql::AttemptWriteBack<'_>> = records
+        .iter()
+        .filter(|r| found.contains(&r.attempt_id))
+        .filter_map(|r| {
+            r.on_sent.as_ref().map(|(hook, sql, payload)| crate::workflows::team_sql::AttemptWriteBack { attempt: r.attempt_id, sql, hook, payload })
+        })
+        .collect();
+    let deferred = crate::workflows::team_sql::write_back_attempts(&mut tx, &write_backs, actor).await?;
+    tx.commit().await?;
+    // Write-backs that waited too long inside the batch: each alone, on a
+    // task of their own (they hold no attempt's row; the next batch does not
+    // wait for them), with the write-back's own timeouts. An error is
+    // logged, not returned: the records are committed.
+    let later: Vec<(Uuid, String, String, Value)> =
+        write_backs[write_backs.len() - deferred..].iter().map(|w| (w.attempt, w.hook.to_string(), w.sql.to_string(), w.payload.clone())).collect();
+    if !later.is_empty() {
+        let (pool, actor) = (pool.clone(), actor.to_string());
+        tokio::spawn(async move {
+            for (attempt, hook, sql, payload) in later {
+                let alone = async {
+                    let mut tx = pool.begin().await?;
+                    let subject = crate::workflows::team_sql::WriteBackSubject::Attempt(attempt);
+                    crate::workflows::team_sql::write_back(&mut tx, Some(&sql), &hook, &payload, subject, &actor).await?;
+                    tx.commit().await
+                };
+                if let Err(e) = alone.await {
+                    tracing::error!(%attempt, hook, error = %crate::capture::db_message(&e), "a write-back deferred out of its batch failed around its statement; the send is recorded");
+                }
+            }
+        });
+    }
+    Ok(recorded.into_iter().map(|(id, _, alert_status)| (id, alert_status)).collect())
 }

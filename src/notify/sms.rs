@@ -21,6 +21,7 @@ use super::delivery::{self, NotLookedUp};
 use crate::config::redact_phone;
 use crate::notify::acknowledgement::{is_machine, FAILED_MESSAGE_STATUSES};
 use crate::notify::{Channel, Recipient};
+use crate::runtime::step::WorkerSlot;
 use crate::runtime::Services;
 use crate::store::alerts;
 use crate::store::attempts::{self, AttemptRow, NewIntent, Position};
@@ -133,7 +134,14 @@ fn sms_intent<'a>(
 /// execution's; [`StepError::Retryable`] for a database error, a transient or
 /// ambiguous provider failure, or a message list that cannot be read;
 /// [`StepError::Permanent`] when no SMS provider is configured.
-pub async fn send_one_way(services: &Services, run: &ClaimedRun, step_key: &str, recipients: &[Recipient], message: &str) -> Result<(), StepError> {
+pub async fn send_one_way(
+    services: &Services,
+    run: &ClaimedRun,
+    slot: &WorkerSlot,
+    step_key: &str,
+    recipients: &[Recipient],
+    message: &str,
+) -> Result<(), StepError> {
     let sender = sms_sender(services, &format!("the notify step '{step_key}'"))?;
     let actor = services.actor();
     let critical = services.config.workflows.iter().any(|w| w.name == run.workflow && crate::workflows::is_critical(w));
@@ -178,7 +186,7 @@ pub async fn send_one_way(services: &Services, run: &ClaimedRun, step_key: &str,
         }
     }
     tx.commit().await?;
-    delivery::send_and_record(services, sender, &outgoing, None, &actor).await.map(|_| ())
+    delivery::send_and_record(services, sender, &outgoing, None, &actor, slot).await.map(|_| ())
 }
 
 /// The SMS number of an escalation recipient: the config person's `phone`
@@ -225,6 +233,7 @@ fn unconfirmed(a: &AttemptRow) -> bool {
 pub async fn send_fallbacks(
     services: &Services,
     run: &ClaimedRun,
+    slot: &WorkerSlot,
     alert_id: Uuid,
     cycle: i32,
     step_index: i32,
@@ -275,7 +284,7 @@ pub async fn send_fallbacks(
         }
     }
     tx.commit().await?;
-    delivery::send_and_record(services, sender, &outgoing, None, &actor).await.map(|_| ())
+    delivery::send_and_record(services, sender, &outgoing, None, &actor, slot).await.map(|_| ())
 }
 
 /// Whether a person's call at the escalation position `pos` failed and they

@@ -39,7 +39,7 @@ use sqlx::postgres::PgListener;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use step::{StepContext, StepError, Transition, WorkflowHost};
+use step::{RecordPlaces, StepContext, StepError, Transition, WorkerSlot, WorkflowHost};
 use tokio::sync::{mpsc, oneshot, watch, Notify, Semaphore};
 use tokio::task::JoinSet;
 
@@ -144,7 +144,10 @@ pub struct Engine {
     wake_scheduler: Arc<Notify>,
     /// A worker slot was freed (a run parked, finished or lost its lease):
     /// the scheduler claims once enough slots are free ([`CLAIM_COALESCE_WINDOW`]).
-    slot_freed: Notify,
+    slot_freed: Arc<Notify>,
+    /// Where executions record their placed sends without a worker slot
+    /// ([`WorkerSlot::leave_for_records`]).
+    record_places: Arc<RecordPlaces>,
     /// Counts of the scheduler's claims.
     claims: ClaimStats,
     /// Claims whose commit is in flight ([`CLAIMS_IN_FLIGHT`]).
@@ -316,6 +319,8 @@ impl Engine {
         let providers = Arc::new(providers);
         let public_url = public_url.trim_end_matches('/').to_string();
         let (wake_scheduler, call_sweeper) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+        let slot_freed = Arc::new(Notify::new());
+        let slots = Arc::new(Semaphore::new(workers));
         let shutdown = watch::channel(false).0;
         let webhook_pool = crate::db::webhook_pool(&db.pool, &config.engine);
         let services = Services {
@@ -325,6 +330,7 @@ impl Engine {
             providers: providers.clone(),
             engine_id: engine_id.as_str().into(),
             public_url: public_url.as_str().into(),
+            extensions: Default::default(),
             wake_scheduler: wake_scheduler.clone(),
             call_sweeper: call_sweeper.clone(),
             shutdown: shutdown.subscribe(),
@@ -336,9 +342,14 @@ impl Engine {
             providers,
             public_url,
             services,
-            slots: Arc::new(Semaphore::new(workers)),
+            slots: slots.clone(),
             wake_scheduler,
-            slot_freed: Notify::new(),
+            slot_freed: slot_freed.clone(),
+            record_places: Arc::new(RecordPlaces {
+                workers: slots.clone(),
+                recording: Arc::new(Semaphore::new(workers * step::RECORDING_PLACES_PER_WORKER)),
+                slot_freed,
+            }),
             claims: ClaimStats::default(),
             claim_flights: Arc::new(Semaphore::new(CLAIMS_IN_FLIGHT)),
             claim_landed: Notify::new(),
@@ -880,9 +891,10 @@ impl Engine {
     /// scheduler the slot is free.
     fn start(self: &Arc<Self>, run: ClaimedRun, permit: tokio::sync::OwnedSemaphorePermit) {
         let e = self.clone();
+        let slot = WorkerSlot::worker(permit, self.record_places.clone());
         tokio::spawn(async move {
-            e.execute(run).await;
-            drop(permit);
+            e.execute(run, &slot).await;
+            drop(slot);
             e.slot_freed.notify_one();
         });
     }
@@ -1147,7 +1159,8 @@ impl Engine {
         let mut state = run.state.clone();
         let (result, in_commit) = {
             use futures_util::FutureExt;
-            let mut ctx = StepContext { services: &self.services, run, workflow, state: &mut state, lease_lost: &lost, in_commit: Vec::new() };
+            let no_slot = WorkerSlot::none();
+            let mut ctx = StepContext { services: &self.services, run, workflow, state: &mut state, lease_lost: &lost, in_commit: Vec::new(), slot: &no_slot };
             let r = std::panic::AssertUnwindSafe(self.host.run_step(&mut ctx)).catch_unwind().await;
             (r, std::mem::take(&mut ctx.in_commit))
         };
@@ -1308,8 +1321,10 @@ impl Engine {
     }
 
     /// Executes a claimed run until it parks (sleep, wait, retry), finishes, or
-    /// the lease is lost. The lease is renewed every third of its length meanwhile.
-    pub async fn execute(self: &Arc<Self>, mut run: ClaimedRun) {
+    /// the lease is lost, on `slot` (which its steps may trade for a
+    /// recording place, [`WorkerSlot::leave_for_records`]). The lease is renewed
+    /// every third of its length meanwhile.
+    pub async fn execute(self: &Arc<Self>, mut run: ClaimedRun, slot: &WorkerSlot) {
         let lost = Arc::new(AtomicBool::new(false));
         // Aborted when `execute` returns or unwinds, so a lease is never renewed
         // for a step nobody executes.
@@ -1366,7 +1381,7 @@ impl Engine {
             let mut state = std::mem::take(&mut run.state);
             let (result, in_commit) = {
                 use futures_util::FutureExt;
-                let mut ctx = StepContext { services: &self.services, run: &run, workflow, state: &mut state, lease_lost: &lost, in_commit: Vec::new() };
+                let mut ctx = StepContext { services: &self.services, run: &run, workflow, state: &mut state, lease_lost: &lost, in_commit: Vec::new(), slot };
                 // A panicking step is a bug; it must not leave the run leased
                 // forever nor crash-loop: it counts as a failed attempt.
                 let r = match std::panic::AssertUnwindSafe(self.host.run_step(&mut ctx)).catch_unwind().await {
@@ -1397,6 +1412,9 @@ impl Engine {
                             self.wake_scheduler.notify_one();
                         }
                         if matches!(parking, Parking::Continue) {
+                            // A step that recorded its sends off its worker slot
+                            // takes one again before the next step.
+                            slot.rejoin_workers().await;
                             run.step = next_step;
                             run.state = state;
                             run.step_attempt = 0;
@@ -1526,6 +1544,9 @@ impl Engine {
         // Claims in flight land (and start their runs) before the workers drain.
         let _claims = tokio::time::timeout(grace, self.claim_flights.acquire_many(CLAIMS_IN_FLIGHT as u32)).await;
         let _held = tokio::time::timeout(grace.saturating_sub(started.elapsed()), self.slots.acquire_many(workers)).await;
+        // Steps recording their sends without a worker slot finish too.
+        let recording = workers * step::RECORDING_PLACES_PER_WORKER as u32;
+        let _recording = tokio::time::timeout(grace.saturating_sub(started.elapsed()), self.record_places.recording.acquire_many(recording)).await;
         match store::release_leases(&self.db.pool, &self.engine_id).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(runs = n, "released leases at shutdown"),

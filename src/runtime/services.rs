@@ -7,6 +7,8 @@
 use crate::config::Config;
 use crate::providers::Providers;
 use sqlx::PgPool;
+use std::any::{Any, TypeId};
+use std::collections::HashMap;
 use std::sync::Arc;
 use tokio::sync::{watch, Notify};
 
@@ -28,6 +30,9 @@ pub struct Services {
     pub engine_id: Arc<str>,
     /// Public base URL of this engine's webhooks, without trailing slash.
     pub public_url: Arc<str>,
+    /// State the workflows' side keeps once per engine, created on first use
+    /// ([`Services::shared`]); the runtime never looks inside.
+    pub(super) extensions: Arc<std::sync::Mutex<HashMap<TypeId, Arc<dyn Any + Send + Sync>>>>,
     pub(super) wake_scheduler: Arc<Notify>,
     pub(super) call_sweeper: Arc<Notify>,
     pub(super) shutdown: watch::Receiver<bool>,
@@ -42,6 +47,16 @@ impl Services {
     /// workers keep their pool (BENCHMARKS.md, "Issue 9, fourth session").
     pub fn for_webhooks(&self) -> Services {
         Services { pool: self.webhook_pool.clone(), ..self.clone() }
+    }
+
+    /// This engine's one value of type `T`, made by `init` on first use and
+    /// shared by every copy of these services (the webhooks' too), e.g. the
+    /// record committer of `crate::notify::delivery`.
+    pub fn shared<T: Any + Send + Sync>(&self, init: impl FnOnce() -> T) -> Arc<T> {
+        let mut map = self.extensions.lock().unwrap_or_else(|p| p.into_inner());
+        let value = map.entry(TypeId::of::<T>()).or_insert_with(|| Arc::new(init()) as Arc<dyn Any + Send + Sync>).clone();
+        drop(map);
+        value.downcast::<T>().unwrap_or_else(|_| unreachable!("an extension is stored under its own type id"))
     }
 
     /// The audit actor of this engine: `engine:<engine_id>`.

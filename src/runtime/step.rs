@@ -13,6 +13,7 @@ use serde_json::Value;
 use sqlx::PgConnection;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use uuid::Uuid;
 
 /// What a step asks the runtime to do next.
@@ -84,6 +85,9 @@ pub struct StepContext<'a> {
     pub lease_lost: &'a Arc<AtomicBool>,
     /// Work to execute in the commit transaction of this step.
     pub in_commit: Vec<Box<dyn CommitWork>>,
+    /// The place this execution holds: a worker slot, which a step that has
+    /// placed its sends gives up while it records them ([`WorkerSlot::leave_for_records`]).
+    pub slot: &'a WorkerSlot,
 }
 
 impl StepContext<'_> {
@@ -168,4 +172,88 @@ pub enum KeyedRoute {
 /// is delivered to it.
 pub fn event_signal(event: &str) -> String {
     format!("event:{event}")
+}
+
+/// Recording places per worker slot: how many executions may record their
+/// sends without a worker slot, as a multiple of `engine.workers`. A burst's
+/// records wait for the record committer (`crate::notify::delivery`, one
+/// batch at a time) while its next runs take the freed worker slots; with
+/// as many recording places as workers, 1,000 alerts were requested after
+/// 5.3–6.5 s instead of 3.3–3.6 s (the workers waited for recording
+/// places), so the backlog must hold a burst (BENCHMARKS.md, "Issue 9,
+/// eighth session").
+pub const RECORDING_PLACES_PER_WORKER: usize = 8;
+
+/// Where a run's execution stands in the engine's concurrency limits: on one
+/// of the `engine.workers` worker slots, or, once its step has placed its
+/// sends, on a recording place, so that its worker slot starts
+/// the next run while the sends are recorded ([`WorkerSlot::leave_for_records`]).
+/// A step that runs inside a claim holds neither ([`WorkerSlot::none`]).
+/// The execution keeps whichever it holds until it parks, ends or loses its
+/// lease, or its transition goes on to a next step, which runs on a worker
+/// slot again; the engine's shutdown waits for both kinds.
+pub struct WorkerSlot {
+    held: std::sync::Mutex<Held>,
+    places: Option<Arc<RecordPlaces>>,
+}
+
+enum Held {
+    Worker(#[allow(dead_code)] OwnedSemaphorePermit),
+    Recording(#[allow(dead_code)] OwnedSemaphorePermit),
+    Nothing,
+}
+
+/// The engine's worker slots, its recording places
+/// ([`RECORDING_PLACES_PER_WORKER`] per worker slot) and the scheduler's
+/// wake-up when a worker slot frees.
+pub(crate) struct RecordPlaces {
+    pub(crate) workers: Arc<Semaphore>,
+    pub(crate) recording: Arc<Semaphore>,
+    pub(crate) slot_freed: Arc<Notify>,
+}
+
+impl WorkerSlot {
+    /// An execution on the worker slot `permit`.
+    pub(crate) fn worker(permit: OwnedSemaphorePermit, places: Arc<RecordPlaces>) -> WorkerSlot {
+        WorkerSlot { held: std::sync::Mutex::new(Held::Worker(permit)), places: Some(places) }
+    }
+
+    /// No slot: a step run inside a claim (it places no sends), or a test.
+    pub fn none() -> WorkerSlot {
+        WorkerSlot { held: std::sync::Mutex::new(Held::Nothing), places: None }
+    }
+
+    /// Called by a step whose sends are placed (the requests answered) and
+    /// that only records their results from here: trades the worker slot for
+    /// a recording place (waiting while every recording place is taken, so
+    /// at most [`RECORDING_PLACES_PER_WORKER`] × `engine.workers` executions
+    /// record at once besides the workers), and wakes the scheduler to start
+    /// the next run on the freed slot. Does nothing on a second call or
+    /// without a slot.
+    pub async fn leave_for_records(&self) {
+        let Some(places) = &self.places else { return };
+        if !matches!(*self.held.lock().unwrap_or_else(|p| p.into_inner()), Held::Worker(_)) {
+            return;
+        }
+        if let Ok(recording) = places.recording.clone().acquire_owned().await {
+            let worker = std::mem::replace(&mut *self.held.lock().unwrap_or_else(|p| p.into_inner()), Held::Recording(recording));
+            drop(worker);
+            places.slot_freed.notify_one();
+        }
+    }
+
+    /// Before the run's next step (its transition went on with `Next`): an
+    /// execution on a recording place gives it back, then waits for a worker
+    /// slot (holding nothing meanwhile, so no cycle with executions waiting
+    /// for a recording place), so that steps only ever run on worker slots.
+    pub(crate) async fn rejoin_workers(&self) {
+        let Some(places) = &self.places else { return };
+        if !matches!(*self.held.lock().unwrap_or_else(|p| p.into_inner()), Held::Recording(_)) {
+            return;
+        }
+        drop(std::mem::replace(&mut *self.held.lock().unwrap_or_else(|p| p.into_inner()), Held::Nothing));
+        if let Ok(worker) = places.workers.clone().acquire_owned().await {
+            *self.held.lock().unwrap_or_else(|p| p.into_inner()) = Held::Worker(worker);
+        }
+    }
 }

@@ -7,7 +7,7 @@
 //! Every state change is audited in the same transaction, only if it happened.
 
 use crate::store::audit::{self, Entity};
-use serde_json::json;
+use serde_json::{json, Value};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
@@ -173,6 +173,52 @@ pub async fn record_sent(conn: &mut PgConnection, id: Uuid, provider_id: &str, s
     .bind(status)
     .bind(actor)
     .fetch_one(conn)
+    .await
+}
+
+/// [`record_sent`] for many sends in one statement: `sends` are
+/// `(attempt id, provider id, status)`; the attempts are locked in id order
+/// (two batches, or a batch and a callback, never wait for each other in a
+/// cycle). Returns, for each attempt found, its id, previous status and its
+/// alert's status (`None` for a `notify` step's); an id without an attempt
+/// is absent.
+///
+/// Errors: a database error (a unique violation when a provider id is
+/// already another attempt's; nothing is written then).
+pub async fn record_sent_many(conn: &mut PgConnection, sends: &[(Uuid, &str, &str)], actor: &str) -> Result<Vec<(Uuid, String, Option<String>)>, sqlx::Error> {
+    let ids: Vec<Uuid> = sends.iter().map(|s| s.0).collect();
+    let provider_ids: Vec<&str> = sends.iter().map(|s| s.1).collect();
+    let statuses: Vec<&str> = sends.iter().map(|s| s.2).collect();
+    sqlx::query_as(
+        "WITH input AS (SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[]) AS t(id, provider_id, status)),
+         prev AS (
+             SELECT n.id, n.status, a.status AS alert_status, i.provider_id AS sent_id, i.status AS sent_status
+               FROM wardcall.notification_attempts n
+               JOIN input i ON i.id = n.id
+               LEFT JOIN wardcall.alerts a ON a.id = n.alert_id
+              ORDER BY n.id
+                FOR UPDATE OF n),
+         upd AS (
+             UPDATE wardcall.notification_attempts n
+                SET provider_id = coalesce(n.provider_id, prev.sent_id), requested_at = coalesce(n.requested_at, clock_timestamp()),
+                    status = CASE WHEN n.status IN ('intent','unknown') THEN prev.sent_status ELSE n.status END, updated_at = clock_timestamp()
+               FROM prev WHERE n.id = prev.id
+             RETURNING n.id, prev.status AS previous, prev.alert_status, prev.sent_id, prev.sent_status),
+         aud AS (
+             INSERT INTO wardcall.audit_log (entity, entity_id, action, from_state, to_state, actor, detail)
+             SELECT 'notification_attempt', id::text,
+                    CASE WHEN previous = 'intent' THEN 'attempt.requested' ELSE 'attempt.create_confirmed' END,
+                    CASE WHEN previous IN ('intent','unknown') THEN previous END, CASE WHEN previous IN ('intent','unknown') THEN sent_status END, $4,
+                    CASE WHEN previous = 'intent' THEN jsonb_build_object('provider_id', sent_id)
+                         ELSE jsonb_build_object('provider_id', sent_id, 'status', previous) END
+               FROM upd ORDER BY id)
+         SELECT id, previous, alert_status FROM upd",
+    )
+    .bind(&ids)
+    .bind(&provider_ids)
+    .bind(&statuses)
+    .bind(actor)
+    .fetch_all(conn)
     .await
 }
 
@@ -732,6 +778,28 @@ pub async fn abandon_unconfirmed_intents(pool: &sqlx::PgPool, limit: i64, actor:
     }
     tx.commit().await?;
     Ok(abandoned.len())
+}
+
+/// The details of each attempt of `ids` (as [`details_expression`] gives
+/// one), in one statement, saving the connection's `statement_timeout` and
+/// `lock_timeout` in `wardcall.saved_statement_timeout` and
+/// `wardcall.saved_lock_timeout` (transaction-local) for a batch of
+/// write-backs to put back. An id without an attempt is absent.
+///
+/// Errors: a database error.
+pub async fn details_many(conn: &mut PgConnection, ids: &[Uuid]) -> Result<std::collections::HashMap<Uuid, Value>, sqlx::Error> {
+    let rows: Vec<(Uuid, Value)> = sqlx::query_as(
+        "WITH saved AS MATERIALIZED (
+             SELECT set_config('wardcall.saved_statement_timeout', current_setting('statement_timeout'), true),
+                    set_config('wardcall.saved_lock_timeout', current_setting('lock_timeout'), true))
+         SELECT d.id, wardcall.attempt_details(d.id) || wardcall.attempt_recipient(d.id)
+           FROM saved, unnest($1::uuid[]) AS d(id)
+          WHERE EXISTS (SELECT 1 FROM wardcall.notification_attempts n WHERE n.id = d.id)",
+    )
+    .bind(ids)
+    .fetch_all(conn)
+    .await?;
+    Ok(rows.into_iter().collect())
 }
 
 /// What a write-back statement gets as `$2` for an attempt: the SQL

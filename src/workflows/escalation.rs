@@ -459,7 +459,7 @@ async fn place_calls(ctx: &mut StepContext<'_>, settings: &EscalationWorkflow, p
     // 2. Place the calls, outside any transaction, in parallel, and record
     //    every result before returning any error.
     let on_sent = settings.write_back.on_call_placed.as_deref().map(|sql| OnSent { hook: "on_call_placed", sql, payload: &ctx.run.input });
-    let accepted = delivery::send_and_record(&services, voice, &outgoing, on_sent, &actor).await?;
+    let accepted = delivery::send_and_record(&services, voice, &outgoing, on_sent, &actor, ctx.slot).await?;
     let deadline = jiff::Timestamp::now().as_millisecond() + ack_timeout_ms;
     let everyone_called = outgoing.len() == callable.len();
     if ctx.state.get("step_deadline_ms").is_none() || everyone_called {
@@ -513,7 +513,7 @@ async fn evaluate_position(
     let flagged = ctx.state.get("sms_fallback_due").and_then(Value::as_bool).unwrap_or(false);
     if sms_fallback && (flagged || ctx.run.step_attempt > 0 || ctx.run.previous_status == "running") {
         let tier = recipients::recorded(ctx.state, &position_key(cycle, step_index)).unwrap_or_default();
-        crate::notify::sms::send_fallbacks(&services, ctx.run, alert_id, cycle, step_index, &tier).await?;
+        crate::notify::sms::send_fallbacks(&services, ctx.run, ctx.slot, alert_id, cycle, step_index, &tier).await?;
         if let Some(o) = ctx.state.as_object_mut() {
             o.remove("sms_fallback_due");
         }

@@ -262,7 +262,7 @@ pub async fn run_step(ctx: &mut StepContext<'_>) -> Result<Transition, StepError
                 tracing::error!(run = %ctx.run.id, step = %position, "a notify step found nobody to send to");
             }
             let message = Template::parse(&n.message).map_err(|p| StepError::Permanent(anyhow!(p)))?.render_with(&payload, &HashMap::new(), &vars);
-            crate::notify::sms::send_one_way(engine, ctx.run, &position, &recipients, &message).await?;
+            crate::notify::sms::send_one_way(engine, ctx.run, ctx.slot, &position, &recipients, &message).await?;
             Ok(after(ctx, &addr))
         }
         StepKind::Escalate(settings) => {
@@ -277,6 +277,7 @@ pub async fn run_step(ctx: &mut StepContext<'_>) -> Result<Transition, StepError
                     state: ctx.state,
                     lease_lost: ctx.lease_lost,
                     in_commit: Vec::new(),
+                    slot: ctx.slot,
                 };
                 super::escalation::run_step(&mut inner, &settings).await?
             };

@@ -320,6 +320,96 @@ async fn fetch_lookup(conn: &mut PgConnection, sql: &str, input: &Value) -> Resu
     })
 }
 
+/// One write-back of a batch of sends' records ([`write_back_attempts`]):
+/// the attempt whose details go as `$2`, the team's statement, its hook's
+/// name (for the log and the audit) and the event's payload (`$1`).
+#[derive(Debug, Clone, Copy)]
+pub struct AttemptWriteBack<'a> {
+    pub attempt: Uuid,
+    pub sql: &'a str,
+    pub hook: &'a str,
+    pub payload: &'a Value,
+}
+
+/// Lock wait allowed to a write-back inside a batch of send records before
+/// it and the batch's later write-backs are deferred ([`write_back_attempts`]):
+/// the batch holds its attempts' rows, which a nurse's keypress waits for.
+pub const BATCHED_WRITE_BACK_LOCK_TIMEOUT: &str = "200ms";
+/// Run time allowed to a write-back inside a batch before it is deferred.
+pub const BATCHED_WRITE_BACK_STATEMENT_TIMEOUT: &str = "1s";
+
+/// [`write_back`] for the records of a batch of sends, inside the batch's
+/// transaction: the attempts' details in one statement, the settings set
+/// once for all (`wardcall.write_back` on, `lock_timeout`
+/// [`BATCHED_WRITE_BACK_LOCK_TIMEOUT`], `statement_timeout`
+/// [`BATCHED_WRITE_BACK_STATEMENT_TIMEOUT`]) and put back after the last,
+/// and each team statement in a savepoint of its own (two round trips a
+/// write-back). A statement that fails is rolled back to its savepoint,
+/// logged and audited `write_back.failed` (as [`write_back`] does); the
+/// others and the records are kept. One that times out (SQLSTATE 55P03 or
+/// 57014: a team's lock, a slow statement) is rolled back too, and it and
+/// every later one are left out, so that the batch holds its attempts' rows
+/// no longer: returns how many (the last ones of `items`), which the caller
+/// runs after the commit, each alone with [`write_back`]'s own timeouts.
+/// The team's deferred triggers fire at the commit, with the settings put back.
+///
+/// Errors: the database's, for the statements around the team's.
+pub async fn write_back_attempts(conn: &mut PgConnection, items: &[AttemptWriteBack<'_>], actor: &str) -> Result<usize, sqlx::Error> {
+    if items.is_empty() {
+        return Ok(0);
+    }
+    let ids: Vec<Uuid> = items.iter().map(|i| i.attempt).collect();
+    let details = crate::store::attempts::details_many(conn, &ids).await?;
+    conn.execute(
+        format!(
+            "SELECT set_config('wardcall.write_back', 'on', true), set_config('lock_timeout', '{BATCHED_WRITE_BACK_LOCK_TIMEOUT}', true),
+                    set_config('statement_timeout', '{BATCHED_WRITE_BACK_STATEMENT_TIMEOUT}', true)"
+        )
+        .as_str(),
+    )
+    .await?;
+    let mut in_savepoint = false;
+    let mut deferred = 0;
+    for (i, item) in items.iter().enumerate() {
+        conn.execute(if in_savepoint { "RELEASE SAVEPOINT wardcall_write_back; SAVEPOINT wardcall_write_back" } else { "SAVEPOINT wardcall_write_back" })
+            .await?;
+        in_savepoint = true;
+        let subject = details.get(&item.attempt).cloned().unwrap_or(Value::Null);
+        if let Err(e) = sqlx::query(item.sql).bind(item.payload).bind(&subject).execute(&mut *conn).await {
+            conn.execute("ROLLBACK TO SAVEPOINT wardcall_write_back; RELEASE SAVEPOINT wardcall_write_back").await?;
+            in_savepoint = false;
+            let sqlstate = e.as_database_error().and_then(|d| d.code()).map(|c| c.to_string());
+            if matches!(sqlstate.as_deref(), Some("55P03" | "57014")) {
+                deferred = items.len() - i;
+                tracing::warn!(hook = item.hook, deferred, sqlstate = ?sqlstate, "a write-back in a batch of send records timed out; it and the batch's later ones run alone after the commit");
+                break;
+            }
+            let msg = crate::capture::db_message(&e);
+            tracing::error!(hook = item.hook, error = %msg, "write-back statement failed; the state change is kept");
+            audit::record(
+                conn,
+                Entity::NotificationAttempt,
+                &item.attempt.to_string(),
+                "write_back.failed",
+                None,
+                None,
+                actor,
+                json!({"hook": item.hook, "error": msg}),
+            )
+            .await?;
+        }
+    }
+    let restore = "SELECT set_config('wardcall.write_back', 'off', true),
+                          set_config('lock_timeout', current_setting('wardcall.saved_lock_timeout'), true),
+                          set_config('statement_timeout', current_setting('wardcall.saved_statement_timeout'), true)";
+    if in_savepoint {
+        conn.execute(format!("RELEASE SAVEPOINT wardcall_write_back; {restore}").as_str()).await?;
+    } else {
+        conn.execute(restore).await?;
+    }
+    Ok(deferred)
+}
+
 /// Whose details a write-back statement receives as `$2`.
 #[derive(Debug, Clone, Copy)]
 pub enum WriteBackSubject {

@@ -38,6 +38,9 @@ pub fn tests() -> Vec<libtest_mimic::Trial> {
         batching::a_runs_large_state_is_compressed_with_lz4,
         batching::a_due_run_held_by_another_transaction_is_not_claimed_every_millisecond,
         batching::new_runs_alerts_and_attempts_get_time_ordered_ids,
+        batching::a_send_being_recorded_holds_no_worker_slot,
+        batching::a_write_back_waiting_for_a_team_lock_does_not_hold_its_batch,
+        batching::a_batch_of_send_records_keeps_the_others_when_one_write_back_fails,
     ]
 }
 
@@ -974,4 +977,170 @@ pub async fn new_runs_alerts_and_attempts_get_time_ordered_ids() {
     assert_eq!(sorted, ids, "ids inserted later sort after earlier ones");
     sorted.dedup();
     assert_eq!(sorted.len(), 5);
+}
+
+/// A hospital whose `on_call_placed` write-back is `write_back` (over a
+/// `wb_gate` table of one row that the test can lock), with `workers`
+/// workers; the emulator's nurses never answer.
+async fn gated_hospital(write_back: &str, workers: usize) -> (TestDb, wardcall::devtools::twilio_emulator::EmulatorHandle, wardcall::app::App) {
+    let db = TestDb::new().await;
+    db.exec(wardcall::devtools::demo::HOSPITAL_SCHEMA).await;
+    db.exec("CREATE TABLE wb_gate (n int NOT NULL); INSERT INTO wb_gate VALUES (0)").await;
+    let emulator = TwilioEmulator::start(
+        EmulatorConfig { account_sid: ACCOUNT_SID.into(), auth_token: AUTH_TOKEN.into(), personas: HashMap::new(), default_persona: Persona::NoAnswer },
+        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+    )
+    .await
+    .unwrap();
+    let mut cfg = crate::escalation::hospital_config(&emulator.base_url(), 600.0, 1);
+    cfg.engine.workers = workers;
+    cfg.workflows[0].escalation_mut().expect("an escalation").write_back.on_call_placed = Some(write_back.into());
+    cfg.validate("hospital.toml").unwrap();
+    let app = start_app(&db, Arc::new(cfg)).await;
+    (db, emulator, app)
+}
+
+/// Inserts one critical alert per title, in one statement.
+async fn insert_titled_alerts(db: &TestDb, titles: &[&str]) {
+    sqlx::query(
+        "INSERT INTO alerts (patient_id, room_id, severity, status, alert_type, title, description)
+         SELECT 'P-DHE-001', (SELECT room_id FROM rooms WHERE room_name = 'Room 2' LIMIT 1), 'critical', 'active', 'seizure_detected', t, 'test'
+           FROM unnest($1::text[]) AS t",
+    )
+    .bind(titles)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+}
+
+/// Waits for `n` create-call requests at the emulator.
+async fn await_call_requests(events: &mut tokio::sync::broadcast::Receiver<EmulatorEvent>, n: usize, within: Duration) {
+    let deadline = Instant::now() + within;
+    let mut seen = 0;
+    while seen < n {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, events.recv()).await {
+            Ok(Ok(EmulatorEvent::CallCreated { .. })) => seen += 1,
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => panic!("emulator events: {e}"),
+            Err(_) => panic!("{seen} of {n} calls requested within {within:?}"),
+        }
+    }
+}
+
+/// Issue 9, eighth session: a step whose calls are placed gives its worker
+/// slot to the next run while the calls are recorded. With one worker and
+/// the first alert's record held (its `on_call_placed` write-back takes
+/// 0.9 s, inside the batched write-backs' 1 s statement timeout), the second
+/// alert is still called before either record commits. (With the worker
+/// slot held through the record, the second call waits for that record.)
+pub async fn a_send_being_recorded_holds_no_worker_slot() {
+    let (db, emulator, app) = gated_hospital("UPDATE wb_gate SET n = n + 1 FROM pg_sleep(0.9) WHERE $1 IS NOT NULL AND $2 IS NOT NULL", 1).await;
+    let mut events = emulator.subscribe();
+    insert_titled_alerts(&db, &["first", "second"]).await;
+    let t0 = Instant::now();
+    await_call_requests(&mut events, 2, Duration::from_secs(10)).await;
+    let both_called = t0.elapsed();
+    let recorded = db.scalar_i64("SELECT count(*) FROM wardcall.notification_attempts WHERE requested_at IS NOT NULL").await;
+    eprintln!("both alerts called {both_called:?} after the insert; records committed then: {recorded}");
+    assert_eq!(recorded, 0, "the second alert was called only after the first one's record committed");
+    await_true(
+        &db,
+        "both sends recorded and written back",
+        Duration::from_secs(10),
+        "SELECT (SELECT count(*) FROM wardcall.notification_attempts WHERE requested_at IS NOT NULL AND provider_id IS NOT NULL) = 2
+            AND (SELECT n FROM wb_gate) = 2",
+    )
+    .await;
+    await_true(&db, "both runs to wait for an acknowledgement", Duration::from_secs(10), "SELECT count(*) = 2 FROM wardcall.runs WHERE status = 'waiting'")
+        .await;
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM wardcall.audit_log WHERE action = 'write_back.failed'").await, 0);
+    app.stop(Duration::from_secs(2)).await;
+    emulator.shutdown().await;
+}
+
+/// Issue 9, eighth session (review): a write-back that waits for a team's
+/// lock inside a batch of send records does not hold the batch: after the
+/// batched write-backs' 200 ms lock timeout it and the batch's later ones
+/// are left out, the records commit (a nurse's keypress waits for the
+/// attempt's row: it must not wait for the team's lock), and the left-out
+/// write-backs run alone after the commit, with the write-back's own 2 s
+/// lock timeout: the row the test holds for 1 s is written by all of them
+/// once it is free, and none is audited as failed.
+pub async fn a_write_back_waiting_for_a_team_lock_does_not_hold_its_batch() {
+    let titles = ["a", "b", "c", "d"];
+    let (db, emulator, app) = gated_hospital("UPDATE wb_gate SET n = n + 1 WHERE $1 IS NOT NULL AND $2 IS NOT NULL", 128).await;
+    let mut holder = db.pool.begin().await.unwrap();
+    sqlx::query("SELECT n FROM wb_gate FOR UPDATE").execute(&mut *holder).await.unwrap();
+    let held = Instant::now();
+    let mut events = emulator.subscribe();
+    insert_titled_alerts(&db, &titles).await;
+    await_call_requests(&mut events, titles.len(), Duration::from_secs(10)).await;
+    await_true(
+        &db,
+        "every send recorded while the team's row is held",
+        Duration::from_secs(5),
+        &format!("SELECT count(*) = {} FROM wardcall.notification_attempts WHERE requested_at IS NOT NULL", titles.len()),
+    )
+    .await;
+    let recorded_after = held.elapsed();
+    eprintln!("every send recorded {recorded_after:?} after the team's row was locked");
+    assert!(recorded_after < Duration::from_millis(1500), "the records waited {recorded_after:?} for the team's lock");
+    // Keep the row 1 s in all, then let the deferred write-backs through.
+    tokio::time::sleep(Duration::from_secs(1).saturating_sub(held.elapsed())).await;
+    holder.rollback().await.unwrap();
+    await_true(&db, "every write-back applied", Duration::from_secs(10), &format!("SELECT n = {} FROM wb_gate", titles.len())).await;
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM wardcall.audit_log WHERE action = 'write_back.failed'").await, 0);
+    app.stop(Duration::from_secs(2)).await;
+    emulator.shutdown().await;
+}
+
+/// Issue 9, eighth session: the records of sends that return together are
+/// committed in one transaction (the record committer's batch), and a
+/// write-back that fails in it is rolled back to its savepoint and audited
+/// while the batch's other records and write-backs commit. The first
+/// record's write-back waits for a row the test holds, so the others queue
+/// into one batch meanwhile.
+pub async fn a_batch_of_send_records_keeps_the_others_when_one_write_back_fails() {
+    let titles = ["ok-1", "fail-2", "ok-3", "ok-4", "fail-5", "ok-6", "ok-7"];
+    let (db, emulator, app) =
+        gated_hospital("UPDATE wb_gate SET n = n + 1 WHERE $2 IS NOT NULL AND (CASE WHEN $1->>'title' LIKE 'fail-%' THEN 1 / 0 ELSE 1 END) = 1", 128).await;
+    let mut holder = db.pool.begin().await.unwrap();
+    sqlx::query("SELECT n FROM wb_gate FOR UPDATE").execute(&mut *holder).await.unwrap();
+    let mut events = emulator.subscribe();
+    insert_titled_alerts(&db, &titles).await;
+    await_call_requests(&mut events, titles.len(), Duration::from_secs(10)).await;
+    // Every record waits: the first batch for the row, the rest for the first batch.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    holder.rollback().await.unwrap();
+    await_true(
+        &db,
+        "every send recorded",
+        Duration::from_secs(10),
+        &format!("SELECT count(*) = {} FROM wardcall.notification_attempts WHERE requested_at IS NOT NULL AND provider_id IS NOT NULL", titles.len()),
+    )
+    .await;
+    let failed: Vec<String> = sqlx::query_scalar(
+        "SELECT r.input->>'title' FROM wardcall.audit_log l
+           JOIN wardcall.notification_attempts n ON n.id::text = l.entity_id JOIN wardcall.runs r ON r.id = n.run_id
+          WHERE l.action = 'write_back.failed' ORDER BY 1",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(failed, vec!["fail-2", "fail-5"], "the failing write-backs are audited, each once");
+    assert_eq!(db.scalar_i64("SELECT n::bigint FROM wb_gate").await, 5, "the other write-backs committed");
+    let largest_batch =
+        db.scalar_i64("SELECT max(c) FROM (SELECT count(*) AS c FROM wardcall.audit_log WHERE action IN ('attempt.requested', 'attempt.create_confirmed') GROUP BY xmin::text) t").await;
+    eprintln!("largest transaction of send records: {largest_batch}");
+    assert!(largest_batch >= 2, "the records were committed one transaction each");
+    await_true(
+        &db,
+        "every run to wait for an acknowledgement",
+        Duration::from_secs(10),
+        &format!("SELECT count(*) = {} FROM wardcall.runs WHERE status = 'waiting'", titles.len()),
+    )
+    .await;
+    app.stop(Duration::from_secs(2)).await;
+    emulator.shutdown().await;
 }

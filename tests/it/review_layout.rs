@@ -157,7 +157,9 @@ pub async fn late_create_answer_on_an_unknown_attempt_is_audited_as_a_transition
         critical: true,
     };
     let services = h.app.engine.services.clone();
-    wardcall::notify::delivery::send_and_record(&services, &late, &[out], None, "engine:lost").await.expect("recorded");
+    wardcall::notify::delivery::send_and_record(&services, &late, &[out], None, "engine:lost", &wardcall::runtime::step::WorkerSlot::none())
+        .await
+        .expect("recorded");
     let status: String =
         sqlx::query_scalar("SELECT status FROM wardcall.notification_attempts WHERE id = $1").bind(unknown).fetch_one(&h.db.pool).await.unwrap();
     let last_audited: Option<String> =
@@ -220,7 +222,9 @@ pub async fn ambiguous_text_is_not_sent_again_unverified() {
         previous_status: "pending".into(),
     };
     let who = Recipient { id: "nurse-avery".into(), name: "Avery".into(), voice: None, sms: Some(NURSE_A.into()) };
-    let result = wardcall::notify::sms::send_one_way(&services, &claimed, "notify", &[who], "Linen change in Room 2").await;
+    let result =
+        wardcall::notify::sms::send_one_way(&services, &claimed, &wardcall::runtime::step::WorkerSlot::none(), "notify", &[who], "Linen change in Room 2")
+            .await;
     assert!(matches!(result, Err(wardcall::workflows::StepError::Retryable(_))), "the step retries: {result:?}");
     assert_eq!(sms.sends.load(Ordering::SeqCst), 0, "nothing is sent while the provider cannot be asked");
     let status: String =
@@ -319,7 +323,16 @@ pub async fn ambiguous_text_is_adopted_beside_another_alerts_text() {
         assert!(sms.send(&out, &services.public_url).await.result.is_ok(), "run {}", run.id);
     }
     let who = Recipient { id: "nurse-avery".into(), name: "Avery".into(), voice: None, sms: Some(NURSE_A.into()) };
-    wardcall::notify::sms::send_one_way(&services, &a, "notify", std::slice::from_ref(&who), "Linen change in Room 2").await.expect("reconciled");
+    wardcall::notify::sms::send_one_way(
+        &services,
+        &a,
+        &wardcall::runtime::step::WorkerSlot::none(),
+        "notify",
+        std::slice::from_ref(&who),
+        "Linen change in Room 2",
+    )
+    .await
+    .expect("reconciled");
     assert_eq!(h.emulator.messages().len(), 2, "nothing was sent again");
     let adopted: Option<String> = sqlx::query_scalar("SELECT provider_id FROM wardcall.notification_attempts WHERE run_id = $1 AND generation = 0")
         .bind(a.id)
@@ -367,7 +380,7 @@ pub async fn sms_fallback_is_not_held_by_an_unreadable_message_list() {
     let sms = Arc::new(FakeSender { channel: Channel::Sms, provider_id: "SM0123456789abcdef0123456789abcdee".into(), sends: AtomicUsize::new(0) });
     let mut services = h.app.engine.services.clone();
     services.providers = Arc::new(wardcall::providers::Providers { senders: vec![sms.clone()], ..Default::default() });
-    wardcall::notify::sms::send_fallbacks(&services, &run, alert, 0, 0, &[]).await.expect("the fallback goes on");
+    wardcall::notify::sms::send_fallbacks(&services, &run, &wardcall::runtime::step::WorkerSlot::none(), alert, 0, 0, &[]).await.expect("the fallback goes on");
     assert_eq!(sms.sends.load(Ordering::SeqCst), 1, "texted again under the re-call rule");
     let statuses: Vec<(i32, String)> =
         sqlx::query_as("SELECT generation, status FROM wardcall.notification_attempts WHERE channel = 'sms' AND run_id = $1 ORDER BY generation")
