@@ -360,19 +360,21 @@ pub async fn write_back_attempts(conn: &mut PgConnection, items: &[AttemptWriteB
     }
     let ids: Vec<Uuid> = items.iter().map(|i| i.attempt).collect();
     let details = crate::store::attempts::details_many(conn, &ids).await?;
-    conn.execute(
-        format!(
-            "SELECT set_config('wardcall.write_back', 'on', true), set_config('lock_timeout', '{BATCHED_WRITE_BACK_LOCK_TIMEOUT}', true),
-                    set_config('statement_timeout', '{BATCHED_WRITE_BACK_STATEMENT_TIMEOUT}', true)"
-        )
-        .as_str(),
-    )
-    .await?;
+    // The settings go with the first savepoint (one round trip).
+    let settings = format!(
+        "SELECT set_config('wardcall.write_back', 'on', true), set_config('lock_timeout', '{BATCHED_WRITE_BACK_LOCK_TIMEOUT}', true),
+                set_config('statement_timeout', '{BATCHED_WRITE_BACK_STATEMENT_TIMEOUT}', true);
+         SAVEPOINT wardcall_write_back"
+    );
     let mut in_savepoint = false;
     let mut deferred = 0;
     for (i, item) in items.iter().enumerate() {
-        conn.execute(if in_savepoint { "RELEASE SAVEPOINT wardcall_write_back; SAVEPOINT wardcall_write_back" } else { "SAVEPOINT wardcall_write_back" })
-            .await?;
+        conn.execute(match (i, in_savepoint) {
+            (0, _) => settings.as_str(),
+            (_, true) => "RELEASE SAVEPOINT wardcall_write_back; SAVEPOINT wardcall_write_back",
+            (_, false) => "SAVEPOINT wardcall_write_back",
+        })
+        .await?;
         in_savepoint = true;
         let subject = details.get(&item.attempt).cloned().unwrap_or(Value::Null);
         if let Err(e) = sqlx::query(item.sql).bind(item.payload).bind(&subject).execute(&mut *conn).await {
