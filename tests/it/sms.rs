@@ -351,73 +351,32 @@ pub async fn one_way_notify_sends_once_per_recipient_even_when_rerun() {
     let run = held_run(&h.db, 1).await;
     let person = |id: &str, sms: Option<&str>| Recipient { id: id.into(), name: format!("Nurse {id}"), voice: None, sms: sms.map(str::to_string) };
     let recipients = vec![person("n1", Some(NURSE_A)), person("n2", Some(NURSE_B)), person("n1", Some(NURSE_A)), person("n3", None)];
+    // Called outside a worker, as a test does: no worker slot to leave.
+    let no_slot = wardcall::runtime::step::WorkerSlot::none();
     // 1. Twilio answers too late, and its status callbacks are lost: the
     //    messages exist, the outcome is ambiguous.
     h.emulator.set_create_response_delay(Duration::from_secs(1));
     h.emulator.set_status_callbacks_lost(NURSE_A, true);
     h.emulator.set_status_callbacks_lost(NURSE_B, true);
-    let first = wardcall::notify::sms::send_one_way(
-        &engine.services,
-        &run,
-        &wardcall::runtime::step::WorkerSlot::none(),
-        "warn",
-        &recipients,
-        "SLA warning: task 42 is at 75 %.",
-    )
-    .await;
+    let first = wardcall::notify::sms::send_one_way(&engine.services, &run, &no_slot, "warn", &recipients, "SLA warning: task 42 is at 75 %.").await;
     assert!(matches!(first, Err(wardcall::workflows::StepError::Retryable(_))), "{first:?}");
     assert_eq!(h.emulator.messages().len(), 2);
     // 2. Retried by another execution (new token): reconciled, nothing re-sent.
     h.emulator.set_create_response_delay(Duration::ZERO);
     sqlx::query("UPDATE wardcall.runs SET fencing_token = 2 WHERE id = $1").bind(run.id).execute(&h.db.pool).await.unwrap();
-    let stale = wardcall::notify::sms::send_one_way(
-        &engine.services,
-        &run,
-        &wardcall::runtime::step::WorkerSlot::none(),
-        "warn",
-        &recipients,
-        "SLA warning: task 42 is at 75 %.",
-    )
-    .await;
+    let stale = wardcall::notify::sms::send_one_way(&engine.services, &run, &no_slot, "warn", &recipients, "SLA warning: task 42 is at 75 %.").await;
     assert!(matches!(stale, Err(wardcall::workflows::StepError::LeaseLost)), "the old token is fenced out: {stale:?}");
     let rerun = claimed(run.id, 2);
-    wardcall::notify::sms::send_one_way(
-        &engine.services,
-        &rerun,
-        &wardcall::runtime::step::WorkerSlot::none(),
-        "warn",
-        &recipients,
-        "SLA warning: task 42 is at 75 %.",
-    )
-    .await
-    .unwrap();
+    wardcall::notify::sms::send_one_way(&engine.services, &rerun, &no_slot, "warn", &recipients, "SLA warning: task 42 is at 75 %.").await.unwrap();
     // 3. And once more: everything recorded, nothing sent.
-    wardcall::notify::sms::send_one_way(
-        &engine.services,
-        &rerun,
-        &wardcall::runtime::step::WorkerSlot::none(),
-        "warn",
-        &recipients,
-        "SLA warning: task 42 is at 75 %.",
-    )
-    .await
-    .unwrap();
+    wardcall::notify::sms::send_one_way(&engine.services, &rerun, &no_slot, "warn", &recipients, "SLA warning: task 42 is at 75 %.").await.unwrap();
     assert_eq!(h.emulator.messages().len(), 2, "one message per recipient");
     assert_eq!(h.db.scalar_i64("SELECT count(*) FROM wardcall.audit_log WHERE action = 'attempt.reconciled'").await, 2);
     assert_eq!(h.db.scalar_i64("SELECT count(*) FROM wardcall.audit_log WHERE action = 'notify.no_address'").await, 3, "n3 skipped on each execution");
     assert_eq!(h.db.scalar_i64("SELECT count(*) FROM wardcall.message_log WHERE step_key = 'warn' AND alert_id IS NULL").await, 2, "SIDs recorded");
     // Another step of the same run sends again. Its status callbacks are
     // lost too: the call sweeper fetches the message once it is due.
-    wardcall::notify::sms::send_one_way(
-        &engine.services,
-        &rerun,
-        &wardcall::runtime::step::WorkerSlot::none(),
-        "breach",
-        &recipients[..1],
-        "SLA breach: task 42.",
-    )
-    .await
-    .unwrap();
+    wardcall::notify::sms::send_one_way(&engine.services, &rerun, &no_slot, "breach", &recipients[..1], "SLA breach: task 42.").await.unwrap();
     assert_eq!(h.emulator.messages().len(), 3);
     await_some("the emulator to deliver the breach message", Duration::from_secs(10), || async {
         h.emulator.messages().iter().any(|m| m.body == "SLA breach: task 42." && m.status == "delivered").then_some(())
