@@ -474,14 +474,30 @@ async fn commit_records(pool: &sqlx::PgPool, records: &[&QueuedRecord]) -> Resul
         let (pool, actor) = (pool.clone(), actor.to_string());
         tokio::spawn(async move {
             for (attempt, hook, sql, payload) in later {
-                let alone = async {
-                    let mut tx = pool.begin().await?;
-                    let subject = crate::workflows::team_sql::WriteBackSubject::Attempt(attempt);
-                    crate::workflows::team_sql::write_back(&mut tx, Some(&sql), &hook, &payload, subject, &actor).await?;
-                    tx.commit().await
-                };
-                if let Err(e) = alone.await {
-                    tracing::error!(%attempt, hook, error = %crate::capture::db_message(&e), "a write-back deferred out of its batch failed around its statement; the send is recorded");
+                // The team's own error is audited inside `write_back`; an
+                // error around it (the database unreachable, a failed
+                // commit) wrote nothing and is retried like a record.
+                let started = std::time::Instant::now();
+                let mut delay = std::time::Duration::from_millis(50);
+                loop {
+                    let alone = async {
+                        let mut tx = pool.begin().await?;
+                        let subject = crate::workflows::team_sql::WriteBackSubject::Attempt(attempt);
+                        crate::workflows::team_sql::write_back(&mut tx, Some(&sql), &hook, &payload, subject, &actor).await?;
+                        tx.commit().await
+                    };
+                    match alone.await {
+                        Ok(()) => break,
+                        Err(e) if started.elapsed().as_millis() as u64 > RECORD_RETRY_BUDGET_MS => {
+                            tracing::error!(%attempt, hook, error = %crate::capture::db_message(&e), "a write-back deferred out of its batch could not be written; the send is recorded");
+                            break;
+                        }
+                        Err(e) => {
+                            tracing::warn!(%attempt, hook, error = %crate::capture::db_message(&e), retry_in_ms = delay.as_millis() as u64, "a write-back deferred out of its batch failed around its statement; retrying");
+                            tokio::time::sleep(delay).await;
+                            delay = (delay * 2).min(std::time::Duration::from_secs(2));
+                        }
+                    }
                 }
             }
         });
