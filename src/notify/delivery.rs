@@ -330,8 +330,9 @@ async fn record_result(
 }
 
 /// Largest batch of records the record committer commits in one transaction.
-/// Its write-backs run one after another inside it, each bounded by the
-/// write-back's 5 s `statement_timeout`.
+/// Its write-backs run one after another inside it, within
+/// `team_sql::BATCHED_WRITE_BACKS_BUDGET_MS` in all (the later ones are
+/// deferred out of it).
 pub const RECORD_BATCH_MAX: usize = 64;
 
 /// An accepted send's record, queued for the [`RecordCommitter`]: the
@@ -482,8 +483,27 @@ async fn commit_records(pool: &sqlx::PgPool, records: &[&QueuedRecord]) -> Resul
                 loop {
                     let alone = async {
                         let mut tx = pool.begin().await?;
-                        let subject = crate::workflows::team_sql::WriteBackSubject::Attempt(attempt);
-                        crate::workflows::team_sql::write_back(&mut tx, Some(&sql), &hook, &payload, subject, &actor).await?;
+                        if attempts::lock_if_unsettled(&mut tx, attempt).await? {
+                            let subject = crate::workflows::team_sql::WriteBackSubject::Attempt(attempt);
+                            crate::workflows::team_sql::write_back(&mut tx, Some(&sql), &hook, &payload, subject, &actor).await?;
+                        } else {
+                            // The call was answered or ended meanwhile: its later
+                            // write-backs ran, and this one must not overwrite them.
+                            tracing::warn!(%attempt, hook, "a write-back deferred out of its batch is superseded (the call moved on); not run");
+                            let detail =
+                                serde_json::json!({"hook": hook, "error": "superseded: the call was answered or ended before this write-back could run"});
+                            crate::store::audit::record(
+                                &mut tx,
+                                crate::store::audit::Entity::NotificationAttempt,
+                                &attempt.to_string(),
+                                "write_back.failed",
+                                None,
+                                None,
+                                &actor,
+                                detail,
+                            )
+                            .await?;
+                        }
                         tx.commit().await
                     };
                     match alone.await {

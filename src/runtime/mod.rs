@@ -1415,6 +1415,11 @@ impl Engine {
                             // A step that recorded its sends off its worker slot
                             // takes one again before the next step.
                             slot.rejoin_workers().await;
+                            if self.stopping() {
+                                // Shutdown took the worker slots meanwhile: leave
+                                // the next step to whoever takes the run over.
+                                break;
+                            }
                             run.step = next_step;
                             run.state = state;
                             run.step_attempt = 0;

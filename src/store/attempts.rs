@@ -780,6 +780,24 @@ pub async fn abandon_unconfirmed_intents(pool: &sqlx::PgPool, limit: i64, actor:
     Ok(abandoned.len())
 }
 
+/// Locks attempt `id` (`FOR UPDATE`) if nothing has settled it yet: not
+/// acknowledged, declined or ended. Returns whether it was locked: a
+/// write-back deferred out of its batch runs only then, so that it never
+/// lands after the call's later write-backs (callbacks lock the attempt
+/// first, and wait for it meanwhile).
+///
+/// Errors: a database error.
+pub async fn lock_if_unsettled(conn: &mut PgConnection, id: Uuid) -> Result<bool, sqlx::Error> {
+    let locked: Option<bool> = sqlx::query_scalar(
+        "SELECT true FROM wardcall.notification_attempts
+          WHERE id = $1 AND acknowledged_at IS NULL AND declined_at IS NULL AND ended_at IS NULL FOR UPDATE",
+    )
+    .bind(id)
+    .fetch_optional(conn)
+    .await?;
+    Ok(locked.is_some())
+}
+
 /// The details of each attempt of `ids` (as [`details_expression`] gives
 /// one), in one statement, saving the connection's `statement_timeout` and
 /// `lock_timeout` in `wardcall.saved_statement_timeout` and

@@ -337,6 +337,11 @@ pub struct AttemptWriteBack<'a> {
 pub const BATCHED_WRITE_BACK_LOCK_TIMEOUT: &str = "200ms";
 /// Run time allowed to a write-back inside a batch before it is deferred.
 pub const BATCHED_WRITE_BACK_STATEMENT_TIMEOUT: &str = "1s";
+/// Time (ms) the write-backs of one batch may take in all: the write-backs
+/// not started by then are deferred, so that a batch holds its attempts'
+/// rows (which status callbacks and keypresses wait for) about this long
+/// at most, plus one statement.
+pub const BATCHED_WRITE_BACKS_BUDGET_MS: u128 = 250;
 
 /// [`write_back`] for the records of a batch of sends, inside the batch's
 /// transaction: the attempts' details in one statement, the settings set
@@ -349,8 +354,10 @@ pub const BATCHED_WRITE_BACK_STATEMENT_TIMEOUT: &str = "1s";
 /// others and the records are kept. One that times out (SQLSTATE 55P03 or
 /// 57014: a team's lock, a slow statement) is rolled back too, and it and
 /// every later one are left out, so that the batch holds its attempts' rows
-/// no longer: returns how many (the last ones of `items`), which the caller
-/// runs after the commit, each alone with [`write_back`]'s own timeouts.
+/// no longer; so are those not started within [`BATCHED_WRITE_BACKS_BUDGET_MS`].
+/// Returns how many (the last ones of `items`), which the caller runs after
+/// the commit, each alone with [`write_back`]'s own timeouts, and only while
+/// the call has not moved on (`attempts::lock_if_unsettled`).
 /// The team's deferred triggers fire at the commit, with the settings put back.
 ///
 /// Errors: the database's, for the statements around the team's.
@@ -368,7 +375,13 @@ pub async fn write_back_attempts(conn: &mut PgConnection, items: &[AttemptWriteB
     );
     let mut in_savepoint = false;
     let mut deferred = 0;
+    let started = std::time::Instant::now();
     for (i, item) in items.iter().enumerate() {
+        if started.elapsed().as_millis() > BATCHED_WRITE_BACKS_BUDGET_MS {
+            deferred = items.len() - i;
+            tracing::warn!(deferred, "the write-backs of a batch of send records took their budget; the rest run alone after the commit");
+            break;
+        }
         conn.execute(match (i, in_savepoint) {
             (0, _) => settings.as_str(),
             (_, true) => "RELEASE SAVEPOINT wardcall_write_back; SAVEPOINT wardcall_write_back",
