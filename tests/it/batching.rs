@@ -11,13 +11,12 @@
 
 use crate::harness::*;
 use serde_json::{json, Value};
-use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use uuid::Uuid;
 use wardcall::config::Workflow;
-use wardcall::devtools::twilio_emulator::{EmulatorConfig, EmulatorEvent, Persona, TwilioEmulator};
+use wardcall::devtools::twilio_emulator::EmulatorEvent;
 use wardcall::store::runs::{self as store, Parking, TransitionCommit};
 
 pub fn tests() -> Vec<libtest_mimic::Trial> {
@@ -276,12 +275,7 @@ pub async fn critical_alert_is_not_held_behind_a_batch() {
     const STEPS: usize = 25;
     let db = TestDb::new().await;
     db.exec(wardcall::devtools::demo::HOSPITAL_SCHEMA).await;
-    let emulator = TwilioEmulator::start(
-        EmulatorConfig { account_sid: ACCOUNT_SID.into(), auth_token: AUTH_TOKEN.into(), personas: HashMap::new(), default_persona: Persona::NoAnswer },
-        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
-    )
-    .await
-    .unwrap();
+    let emulator = no_answer_emulator().await;
     let mut cfg = crate::escalation::hospital_config(&emulator.base_url(), 600.0, 1);
     cfg.engine.workers = 16;
     cfg.workflows.push(Workflow { max_attempts: 3, retry_base_ms: 20, retry_max_ms: 100, ..Workflow::script("flood", "flood") });
@@ -986,12 +980,7 @@ async fn gated_hospital(write_back: &str, workers: usize) -> (TestDb, wardcall::
     let db = TestDb::new().await;
     db.exec(wardcall::devtools::demo::HOSPITAL_SCHEMA).await;
     db.exec("CREATE TABLE wb_gate (n int NOT NULL); INSERT INTO wb_gate VALUES (0)").await;
-    let emulator = TwilioEmulator::start(
-        EmulatorConfig { account_sid: ACCOUNT_SID.into(), auth_token: AUTH_TOKEN.into(), personas: HashMap::new(), default_persona: Persona::NoAnswer },
-        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
-    )
-    .await
-    .unwrap();
+    let emulator = no_answer_emulator().await;
     let mut cfg = crate::escalation::hospital_config(&emulator.base_url(), 600.0, 1);
     cfg.engine.workers = workers;
     cfg.workflows[0].escalation_mut().expect("an escalation").write_back.on_call_placed = Some(write_back.into());

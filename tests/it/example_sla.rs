@@ -4,10 +4,9 @@
 //! resolving the task first cancels what is left.
 
 use crate::harness::*;
-use std::collections::HashMap;
 use std::time::Duration;
 use wardcall::app::App;
-use wardcall::devtools::twilio_emulator::{EmulatorConfig, EmulatorHandle, Persona, TwilioEmulator};
+use wardcall::devtools::twilio_emulator::EmulatorHandle;
 
 pub fn tests() -> Vec<libtest_mimic::Trial> {
     trials![example_sla::warning_at_75_breach_at_100_and_resolve_cancels]
@@ -21,12 +20,7 @@ async fn sla() -> (TestDb, App, EmulatorHandle) {
     let db = TestDb::new().await;
     db.exec(example.schema).await;
     db.exec(example.seed).await;
-    let emulator = TwilioEmulator::start(
-        EmulatorConfig { account_sid: ACCOUNT_SID.into(), auth_token: AUTH_TOKEN.into(), personas: HashMap::new(), default_persona: Persona::NoAnswer },
-        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
-    )
-    .await
-    .unwrap();
+    let emulator = no_answer_emulator().await;
     let mut cfg = example.parse_config().unwrap();
     let t = cfg.providers.twilio.as_mut().unwrap();
     t.api_base = emulator.base_url();

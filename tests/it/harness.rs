@@ -206,3 +206,16 @@ pub async fn await_true(db: &TestDb, what: &str, timeout: Duration, sql: &str) {
     })
     .await
 }
+
+/// A Twilio emulator on a free local port, with the test account's
+/// credentials, whose every number rings out unanswered.
+pub async fn no_answer_emulator() -> wardcall::devtools::twilio_emulator::EmulatorHandle {
+    use wardcall::devtools::twilio_emulator::{EmulatorConfig, Persona, TwilioEmulator};
+    let config = EmulatorConfig {
+        account_sid: ACCOUNT_SID.into(),
+        auth_token: AUTH_TOKEN.into(),
+        personas: std::collections::HashMap::new(),
+        default_persona: Persona::NoAnswer,
+    };
+    TwilioEmulator::start(config, tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap()).await.unwrap()
+}

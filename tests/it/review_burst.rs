@@ -5,11 +5,10 @@
 //! the flood's own leases lapse (a step run twice).
 
 use crate::harness::*;
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use wardcall::config::Config;
-use wardcall::devtools::twilio_emulator::{EmulatorConfig, EmulatorEvent, Persona, TwilioEmulator};
+use wardcall::devtools::twilio_emulator::EmulatorEvent;
 
 pub fn tests() -> Vec<libtest_mimic::Trial> {
     trials![review_burst::critical_alert_is_not_held_behind_slow_sql_work_at_default_workers,]
@@ -64,12 +63,7 @@ pub async fn critical_alert_is_not_held_behind_slow_sql_work_at_default_workers(
     db.exec(wardcall::devtools::demo::HOSPITAL_SCHEMA).await;
     // The test's (and the team's application's) connections, apart from the engine's pool.
     let probe = sqlx::postgres::PgPoolOptions::new().max_connections(2).connect_with(db.options.clone()).await.unwrap();
-    let emulator = TwilioEmulator::start(
-        EmulatorConfig { account_sid: ACCOUNT_SID.into(), auth_token: AUTH_TOKEN.into(), personas: HashMap::new(), default_persona: Persona::NoAnswer },
-        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
-    )
-    .await
-    .unwrap();
+    let emulator = no_answer_emulator().await;
     let mut cfg = crate::escalation::hospital_config(&emulator.base_url(), 600.0, 1);
     let defaults = wardcall::config::EngineConfig::default();
     // `REVIEW_WORKERS=16` runs the same flood at the previous default.

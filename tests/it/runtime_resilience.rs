@@ -6,11 +6,10 @@
 use crate::harness::*;
 use serde_json::{json, Value};
 use sqlx::{ConnectOptions, Connection};
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use wardcall::config::{EngineConfig, Workflow};
-use wardcall::devtools::twilio_emulator::{EmulatorConfig, EmulatorEvent, Persona, TwilioEmulator};
+use wardcall::devtools::twilio_emulator::EmulatorEvent;
 
 pub fn tests() -> Vec<libtest_mimic::Trial> {
     trials![
@@ -220,12 +219,7 @@ pub async fn critical_alert_is_called_first_during_a_flood() {
     const WORK_MS: i64 = 300;
     let db = TestDb::new().await;
     db.exec(wardcall::devtools::demo::HOSPITAL_SCHEMA).await;
-    let emulator = TwilioEmulator::start(
-        EmulatorConfig { account_sid: ACCOUNT_SID.into(), auth_token: AUTH_TOKEN.into(), personas: HashMap::new(), default_persona: Persona::NoAnswer },
-        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
-    )
-    .await
-    .unwrap();
+    let emulator = no_answer_emulator().await;
     let mut cfg = crate::escalation::hospital_config(&emulator.base_url(), 600.0, 1);
     cfg.engine.workers = 2;
     cfg.workflows.push(Workflow { max_attempts: 3, retry_base_ms: 20, retry_max_ms: 100, ..Workflow::script("flood", "flood") });
