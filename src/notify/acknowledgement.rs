@@ -183,8 +183,9 @@ fn run_settings_and_input(services: &Services, row: &EventAttempt) -> Option<(cr
 /// wholly after the evaluation's transaction). The sending side's writes of
 /// the attempt (`record_sent`, `adopt`, `mark_unknown`) lock the row and
 /// re-check their conditions in SQL, so they compose with it as they did
-/// with the full path. Neither path wakes the run for progress; both wake
-/// the call sweeper when something changed.
+/// with the full path. Neither path wakes the run for progress. The full
+/// path wakes the call sweeper when something changed; the short path only
+/// when the call's alert was no longer open (a call to end).
 ///
 /// Errors: [`CallEventError::UnknownAttempt`], or a database error.
 pub async fn apply_status(
@@ -214,8 +215,12 @@ pub async fn apply_status(
             actor,
         };
         match attempts::advance_progress(&services.pool, &update).await? {
-            attempts::ProgressOutcome::Recorded { changed } => {
-                if changed {
+            attempts::ProgressOutcome::Recorded { changed, alert_open } => {
+                // Only a call of a closed alert gives the sweeper work (a
+                // hang-up): waking it for every progress status kept it
+                // sweeping back to back through a burst's thousands of
+                // callbacks (BENCHMARKS.md, "Issue 9, ninth session").
+                if changed && !alert_open {
                     services.wake_call_sweeper();
                 }
                 return Ok(());

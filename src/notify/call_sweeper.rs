@@ -47,6 +47,7 @@ pub async fn run(services: Services) {
         if *stop.borrow() {
             return;
         }
+        services.shared(SweepCount::default).0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if let Err(e) = sweep_once(&services).await {
             tracing::warn!(error = %crate::capture::db_message(&e), "call sweep failed; retrying");
         }
@@ -59,6 +60,17 @@ pub async fn run(services: Services) {
 }
 
 /// What one sweep did.
+/// How many sweeps this engine's call sweeper has started (one per engine,
+/// [`Services::shared`]): each is five statements, so a sweeper woken for
+/// nothing is load a burst pays for.
+#[derive(Debug, Default)]
+pub struct SweepCount(pub std::sync::atomic::AtomicU64);
+
+/// The sweeps started so far by the call sweeper of the engine of `services`.
+pub fn sweeps_started(services: &Services) -> u64 {
+    services.shared(SweepCount::default).0.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct SweepReport {
     /// Calls the provider was asked to end.

@@ -540,8 +540,11 @@ pub enum ProgressOutcome {
     NotApplicable,
     /// Recorded: the receipt (if a token was given and it was not a replay)
     /// and, when `changed`, the status, its time stamp, the provider id if it
-    /// was missing, and the `attempt.status` audit row.
-    Recorded { changed: bool },
+    /// was missing, and the `attempt.status` audit row. `alert_open`: the
+    /// attempt's alert was open when the statement read it (`true` for an
+    /// attempt without an alert, a `notify` step's): a call that changed
+    /// while its alert was closed may need ending (the call sweeper).
+    Recorded { changed: bool, alert_open: bool },
 }
 
 /// Records a call's progress status in one statement, in autocommit (one
@@ -573,9 +576,9 @@ pub async fn advance_progress(pool: &sqlx::PgPool, p: &ProgressUpdate<'_>) -> Re
         c @ ("initiated_at" | "ringing_at" | "answered_at" | "ended_at") => c,
         _ => return Ok(ProgressOutcome::NotApplicable),
     };
-    let (eligible, changed): (bool, bool) = sqlx::query_as(&format!(
+    let (eligible, changed, alert_open): (bool, bool, bool) = sqlx::query_as(&format!(
         "WITH att AS (
-             SELECT n.id, n.status FROM wardcall.notification_attempts n
+             SELECT n.id, n.status, n.alert_id FROM wardcall.notification_attempts n
               WHERE n.id = $1
                 AND (n.provider_id = $3 OR (n.provider_id IS NULL AND n.status = ANY($6)))
                 AND NOT EXISTS (SELECT 1 FROM wardcall.runs r WHERE r.id = n.run_id AND r.workflow = ANY($7))
@@ -597,7 +600,8 @@ pub async fn advance_progress(pool: &sqlx::PgPool, p: &ProgressUpdate<'_>) -> Re
          aud AS (
              INSERT INTO wardcall.audit_log (entity, entity_id, action, from_state, to_state, actor, detail)
              SELECT 'notification_attempt', $1::text, 'attempt.status', previous, $5, $8, jsonb_build_object('provider_id', $3::text) FROM upd)
-         SELECT EXISTS (SELECT 1 FROM att), EXISTS (SELECT 1 FROM upd)"
+         SELECT EXISTS (SELECT 1 FROM att), EXISTS (SELECT 1 FROM upd),
+                coalesce((SELECT a.status = 'open' FROM att JOIN wardcall.alerts a ON a.id = att.alert_id), true)"
     ))
     .bind(p.attempt)
     .bind(p.provider)
@@ -609,7 +613,7 @@ pub async fn advance_progress(pool: &sqlx::PgPool, p: &ProgressUpdate<'_>) -> Re
     .bind(p.actor)
     .fetch_one(pool)
     .await?;
-    Ok(if eligible { ProgressOutcome::Recorded { changed } } else { ProgressOutcome::NotApplicable })
+    Ok(if eligible { ProgressOutcome::Recorded { changed, alert_open } } else { ProgressOutcome::NotApplicable })
 }
 
 /// Appends keypad `digits` to the attempt's record of keys pressed.

@@ -18,6 +18,7 @@ pub fn tests() -> Vec<libtest_mimic::Trial> {
         callbacks::progress_does_not_wait_for_the_run_row_but_a_final_status_does,
         callbacks::progress_with_on_call_status_write_back_still_writes_back,
         callbacks::webhooks_have_their_own_pool,
+        callbacks::progress_of_open_alerts_does_not_keep_the_call_sweeper_busy,
     ]
 }
 
@@ -243,5 +244,51 @@ pub async fn webhooks_have_their_own_pool() {
     drop(held);
     assert_eq!(attempt_row(&h.db, attempt).await["status"], "ringing", "recorded while the engine's pool was exhausted");
     assert_eq!(h.db.scalar_i64("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'wardcall-webhooks' AND datname = current_database()").await, 1);
+    h.stop().await;
+}
+
+/// A progress status wakes the call sweeper only when its call's alert is
+/// no longer open (a call to end): 40 ringing callbacks of open alerts, one
+/// after another, start no more sweeps than the sweeper's own interval
+/// would (each sweep is five statements; woken by every callback, it swept
+/// back to back through a burst). A ringing call of an acknowledged alert
+/// still wakes it, and the call is ended.
+pub async fn progress_of_open_alerts_does_not_keep_the_call_sweeper_busy() {
+    let h = quiet_hospital(|_| {}).await;
+    let services = &h.app.engine.services;
+    let mut attempts = Vec::new();
+    for i in 0..40 {
+        let sid = format!("CA{i:032x}");
+        let (_, attempt) = waiting_attempt(&h.db, "requested", Some(&sid)).await;
+        attempts.push((attempt, sid));
+    }
+    // Let the sweeps of the start settle.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let before = wardcall::notify::call_sweeper::sweeps_started(services);
+    let started = std::time::Instant::now();
+    for (attempt, sid) in &attempts {
+        assert_eq!(post_status(&h, *attempt, sid, "ringing", None).await, 200);
+    }
+    let elapsed_ms = started.elapsed().as_millis() as u64;
+    let sweeps = wardcall::notify::call_sweeper::sweeps_started(services) - before;
+    assert_eq!(h.db.scalar_i64("SELECT count(*) FROM wardcall.notification_attempts WHERE status = 'ringing'").await, 40);
+    let interval_ms = wardcall::notify::call_sweeper::SWEEP_INTERVAL.as_millis() as u64;
+    eprintln!("40 ringing callbacks in {elapsed_ms} ms started {sweeps} sweeps");
+    assert!(sweeps <= 2 + elapsed_ms / interval_ms, "{sweeps} sweeps in {elapsed_ms} ms for callbacks of open alerts");
+
+    // The call of an alert acknowledged meanwhile is ended.
+    let (_, attempt) = waiting_attempt(&h.db, "requested", Some("CA00000000000000000000000000000e01")).await;
+    h.db.exec(&format!(
+        "UPDATE wardcall.alerts SET status = 'acknowledged' WHERE id = (SELECT alert_id FROM wardcall.notification_attempts WHERE id = '{attempt}')"
+    ))
+    .await;
+    assert_eq!(post_status(&h, attempt, "CA00000000000000000000000000000e01", "ringing", None).await, 200);
+    await_true(
+        &h.db,
+        "the call of the closed alert to be ended",
+        Duration::from_secs(5),
+        &format!("SELECT count(*) = 1 FROM wardcall.audit_log WHERE action = 'attempt.hangup_requested' AND entity_id = '{attempt}'"),
+    )
+    .await;
     h.stop().await;
 }
