@@ -1,6 +1,7 @@
 //! Database access: the connection (embedded cluster or `database_url`) and
 //! wardcall's own schema migrations.
 
+pub mod batches;
 pub mod embedded;
 pub mod migrate;
 

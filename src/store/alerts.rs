@@ -179,21 +179,58 @@ pub fn details_expression(alert: Uuid) -> String {
     format!("wardcall.alert_details('{alert}'::uuid)")
 }
 
-/// One recipient of a fresh alert's first intents (see [`open_with_intents`]).
-#[derive(Debug, Clone, Copy)]
-pub struct FirstIntent<'a> {
-    pub person_id: &'a str,
+/// One recipient of a fresh alert's first intents (see [`open_first_tiers`]).
+#[derive(Debug, Clone)]
+pub struct FirstIntent {
+    pub person_id: String,
     /// The recipient's display name (for write-backs; never logged).
-    pub person_name: &'a str,
+    pub person_name: String,
     /// The address called (E.164 for voice; never logged).
-    pub destination: &'a str,
+    pub destination: String,
 }
 
-/// A row of [`open_with_intents`]'s statement: fenced, the alert opened,
-/// one recipient's person id and intent (absent when none was recorded).
-type OpenedRow = (bool, Option<Uuid>, Option<String>, Option<Uuid>);
+/// A run's first escalation tier to record (see [`open_first_tiers`]):
+/// owned, so that it can wait in a batch.
+#[derive(Debug, Clone)]
+pub struct FirstTier {
+    pub run: Uuid,
+    /// The fencing token the run's execution holds.
+    pub token: i64,
+    pub workflow: String,
+    pub policy: String,
+    /// The rendered message (patient data; never logged).
+    pub message: String,
+    /// (cycle, step index) of the policy, `(0, 0)` for a first tier.
+    pub position: (i32, i32),
+    /// `voice` or `sms`.
+    pub channel: String,
+    /// The provider the sends go through (`twilio`).
+    pub provider: String,
+    /// When an intent without a final status is fetched from the provider:
+    /// milliseconds from now.
+    pub reconcile_after_ms: i64,
+    /// Each person at most once.
+    pub recipients: Vec<FirstIntent>,
+    /// The audit actor (`engine:<id>`).
+    pub actor: String,
+}
 
-/// What [`open_with_intents`] did.
+/// How [`open_first_tiers`] locks the runs' rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunLocks {
+    /// A run whose row another transaction holds is left out, as
+    /// [`OpenedWithIntents::Busy`]: a batch never waits for one run.
+    SkipLocked,
+    /// Waits for each row (up to the session's `lock_timeout`).
+    Wait,
+}
+
+/// A row of [`open_first_tiers`]'s statement: the tier's position in the
+/// batch (from 1), fenced, busy, the alert opened, one recipient's person id
+/// and intent (absent when none was recorded).
+type OpenedRow = (i64, bool, bool, Option<Uuid>, Option<String>, Option<Uuid>);
+
+/// What [`open_first_tiers`] did for one run.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum OpenedWithIntents {
     /// The lease was lost: nothing was written.
@@ -201,94 +238,135 @@ pub enum OpenedWithIntents {
     /// The run already has its alert (a takeover or a retry): nothing was
     /// written; the caller takes the general path ([`fence_and_open`]).
     AlertExists,
+    /// The run's row was held by another transaction (only with
+    /// [`RunLocks::SkipLocked`]): nothing was written; open it alone.
+    Busy,
     /// The alert is open with one intent per recipient: `(person_id,
     /// attempt id)`, every one of them.
     Opened { alert: Uuid, intents: Vec<(String, Uuid)> },
 }
 
-/// A run's first escalation step, in one autocommit statement: fences the
-/// run (fencing `token`, as [`crate::store::runs::lock_fenced`]), opens its
-/// alert with `message` (audited `alert.opened`) and records an intent at
-/// generation 0 for each of `recipients` at position (`cycle`,
-/// `step_index`) on `channel` through `provider`, to be reconciled
+/// The first escalation tiers of many runs, in one autocommit statement:
+/// fences each run (its fencing `token`, as
+/// [`crate::store::runs::lock_fenced`]; the rows locked in id order), opens
+/// its alert with its `message` (audited `alert.opened`) and records an
+/// intent at generation 0 for each of its `recipients` at its `position` on
+/// its `channel` through its `provider`, to be reconciled
 /// `reconcile_after_ms` milliseconds from now (audited `attempt.intent`,
-/// person id, channel and position, never the address), with the audit rows
-/// in that order. Nothing is written unless the run is fenced and has no
-/// alert yet. The intents are committed when it returns (DESIGN.md
-/// invariant 2: before their sends).
+/// person id, channel and position, never the address). The audit rows go
+/// run by run, each alert's before its intents, in recipient order. For a
+/// run nothing is written unless it is fenced and has no alert yet. The
+/// intents are committed when it returns (DESIGN.md invariant 2: before
+/// their sends). Returns one outcome per tier, in order.
 ///
-/// One round trip and one commit where the general path takes four round
-/// trips (begin, fence and alert, intents, commit): the first call of every
-/// alert waits for it.
+/// One round trip and one commit for the whole batch, where the general
+/// path takes four round trips a run (begin, fence and alert, intents,
+/// commit): the first call of every alert waits for it.
 ///
-/// Errors: a database error (e.g. a unique violation: the same person twice
-/// in `recipients`).
-#[allow(clippy::too_many_arguments)]
-pub async fn open_with_intents(
-    pool: &PgPool,
-    run: Uuid,
-    token: i64,
-    workflow: &str,
-    policy: &str,
-    message: &str,
-    (cycle, step_index): (i32, i32),
-    channel: &str,
-    provider: &str,
-    reconcile_after_ms: i64,
-    recipients: &[FirstIntent<'_>],
-    actor: &str,
-) -> Result<OpenedWithIntents, sqlx::Error> {
-    let person_ids: Vec<&str> = recipients.iter().map(|r| r.person_id).collect();
-    let names: Vec<&str> = recipients.iter().map(|r| r.person_name).collect();
-    let destinations: Vec<&str> = recipients.iter().map(|r| r.destination).collect();
-    // The audit rows go in one INSERT (alert first, then the intents in
-    // recipient order), so that their ids keep the order of the events.
-    let rows: Vec<OpenedRow> = sqlx::query_as(
-        "WITH fence AS (
-             SELECT id FROM wardcall.runs WHERE id = $1 AND fencing_token = $2 AND status = 'running' FOR UPDATE),
+/// Errors: a database error, for the whole batch (e.g. a unique violation:
+/// the same person twice in one tier's `recipients`): nothing was written.
+pub async fn open_first_tiers(pool: &PgPool, tiers: &[FirstTier], locks: RunLocks) -> Result<Vec<OpenedWithIntents>, sqlx::Error> {
+    if tiers.is_empty() {
+        return Ok(Vec::new());
+    }
+    let column = |f: fn(&FirstTier) -> &str| -> Vec<&str> { tiers.iter().map(f).collect() };
+    let (mut tier_of, mut person_ids, mut names, mut destinations) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for (i, t) in tiers.iter().enumerate() {
+        for r in &t.recipients {
+            tier_of.push(i as i64 + 1);
+            person_ids.push(r.person_id.as_str());
+            names.push(r.person_name.as_str());
+            destinations.push(r.destination.as_str());
+        }
+    }
+    // A run skipped as locked is busy only if it still looked fenced;
+    // waiting, an unfenced run is a lost lease.
+    let (lock_clause, busy) = match locks {
+        RunLocks::SkipLocked => (
+            "FOR UPDATE OF r SKIP LOCKED",
+            "EXISTS (SELECT 1 FROM wardcall.runs r WHERE r.id = req.run_id AND r.fencing_token = req.token AND r.status = 'running')",
+        ),
+        RunLocks::Wait => ("FOR UPDATE OF r", "false"),
+    };
+    let rows: Vec<OpenedRow> = sqlx::query_as(&format!(
+        "WITH req AS MATERIALIZED (
+             SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::int[], $7::int[], $8::text[], $9::text[],
+                                  $10::bigint[], $11::text[])
+                 WITH ORDINALITY AS t(run_id, token, workflow, policy, message, cycle, step_index, channel, provider, reconcile_ms, actor, ord)),
+         fence AS MATERIALIZED (
+             SELECT r.id FROM wardcall.runs r
+              WHERE r.id = ANY($1::uuid[]) AND r.status = 'running'
+                AND r.fencing_token = (SELECT req.token FROM req WHERE req.run_id = r.id LIMIT 1)
+              ORDER BY r.id {lock_clause}),
          alert AS (
              INSERT INTO wardcall.alerts (run_id, workflow, policy, message, status)
-             SELECT $1, $3, $4, $5, 'open' FROM fence
-             ON CONFLICT (run_id) DO NOTHING RETURNING id),
+             SELECT req.run_id, req.workflow, req.policy, req.message, 'open' FROM req JOIN fence ON fence.id = req.run_id ORDER BY req.ord
+             ON CONFLICT (run_id) DO NOTHING RETURNING id, run_id),
+         people AS MATERIALIZED (
+             SELECT * FROM unnest($12::bigint[], $13::text[], $14::text[], $15::text[]) WITH ORDINALITY AS p(tier, person_id, person_name, destination, ord)),
          intents AS (
              INSERT INTO wardcall.notification_attempts
                  (alert_id, run_id, step_key, cycle, step_index, person_id, person_name, generation, channel, destination, provider, status,
                   fencing_token, reconcile_after)
-             SELECT alert.id, $1, '', $7, $8, p.person_id, p.person_name, 0, $9, p.destination, $10, 'intent', $2,
-                    clock_timestamp() + $11 * interval '1 millisecond'
-               FROM alert, unnest($12::text[], $13::text[], $14::text[]) WITH ORDINALITY AS p(person_id, person_name, destination, ord)
+             SELECT alert.id, req.run_id, '', req.cycle, req.step_index, p.person_id, p.person_name, 0, req.channel, p.destination, req.provider,
+                    'intent', req.token, clock_timestamp() + req.reconcile_ms * interval '1 millisecond'
+               FROM people p JOIN req ON req.ord = p.tier JOIN alert ON alert.run_id = req.run_id
               ORDER BY p.ord
-             RETURNING id, person_id),
+             RETURNING id, run_id, person_id),
          audited AS (
              INSERT INTO wardcall.audit_log (entity, entity_id, action, from_state, to_state, actor, detail)
-             SELECT 'alert', alert.id::text, 'alert.opened', NULL, 'open', $6, jsonb_build_object('run_id', $1::uuid, 'policy', $4::text) FROM alert
-             UNION ALL
-             SELECT 'notification_attempt', intents.id::text, 'attempt.intent', NULL, 'intent', $6,
-                    jsonb_build_object('person_id', intents.person_id, 'channel', $9::text, 'cycle', $7::int, 'step_index', $8::int, 'generation', 0)
-               FROM intents)
-         SELECT f.fenced, (SELECT id FROM alert), i.person_id, i.id
-           FROM (SELECT EXISTS (SELECT 1 FROM fence) AS fenced) f LEFT JOIN intents i ON true",
-    )
-    .bind(run)
-    .bind(token)
-    .bind(workflow)
-    .bind(policy)
-    .bind(message)
-    .bind(actor)
-    .bind(cycle)
-    .bind(step_index)
-    .bind(channel)
-    .bind(provider)
-    .bind(reconcile_after_ms)
+             SELECT e.entity, e.entity_id, e.action, NULL, e.to_state, e.actor, e.detail FROM (
+                 SELECT req.ord, 0::bigint AS within, 'alert'::text AS entity, alert.id::text AS entity_id, 'alert.opened'::text AS action,
+                        'open'::text AS to_state, req.actor, jsonb_build_object('run_id', req.run_id, 'policy', req.policy) AS detail
+                   FROM alert JOIN req ON req.run_id = alert.run_id
+                 UNION ALL
+                 SELECT req.ord, p.ord, 'notification_attempt', i.id::text, 'attempt.intent', 'intent', req.actor,
+                        jsonb_build_object('person_id', i.person_id, 'channel', req.channel, 'cycle', req.cycle, 'step_index', req.step_index,
+                                           'generation', 0)
+                   FROM intents i JOIN req ON req.run_id = i.run_id JOIN people p ON p.tier = req.ord AND p.person_id = i.person_id) e
+              ORDER BY e.ord, e.within)
+         SELECT req.ord, fence.id IS NOT NULL, fence.id IS NULL AND {busy}, alert.id, i.person_id, i.id
+           FROM req LEFT JOIN fence ON fence.id = req.run_id LEFT JOIN alert ON alert.run_id = req.run_id
+                    LEFT JOIN intents i ON i.run_id = req.run_id
+          ORDER BY req.ord, (SELECT p.ord FROM people p WHERE p.tier = req.ord AND p.person_id = i.person_id)"
+    ))
+    .bind(tiers.iter().map(|t| t.run).collect::<Vec<_>>())
+    .bind(tiers.iter().map(|t| t.token).collect::<Vec<_>>())
+    .bind(column(|t| &t.workflow))
+    .bind(column(|t| &t.policy))
+    .bind(column(|t| &t.message))
+    .bind(tiers.iter().map(|t| t.position.0).collect::<Vec<_>>())
+    .bind(tiers.iter().map(|t| t.position.1).collect::<Vec<_>>())
+    .bind(column(|t| &t.channel))
+    .bind(column(|t| &t.provider))
+    .bind(tiers.iter().map(|t| t.reconcile_after_ms).collect::<Vec<_>>())
+    .bind(column(|t| &t.actor))
+    .bind(&tier_of)
     .bind(&person_ids)
     .bind(&names)
     .bind(&destinations)
     .fetch_all(pool)
     .await?;
-    let Some((fenced, alert, ..)) = rows.first().cloned() else { return Err(sqlx::Error::RowNotFound) };
-    Ok(match (fenced, alert) {
-        (false, _) => OpenedWithIntents::LeaseLost,
-        (true, None) => OpenedWithIntents::AlertExists,
-        (true, Some(alert)) => OpenedWithIntents::Opened { alert, intents: rows.into_iter().filter_map(|(_, _, person, id)| Some((person?, id?))).collect() },
-    })
+    let mut out: Vec<Option<OpenedWithIntents>> = vec![None; tiers.len()];
+    for (ord, fenced, busy, alert, person, intent) in rows {
+        let Some(slot) = usize::try_from(ord - 1).ok().and_then(|i| out.get_mut(i)) else { return Err(sqlx::Error::RowNotFound) };
+        let outcome = slot.get_or_insert_with(|| match (fenced, busy, alert) {
+            (false, true, _) => OpenedWithIntents::Busy,
+            (false, false, _) => OpenedWithIntents::LeaseLost,
+            (true, _, None) => OpenedWithIntents::AlertExists,
+            (true, _, Some(alert)) => OpenedWithIntents::Opened { alert, intents: Vec::new() },
+        });
+        if let (OpenedWithIntents::Opened { intents, .. }, Some(person), Some(intent)) = (outcome, person, intent) {
+            intents.push((person, intent));
+        }
+    }
+    out.into_iter().map(|o| o.ok_or(sqlx::Error::RowNotFound)).collect()
+}
+
+/// One run's first tier ([`open_first_tiers`] with [`RunLocks::Wait`]).
+///
+/// Errors: a database error (e.g. a unique violation: the same person twice
+/// in `recipients`).
+pub async fn open_with_intents(pool: &PgPool, tier: &FirstTier) -> Result<OpenedWithIntents, sqlx::Error> {
+    open_first_tiers(pool, std::slice::from_ref(tier), RunLocks::Wait).await?.pop().ok_or(sqlx::Error::RowNotFound)
 }

@@ -28,6 +28,7 @@
 use super::team_sql::{self, write_back, WriteBackSubject};
 use super::{StepContext, StepError, Transition};
 use crate::config::{EscalationWorkflow, Policy, PolicyStep};
+use crate::db::batches::BatchQueue;
 use crate::notify::channel::{ChannelSender, Content, Outgoing};
 use crate::notify::delivery::{self, NotLookedUp, OnSent};
 use crate::notify::recipients;
@@ -295,6 +296,51 @@ fn voice_sender(services: &crate::runtime::Services) -> Result<&dyn ChannelSende
     services.providers.sender(Channel::Voice).ok_or_else(|| StepError::Permanent(anyhow!("no voice provider configured")))
 }
 
+/// Most first tiers opened in one statement ([`FirstTierOpener`]).
+pub const FIRST_TIER_BATCH_MAX: usize = 64;
+
+/// The first tiers of this engine's runs, opened in batches
+/// ([`alerts::open_first_tiers`], one batch at a time, up to
+/// [`FIRST_TIER_BATCH_MAX`], runs whose row is held elsewhere left out):
+/// during a burst every worker reaches its alert's first tier at about the
+/// same time, and one statement and one commit for all of them leaves the
+/// CPU to the calls (BENCHMARKS.md, "Issue 9, ninth session"). A lone
+/// alert's tier is served at once. `None`: the batch failed; the tier is
+/// opened alone.
+struct FirstTierOpener(BatchQueue<alerts::FirstTier, Option<alerts::OpenedWithIntents>>);
+
+/// Opens a run's first tier through the engine's [`FirstTierOpener`]; a
+/// tier its batch left out (its run's row was held, or the batch failed)
+/// is opened alone, waiting for the row ([`alerts::open_with_intents`]),
+/// so that a fault of one tier is its own.
+///
+/// Errors: the database's, from the tier opened alone.
+async fn open_first_tier(services: &crate::runtime::Services, tier: alerts::FirstTier) -> Result<alerts::OpenedWithIntents, sqlx::Error> {
+    let opener = services.shared(|| {
+        let pool = services.pool.clone();
+        FirstTierOpener(BatchQueue::start(
+            FIRST_TIER_BATCH_MAX,
+            |_, _| true,
+            move |batch: Vec<alerts::FirstTier>| {
+                let pool = pool.clone();
+                async move {
+                    match alerts::open_first_tiers(&pool, &batch, alerts::RunLocks::SkipLocked).await {
+                        Ok(outcomes) => outcomes.into_iter().map(Some).collect(),
+                        Err(e) => {
+                            tracing::warn!(tiers = batch.len(), error = %crate::capture::db_message(&e), "a batch of first tiers failed; opening them one by one");
+                            vec![None; batch.len()]
+                        }
+                    }
+                }
+            },
+        ))
+    });
+    match opener.0.submit(tier.clone()).await {
+        Ok(Some(alerts::OpenedWithIntents::Busy) | None) | Err(_) => alerts::open_with_intents(&services.pool, &tier).await,
+        Ok(Some(outcome)) => Ok(outcome),
+    }
+}
+
 async fn place_calls(ctx: &mut StepContext<'_>, settings: &EscalationWorkflow, policy: &Policy) -> Result<Transition, StepError> {
     let services = ctx.services.clone();
     let voice = voice_sender(&services)?;
@@ -346,27 +392,26 @@ async fn place_calls(ctx: &mut StepContext<'_>, settings: &EscalationWorkflow, p
         && !callable.is_empty();
     let mut opened: Option<Vec<Outgoing>> = None;
     if first_tier {
-        let recipients: Vec<alerts::FirstIntent> = callable
-            .iter()
-            .map(|p| alerts::FirstIntent { person_id: &p.id, person_name: &p.name, destination: p.voice.as_deref().unwrap_or_default() })
-            .collect();
-        let outcome = alerts::open_with_intents(
-            &services.pool,
-            ctx.run.id,
-            ctx.run.fencing_token,
-            &ctx.workflow.name,
-            &settings.policy,
-            &message,
-            (cycle, step_index),
-            Channel::Voice.as_str(),
-            voice.provider(),
+        let tier = alerts::FirstTier {
+            run: ctx.run.id,
+            token: ctx.run.fencing_token,
+            workflow: ctx.workflow.name.clone(),
+            policy: settings.policy.clone(),
+            message: message.clone(),
+            position: (cycle, step_index),
+            channel: Channel::Voice.as_str().to_string(),
+            provider: voice.provider().to_string(),
             reconcile_after_ms,
-            &recipients,
-            &actor,
-        )
-        .await?;
+            recipients: callable
+                .iter()
+                .map(|p| alerts::FirstIntent { person_id: p.id.clone(), person_name: p.name.clone(), destination: p.voice.clone().unwrap_or_default() })
+                .collect(),
+            actor: actor.clone(),
+        };
+        let outcome = open_first_tier(&services, tier).await?;
         match outcome {
             alerts::OpenedWithIntents::LeaseLost => return Err(StepError::LeaseLost),
+            alerts::OpenedWithIntents::Busy => return Err(StepError::Retryable(anyhow!("the run's row stayed locked while its first tier was opened"))),
             // A takeover of a run whose alert committed: the general path.
             alerts::OpenedWithIntents::AlertExists => {}
             alerts::OpenedWithIntents::Opened { alert, intents } => {

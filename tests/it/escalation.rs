@@ -34,6 +34,7 @@ pub fn tests() -> Vec<libtest_mimic::Trial> {
         escalation::write_back_keeps_the_change_and_puts_its_settings_back,
         escalation::fence_and_open_opens_once_and_never_without_the_lease,
         escalation::open_with_intents_writes_all_or_nothing,
+        escalation::a_batch_of_first_tiers_keeps_each_run_to_itself,
     ]
 }
 
@@ -687,7 +688,7 @@ pub async fn fence_and_open_opens_once_and_never_without_the_lease() {
 /// recipient, audited alert first, then the intents in order; a run that
 /// already has its alert gets nothing more (the general path decides).
 pub async fn open_with_intents_writes_all_or_nothing() {
-    use wardcall::store::alerts::{open_with_intents, FirstIntent, OpenedWithIntents};
+    use wardcall::store::alerts::{open_with_intents, OpenedWithIntents};
     let db = TestDb::new().await;
     let run = uuid::Uuid::parse_str("00000000-0000-0000-0000-0000000000a4").unwrap();
     sqlx::query("INSERT INTO wardcall.runs (id, workflow, event, input, step, status, fencing_token) VALUES ($1, 'w', 'e', '{}', 'call', 'running', 3)")
@@ -695,11 +696,12 @@ pub async fn open_with_intents_writes_all_or_nothing() {
         .execute(&db.pool)
         .await
         .unwrap();
-    let people = [
-        FirstIntent { person_id: "nurse-a", person_name: "A", destination: NURSE_A },
-        FirstIntent { person_id: "nurse-b", person_name: "B", destination: NURSE_B },
-    ];
-    let open = |token: i64| open_with_intents(&db.pool, run, token, "w", "p", "m", (0, 0), "voice", "twilio", 60_000, &people, "test");
+    let people = [("nurse-a", "A", NURSE_A), ("nurse-b", "B", NURSE_B)];
+    let open = |token: i64| {
+        let tier = first_tier(run, token, &people);
+        let pool = db.pool.clone();
+        async move { open_with_intents(&pool, &tier).await }
+    };
     assert_eq!(open(2).await.unwrap(), OpenedWithIntents::LeaseLost);
     assert_eq!(db.scalar_i64("SELECT count(*) FROM wardcall.alerts").await + db.scalar_i64("SELECT count(*) FROM wardcall.notification_attempts").await, 0);
     let OpenedWithIntents::Opened { alert, intents } = open(3).await.unwrap() else { panic!("the holder opens the alert") };
@@ -723,6 +725,114 @@ pub async fn open_with_intents_writes_all_or_nothing() {
     assert!(!audit_text(&db).await.contains(NURSE_A), "no phone number in the audit log");
     assert_eq!(open(3).await.unwrap(), OpenedWithIntents::AlertExists, "a second first tier finds the alert");
     assert_eq!(db.scalar_i64("SELECT count(*) FROM wardcall.notification_attempts").await, 2, "and records nothing more");
+}
+
+/// A first tier of `run` under fencing `token` for `people` (id, name,
+/// number), workflow `w`, policy `p`, message `m`, actor `test`.
+pub fn first_tier(run: uuid::Uuid, token: i64, people: &[(&str, &str, &str)]) -> wardcall::store::alerts::FirstTier {
+    wardcall::store::alerts::FirstTier {
+        run,
+        token,
+        workflow: "w".into(),
+        policy: "p".into(),
+        message: "m".into(),
+        position: (0, 0),
+        channel: "voice".into(),
+        provider: "twilio".into(),
+        reconcile_after_ms: 60_000,
+        recipients: people
+            .iter()
+            .map(|(id, name, number)| wardcall::store::alerts::FirstIntent {
+                person_id: id.to_string(),
+                person_name: name.to_string(),
+                destination: number.to_string(),
+            })
+            .collect(),
+        actor: "test".into(),
+    }
+}
+
+/// `alerts::open_first_tiers`: one statement for the first tiers of many
+/// runs, each run to itself. In one batch: a fenced run opens its alert and
+/// intents; a run whose lease was lost (stale token), one whose row another
+/// transaction holds (left out, `Busy`, without waiting) and one that already
+/// has its alert write nothing, and do not stop the others. The audit rows
+/// go run by run, each alert before its intents. A batch that fails (the
+/// same person twice in one tier) writes nothing for any run.
+pub async fn a_batch_of_first_tiers_keeps_each_run_to_itself() {
+    use wardcall::store::alerts::{open_first_tiers, open_with_intents, OpenedWithIntents, RunLocks};
+    let db = TestDb::new().await;
+    let mut runs = Vec::new();
+    for _ in 0..5 {
+        let run: uuid::Uuid = sqlx::query_scalar(
+            "INSERT INTO wardcall.runs (workflow, event, input, step, status, fencing_token) VALUES ('w', 'e', '{}', 'call', 'running', 3) RETURNING id",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        runs.push(run);
+    }
+    let (fenced, stale, held, opened_before, fenced_too) = (runs[0], runs[1], runs[2], runs[3], runs[4]);
+    open_with_intents(&db.pool, &first_tier(opened_before, 3, &[("nurse-a", "A", NURSE_A)])).await.unwrap();
+    db.exec("DELETE FROM wardcall.notification_attempts").await;
+    let audit_mark = db.scalar_i64("SELECT coalesce(max(id), 0) FROM wardcall.audit_log").await;
+    let mut holder = db.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM wardcall.runs WHERE id = $1 FOR UPDATE").bind(held).execute(&mut *holder).await.unwrap();
+
+    let batch = [
+        first_tier(fenced, 3, &[("nurse-a", "A", NURSE_A), ("nurse-b", "B", NURSE_B)]),
+        first_tier(stale, 2, &[("nurse-a", "A", NURSE_A)]),
+        first_tier(held, 3, &[("nurse-a", "A", NURSE_A)]),
+        first_tier(opened_before, 3, &[("nurse-b", "B", NURSE_B)]),
+        first_tier(fenced_too, 3, &[("nurse-b", "B", NURSE_B)]),
+    ];
+    let started = std::time::Instant::now();
+    let outcomes = open_first_tiers(&db.pool, &batch, RunLocks::SkipLocked).await.unwrap();
+    assert!(started.elapsed() < Duration::from_secs(1), "the batch did not wait for the held run");
+    let opened = |o: &OpenedWithIntents| match o {
+        OpenedWithIntents::Opened { intents, .. } => intents.iter().map(|(p, _)| p.clone()).collect::<Vec<_>>(),
+        other => panic!("not opened: {other:?}"),
+    };
+    assert_eq!(opened(&outcomes[0]), vec!["nurse-a", "nurse-b"]);
+    assert_eq!(outcomes[1], OpenedWithIntents::LeaseLost);
+    assert_eq!(outcomes[2], OpenedWithIntents::Busy);
+    assert_eq!(outcomes[3], OpenedWithIntents::AlertExists);
+    assert_eq!(opened(&outcomes[4]), vec!["nurse-b"]);
+    let per_run: Vec<(uuid::Uuid, i64)> =
+        sqlx::query_as("SELECT run_id, count(*) FROM wardcall.notification_attempts GROUP BY run_id ORDER BY count(*) DESC").fetch_all(&db.pool).await.unwrap();
+    assert_eq!(per_run, vec![(fenced, 2), (fenced_too, 1)], "only the fenced runs without an alert recorded intents");
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM wardcall.alerts").await, 3);
+    let audit: Vec<(String, String)> =
+        sqlx::query_as("SELECT action, coalesce(detail->>'person_id', detail->>'run_id') FROM wardcall.audit_log WHERE id > $1 ORDER BY id")
+            .bind(audit_mark)
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    let want = vec![
+        ("alert.opened".to_string(), fenced.to_string()),
+        ("attempt.intent".into(), "nurse-a".into()),
+        ("attempt.intent".into(), "nurse-b".into()),
+        ("alert.opened".into(), fenced_too.to_string()),
+        ("attempt.intent".into(), "nurse-b".into()),
+    ];
+    assert_eq!(audit, want, "run by run, each alert before its intents");
+
+    // The held run, opened alone once its row is free.
+    holder.rollback().await.unwrap();
+    assert!(matches!(open_with_intents(&db.pool, &batch[2]).await.unwrap(), OpenedWithIntents::Opened { .. }));
+
+    // A batch that fails writes nothing for any run.
+    let more: Vec<uuid::Uuid> = sqlx::query_scalar(
+        "INSERT INTO wardcall.runs (workflow, event, input, step, status, fencing_token) SELECT 'w', 'e', '{}', 'call', 'running', 3 FROM generate_series(1, 2) RETURNING id",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    let counts = "SELECT (SELECT count(*) FROM wardcall.alerts) * 1000 + (SELECT count(*) FROM wardcall.notification_attempts)";
+    let before = db.scalar_i64(counts).await;
+    let failing = [first_tier(more[0], 3, &[("nurse-a", "A", NURSE_A)]), first_tier(more[1], 3, &[("nurse-a", "A", NURSE_A), ("nurse-a", "A", NURSE_A)])];
+    assert!(open_first_tiers(&db.pool, &failing, RunLocks::SkipLocked).await.is_err(), "the same person twice in one tier fails the batch");
+    assert_eq!(db.scalar_i64(counts).await, before, "nothing written");
 }
 
 async fn audit_text(db: &TestDb) -> String {

@@ -124,7 +124,7 @@ pub async fn lookups_of_a_domain_over_text_render_as_they_do_alone() {
 pub async fn a_takeover_after_open_with_intents_calls_again_under_the_recall_rule() {
     use crate::escalation::{await_alert_status, calls_to, start_on, NURSE_A, SEIZURE_INSERT};
     use wardcall::devtools::twilio_emulator::Persona;
-    use wardcall::store::alerts::{open_with_intents, FirstIntent, OpenedWithIntents};
+    use wardcall::store::alerts::{open_with_intents, FirstTier, OpenedWithIntents};
     let db = TestDb::new().await;
     db.exec(wardcall::devtools::demo::HOSPITAL_SCHEMA).await;
     let cfg = crate::escalation::hospital_config("http://127.0.0.1:9", 30.0, 1);
@@ -141,11 +141,14 @@ pub async fn a_takeover_after_open_with_intents_calls_again_under_the_recall_rul
     .unwrap();
     db.exec("UPDATE wardcall.outbox SET processed_at = clock_timestamp(), processed_by = 'crashed-engine'").await;
     // The crashed engine's first tier, committed; then it died.
-    let people = [FirstIntent { person_id: "nurse-avery", person_name: "Avery Quinn", destination: NURSE_A }];
-    let opened =
-        open_with_intents(&db.pool, run, 1, "critical-alert-call", "critical-care", message, (0, 0), "voice", "twilio", 60_000, &people, "engine:crashed")
-            .await
-            .unwrap();
+    let tier = FirstTier {
+        workflow: "critical-alert-call".into(),
+        policy: "critical-care".into(),
+        message: message.into(),
+        actor: "engine:crashed".into(),
+        ..crate::escalation::first_tier(run, 1, &[("nurse-avery", "Avery Quinn", NURSE_A)])
+    };
+    let opened = open_with_intents(&db.pool, &tier).await.unwrap();
     assert!(matches!(opened, OpenedWithIntents::Opened { .. }), "{opened:?}");
     sqlx::query("UPDATE wardcall.runs SET due_at = clock_timestamp() - interval '1 second' WHERE id = $1").bind(run).execute(&db.pool).await.unwrap();
 
