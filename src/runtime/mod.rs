@@ -201,6 +201,13 @@ pub const GROUP_COMMIT_WINDOW: Duration = Duration::from_millis(2);
 
 /// Most runs one claim takes ([`store::lock_due`]), in one transaction; a
 /// claim takes at most as many as there are free workers.
+/// Most outbox rows one dispatch transaction turns into runs.
+pub const DISPATCH_BATCH_MAX: i64 = 500;
+
+/// Fewest outbox rows the first dispatch after a wake-up takes (it takes
+/// about as many as there are free workers; see `dispatcher_loop`).
+pub const DISPATCH_FIRST_BATCH_MIN: i64 = 32;
+
 pub const CLAIM_MAX: usize = 256;
 
 /// How long the scheduler, while due runs are waiting for free workers (its
@@ -632,10 +639,18 @@ impl Engine {
             if self.stopping() {
                 return;
             }
+            // The first batch after a wake-up takes about as many events as
+            // there are free workers, so that their runs start while the
+            // rest of a burst is dispatched; the batches after it take up
+            // to [`DISPATCH_BATCH_MAX`].
+            let mut limit = (self.slots.available_permits() as i64).clamp(DISPATCH_FIRST_BATCH_MIN, DISPATCH_BATCH_MAX);
             loop {
                 self.health.beat(&self.health.dispatcher_beat);
-                match self.dispatch_batch(500).await {
-                    Ok(500) => continue,
+                match self.dispatch_batch(limit).await {
+                    Ok(n) if n as i64 >= limit => {
+                        limit = DISPATCH_BATCH_MAX;
+                        continue;
+                    }
                     Ok(_) => break,
                     Err(e) => {
                         let why = self.db.explain_any(&e).await;
