@@ -110,7 +110,7 @@ pub async fn connect_pool(options: PgConnectOptions, size: u32) -> anyhow::Resul
 pub async fn connect_pool_with(options: PgConnectOptions, settings: &EngineConfig) -> anyhow::Result<PgPool> {
     let options = sqlx::ConnectOptions::disable_statement_logging(session_options(options.application_name("wardcall"), settings));
     let acquire = Duration::from_millis(settings.acquire_timeout_ms);
-    let result = PgPoolOptions::new().max_connections(settings.pool_size).min_connections(1).acquire_timeout(acquire).connect_with(options.clone()).await;
+    let result = pool_options().max_connections(settings.pool_size).min_connections(1).acquire_timeout(acquire).connect_with(options.clone()).await;
     match result {
         Ok(pool) => Ok(pool),
         Err(e) => {
@@ -120,6 +120,31 @@ pub async fn connect_pool_with(options: PgConnectOptions, settings: &EngineConfi
     }
 }
 
+/// A connection idle at least this long is pinged before it is handed out
+/// ([`pool_options`]).
+pub const PING_AFTER_IDLE: Duration = Duration::from_secs(1);
+
+/// The options of wardcall's pools: a connection idle for
+/// [`PING_AFTER_IDLE`] or longer is pinged (one round trip) before it is
+/// handed out, and replaced if the server is gone (a restart, a failover, an
+/// idle-session timeout); one reused sooner is not. sqlx's default pings on
+/// every acquire: during a burst that was a round trip before every
+/// statement of every step and webhook, each waking a backend
+/// (BENCHMARKS.md, "Issue 9, ninth session"). A connection that broke
+/// within the last second fails its next statement instead, which is then
+/// retried like any other database error (a step's retry, the provider's
+/// webhook retry); sqlx closes the connection.
+pub fn pool_options() -> PgPoolOptions {
+    PgPoolOptions::new().test_before_acquire(false).before_acquire(|conn, meta| {
+        Box::pin(async move {
+            if meta.idle_for >= PING_AFTER_IDLE {
+                conn.ping().await?;
+            }
+            Ok(true)
+        })
+    })
+}
+
 /// The webhooks' own pool ([`crate::runtime::Services::for_webhooks`]):
 /// `settings.webhook_pool_size` connections with the options of `pool` (its
 /// session settings, [`session_options`]) under the application name
@@ -127,7 +152,7 @@ pub async fn connect_pool_with(options: PgConnectOptions, settings: &EngineConfi
 /// connection that cannot be opened is the first webhook's error.
 pub fn webhook_pool(pool: &PgPool, settings: &EngineConfig) -> PgPool {
     let options = (*pool.connect_options()).clone().application_name("wardcall-webhooks");
-    PgPoolOptions::new()
+    pool_options()
         .max_connections(settings.webhook_pool_size)
         .min_connections(0)
         .acquire_timeout(Duration::from_millis(settings.acquire_timeout_ms))

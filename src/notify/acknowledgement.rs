@@ -183,7 +183,9 @@ fn run_settings_and_input(services: &Services, row: &EventAttempt) -> Option<(cr
 /// wholly after the evaluation's transaction). The sending side's writes of
 /// the attempt (`record_sent`, `adopt`, `mark_unknown`) lock the row and
 /// re-check their conditions in SQL, so they compose with it as they did
-/// with the full path. Neither path wakes the run for progress. The full
+/// with the full path. The short path takes one of [`PROGRESS_LANES`]
+/// (waiting at most [`PROGRESS_LANE_WAIT_MAX`]); the full path none.
+/// Neither path wakes the run for progress. The full
 /// path wakes the call sweeper when something changed; the short path only
 /// when the call's alert was no longer open (a call to end).
 ///
@@ -214,6 +216,10 @@ pub async fn apply_status(
             excluded_workflows: &excluded,
             actor,
         };
+        let lanes = services.shared(ProgressLanes::default);
+        // A lane not free within the bound is not waited for longer: the
+        // provider gives up on a webhook after 15 s.
+        let _lane = tokio::time::timeout(PROGRESS_LANE_WAIT_MAX, lanes.0.acquire()).await.ok().and_then(Result::ok);
         match attempts::advance_progress(&services.pool, &update).await? {
             attempts::ProgressOutcome::Recorded { changed, alert_open } => {
                 // Only a call of a closed alert gives the sweeper work (a
@@ -229,6 +235,27 @@ pub async fn apply_status(
         }
     }
     apply_status_locked(services, delivery, attempt, call_sid, call_status, answered_by, actor).await
+}
+
+/// How many progress statuses ([`apply_status`]'s short path) are recorded
+/// at once, per engine. They decide nothing: during a burst their thousands
+/// of statements only competed for the CPU with the next alerts' first
+/// calls (BENCHMARKS.md, "Issue 9, ninth session"). The statuses that decide
+/// (final statuses, verdicts, keypresses, replies) never take a lane.
+pub const PROGRESS_LANES: usize = 1;
+
+/// Longest a progress status waits for a lane (then it is recorded without
+/// one): Twilio waits 15 s for a webhook's answer, and a status recorded
+/// late is still recorded in order (statuses only move forward).
+pub const PROGRESS_LANE_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The [`PROGRESS_LANES`] of one engine ([`Services::shared`]).
+struct ProgressLanes(tokio::sync::Semaphore);
+
+impl Default for ProgressLanes {
+    fn default() -> Self {
+        ProgressLanes(tokio::sync::Semaphore::new(PROGRESS_LANES))
+    }
 }
 
 /// The workflows with an `on_call_status` write-back (their attempts'

@@ -19,6 +19,7 @@ pub fn tests() -> Vec<libtest_mimic::Trial> {
         callbacks::progress_with_on_call_status_write_back_still_writes_back,
         callbacks::webhooks_have_their_own_pool,
         callbacks::progress_of_open_alerts_does_not_keep_the_call_sweeper_busy,
+        callbacks::progress_takes_a_lane_that_decisive_statuses_never_wait_for,
     ]
 }
 
@@ -291,4 +292,59 @@ pub async fn progress_of_open_alerts_does_not_keep_the_call_sweeper_busy() {
     )
     .await;
     h.stop().await;
+}
+
+/// Progress statuses take one of `PROGRESS_LANES` (one): while a ringing
+/// status holds it (its attempt's row locked elsewhere), a second waits for
+/// the lane, not in the database; a final status of another call is
+/// recorded at once (it never takes a lane); the waiting status goes without
+/// a lane after `PROGRESS_LANE_WAIT_MAX`; and the first is recorded once the
+/// row is free (by the provider's retry if it was answered 503 meanwhile).
+pub async fn progress_takes_a_lane_that_decisive_statuses_never_wait_for() {
+    use wardcall::notify::acknowledgement::{PROGRESS_LANES, PROGRESS_LANE_WAIT_MAX};
+    assert_eq!(PROGRESS_LANES, 1, "this test holds the one lane");
+    let h = std::sync::Arc::new(quiet_hospital(|_| {}).await);
+    let (sid_a, sid_b, sid_c) = ("CA000000000000000000000000000000a1", "CA000000000000000000000000000000b1", "CA000000000000000000000000000000c1");
+    let (_, a) = waiting_attempt(&h.db, "requested", Some(sid_a)).await;
+    let (_, b) = waiting_attempt(&h.db, "requested", Some(sid_b)).await;
+    let (_, c) = waiting_attempt(&h.db, "in-progress", Some(sid_c)).await;
+    let mut holder = h.db.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM wardcall.notification_attempts WHERE id = $1 FOR UPDATE").bind(a).execute(&mut *holder).await.unwrap();
+
+    let post = |attempt: Uuid, sid: &'static str, status: &'static str| {
+        let h = h.clone();
+        tokio::spawn(async move { post_status(&h, attempt, sid, status, None).await })
+    };
+    let ringing_a = post(a, sid_a, "ringing");
+    await_true(
+        &h.db,
+        "the first ringing status to wait for its attempt's row",
+        Duration::from_secs(5),
+        "SELECT count(*) = 1 FROM pg_stat_activity WHERE application_name = 'wardcall-webhooks' AND wait_event_type = 'Lock'",
+    )
+    .await;
+    let b_posted = std::time::Instant::now();
+    let ringing_b = post(b, sid_b, "ringing");
+    // A final status of another call is not held behind the lane.
+    let completed = tokio::time::timeout(Duration::from_secs(1), post_status(&h, c, sid_c, "completed", None)).await;
+    assert_eq!(completed.expect("a final status does not wait for the progress lane"), 200);
+    assert_eq!(attempt_row(&h.db, c).await["status"], "completed");
+    assert!(b_posted.elapsed() < PROGRESS_LANE_WAIT_MAX, "checked while the second status still waits for the lane");
+    assert_eq!(attempt_row(&h.db, b).await["status"], "requested", "the second progress status waits for the lane");
+    // After the bound it goes without one.
+    assert_eq!(ringing_b.await.unwrap(), 200);
+    assert!(b_posted.elapsed() >= PROGRESS_LANE_WAIT_MAX - Duration::from_millis(100), "recorded after {:?}", b_posted.elapsed());
+    assert_eq!(attempt_row(&h.db, b).await["status"], "ringing");
+    holder.rollback().await.unwrap();
+    // The first waited for the row past the engine's `lock_timeout` (2 s)
+    // and was answered 503 or, released in time, recorded; the provider's
+    // retry records it.
+    if ringing_a.await.unwrap() != 200 {
+        assert_eq!(post_status(&h, a, sid_a, "ringing", None).await, 200);
+    }
+    assert_eq!(attempt_row(&h.db, a).await["status"], "ringing");
+    match std::sync::Arc::try_unwrap(h) {
+        Ok(h) => h.stop().await,
+        Err(_) => panic!("the posting tasks hold no copy of the hospital"),
+    }
 }

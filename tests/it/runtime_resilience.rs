@@ -15,6 +15,7 @@ pub fn tests() -> Vec<libtest_mimic::Trial> {
     trials![
         runtime_resilience::listener_uses_its_own_connection_and_survives_a_frozen_backend,
         runtime_resilience::pool_that_cannot_connect_fails_in_time_with_the_servers_reason,
+        runtime_resilience::pool_pings_only_connections_idle_for_a_second,
         runtime_resilience::engine_statements_are_bounded_by_lock_and_statement_timeouts,
         runtime_resilience::critical_alert_is_called_first_during_a_flood,
         runtime_resilience::healthz_reports_a_missing_capture_trigger,
@@ -367,4 +368,35 @@ pub async fn status_shows_the_same_problems() {
     // status did not quietly reinstall the trigger.
     assert_eq!(db.scalar_i64("SELECT count(*) FROM pg_trigger WHERE tgname = 'wardcall_capture_tasks_insert'").await, 0);
     std::fs::remove_dir_all(&dir).ok();
+}
+
+/// wardcall's pools (`db::pool_options`) ping a connection before handing it
+/// out only when it was idle for `PING_AFTER_IDLE` or longer: one whose
+/// backend was cut while it sat idle that long is replaced without an error;
+/// one reused sooner is handed out as it is (no round trip), so a cut within
+/// that second is the next statement's error, and the connection after it
+/// works.
+pub async fn pool_pings_only_connections_idle_for_a_second() {
+    let db = TestDb::new().await;
+    let settings = EngineConfig { pool_size: 1, ..EngineConfig::default() };
+    let pool = wardcall::db::connect_pool_with(db.options.clone(), &settings).await.unwrap();
+    let pid = |pool: sqlx::PgPool| async move { sqlx::query_scalar::<_, i32>("SELECT pg_backend_pid()").fetch_one(&pool).await };
+    async fn cut(db: &TestDb, victim: i32) {
+        assert!(sqlx::query_scalar::<_, bool>("SELECT pg_terminate_backend($1)").bind(victim).fetch_one(&db.pool).await.unwrap());
+        // The backend is gone once it is no longer listed.
+        await_true(db, "the backend to exit", Duration::from_secs(5), &format!("SELECT count(*) = 0 FROM pg_stat_activity WHERE pid = {victim}")).await;
+    }
+    // Cut while idle past the bound: replaced on acquire, no error.
+    let first = pid(pool.clone()).await.unwrap();
+    cut(&db, first).await;
+    tokio::time::sleep(wardcall::db::PING_AFTER_IDLE + Duration::from_millis(100)).await;
+    let second = pid(pool.clone()).await.expect("a connection idle past the bound is pinged and replaced");
+    assert_ne!(first, second);
+    // Cut and reused at once: not pinged, so the statement meets the cut…
+    cut(&db, second).await;
+    assert!(pid(pool.clone()).await.is_err(), "a connection reused within the bound is not pinged");
+    // …and the pool opens a new connection for the next one.
+    let third = pid(pool.clone()).await.expect("the broken connection was closed");
+    assert_ne!(third, second);
+    pool.close().await;
 }
