@@ -20,6 +20,7 @@
 use super::channel::{ChannelSender, Outgoing, ProviderRecord, SendError, SendOutcome, Sent};
 use super::Channel;
 use crate::config::redact_phone;
+use crate::db::batches::BatchQueue;
 use crate::runtime::step::WorkerSlot;
 use crate::runtime::Services;
 use crate::store::attempts::{self, AttemptRow};
@@ -347,8 +348,6 @@ pub struct QueuedRecord {
     pub actor: String,
 }
 
-type RecordReply = tokio::sync::oneshot::Sender<Result<Option<String>, sqlx::Error>>;
-
 /// Commits the records of accepted sends in batches, one batch at a time:
 /// every record queued meanwhile (up to [`RECORD_BATCH_MAX`]) in one
 /// transaction: the attempts in one statement
@@ -366,13 +365,9 @@ type RecordReply = tokio::sync::oneshot::Sender<Result<Option<String>, sqlx::Err
 /// A batch that fails is retried record by record, so that each record gets
 /// its own outcome (the caller retries or gives up on it: [`send_and_record`]).
 /// One per engine ([`Services::shared`], made with the engine's pool by the
-/// first step that records); its task starts on first use and ends when the
+/// first step that records), over a [`BatchQueue`] whose task ends when the
 /// engine's services are dropped.
-#[derive(Clone)]
-pub struct RecordCommitter {
-    pool: sqlx::PgPool,
-    queue: std::sync::Arc<std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<(QueuedRecord, RecordReply)>>>,
-}
+pub struct RecordCommitter(BatchQueue<QueuedRecord, Result<Option<String>, sqlx::Error>>);
 
 impl std::fmt::Debug for RecordCommitter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -381,9 +376,18 @@ impl std::fmt::Debug for RecordCommitter {
 }
 
 impl RecordCommitter {
-    /// A committer taking its connections from `pool` (the engine's).
+    /// A committer taking its connections from `pool` (the engine's); its
+    /// task starts now (inside a Tokio runtime). One actor per batch (the
+    /// audit rows' actor): a record of another waits for the next.
     pub fn new(pool: sqlx::PgPool) -> RecordCommitter {
-        RecordCommitter { pool, queue: Default::default() }
+        RecordCommitter(BatchQueue::start(
+            RECORD_BATCH_MAX,
+            |first, next| first.actor == next.actor,
+            move |batch: Vec<QueuedRecord>| {
+                let pool = pool.clone();
+                async move { commit_batch(&pool, batch).await }
+            },
+        ))
     }
 
     /// Queues `record` for the next batch and waits for its commit. Returns
@@ -394,56 +398,24 @@ impl RecordCommitter {
     /// failed, and failed again); `RowNotFound` when the attempt does not
     /// exist; a protocol error if the committer's task is gone.
     pub async fn record(&self, record: QueuedRecord) -> Result<Option<String>, sqlx::Error> {
-        let queue = self.queue.get_or_init(|| {
-            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-            tokio::spawn(run_record_committer(self.pool.clone(), rx));
-            tx
-        });
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        queue.send((record, reply)).map_err(|_| sqlx::Error::Protocol("the record committer has stopped".into()))?;
-        answer.await.map_err(|_| sqlx::Error::Protocol("the record committer dropped a record".into()))?
+        self.0.submit(record).await.map_err(|e| sqlx::Error::Protocol(format!("the record committer: {e}")))?
     }
 }
 
-async fn run_record_committer(pool: sqlx::PgPool, mut rx: tokio::sync::mpsc::UnboundedReceiver<(QueuedRecord, RecordReply)>) {
-    let mut held: Option<(QueuedRecord, RecordReply)> = None;
-    loop {
-        let first = match held.take() {
-            Some(r) => r,
-            None => match rx.recv().await {
-                Some(r) => r,
-                None => return,
-            },
-        };
-        // One actor per batch (the audit rows' actor); another waits for the next.
-        let mut batch = vec![first];
-        while batch.len() < RECORD_BATCH_MAX {
-            match rx.try_recv() {
-                Ok(r) if r.0.actor == batch[0].0.actor => batch.push(r),
-                Ok(r) => {
-                    held = Some(r);
-                    break;
-                }
-                Err(_) => break,
+/// Commits a batch of records ([`commit_records`]); a batch that fails is
+/// retried record by record, so that each record gets its own outcome.
+async fn commit_batch(pool: &sqlx::PgPool, batch: Vec<QueuedRecord>) -> Vec<Result<Option<String>, sqlx::Error>> {
+    let records: Vec<&QueuedRecord> = batch.iter().collect();
+    match commit_records(pool, &records).await {
+        Ok(statuses) => batch.iter().map(|r| statuses.get(&r.attempt_id).cloned().ok_or(sqlx::Error::RowNotFound)).collect(),
+        Err(e) if batch.len() == 1 => vec![Err(e)],
+        Err(e) => {
+            tracing::warn!(records = batch.len(), error = %crate::capture::db_message(&e), "a batch of send records failed; recording them one by one");
+            let mut out = Vec::with_capacity(batch.len());
+            for r in &batch {
+                out.push(commit_records(pool, &[r]).await.and_then(|s| s.get(&r.attempt_id).cloned().ok_or(sqlx::Error::RowNotFound)));
             }
-        }
-        let records: Vec<&QueuedRecord> = batch.iter().map(|(r, _)| r).collect();
-        match commit_records(&pool, &records).await {
-            Ok(statuses) => {
-                for (r, reply) in batch {
-                    let _ = reply.send(statuses.get(&r.attempt_id).cloned().ok_or(sqlx::Error::RowNotFound));
-                }
-            }
-            Err(e) if batch.len() == 1 => {
-                let _ = batch.pop().map(|(_, reply)| reply.send(Err(e)));
-            }
-            Err(e) => {
-                tracing::warn!(records = batch.len(), error = %crate::capture::db_message(&e), "a batch of send records failed; recording them one by one");
-                for (r, reply) in batch {
-                    let one = commit_records(&pool, &[&r]).await.and_then(|s| s.get(&r.attempt_id).cloned().ok_or(sqlx::Error::RowNotFound));
-                    let _ = reply.send(one);
-                }
-            }
+            out
         }
     }
 }
