@@ -697,20 +697,7 @@ impl Engine {
         // intents) inside a transaction nobody commits: it is closed instead
         // (the server rolls back).
         let mut guard = Beginning { conn: self.db.pool.acquire().await?, begun: false };
-        // The batch commits without waiting for its WAL flush
-        // (`synchronous_commit = off` for this transaction; PostgreSQL
-        // manual, 30.4 "Asynchronous Commit"): a commit lost to a server
-        // crash loses the whole batch, and its outbox rows, committed
-        // durably by the team's transaction, are dispatched again. Nothing
-        // acts outside the database on a dispatch alone: a run's first
-        // effect (an intent before its call, a `sql` step) commits durably,
-        // and that flush covers the WAL before it, this batch included. A
-        // lone alert's path waits for one flush fewer.
-        let begun = sqlx::Connection::begin_with(
-            &mut *guard.conn,
-            format!("BEGIN; SET LOCAL synchronous_commit = off; SELECT pg_advisory_xact_lock({DISPATCH_LOCK_KEY})"),
-        )
-        .await;
+        let begun = sqlx::Connection::begin_with(&mut *guard.conn, format!("BEGIN; SELECT pg_advisory_xact_lock({DISPATCH_LOCK_KEY})")).await;
         guard.begun = begun.is_ok();
         let mut tx = begun?;
         let mut rows = crate::store::outbox::claim_batch(&mut tx, limit, &self.engine_id, &critical_events).await?;

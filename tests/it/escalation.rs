@@ -35,7 +35,6 @@ pub fn tests() -> Vec<libtest_mimic::Trial> {
         escalation::fence_and_open_opens_once_and_never_without_the_lease,
         escalation::open_with_intents_writes_all_or_nothing,
         escalation::a_batch_of_first_tiers_keeps_each_run_to_itself,
-        escalation::the_dispatch_commits_asynchronously_the_intents_durably,
     ]
 }
 
@@ -834,31 +833,6 @@ pub async fn a_batch_of_first_tiers_keeps_each_run_to_itself() {
     let failing = [first_tier(more[0], 3, &[("nurse-a", "A", NURSE_A)]), first_tier(more[1], 3, &[("nurse-a", "A", NURSE_A), ("nurse-a", "A", NURSE_A)])];
     assert!(open_first_tiers(&db.pool, &failing, RunLocks::SkipLocked).await.is_err(), "the same person twice in one tier fails the batch");
     assert_eq!(db.scalar_i64(counts).await, before, "nothing written");
-}
-
-/// The dispatch transaction (outbox rows → runs) commits with
-/// `synchronous_commit = off` (a lost batch is dispatched again), while the
-/// alert and its intents, committed before the call, keep the server's
-/// durable commit: their flush covers the dispatch's WAL too.
-pub async fn the_dispatch_commits_asynchronously_the_intents_durably() {
-    let h = hospital(Persona::NoAnswer, Persona::NoAnswer, 30.0, 1).await;
-    h.db.exec(
-        "CREATE TABLE test_commit_modes (tbl text, mode text);
-         CREATE FUNCTION test_record_commit_mode() RETURNS trigger LANGUAGE plpgsql AS $$
-         BEGIN
-             INSERT INTO public.test_commit_modes VALUES (TG_TABLE_NAME, current_setting('synchronous_commit'));
-             RETURN NULL;
-         END $$;
-         CREATE TRIGGER test_mode AFTER INSERT ON wardcall.runs FOR EACH ROW EXECUTE FUNCTION test_record_commit_mode();
-         CREATE TRIGGER test_mode AFTER INSERT ON wardcall.alerts FOR EACH ROW EXECUTE FUNCTION test_record_commit_mode();
-         CREATE TRIGGER test_mode AFTER INSERT ON wardcall.notification_attempts FOR EACH ROW EXECUTE FUNCTION test_record_commit_mode();",
-    )
-    .await;
-    h.db.exec(SEIZURE_INSERT).await;
-    await_true(&h.db, "the first call's intents", Duration::from_secs(10), "SELECT count(*) >= 1 FROM wardcall.notification_attempts").await;
-    let modes: Vec<(String, String)> = sqlx::query_as("SELECT DISTINCT tbl, mode FROM test_commit_modes ORDER BY tbl").fetch_all(&h.db.pool).await.unwrap();
-    assert_eq!(modes, vec![("alerts".to_string(), "on".to_string()), ("notification_attempts".into(), "on".into()), ("runs".into(), "off".into())]);
-    h.stop().await;
 }
 
 async fn audit_text(db: &TestDb) -> String {
