@@ -2,6 +2,7 @@
 //! a time, the way a database rewards them: one statement and one commit for
 //! every request that queued while the previous batch ran.
 
+use futures_util::FutureExt;
 use std::future::Future;
 use tokio::sync::{mpsc, oneshot};
 
@@ -17,13 +18,16 @@ type Queued<Req, Resp> = (Req, oneshot::Sender<Resp>);
 ///
 /// The task starts with the queue ([`BatchQueue::start`], inside a Tokio
 /// runtime) and ends when the queue is dropped. A request whose caller
-/// stops waiting is still served (its answer is dropped).
+/// stops waiting is still served (its answer is dropped). A batch whose
+/// `serve` panics is answered [`BatchQueueStopped`], request by request,
+/// and the queue goes on with the next batch.
 pub struct BatchQueue<Req, Resp> {
     queue: mpsc::UnboundedSender<Queued<Req, Resp>>,
 }
 
-/// The queue's task is gone (the runtime is shutting down, or `serve`
-/// panicked): the request may or may not have been served.
+/// The request got no response: the queue's task is gone (the runtime is
+/// shutting down) or its batch's `serve` panicked. It may or may not have
+/// been served.
 #[derive(Debug, thiserror::Error)]
 #[error("the batch queue has stopped")]
 pub struct BatchQueueStopped;
@@ -79,9 +83,72 @@ where
             }
         }
         let (requests, replies): (Vec<Req>, Vec<oneshot::Sender<Resp>>) = batch.into_iter().unzip();
-        let responses = serve(requests).await;
-        for (reply, response) in replies.into_iter().zip(responses) {
-            let _ = reply.send(response);
+        let size = requests.len();
+        // A batch whose `serve` panics answers none of its requests (their
+        // callers see `BatchQueueStopped` and fall back); the queue serves on.
+        match std::panic::AssertUnwindSafe(serve(requests)).catch_unwind().await {
+            Ok(responses) => {
+                for (reply, response) in replies.into_iter().zip(responses) {
+                    let _ = reply.send(response);
+                }
+            }
+            Err(_) => tracing::error!(requests = size, "a batch panicked; its requests are answered as stopped and the queue serves on"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    /// Batches are formed from what queued while the previous one ran, up
+    /// to `max`, split where `same_batch` says so; each caller gets its own
+    /// response; a panicking batch answers its callers `BatchQueueStopped`
+    /// and the next batch is served.
+    #[tokio::test]
+    async fn batches_of_what_queued_meanwhile_each_answered_its_own() {
+        let seen: Arc<Mutex<Vec<Vec<u32>>>> = Arc::default();
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let queue = {
+            let (seen, gate) = (seen.clone(), gate.clone());
+            Arc::new(BatchQueue::start(
+                3,
+                |a: &u32, b: &u32| a / 100 == b / 100,
+                move |batch: Vec<u32>| {
+                    let (seen, gate) = (seen.clone(), gate.clone());
+                    async move {
+                        seen.lock().unwrap().push(batch.clone());
+                        if batch.contains(&999) {
+                            panic!("a batch that panics");
+                        }
+                        gate.acquire().await.unwrap().forget();
+                        batch.into_iter().map(|n| n * 2).collect::<Vec<u32>>()
+                    }
+                },
+            ))
+        };
+        let submit = |n: u32| {
+            let q = queue.clone();
+            tokio::spawn(async move { q.submit(n).await })
+        };
+        // The first is served alone at once and holds the queue (gated).
+        let first = submit(1);
+        while seen.lock().unwrap().is_empty() {
+            tokio::task::yield_now().await;
+        }
+        // Queued meanwhile, in order: 2, 3, 4, 5 (same kind), 101 (another kind).
+        let rest: Vec<_> = [2, 3, 4, 5, 101].into_iter().map(|n| (n, submit(n))).collect();
+        // (The spawned submissions queue as soon as this task yields.)
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        gate.add_permits(10);
+        assert_eq!(first.await.unwrap().unwrap(), 2);
+        for (n, handle) in rest {
+            assert_eq!(handle.await.unwrap().unwrap(), n * 2, "each caller gets its own response");
+        }
+        assert_eq!(*seen.lock().unwrap(), vec![vec![1], vec![2, 3, 4], vec![5], vec![101]], "max 3, split by kind");
+        // A batch that panics: its caller is answered, the queue serves on.
+        assert!(queue.submit(999).await.is_err());
+        assert_eq!(queue.submit(7).await.unwrap(), 14);
     }
 }

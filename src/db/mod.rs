@@ -129,7 +129,8 @@ pub const PING_AFTER_IDLE: Duration = Duration::from_secs(1);
 /// handed out, and replaced if the server is gone (a restart, a failover, an
 /// idle-session timeout); one reused sooner is not. sqlx's default pings on
 /// every acquire: during a burst that was a round trip before every
-/// statement of every step and webhook, each waking a backend
+/// statement of every step and webhook, each waking a backend (sqlx's ping
+/// of a connection as it is released stays, and closes a broken one)
 /// (BENCHMARKS.md, "Issue 9, ninth session"). A connection that broke
 /// within the last second fails its next statement instead, which is then
 /// retried like any other database error (a step's retry, the provider's
@@ -146,12 +147,14 @@ pub fn pool_options() -> PgPoolOptions {
 }
 
 /// The webhooks' own pool ([`crate::runtime::Services::for_webhooks`]):
-/// `settings.webhook_pool_size` connections with the options of `pool` (its
-/// session settings, [`session_options`]) under the application name
-/// `wardcall-webhooks`, opened on first use and kept. Never fails: a
-/// connection that cannot be opened is the first webhook's error.
+/// `settings.webhook_pool_size` connections with the options of `pool` and
+/// the session settings of `settings` ([`session_options`]: the config's
+/// statement and lock timeouts, whatever `pool` was opened with) under the
+/// application name `wardcall-webhooks`, opened on first use and kept.
+/// Never fails: a connection that cannot be opened is the first webhook's
+/// error.
 pub fn webhook_pool(pool: &PgPool, settings: &EngineConfig) -> PgPool {
-    let options = (*pool.connect_options()).clone().application_name("wardcall-webhooks");
+    let options = session_options((*pool.connect_options()).clone().application_name("wardcall-webhooks"), settings);
     pool_options()
         .max_connections(settings.webhook_pool_size)
         .min_connections(0)

@@ -115,6 +115,10 @@ pub struct Delivery<'a> {
     pub provider: &'a str,
     /// The provider's idempotency token, when it sent one.
     pub idempotency_token: Option<&'a str>,
+    /// Whether the provider sent it (a webhook), rather than wardcall's own
+    /// reconciliation fetching it: only a webhook's `initiated` or
+    /// `ringing` waits for a progress lane ([`PROGRESS_LANES`]).
+    pub webhook: bool,
 }
 
 /// Opens the event's transaction: locks the run row first, then the attempt
@@ -183,8 +187,9 @@ fn run_settings_and_input(services: &Services, row: &EventAttempt) -> Option<(cr
 /// wholly after the evaluation's transaction). The sending side's writes of
 /// the attempt (`record_sent`, `adopt`, `mark_unknown`) lock the row and
 /// re-check their conditions in SQL, so they compose with it as they did
-/// with the full path. The short path takes one of [`PROGRESS_LANES`]
-/// (waiting at most [`PROGRESS_LANE_WAIT_MAX`]); the full path none.
+/// with the full path. A webhook's `initiated` or `ringing` on the short
+/// path takes one of [`PROGRESS_LANES`] (waiting at most
+/// [`PROGRESS_LANE_WAIT_MAX`]); nothing else takes a lane.
 /// Neither path wakes the run for progress. The full
 /// path wakes the call sweeper when something changed; the short path only
 /// when the call's alert was no longer open (a call to end).
@@ -216,10 +221,15 @@ pub async fn apply_status(
             excluded_workflows: &excluded,
             actor,
         };
-        let lanes = services.shared(ProgressLanes::default);
-        // A lane not free within the bound is not waited for longer: the
-        // provider gives up on a webhook after 15 s.
-        let _lane = tokio::time::timeout(PROGRESS_LANE_WAIT_MAX, lanes.0.acquire()).await.ok().and_then(Result::ok);
+        // A lane not free within the bound is not waited for longer: with
+        // the row's `lock_timeout` after it, the webhook is still answered
+        // within `WEBHOOK_DEADLINE` (5 s; Twilio's read timeout is 6 s).
+        let _lane = if delivery.webhook && new_rank < status_rank("in-progress") {
+            let lanes = services.shared(ProgressLanes::default);
+            tokio::time::timeout(PROGRESS_LANE_WAIT_MAX, lanes.0.clone().acquire_owned()).await.ok().and_then(Result::ok)
+        } else {
+            None
+        };
         match attempts::advance_progress(&services.pool, &update).await? {
             attempts::ProgressOutcome::Recorded { changed, alert_open } => {
                 // Only a call of a closed alert gives the sweeper work (a
@@ -237,24 +247,29 @@ pub async fn apply_status(
     apply_status_locked(services, delivery, attempt, call_sid, call_status, answered_by, actor).await
 }
 
-/// How many progress statuses ([`apply_status`]'s short path) are recorded
-/// at once, per engine. They decide nothing: during a burst their thousands
-/// of statements only competed for the CPU with the next alerts' first
-/// calls (BENCHMARKS.md, "Issue 9, ninth session"). The statuses that decide
-/// (final statuses, verdicts, keypresses, replies) never take a lane.
+/// How many `initiated` and `ringing` webhooks ([`apply_status`]'s short
+/// path) are recorded at once, per engine. They decide nothing (an
+/// `in-progress` does: a human on the line extends the step's deadline, so
+/// it never waits for a lane): during a burst their thousands of statements
+/// only competed for the CPU with the next alerts' first calls
+/// (BENCHMARKS.md, "Issue 9, ninth session"). Final statuses, verdicts,
+/// keypresses, replies and wardcall's own reconciliation never take a lane.
 pub const PROGRESS_LANES: usize = 1;
 
 /// Longest a progress status waits for a lane (then it is recorded without
-/// one): Twilio waits 15 s for a webhook's answer, and a status recorded
+/// one). The lane's holder may itself wait up to the engine's
+/// `lock_timeout` for its attempt's row (the send's record holds it for
+/// milliseconds); the webhook is answered within `WEBHOOK_DEADLINE` (5 s)
+/// either way, or answered 503 and retried by Twilio, and a status recorded
 /// late is still recorded in order (statuses only move forward).
 pub const PROGRESS_LANE_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The [`PROGRESS_LANES`] of one engine ([`Services::shared`]).
-struct ProgressLanes(tokio::sync::Semaphore);
+struct ProgressLanes(std::sync::Arc<tokio::sync::Semaphore>);
 
 impl Default for ProgressLanes {
     fn default() -> Self {
-        ProgressLanes(tokio::sync::Semaphore::new(PROGRESS_LANES))
+        ProgressLanes(std::sync::Arc::new(tokio::sync::Semaphore::new(PROGRESS_LANES)))
     }
 }
 

@@ -59,7 +59,6 @@ pub async fn run(services: Services) {
     }
 }
 
-/// What one sweep did.
 /// How many sweeps this engine's call sweeper has started (one per engine,
 /// [`Services::shared`]): each is five statements, so a sweeper woken for
 /// nothing is load a burst pays for.
@@ -71,6 +70,7 @@ pub fn sweeps_started(services: &Services) -> u64 {
     services.shared(SweepCount::default).0.load(std::sync::atomic::Ordering::Relaxed)
 }
 
+/// What one sweep did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct SweepReport {
     /// Calls the provider was asked to end.
@@ -104,7 +104,7 @@ pub async fn sweep_once(services: &Services) -> Result<SweepReport, sqlx::Error>
         match voice.fetch(provider_id).await {
             Ok(call) => {
                 tracing::info!(attempt = %id, provider_id = %provider_id, status = %call.status, "reconciled a call whose final callback had not arrived");
-                let delivery = Delivery { provider: voice.provider(), idempotency_token: None };
+                let delivery = Delivery { provider: voice.provider(), idempotency_token: None, webhook: false };
                 match acknowledgement::apply_status(services, delivery, *id, Some(provider_id), &call.status, call.answered_by.as_deref(), &actor).await {
                     Ok(()) => {}
                     Err(acknowledgement::CallEventError::Db(e)) => return Err(e),

@@ -323,7 +323,7 @@ pub async fn reconcile_messages(services: &Services) -> Result<usize, sqlx::Erro
     for (id, provider_id) in &due {
         match sender.fetch(provider_id).await {
             Ok(m) => {
-                let delivery = crate::notify::acknowledgement::Delivery { provider: sender.provider(), idempotency_token: None };
+                let delivery = crate::notify::acknowledgement::Delivery { provider: sender.provider(), idempotency_token: None, webhook: false };
                 match crate::notify::acknowledgement::apply_message_status(
                     services,
                     delivery,

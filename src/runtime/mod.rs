@@ -199,8 +199,6 @@ pub const GROUP_COMMIT_MIN: usize = 32;
 /// when a flight is free and nothing is queued ([`Engine::commit_grouped`]).
 pub const GROUP_COMMIT_WINDOW: Duration = Duration::from_millis(2);
 
-/// Most runs one claim takes ([`store::lock_due`]), in one transaction; a
-/// claim takes at most as many as there are free workers.
 /// Most outbox rows one dispatch transaction turns into runs.
 pub const DISPATCH_BATCH_MAX: i64 = 500;
 
@@ -208,6 +206,8 @@ pub const DISPATCH_BATCH_MAX: i64 = 500;
 /// about as many as there are free workers; see `dispatcher_loop`).
 pub const DISPATCH_FIRST_BATCH_MIN: i64 = 32;
 
+/// Most runs one claim takes ([`store::lock_due`]), in one transaction; a
+/// claim takes at most as many as there are free workers.
 pub const CLAIM_MAX: usize = 256;
 
 /// How long the scheduler, while due runs are waiting for free workers (its

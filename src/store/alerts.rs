@@ -257,7 +257,8 @@ pub enum OpenedWithIntents {
 /// run by run, each alert's before its intents, in recipient order. For a
 /// run nothing is written unless it is fenced and has no alert yet. The
 /// intents are committed when it returns (DESIGN.md invariant 2: before
-/// their sends). Returns one outcome per tier, in order.
+/// their sends). Returns one outcome per tier, in order; a run's second
+/// tier in the same batch is left out as [`OpenedWithIntents::Busy`].
 ///
 /// One round trip and one commit for the whole batch, where the general
 /// path takes four round trips a run (begin, fence and alert, intents,
@@ -268,6 +269,15 @@ pub enum OpenedWithIntents {
 pub async fn open_first_tiers(pool: &PgPool, tiers: &[FirstTier], locks: RunLocks) -> Result<Vec<OpenedWithIntents>, sqlx::Error> {
     if tiers.is_empty() {
         return Ok(Vec::new());
+    }
+    // A run twice in one batch (no caller does that) would be fenced by one
+    // of its tokens for both: its later tiers are left out, as `Busy`.
+    let mut seen = std::collections::HashSet::new();
+    let repeated: Vec<bool> = tiers.iter().map(|t| !seen.insert(t.run)).collect();
+    if repeated.contains(&true) {
+        let firsts: Vec<FirstTier> = tiers.iter().zip(&repeated).filter(|(_, r)| !**r).map(|(t, _)| t.clone()).collect();
+        let mut outcomes = Box::pin(open_first_tiers(pool, &firsts, locks)).await?.into_iter();
+        return Ok(repeated.iter().map(|r| if *r { OpenedWithIntents::Busy } else { outcomes.next().unwrap_or(OpenedWithIntents::Busy) }).collect());
     }
     let column = |f: fn(&FirstTier) -> &str| -> Vec<&str> { tiers.iter().map(f).collect() };
     let (mut tier_of, mut person_ids, mut names, mut destinations) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());

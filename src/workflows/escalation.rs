@@ -187,7 +187,10 @@ async fn tier_recipients(ctx: &mut StepContext<'_>, step: &PolicyStep, cycle: i3
     // `$2`: the run's variables (kept by earlier steps of the workflow).
     let vars = crate::workflows::variables(ctx.state);
     let mut outcome = recipients::resolve(&engine.pool, &engine.config, &step.who, &ctx.run.input, &vars).await;
-    if outcome.as_ref().err().and_then(|e| e.sqlstate()).is_some_and(|c| !c.starts_with("42")) {
+    // Tried once more unless the query itself is at fault (SQLSTATE class
+    // 42: syntax, an undefined column): a timeout, a conflict, or an error
+    // without a SQLSTATE (a connection cut under it) may pass the second time.
+    if outcome.as_ref().err().is_some_and(|e| e.sqlstate().map_or(true, |c| !c.starts_with("42"))) {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         outcome = recipients::resolve(&engine.pool, &engine.config, &step.who, &ctx.run.input, &vars).await;
     }

@@ -283,7 +283,14 @@ pub async fn progress_of_open_alerts_does_not_keep_the_call_sweeper_busy() {
         "UPDATE wardcall.alerts SET status = 'acknowledged' WHERE id = (SELECT alert_id FROM wardcall.notification_attempts WHERE id = '{attempt}')"
     ))
     .await;
+    let before = wardcall::notify::call_sweeper::sweeps_started(services);
     assert_eq!(post_status(&h, attempt, "CA00000000000000000000000000000e01", "ringing", None).await, 200);
+    // Woken at once, not at its next interval (500 ms).
+    let woken = std::time::Instant::now();
+    while wardcall::notify::call_sweeper::sweeps_started(services) == before {
+        assert!(woken.elapsed() < Duration::from_millis(100), "the call sweeper was not woken by the ringing call of a closed alert");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
     await_true(
         &h.db,
         "the call of the closed alert to be ended",
@@ -303,7 +310,8 @@ pub async fn progress_of_open_alerts_does_not_keep_the_call_sweeper_busy() {
 pub async fn progress_takes_a_lane_that_decisive_statuses_never_wait_for() {
     use wardcall::notify::acknowledgement::{PROGRESS_LANES, PROGRESS_LANE_WAIT_MAX};
     assert_eq!(PROGRESS_LANES, 1, "this test holds the one lane");
-    let h = std::sync::Arc::new(quiet_hospital(|_| {}).await);
+    // The lane's holder waits for its row longer than the lane's bound.
+    let h = std::sync::Arc::new(quiet_hospital(|cfg| cfg.engine.lock_timeout_ms = 4000).await);
     let (sid_a, sid_b, sid_c) = ("CA000000000000000000000000000000a1", "CA000000000000000000000000000000b1", "CA000000000000000000000000000000c1");
     let (_, a) = waiting_attempt(&h.db, "requested", Some(sid_a)).await;
     let (_, b) = waiting_attempt(&h.db, "requested", Some(sid_b)).await;
@@ -331,14 +339,20 @@ pub async fn progress_takes_a_lane_that_decisive_statuses_never_wait_for() {
     assert_eq!(attempt_row(&h.db, c).await["status"], "completed");
     assert!(b_posted.elapsed() < PROGRESS_LANE_WAIT_MAX, "checked while the second status still waits for the lane");
     assert_eq!(attempt_row(&h.db, b).await["status"], "requested", "the second progress status waits for the lane");
-    // After the bound it goes without one.
+    // After the bound it goes without one, while the first still holds
+    // the lane, waiting for its row.
     assert_eq!(ringing_b.await.unwrap(), 200);
-    assert!(b_posted.elapsed() >= PROGRESS_LANE_WAIT_MAX - Duration::from_millis(100), "recorded after {:?}", b_posted.elapsed());
+    let waited = b_posted.elapsed();
+    assert!(waited >= PROGRESS_LANE_WAIT_MAX - Duration::from_millis(100), "recorded after {waited:?}");
     assert_eq!(attempt_row(&h.db, b).await["status"], "ringing");
+    assert_eq!(
+        h.db.scalar_i64("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'wardcall-webhooks' AND wait_event_type = 'Lock'").await,
+        1,
+        "the first status still waits for its row (it holds the lane)"
+    );
     holder.rollback().await.unwrap();
-    // The first waited for the row past the engine's `lock_timeout` (2 s)
-    // and was answered 503 or, released in time, recorded; the provider's
-    // retry records it.
+    // The first is recorded once the row is free (or, answered 503 had
+    // it waited past the engine's `lock_timeout`, by the provider's retry).
     if ringing_a.await.unwrap() != 200 {
         assert_eq!(post_status(&h, a, sid_a, "ringing", None).await, 200);
     }

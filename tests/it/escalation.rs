@@ -817,6 +817,24 @@ pub async fn a_batch_of_first_tiers_keeps_each_run_to_itself() {
     ];
     assert_eq!(audit, want, "run by run, each alert before its intents");
 
+    // A run twice in one batch: its second tier is left out.
+    let twice: uuid::Uuid = sqlx::query_scalar(
+        "INSERT INTO wardcall.runs (workflow, event, input, step, status, fencing_token) VALUES ('w', 'e', '{}', 'call', 'running', 3) RETURNING id",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    let outcomes = open_first_tiers(
+        &db.pool,
+        &[first_tier(twice, 3, &[("nurse-b", "B", NURSE_B)]), first_tier(twice, 2, &[("nurse-a", "A", NURSE_A)])],
+        RunLocks::SkipLocked,
+    )
+    .await
+    .unwrap();
+    assert_eq!(opened(&outcomes[0]), vec!["nurse-b"], "the holder's tier, with its own intents only");
+    assert_eq!(outcomes[1], OpenedWithIntents::Busy, "the second tier of the same run is left out");
+    assert_eq!(db.scalar_i64(&format!("SELECT count(*) FROM wardcall.notification_attempts WHERE run_id = '{twice}'")).await, 1);
+
     // The held run, opened alone once its row is free.
     holder.rollback().await.unwrap();
     assert!(matches!(open_with_intents(&db.pool, &batch[2]).await.unwrap(), OpenedWithIntents::Opened { .. }));

@@ -375,7 +375,7 @@ pub async fn status_shows_the_same_problems() {
 /// backend was cut while it sat idle that long is replaced without an error;
 /// one reused sooner is handed out as it is (no round trip), so a cut within
 /// that second is the next statement's error, and the connection after it
-/// works.
+/// works (sqlx closes a connection whose release ping fails).
 pub async fn pool_pings_only_connections_idle_for_a_second() {
     let db = TestDb::new().await;
     let settings = EngineConfig { pool_size: 1, ..EngineConfig::default() };
@@ -391,10 +391,21 @@ pub async fn pool_pings_only_connections_idle_for_a_second() {
     cut(&db, first).await;
     tokio::time::sleep(wardcall::db::PING_AFTER_IDLE + Duration::from_millis(100)).await;
     let second = pid(pool.clone()).await.expect("a connection idle past the bound is pinged and replaced");
+    let used = Instant::now();
     assert_ne!(first, second);
+    // Released (sqlx pings a connection as it goes back to the pool) before
+    // it is cut: a release after the cut would close it instead.
+    while pool.num_idle() < 1 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
     // Cut and reused at once: not pinged, so the statement meets the cut…
     cut(&db, second).await;
-    assert!(pid(pool.clone()).await.is_err(), "a connection reused within the bound is not pinged");
+    let reused = pid(pool.clone()).await;
+    if used.elapsed() < wardcall::db::PING_AFTER_IDLE {
+        assert!(reused.is_err(), "a connection reused within the bound is not pinged");
+    } else {
+        eprintln!("the cut took {:?} on a loaded machine: the connection was idle past the bound", used.elapsed());
+    }
     // …and the pool opens a new connection for the next one.
     let third = pid(pool.clone()).await.expect("the broken connection was closed");
     assert_ne!(third, second);

@@ -96,8 +96,11 @@ async fn webhook(
     let Some(attempt) = q.attempt.as_deref().and_then(|a| a.parse::<Uuid>().ok()) else {
         return (StatusCode::BAD_REQUEST, "missing or malformed attempt parameter").into_response();
     };
-    let delivery =
-        Delivery { provider: "twilio", idempotency_token: headers.get("i-twilio-idempotency-token").and_then(|v| v.to_str().ok()).filter(|t| !t.is_empty()) };
+    let delivery = Delivery {
+        provider: "twilio",
+        idempotency_token: headers.get("i-twilio-idempotency-token").and_then(|v| v.to_str().ok()).filter(|t| !t.is_empty()),
+        webhook: true,
+    };
     let actor = "webhook:twilio";
     let handled = async {
         match kind.as_str() {
@@ -152,7 +155,7 @@ async fn inbound_message(services: &Services, from: &str, message_sid: &str, bod
         acknowledgement::apply_reply(
             services,
             // Inbound messages are replayed by their MessageSid (they carry no idempotency token).
-            Delivery { provider: "twilio-sms", idempotency_token: Some(message_sid) },
+            Delivery { provider: "twilio-sms", idempotency_token: Some(message_sid), webhook: true },
             from,
             body,
             super::messages::is_reserved_keyword(body),
