@@ -139,8 +139,11 @@ mod tests {
         }
         // Queued meanwhile, in order: 2, 3, 4, 5 (same kind), 101 (another kind).
         let rest: Vec<_> = [2, 3, 4, 5, 101].into_iter().map(|n| (n, submit(n))).collect();
-        // (The spawned submissions queue as soon as this task yields.)
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        // On this one-thread runtime the spawned submissions run, and queue,
+        // as soon as this task yields.
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
         gate.add_permits(10);
         assert_eq!(first.await.unwrap().unwrap(), 2);
         for (n, handle) in rest {

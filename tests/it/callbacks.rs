@@ -263,8 +263,12 @@ pub async fn progress_of_open_alerts_does_not_keep_the_call_sweeper_busy() {
         let (_, attempt) = waiting_attempt(&h.db, "requested", Some(&sid)).await;
         attempts.push((attempt, sid));
     }
-    // Let the sweeps of the start settle.
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The sweeper's first sweep (at its start) has begun.
+    let started_sweeping = std::time::Instant::now();
+    while wardcall::notify::call_sweeper::sweeps_started(services) == 0 {
+        assert!(started_sweeping.elapsed() < Duration::from_secs(5), "the call sweeper never started");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
     let before = wardcall::notify::call_sweeper::sweeps_started(services);
     let started = std::time::Instant::now();
     for (attempt, sid) in &attempts {
