@@ -263,19 +263,16 @@ pub async fn progress_of_open_alerts_does_not_keep_the_call_sweeper_busy() {
         let (_, attempt) = waiting_attempt(&h.db, "requested", Some(&sid)).await;
         attempts.push((attempt, sid));
     }
+    let sweeps_started = || async { wardcall::notify::call_sweeper::sweeps_started(services) };
     // The sweeper's first sweep (at its start) has begun.
-    let started_sweeping = std::time::Instant::now();
-    while wardcall::notify::call_sweeper::sweeps_started(services) == 0 {
-        assert!(started_sweeping.elapsed() < Duration::from_secs(5), "the call sweeper never started");
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-    let before = wardcall::notify::call_sweeper::sweeps_started(services);
+    await_some("the call sweeper's first sweep", Duration::from_secs(5), || async { (sweeps_started().await > 0).then_some(()) }).await;
+    let before = sweeps_started().await;
     let started = std::time::Instant::now();
     for (attempt, sid) in &attempts {
         assert_eq!(post_status(&h, *attempt, sid, "ringing", None).await, 200);
     }
     let elapsed_ms = started.elapsed().as_millis() as u64;
-    let sweeps = wardcall::notify::call_sweeper::sweeps_started(services) - before;
+    let sweeps = sweeps_started().await - before;
     assert_eq!(h.db.scalar_i64("SELECT count(*) FROM wardcall.notification_attempts WHERE status = 'ringing'").await, 40);
     let interval_ms = wardcall::notify::call_sweeper::SWEEP_INTERVAL.as_millis() as u64;
     eprintln!("40 ringing callbacks in {elapsed_ms} ms started {sweeps} sweeps");
@@ -287,14 +284,13 @@ pub async fn progress_of_open_alerts_does_not_keep_the_call_sweeper_busy() {
         "UPDATE wardcall.alerts SET status = 'acknowledged' WHERE id = (SELECT alert_id FROM wardcall.notification_attempts WHERE id = '{attempt}')"
     ))
     .await;
-    let before = wardcall::notify::call_sweeper::sweeps_started(services);
+    let before = sweeps_started().await;
     assert_eq!(post_status(&h, attempt, "CA00000000000000000000000000000e01", "ringing", None).await, 200);
     // Woken at once, not at its next interval (500 ms).
-    let woken = std::time::Instant::now();
-    while wardcall::notify::call_sweeper::sweeps_started(services) == before {
-        assert!(woken.elapsed() < Duration::from_millis(100), "the call sweeper was not woken by the ringing call of a closed alert");
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    await_some("the call sweeper to be woken by the ringing call of a closed alert", Duration::from_millis(100), || async {
+        (sweeps_started().await != before).then_some(())
+    })
+    .await;
     await_true(
         &h.db,
         "the call of the closed alert to be ended",
