@@ -1,6 +1,7 @@
 //! `wardcall status`: the problems an operator must see, read from the
 //! database by a process of its own (no engine state): capture triggers,
-//! listening engines, overdue runs, and alerts with nobody to call. Dead
+//! listening engines, overdue runs, alerts with nobody to call, and write-backs
+//! kept unwritten (`store::write_backs`). Dead
 //! letters are listed beside them by the CLI (`crate::runtime::dead_letters`).
 //! It gathers what the runtime, the capture and the escalation know, so it
 //! sits above them; the runtime imports no workflow module.
@@ -14,7 +15,9 @@ use crate::store::runs;
 /// disabled; no engine listening (no `wardcall-listener` session on this
 /// database); a live run overdue by more than [`stall_after_ms`] (no engine
 /// is claiming: none runs, or its scheduler stalled); open alerts whose
-/// escalation policy yielded nobody to call (`wardcall.alerts.nobody_since`).
+/// escalation policy yielded nobody to call (`wardcall.alerts.nobody_since`);
+/// write-backs kept unwritten for more than [`WRITE_BACK_OVERDUE_S`]
+/// (`wardcall.pending_write_backs`: the team's rows lack a call's details).
 ///
 /// Errors: a database error.
 pub async fn problems(pool: &sqlx::PgPool, config: &Config) -> Result<Vec<String>, sqlx::Error> {
@@ -34,5 +37,14 @@ pub async fn problems(pool: &sqlx::PgPool, config: &Config) -> Result<Vec<String
             crate::workflows::escalation::NOBODY_RETRY_MS / 1000
         ));
     }
+    if let (n @ 1.., Some(oldest)) = crate::store::write_backs::overdue(pool, WRITE_BACK_OVERDUE_S).await? {
+        problems.push(format!(
+            "write-backs: {n} kept write-back(s) not yet written into the team's rows, the oldest for {oldest:.0} s (retried by the call sweepers)"
+        ));
+    }
     Ok(problems)
 }
+
+/// A write-back kept unwritten longer than this (seconds) is a problem
+/// [`problems`] shows: kept ones are normally written within seconds.
+pub const WRITE_BACK_OVERDUE_S: f64 = 60.0;

@@ -26,6 +26,7 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     (12, "runs_fillfactor", include_str!("../../migrations/0012_runs_fillfactor.sql")),
     (13, "runs_state_lz4", include_str!("../../migrations/0013_runs_state_lz4.sql")),
     (14, "time_ordered_ids", include_str!("../../migrations/0014_time_ordered_ids.sql")),
+    (15, "pending_write_backs", include_str!("../../migrations/0015_pending_write_backs.sql")),
 ];
 
 /// Applies the migrations not yet applied; returns how many it applied.

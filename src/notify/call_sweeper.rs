@@ -21,6 +21,11 @@
 //!    have a call is hung up or reconciled like a live one.
 //! 3. **Receipts.** Webhook receipts older than a day are deleted (Twilio
 //!    retries a webhook for at most 15 s).
+//! 4. **Kept write-backs.** Write-backs left out of a batch of send records
+//!    and not written by the engine that kept them (it stopped, or the
+//!    database was out) are run on a task of their own
+//!    ([`crate::notify::delivery::run_due_kept_write_backs`]), so that a
+//!    team's lock never delays a hang-up.
 //!
 //! Several engines sweep at once safely: rows are claimed with
 //! `FOR UPDATE SKIP LOCKED` and their next time is pushed on before the
@@ -60,7 +65,7 @@ pub async fn run(services: Services) {
 }
 
 /// How many sweeps this engine's call sweeper has started (one per engine,
-/// [`Services::shared`]): each is five statements, so a sweeper woken for
+/// [`Services::shared`]): each is six statements, so a sweeper woken for
 /// nothing is load a burst pays for.
 #[derive(Debug, Default)]
 pub struct SweepCount(pub std::sync::atomic::AtomicU64);
@@ -124,5 +129,8 @@ pub async fn sweep_once(services: &Services) -> Result<SweepReport, sqlx::Error>
 
     // 4. Webhook receipts outlive any retry or replay by far after a day.
     webhooks::prune(&services.pool).await?;
+
+    // 5. Write-backs kept for an engine that did not write them.
+    crate::notify::delivery::run_due_kept_write_backs(services);
     Ok(report)
 }

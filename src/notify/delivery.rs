@@ -24,11 +24,13 @@ use crate::db::batches::BatchQueue;
 use crate::runtime::step::WorkerSlot;
 use crate::runtime::Services;
 use crate::store::attempts::{self, AttemptRow};
+use crate::store::write_backs;
 use crate::workflows::StepError;
 use anyhow::anyhow;
 use serde_json::Value;
 use sqlx::PgConnection;
 use std::collections::HashMap;
+use tokio::sync::watch;
 use uuid::Uuid;
 
 /// Slack (ms) when matching a provider's send to an intent: Twilio's
@@ -259,7 +261,7 @@ async fn record_result(
         // The common case: an accepted send, recorded (with its write-back)
         // in the record committer's next batch.
         tracing::info!(attempt = %o.attempt_id, person = %o.person_id, channel = sender.channel().as_str(), to = %redact_phone(&o.to), provider_id = %sent.provider_id, "sent");
-        let committer = services.shared(|| RecordCommitter::new(services.pool.clone()));
+        let committer = services.shared(|| RecordCommitter::new(services.pool.clone(), services.stop_signal()));
         let alert_status = committer
             .record(QueuedRecord {
                 attempt_id: o.attempt_id,
@@ -378,14 +380,16 @@ impl std::fmt::Debug for RecordCommitter {
 impl RecordCommitter {
     /// A committer taking its connections from `pool` (the engine's); its
     /// task starts now (inside a Tokio runtime). One actor per batch (the
-    /// audit rows' actor): a record of another waits for the next.
-    pub fn new(pool: sqlx::PgPool) -> RecordCommitter {
+    /// audit rows' actor): a record of another waits for the next. `stop`
+    /// (the engine's stop signal) ends the runs of write-backs left out of
+    /// a batch; they stay kept for the call sweepers.
+    pub fn new(pool: sqlx::PgPool, stop: watch::Receiver<bool>) -> RecordCommitter {
         RecordCommitter(BatchQueue::start(
             RECORD_BATCH_MAX,
             |first, next| first.actor == next.actor,
             move |batch: Vec<QueuedRecord>| {
-                let pool = pool.clone();
-                async move { commit_batch(&pool, batch).await }
+                let (pool, stop) = (pool.clone(), stop.clone());
+                async move { commit_batch(&pool, &stop, batch).await }
             },
         ))
     }
@@ -404,16 +408,16 @@ impl RecordCommitter {
 
 /// Commits a batch of records ([`commit_records`]); a batch that fails is
 /// retried record by record, so that each record gets its own outcome.
-async fn commit_batch(pool: &sqlx::PgPool, batch: Vec<QueuedRecord>) -> Vec<Result<Option<String>, sqlx::Error>> {
+async fn commit_batch(pool: &sqlx::PgPool, stop: &watch::Receiver<bool>, batch: Vec<QueuedRecord>) -> Vec<Result<Option<String>, sqlx::Error>> {
     let records: Vec<&QueuedRecord> = batch.iter().collect();
-    match commit_records(pool, &records).await {
+    match commit_records(pool, stop, &records).await {
         Ok(statuses) => batch.iter().map(|r| statuses.get(&r.attempt_id).cloned().ok_or(sqlx::Error::RowNotFound)).collect(),
         Err(e) if batch.len() == 1 => vec![Err(e)],
         Err(e) => {
             tracing::warn!(records = batch.len(), error = %crate::capture::db_message(&e), "a batch of send records failed; recording them one by one");
             let mut out = Vec::with_capacity(batch.len());
             for r in &batch {
-                out.push(commit_records(pool, &[r]).await.and_then(|s| s.get(&r.attempt_id).cloned().ok_or(sqlx::Error::RowNotFound)));
+                out.push(commit_records(pool, stop, &[r]).await.and_then(|s| s.get(&r.attempt_id).cloned().ok_or(sqlx::Error::RowNotFound)));
             }
             out
         }
@@ -422,7 +426,7 @@ async fn commit_batch(pool: &sqlx::PgPool, batch: Vec<QueuedRecord>) -> Vec<Resu
 
 /// One transaction: the records, then the write-backs in queue order.
 /// Returns each recorded attempt's alert status.
-async fn commit_records(pool: &sqlx::PgPool, records: &[&QueuedRecord]) -> Result<HashMap<Uuid, Option<String>>, sqlx::Error> {
+async fn commit_records(pool: &sqlx::PgPool, stop: &watch::Receiver<bool>, records: &[&QueuedRecord]) -> Result<HashMap<Uuid, Option<String>>, sqlx::Error> {
     let actor = records.first().map_or("", |r| r.actor.as_str());
     let mut tx = pool.begin().await?;
     let sends: Vec<(Uuid, &str, &str)> = records.iter().map(|r| (r.attempt_id, r.provider_id.as_str(), r.status.as_str())).collect();
@@ -436,63 +440,114 @@ async fn commit_records(pool: &sqlx::PgPool, records: &[&QueuedRecord]) -> Resul
         })
         .collect();
     let deferred = crate::workflows::team_sql::write_back_attempts(&mut tx, &write_backs, actor).await?;
+    // Write-backs that waited too long inside the batch are kept in the
+    // batch's own transaction (`wardcall.pending_write_backs`), so that they
+    // outlive this engine; then run at once, each alone, on a task of their
+    // own (they hold no attempt's row; the next batch does not wait for them).
+    let left_out = &write_backs[write_backs.len() - deferred..];
+    let kept: Vec<write_backs::KeptWriteBack<'_>> =
+        left_out.iter().map(|w| write_backs::KeptWriteBack { attempt: w.attempt, hook: w.hook, statement: w.sql, payload: w.payload }).collect();
+    write_backs::keep(&mut tx, &kept, actor).await?;
     tx.commit().await?;
-    // Write-backs that waited too long inside the batch: each alone, on a
-    // task of their own (they hold no attempt's row; the next batch does not
-    // wait for them), with the write-back's own timeouts. An error is
-    // logged, not returned: the records are committed.
-    let later: Vec<(Uuid, String, String, Value)> =
-        write_backs[write_backs.len() - deferred..].iter().map(|w| (w.attempt, w.hook.to_string(), w.sql.to_string(), w.payload.clone())).collect();
-    if !later.is_empty() {
-        let (pool, actor) = (pool.clone(), actor.to_string());
+    if !left_out.is_empty() {
+        let later: Vec<(Uuid, String)> = left_out.iter().map(|w| (w.attempt, w.hook.to_string())).collect();
+        let (pool, mut stop) = (pool.clone(), stop.clone());
         tokio::spawn(async move {
-            for (attempt, hook, sql, payload) in later {
-                // The team's own error is audited inside `write_back`; an
-                // error around it (the database unreachable, a failed
-                // commit) wrote nothing and is retried like a record.
-                let started = std::time::Instant::now();
-                let mut delay = std::time::Duration::from_millis(50);
-                loop {
-                    let alone = async {
-                        let mut tx = pool.begin().await?;
-                        if attempts::lock_if_unsettled(&mut tx, attempt).await? {
-                            let subject = crate::workflows::team_sql::WriteBackSubject::Attempt(attempt);
-                            crate::workflows::team_sql::write_back(&mut tx, Some(&sql), &hook, &payload, subject, &actor).await?;
-                        } else {
-                            // The call was answered or ended meanwhile: its later
-                            // write-backs ran, and this one must not overwrite them.
-                            tracing::warn!(%attempt, hook, "a write-back deferred out of its batch is superseded (the call moved on); not run");
-                            let detail =
-                                serde_json::json!({"hook": hook, "error": "superseded: the call was answered or ended before this write-back could run"});
-                            crate::store::audit::record(
-                                &mut tx,
-                                crate::store::audit::Entity::NotificationAttempt,
-                                &attempt.to_string(),
-                                "write_back.failed",
-                                None,
-                                None,
-                                &actor,
-                                detail,
-                            )
-                            .await?;
-                        }
-                        tx.commit().await
-                    };
-                    match alone.await {
-                        Ok(()) => break,
-                        Err(e) if started.elapsed().as_millis() as u64 > RECORD_RETRY_BUDGET_MS => {
-                            tracing::error!(%attempt, hook, error = %crate::capture::db_message(&e), "a write-back deferred out of its batch could not be written; the send is recorded");
-                            break;
-                        }
-                        Err(e) => {
-                            tracing::warn!(%attempt, hook, error = %crate::capture::db_message(&e), retry_in_ms = delay.as_millis() as u64, "a write-back deferred out of its batch failed around its statement; retrying");
-                            tokio::time::sleep(delay).await;
-                            delay = (delay * 2).min(std::time::Duration::from_secs(2));
-                        }
-                    }
+            for (attempt, hook) in later {
+                // An engine that stops leaves the rest kept, for the call
+                // sweepers ([`run_due_kept_write_backs`]); so does an error
+                // around the team's statement (the database unreachable).
+                let outcome = tokio::select! {
+                    outcome = run_kept_write_back(&pool, attempt, &hook) => outcome,
+                    _ = stop.changed() => return,
+                };
+                if let Err(e) = outcome {
+                    tracing::warn!(%attempt, hook, error = %crate::capture::db_message(&e), "a write-back left out of its batch failed around its statement; it stays kept for the call sweepers");
                 }
             }
         });
     }
     Ok(recorded.into_iter().map(|(id, _, alert_status)| (id, alert_status)).collect())
 }
+
+/// Runs the kept write-back of `attempt` and `hook`
+/// ([`write_backs::take`]), in one transaction with its row's deletion:
+/// the team's statement in a savepoint with the write-back's own timeouts
+/// ([`crate::workflows::team_sql::write_back`]; the team's own error is
+/// audited `write_back.failed` there), or, when the call was answered,
+/// declined or ended meanwhile (its later write-backs ran, and this one must
+/// not overwrite them), an audit row `write_back.failed` saying it was
+/// superseded. Returns whether it ran (`false`: another transaction holds it,
+/// or it ran already).
+///
+/// Errors: a database error around the team's statement; nothing is
+/// written, and the write-back stays kept.
+pub async fn run_kept_write_back(pool: &sqlx::PgPool, attempt: Uuid, hook: &str) -> Result<bool, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let Some(kept) = write_backs::take(&mut tx, attempt, hook).await? else { return Ok(false) };
+    if attempts::lock_if_unsettled(&mut tx, attempt).await? {
+        let subject = crate::workflows::team_sql::WriteBackSubject::Attempt(attempt);
+        crate::workflows::team_sql::write_back(&mut tx, Some(&kept.statement), hook, &kept.payload, subject, &kept.actor).await?;
+    } else {
+        tracing::warn!(%attempt, hook, "a write-back left out of its batch is superseded (the call moved on); not run");
+        let detail = serde_json::json!({"hook": hook, "error": "superseded: the call was answered or ended before this write-back could run"});
+        crate::store::audit::record(
+            &mut tx,
+            crate::store::audit::Entity::NotificationAttempt,
+            &attempt.to_string(),
+            "write_back.failed",
+            None,
+            None,
+            &kept.actor,
+            detail,
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(true)
+}
+
+/// How many kept write-backs one pass of [`run_due_kept_write_backs`] takes
+/// at most.
+pub const KEPT_WRITE_BACKS_PER_PASS: i64 = 20;
+
+/// Runs the kept write-backs that are due ([`write_backs::due`]: left by an
+/// engine that stopped, or whose earlier tries failed), one by one, on a
+/// task of their own so that the caller (the call sweeper, every sweep) never
+/// waits for a team's lock; at most one such task per engine, which ends when
+/// nothing is due or the engine stops. Returns at once.
+pub fn run_due_kept_write_backs(services: &Services) {
+    let running = services.shared(KeptWriteBackRunner::default);
+    let Ok(guard) = running.0.clone().try_lock_owned() else { return };
+    let (pool, mut stop) = (services.pool.clone(), services.stop_signal());
+    tokio::spawn(async move {
+        let _one_at_a_time = guard;
+        loop {
+            let due = match write_backs::due(&pool, KEPT_WRITE_BACKS_PER_PASS).await {
+                Ok(due) if due.is_empty() => return,
+                Ok(due) => due,
+                Err(e) => {
+                    tracing::warn!(error = %crate::capture::db_message(&e), "reading the kept write-backs failed; the next sweep retries");
+                    return;
+                }
+            };
+            for (attempt, hook) in due {
+                let outcome = tokio::select! {
+                    outcome = run_kept_write_back(&pool, attempt, &hook) => outcome,
+                    _ = stop.changed() => return,
+                };
+                match outcome {
+                    Ok(true) => tracing::info!(%attempt, hook, "wrote a kept write-back"),
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::warn!(%attempt, hook, error = %crate::capture::db_message(&e), "a kept write-back failed around its statement; tried again later")
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// The one task per engine running kept write-backs ([`run_due_kept_write_backs`]).
+#[derive(Debug, Default)]
+struct KeptWriteBackRunner(std::sync::Arc<tokio::sync::Mutex<()>>);

@@ -14,6 +14,8 @@
 //! - [`webhooks`]: receipts of providers' webhooks (replays).
 //! - [`outbox`]: events emitted by the API, the CLI and `emit` steps.
 //! - [`outbound`]: outgoing HTTP intents, outcomes and circuit breakers.
+//! - [`write_backs`]: write-backs left out of a batch of send records, kept
+//!   until they are written.
 //!
 //! Lock order, everywhere: the run row first, then the alert row, then
 //! notification attempts.
@@ -26,3 +28,4 @@ pub mod outbox;
 pub mod runs;
 pub mod sources;
 pub mod webhooks;
+pub mod write_backs;

@@ -39,6 +39,7 @@ pub fn tests() -> Vec<libtest_mimic::Trial> {
         batching::new_runs_alerts_and_attempts_get_time_ordered_ids,
         batching::a_send_being_recorded_holds_no_worker_slot,
         batching::a_write_back_waiting_for_a_team_lock_does_not_hold_its_batch,
+        batching::write_backs_left_out_of_a_batch_outlive_their_engine,
         batching::a_batch_of_send_records_keeps_the_others_when_one_write_back_fails,
     ]
 }
@@ -977,6 +978,16 @@ pub async fn new_runs_alerts_and_attempts_get_time_ordered_ids() {
 /// `wb_gate` table of one row that the test can lock), with `workers`
 /// workers; the emulator's nurses never answer.
 async fn gated_hospital(write_back: &str, workers: usize) -> (TestDb, wardcall::devtools::twilio_emulator::EmulatorHandle, wardcall::app::App) {
+    let (db, emulator, cfg) = gated_hospital_config(write_back, workers).await;
+    let app = start_app(&db, cfg).await;
+    (db, emulator, app)
+}
+
+/// The database, emulator and configuration of [`gated_hospital`], without an engine.
+async fn gated_hospital_config(
+    write_back: &str,
+    workers: usize,
+) -> (TestDb, wardcall::devtools::twilio_emulator::EmulatorHandle, Arc<wardcall::config::Config>) {
     let db = TestDb::new().await;
     db.exec(wardcall::devtools::demo::HOSPITAL_SCHEMA).await;
     db.exec("CREATE TABLE wb_gate (n int NOT NULL); INSERT INTO wb_gate VALUES (0)").await;
@@ -985,8 +996,7 @@ async fn gated_hospital(write_back: &str, workers: usize) -> (TestDb, wardcall::
     cfg.engine.workers = workers;
     cfg.workflows[0].escalation_mut().expect("an escalation").write_back.on_call_placed = Some(write_back.into());
     cfg.validate("hospital.toml").unwrap();
-    let app = start_app(&db, Arc::new(cfg)).await;
-    (db, emulator, app)
+    (db, emulator, Arc::new(cfg))
 }
 
 /// Inserts one critical alert per title, in one statement.
@@ -1081,6 +1091,59 @@ pub async fn a_write_back_waiting_for_a_team_lock_does_not_hold_its_batch() {
     await_true(&db, "every write-back applied", Duration::from_secs(10), &format!("SELECT n = {} FROM wb_gate", titles.len())).await;
     assert_eq!(db.scalar_i64("SELECT count(*) FROM wardcall.audit_log WHERE action = 'write_back.failed'").await, 0);
     app.stop(Duration::from_secs(2)).await;
+    emulator.shutdown().await;
+}
+
+/// Issue 9, tenth session: write-backs left out of a batch of send records
+/// are kept in the batch's own transaction (`wardcall.pending_write_backs`),
+/// so that an engine that stops before it writes them leaves them to the
+/// next: the team's row is held until the first engine has stopped (its
+/// write-backs wait for it, then are dropped with the engine, as if the
+/// process had ended); a second engine's call sweeper writes every one,
+/// once, and none is audited as failed.
+pub async fn write_backs_left_out_of_a_batch_outlive_their_engine() {
+    let titles = ["a", "b", "c"];
+    let (db, emulator, cfg) = gated_hospital_config("UPDATE wb_gate SET n = n + 1 WHERE $1 IS NOT NULL AND $2 IS NOT NULL", 128).await;
+    let first = start_app(&db, cfg.clone()).await;
+    let mut holder = db.pool.begin().await.unwrap();
+    sqlx::query("SELECT n FROM wb_gate FOR UPDATE").execute(&mut *holder).await.unwrap();
+    let mut events = emulator.subscribe();
+    insert_titled_alerts(&db, &titles).await;
+    await_call_requests(&mut events, titles.len(), Duration::from_secs(10)).await;
+    await_true(
+        &db,
+        "every send recorded and its write-back kept",
+        Duration::from_secs(5),
+        &format!(
+            "SELECT (SELECT count(*) FROM wardcall.notification_attempts WHERE requested_at IS NOT NULL) = {n}
+                AND (SELECT count(*) FROM wardcall.pending_write_backs WHERE hook = 'on_call_placed') = {n}",
+            n = titles.len()
+        ),
+    )
+    .await;
+    first.stop(Duration::from_secs(2)).await;
+    holder.rollback().await.unwrap();
+    assert_eq!(db.scalar_i64("SELECT n::bigint FROM wb_gate").await, 0, "the stopped engine wrote none of them");
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM wardcall.pending_write_backs").await, titles.len() as i64, "they are still kept");
+    // Kept for long, they are a problem `wardcall status` shows.
+    db.exec("UPDATE wardcall.pending_write_backs SET deferred_at = deferred_at - interval '2 minutes'").await;
+    let problems = wardcall::status::problems(&db.pool, &cfg).await.unwrap();
+    assert!(
+        problems.iter().any(|p| p.starts_with(&format!("write-backs: {} kept write-back(s) not yet written", titles.len()))),
+        "status shows the kept write-backs: {problems:?}"
+    );
+    let second = start_app(&db, cfg.clone()).await;
+    await_true(
+        &db,
+        "the second engine to write every kept write-back",
+        Duration::from_secs(20),
+        &format!("SELECT n = {} AND NOT EXISTS (SELECT 1 FROM wardcall.pending_write_backs) FROM wb_gate", titles.len()),
+    )
+    .await;
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM wardcall.audit_log WHERE action = 'write_back.failed'").await, 0);
+    second.stop(Duration::from_secs(2)).await;
+    assert_eq!(db.scalar_i64("SELECT n::bigint FROM wb_gate").await, titles.len() as i64, "each was written once");
+    assert!(!wardcall::status::problems(&db.pool, &cfg).await.unwrap().iter().any(|p| p.starts_with("write-backs:")));
     emulator.shutdown().await;
 }
 
