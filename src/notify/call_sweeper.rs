@@ -90,6 +90,10 @@ pub struct SweepReport {
 /// next sweep tries again; provider errors are logged, not returned).
 pub async fn sweep_once(services: &Services) -> Result<SweepReport, sqlx::Error> {
     let mut report = SweepReport::default();
+    // Write-backs kept for an engine that did not write them: first, on a
+    // task of their own, so that no failure below skips them and no team's
+    // lock delays what follows.
+    crate::notify::delivery::run_due_kept_write_backs(services);
     let Some(voice) = services.providers.sender(Channel::Voice) else { return Ok(report) };
     let actor = format!("reconciler:{}", services.engine_id);
 
@@ -129,8 +133,5 @@ pub async fn sweep_once(services: &Services) -> Result<SweepReport, sqlx::Error>
 
     // 4. Webhook receipts outlive any retry or replay by far after a day.
     webhooks::prune(&services.pool).await?;
-
-    // 5. Write-backs kept for an engine that did not write them.
-    crate::notify::delivery::run_due_kept_write_backs(services);
     Ok(report)
 }

@@ -424,8 +424,10 @@ async fn commit_batch(pool: &sqlx::PgPool, stop: &watch::Receiver<bool>, batch: 
     }
 }
 
-/// One transaction: the records, then the write-backs in queue order.
-/// Returns each recorded attempt's alert status.
+/// One transaction: the records, then the write-backs in queue order, then
+/// the write-backs those left out kept (`store::write_backs::keep`), run
+/// after the commit on a task of their own that ends when the engine stops
+/// (`stop`). Returns each recorded attempt's alert status.
 async fn commit_records(pool: &sqlx::PgPool, stop: &watch::Receiver<bool>, records: &[&QueuedRecord]) -> Result<HashMap<Uuid, Option<String>>, sqlx::Error> {
     let actor = records.first().map_or("", |r| r.actor.as_str());
     let mut tx = pool.begin().await?;
@@ -451,14 +453,14 @@ async fn commit_records(pool: &sqlx::PgPool, stop: &watch::Receiver<bool>, recor
     tx.commit().await?;
     if !left_out.is_empty() {
         let later: Vec<(Uuid, String)> = left_out.iter().map(|w| (w.attempt, w.hook.to_string())).collect();
-        let (pool, mut stop) = (pool.clone(), stop.clone());
+        let (pool, mut stop, actor) = (pool.clone(), stop.clone(), actor.to_string());
         tokio::spawn(async move {
             for (attempt, hook) in later {
                 // An engine that stops leaves the rest kept, for the call
                 // sweepers ([`run_due_kept_write_backs`]); so does an error
                 // around the team's statement (the database unreachable).
                 let outcome = tokio::select! {
-                    outcome = run_kept_write_back(&pool, attempt, &hook) => outcome,
+                    outcome = run_kept_write_back(&pool, attempt, &hook, &actor) => outcome,
                     _ = stop.changed() => return,
                 };
                 if let Err(e) = outcome {
@@ -477,20 +479,21 @@ async fn commit_records(pool: &sqlx::PgPool, stop: &watch::Receiver<bool>, recor
 /// audited `write_back.failed` there), or, when the call was answered,
 /// declined or ended meanwhile (its later write-backs ran, and this one must
 /// not overwrite them), an audit row `write_back.failed` saying it was
-/// superseded. Returns whether it ran (`false`: another transaction holds it,
-/// or it ran already).
+/// superseded (with `kept_by`, the engine that kept it). Its audit rows name
+/// `actor`, the engine running it. Returns whether it ran (`false`: another
+/// transaction holds it, or it ran already).
 ///
 /// Errors: a database error around the team's statement; nothing is
 /// written, and the write-back stays kept.
-pub async fn run_kept_write_back(pool: &sqlx::PgPool, attempt: Uuid, hook: &str) -> Result<bool, sqlx::Error> {
+pub async fn run_kept_write_back(pool: &sqlx::PgPool, attempt: Uuid, hook: &str, actor: &str) -> Result<bool, sqlx::Error> {
     let mut tx = pool.begin().await?;
     let Some(kept) = write_backs::take(&mut tx, attempt, hook).await? else { return Ok(false) };
     if attempts::lock_if_unsettled(&mut tx, attempt).await? {
         let subject = crate::workflows::team_sql::WriteBackSubject::Attempt(attempt);
-        crate::workflows::team_sql::write_back(&mut tx, Some(&kept.statement), hook, &kept.payload, subject, &kept.actor).await?;
+        crate::workflows::team_sql::write_back(&mut tx, Some(&kept.statement), hook, &kept.payload, subject, actor).await?;
     } else {
-        tracing::warn!(%attempt, hook, "a write-back left out of its batch is superseded (the call moved on); not run");
-        let detail = serde_json::json!({"hook": hook, "error": "superseded: the call was answered or ended before this write-back could run"});
+        tracing::warn!(%attempt, hook, "a write-back left out of its batch is superseded (the call or its alert moved on); not run");
+        let detail = serde_json::json!({"hook": hook, "error": "superseded: the call was answered or ended, or its alert closed, before this write-back could run", "kept_by": kept.actor});
         crate::store::audit::record(
             &mut tx,
             crate::store::audit::Entity::NotificationAttempt,
@@ -498,7 +501,7 @@ pub async fn run_kept_write_back(pool: &sqlx::PgPool, attempt: Uuid, hook: &str)
             "write_back.failed",
             None,
             None,
-            &kept.actor,
+            actor,
             detail,
         )
         .await?;
@@ -507,41 +510,44 @@ pub async fn run_kept_write_back(pool: &sqlx::PgPool, attempt: Uuid, hook: &str)
     Ok(true)
 }
 
-/// How many kept write-backs one pass of [`run_due_kept_write_backs`] takes
-/// at most.
-pub const KEPT_WRITE_BACKS_PER_PASS: i64 = 20;
-
 /// Runs the kept write-backs that are due ([`write_backs::due`]: left by an
 /// engine that stopped, or whose earlier tries failed), one by one, on a
 /// task of their own so that the caller (the call sweeper, every sweep) never
 /// waits for a team's lock; at most one such task per engine, which ends when
-/// nothing is due or the engine stops. Returns at once.
+/// nothing is due or the engine stops. One that failed around the team's
+/// statement [`write_backs::TRIES_MAX`] times is given up, audited
+/// ([`write_backs::give_up`]). Returns at once.
 pub fn run_due_kept_write_backs(services: &Services) {
     let running = services.shared(KeptWriteBackRunner::default);
     let Ok(guard) = running.0.clone().try_lock_owned() else { return };
-    let (pool, mut stop) = (services.pool.clone(), services.stop_signal());
+    let (pool, mut stop, actor) = (services.pool.clone(), services.stop_signal(), services.actor());
     tokio::spawn(async move {
         let _one_at_a_time = guard;
-        loop {
-            let due = match write_backs::due(&pool, KEPT_WRITE_BACKS_PER_PASS).await {
-                Ok(due) if due.is_empty() => return,
-                Ok(due) => due,
+        while !*stop.borrow() {
+            let (attempt, hook, tries) = match write_backs::due(&pool).await {
+                Ok(Some(due)) => due,
+                Ok(None) => return,
                 Err(e) => {
                     tracing::warn!(error = %crate::capture::db_message(&e), "reading the kept write-backs failed; the next sweep retries");
                     return;
                 }
             };
-            for (attempt, hook) in due {
-                let outcome = tokio::select! {
-                    outcome = run_kept_write_back(&pool, attempt, &hook) => outcome,
-                    _ = stop.changed() => return,
-                };
-                match outcome {
-                    Ok(true) => tracing::info!(%attempt, hook, "wrote a kept write-back"),
-                    Ok(false) => {}
-                    Err(e) => {
-                        tracing::warn!(%attempt, hook, error = %crate::capture::db_message(&e), "a kept write-back failed around its statement; tried again later")
+            let outcome = tokio::select! {
+                outcome = run_kept_write_back(&pool, attempt, &hook, &actor) => outcome,
+                _ = stop.changed() => return,
+            };
+            match outcome {
+                Ok(true) => tracing::info!(%attempt, hook, "ran a kept write-back"),
+                Ok(false) => {}
+                Err(e) if tries >= write_backs::TRIES_MAX => {
+                    let error = crate::capture::db_message(&e);
+                    tracing::error!(%attempt, hook, tries, error = %error, "a kept write-back failed around its statement every time; given up and audited");
+                    if let Err(e) = write_backs::give_up(&pool, attempt, &hook, &error, &actor).await {
+                        tracing::warn!(%attempt, hook, error = %crate::capture::db_message(&e), "giving up a kept write-back failed; tried again later");
                     }
+                }
+                Err(e) => {
+                    tracing::warn!(%attempt, hook, tries, error = %crate::capture::db_message(&e), "a kept write-back failed around its statement; tried again later")
                 }
             }
         }

@@ -785,16 +785,20 @@ pub async fn abandon_unconfirmed_intents(pool: &sqlx::PgPool, limit: i64, actor:
 }
 
 /// Locks attempt `id` (`FOR UPDATE`) if nothing has settled it yet: not
-/// acknowledged, declined or ended. Returns whether it was locked: a
-/// write-back deferred out of its batch runs only then, so that it never
-/// lands after the call's later write-backs (callbacks lock the attempt
-/// first, and wait for it meanwhile).
+/// acknowledged, declined or ended, and its alert (if it has one) still
+/// open (the alert is read, not locked: the attempt is the last lock a
+/// worker takes). Returns whether it was locked: a write-back left out of
+/// its batch runs only then, so that it never lands after the call's or the
+/// alert's later write-backs (callbacks lock the attempt first, and wait for
+/// it meanwhile).
 ///
 /// Errors: a database error.
 pub async fn lock_if_unsettled(conn: &mut PgConnection, id: Uuid) -> Result<bool, sqlx::Error> {
     let locked: Option<bool> = sqlx::query_scalar(
         "SELECT true FROM wardcall.notification_attempts
-          WHERE id = $1 AND acknowledged_at IS NULL AND declined_at IS NULL AND ended_at IS NULL FOR UPDATE",
+          WHERE id = $1 AND acknowledged_at IS NULL AND declined_at IS NULL AND ended_at IS NULL
+            AND NOT EXISTS (SELECT 1 FROM wardcall.alerts a WHERE a.id = notification_attempts.alert_id AND a.status <> 'open')
+            FOR UPDATE OF notification_attempts",
     )
     .bind(id)
     .fetch_optional(conn)

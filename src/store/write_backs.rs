@@ -10,8 +10,9 @@ use sqlx::PgConnection;
 use uuid::Uuid;
 
 /// How long (seconds) a kept write-back is left to the engine that kept it
-/// before the call sweepers take it ([`due`]): that engine runs it at once
-/// after its batch commits.
+/// before the call sweepers may take it too ([`due`]): that engine starts
+/// running its batch's kept write-backs, one by one, as soon as the batch
+/// commits.
 pub const FIRST_SWEEP_AFTER_S: f64 = 5.0;
 /// The longest wait (seconds) between two tries of a kept write-back whose
 /// tries failed around the team's statement (the database unreachable): 1,
@@ -89,27 +90,61 @@ pub async fn take(tx: &mut PgConnection, attempt: Uuid, hook: &str) -> Result<Op
     Ok(row.map(|(statement, payload, actor)| TakenWriteBack { statement, payload, actor }))
 }
 
-/// Up to `limit` kept write-backs due (`next_try_at` passed, oldest first,
-/// none held by another transaction), each pushed on before it is returned
-/// (one autocommit statement): its next try comes 2^tries seconds later, at
-/// most [`RETRY_MAX_S`], so that one whose tries fail is not tried back to
-/// back. Returns `(attempt, hook)` pairs for [`take`].
+/// Tries after which a kept write-back that keeps failing around the team's
+/// statement (e.g. a team's deferred trigger failing at the commit) is given
+/// up ([`give_up`]): about an hour and a half of tries.
+pub const TRIES_MAX: i32 = 100;
+
+/// The oldest kept write-back due (`next_try_at` passed, not held by
+/// another transaction), pushed on before it is returned (one autocommit
+/// statement): its next try comes 2^tries seconds later, at most
+/// [`RETRY_MAX_S`], so that one whose tries fail is not tried back to back.
+/// Returns `(attempt, hook, tries)` (tries counted with this one) for
+/// [`take`]; one at a time, so that a row waits for no other's try.
 ///
 /// Errors: a database error.
-pub async fn due(pool: &sqlx::PgPool, limit: i64) -> Result<Vec<(Uuid, String)>, sqlx::Error> {
+pub async fn due(pool: &sqlx::PgPool) -> Result<Option<(Uuid, String, i32)>, sqlx::Error> {
     sqlx::query_as(
         "UPDATE wardcall.pending_write_backs p
             SET tries = p.tries + 1,
-                next_try_at = clock_timestamp() + make_interval(secs => least(power(2, p.tries), $2))
+                next_try_at = clock_timestamp() + make_interval(secs => least(power(2, least(p.tries, 10)), $1))
            FROM (SELECT attempt_id, hook FROM wardcall.pending_write_backs
-                  WHERE next_try_at <= clock_timestamp() ORDER BY next_try_at LIMIT $1 FOR UPDATE SKIP LOCKED) d
+                  WHERE next_try_at <= clock_timestamp() ORDER BY next_try_at LIMIT 1 FOR UPDATE SKIP LOCKED) d
           WHERE p.attempt_id = d.attempt_id AND p.hook = d.hook
-         RETURNING p.attempt_id, p.hook",
+         RETURNING p.attempt_id, p.hook, p.tries",
     )
-    .bind(limit)
     .bind(RETRY_MAX_S)
-    .fetch_all(pool)
+    .fetch_optional(pool)
     .await
+}
+
+/// Gives up the kept write-back of `attempt` and `hook` after [`TRIES_MAX`]
+/// failed tries: deletes it and audits `write_back.failed` on the attempt
+/// with `{"hook", "error", "tries"}` (`error`: the last error, with no
+/// value from the statement), in one statement. Returns whether it was
+/// there (not held by another transaction).
+///
+/// Errors: a database error.
+pub async fn give_up(pool: &sqlx::PgPool, attempt: Uuid, hook: &str, error: &str, actor: &str) -> Result<bool, sqlx::Error> {
+    let gone: Option<i32> = sqlx::query_scalar(
+        "WITH gone AS (
+             DELETE FROM wardcall.pending_write_backs p
+              WHERE (p.attempt_id, p.hook) = (SELECT attempt_id, hook FROM wardcall.pending_write_backs
+                                               WHERE attempt_id = $1 AND hook = $2 FOR UPDATE SKIP LOCKED)
+             RETURNING p.tries),
+         audited AS (
+             INSERT INTO wardcall.audit_log (entity, entity_id, action, actor, detail)
+             SELECT 'notification_attempt', $1::text, 'write_back.failed', $4, jsonb_build_object('hook', $2::text, 'error', $3::text, 'tries', gone.tries)
+               FROM gone)
+         SELECT tries FROM gone",
+    )
+    .bind(attempt)
+    .bind(hook)
+    .bind(error)
+    .bind(actor)
+    .fetch_optional(pool)
+    .await?;
+    Ok(gone.is_some())
 }
 
 /// The write-backs kept longer than `older_than_s` seconds: how many, and

@@ -355,9 +355,10 @@ pub const BATCHED_WRITE_BACKS_BUDGET_MS: u128 = 250;
 /// 57014: a team's lock, a slow statement) is rolled back too, and it and
 /// every later one are left out, so that the batch holds its attempts' rows
 /// no longer; so are those not started within [`BATCHED_WRITE_BACKS_BUDGET_MS`].
-/// Returns how many (the last ones of `items`), which the caller runs after
-/// the commit, each alone with [`write_back`]'s own timeouts, and only while
-/// the call has not moved on (`attempts::lock_if_unsettled`).
+/// Returns how many (the last ones of `items`), which the caller keeps in
+/// the same transaction (`store::write_backs::keep`) and runs after the
+/// commit, each alone with [`write_back`]'s own timeouts, and only while the
+/// call has not moved on (`attempts::lock_if_unsettled`).
 /// The team's deferred triggers fire at the commit, with the settings put back.
 ///
 /// Errors: the database's, for the statements around the team's.
@@ -379,7 +380,7 @@ pub async fn write_back_attempts(conn: &mut PgConnection, items: &[AttemptWriteB
     for (i, item) in items.iter().enumerate() {
         if started.elapsed().as_millis() > BATCHED_WRITE_BACKS_BUDGET_MS {
             deferred = items.len() - i;
-            tracing::warn!(deferred, "the write-backs of a batch of send records took their budget; the rest run alone after the commit");
+            tracing::warn!(deferred, "the write-backs of a batch of send records took their budget; the rest are kept and run alone after the commit");
             break;
         }
         conn.execute(match (i, in_savepoint) {
@@ -396,7 +397,7 @@ pub async fn write_back_attempts(conn: &mut PgConnection, items: &[AttemptWriteB
             let sqlstate = e.as_database_error().and_then(|d| d.code()).map(|c| c.to_string());
             if matches!(sqlstate.as_deref(), Some("55P03" | "57014")) {
                 deferred = items.len() - i;
-                tracing::warn!(hook = item.hook, deferred, sqlstate = ?sqlstate, "a write-back in a batch of send records timed out; it and the batch's later ones run alone after the commit");
+                tracing::warn!(hook = item.hook, deferred, sqlstate = ?sqlstate, "a write-back in a batch of send records timed out; it and the batch's later ones are kept and run alone after the commit");
                 break;
             }
             let msg = crate::capture::db_message(&e);

@@ -40,6 +40,7 @@ pub fn tests() -> Vec<libtest_mimic::Trial> {
         batching::a_send_being_recorded_holds_no_worker_slot,
         batching::a_write_back_waiting_for_a_team_lock_does_not_hold_its_batch,
         batching::write_backs_left_out_of_a_batch_outlive_their_engine,
+        batching::a_kept_write_back_is_taken_once_and_given_up_with_an_audit,
         batching::a_batch_of_send_records_keeps_the_others_when_one_write_back_fails,
     ]
 }
@@ -1122,6 +1123,13 @@ pub async fn write_backs_left_out_of_a_batch_outlive_their_engine() {
     )
     .await;
     first.stop(Duration::from_secs(2)).await;
+    // The first engine's own try waits for the row with the write-back's 2 s
+    // lock timeout: its stop must come sooner, or that try is audited failed.
+    assert_eq!(
+        db.scalar_i64("SELECT count(*) FROM wardcall.audit_log WHERE action = 'write_back.failed'").await,
+        0,
+        "the first engine stopped more than 2 s after its batch committed (a slow host): its own try timed out on the team's lock"
+    );
     holder.rollback().await.unwrap();
     assert_eq!(db.scalar_i64("SELECT n::bigint FROM wb_gate").await, 0, "the stopped engine wrote none of them");
     assert_eq!(db.scalar_i64("SELECT count(*) FROM wardcall.pending_write_backs").await, titles.len() as i64, "they are still kept");
@@ -1145,6 +1153,83 @@ pub async fn write_backs_left_out_of_a_batch_outlive_their_engine() {
     assert_eq!(db.scalar_i64("SELECT n::bigint FROM wb_gate").await, titles.len() as i64, "each was written once");
     assert!(!wardcall::status::problems(&db.pool, &cfg).await.unwrap().iter().any(|p| p.starts_with("write-backs:")));
     emulator.shutdown().await;
+}
+
+/// Issue 9, tenth session: the SQL of kept write-backs. One kept twice is
+/// kept once; it is not due to the sweepers before
+/// `write_backs::FIRST_SWEEP_AFTER_S`; a try count past any power of two a
+/// float holds still pushes it on by at most `RETRY_MAX_S`; two
+/// transactions cannot both take it, and a rollback keeps it; giving it up
+/// deletes it and audits `write_back.failed` with its tries, under the actor
+/// giving up.
+pub async fn a_kept_write_back_is_taken_once_and_given_up_with_an_audit() {
+    use wardcall::store::write_backs::{self, KeptWriteBack};
+    let db = TestDb::new().await;
+    let run: Uuid = sqlx::query_scalar(
+        "INSERT INTO wardcall.runs (workflow, event, input, step, status, fencing_token) VALUES ('w', 'e', '{}', 'call', 'running', 3) RETURNING id",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    let tier = crate::escalation::first_tier(run, 3, &[("nurse-a", "A", crate::escalation::NURSE_A)]);
+    wardcall::store::alerts::open_with_intents(&db.pool, &tier).await.unwrap();
+    let attempt: Uuid = sqlx::query_scalar("SELECT id FROM wardcall.notification_attempts").fetch_one(&db.pool).await.unwrap();
+    let payload = json!({"title": "t"});
+    let kept = [KeptWriteBack { attempt, hook: "on_call_placed", statement: "UPDATE x SET y = $1", payload: &payload }];
+    for _ in 0..2 {
+        let mut tx = db.pool.begin().await.unwrap();
+        write_backs::keep(&mut tx, &kept, "engine:a").await.unwrap();
+        tx.commit().await.unwrap();
+    }
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM wardcall.pending_write_backs").await, 1, "kept once");
+    assert!(write_backs::due(&db.pool).await.unwrap().is_none(), "left to its engine at first");
+    db.exec("UPDATE wardcall.pending_write_backs SET next_try_at = clock_timestamp() - interval '1 second', tries = 5000").await;
+    let (due_attempt, hook, tries) = write_backs::due(&db.pool).await.unwrap().expect("due");
+    assert_eq!((due_attempt, hook.as_str(), tries), (attempt, "on_call_placed", 5001));
+    assert_eq!(
+        db.scalar_i64(&format!(
+            "SELECT count(*) FROM wardcall.pending_write_backs WHERE next_try_at <= clock_timestamp() + make_interval(secs => {})",
+            write_backs::RETRY_MAX_S
+        ))
+        .await,
+        1,
+        "pushed on by at most RETRY_MAX_S"
+    );
+    assert!(write_backs::due(&db.pool).await.unwrap().is_none(), "not due again at once");
+    let mut first = db.pool.begin().await.unwrap();
+    let taken = write_backs::take(&mut first, attempt, "on_call_placed").await.unwrap().expect("taken");
+    assert_eq!((taken.statement.as_str(), &taken.payload, taken.actor.as_str()), ("UPDATE x SET y = $1", &payload, "engine:a"));
+    let mut second = db.pool.begin().await.unwrap();
+    assert!(write_backs::take(&mut second, attempt, "on_call_placed").await.unwrap().is_none(), "held by the first");
+    assert!(!write_backs::give_up(&db.pool, attempt, "on_call_placed", "x", "engine:b").await.unwrap(), "held by the first");
+    second.rollback().await.unwrap();
+    first.rollback().await.unwrap();
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM wardcall.pending_write_backs").await, 1, "a rollback keeps it");
+    assert!(write_backs::give_up(&db.pool, attempt, "on_call_placed", "a deferred trigger failed", "engine:b").await.unwrap());
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM wardcall.pending_write_backs").await, 0);
+    let (actor, detail): (String, Value) = sqlx::query_as("SELECT actor, detail FROM wardcall.audit_log WHERE action = 'write_back.failed' AND entity_id = $1")
+        .bind(attempt.to_string())
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(actor, "engine:b");
+    assert_eq!(detail, json!({"hook": "on_call_placed", "error": "a deferred trigger failed", "tries": 5001}));
+    // Kept again, and its alert closed meanwhile: superseded, audited, not run.
+    let mut tx = db.pool.begin().await.unwrap();
+    write_backs::keep(&mut tx, &kept, "engine:a").await.unwrap();
+    tx.commit().await.unwrap();
+    db.exec("UPDATE wardcall.alerts SET status = 'acknowledged'").await;
+    assert!(wardcall::notify::delivery::run_kept_write_back(&db.pool, attempt, "on_call_placed", "engine:c").await.unwrap());
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM wardcall.pending_write_backs").await, 0);
+    let (actor, detail): (String, Value) =
+        sqlx::query_as("SELECT actor, detail FROM wardcall.audit_log WHERE action = 'write_back.failed' AND entity_id = $1 ORDER BY id DESC LIMIT 1")
+            .bind(attempt.to_string())
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(actor, "engine:c");
+    assert!(detail["error"].as_str().unwrap().starts_with("superseded"), "{detail}");
+    assert_eq!(detail["kept_by"], "engine:a");
 }
 
 /// Issue 9, eighth session: the records of sends that return together are
