@@ -135,6 +135,15 @@ pub struct EngineConfig {
     /// `lock_timeout` of the engine's connections, in milliseconds,
     /// 10..=600000. Default 2000. (PostgreSQL manual, 19.11.1 "Statement Behavior".)
     pub lock_timeout_ms: u64,
+    /// `random_page_cost` of the engine's connections (the planner's cost of
+    /// a page read out of order, relative to one read in sequence), 0.1..=100.
+    /// Default 1.1, PostgreSQL's advice for solid-state storage (its own
+    /// default, 4, assumes spinning disks). With 4, and 1,000,000 runs in
+    /// `wardcall.runs`, a run's first tier and its claim were planned again at
+    /// every execution (about 1 ms each) instead of keeping their prepared
+    /// plan (BENCHMARKS.md, "Issue 9, tenth session"). Set 4 on spinning
+    /// disks. (PostgreSQL manual, 20.7.2 "Planner Cost Constants".)
+    pub random_page_cost: f64,
     /// Listener heartbeat, in milliseconds, 100..=60000. Default 2000: after this
     /// long without traffic the listener sends `SELECT 1`, and a reply must come
     /// within this long, else the connection is dropped, reopened and the outbox drained.
@@ -160,6 +169,7 @@ impl Default for EngineConfig {
             statement_timeout_ms: 10_000,
             lock_timeout_ms: 2000,
             heartbeat_ms: 2000,
+            random_page_cost: 1.1,
         }
     }
 }
@@ -710,6 +720,9 @@ impl Config {
         range("engine.poll_ms", e.poll_ms, limits::POLL_MS)?;
         range("engine.pool_size", e.pool_size as u64, (limits::POOL_SIZE.0 as u64, limits::POOL_SIZE.1 as u64))?;
         range("engine.webhook_pool_size", e.webhook_pool_size as u64, (limits::WEBHOOK_POOL_SIZE.0 as u64, limits::WEBHOOK_POOL_SIZE.1 as u64))?;
+        if !(0.1..=100.0).contains(&e.random_page_cost) {
+            return Err(err("engine.random_page_cost".into(), format!("{} is out of range 0.1..=100", e.random_page_cost)));
+        }
         for (key, v, lo, hi) in [
             ("engine.acquire_timeout_ms", e.acquire_timeout_ms, 100, 600_000),
             ("engine.statement_timeout_ms", e.statement_timeout_ms, 100, 3_600_000),

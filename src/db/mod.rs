@@ -80,12 +80,18 @@ impl Database {
 }
 
 /// The engine's session settings on `options`: `statement_timeout` and
-/// `lock_timeout` from `settings` (milliseconds), sent as startup options so
-/// that they hold on every connection, including ones reopened after a failover
-/// (PostgreSQL manual, 19.11.1 "Statement Behavior"; 55.2.1 startup `options`).
-/// Statements that need longer set their own `SET LOCAL` (migrations, write-backs).
+/// `lock_timeout` from `settings` (milliseconds) and `random_page_cost`
+/// (`engine.random_page_cost`), sent as startup options so that they hold on
+/// every connection, including ones reopened after a failover (PostgreSQL
+/// manual, 19.11.1 "Statement Behavior", 20.7.2 "Planner Cost Constants";
+/// 55.2.1 startup `options`). Statements that need longer set their own `SET
+/// LOCAL` (migrations, write-backs).
 pub fn session_options(options: PgConnectOptions, settings: &EngineConfig) -> PgConnectOptions {
-    options.options([("statement_timeout", settings.statement_timeout_ms.to_string()), ("lock_timeout", settings.lock_timeout_ms.to_string())])
+    options.options([
+        ("statement_timeout", settings.statement_timeout_ms.to_string()),
+        ("lock_timeout", settings.lock_timeout_ms.to_string()),
+        ("random_page_cost", settings.random_page_cost.to_string()),
+    ])
 }
 
 /// A pool over `options` with at most `size` connections and the default

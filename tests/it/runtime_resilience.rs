@@ -16,6 +16,7 @@ pub fn tests() -> Vec<libtest_mimic::Trial> {
         runtime_resilience::listener_uses_its_own_connection_and_survives_a_frozen_backend,
         runtime_resilience::pool_that_cannot_connect_fails_in_time_with_the_servers_reason,
         runtime_resilience::pool_pings_only_connections_idle_for_a_second,
+        runtime_resilience::engine_connections_plan_with_the_configured_random_page_cost,
         runtime_resilience::engine_statements_are_bounded_by_lock_and_statement_timeouts,
         runtime_resilience::critical_alert_is_called_first_during_a_flood,
         runtime_resilience::healthz_reports_a_missing_capture_trigger,
@@ -376,6 +377,26 @@ pub async fn status_shows_the_same_problems() {
 /// one reused sooner is handed out as it is (no round trip), so a cut within
 /// that second is the next statement's error, and the connection after it
 /// works (sqlx closes a connection whose release ping fails).
+/// Issue 9, tenth session: the engine's connections plan with
+/// `engine.random_page_cost` (default 1.1), set as a startup option, so a
+/// connection reopened after a failover has it too.
+pub async fn engine_connections_plan_with_the_configured_random_page_cost() {
+    let db = TestDb::new().await;
+    for (settings, expected) in [
+        (EngineConfig { pool_size: 1, ..EngineConfig::default() }, "1.1"),
+        (EngineConfig { pool_size: 1, random_page_cost: 4.0, ..EngineConfig::default() }, "4"),
+    ] {
+        let pool = wardcall::db::connect_pool_with(db.options.clone(), &settings).await.unwrap();
+        let shown: String = sqlx::query_scalar("SELECT current_setting('random_page_cost')").fetch_one(&pool).await.unwrap();
+        assert_eq!(shown, expected);
+        let webhooks = wardcall::db::webhook_pool(&pool, &settings);
+        let shown: String = sqlx::query_scalar("SELECT current_setting('random_page_cost')").fetch_one(&webhooks).await.unwrap();
+        assert_eq!(shown, expected, "the webhooks' pool too");
+        pool.close().await;
+        webhooks.close().await;
+    }
+}
+
 pub async fn pool_pings_only_connections_idle_for_a_second() {
     let db = TestDb::new().await;
     let settings = EngineConfig { pool_size: 1, ..EngineConfig::default() };
