@@ -873,15 +873,8 @@ type ClientMeasurements = (Vec<Instant>, Vec<f64>, f64);
 /// The inserting client: alerts `first..first+n`, one by one at `rate` per
 /// second, each INSERT committing on its own, over one connection.
 async fn insert_steadily(options: PgConnectOptions, room_id: uuid::Uuid, first: u64, n: u64, rate: f64) -> anyhow::Result<ClientMeasurements> {
-    let mut conn: PgConnection = options.application_name("wardcall-bench").connect().await?;
-    let insert = "INSERT INTO alerts (patient_id, room_id, severity, status, alert_type, title, description)
-                  VALUES ('P-DHE-001', $1, 'critical', 'active', 'benchmark', $2, 'benchmark alert')";
-    // Warm the connection on a non-critical row (not captured).
-    sqlx::query("INSERT INTO alerts (patient_id, room_id, severity, status, title) VALUES ('P-DHE-001', $1, 'low', 'active', $2)")
-        .bind(room_id)
-        .bind("warm-up")
-        .execute(&mut conn)
-        .await?;
+    let mut conn = client_connection(&options, room_id).await?;
+    let insert = CLIENT_ALERT_INSERT;
     let mut commits_at = Vec::with_capacity(n as usize);
     let mut commits = Vec::with_capacity(n as usize);
     let start = tokio::time::Instant::now();
@@ -898,6 +891,48 @@ async fn insert_steadily(options: PgConnectOptions, room_id: uuid::Uuid, first: 
     Ok((commits_at, commits, achieved_rate))
 }
 
+/// The inserting client's statement: one critical alert (`$1` its room,
+/// `$2` its title, the token the call is matched by).
+const CLIENT_ALERT_INSERT: &str = "INSERT INTO alerts (patient_id, room_id, severity, status, alert_type, title, description)
+                  VALUES ('P-DHE-001', $1, 'critical', 'active', 'benchmark', $2, 'benchmark alert')";
+
+/// A connection of the inserting client, warmed on a non-critical row of
+/// `room_id` (not captured).
+async fn client_connection(options: &PgConnectOptions, room_id: uuid::Uuid) -> anyhow::Result<PgConnection> {
+    let mut conn: PgConnection = options.clone().application_name("wardcall-bench").connect().await?;
+    sqlx::query("INSERT INTO alerts (patient_id, room_id, severity, status, title) VALUES ('P-DHE-001', $1, 'low', 'active', $2)")
+        .bind(room_id)
+        .bind("warm-up")
+        .execute(&mut conn)
+        .await?;
+    Ok(conn)
+}
+
+/// Runs the inserting client `client` on a thread and Tokio runtime of its
+/// own (the team's application is another process in production), so that
+/// the instant it sees a commit return does not wait behind the engine's
+/// tasks; returns its result.
+async fn on_client_thread<T, F, Fut>(client: F) -> anyhow::Result<T>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<T>>,
+{
+    let (tx, result) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("bench-client".into())
+        .spawn(move || {
+            let r = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("building the client's runtime")
+                .and_then(|rt| rt.block_on(client()));
+            let _ = tx.send(r);
+        })
+        .context("starting the client thread")?;
+    result.await.context("the client thread ended without a result")?
+}
+
 /// Inserts alerts `first..first+n` one by one at `rate` per second and
 /// measures each one's commit → call latency. The inserting client runs on
 /// its own thread and runtime (the team's application is another process in
@@ -907,19 +942,7 @@ async fn steady_run(env: &Env, first: u64, n: u64, rate: f64) -> anyhow::Result<
     let mut rx = env.emulator().subscribe();
     let base = env.emulator().calls().len();
     let (options, room_id) = (env.options.clone(), env.room_id);
-    let (tx, result) = tokio::sync::oneshot::channel();
-    std::thread::Builder::new()
-        .name("bench-client".into())
-        .spawn(move || {
-            let r = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .context("building the client's runtime")
-                .and_then(|rt| rt.block_on(insert_steadily(options, room_id, first, n, rate)));
-            let _ = tx.send(r);
-        })
-        .context("starting the client thread")?;
-    let (commits_at, commits, achieved_rate) = result.await.context("the client thread ended without a result")??;
+    let (commits_at, commits, achieved_rate) = on_client_thread(move || insert_steadily(options, room_id, first, n, rate)).await?;
     await_calls(env, &mut rx, base, n as usize, Duration::from_secs(60)).await?;
     let arrivals = call_arrivals(env, first, n)?;
     let latencies = commits_at.iter().zip(&arrivals).map(|(c, a)| ms_between(*c, *a)).collect();
@@ -935,18 +958,10 @@ async fn steady_run(env: &Env, first: u64, n: u64, rate: f64) -> anyhow::Result<
 /// database after the other did not (an A/A check of two equal databases
 /// gave round ratios from 0.52 to 1.48 that way).
 async fn insert_alternately(targets: [(PgConnectOptions, uuid::Uuid); 2], first: u64, n: u64, rate: f64) -> anyhow::Result<[ClientMeasurements; 2]> {
-    let insert = "INSERT INTO alerts (patient_id, room_id, severity, status, alert_type, title, description)
-                  VALUES ('P-DHE-001', $1, 'critical', 'active', 'benchmark', $2, 'benchmark alert')";
+    let insert = CLIENT_ALERT_INSERT;
     let mut conns = Vec::with_capacity(2);
     for (options, room_id) in &targets {
-        let mut conn: PgConnection = options.clone().application_name("wardcall-bench").connect().await?;
-        // Warm the connection on a non-critical row (not captured).
-        sqlx::query("INSERT INTO alerts (patient_id, room_id, severity, status, title) VALUES ('P-DHE-001', $1, 'low', 'active', $2)")
-            .bind(room_id)
-            .bind("warm-up")
-            .execute(&mut conn)
-            .await?;
-        conns.push(conn);
+        conns.push(client_connection(options, *room_id).await?);
     }
     let mut out: [ClientMeasurements; 2] = Default::default();
     for m in out.iter_mut() {
@@ -980,19 +995,7 @@ async fn steady_pair(a: &Env, b: &Env, first: u64, n: u64, rate: f64) -> anyhow:
     let (mut rx_a, mut rx_b) = (a.emulator().subscribe(), b.emulator().subscribe());
     let (base_a, base_b) = (a.emulator().calls().len(), b.emulator().calls().len());
     let targets = [(a.options.clone(), a.room_id), (b.options.clone(), b.room_id)];
-    let (tx, result) = tokio::sync::oneshot::channel();
-    std::thread::Builder::new()
-        .name("bench-client".into())
-        .spawn(move || {
-            let r = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .context("building the client's runtime")
-                .and_then(|rt| rt.block_on(insert_alternately(targets, first, n, rate)));
-            let _ = tx.send(r);
-        })
-        .context("starting the client thread")?;
-    let [client_a, client_b] = result.await.context("the client thread ended without a result")??;
+    let [client_a, client_b] = on_client_thread(move || insert_alternately(targets, first, n, rate)).await?;
     await_calls(a, &mut rx_a, base_a, n as usize, Duration::from_secs(60)).await?;
     await_calls(b, &mut rx_b, base_b, n as usize, Duration::from_secs(60)).await?;
     let run = |env: &Env, (commits_at, commits, achieved_rate): ClientMeasurements| -> anyhow::Result<SteadyRun> {
