@@ -434,12 +434,10 @@ async fn commit_records(pool: &sqlx::PgPool, stop: &watch::Receiver<bool>, recor
     let sends: Vec<(Uuid, &str, &str)> = records.iter().map(|r| (r.attempt_id, r.provider_id.as_str(), r.status.as_str())).collect();
     let recorded = attempts::record_sent_many(&mut tx, &sends, actor).await?;
     let found: std::collections::HashSet<Uuid> = recorded.iter().map(|r| r.0).collect();
-    let write_backs: Vec<crate::workflows::team_sql::AttemptWriteBack<'_>> = records
+    let write_backs: Vec<write_backs::AttemptWriteBack<'_>> = records
         .iter()
         .filter(|r| found.contains(&r.attempt_id))
-        .filter_map(|r| {
-            r.on_sent.as_ref().map(|(hook, sql, payload)| crate::workflows::team_sql::AttemptWriteBack { attempt: r.attempt_id, sql, hook, payload })
-        })
+        .filter_map(|r| r.on_sent.as_ref().map(|(hook, statement, payload)| write_backs::AttemptWriteBack { attempt: r.attempt_id, hook, statement, payload }))
         .collect();
     let deferred = crate::workflows::team_sql::write_back_attempts(&mut tx, &write_backs, actor).await?;
     // Write-backs that waited too long inside the batch are kept in the
@@ -447,9 +445,7 @@ async fn commit_records(pool: &sqlx::PgPool, stop: &watch::Receiver<bool>, recor
     // outlive this engine; then run at once, each alone, on a task of their
     // own (they hold no attempt's row; the next batch does not wait for them).
     let left_out = &write_backs[write_backs.len() - deferred..];
-    let kept: Vec<write_backs::KeptWriteBack<'_>> =
-        left_out.iter().map(|w| write_backs::KeptWriteBack { attempt: w.attempt, hook: w.hook, statement: w.sql, payload: w.payload }).collect();
-    write_backs::keep(&mut tx, &kept, actor).await?;
+    write_backs::keep(&mut tx, left_out, actor).await?;
     tx.commit().await?;
     if !left_out.is_empty() {
         let later: Vec<(Uuid, String)> = left_out.iter().map(|w| (w.attempt, w.hook.to_string())).collect();

@@ -19,11 +19,13 @@ pub const FIRST_SWEEP_AFTER_S: f64 = 5.0;
 /// 2, 4, … seconds, then this.
 pub const RETRY_MAX_S: f64 = 60.0;
 
-/// A write-back to keep: the attempt whose details it gets as `$2`, its
-/// hook's name (`on_call_placed`, …), the team's statement and the event
-/// payload (`$1`).
+/// A write-back of an attempt: the attempt whose details it gets as `$2`,
+/// its hook's name (`on_call_placed`, …; for the log and the audit), the
+/// team's statement and the event payload (`$1`). A batch of send records
+/// runs them (`workflows::team_sql::write_back_attempts`) and keeps those
+/// it left out ([`keep`]).
 #[derive(Debug, Clone, Copy)]
-pub struct KeptWriteBack<'a> {
+pub struct AttemptWriteBack<'a> {
     pub attempt: Uuid,
     pub hook: &'a str,
     pub statement: &'a str,
@@ -36,7 +38,7 @@ pub struct KeptWriteBack<'a> {
 /// is left as it is.
 ///
 /// Errors: a database error (the caller's transaction rolls back with it).
-pub async fn keep(tx: &mut PgConnection, items: &[KeptWriteBack<'_>], actor: &str) -> Result<(), sqlx::Error> {
+pub async fn keep(tx: &mut PgConnection, items: &[AttemptWriteBack<'_>], actor: &str) -> Result<(), sqlx::Error> {
     if items.is_empty() {
         return Ok(());
     }

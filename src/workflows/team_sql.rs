@@ -320,17 +320,6 @@ async fn fetch_lookup(conn: &mut PgConnection, sql: &str, input: &Value) -> Resu
     })
 }
 
-/// One write-back of a batch of sends' records ([`write_back_attempts`]):
-/// the attempt whose details go as `$2`, the team's statement, its hook's
-/// name (for the log and the audit) and the event's payload (`$1`).
-#[derive(Debug, Clone, Copy)]
-pub struct AttemptWriteBack<'a> {
-    pub attempt: Uuid,
-    pub sql: &'a str,
-    pub hook: &'a str,
-    pub payload: &'a Value,
-}
-
 /// Lock wait allowed to a write-back inside a batch of send records before
 /// it and the batch's later write-backs are deferred ([`write_back_attempts`]):
 /// the batch holds its attempts' rows, which a nurse's keypress waits for.
@@ -362,7 +351,11 @@ pub const BATCHED_WRITE_BACKS_BUDGET_MS: u128 = 250;
 /// The team's deferred triggers fire at the commit, with the settings put back.
 ///
 /// Errors: the database's, for the statements around the team's.
-pub async fn write_back_attempts(conn: &mut PgConnection, items: &[AttemptWriteBack<'_>], actor: &str) -> Result<usize, sqlx::Error> {
+pub async fn write_back_attempts(
+    conn: &mut PgConnection,
+    items: &[crate::store::write_backs::AttemptWriteBack<'_>],
+    actor: &str,
+) -> Result<usize, sqlx::Error> {
     if items.is_empty() {
         return Ok(0);
     }
@@ -391,7 +384,7 @@ pub async fn write_back_attempts(conn: &mut PgConnection, items: &[AttemptWriteB
         .await?;
         in_savepoint = true;
         let subject = details.get(&item.attempt).cloned().unwrap_or(Value::Null);
-        if let Err(e) = sqlx::query(item.sql).bind(item.payload).bind(&subject).execute(&mut *conn).await {
+        if let Err(e) = sqlx::query(item.statement).bind(item.payload).bind(&subject).execute(&mut *conn).await {
             conn.execute("ROLLBACK TO SAVEPOINT wardcall_write_back; RELEASE SAVEPOINT wardcall_write_back").await?;
             in_savepoint = false;
             let sqlstate = e.as_database_error().and_then(|d| d.code()).map(|c| c.to_string());

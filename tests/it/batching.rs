@@ -1163,7 +1163,7 @@ pub async fn write_backs_left_out_of_a_batch_outlive_their_engine() {
 /// deletes it and audits `write_back.failed` with its tries, under the actor
 /// giving up.
 pub async fn a_kept_write_back_is_taken_once_and_given_up_with_an_audit() {
-    use wardcall::store::write_backs::{self, KeptWriteBack};
+    use wardcall::store::write_backs::{self, AttemptWriteBack};
     let db = TestDb::new().await;
     let run: Uuid = sqlx::query_scalar(
         "INSERT INTO wardcall.runs (workflow, event, input, step, status, fencing_token) VALUES ('w', 'e', '{}', 'call', 'running', 3) RETURNING id",
@@ -1175,7 +1175,7 @@ pub async fn a_kept_write_back_is_taken_once_and_given_up_with_an_audit() {
     wardcall::store::alerts::open_with_intents(&db.pool, &tier).await.unwrap();
     let attempt: Uuid = sqlx::query_scalar("SELECT id FROM wardcall.notification_attempts").fetch_one(&db.pool).await.unwrap();
     let payload = json!({"title": "t"});
-    let kept = [KeptWriteBack { attempt, hook: "on_call_placed", statement: "UPDATE x SET y = $1", payload: &payload }];
+    let kept = [AttemptWriteBack { attempt, hook: "on_call_placed", statement: "UPDATE x SET y = $1", payload: &payload }];
     for _ in 0..2 {
         let mut tx = db.pool.begin().await.unwrap();
         write_backs::keep(&mut tx, &kept, "engine:a").await.unwrap();
