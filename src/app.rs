@@ -137,6 +137,8 @@ impl App {
         for handle in self.http {
             let _ = tokio::time::timeout(Duration::from_secs(5), handle).await;
         }
-        webhook_pool.close().await;
+        // Bounded: a webhook waiting on a connection that a hard failover
+        // left half-open would otherwise hold the close (src/db/deadline.rs).
+        let _ = tokio::time::timeout(grace, webhook_pool.close()).await;
     }
 }

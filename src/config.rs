@@ -144,10 +144,25 @@ pub struct EngineConfig {
     /// plan (BENCHMARKS.md, "Issue 9, tenth session"). Set 4 on spinning
     /// disks. (PostgreSQL manual, 20.7.2 "Planner Cost Constants".)
     pub random_page_cost: f64,
+    /// The longest the engine waits for PostgreSQL to answer one unit of its
+    /// work (a dispatch, a claim, a group commit, a batch of first tiers or
+    /// send records, a message's lookups), in milliseconds, 1000..=7200000
+    /// and above `statement_timeout_ms`. Default 20000. A live server answers
+    /// first (its `statement_timeout` cancels a slow statement); past it the
+    /// connection is presumed half-open (a hard failover) and is closed, and
+    /// the work fails like any database error ([`crate::db::deadline`]).
+    pub database_deadline_ms: u64,
     /// Listener heartbeat, in milliseconds, 100..=60000. Default 2000: after this
     /// long without traffic the listener sends `SELECT 1`, and a reply must come
     /// within this long, else the connection is dropped, reopened and the outbox drained.
     pub heartbeat_ms: u64,
+}
+
+impl EngineConfig {
+    /// `database_deadline_ms` as a duration ([`crate::db::deadline`]).
+    pub fn database_deadline(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.database_deadline_ms)
+    }
 }
 
 /// Default of `engine.workers`: runs one process executes at once. Chosen
@@ -170,6 +185,7 @@ impl Default for EngineConfig {
             lock_timeout_ms: 2000,
             heartbeat_ms: 2000,
             random_page_cost: 1.1,
+            database_deadline_ms: 20_000,
         }
     }
 }
@@ -728,8 +744,18 @@ impl Config {
             ("engine.statement_timeout_ms", e.statement_timeout_ms, 100, 3_600_000),
             ("engine.lock_timeout_ms", e.lock_timeout_ms, 10, 600_000),
             ("engine.heartbeat_ms", e.heartbeat_ms, 100, 60_000),
+            ("engine.database_deadline_ms", e.database_deadline_ms, 1000, 7_200_000),
         ] {
             range(key, v, (lo, hi))?;
+        }
+        if e.database_deadline_ms <= e.statement_timeout_ms {
+            return Err(err(
+                "engine.database_deadline_ms".into(),
+                format!(
+                    "{} must be above engine.statement_timeout_ms ({}): a live server's own timeout must answer before the engine gives a connection up as dead",
+                    e.database_deadline_ms, e.statement_timeout_ms
+                ),
+            ));
         }
         let listen = match self.http.listen.parse::<std::net::SocketAddr>() {
             Ok(a) => a,

@@ -2,6 +2,7 @@
 //! wardcall's own schema migrations.
 
 pub mod batches;
+pub mod deadline;
 pub mod embedded;
 pub mod migrate;
 

@@ -21,6 +21,7 @@ use super::channel::{ChannelSender, Outgoing, ProviderRecord, SendError, SendOut
 use super::Channel;
 use crate::config::redact_phone;
 use crate::db::batches::BatchQueue;
+use crate::db::deadline::{within, HeldConnection};
 use crate::runtime::step::WorkerSlot;
 use crate::runtime::Services;
 use crate::store::attempts::{self, AttemptRow};
@@ -261,7 +262,7 @@ async fn record_result(
         // The common case: an accepted send, recorded (with its write-back)
         // in the record committer's next batch.
         tracing::info!(attempt = %o.attempt_id, person = %o.person_id, channel = sender.channel().as_str(), to = %redact_phone(&o.to), provider_id = %sent.provider_id, "sent");
-        let committer = services.shared(|| RecordCommitter::new(services.pool.clone(), services.stop_signal()));
+        let committer = services.shared(|| RecordCommitter::new(services.pool.clone(), services.config.engine.database_deadline(), services.stop_signal()));
         let alert_status = committer
             .record(QueuedRecord {
                 attempt_id: o.attempt_id,
@@ -382,14 +383,17 @@ impl RecordCommitter {
     /// task starts now (inside a Tokio runtime). One actor per batch (the
     /// audit rows' actor): a record of another waits for the next. `stop`
     /// (the engine's stop signal) ends the runs of write-backs left out of
-    /// a batch; they stay kept for the call sweepers.
-    pub fn new(pool: sqlx::PgPool, stop: watch::Receiver<bool>) -> RecordCommitter {
+    /// a batch; they stay kept for the call sweepers. Each batch's
+    /// transaction is bounded by `deadline` (`engine.database_deadline_ms`,
+    /// [`crate::db::deadline`]): one that gets no reply fails (its records
+    /// are then tried one by one, each bounded too), and its connection is closed.
+    pub fn new(pool: sqlx::PgPool, deadline: std::time::Duration, stop: watch::Receiver<bool>) -> RecordCommitter {
         RecordCommitter(BatchQueue::start(
             RECORD_BATCH_MAX,
             |first, next| first.actor == next.actor,
             move |batch: Vec<QueuedRecord>| {
                 let (pool, stop) = (pool.clone(), stop.clone());
-                async move { commit_batch(&pool, &stop, batch).await }
+                async move { commit_batch(&pool, deadline, &stop, batch).await }
             },
         ))
     }
@@ -408,16 +412,21 @@ impl RecordCommitter {
 
 /// Commits a batch of records ([`commit_records`]); a batch that fails is
 /// retried record by record, so that each record gets its own outcome.
-async fn commit_batch(pool: &sqlx::PgPool, stop: &watch::Receiver<bool>, batch: Vec<QueuedRecord>) -> Vec<Result<Option<String>, sqlx::Error>> {
+async fn commit_batch(
+    pool: &sqlx::PgPool,
+    deadline: std::time::Duration,
+    stop: &watch::Receiver<bool>,
+    batch: Vec<QueuedRecord>,
+) -> Vec<Result<Option<String>, sqlx::Error>> {
     let records: Vec<&QueuedRecord> = batch.iter().collect();
-    match commit_records(pool, stop, &records).await {
+    match commit_records(pool, deadline, stop, &records).await {
         Ok(statuses) => batch.iter().map(|r| statuses.get(&r.attempt_id).cloned().ok_or(sqlx::Error::RowNotFound)).collect(),
         Err(e) if batch.len() == 1 => vec![Err(e)],
         Err(e) => {
             tracing::warn!(records = batch.len(), error = %crate::capture::db_message(&e), "a batch of send records failed; recording them one by one");
             let mut out = Vec::with_capacity(batch.len());
             for r in &batch {
-                out.push(commit_records(pool, stop, &[r]).await.and_then(|s| s.get(&r.attempt_id).cloned().ok_or(sqlx::Error::RowNotFound)));
+                out.push(commit_records(pool, deadline, stop, &[r]).await.and_then(|s| s.get(&r.attempt_id).cloned().ok_or(sqlx::Error::RowNotFound)));
             }
             out
         }
@@ -428,27 +437,18 @@ async fn commit_batch(pool: &sqlx::PgPool, stop: &watch::Receiver<bool>, batch: 
 /// the write-backs those left out kept (`store::write_backs::keep`), run
 /// after the commit on a task of their own that ends when the engine stops
 /// (`stop`). Returns each recorded attempt's alert status.
-async fn commit_records(pool: &sqlx::PgPool, stop: &watch::Receiver<bool>, records: &[&QueuedRecord]) -> Result<HashMap<Uuid, Option<String>>, sqlx::Error> {
+async fn commit_records(
+    pool: &sqlx::PgPool,
+    deadline: std::time::Duration,
+    stop: &watch::Receiver<bool>,
+    records: &[&QueuedRecord],
+) -> Result<HashMap<Uuid, Option<String>>, sqlx::Error> {
     let actor = records.first().map_or("", |r| r.actor.as_str());
-    let mut tx = pool.begin().await?;
-    let sends: Vec<(Uuid, &str, &str)> = records.iter().map(|r| (r.attempt_id, r.provider_id.as_str(), r.status.as_str())).collect();
-    let recorded = attempts::record_sent_many(&mut tx, &sends, actor).await?;
-    let found: std::collections::HashSet<Uuid> = recorded.iter().map(|r| r.0).collect();
-    let write_backs: Vec<write_backs::AttemptWriteBack<'_>> = records
-        .iter()
-        .filter(|r| found.contains(&r.attempt_id))
-        .filter_map(|r| r.on_sent.as_ref().map(|(hook, statement, payload)| write_backs::AttemptWriteBack { attempt: r.attempt_id, hook, statement, payload }))
-        .collect();
-    let deferred = crate::workflows::team_sql::write_back_attempts(&mut tx, &write_backs, actor).await?;
-    // Write-backs that waited too long inside the batch are kept in the
-    // batch's own transaction (`wardcall.pending_write_backs`), so that they
-    // outlive this engine; then run at once, each alone, on a task of their
-    // own (they hold no attempt's row; the next batch does not wait for them).
-    let left_out = &write_backs[write_backs.len() - deferred..];
-    write_backs::keep(&mut tx, left_out, actor).await?;
-    tx.commit().await?;
+    let mut conn = HeldConnection::acquire(pool).await?;
+    let written = within(deadline, write_records(&mut conn, records, actor)).await;
+    let (recorded, left_out) = conn.settle(written)?;
     if !left_out.is_empty() {
-        let later: Vec<(Uuid, String)> = left_out.iter().map(|w| (w.attempt, w.hook.to_string())).collect();
+        let later = left_out;
         let (pool, mut stop, actor) = (pool.clone(), stop.clone(), actor.to_string());
         tokio::spawn(async move {
             for (attempt, hook) in later {
@@ -465,7 +465,35 @@ async fn commit_records(pool: &sqlx::PgPool, stop: &watch::Receiver<bool>, recor
             }
         });
     }
-    Ok(recorded.into_iter().map(|(id, _, alert_status)| (id, alert_status)).collect())
+    Ok(recorded)
+}
+
+/// The transaction of [`commit_records`] on `conn`: returns each recorded
+/// attempt's alert status, and the write-backs it kept (attempt, hook).
+async fn write_records(
+    conn: &mut PgConnection,
+    records: &[&QueuedRecord],
+    actor: &str,
+) -> Result<(HashMap<Uuid, Option<String>>, Vec<(Uuid, String)>), sqlx::Error> {
+    let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+    let sends: Vec<(Uuid, &str, &str)> = records.iter().map(|r| (r.attempt_id, r.provider_id.as_str(), r.status.as_str())).collect();
+    let recorded = attempts::record_sent_many(&mut tx, &sends, actor).await?;
+    let found: std::collections::HashSet<Uuid> = recorded.iter().map(|r| r.0).collect();
+    let write_backs: Vec<write_backs::AttemptWriteBack<'_>> = records
+        .iter()
+        .filter(|r| found.contains(&r.attempt_id))
+        .filter_map(|r| r.on_sent.as_ref().map(|(hook, statement, payload)| write_backs::AttemptWriteBack { attempt: r.attempt_id, hook, statement, payload }))
+        .collect();
+    let deferred = crate::workflows::team_sql::write_back_attempts(&mut tx, &write_backs, actor).await?;
+    // Write-backs that waited too long inside the batch are kept in the
+    // batch's own transaction (`wardcall.pending_write_backs`), so that they
+    // outlive this engine; then run at once, each alone, on a task of their
+    // own (they hold no attempt's row; the next batch does not wait for them).
+    let left_out = &write_backs[write_backs.len() - deferred..];
+    write_backs::keep(&mut tx, left_out, actor).await?;
+    tx.commit().await?;
+    let left_out: Vec<(Uuid, String)> = left_out.iter().map(|w| (w.attempt, w.hook.to_string())).collect();
+    Ok((recorded.into_iter().map(|(id, _, alert_status)| (id, alert_status)).collect(), left_out))
 }
 
 /// Runs the kept write-back of `attempt` and `hook`

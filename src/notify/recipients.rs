@@ -176,18 +176,21 @@ pub async fn resolve(pool: &sqlx::PgPool, config: &Config, spec: &RecipientsSpec
     let Some(sql) = spec.recipients.as_deref() else { return Ok(out) };
     let vars = if vars.is_object() { vars.clone() } else { json!({}) };
     let mut tx = crate::workflows::team_sql::begin_bounded_read_only(pool, RECIPIENTS_STATEMENT_TIMEOUT_MS, RECIPIENTS_LOCK_TIMEOUT_MS).await?;
-    let mut rows = Vec::new();
-    {
+    let read = async {
+        let mut rows = Vec::new();
         let mut stream = sqlx::query(sql).bind(payload).bind(&vars).fetch(&mut *tx);
         while let Some(row) = stream.try_next().await? {
             if rows.len() == MAX_RECIPIENTS {
-                out.truncated = true;
-                break;
+                return Ok((rows, true));
             }
             rows.push(row);
         }
-    }
-    tx.rollback().await?;
+        Ok::<_, sqlx::Error>((rows, false))
+    };
+    let read = crate::db::deadline::within(crate::db::deadline::past_statement_timeout(RECIPIENTS_STATEMENT_TIMEOUT_MS), read).await;
+    // Rolled back as the pool takes the connection back (closed if it did not answer).
+    let (rows, truncated) = tx.settle(read)?;
+    out.truncated |= truncated;
     for row in rows {
         let text = |c: &str| -> Result<Option<String>, sqlx::Error> { Ok(row.try_get::<Option<String>, _>(c)?.filter(|s| !s.trim().is_empty())) };
         let Some(id) = text("id")?.map(|s| s.trim().to_string()) else {

@@ -31,6 +31,7 @@ pub mod step;
 pub use services::Services;
 
 use crate::config::{Config, EngineConfig, Workflow};
+use crate::db::deadline::{self, within, HeldConnection};
 use crate::db::Database;
 use crate::providers::Providers;
 use crate::store::runs::{self as store, ClaimedRun, Parking, WaitResolution};
@@ -455,7 +456,12 @@ impl Engine {
                 g.stats.batches.fetch_add(1, Ordering::Relaxed);
                 g.stats.transitions.fetch_add(1, Ordering::Relaxed);
                 g.stats.largest.fetch_max(1, Ordering::Relaxed);
-                let outcome = match store::commit_transitions(&self.db.pool, std::slice::from_ref(&item)).await {
+                let committed = async {
+                    let mut conn = HeldConnection::acquire(&self.db.pool).await?;
+                    let committed = within(self.config.engine.database_deadline(), store::commit_transitions(&mut conn, std::slice::from_ref(&item))).await;
+                    conn.settle(committed)
+                };
+                let outcome = match committed.await {
                     Ok(mut o) => o.pop().flatten(),
                     Err(e) => {
                         tracing::warn!(run = %item.id, error = %crate::capture::db_message(&e), "committing a step failed; the lease will lapse and the step re-run");
@@ -470,7 +476,8 @@ impl Engine {
         }
         let rx = g.rx.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(rx) = rx {
-            tokio::spawn(group_committer(self.db.pool.clone(), rx, g.stats.clone(), g.flights.clone(), g.queued.clone()));
+            let deadline = self.config.engine.database_deadline();
+            tokio::spawn(group_committer(self.db.pool.clone(), deadline, rx, g.stats.clone(), g.flights.clone(), g.queued.clone()));
         }
         let (reply, outcome) = oneshot::channel();
         g.queued.fetch_add(1, Ordering::AcqRel);
@@ -677,7 +684,18 @@ impl Engine {
     /// it is marked `unrouted_at` in the same transaction (kept in the outbox,
     /// counted by `wardcall status`) and logged once, at warn, by id, source
     /// and event name (never its payload).
+    ///
+    /// Bounded by `engine.database_deadline_ms` ([`crate::db::deadline`]):
+    /// past it the batch's connection is closed (the server, if alive, rolls
+    /// the batch back; the outbox rows stay for the next sweep).
     pub async fn dispatch_batch(self: &Arc<Self>, limit: i64) -> anyhow::Result<usize> {
+        let mut guard = Beginning { conn: self.db.pool.acquire().await?, begun: false, finished: false };
+        let result = crate::db::deadline::within(self.config.engine.database_deadline(), self.dispatch_on(&mut guard, limit)).await;
+        guard.finished = !result.as_ref().is_err_and(|e| e.downcast_ref::<sqlx::Error>().is_some_and(crate::db::deadline::is_no_reply));
+        result
+    }
+
+    async fn dispatch_on(self: &Arc<Self>, guard: &mut Beginning, limit: i64) -> anyhow::Result<usize> {
         let critical_events: Vec<String> = self.config.workflows.iter().filter(|w| self.host.is_critical(w)).map(|w| w.event.clone()).collect();
         // One dispatcher at a time, of all engines: keyed events (a create,
         // its replacement, its cancel, an awaited event) must meet the runs of
@@ -696,7 +714,6 @@ impl Engine {
         // took it (25P02), or run their autocommit statements (a run's
         // intents) inside a transaction nobody commits: it is closed instead
         // (the server rolls back).
-        let mut guard = Beginning { conn: self.db.pool.acquire().await?, begun: false };
         let begun = sqlx::Connection::begin_with(&mut *guard.conn, format!("BEGIN; SELECT pg_advisory_xact_lock({DISPATCH_LOCK_KEY})")).await;
         guard.begun = begun.is_ok();
         let mut tx = begun?;
@@ -974,7 +991,12 @@ impl Engine {
         // As many as are free now (the failed claim's workers are back).
         let Some(reserved) = self.reserve_workers(CLAIM_MAX) else { return 0 };
         let want = reserved.num_permits();
-        match store::claim_due(&self.db.pool, &self.engine_id, want as i64, self.lease_ms()).await {
+        let claimed = async {
+            let mut conn = HeldConnection::acquire(&self.db.pool).await?;
+            let claimed = within(self.config.engine.database_deadline(), store::claim_due(&mut conn, &self.engine_id, want as i64, self.lease_ms())).await;
+            conn.settle(claimed)
+        };
+        match claimed.await {
             Ok(runs) => {
                 let n = runs.len();
                 self.count_claim(n, 0);
@@ -1058,26 +1080,32 @@ impl Engine {
         mut reserved: Option<tokio::sync::OwnedSemaphorePermit>,
         flight: tokio::sync::OwnedSemaphorePermit,
     ) {
-        let LockedClaim { mut tx, fired, held, leased, .. } = claim;
-        let landed = async {
+        let LockedClaim { mut conn, fired, held, leased, .. } = claim;
+        let deadline = self.config.engine.database_deadline();
+        let landed = within(deadline, async {
             let held: Vec<&str> = held.iter().map(String::as_str).collect();
-            let outcomes = store::commit_fired_in_claim(&mut tx, &fired, &held).await?;
+            let outcomes = store::commit_fired_in_claim(&mut conn, &fired, &held).await?;
             if let Some(i) = outcomes.iter().position(|o| !matches!(o, store::GroupOutcome::Committed { .. })) {
                 // The claim holds these rows (read as locked): this cannot
                 // happen short of a bug; writing nothing is safe.
                 return Err(sqlx::Error::Protocol(format!("run {} run inside a claim could not be written", fired[i].id)));
             }
             let leased: Vec<&ClaimedRun> = leased.iter().collect();
-            store::claim_locked(&mut tx, &leased, &self.engine_id, self.lease_ms()).await
-        }
+            store::claim_locked(&mut conn, &leased, &self.engine_id, self.lease_ms()).await
+        })
         .await;
         let landed = match landed {
-            Ok(claimed) => tx.commit().await.map(|()| claimed),
+            Ok(claimed) => {
+                let committed = within(deadline, conn.commit()).await;
+                conn.settle(committed.map(|()| claimed))
+            }
             Err(e) => {
                 // Rolled back before the fallback claims, which would skip
                 // the rows this transaction still held (`SKIP LOCKED`): a
-                // dropped transaction's ROLLBACK is only queued.
-                let _ = tx.rollback().await;
+                // closed connection's rollback is the server's, later.
+                if !deadline::is_no_reply(&e) && within(deadline, conn.rollback()).await.is_ok() {
+                    conn.release();
+                }
                 Err(e)
             }
         };
@@ -1116,33 +1144,34 @@ impl Engine {
     ///
     /// Errors: a database error (the transaction is rolled back).
     async fn lock_due_runs(self: &Arc<Self>, limit: usize, lease_max: usize) -> Result<LockedClaim, sqlx::Error> {
+        let deadline = self.config.engine.database_deadline();
+        let mut conn = HeldConnection::acquire(&self.db.pool).await?;
+        within(deadline, conn.begin(None)).await?;
+        let mut claim = LockedClaim { conn, fired: Vec::new(), held: Vec::new(), leased: Vec::new() };
+        match within(deadline, self.lock_into(&mut claim, limit, lease_max)).await {
+            Ok(()) => Ok(claim),
+            Err(e) => {
+                // Rolled back at once (a closed connection's rollback is the
+                // server's, later), unless the server is not answering.
+                if !deadline::is_no_reply(&e) && within(deadline, claim.conn.rollback()).await.is_ok() {
+                    claim.conn.release();
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// The body of [`Engine::lock_due_runs`], in `claim`'s transaction.
+    async fn lock_into(self: &Arc<Self>, claim: &mut LockedClaim, limit: usize, lease_max: usize) -> Result<(), sqlx::Error> {
         let actor = self.actor();
-        let mut tx = self.db.pool.begin().await?;
         // Critical runs only as many as can be leased: one locked and left
         // would be skipped by every other claim until this one lands.
-        let due = match store::lock_due(&mut tx, lease_max as i64, limit as i64).await {
-            Ok(due) => due,
-            Err(e) => {
-                let _ = tx.rollback().await;
-                return Err(e);
-            }
-        };
+        let due = store::lock_due(&mut claim.conn, lease_max as i64, limit as i64).await?;
         // A claim that leases a critical run runs no step inside it: the
         // critical run's worker starts as soon as its lease commits.
         let run_steps = self.health.now_ms() >= self.claims.steps_paused_until_ms.load(Ordering::Relaxed) && !due.iter().any(|(_, critical)| *critical);
-        let mut claim = LockedClaim { tx, fired: Vec::new(), held: Vec::new(), leased: Vec::new() };
         for (run, critical) in due {
-            let in_claim = if critical || !run_steps {
-                None
-            } else {
-                match self.run_in_claim(&mut claim.tx, &run, &actor).await {
-                    Ok(in_claim) => in_claim,
-                    Err(e) => {
-                        let _ = claim.tx.rollback().await;
-                        return Err(e);
-                    }
-                }
-            };
+            let in_claim = if critical || !run_steps { None } else { self.run_in_claim(&mut claim.conn, &run, &actor).await? };
             match in_claim {
                 Some(transition) => {
                     claim.fired.push(transition);
@@ -1153,7 +1182,7 @@ impl Engine {
                 None => {}
             }
         }
-        Ok(claim)
+        Ok(())
     }
 
     /// Runs `run`'s step inside the claim's transaction `tx` when the
@@ -1347,12 +1376,18 @@ impl Engine {
             let pool = self.db.pool.clone();
             let lost = lost.clone();
             let (id, token, lease) = (run.id, run.fencing_token, self.lease_ms());
+            let deadline = self.config.engine.database_deadline();
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(Duration::from_millis((lease / 3).max(100) as u64));
                 tick.tick().await;
                 loop {
                     tick.tick().await;
-                    match store::renew_lease(&pool, id, token, lease).await {
+                    let renewed = async {
+                        let mut conn = HeldConnection::acquire(&pool).await?;
+                        let renewed = within(deadline, store::renew_lease(&mut conn, id, token, lease)).await;
+                        conn.settle(renewed)
+                    };
+                    match renewed.await {
                         Ok(true) => {}
                         Ok(false) => {
                             lost.store(true, Ordering::SeqCst);
@@ -1615,11 +1650,16 @@ fn run_key(template: &str, payload: &Value) -> Option<String> {
 struct Beginning {
     conn: sqlx::pool::PoolConnection<sqlx::Postgres>,
     begun: bool,
+    /// The dispatch returned (committed, or failed with the server's
+    /// answer); false when its deadline passed or its future was dropped:
+    /// the connection may be half-open, and sqlx's ping on release would
+    /// wait on it ([`crate::db::deadline`]).
+    finished: bool,
 }
 
 impl Drop for Beginning {
     fn drop(&mut self) {
-        if !self.begun {
+        if !self.begun || !self.finished {
             self.conn.close_on_drop();
         }
     }
@@ -1651,6 +1691,7 @@ async fn when_matches(tx: &mut sqlx::PgConnection, when: &str, ids: &[i64], payl
 /// is dropped.
 async fn group_committer(
     pool: sqlx::PgPool,
+    deadline: Duration,
     mut rx: mpsc::UnboundedReceiver<CommitRequest>,
     stats: Arc<GroupCommitStats>,
     flights: Arc<Semaphore>,
@@ -1698,7 +1739,12 @@ async fn group_committer(
             stats.batches.fetch_add(1, Ordering::Relaxed);
             stats.transitions.fetch_add(items.len() as u64, Ordering::Relaxed);
             stats.largest.fetch_max(items.len() as u64, Ordering::Relaxed);
-            let outcomes = match store::commit_transitions_skip_locked(&pool, &items).await {
+            let committed = async {
+                let mut conn = HeldConnection::acquire(&pool).await?;
+                let committed = within(deadline, store::commit_transitions_skip_locked(&mut conn, &items)).await;
+                conn.settle(committed)
+            };
+            let outcomes = match committed.await {
                 Ok(o) => o,
                 Err(e) => {
                     tracing::warn!(runs = items.len(), error = %crate::capture::db_message(&e), "a group commit failed; the leases will lapse and the steps re-run");
@@ -1727,7 +1773,12 @@ async fn group_committer(
                         stats.busy.fetch_add(1, Ordering::Relaxed);
                         let (pool, stats) = (pool.clone(), stats.clone());
                         tokio::spawn(async move {
-                            let outcome = match store::commit_transitions(&pool, std::slice::from_ref(&item)).await {
+                            let committed = async {
+                                let mut conn = HeldConnection::acquire(&pool).await?;
+                                let committed = within(deadline, store::commit_transitions(&mut conn, std::slice::from_ref(&item))).await;
+                                conn.settle(committed)
+                            };
+                            let outcome = match committed.await {
                                 Ok(mut o) => o.pop().flatten(),
                                 Err(e) => {
                                     tracing::warn!(run = %item.id, error = %crate::capture::db_message(&e), "committing a step failed; the lease will lapse and the step re-run");
@@ -1765,7 +1816,8 @@ fn parking_of(transition: Transition, current: &str) -> (String, Parking) {
 /// A claim whose runs are locked and whose in-claim steps have run, not yet
 /// committed ([`Engine::lock_due_runs`], [`Engine::land_claim`]).
 struct LockedClaim {
-    tx: sqlx::Transaction<'static, sqlx::Postgres>,
+    /// The claim's connection, inside its transaction ([`HeldConnection::begin`]).
+    conn: HeldConnection,
     /// Transitions of the steps run inside the claim.
     fired: Vec<store::TransitionCommit>,
     /// The status each of `fired`'s runs was due in.
@@ -1793,10 +1845,26 @@ impl EngineTasks {
     /// Graceful stop: the listener, dispatcher and scheduler stop and are
     /// joined first (no claim can be half-way), then steps in flight get
     /// `grace` to finish and the leases still held are released.
+    ///
+    /// A loop still waiting after `grace` (a statement on a connection that a
+    /// hard failover left half-open, which only the kernel would end:
+    /// [`crate::db::deadline`]) is aborted, so that a stop is bounded; an
+    /// aborted claim's connection is closed and the server rolls it back.
     pub async fn stop(mut self, grace: Duration) {
         let _ = self.engine.shutdown.send(true);
-        while self.set.join_next().await.is_some() {}
-        self.engine.drain_and_release(grace).await;
+        let joined = tokio::time::timeout(grace, async { while self.set.join_next().await.is_some() {} }).await;
+        if joined.is_err() {
+            tracing::warn!(grace_ms = grace.as_millis() as u64, "engine tasks still running after the grace period (waiting on the database?); aborting them");
+            self.set.abort_all();
+            while self.set.join_next().await.is_some() {}
+        }
+        let released = within(self.engine.config.engine.database_deadline(), async {
+            self.engine.drain_and_release(grace).await;
+            Ok::<(), sqlx::Error>(())
+        });
+        if released.await.is_err() {
+            tracing::warn!("releasing leases at shutdown got no reply from the database; they expire on their own");
+        }
     }
 
     /// The engine these tasks belong to.

@@ -266,7 +266,7 @@ pub enum OpenedWithIntents {
 ///
 /// Errors: a database error, for the whole batch (e.g. a unique violation:
 /// the same person twice in one tier's `recipients`): nothing was written.
-pub async fn open_first_tiers(pool: &PgPool, tiers: &[FirstTier], locks: RunLocks) -> Result<Vec<OpenedWithIntents>, sqlx::Error> {
+pub async fn open_first_tiers(conn: &mut PgConnection, tiers: &[FirstTier], locks: RunLocks) -> Result<Vec<OpenedWithIntents>, sqlx::Error> {
     if tiers.is_empty() {
         return Ok(Vec::new());
     }
@@ -276,7 +276,7 @@ pub async fn open_first_tiers(pool: &PgPool, tiers: &[FirstTier], locks: RunLock
     let repeated: Vec<bool> = tiers.iter().map(|t| !seen.insert(t.run)).collect();
     if repeated.contains(&true) {
         let firsts: Vec<FirstTier> = tiers.iter().zip(&repeated).filter(|(_, r)| !**r).map(|(t, _)| t.clone()).collect();
-        let mut outcomes = Box::pin(open_first_tiers(pool, &firsts, locks)).await?.into_iter();
+        let mut outcomes = Box::pin(open_first_tiers(conn, &firsts, locks)).await?.into_iter();
         return Ok(repeated.iter().map(|r| if *r { OpenedWithIntents::Busy } else { outcomes.next().unwrap_or(OpenedWithIntents::Busy) }).collect());
     }
     let column = |f: fn(&FirstTier) -> &str| -> Vec<&str> { tiers.iter().map(f).collect() };
@@ -355,7 +355,7 @@ pub async fn open_first_tiers(pool: &PgPool, tiers: &[FirstTier], locks: RunLock
     .bind(&person_ids)
     .bind(&names)
     .bind(&destinations)
-    .fetch_all(pool)
+    .fetch_all(conn)
     .await?;
     let mut out: Vec<Option<OpenedWithIntents>> = vec![None; tiers.len()];
     for (ord, fenced, busy, alert, person, intent) in rows {
@@ -377,6 +377,6 @@ pub async fn open_first_tiers(pool: &PgPool, tiers: &[FirstTier], locks: RunLock
 ///
 /// Errors: a database error (e.g. a unique violation: the same person twice
 /// in `recipients`).
-pub async fn open_with_intents(pool: &PgPool, tier: &FirstTier) -> Result<OpenedWithIntents, sqlx::Error> {
-    open_first_tiers(pool, std::slice::from_ref(tier), RunLocks::Wait).await?.pop().ok_or(sqlx::Error::RowNotFound)
+pub async fn open_with_intents(conn: &mut PgConnection, tier: &FirstTier) -> Result<OpenedWithIntents, sqlx::Error> {
+    open_first_tiers(conn, std::slice::from_ref(tier), RunLocks::Wait).await?.pop().ok_or(sqlx::Error::RowNotFound)
 }

@@ -87,7 +87,7 @@ fn lease_ctes(owner: &str, lease_ms: &str) -> String {
 /// runs (oldest first) up to the remaining limit, so that a flood of other work
 /// never delays a critical alert's claim (DESIGN.md invariant 10). Each half is
 /// an index range scan on `runs_claim (critical, due_at)` (migration 0003).
-pub async fn claim_due(pool: &PgPool, owner: &str, limit: i64, lease_ms: i64) -> Result<Vec<ClaimedRun>, sqlx::Error> {
+pub async fn claim_due(conn: &mut PgConnection, owner: &str, limit: i64, lease_ms: i64) -> Result<Vec<ClaimedRun>, sqlx::Error> {
     static STATEMENT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
         format!(
             "WITH crit AS (
@@ -104,7 +104,7 @@ pub async fn claim_due(pool: &PgPool, owner: &str, limit: i64, lease_ms: i64) ->
             lease_ctes("$1", "$3")
         )
     });
-    let rows = sqlx::query(&STATEMENT).bind(owner).bind(limit).bind(lease_ms).fetch_all(pool).await?;
+    let rows = sqlx::query(&STATEMENT).bind(owner).bind(limit).bind(lease_ms).fetch_all(conn).await?;
     rows.iter().map(ClaimedRun::from_row).collect()
 }
 
@@ -200,7 +200,7 @@ pub async fn next_due_in_ms(pool: &PgPool) -> Result<(Option<f64>, Option<f64>),
 
 /// Extends the lease; false when the run is no longer ours (token moved on,
 /// cancelled, or finished).
-pub async fn renew_lease(pool: &PgPool, id: Uuid, token: i64, lease_ms: i64) -> Result<bool, sqlx::Error> {
+pub async fn renew_lease(conn: &mut PgConnection, id: Uuid, token: i64, lease_ms: i64) -> Result<bool, sqlx::Error> {
     let r = sqlx::query(
         "UPDATE wardcall.runs SET due_at = clock_timestamp() + $3 * interval '1 millisecond'
           WHERE id = $1 AND fencing_token = $2 AND status = 'running'",
@@ -208,7 +208,7 @@ pub async fn renew_lease(pool: &PgPool, id: Uuid, token: i64, lease_ms: i64) -> 
     .bind(id)
     .bind(token)
     .bind(lease_ms)
-    .execute(pool)
+    .execute(conn)
     .await?;
     Ok(r.rows_affected() == 1)
 }
@@ -439,7 +439,7 @@ pub async fn commit_transition(
         parking: parking.clone(),
         actor: actor.to_string(),
     };
-    Ok(commit_transitions(pool, std::slice::from_ref(&one)).await?.pop().flatten())
+    Ok(commit_transitions(&mut *pool.acquire().await?, std::slice::from_ref(&one)).await?.pop().flatten())
 }
 
 /// Writes a step's transition inside the caller's transaction, which has
@@ -629,8 +629,8 @@ fn transition_row(t: &TransitionCommit) -> (&'static str, &'static str, &'static
 ///
 /// A run whose row another transaction holds (a webhook's, a cancel's) is
 /// waited for; [`commit_transitions_skip_locked`] does not wait.
-pub async fn commit_transitions(pool: &PgPool, batch: &[TransitionCommit]) -> Result<Vec<Option<bool>>, sqlx::Error> {
-    Ok(commit_batch(pool, batch, false)
+pub async fn commit_transitions(conn: &mut PgConnection, batch: &[TransitionCommit]) -> Result<Vec<Option<bool>>, sqlx::Error> {
+    Ok(commit_batch(conn, batch, false)
         .await?
         .into_iter()
         .map(|o| match o {
@@ -657,8 +657,8 @@ pub enum GroupOutcome {
 /// is left out as [`GroupOutcome::Busy`], so that one run's lock wait does
 /// not hold the whole batch (`FOR UPDATE SKIP LOCKED`; a run is busy when its
 /// token still matched in the statement's snapshot but its row was locked).
-pub async fn commit_transitions_skip_locked(pool: &PgPool, batch: &[TransitionCommit]) -> Result<Vec<GroupOutcome>, sqlx::Error> {
-    commit_batch(pool, batch, true).await
+pub async fn commit_transitions_skip_locked(conn: &mut PgConnection, batch: &[TransitionCommit]) -> Result<Vec<GroupOutcome>, sqlx::Error> {
+    commit_batch(conn, batch, true).await
 }
 
 /// The 14 arrays of a group commit's statement ([`group_commit_statement`]),
@@ -763,7 +763,7 @@ fn group_outcomes(batch: &[TransitionCommit], rows: Vec<(Uuid, bool)>, due_now: 
         .collect()
 }
 
-async fn commit_batch(pool: &PgPool, batch: &[TransitionCommit], skip_locked: bool) -> Result<Vec<GroupOutcome>, sqlx::Error> {
+async fn commit_batch(conn: &mut PgConnection, batch: &[TransitionCommit], skip_locked: bool) -> Result<Vec<GroupOutcome>, sqlx::Error> {
     if batch.is_empty() {
         return Ok(Vec::new());
     }
@@ -771,9 +771,9 @@ async fn commit_batch(pool: &PgPool, batch: &[TransitionCommit], skip_locked: bo
     let sql = group_commit_statement(skip_locked);
     let query = arrays.query(&sql);
     let (rows, due_now): (Vec<(Uuid, bool)>, Vec<Uuid>) = if arrays.waits.is_empty() {
-        (query.fetch_all(pool).await?, Vec::new())
+        (query.fetch_all(&mut *conn).await?, Vec::new())
     } else {
-        let mut tx = pool.begin().await?;
+        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
         let rows = query.fetch_all(&mut *tx).await?;
         // A new statement after the lock: it sees every signal committed so far.
         let due_now = sqlx::query_scalar(

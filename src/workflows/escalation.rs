@@ -29,6 +29,7 @@ use super::team_sql::{self, write_back, WriteBackSubject};
 use super::{StepContext, StepError, Transition};
 use crate::config::{EscalationWorkflow, Policy, PolicyStep};
 use crate::db::batches::BatchQueue;
+use crate::db::deadline::{within, HeldConnection};
 use crate::notify::channel::{ChannelSender, Content, Outgoing};
 use crate::notify::delivery::{self, NotLookedUp, OnSent};
 use crate::notify::recipients;
@@ -317,8 +318,12 @@ struct FirstTierOpener(BatchQueue<alerts::FirstTier, Option<alerts::OpenedWithIn
 /// is opened alone, waiting for the row ([`alerts::open_with_intents`]),
 /// so that a fault of one tier is its own.
 ///
-/// Errors: the database's, from the tier opened alone.
+/// Errors: the database's, from the tier opened alone, or
+/// [`crate::db::deadline::NoReply`] (each statement is bounded by
+/// `engine.database_deadline_ms`; a batch that gets no reply falls back
+/// to opening its tiers alone).
 async fn open_first_tier(services: &crate::runtime::Services, tier: alerts::FirstTier) -> Result<alerts::OpenedWithIntents, sqlx::Error> {
+    let deadline = services.config.engine.database_deadline();
     let opener = services.shared(|| {
         let pool = services.pool.clone();
         FirstTierOpener(BatchQueue::start(
@@ -327,7 +332,12 @@ async fn open_first_tier(services: &crate::runtime::Services, tier: alerts::Firs
             move |batch: Vec<alerts::FirstTier>| {
                 let pool = pool.clone();
                 async move {
-                    match alerts::open_first_tiers(&pool, &batch, alerts::RunLocks::SkipLocked).await {
+                    let opened = async {
+                        let mut conn = HeldConnection::acquire(&pool).await?;
+                        let opened = within(deadline, alerts::open_first_tiers(&mut conn, &batch, alerts::RunLocks::SkipLocked)).await;
+                        conn.settle(opened)
+                    };
+                    match opened.await {
                         Ok(outcomes) => outcomes.into_iter().map(Some).collect(),
                         Err(e) => {
                             tracing::warn!(tiers = batch.len(), error = %crate::capture::db_message(&e), "a batch of first tiers failed; opening them one by one");
@@ -339,7 +349,11 @@ async fn open_first_tier(services: &crate::runtime::Services, tier: alerts::Firs
         ))
     });
     match opener.0.submit(tier.clone()).await {
-        Ok(Some(alerts::OpenedWithIntents::Busy) | None) | Err(_) => alerts::open_with_intents(&services.pool, &tier).await,
+        Ok(Some(alerts::OpenedWithIntents::Busy) | None) | Err(_) => {
+            let mut conn = HeldConnection::acquire(&services.pool).await?;
+            let opened = within(deadline, alerts::open_with_intents(&mut conn, &tier)).await;
+            conn.settle(opened)
+        }
         Ok(Some(outcome)) => Ok(outcome),
     }
 }

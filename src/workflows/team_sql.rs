@@ -6,6 +6,7 @@
 //! only the parameters a statement uses are bound
 //! ([`super::model::sql_parameter_count`]).
 
+use crate::db::deadline::{is_no_reply, past_statement_timeout, within, HeldConnection};
 use crate::store::audit::{self, Entity};
 use serde_json::{json, Value};
 use sqlx::{Executor, PgConnection, Row};
@@ -32,15 +33,19 @@ fn bind<'q>(sql: &'q str, payload: &'q Value, vars: &'q Value) -> sqlx::query::Q
 /// Opens a read-only transaction whose statements are bounded: at most
 /// `statement_timeout_ms` each, at most `lock_timeout_ms` waiting for a lock
 /// (PostgreSQL manual 20.11.1). One round trip: `BEGIN READ ONLY` and both
-/// `SET LOCAL` go as one simple query. Rolled back when dropped.
+/// `SET LOCAL` go as one simple query. The caller bounds each statement on
+/// it [`within`] [`past_statement_timeout`]`(statement_timeout_ms)` and
+/// releases it ([`HeldConnection::release`], [`HeldConnection::settle`]:
+/// the transaction is rolled back as the pool takes it back); dropped
+/// unreleased (no reply in time) it is closed.
 ///
-/// Errors: the pool cannot give a connection, or the server refuses.
-pub async fn begin_bounded_read_only(
-    pool: &sqlx::PgPool,
-    statement_timeout_ms: u64,
-    lock_timeout_ms: u64,
-) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
-    pool.begin_with(format!("BEGIN READ ONLY; SET LOCAL statement_timeout = '{statement_timeout_ms}ms'; SET LOCAL lock_timeout = '{lock_timeout_ms}ms'")).await
+/// Errors: the pool cannot give a connection, the server refuses, or
+/// [`crate::db::deadline::NoReply`].
+pub async fn begin_bounded_read_only(pool: &sqlx::PgPool, statement_timeout_ms: u64, lock_timeout_ms: u64) -> Result<HeldConnection, sqlx::Error> {
+    let mut conn = HeldConnection::acquire(pool).await?;
+    let begin = format!("BEGIN READ ONLY; SET LOCAL statement_timeout = '{statement_timeout_ms}ms'; SET LOCAL lock_timeout = '{lock_timeout_ms}ms'");
+    within(past_statement_timeout(statement_timeout_ms), conn.begin(Some(begin))).await?;
+    Ok(conn)
 }
 
 /// Runs a `sql` step's statement on `conn` (inside the transaction that
@@ -168,9 +173,8 @@ async fn run_lookup_bounded(
     lock_timeout_ms: u64,
 ) -> Result<LookupOutcome, sqlx::Error> {
     let mut tx = begin_bounded_read_only(pool, statement_timeout_ms, lock_timeout_ms).await?;
-    let outcome = fetch_lookup(&mut tx, sql, input).await?;
-    drop(tx); // rolled back when the pool takes the connection back (see `run_lookups`)
-    Ok(outcome)
+    let outcome = within(past_statement_timeout(statement_timeout_ms), fetch_lookup(&mut tx, sql, input)).await;
+    tx.settle(outcome) // rolled back when the pool takes the connection back (see `run_lookups`)
 }
 
 /// A lookup run again after the lookups' shared statement timed out gets
@@ -200,9 +204,8 @@ pub async fn run_lookups(pool: &sqlx::PgPool, sqls: &[&str], input: &Value) -> V
     }
     let together = async {
         let mut tx = begin_bounded_read_only(pool, LOOKUP_STATEMENT_TIMEOUT_MS, LOOKUP_LOCK_TIMEOUT_MS).await?;
-        let row = sqlx::query(&lookups_statement(sqls)).bind(input).fetch_one(&mut *tx).await?;
-        drop(tx); // rolled back when the pool takes the connection back
-        Ok::<_, sqlx::Error>(row)
+        let row = within(past_statement_timeout(LOOKUP_STATEMENT_TIMEOUT_MS), sqlx::query(&lookups_statement(sqls)).bind(input).fetch_one(&mut *tx)).await;
+        tx.settle(row) // rolled back when the pool takes the connection back
     };
     match together.await {
         Ok(row) => {
@@ -228,6 +231,12 @@ pub async fn run_lookups(pool: &sqlx::PgPool, sqls: &[&str], input: &Value) -> V
         Err(sqlx::Error::PoolTimedOut) => {
             tracing::warn!(lookups = sqls.len(), "lookups: no database connection in time; the message renders without their values");
             sqls.iter().map(|_| Err(sqlx::Error::PoolTimedOut)).collect()
+        }
+        // Nor after no reply at all (a half-open connection after a failover).
+        Err(e) if is_no_reply(&e) => {
+            tracing::warn!(lookups = sqls.len(), error = %e, "lookups: no reply from the database in time; the message renders without their values");
+            let ms = past_statement_timeout(LOOKUP_STATEMENT_TIMEOUT_MS);
+            sqls.iter().map(|_| Err(crate::db::deadline::no_reply(ms))).collect()
         }
         Err(e) => {
             let sqlstate = e.as_database_error().and_then(|d| d.code()).map(|c| c.to_string());
@@ -274,17 +283,22 @@ async fn run_lookups_in_turn(
     let mut out = Vec::with_capacity(sqls.len());
     match begin_bounded_read_only(pool, statement_timeout_ms, lock_timeout_ms).await {
         Ok(mut tx) => {
+            let mut answered = true;
             for sql in sqls {
-                let outcome = fetch_lookup(&mut tx, sql, input).await;
+                let outcome = within(past_statement_timeout(statement_timeout_ms), fetch_lookup(&mut tx, sql, input)).await;
                 let failed = outcome.is_err();
+                answered = !matches!(&outcome, Err(e) if is_no_reply(e));
                 out.push(outcome);
                 if failed {
-                    break; // the transaction is aborted; dropping it rolls it back
+                    break; // the transaction is aborted; released, it is rolled back
                 }
             }
-            // Dropped, not awaited: the `ROLLBACK` is queued on the connection
-            // and sent when the pool takes it back, off the call's path.
-            drop(tx);
+            // Released, not awaited: the `ROLLBACK` is queued on the connection
+            // and sent when the pool takes it back, off the call's path (a
+            // connection that did not answer is closed instead).
+            if answered {
+                tx.release();
+            }
         }
         Err(e) => {
             tracing::debug!(error = %crate::capture::db_message(&e), "lookups: a shared transaction could not begin; running them one by one");

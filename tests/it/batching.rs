@@ -84,7 +84,7 @@ async fn claimed_runs(db: &TestDb, n: i64, owner: &str) -> Vec<store::ClaimedRun
     .execute(&db.pool)
     .await
     .unwrap();
-    let mut runs = store::claim_due(&db.pool, owner, n, 600_000).await.unwrap();
+    let mut runs = store::claim_due(&mut db.pool.acquire().await.unwrap(), owner, n, 600_000).await.unwrap();
     assert_eq!(runs.len() as i64, n);
     runs.sort_by_key(|r| r.id);
     runs
@@ -131,7 +131,7 @@ pub async fn lost_lease_in_a_batch_commits_the_others() {
     let thief = runs[2].id;
     sqlx::query("UPDATE wardcall.runs SET fencing_token = fencing_token + 1, lease_owner = 'thief' WHERE id = $1").bind(thief).execute(&db.pool).await.unwrap();
     let batch: Vec<TransitionCommit> = runs.iter().zip(parkings()).map(|(r, p)| transition(r, p)).collect();
-    let outcomes = store::commit_transitions(&db.pool, &batch).await.unwrap();
+    let outcomes = store::commit_transitions(&mut db.pool.acquire().await.unwrap(), &batch).await.unwrap();
     assert_eq!(outcomes.len(), 6);
     for (i, (run, outcome)) in runs.iter().zip(&outcomes).enumerate() {
         let (status, step, state, token): (String, String, Value, i64) =
@@ -154,7 +154,7 @@ pub async fn lost_lease_in_a_batch_commits_the_others() {
     let more = claimed_runs(&db, 3, "test").await;
     sqlx::query("SELECT wardcall.send_signal($1, 'ack', '{}')").bind(more[1].id).execute(&db.pool).await.unwrap();
     let batch: Vec<TransitionCommit> = more.iter().map(|r| transition(r, Parking::Wait { signal: "ack".into(), timeout_ms: 60_000 })).collect();
-    let outcomes = store::commit_transitions(&db.pool, &batch).await.unwrap();
+    let outcomes = store::commit_transitions(&mut db.pool.acquire().await.unwrap(), &batch).await.unwrap();
     assert_eq!(outcomes, vec![Some(false), Some(true), Some(false)]);
 }
 
@@ -176,7 +176,7 @@ pub async fn crash_in_a_batched_commit_writes_none_of_its_runs() {
     let batch: Vec<TransitionCommit> = runs.iter().map(|r| transition(r, Parking::Continue)).collect();
     let task = {
         let (committer, batch) = (committer.clone(), batch.clone());
-        tokio::spawn(async move { store::commit_transitions(&committer, &batch).await })
+        tokio::spawn(async move { store::commit_transitions(&mut committer.acquire().await.unwrap(), &batch).await })
     };
     await_true(
         &db,
@@ -195,7 +195,7 @@ pub async fn crash_in_a_batched_commit_writes_none_of_its_runs() {
         assert_eq!((step.as_str(), token), ("start", run.fencing_token), "no run of the killed batch advanced");
         assert_eq!(audited(&db, run.id).await, vec!["run.claimed"]);
     }
-    let outcomes = store::commit_transitions(&db.pool, &batch).await.unwrap();
+    let outcomes = store::commit_transitions(&mut db.pool.acquire().await.unwrap(), &batch).await.unwrap();
     assert!(outcomes.iter().all(|o| *o == Some(false)), "{outcomes:?}");
     assert_eq!(db.scalar_i64("SELECT count(*) FROM wardcall.runs WHERE step = 'op:1'").await, 6);
     committer.close().await;
@@ -212,7 +212,7 @@ pub async fn a_held_run_does_not_hold_its_batch() {
     // And one whose lease was lost.
     sqlx::query("UPDATE wardcall.runs SET fencing_token = fencing_token + 1 WHERE id = $1").bind(runs[3].id).execute(&db.pool).await.unwrap();
     let batch: Vec<TransitionCommit> = runs.iter().map(|r| transition(r, Parking::Continue)).collect();
-    let outcomes = tokio::time::timeout(Duration::from_secs(5), store::commit_transitions_skip_locked(&db.pool, &batch))
+    let outcomes = tokio::time::timeout(Duration::from_secs(5), store::commit_transitions_skip_locked(&mut db.pool.acquire().await.unwrap(), &batch))
         .await
         .expect("the batch does not wait for the held row")
         .unwrap();
@@ -220,7 +220,7 @@ pub async fn a_held_run_does_not_hold_its_batch() {
     assert_eq!(outcomes, vec![Committed { due_now: false }, Busy, Committed { due_now: false }, LeaseLost]);
     assert_eq!(audited(&db, runs[1].id).await, vec!["run.claimed"], "the held run was not written");
     holder.rollback().await.unwrap();
-    let alone = store::commit_transitions(&db.pool, &batch[1..2]).await.unwrap();
+    let alone = store::commit_transitions(&mut db.pool.acquire().await.unwrap(), &batch[1..2]).await.unwrap();
     assert_eq!(alone, vec![Some(false)]);
     assert_eq!(db.scalar_i64("SELECT count(*) FROM wardcall.runs WHERE step = 'op:1'").await, 3);
 }
@@ -508,7 +508,7 @@ pub async fn group_commit_finds_its_runs_by_primary_key() {
     .await
     .unwrap();
     db.exec("ANALYZE wardcall.runs").await;
-    let claimed = store::claim_due(&db.pool, "test", 5000, 600_000).await.unwrap();
+    let claimed = store::claim_due(&mut db.pool.acquire().await.unwrap(), "test", 5000, 600_000).await.unwrap();
     assert_eq!(claimed.len(), 5000);
     let batch = &claimed[..30];
     let ids: Vec<Uuid> = batch.iter().map(|r| r.id).collect();
@@ -585,14 +585,14 @@ pub async fn group_commit_finds_its_runs_by_primary_key() {
     let commits: Vec<TransitionCommit> = batch[..3].iter().map(|r| transition(r, Parking::Continue)).collect();
     for skip_locked in [false, true] {
         let outcomes = if skip_locked {
-            store::commit_transitions_skip_locked(&db.pool, &commits[1..])
+            store::commit_transitions_skip_locked(&mut db.pool.acquire().await.unwrap(), &commits[1..])
                 .await
                 .unwrap()
                 .into_iter()
                 .map(|o| o == store::GroupOutcome::LeaseLost)
                 .collect::<Vec<_>>()
         } else {
-            store::commit_transitions(&db.pool, &commits[..2]).await.unwrap().into_iter().map(|o| o.is_none()).collect()
+            store::commit_transitions(&mut db.pool.acquire().await.unwrap(), &commits[..2]).await.unwrap().into_iter().map(|o| o.is_none()).collect()
         };
         // (with skip_locked: runs 1, stopped, and 2, committed again as it goes on)
         assert_eq!(outcomes, if skip_locked { vec![true, false] } else { vec![false, true] }, "skip_locked {skip_locked}");
@@ -1172,7 +1172,7 @@ pub async fn a_kept_write_back_is_taken_once_and_given_up_with_an_audit() {
     .await
     .unwrap();
     let tier = crate::escalation::first_tier(run, 3, &[("nurse-a", "A", crate::escalation::NURSE_A)]);
-    wardcall::store::alerts::open_with_intents(&db.pool, &tier).await.unwrap();
+    wardcall::store::alerts::open_with_intents(&mut db.pool.acquire().await.unwrap(), &tier).await.unwrap();
     let attempt: Uuid = sqlx::query_scalar("SELECT id FROM wardcall.notification_attempts").fetch_one(&db.pool).await.unwrap();
     let payload = json!({"title": "t"});
     let kept = [AttemptWriteBack { attempt, hook: "on_call_placed", statement: "UPDATE x SET y = $1", payload: &payload }];

@@ -140,6 +140,8 @@ pub async fn bad_values_and_unknown_keys_are_refused_at_load() {
         ("[engine]\npoll_ms = 0\n".into(), "engine.poll_ms", "range"),
         ("[engine]\nrandom_page_cost = 0.0\n".into(), "engine.random_page_cost", "range"),
         ("[engine]\nrandom_page_cost = nan\n".into(), "engine.random_page_cost", "range"),
+        ("[engine]\ndatabase_deadline_ms = 999\n".into(), "engine.database_deadline_ms", "range"),
+        ("[engine]\nstatement_timeout_ms = 30000\n".into(), "engine.database_deadline_ms", "above engine.statement_timeout_ms"),
         (base.replace("kind = \"script\"", "kind = \"script\"\nmax_attempts = 0"), "workflows[0].max_attempts", "range"),
         (base.replace("kind = \"script\"", "kind = \"script\"\nretry_base_ms = 0"), "workflows[0].retry_base_ms", "range"),
         (base.replace("kind = \"script\"", "kind = \"script\"\nretry_base_ms = 5000\nretry_max_ms = 10"), "workflows[0].retry_max_ms", "range"),

@@ -700,7 +700,7 @@ pub async fn open_with_intents_writes_all_or_nothing() {
     let open = |token: i64| {
         let tier = first_tier(run, token, &people);
         let pool = db.pool.clone();
-        async move { open_with_intents(&pool, &tier).await }
+        async move { open_with_intents(&mut pool.acquire().await.unwrap(), &tier).await }
     };
     assert_eq!(open(2).await.unwrap(), OpenedWithIntents::LeaseLost);
     assert_eq!(db.scalar_i64("SELECT count(*) FROM wardcall.alerts").await + db.scalar_i64("SELECT count(*) FROM wardcall.notification_attempts").await, 0);
@@ -773,7 +773,7 @@ pub async fn a_batch_of_first_tiers_keeps_each_run_to_itself() {
         runs.push(run);
     }
     let (fenced, stale, held, opened_before, fenced_too) = (runs[0], runs[1], runs[2], runs[3], runs[4]);
-    open_with_intents(&db.pool, &first_tier(opened_before, 3, &[("nurse-a", "A", NURSE_A)])).await.unwrap();
+    open_with_intents(&mut db.pool.acquire().await.unwrap(), &first_tier(opened_before, 3, &[("nurse-a", "A", NURSE_A)])).await.unwrap();
     db.exec("DELETE FROM wardcall.notification_attempts").await;
     let audit_mark = db.scalar_i64("SELECT coalesce(max(id), 0) FROM wardcall.audit_log").await;
     let mut holder = db.pool.begin().await.unwrap();
@@ -787,7 +787,7 @@ pub async fn a_batch_of_first_tiers_keeps_each_run_to_itself() {
         first_tier(fenced_too, 3, &[("nurse-b", "B", NURSE_B)]),
     ];
     let started = std::time::Instant::now();
-    let outcomes = open_first_tiers(&db.pool, &batch, RunLocks::SkipLocked).await.unwrap();
+    let outcomes = open_first_tiers(&mut db.pool.acquire().await.unwrap(), &batch, RunLocks::SkipLocked).await.unwrap();
     assert!(started.elapsed() < Duration::from_secs(1), "the batch did not wait for the held run");
     let opened = |o: &OpenedWithIntents| match o {
         OpenedWithIntents::Opened { intents, .. } => intents.iter().map(|(p, _)| p.clone()).collect::<Vec<_>>(),
@@ -825,7 +825,7 @@ pub async fn a_batch_of_first_tiers_keeps_each_run_to_itself() {
     .await
     .unwrap();
     let outcomes = open_first_tiers(
-        &db.pool,
+        &mut db.pool.acquire().await.unwrap(),
         &[first_tier(twice, 3, &[("nurse-b", "B", NURSE_B)]), first_tier(twice, 2, &[("nurse-a", "A", NURSE_A)])],
         RunLocks::SkipLocked,
     )
@@ -837,7 +837,7 @@ pub async fn a_batch_of_first_tiers_keeps_each_run_to_itself() {
 
     // The held run, opened alone once its row is free.
     holder.rollback().await.unwrap();
-    assert!(matches!(open_with_intents(&db.pool, &batch[2]).await.unwrap(), OpenedWithIntents::Opened { .. }));
+    assert!(matches!(open_with_intents(&mut db.pool.acquire().await.unwrap(), &batch[2]).await.unwrap(), OpenedWithIntents::Opened { .. }));
 
     // A batch that fails writes nothing for any run.
     let more: Vec<uuid::Uuid> = sqlx::query_scalar(
@@ -849,7 +849,10 @@ pub async fn a_batch_of_first_tiers_keeps_each_run_to_itself() {
     let counts = "SELECT (SELECT count(*) FROM wardcall.alerts) * 1000 + (SELECT count(*) FROM wardcall.notification_attempts)";
     let before = db.scalar_i64(counts).await;
     let failing = [first_tier(more[0], 3, &[("nurse-a", "A", NURSE_A)]), first_tier(more[1], 3, &[("nurse-a", "A", NURSE_A), ("nurse-a", "A", NURSE_A)])];
-    assert!(open_first_tiers(&db.pool, &failing, RunLocks::SkipLocked).await.is_err(), "the same person twice in one tier fails the batch");
+    assert!(
+        open_first_tiers(&mut db.pool.acquire().await.unwrap(), &failing, RunLocks::SkipLocked).await.is_err(),
+        "the same person twice in one tier fails the batch"
+    );
     assert_eq!(db.scalar_i64(counts).await, before, "nothing written");
 }
 

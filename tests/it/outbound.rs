@@ -616,7 +616,7 @@ pub async fn waiting_for_the_breaker_costs_no_attempt() {
         "INSERT INTO wardcall.runs (workflow, event, input, step, status, step_attempt) VALUES ('bookings', 'booking.due', '{}', 'post_task', 'pending', 2)",
     )
     .await;
-    let run = store::claim_due(&db.pool, "engine-a", 10, 5000).await.unwrap().pop().expect("claimed");
+    let run = store::claim_due(&mut db.pool.acquire().await.unwrap(), "engine-a", 10, 5000).await.unwrap().pop().expect("claimed");
     let retry = RetryConfig { max_attempts: 5, base_ms: 100, max_ms: 1000 };
     let Decision::WaitForBreaker { delay_ms } = decide(Outcome::BreakerOpen { retry_in_ms: 400 }, &retry, run.step_attempt + 1) else {
         panic!("expected a wait")

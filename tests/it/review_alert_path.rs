@@ -148,7 +148,7 @@ pub async fn a_takeover_after_open_with_intents_calls_again_under_the_recall_rul
         actor: "engine:crashed".into(),
         ..crate::escalation::first_tier(run, 1, &[("nurse-avery", "Avery Quinn", NURSE_A)])
     };
-    let opened = open_with_intents(&db.pool, &tier).await.unwrap();
+    let opened = open_with_intents(&mut db.pool.acquire().await.unwrap(), &tier).await.unwrap();
     assert!(matches!(opened, OpenedWithIntents::Opened { .. }), "{opened:?}");
     sqlx::query("UPDATE wardcall.runs SET due_at = clock_timestamp() - interval '1 second' WHERE id = $1").bind(run).execute(&db.pool).await.unwrap();
 

@@ -23,6 +23,7 @@ pub fn tests() -> Vec<libtest_mimic::Trial> {
         runtime_resilience::healthz_reports_the_listener_down,
         runtime_resilience::healthz_reports_a_stalled_scheduler,
         runtime_resilience::status_shows_the_same_problems,
+        runtime_resilience::a_hard_failover_leaves_no_engine_waiting_on_a_dead_connection,
     ]
 }
 
@@ -312,7 +313,7 @@ pub async fn healthz_reports_the_listener_down() {
 /// answer 503 after `stall_after_ms`; it recovers once the lock is released.
 pub async fn healthz_reports_a_stalled_scheduler() {
     let db = TestDb::new().await;
-    let cfg = config(&tasks_config("sweep_ms = 100\nlock_timeout_ms = 600000\nstatement_timeout_ms = 3600000", false));
+    let cfg = config(&tasks_config("sweep_ms = 100\nlock_timeout_ms = 600000\nstatement_timeout_ms = 3600000\ndatabase_deadline_ms = 3600001", false));
     assert_eq!(wardcall::runtime::stall_after_ms(&cfg.engine), 5000);
     // The engine's own pool, with the configured (raised) timeouts.
     let pool = wardcall::db::connect_pool_with(db.options.clone(), &cfg.engine).await.unwrap();
@@ -431,4 +432,180 @@ pub async fn pool_pings_only_connections_idle_for_a_second() {
     let third = pid(pool.clone()).await.expect("the broken connection was closed");
     assert_ne!(third, second);
     pool.close().await;
+}
+
+/// A stand-in for a primary-only endpoint (a DNS name or a proxy that the HA
+/// manager moves) in front of the test's PostgreSQL. [`FailoverProxy::fail_over`]
+/// turns every connection made through it so far into a half-open one, as
+/// after the primary's machine died without a reset: nothing more is
+/// forwarded on them in either direction (not even the server's farewell),
+/// yet they stay open; their backends are terminated, as a dead primary's
+/// sessions are gone. Connections made afterwards reach the server (the new
+/// primary). The engine cannot tell a frozen connection from a slow one.
+struct FailoverProxy {
+    port: u16,
+    accepted: Arc<std::sync::atomic::AtomicU64>,
+    frozen_below: Arc<std::sync::atomic::AtomicU64>,
+    tasks: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+impl FailoverProxy {
+    async fn start(server: &sqlx::postgres::PgConnectOptions) -> FailoverProxy {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let socket = server.get_socket().expect("the test cluster listens on a Unix socket").join(format!(".s.PGSQL.{}", server.get_port()));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (accepted, frozen_below) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let tasks: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
+        let (a, f, t) = (accepted.clone(), frozen_below.clone(), tasks.clone());
+        let accept = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let generation = a.fetch_add(1, Ordering::SeqCst);
+                let Ok(upstream) = tokio::net::UnixStream::connect(&socket).await else { continue };
+                client.set_nodelay(true).ok();
+                let (client_read, client_write) = client.into_split();
+                let (server_read, server_write) = upstream.into_split();
+                let mut t = t.lock().unwrap();
+                t.push(tokio::spawn(pump(client_read, server_write, generation, f.clone())));
+                t.push(tokio::spawn(pump(server_read, client_write, generation, f.clone())));
+            }
+        });
+        tasks.lock().unwrap().push(accept);
+        FailoverProxy { port, accepted, frozen_below, tasks }
+    }
+
+    /// Options for a connection through the proxy (TCP to 127.0.0.1).
+    fn options(&self, db: &TestDb) -> sqlx::postgres::PgConnectOptions {
+        sqlx::postgres::PgConnectOptions::new_without_pgpass().host("127.0.0.1").port(self.port).username(db.options.get_username()).database(&db.name)
+    }
+
+    /// Every connection made so far goes silent, and its backend is
+    /// terminated (through `admin`, a session of the test's own).
+    async fn fail_over(&self, admin: &mut sqlx::PgConnection) {
+        use std::sync::atomic::Ordering;
+        self.frozen_below.store(self.accepted.load(Ordering::SeqCst), Ordering::SeqCst);
+        sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()")
+            .execute(admin)
+            .await
+            .unwrap();
+    }
+}
+
+impl Drop for FailoverProxy {
+    fn drop(&mut self) {
+        for t in self.tasks.lock().unwrap().drain(..) {
+            t.abort();
+        }
+    }
+}
+
+/// Forwards `from` to `to` until either closes, or, once its connection is
+/// frozen, holds both open and forwards nothing more.
+async fn pump(
+    mut from: impl tokio::io::AsyncRead + Unpin,
+    mut to: impl tokio::io::AsyncWrite + Unpin,
+    generation: u64,
+    frozen_below: Arc<std::sync::atomic::AtomicU64>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = from.read(&mut buf).await.unwrap_or(0);
+        if generation < frozen_below.load(std::sync::atomic::Ordering::SeqCst) {
+            let _held = (from, to);
+            return std::future::pending().await;
+        }
+        if n == 0 || to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// A hard failover: the engine's connections all go half-open at once (the
+/// old primary gone without a reset, new connections reaching the new
+/// one), right after each was used, so that none is pinged before its next
+/// statement. Before `engine.database_deadline_ms`, the dispatcher's next
+/// transaction, and every first tier, claim or record after it, waited on a
+/// dead connection for as long as the kernel keeps retransmitting (here:
+/// for ever): no alert was called again. Now each unit of work gives its
+/// connection up after the deadline (2 s here), closes it, and the alert
+/// committed after the failover is called on new connections.
+pub async fn a_hard_failover_leaves_no_engine_waiting_on_a_dead_connection() {
+    if init().cluster.is_none() {
+        eprintln!("skipped: needs the embedded cluster (its Unix socket behind the proxy)");
+        return;
+    }
+    let db = TestDb::new().await;
+    db.exec(wardcall::devtools::demo::HOSPITAL_SCHEMA).await;
+    let emulator = no_answer_emulator().await;
+    let mut cfg = crate::escalation::hospital_config(&emulator.base_url(), 600.0, 1);
+    cfg.engine.pool_size = 4;
+    cfg.engine.webhook_pool_size = 2;
+    cfg.engine.sweep_ms = 100;
+    cfg.engine.heartbeat_ms = 500;
+    cfg.engine.acquire_timeout_ms = 1000;
+    cfg.engine.statement_timeout_ms = 1000;
+    cfg.engine.database_deadline_ms = 2000;
+    cfg.validate("hospital.toml").unwrap();
+    let cfg = Arc::new(cfg);
+    let proxy = FailoverProxy::start(&db.options).await;
+    let through_proxy = proxy.options(&db);
+    let pool = wardcall::db::connect_pool_with(through_proxy.clone(), &cfg.engine).await.unwrap();
+    let app = wardcall::app::App::start(
+        wardcall::db::Database { pool: pool.clone(), connect_options: through_proxy, embedded: None },
+        cfg.clone(),
+        wardcall::app::StartOptions {
+            twilio_auth_token: Some(AUTH_TOKEN.into()),
+            http_listener: Some(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap()),
+            api_token: Some(API_TOKEN.into()),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("app starts");
+    let mut events = emulator.subscribe();
+    let mut admin = db.options.connect().await.unwrap();
+    let insert = |title: &'static str| {
+        sqlx::query(
+            "INSERT INTO alerts (patient_id, room_id, severity, status, alert_type, title, description)
+             SELECT 'P-DHE-001', room_id, 'critical', 'active', 'seizure_detected', $1, 'test' FROM rooms WHERE room_name = 'Room 2' LIMIT 1",
+        )
+        .bind(title)
+        .persistent(false)
+    };
+    insert("before the failover").execute(&mut admin).await.unwrap();
+    await_call_created(&mut events, Duration::from_secs(10)).await;
+    // Every pooled connection used just now (none is pinged before its next
+    // statement, PING_AFTER_IDLE), then the failover.
+    let mut held = Vec::new();
+    for _ in 0..cfg.engine.pool_size {
+        let mut c = pool.acquire().await.unwrap();
+        sqlx::query("SELECT 1").execute(&mut *c).await.unwrap();
+        held.push(c);
+    }
+    drop(held);
+    // Back in the pool (sqlx pings each as it is released): none is in flight.
+    await_some("the pool's connections idle", Duration::from_secs(5), || {
+        let pool = pool.clone();
+        async move { (pool.num_idle() == pool.size() as usize).then_some(()) }
+    })
+    .await;
+    proxy.fail_over(&mut admin).await;
+    let failed_over = Instant::now();
+    insert("after the failover").execute(&mut admin).await.unwrap();
+    await_call_created(&mut events, Duration::from_secs(30)).await;
+    eprintln!("called {:?} after the failover", failed_over.elapsed());
+    app.stop(Duration::from_secs(2)).await;
+}
+
+async fn await_call_created(events: &mut tokio::sync::broadcast::Receiver<EmulatorEvent>, within: Duration) {
+    let until = Instant::now() + within;
+    loop {
+        match tokio::time::timeout(until.saturating_duration_since(Instant::now()), events.recv()).await {
+            Ok(Ok(EmulatorEvent::CallCreated { .. })) => return,
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => panic!("emulator events: {e}"),
+            Err(_) => panic!("no create-call request within {within:?}"),
+        }
+    }
 }
