@@ -20,12 +20,18 @@
 //! finish (the deadline passed, or the future was dropped) is closed, not
 //! returned to the pool. sqlx would otherwise ping it on release, and that
 //! ping would wait on the dead socket just as long, holding a pool slot.
+//! A missed deadline also marks the database suspect for a while
+//! ([`mark_suspect`]): connections given back to a pool meanwhile (dropped
+//! mid-statement by some other deadline, a webhook's) are checked within a
+//! bound first and closed if silent ([`check_on_release`]).
 
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::PgTransactionManager;
 use sqlx::{PgConnection, PgPool, Postgres, TransactionManager};
 use std::future::Future;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 /// The database did not answer within the engine's deadline: the
 /// connection is presumed dead (half-open after a failover) and is closed.
@@ -48,11 +54,64 @@ pub fn is_no_reply(e: &sqlx::Error) -> bool {
 /// (the held connection, not released, is then closed when dropped).
 ///
 /// Errors: `work`'s own, or [`NoReply`] (as `sqlx::Error::Io`, converted to `E`).
+///
+/// A deadline that passes also marks the database suspect
+/// ([`mark_suspect`]) before `work` is dropped, so that the connections it
+/// drops mid-statement are checked, not trusted, as they go back to their
+/// pool ([`check_on_release`]).
 pub async fn within<T, E: From<sqlx::Error>>(deadline: Duration, work: impl Future<Output = Result<T, E>>) -> Result<T, E> {
-    match tokio::time::timeout(deadline, work).await {
-        Ok(result) => result,
-        Err(_) => Err(no_reply(deadline).into()),
+    let work = std::pin::pin!(work);
+    tokio::select! {
+        biased;
+        result = work => result,
+        _ = tokio::time::sleep(deadline) => {
+            mark_suspect();
+            Err(no_reply(deadline).into())
+        }
     }
+}
+
+/// How long after a missed deadline (or a silent listener connection) the
+/// pools check each connection given back to them ([`check_on_release`]).
+pub const SUSPECT_WINDOW: Duration = Duration::from_secs(60);
+
+/// Until when (milliseconds on [`process_clock_ms`]) connections given back
+/// to a pool are checked; 0: never marked.
+static SUSPECT_UNTIL_MS: AtomicU64 = AtomicU64::new(0);
+
+/// Milliseconds since this process first asked (a monotonic clock).
+fn process_clock_ms() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
+}
+
+/// The database may have gone silent (a deadline passed, the listener's
+/// connection stopped answering): for the next [`SUSPECT_WINDOW`], every
+/// connection given back to a pool is checked ([`check_on_release`]).
+pub fn mark_suspect() {
+    SUSPECT_UNTIL_MS.fetch_max(process_clock_ms() + SUSPECT_WINDOW.as_millis() as u64, Ordering::Relaxed);
+}
+
+/// Whether the database was marked suspect within the last [`SUSPECT_WINDOW`].
+pub fn suspect() -> bool {
+    process_clock_ms() < SUSPECT_UNTIL_MS.load(Ordering::Relaxed)
+}
+
+/// The pools' `after_release` check (`crate::db::pool_options`). sqlx pings
+/// every connection given back to its pool, with no bound: on a connection a
+/// hard failover left half-open (one whose statement was dropped at its
+/// deadline, say) that ping would wait for the kernel's retransmission
+/// timeout, about 15 minutes, holding a pool slot. While the database is
+/// [`suspect`], the connection is first pinged here within [`REPLY_MARGIN`]:
+/// `Ok(false)` (sqlx then closes it) when it does not answer. Otherwise it
+/// costs nothing: `Ok(true)` at once.
+///
+/// Errors: none (a failed ping is `Ok(false)`).
+pub async fn check_on_release(conn: &mut PgConnection) -> Result<bool, sqlx::Error> {
+    if !suspect() {
+        return Ok(true);
+    }
+    Ok(matches!(tokio::time::timeout(REPLY_MARGIN, sqlx::Connection::ping(conn)).await, Ok(Ok(()))))
 }
 
 /// The [`NoReply`] of `deadline`, as sqlx's error.

@@ -142,15 +142,23 @@ pub const PING_AFTER_IDLE: Duration = Duration::from_secs(1);
 /// within the last second fails its next statement instead, which is then
 /// retried like any other database error (a step's retry, the provider's
 /// webhook retry); sqlx closes the connection.
+///
+/// A connection given back while the database is suspect (a deadline
+/// passed, the listener's connection went silent) is pinged within a bound
+/// first and closed if it does not answer ([`deadline::check_on_release`]):
+/// sqlx's own ping on release has no bound.
 pub fn pool_options() -> PgPoolOptions {
-    PgPoolOptions::new().test_before_acquire(false).before_acquire(|conn, meta| {
-        Box::pin(async move {
-            if meta.idle_for >= PING_AFTER_IDLE {
-                conn.ping().await?;
-            }
-            Ok(true)
+    PgPoolOptions::new()
+        .test_before_acquire(false)
+        .before_acquire(|conn, meta| {
+            Box::pin(async move {
+                if meta.idle_for >= PING_AFTER_IDLE {
+                    conn.ping().await?;
+                }
+                Ok(true)
+            })
         })
-    })
+        .after_release(|conn, _| Box::pin(deadline::check_on_release(conn)))
 }
 
 /// The webhooks' own pool ([`crate::runtime::Services::for_webhooks`]):

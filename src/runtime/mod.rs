@@ -623,6 +623,9 @@ impl Engine {
                                     heartbeat_ms = heartbeat.as_millis() as u64,
                                     "listener connection silent (no answer to a heartbeat); reconnecting and draining the outbox"
                                 );
+                                // The pool's connections may be as silent
+                                // (a hard failover): check them as they come back.
+                                deadline::mark_suspect();
                                 break;
                             }
                         }

@@ -130,12 +130,14 @@ async fn webhook(
     // A webhook that cannot be recorded in time is answered 503 (its
     // transaction, if any, is rolled back when the future is dropped), and
     // Twilio retries it as the callback URL's connection overrides ask.
-    let reason = match tokio::time::timeout(WEBHOOK_DEADLINE, handled).await {
-        Ok(Ok(Some(r))) => return r,
-        Ok(Ok(None)) => return (StatusCode::NOT_FOUND, "unknown webhook").into_response(),
-        Ok(Err(CallEventError::UnknownAttempt)) => return (StatusCode::NOT_FOUND, "unknown attempt").into_response(),
-        Ok(Err(CallEventError::Db(e))) => crate::capture::db_message(&e),
-        Err(_) => format!("no answer from the database within {} s", WEBHOOK_DEADLINE.as_secs()),
+    // (`within` marks the database suspect before the handler's connections
+    // are dropped, so that one left half-open by a failover is closed, not
+    // waited on: `crate::db::deadline`.)
+    let reason = match crate::db::deadline::within(WEBHOOK_DEADLINE, handled).await {
+        Ok(Some(r)) => return r,
+        Ok(None) => return (StatusCode::NOT_FOUND, "unknown webhook").into_response(),
+        Err(CallEventError::UnknownAttempt) => return (StatusCode::NOT_FOUND, "unknown attempt").into_response(),
+        Err(CallEventError::Db(e)) => crate::capture::db_message(&e),
     };
     tracing::error!(error = %reason, kind = %kind, attempt = %attempt,
         "Twilio webhook not recorded: answering 503; Twilio retries it as the callback URL's connection overrides ask (up to 5 times within 15 s)");
@@ -150,7 +152,7 @@ async fn inbound_message(services: &Services, from: &str, message_sid: &str, bod
     if from.is_empty() || message_sid.is_empty() {
         return (StatusCode::BAD_REQUEST, "missing From or MessageSid").into_response();
     }
-    let reason = match tokio::time::timeout(
+    let reason = match crate::db::deadline::within(
         WEBHOOK_DEADLINE,
         acknowledgement::apply_reply(
             services,
@@ -164,13 +166,12 @@ async fn inbound_message(services: &Services, from: &str, message_sid: &str, bod
     )
     .await
     {
-        Ok(Ok(outcome)) => {
+        Ok(outcome) => {
             tracing::info!(?outcome, "inbound text message handled");
             return twiml_response(EMPTY_TWIML.to_string());
         }
-        Ok(Err(CallEventError::UnknownAttempt)) => return twiml_response(EMPTY_TWIML.to_string()),
-        Ok(Err(CallEventError::Db(e))) => crate::capture::db_message(&e),
-        Err(_) => format!("no answer from the database within {} s", WEBHOOK_DEADLINE.as_secs()),
+        Err(CallEventError::UnknownAttempt) => return twiml_response(EMPTY_TWIML.to_string()),
+        Err(CallEventError::Db(e)) => crate::capture::db_message(&e),
     };
     tracing::error!(error = %reason, "inbound text message not recorded: answering 503 so that Twilio retries it");
     (StatusCode::SERVICE_UNAVAILABLE, "database unavailable; retry").into_response()
