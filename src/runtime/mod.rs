@@ -1404,7 +1404,12 @@ impl Engine {
         let actor = self.actor();
         loop {
             if run.wait_signal.is_some() {
-                match store::resolve_wait(&self.db.pool, &run, &actor).await {
+                let resolved = async {
+                    let mut conn = HeldConnection::acquire(&self.db.pool).await?;
+                    let resolved = within(self.config.engine.database_deadline(), store::resolve_wait(&mut conn, &run, &actor)).await;
+                    conn.settle(resolved)
+                };
+                match resolved.await {
                     Ok(WaitResolution::Resolved(outcome)) => {
                         run.wait_signal = None;
                         run.wait_outcome = Some(outcome);
@@ -1581,7 +1586,9 @@ impl Engine {
             tx.commit().await?;
             Ok(Ok(due_now))
         };
-        match attempt.await {
+        // Bounded: past the deadline its connection is dropped mid-statement,
+        // checked as it goes back to the pool and closed (`db::deadline`).
+        match within(self.config.engine.database_deadline(), attempt).await {
             Ok(Ok(due_now)) => Ok(Some(due_now)),
             Ok(Err(StepError::LeaseLost)) => Ok(None),
             Ok(Err(step_error)) => Err(step_error),

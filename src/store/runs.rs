@@ -346,9 +346,9 @@ pub enum WaitResolution {
 /// else the run goes back to waiting. Exactly one outcome commits: the run row
 /// is locked first, as `wardcall.send_signal` locks it, so a racing signal is
 /// either seen here or finds the run waiting again (and makes it due).
-pub async fn resolve_wait(pool: &PgPool, run: &ClaimedRun, actor: &str) -> Result<WaitResolution, sqlx::Error> {
+pub async fn resolve_wait(conn: &mut PgConnection, run: &ClaimedRun, actor: &str) -> Result<WaitResolution, sqlx::Error> {
     let signal = run.wait_signal.as_deref().unwrap_or_default();
-    let mut tx = pool.begin().await?;
+    let mut tx = sqlx::Connection::begin(conn).await?;
     if !lock_fenced(&mut tx, run.id, run.fencing_token).await? {
         return Ok(WaitResolution::LeaseLost);
     }
