@@ -144,11 +144,13 @@ pub struct EngineConfig {
     /// plan (BENCHMARKS.md, "Issue 9, tenth session"). Set 4 on spinning
     /// disks. (PostgreSQL manual, 20.7.2 "Planner Cost Constants".)
     pub random_page_cost: f64,
-    /// The longest the engine waits for PostgreSQL to answer one unit of its
-    /// work (a dispatch, a claim, a group commit, a batch of first tiers or
-    /// send records, a message's lookups), in milliseconds, 1000..=7200000
-    /// and above `statement_timeout_ms`. Default 20000. A live server answers
-    /// first (its `statement_timeout` cancels a slow statement); past it the
+    /// The longest the engine waits for PostgreSQL to answer a phase of one
+    /// unit of its work (a dispatch, a claim, a group commit, a batch of
+    /// first tiers or send records, a lease renewal, a wait's resolution, a
+    /// step's commit with its work), in milliseconds, 1000..=7200000 and
+    /// above `statement_timeout_ms`. Default 20000. A live server answers
+    /// first (its `statement_timeout` cancels a slow statement; a batch of
+    /// many statements on a very loaded server could take longer); past it the
     /// connection is presumed half-open (a hard failover) and is closed, and
     /// the work fails like any database error ([`crate::db::deadline`]).
     pub database_deadline_ms: u64,

@@ -71,7 +71,14 @@ impl Database {
 
     /// Closes the pool and stops the embedded cluster, if any.
     pub async fn shutdown(self) {
-        self.pool.close().await;
+        // Bounded: a connection still held on a half-open socket (a hard
+        // failover; `deadline`) would hold the close until the kernel gives up.
+        if tokio::time::timeout(SHUTDOWN_CLOSE_MAX, self.pool.close()).await.is_err() {
+            tracing::warn!(
+                waited_ms = SHUTDOWN_CLOSE_MAX.as_millis() as u64,
+                "closing the pool: connections still busy (a database gone silent?); leaving them"
+            );
+        }
         if let Some(c) = self.embedded {
             if let Err(e) = c.stop().await {
                 tracing::warn!(error = %e, "stopping the embedded PostgreSQL cluster failed");
@@ -79,6 +86,10 @@ impl Database {
         }
     }
 }
+
+/// The longest [`Database::shutdown`] waits for the pool's connections to
+/// come back and close.
+pub const SHUTDOWN_CLOSE_MAX: Duration = Duration::from_secs(10);
 
 /// The engine's session settings on `options`: `statement_timeout` and
 /// `lock_timeout` from `settings` (milliseconds) and `random_page_cost`
@@ -117,9 +128,13 @@ pub async fn connect_pool(options: PgConnectOptions, size: u32) -> anyhow::Resul
 pub async fn connect_pool_with(options: PgConnectOptions, settings: &EngineConfig) -> anyhow::Result<PgPool> {
     let options = sqlx::ConnectOptions::disable_statement_logging(session_options(options.application_name("wardcall"), settings));
     let acquire = Duration::from_millis(settings.acquire_timeout_ms);
-    let result = pool_options().max_connections(settings.pool_size).min_connections(1).acquire_timeout(acquire).connect_with(options.clone()).await;
+    let (pool_options, clock) = pool_options();
+    let result = pool_options.max_connections(settings.pool_size).min_connections(1).acquire_timeout(acquire).connect_with(options.clone()).await;
     match result {
-        Ok(pool) => Ok(pool),
+        Ok(pool) => {
+            deadline::register(&pool, clock);
+            Ok(pool)
+        }
         Err(e) => {
             let why = explain_error(&options, &e, acquire.min(Duration::from_secs(5))).await;
             Err(anyhow::anyhow!("cannot connect to PostgreSQL: {why}"))
@@ -143,22 +158,36 @@ pub const PING_AFTER_IDLE: Duration = Duration::from_secs(1);
 /// retried like any other database error (a step's retry, the provider's
 /// webhook retry); sqlx closes the connection.
 ///
-/// A connection given back while the database is suspect (a deadline
-/// passed, the listener's connection went silent) is pinged within a bound
-/// first and closed if it does not answer ([`deadline::check_on_release`]):
-/// sqlx's own ping on release has no bound.
-pub fn pool_options() -> PgPoolOptions {
-    PgPoolOptions::new()
+/// While the pool is suspect (a deadline passed on one of its connections,
+/// the listener's connection went silent: [`deadline::mark_suspect`]), a
+/// connection is pinged within a bound before it is handed out, however
+/// recently used ([`deadline::check_on_acquire`]), and as it is given back
+/// ([`deadline::check_on_release`]: sqlx's own ping on release has no
+/// bound); one that does not answer is closed. Returns the options and the
+/// pool's [`deadline::SuspectClock`], to [`deadline::register`] with the
+/// pool once made.
+pub fn pool_options() -> (PgPoolOptions, Arc<deadline::SuspectClock>) {
+    let clock = Arc::new(deadline::SuspectClock::default());
+    let (on_acquire, on_release) = (clock.clone(), clock.clone());
+    let options = PgPoolOptions::new()
         .test_before_acquire(false)
-        .before_acquire(|conn, meta| {
+        .before_acquire(move |conn, meta| {
+            let clock = on_acquire.clone();
             Box::pin(async move {
+                if clock.suspect() {
+                    return deadline::check_on_acquire(conn).await;
+                }
                 if meta.idle_for >= PING_AFTER_IDLE {
                     conn.ping().await?;
                 }
                 Ok(true)
             })
         })
-        .after_release(|conn, _| Box::pin(deadline::check_on_release(conn)))
+        .after_release(move |conn, _| {
+            let clock = on_release.clone();
+            Box::pin(async move { deadline::check_on_release(&clock, conn).await })
+        });
+    (options, clock)
 }
 
 /// The webhooks' own pool ([`crate::runtime::Services::for_webhooks`]):
@@ -170,11 +199,14 @@ pub fn pool_options() -> PgPoolOptions {
 /// error.
 pub fn webhook_pool(pool: &PgPool, settings: &EngineConfig) -> PgPool {
     let options = session_options((*pool.connect_options()).clone().application_name("wardcall-webhooks"), settings);
-    pool_options()
+    let (pool_options, clock) = pool_options();
+    let webhooks = pool_options
         .max_connections(settings.webhook_pool_size)
         .min_connections(0)
         .acquire_timeout(Duration::from_millis(settings.acquire_timeout_ms))
-        .connect_lazy_with(options)
+        .connect_lazy_with(options);
+    deadline::register(&webhooks, clock);
+    webhooks
 }
 
 /// Describes `e` with PostgreSQL's own reason. The pool's `PoolTimedOut` says

@@ -422,6 +422,13 @@ async fn commit_batch(
     match commit_records(pool, deadline, stop, &records).await {
         Ok(statuses) => batch.iter().map(|r| statuses.get(&r.attempt_id).cloned().ok_or(sqlx::Error::RowNotFound)).collect(),
         Err(e) if batch.len() == 1 => vec![Err(e)],
+        // No reply at all (a half-open connection): recording them one by
+        // one would give each its own deadline, in turn, while the queue
+        // waits; each caller retries on its own instead.
+        Err(e) if crate::db::deadline::is_no_reply(&e) => {
+            tracing::warn!(records = batch.len(), error = %e, "a batch of send records got no reply; each is retried by its step");
+            batch.iter().map(|_| Err(crate::db::deadline::no_reply(deadline))).collect()
+        }
         Err(e) => {
             tracing::warn!(records = batch.len(), error = %crate::capture::db_message(&e), "a batch of send records failed; recording them one by one");
             let mut out = Vec::with_capacity(batch.len());

@@ -625,7 +625,8 @@ impl Engine {
                                 );
                                 // The pool's connections may be as silent
                                 // (a hard failover): check them as they come back.
-                                deadline::mark_suspect();
+                                deadline::mark_suspect(&self.db.pool);
+                                deadline::mark_suspect(&self.services.webhook_pool);
                                 break;
                             }
                         }
@@ -645,6 +646,7 @@ impl Engine {
     async fn dispatcher_loop(self: Arc<Self>) {
         let mut stop = self.shutdown.subscribe();
         let sweep = Duration::from_millis(self.config.engine.sweep_ms);
+        let mut small_batches_until: Option<Instant> = None;
         loop {
             if self.stopping() {
                 return;
@@ -654,15 +656,27 @@ impl Engine {
             // rest of a burst is dispatched; the batches after it take up
             // to [`DISPATCH_BATCH_MAX`].
             let mut limit = (self.slots.available_permits() as i64).clamp(DISPATCH_FIRST_BATCH_MIN, DISPATCH_BATCH_MAX);
+            // After a batch that got no reply in time, small batches for a
+            // while: on a live but very loaded server a batch of 500 events
+            // could take longer than the deadline every time and never land.
+            let shrunk = small_batches_until.is_some_and(|until| Instant::now() < until);
+            if shrunk {
+                limit = DISPATCH_FIRST_BATCH_MIN;
+            }
             loop {
                 self.health.beat(&self.health.dispatcher_beat);
                 match self.dispatch_batch(limit).await {
                     Ok(n) if n as i64 >= limit => {
-                        limit = DISPATCH_BATCH_MAX;
+                        if !shrunk {
+                            limit = DISPATCH_BATCH_MAX;
+                        }
                         continue;
                     }
                     Ok(_) => break,
                     Err(e) => {
+                        if e.downcast_ref::<sqlx::Error>().is_some_and(deadline::is_no_reply) {
+                            small_batches_until = Some(Instant::now() + deadline::SUSPECT_WINDOW);
+                        }
                         let why = self.db.explain_any(&e).await;
                         tracing::warn!(error = %why, "outbox dispatch failed; the next sweep retries");
                         break;
@@ -690,7 +704,9 @@ impl Engine {
     ///
     /// Bounded by `engine.database_deadline_ms` ([`crate::db::deadline`]):
     /// past it the batch's connection is closed (the server, if alive, rolls
-    /// the batch back; the outbox rows stay for the next sweep).
+    /// the batch back; the outbox rows stay for the next sweep). A `COMMIT`
+    /// whose reply was lost may have been written: its runs, leased to this
+    /// engine and not started, are claimed again when their leases lapse.
     pub async fn dispatch_batch(self: &Arc<Self>, limit: i64) -> anyhow::Result<usize> {
         let mut guard = Beginning { conn: self.db.pool.acquire().await?, begun: false, finished: false };
         let result = crate::db::deadline::within(self.config.engine.database_deadline(), self.dispatch_on(&mut guard, limit)).await;
@@ -1076,7 +1092,10 @@ impl Engine {
     /// leases ([`store::claim_locked`]), in its one transaction; then starts
     /// the leased runs on the `reserved` workers. If the commit fails,
     /// nothing of it is written and the due runs are claimed again with
-    /// leases only ([`Engine::claim_with_leases_only`]).
+    /// leases only ([`Engine::claim_with_leases_only`]). (A commit that got
+    /// no reply within `engine.database_deadline_ms` may have been written:
+    /// its leased runs then wait for their leases to lapse, and its steps
+    /// run inside it stand, written once.)
     async fn land_claim(
         self: Arc<Self>,
         claim: LockedClaim,
@@ -1145,7 +1164,9 @@ impl Engine {
     /// The commit is atomic: after a crash or an error nothing of it is
     /// written and every run is due as before.
     ///
-    /// Errors: a database error (the transaction is rolled back).
+    /// Errors: a database error (the transaction is rolled back; on no
+    /// reply within `engine.database_deadline_ms`, its connection is closed
+    /// and the server rolls it back).
     async fn lock_due_runs(self: &Arc<Self>, limit: usize, lease_max: usize) -> Result<LockedClaim, sqlx::Error> {
         let deadline = self.config.engine.database_deadline();
         let mut conn = HeldConnection::acquire(&self.db.pool).await?;
@@ -1262,12 +1283,14 @@ impl Engine {
             return;
         }
         // A critical run due now is claimed with the workers free now.
-        match self.db.pool.acquire().await {
-            Ok(mut conn) => match store::critical_run_due(&mut conn).await {
-                Ok(false) => {}
-                _ => return,
-            },
-            Err(_) => return,
+        let due = async {
+            let mut conn = HeldConnection::acquire(&self.db.pool).await?;
+            let due = within(self.config.engine.database_deadline(), store::critical_run_due(&mut conn)).await;
+            conn.settle(due)
+        };
+        match due.await {
+            Ok(false) => {}
+            _ => return,
         }
         let deadline = tokio::time::Instant::now() + CLAIM_COALESCE_WINDOW;
         while self.slots.available_permits() < enough {
@@ -1333,7 +1356,12 @@ impl Engine {
                 }
             }
             let until_ms = |ms: f64| Duration::from_micros((ms.max(0.0) * 1000.0) as u64).min(poll);
-            let wait = match store::next_due_in_ms(&self.db.pool).await {
+            let next_due = async {
+                let mut conn = HeldConnection::acquire(&self.db.pool).await?;
+                let next = within(self.config.engine.database_deadline(), store::next_due_in_ms(&mut conn)).await;
+                conn.settle(next)
+            };
+            let wait = match next_due.await {
                 // Due, yet the claim took none of them: their rows are
                 // locked by another transaction (another engine's claim, a
                 // webhook's, a team's write-back), which may hold them for
@@ -1379,7 +1407,10 @@ impl Engine {
             let pool = self.db.pool.clone();
             let lost = lost.clone();
             let (id, token, lease) = (run.id, run.fencing_token, self.lease_ms());
-            let deadline = self.config.engine.database_deadline();
+            // A renewal that gets no reply within a third of the lease is
+            // given up (its connection closed) and tried again at once on
+            // another, before the lease lapses.
+            let deadline = self.config.engine.database_deadline().min(Duration::from_millis((lease / 3).max(100) as u64));
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(Duration::from_millis((lease / 3).max(100) as u64));
                 tick.tick().await;
@@ -1588,7 +1619,7 @@ impl Engine {
         };
         // Bounded: past the deadline its connection is dropped mid-statement,
         // checked as it goes back to the pool and closed (`db::deadline`).
-        match within(self.config.engine.database_deadline(), attempt).await {
+        match deadline::within_on(&self.db.pool, self.config.engine.database_deadline(), attempt).await {
             Ok(Ok(due_now)) => Ok(Some(due_now)),
             Ok(Err(StepError::LeaseLost)) => Ok(None),
             Ok(Err(step_error)) => Err(step_error),
@@ -1612,7 +1643,12 @@ impl Engine {
         // Steps recording their sends without a worker slot finish too.
         let recording = workers * step::RECORDING_PLACES_PER_WORKER as u32;
         let _recording = tokio::time::timeout(grace.saturating_sub(started.elapsed()), self.record_places.recording.acquire_many(recording)).await;
-        match store::release_leases(&self.db.pool, &self.engine_id).await {
+        let released = async {
+            let mut conn = HeldConnection::acquire(&self.db.pool).await?;
+            let released = within(self.config.engine.database_deadline(), store::release_leases(&mut conn, &self.engine_id)).await;
+            conn.settle(released)
+        };
+        match released.await {
             Ok(0) => {}
             Ok(n) => tracing::info!(runs = n, "released leases at shutdown"),
             Err(e) => tracing::warn!(error = %crate::capture::db_message(&e), "releasing leases failed; they expire on their own"),
@@ -1865,16 +1901,12 @@ impl EngineTasks {
         let joined = tokio::time::timeout(grace, async { while self.set.join_next().await.is_some() {} }).await;
         if joined.is_err() {
             tracing::warn!(grace_ms = grace.as_millis() as u64, "engine tasks still running after the grace period (waiting on the database?); aborting them");
+            // Their connections, dropped mid-statement, are checked as they go back.
+            deadline::mark_suspect(&self.engine.db.pool);
             self.set.abort_all();
             while self.set.join_next().await.is_some() {}
         }
-        let released = within(self.engine.config.engine.database_deadline(), async {
-            self.engine.drain_and_release(grace).await;
-            Ok::<(), sqlx::Error>(())
-        });
-        if released.await.is_err() {
-            tracing::warn!("releasing leases at shutdown got no reply from the database; they expire on their own");
-        }
+        self.engine.drain_and_release(grace).await;
     }
 
     /// The engine these tasks belong to.

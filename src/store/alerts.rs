@@ -246,7 +246,8 @@ pub enum OpenedWithIntents {
     Opened { alert: Uuid, intents: Vec<(String, Uuid)> },
 }
 
-/// The first escalation tiers of many runs, in one autocommit statement:
+/// The first escalation tiers of many runs, in one autocommit statement on
+/// `conn` (outside a transaction: committed when it returns):
 /// fences each run (its fencing `token`, as
 /// [`crate::store::runs::lock_fenced`]; the rows locked in id order), opens
 /// its alert with its `message` (audited `alert.opened`) and records an

@@ -181,7 +181,7 @@ pub async fn claim_locked(conn: &mut PgConnection, runs: &[&ClaimedRun], owner: 
 /// lookups on `runs_claim` (one per `critical` value and bound).
 ///
 /// Errors: a database error.
-pub async fn next_due_in_ms(pool: &PgPool) -> Result<(Option<f64>, Option<f64>), sqlx::Error> {
+pub async fn next_due_in_ms(conn: &mut PgConnection) -> Result<(Option<f64>, Option<f64>), sqlx::Error> {
     sqlx::query_as(
         "WITH t AS (SELECT clock_timestamp() AS now)
          SELECT (extract(epoch FROM least(
@@ -194,7 +194,7 @@ pub async fn next_due_in_ms(pool: &PgPool) -> Result<(Option<f64>, Option<f64>),
                  - t.now) * 1000)::float8
            FROM t",
     )
-    .fetch_one(pool)
+    .fetch_one(conn)
     .await
 }
 
@@ -1129,13 +1129,13 @@ pub async fn send_signal(conn: &mut PgConnection, run: Uuid, name: &str, payload
 
 /// Releases the leases this engine holds (graceful shutdown): the runs become
 /// due at once, so another engine takes them over without waiting for expiry.
-pub async fn release_leases(pool: &PgPool, owner: &str) -> Result<u64, sqlx::Error> {
+pub async fn release_leases(conn: &mut PgConnection, owner: &str) -> Result<u64, sqlx::Error> {
     let r = sqlx::query(
         "UPDATE wardcall.runs SET due_at = clock_timestamp(), lease_owner = NULL
           WHERE lease_owner = $1 AND status = 'running'",
     )
     .bind(owner)
-    .execute(pool)
+    .execute(conn)
     .await?;
     Ok(r.rows_affected())
 }

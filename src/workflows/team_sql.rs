@@ -111,13 +111,14 @@ pub fn wrap_for_instant(sql: &str) -> String {
 /// the instant in milliseconds since the Unix epoch (UTC), `None` when it
 /// returned no row or NULL.
 ///
-/// Errors: PostgreSQL's.
+/// Errors: PostgreSQL's, or [`crate::db::deadline::NoReply`].
 pub async fn query_instant(pool: &sqlx::PgPool, sql: &str, payload: &Value, vars: &Value) -> Result<Option<i64>, sqlx::Error> {
     use sqlx::Row;
     let mut tx = begin_bounded_read_only(pool, STEP_STATEMENT_TIMEOUT_MS, STEP_LOCK_TIMEOUT_MS).await?;
     let wrapped = wrap_for_instant(sql);
-    let row = bind(&wrapped, payload, vars).fetch_optional(&mut *tx).await?;
-    tx.rollback().await?;
+    let row = within(past_statement_timeout(STEP_STATEMENT_TIMEOUT_MS), bind(&wrapped, payload, vars).fetch_optional(&mut *tx)).await;
+    // Rolled back as the pool takes the connection back.
+    let row = tx.settle(row)?;
     Ok(match row {
         Some(r) => r.try_get::<Option<f64>, _>(0)?.map(|ms| ms as i64),
         None => None,

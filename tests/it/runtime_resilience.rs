@@ -602,13 +602,28 @@ pub async fn a_hard_failover_leaves_no_engine_waiting_on_a_dead_connection() {
     insert("after the failover").execute(&mut admin).await.unwrap();
     await_call_created(&mut events, Duration::from_secs(30)).await;
     eprintln!("called {:?} after the failover", failed_over.elapsed());
+    // That call was the new alert's (not a re-call of the first), and its
+    // CallSid is recorded. (Polled on the test's own session: the failover
+    // ended the pool's.)
+    let until = Instant::now() + Duration::from_secs(15);
+    loop {
+        let recorded: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM wardcall.notification_attempts n JOIN wardcall.runs r ON r.id = n.run_id
+              WHERE r.input->>'title' = 'after the failover' AND n.provider_id IS NOT NULL",
+        )
+        .persistent(false)
+        .fetch_one(&mut admin)
+        .await
+        .unwrap();
+        if recorded == 1 {
+            break;
+        }
+        assert!(Instant::now() < until, "the new alert's call recorded within 15 s of its request");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     // The webhooks too: the first callbacks after the failover wait on their
-    // frozen connections, are answered 503 at their deadline and retried;
-    // their dropped connections are checked as they go back (closed, not
-    // waited on), so the retries find live ones and both calls' progress is
-    // recorded. (Before, each frozen webhook connection held its pool slot
-    // in sqlx's ping on release, and every callback was answered 503.)
-    // (Polled on the test's own session: the failover ended the pool's.)
+    // frozen connections, are answered 503 at their deadline and retried on
+    // live connections, and both calls' progress is recorded.
     let until = Instant::now() + Duration::from_secs(30);
     loop {
         let rang: i64 = sqlx::query_scalar("SELECT count(*) FROM wardcall.notification_attempts WHERE ringing_at IS NOT NULL")
@@ -623,7 +638,8 @@ pub async fn a_hard_failover_leaves_no_engine_waiting_on_a_dead_connection() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     eprintln!("webhooks recorded {:?} after the failover", failed_over.elapsed());
-    app.stop(Duration::from_secs(2)).await;
+    app.stop(Duration::from_secs(5)).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), pool.close()).await;
 }
 
 async fn await_call_created(events: &mut tokio::sync::broadcast::Receiver<EmulatorEvent>, within: Duration) {
@@ -642,8 +658,10 @@ async fn await_call_created(events: &mut tokio::sync::broadcast::Receiver<Emulat
 /// connection whose statement was dropped (at its deadline) on a
 /// connection a hard failover left half-open would hold its pool slot in
 /// that ping for as long as the kernel retransmits. After a missed
-/// deadline the pool checks it first within 2 s and closes it
-/// (`wardcall::db::deadline::check_on_release`): the slot comes back.
+/// deadline (`within_on`, which marks the pool suspect) the pool checks it
+/// first within 2 s and closes it (`wardcall::db::deadline::check_on_release`):
+/// the slot comes back. (The mark is the pool's own: other tests' pools,
+/// and their ping counts, are not touched.)
 pub async fn a_connection_dropped_mid_statement_after_a_failover_is_closed_not_waited_on() {
     if init().cluster.is_none() {
         eprintln!("skipped: needs the embedded cluster (its Unix socket behind the proxy)");
@@ -652,13 +670,17 @@ pub async fn a_connection_dropped_mid_statement_after_a_failover_is_closed_not_w
     let db = TestDb::new().await;
     let proxy = FailoverProxy::start(&db.options).await;
     // One slot only: while it is held, nothing else gets a connection.
-    let pool = wardcall::db::pool_options().max_connections(1).acquire_timeout(Duration::from_millis(500)).connect_with(proxy.options(&db)).await.unwrap();
+    let (options, clock) = wardcall::db::pool_options();
+    let pool = options.max_connections(1).acquire_timeout(Duration::from_millis(500)).connect_with(proxy.options(&db)).await.unwrap();
+    wardcall::db::deadline::register(&pool, clock);
     let mut conn = pool.acquire().await.unwrap();
     sqlx::query("SELECT 1").execute(&mut *conn).await.unwrap();
     let mut admin = db.options.connect().await.unwrap();
     proxy.fail_over(&mut admin).await;
-    let e = wardcall::db::deadline::within(Duration::from_millis(300), sqlx::query("SELECT 1").execute(&mut *conn)).await.unwrap_err();
+    assert!(!wardcall::db::deadline::suspect(&pool));
+    let e = wardcall::db::deadline::within_on(&pool, Duration::from_millis(300), sqlx::query("SELECT 1").execute(&mut *conn)).await.unwrap_err();
     assert!(wardcall::db::deadline::is_no_reply(&e), "{e}");
+    assert!(wardcall::db::deadline::suspect(&pool), "the missed deadline marks its pool");
     drop(conn);
     let dropped = Instant::now();
     let again = await_some("the pool's one slot back", Duration::from_secs(6), || {

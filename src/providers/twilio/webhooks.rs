@@ -130,10 +130,10 @@ async fn webhook(
     // A webhook that cannot be recorded in time is answered 503 (its
     // transaction, if any, is rolled back when the future is dropped), and
     // Twilio retries it as the callback URL's connection overrides ask.
-    // (`within` marks the database suspect before the handler's connections
-    // are dropped, so that one left half-open by a failover is closed, not
-    // waited on: `crate::db::deadline`.)
-    let reason = match crate::db::deadline::within(WEBHOOK_DEADLINE, handled).await {
+    // (`within_on` marks the webhooks' pool suspect before the handler's
+    // connections are dropped, so that one left half-open by a failover is
+    // closed, not waited on: `crate::db::deadline`.)
+    let reason = match crate::db::deadline::within_on(&services.pool, WEBHOOK_DEADLINE, handled).await {
         Ok(Some(r)) => return r,
         Ok(None) => return (StatusCode::NOT_FOUND, "unknown webhook").into_response(),
         Err(CallEventError::UnknownAttempt) => return (StatusCode::NOT_FOUND, "unknown attempt").into_response(),
@@ -152,7 +152,8 @@ async fn inbound_message(services: &Services, from: &str, message_sid: &str, bod
     if from.is_empty() || message_sid.is_empty() {
         return (StatusCode::BAD_REQUEST, "missing From or MessageSid").into_response();
     }
-    let reason = match crate::db::deadline::within(
+    let reason = match crate::db::deadline::within_on(
+        &services.pool,
         WEBHOOK_DEADLINE,
         acknowledgement::apply_reply(
             services,
