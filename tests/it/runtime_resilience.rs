@@ -605,41 +605,36 @@ pub async fn a_hard_failover_leaves_no_engine_waiting_on_a_dead_connection() {
     // That call was the new alert's (not a re-call of the first), and its
     // CallSid is recorded. (Polled on the test's own session: the failover
     // ended the pool's.)
-    let until = Instant::now() + Duration::from_secs(15);
-    loop {
-        let recorded: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM wardcall.notification_attempts n JOIN wardcall.runs r ON r.id = n.run_id
-              WHERE r.input->>'title' = 'after the failover' AND n.provider_id IS NOT NULL",
-        )
-        .persistent(false)
-        .fetch_one(&mut admin)
-        .await
-        .unwrap();
-        if recorded == 1 {
-            break;
-        }
-        assert!(Instant::now() < until, "the new alert's call recorded within 15 s of its request");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    await_on_session(
+        &mut admin,
+        "the new alert's call recorded",
+        Duration::from_secs(15),
+        "SELECT count(*) = 1 FROM wardcall.notification_attempts n JOIN wardcall.runs r ON r.id = n.run_id
+          WHERE r.input->>'title' = 'after the failover' AND n.provider_id IS NOT NULL",
+    )
+    .await;
     // The webhooks too: the first callbacks after the failover wait on their
     // frozen connections, are answered 503 at their deadline and retried on
     // live connections, and both calls' progress is recorded.
-    let until = Instant::now() + Duration::from_secs(30);
-    loop {
-        let rang: i64 = sqlx::query_scalar("SELECT count(*) FROM wardcall.notification_attempts WHERE ringing_at IS NOT NULL")
-            .persistent(false)
-            .fetch_one(&mut admin)
-            .await
-            .unwrap();
-        if rang == 2 {
-            break;
-        }
-        assert!(Instant::now() < until, "both calls' ringing recorded within 30 s after the failover ({rang} of 2)");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    await_on_session(
+        &mut admin,
+        "both calls' ringing recorded",
+        Duration::from_secs(30),
+        "SELECT count(*) = 2 FROM wardcall.notification_attempts WHERE ringing_at IS NOT NULL",
+    )
+    .await;
     eprintln!("webhooks recorded {:?} after the failover", failed_over.elapsed());
     app.stop(Duration::from_secs(5)).await;
     let _ = tokio::time::timeout(Duration::from_secs(5), pool.close()).await;
+}
+
+/// [`await_true`] on one session of the test's own (`conn`), polled every 20 ms.
+async fn await_on_session(conn: &mut sqlx::PgConnection, what: &str, timeout: Duration, sql: &str) {
+    let until = Instant::now() + timeout;
+    while !sqlx::query_scalar::<_, bool>(sql).persistent(false).fetch_one(&mut *conn).await.unwrap() {
+        assert!(Instant::now() < until, "timed out after {timeout:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 async fn await_call_created(events: &mut tokio::sync::broadcast::Receiver<EmulatorEvent>, within: Duration) {
