@@ -709,8 +709,11 @@ impl Engine {
     /// engine and not started, are claimed again when their leases lapse.
     pub async fn dispatch_batch(self: &Arc<Self>, limit: i64) -> anyhow::Result<usize> {
         let mut guard = Beginning { conn: self.db.pool.acquire().await?, begun: false, finished: false };
-        let result = crate::db::deadline::within(self.config.engine.database_deadline(), self.dispatch_on(&mut guard, limit)).await;
-        guard.finished = !result.as_ref().is_err_and(|e| e.downcast_ref::<sqlx::Error>().is_some_and(crate::db::deadline::is_no_reply));
+        let result = within(self.config.engine.database_deadline(), self.dispatch_on(&mut guard, limit)).await;
+        guard.finished = !result.as_ref().is_err_and(|e| e.downcast_ref::<sqlx::Error>().is_some_and(deadline::is_no_reply));
+        if !guard.finished {
+            deadline::mark_suspect(&self.db.pool);
+        }
         result
     }
 
@@ -1125,7 +1128,9 @@ impl Engine {
                 // Rolled back before the fallback claims, which would skip
                 // the rows this transaction still held (`SKIP LOCKED`): a
                 // closed connection's rollback is the server's, later.
-                if !deadline::is_no_reply(&e) && within(deadline, conn.rollback()).await.is_ok() {
+                if deadline::is_no_reply(&e) {
+                    deadline::mark_suspect(&self.db.pool);
+                } else if within(deadline, conn.rollback()).await.is_ok() {
                     conn.release();
                 }
                 Err(e)
@@ -1177,7 +1182,9 @@ impl Engine {
             Err(e) => {
                 // Rolled back at once (a closed connection's rollback is the
                 // server's, later), unless the server is not answering.
-                if !deadline::is_no_reply(&e) && within(deadline, claim.conn.rollback()).await.is_ok() {
+                if deadline::is_no_reply(&e) {
+                    deadline::mark_suspect(&self.db.pool);
+                } else if within(deadline, claim.conn.rollback()).await.is_ok() {
                     claim.conn.release();
                 }
                 Err(e)
