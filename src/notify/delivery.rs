@@ -21,7 +21,7 @@ use super::channel::{ChannelSender, Outgoing, ProviderRecord, SendError, SendOut
 use super::Channel;
 use crate::config::redact_phone;
 use crate::db::batches::BatchQueue;
-use crate::db::deadline::{within, HeldConnection};
+use crate::db::deadline::{within, within_on, HeldConnection};
 use crate::runtime::step::WorkerSlot;
 use crate::runtime::Services;
 use crate::store::attempts::{self, AttemptRow};
@@ -463,7 +463,7 @@ async fn commit_records(
                 // sweepers ([`run_due_kept_write_backs`]); so does an error
                 // around the team's statement (the database unreachable).
                 let outcome = tokio::select! {
-                    outcome = run_kept_write_back(&pool, attempt, &hook, &actor) => outcome,
+                    outcome = within_on(&pool, deadline, run_kept_write_back(&pool, attempt, &hook, &actor)) => outcome,
                     _ = stop.changed() => return,
                 };
                 if let Err(e) = outcome {
@@ -552,10 +552,14 @@ pub fn run_due_kept_write_backs(services: &Services) {
     let running = services.shared(KeptWriteBackRunner::default);
     let Ok(guard) = running.0.clone().try_lock_owned() else { return };
     let (pool, mut stop, actor) = (services.pool.clone(), services.stop_signal(), services.actor());
+    // Each statement bounded ([`crate::db::deadline`]): a half-open
+    // connection must not hold the runner, and so the call sweeper's next
+    // sweeps' kept write-backs, until the kernel gives up.
+    let deadline = services.config.engine.database_deadline();
     tokio::spawn(async move {
         let _one_at_a_time = guard;
         while !*stop.borrow() {
-            let (attempt, hook, tries) = match write_backs::due(&pool).await {
+            let (attempt, hook, tries) = match within_on(&pool, deadline, write_backs::due(&pool)).await {
                 Ok(Some(due)) => due,
                 Ok(None) => return,
                 Err(e) => {
@@ -564,7 +568,7 @@ pub fn run_due_kept_write_backs(services: &Services) {
                 }
             };
             let outcome = tokio::select! {
-                outcome = run_kept_write_back(&pool, attempt, &hook, &actor) => outcome,
+                outcome = within_on(&pool, deadline, run_kept_write_back(&pool, attempt, &hook, &actor)) => outcome,
                 _ = stop.changed() => return,
             };
             match outcome {
@@ -573,7 +577,7 @@ pub fn run_due_kept_write_backs(services: &Services) {
                 Err(e) if tries >= write_backs::TRIES_MAX => {
                     let error = crate::capture::db_message(&e);
                     tracing::error!(%attempt, hook, tries, error = %error, "a kept write-back failed around its statement every time; given up and audited");
-                    if let Err(e) = write_backs::give_up(&pool, attempt, &hook, &error, &actor).await {
+                    if let Err(e) = within_on(&pool, deadline, write_backs::give_up(&pool, attempt, &hook, &error, &actor)).await {
                         tracing::warn!(%attempt, hook, error = %crate::capture::db_message(&e), "giving up a kept write-back failed; tried again later");
                     }
                 }
