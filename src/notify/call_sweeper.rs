@@ -31,6 +31,7 @@
 //! `FOR UPDATE SKIP LOCKED` and their next time is pushed on before the
 //! provider is asked.
 
+use crate::db::deadline::within_on;
 use crate::notify::acknowledgement::{self, Delivery};
 use crate::notify::Channel;
 use crate::runtime::Services;
@@ -96,9 +97,13 @@ pub async fn sweep_once(services: &Services) -> Result<SweepReport, sqlx::Error>
     crate::notify::delivery::run_due_kept_write_backs(services);
     let Some(voice) = services.providers.sender(Channel::Voice) else { return Ok(report) };
     let actor = format!("reconciler:{}", services.engine_id);
+    // Each database step bounded (`crate::db::deadline`): a connection a hard
+    // failover left half-open must not hold the sweeper (hang-ups of
+    // acknowledged alerts, reconciliation) until the kernel gives up.
+    let (pool, deadline) = (&services.pool, services.config.engine.database_deadline());
 
     // 1. Hang-ups.
-    let to_end = attempts::claim_calls_to_end(&services.pool, 50, HANGUP_RETRY.as_millis() as i64, &actor).await?;
+    let to_end = within_on(pool, deadline, attempts::claim_calls_to_end(pool, 50, HANGUP_RETRY.as_millis() as i64, &actor)).await?;
     for (id, provider_id, alert_status) in &to_end {
         match voice.end(provider_id).await {
             Ok(()) => tracing::info!(attempt = %id, provider_id = %provider_id, alert_status = %alert_status, "ended a call of a closed alert"),
@@ -108,13 +113,18 @@ pub async fn sweep_once(services: &Services) -> Result<SweepReport, sqlx::Error>
     report.hangups = to_end.len();
 
     // 2. Attempts past their expected end without a final status.
-    let overdue = attempts::claim_calls_to_reconcile(&services.pool, 20, RECONCILE_MARGIN.as_millis() as i64).await?;
+    let overdue = within_on(pool, deadline, attempts::claim_calls_to_reconcile(pool, 20, RECONCILE_MARGIN.as_millis() as i64)).await?;
     for (id, provider_id) in &overdue {
         match voice.fetch(provider_id).await {
             Ok(call) => {
                 tracing::info!(attempt = %id, provider_id = %provider_id, status = %call.status, "reconciled a call whose final callback had not arrived");
                 let delivery = Delivery { provider: voice.provider(), idempotency_token: None, webhook: false };
-                match acknowledgement::apply_status(services, delivery, *id, Some(provider_id), &call.status, call.answered_by.as_deref(), &actor).await {
+                let applied = within_on(
+                    pool,
+                    deadline,
+                    acknowledgement::apply_status(services, delivery, *id, Some(provider_id), &call.status, call.answered_by.as_deref(), &actor),
+                );
+                match applied.await {
                     Ok(()) => {}
                     Err(acknowledgement::CallEventError::Db(e)) => return Err(e),
                     Err(e) => tracing::warn!(attempt = %id, error = %e, "reconciling an attempt failed"),
@@ -129,9 +139,9 @@ pub async fn sweep_once(services: &Services) -> Result<SweepReport, sqlx::Error>
 
     // 3. Intents never confirmed whose run is over: nothing will place or
     //    reconcile them any more.
-    report.abandoned_intents = attempts::abandon_unconfirmed_intents(&services.pool, 50, &actor).await?;
+    report.abandoned_intents = within_on(pool, deadline, attempts::abandon_unconfirmed_intents(pool, 50, &actor)).await?;
 
     // 4. Webhook receipts outlive any retry or replay by far after a day.
-    webhooks::prune(&services.pool).await?;
+    within_on(pool, deadline, webhooks::prune(pool)).await?;
     Ok(report)
 }
