@@ -708,16 +708,18 @@ impl Engine {
     /// whose reply was lost may have been written: its runs, leased to this
     /// engine and not started, are claimed again when their leases lapse.
     pub async fn dispatch_batch(self: &Arc<Self>, limit: i64) -> anyhow::Result<usize> {
-        let mut guard = Beginning { conn: self.db.pool.acquire().await?, begun: false, finished: false };
-        let result = within(self.config.engine.database_deadline(), self.dispatch_on(&mut guard, limit)).await;
-        guard.finished = !result.as_ref().is_err_and(|e| e.downcast_ref::<sqlx::Error>().is_some_and(deadline::is_no_reply));
-        if !guard.finished {
+        let mut conn = HeldConnection::acquire(&self.db.pool).await?;
+        let result = within(self.config.engine.database_deadline(), self.dispatch_on(&mut conn, limit)).await;
+        if result.as_ref().is_err_and(|e| e.downcast_ref::<sqlx::Error>().is_some_and(deadline::is_no_reply)) {
+            // Closed when dropped unreleased.
             deadline::mark_suspect(&self.db.pool);
+        } else {
+            conn.release();
         }
         result
     }
 
-    async fn dispatch_on(self: &Arc<Self>, guard: &mut Beginning, limit: i64) -> anyhow::Result<usize> {
+    async fn dispatch_on(self: &Arc<Self>, tx: &mut HeldConnection, limit: i64) -> anyhow::Result<usize> {
         let critical_events: Vec<String> = self.config.workflows.iter().filter(|w| self.host.is_critical(w)).map(|w| w.event.clone()).collect();
         // One dispatcher at a time, of all engines: keyed events (a create,
         // its replacement, its cancel, an awaited event) must meet the runs of
@@ -734,12 +736,10 @@ impl Engine {
         // or holding the lock) and sqlx queues no `ROLLBACK`. Returned to the
         // pool, the connection would fail every later statement of whoever
         // took it (25P02), or run their autocommit statements (a run's
-        // intents) inside a transaction nobody commits: it is closed instead
-        // (the server rolls back).
-        let begun = sqlx::Connection::begin_with(&mut *guard.conn, format!("BEGIN; SELECT pg_advisory_xact_lock({DISPATCH_LOCK_KEY})")).await;
-        guard.begun = begun.is_ok();
-        let mut tx = begun?;
-        let mut rows = crate::store::outbox::claim_batch(&mut tx, limit, &self.engine_id, &critical_events).await?;
+        // intents) inside a transaction nobody commits: `HeldConnection`
+        // closes it instead (the server rolls back).
+        tx.begin(Some(format!("BEGIN; SELECT pg_advisory_xact_lock({DISPATCH_LOCK_KEY})"))).await?;
+        let mut rows = crate::store::outbox::claim_batch(tx, limit, &self.engine_id, &critical_events).await?;
         // Critical events first (they take the free worker slots first), then by id.
         rows.sort_by_key(|(id, event, _, _)| (!critical_events.contains(event), *id));
         if rows.is_empty() {
@@ -755,7 +755,7 @@ impl Engine {
             }
             let payloads: Vec<&Value> = rows.iter().filter(|r| r.1 == w.event).map(|r| &r.2).collect();
             let when = w.when.as_deref().unwrap_or("true");
-            match when_matches(&mut tx, when, &ids, &payloads).await? {
+            match when_matches(tx, when, &ids, &payloads).await? {
                 Ok(matched) => skipped.extend(ids.iter().filter(|id| !matched.contains(id)).map(|id| (*id, w.name.as_str()))),
                 // One payload broke the condition (a bad cast): each event is
                 // evaluated alone, so the others are decided as usual. An event
@@ -765,7 +765,7 @@ impl Engine {
                 Err(_) => {
                     let critical = self.host.is_critical(w);
                     for (id, payload) in ids.iter().zip(&payloads) {
-                        match when_matches(&mut tx, when, std::slice::from_ref(id), std::slice::from_ref(payload)).await? {
+                        match when_matches(tx, when, std::slice::from_ref(id), std::slice::from_ref(payload)).await? {
                             Ok(matched) if matched.is_empty() => {
                                 skipped.insert((*id, w.name.as_str()));
                             }
@@ -777,7 +777,7 @@ impl Engine {
                                 }
                                 let source = rows.iter().find(|r| r.0 == *id).map(|r| r.3.clone()).unwrap_or_default();
                                 crate::store::audit::record(
-                                    &mut tx,
+                                    tx,
                                     crate::store::audit::Entity::Source,
                                     &source,
                                     "event.when_failed",
@@ -854,17 +854,17 @@ impl Engine {
         }
         // `on_duplicate = "replace"`: the live run with the key gives way.
         for (workflow, key, before) in &replacing {
-            for run in store::live_runs_with_key(&mut tx, workflow, key, *before).await? {
-                self.host.cancel_run_in(&mut tx, &self.config, run, &actor, "replaced by a newer event with the same key", true).await?;
+            for run in store::live_runs_with_key(tx, workflow, key, *before).await? {
+                self.host.cancel_run_in(tx, &self.config, run, &actor, "replaced by a newer event with the same key", true).await?;
             }
         }
         if !unrouted.is_empty() {
-            crate::store::outbox::mark_unrouted(&mut tx, &unrouted).await?;
+            crate::store::outbox::mark_unrouted(tx, &unrouted).await?;
         }
         // Take as many runs as there are free worker slots: they start leased
         // to us. Critical runs come first; other runs take no slot while a
         // critical run is due, so that the scheduler claims it first.
-        let critical_due = criticals.iter().any(|c| !c) && store::critical_run_due(&mut tx).await?;
+        let critical_due = criticals.iter().any(|c| !c) && store::critical_run_due(tx).await?;
         let mut taken = Vec::new();
         for &critical in &criticals {
             if !critical && critical_due {
@@ -877,7 +877,7 @@ impl Engine {
         }
         let lease_now: Vec<bool> = (0..workflow_names.len()).map(|i| i < taken.len()).collect();
         let created = store::create_runs(
-            &mut tx,
+            tx,
             &store::NewRuns {
                 workflows: &workflow_names,
                 event_ids: &event_ids,
@@ -894,7 +894,7 @@ impl Engine {
         // Events that cancel runs by key, or that runs wait for by key: only
         // runs created by an older event are touched.
         for (id, event, payload, _) in &rows {
-            self.deliver_keyed_event(&mut tx, *id, event, payload, &actor).await?;
+            self.deliver_keyed_event(tx, *id, event, payload, &actor).await?;
         }
         let mut to_run = Vec::new();
         let mut pending = 0;
@@ -905,7 +905,7 @@ impl Engine {
             }
         }
         if pending > 0 {
-            sqlx::query("SELECT pg_notify($1, '')").bind(WAKE_CHANNEL).execute(&mut *tx).await?;
+            sqlx::query("SELECT pg_notify($1, '')").bind(WAKE_CHANNEL).execute(&mut **tx).await?;
         }
         tx.commit().await?;
         for (run, permit) in to_run.into_iter().zip(taken) {
@@ -1694,28 +1694,6 @@ fn run_key(template: &str, payload: &Value) -> Option<String> {
         return Some(format!("sha1:{}", digest.iter().map(|b| format!("{b:02x}")).collect::<String>()));
     }
     Some(k)
-}
-
-/// A pooled connection on which a transaction is being begun with a
-/// statement of several parts ([`Engine::dispatch_batch`]): closed, not
-/// returned to the pool, unless `begun` (sqlx then tracks the transaction and
-/// rolls it back when dropped).
-struct Beginning {
-    conn: sqlx::pool::PoolConnection<sqlx::Postgres>,
-    begun: bool,
-    /// The dispatch returned (committed, or failed with the server's
-    /// answer); false when its deadline passed or its future was dropped:
-    /// the connection may be half-open, and sqlx's ping on release would
-    /// wait on it ([`crate::db::deadline`]).
-    finished: bool,
-}
-
-impl Drop for Beginning {
-    fn drop(&mut self) {
-        if !self.begun || !self.finished {
-            self.conn.close_on_drop();
-        }
-    }
 }
 
 /// Evaluates a workflow's `when` over a batch of payloads in one statement
