@@ -97,12 +97,12 @@ pub async fn reconcile(
             .filter(|r| body.is_none() || r.body.as_deref() == body)
             .collect();
         let ids: Vec<String> = candidates.iter().map(|r| r.provider_id.clone()).collect();
-        let known = attempts::known_provider_ids(&services.pool, sender.provider(), &ids).await?;
+        let known = services.bounded(attempts::known_provider_ids(&services.pool, sender.provider(), &ids)).await?;
         // A text is matched by its body too: another alert's text to the
         // same number is told apart, so only the same run's intents (the same
         // body: two people sharing a phone) are rivals; without that, both
         // would adopt one message and the unique index would refuse the step.
-        let rivals = attempts::unconfirmed_rivals(&services.pool, &a.destination, a.id, sender.channel().as_str(), body.is_some()).await?;
+        let rivals = services.bounded(attempts::unconfirmed_rivals(&services.pool, &a.destination, a.id, sender.channel().as_str(), body.is_some())).await?;
         let adopt = if rivals == 0 { candidates.iter().rev().find(|r| !known.contains(&r.provider_id)) } else { None };
         // A text's status is recorded as the provider has it; a call's
         // statuses arrive by callback (the sweeper fetches late ones).
@@ -280,53 +280,57 @@ async fn record_result(
     }
     // A write-back or a content refusal to audit share the send's
     // transaction; otherwise the result is one statement on its own.
-    let shared = on_sent.is_some() || outcome.content_refused.is_some();
-    let (mut tx, mut conn) = if shared { (Some(services.pool.begin().await?), None) } else { (None, Some(services.pool.acquire().await?)) };
-    let c: &mut PgConnection = match (tx.as_mut(), conn.as_mut()) {
-        (Some(t), _) => t,
-        (None, Some(c)) => c,
-        (None, None) => unreachable!("a transaction or a connection was opened above"),
-    };
-    if let Some(e) = &outcome.content_refused {
-        tracing::warn!(attempt = %o.attempt_id, person = %o.person_id, error = %e, "the provider refused the alert's text for its content; sent the short fallback text instead");
-        attempts::audit_content_refused(c, o.attempt_id, e, actor).await?;
-    }
-    let mut closed_alert = false;
-    let transient = match &outcome.result {
-        Ok(sent) => {
-            tracing::info!(attempt = %o.attempt_id, person = %o.person_id, channel = sender.channel().as_str(), to = %redact_phone(&o.to), provider_id = %sent.provider_id, "sent");
-            let (_, alert_status) = attempts::record_sent(c, o.attempt_id, &sent.provider_id, sent.status.as_deref().unwrap_or("requested"), actor).await?;
-            if let Some(w) = on_sent {
-                crate::workflows::team_sql::write_back(
-                    c,
-                    Some(w.sql),
-                    w.hook,
-                    w.payload,
-                    crate::workflows::team_sql::WriteBackSubject::Attempt(o.attempt_id),
-                    actor,
-                )
-                .await?;
+    // Bounded by `engine.database_deadline_ms` ([`Services::bounded`]).
+    let (transient, closed_alert) = services.bounded(async {
+        let shared = on_sent.is_some() || outcome.content_refused.is_some();
+        let (mut tx, mut conn) = if shared { (Some(services.pool.begin().await?), None) } else { (None, Some(services.pool.acquire().await?)) };
+        let c: &mut PgConnection = match (tx.as_mut(), conn.as_mut()) {
+            (Some(t), _) => t,
+            (None, Some(c)) => c,
+            (None, None) => unreachable!("a transaction or a connection was opened above"),
+        };
+        if let Some(e) = &outcome.content_refused {
+            tracing::warn!(attempt = %o.attempt_id, person = %o.person_id, error = %e, "the provider refused the alert's text for its content; sent the short fallback text instead");
+            attempts::audit_content_refused(c, o.attempt_id, e, actor).await?;
+        }
+        let mut closed_alert = false;
+        let transient = match &outcome.result {
+            Ok(sent) => {
+                tracing::info!(attempt = %o.attempt_id, person = %o.person_id, channel = sender.channel().as_str(), to = %redact_phone(&o.to), provider_id = %sent.provider_id, "sent");
+                let (_, alert_status) = attempts::record_sent(c, o.attempt_id, &sent.provider_id, sent.status.as_deref().unwrap_or("requested"), actor).await?;
+                if let Some(w) = on_sent {
+                    crate::workflows::team_sql::write_back(
+                        c,
+                        Some(w.sql),
+                        w.hook,
+                        w.payload,
+                        crate::workflows::team_sql::WriteBackSubject::Attempt(o.attempt_id),
+                        actor,
+                    )
+                    .await?;
+                }
+                closed_alert = alert_status.as_deref().is_some_and(|s| s != "open");
+                if closed_alert {
+                    tracing::warn!(attempt = %o.attempt_id, provider_id = %sent.provider_id, alert_status = ?alert_status, "a send went out after its alert closed; ending it if it can be");
+                }
+                None
             }
-            closed_alert = alert_status.as_deref().is_some_and(|s| s != "open");
-            if closed_alert {
-                tracing::warn!(attempt = %o.attempt_id, provider_id = %sent.provider_id, alert_status = ?alert_status, "a send went out after its alert closed; ending it if it can be");
+            Err(SendError::Unavailable(e)) => {
+                tracing::error!(attempt = %o.attempt_id, person = %o.person_id, error = %e, "could not send, or the outcome is unknown (provider unavailable, slow, or refusing our credentials); retrying the step after reconciling with the provider");
+                attempts::audit_provider_error(c, o.attempt_id, e, actor).await?;
+                Some(format!("{} send failed: {e}", sender.provider()))
             }
-            None
+            Err(SendError::Refused(e)) => {
+                tracing::error!(attempt = %o.attempt_id, person = %o.person_id, error = %e, "the provider refused this send; going on without it");
+                attempts::record_refused(c, o.attempt_id, e, actor).await?;
+                None
+            }
+        };
+        if let Some(tx) = tx {
+            tx.commit().await?;
         }
-        Err(SendError::Unavailable(e)) => {
-            tracing::error!(attempt = %o.attempt_id, person = %o.person_id, error = %e, "could not send, or the outcome is unknown (provider unavailable, slow, or refusing our credentials); retrying the step after reconciling with the provider");
-            attempts::audit_provider_error(c, o.attempt_id, e, actor).await?;
-            Some(format!("{} send failed: {e}", sender.provider()))
-        }
-        Err(SendError::Refused(e)) => {
-            tracing::error!(attempt = %o.attempt_id, person = %o.person_id, error = %e, "the provider refused this send; going on without it");
-            attempts::record_refused(c, o.attempt_id, e, actor).await?;
-            None
-        }
-    };
-    if let Some(tx) = tx {
-        tx.commit().await?;
-    }
+        Ok::<_, sqlx::Error>((transient, closed_alert))
+    }).await?;
     if closed_alert {
         services.wake_call_sweeper();
     }

@@ -147,45 +147,60 @@ pub async fn send_one_way(
     let critical = services.config.workflows.iter().any(|w| w.name == run.workflow && crate::workflows::is_critical(w));
     let pos = Position { run: run.id, step_key, cycle: 0, step_index: 0 };
     let body = fit_body(message, "", sender.max_text_chars());
-    let existing = {
-        let mut conn = services.pool.acquire().await?;
-        attempts::latest_per_person(&mut conn, pos, Channel::Sms.as_str()).await?
-    };
+    // Each database part bounded by `engine.database_deadline_ms`
+    // ([`Services::bounded`]); the provider requests have their own timeouts.
+    let existing = services
+        .bounded(async {
+            let mut conn = services.pool.acquire().await?;
+            attempts::latest_per_person(&mut conn, pos, Channel::Sms.as_str()).await
+        })
+        .await?;
     let reconciled = delivery::reconcile(services, sender, &existing, run.fencing_token, Some(&body), delivery::Unverified::Retry).await?;
-    let mut tx = services.pool.begin().await?;
-    if !lock_fenced(&mut tx, run.id, run.fencing_token).await? {
-        return Err(StepError::LeaseLost);
-    }
-    let existing = attempts::latest_per_person(&mut tx, pos, Channel::Sms.as_str()).await?;
-    let mut outgoing = Vec::new();
-    let mut seen = std::collections::HashSet::new();
-    for r in recipients {
-        if !seen.insert(r.id.as_str()) {
-            continue; // one message per recipient id
-        }
-        let Some(to) = r.address(Channel::Sms) else {
-            tracing::warn!(run = %run.id, step = %step_key, recipient = %r.id, "recipient has no SMS number; skipped");
-            audit::record(
-                &mut tx,
-                Entity::Run,
-                &run.id.to_string(),
-                "notify.no_address",
-                None,
-                None,
-                &actor,
-                json!({"step_key": step_key, "recipient": r.id, "channel": "sms"}),
-            )
-            .await?;
-            continue;
-        };
-        let latest = existing.iter().find(|a| a.person_id == r.id);
-        if let Some(generation) = delivery::settle(&mut tx, latest, &reconciled, run.fencing_token, NotLookedUp::Wait, &actor).await? {
-            let attempt_id =
-                attempts::insert_intent(&mut tx, &sms_intent(run, None, pos, &r.id, Some(&r.name), generation, to, sender.provider()), &actor).await?;
-            outgoing.push(Outgoing { attempt_id, person_id: r.id.clone(), to: to.to_string(), content: Content::Text { body: body.clone() }, critical });
-        }
-    }
-    tx.commit().await?;
+    let outgoing = services
+        .bounded(async {
+            let mut tx = services.pool.begin().await?;
+            if !lock_fenced(&mut tx, run.id, run.fencing_token).await? {
+                return Err(StepError::LeaseLost);
+            }
+            let existing = attempts::latest_per_person(&mut tx, pos, Channel::Sms.as_str()).await?;
+            let mut outgoing = Vec::new();
+            let mut seen = std::collections::HashSet::new();
+            for r in recipients {
+                if !seen.insert(r.id.as_str()) {
+                    continue; // one message per recipient id
+                }
+                let Some(to) = r.address(Channel::Sms) else {
+                    tracing::warn!(run = %run.id, step = %step_key, recipient = %r.id, "recipient has no SMS number; skipped");
+                    audit::record(
+                        &mut tx,
+                        Entity::Run,
+                        &run.id.to_string(),
+                        "notify.no_address",
+                        None,
+                        None,
+                        &actor,
+                        json!({"step_key": step_key, "recipient": r.id, "channel": "sms"}),
+                    )
+                    .await?;
+                    continue;
+                };
+                let latest = existing.iter().find(|a| a.person_id == r.id);
+                if let Some(generation) = delivery::settle(&mut tx, latest, &reconciled, run.fencing_token, NotLookedUp::Wait, &actor).await? {
+                    let attempt_id =
+                        attempts::insert_intent(&mut tx, &sms_intent(run, None, pos, &r.id, Some(&r.name), generation, to, sender.provider()), &actor).await?;
+                    outgoing.push(Outgoing {
+                        attempt_id,
+                        person_id: r.id.clone(),
+                        to: to.to_string(),
+                        content: Content::Text { body: body.clone() },
+                        critical,
+                    });
+                }
+            }
+            tx.commit().await?;
+            Ok(outgoing)
+        })
+        .await?;
     delivery::send_and_record(services, sender, &outgoing, None, &actor, slot).await.map(|_| ())
 }
 
@@ -242,48 +257,57 @@ pub async fn send_fallbacks(
     let sender = sms_sender(services, "the escalation's SMS fallback")?;
     let actor = services.actor();
     let pos = Position { run: run.id, step_key: "", cycle, step_index };
-    let (calls, existing) = {
-        let mut conn = services.pool.acquire().await?;
-        let calls = attempts::latest_per_person(&mut conn, pos, Channel::Voice.as_str()).await?;
-        if !calls.iter().any(call_failed) {
-            return Ok(());
-        }
-        (calls, attempts::latest_per_person(&mut conn, pos, Channel::Sms.as_str()).await?)
-    };
+    // Each database part bounded by `engine.database_deadline_ms`
+    // ([`Services::bounded`]); the provider requests have their own timeouts.
+    let read = services
+        .bounded(async {
+            let mut conn = services.pool.acquire().await?;
+            let calls = attempts::latest_per_person(&mut conn, pos, Channel::Voice.as_str()).await?;
+            if !calls.iter().any(call_failed) {
+                return Ok::<_, sqlx::Error>(None);
+            }
+            let existing = attempts::latest_per_person(&mut conn, pos, Channel::Sms.as_str()).await?;
+            Ok(Some((calls, existing)))
+        })
+        .await?;
+    let Some((calls, existing)) = read else { return Ok(()) };
     let pending = |c: &&AttemptRow| existing.iter().find(|a| a.person_id == c.person_id).map_or(true, unconfirmed);
     if !calls.iter().filter(|c| call_failed(c)).any(|c| pending(&c)) {
         return Ok(());
     }
-    let message = alerts::message(&services.pool, alert_id).await?;
+    let message = services.bounded(alerts::message(&services.pool, alert_id)).await?;
     let body = fit_body(&message, REPLY_INSTRUCTION, sender.max_text_chars());
     // A critical alert's fallback follows the re-call rule (better a second
     // text than none): a message list that stays unreadable must not hold the
     // escalation's evaluation, and with it the next tier's calls, for ever.
     let reconciled = delivery::reconcile(services, sender, &existing, run.fencing_token, Some(&body), delivery::Unverified::ResendAfter30s).await?;
-    let mut tx = services.pool.begin().await?;
-    if !lock_fenced(&mut tx, run.id, run.fencing_token).await? {
-        return Err(StepError::LeaseLost);
-    }
-    if alerts::lock_status(&mut tx, alert_id).await? != "open" {
-        tx.commit().await?;
-        return Ok(()); // acknowledged on some channel: no further messages
-    }
-    let calls = attempts::latest_per_person(&mut tx, pos, Channel::Voice.as_str()).await?;
-    let existing = attempts::latest_per_person(&mut tx, pos, Channel::Sms.as_str()).await?;
-    let mut outgoing = Vec::new();
-    for c in calls.iter().filter(|c| call_failed(c)) {
-        let latest = existing.iter().find(|a| a.person_id == c.person_id);
-        if let Some(generation) = delivery::settle(&mut tx, latest, &reconciled, run.fencing_token, NotLookedUp::Wait, &actor).await? {
-            let to = fallback_address(services, tier, &c.person_id, &c.destination);
-            let name = fallback_name(services, tier, &c.person_id);
-            let intent = sms_intent(run, Some(alert_id), pos, &c.person_id, name.as_deref(), generation, &to, sender.provider());
-            let attempt_id = attempts::insert_intent(&mut tx, &intent, &actor).await?;
-            tracing::info!(attempt = %attempt_id, person = %c.person_id, call_status = %c.status, to = %redact_phone(&to), "call failed; sending the SMS fallback");
-            // An escalation's fallback: always critical (`workflows::is_critical`).
-            outgoing.push(Outgoing { attempt_id, person_id: c.person_id.clone(), to, content: Content::Text { body: body.clone() }, critical: true });
+    let outgoing = services.bounded(async {
+        let mut tx = services.pool.begin().await?;
+        if !lock_fenced(&mut tx, run.id, run.fencing_token).await? {
+            return Err(StepError::LeaseLost);
         }
-    }
-    tx.commit().await?;
+        if alerts::lock_status(&mut tx, alert_id).await? != "open" {
+            tx.commit().await?;
+            return Ok(Vec::new()); // acknowledged on some channel: no further messages
+        }
+        let calls = attempts::latest_per_person(&mut tx, pos, Channel::Voice.as_str()).await?;
+        let existing = attempts::latest_per_person(&mut tx, pos, Channel::Sms.as_str()).await?;
+        let mut outgoing = Vec::new();
+        for c in calls.iter().filter(|c| call_failed(c)) {
+            let latest = existing.iter().find(|a| a.person_id == c.person_id);
+            if let Some(generation) = delivery::settle(&mut tx, latest, &reconciled, run.fencing_token, NotLookedUp::Wait, &actor).await? {
+                let to = fallback_address(services, tier, &c.person_id, &c.destination);
+                let name = fallback_name(services, tier, &c.person_id);
+                let intent = sms_intent(run, Some(alert_id), pos, &c.person_id, name.as_deref(), generation, &to, sender.provider());
+                let attempt_id = attempts::insert_intent(&mut tx, &intent, &actor).await?;
+                tracing::info!(attempt = %attempt_id, person = %c.person_id, call_status = %c.status, to = %redact_phone(&to), "call failed; sending the SMS fallback");
+                // An escalation's fallback: always critical (`workflows::is_critical`).
+                outgoing.push(Outgoing { attempt_id, person_id: c.person_id.clone(), to, content: Content::Text { body: body.clone() }, critical: true });
+            }
+        }
+        tx.commit().await?;
+        Ok(outgoing)
+    }).await?;
     delivery::send_and_record(services, sender, &outgoing, None, &actor, slot).await.map(|_| ())
 }
 
@@ -319,12 +343,14 @@ pub async fn fallback_pending(conn: &mut PgConnection, run: Uuid, cycle: i32, st
 pub async fn reconcile_messages(services: &Services) -> Result<usize, sqlx::Error> {
     let Some(sender) = services.providers.sender(Channel::Sms) else { return Ok(0) };
     let actor = format!("reconciler:{}", services.engine_id);
-    let due = attempts::claim_texts_to_reconcile(&services.pool, 20, MESSAGE_RECONCILE_AFTER.as_millis() as i64).await?;
+    // Each database part bounded by `engine.database_deadline_ms`
+    // ([`Services::bounded`]); the provider's fetch has its own timeout.
+    let due = services.bounded(attempts::claim_texts_to_reconcile(&services.pool, 20, MESSAGE_RECONCILE_AFTER.as_millis() as i64)).await?;
     for (id, provider_id) in &due {
         match sender.fetch(provider_id).await {
             Ok(m) => {
                 let delivery = crate::notify::acknowledgement::Delivery { provider: sender.provider(), idempotency_token: None, webhook: false };
-                match crate::notify::acknowledgement::apply_message_status(
+                let applied = crate::notify::acknowledgement::apply_message_status(
                     services,
                     delivery,
                     *id,
@@ -332,9 +358,8 @@ pub async fn reconcile_messages(services: &Services) -> Result<usize, sqlx::Erro
                     &m.status,
                     m.error_code.as_deref(),
                     &actor,
-                )
-                .await
-                {
+                );
+                match services.bounded(applied).await {
                     Ok(()) => {}
                     Err(crate::notify::acknowledgement::CallEventError::Db(e)) => return Err(e),
                     Err(e) => tracing::warn!(attempt = %id, error = %e, "reconciling a text message failed"),

@@ -335,9 +335,23 @@ pub enum Outcome {
 ///    logged and the outcome still returned: the request was sent, and the
 ///    idempotency key covers a repetition.
 ///
+/// Each database statement is bounded by `database_deadline`
+/// (`engine.database_deadline_ms`, [`crate::db::deadline::within_on`]):
+/// after a hard failover a half-open connection fails the admission (the
+/// step is retried) or the outcome's record (logged, as above) instead of
+/// holding the step for the kernel's retransmission timeout.
+///
 /// Errors: only a database error before anything was sent (admission or the
 /// intent): the caller retries the step as for any database error.
-pub async fn perform(pool: &PgPool, endpoint: &Endpoint, request: &Request, key: &RequestKey<'_>, engine_id: &str) -> Result<Outcome, sqlx::Error> {
+pub async fn perform(
+    pool: &PgPool,
+    database_deadline: Duration,
+    endpoint: &Endpoint,
+    request: &Request,
+    key: &RequestKey<'_>,
+    engine_id: &str,
+) -> Result<Outcome, sqlx::Error> {
+    use crate::db::deadline::within_on;
     let actor = format!("engine:{engine_id}");
     let timeout = request.timeout_ms.map(Duration::from_millis).unwrap_or(endpoint.timeout);
     let intent = store::Intent {
@@ -354,11 +368,11 @@ pub async fn perform(pool: &PgPool, endpoint: &Endpoint, request: &Request, key:
     let mut admitted = false;
     // The breaker may close between the fast look and the claim: look again.
     for _ in 0..3 {
-        if store::record_intent_if_closed(pool, &intent).await? {
+        if within_on(pool, database_deadline, store::record_intent_if_closed(pool, &intent)).await? {
             admitted = true;
             break;
         }
-        match store::claim_probe(pool, &intent, timeout.as_millis() as i64 + PROBE_LEASE_MARGIN_MS, &actor).await? {
+        match within_on(pool, database_deadline, store::claim_probe(pool, &intent, timeout.as_millis() as i64 + PROBE_LEASE_MARGIN_MS, &actor)).await? {
             store::Admission::Closed => continue,
             store::Admission::Probe => {
                 tracing::info!(endpoint = %endpoint.name, request = %intent.id, "circuit breaker half-open: sending the probe request");
@@ -419,7 +433,7 @@ pub async fn perform(pool: &PgPool, endpoint: &Endpoint, request: &Request, key:
         failure_threshold: endpoint.failure_threshold,
         cooldown_ms: endpoint.cooldown_ms,
     };
-    match store::record_outcome(pool, &finished, &actor).await {
+    match within_on(pool, database_deadline, store::record_outcome(pool, &finished, &actor)).await {
         Ok(Some(store::BreakerChange::Opened { consecutive_failures })) => tracing::warn!(
             endpoint = %endpoint.name, consecutive_failures, cooldown_ms = endpoint.cooldown_ms,
             "circuit breaker opened: requests to this endpoint wait for the cool-down"

@@ -59,6 +59,23 @@ impl Services {
         value.downcast::<T>().unwrap_or_else(|_| unreachable!("an extension is stored under its own type id"))
     }
 
+    /// Runs `work` (database work only, on connections of [`Services::pool`]:
+    /// a step's transaction, its reads; never a provider request) for at most
+    /// `engine.database_deadline_ms`. Past it the pool is marked suspect and
+    /// `work` is dropped: its connections, checked as they go back to the
+    /// pool, are closed if they stay silent ([`crate::db::deadline::within_on`]).
+    /// After a hard failover this is what keeps a step from waiting on a
+    /// half-open connection for the kernel's retransmission timeout (about
+    /// 15 minutes) while its lease is renewed: the step fails instead, is
+    /// retried on a live connection, and the alert goes on (ARCHITECTURE.md,
+    /// "PostgreSQL high availability").
+    ///
+    /// Errors: `work`'s own, or [`crate::db::deadline::NoReply`] (as
+    /// `sqlx::Error::Io`, converted to `E`).
+    pub async fn bounded<T, E: From<sqlx::Error>>(&self, work: impl std::future::Future<Output = Result<T, E>>) -> Result<T, E> {
+        crate::db::deadline::within_on(&self.pool, self.config.engine.database_deadline(), work).await
+    }
+
     /// The audit actor of this engine: `engine:<engine_id>`.
     pub fn actor(&self) -> String {
         format!("engine:{}", self.engine_id)

@@ -121,11 +121,13 @@ async fn render_message(ctx: &StepContext<'_>, settings: &EscalationWorkflow) ->
 }
 
 async fn audit_lookup_fault(ctx: &StepContext<'_>, name: &str, action: &str, detail: Value) {
-    let result = async {
-        let mut conn = ctx.services.pool.acquire().await?;
-        audit::record(&mut conn, Entity::Run, &ctx.run.id.to_string(), action, None, None, &ctx.services.actor(), detail).await
-    }
-    .await;
+    let result = ctx
+        .services
+        .bounded(async {
+            let mut conn = ctx.services.pool.acquire().await?;
+            audit::record(&mut conn, Entity::Run, &ctx.run.id.to_string(), action, None, None, &ctx.services.actor(), detail).await
+        })
+        .await;
     if let Err(e) = result {
         tracing::warn!(lookup = %name, error = %crate::capture::db_message(&e), "auditing a lookup fault failed");
     }
@@ -238,17 +240,43 @@ async fn record_tier_recipients(tx: &mut PgConnection, ctx: &StepContext<'_>, al
 /// audited `alert.nobody_to_call`, and the cycle's tiers are resolved again
 /// after [`NOBODY_RETRY_MS`], for ever, until someone can be called or the
 /// alert is cancelled: never silence (DESIGN.md invariant 10).
+/// What a tier's transaction did ([`place_calls`], the general path).
+enum TierOpening {
+    /// The alert is no longer open: the run is complete.
+    Closed,
+    /// Nobody of the tier can be called ([`record_empty_tier`]).
+    Empty(EmptyTier),
+    /// The intents committed, one per call to place.
+    Intents(Vec<Outgoing>),
+}
+
+/// What [`record_empty_tier`] recorded, for [`after_empty_tier`].
+struct EmptyTier {
+    alert_id: Uuid,
+    /// The alarm was raised before this tier (its rounds are not audited again).
+    alarmed: bool,
+    /// Every tier of the cycle was empty: the policy yielded nobody at all.
+    whole_cycle_empty: bool,
+    /// This tier raised the alarm (the first time nobody could be called).
+    first_alarm: bool,
+}
+
+/// A tier with nobody to call (no recipient with a voice number), in the
+/// tier's transaction: audited `alert.tier_empty` (position and count only).
+/// When every tier of the cycle was empty, the policy yielded nobody at all:
+/// `wardcall.alerts.nobody_since` is set (listed by `wardcall status`) and
+/// the first time is audited `alert.nobody_to_call`. [`after_empty_tier`]
+/// decides what follows, after the commit.
 #[allow(clippy::too_many_arguments)]
-async fn empty_tier(
-    ctx: &mut StepContext<'_>,
-    mut tx: sqlx::Transaction<'_, sqlx::Postgres>,
-    settings: &EscalationWorkflow,
+async fn record_empty_tier(
+    tx: &mut PgConnection,
+    ctx: &StepContext<'_>,
     policy: &Policy,
     alert: &alerts::LockedAlert,
     cycle: i32,
     step_index: i32,
     listed: usize,
-) -> Result<Transition, StepError> {
+) -> Result<EmptyTier, StepError> {
     let actor = ctx.services.actor();
     let alert_id = alert.id;
     // While the alarm is raised, the rounds that find nobody again are not
@@ -256,32 +284,51 @@ async fn empty_tier(
     let alarmed = alert.nobody_alarm;
     if !alarmed {
         let detail = json!({"cycle": cycle, "step_index": step_index, "listed_without_voice": listed});
-        alerts::audit_open(&mut tx, alert_id, "alert.tier_empty", detail, &actor).await?;
+        alerts::audit_open(tx, alert_id, "alert.tier_empty", detail, &actor).await?;
     }
     let tiers = policy.steps.len() as i32;
     let whole_cycle_empty = step_index + 1 >= tiers
         && (0..tiers).all(|j| recipients::recorded(ctx.state, &position_key(cycle, j)).is_some_and(|l| l.iter().all(|r| r.voice.is_none())));
-    if let Some(o) = ctx.state.as_object_mut() {
-        o.remove("step_deadline_ms");
-    }
+    let mut first_alarm = false;
     if whole_cycle_empty {
         // (The alert row is locked by `fence_and_open`.)
         let detail = json!({"policy": policy.id, "cycle": cycle, "retry_ms": NOBODY_RETRY_MS});
-        let first = alerts::raise_nobody_alarm(&mut tx, alert_id, detail, &actor).await?;
-        tx.commit().await?;
-        if first {
+        first_alarm = alerts::raise_nobody_alarm(tx, alert_id, detail, &actor).await?;
+    }
+    Ok(EmptyTier { alert_id, alarmed, whole_cycle_empty, first_alarm })
+}
+
+/// After an empty tier committed ([`record_empty_tier`]): the policy goes on
+/// to the next tier at once; when the whole cycle was empty, the cycle's
+/// tiers are resolved again after [`NOBODY_RETRY_MS`], for ever, until
+/// someone can be called or the alert is cancelled: never silence
+/// (DESIGN.md invariant 10).
+async fn after_empty_tier(
+    ctx: &mut StepContext<'_>,
+    settings: &EscalationWorkflow,
+    policy: &Policy,
+    empty: EmptyTier,
+    cycle: i32,
+    step_index: i32,
+) -> Result<Transition, StepError> {
+    let alert_id = empty.alert_id;
+    if let Some(o) = ctx.state.as_object_mut() {
+        o.remove("step_deadline_ms");
+    }
+    if empty.whole_cycle_empty {
+        if empty.first_alarm {
             tracing::error!(alert = %alert_id, policy = %policy.id, cycle, retry_ms = NOBODY_RETRY_MS, "ALARM: the policy yielded nobody to call; its tiers are resolved again until someone can be called");
         }
         recipients::forget(ctx.state, &format!("{cycle}."));
         ctx.state["step_index"] = json!(0);
         return Ok(Transition::Sleep { step: "call".into(), delay_ms: NOBODY_RETRY_MS });
     }
-    tx.commit().await?;
-    if alarmed {
+    if empty.alarmed {
         tracing::debug!(alert = %alert_id, cycle, step_index, "a tier still has nobody to call");
     } else {
         tracing::warn!(alert = %alert_id, cycle, step_index, "a tier has nobody to call; going on to the next tier at once");
     }
+    let tiers = policy.steps.len() as i32;
     let mut next = (cycle, step_index + 1);
     if next.1 >= tiers {
         next = (cycle + 1, 0);
@@ -384,10 +431,12 @@ async fn place_calls(ctx: &mut StepContext<'_>, settings: &EscalationWorkflow, p
     //    (if it ever were wrong, the re-send rule falls back to calling
     //    again, never to silence).
     let reconciled = if ctx.run.step_attempt > 0 || ctx.run.previous_status == "running" {
-        let existing = {
-            let mut conn = services.pool.acquire().await?;
-            attempts::latest_per_person(&mut conn, pos, Channel::Voice.as_str()).await?
-        };
+        let existing = services
+            .bounded(async {
+                let mut conn = services.pool.acquire().await?;
+                attempts::latest_per_person(&mut conn, pos, Channel::Voice.as_str()).await
+            })
+            .await?;
         delivery::reconcile(&services, voice, &existing, ctx.run.fencing_token, None, delivery::Unverified::ResendAfter30s).await?
     } else {
         delivery::Reconciled::new()
@@ -454,67 +503,89 @@ async fn place_calls(ctx: &mut StepContext<'_>, settings: &EscalationWorkflow, p
     let outgoing = match opened {
         Some(outgoing) => outgoing,
         None => {
-            let mut tx = services.pool.begin().await?;
-            let Some(alert) =
-                alerts::fence_and_open(&mut tx, ctx.run.id, ctx.run.fencing_token, &ctx.workflow.name, &settings.policy, &message, &actor).await?
-            else {
-                return Err(StepError::LeaseLost);
-            };
-            let alert_id = alert.id;
-            ctx.state["alert_id"] = json!(alert_id);
-            if alert.status != "open" {
-                tx.commit().await?;
-                return Ok(Transition::Complete);
+            // Database work only (the calls are placed after its commit),
+            // bounded by `engine.database_deadline_ms` as an evaluation is
+            // ([`evaluate_position`]): a tier after the first must not wait
+            // on a half-open connection after a hard failover.
+            let opening = services
+                .bounded(async {
+                    let mut tx = services.pool.begin().await?;
+                    let Some(alert) =
+                        alerts::fence_and_open(&mut tx, ctx.run.id, ctx.run.fencing_token, &ctx.workflow.name, &settings.policy, &message, &actor).await?
+                    else {
+                        return Err(StepError::LeaseLost);
+                    };
+                    let alert_id = alert.id;
+                    ctx.state["alert_id"] = json!(alert_id);
+                    if alert.status != "open" {
+                        tx.commit().await?;
+                        return Ok(TierOpening::Closed);
+                    }
+                    // A list from a query is recorded with the intents (a takeover must call
+                    // the same people); a tier of static people only is the config's, the
+                    // same after a takeover: recording it would cost a statement before every call.
+                    if tier.resolved_now && (step.who.recipients.is_some() || tier.audit.is_some()) {
+                        record_tier_recipients(&mut tx, ctx, alert_id, tier.audit.as_ref(), &actor).await?;
+                    }
+                    if callable.is_empty() {
+                        let empty = record_empty_tier(&mut tx, ctx, policy, &alert, cycle, step_index, tier.list.len()).await?;
+                        tx.commit().await?;
+                        return Ok(TierOpening::Empty(empty));
+                    }
+                    if alert.nobody_alarm && alerts::clear_nobody_alarm(&mut tx, alert_id, &actor).await? {
+                        tracing::info!(alert = %alert_id, "an alert that had nobody to call has recipients again");
+                    }
+                    // An alert opened by this transaction has no attempts yet: no look-up.
+                    let existing = if alert.opened_now { Vec::new() } else { attempts::latest_per_person(&mut tx, pos, Channel::Voice.as_str()).await? };
+                    if existing.is_empty() && (cycle, step_index) != (0, 0) {
+                        alerts::audit_open(&mut tx, alert_id, "alert.escalated", json!({"cycle": cycle, "step_index": step_index}), &actor).await?;
+                        write_back(
+                            &mut tx,
+                            settings.write_back.on_escalated.as_deref(),
+                            "on_escalated",
+                            &ctx.run.input,
+                            WriteBackSubject::Alert(alert_id),
+                            &actor,
+                        )
+                        .await?;
+                    }
+                    let mut outgoing: Vec<Outgoing> = Vec::new();
+                    for person in &callable {
+                        let phone = person.voice.clone().unwrap_or_default();
+                        let latest = existing.iter().find(|a| a.person_id == person.id);
+                        let Some(generation) = delivery::settle(&mut tx, latest, &reconciled, ctx.run.fencing_token, NotLookedUp::Resend, &actor).await? else {
+                            continue; // placed, adopted, refused, or being reported on by callbacks: never call twice
+                        };
+                        let intent = attempts::NewIntent {
+                            alert_id: Some(alert_id),
+                            pos,
+                            person_id: &person.id,
+                            person_name: Some(&person.name),
+                            generation,
+                            channel: Channel::Voice.as_str(),
+                            destination: &phone,
+                            provider: voice.provider(),
+                            fencing_token: ctx.run.fencing_token,
+                            reconcile_after_ms,
+                        };
+                        let attempt_id = attempts::insert_intent(&mut tx, &intent, &actor).await?;
+                        outgoing.push(Outgoing {
+                            attempt_id,
+                            person_id: person.id.clone(),
+                            to: phone,
+                            content: Content::Spoken { message: message.clone(), ring_timeout_seconds },
+                            critical: true,
+                        });
+                    }
+                    tx.commit().await?;
+                    Ok(TierOpening::Intents(outgoing))
+                })
+                .await?;
+            match opening {
+                TierOpening::Closed => return Ok(Transition::Complete),
+                TierOpening::Empty(empty) => return after_empty_tier(ctx, settings, policy, empty, cycle, step_index).await,
+                TierOpening::Intents(outgoing) => outgoing,
             }
-            // A list from a query is recorded with the intents (a takeover must call
-            // the same people); a tier of static people only is the config's, the
-            // same after a takeover: recording it would cost a statement before every call.
-            if tier.resolved_now && (step.who.recipients.is_some() || tier.audit.is_some()) {
-                record_tier_recipients(&mut tx, ctx, alert_id, tier.audit.as_ref(), &actor).await?;
-            }
-            if callable.is_empty() {
-                return empty_tier(ctx, tx, settings, policy, &alert, cycle, step_index, tier.list.len()).await;
-            }
-            if alert.nobody_alarm && alerts::clear_nobody_alarm(&mut tx, alert_id, &actor).await? {
-                tracing::info!(alert = %alert_id, "an alert that had nobody to call has recipients again");
-            }
-            // An alert opened by this transaction has no attempts yet: no look-up.
-            let existing = if alert.opened_now { Vec::new() } else { attempts::latest_per_person(&mut tx, pos, Channel::Voice.as_str()).await? };
-            if existing.is_empty() && (cycle, step_index) != (0, 0) {
-                alerts::audit_open(&mut tx, alert_id, "alert.escalated", json!({"cycle": cycle, "step_index": step_index}), &actor).await?;
-                write_back(&mut tx, settings.write_back.on_escalated.as_deref(), "on_escalated", &ctx.run.input, WriteBackSubject::Alert(alert_id), &actor)
-                    .await?;
-            }
-            let mut outgoing: Vec<Outgoing> = Vec::new();
-            for person in &callable {
-                let phone = person.voice.clone().unwrap_or_default();
-                let latest = existing.iter().find(|a| a.person_id == person.id);
-                let Some(generation) = delivery::settle(&mut tx, latest, &reconciled, ctx.run.fencing_token, NotLookedUp::Resend, &actor).await? else {
-                    continue; // placed, adopted, refused, or being reported on by callbacks: never call twice
-                };
-                let intent = attempts::NewIntent {
-                    alert_id: Some(alert_id),
-                    pos,
-                    person_id: &person.id,
-                    person_name: Some(&person.name),
-                    generation,
-                    channel: Channel::Voice.as_str(),
-                    destination: &phone,
-                    provider: voice.provider(),
-                    fencing_token: ctx.run.fencing_token,
-                    reconcile_after_ms,
-                };
-                let attempt_id = attempts::insert_intent(&mut tx, &intent, &actor).await?;
-                outgoing.push(Outgoing {
-                    attempt_id,
-                    person_id: person.id.clone(),
-                    to: phone,
-                    content: Content::Spoken { message: message.clone(), ring_timeout_seconds },
-                    critical: true,
-                });
-            }
-            tx.commit().await?;
-            outgoing
         }
     };
 
@@ -540,6 +611,21 @@ async fn place_calls(ctx: &mut StepContext<'_>, settings: &EscalationWorkflow, p
     // Otherwise decide at once whether anything can still be acknowledged
     // (a refused call, a tier partly called before a takeover).
     evaluate_position(ctx, settings, policy, None).await
+}
+
+/// What an evaluation's transaction decided ([`evaluate_position`]); the
+/// provider requests it implies (hang-ups) are made after its commit.
+enum Evaluation {
+    /// The alert is no longer open (`acknowledged`: by a person).
+    Closed { acknowledged: bool },
+    /// A call failed and its person is not texted yet.
+    FallbackDue,
+    /// Nothing decided yet: wait until `until` (ms since the Unix epoch, UTC).
+    KeepWaiting { until: i64, machines: Vec<String> },
+    /// The whole policy ran without an acknowledgement.
+    Unacknowledged { machines: Vec<String> },
+    /// The tier ended (`reason`); `next` is the (cycle, step index) to call.
+    Escalate { reason: &'static str, next: (i32, i32), machines: Vec<String> },
 }
 
 async fn evaluate(ctx: &mut StepContext<'_>, settings: &EscalationWorkflow, policy: &Policy) -> Result<Transition, StepError> {
@@ -580,70 +666,103 @@ async fn evaluate_position(
             o.remove("sms_fallback_due");
         }
     }
-    let mut tx = services.pool.begin().await?;
-    if !runs::lock_fenced(&mut tx, ctx.run.id, ctx.run.fencing_token).await? {
-        return Err(StepError::LeaseLost);
-    }
-    let alert_status = alerts::lock_status(&mut tx, alert_id).await?;
-    if alert_status != "open" {
-        tx.commit().await?;
-        if alert_status == "acknowledged" {
-            end_ringing_calls(&services, alert_id).await;
-        }
-        return Ok(Transition::Complete);
-    }
-    let attempts = attempts::latest_per_person(&mut tx, pos, Channel::Voice.as_str()).await?;
-    if sms_fallback && crate::notify::sms::fallback_due(&mut tx, pos, &attempts).await? {
-        // A call failed and its person is not texted yet: evaluate again at
-        // once, which sends the text (outside this transaction).
-        tx.commit().await?;
-        ctx.state["sms_fallback_due"] = json!(true);
-        return Ok(Transition::Next { step: "await".into() });
-    }
-    // A text that can still be answered keeps the step waiting for its timeout.
-    let all_failed = !attempts.is_empty()
-        && attempts.iter().all(definitively_failed)
-        && !(sms_fallback && crate::notify::sms::fallback_pending(&mut tx, ctx.run.id, cycle, step_index).await?);
-    let declined = attempts.iter().any(|a| a.declined);
     let now = jiff::Timestamp::now().as_millisecond();
     let deadline = ctx.state.get("step_deadline_ms").and_then(Value::as_i64).unwrap_or(now);
-    // A human on the line (answered, not a machine, no key yet) gets time to
-    // hear the message and press a key: the step does not expire under them.
-    let human_on_line = attempts.iter().any(|a| a.status == "in-progress" && !machine(a) && !a.declined && !a.acknowledged);
-    let grace_deadline = deadline + HUMAN_ON_LINE_GRACE_MS;
-    let expired = (timed_out == Some(true) || deadline <= now) && !(human_on_line && now < grace_deadline);
-    // Voicemail calls still connected: hang them up (never an acknowledgement).
-    let machines: Vec<String> =
-        attempts.iter().filter(|a| machine(a) && !TERMINAL_CALL_STATUSES.contains(&a.status.as_str())).filter_map(|a| a.provider_id.clone()).collect();
-    if !(all_failed || declined || expired) {
-        tx.commit().await?;
-        end_calls(&services, &machines).await;
-        let until = if deadline <= now { grace_deadline } else { deadline };
-        return Ok(Transition::Wait { step: "await".into(), signal: CALL_UPDATE_SIGNAL.into(), timeout_ms: (until - now).max(1) });
-    }
-    let reason = if declined {
-        "declined"
-    } else if all_failed {
-        "all_calls_failed"
-    } else {
-        "ack_timeout"
+    // The decision's transaction (database work only: no provider request
+    // inside it), bounded by `engine.database_deadline_ms`: after a hard
+    // failover a statement in flight on a half-open connection would
+    // otherwise hold this alert's escalation for the kernel's retransmission
+    // timeout (ARCHITECTURE.md, "PostgreSQL high availability"); past the
+    // deadline the step fails, is retried, and the next tier is called.
+    let decided = services
+        .bounded(async {
+            let mut tx = services.pool.begin().await?;
+            if !runs::lock_fenced(&mut tx, ctx.run.id, ctx.run.fencing_token).await? {
+                return Err(StepError::LeaseLost);
+            }
+            let alert_status = alerts::lock_status(&mut tx, alert_id).await?;
+            if alert_status != "open" {
+                tx.commit().await?;
+                return Ok(Evaluation::Closed { acknowledged: alert_status == "acknowledged" });
+            }
+            let attempts = attempts::latest_per_person(&mut tx, pos, Channel::Voice.as_str()).await?;
+            if sms_fallback && crate::notify::sms::fallback_due(&mut tx, pos, &attempts).await? {
+                tx.commit().await?;
+                return Ok(Evaluation::FallbackDue);
+            }
+            // A text that can still be answered keeps the step waiting for its timeout.
+            let all_failed = !attempts.is_empty()
+                && attempts.iter().all(definitively_failed)
+                && !(sms_fallback && crate::notify::sms::fallback_pending(&mut tx, ctx.run.id, cycle, step_index).await?);
+            let declined = attempts.iter().any(|a| a.declined);
+            // A human on the line (answered, not a machine, no key yet) gets time to
+            // hear the message and press a key: the step does not expire under them.
+            let human_on_line = attempts.iter().any(|a| a.status == "in-progress" && !machine(a) && !a.declined && !a.acknowledged);
+            let grace_deadline = deadline + HUMAN_ON_LINE_GRACE_MS;
+            let expired = (timed_out == Some(true) || deadline <= now) && !(human_on_line && now < grace_deadline);
+            // Voicemail calls still connected: hang them up (never an acknowledgement).
+            let machines: Vec<String> =
+                attempts.iter().filter(|a| machine(a) && !TERMINAL_CALL_STATUSES.contains(&a.status.as_str())).filter_map(|a| a.provider_id.clone()).collect();
+            if !(all_failed || declined || expired) {
+                tx.commit().await?;
+                let until = if deadline <= now { grace_deadline } else { deadline };
+                return Ok(Evaluation::KeepWaiting { until, machines });
+            }
+            let reason = if declined {
+                "declined"
+            } else if all_failed {
+                "all_calls_failed"
+            } else {
+                "ack_timeout"
+            };
+            // Escalate: next step, next cycle, or give up.
+            let mut next = (cycle, step_index + 1);
+            if next.1 as usize >= policy.steps.len() {
+                next = (cycle + 1, 0);
+            }
+            if next.0 as u32 >= policy.repeat {
+                alerts::mark_unacknowledged(&mut tx, alert_id, json!({"reason": reason, "cycles": policy.repeat}), &actor).await?;
+                write_back(
+                    &mut tx,
+                    settings.write_back.on_unacknowledged.as_deref(),
+                    "on_unacknowledged",
+                    &ctx.run.input,
+                    WriteBackSubject::Alert(alert_id),
+                    &actor,
+                )
+                .await?;
+                tx.commit().await?;
+                return Ok(Evaluation::Unacknowledged { machines });
+            }
+            alerts::audit_open(&mut tx, alert_id, "alert.step_ended", json!({"reason": reason, "cycle": cycle, "step_index": step_index}), &actor).await?;
+            tx.commit().await?;
+            Ok(Evaluation::Escalate { reason, next, machines })
+        })
+        .await?;
+    let (reason, next, machines) = match decided {
+        Evaluation::Closed { acknowledged } => {
+            if acknowledged {
+                end_ringing_calls(&services, alert_id).await;
+            }
+            return Ok(Transition::Complete);
+        }
+        Evaluation::FallbackDue => {
+            // A call failed and its person is not texted yet: evaluate again at
+            // once, which sends the text (outside the transaction).
+            ctx.state["sms_fallback_due"] = json!(true);
+            return Ok(Transition::Next { step: "await".into() });
+        }
+        Evaluation::KeepWaiting { until, machines } => {
+            end_calls(&services, &machines).await;
+            return Ok(Transition::Wait { step: "await".into(), signal: CALL_UPDATE_SIGNAL.into(), timeout_ms: (until - now).max(1) });
+        }
+        Evaluation::Unacknowledged { machines } => {
+            end_calls(&services, &machines).await;
+            tracing::warn!(alert = %alert_id, "alert unacknowledged after the whole policy");
+            return Ok(Transition::Complete);
+        }
+        Evaluation::Escalate { reason, next, machines } => (reason, next, machines),
     };
-    // Escalate: next step, next cycle, or give up.
-    let mut next = (cycle, step_index + 1);
-    if next.1 as usize >= policy.steps.len() {
-        next = (cycle + 1, 0);
-    }
-    if next.0 as u32 >= policy.repeat {
-        alerts::mark_unacknowledged(&mut tx, alert_id, json!({"reason": reason, "cycles": policy.repeat}), &actor).await?;
-        write_back(&mut tx, settings.write_back.on_unacknowledged.as_deref(), "on_unacknowledged", &ctx.run.input, WriteBackSubject::Alert(alert_id), &actor)
-            .await?;
-        tx.commit().await?;
-        end_calls(&services, &machines).await;
-        tracing::warn!(alert = %alert_id, "alert unacknowledged after the whole policy");
-        return Ok(Transition::Complete);
-    }
-    alerts::audit_open(&mut tx, alert_id, "alert.step_ended", json!({"reason": reason, "cycle": cycle, "step_index": step_index}), &actor).await?;
-    tx.commit().await?;
     tracing::info!(alert = %alert_id, reason, from_cycle = cycle, from_step = step_index, to_cycle = next.0, to_step = next.1, "alert escalated");
     end_calls(&services, &machines).await;
     ctx.state["cycle"] = json!(next.0);
@@ -657,7 +776,7 @@ async fn evaluate_position(
 /// After an acknowledgement: ends every call of the alert still ringing or
 /// connected (other than the one that acknowledged), through the voice channel.
 async fn end_ringing_calls(services: &crate::runtime::Services, alert_id: Uuid) {
-    let ids = attempts::live_calls_of_alert(&services.pool, alert_id).await.unwrap_or_default();
+    let ids = services.bounded(attempts::live_calls_of_alert(&services.pool, alert_id)).await.unwrap_or_default();
     end_calls(services, &ids).await;
 }
 

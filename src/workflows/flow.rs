@@ -208,19 +208,20 @@ pub async fn run_step(ctx: &mut StepContext<'_>) -> Result<Transition, StepError
             ctx.check_lease()?;
             // The run may have been cancelled (its token bumped) since it was
             // claimed: nothing may reach the endpoint then.
-            if !crate::store::runs::holds(&engine.pool, ctx.run.id, ctx.run.fencing_token).await? {
+            if !engine.bounded(crate::store::runs::holds(&engine.pool, ctx.run.id, ctx.run.fencing_token)).await? {
                 return Err(StepError::LeaseLost);
             }
             // A success already recorded for this step (then a crash before
             // its commit) is not sent again.
-            let done = crate::store::outbound::succeeded_status(&engine.pool, ctx.run.id, &step_key).await?;
+            let done = engine.bounded(crate::store::outbound::succeeded_status(&engine.pool, ctx.run.id, &step_key)).await?;
             if let Some(status) = done {
                 if let Some(k) = &step.keep {
                     keep(ctx.state, k, json!({"status": status, "body": null}));
                 }
                 return Ok(after(ctx, &addr));
             }
-            let outcome = crate::outbound::perform(&engine.pool, &endpoint, &request, &key, &engine.engine_id).await?;
+            let outcome =
+                crate::outbound::perform(&engine.pool, engine.config.engine.database_deadline(), &endpoint, &request, &key, &engine.engine_id).await?;
             match crate::outbound::decide(outcome, &h.retry, attempt) {
                 crate::outbound::Decision::Done { status, body } => {
                     if let Some(k) = &step.keep {

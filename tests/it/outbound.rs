@@ -146,7 +146,9 @@ async fn send(pool: &sqlx::PgPool, ep: &Endpoint, engine: &str, run: Uuid, attem
         success: None,
     };
     let key = idempotency_key(run, STEP);
-    perform(pool, ep, &request, &RequestKey { run_id: Some(run), step: STEP, attempt, idempotency_key: &key }, engine).await.expect("perform")
+    perform(pool, std::time::Duration::from_secs(20), ep, &request, &RequestKey { run_id: Some(run), step: STEP, attempt, idempotency_key: &key }, engine)
+        .await
+        .expect("perform")
 }
 
 /// (state, consecutive failures, attempts, successes, failures, openings) of `tasks`.

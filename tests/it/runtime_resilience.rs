@@ -25,6 +25,7 @@ pub fn tests() -> Vec<libtest_mimic::Trial> {
         runtime_resilience::status_shows_the_same_problems,
         runtime_resilience::a_hard_failover_leaves_no_engine_waiting_on_a_dead_connection,
         runtime_resilience::a_connection_dropped_mid_statement_after_a_failover_is_closed_not_waited_on,
+        runtime_resilience::an_escalation_caught_by_a_hard_failover_calls_the_next_tier,
     ]
 }
 
@@ -596,11 +597,11 @@ pub async fn a_hard_failover_leaves_no_engine_waiting_on_a_dead_connection() {
         .await;
     }
     insert("before the failover").execute(&mut admin).await.unwrap();
-    await_call_created(&mut events, Duration::from_secs(10)).await;
+    await_call(&mut events, None, Duration::from_secs(10)).await;
     proxy.fail_over(&mut admin).await;
     let failed_over = Instant::now();
     insert("after the failover").execute(&mut admin).await.unwrap();
-    await_call_created(&mut events, Duration::from_secs(30)).await;
+    await_call(&mut events, None, Duration::from_secs(30)).await;
     eprintln!("called {:?} after the failover", failed_over.elapsed());
     // That call was the new alert's (not a re-call of the first), and its
     // CallSid is recorded. (Polled on the test's own session: the failover
@@ -628,24 +629,105 @@ pub async fn a_hard_failover_leaves_no_engine_waiting_on_a_dead_connection() {
     let _ = tokio::time::timeout(Duration::from_secs(5), pool.close()).await;
 }
 
+/// The escalation's own transactions are bounded too (`Services::bounded`):
+/// an evaluation whose statement is in flight when a hard failover leaves
+/// its connection half-open fails at `engine.database_deadline_ms`, is
+/// retried on a live connection, and the next tier is called. Without the
+/// bound the step waits on the dead connection while its lease is renewed,
+/// and nobody else is called for the kernel's retransmission timeout.
+pub async fn an_escalation_caught_by_a_hard_failover_calls_the_next_tier() {
+    if init().cluster.is_none() {
+        eprintln!("skipped: needs the embedded cluster (its Unix socket behind the proxy)");
+        return;
+    }
+    let db = TestDb::new().await;
+    db.exec(wardcall::devtools::demo::HOSPITAL_SCHEMA).await;
+    let emulator = no_answer_emulator().await;
+    // Tier 1 (nurse-avery) is not answered within 3 s; then tier 2 (nurse-blake).
+    let mut cfg = crate::escalation::hospital_config(&emulator.base_url(), 3.0, 1);
+    cfg.engine.pool_size = 4;
+    cfg.engine.webhook_pool_size = 2;
+    cfg.engine.sweep_ms = 100;
+    cfg.engine.acquire_timeout_ms = 1000;
+    // The evaluation waits for a lock the test holds: long enough for the
+    // test to see it waiting and fail over before a server-side timeout.
+    cfg.engine.statement_timeout_ms = 3000;
+    cfg.engine.lock_timeout_ms = 3000;
+    cfg.engine.database_deadline_ms = 4000;
+    // Renewals never let the lease lapse meanwhile (a takeover would call the
+    // next tier without the bound under test).
+    cfg.engine.lease_ms = 30_000;
+    cfg.validate("hospital.toml").unwrap();
+    let cfg = Arc::new(cfg);
+    let proxy = FailoverProxy::start(&db.options).await;
+    let through_proxy = proxy.options(&db);
+    let pool = wardcall::db::connect_pool_with(through_proxy.clone(), &cfg.engine).await.unwrap();
+    let app = wardcall::app::App::start(
+        wardcall::db::Database { pool: pool.clone(), connect_options: through_proxy, embedded: None },
+        cfg.clone(),
+        wardcall::app::StartOptions {
+            twilio_auth_token: Some(AUTH_TOKEN.into()),
+            http_listener: Some(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap()),
+            api_token: Some(API_TOKEN.into()),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("app starts");
+    let mut events = emulator.subscribe();
+    let mut watcher = db.options.connect().await.unwrap();
+    let mut holder = db.options.connect().await.unwrap();
+    sqlx::query(
+        "INSERT INTO alerts (patient_id, room_id, severity, status, alert_type, title, description)
+         SELECT 'P-DHE-001', room_id, 'critical', 'active', 'seizure_detected', 'caught by a failover', 'test' FROM rooms WHERE room_name = 'Room 2' LIMIT 1",
+    )
+    .execute(&mut holder)
+    .await
+    .unwrap();
+    await_call(&mut events, Some("+13855550101"), Duration::from_secs(10)).await;
+    // The alert's row held: the evaluation at the tier's timeout waits for it.
+    let mut hold = holder.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM wardcall.alerts FOR UPDATE").execute(&mut *hold).await.unwrap();
+    await_on_session(
+        &mut watcher,
+        "the evaluation waiting for the alert's row",
+        Duration::from_secs(15),
+        "SELECT EXISTS (SELECT 1 FROM pg_stat_activity
+          WHERE datname = current_database() AND application_name = 'wardcall' AND wait_event_type = 'Lock')",
+    )
+    .await;
+    // The failover: every connection so far goes silent (the evaluation's
+    // too, mid-statement), and every backend but the watcher's ends (the
+    // holder's too, which frees the row).
+    proxy.fail_over(&mut watcher).await;
+    let failed_over = Instant::now();
+    drop(hold);
+    await_call(&mut events, Some("+13855550102"), Duration::from_secs(30)).await;
+    eprintln!("the next tier called {:?} after the failover", failed_over.elapsed());
+    app.stop(Duration::from_secs(5)).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), pool.close()).await;
+}
+
+/// Awaits the emulator's next create-call request (to `to`, E.164, if
+/// given), at most `within`.
+async fn await_call(events: &mut tokio::sync::broadcast::Receiver<EmulatorEvent>, to: Option<&str>, within: Duration) {
+    let until = Instant::now() + within;
+    loop {
+        match tokio::time::timeout(until.saturating_duration_since(Instant::now()), events.recv()).await {
+            Ok(Ok(EmulatorEvent::CallCreated { to: called, .. })) if to.map_or(true, |t| t == called) => return,
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => panic!("emulator events: {e}"),
+            Err(_) => panic!("no create-call request to {} within {within:?}", to.unwrap_or("anyone")),
+        }
+    }
+}
+
 /// [`await_true`] on one session of the test's own (`conn`), polled every 20 ms.
 async fn await_on_session(conn: &mut sqlx::PgConnection, what: &str, timeout: Duration, sql: &str) {
     let until = Instant::now() + timeout;
     while !sqlx::query_scalar::<_, bool>(sql).persistent(false).fetch_one(&mut *conn).await.unwrap() {
         assert!(Instant::now() < until, "timed out after {timeout:?} waiting for {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-async fn await_call_created(events: &mut tokio::sync::broadcast::Receiver<EmulatorEvent>, within: Duration) {
-    let until = Instant::now() + within;
-    loop {
-        match tokio::time::timeout(until.saturating_duration_since(Instant::now()), events.recv()).await {
-            Ok(Ok(EmulatorEvent::CallCreated { .. })) => return,
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => panic!("emulator events: {e}"),
-            Err(_) => panic!("no create-call request within {within:?}"),
-        }
     }
 }
 
