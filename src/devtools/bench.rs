@@ -102,7 +102,10 @@ pub enum Scenario {
     /// The bookings example: N follow-ups due at one instant, then N over `--spread-s`
     /// (default 10,000): lateness of the HTTP POST to the team's endpoint.
     Bookings,
-    /// Every scenario above, in the order resources, latency, burst, throughput, steps, timers, scale, flood.
+    /// The host's floor under `latency` (no engine): a LISTEN wake-up, one
+    /// durable one-row commit and one HTTP request per event (default 1,000 at 50/s).
+    Floor,
+    /// Every scenario above, in the order resources, latency, burst, throughput, steps, timers, scale, flood, bookings, floor.
     All,
 }
 
@@ -119,6 +122,7 @@ impl Scenario {
             Scenario::Resources => "resources",
             Scenario::Flood => "flood",
             Scenario::Bookings => "bookings",
+            Scenario::Floor => "floor",
             Scenario::All => "all",
         }
     }
@@ -137,6 +141,7 @@ impl Scenario {
                 Scenario::Scale,
                 Scenario::Flood,
                 Scenario::Bookings,
+                Scenario::Floor,
             ],
             s => vec![s],
         }
@@ -516,6 +521,7 @@ pub async fn run_scenario(options: &BenchOptions, scenario: Scenario, sizes: &Si
         Scenario::Resources => resources(options, sizes).await?,
         Scenario::Flood => flood(options, sizes).await?,
         Scenario::Bookings => bookings(options, sizes).await?,
+        Scenario::Floor => floor(options, sizes).await?,
         Scenario::All => bail!("run_scenario runs one scenario; expand 'all' with Scenario::expand"),
     };
     report.elapsed_s = started.elapsed().as_secs_f64();
@@ -1093,6 +1099,124 @@ async fn latency(options: &BenchOptions, sizes: &Sizes) -> anyhow::Result<Scenar
     }
     .await;
     env_owned.finish(result).await?;
+    Ok(r)
+}
+
+/// The `floor` scenario: what the host itself charges between a team's
+/// commit and a provider request when the request's intent is committed
+/// first (DESIGN.md invariant 2), with no engine: a trigger's `pg_notify`
+/// wakes one LISTEN session; for each event, one one-row `INSERT` commits
+/// (durably, `synchronous_commit` on) on a pooled connection, then one HTTP
+/// POST goes to a local server on a thread of its own, which takes the
+/// instant it arrives. No run, no lookups, no alert, no audit row. The
+/// client inserts `n` events one by one at `rate` per second on a thread of
+/// its own (the first 50 warm up and are not counted), as `latency` does.
+/// Figures: commit → request p50/p99 (ms) and its three stages' p50s.
+/// BENCHMARKS.md, "Issue 9, twelfth session", compares it with `latency`.
+async fn floor(options: &BenchOptions, sizes: &Sizes) -> anyhow::Result<ScenarioReport> {
+    const WARM_UP: u64 = 50;
+    let n = sizes.n_or(1000);
+    let rate = sizes.rate;
+    let mut r = ScenarioReport::new(
+        Scenario::Floor,
+        format!("the host's floor: commit → LISTEN wake-up → one durable one-row commit → HTTP request, {n} events at {rate} /s, no engine"),
+        json!({"events": n, "rate_per_s": rate, "warm_up_events": WARM_UP}),
+    );
+    let name = format!("{}_floor", options.database_prefix);
+    recreate_database(&options.server, &name).await?;
+    let db = options.server.clone().database(&name);
+    let pool = PgPoolOptions::new().max_connections(2).connect_with(db.clone().application_name("wardcall-bench-floor")).await?;
+    sqlx::raw_sql(
+        "CREATE TABLE floor_events (id bigserial PRIMARY KEY, payload jsonb NOT NULL);
+         CREATE TABLE floor_intents (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), event bigint NOT NULL, created_at timestamptz NOT NULL DEFAULT clock_timestamp());
+         CREATE FUNCTION floor_wake() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_notify('floor_wake', NEW.id::text); RETURN NEW; END $$;
+         CREATE TRIGGER floor_wake AFTER INSERT ON floor_events FOR EACH ROW EXECUTE FUNCTION floor_wake();",
+    )
+    .execute(&pool)
+    .await
+    .context("creating the floor's tables")?;
+    // The receiving server, on a runtime of its own (another machine in production).
+    let server_runtime = BackgroundRuntime(Some(
+        tokio::runtime::Builder::new_multi_thread().worker_threads(1).thread_name("bench-floor-server").enable_all().build()?,
+    ));
+    let (arrived_tx, mut arrived) = tokio::sync::mpsc::unbounded_channel::<(i64, Instant)>();
+    let listener = server_runtime.handle().spawn(async { tokio::net::TcpListener::bind("127.0.0.1:0").await }).await??;
+    let url = format!("http://{}/call", listener.local_addr()?);
+    let app = axum::Router::new().route(
+        "/call",
+        axum::routing::post(move |body: String| {
+            let at = Instant::now();
+            let _ = arrived_tx.send((body.parse().unwrap_or(-1), at));
+            async { "ok" }
+        }),
+    );
+    server_runtime.handle().spawn(async move { axum::serve(listener, app).await });
+    // The "engine": woken by the notification, it commits the intent, then requests.
+    let mut wake = sqlx::postgres::PgListener::connect_with(&pool).await?;
+    wake.listen("floor_wake").await?;
+    let (staged_tx, mut staged) = tokio::sync::mpsc::unbounded_channel::<(i64, Instant, Instant)>();
+    let http = reqwest::Client::new();
+    let engine_pool = pool.clone();
+    let engine = tokio::spawn(async move {
+        loop {
+            let notification = wake.recv().await?;
+            let woken = Instant::now();
+            let id: i64 = notification.payload().parse()?;
+            sqlx::query("INSERT INTO floor_intents (event) VALUES ($1)").bind(id).execute(&engine_pool).await?;
+            let committed = Instant::now();
+            http.post(&url).body(id.to_string()).send().await?.error_for_status()?;
+            let _ = staged_tx.send((id, woken, committed));
+        }
+        #[allow(unreachable_code)]
+        Ok::<(), anyhow::Error>(())
+    });
+    let client_db = db.clone();
+    let result: anyhow::Result<()> = async {
+        let commits = on_client_thread(move || async move {
+            let mut conn: PgConnection = client_db.application_name("wardcall-bench").connect().await?;
+            let period = Duration::from_secs_f64(1.0 / rate);
+            let start = Instant::now();
+            let mut commits = Vec::with_capacity((n + WARM_UP) as usize);
+            for i in 0..(n + WARM_UP) {
+                tokio::time::sleep_until((start + period * i as u32).into()).await;
+                let id: i64 = sqlx::query_scalar("INSERT INTO floor_events (payload) VALUES ('{}') RETURNING id").fetch_one(&mut conn).await?;
+                commits.push((id, Instant::now()));
+            }
+            Ok(commits)
+        })
+        .await?;
+        let mut arrivals: HashMap<i64, Instant> = HashMap::new();
+        let mut stages: HashMap<i64, (Instant, Instant)> = HashMap::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while arrivals.len() < commits.len() || stages.len() < commits.len() {
+            tokio::select! {
+                Some((id, at)) = arrived.recv() => { arrivals.insert(id, at); }
+                Some((id, woken, committed)) = staged.recv() => { stages.insert(id, (woken, committed)); }
+                _ = tokio::time::sleep_until(deadline) => bail!("timed out: {} of {} requests arrived", arrivals.len(), commits.len()),
+            }
+        }
+        let counted = &commits[WARM_UP as usize..];
+        let latencies = sorted(counted.iter().map(|(id, c)| ms_between(*c, arrivals[id])).collect());
+        r.add("events", latencies.len() as f64, "count");
+        r.add("p50", percentile(&latencies, 0.5), "ms");
+        r.add("p99", percentile(&latencies, 0.99), "ms");
+        r.add("max", *latencies.last().unwrap_or(&f64::NAN), "ms");
+        let stage = |f: &dyn Fn(&(i64, Instant)) -> f64| percentile(&sorted(counted.iter().map(f).collect()), 0.5);
+        r.add("stage_p50_commit_to_woken", stage(&|(id, c)| ms_between(*c, stages[id].0)), "ms");
+        r.add("stage_p50_woken_to_intent_committed", stage(&|(id, _)| ms_between(stages[id].0, stages[id].1)), "ms");
+        r.add("stage_p50_intent_committed_to_request", stage(&|(id, _)| ms_between(stages[id].1, arrivals[id])), "ms");
+        r.notes.push("no engine: one LISTEN session, one one-row INSERT committed per event (synchronous_commit on), one HTTP POST to a local server; the least any design that commits a call's intent before the call (DESIGN.md invariant 2) pays on this host".into());
+        Ok(())
+    }
+    .await;
+    engine.abort();
+    pool.close().await;
+    drop(server_runtime);
+    if options.drop_databases {
+        let mut conn = options.server.connect().await?;
+        sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(&mut conn).await?;
+    }
+    result?;
     Ok(r)
 }
 

@@ -17,6 +17,7 @@ pub fn tests() -> Vec<libtest_mimic::Trial> {
         bench_smoke::resources,
         bench_smoke::flood,
         bench_smoke::bookings,
+        bench_smoke::floor,
     ]
 }
 
@@ -134,5 +135,15 @@ pub async fn bookings() {
         let p50 = get(&r, &format!("{mode}_lateness_p50"));
         let p99 = get(&r, &format!("{mode}_lateness_p99"));
         assert!(p50.is_finite() && p50 <= p99 && p99 < 60_000.0, "{mode}: p50 {p50} p99 {p99}");
+    }
+}
+
+pub async fn floor() {
+    let r = smoke(Scenario::Floor, Sizes { n: Some(20), ..Sizes::default() }).await;
+    assert_eq!(get(&r, "events"), 20.0);
+    let (p50, p99, max) = (positive(&r, "p50"), positive(&r, "p99"), positive(&r, "max"));
+    assert!(p50 <= p99 && p99 <= max && max < 60_000.0, "p50 {p50} p99 {p99} max {max}");
+    for stage in ["commit_to_woken", "woken_to_intent_committed", "intent_committed_to_request"] {
+        positive(&r, &format!("stage_p50_{stage}"));
     }
 }
