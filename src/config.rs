@@ -147,7 +147,8 @@ pub struct EngineConfig {
     /// The longest the engine waits for PostgreSQL to answer a phase of one
     /// unit of its work (a dispatch, a claim, a group commit, a batch of
     /// first tiers or send records, a lease renewal, a wait's resolution, a
-    /// step's commit with its work), in milliseconds, 1000..=7200000 and
+    /// step's commit with its work, a step's own transactions and reads:
+    /// `runtime::Services::bounded`), in milliseconds, 1000..=7200000 and
     /// above `statement_timeout_ms`. Default 20000. A live server answers
     /// first (its `statement_timeout` cancels a slow statement; a batch of
     /// many statements on a very loaded server could take longer); past it the

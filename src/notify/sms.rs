@@ -156,9 +156,10 @@ pub async fn send_one_way(
         })
         .await?;
     let reconciled = delivery::reconcile(services, sender, &existing, run.fencing_token, Some(&body), delivery::Unverified::Retry).await?;
+    let mut conn = services.pool.acquire().await?;
     let outgoing = services
         .bounded(async {
-            let mut tx = services.pool.begin().await?;
+            let mut tx = sqlx::Connection::begin(&mut *conn).await?;
             if !lock_fenced(&mut tx, run.id, run.fencing_token).await? {
                 return Err(StepError::LeaseLost);
             }
@@ -281,8 +282,9 @@ pub async fn send_fallbacks(
     // text than none): a message list that stays unreadable must not hold the
     // escalation's evaluation, and with it the next tier's calls, for ever.
     let reconciled = delivery::reconcile(services, sender, &existing, run.fencing_token, Some(&body), delivery::Unverified::ResendAfter30s).await?;
+    let mut conn = services.pool.acquire().await?;
     let outgoing = services.bounded(async {
-        let mut tx = services.pool.begin().await?;
+        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
         if !lock_fenced(&mut tx, run.id, run.fencing_token).await? {
             return Err(StepError::LeaseLost);
         }

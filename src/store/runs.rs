@@ -776,9 +776,13 @@ async fn commit_batch(conn: &mut PgConnection, batch: &[TransitionCommit], skip_
         let mut tx = sqlx::Connection::begin(&mut *conn).await?;
         let rows = query.fetch_all(&mut *tx).await?;
         // A new statement after the lock: it sees every signal committed so far.
+        // (No `status = 'waiting'` test: these runs were just written
+        // waiting by this transaction, which holds their rows. With it, a
+        // generic plan made on stale statistics scanned every waiting run
+        // through `runs_status`, 0.3 ms per commit at 350 waiting runs.)
         let due_now = sqlx::query_scalar(
             "UPDATE wardcall.runs r SET due_at = clock_timestamp()
-              WHERE r.id = ANY($1) AND r.status = 'waiting'
+              WHERE r.id = ANY($1)
                 AND EXISTS (SELECT 1 FROM wardcall.signals s WHERE s.run_id = r.id AND s.name = r.wait_signal AND s.consumed_at IS NULL)
              RETURNING r.id",
         )

@@ -232,14 +232,6 @@ async fn record_tier_recipients(tx: &mut PgConnection, ctx: &StepContext<'_>, al
     Ok(())
 }
 
-/// A tier with nobody to call (no recipient with a voice number): audited
-/// `alert.tier_empty` (position and count only) and the policy goes on to the
-/// next tier at once. When every tier of the cycle was empty, the policy
-/// yielded nobody at all: the alert stays open, `wardcall.alerts.nobody_since`
-/// is set (listed by `wardcall status`), the first time is logged at error and
-/// audited `alert.nobody_to_call`, and the cycle's tiers are resolved again
-/// after [`NOBODY_RETRY_MS`], for ever, until someone can be called or the
-/// alert is cancelled: never silence (DESIGN.md invariant 10).
 /// What a tier's transaction did ([`place_calls`], the general path).
 enum TierOpening {
     /// The alert is no longer open: the run is complete.
@@ -265,8 +257,9 @@ struct EmptyTier {
 /// tier's transaction: audited `alert.tier_empty` (position and count only).
 /// When every tier of the cycle was empty, the policy yielded nobody at all:
 /// `wardcall.alerts.nobody_since` is set (listed by `wardcall status`) and
-/// the first time is audited `alert.nobody_to_call`. [`after_empty_tier`]
-/// decides what follows, after the commit.
+/// the first time is audited `alert.nobody_to_call` (not again while that
+/// alarm is raised). [`after_empty_tier`] decides what follows, after the
+/// commit.
 #[allow(clippy::too_many_arguments)]
 async fn record_empty_tier(
     tx: &mut PgConnection,
@@ -507,9 +500,10 @@ async fn place_calls(ctx: &mut StepContext<'_>, settings: &EscalationWorkflow, p
             // bounded by `engine.database_deadline_ms` as an evaluation is
             // ([`evaluate_position`]): a tier after the first must not wait
             // on a half-open connection after a hard failover.
+            let mut conn = services.pool.acquire().await?;
             let opening = services
                 .bounded(async {
-                    let mut tx = services.pool.begin().await?;
+                    let mut tx = sqlx::Connection::begin(&mut *conn).await?;
                     let Some(alert) =
                         alerts::fence_and_open(&mut tx, ctx.run.id, ctx.run.fencing_token, &ctx.workflow.name, &settings.policy, &message, &actor).await?
                     else {
@@ -620,8 +614,8 @@ enum Evaluation {
     Closed { acknowledged: bool },
     /// A call failed and its person is not texted yet.
     FallbackDue,
-    /// Nothing decided yet: wait until `until` (ms since the Unix epoch, UTC).
-    KeepWaiting { until: i64, machines: Vec<String> },
+    /// Nothing decided yet: wait `timeout_ms` more (ms, at least 1).
+    KeepWaiting { timeout_ms: i64, machines: Vec<String> },
     /// The whole policy ran without an acknowledgement.
     Unacknowledged { machines: Vec<String> },
     /// The tier ended (`reason`); `next` is the (cycle, step index) to call.
@@ -666,17 +660,18 @@ async fn evaluate_position(
             o.remove("sms_fallback_due");
         }
     }
-    let now = jiff::Timestamp::now().as_millisecond();
-    let deadline = ctx.state.get("step_deadline_ms").and_then(Value::as_i64).unwrap_or(now);
     // The decision's transaction (database work only: no provider request
     // inside it), bounded by `engine.database_deadline_ms`: after a hard
     // failover a statement in flight on a half-open connection would
     // otherwise hold this alert's escalation for the kernel's retransmission
     // timeout (ARCHITECTURE.md, "PostgreSQL high availability"); past the
     // deadline the step fails, is retried, and the next tier is called.
+    // (The connection is taken outside the bound: the pool's own wait has
+    // its acquire timeout; only a silent server is to meet the deadline.)
+    let mut conn = services.pool.acquire().await?;
     let decided = services
         .bounded(async {
-            let mut tx = services.pool.begin().await?;
+            let mut tx = sqlx::Connection::begin(&mut *conn).await?;
             if !runs::lock_fenced(&mut tx, ctx.run.id, ctx.run.fencing_token).await? {
                 return Err(StepError::LeaseLost);
             }
@@ -695,6 +690,9 @@ async fn evaluate_position(
                 && attempts.iter().all(definitively_failed)
                 && !(sms_fallback && crate::notify::sms::fallback_pending(&mut tx, ctx.run.id, cycle, step_index).await?);
             let declined = attempts.iter().any(|a| a.declined);
+            // The clock read after the locks and reads, which may have waited.
+            let now = jiff::Timestamp::now().as_millisecond();
+            let deadline = ctx.state.get("step_deadline_ms").and_then(Value::as_i64).unwrap_or(now);
             // A human on the line (answered, not a machine, no key yet) gets time to
             // hear the message and press a key: the step does not expire under them.
             let human_on_line = attempts.iter().any(|a| a.status == "in-progress" && !machine(a) && !a.declined && !a.acknowledged);
@@ -706,7 +704,7 @@ async fn evaluate_position(
             if !(all_failed || declined || expired) {
                 tx.commit().await?;
                 let until = if deadline <= now { grace_deadline } else { deadline };
-                return Ok(Evaluation::KeepWaiting { until, machines });
+                return Ok(Evaluation::KeepWaiting { timeout_ms: (until - now).max(1), machines });
             }
             let reason = if declined {
                 "declined"
@@ -752,9 +750,9 @@ async fn evaluate_position(
             ctx.state["sms_fallback_due"] = json!(true);
             return Ok(Transition::Next { step: "await".into() });
         }
-        Evaluation::KeepWaiting { until, machines } => {
+        Evaluation::KeepWaiting { timeout_ms, machines } => {
             end_calls(&services, &machines).await;
-            return Ok(Transition::Wait { step: "await".into(), signal: CALL_UPDATE_SIGNAL.into(), timeout_ms: (until - now).max(1) });
+            return Ok(Transition::Wait { step: "await".into(), signal: CALL_UPDATE_SIGNAL.into(), timeout_ms });
         }
         Evaluation::Unacknowledged { machines } => {
             end_calls(&services, &machines).await;

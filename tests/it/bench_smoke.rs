@@ -143,7 +143,10 @@ pub async fn floor() {
     assert_eq!(get(&r, "events"), 20.0);
     let (p50, p99, max) = (positive(&r, "p50"), positive(&r, "p99"), positive(&r, "max"));
     assert!(p50 <= p99 && p99 <= max && max < 60_000.0, "p50 {p50} p99 {p99} max {max}");
-    for stage in ["commit_to_woken", "woken_to_intent_committed", "intent_committed_to_request"] {
+    // The listener may be woken before the client sees its own commit
+    // return: that stage is about 0 and may come out negative.
+    assert!(get(&r, "stage_p50_commit_to_woken").is_finite());
+    for stage in ["woken_to_intent_committed", "intent_committed_to_request"] {
         positive(&r, &format!("stage_p50_{stage}"));
     }
 }

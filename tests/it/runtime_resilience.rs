@@ -648,15 +648,16 @@ pub async fn an_escalation_caught_by_a_hard_failover_calls_the_next_tier() {
     cfg.engine.pool_size = 4;
     cfg.engine.webhook_pool_size = 2;
     cfg.engine.sweep_ms = 100;
-    cfg.engine.acquire_timeout_ms = 1000;
+    // Above the 2 s check of every connection a suspect pool hands out.
+    cfg.engine.acquire_timeout_ms = 3000;
     // The evaluation waits for a lock the test holds: long enough for the
     // test to see it waiting and fail over before a server-side timeout.
     cfg.engine.statement_timeout_ms = 3000;
     cfg.engine.lock_timeout_ms = 3000;
     cfg.engine.database_deadline_ms = 4000;
-    // Renewals never let the lease lapse meanwhile (a takeover would call the
-    // next tier without the bound under test).
-    cfg.engine.lease_ms = 30_000;
+    // Renewals never let the lease lapse within the test (a takeover after
+    // the lease would call the next tier without the bound under test).
+    cfg.engine.lease_ms = 60_000;
     cfg.validate("hospital.toml").unwrap();
     let cfg = Arc::new(cfg);
     let proxy = FailoverProxy::start(&db.options).await;
@@ -702,8 +703,15 @@ pub async fn an_escalation_caught_by_a_hard_failover_calls_the_next_tier() {
     proxy.fail_over(&mut watcher).await;
     let failed_over = Instant::now();
     drop(hold);
-    await_call(&mut events, Some("+13855550102"), Duration::from_secs(30)).await;
-    eprintln!("the next tier called {:?} after the failover", failed_over.elapsed());
+    await_call(&mut events, Some("+13855550102"), Duration::from_secs(20)).await;
+    let took = failed_over.elapsed();
+    eprintln!("the next tier called {took:?} after the failover");
+    assert!(took < Duration::from_secs(15), "the next tier was called {took:?} after the failover: by the lease's lapse, not the deadline");
+    // Each tier called once: the retried evaluation called nobody again.
+    let calls = emulator.calls();
+    for to in ["+13855550101", "+13855550102"] {
+        assert_eq!(calls.iter().filter(|c| c.to == to).count(), 1, "calls to {to}");
+    }
     app.stop(Duration::from_secs(5)).await;
     let _ = tokio::time::timeout(Duration::from_secs(5), pool.close()).await;
 }
