@@ -1466,7 +1466,7 @@ impl Engine {
                 let msg = format!("workflow '{}' is not in this engine's config (removed?): the run cannot proceed", run.workflow);
                 tracing::error!(run = %run.id, workflow = %run.workflow, "run failed: its workflow is not in this engine's config");
                 let fail = store::Parking::Fail { error: msg };
-                if let Err(e) = store::commit_transition(&self.db.pool, &run, &run.state, &run.step, &fail, &actor).await {
+                if let Err(e) = self.bounded_record(store::commit_transition(&self.db.pool, &run, &run.state, &run.step, &fail, &actor)).await {
                     tracing::warn!(run = %run.id, error = %e, "recording the failure failed; the lease will lapse and it is retried");
                 }
                 break;
@@ -1531,7 +1531,10 @@ impl Engine {
                     let msg = error;
                     tracing::warn!(run = %run.id, step = %run.step, attempt = run.step_attempt + 1, error = %msg, retry_in_ms = delay_ms, "step failed");
                     let hook = self.host.failure_hook(workflow, &run.step);
-                    matches!(store::record_step_failure(&self.db.pool, &run, &msg, rule.max_attempts, delay_ms, hook.as_deref(), &actor).await, Ok(Some(_)))
+                    matches!(
+                        self.bounded_record(store::record_step_failure(&self.db.pool, &run, &msg, rule.max_attempts, delay_ms, hook.as_deref(), &actor)).await,
+                        Ok(Some(_))
+                    )
                 }
                 Err(StepError::Retryable(err)) => {
                     let delay = retry_delay_ms(workflow, run.step_attempt + 1);
@@ -1539,7 +1542,10 @@ impl Engine {
                     let msg = crate::capture::error_text(&err);
                     tracing::warn!(run = %run.id, step = %run.step, attempt = run.step_attempt + 1, error = %msg, "step failed");
                     let hook = self.host.failure_hook(workflow, &run.step);
-                    matches!(store::record_step_failure(&self.db.pool, &run, &msg, rule.max_attempts, delay, hook.as_deref(), &actor).await, Ok(Some(_)))
+                    matches!(
+                        self.bounded_record(store::record_step_failure(&self.db.pool, &run, &msg, rule.max_attempts, delay, hook.as_deref(), &actor)).await,
+                        Ok(Some(_))
+                    )
                 }
                 Err(StepError::Permanent(err)) if rule.max_attempts == u32::MAX => {
                     // An alert is never given up on: an escalation keeps retrying
@@ -1548,16 +1554,19 @@ impl Engine {
                     tracing::error!(run = %run.id, step = %run.step, error = %msg, "escalation step failed; retrying (alerts are never dead-lettered)");
                     let delay = retry_delay_ms(workflow, run.step_attempt + 1);
                     let delay = rule.cap_ms.map_or(delay, |cap| delay.min(cap));
-                    matches!(store::record_step_failure(&self.db.pool, &run, &msg, u32::MAX, delay, None, &actor).await, Ok(Some(_)))
+                    matches!(self.bounded_record(store::record_step_failure(&self.db.pool, &run, &msg, u32::MAX, delay, None, &actor)).await, Ok(Some(_)))
                 }
                 Err(StepError::Permanent(err)) => {
                     let msg = crate::capture::error_text(&err);
                     tracing::error!(run = %run.id, step = %run.step, error = %msg, "step failed permanently");
                     let hook = self.host.failure_hook(workflow, &run.step);
                     if hook.is_some() {
-                        matches!(store::record_step_failure(&self.db.pool, &run, &msg, 0, 0, hook.as_deref(), &actor).await, Ok(Some(_)))
+                        matches!(self.bounded_record(store::record_step_failure(&self.db.pool, &run, &msg, 0, 0, hook.as_deref(), &actor)).await, Ok(Some(_)))
                     } else {
-                        matches!(store::commit_transition(&self.db.pool, &run, &state, &run.step, &Parking::Fail { error: msg }, &actor).await, Ok(Some(_)))
+                        matches!(
+                            self.bounded_record(store::commit_transition(&self.db.pool, &run, &state, &run.step, &Parking::Fail { error: msg }, &actor)).await,
+                            Ok(Some(_))
+                        )
                     }
                 }
             };
@@ -1635,6 +1644,15 @@ impl Engine {
                 Ok(None)
             }
         }
+    }
+
+    /// A step's outcome recorded outside its commit (a failure, a retry, a
+    /// run whose workflow is gone), bounded by `engine.database_deadline_ms`
+    /// like the rest of the step's database work
+    /// ([`crate::db::deadline::within_on`]): one that gets no reply leaves
+    /// the run to the lapse of its lease (its renewals end with the step).
+    async fn bounded_record<T>(&self, record: impl std::future::Future<Output = Result<T, sqlx::Error>>) -> Result<T, sqlx::Error> {
+        deadline::within_on(&self.db.pool, self.config.engine.database_deadline(), record).await
     }
 
     /// Releases, after stop: waits up to `grace` for steps in flight (holding
