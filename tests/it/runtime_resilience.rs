@@ -533,38 +533,16 @@ async fn pump(
 /// connection up after the deadline (2 s here), closes it, and the alert
 /// committed after the failover is called on new connections.
 pub async fn a_hard_failover_leaves_no_engine_waiting_on_a_dead_connection() {
-    if init().cluster.is_none() {
-        eprintln!("skipped: needs the embedded cluster (its Unix socket behind the proxy)");
-        return;
-    }
-    let db = TestDb::new().await;
-    db.exec(wardcall::devtools::demo::HOSPITAL_SCHEMA).await;
-    let emulator = no_answer_emulator().await;
-    let mut cfg = crate::escalation::hospital_config(&emulator.base_url(), 600.0, 1);
-    cfg.engine.pool_size = 4;
-    cfg.engine.webhook_pool_size = 2;
-    cfg.engine.sweep_ms = 100;
-    cfg.engine.heartbeat_ms = 500;
-    cfg.engine.acquire_timeout_ms = 1000;
-    cfg.engine.statement_timeout_ms = 1000;
-    cfg.engine.database_deadline_ms = 2000;
-    cfg.validate("hospital.toml").unwrap();
-    let cfg = Arc::new(cfg);
-    let proxy = FailoverProxy::start(&db.options).await;
-    let through_proxy = proxy.options(&db);
-    let pool = wardcall::db::connect_pool_with(through_proxy.clone(), &cfg.engine).await.unwrap();
-    let app = wardcall::app::App::start(
-        wardcall::db::Database { pool: pool.clone(), connect_options: through_proxy, embedded: None },
-        cfg.clone(),
-        wardcall::app::StartOptions {
-            twilio_auth_token: Some(AUTH_TOKEN.into()),
-            http_listener: Some(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap()),
-            api_token: Some(API_TOKEN.into()),
-            ..Default::default()
-        },
-    )
+    let Some(BehindProxy { db, emulator, cfg, proxy, pool, app }) = hospital_behind_proxy(600.0, |e| {
+        e.heartbeat_ms = 500;
+        e.acquire_timeout_ms = 1000;
+        e.statement_timeout_ms = 1000;
+        e.database_deadline_ms = 2000;
+    })
     .await
-    .expect("app starts");
+    else {
+        return;
+    };
     let mut events = emulator.subscribe();
     let mut admin = db.options.connect().await.unwrap();
     let insert = |title: &'static str| {
@@ -636,45 +614,23 @@ pub async fn a_hard_failover_leaves_no_engine_waiting_on_a_dead_connection() {
 /// bound the step waits on the dead connection while its lease is renewed,
 /// and nobody else is called for the kernel's retransmission timeout.
 pub async fn an_escalation_caught_by_a_hard_failover_calls_the_next_tier() {
-    if init().cluster.is_none() {
-        eprintln!("skipped: needs the embedded cluster (its Unix socket behind the proxy)");
-        return;
-    }
-    let db = TestDb::new().await;
-    db.exec(wardcall::devtools::demo::HOSPITAL_SCHEMA).await;
-    let emulator = no_answer_emulator().await;
     // Tier 1 (nurse-avery) is not answered within 3 s; then tier 2 (nurse-blake).
-    let mut cfg = crate::escalation::hospital_config(&emulator.base_url(), 3.0, 1);
-    cfg.engine.pool_size = 4;
-    cfg.engine.webhook_pool_size = 2;
-    cfg.engine.sweep_ms = 100;
-    // Above the 2 s check of every connection a suspect pool hands out.
-    cfg.engine.acquire_timeout_ms = 3000;
-    // The evaluation waits for a lock the test holds: long enough for the
-    // test to see it waiting and fail over before a server-side timeout.
-    cfg.engine.statement_timeout_ms = 3000;
-    cfg.engine.lock_timeout_ms = 3000;
-    cfg.engine.database_deadline_ms = 4000;
-    // Renewals never let the lease lapse within the test (a takeover after
-    // the lease would call the next tier without the bound under test).
-    cfg.engine.lease_ms = 60_000;
-    cfg.validate("hospital.toml").unwrap();
-    let cfg = Arc::new(cfg);
-    let proxy = FailoverProxy::start(&db.options).await;
-    let through_proxy = proxy.options(&db);
-    let pool = wardcall::db::connect_pool_with(through_proxy.clone(), &cfg.engine).await.unwrap();
-    let app = wardcall::app::App::start(
-        wardcall::db::Database { pool: pool.clone(), connect_options: through_proxy, embedded: None },
-        cfg.clone(),
-        wardcall::app::StartOptions {
-            twilio_auth_token: Some(AUTH_TOKEN.into()),
-            http_listener: Some(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap()),
-            api_token: Some(API_TOKEN.into()),
-            ..Default::default()
-        },
-    )
+    let Some(BehindProxy { db, emulator, proxy, pool, app, .. }) = hospital_behind_proxy(3.0, |e| {
+        // Above the 2 s check of every connection a suspect pool hands out.
+        e.acquire_timeout_ms = 3000;
+        // The evaluation waits for a lock the test holds: long enough for the
+        // test to see it waiting and fail over before a server-side timeout.
+        e.statement_timeout_ms = 3000;
+        e.lock_timeout_ms = 3000;
+        e.database_deadline_ms = 4000;
+        // Renewals never let the lease lapse within the test (a takeover after
+        // the lease would call the next tier without the bound under test).
+        e.lease_ms = 60_000;
+    })
     .await
-    .expect("app starts");
+    else {
+        return;
+    };
     let mut events = emulator.subscribe();
     let mut watcher = db.options.connect().await.unwrap();
     let mut holder = db.options.connect().await.unwrap();
@@ -728,6 +684,56 @@ async fn await_call(events: &mut tokio::sync::broadcast::Receiver<EmulatorEvent>
             Err(_) => panic!("no create-call request to {} within {within:?}", to.unwrap_or("anyone")),
         }
     }
+}
+
+/// The hospital's app whose engine's pool reaches the database through a
+/// [`FailoverProxy`] ([`hospital_behind_proxy`]).
+struct BehindProxy {
+    db: TestDb,
+    emulator: wardcall::devtools::twilio_emulator::EmulatorHandle,
+    cfg: Arc<wardcall::config::Config>,
+    proxy: FailoverProxy,
+    pool: sqlx::PgPool,
+    app: wardcall::app::App,
+}
+
+/// A database with the hospital's schema, the no-answer emulator, and the
+/// app with the hospital config (acknowledgement timeout `ack_timeout_s`
+/// seconds, a pool of 4 and 2 webhook connections, a 100 ms sweep,
+/// then `adjust`), its engine's pool behind a [`FailoverProxy`]. `None`
+/// (the test skipped) without the embedded cluster, whose Unix socket the
+/// proxy forwards to.
+async fn hospital_behind_proxy(ack_timeout_s: f64, adjust: impl FnOnce(&mut EngineConfig)) -> Option<BehindProxy> {
+    if init().cluster.is_none() {
+        eprintln!("skipped: needs the embedded cluster (its Unix socket behind the proxy)");
+        return None;
+    }
+    let db = TestDb::new().await;
+    db.exec(wardcall::devtools::demo::HOSPITAL_SCHEMA).await;
+    let emulator = no_answer_emulator().await;
+    let mut cfg = crate::escalation::hospital_config(&emulator.base_url(), ack_timeout_s, 1);
+    cfg.engine.pool_size = 4;
+    cfg.engine.webhook_pool_size = 2;
+    cfg.engine.sweep_ms = 100;
+    adjust(&mut cfg.engine);
+    cfg.validate("hospital.toml").unwrap();
+    let cfg = Arc::new(cfg);
+    let proxy = FailoverProxy::start(&db.options).await;
+    let through_proxy = proxy.options(&db);
+    let pool = wardcall::db::connect_pool_with(through_proxy.clone(), &cfg.engine).await.unwrap();
+    let app = wardcall::app::App::start(
+        wardcall::db::Database { pool: pool.clone(), connect_options: through_proxy, embedded: None },
+        cfg.clone(),
+        wardcall::app::StartOptions {
+            twilio_auth_token: Some(AUTH_TOKEN.into()),
+            http_listener: Some(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap()),
+            api_token: Some(API_TOKEN.into()),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("app starts");
+    Some(BehindProxy { db, emulator, cfg, proxy, pool, app })
 }
 
 /// [`await_true`] on one session of the test's own (`conn`), polled every 20 ms.
