@@ -26,6 +26,7 @@ pub fn tests() -> Vec<libtest_mimic::Trial> {
         runtime_resilience::a_hard_failover_leaves_no_engine_waiting_on_a_dead_connection,
         runtime_resilience::a_connection_dropped_mid_statement_after_a_failover_is_closed_not_waited_on,
         runtime_resilience::an_escalation_caught_by_a_hard_failover_calls_the_next_tier,
+        runtime_resilience::a_later_tier_caught_by_a_hard_failover_is_called,
     ]
 }
 
@@ -533,7 +534,8 @@ async fn pump(
 /// connection up after the deadline (2 s here), closes it, and the alert
 /// committed after the failover is called on new connections.
 pub async fn a_hard_failover_leaves_no_engine_waiting_on_a_dead_connection() {
-    let Some(BehindProxy { db, emulator, cfg, proxy, pool, app }) = hospital_behind_proxy(600.0, |e| {
+    let Some(BehindProxy { db, emulator, cfg, proxy, pool, app }) = hospital_behind_proxy(600.0, |c| {
+        let e = &mut c.engine;
         e.heartbeat_ms = 500;
         e.acquire_timeout_ms = 1000;
         e.statement_timeout_ms = 1000;
@@ -615,7 +617,8 @@ pub async fn a_hard_failover_leaves_no_engine_waiting_on_a_dead_connection() {
 /// and nobody else is called for the kernel's retransmission timeout.
 pub async fn an_escalation_caught_by_a_hard_failover_calls_the_next_tier() {
     // Tier 1 (nurse-avery) is not answered within 3 s; then tier 2 (nurse-blake).
-    let Some(BehindProxy { db, emulator, proxy, pool, app, .. }) = hospital_behind_proxy(3.0, |e| {
+    let Some(BehindProxy { db, emulator, proxy, pool, app, .. }) = hospital_behind_proxy(3.0, |c| {
+        let e = &mut c.engine;
         // Above the 2 s check of every connection a suspect pool hands out.
         e.acquire_timeout_ms = 3000;
         // The evaluation waits for a lock the test holds: long enough for the
@@ -672,6 +675,67 @@ pub async fn an_escalation_caught_by_a_hard_failover_calls_the_next_tier() {
     let _ = tokio::time::timeout(Duration::from_secs(5), pool.close()).await;
 }
 
+/// A later tier's transaction (its intents, with the `on_escalated`
+/// write-back) is bounded as the evaluation is: caught by a hard failover
+/// while its write-back waits for the team's row, it fails at the deadline,
+/// is retried on a live connection, and the tier is called. (The test fails
+/// with only `place_calls`' bound removed.)
+pub async fn a_later_tier_caught_by_a_hard_failover_is_called() {
+    let Some(BehindProxy { db, emulator, proxy, pool, app, .. }) = hospital_behind_proxy(3.0, |c| {
+        c.workflows[0].escalation_mut().expect("an escalation").write_back.on_escalated =
+            Some("UPDATE alerts SET description = 'escalated' WHERE id = ($1->>'id')::uuid".into());
+        let e = &mut c.engine;
+        e.acquire_timeout_ms = 3000;
+        e.statement_timeout_ms = 3000;
+        e.lock_timeout_ms = 3000;
+        e.database_deadline_ms = 4000;
+        e.lease_ms = 60_000;
+    })
+    .await
+    else {
+        return;
+    };
+    let mut events = emulator.subscribe();
+    let mut watcher = db.options.connect().await.unwrap();
+    let mut holder = db.options.connect().await.unwrap();
+    sqlx::query(
+        "INSERT INTO alerts (patient_id, room_id, severity, status, alert_type, title, description)
+         SELECT 'P-DHE-001', room_id, 'critical', 'active', 'seizure_detected', 'a later tier caught by a failover', 'test' FROM rooms WHERE room_name = 'Room 2' LIMIT 1",
+    )
+    .execute(&mut holder)
+    .await
+    .unwrap();
+    await_call(&mut events, Some("+13855550101"), Duration::from_secs(10)).await;
+    // Tier 1's own write-back done, the team's row is held: the next tier's
+    // `on_escalated` waits for it, inside the tier's transaction.
+    await_on_session(&mut watcher, "tier 1's call written back", Duration::from_secs(10), "SELECT metadata->'call'->>'call_id' IS NOT NULL FROM alerts").await;
+    let mut hold = holder.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM alerts FOR UPDATE").execute(&mut *hold).await.unwrap();
+    await_on_session(
+        &mut watcher,
+        "the next tier's write-back waiting for the team's row",
+        Duration::from_secs(15),
+        "SELECT EXISTS (SELECT 1 FROM pg_stat_activity
+          WHERE datname = current_database() AND application_name = 'wardcall' AND wait_event_type = 'Lock')",
+    )
+    .await;
+    proxy.fail_over(&mut watcher).await;
+    let failed_over = Instant::now();
+    drop(hold);
+    await_call(&mut events, Some("+13855550102"), Duration::from_secs(20)).await;
+    let took = failed_over.elapsed();
+    eprintln!("the next tier called {took:?} after the failover");
+    assert!(took < Duration::from_secs(15), "the next tier was called {took:?} after the failover: by the lease's lapse, not the deadline");
+    let calls = emulator.calls();
+    for to in ["+13855550101", "+13855550102"] {
+        assert_eq!(calls.iter().filter(|c| c.to == to).count(), 1, "calls to {to}");
+    }
+    // The write-back ran once the tier committed.
+    await_on_session(&mut watcher, "the escalation written back", Duration::from_secs(10), "SELECT description = 'escalated' FROM alerts").await;
+    app.stop(Duration::from_secs(5)).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), pool.close()).await;
+}
+
 /// Awaits the emulator's next create-call request (to `to`, E.164, if
 /// given), at most `within`.
 async fn await_call(events: &mut tokio::sync::broadcast::Receiver<EmulatorEvent>, to: Option<&str>, within: Duration) {
@@ -703,7 +767,7 @@ struct BehindProxy {
 /// then `adjust`), its engine's pool behind a [`FailoverProxy`]. `None`
 /// (the test skipped) without the embedded cluster, whose Unix socket the
 /// proxy forwards to.
-async fn hospital_behind_proxy(ack_timeout_s: f64, adjust: impl FnOnce(&mut EngineConfig)) -> Option<BehindProxy> {
+async fn hospital_behind_proxy(ack_timeout_s: f64, adjust: impl FnOnce(&mut wardcall::config::Config)) -> Option<BehindProxy> {
     if init().cluster.is_none() {
         eprintln!("skipped: needs the embedded cluster (its Unix socket behind the proxy)");
         return None;
@@ -715,7 +779,7 @@ async fn hospital_behind_proxy(ack_timeout_s: f64, adjust: impl FnOnce(&mut Engi
     cfg.engine.pool_size = 4;
     cfg.engine.webhook_pool_size = 2;
     cfg.engine.sweep_ms = 100;
-    adjust(&mut cfg.engine);
+    adjust(&mut cfg);
     cfg.validate("hospital.toml").unwrap();
     let cfg = Arc::new(cfg);
     let proxy = FailoverProxy::start(&db.options).await;
