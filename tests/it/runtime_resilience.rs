@@ -616,13 +616,54 @@ pub async fn a_hard_failover_leaves_no_engine_waiting_on_a_dead_connection() {
 /// bound the step waits on the dead connection while its lease is renewed,
 /// and nobody else is called for the kernel's retransmission timeout.
 pub async fn an_escalation_caught_by_a_hard_failover_calls_the_next_tier() {
-    // Tier 1 (nurse-avery) is not answered within 3 s; then tier 2 (nurse-blake).
+    // The alert's row held: the evaluation at the tier's timeout waits for it.
+    next_tier_after_a_failover_mid_step(|_| {}, None, "SELECT 1 FROM wardcall.alerts FOR UPDATE", "the evaluation waiting for the alert's row", None).await;
+}
+
+/// A later tier's transaction (its intents, with the `on_escalated`
+/// write-back) is bounded as the evaluation is: caught by a hard failover
+/// while its write-back waits for the team's row, it fails at the deadline,
+/// is retried on a live connection, and the tier is called. (The test fails
+/// with only `place_calls`' bound removed.)
+pub async fn a_later_tier_caught_by_a_hard_failover_is_called() {
+    next_tier_after_a_failover_mid_step(
+        |c| {
+            c.workflows[0].escalation_mut().expect("an escalation").write_back.on_escalated =
+                Some("UPDATE alerts SET description = 'escalated' WHERE id = ($1->>'id')::uuid".into());
+        },
+        // Tier 1's own write-back done first: only the next tier's
+        // `on_escalated` then waits for the team's row, inside the tier's transaction.
+        Some(("tier 1's call written back", "SELECT metadata->'call'->>'call_id' IS NOT NULL FROM alerts")),
+        "SELECT 1 FROM alerts FOR UPDATE",
+        "the next tier's write-back waiting for the team's row",
+        Some(("the escalation written back once the tier committed", "SELECT description = 'escalated' FROM alerts")),
+    )
+    .await;
+}
+
+/// The scenario of the two tests above. An alert's tier 1 (nurse-avery) is
+/// called and not answered within 3 s; once `ready` (a label and a query of
+/// one boolean) holds, the test's own transaction runs `lock` (taking a row
+/// the next step's transaction needs) and, as soon as an engine statement
+/// waits for it (`waiting` names it), every engine connection is frozen (a
+/// hard failover; the holder's backend ends too, which frees the row). The
+/// next tier (nurse-blake) must be called within 15 s, well before the
+/// 60 s lease could lapse, and each tier exactly once; then `after` must
+/// hold.
+async fn next_tier_after_a_failover_mid_step(
+    adjust: impl FnOnce(&mut wardcall::config::Config),
+    ready: Option<(&str, &str)>,
+    lock: &str,
+    waiting: &str,
+    after: Option<(&str, &str)>,
+) {
     let Some(BehindProxy { db, emulator, proxy, pool, app, .. }) = hospital_behind_proxy(3.0, |c| {
+        adjust(c);
         let e = &mut c.engine;
         // Above the 2 s check of every connection a suspect pool hands out.
         e.acquire_timeout_ms = 3000;
-        // The evaluation waits for a lock the test holds: long enough for the
-        // test to see it waiting and fail over before a server-side timeout.
+        // A statement waits for the test's lock: long enough for the test to
+        // see it waiting and fail over before a server-side timeout.
         e.statement_timeout_ms = 3000;
         e.lock_timeout_ms = 3000;
         e.database_deadline_ms = 4000;
@@ -645,75 +686,14 @@ pub async fn an_escalation_caught_by_a_hard_failover_calls_the_next_tier() {
     .await
     .unwrap();
     await_call(&mut events, Some("+13855550101"), Duration::from_secs(10)).await;
-    // The alert's row held: the evaluation at the tier's timeout waits for it.
-    let mut hold = holder.begin().await.unwrap();
-    sqlx::query("SELECT 1 FROM wardcall.alerts FOR UPDATE").execute(&mut *hold).await.unwrap();
-    await_on_session(
-        &mut watcher,
-        "the evaluation waiting for the alert's row",
-        Duration::from_secs(15),
-        "SELECT EXISTS (SELECT 1 FROM pg_stat_activity
-          WHERE datname = current_database() AND application_name = 'wardcall' AND wait_event_type = 'Lock')",
-    )
-    .await;
-    // The failover: every connection so far goes silent (the evaluation's
-    // too, mid-statement), and every backend but the watcher's ends (the
-    // holder's too, which frees the row).
-    proxy.fail_over(&mut watcher).await;
-    let failed_over = Instant::now();
-    drop(hold);
-    await_call(&mut events, Some("+13855550102"), Duration::from_secs(20)).await;
-    let took = failed_over.elapsed();
-    eprintln!("the next tier called {took:?} after the failover");
-    assert!(took < Duration::from_secs(15), "the next tier was called {took:?} after the failover: by the lease's lapse, not the deadline");
-    // Each tier called once: the retried evaluation called nobody again.
-    let calls = emulator.calls();
-    for to in ["+13855550101", "+13855550102"] {
-        assert_eq!(calls.iter().filter(|c| c.to == to).count(), 1, "calls to {to}");
+    if let Some((what, sql)) = ready {
+        await_on_session(&mut watcher, what, Duration::from_secs(10), sql).await;
     }
-    app.stop(Duration::from_secs(5)).await;
-    let _ = tokio::time::timeout(Duration::from_secs(5), pool.close()).await;
-}
-
-/// A later tier's transaction (its intents, with the `on_escalated`
-/// write-back) is bounded as the evaluation is: caught by a hard failover
-/// while its write-back waits for the team's row, it fails at the deadline,
-/// is retried on a live connection, and the tier is called. (The test fails
-/// with only `place_calls`' bound removed.)
-pub async fn a_later_tier_caught_by_a_hard_failover_is_called() {
-    let Some(BehindProxy { db, emulator, proxy, pool, app, .. }) = hospital_behind_proxy(3.0, |c| {
-        c.workflows[0].escalation_mut().expect("an escalation").write_back.on_escalated =
-            Some("UPDATE alerts SET description = 'escalated' WHERE id = ($1->>'id')::uuid".into());
-        let e = &mut c.engine;
-        e.acquire_timeout_ms = 3000;
-        e.statement_timeout_ms = 3000;
-        e.lock_timeout_ms = 3000;
-        e.database_deadline_ms = 4000;
-        e.lease_ms = 60_000;
-    })
-    .await
-    else {
-        return;
-    };
-    let mut events = emulator.subscribe();
-    let mut watcher = db.options.connect().await.unwrap();
-    let mut holder = db.options.connect().await.unwrap();
-    sqlx::query(
-        "INSERT INTO alerts (patient_id, room_id, severity, status, alert_type, title, description)
-         SELECT 'P-DHE-001', room_id, 'critical', 'active', 'seizure_detected', 'a later tier caught by a failover', 'test' FROM rooms WHERE room_name = 'Room 2' LIMIT 1",
-    )
-    .execute(&mut holder)
-    .await
-    .unwrap();
-    await_call(&mut events, Some("+13855550101"), Duration::from_secs(10)).await;
-    // Tier 1's own write-back done, the team's row is held: the next tier's
-    // `on_escalated` waits for it, inside the tier's transaction.
-    await_on_session(&mut watcher, "tier 1's call written back", Duration::from_secs(10), "SELECT metadata->'call'->>'call_id' IS NOT NULL FROM alerts").await;
     let mut hold = holder.begin().await.unwrap();
-    sqlx::query("SELECT 1 FROM alerts FOR UPDATE").execute(&mut *hold).await.unwrap();
+    sqlx::query(lock).execute(&mut *hold).await.unwrap();
     await_on_session(
         &mut watcher,
-        "the next tier's write-back waiting for the team's row",
+        waiting,
         Duration::from_secs(15),
         "SELECT EXISTS (SELECT 1 FROM pg_stat_activity
           WHERE datname = current_database() AND application_name = 'wardcall' AND wait_event_type = 'Lock')",
@@ -726,12 +706,14 @@ pub async fn a_later_tier_caught_by_a_hard_failover_is_called() {
     let took = failed_over.elapsed();
     eprintln!("the next tier called {took:?} after the failover");
     assert!(took < Duration::from_secs(15), "the next tier was called {took:?} after the failover: by the lease's lapse, not the deadline");
+    // Each tier called once: the retried step called nobody again.
     let calls = emulator.calls();
     for to in ["+13855550101", "+13855550102"] {
         assert_eq!(calls.iter().filter(|c| c.to == to).count(), 1, "calls to {to}");
     }
-    // The write-back ran once the tier committed.
-    await_on_session(&mut watcher, "the escalation written back", Duration::from_secs(10), "SELECT description = 'escalated' FROM alerts").await;
+    if let Some((what, sql)) = after {
+        await_on_session(&mut watcher, what, Duration::from_secs(10), sql).await;
+    }
     app.stop(Duration::from_secs(5)).await;
     let _ = tokio::time::timeout(Duration::from_secs(5), pool.close()).await;
 }
