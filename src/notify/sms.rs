@@ -202,6 +202,7 @@ pub async fn send_one_way(
             Ok(outgoing)
         })
         .await?;
+    drop(conn); // given back before any provider request
     delivery::send_and_record(services, sender, &outgoing, None, &actor, slot).await.map(|_| ())
 }
 
@@ -310,6 +311,7 @@ pub async fn send_fallbacks(
         tx.commit().await?;
         Ok(outgoing)
     }).await?;
+    drop(conn); // given back before any provider request
     delivery::send_and_record(services, sender, &outgoing, None, &actor, slot).await.map(|_| ())
 }
 

@@ -575,6 +575,7 @@ async fn place_calls(ctx: &mut StepContext<'_>, settings: &EscalationWorkflow, p
                     Ok(TierOpening::Intents(outgoing))
                 })
                 .await?;
+            drop(conn); // given back before any provider request
             match opening {
                 TierOpening::Closed => return Ok(Transition::Complete),
                 TierOpening::Empty(empty) => return after_empty_tier(ctx, settings, policy, empty, cycle, step_index).await,
@@ -737,6 +738,7 @@ async fn evaluate_position(
             Ok(Evaluation::Escalate { reason, next, machines })
         })
         .await?;
+    drop(conn); // given back before any provider request
     let (reason, next, machines) = match decided {
         Evaluation::Closed { acknowledged } => {
             if acknowledged {
