@@ -132,6 +132,7 @@ impl App {
     /// (and an embedded cluster) stays up; see [`Database::shutdown`].
     pub async fn stop(self, grace: Duration) {
         let webhook_pool = self.engine.services.webhook_pool.clone();
+        let team_reads = self.engine.services.team_reads.pool().clone();
         self.tasks.stop(grace).await;
         let _ = self.http_stop.send(true);
         for handle in self.http {
@@ -140,5 +141,6 @@ impl App {
         // Bounded: a webhook waiting on a connection that a hard failover
         // left half-open would otherwise hold the close (src/db/deadline.rs).
         let _ = tokio::time::timeout(grace, webhook_pool.close()).await;
+        let _ = tokio::time::timeout(grace, team_reads.close()).await;
     }
 }

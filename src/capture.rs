@@ -82,7 +82,8 @@ pub async fn install_sources(pool: &PgPool, sources: &[Source], prune: bool, act
 /// Checks the config against the real database before anything is installed
 /// (called by [`crate::app::prepare_database`] after wardcall's migrations):
 ///
-/// - `engine.pool_size` plus the listener's connection fits the server's
+/// - `engine.pool_size` plus `engine.webhook_pool_size`,
+///   `engine.team_read_pool_size` and the listener's connection fits the server's
 ///   `max_connections` minus `superuser_reserved_connections` and
 ///   `reserved_connections` (PostgreSQL manual, 19.3.1 "Connection Settings");
 /// - every source's table exists, and its condition and payload are valid
@@ -117,13 +118,13 @@ pub async fn check_config_against_database(db: &crate::db::Database, config: &Co
         .fetch_one(&mut *tx)
         .await?;
         let usable = (max - reserved).max(0) as i64;
-        let wanted = config.engine.pool_size as i64 + config.engine.webhook_pool_size as i64 + 1;
+        let wanted = config.engine.pool_size as i64 + config.engine.webhook_pool_size as i64 + config.engine.team_read_pool_size as i64 + 1;
         if wanted > usable {
             return Err(fail(
                 "engine.pool_size".into(),
                 format!(
-                    "{} connections, plus engine.webhook_pool_size {} and one for the listener, exceed what the server allows: max_connections {max} leaves {usable} for clients",
-                    config.engine.pool_size, config.engine.webhook_pool_size
+                    "{} connections, plus engine.webhook_pool_size {}, engine.team_read_pool_size {} and one for the listener, exceed what the server allows: max_connections {max} leaves {usable} for clients",
+                    config.engine.pool_size, config.engine.webhook_pool_size, config.engine.team_read_pool_size
                 ),
             )
             .into());

@@ -92,6 +92,8 @@ pub mod limits {
     pub const POOL_SIZE: (u32, u32) = (2, 1000);
     /// `engine.webhook_pool_size`: also counted in the start-up check against `max_connections`.
     pub const WEBHOOK_POOL_SIZE: (u32, u32) = (1, 100);
+    /// `engine.team_read_pool_size`: also counted in the start-up check against `max_connections`.
+    pub const TEAM_READ_POOL_SIZE: (u32, u32) = (1, 100);
     /// `workflows[].max_attempts`.
     pub const MAX_ATTEMPTS: (u32, u32) = (1, 1000);
     /// `workflows[].retry_base_ms`.
@@ -125,6 +127,10 @@ pub struct EngineConfig {
     /// Connections of the provider webhooks' own pool, besides `pool_size`.
     /// Default 4.
     pub webhook_pool_size: u32,
+    /// Connections of the pool that runs the team's read-only queries (an
+    /// escalation's lookups, recipients queries: `crate::db::TeamReadPool`),
+    /// besides `pool_size`. Default 4.
+    pub team_read_pool_size: u32,
     /// Longest wait for a pooled connection (or a new one), in milliseconds,
     /// 100..=600000. Default 5000. On expiry the error carries PostgreSQL's own
     /// reason when the server refused the connection.
@@ -183,6 +189,7 @@ impl Default for EngineConfig {
             poll_ms: 250,
             pool_size: 20,
             webhook_pool_size: 4,
+            team_read_pool_size: 4,
             acquire_timeout_ms: 5000,
             statement_timeout_ms: 10_000,
             lock_timeout_ms: 2000,
@@ -739,6 +746,7 @@ impl Config {
         range("engine.poll_ms", e.poll_ms, limits::POLL_MS)?;
         range("engine.pool_size", e.pool_size as u64, (limits::POOL_SIZE.0 as u64, limits::POOL_SIZE.1 as u64))?;
         range("engine.webhook_pool_size", e.webhook_pool_size as u64, (limits::WEBHOOK_POOL_SIZE.0 as u64, limits::WEBHOOK_POOL_SIZE.1 as u64))?;
+        range("engine.team_read_pool_size", e.team_read_pool_size as u64, (limits::TEAM_READ_POOL_SIZE.0 as u64, limits::TEAM_READ_POOL_SIZE.1 as u64))?;
         if !(0.1..=100.0).contains(&e.random_page_cost) {
             return Err(err("engine.random_page_cost".into(), format!("{} is out of range 0.1..=100", e.random_page_cost)));
         }

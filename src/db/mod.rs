@@ -209,6 +209,64 @@ pub fn webhook_pool(pool: &PgPool, settings: &EngineConfig) -> PgPool {
     webhooks
 }
 
+/// Longest a statement on a [`TeamReadPool`] connection may run (ms): its
+/// sessions' `statement_timeout` (PostgreSQL manual 19.11.1 "Statement
+/// Behavior"). An escalation's lookups and a recipients query are bounded by it.
+pub const TEAM_READ_STATEMENT_TIMEOUT_MS: u64 = 2_000;
+/// Longest a statement on a [`TeamReadPool`] connection may wait for a lock
+/// (ms), e.g. behind a team's `ALTER TABLE`: its sessions' `lock_timeout`.
+pub const TEAM_READ_LOCK_TIMEOUT_MS: u64 = 1_000;
+
+/// The pool that runs the team's read-only queries on the alert's way to its
+/// first call: an escalation's lookups and recipients queries
+/// (`crate::workflows::team_sql::run_lookups`, `crate::notify::recipients::resolve`).
+/// `engine.team_read_pool_size` connections, opened on first use and kept,
+/// application name `wardcall-team-reads`, whose sessions are read-only and
+/// bounded by default: `default_transaction_read_only = on`,
+/// `statement_timeout` = [`TEAM_READ_STATEMENT_TIMEOUT_MS`], `lock_timeout` =
+/// [`TEAM_READ_LOCK_TIMEOUT_MS`] (startup options, so a connection reopened
+/// after a failover has them too; PostgreSQL manual 19.11.1). A statement
+/// therefore runs alone, in its own implicit read-only transaction: one round
+/// trip, where a `BEGIN READ ONLY; SET LOCAL …` first cost a second one on
+/// every alert (BENCHMARKS.md, "Issue 9, thirteenth session"); a statement
+/// that writes fails with SQLSTATE 25006 and writes nothing. Work that needs
+/// other bounds begins its own transaction with `SET LOCAL` on it.
+///
+/// Separate from the engine's pool also so that a slow team query (a lock
+/// behind a migration) holds one of these, not a connection the workers'
+/// commits need. The type is the proof that a connection has these defaults.
+#[derive(Clone, Debug)]
+pub struct TeamReadPool(PgPool);
+
+impl TeamReadPool {
+    /// The pool over the options of `pool` (same server, user and database)
+    /// with `settings.team_read_pool_size` connections, `settings.acquire_timeout_ms`
+    /// and `settings.random_page_cost`. Never fails: a connection that cannot
+    /// be opened is the first query's error.
+    pub fn new(pool: &PgPool, settings: &EngineConfig) -> TeamReadPool {
+        let options = (*pool.connect_options()).clone().application_name("wardcall-team-reads").options([
+            ("default_transaction_read_only", "on".to_string()),
+            ("statement_timeout", TEAM_READ_STATEMENT_TIMEOUT_MS.to_string()),
+            ("lock_timeout", TEAM_READ_LOCK_TIMEOUT_MS.to_string()),
+            ("random_page_cost", settings.random_page_cost.to_string()),
+        ]);
+        let (pool_options, clock) = pool_options();
+        let reads = pool_options
+            .max_connections(settings.team_read_pool_size)
+            .min_connections(0)
+            .acquire_timeout(Duration::from_millis(settings.acquire_timeout_ms))
+            .connect_lazy_with(options);
+        deadline::register(&reads, clock);
+        TeamReadPool(reads)
+    }
+
+    /// The underlying pool (for [`deadline::HeldConnection::acquire`],
+    /// [`deadline::mark_suspect`], closing).
+    pub fn pool(&self) -> &PgPool {
+        &self.0
+    }
+}
+
 /// Describes `e` with PostgreSQL's own reason. The pool's `PoolTimedOut` says
 /// only that no connection came in time (sqlx retries refusals it deems
 /// transient, such as SQLSTATE 53300 "too many connections", until its

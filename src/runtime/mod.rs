@@ -331,9 +331,11 @@ impl Engine {
         let slots = Arc::new(Semaphore::new(workers));
         let shutdown = watch::channel(false).0;
         let webhook_pool = crate::db::webhook_pool(&db.pool, &config.engine);
+        let team_reads = crate::db::TeamReadPool::new(&db.pool, &config.engine);
         let services = Services {
             pool: db.pool.clone(),
             webhook_pool,
+            team_reads,
             config: config.clone(),
             providers: providers.clone(),
             engine_id: engine_id.as_str().into(),
@@ -627,6 +629,7 @@ impl Engine {
                                 // (a hard failover): check them as they come back.
                                 deadline::mark_suspect(&self.db.pool);
                                 deadline::mark_suspect(&self.services.webhook_pool);
+                                deadline::mark_suspect(self.services.team_reads.pool());
                                 break;
                             }
                         }

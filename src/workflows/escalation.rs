@@ -84,9 +84,9 @@ pub async fn run_step(ctx: &mut StepContext<'_>, settings: &EscalationWorkflow) 
     }
 }
 
-/// Renders the alert's message. Each lookup runs in its own read-only
-/// transaction with [`LOOKUP_STATEMENT_TIMEOUT_MS`] and
-/// [`LOOKUP_LOCK_TIMEOUT_MS`]; a lookup that fails, times out, or returns
+/// Renders the alert's message. The lookups run read-only on the team-read
+/// pool ([`team_sql::run_lookups`]: one statement for all, one round trip),
+/// bounded by [`LOOKUP_STATEMENT_TIMEOUT_MS`] and [`LOOKUP_LOCK_TIMEOUT_MS`]; a lookup that fails, times out, or returns
 /// more than one row renders without its value, and is logged and audited
 /// (`lookup.failed`, `lookup.ambiguous`) by name and SQLSTATE, never with
 /// the row's data. A lookup never stops a call.
@@ -94,7 +94,7 @@ async fn render_message(ctx: &StepContext<'_>, settings: &EscalationWorkflow) ->
     let template = Template::parse(&settings.message).map_err(|e| StepError::Permanent(anyhow!(e)))?;
     let mut values = HashMap::new();
     let sqls: Vec<&str> = settings.lookups.values().map(|sql| sql.as_str()).collect();
-    let outcomes = team_sql::run_lookups(&ctx.services.pool, &sqls, &ctx.run.input).await;
+    let outcomes = team_sql::run_lookups(&ctx.services.team_reads, &sqls, &ctx.run.input).await;
     for ((name, _), outcome) in settings.lookups.iter().zip(outcomes) {
         match outcome {
             Ok(team_sql::LookupOutcome::Value(v)) => {
@@ -189,13 +189,13 @@ async fn tier_recipients(ctx: &mut StepContext<'_>, step: &PolicyStep, cycle: i3
     let engine = ctx.services.clone();
     // `$2`: the run's variables (kept by earlier steps of the workflow).
     let vars = crate::workflows::variables(ctx.state);
-    let mut outcome = recipients::resolve(&engine.pool, &engine.config, &step.who, &ctx.run.input, &vars).await;
+    let mut outcome = recipients::resolve(&engine.team_reads, &engine.config, &step.who, &ctx.run.input, &vars).await;
     // Tried once more unless the query itself is at fault (SQLSTATE class
     // 42: syntax, an undefined column): a timeout, a conflict, or an error
     // without a SQLSTATE (a connection cut under it) may pass the second time.
     if outcome.as_ref().err().is_some_and(|e| e.sqlstate().map_or(true, |c| !c.starts_with("42"))) {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        outcome = recipients::resolve(&engine.pool, &engine.config, &step.who, &ctx.run.input, &vars).await;
+        outcome = recipients::resolve(&engine.team_reads, &engine.config, &step.who, &ctx.run.input, &vars).await;
     }
     let (resolved, failure) = match outcome {
         Ok(r) => (r, None),

@@ -7,6 +7,7 @@
 //! ([`super::model::sql_parameter_count`]).
 
 use crate::db::deadline::{is_no_reply, past_statement_timeout, within, HeldConnection};
+use crate::db::TeamReadPool;
 use crate::store::audit::{self, Entity};
 use serde_json::{json, Value};
 use sqlx::{Executor, PgConnection, Row};
@@ -138,11 +139,12 @@ pub fn is_permanent(e: &sqlx::Error) -> bool {
 /// alone, or all of a step's lookups together when they go as one statement
 /// ([`run_lookups`]; after such a timeout each gets
 /// [`LOOKUP_RETRY_STATEMENT_TIMEOUT_MS`] alone). It bounds how long lookups
-/// can delay a call: about this plus a fraction of a second per lookup.
-pub const LOOKUP_STATEMENT_TIMEOUT_MS: u64 = 2_000;
+/// can delay a call: about this plus a fraction of a second per lookup. The
+/// session default of the [`TeamReadPool`]'s connections.
+pub const LOOKUP_STATEMENT_TIMEOUT_MS: u64 = crate::db::TEAM_READ_STATEMENT_TIMEOUT_MS;
 /// Longest a lookup may wait for a lock (ms), e.g. behind a team's
-/// `ALTER TABLE` (`lock_timeout`).
-pub const LOOKUP_LOCK_TIMEOUT_MS: u64 = 1_000;
+/// `ALTER TABLE` (`lock_timeout`; the [`TeamReadPool`]'s session default).
+pub const LOOKUP_LOCK_TIMEOUT_MS: u64 = crate::db::TEAM_READ_LOCK_TIMEOUT_MS;
 
 /// What a lookup found.
 pub enum LookupOutcome {
@@ -156,24 +158,30 @@ pub enum LookupOutcome {
     NotText,
 }
 
-/// Runs an escalation's lookup: `$1` = the event payload, in its own
-/// read-only transaction with [`LOOKUP_STATEMENT_TIMEOUT_MS`] and
-/// [`LOOKUP_LOCK_TIMEOUT_MS`], reading at most two rows.
+/// Runs an escalation's lookup: `$1` = the event payload, alone on a
+/// [`TeamReadPool`] connection (its own implicit read-only transaction, with
+/// [`LOOKUP_STATEMENT_TIMEOUT_MS`] and [`LOOKUP_LOCK_TIMEOUT_MS`]: one round
+/// trip), reading at most two rows.
 ///
 /// Errors: the statement failed or timed out (the caller renders without
-/// the value and audits the SQLSTATE).
-pub async fn run_lookup(pool: &sqlx::PgPool, sql: &str, input: &Value) -> Result<LookupOutcome, sqlx::Error> {
-    run_lookup_bounded(pool, sql, input, LOOKUP_STATEMENT_TIMEOUT_MS, LOOKUP_LOCK_TIMEOUT_MS).await
+/// the value and audits the SQLSTATE), no connection in time
+/// (`PoolTimedOut`), or [`crate::db::deadline::NoReply`].
+pub async fn run_lookup(pool: &TeamReadPool, sql: &str, input: &Value) -> Result<LookupOutcome, sqlx::Error> {
+    let mut conn = HeldConnection::acquire(pool.pool()).await?;
+    let outcome = within(past_statement_timeout(LOOKUP_STATEMENT_TIMEOUT_MS), fetch_lookup(&mut conn, sql, input)).await;
+    conn.settle(outcome)
 }
 
+/// As [`run_lookup`] with other bounds: in its own read-only transaction
+/// whose `SET LOCAL` timeouts override the pool's session defaults.
 async fn run_lookup_bounded(
-    pool: &sqlx::PgPool,
+    pool: &TeamReadPool,
     sql: &str,
     input: &Value,
     statement_timeout_ms: u64,
     lock_timeout_ms: u64,
 ) -> Result<LookupOutcome, sqlx::Error> {
-    let mut tx = begin_bounded_read_only(pool, statement_timeout_ms, lock_timeout_ms).await?;
+    let mut tx = begin_bounded_read_only(pool.pool(), statement_timeout_ms, lock_timeout_ms).await?;
     let outcome = within(past_statement_timeout(statement_timeout_ms), fetch_lookup(&mut tx, sql, input)).await;
     tx.settle(outcome) // rolled back when the pool takes the connection back (see `run_lookups`)
 }
@@ -186,27 +194,28 @@ pub const LOOKUP_RETRY_STATEMENT_TIMEOUT_MS: u64 = 250;
 pub const LOOKUP_RETRY_LOCK_TIMEOUT_MS: u64 = 100;
 
 /// Runs an escalation's lookups (`sqls`, in order, each with `$1` = the
-/// event payload) in one bounded read-only transaction. Two or more go as
-/// one statement ([`lookups_statement`]): one round trip for all, plus one
-/// to begin (the rollback is queued, off the call's path). If that
-/// statement fails, the lookups run one by one ([`run_lookups_in_turn`]) so
-/// that each gets its own outcome: with the usual bounds after an error
-/// (which comes at once), with [`LOOKUP_RETRY_STATEMENT_TIMEOUT_MS`] and
-/// [`LOOKUP_RETRY_LOCK_TIMEOUT_MS`] after a timeout, so that a slow lookup
-/// delays the call by its timeout once, plus a fraction of a second, while
-/// the fast ones still render (DESIGN.md invariant 10). Returns one outcome
-/// per lookup, in order.
-pub async fn run_lookups(pool: &sqlx::PgPool, sqls: &[&str], input: &Value) -> Vec<Result<LookupOutcome, sqlx::Error>> {
+/// event payload) on one [`TeamReadPool`] connection, whose sessions are
+/// read-only and bounded by [`LOOKUP_STATEMENT_TIMEOUT_MS`] and
+/// [`LOOKUP_LOCK_TIMEOUT_MS`]. Two or more go as one statement
+/// ([`lookups_statement`]) in its own implicit transaction: one round trip
+/// for all. If that statement fails, the lookups run one by one so that
+/// each gets its own outcome: each alone with the usual bounds after an
+/// error (which comes at once), in one transaction with
+/// [`LOOKUP_RETRY_STATEMENT_TIMEOUT_MS`] and [`LOOKUP_RETRY_LOCK_TIMEOUT_MS`]
+/// after a timeout, so that a slow lookup delays the call by its timeout
+/// once, plus a fraction of a second, while the fast ones still render
+/// (DESIGN.md invariant 10). Returns one outcome per lookup, in order.
+pub async fn run_lookups(pool: &TeamReadPool, sqls: &[&str], input: &Value) -> Vec<Result<LookupOutcome, sqlx::Error>> {
     if sqls.is_empty() {
-        return Vec::new(); // no connection, no transaction: nothing to read
+        return Vec::new(); // no connection, no round trip: nothing to read
     }
     if sqls.len() < 2 {
-        return run_lookups_in_turn(pool, sqls, input, LOOKUP_STATEMENT_TIMEOUT_MS, LOOKUP_LOCK_TIMEOUT_MS).await;
+        return run_lookups_alone(pool, sqls, input).await;
     }
     let together = async {
-        let mut tx = begin_bounded_read_only(pool, LOOKUP_STATEMENT_TIMEOUT_MS, LOOKUP_LOCK_TIMEOUT_MS).await?;
-        let row = within(past_statement_timeout(LOOKUP_STATEMENT_TIMEOUT_MS), sqlx::query(&lookups_statement(sqls)).bind(input).fetch_one(&mut *tx)).await;
-        tx.settle(row) // rolled back when the pool takes the connection back
+        let mut conn = HeldConnection::acquire(pool.pool()).await?;
+        let row = within(past_statement_timeout(LOOKUP_STATEMENT_TIMEOUT_MS), sqlx::query(&lookups_statement(sqls)).bind(input).fetch_one(&mut *conn)).await;
+        conn.settle(row)
     };
     match together.await {
         Ok(row) => {
@@ -246,7 +255,7 @@ pub async fn run_lookups(pool: &sqlx::PgPool, sqls: &[&str], input: &Value) -> V
             if timed_out {
                 run_lookups_in_turn(pool, sqls, input, LOOKUP_RETRY_STATEMENT_TIMEOUT_MS, LOOKUP_RETRY_LOCK_TIMEOUT_MS).await
             } else {
-                run_lookups_in_turn(pool, sqls, input, LOOKUP_STATEMENT_TIMEOUT_MS, LOOKUP_LOCK_TIMEOUT_MS).await
+                run_lookups_alone(pool, sqls, input).await
             }
         }
     }
@@ -269,20 +278,63 @@ pub fn lookups_statement(sqls: &[&str]) -> String {
     format!("SELECT {}", columns.join(",\n       "))
 }
 
-/// Runs the lookups in order in one bounded read-only transaction
-/// (`statement_timeout_ms`, `lock_timeout_ms`): one round trip each. A
-/// lookup that fails aborts that transaction: its error is its outcome (it
-/// is not run again), and the lookups after it run one by one, each in its
-/// own transaction ([`run_lookup`]).
+/// Runs the lookups in order on one [`TeamReadPool`] connection, each alone
+/// in its own implicit transaction with the pool's bounds: one round trip
+/// each, and a lookup that fails is its own outcome without touching the
+/// others. After no reply (a half-open connection) the connection is closed
+/// and the lookups after it run each on its own connection ([`run_lookup`]).
+async fn run_lookups_alone(pool: &TeamReadPool, sqls: &[&str], input: &Value) -> Vec<Result<LookupOutcome, sqlx::Error>> {
+    let mut out = Vec::with_capacity(sqls.len());
+    match HeldConnection::acquire(pool.pool()).await {
+        Ok(mut conn) => {
+            let mut answered = true;
+            for sql in sqls {
+                let outcome = within(past_statement_timeout(LOOKUP_STATEMENT_TIMEOUT_MS), fetch_lookup(&mut conn, sql, input)).await;
+                answered = !matches!(&outcome, Err(e) if is_no_reply(e));
+                out.push(outcome);
+                if !answered {
+                    crate::db::deadline::mark_suspect(pool.pool());
+                    break; // dropped unreleased below: closed
+                }
+            }
+            if answered {
+                conn.release();
+            }
+        }
+        // No connection in time: every lookup renders without its value
+        // (waiting again per lookup would only delay the call).
+        Err(e @ sqlx::Error::PoolTimedOut) => {
+            tracing::warn!(lookups = sqls.len(), "lookups: no database connection in time; the message renders without their values");
+            out.push(Err(e));
+            while out.len() < sqls.len() {
+                out.push(Err(sqlx::Error::PoolTimedOut));
+            }
+        }
+        Err(e) => {
+            tracing::debug!(error = %crate::capture::db_message(&e), "lookups: no connection; running them one by one");
+        }
+    }
+    for sql in &sqls[out.len()..] {
+        out.push(run_lookup(pool, sql, input).await);
+    }
+    out
+}
+
+/// Runs the lookups in order in one read-only transaction on a
+/// [`TeamReadPool`] connection, bounded by `statement_timeout_ms` and
+/// `lock_timeout_ms` (`SET LOCAL`): one round trip each. A lookup that
+/// fails aborts that transaction: its error is its outcome (it is not run
+/// again), and the lookups after it run one by one, each in its own
+/// transaction with the same bounds.
 async fn run_lookups_in_turn(
-    pool: &sqlx::PgPool,
+    pool: &TeamReadPool,
     sqls: &[&str],
     input: &Value,
     statement_timeout_ms: u64,
     lock_timeout_ms: u64,
 ) -> Vec<Result<LookupOutcome, sqlx::Error>> {
     let mut out = Vec::with_capacity(sqls.len());
-    match begin_bounded_read_only(pool, statement_timeout_ms, lock_timeout_ms).await {
+    match begin_bounded_read_only(pool.pool(), statement_timeout_ms, lock_timeout_ms).await {
         Ok(mut tx) => {
             let mut answered = true;
             for sql in sqls {
@@ -299,6 +351,8 @@ async fn run_lookups_in_turn(
             // connection that did not answer is closed instead).
             if answered {
                 tx.release();
+            } else {
+                crate::db::deadline::mark_suspect(pool.pool());
             }
         }
         Err(e) => {

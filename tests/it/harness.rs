@@ -131,6 +131,12 @@ impl TestDb {
     }
 
     /// A `postgres://` URL for a child `wardcall` process.
+    /// A team-read pool over this database with the default engine settings
+    /// (what the engine's lookups and recipients queries run on).
+    pub fn team_reads(&self) -> wardcall::db::TeamReadPool {
+        wardcall::db::TeamReadPool::new(&self.pool, &wardcall::config::EngineConfig::default())
+    }
+
     pub fn url(&self) -> String {
         let o = &self.options;
         let host = o.get_socket().map(|p| p.display().to_string()).unwrap_or_else(|| o.get_host().to_string());

@@ -107,9 +107,9 @@ pub async fn lookups_of_a_domain_over_text_render_as_they_do_alone() {
         Ok(LookupOutcome::NotText) => "not text".into(),
         Err(e) => format!("error {e}"),
     };
-    let alone = run_lookup(&db.pool, "SELECT code FROM rooms", &input).await;
+    let alone = run_lookup(&db.team_reads(), "SELECT code FROM rooms", &input).await;
     assert_eq!(show(&alone), "value ICU-2", "alone, a domain over text is text");
-    let together = run_lookups(&db.pool, &["SELECT code FROM rooms", "SELECT 'Dana'", "SELECT 42"], &input).await;
+    let together = run_lookups(&db.team_reads(), &["SELECT code FROM rooms", "SELECT 'Dana'", "SELECT 42"], &input).await;
     let seen: Vec<String> = together.iter().map(show).collect();
     assert_eq!(seen, ["value ICU-2", "value Dana", "not text"], "each lookup has the outcome it has alone");
 }
@@ -173,10 +173,11 @@ pub async fn a_takeover_after_open_with_intents_calls_again_under_the_recall_rul
 pub async fn an_alert_without_lookups_takes_no_connection_to_render() {
     use wardcall::workflows::team_sql::run_lookups;
     let db = TestDb::new().await;
-    let settings = EngineConfig { pool_size: 1, acquire_timeout_ms: 3_000, ..EngineConfig::default() };
-    let pool = wardcall::db::connect_pool_with(db.options.clone(), &settings).await.unwrap();
-    let _busy = pool.acquire().await.unwrap(); // every connection is busy (a burst)
-    let out = tokio::time::timeout(Duration::from_millis(500), run_lookups(&pool, &[], &serde_json::json!({}))).await.expect("no lookups: nothing to wait for");
+    let settings = EngineConfig { team_read_pool_size: 1, acquire_timeout_ms: 3_000, ..EngineConfig::default() };
+    let reads = wardcall::db::TeamReadPool::new(&db.pool, &settings);
+    let _busy = reads.pool().acquire().await.unwrap(); // every connection is busy (a burst)
+    let out =
+        tokio::time::timeout(Duration::from_millis(500), run_lookups(&reads, &[], &serde_json::json!({}))).await.expect("no lookups: nothing to wait for");
     assert!(out.is_empty());
 }
 

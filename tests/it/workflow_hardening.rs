@@ -14,7 +14,8 @@ pub fn tests() -> Vec<libtest_mimic::Trial> {
         workflow_hardening::escalation_run_live_across_the_upgrade_keeps_escalating,
         workflow_hardening::a_failing_step_before_escalate_does_not_stop_the_alert,
         workflow_hardening::team_sql_puts_the_session_settings_back,
-        workflow_hardening::lookups_share_a_transaction_and_a_failure_stops_only_itself,
+        workflow_hardening::a_failing_lookup_is_its_own_outcome_and_the_others_still_render,
+        workflow_hardening::team_reads_are_read_only_and_bounded_without_a_transaction,
         workflow_hardening::lookups_go_as_one_statement_and_a_slow_one_delays_once,
         workflow_hardening::lookups_without_a_connection_wait_for_one_once,
     ]
@@ -346,16 +347,50 @@ pub async fn team_sql_puts_the_session_settings_back() {
     assert_eq!(db.scalar_i64("SELECT count(*) FROM wb").await, 2);
 }
 
-/// An escalation's lookups run in one read-only transaction; one that
-/// returns several rows leaves the others unharmed, and one that fails is
-/// its own outcome while the lookups after it still run.
-pub async fn lookups_share_a_transaction_and_a_failure_stops_only_itself() {
+/// An escalation's lookups: one that returns several rows leaves the others
+/// unharmed, and one that fails (so the shared statement fails) is its own
+/// outcome while the lookups before and after it still render.
+pub async fn a_failing_lookup_is_its_own_outcome_and_the_others_still_render() {
     use wardcall::workflows::team_sql::run_lookups;
     let db = TestDb::new().await;
     db.exec("CREATE TABLE two_rows (x text); INSERT INTO two_rows VALUES ('a'), ('b');").await;
     let sqls = ["SELECT x FROM two_rows", "SELECT $1->>'room'", "SELECT (1 / ($1->>'zero')::int)::text", "SELECT 'after the failure'", "SELECT NULL::text"];
-    let out = run_lookups(&db.pool, &sqls, &serde_json::json!({"room": "Room 2", "zero": 0})).await;
+    let out = run_lookups(&db.team_reads(), &sqls, &serde_json::json!({"room": "Room 2", "zero": 0})).await;
     assert_eq!(lookup_outcomes(&out), ["ambiguous", "value Room 2", "error 22012", "value after the failure", "empty"]);
+}
+
+/// The team-read pool's sessions are what its statements rely on, since
+/// they run without a transaction of their own (one round trip): read-only,
+/// 2 s statement and 1 s lock timeouts. A lookup or a recipients query that
+/// writes fails with SQLSTATE 25006 and writes nothing, alone or among
+/// others; the session's bounds are those of the lookups.
+pub async fn team_reads_are_read_only_and_bounded_without_a_transaction() {
+    use wardcall::notify::recipients::{resolve, RecipientsSpec};
+    use wardcall::workflows::team_sql::run_lookups;
+    let db = TestDb::new().await;
+    db.exec("CREATE TABLE written (x text)").await;
+    let reads = db.team_reads();
+    let input = serde_json::json!({});
+    let writes = "WITH w AS (INSERT INTO written VALUES ('x') RETURNING x) SELECT x FROM w";
+    let out = run_lookups(&reads, &[writes], &input).await;
+    assert_eq!(lookup_outcomes(&out), ["error 25006"], "a writing lookup alone");
+    let settings = [
+        writes,
+        "SELECT current_setting('statement_timeout')",
+        "SELECT current_setting('lock_timeout')",
+        "SELECT current_setting('transaction_read_only')",
+        "SELECT current_setting('application_name')",
+    ];
+    let out = run_lookups(&reads, &settings, &input).await;
+    assert_eq!(lookup_outcomes(&out), ["error 25006", "value 2s", "value 1s", "value on", "value wardcall-team-reads"], "among others");
+    let cfg = crate::escalation::hospital_config("http://127.0.0.1:9", 30.0, 1);
+    let spec = RecipientsSpec {
+        notify: vec![],
+        recipients: Some("WITH w AS (INSERT INTO written VALUES ('y') RETURNING x) SELECT x AS id, x AS name, x AS voice, x AS sms FROM w".into()),
+    };
+    let err = resolve(&reads, &cfg, &spec, &input, &serde_json::json!({})).await.expect_err("a writing recipients query");
+    assert_eq!(err.sqlstate().as_deref(), Some("25006"), "{err}");
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM written").await, 0, "nothing was written");
 }
 
 fn lookup_outcomes(out: &[Result<wardcall::workflows::team_sql::LookupOutcome, sqlx::Error>]) -> Vec<String> {
@@ -390,12 +425,12 @@ pub async fn lookups_go_as_one_statement_and_a_slow_one_delays_once() {
         "SELECT 42",
         "SELECT 'Dana Vale'::varchar, 1 -- the patient\n;",
     ];
-    let out = run_lookups(&db.pool, &sqls, &input).await;
+    let out = run_lookups(&db.team_reads(), &sqls, &input).await;
     assert_eq!(lookup_outcomes(&out), ["value Room 2", "empty", "empty", "ambiguous", "not text", "value Dana Vale"]);
 
     let slow = ["SELECT $1->>'room'", "SELECT 'slow'::text FROM pg_sleep(5)", "SELECT 'after'"];
     let started = std::time::Instant::now();
-    let out = run_lookups(&db.pool, &slow, &input).await;
+    let out = run_lookups(&db.team_reads(), &slow, &input).await;
     let took = started.elapsed();
     assert_eq!(lookup_outcomes(&out), ["value Room 2", "error 57014", "value after"]);
     assert!(took < std::time::Duration::from_millis(3_500), "a slow lookup delayed the call by {took:?}");
@@ -408,10 +443,11 @@ pub async fn lookups_without_a_connection_wait_for_one_once() {
     use wardcall::workflows::team_sql::run_lookups;
     let db = TestDb::new().await;
     let acquire = std::time::Duration::from_millis(400);
-    let pool = sqlx::postgres::PgPoolOptions::new().max_connections(1).acquire_timeout(acquire).connect_with(db.options.clone()).await.unwrap();
-    let held = pool.acquire().await.unwrap();
+    let settings = wardcall::config::EngineConfig { team_read_pool_size: 1, acquire_timeout_ms: acquire.as_millis() as u64, ..Default::default() };
+    let reads = wardcall::db::TeamReadPool::new(&db.pool, &settings);
+    let held = reads.pool().acquire().await.unwrap();
     let started = std::time::Instant::now();
-    let out = run_lookups(&pool, &["SELECT 'a'", "SELECT 'b'", "SELECT 'c'"], &serde_json::json!({})).await;
+    let out = run_lookups(&reads, &["SELECT 'a'", "SELECT 'b'", "SELECT 'c'"], &serde_json::json!({})).await;
     let took = started.elapsed();
     assert!(out.iter().all(|o| matches!(o, Err(sqlx::Error::PoolTimedOut))), "{:?}", lookup_outcomes(&out));
     assert!(took < acquire * 2, "waited for a connection more than once: {took:?}");
