@@ -40,7 +40,7 @@ use sqlx::postgres::PgListener;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use step::{RecordPlaces, StepContext, StepError, Transition, WorkerSlot, WorkflowHost};
+use step::{Prefetch, RecordPlaces, StepContext, StepError, Transition, WorkerSlot, WorkflowHost};
 use tokio::sync::{mpsc, oneshot, watch, Notify, Semaphore};
 use tokio::task::JoinSet;
 
@@ -879,6 +879,15 @@ impl Engine {
             }
         }
         let lease_now: Vec<bool> = (0..workflow_names.len()).map(|i| i < taken.len()).collect();
+        // The reads the first steps of the runs about to start need (an
+        // escalation's lookups) run meanwhile, on the team-read pool, while
+        // the runs' creation commits: off the way to the first call.
+        let mut prefetches: Vec<Option<(usize, Prefetch)>> = (0..taken.len())
+            .filter_map(|i| {
+                let w = self.config.workflow(&workflow_names[i])?;
+                self.host.prefetch_first_step(&self.services, w, &inputs[i]).map(|read| Some((i, Prefetch::spawn(read))))
+            })
+            .collect();
         let created = store::create_runs(
             tx,
             &store::NewRuns {
@@ -912,7 +921,15 @@ impl Engine {
         }
         tx.commit().await?;
         for (run, permit) in to_run.into_iter().zip(taken) {
-            self.start(run, permit);
+            // Matched by workflow and payload, what the read depended on (a
+            // run not created, its event's run existing already, shifts the
+            // order); the ones left over are aborted as they drop.
+            let prefetch = prefetches
+                .iter_mut()
+                .find(|p| p.as_ref().is_some_and(|(i, _)| workflow_names[*i] == run.workflow && inputs[*i] == run.input))
+                .and_then(Option::take)
+                .map(|(_, p)| p);
+            self.start(run, permit, prefetch);
         }
         if pending > 0 {
             self.wake_scheduler.notify_one();
@@ -946,11 +963,11 @@ impl Engine {
     /// Executes `run` on a task of its own, holding the worker slot `permit`
     /// until the run parks, finishes or loses its lease; then tells the
     /// scheduler the slot is free.
-    fn start(self: &Arc<Self>, run: ClaimedRun, permit: tokio::sync::OwnedSemaphorePermit) {
+    fn start(self: &Arc<Self>, run: ClaimedRun, permit: tokio::sync::OwnedSemaphorePermit, prefetch: Option<Prefetch>) {
         let e = self.clone();
         let slot = WorkerSlot::worker(permit, self.record_places.clone());
         tokio::spawn(async move {
-            e.execute(run, &slot).await;
+            e.execute(run, &slot, prefetch).await;
             drop(slot);
             e.slot_freed.notify_one();
         });
@@ -1083,7 +1100,7 @@ impl Engine {
         for run in runs {
             let permit = reserved.as_mut().and_then(|r| if r.num_permits() > 1 { r.split(1) } else { None }).or_else(|| reserved.take());
             match permit {
-                Some(p) => self.start(run, p),
+                Some(p) => self.start(run, p, None),
                 // Not reached: a claim leases no more runs than it reserved workers for.
                 None => tracing::error!(run = %run.id, "a leased run has no worker; its lease will lapse and it is claimed again"),
             }
@@ -1238,7 +1255,16 @@ impl Engine {
         let (result, in_commit) = {
             use futures_util::FutureExt;
             let no_slot = WorkerSlot::none();
-            let mut ctx = StepContext { services: &self.services, run, workflow, state: &mut state, lease_lost: &lost, in_commit: Vec::new(), slot: &no_slot };
+            let mut ctx = StepContext {
+                services: &self.services,
+                run,
+                workflow,
+                state: &mut state,
+                lease_lost: &lost,
+                in_commit: Vec::new(),
+                slot: &no_slot,
+                prefetched: None,
+            };
             let r = std::panic::AssertUnwindSafe(self.host.run_step(&mut ctx)).catch_unwind().await;
             (r, std::mem::take(&mut ctx.in_commit))
         };
@@ -1408,8 +1434,10 @@ impl Engine {
     /// Executes a claimed run until it parks (sleep, wait, retry), finishes, or
     /// the lease is lost, on `slot` (which its steps may trade for a
     /// recording place, [`WorkerSlot::leave_for_records`]). The lease is renewed
-    /// every third of its length meanwhile.
-    pub async fn execute(self: &Arc<Self>, mut run: ClaimedRun, slot: &WorkerSlot) {
+    /// every third of its length meanwhile. `prefetch`: what the dispatcher
+    /// read ahead for the run's first step, given to the first step this
+    /// execution runs ([`StepContext::prefetched`]).
+    pub async fn execute(self: &Arc<Self>, mut run: ClaimedRun, slot: &WorkerSlot, mut prefetch: Option<Prefetch>) {
         let lost = Arc::new(AtomicBool::new(false));
         // Aborted when `execute` returns or unwinds, so a lease is never renewed
         // for a step nobody executes.
@@ -1480,7 +1508,16 @@ impl Engine {
             let mut state = std::mem::take(&mut run.state);
             let (result, in_commit) = {
                 use futures_util::FutureExt;
-                let mut ctx = StepContext { services: &self.services, run: &run, workflow, state: &mut state, lease_lost: &lost, in_commit: Vec::new(), slot };
+                let mut ctx = StepContext {
+                    services: &self.services,
+                    run: &run,
+                    workflow,
+                    state: &mut state,
+                    lease_lost: &lost,
+                    in_commit: Vec::new(),
+                    slot,
+                    prefetched: prefetch.take(),
+                };
                 // A panicking step is a bug; it must not leave the run leased
                 // forever nor crash-loop: it counts as a failed attempt.
                 let r = match std::panic::AssertUnwindSafe(self.host.run_step(&mut ctx)).catch_unwind().await {

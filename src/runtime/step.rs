@@ -11,6 +11,7 @@ use crate::store::runs::ClaimedRun;
 use futures_util::future::BoxFuture;
 use serde_json::Value;
 use sqlx::PgConnection;
+use std::any::Any;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
@@ -88,6 +89,11 @@ pub struct StepContext<'a> {
     /// The place this execution holds: a worker slot, which a step that has
     /// placed its sends gives up while it records them ([`WorkerSlot::leave_for_records`]).
     pub slot: &'a WorkerSlot,
+    /// What the dispatcher read ahead for a new run's first step
+    /// ([`WorkflowHost::prefetch_first_step`]), given to the first step the
+    /// run's first execution runs; `None` otherwise (a later step, a retry,
+    /// a takeover, a run started by the scheduler).
+    pub prefetched: Option<Prefetch>,
 }
 
 impl StepContext<'_> {
@@ -104,6 +110,41 @@ impl StepContext<'_> {
         } else {
             Ok(())
         }
+    }
+}
+
+/// A read started for a run's first step before the run's creation
+/// committed ([`WorkflowHost::prefetch_first_step`]), running on a task of its
+/// own; the step takes its value ([`Prefetch::take`]). Dropped untaken, the
+/// task is aborted.
+pub struct Prefetch(Option<tokio::task::JoinHandle<Box<dyn Any + Send>>>);
+
+impl Prefetch {
+    /// Starts `read` on a task of its own.
+    pub fn spawn(read: BoxFuture<'static, Box<dyn Any + Send>>) -> Prefetch {
+        Prefetch(Some(tokio::spawn(read)))
+    }
+
+    /// Waits for the read and returns its value if it is a `T`; `None` if
+    /// it is of another type or its task failed (the step then reads for
+    /// itself).
+    pub async fn take<T: 'static>(mut self) -> Option<T> {
+        let handle = self.0.take()?;
+        handle.await.ok()?.downcast::<T>().ok().map(|value| *value)
+    }
+}
+
+impl Drop for Prefetch {
+    fn drop(&mut self) {
+        if let Some(handle) = &self.0 {
+            handle.abort();
+        }
+    }
+}
+
+impl std::fmt::Debug for Prefetch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Prefetch")
     }
 }
 
@@ -157,6 +198,15 @@ pub trait WorkflowHost: Send + Sync {
     /// Tasks the workflows run beside the engine's own for its lifetime
     /// (e.g. the call sweeper).
     fn background_tasks(&self, services: Services) -> Vec<BoxFuture<'static, ()>>;
+    /// The reads a new run of `w` over the event payload `input` starts its
+    /// first step with, if that step only needs the payload for them (an
+    /// escalation's lookups), as a future the dispatcher starts as soon as
+    /// the event is claimed, so that they run while the run's creation
+    /// commits; its value reaches the step as [`StepContext::prefetched`].
+    /// The future must only read (on the team-read pool) and be bounded: its
+    /// value may go unused (the dispatch fails, a run is not created), and a
+    /// step that gets none reads for itself. `None`: nothing to read ahead.
+    fn prefetch_first_step(&self, services: &Services, w: &Workflow, input: &Value) -> Option<BoxFuture<'static, Box<dyn Any + Send>>>;
 }
 
 /// What an event does to a live run with its key.

@@ -90,11 +90,22 @@ pub async fn run_step(ctx: &mut StepContext<'_>, settings: &EscalationWorkflow) 
 /// more than one row renders without its value, and is logged and audited
 /// (`lookup.failed`, `lookup.ambiguous`) by name and SQLSTATE, never with
 /// the row's data. A lookup never stops a call.
-async fn render_message(ctx: &StepContext<'_>, settings: &EscalationWorkflow) -> Result<String, StepError> {
+///
+/// A new run's lookups may have been read ahead by the dispatcher while the
+/// run's creation committed ([`prefetch_lookups`]); they are then taken from
+/// there, read over the same payload a millisecond or so earlier.
+async fn render_message(ctx: &mut StepContext<'_>, settings: &EscalationWorkflow) -> Result<String, StepError> {
     let template = Template::parse(&settings.message).map_err(|e| StepError::Permanent(anyhow!(e)))?;
     let mut values = HashMap::new();
     let sqls: Vec<&str> = settings.lookups.values().map(|sql| sql.as_str()).collect();
-    let outcomes = team_sql::run_lookups(&ctx.services.team_reads, &sqls, &ctx.run.input).await;
+    let prefetched = match ctx.prefetched.take() {
+        Some(p) => p.take::<PrefetchedLookups>().await.filter(|p| p.sqls.iter().map(String::as_str).eq(sqls.iter().copied())),
+        None => None,
+    };
+    let outcomes = match prefetched {
+        Some(p) => p.outcomes,
+        None => team_sql::run_lookups(&ctx.services.team_reads, &sqls, &ctx.run.input).await,
+    };
     for ((name, _), outcome) in settings.lookups.iter().zip(outcomes) {
         match outcome {
             Ok(team_sql::LookupOutcome::Value(v)) => {
@@ -118,6 +129,39 @@ async fn render_message(ctx: &StepContext<'_>, settings: &EscalationWorkflow) ->
     }
     let vars = ctx.state.get("vars").cloned().unwrap_or(Value::Null);
     Ok(template.render_with(&ctx.run.input, &values, &vars))
+}
+
+/// An escalation's lookups read ahead by the dispatcher ([`prefetch_lookups`]).
+struct PrefetchedLookups {
+    /// The lookups' statements, in order (checked against the step's own).
+    sqls: Vec<String>,
+    /// One outcome per lookup, as [`team_sql::run_lookups`] returns them.
+    outcomes: Vec<Result<team_sql::LookupOutcome, sqlx::Error>>,
+}
+
+/// The read-ahead of a new run of `w` over the payload `input`
+/// ([`crate::runtime::step::WorkflowHost::prefetch_first_step`]): when `w`'s
+/// first step is an escalation with lookups, those lookups
+/// ([`team_sql::run_lookups`] on the team-read pool: read-only, bounded by
+/// their 2 s statement timeout) as a [`PrefetchedLookups`]. The rendering
+/// ([`render_message`]) takes them; anything else (faults audited, the
+/// message) stays with the step. `None` for any other workflow.
+pub fn prefetch_lookups(
+    services: &crate::runtime::Services,
+    w: &crate::config::Workflow,
+    input: &Value,
+) -> Option<futures_util::future::BoxFuture<'static, Box<dyn std::any::Any + Send>>> {
+    let settings = w.steps.first()?.escalate.as_deref()?;
+    if settings.lookups.is_empty() {
+        return None;
+    }
+    let sqls: Vec<String> = settings.lookups.values().cloned().collect();
+    let (reads, input) = (services.team_reads.clone(), input.clone());
+    Some(Box::pin(async move {
+        let statements: Vec<&str> = sqls.iter().map(String::as_str).collect();
+        let outcomes = team_sql::run_lookups(&reads, &statements, &input).await;
+        Box::new(PrefetchedLookups { sqls, outcomes }) as Box<dyn std::any::Any + Send>
+    }))
 }
 
 async fn audit_lookup_fault(ctx: &StepContext<'_>, name: &str, action: &str, detail: Value) {

@@ -279,6 +279,7 @@ pub async fn run_step(ctx: &mut StepContext<'_>) -> Result<Transition, StepError
                     lease_lost: ctx.lease_lost,
                     in_commit: Vec::new(),
                     slot: ctx.slot,
+                    prefetched: ctx.prefetched.take(),
                 };
                 super::escalation::run_step(&mut inner, &settings).await?
             };

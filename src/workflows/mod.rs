@@ -233,6 +233,14 @@ impl crate::runtime::step::WorkflowHost for Host {
     fn background_tasks(&self, services: crate::runtime::Services) -> Vec<BoxFuture<'static, ()>> {
         vec![Box::pin(crate::notify::call_sweeper::run(services))]
     }
+    fn prefetch_first_step(
+        &self,
+        services: &crate::runtime::Services,
+        w: &Workflow,
+        input: &Value,
+    ) -> Option<BoxFuture<'static, Box<dyn std::any::Any + Send>>> {
+        escalation::prefetch_lookups(services, w, input)
+    }
 }
 
 /// Cancels a live run (API, CLI, tests): see [`cancel_run_in`].

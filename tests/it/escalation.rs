@@ -396,7 +396,7 @@ pub async fn start_with(db: TestDb, a: Persona, b: Persona, configure: impl FnOn
     Hospital { db, app, emulator }
 }
 
-async fn hospital_db() -> TestDb {
+pub async fn hospital_db() -> TestDb {
     let db = TestDb::new().await;
     db.exec(wardcall::devtools::demo::HOSPITAL_SCHEMA).await;
     let cfg = hospital_config("http://127.0.0.1:9", 30.0, 1);

@@ -14,6 +14,7 @@ pub fn tests() -> Vec<libtest_mimic::Trial> {
         review_alert_path::lookups_of_a_domain_over_text_render_as_they_do_alone,
         review_alert_path::a_takeover_after_open_with_intents_calls_again_under_the_recall_rule,
         review_alert_path::an_alert_without_lookups_takes_no_connection_to_render,
+        review_alert_path::a_new_runs_lookups_run_while_its_creation_commits,
         review_alert_path::a_dispatch_dropped_during_its_lock_wait_leaves_no_transaction_in_the_pool,
     ]
 }
@@ -206,4 +207,71 @@ pub async fn a_dispatch_dropped_during_its_lock_wait_leaves_no_transaction_in_th
     let left = idle_in_transaction(&db, other_pid).await;
     assert!(again.is_ok() && left.is_empty(), "dispatch after the lock was freed: {again:?}; left in a transaction: {left:?}");
     app.stop(Duration::from_secs(2)).await;
+}
+
+/// A new run's lookups are read ahead by the dispatcher while the run's
+/// creation commits (`WorkflowHost::prefetch_first_step`), off the way to
+/// the first call. Shown by holding the dispatch up inside its transaction:
+/// a test transaction holds an uncommitted run with the alert's key, so the
+/// dispatcher's INSERT of the run waits for it; the lookups have run all the
+/// same (the team-read pool's connection has executed them). Once the test
+/// transaction rolls back, the run is created and the call speaks the
+/// looked-up values, from the values read ahead.
+pub async fn a_new_runs_lookups_run_while_its_creation_commits() {
+    use crate::escalation::{hospital_db, start_on, NURSE_A};
+    use wardcall::devtools::twilio_emulator::{EmulatorEvent, Persona};
+    let db = hospital_db().await;
+    let h = start_on(db, Persona::NoAnswer, Persona::NoAnswer, 30.0, 1).await;
+    let mut events = h.emulator.subscribe();
+    let alert = uuid::Uuid::new_v4();
+    let mut holder = h.db.pool.begin().await.unwrap();
+    sqlx::query(
+        "INSERT INTO wardcall.runs (workflow, event, input, step, status, key, due_at)
+         VALUES ('critical-alert-call', 'alert.critical', '{}', 'start', 'sleeping', $1, now() + interval '1 hour')",
+    )
+    .bind(alert.to_string())
+    .execute(&mut *holder)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO alerts (id, patient_id, room_id, severity, status, alert_type, title, description)
+         VALUES ($1, 'P-DHE-001', (SELECT room_id FROM rooms WHERE room_name = 'Room 2' LIMIT 1),
+                 'critical', 'active', 'seizure_detected', 'Seizure Activity Detected', 'Immediate response required')",
+    )
+    .bind(alert)
+    .execute(&h.db.pool)
+    .await
+    .unwrap();
+    await_true(
+        &h.db,
+        "the dispatcher's INSERT of the run to wait for the test's run with the same key",
+        Duration::from_secs(10),
+        "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE datname = current_database() AND application_name = 'wardcall'
+                          AND wait_event_type = 'Lock' AND query LIKE '%INSERT INTO wardcall.runs%')",
+    )
+    .await;
+    await_true(
+        &h.db,
+        "the alert's lookups to have run while its run's creation has not committed",
+        Duration::from_secs(10),
+        "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE datname = current_database() AND application_name = 'wardcall-team-reads'
+                          AND state = 'idle' AND query LIKE '%wardcall_lookup%')",
+    )
+    .await;
+    assert_eq!(h.db.scalar_i64("SELECT count(*) FROM wardcall.alerts").await, 0, "no step has run yet");
+    holder.rollback().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let Ok(EmulatorEvent::CallCreated { to, .. }) = events.recv().await {
+                if to == NURSE_A {
+                    break;
+                }
+            }
+        }
+    })
+    .await
+    .expect("nurse A called once the dispatch went on");
+    let message: String = sqlx::query_scalar("SELECT message FROM wardcall.alerts").fetch_one(&h.db.pool).await.unwrap();
+    assert!(message.contains("Room 2, patient Dana Vale. Seizure Activity Detected."), "the looked-up values are spoken: {message}");
+    h.stop().await;
 }
