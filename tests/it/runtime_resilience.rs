@@ -560,8 +560,12 @@ pub async fn a_hard_failover_leaves_no_engine_waiting_on_a_dead_connection() {
     // its call is requested: its status callbacks meet frozen connections.
     // (The webhooks' pool likewise: the next callbacks' statements wait on
     // frozen connections until their deadline drops them.)
+    // (And the team-read pool's: the new alert's lookups meet a frozen
+    // connection, render without their values at their deadline, and the
+    // call still goes out.)
     let webhook_pool = app.engine.services.webhook_pool.clone();
-    for (pool, size) in [(&pool, cfg.engine.pool_size), (&webhook_pool, cfg.engine.webhook_pool_size)] {
+    let team_reads = app.engine.services.team_reads.pool().clone();
+    for (pool, size) in [(&pool, cfg.engine.pool_size), (&webhook_pool, cfg.engine.webhook_pool_size), (&team_reads, cfg.engine.team_read_pool_size)] {
         let mut held = Vec::new();
         for _ in 0..size {
             let mut c = pool.acquire().await.unwrap();
