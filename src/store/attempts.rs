@@ -383,7 +383,7 @@ pub async fn claim_texts_to_reconcile(pool: &sqlx::PgPool, limit: i64, interval_
              SELECT id FROM wardcall.notification_attempts
               WHERE channel = 'sms' AND provider_id IS NOT NULL
                 AND status IN ('requested','accepted','scheduled','queued','sending','sent')
-                AND ended_at IS NULL AND reconcile_after <= clock_timestamp() AND created_at > clock_timestamp() - interval '1 day'
+                AND reconcile_after <= clock_timestamp() AND created_at > clock_timestamp() - interval '1 day'
               ORDER BY reconcile_after LIMIT $2 FOR UPDATE SKIP LOCKED)
          UPDATE wardcall.notification_attempts n SET reconcile_after = clock_timestamp() + $1 * interval '1 millisecond'
            FROM due WHERE n.id = due.id RETURNING n.id, n.provider_id",
@@ -736,7 +736,7 @@ pub async fn claim_calls_to_reconcile(pool: &sqlx::PgPool, limit: i64, margin_ms
              SELECT id FROM wardcall.notification_attempts
               WHERE (status IN ('requested','initiated','ringing','in-progress') OR (status = 'unknown' AND ended_at IS NULL))
                 AND provider_id IS NOT NULL AND channel = 'voice'
-                AND ended_at IS NULL AND reconcile_after <= clock_timestamp()
+                AND reconcile_after <= clock_timestamp()
               ORDER BY reconcile_after LIMIT $2 FOR UPDATE SKIP LOCKED)
          UPDATE wardcall.notification_attempts n
             SET reconcile_after = clock_timestamp() + $1 * interval '1 millisecond'
@@ -756,7 +756,7 @@ pub async fn abandon_unconfirmed_intents(pool: &sqlx::PgPool, limit: i64, actor:
     let abandoned: Vec<Uuid> = sqlx::query_scalar(
         "WITH due AS (
              SELECT n.id FROM wardcall.notification_attempts n JOIN wardcall.runs r ON r.id = n.run_id
-              WHERE n.status = 'intent' AND n.provider_id IS NULL AND n.ended_at IS NULL AND n.reconcile_after <= clock_timestamp()
+              WHERE n.status = 'intent' AND n.provider_id IS NULL AND n.reconcile_after <= clock_timestamp()
                 AND r.status IN ('completed','failed','cancelled')
               LIMIT $1 FOR UPDATE OF n SKIP LOCKED)
          UPDATE wardcall.notification_attempts n

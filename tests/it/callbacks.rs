@@ -14,7 +14,6 @@ use wardcall::providers::twilio::signature::compute_signature;
 
 pub fn tests() -> Vec<libtest_mimic::Trial> {
     trials![
-        callbacks::status_changes_leave_the_attempts_indexes_alone,
         callbacks::progress_advances_once_and_replays_and_late_statuses_change_nothing,
         callbacks::progress_does_not_wait_for_the_run_row_but_a_final_status_does,
         callbacks::progress_with_on_call_status_write_back_still_writes_back,
@@ -362,45 +361,4 @@ pub async fn progress_takes_a_lane_that_decisive_statuses_never_wait_for() {
         Ok(h) => h.stop().await,
         Err(_) => panic!("the posting tasks hold no copy of the hospital"),
     }
-}
-
-/// A call's progress (`initiated`, `ringing`, `in-progress`) changes no
-/// indexed column of `wardcall.notification_attempts`, so each is a
-/// heap-only tuple (HOT) update that leaves the table's seven indexes alone
-/// (migration 0016). Before, the reconciliation index's predicate named
-/// `status`: no update of the table was ever HOT. The send's record (the
-/// CallSid, indexed) and the final status (`ended_at`, the reconciliation
-/// index's predicate) still change indexed columns.
-pub async fn status_changes_leave_the_attempts_indexes_alone() {
-    use wardcall::store::alerts::{open_with_intents, OpenedWithIntents};
-    use wardcall::store::attempts::{advance_status, record_sent};
-    let db = TestDb::new().await;
-    let run: Uuid = sqlx::query_scalar(
-        "INSERT INTO wardcall.runs (workflow, event, input, step, status, lease_owner, fencing_token) VALUES ('w', 'e', '{}', 'start', 'running', 'test', 1) RETURNING id",
-    )
-    .fetch_one(&db.pool)
-    .await
-    .unwrap();
-    let tier = crate::escalation::first_tier(run, 1, &[("nurse-avery", "Avery Quinn", NURSE_A)]);
-    let OpenedWithIntents::Opened { intents, .. } = open_with_intents(&mut db.pool.acquire().await.unwrap(), &tier).await.unwrap() else {
-        panic!("the first tier did not open")
-    };
-    let attempt = intents[0].1;
-    let mut tx = db.pool.begin().await.unwrap();
-    let counts = "SELECT pg_stat_get_xact_tuples_updated('wardcall.notification_attempts'::regclass),
-                         pg_stat_get_xact_tuples_hot_updated('wardcall.notification_attempts'::regclass)";
-    record_sent(&mut tx, attempt, "CA00000000000000000000000000000001", "queued", "test").await.unwrap();
-    let (updated, hot): (i64, i64) = sqlx::query_as(counts).fetch_one(&mut *tx).await.unwrap();
-    assert_eq!((updated, hot), (1, 0), "the record sets the CallSid, an indexed column");
-    let mut previous = "queued";
-    for (status, stamp) in [("initiated", "initiated_at"), ("ringing", "ringing_at"), ("in-progress", "answered_at")] {
-        advance_status(&mut tx, attempt, previous, status, Some(stamp), None, json!({}), "test").await.unwrap();
-        previous = status;
-    }
-    let (updated, hot): (i64, i64) = sqlx::query_as(counts).fetch_one(&mut *tx).await.unwrap();
-    assert_eq!((updated, hot), (4, 3), "initiated, ringing and in-progress are HOT updates");
-    advance_status(&mut tx, attempt, previous, "completed", Some("ended_at"), None, json!({}), "test").await.unwrap();
-    let (updated, hot): (i64, i64) = sqlx::query_as(counts).fetch_one(&mut *tx).await.unwrap();
-    assert_eq!((updated, hot), (5, 3), "the final status stamps ended_at, the reconciliation index's predicate");
-    tx.commit().await.unwrap();
 }
