@@ -127,9 +127,8 @@ pub struct EngineConfig {
     /// Connections of the provider webhooks' own pool, besides `pool_size`.
     /// Default 4.
     pub webhook_pool_size: u32,
-    /// Connections of the pool that runs the team's read-only queries (an
-    /// escalation's lookups, recipients queries: `crate::db::TeamReadPool`),
-    /// besides `pool_size`. Default 4.
+    /// Connections of the pool that runs an escalation's lookups
+    /// (`crate::db::TeamReadPool`), besides `pool_size`. Default 4.
     pub team_read_pool_size: u32,
     /// Longest wait for a pooled connection (or a new one), in milliseconds,
     /// 100..=600000. Default 5000. On expiry the error carries PostgreSQL's own

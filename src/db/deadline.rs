@@ -190,9 +190,10 @@ pub async fn check_on_acquire(conn: &mut PgConnection) -> Result<bool, sqlx::Err
 
 /// What a live server may take, beyond a statement's own
 /// `statement_timeout`, to answer (the cancel, the error's trip back, a
-/// busy machine): a statement under an explicit `SET LOCAL
-/// statement_timeout` (the team's lookups and recipients) gets that timeout
-/// plus this margin ([`past_statement_timeout`]) before it is a [`NoReply`].
+/// busy machine): a statement under a known `statement_timeout` (the team's
+/// lookups, on their pool's session default or a `SET LOCAL`; recipients
+/// queries, under `SET LOCAL`) gets that timeout plus this margin
+/// ([`past_statement_timeout`]) before it is a [`NoReply`].
 pub const REPLY_MARGIN: Duration = Duration::from_secs(2);
 
 /// The deadline of a statement whose `statement_timeout` is

@@ -211,15 +211,17 @@ pub fn webhook_pool(pool: &PgPool, settings: &EngineConfig) -> PgPool {
 
 /// Longest a statement on a [`TeamReadPool`] connection may run (ms): its
 /// sessions' `statement_timeout` (PostgreSQL manual 19.11.1 "Statement
-/// Behavior"). An escalation's lookups and a recipients query are bounded by it.
+/// Behavior"). An escalation's lookups are bounded by it.
 pub const TEAM_READ_STATEMENT_TIMEOUT_MS: u64 = 2_000;
 /// Longest a statement on a [`TeamReadPool`] connection may wait for a lock
 /// (ms), e.g. behind a team's `ALTER TABLE`: its sessions' `lock_timeout`.
 pub const TEAM_READ_LOCK_TIMEOUT_MS: u64 = 1_000;
 
 /// The pool that runs the team's read-only queries on the alert's way to its
-/// first call: an escalation's lookups and recipients queries
-/// (`crate::workflows::team_sql::run_lookups`, `crate::notify::recipients::resolve`).
+/// first call: an escalation's lookups (`crate::workflows::team_sql::run_lookups`).
+/// (A tier's recipients query stays on the engine's pool, in its own
+/// read-only transaction: lookups queued behind a slow one must not make a
+/// roster's query wait out its connection and skip the nurse on shift.)
 /// `engine.team_read_pool_size` connections, opened on first use and kept,
 /// application name `wardcall-team-reads`, whose sessions are read-only and
 /// bounded by default: `default_transaction_read_only = on`,
@@ -235,6 +237,13 @@ pub const TEAM_READ_LOCK_TIMEOUT_MS: u64 = 1_000;
 /// Separate from the engine's pool also so that a slow team query (a lock
 /// behind a migration) holds one of these, not a connection the workers'
 /// commits need. The type is the proof that a connection has these defaults.
+///
+/// The team's statement commits its implicit transaction, so a setting it
+/// changes for the session (`set_config(…, false)`, a function's `SET`)
+/// would outlive it: every connection given back is reset (`RESET ALL`,
+/// PostgreSQL manual, "RESET": back to the start-up values above) before
+/// another statement runs on it, off the call's path. A connection that
+/// does not answer within [`deadline::REPLY_MARGIN`] is closed.
 #[derive(Clone, Debug)]
 pub struct TeamReadPool(PgPool);
 
@@ -251,7 +260,18 @@ impl TeamReadPool {
             ("random_page_cost", settings.random_page_cost.to_string()),
         ]);
         let (pool_options, clock) = pool_options();
+        let on_release = clock.clone();
         let reads = pool_options
+            // Replaces `pool_options`' own hook, which it runs first.
+            .after_release(move |conn, _| {
+                let clock = on_release.clone();
+                Box::pin(async move {
+                    if !deadline::check_on_release(&clock, conn).await? {
+                        return Ok(false);
+                    }
+                    reset_session(conn).await
+                })
+            })
             .max_connections(settings.team_read_pool_size)
             .min_connections(0)
             .acquire_timeout(Duration::from_millis(settings.acquire_timeout_ms))
@@ -264,6 +284,20 @@ impl TeamReadPool {
     /// [`deadline::mark_suspect`], closing).
     pub fn pool(&self) -> &PgPool {
         &self.0
+    }
+}
+
+/// Puts back the start-up values of every setting of `conn`'s session
+/// (`RESET ALL`), within [`deadline::REPLY_MARGIN`]:
+/// [`TeamReadPool`]'s release hook. `Ok(true)`: keep the connection.
+///
+/// Errors: the server's, or [`deadline::NoReply`] (the connection is then closed).
+async fn reset_session(conn: &mut sqlx::PgConnection) -> Result<bool, sqlx::Error> {
+    let reset = sqlx::Executor::execute(&mut *conn, "RESET ALL");
+    match tokio::time::timeout(deadline::REPLY_MARGIN, reset).await {
+        Ok(Ok(_)) => Ok(true),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(deadline::no_reply(deadline::REPLY_MARGIN)),
     }
 }
 

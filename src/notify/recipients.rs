@@ -5,7 +5,7 @@
 //! - [`RecipientsSpec`]: the config keys (`notify = ["person-id", …]`,
 //!   `recipients = """SELECT …"""`), flattened into whatever names recipients
 //!   (an escalation policy's tier today; the `notify` step of the workflow model).
-//! - [`resolve`]: runs the query (read-only on the team-read pool, bounded by
+//! - [`resolve`]: runs the query (read-only, bounded by
 //!   [`RECIPIENTS_STATEMENT_TIMEOUT_MS`] and [`RECIPIENTS_LOCK_TIMEOUT_MS`]) and
 //!   returns the people in order, static people first.
 //! - [`check_query`]: the check at start (`capture::check_config_against_database`):
@@ -27,18 +27,16 @@
 
 use super::{Channel, Recipient};
 use crate::config::{is_e164, Config};
-use crate::db::TeamReadPool;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sqlx::Row;
 
 /// Longest a recipients query may run (ms) (`statement_timeout`, PostgreSQL
-/// manual 19.11.1 "Statement Behavior"): the session default of the
-/// [`TeamReadPool`]'s connections.
-pub const RECIPIENTS_STATEMENT_TIMEOUT_MS: u64 = crate::db::TEAM_READ_STATEMENT_TIMEOUT_MS;
+/// manual 19.11.1 "Statement Behavior").
+pub const RECIPIENTS_STATEMENT_TIMEOUT_MS: u64 = 2_000;
 /// Longest a recipients query may wait for a lock (ms), e.g. behind a team's
-/// `ALTER TABLE` (`lock_timeout`; the [`TeamReadPool`]'s session default).
-pub const RECIPIENTS_LOCK_TIMEOUT_MS: u64 = crate::db::TEAM_READ_LOCK_TIMEOUT_MS;
+/// `ALTER TABLE` (`lock_timeout`).
+pub const RECIPIENTS_LOCK_TIMEOUT_MS: u64 = 1_000;
 /// Rows read from a recipients query at most; further rows are ignored and
 /// reported ([`Resolved::truncated`]): a query that returns a whole staff
 /// table is a config fault, not a page to everyone.
@@ -165,26 +163,22 @@ pub fn static_people(config: &Config, spec: &RecipientsSpec) -> Resolved {
 }
 
 /// Resolves `spec` now: the static people, then the query's rows (if any),
-/// the query run with `$1` = `payload` and `$2` = `vars` alone on a
-/// [`TeamReadPool`] connection: its own implicit read-only transaction (a
-/// statement that writes fails, SQLSTATE 25006), with
-/// [`RECIPIENTS_STATEMENT_TIMEOUT_MS`] and [`RECIPIENTS_LOCK_TIMEOUT_MS`], one
-/// round trip.
+/// the query run with `$1` = `payload` and `$2` = `vars` in its own read-only
+/// transaction with [`RECIPIENTS_STATEMENT_TIMEOUT_MS`] and
+/// [`RECIPIENTS_LOCK_TIMEOUT_MS`] (rolled back: nothing it does is kept).
 ///
 /// Errors: [`ResolveError::Database`] when the query fails or times out (a
 /// column of the wrong type, checked at start, can only appear after a schema
-/// change), when no connection comes within the pool's acquire timeout, or
-/// when no reply comes ([`crate::db::deadline::NoReply`]: a half-open
-/// connection, closed). A `notify` id not in the config is skipped (see [`static_people`]).
-pub async fn resolve(pool: &TeamReadPool, config: &Config, spec: &RecipientsSpec, payload: &Value, vars: &Value) -> Result<Resolved, ResolveError> {
+/// change). A `notify` id not in the config is skipped (see [`static_people`]).
+pub async fn resolve(pool: &sqlx::PgPool, config: &Config, spec: &RecipientsSpec, payload: &Value, vars: &Value) -> Result<Resolved, ResolveError> {
     use futures_util::TryStreamExt;
     let mut out = static_people(config, spec);
     let Some(sql) = spec.recipients.as_deref() else { return Ok(out) };
     let vars = if vars.is_object() { vars.clone() } else { json!({}) };
-    let mut conn = crate::db::deadline::HeldConnection::acquire(pool.pool()).await?;
+    let mut tx = crate::workflows::team_sql::begin_bounded_read_only(pool, RECIPIENTS_STATEMENT_TIMEOUT_MS, RECIPIENTS_LOCK_TIMEOUT_MS).await?;
     let read = async {
         let mut rows = Vec::new();
-        let mut stream = sqlx::query(sql).bind(payload).bind(&vars).fetch(&mut *conn);
+        let mut stream = sqlx::query(sql).bind(payload).bind(&vars).fetch(&mut *tx);
         while let Some(row) = stream.try_next().await? {
             if rows.len() == MAX_RECIPIENTS {
                 return Ok((rows, true));
@@ -194,9 +188,8 @@ pub async fn resolve(pool: &TeamReadPool, config: &Config, spec: &RecipientsSpec
         Ok::<_, sqlx::Error>((rows, false))
     };
     let read = crate::db::deadline::within(crate::db::deadline::past_statement_timeout(RECIPIENTS_STATEMENT_TIMEOUT_MS), read).await;
-    // Released to the pool (closed if it did not answer). Rows left unread
-    // past `MAX_RECIPIENTS` are drained by sqlx before the next statement.
-    let (rows, truncated) = conn.settle(read)?;
+    // Rolled back as the pool takes the connection back (closed if it did not answer).
+    let (rows, truncated) = tx.settle(read)?;
     out.truncated |= truncated;
     for row in rows {
         let text = |c: &str| -> Result<Option<String>, sqlx::Error> { Ok(row.try_get::<Option<String>, _>(c)?.filter(|s| !s.trim().is_empty())) };

@@ -923,7 +923,7 @@ impl Engine {
         for (run, permit) in to_run.into_iter().zip(taken) {
             // Matched by workflow and payload, what the read depended on (a
             // run not created, its event's run existing already, shifts the
-            // order); the ones left over are aborted as they drop.
+            // order); the ones left over finish on their own, unused.
             let prefetch = prefetches
                 .iter_mut()
                 .find(|p| p.as_ref().is_some_and(|(i, _)| workflow_names[*i] == run.workflow && inputs[*i] == run.input))

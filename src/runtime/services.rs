@@ -22,7 +22,7 @@ pub struct Services {
     /// The webhooks' own pool, `engine.webhook_pool_size` connections opened
     /// on first use (application name `wardcall-webhooks`).
     pub webhook_pool: PgPool,
-    /// The pool of the team's read-only queries (lookups, recipients),
+    /// The pool of the team's read-only lookups,
     /// `engine.team_read_pool_size` connections whose sessions are read-only
     /// with 2 s / 1 s statement and lock timeouts ([`crate::db::TeamReadPool`]).
     pub team_reads: crate::db::TeamReadPool,

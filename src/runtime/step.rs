@@ -115,30 +115,24 @@ impl StepContext<'_> {
 
 /// A read started for a run's first step before the run's creation
 /// committed ([`WorkflowHost::prefetch_first_step`]), running on a task of its
-/// own; the step takes its value ([`Prefetch::take`]). Dropped untaken, the
-/// task is aborted.
-pub struct Prefetch(Option<tokio::task::JoinHandle<Box<dyn Any + Send>>>);
+/// own; the step takes its value ([`Prefetch::take`]). Dropped untaken (its
+/// run was not created, or not started here), the task runs to its end,
+/// which the read's own bounds keep short: aborted mid-statement, it would
+/// close its pooled connection, and a storm of repeated alarms would keep
+/// the small pool reopening connections.
+pub struct Prefetch(tokio::task::JoinHandle<Box<dyn Any + Send>>);
 
 impl Prefetch {
     /// Starts `read` on a task of its own.
     pub fn spawn(read: BoxFuture<'static, Box<dyn Any + Send>>) -> Prefetch {
-        Prefetch(Some(tokio::spawn(read)))
+        Prefetch(tokio::spawn(read))
     }
 
     /// Waits for the read and returns its value if it is a `T`; `None` if
     /// it is of another type or its task failed (the step then reads for
     /// itself).
-    pub async fn take<T: 'static>(mut self) -> Option<T> {
-        let handle = self.0.take()?;
-        handle.await.ok()?.downcast::<T>().ok().map(|value| *value)
-    }
-}
-
-impl Drop for Prefetch {
-    fn drop(&mut self) {
-        if let Some(handle) = &self.0 {
-            handle.abort();
-        }
+    pub async fn take<T: 'static>(self) -> Option<T> {
+        self.0.await.ok()?.downcast::<T>().ok().map(|value| *value)
     }
 }
 

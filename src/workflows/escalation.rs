@@ -143,7 +143,8 @@ struct PrefetchedLookups {
 /// ([`crate::runtime::step::WorkflowHost::prefetch_first_step`]): when `w`'s
 /// first step is an escalation with lookups, those lookups
 /// ([`team_sql::run_lookups`] on the team-read pool: read-only, bounded by
-/// their 2 s statement timeout) as a [`PrefetchedLookups`]. The rendering
+/// the wait for a connection, `engine.acquire_timeout_ms`, and their 2 s
+/// statement timeout, as when the step runs them) as a [`PrefetchedLookups`]. The rendering
 /// ([`render_message`]) takes them; anything else (faults audited, the
 /// message) stays with the step. `None` for any other workflow.
 pub fn prefetch_lookups(
@@ -233,13 +234,13 @@ async fn tier_recipients(ctx: &mut StepContext<'_>, step: &PolicyStep, cycle: i3
     let engine = ctx.services.clone();
     // `$2`: the run's variables (kept by earlier steps of the workflow).
     let vars = crate::workflows::variables(ctx.state);
-    let mut outcome = recipients::resolve(&engine.team_reads, &engine.config, &step.who, &ctx.run.input, &vars).await;
+    let mut outcome = recipients::resolve(&engine.pool, &engine.config, &step.who, &ctx.run.input, &vars).await;
     // Tried once more unless the query itself is at fault (SQLSTATE class
     // 42: syntax, an undefined column): a timeout, a conflict, or an error
     // without a SQLSTATE (a connection cut under it) may pass the second time.
     if outcome.as_ref().err().is_some_and(|e| e.sqlstate().map_or(true, |c| !c.starts_with("42"))) {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        outcome = recipients::resolve(&engine.team_reads, &engine.config, &step.who, &ctx.run.input, &vars).await;
+        outcome = recipients::resolve(&engine.pool, &engine.config, &step.who, &ctx.run.input, &vars).await;
     }
     let (resolved, failure) = match outcome {
         Ok(r) => (r, None),

@@ -244,7 +244,7 @@ pub async fn run_step(ctx: &mut StepContext<'_>) -> Result<Transition, StepError
                 Some(list) => list,
                 None => {
                     // A failing query still reaches the step's static people.
-                    let resolved = match crate::notify::recipients::resolve(&engine.team_reads, &engine.config, &n.who(), &payload, &vars).await {
+                    let resolved = match crate::notify::recipients::resolve(&engine.pool, &engine.config, &n.who(), &payload, &vars).await {
                         Ok(r) => r,
                         Err(e) if ctx.run.step_attempt + 1 < ctx.workflow.max_attempts as i32 || n.people.is_empty() => {
                             return Err(StepError::Retryable(anyhow!("resolving the recipients of a notify step: {e}")));

@@ -219,17 +219,17 @@ pub async fn chain_query_reaches_the_third_coordinator_and_stops_on_a_cycle() {
     let cfg = example.parse_config().unwrap();
     let north = json!({"client_id": "d0000000-0000-4000-8000-000000000001"});
     let spec = RecipientsSpec { notify: vec![], recipients: Some(CHAIN.into()) };
-    let got = wardcall::notify::recipients::resolve(&db.team_reads(), &cfg, &spec, &north, &json!({})).await.unwrap();
+    let got = wardcall::notify::recipients::resolve(&db.pool, &cfg, &spec, &north, &json!({})).await.unwrap();
     let ids: Vec<&str> = got.recipients.iter().map(|r| r.id.as_str()).collect();
     // Casey → Devon → Emery → (Casey again: the cycle is cut).
     assert_eq!(ids, ["c0000000-0000-4000-8000-000000000001", "c0000000-0000-4000-8000-000000000002", "c0000000-0000-4000-8000-000000000003"]);
     assert_eq!(got.recipients[2].voice.as_deref(), Some("+13855550203"));
     // The example's tiers: tier 2 reaches the third coordinator; a fourth tier would find nobody.
     let tier2 = &cfg.policies[0].steps[2].who;
-    let got = wardcall::notify::recipients::resolve(&db.team_reads(), &cfg, tier2, &north, &json!({})).await.unwrap();
+    let got = wardcall::notify::recipients::resolve(&db.pool, &cfg, tier2, &north, &json!({})).await.unwrap();
     assert_eq!(got.recipients.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), ["c0000000-0000-4000-8000-000000000003"]);
     let tier3 = RecipientsSpec { notify: vec![], recipients: tier2.recipients.as_ref().map(|q| q.replace("OFFSET 2", "OFFSET 3")) };
-    let got = wardcall::notify::recipients::resolve(&db.team_reads(), &cfg, &tier3, &north, &json!({})).await.unwrap();
+    let got = wardcall::notify::recipients::resolve(&db.pool, &cfg, &tier3, &north, &json!({})).await.unwrap();
     assert!(got.recipients.is_empty(), "the cycle back to the first coordinator is cut");
     // Ten deep, no cycle: the chain follows to any depth.
     db.exec(
@@ -245,7 +245,7 @@ pub async fn chain_query_reaches_the_third_coordinator_and_stops_on_a_cycle() {
     )
     .await;
     let deep = json!({"client_id": "d0000000-0000-4000-8000-0000000000ee"});
-    let got = wardcall::notify::recipients::resolve(&db.team_reads(), &cfg, &spec, &deep, &json!({})).await.unwrap();
+    let got = wardcall::notify::recipients::resolve(&db.pool, &cfg, &spec, &deep, &json!({})).await.unwrap();
     assert_eq!(got.recipients.len(), 10);
     assert_eq!(got.recipients[9].voice.as_deref(), Some("+13855550310"));
 }

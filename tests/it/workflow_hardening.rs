@@ -361,9 +361,11 @@ pub async fn a_failing_lookup_is_its_own_outcome_and_the_others_still_render() {
 
 /// The team-read pool's sessions are what its statements rely on, since
 /// they run without a transaction of their own (one round trip): read-only,
-/// 2 s statement and 1 s lock timeouts. A lookup or a recipients query that
-/// writes fails with SQLSTATE 25006 and writes nothing, alone or among
-/// others; the session's bounds are those of the lookups.
+/// 2 s statement and 1 s lock timeouts. A lookup that writes fails with
+/// SQLSTATE 25006 and writes nothing, alone or among others; the session's
+/// bounds are those of the lookups, and a lookup that changes them changes
+/// them for itself only. (A recipients query runs in its own
+/// read-only transaction on the engine's pool: it fails the same way.)
 pub async fn team_reads_are_read_only_and_bounded_without_a_transaction() {
     use wardcall::notify::recipients::{resolve, RecipientsSpec};
     use wardcall::workflows::team_sql::run_lookups;
@@ -383,12 +385,21 @@ pub async fn team_reads_are_read_only_and_bounded_without_a_transaction() {
     ];
     let out = run_lookups(&reads, &settings, &input).await;
     assert_eq!(lookup_outcomes(&out), ["error 25006", "value 2s", "value 1s", "value on", "value wardcall-team-reads"], "among others");
+    // A lookup that changes its session's settings changes them for itself
+    // only: the connection is reset as it goes back (one connection here, so
+    // the next lookups run on the same session).
+    let settings = wardcall::config::EngineConfig { team_read_pool_size: 1, ..Default::default() };
+    let one = wardcall::db::TeamReadPool::new(&db.pool, &settings);
+    let changes = "SELECT set_config('default_transaction_read_only', 'off', false) || set_config('statement_timeout', '0', false)";
+    assert_eq!(lookup_outcomes(&run_lookups(&one, &[changes], &input).await), ["value off0"]);
+    let out = run_lookups(&one, &[writes, "SELECT current_setting('statement_timeout')"], &input).await;
+    assert_eq!(lookup_outcomes(&out), ["error 25006", "value 2s"], "after a lookup that changed its session's settings");
     let cfg = crate::escalation::hospital_config("http://127.0.0.1:9", 30.0, 1);
     let spec = RecipientsSpec {
         notify: vec![],
         recipients: Some("WITH w AS (INSERT INTO written VALUES ('y') RETURNING x) SELECT x AS id, x AS name, x AS voice, x AS sms FROM w".into()),
     };
-    let err = resolve(&reads, &cfg, &spec, &input, &serde_json::json!({})).await.expect_err("a writing recipients query");
+    let err = resolve(&db.pool, &cfg, &spec, &input, &serde_json::json!({})).await.expect_err("a writing recipients query");
     assert_eq!(err.sqlstate().as_deref(), Some("25006"), "{err}");
     assert_eq!(db.scalar_i64("SELECT count(*) FROM written").await, 0, "nothing was written");
 }
