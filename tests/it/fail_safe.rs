@@ -26,6 +26,7 @@ pub fn tests() -> Vec<libtest_mimic::Trial> {
         fail_safe::keypress_is_recorded_when_another_attempt_holds_the_call_sid,
         fail_safe::audit_records_only_transitions_that_happened,
         fail_safe::blocked_lookup_times_out_and_the_call_goes_out,
+        fail_safe::a_burst_of_blocked_lookups_holds_no_call_past_the_pools_wait,
         fail_safe::ambiguous_lookup_renders_without_a_value,
     ]
 }
@@ -390,6 +391,54 @@ pub async fn blocked_lookup_times_out_and_the_call_goes_out() {
     let message: String = sqlx::query_scalar("SELECT message FROM wardcall.alerts").fetch_one(&h.db.pool).await.unwrap();
     assert!(message.starts_with("Critical alert at Haven Hospital. , patient Dana Vale. Seizure Activity Detected."), "{message}");
     assert_eq!(h.db.scalar_i64("SELECT count(*) FROM wardcall.audit_log WHERE action = 'lookup.failed' AND detail->>'lookup' = 'room_name'").await, 1);
+    h.stop().await;
+}
+
+/// The lookups have a small pool of their own (`engine.team_read_pool_size`,
+/// 4). A burst of alerts whose lookup is blocked behind a team's lock holds
+/// each of its connections for the lock timeout, so most alerts wait for a
+/// connection: they wait at most `engine.acquire_timeout_ms`, then render
+/// without their values, and every call goes out while the lock is still
+/// held (DESIGN.md invariant 10).
+pub async fn a_burst_of_blocked_lookups_holds_no_call_past_the_pools_wait() {
+    const ALERTS: usize = 40;
+    let census = "CREATE TABLE ward_census (room_id uuid PRIMARY KEY); INSERT INTO ward_census SELECT room_id FROM rooms";
+    let h = hospital_with_schema(census, Persona::NoAnswer, Persona::NoAnswer, 60.0, |c| {
+        c.engine.acquire_timeout_ms = 2_000;
+        if let Some(e) = c.workflows[0].escalation_mut() {
+            e.lookups.insert(
+                "room_name".into(),
+                "SELECT r.room_name FROM rooms r JOIN ward_census w USING (room_id) WHERE r.room_id = ($1->>'room_id')::uuid".into(),
+            );
+        }
+    })
+    .await;
+    let mut locker = h.db.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE ward_census IN ACCESS EXCLUSIVE MODE").execute(&mut *locker).await.unwrap();
+    let inserted = Instant::now();
+    h.db.exec(&format!(
+        "INSERT INTO alerts (patient_id, room_id, severity, status, alert_type, title, description)
+         SELECT 'P-DHE-001', (SELECT room_id FROM rooms WHERE room_name = 'Room 2' LIMIT 1), 'critical', 'active', 'seizure_detected',
+                'Seizure ' || g, 'burst' FROM generate_series(1, {ALERTS}) g"
+    ))
+    .await;
+    // Each alert's lookups hold a connection about 1.2 s (the shared
+    // statement's 1 s lock wait, then the blocked lookup's 0.1 s alone): 40
+    // alerts on 4 connections would take 12 s in turn. Bound: the 2 s wait
+    // for a connection, the lookups' own bounds, and a loaded machine's slack.
+    await_some("every alert's call while the lock is held", Duration::from_secs(20), || {
+        let n = h.emulator.calls().len();
+        async move { (n >= ALERTS).then_some(()) }
+    })
+    .await;
+    let waited = inserted.elapsed();
+    assert!(waited < Duration::from_secs(9), "the burst's calls waited for the lookups' pool in turn: {waited:?}");
+    assert_eq!(
+        h.db.scalar_i64("SELECT count(*) FROM wardcall.audit_log WHERE action = 'lookup.failed' AND detail->>'lookup' = 'room_name'").await,
+        ALERTS as i64,
+        "every alert rendered without the blocked value, and said so"
+    );
+    locker.rollback().await.unwrap();
     h.stop().await;
 }
 
