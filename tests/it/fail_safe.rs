@@ -360,12 +360,17 @@ pub async fn audit_records_only_transitions_that_happened() {
     h.stop().await;
 }
 
-/// Item 9: a lookup blocked behind a lock (a team's `LOCK TABLE`, an
-/// `ALTER TABLE`) times out and renders without its value; the call goes out
-/// while the lock is still held, and the fault is audited.
-pub async fn blocked_lookup_times_out_and_the_call_goes_out() {
+/// The hospital, nurse A as `a`, whose `room_name` lookup reads a table the
+/// team's migration holds (`LOCK TABLE … ACCESS EXCLUSIVE` in the returned
+/// transaction, until it is rolled back); `tweak` adjusts the config.
+async fn hospital_with_a_blocked_lookup(
+    a: Persona,
+    ack_timeout: f64,
+    tweak: impl FnOnce(&mut Config),
+) -> (Hospital, sqlx::Transaction<'static, sqlx::Postgres>) {
     let census = "CREATE TABLE ward_census (room_id uuid PRIMARY KEY); INSERT INTO ward_census SELECT room_id FROM rooms";
-    let h = hospital_with_schema(census, answers_and_presses("1"), Persona::NoAnswer, 10.0, |c| {
+    let h = hospital_with_schema(census, a, Persona::NoAnswer, ack_timeout, |c| {
+        tweak(c);
         if let Some(e) = c.workflows[0].escalation_mut() {
             e.lookups.insert(
                 "room_name".into(),
@@ -374,9 +379,16 @@ pub async fn blocked_lookup_times_out_and_the_call_goes_out() {
         }
     })
     .await;
-    // The team's migration holds the table the lookup reads.
     let mut locker = h.db.pool.begin().await.unwrap();
     sqlx::query("LOCK TABLE ward_census IN ACCESS EXCLUSIVE MODE").execute(&mut *locker).await.unwrap();
+    (h, locker)
+}
+
+/// Item 9: a lookup blocked behind a lock (a team's `LOCK TABLE`, an
+/// `ALTER TABLE`) times out and renders without its value; the call goes out
+/// while the lock is still held, and the fault is audited.
+pub async fn blocked_lookup_times_out_and_the_call_goes_out() {
+    let (h, locker) = hospital_with_a_blocked_lookup(answers_and_presses("1"), 10.0, |_| {}).await;
     let inserted = Instant::now();
     h.db.exec(SEIZURE_INSERT).await;
     await_some("the call while the lock is held", Duration::from_secs(8), || {
@@ -402,19 +414,7 @@ pub async fn blocked_lookup_times_out_and_the_call_goes_out() {
 /// held (DESIGN.md invariant 10).
 pub async fn a_burst_of_blocked_lookups_holds_no_call_past_the_pools_wait() {
     const ALERTS: usize = 40;
-    let census = "CREATE TABLE ward_census (room_id uuid PRIMARY KEY); INSERT INTO ward_census SELECT room_id FROM rooms";
-    let h = hospital_with_schema(census, Persona::NoAnswer, Persona::NoAnswer, 60.0, |c| {
-        c.engine.acquire_timeout_ms = 2_000;
-        if let Some(e) = c.workflows[0].escalation_mut() {
-            e.lookups.insert(
-                "room_name".into(),
-                "SELECT r.room_name FROM rooms r JOIN ward_census w USING (room_id) WHERE r.room_id = ($1->>'room_id')::uuid".into(),
-            );
-        }
-    })
-    .await;
-    let mut locker = h.db.pool.begin().await.unwrap();
-    sqlx::query("LOCK TABLE ward_census IN ACCESS EXCLUSIVE MODE").execute(&mut *locker).await.unwrap();
+    let (h, locker) = hospital_with_a_blocked_lookup(Persona::NoAnswer, 60.0, |c| c.engine.acquire_timeout_ms = 2_000).await;
     let inserted = Instant::now();
     h.db.exec(&format!(
         "INSERT INTO alerts (patient_id, room_id, severity, status, alert_type, title, description)
