@@ -705,10 +705,10 @@ impl Engine {
     /// counted by `wardcall status`) and logged once, at warn, by id, source
     /// and event name (never its payload).
     ///
-    /// Committed asynchronously (`synchronous_commit = off`): the first
-    /// synchronous commit after it, which every run's first external
-    /// effect waits for, makes it durable; a crash before that loses the
-    /// whole batch, and its outbox rows are dispatched again.
+    /// Committed asynchronously (`synchronous_commit = off`) unless it
+    /// cancelled a run: the next commit that writes, which every run's
+    /// first external effect waits for, makes it durable; a crash before
+    /// that loses the whole batch, and its outbox rows are dispatched again.
     ///
     /// Bounded by `engine.database_deadline_ms` ([`crate::db::deadline`]):
     /// past it the batch's connection is closed (the server, if alive, rolls
@@ -748,15 +748,18 @@ impl Engine {
         // closes it instead (the server rolls back).
         // The dispatch commits without waiting for its WAL flush
         // (`synchronous_commit = off` for this transaction only; PostgreSQL
-        // manual 30.4 "Asynchronous Commit"): about 0.3 ms sooner to its
-        // runs' first steps. Nothing outside the database follows it
-        // directly: a run's first effect comes after a synchronous commit of
-        // its own (an intent, DESIGN.md invariant 2), which flushes the WAL
-        // up to it, the dispatch's commit included. A server crash in
-        // between loses the dispatch whole (its outbox rows unprocessed
-        // again, its runs and their audit rows never written), and the
-        // outbox is dispatched again after the restart (invariant 1): no
-        // event is lost, no run is doubled.
+        // manual 30.4 "Asynchronous Commit"): 0.1–0.2 ms sooner to its
+        // runs' first steps. wardcall does nothing outside the database on
+        // the strength of it alone: a run's first effect, a hang-up, a
+        // reply, each follows a later commit that writes (an intent, a
+        // claim, DESIGN.md invariant 2), which waits for the WAL up to it,
+        // the dispatch's commit included. A server crash in between loses
+        // the dispatch whole (its outbox rows unprocessed again, its runs,
+        // signals and audit rows never written), and the outbox is
+        // dispatched again after the restart (invariant 1): no event is
+        // lost, no run is doubled. A batch that cancelled a run commits
+        // synchronously (below): a cancellation is seen outside wardcall at
+        // once.
         tx.begin(Some(format!("BEGIN; SET LOCAL synchronous_commit = off; SELECT pg_advisory_xact_lock({DISPATCH_LOCK_KEY})"))).await?;
         let mut rows = crate::store::outbox::claim_batch(tx, limit, &self.engine_id, &critical_events).await?;
         // Critical events first (they take the free worker slots first), then by id.
@@ -872,9 +875,11 @@ impl Engine {
             criticals.remove(i);
         }
         // `on_duplicate = "replace"`: the live run with the key gives way.
+        // Whether the batch cancelled a run: see the commit below.
+        let mut cancelled = false;
         for (workflow, key, before) in &replacing {
             for run in store::live_runs_with_key(tx, workflow, key, *before).await? {
-                self.host.cancel_run_in(tx, &self.config, run, &actor, "replaced by a newer event with the same key", true).await?;
+                cancelled |= self.host.cancel_run_in(tx, &self.config, run, &actor, "replaced by a newer event with the same key", true).await?;
             }
         }
         if !unrouted.is_empty() {
@@ -922,7 +927,14 @@ impl Engine {
         // Events that cancel runs by key, or that runs wait for by key: only
         // runs created by an older event are touched.
         for (id, event, payload, _) in &rows {
-            self.deliver_keyed_event(tx, *id, event, payload, &actor).await?;
+            cancelled |= self.deliver_keyed_event(tx, *id, event, payload, &actor).await?;
+        }
+        // A cancellation is seen outside wardcall as soon as it commits (its
+        // `on_cancelled` write-back in the team's own rows, the status API):
+        // a batch that cancelled a run commits synchronously, so that nobody
+        // acts on a cancellation a crash could still undo.
+        if cancelled {
+            sqlx::query("SET LOCAL synchronous_commit = on").execute(&mut **tx).await?;
         }
         let mut to_run = Vec::new();
         let mut pending = 0;
@@ -957,14 +969,16 @@ impl Engine {
     /// of workflows that list it in `cancel_on`, and delivers it as a signal
     /// ([`step::event_signal`]) to those of workflows that
     /// wait for it (kept if the run is not waiting yet, DESIGN.md invariant 4).
-    async fn deliver_keyed_event(&self, tx: &mut sqlx::PgConnection, id: i64, event: &str, payload: &Value, actor: &str) -> Result<(), sqlx::Error> {
+    /// Returns whether it cancelled a run.
+    async fn deliver_keyed_event(&self, tx: &mut sqlx::PgConnection, id: i64, event: &str, payload: &Value, actor: &str) -> Result<bool, sqlx::Error> {
+        let mut cancelled = false;
         for w in &self.config.workflows {
             for (template, route) in self.host.keyed_routes(w, event) {
                 let Some(key) = run_key(&template, payload) else { continue };
                 for run in store::live_runs_with_key(tx, &w.name, &key, id).await? {
                     match route {
                         step::KeyedRoute::Cancel => {
-                            self.host.cancel_run_in(tx, &self.config, run, actor, &format!("cancelled by event {event}"), false).await?;
+                            cancelled |= self.host.cancel_run_in(tx, &self.config, run, actor, &format!("cancelled by event {event}"), false).await?;
                         }
                         step::KeyedRoute::Signal => {
                             store::send_signal(tx, run, &step::event_signal(event), payload).await?;
@@ -973,7 +987,7 @@ impl Engine {
                 }
             }
         }
-        Ok(())
+        Ok(cancelled)
     }
 
     /// Executes `run` on a task of its own, holding the worker slot `permit`
