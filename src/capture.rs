@@ -82,6 +82,8 @@ pub async fn install_sources(pool: &PgPool, sources: &[Source], prune: bool, act
 /// Checks the config against the real database before anything is installed
 /// (called by [`crate::app::prepare_database`] after wardcall's migrations):
 ///
+/// - the server's `synchronous_commit` is not `off` (a warning when it is
+///   `local` while synchronous standbys are configured);
 /// - `engine.pool_size` plus `engine.webhook_pool_size`,
 ///   `engine.team_read_pool_size` and the listener's connection fits the server's
 ///   `max_connections` minus `superuser_reserved_connections` and
@@ -128,6 +130,23 @@ pub async fn check_config_against_database(db: &crate::db::Database, config: &Co
                 ),
             )
             .into());
+        }
+        // Intents must be on disk before their sends (DESIGN.md invariant
+        // 2), and the dispatch's asynchronous commit relies on the next
+        // commit waiting for the WAL (PostgreSQL manual 19.5.1, 30.4).
+        let (synchronous_commit, standbys): (String, String) =
+            sqlx::query_as("SELECT current_setting('synchronous_commit'), current_setting('synchronous_standby_names')").fetch_one(&mut *tx).await?;
+        if synchronous_commit == "off" {
+            return Err(fail(
+                "synchronous_commit (a setting of the server, of the database or of wardcall's role)".into(),
+                "is off: a call's intent would count as committed before it is on disk, and a crash could forget a call already placed; set it to on (ALTER ROLE … SET synchronous_commit = on, or in postgresql.conf)".into(),
+            )
+            .into());
+        }
+        if synchronous_commit == "local" && !standbys.trim().is_empty() {
+            tracing::warn!(
+                "synchronous_commit is local while synchronous standbys are configured: wardcall's commits do not wait for a standby, and a failover can lose a call's intent"
+            );
         }
         let jsonb = <sqlx::types::JsonValue as sqlx::Type<Postgres>>::type_info();
         for (i, source) in config.sources.iter().enumerate() {

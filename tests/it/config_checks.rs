@@ -11,6 +11,7 @@ pub fn tests() -> Vec<libtest_mimic::Trial> {
         config_checks::wrong_sql_in_lookups_and_write_backs_fails_before_any_trigger,
         config_checks::bad_values_and_unknown_keys_are_refused_at_load,
         config_checks::pool_size_beyond_the_server_is_refused_at_start,
+        config_checks::synchronous_commit_off_is_refused_at_start,
         config_checks::missing_provider_secret_stops_serve_before_the_database_is_touched,
         config_checks::readme_defaults_match_the_code,
         config_checks::unrouted_outbox_rows_are_kept_counted_and_shown,
@@ -189,6 +190,19 @@ pub async fn pool_size_beyond_the_server_is_refused_at_start() {
     let cfg = config(&format!("[engine]\npool_size = 1000\n{}", escalation_config("", "")));
     let msg = format!("{:#}", wardcall::app::prepare_database(&db.database(), &cfg, "test").await.expect_err("pool too big"));
     assert!(msg.contains("test.toml") && msg.contains("engine.pool_size") && msg.contains("max_connections"), "{msg}");
+    assert_eq!(capture_triggers(&db).await, 0);
+}
+
+/// A database (or role, or server) with `synchronous_commit = off` would
+/// acknowledge a call's intent before it is on disk: wardcall refuses to
+/// start on it, naming the setting, before any trigger is installed.
+pub async fn synchronous_commit_off_is_refused_at_start() {
+    let db = TestDb::new().await;
+    db.exec(SCHEMA).await;
+    db.exec(&format!("ALTER DATABASE \"{}\" SET synchronous_commit = off", db.name)).await;
+    let cfg = config(&escalation_config("", ""));
+    let msg = format!("{:#}", wardcall::app::prepare_database(&db.database(), &cfg, "test").await.expect_err("synchronous_commit off"));
+    assert!(msg.contains("test.toml") && msg.contains("synchronous_commit") && msg.contains("is off"), "{msg}");
     assert_eq!(capture_triggers(&db).await, 0);
 }
 
