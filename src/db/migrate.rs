@@ -28,6 +28,7 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     (14, "time_ordered_ids", include_str!("../../migrations/0014_time_ordered_ids.sql")),
     (15, "pending_write_backs", include_str!("../../migrations/0015_pending_write_backs.sql")),
     (16, "live_attempts_index", include_str!("../../migrations/0016_live_attempts_index.sql")),
+    (17, "step_log", include_str!("../../migrations/0017_step_log.sql")),
 ];
 
 /// Applies the migrations not yet applied; returns how many it applied.

@@ -27,6 +27,7 @@
 
 pub mod dead_letters;
 mod services;
+pub mod state_patch;
 pub mod step;
 pub use services::Services;
 
@@ -1327,6 +1328,8 @@ impl Engine {
             next_step,
             parking,
             actor: actor.to_string(),
+            seq: run.step_seq + 1,
+            patch: None,
         }))
     }
 
@@ -1533,9 +1536,11 @@ impl Engine {
                 break;
             };
             let rule = self.host.retry_rule(workflow, &run.step);
-            // Taken, not copied: on a failure the run is re-claimed from the
-            // database; on success the new state goes back into `run`.
-            let mut state = std::mem::take(&mut run.state);
+            // A copy: `run.state` stays the state before the step, which a
+            // `continue` is logged against (`state_patch::diff`). On a
+            // failure the run is re-claimed from the database; on success the
+            // new state goes into `run`.
+            let mut state = run.state.clone();
             let (result, in_commit) = {
                 use futures_util::FutureExt;
                 let mut ctx = StepContext {
@@ -1588,6 +1593,7 @@ impl Engine {
                             }
                             run.step = next_step;
                             run.state = state;
+                            run.step_seq += 1;
                             run.step_attempt = 0;
                             run.wait_outcome = None;
                             continue;
@@ -1668,10 +1674,14 @@ impl Engine {
         actor: &str,
     ) -> Result<Option<bool>, StepError> {
         if work.is_empty() {
-            // The state is shared with the batch, not copied: a long run's
-            // state (a script's results, an escalation's positions) is the
-            // largest thing a step hands in.
-            let shared = Arc::new(std::mem::take(state));
+            // A `continue` goes to the step log as the state's changes: one
+            // narrow row, the run's row (a long run's state: a script's
+            // results, an escalation's positions) not rewritten. Any other
+            // transition checkpoints the whole state, shared with the batch,
+            // not copied.
+            let continuing = matches!(parking, Parking::Continue);
+            let (shared, patch) =
+                if continuing { (Arc::new(Value::Null), Some(state_patch::diff(&run.state, state))) } else { (Arc::new(std::mem::take(state)), None) };
             let item = store::TransitionCommit {
                 id: run.id,
                 fencing_token: run.fencing_token,
@@ -1680,9 +1690,13 @@ impl Engine {
                 next_step: next_step.to_string(),
                 parking: parking.clone(),
                 actor: actor.to_string(),
+                seq: run.step_seq + 1,
+                patch,
             };
             let outcome = self.commit_grouped(item, critical).await;
-            *state = Arc::try_unwrap(shared).unwrap_or_else(|still_shared| (*still_shared).clone());
+            if !continuing {
+                *state = Arc::try_unwrap(shared).unwrap_or_else(|still_shared| (*still_shared).clone());
+            }
             return Ok(outcome);
         }
         // A non-critical run waits for a place before it takes a connection

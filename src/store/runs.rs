@@ -33,6 +33,11 @@ pub struct ClaimedRun {
     pub wait_outcome: Option<Value>,
     /// Status before this claim (`pending`, `sleeping`, `waiting`, or `running` for a takeover).
     pub previous_status: String,
+    /// The number of the last transition `state` and `step` include: the
+    /// run row's checkpoint (`runs.step_seq`) with the step log folded in
+    /// (`wardcall.run_steps`, migration 0017). The next transition is
+    /// `step_seq + 1`.
+    pub step_seq: i64,
 }
 
 impl ClaimedRun {
@@ -49,6 +54,7 @@ impl ClaimedRun {
             wait_signal: r.try_get("wait_signal")?,
             wait_outcome: r.try_get("wait_outcome")?,
             previous_status: r.try_get("previous_status")?,
+            step_seq: r.try_get("step_seq")?,
         })
     }
 }
@@ -59,15 +65,27 @@ impl ClaimedRun {
 /// each lease (`run.claimed`, or `run.lease_taken_over` from `running`):
 /// `claimed` returns the leased runs as [`ClaimedRun::from_row`] reads them.
 /// Shared by [`claim_due`] and [`claim_locked`].
+///
+/// A run taken over from `running` may have step-log rows after its
+/// checkpoint (its owner died or let go mid-way): they are folded into its
+/// row here (`wardcall.step_log_fold`, migration 0017), as the `continue`
+/// transitions they record would have written it. Only then: every other
+/// writer of a run's state checkpoints it, and the gate keeps the function
+/// from being called for the others.
 fn lease_ctes(owner: &str, lease_ms: &str) -> String {
     format!(
         "claimed AS (
              UPDATE wardcall.runs r
                 SET status = 'running', lease_owner = {owner}, fencing_token = r.fencing_token + 1,
-                    due_at = clock_timestamp() + {lease_ms} * interval '1 millisecond', updated_at = clock_timestamp()
-               FROM due WHERE r.id = due.id
+                    due_at = clock_timestamp() + {lease_ms} * interval '1 millisecond', updated_at = clock_timestamp(),
+                    state = coalesce(f.state, r.state), step = coalesce(f.step, r.step), step_seq = coalesce(f.seq, r.step_seq),
+                    step_attempt = CASE WHEN f.seq IS NULL THEN r.step_attempt ELSE 0 END,
+                    wait_outcome = CASE WHEN f.seq IS NULL THEN r.wait_outcome END,
+                    last_error = CASE WHEN f.seq IS NULL THEN r.last_error END
+               FROM due LEFT JOIN LATERAL (SELECT * FROM wardcall.step_log_fold(due.id) WHERE due.previous_status = 'running') f ON true
+              WHERE r.id = due.id
              RETURNING r.id, r.workflow, r.event, r.input, r.state, r.step, r.step_attempt, r.fencing_token,
-                       r.wait_signal, r.wait_outcome, r.critical, due.previous_status),
+                       r.wait_signal, r.wait_outcome, r.critical, r.step_seq, due.previous_status),
          audited AS (
              INSERT INTO wardcall.audit_log (entity, entity_id, action, from_state, to_state, actor, detail)
              SELECT 'run', id::text,
@@ -113,7 +131,9 @@ pub async fn claim_due(conn: &mut PgConnection, owner: &str, limit: i64, lease_m
 /// runs (oldest due first), then other due runs up to `limit` in all, with
 /// `FOR UPDATE SKIP LOCKED`, and reads them without changing them. Each is
 /// returned as it is: `fencing_token` its current token, `previous_status`
-/// its status, with its `runs.critical` flag; critical runs first.
+/// its status, with its `runs.critical` flag; critical runs first. A run
+/// left `running` is returned with its step log folded in (as
+/// [`claim_locked`] will write it; see `lease_ctes`).
 ///
 /// The columns come from the locking scans themselves, so each row is the
 /// version the lock holds: a run that another claim advanced and committed
@@ -128,18 +148,23 @@ pub async fn lock_due(conn: &mut PgConnection, critical_limit: i64, limit: i64) 
     let rows = sqlx::query(
         "WITH crit AS (
              SELECT id, workflow, event, input, state, step, step_attempt, fencing_token, wait_signal, wait_outcome,
-                    status AS previous_status, critical, due_at
+                    status AS previous_status, critical, due_at, step_seq
                FROM wardcall.runs
               WHERE critical AND status IN ('pending','running','sleeping','waiting') AND due_at <= now()
               ORDER BY due_at LIMIT least($1, $2) FOR UPDATE SKIP LOCKED),
          rest AS (
              SELECT id, workflow, event, input, state, step, step_attempt, fencing_token, wait_signal, wait_outcome,
-                    status AS previous_status, critical, due_at
+                    status AS previous_status, critical, due_at, step_seq
                FROM wardcall.runs
               WHERE NOT critical AND status IN ('pending','running','sleeping','waiting') AND due_at <= now()
-              ORDER BY due_at LIMIT greatest($2 - (SELECT count(*) FROM crit), 0) FOR UPDATE SKIP LOCKED)
-         SELECT *, 0 AS half FROM crit UNION ALL SELECT *, 1 FROM rest
-          ORDER BY half, due_at",
+              ORDER BY due_at LIMIT greatest($2 - (SELECT count(*) FROM crit), 0) FOR UPDATE SKIP LOCKED),
+         locked AS (SELECT *, 0 AS half FROM crit UNION ALL SELECT *, 1 FROM rest)
+         SELECT l.id, l.workflow, l.event, l.input, coalesce(f.state, l.state) AS state, coalesce(f.step, l.step) AS step,
+                CASE WHEN f.seq IS NULL THEN l.step_attempt ELSE 0 END AS step_attempt, l.fencing_token, l.wait_signal,
+                CASE WHEN f.seq IS NULL THEN l.wait_outcome END AS wait_outcome, l.previous_status, l.critical,
+                coalesce(f.seq, l.step_seq) AS step_seq
+           FROM locked l LEFT JOIN LATERAL (SELECT * FROM wardcall.step_log_fold(l.id) WHERE l.previous_status = 'running') f ON true
+          ORDER BY l.half, l.due_at",
     )
     .bind(critical_limit)
     .bind(limit)
@@ -224,6 +249,20 @@ pub async fn lock_fenced(conn: &mut PgConnection, id: Uuid, token: i64) -> Resul
     Ok(found.is_some())
 }
 
+/// Folds the run's step log into its row (`wardcall.fold_step_log`,
+/// migration 0017): state, step and `step_seq` as the `continue`
+/// transitions logged after its checkpoint would have written them, with
+/// `step_attempt` 0 and no wait outcome or last error. Returns the run's step
+/// after the fold, or `None` when the log had nothing after the checkpoint
+/// (nothing written). Call it holding the run's row lock ([`lock_fenced`],
+/// [`lock_row`]), before a write that changes the run's status or state
+/// without writing its whole state.
+///
+/// Errors: a database error.
+pub async fn fold_step_log(conn: &mut PgConnection, id: Uuid) -> Result<Option<String>, sqlx::Error> {
+    sqlx::query_scalar("SELECT wardcall.fold_step_log($1)").bind(id).fetch_one(conn).await
+}
+
 /// Whether this execution (fencing `token`) still holds the run, without a
 /// lock: checked before a request leaves that must not follow a cancel.
 pub async fn holds(pool: &PgPool, id: Uuid, token: i64) -> Result<bool, sqlx::Error> {
@@ -282,7 +321,7 @@ pub async fn create_runs(conn: &mut PgConnection, runs: &NewRuns<'_>, engine_id:
                     critical, key
                FROM input
              ON CONFLICT DO NOTHING
-             RETURNING id, workflow, event, input, state, step, step_attempt, fencing_token, wait_signal, wait_outcome, status),
+             RETURNING id, workflow, event, input, state, step, step_attempt, fencing_token, wait_signal, wait_outcome, status, step_seq),
          audited AS (
              INSERT INTO wardcall.audit_log (entity, entity_id, action, from_state, to_state, actor, detail)
              SELECT 'run', id::text, 'run.created', NULL, status, 'engine:' || $6,
@@ -325,7 +364,10 @@ pub async fn lock_row_reading(conn: &mut PgConnection, id: Uuid) -> Result<(Stri
 /// Saves a run's state mid-step (inside a fenced transaction, after
 /// [`lock_fenced`]): e.g. the recipients a tier resolved, recorded with the
 /// intents so that an engine taking the run over calls the same people.
+/// The step log is folded into the row first ([`fold_step_log`]), so that
+/// the row's `step_seq` and `step` match the state written.
 pub async fn save_state(conn: &mut PgConnection, id: Uuid, state: &Value) -> Result<(), sqlx::Error> {
+    fold_step_log(&mut *conn, id).await?;
     sqlx::query("UPDATE wardcall.runs SET state = $2 WHERE id = $1").bind(id).bind(state).execute(conn).await?;
     Ok(())
 }
@@ -438,12 +480,15 @@ pub async fn commit_transition(
         next_step: next_step.to_string(),
         parking: parking.clone(),
         actor: actor.to_string(),
+        seq: run.step_seq + 1,
+        patch: None,
     };
     Ok(commit_transitions(&mut *pool.acquire().await?, std::slice::from_ref(&one)).await?.pop().flatten())
 }
 
 /// Writes a step's transition inside the caller's transaction, which has
-/// already locked the run with [`lock_fenced`] (so the token matched).
+/// already locked the run with [`lock_fenced`] (so the token matched): a
+/// checkpoint of the whole state, numbered `run.step_seq + 1`.
 /// Returns whether the run is due immediately (a kept signal).
 pub async fn write_transition(
     tx: &mut PgConnection,
@@ -454,15 +499,17 @@ pub async fn write_transition(
     actor: &str,
 ) -> Result<bool, sqlx::Error> {
     let mut due_now = false;
+    let seq = run.step_seq + 1;
     let (status, detail) = match parking {
         Parking::Continue => {
             sqlx::query(
                 "UPDATE wardcall.runs SET state = $2, step = $3, step_attempt = 0, wait_outcome = NULL,
-                        last_error = NULL, updated_at = clock_timestamp() WHERE id = $1",
+                        last_error = NULL, updated_at = clock_timestamp(), step_seq = $4 WHERE id = $1",
             )
             .bind(run.id)
             .bind(state)
             .bind(next_step)
+            .bind(seq)
             .execute(&mut *tx)
             .await?;
             ("running", json!({"from_step": run.step, "to_step": next_step}))
@@ -472,14 +519,15 @@ pub async fn write_transition(
                 "UPDATE wardcall.runs SET state = $2, step = $3, step_attempt = 0, wait_outcome = NULL, last_error = NULL,
                         status = 'sleeping', lease_owner = NULL, updated_at = clock_timestamp(),
                         due_at = CASE WHEN $4::bigint IS NOT NULL THEN to_timestamp($4::bigint / 1000.0)
-                                      ELSE clock_timestamp() + $5 * interval '1 millisecond' END
-                  WHERE id = $1",
+                                      ELSE clock_timestamp() + $5 * interval '1 millisecond' END,
+                        step_seq = $6 WHERE id = $1",
             )
             .bind(run.id)
             .bind(state)
             .bind(next_step)
             .bind(due_at_epoch_ms)
             .bind(delay_ms)
+            .bind(seq)
             .execute(&mut *tx)
             .await?;
             ("sleeping", json!({"from_step": run.step, "to_step": next_step, "delay_ms": delay_ms, "due_at_epoch_ms": due_at_epoch_ms}))
@@ -493,14 +541,15 @@ pub async fn write_transition(
                         due_at = CASE WHEN EXISTS (SELECT 1 FROM wardcall.signals s
                                                     WHERE s.run_id = $1 AND s.name = $4 AND s.consumed_at IS NULL)
                                       THEN clock_timestamp()
-                                      ELSE clock_timestamp() + $5 * interval '1 millisecond' END
-                  WHERE id = $1 RETURNING due_at <= clock_timestamp()",
+                                      ELSE clock_timestamp() + $5 * interval '1 millisecond' END,
+                        step_seq = $6 WHERE id = $1 RETURNING due_at <= clock_timestamp()",
             )
             .bind(run.id)
             .bind(state)
             .bind(next_step)
             .bind(signal)
             .bind(timeout_ms)
+            .bind(seq)
             .fetch_one(&mut *tx)
             .await?;
             ("waiting", json!({"from_step": run.step, "to_step": next_step, "signal": signal, "timeout_ms": timeout_ms}))
@@ -508,11 +557,12 @@ pub async fn write_transition(
         Parking::Complete => {
             sqlx::query(
                 "UPDATE wardcall.runs SET state = $2, step = $3, status = 'completed', lease_owner = NULL, step_attempt = 0, last_error = NULL,
-                        wait_outcome = NULL, finished_at = clock_timestamp(), updated_at = clock_timestamp() WHERE id = $1",
+                        wait_outcome = NULL, finished_at = clock_timestamp(), updated_at = clock_timestamp(), step_seq = $4 WHERE id = $1",
             )
             .bind(run.id)
             .bind(state)
             .bind(next_step)
+            .bind(seq)
             .execute(&mut *tx)
             .await?;
             ("completed", json!({"step": run.step}))
@@ -520,12 +570,13 @@ pub async fn write_transition(
         Parking::Fail { error } => {
             sqlx::query(
                 "UPDATE wardcall.runs SET state = $2, step = $3, status = 'failed', lease_owner = NULL, last_error = $4,
-                        step_attempt = step_attempt + 1, finished_at = clock_timestamp(), updated_at = clock_timestamp() WHERE id = $1",
+                        step_attempt = step_attempt + 1, finished_at = clock_timestamp(), updated_at = clock_timestamp(), step_seq = $5 WHERE id = $1",
             )
             .bind(run.id)
             .bind(state)
             .bind(next_step)
             .bind(error)
+            .bind(seq)
             .execute(&mut *tx)
             .await?;
             ("failed", json!({"step": run.step, "error": error}))
@@ -533,11 +584,12 @@ pub async fn write_transition(
         Parking::Cancelled => {
             sqlx::query(
                 "UPDATE wardcall.runs SET state = $2, step = $3, status = 'cancelled', lease_owner = NULL, key = NULL,
-                        wait_outcome = NULL, finished_at = clock_timestamp(), updated_at = clock_timestamp() WHERE id = $1",
+                        wait_outcome = NULL, finished_at = clock_timestamp(), updated_at = clock_timestamp(), step_seq = $4 WHERE id = $1",
             )
             .bind(run.id)
             .bind(state)
             .bind(next_step)
+            .bind(seq)
             .execute(&mut *tx)
             .await?;
             ("cancelled", json!({"step": run.step}))
@@ -545,11 +597,12 @@ pub async fn write_transition(
         Parking::Defer { delay_ms } => {
             sqlx::query(
                 "UPDATE wardcall.runs SET state = $2, status = 'sleeping', lease_owner = NULL, updated_at = clock_timestamp(),
-                        due_at = clock_timestamp() + $3 * interval '1 millisecond' WHERE id = $1",
+                        due_at = clock_timestamp() + $3 * interval '1 millisecond', step_seq = $4 WHERE id = $1",
             )
             .bind(run.id)
             .bind(state)
             .bind(delay_ms)
+            .bind(seq)
             .execute(&mut *tx)
             .await?;
             ("sleeping", json!({"step": run.step, "deferred_ms": delay_ms}))
@@ -588,6 +641,13 @@ pub struct TransitionCommit {
     pub parking: Parking,
     /// The audit actor (`engine:<id>`).
     pub actor: String,
+    /// The transition's number: the run's `step_seq` + 1 ([`ClaimedRun::step_seq`]).
+    pub seq: i64,
+    /// For a `continue` of a run this engine leases: the state's changes
+    /// (`runtime::state_patch::diff`), appended to the step log
+    /// (`wardcall.run_steps`) instead of rewriting the run's row; `state` is
+    /// then not written. `None`: the whole state is written (a checkpoint).
+    pub patch: Option<Value>,
 }
 
 /// The kind (as the batched statement names it), new status, audit action and
@@ -661,12 +721,12 @@ pub async fn commit_transitions_skip_locked(conn: &mut PgConnection, batch: &[Tr
     commit_batch(conn, batch, true).await
 }
 
-/// The 14 arrays of a group commit's statement ([`group_commit_statement`]),
+/// The 16 arrays of a group commit's statement ([`group_commit_statement`]),
 /// one element per transition, and the runs that park on a `wait`.
 struct GroupArrays<'a> {
     ids: Vec<Uuid>,
     tokens: Vec<i64>,
-    states: Vec<&'a Value>,
+    states: Vec<Option<&'a Value>>,
     next_steps: Vec<&'a str>,
     kinds: Vec<&'static str>,
     due_epochs: Vec<Option<i64>>,
@@ -678,6 +738,8 @@ struct GroupArrays<'a> {
     details: Vec<Value>,
     actors: Vec<&'a str>,
     held: Vec<&'a str>,
+    seqs: Vec<i64>,
+    patches: Vec<Option<&'a Value>>,
     waits: Vec<Uuid>,
 }
 
@@ -700,10 +762,15 @@ impl<'a> GroupArrays<'a> {
             details: Vec::with_capacity(n),
             actors: Vec::with_capacity(n),
             held: held.to_vec(),
+            seqs: Vec::with_capacity(n),
+            patches: Vec::with_capacity(n),
             waits: Vec::new(),
         };
-        for t in batch {
+        for (t, held) in batch.iter().zip(held) {
             let (kind, status, action, detail) = transition_row(t);
+            // Only a worker's own lease appends to the step log (a step run
+            // inside a claim leases the run in its transition).
+            let patch = t.patch.as_ref().filter(|_| kind == "continue" && *held == "running");
             let (due_epoch, delay, signal, error) = match &t.parking {
                 Parking::Sleep { due_at_epoch_ms, delay_ms } => (*due_at_epoch_ms, (*delay_ms).max(0), None, None),
                 Parking::Wait { signal, timeout_ms } => (None, (*timeout_ms).max(0), Some(signal.as_str()), None),
@@ -716,7 +783,9 @@ impl<'a> GroupArrays<'a> {
             }
             a.ids.push(t.id);
             a.tokens.push(t.fencing_token);
-            a.states.push(&*t.state);
+            a.states.push(if patch.is_some() { None } else { Some(&*t.state) });
+            a.seqs.push(t.seq);
+            a.patches.push(patch);
             a.next_steps.push(t.next_step.as_str());
             a.kinds.push(kind);
             a.due_epochs.push(due_epoch);
@@ -747,6 +816,8 @@ impl<'a> GroupArrays<'a> {
             .bind(&self.details)
             .bind(&self.actors)
             .bind(&self.held)
+            .bind(&self.seqs)
+            .bind(&self.patches)
     }
 }
 
@@ -820,7 +891,7 @@ pub async fn commit_fired_in_claim(conn: &mut PgConnection, batch: &[TransitionC
 
 /// The text of a group commit's statement ([`commit_transitions`], and with
 /// `skip_locked` [`commit_transitions_skip_locked`]; [`commit_fired_in_claim`]),
-/// for `EXPLAIN`. It takes the batch as 14 arrays of one element per run, in
+/// for `EXPLAIN`. It takes the batch as 16 arrays of one element per run, in
 /// this order: `id uuid[]`, `token bigint[]`, `state jsonb[]`, `next_step
 /// text[]`, `kind text[]` (`continue`, `sleep`, `wait`, `complete`, `fail`,
 /// `cancelled`, `defer`), `due_epoch_ms bigint[]` (UTC milliseconds, or
@@ -830,7 +901,9 @@ pub async fn commit_fired_in_claim(conn: &mut PgConnection, batch: &[TransitionC
 /// still have, also the audit row's `from_state`: `running` for a worker's
 /// step, the status it was due in for a step run inside a claim, whose
 /// transition also takes the run's next fencing token, so that a second
-/// writer holding the same token is fenced out); it returns
+/// writer holding the same token is fenced out), `seq bigint[]` (the
+/// transition's number, [`TransitionCommit::seq`]) and `patch jsonb[]` (a
+/// `continue`'s state changes, or NULL); it returns
 /// `(id, written)` per run found with its token and status: `written` false
 /// when another transaction held its row (only with `skip_locked`).
 ///
@@ -843,12 +916,22 @@ pub async fn commit_fired_in_claim(conn: &mut PgConnection, batch: &[TransitionC
 /// running run's entry in `runs_status` and filter by id: 13 ms instead of
 /// 0.5 ms for 30 runs among 10,000 running (BENCHMARKS.md, "Issue 9, fourth
 /// session").
+///
+/// A transition with a patch (a worker's `continue`) is appended to the step
+/// log (`appended`) under the same row lock instead of updating the run: one
+/// narrow row, and the run's row (its state, up to kilobytes, TOASTed) is
+/// not rewritten. Every other transition writes the whole state and its seq.
+/// An append whose number is taken (which the row lock rules out) is
+/// reported as a lost lease, not as the batch's error: the run is left to
+/// the lapse of its lease and a claim that folds its log.
 pub fn group_commit_statement(skip_locked: bool) -> String {
     format!(
         "WITH input AS MATERIALIZED (
              SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::jsonb[], $4::text[], $5::text[], $6::bigint[], $7::bigint[],
-                                  $8::text[], $9::text[], $10::text[], $11::text[], $12::jsonb[], $13::text[], $14::text[])
-                 AS t(id, token, state, next_step, kind, due_epoch_ms, delay_ms, signal, error, action, to_status, detail, actor, held)),
+                                  $8::text[], $9::text[], $10::text[], $11::text[], $12::jsonb[], $13::text[], $14::text[],
+                                  $15::bigint[], $16::jsonb[])
+                 AS t(id, token, state, next_step, kind, due_epoch_ms, delay_ms, signal, error, action, to_status, detail, actor, held,
+                      seq, patch)),
          locked AS (
              SELECT r.id FROM wardcall.runs r JOIN input i ON i.id = r.id
               WHERE r.id = ANY($1::uuid[]) AND r.fencing_token = i.token AND r.status = i.held
@@ -873,15 +956,24 @@ pub fn group_commit_statement(skip_locked: bool) -> String {
                                   WHEN i.kind IN ('sleep','wait','defer') THEN clock_timestamp() + i.delay_ms * interval '1 millisecond'
                                   ELSE r.due_at END,
                     finished_at = CASE WHEN i.kind IN ('complete','fail','cancelled') THEN clock_timestamp() ELSE r.finished_at END,
-                    updated_at = clock_timestamp()
+                    updated_at = clock_timestamp(),
+                    step_seq = i.seq
                FROM input i JOIN locked l ON l.id = i.id
-              WHERE r.id = i.id AND r.fencing_token = i.token AND r.status = i.held
+              WHERE r.id = i.id AND r.fencing_token = i.token AND r.status = i.held AND i.patch IS NULL
              RETURNING r.id),
+         appended AS (
+             INSERT INTO wardcall.run_steps (run_id, seq, step, next_step, patch, fencing_token)
+             SELECT i.id, i.seq, i.detail->>'from_step', i.next_step, i.patch, i.token
+               FROM input i JOIN locked l ON l.id = i.id
+              WHERE i.patch IS NOT NULL
+             ON CONFLICT DO NOTHING
+             RETURNING run_id AS id),
+         written AS (SELECT id FROM updated UNION ALL SELECT id FROM appended),
          audited AS (
              INSERT INTO wardcall.audit_log (entity, entity_id, action, from_state, to_state, actor, detail)
              SELECT 'run', i.id::text, i.action, i.held, i.to_status, i.actor, i.detail
-               FROM input i JOIN updated u ON u.id = i.id)
-         SELECT id, true FROM updated{busy}",
+               FROM input i JOIN written w ON w.id = i.id)
+         SELECT id, true FROM written{busy}",
         lock = if skip_locked { " SKIP LOCKED" } else { "" },
         busy = if skip_locked {
             "
@@ -915,6 +1007,9 @@ pub async fn record_step_failure(
     if !lock_fenced(&mut tx, run.id, run.fencing_token).await? {
         return Ok(None);
     }
+    // The steps this lease went on with since the checkpoint, into the row
+    // first: the failure is the step after them.
+    fold_step_log(&mut tx, run.id).await?;
     let attempt = run.step_attempt + 1;
     let dead = attempt as u32 >= max_attempts;
     if let (true, Some(hook)) = (dead, hook) {
@@ -998,6 +1093,7 @@ pub async fn defer_step(pool: &PgPool, run: &ClaimedRun, delay_ms: i64, reason: 
     if !lock_fenced(&mut tx, run.id, run.fencing_token).await? {
         return Ok(false);
     }
+    fold_step_log(&mut tx, run.id).await?;
     sqlx::query(
         "UPDATE wardcall.runs SET status = 'sleeping', lease_owner = NULL, updated_at = clock_timestamp(),
                 due_at = clock_timestamp() + $2 * interval '1 millisecond' WHERE id = $1",
@@ -1059,6 +1155,10 @@ pub async fn cancel_run_in(
     let Some((previous, workflow, input, step)) = previous else {
         return Ok(None);
     };
+    // A run cancelled mid-way through steps its worker logged: the row
+    // first catches up with them (the hook reads the state; a later claim
+    // must not fold them over the hook's step).
+    let step = fold_step_log(&mut *tx, id).await?.unwrap_or(step);
     let hook = hook_for(&workflow, &step);
     match &hook {
         None => {

@@ -42,6 +42,10 @@ pub fn tests() -> Vec<libtest_mimic::Trial> {
         batching::write_backs_left_out_of_a_batch_outlive_their_engine,
         batching::a_kept_write_back_is_taken_once_and_given_up_with_an_audit,
         batching::a_batch_of_send_records_keeps_the_others_when_one_write_back_fails,
+        batching::continues_append_to_the_step_log_and_a_takeover_folds_them,
+        batching::a_cancel_folds_the_step_log_before_its_hook,
+        batching::the_step_logs_patches_apply_in_sql_as_in_rust,
+        batching::a_failure_after_logged_steps_keeps_their_results_and_counts_its_attempt,
     ]
 }
 
@@ -99,6 +103,8 @@ fn transition(run: &store::ClaimedRun, parking: Parking) -> TransitionCommit {
         next_step: "op:1".into(),
         parking,
         actor: "engine:test".into(),
+        seq: run.step_seq + 1,
+        patch: None,
     }
 }
 
@@ -521,7 +527,7 @@ pub async fn group_commit_finds_its_runs_by_primary_key() {
     // statement PREPAREd, then EXECUTEd under force_generic_plan.
     sqlx::query("SET plan_cache_mode = force_generic_plan").execute(&mut *conn).await.unwrap();
     for (name, skip_locked) in [("group_commit", false), ("group_commit_skip_locked", true)] {
-        let types = "uuid[], bigint[], jsonb[], text[], text[], bigint[], bigint[], text[], text[], text[], text[], jsonb[], text[], text[]";
+        let types = "uuid[], bigint[], jsonb[], text[], text[], bigint[], bigint[], text[], text[], text[], text[], jsonb[], text[], text[], bigint[], jsonb[]";
         sqlx::raw_sql(&format!("PREPARE {name} ({types}) AS {}", store::group_commit_statement(skip_locked))).execute(&mut *conn).await.unwrap();
     }
     for mode in ["custom", "generic"] {
@@ -547,6 +553,8 @@ pub async fn group_commit_finds_its_runs_by_primary_key() {
                     fill("'{}'", "jsonb"),
                     fill("'engine:test'", "text"),
                     fill("'running'", "text"),
+                    fill("1", "bigint"),
+                    fill("NULL", "jsonb"),
                 ]
                 .join(", ");
                 let name = if skip_locked { "group_commit_skip_locked" } else { "group_commit" };
@@ -568,6 +576,8 @@ pub async fn group_commit_finds_its_runs_by_primary_key() {
                     .bind(&jsonb)
                     .bind(text("engine:test"))
                     .bind(text("running"))
+                    .bind(vec![1i64; batch.len()])
+                    .bind(vec![None::<Value>; batch.len()])
                     .fetch_one(&mut *conn)
                     .await
                     .unwrap()
@@ -1280,4 +1290,166 @@ pub async fn a_batch_of_send_records_keeps_the_others_when_one_write_back_fails(
     .await;
     app.stop(Duration::from_secs(2)).await;
     emulator.shutdown().await;
+}
+
+/// A worker's `continue` of run `run` to `op:<n>`, adding result `n` (with a
+/// JSON null in it) as a step-log patch; returns the transition and the
+/// state after it.
+fn logged_continue(run: &store::ClaimedRun, n: usize) -> (TransitionCommit, Value) {
+    let mut after = if run.state.is_object() { run.state.clone() } else { json!({}) };
+    after["results"][n.to_string()] = json!({"n": n, "none": null});
+    let commit = TransitionCommit {
+        id: run.id,
+        fencing_token: run.fencing_token,
+        step: run.step.clone(),
+        state: Arc::new(Value::Null),
+        next_step: format!("op:{}", n + 1),
+        parking: Parking::Continue,
+        actor: "engine:test".into(),
+        seq: run.step_seq + 1,
+        patch: Some(wardcall::runtime::state_patch::diff(&run.state, &after)),
+    };
+    (commit, after)
+}
+
+/// Goes on with `run` through `steps` logged `continue`s, as its worker would.
+async fn continue_logged(db: &TestDb, run: &mut store::ClaimedRun, steps: std::ops::Range<usize>) {
+    for n in steps {
+        let (commit, after) = logged_continue(run, n);
+        let outcome = store::commit_transitions(&mut db.pool.acquire().await.unwrap(), std::slice::from_ref(&commit)).await.unwrap();
+        assert_eq!(outcome, vec![Some(false)], "continue {n} commits");
+        run.state = after;
+        run.step = commit.next_step;
+        run.step_seq += 1;
+    }
+}
+
+/// The step log (migration 0017): a worker's `continue`s append one row each
+/// to `wardcall.run_steps` and leave the run's row as it was (no new row
+/// version), each audited `run.step_completed`. When the lease lapses, the
+/// claim that takes the run over folds them into its row and hands them to
+/// the new owner; the old owner's next append is fenced out, the new one's
+/// goes on from the next number.
+pub async fn continues_append_to_the_step_log_and_a_takeover_folds_them() {
+    let db = TestDb::new().await;
+    let mut run = claimed_runs(&db, 1, "old").await.remove(0);
+    let version = |db: &TestDb, id: Uuid| {
+        let pool = db.pool.clone();
+        async move {
+            sqlx::query_as::<_, (String, String, i64, Value)>("SELECT xmin::text, step, step_seq, state FROM wardcall.runs WHERE id = $1")
+                .bind(id)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    let before = version(&db, run.id).await;
+    continue_logged(&db, &mut run, 0..3).await;
+    assert_eq!(version(&db, run.id).await, before, "the run's row was not rewritten by the logged steps");
+    assert_eq!(db.scalar_i64(&format!("SELECT count(*) FROM wardcall.run_steps WHERE run_id = '{}'", run.id)).await, 3);
+    assert_eq!(audited(&db, run.id).await, vec!["run.claimed", "run.step_completed", "run.step_completed", "run.step_completed"]);
+    // The lease lapses; another engine's claim takes the run over.
+    sqlx::query("UPDATE wardcall.runs SET due_at = clock_timestamp() - interval '1 second' WHERE id = $1").bind(run.id).execute(&db.pool).await.unwrap();
+    let mut taken = store::claim_due(&mut db.pool.acquire().await.unwrap(), "new", 10, 600_000).await.unwrap();
+    assert_eq!(taken.len(), 1);
+    let mut taken = taken.remove(0);
+    assert_eq!((taken.previous_status.as_str(), taken.step.as_str(), taken.step_seq, taken.step_attempt), ("running", "op:3", 3, 0));
+    assert_eq!(taken.state, run.state, "the claim folded the logged steps in");
+    let (_, step, seq, state) = version(&db, run.id).await;
+    assert_eq!((step.as_str(), seq, &state), ("op:3", 3, &run.state), "and wrote the fold into the run's row");
+    // The old owner's next step is fenced out and leaves no row.
+    let (late, _) = logged_continue(&run, 3);
+    assert_eq!(store::commit_transitions(&mut db.pool.acquire().await.unwrap(), &[late]).await.unwrap(), vec![None]);
+    assert_eq!(db.scalar_i64(&format!("SELECT count(*) FROM wardcall.run_steps WHERE run_id = '{}'", run.id)).await, 3);
+    // The new owner goes on, then completes (a checkpoint of the whole state).
+    continue_logged(&db, &mut taken, 3..5).await;
+    let done = TransitionCommit {
+        id: taken.id,
+        fencing_token: taken.fencing_token,
+        step: taken.step.clone(),
+        state: Arc::new(taken.state.clone()),
+        next_step: taken.step.clone(),
+        parking: Parking::Complete,
+        actor: "engine:test".into(),
+        seq: taken.step_seq + 1,
+        patch: None,
+    };
+    assert_eq!(store::commit_transitions(&mut db.pool.acquire().await.unwrap(), &[done]).await.unwrap(), vec![Some(false)]);
+    let (_, step, seq, state) = version(&db, run.id).await;
+    assert_eq!((step.as_str(), seq), ("op:5", 6));
+    assert_eq!(state["results"].as_object().unwrap().len(), 5, "{state}");
+    assert_eq!(state["results"]["4"], json!({"n": 4, "none": null}));
+}
+
+/// A run cancelled while its worker has logged steps after the checkpoint:
+/// the cancel folds them into the row first, so that its `on_cancel` hook
+/// starts from the state they made (and no later claim folds them over the
+/// hook's step).
+pub async fn a_cancel_folds_the_step_log_before_its_hook() {
+    let db = TestDb::new().await;
+    let mut run = claimed_runs(&db, 1, "old").await.remove(0);
+    continue_logged(&db, &mut run, 0..2).await;
+    let mut tx = db.pool.begin().await.unwrap();
+    let hook = |_: &str, _: &str| Some("on_cancel:0".to_string());
+    let cancelled = store::cancel_run_in(&mut tx, run.id, "engine:test", "test", false, &hook).await.unwrap();
+    assert!(cancelled.is_some());
+    tx.commit().await.unwrap();
+    let mut claimed = store::claim_due(&mut db.pool.acquire().await.unwrap(), "hook", 10, 600_000).await.unwrap();
+    assert_eq!(claimed.len(), 1);
+    let claimed = claimed.remove(0);
+    assert_eq!((claimed.step.as_str(), claimed.step_seq, claimed.previous_status.as_str()), ("on_cancel:0", 2, "pending"));
+    assert_eq!(claimed.state["results"], run.state["results"], "the hook sees the logged steps' state");
+    assert_eq!(claimed.state["ending"], json!({"status": "cancelled"}));
+    // The cancelled lease's next step is fenced out.
+    let (late, _) = logged_continue(&run, 2);
+    assert_eq!(store::commit_transitions(&mut db.pool.acquire().await.unwrap(), &[late]).await.unwrap(), vec![None]);
+}
+
+/// `runtime::state_patch::diff` and `wardcall.apply_state_patch` agree: a
+/// patch applied by PostgreSQL to the state it was made from gives the state
+/// after, nulls, removals, arrays, type changes and odd keys included.
+pub async fn the_step_logs_patches_apply_in_sql_as_in_rust() {
+    let db = TestDb::new().await;
+    let pairs = [
+        (json!({}), json!({"results": {"0": {"a": null}}})),
+        (json!({"results": {"0": 1, "1": {"b": [1, 2]}}, "x": "y"}), json!({"results": {"0": 1, "1": {"b": [2]}, "2": null}})),
+        (json!({"a": {"b": 1}}), json!({"a": "text", "c": {"d": {}}})),
+        (json!({"a/b": {"~0": 1}, "{x,y}": 2}), json!({"a/b": {"~0": 2}, "{x,y}": 3, "": 4})),
+        (json!({"cycle": 0}), json!([1, 2])),
+        (json!({"cycle": 0}), json!({})),
+        (Value::Null, json!({"cycle": 1})),
+    ];
+    for (before, after) in pairs {
+        let patch = wardcall::runtime::state_patch::diff(&before, &after);
+        let applied: Value = sqlx::query_scalar("SELECT wardcall.apply_state_patch($1, $2)").bind(&before).bind(&patch).fetch_one(&db.pool).await.unwrap();
+        assert_eq!(applied, after, "{before} with {patch}");
+    }
+}
+
+/// An engine's run whose third step fails once after two logged steps: the
+/// failure is recorded on the step after them (the log folded into the row
+/// first), so the retry starts from their results with the attempt counted,
+/// and the run completes with every result once.
+pub async fn a_failure_after_logged_steps_keeps_their_results_and_counts_its_attempt() {
+    let db = TestDb::new().await;
+    db.exec(TASKS_TABLE).await;
+    let app = start_app(&db, config(&script_config(4))).await;
+    db.exec(
+        r#"INSERT INTO tasks (kind, steps) VALUES ('go', '[{"op":"step","name":"a"},{"op":"step","name":"b"},{"op":"fail","times":1},{"op":"step","name":"c"}]')"#,
+    )
+    .await;
+    await_true(&db, "the run to complete", Duration::from_secs(30), "SELECT count(*) = 1 FROM wardcall.runs WHERE status = 'completed'").await;
+    let state: Value = sqlx::query_scalar("SELECT state FROM wardcall.runs").fetch_one(&db.pool).await.unwrap();
+    assert_eq!(state["results"]["0"]["name"], "a", "{state}");
+    assert_eq!(state["results"]["1"]["name"], "b", "{state}");
+    assert_eq!(state["results"]["2"]["succeeded_after_attempts"], 2, "{state}");
+    assert_eq!(state["results"]["3"]["name"], "c", "{state}");
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM wardcall.audit_log WHERE action = 'run.retry_scheduled' AND detail->>'step' = 'op:2'").await, 1);
+    for from in ["start", "op:1"] {
+        let n =
+            db.scalar_i64(&format!("SELECT count(*) FROM wardcall.audit_log WHERE action = 'run.step_completed' AND detail->>'from_step' = '{from}'")).await;
+        assert_eq!(n, 1, "step {from} ran once, not again after the failure");
+    }
+    assert!(db.scalar_i64("SELECT count(*) FROM wardcall.run_steps").await >= 2, "the first steps were logged");
+    app.stop(Duration::from_secs(2)).await;
 }

@@ -503,9 +503,17 @@ pub async fn worker_process_killed_mid_step_is_taken_over() {
         .await
     };
     assert!(listening, "child failed: {}", std::fs::read_to_string(dir.join("child.log")).unwrap_or_default());
-    db.exec(r#"SELECT wardcall.emit('task.created', '{"steps":[{"op":"work","ms":1500},{"op":"step","name":"after"}]}')"#).await;
-    let owner: String = await_some("the child to hold the run", Duration::from_secs(10), || async {
-        sqlx::query_scalar("SELECT lease_owner FROM wardcall.runs WHERE status = 'running' AND step = 'start'").fetch_optional(&db.pool).await.unwrap()
+    // A first step, logged (`wardcall.run_steps`: the run's row still says
+    // `start`), then the slow one, killed mid-way.
+    db.exec(r#"SELECT wardcall.emit('task.created', '{"steps":[{"op":"step","name":"before"},{"op":"work","ms":1500},{"op":"step","name":"after"}]}')"#).await;
+    let owner: String = await_some("the child to hold the run past its first step", Duration::from_secs(10), || async {
+        sqlx::query_scalar(
+            "SELECT lease_owner FROM wardcall.runs r WHERE status = 'running' AND step = 'start'
+                AND EXISTS (SELECT 1 FROM wardcall.run_steps s WHERE s.run_id = r.id AND s.next_step = 'op:1')",
+        )
+        .fetch_optional(&db.pool)
+        .await
+        .unwrap()
     })
     .await;
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
@@ -517,13 +525,17 @@ pub async fn worker_process_killed_mid_step_is_taken_over() {
     let took = killed_at.elapsed();
     assert!(took < Duration::from_secs(8), "takeover took {took:?}");
     let state: Value = sqlx::query_scalar("SELECT state FROM wardcall.runs").fetch_one(&db.pool).await.unwrap();
-    assert_ne!(state["results"]["0"]["by"].as_str().unwrap(), owner, "the surviving engine completed the step");
+    assert_eq!(state["results"]["0"]["name"], "before", "the killed engine's logged step was folded into the run: {state}");
+    assert_ne!(state["results"]["1"]["by"].as_str().unwrap(), owner, "the surviving engine completed the step");
+    assert_eq!(state["results"]["2"]["name"], "after", "{state}");
     assert_eq!(db.scalar_i64("SELECT count(*) FROM wardcall.audit_log WHERE action = 'run.lease_taken_over'").await, 1);
-    assert_eq!(
-        db.scalar_i64("SELECT count(*) FROM wardcall.audit_log WHERE action = 'run.step_completed' AND detail->>'from_step' = 'start'").await,
-        1,
-        "the step committed once"
-    );
+    for from in ["start", "op:1"] {
+        assert_eq!(
+            db.scalar_i64(&format!("SELECT count(*) FROM wardcall.audit_log WHERE action = 'run.step_completed' AND detail->>'from_step' = '{from}'")).await,
+            1,
+            "step {from} committed once"
+        );
+    }
     app.stop(Duration::from_secs(2)).await;
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -220,6 +220,7 @@ pub async fn ambiguous_text_is_not_sent_again_unverified() {
         wait_signal: None,
         wait_outcome: None,
         previous_status: "pending".into(),
+        step_seq: 0,
     };
     let who = Recipient { id: "nurse-avery".into(), name: "Avery".into(), voice: None, sms: Some(NURSE_A.into()) };
     let result =
@@ -286,6 +287,7 @@ async fn held_run(h: &Hospital) -> wardcall::store::runs::ClaimedRun {
         wait_signal: None,
         wait_outcome: None,
         previous_status: "pending".into(),
+        step_seq: 0,
     }
 }
 

@@ -339,6 +339,7 @@ fn claimed(id: uuid::Uuid, token: i64) -> wardcall::store::runs::ClaimedRun {
         wait_signal: None,
         wait_outcome: None,
         previous_status: "pending".into(),
+        step_seq: 0,
     }
 }
 
