@@ -32,24 +32,48 @@ CREATE TABLE wardcall.run_steps (
     PRIMARY KEY (run_id, seq)
 );
 
--- `state` with the operations of one patch (above) applied in order.
+-- Whether every prefix of `path` but the whole leads through objects of
+-- `state` (the parent of the member `path` names is an object).
+CREATE FUNCTION wardcall.state_parent_is_object(state jsonb, path text[]) RETURNS boolean
+LANGUAGE plpgsql IMMUTABLE AS $$
+DECLARE
+    node jsonb := state;
+BEGIN
+    FOR i IN 1 .. coalesce(cardinality(path), 0) - 1 LOOP
+        IF node IS NULL OR jsonb_typeof(node) <> 'object' THEN
+            RETURN false;
+        END IF;
+        node := node -> path[i];
+    END LOOP;
+    RETURN node IS NOT NULL AND jsonb_typeof(node) = 'object';
+END $$;
+
+-- `state` with the operations of one patch (above) applied in order. Total:
+-- an operation that is malformed, or whose path does not lead through
+-- objects, is skipped (as `runtime::state_patch::apply` skips it), so a
+-- fold never fails a claim and never gives NULL.
 CREATE FUNCTION wardcall.apply_state_patch(state jsonb, patch jsonb) RETURNS jsonb
 LANGUAGE plpgsql IMMUTABLE AS $$
 DECLARE
     op jsonb;
     path text[];
 BEGIN
+    IF jsonb_typeof(patch) IS DISTINCT FROM 'array' THEN
+        RETURN state;
+    END IF;
     FOR op IN SELECT value FROM jsonb_array_elements(patch) LOOP
-        IF op ? 'set' THEN
+        IF jsonb_typeof(op->'set') = 'array' AND op ? 'value' THEN
             path := ARRAY(SELECT jsonb_array_elements_text(op->'set'));
             IF cardinality(path) = 0 THEN
                 state := op->'value';
-            ELSE
+            ELSIF wardcall.state_parent_is_object(state, path) THEN
                 state := jsonb_set(state, path, op->'value', true);
             END IF;
-        ELSE
+        ELSIF jsonb_typeof(op->'remove') = 'array' THEN
             path := ARRAY(SELECT jsonb_array_elements_text(op->'remove'));
-            state := state #- path;
+            IF cardinality(path) > 0 AND wardcall.state_parent_is_object(state, path) THEN
+                state := state #- path;
+            END IF;
         END IF;
     END LOOP;
     RETURN state;

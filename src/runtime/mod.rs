@@ -1282,6 +1282,7 @@ impl Engine {
             return Ok(None);
         }
         let lost = Arc::new(AtomicBool::new(false));
+        let saved = AtomicBool::new(false);
         let mut state = run.state.clone();
         let (result, in_commit) = {
             use futures_util::FutureExt;
@@ -1295,6 +1296,7 @@ impl Engine {
                 in_commit: Vec::new(),
                 slot: &no_slot,
                 prefetched: None,
+                state_saved: &saved,
             };
             let r = std::panic::AssertUnwindSafe(self.host.run_step(&mut ctx)).catch_unwind().await;
             (r, std::mem::take(&mut ctx.in_commit))
@@ -1504,6 +1506,7 @@ impl Engine {
             })
         });
         let actor = self.actor();
+        let mut fingerprint: Option<state_patch::Fingerprint> = None;
         loop {
             if run.wait_signal.is_some() {
                 let resolved = async {
@@ -1536,11 +1539,14 @@ impl Engine {
                 break;
             };
             let rule = self.host.retry_rule(workflow, &run.step);
-            // A copy: `run.state` stays the state before the step, which a
-            // `continue` is logged against (`state_patch::diff`). On a
-            // failure the run is re-claimed from the database; on success the
-            // new state goes into `run`.
-            let mut state = run.state.clone();
+            // What a `continue` is logged against (`state_patch::diff_from`):
+            // the fingerprint of the state before the step, made by the last
+            // step's commit (or here, once per claim).
+            let before = fingerprint.take().unwrap_or_else(|| state_patch::Fingerprint::of(&run.state));
+            // Taken, not copied: on a failure the run is re-claimed from the
+            // database; on success the new state goes back into `run`.
+            let mut state = std::mem::take(&mut run.state);
+            let saved = AtomicBool::new(false);
             let (result, in_commit) = {
                 use futures_util::FutureExt;
                 let mut ctx = StepContext {
@@ -1552,6 +1558,7 @@ impl Engine {
                     in_commit: Vec::new(),
                     slot,
                     prefetched: prefetch.take(),
+                    state_saved: &saved,
                 };
                 // A panicking step is a bug; it must not leave the run leased
                 // forever nor crash-loop: it counts as a failed attempt.
@@ -1569,7 +1576,20 @@ impl Engine {
                 Ok(transition) => {
                     let (next_step, parking) = parking_of(transition, &run.step);
                     let critical = self.host.is_critical(workflow);
-                    match self.commit_step(&run, critical, &mut state, &next_step, &parking, &in_commit, &actor).await {
+                    match self
+                        .commit_step(
+                            &run,
+                            critical,
+                            &mut state,
+                            (!saved.load(Ordering::Relaxed)).then_some(&before),
+                            &mut fingerprint,
+                            &next_step,
+                            &parking,
+                            &in_commit,
+                            &actor,
+                        )
+                        .await
+                    {
                         Ok(committed) => Ok((next_step, parking, committed)),
                         Err(step_error) => Err(step_error),
                     }
@@ -1662,12 +1682,18 @@ impl Engine {
     /// is reported as lost (the lease lapses and the step re-runs); an error
     /// of the step's own statement is the step's error. A non-critical run's
     /// transaction with work first waits for a place (`Engine::commit_work`).
+    /// A `continue` of the group's is logged as the state's changes since
+    /// `before` (its fingerprint; `None` when the step saved its state
+    /// mid-way, which makes the transition a checkpoint); the fingerprint of
+    /// the new state goes to `after`, for the next step.
     #[allow(clippy::too_many_arguments)]
     async fn commit_step(
         &self,
         run: &ClaimedRun,
         critical: bool,
         state: &mut Value,
+        before: Option<&state_patch::Fingerprint>,
+        after: &mut Option<state_patch::Fingerprint>,
         next_step: &str,
         parking: &Parking,
         work: &[Box<dyn step::CommitWork>],
@@ -1677,11 +1703,18 @@ impl Engine {
             // A `continue` goes to the step log as the state's changes: one
             // narrow row, the run's row (a long run's state: a script's
             // results, an escalation's positions) not rewritten. Any other
-            // transition checkpoints the whole state, shared with the batch,
-            // not copied.
+            // transition (or a step that saved its state mid-way) checkpoints
+            // the whole state, shared with the batch, not copied.
             let continuing = matches!(parking, Parking::Continue);
-            let (shared, patch) =
-                if continuing { (Arc::new(Value::Null), Some(state_patch::diff(&run.state, state))) } else { (Arc::new(std::mem::take(state)), None) };
+            let (shared, patch) = match before.filter(|_| continuing) {
+                Some(before) => {
+                    let (patch, next) = state_patch::diff_from(before, state);
+                    *after = Some(next);
+                    (Arc::new(Value::Null), Some(patch))
+                }
+                None => (Arc::new(std::mem::take(state)), None),
+            };
+            let patch_less = patch.is_none();
             let item = store::TransitionCommit {
                 id: run.id,
                 fencing_token: run.fencing_token,
@@ -1694,7 +1727,7 @@ impl Engine {
                 patch,
             };
             let outcome = self.commit_grouped(item, critical).await;
-            if !continuing {
+            if patch_less {
                 *state = Arc::try_unwrap(shared).unwrap_or_else(|still_shared| (*still_shared).clone());
             }
             return Ok(outcome);

@@ -94,9 +94,26 @@ pub struct StepContext<'a> {
     /// run's first execution runs; `None` otherwise (a later step, a retry,
     /// a takeover, a run started by the scheduler).
     pub prefetched: Option<Prefetch>,
+    /// Set when the step saved its state mid-way ([`StepContext::save_state`]):
+    /// its transition then writes the whole state (a checkpoint), not a
+    /// step-log patch against the state before the step.
+    pub state_saved: &'a AtomicBool,
 }
 
 impl StepContext<'_> {
+    /// Saves the state as it is now in the run's row, inside the step's
+    /// fenced transaction `tx` (after `store::runs::lock_fenced`), e.g. the
+    /// recipients a tier resolved, recorded with its intents so that an
+    /// engine taking the run over calls the same people
+    /// (`store::runs::save_state`). The step's transition will then
+    /// checkpoint the whole state.
+    ///
+    /// Errors: a database error.
+    pub async fn save_state(&self, tx: &mut sqlx::PgConnection) -> Result<(), sqlx::Error> {
+        self.state_saved.store(true, std::sync::atomic::Ordering::Relaxed);
+        crate::store::runs::save_state(tx, self.run.id, self.state).await
+    }
+
     /// The outcome of the wait that preceded this step, if any:
     /// `{"signal": name, "payload": …}` or `{"timeout": true, "signal": name}`.
     pub fn wait_outcome(&self) -> Option<&Value> {

@@ -71,7 +71,10 @@ impl ClaimedRun {
 /// row here (`wardcall.step_log_fold`, migration 0017), as the `continue`
 /// transitions they record would have written it. Only then: every other
 /// writer of a run's state checkpoints it, and the gate keeps the function
-/// from being called for the others.
+/// from being called for the others (`OFFSET 0` keeps the subquery whole, so
+/// that the gate is a one-time filter above the function's scan; flattened,
+/// it became a join filter applied after calling the function for every
+/// claimed run).
 fn lease_ctes(owner: &str, lease_ms: &str) -> String {
     format!(
         "claimed AS (
@@ -82,7 +85,7 @@ fn lease_ctes(owner: &str, lease_ms: &str) -> String {
                     step_attempt = CASE WHEN f.seq IS NULL THEN r.step_attempt ELSE 0 END,
                     wait_outcome = CASE WHEN f.seq IS NULL THEN r.wait_outcome END,
                     last_error = CASE WHEN f.seq IS NULL THEN r.last_error END
-               FROM due LEFT JOIN LATERAL (SELECT * FROM wardcall.step_log_fold(due.id) WHERE due.previous_status = 'running') f ON true
+               FROM due LEFT JOIN LATERAL (SELECT * FROM wardcall.step_log_fold(due.id) WHERE due.previous_status = 'running' OFFSET 0) f ON true
               WHERE r.id = due.id
              RETURNING r.id, r.workflow, r.event, r.input, r.state, r.step, r.step_attempt, r.fencing_token,
                        r.wait_signal, r.wait_outcome, r.critical, r.step_seq, due.previous_status),
@@ -163,7 +166,7 @@ pub async fn lock_due(conn: &mut PgConnection, critical_limit: i64, limit: i64) 
                 CASE WHEN f.seq IS NULL THEN l.step_attempt ELSE 0 END AS step_attempt, l.fencing_token, l.wait_signal,
                 CASE WHEN f.seq IS NULL THEN l.wait_outcome END AS wait_outcome, l.previous_status, l.critical,
                 coalesce(f.seq, l.step_seq) AS step_seq
-           FROM locked l LEFT JOIN LATERAL (SELECT * FROM wardcall.step_log_fold(l.id) WHERE l.previous_status = 'running') f ON true
+           FROM locked l LEFT JOIN LATERAL (SELECT * FROM wardcall.step_log_fold(l.id) WHERE l.previous_status = 'running' OFFSET 0) f ON true
           ORDER BY l.half, l.due_at",
     )
     .bind(critical_limit)
@@ -500,6 +503,11 @@ pub async fn write_transition(
 ) -> Result<bool, sqlx::Error> {
     let mut due_now = false;
     let seq = run.step_seq + 1;
+    if matches!(parking, Parking::Fail { .. } | Parking::Cancelled | Parking::Defer { .. }) {
+        // These keep some of the row's columns (attempts, error, outcome,
+        // step): the steps logged since the checkpoint go into it first.
+        fold_step_log(&mut *tx, run.id).await?;
+    }
     let (status, detail) = match parking {
         Parking::Continue => {
             sqlx::query(
@@ -921,6 +929,11 @@ pub async fn commit_fired_in_claim(conn: &mut PgConnection, batch: &[TransitionC
 /// log (`appended`) under the same row lock instead of updating the run: one
 /// narrow row, and the run's row (its state, up to kilobytes, TOASTed) is
 /// not rewritten. Every other transition writes the whole state and its seq.
+/// A transition that keeps some of the row's columns (`defer`, `fail`,
+/// `cancelled`: the step, its attempts, the wait outcome, the last error)
+/// after steps logged since the checkpoint (`r.step_seq < i.seq - 1`) takes
+/// them as those logged `continue`s left them (the next step, no attempt,
+/// no outcome, no error), not from the row's stale checkpoint.
 /// An append whose number is taken (which the row lock rules out) is
 /// reported as a lost lease, not as the batch's error: the run is left to
 /// the lapse of its lease and a claim that folds its log.
@@ -940,12 +953,14 @@ pub fn group_commit_statement(skip_locked: bool) -> String {
              UPDATE wardcall.runs r SET
                     state = i.state,
                     fencing_token = CASE WHEN i.held = 'running' THEN r.fencing_token ELSE r.fencing_token + 1 END,
-                    step = CASE WHEN i.kind = 'defer' THEN r.step ELSE i.next_step END,
+                    step = CASE WHEN i.kind = 'defer' AND r.step_seq >= i.seq - 1 THEN r.step ELSE i.next_step END,
                     step_attempt = CASE WHEN i.kind IN ('continue','sleep','wait','complete') THEN 0
+                                        WHEN r.step_seq < i.seq - 1 THEN CASE WHEN i.kind = 'fail' THEN 1 ELSE 0 END
                                         WHEN i.kind = 'fail' THEN r.step_attempt + 1 ELSE r.step_attempt END,
-                    wait_outcome = CASE WHEN i.kind IN ('fail','defer') THEN r.wait_outcome END,
+                    wait_outcome = CASE WHEN i.kind IN ('fail','defer') AND r.step_seq >= i.seq - 1 THEN r.wait_outcome END,
                     last_error = CASE WHEN i.kind IN ('continue','sleep','wait','complete') THEN NULL
-                                      WHEN i.kind = 'fail' THEN i.error ELSE r.last_error END,
+                                      WHEN i.kind = 'fail' THEN i.error
+                                      WHEN r.step_seq < i.seq - 1 THEN NULL ELSE r.last_error END,
                     status = i.to_status,
                     lease_owner = CASE WHEN i.kind = 'continue' THEN r.lease_owner END,
                     key = CASE WHEN i.kind = 'cancelled' THEN NULL ELSE r.key END,

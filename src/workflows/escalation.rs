@@ -270,7 +270,7 @@ async fn tier_recipients(ctx: &mut StepContext<'_>, step: &PolicyStep, cycle: i3
 /// fenced transaction that records the intents, so an engine taking the run
 /// over finds it) and audits it (ids, skipped rows and reasons; no names, no numbers).
 async fn record_tier_recipients(tx: &mut PgConnection, ctx: &StepContext<'_>, alert_id: Uuid, audit: Option<&Value>, actor: &str) -> Result<(), StepError> {
-    runs::save_state(tx, ctx.run.id, ctx.state).await?;
+    ctx.save_state(tx).await?;
     if let Some(detail) = audit {
         audit::record(tx, Entity::Alert, &alert_id.to_string(), "alert.recipients_resolved", None, None, actor, detail.clone()).await?;
     }

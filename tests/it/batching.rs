@@ -46,6 +46,8 @@ pub fn tests() -> Vec<libtest_mimic::Trial> {
         batching::a_cancel_folds_the_step_log_before_its_hook,
         batching::the_step_logs_patches_apply_in_sql_as_in_rust,
         batching::a_failure_after_logged_steps_keeps_their_results_and_counts_its_attempt,
+        batching::transitions_that_keep_columns_take_them_from_the_logged_steps,
+        batching::a_claim_calls_the_fold_only_for_runs_taken_over,
     ]
 }
 
@@ -1424,6 +1426,20 @@ pub async fn the_step_logs_patches_apply_in_sql_as_in_rust() {
         let applied: Value = sqlx::query_scalar("SELECT wardcall.apply_state_patch($1, $2)").bind(&before).bind(&patch).fetch_one(&db.pool).await.unwrap();
         assert_eq!(applied, after, "{before} with {patch}");
     }
+    // Total, as the Rust mirror: operations that are malformed, or whose
+    // path crosses an array or a scalar, are skipped, never an error.
+    let odd = [
+        (json!({"a": [{"b": 1}]}), json!([{"set": ["a", "0", "b"], "value": 2}, {"remove": ["a", "0"]}, {"set": ["c"], "value": 3}])),
+        (json!("scalar"), json!([{"set": ["a"], "value": 1}, {"remove": ["a"]}])),
+        (json!({"a": 1}), json!([{"set": ["a", "b"], "value": 1}, {"set": ["x"]}, {"remove": []}, "junk", {"set": "a", "value": 1}])),
+        (json!({"a": 1}), json!({"not": "an array"})),
+    ];
+    for (before, patch) in odd {
+        let applied: Value = sqlx::query_scalar("SELECT wardcall.apply_state_patch($1, $2)").bind(&before).bind(&patch).fetch_one(&db.pool).await.unwrap();
+        let mut mirrored = before.clone();
+        wardcall::runtime::state_patch::apply(&mut mirrored, &patch);
+        assert_eq!(applied, mirrored, "{before} with {patch}");
+    }
 }
 
 /// An engine's run whose third step fails once after two logged steps: the
@@ -1452,4 +1468,70 @@ pub async fn a_failure_after_logged_steps_keeps_their_results_and_counts_its_att
     }
     assert!(db.scalar_i64("SELECT count(*) FROM wardcall.run_steps").await >= 2, "the first steps were logged");
     app.stop(Duration::from_secs(2)).await;
+}
+
+/// A `defer`, `fail` or `cancelled` transition keeps some of the run's
+/// columns (the step, its attempts, the wait outcome, the last error). After
+/// logged steps, the row's are the checkpoint's (here: two failed attempts,
+/// their error and a wait's outcome, all before the logged steps): each
+/// such transition takes them as the logged `continue`s left them.
+pub async fn transitions_that_keep_columns_take_them_from_the_logged_steps() {
+    let db = TestDb::new().await;
+    let runs = claimed_runs(&db, 3, "test").await;
+    let ids: Vec<Uuid> = runs.iter().map(|r| r.id).collect();
+    sqlx::query("UPDATE wardcall.runs SET step_attempt = 2, last_error = 'old error', wait_outcome = '{\"signal\": \"x\"}' WHERE id = ANY($1)")
+        .bind(&ids)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let parkings = [Parking::Defer { delay_ms: 60_000 }, Parking::Fail { error: "new error".into() }, Parking::Cancelled];
+    for (mut run, parking) in runs.into_iter().zip(parkings) {
+        continue_logged(&db, &mut run, 0..2).await;
+        let kind = format!("{parking:?}");
+        let commit = TransitionCommit {
+            id: run.id,
+            fencing_token: run.fencing_token,
+            step: run.step.clone(),
+            state: Arc::new(run.state.clone()),
+            next_step: run.step.clone(),
+            parking,
+            actor: "engine:test".into(),
+            seq: run.step_seq + 1,
+            patch: None,
+        };
+        assert_eq!(store::commit_transitions(&mut db.pool.acquire().await.unwrap(), &[commit]).await.unwrap(), vec![Some(false)], "{kind}");
+        let (step, attempt, error, outcome, seq, state): (String, i32, Option<String>, Option<Value>, i64, Value) =
+            sqlx::query_as("SELECT step, step_attempt, last_error, wait_outcome, step_seq, state FROM wardcall.runs WHERE id = $1")
+                .bind(run.id)
+                .fetch_one(&db.pool)
+                .await
+                .unwrap();
+        assert_eq!((step.as_str(), seq, &state), ("op:2", 3, &run.state), "{kind}: the step after the logged ones");
+        assert_eq!(outcome, None, "{kind}: the logged steps consumed the wait's outcome");
+        if kind.starts_with("Fail") {
+            assert_eq!((attempt, error.as_deref()), (1, Some("new error")), "{kind}: the failed step's first attempt");
+        } else {
+            assert_eq!((attempt, error), (0, None), "{kind}: no attempt and no error of the logged steps' step");
+        }
+    }
+}
+
+/// The fold (`wardcall.step_log_fold`, a PL/pgSQL call) runs in a claim
+/// only for the runs taken over from `running`, not for every claimed run:
+/// counted with `track_functions` in the claim's own transaction.
+pub async fn a_claim_calls_the_fold_only_for_runs_taken_over() {
+    let db = TestDb::new().await;
+    let mut left = claimed_runs(&db, 1, "gone").await.remove(0);
+    continue_logged(&db, &mut left, 0..1).await;
+    sqlx::query("UPDATE wardcall.runs SET due_at = clock_timestamp() - interval '1 second' WHERE id = $1").bind(left.id).execute(&db.pool).await.unwrap();
+    db.exec("INSERT INTO wardcall.runs (workflow, event, input, step, status) SELECT 'script', 'test', '{}', 'start', 'pending' FROM generate_series(1, 20)")
+        .await;
+    let mut tx = db.pool.begin().await.unwrap();
+    sqlx::query("SET LOCAL track_functions = 'pl'").execute(&mut *tx).await.unwrap();
+    let claimed = store::claim_due(&mut tx, "new", 100, 600_000).await.unwrap();
+    let calls: i64 = sqlx::query_scalar("SELECT pg_stat_get_xact_function_calls('wardcall.step_log_fold'::regproc)").fetch_one(&mut *tx).await.unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(claimed.len(), 21);
+    assert_eq!(claimed.iter().filter(|r| r.step_seq == 1).count(), 1, "the run taken over was folded");
+    assert_eq!(calls, 1, "the fold ran for the one run taken over, not for the 20 pending ones");
 }
