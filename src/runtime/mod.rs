@@ -1506,7 +1506,7 @@ impl Engine {
             })
         });
         let actor = self.actor();
-        let mut fingerprint: Option<state_patch::Fingerprint> = None;
+        let mut snapshot: Option<state_patch::Snapshot> = None;
         loop {
             if run.wait_signal.is_some() {
                 let resolved = async {
@@ -1540,9 +1540,9 @@ impl Engine {
             };
             let rule = self.host.retry_rule(workflow, &run.step);
             // What a `continue` is logged against (`state_patch::diff_from`):
-            // the fingerprint of the state before the step, made by the last
+            // the snapshot of the state before the step, made by the last
             // step's commit (or here, once per claim).
-            let before = fingerprint.take().unwrap_or_else(|| state_patch::Fingerprint::of(&run.state));
+            let before = snapshot.take().unwrap_or_else(|| state_patch::Snapshot::of(&run.state));
             // Taken, not copied: on a failure the run is re-claimed from the
             // database; on success the new state goes back into `run`.
             let mut state = std::mem::take(&mut run.state);
@@ -1582,7 +1582,7 @@ impl Engine {
                             critical,
                             &mut state,
                             (!saved.load(Ordering::Relaxed)).then_some(&before),
-                            &mut fingerprint,
+                            &mut snapshot,
                             &next_step,
                             &parking,
                             &in_commit,
@@ -1683,8 +1683,8 @@ impl Engine {
     /// of the step's own statement is the step's error. A non-critical run's
     /// transaction with work first waits for a place (`Engine::commit_work`).
     /// A `continue` of the group's is logged as the state's changes since
-    /// `before` (its fingerprint; `None` when the step saved its state
-    /// mid-way, which makes the transition a checkpoint); the fingerprint of
+    /// `before` (its snapshot; `None` when the step saved its state
+    /// mid-way, which makes the transition a checkpoint); the snapshot of
     /// the new state goes to `after`, for the next step.
     #[allow(clippy::too_many_arguments)]
     async fn commit_step(
@@ -1692,8 +1692,8 @@ impl Engine {
         run: &ClaimedRun,
         critical: bool,
         state: &mut Value,
-        before: Option<&state_patch::Fingerprint>,
-        after: &mut Option<state_patch::Fingerprint>,
+        before: Option<&state_patch::Snapshot>,
+        after: &mut Option<state_patch::Snapshot>,
         next_step: &str,
         parking: &Parking,
         work: &[Box<dyn step::CommitWork>],

@@ -11,204 +11,179 @@
 //! that lost a member is set whole.
 //!
 //! The state before a step is not kept to make the patch: a worker keeps its
-//! [`Fingerprint`] (a 128-bit keyed hash per object member, by path), which
-//! the walk that makes one step's patch also makes for the next step. A
-//! step costs one walk of its state and no copy of it (a copy, its drop and
-//! a comparison took about a third of the engine's CPU in `bench steps`,
-//! BENCHMARKS.md, "Issue 9, fourteenth session").
+//! [`Snapshot`] (its objects' keys and the JSON text of every other value,
+//! in three flat buffers), which the walk that makes one step's patch also
+//! makes for the next step. A step costs one walk of its state, writing the
+//! text of its values once, and no copy of it: a copy, its drop and a
+//! comparison took about a third of the engine's CPU in `bench steps`, and
+//! 128-bit keyed hashes per member about as much (BENCHMARKS.md, "Issue 9,
+//! fourteenth session").
 
 use serde_json::{json, Map, Value};
-use std::collections::HashMap;
-use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};
-use std::sync::LazyLock;
+use std::ops::Range;
 
-/// The hash keys: random per process (SipHash-1-3, two independent keys for
-/// 128 bits), so that no state a team's data shapes can be made to collide.
-static KEYS: LazyLock<(RandomState, RandomState)> = LazyLock::new(|| (RandomState::new(), RandomState::new()));
-
-/// 128 bits of keyed hash over what is written to it.
-struct Hash128(std::hash::DefaultHasher, std::hash::DefaultHasher);
-
-impl Hash128 {
-    fn new() -> Self {
-        Hash128(KEYS.0.build_hasher(), KEYS.1.build_hasher())
-    }
-    fn bytes(&mut self, b: &[u8]) {
-        self.0.write(b);
-        self.1.write(b);
-    }
-    fn u128(&mut self, v: u128) {
-        self.bytes(&v.to_le_bytes());
-    }
-    fn finish(&self) -> u128 {
-        ((self.0.finish() as u128) << 64) | self.1.finish() as u128
-    }
-}
-
-/// The hash of an object member's path: its parent's and its key's.
-fn member_path(parent: u128, key: &str) -> u128 {
-    let mut h = Hash128::new();
-    h.u128(parent);
-    h.bytes(&(key.len() as u64).to_le_bytes());
-    h.bytes(key.as_bytes());
-    h.finish()
-}
-
-/// The hash of the root's path.
-const ROOT: u128 = 0;
-
-/// Hashes a value other than an object (type tag, then its content; an
-/// array's elements in order, an object inside an array member by member).
-fn hash_value(h: &mut Hash128, v: &Value) {
-    match v {
-        Value::Null => h.bytes(b"n"),
-        Value::Bool(b) => h.bytes(if *b { b"t" } else { b"f" }),
-        Value::Number(n) => {
-            let text = n.to_string();
-            h.bytes(b"#");
-            h.bytes(&(text.len() as u64).to_le_bytes());
-            h.bytes(text.as_bytes());
-        }
-        Value::String(s) => {
-            h.bytes(b"s");
-            h.bytes(&(s.len() as u64).to_le_bytes());
-            h.bytes(s.as_bytes());
-        }
-        Value::Array(a) => {
-            h.bytes(b"[");
-            h.bytes(&(a.len() as u64).to_le_bytes());
-            for e in a {
-                hash_value(h, e);
-            }
-        }
-        Value::Object(o) => {
-            h.bytes(b"{");
-            h.bytes(&(o.len() as u64).to_le_bytes());
-            for (k, e) in o {
-                h.bytes(&(k.len() as u64).to_le_bytes());
-                h.bytes(k.as_bytes());
-                hash_value(h, e);
-            }
-        }
-    }
-}
-
-fn leaf_hash(v: &Value) -> u128 {
-    let mut h = Hash128::new();
-    hash_value(&mut h, v);
-    h.finish()
-}
-
-/// What a fingerprint knows of the value at one path.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Entry {
-    /// An object with this many members (each has an entry of its own).
-    Object { members: usize },
-    /// Any other value, by its hash.
-    Leaf(u128),
-}
-
-/// The path hashes are already uniform: the map uses their low bits as is.
-#[derive(Default)]
-struct PathHasher(u64);
-
-impl Hasher for PathHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
-        }
-    }
-    fn write_u128(&mut self, v: u128) {
-        self.0 = v as u64;
-    }
-}
-
-/// A state as [`diff_from`] compares it: per path (objects member by
-/// member, from the root), an entry for an object and its number of
-/// members, or a 128-bit keyed hash of any other value.
+/// A state as [`diff_from`] compares it, in pre-order (the root first):
+/// per object, its members' keys and count; per other value, its JSON text.
+/// Objects are compared member by member (their keys in order: a
+/// `serde_json::Map` iterates them sorted), any other value by its text.
 #[derive(Debug, Clone, Default)]
-pub struct Fingerprint {
-    entries: HashMap<u128, Entry, BuildHasherDefault<PathHasher>>,
+pub struct Snapshot {
+    keys: String,
+    texts: Vec<u8>,
+    nodes: Vec<Node>,
 }
 
-impl Fingerprint {
-    /// The fingerprint of `state` (one walk of it).
-    pub fn of(state: &Value) -> Fingerprint {
-        let mut fp = Fingerprint::default();
-        fp.record(state, ROOT);
-        fp
+#[derive(Debug, Clone)]
+struct Node {
+    /// The member's key in `keys` (empty for the root).
+    key: Range<usize>,
+    kind: Kind,
+}
+
+#[derive(Debug, Clone)]
+enum Kind {
+    /// An object with `members` members, whose nodes end before `end`.
+    Object { members: usize, end: usize },
+    /// Any other value, its JSON text in `texts`.
+    Leaf(Range<usize>),
+}
+
+impl Snapshot {
+    /// The snapshot of `state` (one walk of it).
+    pub fn of(state: &Value) -> Snapshot {
+        let mut snap = Snapshot::default();
+        snap.record("", state);
+        snap
     }
 
-    fn record(&mut self, v: &Value, path: u128) {
+    fn record(&mut self, key: &str, v: &Value) {
+        let at = self.push_key(key);
         match v {
             Value::Object(o) => {
-                self.entries.insert(path, Entry::Object { members: o.len() });
+                self.nodes.push(Node { key: at, kind: Kind::Object { members: o.len(), end: 0 } });
+                let me = self.nodes.len() - 1;
                 for (k, e) in o {
-                    self.record(e, member_path(path, k));
+                    self.record(k, e);
                 }
+                self.close(me);
             }
             other => {
-                self.entries.insert(path, Entry::Leaf(leaf_hash(other)));
+                let text = self.push_text(other);
+                self.nodes.push(Node { key: at, kind: Kind::Leaf(text) });
             }
+        }
+    }
+
+    fn push_key(&mut self, key: &str) -> Range<usize> {
+        let start = self.keys.len();
+        self.keys.push_str(key);
+        start..self.keys.len()
+    }
+
+    fn push_text(&mut self, v: &Value) -> Range<usize> {
+        let start = self.texts.len();
+        // Writing a `Value` to a `Vec` cannot fail.
+        let _ = serde_json::to_writer(&mut self.texts, v);
+        start..self.texts.len()
+    }
+
+    fn close(&mut self, object: usize) {
+        let end = self.nodes.len();
+        if let Kind::Object { end: e, .. } = &mut self.nodes[object].kind {
+            *e = end;
+        }
+    }
+
+    fn key(&self, node: usize) -> &str {
+        &self.keys[self.nodes[node].key.clone()]
+    }
+
+    /// The node after `node`'s subtree.
+    fn after(&self, node: usize) -> usize {
+        match self.nodes[node].kind {
+            Kind::Object { end, .. } => end,
+            Kind::Leaf(_) => node + 1,
         }
     }
 }
 
 /// The operations that turn the state `before` was taken of into `after`
-/// (an empty array when they are equal), and the fingerprint of `after`, in
+/// (an empty array when they are equal), and the snapshot of `after`, in
 /// one walk of `after`. An object present in both is compared member by
 /// member; a member that is new or changed (and is not an object present in
 /// both) is one `set`; an object that lost a member is one `set` of the
 /// whole object.
-pub fn diff_from(before: &Fingerprint, after: &Value) -> (Value, Fingerprint) {
+pub fn diff_from(before: &Snapshot, after: &Value) -> (Value, Snapshot) {
     let mut ops = Vec::new();
-    let mut next = Fingerprint { entries: HashMap::with_capacity_and_hasher(before.entries.len() + 4, Default::default()) };
+    let mut next = Snapshot {
+        keys: String::with_capacity(before.keys.len() + 16),
+        texts: Vec::with_capacity(before.texts.len() + 256),
+        nodes: Vec::with_capacity(before.nodes.len() + 4),
+    };
     let mut path = Vec::new();
-    walk(before, after, ROOT, &mut path, &mut ops, &mut next);
+    let root = (!before.nodes.is_empty()).then_some(0);
+    walk(before, root, "", after, &mut path, &mut ops, &mut next);
     (Value::Array(ops), next)
 }
 
 /// The operations that turn `before` into `after` ([`diff_from`] with the
-/// fingerprint of `before`).
+/// snapshot of `before`).
 pub fn diff(before: &Value, after: &Value) -> Value {
-    diff_from(&Fingerprint::of(before), after).0
+    diff_from(&Snapshot::of(before), after).0
 }
 
-fn walk<'a>(before: &Fingerprint, after: &'a Value, at: u128, path: &mut Vec<&'a str>, ops: &mut Vec<Value>, next: &mut Fingerprint) {
-    match (before.entries.get(&at), after) {
-        (Some(Entry::Object { members }), Value::Object(o)) => {
+#[allow(clippy::too_many_arguments)]
+fn walk<'a>(before: &Snapshot, was: Option<usize>, key: &str, after: &'a Value, path: &mut Vec<&'a str>, ops: &mut Vec<Value>, next: &mut Snapshot) {
+    let at = next.push_key(key);
+    match (was.map(|i| (i, &before.nodes[i].kind)), after) {
+        (Some((i, Kind::Object { members, end })), Value::Object(o)) => {
+            next.nodes.push(Node { key: at, kind: Kind::Object { members: o.len(), end: 0 } });
+            let me = next.nodes.len() - 1;
             let mark = ops.len();
+            // Both member lists in key order: a merge. A member of `before`
+            // passed over is one that `after` lost.
+            let mut old = i + 1;
             let mut kept = 0;
+            let mut ordered = true;
+            let mut previous: Option<&str> = None;
             for (k, v) in o {
-                let child = member_path(at, k);
-                if before.entries.contains_key(&child) {
+                ordered &= previous.map_or(true, |p| p < k.as_str());
+                previous = Some(k);
+                while old < *end && before.key(old) < k.as_str() {
+                    old = before.after(old);
+                }
+                let same = (old < *end && before.key(old) == k.as_str()).then_some(old);
+                if let Some(s) = same {
                     kept += 1;
+                    old = before.after(s);
                 }
                 path.push(k);
-                walk(before, v, child, path, ops, next);
+                walk(before, same, k, v, path, ops, next);
                 path.pop();
             }
-            next.entries.insert(at, Entry::Object { members: o.len() });
-            if kept < *members {
-                // A member is gone: the object is set whole, instead of its
-                // members' operations.
+            next.close(me);
+            if kept < *members || !ordered {
+                // A member is gone (or the keys came out of order, which a
+                // `serde_json::Map` never does): the object is set whole,
+                // instead of its members' operations.
                 ops.truncate(mark);
                 ops.push(json!({"set": path, "value": after}));
             }
         }
-        (Some(Entry::Leaf(hash)), v) if !v.is_object() => {
-            let now = leaf_hash(v);
-            if now != *hash {
+        (Some((_, Kind::Leaf(text))), v) if !v.is_object() => {
+            let now = next.push_text(v);
+            if before.texts[text.clone()] != next.texts[now.clone()] {
                 ops.push(json!({"set": path, "value": v}));
             }
-            next.entries.insert(at, Entry::Leaf(now));
+            next.nodes.push(Node { key: at, kind: Kind::Leaf(now) });
         }
         (_, v) => {
             ops.push(json!({"set": path, "value": v}));
-            next.record(v, at);
+            // Recorded whole (its key is already pushed: record the value
+            // under an empty key, then give the node its key back).
+            let first = next.nodes.len();
+            next.record("", v);
+            next.nodes[first].key = at;
         }
     }
 }
@@ -307,16 +282,39 @@ mod tests {
     }
 
     #[test]
-    fn the_next_fingerprint_is_the_afters() {
-        let states = [json!({}), json!({"results": {"0": 1}}), json!({"results": {"0": 1, "1": [2]}}), json!({"results": {"1": [3]}, "x": null})];
-        let mut fp = Fingerprint::of(&states[0]);
+    fn the_next_snapshot_is_the_afters() {
+        let states = [
+            json!({}),
+            json!({"results": {"0": 1}}),
+            json!({"results": {"0": 1, "1": [2]}}),
+            json!({"results": {"1": [3]}, "x": null}),
+            json!({"results": {"1": [3], "2": {"a": {"b": null}}}, "x": null}),
+            json!({"results": {"1": [3], "2": {"a": {"b": 1}}}}),
+            json!("text"),
+            json!({"a": 1}),
+        ];
+        let mut snap = Snapshot::of(&states[0]);
         for pair in states.windows(2) {
-            let (patch, next) = diff_from(&fp, &pair[1]);
+            let (patch, next) = diff_from(&snap, &pair[1]);
             let mut state = pair[0].clone();
             apply(&mut state, &patch);
-            assert_eq!(state, pair[1]);
-            assert_eq!(next.entries, Fingerprint::of(&pair[1]).entries);
-            fp = next;
+            assert_eq!(state, pair[1], "{patch}");
+            let fresh = Snapshot::of(&pair[1]);
+            assert_eq!((&next.keys, &next.texts), (&fresh.keys, &fresh.texts));
+            assert_eq!(format!("{:?}", next.nodes), format!("{:?}", fresh.nodes));
+            snap = next;
         }
+    }
+
+    #[test]
+    fn a_map_iterates_its_keys_in_order() {
+        // The merge in `walk` relies on it (a `serde_json::Map` without the
+        // `preserve_order` feature is a `BTreeMap`); out of order, objects
+        // would be set whole, still correct but larger.
+        let v = json!({"b": 1, "a": 2, "c": 3, "B": 4});
+        let keys: Vec<&String> = v.as_object().unwrap().keys().collect();
+        let mut sorted = keys.clone();
+        sorted.sort();
+        assert_eq!(keys, sorted);
     }
 }
