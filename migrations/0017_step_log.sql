@@ -49,7 +49,8 @@ BEGIN
 END $$;
 
 -- `state` with the operations of one patch (above) applied in order. Total:
--- an operation that is malformed, or whose path does not lead through
+-- an operation that is malformed (a path that is not an array of strings, a
+-- `set` without a value), or whose path does not lead through
 -- objects, is skipped (as `runtime::state_patch::apply` skips it), so a
 -- fold never fails a claim and never gives NULL.
 CREATE FUNCTION wardcall.apply_state_patch(state jsonb, patch jsonb) RETURNS jsonb
@@ -62,6 +63,13 @@ BEGIN
         RETURN state;
     END IF;
     FOR op IN SELECT value FROM jsonb_array_elements(patch) LOOP
+        -- A path is an array of keys (strings); anything else is skipped.
+        IF EXISTS (SELECT 1 FROM jsonb_array_elements(
+                            coalesce(CASE WHEN jsonb_typeof(op->'set') = 'array' THEN op->'set' END, '[]')
+                         || coalesce(CASE WHEN jsonb_typeof(op->'remove') = 'array' THEN op->'remove' END, '[]')) e
+                    WHERE jsonb_typeof(e) <> 'string') THEN
+            CONTINUE;
+        END IF;
         IF jsonb_typeof(op->'set') = 'array' AND op ? 'value' THEN
             path := ARRAY(SELECT jsonb_array_elements_text(op->'set'));
             IF cardinality(path) = 0 THEN

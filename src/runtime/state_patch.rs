@@ -194,17 +194,21 @@ fn walk<'a>(before: &Snapshot, was: Option<usize>, key: &str, after: &'a Value, 
 /// path does not lead through objects is skipped.
 pub fn apply(state: &mut Value, patch: &Value) {
     for op in patch.as_array().map(Vec::as_slice).unwrap_or_default() {
-        if let (Some(path), Some(value)) = (op.get("set").and_then(Value::as_array), op.get("value")) {
-            let value = value.clone();
+        let set = op.get("set").and_then(Value::as_array);
+        let remove = op.get("remove").and_then(Value::as_array);
+        if set.into_iter().chain(remove).flatten().any(|key| !key.is_string()) {
+            continue;
+        }
+        if let (Some(path), Some(value)) = (set, op.get("value")) {
             match path.split_last() {
-                None => *state = value,
+                None => *state = value.clone(),
                 Some((last, parents)) => {
                     if let (Some(parent), Some(key)) = (object_at(state, parents), last.as_str()) {
-                        parent.insert(key.to_string(), value);
+                        parent.insert(key.to_string(), value.clone());
                     }
                 }
             }
-        } else if let Some((last, parents)) = op.get("remove").and_then(Value::as_array).and_then(|p| p.split_last()) {
+        } else if let Some((last, parents)) = remove.and_then(|p| p.split_last()) {
             if let (Some(parent), Some(key)) = (object_at(state, parents), last.as_str()) {
                 parent.remove(key);
             }

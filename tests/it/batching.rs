@@ -1433,6 +1433,8 @@ pub async fn the_step_logs_patches_apply_in_sql_as_in_rust() {
         (json!("scalar"), json!([{"set": ["a"], "value": 1}, {"remove": ["a"]}])),
         (json!({"a": 1}), json!([{"set": ["a", "b"], "value": 1}, {"set": ["x"]}, {"remove": []}, "junk", {"set": "a", "value": 1}])),
         (json!({"a": 1}), json!({"not": "an array"})),
+        (json!({"a": {}}), json!([{"remove": [null]}, {"set": ["a", null], "value": 1}, {"set": [1], "value": 2}, {"set": ["a", true], "value": 1}])),
+        (json!({"a": 1}), json!([{"set": ["a"], "remove": [null]}, {"set": ["b"], "remove": ["a"]}, {"remove": ["a"]}])),
     ];
     for (before, patch) in odd {
         let applied: Value = sqlx::query_scalar("SELECT wardcall.apply_state_patch($1, $2)").bind(&before).bind(&patch).fetch_one(&db.pool).await.unwrap();
@@ -1514,6 +1516,27 @@ pub async fn transitions_that_keep_columns_take_them_from_the_logged_steps() {
             assert_eq!((attempt, error), (0, None), "{kind}: no attempt and no error of the logged steps' step");
         }
     }
+    // The same through a step's own fenced transaction (a `sql` step that
+    // ends the run failed): `write_transition` folds the log in first.
+    let mut run = claimed_runs(&db, 1, "test").await.remove(0);
+    sqlx::query("UPDATE wardcall.runs SET step_attempt = 2, last_error = 'old error', wait_outcome = '{\"signal\": \"x\"}' WHERE id = $1")
+        .bind(run.id)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    continue_logged(&db, &mut run, 0..2).await;
+    let mut tx = db.pool.begin().await.unwrap();
+    assert!(store::lock_fenced(&mut tx, run.id, run.fencing_token).await.unwrap());
+    let fail = Parking::Fail { error: "new error".into() };
+    store::write_transition(&mut tx, &run, &run.state, &run.step, &fail, "engine:test").await.unwrap();
+    tx.commit().await.unwrap();
+    let (step, attempt, error, outcome, state): (String, i32, Option<String>, Option<Value>, Value) =
+        sqlx::query_as("SELECT step, step_attempt, last_error, wait_outcome, state FROM wardcall.runs WHERE id = $1")
+            .bind(run.id)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!((step.as_str(), attempt, error.as_deref(), outcome, &state), ("op:2", 1, Some("new error"), None, &run.state), "write_transition");
 }
 
 /// The fold (`wardcall.step_log_fold`, a PL/pgSQL call) runs in a claim
@@ -1534,4 +1557,17 @@ pub async fn a_claim_calls_the_fold_only_for_runs_taken_over() {
     assert_eq!(claimed.len(), 21);
     assert_eq!(claimed.iter().filter(|r| r.step_seq == 1).count(), 1, "the run taken over was folded");
     assert_eq!(calls, 1, "the fold ran for the one run taken over, not for the 20 pending ones");
+    // The same for the claim that may run steps inside it (`lock_due`).
+    let mut left = claimed_runs(&db, 1, "gone again").await.remove(0);
+    continue_logged(&db, &mut left, 0..2).await;
+    sqlx::query("UPDATE wardcall.runs SET due_at = clock_timestamp() - interval '1 second' WHERE id = $1").bind(left.id).execute(&db.pool).await.unwrap();
+    db.exec("UPDATE wardcall.runs SET status = 'pending', due_at = clock_timestamp() - interval '1 second' WHERE lease_owner = 'new'").await;
+    let mut tx = db.pool.begin().await.unwrap();
+    sqlx::query("SET LOCAL track_functions = 'pl'").execute(&mut *tx).await.unwrap();
+    let locked = store::lock_due(&mut tx, 100, 100).await.unwrap();
+    let calls: i64 = sqlx::query_scalar("SELECT pg_stat_get_xact_function_calls('wardcall.step_log_fold'::regproc)").fetch_one(&mut *tx).await.unwrap();
+    tx.rollback().await.unwrap();
+    assert_eq!(locked.len(), 22);
+    assert_eq!(locked.iter().filter(|(r, _)| r.step_seq == 2 && r.step == "op:2").count(), 1, "lock_due reads the run taken over folded");
+    assert_eq!(calls, 1, "lock_due folds only the run left running");
 }
