@@ -500,16 +500,16 @@ pub async fn critical_run_is_claimed_at_once_during_a_timer_flood() {
 }
 
 /// Whether an `EXPLAIN (FORMAT JSON)` plan has a nested loop whose inner
-/// side scans the CTE `locked` or `input` (once per outer row: quadratic in
-/// the batch).
+/// side scans the CTE `locked` or `input`, directly or under another node
+/// (once per outer row: quadratic in the batch).
 fn rescans_locked(plan: &Value) -> bool {
+    fn scans_batch(node: &Value) -> bool {
+        (node.get("Node Type").and_then(Value::as_str) == Some("CTE Scan") && matches!(node.get("CTE Name").and_then(Value::as_str), Some("locked" | "input")))
+            || node.get("Plans").and_then(Value::as_array).is_some_and(|a| a.iter().any(scans_batch))
+    }
     let nodes = plan.get("Plans").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
     let here = plan.get("Node Type").and_then(Value::as_str) == Some("Nested Loop")
-        && nodes.iter().any(|n| {
-            n.get("Parent Relationship").and_then(Value::as_str) == Some("Inner")
-                && n.get("Node Type").and_then(Value::as_str) == Some("CTE Scan")
-                && matches!(n.get("CTE Name").and_then(Value::as_str), Some("locked" | "input"))
-        });
+        && nodes.iter().any(|n| n.get("Parent Relationship").and_then(Value::as_str) == Some("Inner") && scans_batch(n));
     here || nodes.iter().any(rescans_locked) || plan.as_array().is_some_and(|a| a.iter().any(rescans_locked)) || plan.get("Plan").is_some_and(rescans_locked)
 }
 
@@ -535,12 +535,6 @@ pub async fn group_commit_finds_its_runs_by_primary_key() {
     db.exec("ANALYZE wardcall.runs").await;
     let claimed = store::claim_due(&mut db.pool.acquire().await.unwrap(), "test", 5000, 600_000).await.unwrap();
     assert_eq!(claimed.len(), 5000);
-    let batch = &claimed[..30];
-    let ids: Vec<Uuid> = batch.iter().map(|r| r.id).collect();
-    let tokens: Vec<i64> = batch.iter().map(|r| r.fencing_token).collect();
-    let text = |v: &str| vec![v.to_string(); batch.len()];
-    let none_text: Vec<Option<String>> = vec![None; batch.len()];
-    let jsonb: Vec<Value> = vec![json!({}); batch.len()];
     let mut conn = db.pool.acquire().await.unwrap();
     // A custom plan: EXPLAIN with the values bound. A generic one: the
     // statement PREPAREd, then EXECUTEd under force_generic_plan.
@@ -549,65 +543,79 @@ pub async fn group_commit_finds_its_runs_by_primary_key() {
         let types = "uuid[], bigint[], jsonb[], text[], text[], bigint[], bigint[], text[], text[], text[], text[], jsonb[], text[], text[], bigint[], jsonb[]";
         sqlx::raw_sql(&format!("PREPARE {name} ({types}) AS {}", store::group_commit_statement(skip_locked))).execute(&mut *conn).await.unwrap();
     }
-    for mode in ["custom", "generic"] {
-        for skip_locked in [false, true] {
-            let plan: Value = if mode == "generic" {
-                // EXECUTE takes no bound parameters: the batch as literals (ids and tokens are ours).
-                let n = batch.len();
-                let ids = ids.iter().map(Uuid::to_string).collect::<Vec<_>>().join(",");
-                let tokens = tokens.iter().map(i64::to_string).collect::<Vec<_>>().join(",");
-                let fill = |v: &str, t: &str| format!("array_fill({v}::{t}, ARRAY[{n}])");
-                let args = [
-                    format!("'{{{ids}}}'"),
-                    format!("'{{{tokens}}}'"),
-                    fill("'{}'", "jsonb"),
-                    fill("'op:1'", "text"),
-                    fill("'continue'", "text"),
-                    fill("NULL", "bigint"),
-                    fill("0", "bigint"),
-                    fill("NULL", "text"),
-                    fill("NULL", "text"),
-                    fill("'run.step_completed'", "text"),
-                    fill("'running'", "text"),
-                    fill("'{}'", "jsonb"),
-                    fill("'engine:test'", "text"),
-                    fill("'running'", "text"),
-                    fill("1", "bigint"),
-                    fill("NULL", "jsonb"),
-                ]
-                .join(", ");
-                let name = if skip_locked { "group_commit_skip_locked" } else { "group_commit" };
-                sqlx::query_scalar(&format!("EXPLAIN (FORMAT JSON) EXECUTE {name}({args})")).fetch_one(&mut *conn).await.unwrap()
-            } else {
-                let sql = format!("EXPLAIN (FORMAT JSON) {}", store::group_commit_statement(skip_locked));
-                sqlx::query_scalar(&sql)
-                    .bind(&ids)
-                    .bind(&tokens)
-                    .bind(&jsonb)
-                    .bind(text("op:1"))
-                    .bind(text("continue"))
-                    .bind(vec![None::<i64>; batch.len()])
-                    .bind(vec![0i64; batch.len()])
-                    .bind(&none_text)
-                    .bind(&none_text)
-                    .bind(text("run.step_completed"))
-                    .bind(text("running"))
-                    .bind(&jsonb)
-                    .bind(text("engine:test"))
-                    .bind(text("running"))
-                    .bind(vec![1i64; batch.len()])
-                    .bind(vec![None::<Value>; batch.len()])
-                    .fetch_one(&mut *conn)
-                    .await
-                    .unwrap()
-            };
-            assert!(!rescans_locked(&plan), "{mode}, skip_locked {skip_locked}: a nested loop rescans the batch per row: {plan}");
-            let plan = plan.to_string();
-            assert!(!plan.contains("runs_status"), "{mode}, skip_locked {skip_locked}: the plan reads runs_status: {plan}");
-            assert!(plan.contains("runs_pkey"), "{mode}, skip_locked {skip_locked}: the plan does not use the primary key: {plan}");
+    // A batch of 30 and one of 250 (a claim's timers): custom plans change
+    // with the arrays' length.
+    for size in [30, 250] {
+        let batch = &claimed[..size];
+        let ids: Vec<Uuid> = batch.iter().map(|r| r.id).collect();
+        let tokens: Vec<i64> = batch.iter().map(|r| r.fencing_token).collect();
+        let text = |v: &str| vec![v.to_string(); batch.len()];
+        let none_text: Vec<Option<String>> = vec![None; batch.len()];
+        let jsonb: Vec<Value> = vec![json!({}); batch.len()];
+        for mode in ["custom", "generic"] {
+            for skip_locked in [false, true] {
+                let plan: Value = if mode == "generic" {
+                    // EXECUTE takes no bound parameters: the batch as literals (ids and tokens are ours).
+                    let n = batch.len();
+                    let ids = ids.iter().map(Uuid::to_string).collect::<Vec<_>>().join(",");
+                    let tokens = tokens.iter().map(i64::to_string).collect::<Vec<_>>().join(",");
+                    let fill = |v: &str, t: &str| format!("array_fill({v}::{t}, ARRAY[{n}])");
+                    let args = [
+                        format!("'{{{ids}}}'"),
+                        format!("'{{{tokens}}}'"),
+                        fill("'{}'", "jsonb"),
+                        fill("'op:1'", "text"),
+                        fill("'continue'", "text"),
+                        fill("NULL", "bigint"),
+                        fill("0", "bigint"),
+                        fill("NULL", "text"),
+                        fill("NULL", "text"),
+                        fill("'run.step_completed'", "text"),
+                        fill("'running'", "text"),
+                        fill("'{}'", "jsonb"),
+                        fill("'engine:test'", "text"),
+                        fill("'running'", "text"),
+                        fill("1", "bigint"),
+                        fill("NULL", "jsonb"),
+                    ]
+                    .join(", ");
+                    let name = if skip_locked { "group_commit_skip_locked" } else { "group_commit" };
+                    sqlx::query_scalar(&format!("EXPLAIN (FORMAT JSON) EXECUTE {name}({args})")).fetch_one(&mut *conn).await.unwrap()
+                } else {
+                    let sql = format!("EXPLAIN (FORMAT JSON) {}", store::group_commit_statement(skip_locked));
+                    sqlx::query_scalar(&sql)
+                        .bind(&ids)
+                        .bind(&tokens)
+                        .bind(&jsonb)
+                        .bind(text("op:1"))
+                        .bind(text("continue"))
+                        .bind(vec![None::<i64>; batch.len()])
+                        .bind(vec![0i64; batch.len()])
+                        .bind(&none_text)
+                        .bind(&none_text)
+                        .bind(text("run.step_completed"))
+                        .bind(text("running"))
+                        .bind(&jsonb)
+                        .bind(text("engine:test"))
+                        .bind(text("running"))
+                        .bind(vec![1i64; batch.len()])
+                        .bind(vec![None::<Value>; batch.len()])
+                        .fetch_one(&mut *conn)
+                        .await
+                        .unwrap()
+                };
+                assert!(!rescans_locked(&plan), "{size} runs, {mode}, skip_locked {skip_locked}: a nested loop rescans the batch per row: {plan}");
+                let plan = plan.to_string();
+                assert!(!plan.contains("runs_status"), "{size} runs, {mode}, skip_locked {skip_locked}: the plan reads runs_status: {plan}");
+                assert!(plan.contains("runs_pkey"), "{size} runs, {mode}, skip_locked {skip_locked}: the plan does not use the primary key: {plan}");
+                if skip_locked {
+                    assert!(plan.contains("hashed SubPlan"), "{size} runs, {mode}: the busy runs are not found by a hashed NOT IN: {plan}");
+                }
+            }
         }
     }
     drop(conn);
+    let batch = &claimed[..30];
     // The status is still part of the fence: a run whose token matches but
     // which is no longer running is neither written nor audited.
     let stopped = batch[1].id;
