@@ -11,25 +11,29 @@
 //! that lost a member is set whole.
 //!
 //! The state before a step is not kept to make the patch: a worker keeps its
-//! [`Snapshot`] (its objects' keys and the JSON text of every other value,
-//! in three flat buffers), which the walk that makes one step's patch also
-//! makes for the next step. A step costs one walk of its state, writing the
-//! text of its values once, and no copy of it: a copy, its drop and a
-//! comparison took about a third of the engine's CPU in `bench steps`, and
-//! 128-bit keyed hashes per member about as much (BENCHMARKS.md, "Issue 9,
-//! fourteenth session").
+//! [`Snapshot`] (its objects' keys and an exact encoding of every other
+//! value, in three flat buffers), which the walk that makes one step's patch
+//! also makes for the next step. A step costs one walk of its state, copying
+//! its keys and values' bytes once, and no copy of the tree: a copy, its drop
+//! and a comparison took about a third of the engine's CPU in `bench steps`,
+//! and 128-bit keyed hashes per member about as much (BENCHMARKS.md, "Issue 9,
+//! fourteenth session"); writing every value as JSON text (its strings
+//! escaped) and testing each object's key order took two fifths of it
+//! ("fifteenth session"). Only the values a step changed are written as JSON,
+//! into its patch.
 
 use serde_json::{json, Map, Value};
 use std::ops::Range;
 
 /// A state as [`diff_from`] compares it, in pre-order (the root first):
-/// per object, its members' keys and count; per other value, its JSON text.
-/// Objects are compared member by member (their keys in order: a
-/// `serde_json::Map` iterates them sorted), any other value by its text.
+/// per object, its members' keys and count; per other value, its encoding
+/// ([`Snapshot::push_leaf`]). Objects are compared member by member (their
+/// keys in order: a `serde_json::Map` iterates them sorted), any other value
+/// by its encoding.
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
     keys: String,
-    texts: Vec<u8>,
+    leaves: Vec<u8>,
     nodes: Vec<Node>,
 }
 
@@ -44,7 +48,7 @@ struct Node {
 enum Kind {
     /// An object with `members` members, whose nodes end before `end`.
     Object { members: usize, end: usize },
-    /// Any other value, its JSON text in `texts`.
+    /// Any other value, its encoding in `leaves`.
     Leaf(Range<usize>),
 }
 
@@ -68,8 +72,8 @@ impl Snapshot {
                 self.close(me);
             }
             other => {
-                let text = self.push_text(other);
-                self.nodes.push(Node { key: at, kind: Kind::Leaf(text) });
+                let leaf = self.push_leaf(other);
+                self.nodes.push(Node { key: at, kind: Kind::Leaf(leaf) });
             }
         }
     }
@@ -80,11 +84,38 @@ impl Snapshot {
         start..self.keys.len()
     }
 
-    fn push_text(&mut self, v: &Value) -> Range<usize> {
-        let start = self.texts.len();
-        // Writing a `Value` to a `Vec` cannot fail.
-        let _ = serde_json::to_writer(&mut self.texts, v);
-        start..self.texts.len()
+    /// Appends the encoding of a value that is not an object: a tag byte,
+    /// then `null`, `true`, `false` nothing more; a number its 8 bytes
+    /// (`u64`, `i64` or `f64` bits, as `serde_json` holds it); a string its
+    /// UTF-8 bytes, unescaped; an array its JSON text. Two values have the
+    /// same encoding exactly when they are equal (their ranges' lengths
+    /// included): what the merge needs, without escaping every string.
+    fn push_leaf(&mut self, v: &Value) -> Range<usize> {
+        let start = self.leaves.len();
+        match v {
+            Value::Null => self.leaves.push(b'n'),
+            Value::Bool(true) => self.leaves.push(b't'),
+            Value::Bool(false) => self.leaves.push(b'f'),
+            Value::Number(n) => {
+                let (tag, bits) = match (n.as_u64(), n.as_i64()) {
+                    (Some(u), _) => (b'u', u.to_le_bytes()),
+                    (None, Some(i)) => (b'i', i.to_le_bytes()),
+                    (None, None) => (b'd', n.as_f64().unwrap_or(f64::NAN).to_bits().to_le_bytes()),
+                };
+                self.leaves.push(tag);
+                self.leaves.extend_from_slice(&bits);
+            }
+            Value::String(text) => {
+                self.leaves.push(b's');
+                self.leaves.extend_from_slice(text.as_bytes());
+            }
+            Value::Array(_) | Value::Object(_) => {
+                self.leaves.push(b'j');
+                // Writing a `Value` to a `Vec` cannot fail.
+                let _ = serde_json::to_writer(&mut self.leaves, v);
+            }
+        }
+        start..self.leaves.len()
     }
 
     fn close(&mut self, object: usize) {
@@ -117,7 +148,7 @@ pub fn diff_from(before: &Snapshot, after: &Value) -> (Value, Snapshot) {
     let mut ops = Vec::new();
     let mut next = Snapshot {
         keys: String::with_capacity(before.keys.len() + 16),
-        texts: Vec::with_capacity(before.texts.len() + 256),
+        leaves: Vec::with_capacity(before.leaves.len() + 256),
         nodes: Vec::with_capacity(before.nodes.len() + 4),
     };
     let mut path = Vec::new();
@@ -141,18 +172,26 @@ fn walk<'a>(before: &Snapshot, was: Option<usize>, key: &str, after: &'a Value, 
             let me = next.nodes.len() - 1;
             let mark = ops.len();
             // Both member lists in key order: a merge. A member of `before`
-            // passed over is one that `after` lost.
+            // passed over is one that `after` lost. (Were the keys ever out
+            // of order, which a `serde_json::Map` never gives, members would
+            // be passed over and the object set whole: larger, still exact.)
             let mut old = i + 1;
             let mut kept = 0;
-            let mut ordered = true;
-            let mut previous: Option<&str> = None;
             for (k, v) in o {
-                ordered &= previous.map_or(true, |p| p < k.as_str());
-                previous = Some(k);
-                while old < *end && before.key(old) < k.as_str() {
+                let k = k.as_str();
+                // Most members are where they were: equality is tested first.
+                let mut same = None;
+                while old < *end {
+                    let was = before.key(old);
+                    if was == k {
+                        same = Some(old);
+                        break;
+                    }
+                    if was > k {
+                        break;
+                    }
                     old = before.after(old);
                 }
-                let same = (old < *end && before.key(old) == k.as_str()).then_some(old);
                 if let Some(s) = same {
                     kept += 1;
                     old = before.after(s);
@@ -162,17 +201,16 @@ fn walk<'a>(before: &Snapshot, was: Option<usize>, key: &str, after: &'a Value, 
                 path.pop();
             }
             next.close(me);
-            if kept < *members || !ordered {
-                // A member is gone (or the keys came out of order, which a
-                // `serde_json::Map` never does): the object is set whole,
-                // instead of its members' operations.
+            if kept < *members {
+                // A member is gone: the object is set whole, instead of its
+                // members' operations.
                 ops.truncate(mark);
                 ops.push(json!({"set": path, "value": after}));
             }
         }
-        (Some((_, Kind::Leaf(text))), v) if !v.is_object() => {
-            let now = next.push_text(v);
-            if before.texts[text.clone()] != next.texts[now.clone()] {
+        (Some((_, Kind::Leaf(leaf))), v) if !v.is_object() => {
+            let now = next.push_leaf(v);
+            if before.leaves[leaf.clone()] != next.leaves[now.clone()] {
                 ops.push(json!({"set": path, "value": v}));
             }
             next.nodes.push(Node { key: at, kind: Kind::Leaf(now) });
@@ -272,6 +310,44 @@ mod tests {
     }
 
     #[test]
+    fn two_values_share_an_encoding_only_when_equal() {
+        let values = [
+            json!(null),
+            json!(true),
+            json!(false),
+            json!(0),
+            json!(1),
+            json!(-1),
+            json!(u64::MAX),
+            json!(i64::MIN),
+            json!(1.0),
+            json!(-0.0),
+            json!(0.5),
+            json!(""),
+            json!("n"),
+            json!("t"),
+            json!("1"),
+            json!("[1]"),
+            json!("a\"b"),
+            json!("a\\\"b"),
+            json!("é\u{0}"),
+            json!([]),
+            json!([1]),
+            json!(["1"]),
+            json!([{"a": null}]),
+            json!([{"a": "null"}]),
+        ];
+        for a in &values {
+            for b in &values {
+                let (mut x, mut y) = (Snapshot::default(), Snapshot::default());
+                let (ra, rb) = (x.push_leaf(a), y.push_leaf(b));
+                assert_eq!(x.leaves[ra] == y.leaves[rb], a == b, "{a} / {b}");
+                round_trip(json!({"k": a}), json!({"k": b}));
+            }
+        }
+    }
+
+    #[test]
     fn a_state_that_is_not_an_object_is_replaced_whole() {
         let patch = round_trip(json!({}), json!([1, 2]));
         assert_eq!(patch, json!([{"set": [], "value": [1, 2]}]));
@@ -304,7 +380,7 @@ mod tests {
             apply(&mut state, &patch);
             assert_eq!(state, pair[1], "{patch}");
             let fresh = Snapshot::of(&pair[1]);
-            assert_eq!((&next.keys, &next.texts), (&fresh.keys, &fresh.texts));
+            assert_eq!((&next.keys, &next.leaves), (&fresh.keys, &fresh.leaves));
             assert_eq!(format!("{:?}", next.nodes), format!("{:?}", fresh.nodes));
             snap = next;
         }
