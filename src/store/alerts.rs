@@ -55,7 +55,7 @@ pub async fn fence_and_open(
              SELECT $1, $2, $3, $4, 'open' FROM fence
              ON CONFLICT (run_id) DO NOTHING RETURNING id),
          aud AS (
-             INSERT INTO wardcall.audit_log (entity, entity_id, action, from_state, to_state, actor, detail)
+             INSERT INTO wardcall.audit_records (entity, entity_id, action, from_state, to_state, actor, detail)
              SELECT 'alert', ins.id::text, 'alert.opened', NULL, 'open', $5, jsonb_build_object('run_id', $1::uuid, 'policy', $3::text) FROM ins),
          old AS (
              SELECT a.id, a.status, a.nobody_since IS NOT NULL AS nobody_alarm FROM wardcall.alerts a
@@ -325,7 +325,7 @@ pub async fn open_first_tiers(conn: &mut PgConnection, tiers: &[FirstTier], lock
               ORDER BY p.ord
              RETURNING id, run_id, person_id),
          audited AS (
-             INSERT INTO wardcall.audit_log (entity, entity_id, action, from_state, to_state, actor, detail)
+             INSERT INTO wardcall.audit_records (entity, entity_id, action, from_state, to_state, actor, detail)
              SELECT e.entity, e.entity_id, e.action, NULL, e.to_state, e.actor, e.detail FROM (
                  SELECT req.ord, 0::bigint AS within, 'alert'::text AS entity, alert.id::text AS entity_id, 'alert.opened'::text AS action,
                         'open'::text AS to_state, req.actor, jsonb_build_object('run_id', req.run_id, 'policy', req.policy) AS detail

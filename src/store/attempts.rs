@@ -115,7 +115,7 @@ pub async fn insert_intent(tx: &mut PgConnection, intent: &NewIntent<'_>, actor:
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, 'intent', $12, clock_timestamp() + $13 * interval '1 millisecond')
              RETURNING id),
          aud AS (
-             INSERT INTO wardcall.audit_log (entity, entity_id, action, from_state, to_state, actor, detail)
+             INSERT INTO wardcall.audit_records (entity, entity_id, action, from_state, to_state, actor, detail)
              SELECT 'notification_attempt', ins.id::text, 'attempt.intent', NULL, 'intent', $14, $15 FROM ins)
          SELECT id FROM ins",
     )
@@ -159,7 +159,7 @@ pub async fn record_sent(conn: &mut PgConnection, id: Uuid, provider_id: &str, s
                FROM prev WHERE n.id = prev.id
              RETURNING prev.status AS previous, prev.alert_status),
          aud AS (
-             INSERT INTO wardcall.audit_log (entity, entity_id, action, from_state, to_state, actor, detail)
+             INSERT INTO wardcall.audit_records (entity, entity_id, action, from_state, to_state, actor, detail)
              SELECT 'notification_attempt', $1::text,
                     CASE WHEN previous = 'intent' THEN 'attempt.requested' ELSE 'attempt.create_confirmed' END,
                     CASE WHEN previous IN ('intent','unknown') THEN previous END, CASE WHEN previous IN ('intent','unknown') THEN $3 END, $4,
@@ -205,7 +205,7 @@ pub async fn record_sent_many(conn: &mut PgConnection, sends: &[(Uuid, &str, &st
                FROM prev WHERE n.id = prev.id
              RETURNING n.id, prev.status AS previous, prev.alert_status, prev.sent_id, prev.sent_status),
          aud AS (
-             INSERT INTO wardcall.audit_log (entity, entity_id, action, from_state, to_state, actor, detail)
+             INSERT INTO wardcall.audit_records (entity, entity_id, action, from_state, to_state, actor, detail)
              SELECT 'notification_attempt', id::text,
                     CASE WHEN previous = 'intent' THEN 'attempt.requested' ELSE 'attempt.create_confirmed' END,
                     CASE WHEN previous IN ('intent','unknown') THEN previous END, CASE WHEN previous IN ('intent','unknown') THEN sent_status END, $4,
@@ -231,7 +231,7 @@ pub async fn record_refused(conn: &mut PgConnection, id: Uuid, error: &str, acto
              UPDATE wardcall.notification_attempts SET status = 'failed', error = $2, ended_at = clock_timestamp(), updated_at = clock_timestamp()
               WHERE id = $1 AND status = 'intent' RETURNING id),
          aud AS (
-             INSERT INTO wardcall.audit_log (entity, entity_id, action, from_state, to_state, actor, detail)
+             INSERT INTO wardcall.audit_records (entity, entity_id, action, from_state, to_state, actor, detail)
              SELECT 'notification_attempt', $1::text, 'attempt.failed', 'intent', 'failed', $3, jsonb_build_object('error', $2::text) FROM upd)
          SELECT count(*) FROM upd",
     )
@@ -452,7 +452,7 @@ pub async fn record_answered_by(tx: &mut PgConnection, attempt: Uuid, verdict: &
     sqlx::query(
         "WITH upd AS (
              UPDATE wardcall.notification_attempts SET answered_by = $2, updated_at = clock_timestamp() WHERE id = $1 AND answered_by IS NULL RETURNING id)
-         INSERT INTO wardcall.audit_log (entity, entity_id, action, from_state, to_state, actor, detail)
+         INSERT INTO wardcall.audit_records (entity, entity_id, action, from_state, to_state, actor, detail)
          SELECT 'notification_attempt', $1::text, 'attempt.answered_by', NULL, NULL, $3, jsonb_build_object('answered_by', $2::text) FROM upd",
     )
     .bind(attempt)
@@ -486,7 +486,7 @@ pub async fn advance_status(
         "WITH upd AS (
              UPDATE wardcall.notification_attempts SET status = $2, error = coalesce($3, error){stamp}, updated_at = clock_timestamp()
               WHERE id = $1 RETURNING id)
-         INSERT INTO wardcall.audit_log (entity, entity_id, action, from_state, to_state, actor, detail)
+         INSERT INTO wardcall.audit_records (entity, entity_id, action, from_state, to_state, actor, detail)
          SELECT 'notification_attempt', $1::text, 'attempt.status', $4, $2, $5, $6 FROM upd"
     ))
     .bind(attempt)
@@ -598,7 +598,7 @@ pub async fn advance_progress(pool: &sqlx::PgPool, p: &ProgressUpdate<'_>) -> Re
               WHERE n.id = att.id AND n.status = ANY($6) AND ($4::text IS NULL OR EXISTS (SELECT 1 FROM rec))
              RETURNING att.status AS previous),
          aud AS (
-             INSERT INTO wardcall.audit_log (entity, entity_id, action, from_state, to_state, actor, detail)
+             INSERT INTO wardcall.audit_records (entity, entity_id, action, from_state, to_state, actor, detail)
              SELECT 'notification_attempt', $1::text, 'attempt.status', previous, $5, $8, jsonb_build_object('provider_id', $3::text) FROM upd)
          SELECT EXISTS (SELECT 1 FROM att), EXISTS (SELECT 1 FROM upd),
                 coalesce((SELECT a.status = 'open' FROM att JOIN wardcall.alerts a ON a.id = att.alert_id), true)"

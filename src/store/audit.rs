@@ -1,6 +1,13 @@
-//! The append-only audit log (`wardcall.audit_log`): one row per state change
-//! of a run, an alert, a notification attempt or a source, with time and actor.
-//! UPDATE, DELETE and TRUNCATE on the table are refused by triggers (migration 1).
+//! The append-only audit trail: one row per state change of a run, an alert,
+//! a notification attempt, a source or an HTTP endpoint, with time and actor.
+//!
+//! Read it as the view `wardcall.audit_log` (ordered by `id`). It is the
+//! union of two append-only tables (migration 0018): `wardcall.audit_records`,
+//! which [`record`] and the store's statements write, and the step log
+//! `wardcall.run_steps`, whose rows are the `run.step_completed` records of
+//! the steps a worker went on from without parking (their `id` drawn from
+//! the same sequence, `wardcall.audit_id_seq`). UPDATE, DELETE and TRUNCATE
+//! on both tables are refused by triggers (migrations 0001 and 0018).
 
 use sqlx::PgConnection;
 
@@ -16,7 +23,7 @@ pub enum Entity {
 }
 
 impl Entity {
-    /// The value stored in `audit_log.entity`.
+    /// The value stored in `audit_records.entity` (and shown in `audit_log.entity`).
     pub fn as_str(self) -> &'static str {
         match self {
             Entity::Run => "run",
@@ -46,7 +53,7 @@ pub async fn record(
     detail: serde_json::Value,
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
-        "INSERT INTO wardcall.audit_log (entity, entity_id, action, from_state, to_state, actor, detail)
+        "INSERT INTO wardcall.audit_records (entity, entity_id, action, from_state, to_state, actor, detail)
          VALUES ($1, $2, $3, $4, $5, $6, $7)",
     )
     .bind(entity.as_str())

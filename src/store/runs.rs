@@ -90,7 +90,7 @@ fn lease_ctes(owner: &str, lease_ms: &str) -> String {
              RETURNING r.id, r.workflow, r.event, r.input, r.state, r.step, r.step_attempt, r.fencing_token,
                        r.wait_signal, r.wait_outcome, r.critical, r.step_seq, due.previous_status),
          audited AS (
-             INSERT INTO wardcall.audit_log (entity, entity_id, action, from_state, to_state, actor, detail)
+             INSERT INTO wardcall.audit_records (entity, entity_id, action, from_state, to_state, actor, detail)
              SELECT 'run', id::text,
                     CASE WHEN previous_status = 'running' THEN 'run.lease_taken_over' ELSE 'run.claimed' END,
                     previous_status, 'running', 'engine:' || {owner},
@@ -326,7 +326,7 @@ pub async fn create_runs(conn: &mut PgConnection, runs: &NewRuns<'_>, engine_id:
              ON CONFLICT DO NOTHING
              RETURNING id, workflow, event, input, state, step, step_attempt, fencing_token, wait_signal, wait_outcome, status, step_seq),
          audited AS (
-             INSERT INTO wardcall.audit_log (entity, entity_id, action, from_state, to_state, actor, detail)
+             INSERT INTO wardcall.audit_records (entity, entity_id, action, from_state, to_state, actor, detail)
              SELECT 'run', id::text, 'run.created', NULL, status, 'engine:' || $6,
                     jsonb_build_object('workflow', workflow, 'event', event)
                FROM created)
@@ -934,7 +934,11 @@ pub async fn commit_fired_in_claim(conn: &mut PgConnection, batch: &[TransitionC
 /// A transition with a patch (a worker's `continue`) is appended to the step
 /// log (`appended`) under the same row lock instead of updating the run: one
 /// narrow row, and the run's row (its state, up to kilobytes, TOASTed) is
-/// not rewritten. Every other transition writes the whole state and its seq.
+/// not rewritten. That row, with its actor and the next id of the audit
+/// trail, is also the step's audit record (`run.step_completed` in the view
+/// `wardcall.audit_log`, migration 0018): only the other transitions add a
+/// row to `wardcall.audit_records`. Every other transition writes the whole
+/// state and its seq.
 /// A transition that keeps some of the row's columns (`defer`, `fail`,
 /// `cancelled`: the step, its attempts, the wait outcome, the last error)
 /// after steps logged since the checkpoint (`r.step_seq < i.seq - 1`) takes
@@ -983,17 +987,17 @@ pub fn group_commit_statement(skip_locked: bool) -> String {
               WHERE r.id = i.id AND r.fencing_token = i.token AND r.status = i.held AND i.patch IS NULL
              RETURNING r.id),
          appended AS (
-             INSERT INTO wardcall.run_steps (run_id, seq, step, next_step, patch, fencing_token)
-             SELECT i.id, i.seq, i.detail->>'from_step', i.next_step, i.patch, i.token
+             INSERT INTO wardcall.run_steps (run_id, seq, step, next_step, patch, fencing_token, actor)
+             SELECT i.id, i.seq, i.detail->>'from_step', i.next_step, i.patch, i.token, i.actor
                FROM input i JOIN locked l ON l.id = i.id
               WHERE i.patch IS NOT NULL
              ON CONFLICT DO NOTHING
              RETURNING run_id AS id),
          written AS (SELECT id FROM updated UNION ALL SELECT id FROM appended),
          audited AS (
-             INSERT INTO wardcall.audit_log (entity, entity_id, action, from_state, to_state, actor, detail)
+             INSERT INTO wardcall.audit_records (entity, entity_id, action, from_state, to_state, actor, detail)
              SELECT 'run', i.id::text, i.action, i.held, i.to_status, i.actor, i.detail
-               FROM input i JOIN written w ON w.id = i.id)
+               FROM input i JOIN updated u ON u.id = i.id)
          SELECT id, true FROM written{busy}",
         lock = if skip_locked { " SKIP LOCKED" } else { "" },
         busy = if skip_locked {

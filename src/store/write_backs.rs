@@ -135,7 +135,7 @@ pub async fn give_up(pool: &sqlx::PgPool, attempt: Uuid, hook: &str, error: &str
                                                WHERE attempt_id = $1 AND hook = $2 FOR UPDATE SKIP LOCKED)
              RETURNING p.tries),
          audited AS (
-             INSERT INTO wardcall.audit_log (entity, entity_id, action, actor, detail)
+             INSERT INTO wardcall.audit_records (entity, entity_id, action, actor, detail)
              SELECT 'notification_attempt', $1::text, 'write_back.failed', $4, jsonb_build_object('hook', $2::text, 'error', $3::text, 'tries', gone.tries)
                FROM gone)
          SELECT tries FROM gone",

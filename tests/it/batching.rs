@@ -392,7 +392,7 @@ async fn due_timers(db: &TestDb, n: i64, steps: &str, critical: bool) {
 /// Claim statements that claimed runs, counted in the audit log: the
 /// `run.claimed` rows of one claim share its transaction id.
 async fn claim_transactions(db: &TestDb) -> i64 {
-    db.scalar_i64("SELECT count(DISTINCT xmin::text) FROM wardcall.audit_log WHERE action = 'run.claimed'").await
+    db.scalar_i64("SELECT count(DISTINCT xmin::text) FROM wardcall.audit_records WHERE action = 'run.claimed'").await
 }
 
 /// 640 timers due at one instant on an engine of 32 workers, each holding
@@ -472,14 +472,14 @@ pub async fn critical_run_is_claimed_at_once_during_a_timer_flood() {
     // After the first worker that freed once the critical run was due.
     let (after_free_ms, next_free_ms, flood_first): (f64, f64, i64) = sqlx::query_as(
         "WITH c AS (SELECT r.created_at AS due, a.at AS claimed, a.xmin::text AS claim
-                      FROM wardcall.runs r JOIN wardcall.audit_log a ON a.entity_id = r.id::text AND a.action = 'run.claimed'
+                      FROM wardcall.runs r JOIN wardcall.audit_records a ON a.entity_id = r.id::text AND a.action = 'run.claimed'
                      WHERE r.event = 'critical-timer'),
               frees AS (SELECT a.at, row_number() OVER (ORDER BY a.at) AS n
                           FROM wardcall.audit_log a JOIN wardcall.runs r ON a.entity_id = r.id::text, c
                          WHERE r.event = 'timer' AND a.action = 'run.completed' AND a.at > c.due),
               freed AS (SELECT (SELECT at FROM frees WHERE n = 1) AS at, (SELECT at FROM frees WHERE n = 2) AS next)
          SELECT (extract(epoch FROM c.claimed - freed.at) * 1000)::float8, (extract(epoch FROM freed.next - freed.at) * 1000)::float8,
-                (SELECT count(*) FROM wardcall.audit_log a JOIN wardcall.runs r ON a.entity_id = r.id::text
+                (SELECT count(*) FROM wardcall.audit_records a JOIN wardcall.runs r ON a.entity_id = r.id::text
                   WHERE r.event = 'timer' AND a.action = 'run.claimed' AND a.at > c.due AND a.at < c.claimed AND a.xmin::text <> c.claim)
            FROM c, freed",
     )
@@ -734,7 +734,7 @@ const POISON_CLAIMS: &str = "
         END IF;
         RETURN NEW;
     END $$;
-    CREATE TRIGGER poison BEFORE INSERT ON wardcall.audit_log FOR EACH ROW EXECUTE FUNCTION poison();";
+    CREATE TRIGGER poison BEFORE INSERT ON wardcall.audit_records FOR EACH ROW EXECUTE FUNCTION poison();";
 
 /// A claim that has run 50 timers' steps inside it (their transitions
 /// written) fails afterwards, when it leases a 51st run (due first, so that
@@ -767,7 +767,7 @@ pub async fn an_error_inside_a_claim_that_ran_steps_writes_none_of_it() {
     .await
     .unwrap();
     assert_eq!((sleeping, audited), (50, 0), "a failed claim wrote nothing of the steps it ran");
-    db.exec("DROP TRIGGER poison ON wardcall.audit_log").await;
+    db.exec("DROP TRIGGER poison ON wardcall.audit_records").await;
     await_true(
         &db,
         "every run to complete",
@@ -796,7 +796,7 @@ pub async fn a_step_run_inside_a_claim_that_cannot_be_written_holds_up_no_run() 
              IF NEW.from_state = 'sleeping' AND NEW.action = 'run.completed' THEN RAISE EXCEPTION 'refused'; END IF;
              RETURN NEW;
          END $$;
-         CREATE TRIGGER refuse BEFORE INSERT ON wardcall.audit_log FOR EACH ROW EXECUTE FUNCTION refuse();",
+         CREATE TRIGGER refuse BEFORE INSERT ON wardcall.audit_records FOR EACH ROW EXECUTE FUNCTION refuse();",
     )
     .await;
     sqlx::raw_sql(
@@ -1306,7 +1306,7 @@ pub async fn a_batch_of_send_records_keeps_the_others_when_one_write_back_fails(
     assert_eq!(failed, vec!["fail-2", "fail-5"], "the failing write-backs are audited, each once");
     assert_eq!(db.scalar_i64("SELECT n::bigint FROM wb_gate").await, 5, "the other write-backs committed");
     let largest_batch =
-        db.scalar_i64("SELECT max(c) FROM (SELECT count(*) AS c FROM wardcall.audit_log WHERE action IN ('attempt.requested', 'attempt.create_confirmed') GROUP BY xmin::text) t").await;
+        db.scalar_i64("SELECT max(c) FROM (SELECT count(*) AS c FROM wardcall.audit_records WHERE action IN ('attempt.requested', 'attempt.create_confirmed') GROUP BY xmin::text) t").await;
     eprintln!("largest transaction of send records: {largest_batch}");
     assert!(largest_batch >= 2, "the records were committed one transaction each");
     await_true(

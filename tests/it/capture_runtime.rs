@@ -424,15 +424,45 @@ pub async fn cancel_stops_a_run() {
     app.stop(Duration::from_secs(2)).await;
 }
 
+/// The audit trail (`wardcall.audit_log`, a view) is its two tables, the
+/// audit records and the step log, in one order; neither table can be
+/// changed, emptied or shortened, and neither can the view.
 pub async fn audit_log_is_append_only() {
     let db = TestDb::new().await;
     db.exec("SELECT wardcall.emit('nothing', '{}')").await;
-    db.exec("INSERT INTO wardcall.audit_log (entity, entity_id, action, actor) VALUES ('run', 'x', 'test', 'test')").await;
-    for sql in ["UPDATE wardcall.audit_log SET action = 'forged'", "DELETE FROM wardcall.audit_log", "TRUNCATE wardcall.audit_log"] {
-        let err = sqlx::raw_sql(sql).execute(&db.pool).await.expect_err(sql);
-        assert!(err.to_string().contains("append-only"), "{sql}: {err}");
+    db.exec("INSERT INTO wardcall.audit_records (entity, entity_id, action, actor) VALUES ('run', 'x', 'test', 'test')").await;
+    db.exec(
+        "INSERT INTO wardcall.run_steps (run_id, seq, step, next_step, patch, fencing_token, actor)
+         VALUES ('00000000-0000-0000-0000-000000000001', 1, 'op:0', 'op:1', '[]', 1, 'engine:test')",
+    )
+    .await;
+    db.exec("INSERT INTO wardcall.audit_records (entity, entity_id, action, actor) VALUES ('run', 'y', 'test', 'test')").await;
+    let trail: Vec<(String, String, String, serde_json::Value)> =
+        sqlx::query_as("SELECT entity_id, action, actor, detail FROM wardcall.audit_log ORDER BY id").fetch_all(&db.pool).await.unwrap();
+    assert_eq!(
+        trail,
+        vec![
+            ("x".into(), "test".into(), "test".into(), serde_json::json!({})),
+            (
+                "00000000-0000-0000-0000-000000000001".into(),
+                "run.step_completed".into(),
+                "engine:test".into(),
+                serde_json::json!({"from_step": "op:0", "to_step": "op:1", "seq": 1})
+            ),
+            ("y".into(), "test".into(), "test".into(), serde_json::json!({})),
+        ],
+        "one trail, in the order the rows were written"
+    );
+    for table in ["wardcall.audit_records", "wardcall.run_steps"] {
+        for sql in [format!("UPDATE {table} SET actor = 'forged'"), format!("DELETE FROM {table}"), format!("TRUNCATE {table}")] {
+            let err = sqlx::raw_sql(&sql).execute(&db.pool).await.expect_err(&sql);
+            assert!(err.to_string().contains("append-only"), "{sql}: {err}");
+        }
     }
-    assert_eq!(db.scalar_i64("SELECT count(*) FROM wardcall.audit_log").await, 1);
+    for sql in ["UPDATE wardcall.audit_log SET action = 'forged'", "DELETE FROM wardcall.audit_log", "TRUNCATE wardcall.audit_log"] {
+        sqlx::raw_sql(sql).execute(&db.pool).await.expect_err(sql);
+    }
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM wardcall.audit_log").await, 3);
 }
 
 pub async fn source_removed_from_config_loses_its_trigger() {

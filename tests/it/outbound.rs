@@ -644,12 +644,18 @@ pub async fn waiting_for_the_breaker_costs_no_attempt() {
 pub async fn audit_entity_widening_keeps_other_migrations_values() {
     let db = TestDb::new().await;
     let migration = include_str!("../../migrations/0009_outbound_http.sql");
-    let block = &migration[migration.find("DO $$").expect("the widening block")..];
+    // The table and its CHECK were renamed by migration 0018 (the name
+    // `wardcall.audit_log` is now the view of the whole trail): the block runs
+    // against them under their names of today.
+    let block = migration[migration.find("DO $$").expect("the widening block")..]
+        .replace("wardcall.audit_log", "wardcall.audit_records")
+        .replace("audit_log_entity_check", "audit_records_entity_check");
+    let block = block.as_str();
     let allowed = |db: &TestDb| {
         let pool = db.pool.clone();
         async move {
             sqlx::query_scalar::<_, String>(
-                "SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conrelid = 'wardcall.audit_log'::regclass AND conname = 'audit_log_entity_check'",
+                "SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conrelid = 'wardcall.audit_records'::regclass AND conname = 'audit_records_entity_check'",
             )
             .fetch_one(&pool)
             .await
@@ -660,8 +666,8 @@ pub async fn audit_entity_widening_keeps_other_migrations_values() {
     assert!(def.contains("'http_endpoint'") && def.contains("'notification_attempt'"), "{def}");
     // Another migration (applied later) replaced the list with its own, keeping ours.
     db.exec(
-        "ALTER TABLE wardcall.audit_log DROP CONSTRAINT audit_log_entity_check;
-         ALTER TABLE wardcall.audit_log ADD CONSTRAINT audit_log_entity_check
+        "ALTER TABLE wardcall.audit_records DROP CONSTRAINT audit_records_entity_check;
+         ALTER TABLE wardcall.audit_records ADD CONSTRAINT audit_records_entity_check
                CHECK (entity IN ('run','alert','notification_attempt','source','message')) NOT VALID",
     )
     .await;
@@ -670,9 +676,9 @@ pub async fn audit_entity_widening_keeps_other_migrations_values() {
     assert!(def.contains("'http_endpoint'") && def.contains("'message'") && def.contains("'source'"), "{def}");
     db.exec(block).await;
     assert_eq!(allowed(&db).await, def, "idempotent");
-    db.exec("INSERT INTO wardcall.audit_log (entity, entity_id, action, actor) VALUES ('message', 'm', 'x', 'test'), ('http_endpoint', 'e', 'x', 'test')")
+    db.exec("INSERT INTO wardcall.audit_records (entity, entity_id, action, actor) VALUES ('message', 'm', 'x', 'test'), ('http_endpoint', 'e', 'x', 'test')")
         .await;
     let refused =
-        sqlx::query("INSERT INTO wardcall.audit_log (entity, entity_id, action, actor) VALUES ('nonsense', 'e', 'x', 'test')").execute(&db.pool).await;
+        sqlx::query("INSERT INTO wardcall.audit_records (entity, entity_id, action, actor) VALUES ('nonsense', 'e', 'x', 'test')").execute(&db.pool).await;
     assert!(refused.is_err(), "the CHECK still refuses unknown entities");
 }

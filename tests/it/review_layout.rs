@@ -141,7 +141,7 @@ pub async fn late_create_answer_on_an_unknown_attempt_is_audited_as_a_transition
     .await
     .unwrap();
     sqlx::query(
-        "INSERT INTO wardcall.audit_log (entity, entity_id, action, from_state, to_state, actor, detail)
+        "INSERT INTO wardcall.audit_records (entity, entity_id, action, from_state, to_state, actor, detail)
          VALUES ('notification_attempt', $1, 'attempt.outcome_unknown', 'intent', 'unknown', 'engine:test', '{}')",
     )
     .bind(unknown.to_string())

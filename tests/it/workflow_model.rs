@@ -417,7 +417,7 @@ pub async fn on_failure_hook_runs_once_when_its_commit_fails_after_its_statement
              END IF;
              RETURN NEW;
          END $$;
-         CREATE TRIGGER refuse_once BEFORE INSERT ON wardcall.audit_log FOR EACH ROW EXECUTE FUNCTION refuse_once();",
+         CREATE TRIGGER refuse_once BEFORE INSERT ON wardcall.audit_records FOR EACH ROW EXECUTE FUNCTION refuse_once();",
     )
     .await;
     let cfg = jobs_config(
