@@ -21,18 +21,36 @@ ALTER TRIGGER audit_log_no_truncate ON wardcall.audit_records RENAME TO audit_re
 
 -- Steps logged before this migration have their audit rows in
 -- `audit_records` already: their `audit_id` stays NULL and the view leaves
--- them out. Every step logged from now on takes the next id of the trail.
+-- them out. Every step logged from now on takes the next id of the trail
+-- and names its actor: the CHECK (NOT VALID: enforced on every new row,
+-- the older rows left as they are) keeps a step from leaving the trail.
 ALTER TABLE wardcall.run_steps ADD COLUMN audit_id bigint, ADD COLUMN actor text;
 ALTER TABLE wardcall.run_steps ALTER COLUMN audit_id SET DEFAULT nextval('wardcall.audit_id_seq');
+ALTER TABLE wardcall.run_steps ADD CONSTRAINT run_steps_audited CHECK (audit_id IS NOT NULL AND actor IS NOT NULL) NOT VALID;
 
+-- The same columns and values as the audit rows these steps had before.
 CREATE VIEW wardcall.audit_log AS
     SELECT id, at, entity, entity_id, action, from_state, to_state, actor, detail
       FROM wardcall.audit_records
     UNION ALL
-    SELECT audit_id, at, 'run', run_id::text, 'run.step_completed', 'running', 'running', coalesce(actor, ''),
-           jsonb_build_object('from_step', step, 'to_step', next_step, 'seq', seq)
+    SELECT audit_id, at, 'run', run_id::text, 'run.step_completed', 'running', 'running', actor,
+           jsonb_build_object('from_step', step, 'to_step', next_step)
       FROM wardcall.run_steps
      WHERE audit_id IS NOT NULL;
+
+-- Whoever could read the audit log (the table, until now) can read the view.
+DO $$
+DECLARE
+    grantee text;
+BEGIN
+    FOR grantee IN
+        SELECT DISTINCT CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(pg_get_userbyid(a.grantee)) END
+          FROM pg_class c, aclexplode(c.relacl) a
+         WHERE c.oid = 'wardcall.audit_records'::regclass AND a.privilege_type = 'SELECT' AND a.grantee <> c.relowner
+    LOOP
+        EXECUTE format('GRANT SELECT ON wardcall.audit_log TO %s', grantee);
+    END LOOP;
+END $$;
 
 CREATE OR REPLACE FUNCTION wardcall.refuse_audit_change() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN

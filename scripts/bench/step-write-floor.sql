@@ -50,7 +50,7 @@ DECLARE
     lock_join text := CASE WHEN variant IN (2, 3, 4) THEN 'FROM input i' ELSE 'FROM input i JOIN locked l ON l.id = i.id' END;
     state_set text := CASE WHEN variant = 3 THEN '' ELSE 'state = i.state::jsonb,' END;
     audit text := CASE WHEN variant IN (1, 4) THEN 'SELECT 1 FROM input i JOIN updated u ON u.id = i.id'
-                       ELSE 'INSERT INTO wardcall.audit_log (entity, entity_id, action, from_state, to_state, actor, detail)
+                       ELSE 'INSERT INTO wardcall.audit_records (entity, entity_id, action, from_state, to_state, actor, detail)
                              SELECT ''run'', i.id::text, i.action, i.held, i.to_status, i.actor, i.detail FROM input i JOIN updated u ON u.id = i.id' END;
 BEGIN
     SELECT array_agg(r.id ORDER BY r.id), array_agg(r.fencing_token ORDER BY r.id) INTO ids, tokens

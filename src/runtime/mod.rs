@@ -1507,6 +1507,8 @@ impl Engine {
         });
         let actor = self.actor();
         let mut snapshot: Option<state_patch::Snapshot> = None;
+        // The buffers of the snapshot before the last step, for the next one's.
+        let mut spare: Option<state_patch::Snapshot> = None;
         loop {
             if run.wait_signal.is_some() {
                 let resolved = async {
@@ -1583,6 +1585,7 @@ impl Engine {
                             &mut state,
                             (!saved.load(Ordering::Relaxed)).then_some(&before),
                             &mut snapshot,
+                            spare.take(),
                             &next_step,
                             &parking,
                             &in_commit,
@@ -1590,7 +1593,10 @@ impl Engine {
                         )
                         .await
                     {
-                        Ok(committed) => Ok((next_step, parking, committed)),
+                        Ok(committed) => {
+                            spare = Some(before);
+                            Ok((next_step, parking, committed))
+                        }
                         Err(step_error) => Err(step_error),
                     }
                 }
@@ -1685,7 +1691,8 @@ impl Engine {
     /// A `continue` of the group's is logged as the state's changes since
     /// `before` (its snapshot; `None` when the step saved its state
     /// mid-way, which makes the transition a checkpoint); the snapshot of
-    /// the new state goes to `after`, for the next step.
+    /// the new state goes to `after`, for the next step, made in the
+    /// buffers of `spare` when there is one.
     #[allow(clippy::too_many_arguments)]
     async fn commit_step(
         &self,
@@ -1694,6 +1701,7 @@ impl Engine {
         state: &mut Value,
         before: Option<&state_patch::Snapshot>,
         after: &mut Option<state_patch::Snapshot>,
+        spare: Option<state_patch::Snapshot>,
         next_step: &str,
         parking: &Parking,
         work: &[Box<dyn step::CommitWork>],
@@ -1708,7 +1716,7 @@ impl Engine {
             let continuing = matches!(parking, Parking::Continue);
             let (shared, patch) = match before.filter(|_| continuing) {
                 Some(before) => {
-                    let (patch, next) = state_patch::diff_from(before, state);
+                    let (patch, next) = state_patch::diff_reusing(before, state, spare.unwrap_or_default());
                     *after = Some(next);
                     (Arc::new(Value::Null), Some(patch))
                 }

@@ -85,26 +85,35 @@ impl Snapshot {
     }
 
     /// Appends the encoding of a value that is not an object: a tag byte,
-    /// then `null`, `true`, `false` nothing more; a number its 8 bytes
-    /// (`u64`, `i64` or `f64` bits, as `serde_json` holds it); a string its
-    /// UTF-8 bytes, unescaped; an array its JSON text. Two values have the
-    /// same encoding exactly when they are equal (their ranges' lengths
-    /// included): what the merge needs, without escaping every string.
+    /// then `null`, `true`, `false` nothing more; an integer its 8 bytes
+    /// (`u64` or `i64`, as `serde_json` holds it); any other number its
+    /// shortest exact text (with `serde_json`'s `arbitrary_precision`, the
+    /// literal as written); a string its UTF-8 bytes, unescaped; an array its
+    /// JSON text. Two values with the same encoding (their ranges' lengths
+    /// included) are equal, and equal values have the same encoding, but for
+    /// `-0.0`, written as `0.0`: what the merge needs, without escaping
+    /// every string.
     fn push_leaf(&mut self, v: &Value) -> Range<usize> {
         let start = self.leaves.len();
         match v {
             Value::Null => self.leaves.push(b'n'),
             Value::Bool(true) => self.leaves.push(b't'),
             Value::Bool(false) => self.leaves.push(b'f'),
-            Value::Number(n) => {
-                let (tag, bits) = match (n.as_u64(), n.as_i64()) {
-                    (Some(u), _) => (b'u', u.to_le_bytes()),
-                    (None, Some(i)) => (b'i', i.to_le_bytes()),
-                    (None, None) => (b'd', n.as_f64().unwrap_or(f64::NAN).to_bits().to_le_bytes()),
-                };
-                self.leaves.push(tag);
-                self.leaves.extend_from_slice(&bits);
-            }
+            Value::Number(n) => match (n.as_u64(), n.as_i64()) {
+                (Some(u), _) => {
+                    self.leaves.push(b'u');
+                    self.leaves.extend_from_slice(&u.to_le_bytes());
+                }
+                (None, Some(i)) => {
+                    self.leaves.push(b'i');
+                    self.leaves.extend_from_slice(&i.to_le_bytes());
+                }
+                (None, None) => {
+                    self.leaves.push(b'd');
+                    let text = n.to_string();
+                    self.leaves.extend_from_slice(if text == "-0.0" { b"0.0" } else { text.as_bytes() });
+                }
+            },
             Value::String(text) => {
                 self.leaves.push(b's');
                 self.leaves.extend_from_slice(text.as_bytes());
@@ -145,12 +154,21 @@ impl Snapshot {
 /// both) is one `set`; an object that lost a member is one `set` of the
 /// whole object.
 pub fn diff_from(before: &Snapshot, after: &Value) -> (Value, Snapshot) {
+    diff_reusing(before, after, Snapshot::default())
+}
+
+/// [`diff_from`], making the next snapshot in the buffers of `spare` (an
+/// older snapshot, whatever it held): a worker's steps then reuse two sets
+/// of buffers instead of allocating three of the state's size per step.
+pub fn diff_reusing(before: &Snapshot, after: &Value, spare: Snapshot) -> (Value, Snapshot) {
     let mut ops = Vec::new();
-    let mut next = Snapshot {
-        keys: String::with_capacity(before.keys.len() + 16),
-        leaves: Vec::with_capacity(before.leaves.len() + 256),
-        nodes: Vec::with_capacity(before.nodes.len() + 4),
-    };
+    let mut next = spare;
+    next.keys.clear();
+    next.leaves.clear();
+    next.nodes.clear();
+    next.keys.reserve(before.keys.len() + 16);
+    next.leaves.reserve(before.leaves.len() + 256);
+    next.nodes.reserve(before.nodes.len() + 4);
     let mut path = Vec::new();
     let root = (!before.nodes.is_empty()).then_some(0);
     walk(before, root, "", after, &mut path, &mut ops, &mut next);
@@ -321,7 +339,10 @@ mod tests {
             json!(u64::MAX),
             json!(i64::MIN),
             json!(1.0),
+            json!(0.0),
             json!(-0.0),
+            json!(1e300),
+            json!(1.0000000000000002),
             json!(0.5),
             json!(""),
             json!("n"),
@@ -374,15 +395,17 @@ mod tests {
             json!({"a": 1}),
         ];
         let mut snap = Snapshot::of(&states[0]);
+        // The buffers of an unrelated, larger snapshot, reused from the start.
+        let mut spare = Snapshot::of(&json!({"z": {"y": [1, 2, 3], "x": "a long text to leave behind"}, "a": null}));
         for pair in states.windows(2) {
-            let (patch, next) = diff_from(&snap, &pair[1]);
+            let (patch, next) = diff_reusing(&snap, &pair[1], spare);
             let mut state = pair[0].clone();
             apply(&mut state, &patch);
             assert_eq!(state, pair[1], "{patch}");
             let fresh = Snapshot::of(&pair[1]);
             assert_eq!((&next.keys, &next.leaves), (&fresh.keys, &fresh.leaves));
             assert_eq!(format!("{:?}", next.nodes), format!("{:?}", fresh.nodes));
-            snap = next;
+            spare = std::mem::replace(&mut snap, next);
         }
     }
 

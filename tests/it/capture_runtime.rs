@@ -22,6 +22,7 @@ pub fn tests() -> Vec<libtest_mimic::Trial> {
         capture_runtime::sleep_due_while_engine_down_fires_on_start,
         capture_runtime::cancel_stops_a_run,
         capture_runtime::audit_log_is_append_only,
+        capture_runtime::steps_logged_before_migration_18_stay_in_the_trail_once,
         capture_runtime::source_removed_from_config_loses_its_trigger,
         capture_runtime::bad_condition_is_refused_naming_the_source,
         capture_runtime::worker_process_killed_mid_step_is_taken_over,
@@ -447,7 +448,7 @@ pub async fn audit_log_is_append_only() {
                 "00000000-0000-0000-0000-000000000001".into(),
                 "run.step_completed".into(),
                 "engine:test".into(),
-                serde_json::json!({"from_step": "op:0", "to_step": "op:1", "seq": 1})
+                serde_json::json!({"from_step": "op:0", "to_step": "op:1"})
             ),
             ("y".into(), "test".into(), "test".into(), serde_json::json!({})),
         ],
@@ -463,6 +464,59 @@ pub async fn audit_log_is_append_only() {
         sqlx::raw_sql(sql).execute(&db.pool).await.expect_err(sql);
     }
     assert_eq!(db.scalar_i64("SELECT count(*) FROM wardcall.audit_log").await, 3);
+    // A logged step always joins the trail: no step without its number or actor.
+    let refused = sqlx::raw_sql(
+        "INSERT INTO wardcall.run_steps (run_id, seq, step, next_step, patch, fencing_token, actor, audit_id)
+         VALUES ('00000000-0000-0000-0000-000000000001', 2, 'op:1', 'op:2', '[]', 1, 'engine:test', NULL)",
+    )
+    .execute(&db.pool)
+    .await
+    .expect_err("a step row without an audit id");
+    assert!(refused.to_string().contains("run_steps_audited"), "{refused}");
+}
+
+/// A database upgraded to migration 18 with steps logged (and audited, in
+/// the table of the time) before it: each of those steps is in the trail
+/// once, later steps join it, and a role that could read the audit log
+/// still can.
+pub async fn steps_logged_before_migration_18_stay_in_the_trail_once() {
+    let db = TestDb::new().await;
+    db.exec(
+        "DROP SCHEMA wardcall CASCADE;
+         CREATE SCHEMA wardcall;
+         CREATE TABLE wardcall.schema_migrations (version integer PRIMARY KEY, name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT clock_timestamp())",
+    )
+    .await;
+    for (version, name, sql) in wardcall::db::migrate::MIGRATIONS.iter().filter(|(v, _, _)| *v < 18) {
+        db.exec(sql).await;
+        sqlx::query("INSERT INTO wardcall.schema_migrations (version, name) VALUES ($1, $2)").bind(version).bind(name).execute(&db.pool).await.unwrap();
+    }
+    let auditor = format!("{}_auditor", db.name);
+    db.exec(&format!(
+        "CREATE ROLE {auditor};
+         GRANT SELECT ON wardcall.audit_log TO {auditor};
+         INSERT INTO wardcall.run_steps (run_id, seq, step, next_step, patch, fencing_token)
+         VALUES ('00000000-0000-0000-0000-000000000001', 1, 'op:0', 'op:1', '[]', 1);
+         INSERT INTO wardcall.audit_log (entity, entity_id, action, from_state, to_state, actor, detail)
+         VALUES ('run', '00000000-0000-0000-0000-000000000001', 'run.step_completed', 'running', 'running', 'engine:old',
+                 '{{\"from_step\": \"op:0\", \"to_step\": \"op:1\"}}')"
+    ))
+    .await;
+    assert_eq!(wardcall::db::migrate::migrate(&db.pool).await.unwrap(), 1, "migration 18 alone");
+    db.exec(
+        "INSERT INTO wardcall.run_steps (run_id, seq, step, next_step, patch, fencing_token, actor)
+         VALUES ('00000000-0000-0000-0000-000000000001', 2, 'op:1', 'op:2', '[]', 1, 'engine:new')",
+    )
+    .await;
+    let trail: Vec<(String, String)> =
+        sqlx::query_as("SELECT actor, detail->>'from_step' FROM wardcall.audit_log WHERE entity_id = '00000000-0000-0000-0000-000000000001' ORDER BY id")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(trail, vec![("engine:old".to_string(), "op:0".to_string()), ("engine:new".to_string(), "op:1".to_string())], "each step once, in order");
+    let readable: bool = sqlx::query_scalar("SELECT has_table_privilege($1, 'wardcall.audit_log', 'SELECT')").bind(&auditor).fetch_one(&db.pool).await.unwrap();
+    db.exec(&format!("REVOKE ALL ON ALL TABLES IN SCHEMA wardcall FROM {auditor}; DROP ROLE {auditor}")).await;
+    assert!(readable, "the view keeps the table's readers");
 }
 
 pub async fn source_removed_from_config_loses_its_trigger() {
