@@ -231,6 +231,42 @@ pub async fn a_held_run_does_not_hold_its_batch() {
     let alone = store::commit_transitions(&mut db.pool.acquire().await.unwrap(), &batch[1..2]).await.unwrap();
     assert_eq!(alone, vec![Some(false)]);
     assert_eq!(db.scalar_i64("SELECT count(*) FROM wardcall.runs WHERE step = 'op:1'").await, 3);
+
+    // The same with a worker's logged `continue`s only (the step log's own
+    // statement): the free runs append, the held one is busy, the lost one
+    // appends nothing.
+    let runs = claimed_runs(&db, 4, "logged").await;
+    let mut holder = db.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM wardcall.runs WHERE id = $1 FOR UPDATE").bind(runs[1].id).execute(&mut *holder).await.unwrap();
+    sqlx::query("UPDATE wardcall.runs SET fencing_token = fencing_token + 1 WHERE id = $1").bind(runs[3].id).execute(&db.pool).await.unwrap();
+    let batch: Vec<TransitionCommit> = runs
+        .iter()
+        .map(|r| TransitionCommit { patch: Some(json!([{"set": ["n"], "value": 1}])), state: Value::Null.into(), ..transition(r, Parking::Continue) })
+        .collect();
+    let outcomes = tokio::time::timeout(Duration::from_secs(5), store::commit_transitions_skip_locked(&mut db.pool.acquire().await.unwrap(), &batch))
+        .await
+        .expect("the batch does not wait for the held row")
+        .unwrap();
+    assert_eq!(outcomes, vec![Committed { due_now: false }, Busy, Committed { due_now: false }, LeaseLost]);
+    holder.rollback().await.unwrap();
+    for (i, run) in runs.iter().enumerate() {
+        let logged: Vec<(i64, String, String, String, Value)> =
+            sqlx::query_as("SELECT seq, step, next_step, actor, patch FROM wardcall.run_steps WHERE run_id = $1")
+                .bind(run.id)
+                .fetch_all(&db.pool)
+                .await
+                .unwrap();
+        let (step, row_state): (String, Value) =
+            sqlx::query_as("SELECT step, state FROM wardcall.runs WHERE id = $1").bind(run.id).fetch_one(&db.pool).await.unwrap();
+        assert_eq!((step.as_str(), row_state), ("start", json!({})), "run {i}: the row is not rewritten by an append");
+        if i % 2 == 0 {
+            assert_eq!(logged, vec![(1, "start".into(), "op:1".into(), "engine:test".into(), json!([{"set": ["n"], "value": 1}]))], "run {i}");
+            assert_eq!(audited(&db, run.id).await, vec!["run.claimed", "run.step_completed"], "run {i}");
+        } else {
+            assert!(logged.is_empty(), "run {i} appended nothing: {logged:?}");
+            assert_eq!(audited(&db, run.id).await, vec!["run.claimed"], "run {i}");
+        }
+    }
 }
 
 /// Through the engine: eight runs whose first step ends at the same moment
@@ -543,6 +579,10 @@ pub async fn group_commit_finds_its_runs_by_primary_key() {
         let types = "uuid[], bigint[], jsonb[], text[], text[], bigint[], bigint[], text[], text[], text[], text[], jsonb[], text[], text[], bigint[], jsonb[]";
         sqlx::raw_sql(&format!("PREPARE {name} ({types}) AS {}", store::group_commit_statement(skip_locked))).execute(&mut *conn).await.unwrap();
     }
+    sqlx::raw_sql(&format!("PREPARE step_log (uuid[], bigint[], bigint[], text[], text[], jsonb[], text[]) AS {}", store::STEP_LOG_STATEMENT))
+        .execute(&mut *conn)
+        .await
+        .unwrap();
     // A batch of 30 and one of 250 (a claim's timers): custom plans change
     // with the arrays' length.
     for size in [30, 250] {
@@ -612,6 +652,41 @@ pub async fn group_commit_finds_its_runs_by_primary_key() {
                     assert!(plan.contains("hashed SubPlan"), "{size} runs, {mode}: the busy runs are not found by a hashed NOT IN: {plan}");
                 }
             }
+            // The statement of a batch of logged `continue`s, the same checks.
+            let plan: Value = if mode == "generic" {
+                let n = batch.len();
+                let ids = ids.iter().map(Uuid::to_string).collect::<Vec<_>>().join(",");
+                let tokens = tokens.iter().map(i64::to_string).collect::<Vec<_>>().join(",");
+                let fill = |v: &str, t: &str| format!("array_fill({v}::{t}, ARRAY[{n}])");
+                let args = [
+                    format!("'{{{ids}}}'"),
+                    format!("'{{{tokens}}}'"),
+                    fill("1", "bigint"),
+                    fill("'start'", "text"),
+                    fill("'op:1'", "text"),
+                    fill("'[]'", "jsonb"),
+                    fill("'engine:test'", "text"),
+                ]
+                .join(", ");
+                sqlx::query_scalar(&format!("EXPLAIN (FORMAT JSON) EXECUTE step_log({args})")).fetch_one(&mut *conn).await.unwrap()
+            } else {
+                sqlx::query_scalar(&format!("EXPLAIN (FORMAT JSON) {}", store::STEP_LOG_STATEMENT))
+                    .bind(&ids)
+                    .bind(&tokens)
+                    .bind(vec![1i64; batch.len()])
+                    .bind(text("start"))
+                    .bind(text("op:1"))
+                    .bind(vec![json!([]); batch.len()])
+                    .bind(text("engine:test"))
+                    .fetch_one(&mut *conn)
+                    .await
+                    .unwrap()
+            };
+            assert!(!rescans_locked(&plan), "{size} runs, {mode}, step log: a nested loop rescans the batch per row: {plan}");
+            let plan = plan.to_string();
+            assert!(!plan.contains("runs_status"), "{size} runs, {mode}, step log: the plan reads runs_status: {plan}");
+            assert!(plan.contains("runs_pkey"), "{size} runs, {mode}, step log: the plan does not use the primary key: {plan}");
+            assert!(plan.contains("hashed SubPlan"), "{size} runs, {mode}, step log: the busy runs are not found by a hashed NOT IN: {plan}");
         }
     }
     drop(conn);
