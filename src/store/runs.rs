@@ -920,7 +920,9 @@ pub async fn commit_fired_in_claim(conn: &mut PgConnection, batch: &[TransitionC
 /// under its run's row lock, fenced as [`group_commit_statement`]'s
 /// `appended`, with the same result rows (busy runs `false`, a lost lease no
 /// row); 7 arrays: `id uuid[]`, `token bigint[]`, `seq bigint[]`, `step
-/// text[]`, `next_step text[]`, `patch jsonb[]`, `actor text[]`.
+/// text[]`, `next_step text[]`, `patch jsonb[]`, `actor text[]`. Its fence
+/// (`locked`, the busy runs) and its append repeat [`group_commit_statement`]'s:
+/// change them together.
 pub const STEP_LOG_STATEMENT: &str = "WITH input AS MATERIALIZED (
          SELECT t.*, 'running'::text AS held
            FROM unnest($1::uuid[], $2::bigint[], $3::bigint[], $4::text[], $5::text[], $6::jsonb[], $7::text[])
@@ -976,7 +978,9 @@ pub const STEP_LOG_STATEMENT: &str = "WITH input AS MATERIALIZED (
 /// hashed `NOT IN`, for the same reason.
 ///
 /// A transition with a patch (a worker's `continue`) is appended to the step
-/// log (`appended`) under the same row lock instead of updating the run: one
+/// log (`appended`; a batch of nothing else goes through
+/// [`STEP_LOG_STATEMENT`], whose fence and append repeat these: change them
+/// together) under the same row lock instead of updating the run: one
 /// narrow row, and the run's row (its state, up to kilobytes, TOASTed) is
 /// not rewritten. That row, with its actor and the next id of the audit
 /// trail, is also the step's audit record (`run.step_completed` in the view

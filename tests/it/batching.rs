@@ -233,12 +233,22 @@ pub async fn a_held_run_does_not_hold_its_batch() {
     assert_eq!(db.scalar_i64("SELECT count(*) FROM wardcall.runs WHERE step = 'op:1'").await, 3);
 
     // The same with a worker's logged `continue`s only (the step log's own
-    // statement): the free runs append, the held one is busy, the lost one
-    // appends nothing.
-    let runs = claimed_runs(&db, 4, "logged").await;
+    // statement): the free runs append, the held one is busy; the one whose
+    // lease was lost, the one no longer running (same token) and the one
+    // whose step number is taken append nothing and report a lost lease.
+    let runs = claimed_runs(&db, 6, "logged").await;
     let mut holder = db.pool.begin().await.unwrap();
     sqlx::query("SELECT 1 FROM wardcall.runs WHERE id = $1 FOR UPDATE").bind(runs[1].id).execute(&mut *holder).await.unwrap();
     sqlx::query("UPDATE wardcall.runs SET fencing_token = fencing_token + 1 WHERE id = $1").bind(runs[3].id).execute(&db.pool).await.unwrap();
+    sqlx::query("UPDATE wardcall.runs SET status = 'sleeping' WHERE id = $1").bind(runs[4].id).execute(&db.pool).await.unwrap();
+    sqlx::query(
+        "INSERT INTO wardcall.run_steps (run_id, seq, step, next_step, patch, fencing_token, actor) VALUES ($1, 1, 'start', 'other', '[]', $2, 'engine:other')",
+    )
+    .bind(runs[5].id)
+    .bind(runs[5].fencing_token)
+    .execute(&db.pool)
+    .await
+    .unwrap();
     let batch: Vec<TransitionCommit> = runs
         .iter()
         .map(|r| TransitionCommit { patch: Some(json!([{"set": ["n"], "value": 1}])), state: Value::Null.into(), ..transition(r, Parking::Continue) })
@@ -247,7 +257,7 @@ pub async fn a_held_run_does_not_hold_its_batch() {
         .await
         .expect("the batch does not wait for the held row")
         .unwrap();
-    assert_eq!(outcomes, vec![Committed { due_now: false }, Busy, Committed { due_now: false }, LeaseLost]);
+    assert_eq!(outcomes, vec![Committed { due_now: false }, Busy, Committed { due_now: false }, LeaseLost, LeaseLost, LeaseLost]);
     holder.rollback().await.unwrap();
     for (i, run) in runs.iter().enumerate() {
         let logged: Vec<(i64, String, String, String, Value)> =
@@ -259,9 +269,11 @@ pub async fn a_held_run_does_not_hold_its_batch() {
         let (step, row_state): (String, Value) =
             sqlx::query_as("SELECT step, state FROM wardcall.runs WHERE id = $1").bind(run.id).fetch_one(&db.pool).await.unwrap();
         assert_eq!((step.as_str(), row_state), ("start", json!({})), "run {i}: the row is not rewritten by an append");
-        if i % 2 == 0 {
+        if i == 0 || i == 2 {
             assert_eq!(logged, vec![(1, "start".into(), "op:1".into(), "engine:test".into(), json!([{"set": ["n"], "value": 1}]))], "run {i}");
             assert_eq!(audited(&db, run.id).await, vec!["run.claimed", "run.step_completed"], "run {i}");
+        } else if i == 5 {
+            assert_eq!(logged, vec![(1, "start".into(), "other".into(), "engine:other".into(), json!([]))], "run {i}: only the step logged first");
         } else {
             assert!(logged.is_empty(), "run {i} appended nothing: {logged:?}");
             assert_eq!(audited(&db, run.id).await, vec!["run.claimed"], "run {i}");
