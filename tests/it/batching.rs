@@ -48,6 +48,7 @@ pub fn tests() -> Vec<libtest_mimic::Trial> {
         batching::a_failure_after_logged_steps_keeps_their_results_and_counts_its_attempt,
         batching::transitions_that_keep_columns_take_them_from_the_logged_steps,
         batching::a_claim_calls_the_fold_only_for_runs_taken_over,
+        batching::a_step_that_saved_its_state_commits_a_checkpoint_not_a_patch,
     ]
 }
 
@@ -1683,4 +1684,98 @@ pub async fn a_claim_calls_the_fold_only_for_runs_taken_over() {
     assert_eq!(locked.len(), 22);
     assert_eq!(locked.iter().filter(|(r, _)| r.step_seq == 2 && r.step == "op:2").count(), 1, "lock_due reads the run taken over folded");
     assert_eq!(calls, 1, "lock_due folds only the run left running");
+}
+
+/// The workflows as they are, but for one thing: the script step `op:1`
+/// saves its state mid-way, as an escalation tier saves its recipients
+/// (`StepContext::save_state`, in a fenced transaction of its own).
+struct SavingMidWay;
+
+impl wardcall::runtime::step::WorkflowHost for SavingMidWay {
+    fn run_step<'a, 'c: 'a>(
+        &'a self,
+        ctx: &'a mut wardcall::runtime::step::StepContext<'c>,
+    ) -> futures_util::future::BoxFuture<'a, Result<wardcall::runtime::step::Transition, wardcall::runtime::step::StepError>> {
+        Box::pin(async move {
+            let transition = wardcall::workflows::Host.run_step(ctx).await?;
+            if ctx.run.step == "op:1" {
+                ctx.state["saved_mid_way"] = json!(true);
+                let mut tx = ctx.services.pool.begin().await.map_err(|e| wardcall::runtime::step::StepError::Retryable(e.into()))?;
+                assert!(store::lock_fenced(&mut tx, ctx.run.id, ctx.run.fencing_token).await.unwrap(), "the step holds its lease");
+                ctx.save_state(&mut tx).await.map_err(|e| wardcall::runtime::step::StepError::Retryable(e.into()))?;
+                tx.commit().await.map_err(|e| wardcall::runtime::step::StepError::Retryable(e.into()))?;
+            }
+            Ok(transition)
+        })
+    }
+    fn is_critical(&self, w: &Workflow) -> bool {
+        wardcall::workflows::Host.is_critical(w)
+    }
+    fn runs_in_claim(&self, w: &Workflow, run: &store::ClaimedRun) -> bool {
+        wardcall::workflows::Host.runs_in_claim(w, run)
+    }
+    fn retry_rule(&self, w: &Workflow, step: &str) -> wardcall::runtime::step::RetryRule {
+        wardcall::workflows::Host.retry_rule(w, step)
+    }
+    fn failure_hook(&self, w: &Workflow, step: &str) -> Option<String> {
+        wardcall::workflows::Host.failure_hook(w, step)
+    }
+    fn cancel_run_in<'a>(
+        &'a self,
+        conn: &'a mut sqlx::PgConnection,
+        config: &'a wardcall::config::Config,
+        run: Uuid,
+        actor: &'a str,
+        reason: &'a str,
+        replaced: bool,
+    ) -> futures_util::future::BoxFuture<'a, Result<bool, sqlx::Error>> {
+        wardcall::workflows::Host.cancel_run_in(conn, config, run, actor, reason, replaced)
+    }
+    fn keyed_routes(&self, w: &Workflow, event: &str) -> Vec<(String, wardcall::runtime::step::KeyedRoute)> {
+        wardcall::workflows::Host.keyed_routes(w, event)
+    }
+    fn background_tasks(&self, services: wardcall::runtime::Services) -> Vec<futures_util::future::BoxFuture<'static, ()>> {
+        wardcall::workflows::Host.background_tasks(services)
+    }
+    fn prefetch_first_step(
+        &self,
+        services: &wardcall::runtime::Services,
+        w: &Workflow,
+        input: &Value,
+    ) -> Option<futures_util::future::BoxFuture<'static, Box<dyn std::any::Any + Send>>> {
+        wardcall::workflows::Host.prefetch_first_step(services, w, input)
+    }
+}
+
+/// A step that saved its state mid-way (`StepContext::save_state`: the
+/// run's row now holds that state, with the logged steps before it folded
+/// in) and then goes on commits a checkpoint of the whole state, not a
+/// patch: a patch would be relative to the state before the step, which
+/// the row no longer holds. Through the engine, a script of four steps whose
+/// second saves its state: the first step is logged, the second is a
+/// checkpoint (no log row of its number), the third is logged after it, and
+/// the run ends with every result and the saved member.
+pub async fn a_step_that_saved_its_state_commits_a_checkpoint_not_a_patch() {
+    let db = TestDb::new().await;
+    db.exec(TASKS_TABLE).await;
+    let cfg = config(&script_config(4));
+    wardcall::app::prepare_database(&db.database(), &cfg, "test").await.unwrap();
+    let providers = wardcall::providers::Providers::from_config(&cfg, None).unwrap();
+    let engine = wardcall::runtime::Engine::new(db.database(), cfg, providers, "http://127.0.0.1:9".into(), Arc::new(SavingMidWay));
+    let tasks = engine.spawn();
+    db.exec(
+        r#"INSERT INTO tasks (kind, steps) VALUES ('go', '[{"op":"step","name":"a"},{"op":"step","name":"b"},{"op":"step","name":"c"},{"op":"step","name":"d"}]')"#,
+    )
+    .await;
+    await_true(&db, "the run to complete", Duration::from_secs(30), "SELECT count(*) = 1 FROM wardcall.runs WHERE status = 'completed'").await;
+    tasks.stop(Duration::from_secs(2)).await;
+    let logged: Vec<(i64, String)> = sqlx::query_as("SELECT seq, step FROM wardcall.run_steps ORDER BY seq").fetch_all(&db.pool).await.unwrap();
+    assert_eq!(logged, vec![(1, "start".to_string()), (3, "op:2".to_string())], "the step that saved its state was not logged as a patch");
+    let state: Value = sqlx::query_scalar("SELECT state FROM wardcall.runs").fetch_one(&db.pool).await.unwrap();
+    assert_eq!(state["saved_mid_way"], true, "{state}");
+    for (i, name) in ["a", "b", "c", "d"].iter().enumerate() {
+        assert_eq!(state["results"][i.to_string()]["name"], *name, "{state}");
+    }
+    let steps = db.scalar_i64("SELECT count(*) FROM wardcall.audit_log WHERE action IN ('run.step_completed', 'run.completed')").await;
+    assert_eq!(steps, 4, "each step audited once");
 }
