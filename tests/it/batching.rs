@@ -572,6 +572,19 @@ fn rescans_locked(plan: &Value) -> bool {
 /// planner do so: 62,250 rows filtered for 250 timers). And
 /// the status still fences: a run whose token matches but which no longer
 /// runs is not written.
+/// The arguments of an `EXECUTE` of a group commit's prepared statement
+/// (which takes no bound parameters): the batch's ids and tokens as array
+/// literals (ours, not a team's values), then one `array_fill` per
+/// `(value, type)` for the other arrays.
+fn literal_args(ids: &[Uuid], tokens: &[i64], fills: &[(&str, &str)]) -> String {
+    let n = ids.len();
+    let ids = ids.iter().map(Uuid::to_string).collect::<Vec<_>>().join(",");
+    let tokens = tokens.iter().map(i64::to_string).collect::<Vec<_>>().join(",");
+    let mut args = vec![format!("'{{{ids}}}'"), format!("'{{{tokens}}}'")];
+    args.extend(fills.iter().map(|(v, t)| format!("array_fill({v}::{t}, ARRAY[{n}])")));
+    args.join(", ")
+}
+
 pub async fn group_commit_finds_its_runs_by_primary_key() {
     let db = TestDb::new().await;
     sqlx::query(
@@ -608,30 +621,26 @@ pub async fn group_commit_finds_its_runs_by_primary_key() {
         for mode in ["custom", "generic"] {
             for skip_locked in [false, true] {
                 let plan: Value = if mode == "generic" {
-                    // EXECUTE takes no bound parameters: the batch as literals (ids and tokens are ours).
-                    let n = batch.len();
-                    let ids = ids.iter().map(Uuid::to_string).collect::<Vec<_>>().join(",");
-                    let tokens = tokens.iter().map(i64::to_string).collect::<Vec<_>>().join(",");
-                    let fill = |v: &str, t: &str| format!("array_fill({v}::{t}, ARRAY[{n}])");
-                    let args = [
-                        format!("'{{{ids}}}'"),
-                        format!("'{{{tokens}}}'"),
-                        fill("'{}'", "jsonb"),
-                        fill("'op:1'", "text"),
-                        fill("'continue'", "text"),
-                        fill("NULL", "bigint"),
-                        fill("0", "bigint"),
-                        fill("NULL", "text"),
-                        fill("NULL", "text"),
-                        fill("'run.step_completed'", "text"),
-                        fill("'running'", "text"),
-                        fill("'{}'", "jsonb"),
-                        fill("'engine:test'", "text"),
-                        fill("'running'", "text"),
-                        fill("1", "bigint"),
-                        fill("NULL", "jsonb"),
-                    ]
-                    .join(", ");
+                    let args = literal_args(
+                        &ids,
+                        &tokens,
+                        &[
+                            ("'{}'", "jsonb"),
+                            ("'op:1'", "text"),
+                            ("'continue'", "text"),
+                            ("NULL", "bigint"),
+                            ("0", "bigint"),
+                            ("NULL", "text"),
+                            ("NULL", "text"),
+                            ("'run.step_completed'", "text"),
+                            ("'running'", "text"),
+                            ("'{}'", "jsonb"),
+                            ("'engine:test'", "text"),
+                            ("'running'", "text"),
+                            ("1", "bigint"),
+                            ("NULL", "jsonb"),
+                        ],
+                    );
                     let name = if skip_locked { "group_commit_skip_locked" } else { "group_commit" };
                     sqlx::query_scalar(&format!("EXPLAIN (FORMAT JSON) EXECUTE {name}({args})")).fetch_one(&mut *conn).await.unwrap()
                 } else {
@@ -667,20 +676,8 @@ pub async fn group_commit_finds_its_runs_by_primary_key() {
             }
             // The statement of a batch of logged `continue`s, the same checks.
             let plan: Value = if mode == "generic" {
-                let n = batch.len();
-                let ids = ids.iter().map(Uuid::to_string).collect::<Vec<_>>().join(",");
-                let tokens = tokens.iter().map(i64::to_string).collect::<Vec<_>>().join(",");
-                let fill = |v: &str, t: &str| format!("array_fill({v}::{t}, ARRAY[{n}])");
-                let args = [
-                    format!("'{{{ids}}}'"),
-                    format!("'{{{tokens}}}'"),
-                    fill("1", "bigint"),
-                    fill("'start'", "text"),
-                    fill("'op:1'", "text"),
-                    fill("'[]'", "jsonb"),
-                    fill("'engine:test'", "text"),
-                ]
-                .join(", ");
+                let args =
+                    literal_args(&ids, &tokens, &[("1", "bigint"), ("'start'", "text"), ("'op:1'", "text"), ("'[]'", "jsonb"), ("'engine:test'", "text")]);
                 sqlx::query_scalar(&format!("EXPLAIN (FORMAT JSON) EXECUTE step_log({args})")).fetch_one(&mut *conn).await.unwrap()
             } else {
                 sqlx::query_scalar(&format!("EXPLAIN (FORMAT JSON) {}", store::STEP_LOG_STATEMENT))
