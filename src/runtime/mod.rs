@@ -1908,8 +1908,9 @@ async fn group_committer(
         queued.fetch_sub(batch.len() as u64, Ordering::AcqRel);
         let (pool, stats) = (pool.clone(), stats.clone());
         tokio::spawn(async move {
-            // Cheap copies: the states are shared (`Arc`), not cloned.
-            let items: Vec<store::TransitionCommit> = batch.iter().map(|r| r.item.clone()).collect();
+            // The transitions move out of their requests (no copy of their
+            // patches and names); each reply waits beside its transition.
+            let (items, replies): (Vec<store::TransitionCommit>, Vec<_>) = batch.into_iter().map(|r| (r.item, r.reply)).unzip();
             stats.batches.fetch_add(1, Ordering::Relaxed);
             stats.transitions.fetch_add(items.len() as u64, Ordering::Relaxed);
             stats.largest.fetch_max(items.len() as u64, Ordering::Relaxed);
@@ -1926,11 +1927,9 @@ async fn group_committer(
                 }
             };
             drop(flight);
-            for ((request, item), outcome) in batch.into_iter().zip(items).zip(outcomes) {
+            for ((reply, item), outcome) in replies.into_iter().zip(items).zip(outcomes) {
                 // The batch lets go of the state before the worker resumes,
                 // so that the worker takes it back without a copy.
-                let CommitRequest { item: queued, reply } = request;
-                drop(queued);
                 match outcome {
                     store::GroupOutcome::Committed { due_now } => {
                         drop(item);
