@@ -1296,6 +1296,7 @@ impl Engine {
                 in_commit: Vec::new(),
                 slot: &no_slot,
                 prefetched: None,
+                recorded: None,
                 state_saved: &saved,
             };
             let r = std::panic::AssertUnwindSafe(self.host.run_step(&mut ctx)).catch_unwind().await;
@@ -1541,15 +1542,21 @@ impl Engine {
                 break;
             };
             let rule = self.host.retry_rule(workflow, &run.step);
-            // What a `continue` is logged against (`state_patch::diff_from`):
-            // the snapshot of the state before the step, made by the last
-            // step's commit (or here, once per claim).
-            let before = snapshot.take().unwrap_or_else(|| state_patch::Snapshot::of(&run.state));
+            // What a `continue` is logged as: the changes the step recorded,
+            // when its workflow records them; else the state compared with
+            // the snapshot of the state before the step
+            // (`state_patch::diff_from`), made by the last step's commit (or
+            // here, once per claim or after recorded steps).
+            let recording = self.host.records_state_changes(workflow, &run);
+            let before = if recording { None } else { Some(snapshot.take().unwrap_or_else(|| state_patch::Snapshot::of(&run.state))) };
+            // Debug builds check that a recording step changed nothing else.
+            #[cfg(debug_assertions)]
+            let state_before = recording.then(|| run.state.clone());
             // Taken, not copied: on a failure the run is re-claimed from the
             // database; on success the new state goes back into `run`.
             let mut state = std::mem::take(&mut run.state);
             let saved = AtomicBool::new(false);
-            let (result, in_commit) = {
+            let (result, in_commit, recorded) = {
                 use futures_util::FutureExt;
                 let mut ctx = StepContext {
                     services: &self.services,
@@ -1560,6 +1567,7 @@ impl Engine {
                     in_commit: Vec::new(),
                     slot,
                     prefetched: prefetch.take(),
+                    recorded: recording.then(Vec::new),
                     state_saved: &saved,
                 };
                 // A panicking step is a bug; it must not leave the run leased
@@ -1572,8 +1580,14 @@ impl Engine {
                         Err(StepError::Retryable(anyhow::anyhow!("step panicked: {msg}")))
                     }
                 };
-                (r, std::mem::take(&mut ctx.in_commit))
+                (r, std::mem::take(&mut ctx.in_commit), ctx.recorded.take())
             };
+            #[cfg(debug_assertions)]
+            if let (Some(before), Some(ops), Ok(_)) = (&state_before, &recorded, &result) {
+                let mut replayed = before.clone();
+                state_patch::apply(&mut replayed, &Value::Array(ops.clone()));
+                assert_eq!(replayed, state, "run {}: step {} changed its state otherwise than through record_set", run.id, run.step);
+            }
             let result = match result {
                 Ok(transition) => {
                     let (next_step, parking) = parking_of(transition, &run.step);
@@ -1583,7 +1597,8 @@ impl Engine {
                             &run,
                             critical,
                             &mut state,
-                            (!saved.load(Ordering::Relaxed)).then_some(&before),
+                            before.as_ref().filter(|_| !saved.load(Ordering::Relaxed)),
+                            recorded.filter(|_| !saved.load(Ordering::Relaxed)),
                             &mut snapshot,
                             spare.take(),
                             &next_step,
@@ -1594,7 +1609,7 @@ impl Engine {
                         .await
                     {
                         Ok(committed) => {
-                            spare = Some(before);
+                            spare = before.or(spare);
                             Ok((next_step, parking, committed))
                         }
                         Err(step_error) => Err(step_error),
@@ -1692,7 +1707,9 @@ impl Engine {
     /// `before` (its snapshot; `None` when the step saved its state
     /// mid-way, which makes the transition a checkpoint); the snapshot of
     /// the new state goes to `after`, for the next step, made in the
-    /// buffers of `spare` when there is one.
+    /// buffers of `spare` when there is one. A `continue` whose step
+    /// recorded its changes (`recorded`, [`StepContext::record_set`]) is
+    /// logged as those, with no comparison and no snapshot for the next step.
     #[allow(clippy::too_many_arguments)]
     async fn commit_step(
         &self,
@@ -1700,6 +1717,7 @@ impl Engine {
         critical: bool,
         state: &mut Value,
         before: Option<&state_patch::Snapshot>,
+        recorded: Option<Vec<Value>>,
         after: &mut Option<state_patch::Snapshot>,
         spare: Option<state_patch::Snapshot>,
         next_step: &str,
@@ -1714,13 +1732,17 @@ impl Engine {
             // transition (or a step that saved its state mid-way) checkpoints
             // the whole state, shared with the batch, not copied.
             let continuing = matches!(parking, Parking::Continue);
-            let (shared, patch) = match before.filter(|_| continuing) {
-                Some(before) => {
+            let (shared, patch) = match (recorded.filter(|_| continuing), before.filter(|_| continuing)) {
+                (Some(ops), _) => {
+                    *after = None;
+                    (Arc::new(Value::Null), Some(Value::Array(ops)))
+                }
+                (None, Some(before)) => {
                     let (patch, next) = state_patch::diff_reusing(before, state, spare.unwrap_or_default());
                     *after = Some(next);
                     (Arc::new(Value::Null), Some(patch))
                 }
-                None => (Arc::new(std::mem::take(state)), None),
+                (None, None) => (Arc::new(std::mem::take(state)), None),
             };
             let patch_less = patch.is_none();
             let item = store::TransitionCommit {

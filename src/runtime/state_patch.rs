@@ -244,6 +244,55 @@ fn walk<'a>(before: &Snapshot, was: Option<usize>, key: &str, after: &'a Value, 
     }
 }
 
+/// Sets the member at `path` of `state` to `value`, creating or replacing
+/// the objects on the way (`[]`: the whole state), and returns the one
+/// operation that makes the same change when applied to `state` as it was
+/// ([`apply`], SQL `wardcall.apply_state_patch`): a `set` at the deepest
+/// prefix of `path` that already leads through objects, its value the rest
+/// of `path` nested around `value` (a parent that is missing or is not an
+/// object is set whole, since a patch never sets through one). What a step
+/// that records its changes ([`crate::runtime::step::StepContext::record_set`])
+/// logs instead of a diff.
+pub fn set_member(state: &mut Value, path: &[&str], value: Value) -> Value {
+    let nest = |keys: &[&str], value: Value| {
+        keys.iter().rev().fold(value, |inner, key| {
+            let mut m = Map::new();
+            m.insert(key.to_string(), inner);
+            Value::Object(m)
+        })
+    };
+    if path.is_empty() {
+        *state = value.clone();
+        return json!({"set": [], "value": value});
+    }
+    if !state.is_object() {
+        let whole = nest(path, value);
+        *state = whole.clone();
+        return json!({"set": [], "value": whole});
+    }
+    // `path[..depth]` leads through objects; `path[depth]` is set.
+    let mut depth = 0;
+    let mut node = &*state;
+    while depth + 1 < path.len() {
+        match node.get(path[depth]) {
+            Some(child) if child.is_object() => {
+                node = child;
+                depth += 1;
+            }
+            _ => break,
+        }
+    }
+    let value = if depth + 1 < path.len() { nest(&path[depth + 1..], value) } else { value };
+    let mut parent = &mut *state;
+    for key in &path[..depth] {
+        parent = parent.get_mut(*key).expect("a prefix found above");
+    }
+    if let Some(members) = parent.as_object_mut() {
+        members.insert(path[depth].to_string(), value.clone());
+    }
+    json!({"set": &path[..=depth], "value": value})
+}
+
 /// Applies `patch` (as [`diff`] makes it) to `state`, as
 /// `wardcall.apply_state_patch` does in SQL: an operation that is malformed
 /// (a `set` without a value, a path that is not an array of keys) or whose
@@ -365,6 +414,26 @@ mod tests {
                 assert_eq!(x.leaves[ra] == y.leaves[rb], a == b, "{a} / {b}");
                 round_trip(json!({"k": a}), json!({"k": b}));
             }
+        }
+    }
+
+    #[test]
+    fn a_recorded_set_replays_as_it_was_made() {
+        let cases: Vec<(Value, Vec<&str>, Value, Value)> = vec![
+            (json!({"results": {"0": 1}}), vec!["results", "1"], json!({"a": 2}), json!({"set": ["results", "1"], "value": {"a": 2}})),
+            (json!({}), vec!["results", "0"], json!(1), json!({"set": ["results"], "value": {"0": 1}})),
+            (json!({"results": "text"}), vec!["results", "0", "x"], json!(1), json!({"set": ["results"], "value": {"0": {"x": 1}}})),
+            (json!(null), vec!["results", "0"], json!(1), json!({"set": [], "value": {"results": {"0": 1}}})),
+            (json!([1]), vec![], json!({}), json!({"set": [], "value": {}})),
+            (json!({"a": {"b": 1}}), vec!["a"], json!(null), json!({"set": ["a"], "value": null})),
+        ];
+        for (before, path, value, want) in cases {
+            let mut state = before.clone();
+            let op = set_member(&mut state, &path, value);
+            assert_eq!(op, want, "{before} {path:?}");
+            let mut replay = before.clone();
+            apply(&mut replay, &json!([op]));
+            assert_eq!(replay, state, "{before} {path:?}");
         }
     }
 

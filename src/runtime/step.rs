@@ -94,6 +94,12 @@ pub struct StepContext<'a> {
     /// run's first execution runs; `None` otherwise (a later step, a retry,
     /// a takeover, a run started by the scheduler).
     pub prefetched: Option<Prefetch>,
+    /// The state's changes as the step made them through
+    /// [`StepContext::record_set`], when its workflow records them
+    /// ([`WorkflowHost::records_state_changes`]): the runtime logs them as
+    /// the step's patch instead of comparing the whole state with its
+    /// snapshot. `None`: the runtime compares.
+    pub recorded: Option<Vec<Value>>,
     /// Set when the step saved its state mid-way ([`StepContext::save_state`]):
     /// its transition then writes the whole state (a checkpoint), not a
     /// step-log patch against the state before the step.
@@ -112,6 +118,19 @@ impl StepContext<'_> {
     pub async fn save_state(&self, tx: &mut sqlx::PgConnection) -> Result<(), sqlx::Error> {
         self.state_saved.store(true, std::sync::atomic::Ordering::Relaxed);
         crate::store::runs::save_state(tx, self.run.id, self.state).await
+    }
+
+    /// Sets the member at `path` of the run's state to `value` (`[]`: the
+    /// whole state; objects on the way created or replaced) and records the
+    /// change ([`crate::runtime::state_patch::set_member`]). A step of a
+    /// workflow that records its changes must change its state through this
+    /// alone (checked in debug builds: the recorded operations, replayed on
+    /// the state before the step, must give the state after it).
+    pub fn record_set(&mut self, path: &[&str], value: Value) {
+        let op = crate::runtime::state_patch::set_member(self.state, path, value);
+        if let Some(ops) = &mut self.recorded {
+            ops.push(op);
+        }
     }
 
     /// The outcome of the wait that preceded this step, if any:
@@ -218,6 +237,13 @@ pub trait WorkflowHost: Send + Sync {
     /// value may go unused (the dispatch fails, a run is not created), and a
     /// step that gets none reads for itself. `None`: nothing to read ahead.
     fn prefetch_first_step(&self, services: &Services, w: &Workflow, input: &Value) -> Option<BoxFuture<'static, Box<dyn Any + Send>>>;
+    /// Whether `run`'s current step of `w` changes the run's state only
+    /// through [`StepContext::record_set`], so that its recorded changes are
+    /// its step-log patch and the runtime need not compare the whole state
+    /// (a walk of it per step). Default: false.
+    fn records_state_changes(&self, _w: &Workflow, _run: &ClaimedRun) -> bool {
+        false
+    }
 }
 
 /// What an event does to a live run with its key.

@@ -280,6 +280,7 @@ pub async fn run_step(ctx: &mut StepContext<'_>) -> Result<Transition, StepError
                     in_commit: Vec::new(),
                     slot: ctx.slot,
                     prefetched: ctx.prefetched.take(),
+                    recorded: None,
                     state_saved: ctx.state_saved,
                 };
                 super::escalation::run_step(&mut inner, &settings).await?

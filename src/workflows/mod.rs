@@ -241,6 +241,9 @@ impl crate::runtime::step::WorkflowHost for Host {
     ) -> Option<BoxFuture<'static, Box<dyn std::any::Any + Send>>> {
         escalation::prefetch_lookups(services, w, input)
     }
+    fn records_state_changes(&self, w: &Workflow, _run: &crate::store::runs::ClaimedRun) -> bool {
+        w.kind == WorkflowKind::Script
+    }
 }
 
 /// Cancels a live run (API, CLI, tests): see [`cancel_run_in`].

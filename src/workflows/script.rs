@@ -48,13 +48,15 @@ pub async fn run_step(ctx: &mut StepContext<'_>) -> Result<Transition, StepError
     let run = ctx.run;
     let steps: &[Value] = run.input.get("steps").and_then(Value::as_array).map(Vec::as_slice).unwrap_or(&[]);
     let i = index_of(&ctx.run.step)?;
+    // The state changes through `record_set` alone: the runtime logs the
+    // recorded changes as the step's patch (`Host::records_state_changes`).
     if !ctx.state.is_object() {
-        *ctx.state = json!({});
+        ctx.record_set(&[], json!({}));
     }
     // Record the outcome of the wait that led here, under the wait's index.
     if let Some(outcome) = ctx.wait_outcome().cloned() {
         if i > 0 {
-            ctx.state["results"][(i - 1).to_string()] = outcome;
+            ctx.record_set(&["results", &(i - 1).to_string()], outcome);
         }
     }
     let Some(op) = steps.get(i) else {
@@ -67,7 +69,7 @@ pub async fn run_step(ctx: &mut StepContext<'_>) -> Result<Transition, StepError
     let kind = op.get("op").and_then(Value::as_str).unwrap_or("");
     let number = |k: &str| op.get(k).and_then(Value::as_i64);
     let result = |ctx: &mut StepContext<'_>, v: Value| {
-        ctx.state["results"][i.to_string()] = v;
+        ctx.record_set(&["results", &i.to_string()], v);
     };
     match kind {
         "step" => {
