@@ -1547,8 +1547,17 @@ impl Engine {
             // the snapshot of the state before the step
             // (`state_patch::diff_from`), made by the last step's commit (or
             // here, once per claim or after recorded steps).
+            // The snapshot left by the last step is taken either way: a
+            // recording step leaves none (or its buffers go to `spare`), so
+            // that a later step never compares against an older state.
             let recording = self.host.records_state_changes(workflow, &run);
-            let before = if recording { None } else { Some(snapshot.take().unwrap_or_else(|| state_patch::Snapshot::of(&run.state))) };
+            let prior = snapshot.take();
+            let before = if recording {
+                spare = spare.or(prior);
+                None
+            } else {
+                Some(prior.unwrap_or_else(|| state_patch::Snapshot::of(&run.state)))
+            };
             // Debug builds check that a recording step changed nothing else.
             #[cfg(debug_assertions)]
             let state_before = recording.then(|| run.state.clone());
@@ -1582,12 +1591,22 @@ impl Engine {
                 };
                 (r, std::mem::take(&mut ctx.in_commit), ctx.recorded.take())
             };
+            // (A step that broke the contract fails for good, visibly: a
+            // panic here would re-run it on every takeover.)
             #[cfg(debug_assertions)]
-            if let (Some(before), Some(ops), Ok(_)) = (&state_before, &recorded, &result) {
-                let mut replayed = before.clone();
-                state_patch::apply(&mut replayed, &Value::Array(ops.clone()));
-                assert_eq!(replayed, state, "run {}: step {} changed its state otherwise than through record_set", run.id, run.step);
-            }
+            let result = match (&state_before, &recorded, result) {
+                (Some(before), Some(ops), Ok(transition)) => {
+                    let mut replayed = before.clone();
+                    state_patch::apply(&mut replayed, &Value::Array(ops.clone()));
+                    if replayed == state {
+                        Ok(transition)
+                    } else {
+                        tracing::error!(run = %run.id, step = %run.step, "the step changed its state otherwise than through record_set");
+                        Err(StepError::Permanent(anyhow::anyhow!("step {} changed its state otherwise than through record_set", run.step)))
+                    }
+                }
+                (_, _, result) => result,
+            };
             let result = match result {
                 Ok(transition) => {
                     let (next_step, parking) = parking_of(transition, &run.step);

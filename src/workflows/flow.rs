@@ -270,7 +270,8 @@ pub async fn run_step(ctx: &mut StepContext<'_>) -> Result<Transition, StepError
             let settings = settings.clone();
             let mut inner_run = ctx.run.clone();
             inner_run.step = if addr.sub.is_empty() { "start".into() } else { addr.sub.clone() };
-            let transition = {
+            let recorded = ctx.recorded.take();
+            let (transition, recorded) = {
                 let mut inner = StepContext {
                     services: ctx.services,
                     run: &inner_run,
@@ -280,11 +281,13 @@ pub async fn run_step(ctx: &mut StepContext<'_>) -> Result<Transition, StepError
                     in_commit: Vec::new(),
                     slot: ctx.slot,
                     prefetched: ctx.prefetched.take(),
-                    recorded: None,
+                    recorded,
                     state_saved: ctx.state_saved,
                 };
-                super::escalation::run_step(&mut inner, &settings).await?
+                (super::escalation::run_step(&mut inner, &settings).await, inner.recorded.take())
             };
+            ctx.recorded = recorded;
+            let transition = transition?;
             Ok(match transition {
                 Transition::Next { step } => Transition::Next { step: addr.with_sub(&step).render() },
                 Transition::Sleep { step, delay_ms } => Transition::Sleep { step: addr.with_sub(&step).render(), delay_ms },
