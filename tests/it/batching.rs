@@ -585,6 +585,20 @@ fn literal_args(ids: &[Uuid], tokens: &[i64], fills: &[(&str, &str)]) -> String 
     args.join(", ")
 }
 
+/// A group commit's plan (`what` names it in the failures): no nested loop
+/// rescans the batch, the runs are found by primary key and never through
+/// `runs_status`, and, for a skip-locked batch (`busy_found`), the busy runs
+/// by a hashed `NOT IN`.
+fn check_group_plan(plan: &Value, what: &str, busy_found: bool) {
+    assert!(!rescans_locked(plan), "{what}: a nested loop rescans the batch per row: {plan}");
+    let text = plan.to_string();
+    assert!(!text.contains("runs_status"), "{what}: the plan reads runs_status: {text}");
+    assert!(text.contains("runs_pkey"), "{what}: the plan does not use the primary key: {text}");
+    if busy_found {
+        assert!(text.contains("hashed SubPlan"), "{what}: the busy runs are not found by a hashed NOT IN: {text}");
+    }
+}
+
 pub async fn group_commit_finds_its_runs_by_primary_key() {
     let db = TestDb::new().await;
     sqlx::query(
@@ -666,13 +680,7 @@ pub async fn group_commit_finds_its_runs_by_primary_key() {
                         .await
                         .unwrap()
                 };
-                assert!(!rescans_locked(&plan), "{size} runs, {mode}, skip_locked {skip_locked}: a nested loop rescans the batch per row: {plan}");
-                let plan = plan.to_string();
-                assert!(!plan.contains("runs_status"), "{size} runs, {mode}, skip_locked {skip_locked}: the plan reads runs_status: {plan}");
-                assert!(plan.contains("runs_pkey"), "{size} runs, {mode}, skip_locked {skip_locked}: the plan does not use the primary key: {plan}");
-                if skip_locked {
-                    assert!(plan.contains("hashed SubPlan"), "{size} runs, {mode}: the busy runs are not found by a hashed NOT IN: {plan}");
-                }
+                check_group_plan(&plan, &format!("{size} runs, {mode}, skip_locked {skip_locked}"), skip_locked);
             }
             // The statement of a batch of logged `continue`s, the same checks.
             let plan: Value = if mode == "generic" {
@@ -692,11 +700,7 @@ pub async fn group_commit_finds_its_runs_by_primary_key() {
                     .await
                     .unwrap()
             };
-            assert!(!rescans_locked(&plan), "{size} runs, {mode}, step log: a nested loop rescans the batch per row: {plan}");
-            let plan = plan.to_string();
-            assert!(!plan.contains("runs_status"), "{size} runs, {mode}, step log: the plan reads runs_status: {plan}");
-            assert!(plan.contains("runs_pkey"), "{size} runs, {mode}, step log: the plan does not use the primary key: {plan}");
-            assert!(plan.contains("hashed SubPlan"), "{size} runs, {mode}, step log: the busy runs are not found by a hashed NOT IN: {plan}");
+            check_group_plan(&plan, &format!("{size} runs, {mode}, step log"), true);
         }
     }
     drop(conn);
