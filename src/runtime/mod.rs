@@ -26,6 +26,7 @@
 //! committed only if the fencing token still matches ([`store::commit_transition`]).
 
 pub mod dead_letters;
+pub mod direct_dispatch;
 mod services;
 pub mod state_patch;
 pub mod step;
@@ -162,6 +163,8 @@ pub struct Engine {
     health: Health,
     /// The workflows, behind the step contract.
     host: Arc<dyn WorkflowHost>,
+    /// The events a direct dispatch serves ([`direct_dispatch`]).
+    direct_routes: direct_dispatch::DirectRoutes,
     /// Step transitions on their way to the group committer.
     group: GroupCommit,
     /// Places for non-critical steps' own commit transactions (a `sql`
@@ -322,6 +325,7 @@ impl Engine {
     /// (`crate::workflows::Host` in wardcall).
     pub fn new(db: Database, config: Arc<Config>, providers: Providers, public_url: String, host: Arc<dyn WorkflowHost>) -> Arc<Engine> {
         let hostname = std::env::var("HOSTNAME").unwrap_or_else(|_| "wardcall".into());
+        let config_for_routes = config.clone();
         let engine_id = format!("{}-{}", hostname, &uuid::Uuid::new_v4().simple().to_string()[..12]);
         let workers = config.engine.workers;
         let commit_work = Arc::new(Semaphore::new(commit_work_places(config.engine.pool_size)));
@@ -368,6 +372,7 @@ impl Engine {
             call_sweeper,
             shutdown,
             health: Health::new(),
+            direct_routes: direct_dispatch::DirectRoutes::of(&config_for_routes, host.as_ref()),
             host,
             commit_work,
             group: {
@@ -667,7 +672,20 @@ impl Engine {
             if shrunk {
                 limit = DISPATCH_FIRST_BATCH_MIN;
             }
-            loop {
+            // Critical events that need nothing of a batch go first, in two
+            // round trips ([`direct_dispatch`]); the batch follows when
+            // anything else waits, and takes whatever the direct dispatch left.
+            let mut batch = true;
+            if !self.direct_routes.is_empty() && !shrunk {
+                self.health.beat(&self.health.dispatcher_beat);
+                let direct = self.dispatch_direct().await;
+                if let Err(e) = &direct {
+                    let why = self.db.explain_any(e).await;
+                    tracing::warn!(error = %why, "direct dispatch failed; the dispatch batch takes its events");
+                }
+                batch = direct_dispatch::run_batch_after(&direct);
+            }
+            while batch {
                 self.health.beat(&self.health.dispatcher_beat);
                 match self.dispatch_batch(limit).await {
                     Ok(n) if n as i64 >= limit => {

@@ -2,7 +2,8 @@
 //! API, the CLI or an `emit` step, through the SQL function `wardcall.emit`
 //! (migration 0001), exactly as a team's trigger or `SELECT wardcall.emit(…)`
 //! writes one; and the dispatcher's side: claiming a batch of rows
-//! ([`claim_batch`]) and marking the ones no workflow listens to.
+//! ([`claim_batch`]), reading the rows a direct dispatch will claim
+//! ([`peek_unprocessed`]) and marking the ones no workflow listens to.
 
 use serde_json::Value;
 use sqlx::PgConnection;
@@ -45,6 +46,33 @@ pub async fn claim_batch(
     .bind(critical_events)
     .fetch_all(conn)
     .await
+}
+
+/// The oldest unprocessed outbox rows of `events` (at most `limit`, by id),
+/// read without a lock and without marking them: what a direct dispatch
+/// ([`crate::store::runs::claim_into_runs`]) will try to claim, read first so
+/// that their runs' keys are rendered and their first steps' reads start
+/// before the claim. Also whether any unprocessed row of another event is
+/// waiting (for the dispatcher's general batch). Returns
+/// `(rows as (id, event, payload), others_waiting)`. One autocommit
+/// statement (index `outbox_unprocessed`).
+///
+/// Errors: a database error.
+pub async fn peek_unprocessed(conn: &mut PgConnection, events: &[String], limit: i64) -> Result<(Vec<(i64, String, Value)>, bool), sqlx::Error> {
+    let rows: Vec<(Option<i64>, Option<String>, Option<Value>, bool)> = sqlx::query_as(
+        "WITH direct AS (
+             SELECT id, event, payload FROM wardcall.outbox
+              WHERE processed_at IS NULL AND event = ANY($1) ORDER BY id LIMIT $2),
+         others AS (
+             SELECT EXISTS (SELECT 1 FROM wardcall.outbox WHERE processed_at IS NULL AND NOT (event = ANY($1))) AS waiting)
+         SELECT direct.id, direct.event, direct.payload, others.waiting FROM others LEFT JOIN direct ON true ORDER BY direct.id",
+    )
+    .bind(events)
+    .bind(limit)
+    .fetch_all(conn)
+    .await?;
+    let others = rows.first().is_some_and(|r| r.3);
+    Ok((rows.into_iter().filter_map(|(id, event, payload, _)| Some((id?, event?, payload?))).collect(), others))
 }
 
 /// Marks outbox rows whose event no workflow listened to when dispatched

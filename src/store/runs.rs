@@ -351,6 +351,82 @@ pub async fn create_runs(conn: &mut PgConnection, runs: &NewRuns<'_>, engine_id:
     Ok(out)
 }
 
+/// The runs a direct dispatch creates ([`claim_into_runs`]), one per index
+/// of every slice, in the order they are created (by outbox row, then by
+/// workflow).
+#[derive(Debug, Clone, Copy)]
+pub struct DirectRuns<'a> {
+    pub workflows: &'a [String],
+    /// The outbox row each run comes from.
+    pub event_ids: &'a [i64],
+    pub events: &'a [String],
+    pub inputs: &'a [Value],
+    /// The run's key (`runs.key`), rendered from its template over the
+    /// payload; a run whose key is taken by a live run is not created
+    /// (`on_duplicate = "skip"`).
+    pub keys: &'a [Option<String>],
+}
+
+/// A whole dispatch of critical events in one autocommit statement: takes
+/// the dispatch lock (`pg_advisory_xact_lock(lock_key)`, the one every
+/// dispatch batch takes, so that a batch with an event that cancels or
+/// signals by key either sees these runs or is seen by them), claims the
+/// outbox rows of `runs.event_ids` that are still unprocessed and not held
+/// by another dispatcher (`FOR UPDATE SKIP LOCKED`; the lock is taken before
+/// any row is), marks them processed by `engine_id`, and creates a critical
+/// run per claimed row and workflow, leased to `engine_id` (`running`,
+/// fencing token 1, lease `lease_ms` milliseconds), audited `run.created`,
+/// in `runs`' order. A run whose (workflow, outbox row) exists, or whose key
+/// a live run holds, is not created. Commits asynchronously
+/// (`set_config('synchronous_commit', 'off', true)`, PostgreSQL manual
+/// 30.4), as a dispatch batch does: its runs' first effects follow a commit
+/// that writes. Returns the runs created, as claimed.
+///
+/// Every run it creates is leased: the caller passes only as many as it
+/// has free workers for.
+///
+/// Errors: a database error (nothing written); `lock_timeout` (55P03)
+/// while another dispatch holds the lock for too long.
+pub async fn claim_into_runs(conn: &mut PgConnection, runs: &DirectRuns<'_>, engine_id: &str, lease_ms: i64, lock_key: i64) -> Result<Vec<ClaimedRun>, sqlx::Error> {
+    let rows = sqlx::query(
+        "WITH dispatch_lock AS MATERIALIZED (SELECT pg_advisory_xact_lock($8) IS NULL AS none),
+         async_commit AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off', true) AS setting),
+         picked AS MATERIALIZED (
+             SELECT o.id FROM wardcall.outbox o, dispatch_lock
+              WHERE o.id = ANY($2::bigint[]) AND o.processed_at IS NULL AND NOT dispatch_lock.none
+              ORDER BY o.id FOR UPDATE OF o SKIP LOCKED),
+         claimed AS (
+             UPDATE wardcall.outbox o SET processed_at = clock_timestamp(), processed_by = $6
+               FROM picked WHERE o.id = picked.id
+             RETURNING o.id),
+         created AS (
+             INSERT INTO wardcall.runs (workflow, event_id, event, input, step, status, lease_owner, fencing_token, due_at, critical, key)
+             SELECT t.workflow, t.event_id, t.event, t.input, 'start', 'running', $6, 1, clock_timestamp() + $7 * interval '1 millisecond', true, t.key
+               FROM unnest($1::text[], $2::bigint[], $3::text[], $4::jsonb[], $5::text[]) WITH ORDINALITY AS t(workflow, event_id, event, input, key, ord)
+              WHERE t.event_id IN (SELECT id FROM claimed)
+              ORDER BY t.ord
+             ON CONFLICT DO NOTHING
+             RETURNING id, workflow, event, input, state, step, step_attempt, fencing_token, wait_signal, wait_outcome, status, step_seq),
+         audited AS (
+             INSERT INTO wardcall.audit_records (entity, entity_id, action, from_state, to_state, actor, detail)
+             SELECT 'run', id::text, 'run.created', NULL, status, 'engine:' || $6,
+                    jsonb_build_object('workflow', workflow, 'event', event)
+               FROM created)
+         SELECT created.*, 'pending'::text AS previous_status FROM created, async_commit",
+    )
+    .bind(runs.workflows)
+    .bind(runs.event_ids)
+    .bind(runs.events)
+    .bind(runs.inputs)
+    .bind(runs.keys)
+    .bind(engine_id)
+    .bind(lease_ms)
+    .bind(lock_key)
+    .fetch_all(conn)
+    .await?;
+    rows.iter().map(ClaimedRun::from_row).collect()
+}
+
 /// Locks a run row (`FOR UPDATE`) without a fencing check: the first
 /// statement of a webhook's transaction (the workers' lock order).
 pub async fn lock_row(conn: &mut PgConnection, id: Uuid) -> Result<(), sqlx::Error> {

@@ -1,0 +1,166 @@
+//! The direct dispatch: a critical event's run created in two round trips
+//! instead of a dispatch batch's four (`BEGIN` and the dispatch lock, the
+//! claim, the runs' creation, `COMMIT`), on the way from a seizure alert's
+//! commit to the nurse's phone.
+//!
+//! It serves only events whose handling needs nothing of the batch's
+//! logic ([`DirectRoutes`]): every workflow bound to the event is critical,
+//! has no `when` condition, and either no key or `on_duplicate = "skip"`
+//! (which the runs' unique key index enforces by itself); and no workflow
+//! cancels or signals runs on the event (`cancel_on`, a `wait` for it). For
+//! those, the dispatcher first reads the oldest unprocessed rows
+//! ([`store::outbox::peek_unprocessed`]), renders their runs' keys and starts
+//! their first steps' reads (an escalation's lookups), then claims them and
+//! creates their runs in one statement ([`store::runs::claim_into_runs`]),
+//! which takes the same dispatch lock as every batch: a batch with an event
+//! that cancels by key (`alert.resolved`) either sees these runs or is seen
+//! by them, as if both were one batch.
+//!
+//! The general batch ([`Engine::dispatch_batch`]) still claims every event,
+//! these included: a direct dispatch that fails, or finds no free worker,
+//! leaves its rows to it, and it runs after the direct dispatch whenever
+//! another event waits. Measured in BENCHMARKS.md ("Issue 9, sixteenth
+//! session").
+
+use super::{run_key, Engine, DISPATCH_LOCK_KEY};
+use crate::config::{Config, OnDuplicate};
+use crate::db::deadline::{self, within, HeldConnection};
+use crate::runtime::step::{Prefetch, WorkflowHost};
+use crate::store;
+use std::sync::Arc;
+
+/// Most events one direct dispatch takes; a burst's rest goes to the
+/// general batch, which takes hundreds at a time.
+pub const DIRECT_DISPATCH_MAX: usize = 32;
+
+/// The events a direct dispatch may serve, and their workflows (see the
+/// module documentation), fixed for the engine's config.
+#[derive(Debug, Default)]
+pub struct DirectRoutes {
+    /// The events, each once.
+    events: Vec<String>,
+    /// (event, workflow, key template) per workflow bound to one of them,
+    /// in config order.
+    routes: Vec<(String, String, Option<String>)>,
+}
+
+impl DirectRoutes {
+    /// The direct routes of `config`, as `host` runs its workflows.
+    pub fn of(config: &Config, host: &dyn WorkflowHost) -> DirectRoutes {
+        let mut out = DirectRoutes::default();
+        for w in &config.workflows {
+            if out.events.contains(&w.event) {
+                continue;
+            }
+            let event = &w.event;
+            let bound: Vec<_> = config.workflows.iter().filter(|b| &b.event == event).collect();
+            let direct = bound.iter().all(|b| host.is_critical(b) && b.when.is_none() && (b.key.is_none() || b.on_duplicate == OnDuplicate::Skip))
+                && config.workflows.iter().all(|any| host.keyed_routes(any, event).is_empty());
+            if direct {
+                out.events.push(event.clone());
+                out.routes.extend(bound.iter().map(|b| (event.clone(), b.name.clone(), b.key.clone())));
+            }
+        }
+        out
+    }
+
+    /// Whether no event can be dispatched directly.
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty()
+    }
+
+    /// The events a direct dispatch serves.
+    pub fn events(&self) -> &[String] {
+        &self.events
+    }
+}
+
+/// What a direct dispatch did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DirectDispatch {
+    /// Runs created and started.
+    pub started: usize,
+    /// Whether the general batch must run now: another event waits, the
+    /// direct dispatch found more rows than it took (no free worker, a
+    /// burst), or a row it read was not claimed by it.
+    pub batch_needed: bool,
+}
+
+impl Engine {
+    /// One direct dispatch (module documentation): at most as many events
+    /// as there are free workers ([`DIRECT_DISPATCH_MAX`] at most), each
+    /// run started at once on its worker. Two autocommit statements on one
+    /// connection, bounded together by `engine.database_deadline_ms`.
+    ///
+    /// Errors: a database error or [`deadline::NoReply`]; nothing was
+    /// claimed unless the second statement's `COMMIT` landed without its
+    /// reply (its runs, leased to this engine and not started, are claimed
+    /// again when their leases lapse, as after a dispatch batch's).
+    pub(super) async fn dispatch_direct(self: &Arc<Self>) -> anyhow::Result<DirectDispatch> {
+        let mut conn = HeldConnection::acquire(&self.db.pool).await?;
+        let result = within(self.config.engine.database_deadline(), self.dispatch_direct_on(&mut conn)).await;
+        if result.as_ref().is_err_and(|e| e.downcast_ref::<sqlx::Error>().is_some_and(deadline::is_no_reply)) {
+            deadline::mark_suspect(&self.db.pool);
+        } else {
+            conn.release();
+        }
+        result
+    }
+
+    async fn dispatch_direct_on(self: &Arc<Self>, conn: &mut HeldConnection) -> anyhow::Result<DirectDispatch> {
+        let routes = &self.direct_routes;
+        let mut permits = Vec::new();
+        while permits.len() < DIRECT_DISPATCH_MAX {
+            match self.slots.clone().try_acquire_owned() {
+                Ok(p) => permits.push(p),
+                Err(_) => break,
+            }
+        }
+        // One row more than it can take: whether the batch must follow.
+        let (rows, others) = store::outbox::peek_unprocessed(conn, routes.events(), permits.len() as i64 + 1).await?;
+        let taken = rows.len().min(permits.len());
+        let mut batch_needed = others || rows.len() > taken;
+        if taken == 0 {
+            return Ok(DirectDispatch { started: 0, batch_needed });
+        }
+        let (mut workflows, mut event_ids, mut events, mut inputs, mut keys) = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for (id, event, payload) in &rows[..taken] {
+            for (_, workflow, template) in routes.routes.iter().filter(|r| &r.0 == event) {
+                let key = template.as_deref().and_then(|t| run_key(t, payload));
+                if template.is_some() && key.is_none() {
+                    tracing::warn!(workflow = %workflow, outbox_id = id, "the event's key renders empty; the run starts without a key");
+                }
+                workflows.push(workflow.clone());
+                event_ids.push(*id);
+                events.push(event.clone());
+                inputs.push(payload.clone());
+                keys.push(key);
+            }
+        }
+        // The first steps' reads run while the runs are claimed and created.
+        let mut prefetches: Vec<Option<Prefetch>> = workflows
+            .iter()
+            .zip(&inputs)
+            .map(|(name, input)| self.config.workflow(name).and_then(|w| self.host.prefetch_first_step(&self.services, w, input)).map(Prefetch::spawn))
+            .collect();
+        let runs = store::runs::DirectRuns { workflows: &workflows, event_ids: &event_ids, events: &events, inputs: &inputs, keys: &keys };
+        let created = store::runs::claim_into_runs(conn, &runs, &self.engine_id, self.lease_ms(), DISPATCH_LOCK_KEY).await?;
+        // A row another dispatcher took, or a run its key kept from
+        // starting: the batch looks again (it audits nothing more for a
+        // skipped duplicate, as a batch does not either).
+        batch_needed |= created.len() < workflows.len();
+        let started = created.len();
+        for (run, permit) in created.into_iter().zip(permits) {
+            let prefetch = (0..workflows.len())
+                .find(|&i| prefetches[i].is_some() && workflows[i] == run.workflow && inputs[i] == run.input)
+                .and_then(|i| prefetches[i].take());
+            self.start(run, permit, prefetch);
+        }
+        Ok(DirectDispatch { started, batch_needed })
+    }
+}
+
+/// The general batch is what a wake-up runs when no event can go directly.
+pub(super) fn run_batch_after(direct: &anyhow::Result<DirectDispatch>) -> bool {
+    !matches!(direct, Ok(DirectDispatch { batch_needed: false, .. }))
+}
