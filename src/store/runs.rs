@@ -387,7 +387,13 @@ pub struct DirectRuns<'a> {
 ///
 /// Errors: a database error (nothing written); `lock_timeout` (55P03)
 /// while another dispatch holds the lock for too long.
-pub async fn claim_into_runs(conn: &mut PgConnection, runs: &DirectRuns<'_>, engine_id: &str, lease_ms: i64, lock_key: i64) -> Result<Vec<ClaimedRun>, sqlx::Error> {
+pub async fn claim_into_runs(
+    conn: &mut PgConnection,
+    runs: &DirectRuns<'_>,
+    engine_id: &str,
+    lease_ms: i64,
+    lock_key: i64,
+) -> Result<Vec<ClaimedRun>, sqlx::Error> {
     let rows = sqlx::query(
         "WITH dispatch_lock AS MATERIALIZED (SELECT pg_advisory_xact_lock($8) IS NULL AS none),
          async_commit AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off', true) AS setting),

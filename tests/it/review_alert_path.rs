@@ -16,6 +16,8 @@ pub fn tests() -> Vec<libtest_mimic::Trial> {
         review_alert_path::an_alert_without_lookups_takes_no_connection_to_render,
         review_alert_path::a_new_runs_lookups_run_while_its_creation_commits,
         review_alert_path::a_dispatch_dropped_during_its_lock_wait_leaves_no_transaction_in_the_pool,
+        review_alert_path::a_direct_dispatch_in_flight_holds_back_the_cancel_of_its_key,
+        review_alert_path::events_a_batch_must_see_are_not_dispatched_directly,
     ]
 }
 
@@ -276,4 +278,99 @@ pub async fn a_new_runs_lookups_run_while_its_creation_commits() {
     let message: String = sqlx::query_scalar("SELECT message FROM wardcall.alerts").fetch_one(&h.db.pool).await.unwrap();
     assert!(message.contains("Room 2, patient Dana Vale. Seizure Activity Detected."), "the looked-up values are spoken: {message}");
     h.stop().await;
+}
+
+const PAGES: &str = "CREATE TABLE pages (id bigserial PRIMARY KEY, status text NOT NULL DEFAULT 'raised');";
+
+const PAGES_CFG: &str = r#"
+[engine]
+sweep_ms = 100
+
+[[sources]]
+name = "pages_raised"
+table = "pages"
+operations = ["INSERT"]
+event = "page.raised"
+
+[[sources]]
+name = "pages_resolved"
+table = "pages"
+operations = ["UPDATE"]
+condition = "NEW.status = 'resolved' AND OLD.status <> 'resolved'"
+event = "page.resolved"
+
+[[workflows]]
+name = "page"
+event = "page.raised"
+critical = true
+key = "{id}"
+cancel_on = [{ event = "page.resolved" }]
+
+[[workflows.steps]]
+sleep = "1h"
+"#;
+
+/// The direct dispatch (`runtime::direct_dispatch`) claims a critical
+/// event and creates its run in one statement, outside any dispatch batch.
+/// Were it to do so without the dispatch lock, another engine's batch
+/// holding the event that cancels the same key (the alert resolved) would
+/// find no run to cancel while the direct claim was in flight, and the
+/// resolved alert would go on paging. Here the direct claim is slowed
+/// down (a trigger sleeps in its insert of the run) while a batch is asked
+/// to dispatch the cancel: the run must end cancelled.
+pub async fn a_direct_dispatch_in_flight_holds_back_the_cancel_of_its_key() {
+    let db = TestDb::new().await;
+    db.exec(PAGES).await;
+    db.exec(
+        "CREATE FUNCTION slow_page_run() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_sleep(0.6); RETURN NEW; END $$;
+         CREATE TRIGGER slow_page_run BEFORE INSERT ON wardcall.runs FOR EACH ROW WHEN (NEW.workflow = 'page') EXECUTE FUNCTION slow_page_run();",
+    )
+    .await;
+    let app = start_app(&db, config(PAGES_CFG)).await;
+    let id = db.scalar_i64("INSERT INTO pages DEFAULT VALUES RETURNING id").await;
+    await_true(
+        &db,
+        "the direct dispatch to be creating the run",
+        Duration::from_secs(5),
+        "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()
+                          AND state = 'active' AND query LIKE '%dispatch_lock AS MATERIALIZED%')",
+    )
+    .await;
+    db.exec(&format!("UPDATE pages SET status = 'resolved' WHERE id = {id}")).await;
+    // "Another engine's" batch, while the direct claim is in flight: it
+    // must wait for it (or time out waiting and leave the event), never
+    // dispatch the cancel before the run exists.
+    let batch = app.engine.dispatch_batch(10).await;
+    println!("the other batch: {:?}", batch.as_ref().map_err(|e| format!("{e:#}")));
+    await_true(
+        &db,
+        "the resolved page's run to be cancelled",
+        Duration::from_secs(10),
+        "SELECT coalesce((SELECT status = 'cancelled' FROM wardcall.runs WHERE workflow = 'page'), false)",
+    )
+    .await;
+    let direct: Option<String> = sqlx::query_scalar("SELECT processed_by FROM wardcall.outbox WHERE event = 'page.raised'").fetch_one(&db.pool).await.unwrap();
+    app.stop(Duration::from_secs(2)).await;
+    assert!(direct.is_some(), "the raising event was dispatched");
+}
+
+/// Which events go directly: a critical workflow's, with no `when`, a
+/// key only with `on_duplicate = "skip"`, and not an event that cancels
+/// or signals by key; every other event goes through a batch, which sees
+/// the runs of every older event.
+pub async fn events_a_batch_must_see_are_not_dispatched_directly() {
+    use wardcall::runtime::direct_dispatch::DirectRoutes;
+    let host = wardcall::workflows::Host;
+    let cfg = config(PAGES_CFG);
+    assert_eq!(DirectRoutes::of(&cfg, &host).events(), ["page.raised"], "the raising event goes directly; the cancel does not");
+    let replace = PAGES_CFG.replace("key = \"{id}\"", "key = \"{id}\"\non_duplicate = \"replace\"");
+    assert!(DirectRoutes::of(&config(&replace), &host).is_empty(), "a replacing key needs the batch (it cancels the live run)");
+    let conditional = PAGES_CFG.replace("critical = true", "critical = true\nwhen = \"payload->>'id' IS NOT NULL\"");
+    assert!(DirectRoutes::of(&config(&conditional), &host).is_empty(), "a `when` needs the batch");
+    let ordinary = PAGES_CFG.replace("critical = true\n", "");
+    assert!(DirectRoutes::of(&config(&ordinary), &host).is_empty(), "only critical events go directly");
+    let signalled = format!(
+        "{PAGES_CFG}\n[[workflows]]\nname = \"watch\"\nevent = \"page.resolved\"\nkey = \"{{id}}\"\n\n[[workflows.steps]]\nwait = {{ event = \"page.raised\", timeout = \"1h\" }}\n"
+    );
+    assert!(DirectRoutes::of(&config(&signalled), &host).is_empty(), "an event a run waits for by key needs the batch");
 }
