@@ -87,10 +87,13 @@ pub struct DirectDispatch {
 }
 
 impl Engine {
-    /// One direct dispatch (module documentation): at most as many events
-    /// as there are free workers ([`DIRECT_DISPATCH_MAX`] at most), each
-    /// run started at once on its worker. Two autocommit statements on one
-    /// connection, bounded together by `engine.database_deadline_ms`.
+    /// One direct dispatch (module documentation): whole events, as many as
+    /// there are free workers for all of their runs ([`DIRECT_DISPATCH_MAX`]
+    /// runs at most), each run started at once on its worker; workers are
+    /// taken only after the rows are read, and given back (the scheduler
+    /// told) when a run they were taken for was not created. Two
+    /// autocommit statements on one connection, bounded together by
+    /// `engine.database_deadline_ms`.
     ///
     /// Errors: a database error or [`deadline::NoReply`]; nothing was
     /// claimed unless the second statement's `COMMIT` landed without its
@@ -109,16 +112,34 @@ impl Engine {
 
     async fn dispatch_direct_on(self: &Arc<Self>, conn: &mut HeldConnection) -> anyhow::Result<DirectDispatch> {
         let routes = &self.direct_routes;
+        // One row more than the free workers could take: whether the batch
+        // must follow. No worker is held while the rows are read.
+        let free = self.slots.available_permits().min(DIRECT_DISPATCH_MAX);
+        let (rows, others) = store::outbox::peek_unprocessed(conn, routes.events(), free as i64 + 1).await?;
+        // Whole events only, as many as there are free workers for each of
+        // their runs (an event starts one run per workflow bound to it):
+        // every run the statement creates is leased to a worker that starts
+        // it at once.
         let mut permits = Vec::new();
-        while permits.len() < DIRECT_DISPATCH_MAX {
-            match self.slots.clone().try_acquire_owned() {
-                Ok(p) => permits.push(p),
-                Err(_) => break,
+        let mut taken = 0;
+        'rows: for (_, event, _) in &rows {
+            let runs = routes.routes.iter().filter(|r| &r.0 == event).count();
+            if permits.len() + runs > DIRECT_DISPATCH_MAX {
+                break;
             }
+            let before = permits.len();
+            for _ in 0..runs {
+                match self.slots.clone().try_acquire_owned() {
+                    Ok(p) => permits.push(p),
+                    Err(_) => {
+                        permits.truncate(before);
+                        self.slot_freed.notify_one();
+                        break 'rows;
+                    }
+                }
+            }
+            taken += 1;
         }
-        // One row more than it can take: whether the batch must follow.
-        let (rows, others) = store::outbox::peek_unprocessed(conn, routes.events(), permits.len() as i64 + 1).await?;
-        let taken = rows.len().min(permits.len());
         let mut batch_needed = others || rows.len() > taken;
         if taken == 0 {
             return Ok(DirectDispatch { started: 0, batch_needed });
@@ -138,23 +159,39 @@ impl Engine {
             }
         }
         // The first steps' reads run while the runs are claimed and created.
+        // (With several engines, each engine that read the rows starts them;
+        // only the one whose claim wins uses them: bounded, read-only reads,
+        // at most once per engine and alert.)
         let mut prefetches: Vec<Option<Prefetch>> = workflows
             .iter()
             .zip(&inputs)
             .map(|(name, input)| self.config.workflow(name).and_then(|w| self.host.prefetch_first_step(&self.services, w, input)).map(Prefetch::spawn))
             .collect();
         let runs = store::runs::DirectRuns { workflows: &workflows, event_ids: &event_ids, events: &events, inputs: &inputs, keys: &keys };
-        let created = store::runs::claim_into_runs(conn, &runs, &self.engine_id, self.lease_ms(), DISPATCH_LOCK_KEY).await?;
+        let created = store::runs::claim_into_runs(conn, &runs, &self.engine_id, self.lease_ms(), DISPATCH_LOCK_KEY).await;
+        let created = match created {
+            Ok(created) => created,
+            Err(e) => {
+                drop(permits);
+                self.slot_freed.notify_one();
+                return Err(e.into());
+            }
+        };
         // A row another dispatcher took, or a run its key kept from
         // starting: the batch looks again (it audits nothing more for a
         // skipped duplicate, as a batch does not either).
         batch_needed |= created.len() < workflows.len();
         let started = created.len();
-        for (run, permit) in created.into_iter().zip(permits) {
+        let mut permits = permits.into_iter();
+        for (run, permit) in created.into_iter().zip(permits.by_ref()) {
             let prefetch = (0..workflows.len())
                 .find(|&i| prefetches[i].is_some() && workflows[i] == run.workflow && inputs[i] == run.input)
                 .and_then(|i| prefetches[i].take());
             self.start(run, permit, prefetch);
+        }
+        if !permits.as_slice().is_empty() {
+            drop(permits);
+            self.slot_freed.notify_one();
         }
         Ok(DirectDispatch { started, batch_needed })
     }

@@ -685,23 +685,25 @@ impl Engine {
                 }
                 batch = direct_dispatch::run_batch_after(&direct);
             }
-            while batch {
-                self.health.beat(&self.health.dispatcher_beat);
-                match self.dispatch_batch(limit).await {
-                    Ok(n) if n as i64 >= limit => {
-                        if !shrunk {
-                            limit = DISPATCH_BATCH_MAX;
+            if batch {
+                loop {
+                    self.health.beat(&self.health.dispatcher_beat);
+                    match self.dispatch_batch(limit).await {
+                        Ok(n) if n as i64 >= limit => {
+                            if !shrunk {
+                                limit = DISPATCH_BATCH_MAX;
+                            }
+                            continue;
                         }
-                        continue;
-                    }
-                    Ok(_) => break,
-                    Err(e) => {
-                        if e.downcast_ref::<sqlx::Error>().is_some_and(deadline::is_no_reply) {
-                            small_batches_until = Some(Instant::now() + deadline::SUSPECT_WINDOW);
+                        Ok(_) => break,
+                        Err(e) => {
+                            if e.downcast_ref::<sqlx::Error>().is_some_and(deadline::is_no_reply) {
+                                small_batches_until = Some(Instant::now() + deadline::SUSPECT_WINDOW);
+                            }
+                            let why = self.db.explain_any(&e).await;
+                            tracing::warn!(error = %why, "outbox dispatch failed; the next sweep retries");
+                            break;
                         }
-                        let why = self.db.explain_any(&e).await;
-                        tracing::warn!(error = %why, "outbox dispatch failed; the next sweep retries");
-                        break;
                     }
                 }
             }

@@ -48,6 +48,10 @@ pub async fn claim_batch(
     .await
 }
 
+/// A row of [`peek_unprocessed`]'s statement: a row of the events peeked
+/// (none when there is none), and whether other events wait.
+type PeekedRow = (Option<i64>, Option<String>, Option<Value>, bool);
+
 /// The oldest unprocessed outbox rows of `events` (at most `limit`, by id),
 /// read without a lock and without marking them: what a direct dispatch
 /// ([`crate::store::runs::claim_into_runs`]) will try to claim, read first so
@@ -59,7 +63,7 @@ pub async fn claim_batch(
 ///
 /// Errors: a database error.
 pub async fn peek_unprocessed(conn: &mut PgConnection, events: &[String], limit: i64) -> Result<(Vec<(i64, String, Value)>, bool), sqlx::Error> {
-    let rows: Vec<(Option<i64>, Option<String>, Option<Value>, bool)> = sqlx::query_as(
+    let rows: Vec<PeekedRow> = sqlx::query_as(
         "WITH direct AS (
              SELECT id, event, payload FROM wardcall.outbox
               WHERE processed_at IS NULL AND event = ANY($1) ORDER BY id LIMIT $2),

@@ -18,6 +18,8 @@ pub fn tests() -> Vec<libtest_mimic::Trial> {
         review_alert_path::a_dispatch_dropped_during_its_lock_wait_leaves_no_transaction_in_the_pool,
         review_alert_path::a_direct_dispatch_in_flight_holds_back_the_cancel_of_its_key,
         review_alert_path::events_a_batch_must_see_are_not_dispatched_directly,
+        review_alert_path::a_direct_dispatch_waiting_for_a_batch_takes_no_row_the_batch_took,
+        review_alert_path::an_event_with_more_runs_than_free_workers_starts_them_all_at_once,
     ]
 }
 
@@ -369,8 +371,91 @@ pub async fn events_a_batch_must_see_are_not_dispatched_directly() {
     assert!(DirectRoutes::of(&config(&conditional), &host).is_empty(), "a `when` needs the batch");
     let ordinary = PAGES_CFG.replace("critical = true\n", "");
     assert!(DirectRoutes::of(&config(&ordinary), &host).is_empty(), "only critical events go directly");
+    let skip = PAGES_CFG.replace("key = \"{id}\"", "key = \"{id}\"\non_duplicate = \"skip\"");
+    assert_eq!(DirectRoutes::of(&config(&skip), &host).events(), ["page.raised"], "a key that skips duplicates goes directly");
+    let second =
+        |critical: &str| format!("{PAGES_CFG}\n[[workflows]]\nname = \"log\"\nevent = \"page.raised\"\n{critical}\n[[workflows.steps]]\nsleep = \"1h\"\n");
+    assert!(DirectRoutes::of(&config(&second("")), &host).is_empty(), "an event that also starts an ordinary run goes through the batch");
+    assert_eq!(DirectRoutes::of(&config(&second("critical = true\n")), &host).events(), ["page.raised"], "two critical runs of one event go directly");
     let signalled = format!(
         "{PAGES_CFG}\n[[workflows]]\nname = \"watch\"\nevent = \"page.resolved\"\nkey = \"{{id}}\"\n\n[[workflows.steps]]\nwait = {{ event = \"page.raised\", timeout = \"1h\" }}\n"
     );
     assert!(DirectRoutes::of(&config(&signalled), &host).is_empty(), "an event a run waits for by key needs the batch");
+}
+
+/// The other order of `a_direct_dispatch_in_flight_holds_back_the_cancel_of_its_key`:
+/// a batch holds the dispatch lock while the direct dispatch has read the
+/// raising event and waits for the lock. The direct statement must lock no
+/// outbox row before it has the lock (the batch claims the row meanwhile,
+/// unhindered), and, once it has the lock, must see that the batch took the
+/// row (its snapshot is older than the batch's commit): no run is created.
+pub async fn a_direct_dispatch_waiting_for_a_batch_takes_no_row_the_batch_took() {
+    let db = TestDb::new().await;
+    db.exec(PAGES).await;
+    let app = start_app(&db, config(PAGES_CFG)).await;
+    // "Another engine's batch" holds the dispatch lock.
+    let mut batch = db.pool.begin().await.unwrap();
+    sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(wardcall::runtime::DISPATCH_LOCK_KEY).execute(&mut *batch).await.unwrap();
+    db.exec("INSERT INTO pages DEFAULT VALUES").await;
+    await_true(
+        &db,
+        "the direct dispatch to wait for the dispatch lock",
+        Duration::from_secs(5),
+        "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock' AND wait_event = 'advisory'
+                          AND query LIKE '%dispatch_lock AS MATERIALIZED%')",
+    )
+    .await;
+    // The batch claims the row: it is not locked by the waiting statement
+    // (were it locked, the two would wait for each other until one of them
+    // is cancelled as a deadlock).
+    sqlx::query("SELECT id FROM wardcall.outbox WHERE event = 'page.raised' FOR UPDATE NOWAIT")
+        .execute(&mut *batch)
+        .await
+        .expect("the direct dispatch locked an outbox row before it had the dispatch lock");
+    let claimed = sqlx::query(
+        "UPDATE wardcall.outbox SET processed_at = clock_timestamp(), processed_by = 'another engine' WHERE event = 'page.raised' AND processed_at IS NULL",
+    )
+    .execute(&mut *batch)
+    .await
+    .unwrap()
+    .rows_affected();
+    assert_eq!(claimed, 1);
+    batch.commit().await.unwrap();
+    await_true(
+        &db,
+        "the direct dispatch to finish",
+        Duration::from_secs(5),
+        "SELECT NOT EXISTS (SELECT 1 FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()
+                              AND state = 'active' AND query LIKE '%dispatch_lock AS MATERIALIZED%')",
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await; // a sweep (100 ms) would dispatch it again, were it left
+    let runs = db.scalar_i64("SELECT count(*) FROM wardcall.runs").await;
+    app.stop(Duration::from_secs(2)).await;
+    assert_eq!(runs, 0, "the direct dispatch created a run for an event another batch had taken");
+}
+
+/// An event that starts two critical runs while one worker is free: the
+/// direct dispatch takes whole events only, as many as there are free
+/// workers for all of their runs. Were it to count events instead of runs,
+/// it would create both runs leased to this engine with one worker to
+/// start them: the second would wait for its lease to lapse (5 s) before
+/// anyone ran it.
+pub async fn an_event_with_more_runs_than_free_workers_starts_them_all_at_once() {
+    let db = TestDb::new().await;
+    db.exec(PAGES).await;
+    let cfg = format!(
+        "{}\n[[workflows]]\nname = \"log\"\nevent = \"page.raised\"\ncritical = true\n\n[[workflows.steps]]\nsleep = \"1h\"\n",
+        PAGES_CFG.replace("sweep_ms = 100", "sweep_ms = 100\nworkers = 1")
+    );
+    let app = start_app(&db, config(&cfg)).await;
+    db.exec("INSERT INTO pages DEFAULT VALUES").await;
+    await_true(
+        &db,
+        "both runs of the event to have run their first step",
+        Duration::from_secs(3),
+        "SELECT count(*) = 2 FROM wardcall.runs WHERE status = 'sleeping'",
+    )
+    .await;
+    app.stop(Duration::from_secs(2)).await;
 }
