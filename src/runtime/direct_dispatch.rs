@@ -19,7 +19,8 @@
 //! The general batch ([`Engine::dispatch_batch`]) still claims every event,
 //! these included: a direct dispatch that fails, or finds no free worker,
 //! leaves its rows to it, and it runs after the direct dispatch whenever
-//! another event waits. Measured in BENCHMARKS.md ("Issue 9, sixteenth
+//! another event waits, a row read was left, or a row read was taken by
+//! another dispatcher or started no run. Measured in BENCHMARKS.md ("Issue 9, sixteenth
 //! session").
 
 use super::{run_key, Engine, DISPATCH_LOCK_KEY};
@@ -29,8 +30,9 @@ use crate::runtime::step::{Prefetch, WorkflowHost};
 use crate::store;
 use std::sync::Arc;
 
-/// Most events one direct dispatch takes; a burst's rest goes to the
-/// general batch, which takes hundreds at a time.
+/// Most runs one direct dispatch creates (one per workflow bound to each
+/// event it takes); a burst's rest goes to the general batch, which takes
+/// hundreds of events at a time.
 pub const DIRECT_DISPATCH_MAX: usize = 32;
 
 /// The events a direct dispatch may serve, and their workflows (see the
@@ -112,28 +114,29 @@ impl Engine {
 
     async fn dispatch_direct_on(self: &Arc<Self>, conn: &mut HeldConnection) -> anyhow::Result<DirectDispatch> {
         let routes = &self.direct_routes;
-        // One row more than the free workers could take: whether the batch
-        // must follow. No worker is held while the rows are read.
+        // One row more than the free workers could take (an event starts at
+        // least one run): whether the batch must follow. No worker is held
+        // while the rows are read.
         let free = self.slots.available_permits().min(DIRECT_DISPATCH_MAX);
         let (rows, others) = store::outbox::peek_unprocessed(conn, routes.events(), free as i64 + 1).await?;
-        // Whole events only, as many as there are free workers for each of
+        // Whole events only, as many as there were free workers for each of
         // their runs (an event starts one run per workflow bound to it):
         // every run the statement creates is leased to a worker that starts
-        // it at once.
-        let mut permits = Vec::new();
+        // it at once. Never more than `free`, so that a row read and left
+        // makes the batch follow.
+        let mut workers = UnusedWorkers { permits: Vec::new(), freed: self.slot_freed.clone() };
         let mut taken = 0;
         'rows: for (_, event, _) in &rows {
             let runs = routes.routes.iter().filter(|r| &r.0 == event).count();
-            if permits.len() + runs > DIRECT_DISPATCH_MAX {
+            if workers.permits.len() + runs > free {
                 break;
             }
-            let before = permits.len();
+            let before = workers.permits.len();
             for _ in 0..runs {
                 match self.slots.clone().try_acquire_owned() {
-                    Ok(p) => permits.push(p),
+                    Ok(p) => workers.permits.push(p),
                     Err(_) => {
-                        permits.truncate(before);
-                        self.slot_freed.notify_one();
+                        workers.give_back_from(before);
                         break 'rows;
                     }
                 }
@@ -168,32 +171,48 @@ impl Engine {
             .map(|(name, input)| self.config.workflow(name).and_then(|w| self.host.prefetch_first_step(&self.services, w, input)).map(Prefetch::spawn))
             .collect();
         let runs = store::runs::DirectRuns { workflows: &workflows, event_ids: &event_ids, events: &events, inputs: &inputs, keys: &keys };
-        let created = store::runs::claim_into_runs(conn, &runs, &self.engine_id, self.lease_ms(), DISPATCH_LOCK_KEY).await;
-        let created = match created {
-            Ok(created) => created,
-            Err(e) => {
-                drop(permits);
-                self.slot_freed.notify_one();
-                return Err(e.into());
-            }
-        };
+        // On an error, or when the deadline drops this future, `workers`
+        // gives the workers back and tells the scheduler.
+        let created = store::runs::claim_into_runs(conn, &runs, &self.engine_id, self.lease_ms(), DISPATCH_LOCK_KEY).await?;
         // A row another dispatcher took, or a run its key kept from
         // starting: the batch looks again (it audits nothing more for a
         // skipped duplicate, as a batch does not either).
         batch_needed |= created.len() < workflows.len();
         let started = created.len();
-        let mut permits = permits.into_iter();
-        for (run, permit) in created.into_iter().zip(permits.by_ref()) {
+        for run in created {
+            // One worker per run created (`created` is never longer than
+            // the workflows the workers were taken for).
+            let Some(permit) = workers.permits.pop() else { break };
             let prefetch = (0..workflows.len())
                 .find(|&i| prefetches[i].is_some() && workflows[i] == run.workflow && inputs[i] == run.input)
                 .and_then(|i| prefetches[i].take());
             self.start(run, permit, prefetch);
         }
-        if !permits.as_slice().is_empty() {
-            drop(permits);
-            self.slot_freed.notify_one();
-        }
         Ok(DirectDispatch { started, batch_needed })
+    }
+}
+
+/// Workers taken for a direct dispatch and not (yet) given to a run: given
+/// back when dropped (an error, the deadline, runs not created), and the
+/// scheduler told that workers are free.
+struct UnusedWorkers {
+    permits: Vec<tokio::sync::OwnedSemaphorePermit>,
+    freed: Arc<tokio::sync::Notify>,
+}
+
+impl UnusedWorkers {
+    /// Gives back the workers taken after the first `kept`.
+    fn give_back_from(&mut self, kept: usize) {
+        if self.permits.len() > kept {
+            self.permits.truncate(kept);
+            self.freed.notify_one();
+        }
+    }
+}
+
+impl Drop for UnusedWorkers {
+    fn drop(&mut self) {
+        self.give_back_from(0);
     }
 }
 

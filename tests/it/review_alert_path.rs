@@ -364,15 +364,17 @@ pub async fn events_a_batch_must_see_are_not_dispatched_directly() {
     use wardcall::runtime::direct_dispatch::DirectRoutes;
     let host = wardcall::workflows::Host;
     let cfg = config(PAGES_CFG);
-    assert_eq!(DirectRoutes::of(&cfg, &host).events(), ["page.raised"], "the raising event goes directly; the cancel does not");
+    assert_eq!(
+        DirectRoutes::of(&cfg, &host).events(),
+        ["page.raised"],
+        "the raising event (keyed, duplicates skipped by default) goes directly; the cancel does not"
+    );
     let replace = PAGES_CFG.replace("key = \"{id}\"", "key = \"{id}\"\non_duplicate = \"replace\"");
     assert!(DirectRoutes::of(&config(&replace), &host).is_empty(), "a replacing key needs the batch (it cancels the live run)");
     let conditional = PAGES_CFG.replace("critical = true", "critical = true\nwhen = \"payload->>'id' IS NOT NULL\"");
     assert!(DirectRoutes::of(&config(&conditional), &host).is_empty(), "a `when` needs the batch");
     let ordinary = PAGES_CFG.replace("critical = true\n", "");
     assert!(DirectRoutes::of(&config(&ordinary), &host).is_empty(), "only critical events go directly");
-    let skip = PAGES_CFG.replace("key = \"{id}\"", "key = \"{id}\"\non_duplicate = \"skip\"");
-    assert_eq!(DirectRoutes::of(&config(&skip), &host).events(), ["page.raised"], "a key that skips duplicates goes directly");
     let second =
         |critical: &str| format!("{PAGES_CFG}\n[[workflows]]\nname = \"log\"\nevent = \"page.raised\"\n{critical}\n[[workflows.steps]]\nsleep = \"1h\"\n");
     assert!(DirectRoutes::of(&config(&second("")), &host).is_empty(), "an event that also starts an ordinary run goes through the batch");
@@ -388,7 +390,8 @@ pub async fn events_a_batch_must_see_are_not_dispatched_directly() {
 /// raising event and waits for the lock. The direct statement must lock no
 /// outbox row before it has the lock (the batch claims the row meanwhile,
 /// unhindered), and, once it has the lock, must see that the batch took the
-/// row (its snapshot is older than the batch's commit): no run is created.
+/// row, although its snapshot is older than the batch's commit (`FOR
+/// UPDATE` re-checks a row updated meanwhile): no run is created.
 pub async fn a_direct_dispatch_waiting_for_a_batch_takes_no_row_the_batch_took() {
     let db = TestDb::new().await;
     db.exec(PAGES).await;
