@@ -170,7 +170,16 @@ impl Engine {
             .zip(&inputs)
             .map(|(name, input)| self.config.workflow(name).and_then(|w| self.host.prefetch_first_step(&self.services, w, input)).map(Prefetch::spawn))
             .collect();
-        let runs = store::runs::DirectRuns { workflows: &workflows, event_ids: &event_ids, events: &events, inputs: &inputs, keys: &keys };
+        let leased = vec![true; workflows.len()];
+        let runs = store::runs::NewRuns {
+            workflows: &workflows,
+            event_ids: &event_ids,
+            events: &events,
+            inputs: &inputs,
+            leased: &leased,
+            criticals: &leased, // every workflow of a direct route is critical
+            keys: &keys,
+        };
         // On an error, or when the deadline drops this future, `workers`
         // gives the workers back and tells the scheduler.
         let created = store::runs::claim_into_runs(conn, &runs, &self.engine_id, self.lease_ms(), DISPATCH_LOCK_KEY).await?;
@@ -179,7 +188,7 @@ impl Engine {
         // skipped duplicate, as a batch does not either).
         batch_needed |= created.len() < workflows.len();
         let started = created.len();
-        for run in created {
+        for run in created.into_iter().flatten() {
             // One worker per run created (`created` is never longer than
             // the workflows the workers were taken for).
             let Some(permit) = workers.permits.pop() else { break };

@@ -310,11 +310,28 @@ pub struct NewRuns<'a> {
 /// created again. Returns, in creation order, the leased runs as claimed
 /// (`Some`) and a `None` per pending run.
 pub async fn create_runs(conn: &mut PgConnection, runs: &NewRuns<'_>, engine_id: &str, lease_ms: i64) -> Result<Vec<Option<ClaimedRun>>, sqlx::Error> {
-    let rows = sqlx::query(
-        "WITH input AS (
-             SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::jsonb[], $5::bool[], $8::bool[], $9::text[])
-                 AS t(workflow, event_id, event, input, take, critical, key)),
-         created AS (
+    static STATEMENT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        format!(
+            "WITH input AS (SELECT * FROM {NEW_RUNS_INPUT}),
+             {NEW_RUNS_CREATED_AND_AUDITED}
+             SELECT *, 'pending'::text AS previous_status FROM created"
+        )
+    });
+    let rows = bind_new_runs(sqlx::query(STATEMENT.as_str()), runs, engine_id, lease_ms).fetch_all(conn).await?;
+    leased_runs(&rows)
+}
+
+/// The rows of `NewRuns`, as the statements that create runs read them
+/// (`$1`, `$2`, `$3`, `$4`, `$5`, `$8`, `$9`: [`bind_new_runs`]), in order.
+const NEW_RUNS_INPUT: &str = "unnest($1::text[], $2::bigint[], $3::text[], $4::jsonb[], $5::bool[], $8::bool[], $9::text[])
+                 WITH ORDINALITY AS t(workflow, event_id, event, input, take, critical, key, ord)";
+
+/// The runs of the rows of `input` ([`NEW_RUNS_INPUT`]'s columns) created
+/// in order (`ON CONFLICT DO NOTHING`: a (workflow, outbox row) that has its
+/// run, or a key a live run holds, creates nothing) and audited
+/// `run.created`: leased to `$6` for `$7` ms, or pending. The CTEs
+/// `created` and `audited` of [`create_runs`] and [`claim_into_runs`].
+const NEW_RUNS_CREATED_AND_AUDITED: &str = "created AS (
              INSERT INTO wardcall.runs (workflow, event_id, event, input, step, status, lease_owner, fencing_token, due_at, critical, key)
              SELECT workflow, event_id, event, input, 'start',
                     CASE WHEN take THEN 'running' ELSE 'pending' END,
@@ -322,49 +339,44 @@ pub async fn create_runs(conn: &mut PgConnection, runs: &NewRuns<'_>, engine_id:
                     CASE WHEN take THEN 1 ELSE 0 END,
                     CASE WHEN take THEN clock_timestamp() + $7 * interval '1 millisecond' ELSE clock_timestamp() END,
                     critical, key
-               FROM input
+               FROM input ORDER BY ord
              ON CONFLICT DO NOTHING
              RETURNING id, workflow, event, input, state, step, step_attempt, fencing_token, wait_signal, wait_outcome, status, step_seq),
          audited AS (
              INSERT INTO wardcall.audit_records (entity, entity_id, action, from_state, to_state, actor, detail)
              SELECT 'run', id::text, 'run.created', NULL, status, 'engine:' || $6,
                     jsonb_build_object('workflow', workflow, 'event', event)
-               FROM created)
-         SELECT *, 'pending'::text AS previous_status FROM created",
-    )
-    .bind(runs.workflows)
-    .bind(runs.event_ids)
-    .bind(runs.events)
-    .bind(runs.inputs)
-    .bind(runs.leased)
-    .bind(engine_id)
-    .bind(lease_ms)
-    .bind(runs.criticals)
-    .bind(runs.keys)
-    .fetch_all(conn)
-    .await?;
-    let mut out = Vec::with_capacity(rows.len());
-    for row in &rows {
-        let status: String = row.try_get("status")?;
-        out.push(if status == "running" { Some(ClaimedRun::from_row(row)?) } else { None });
-    }
-    Ok(out)
+               FROM created)";
+
+/// Binds `runs`, `engine_id` and `lease_ms` as `$1`..`$9` of a statement
+/// that creates runs ([`NEW_RUNS_INPUT`], [`NEW_RUNS_CREATED_AND_AUDITED`]).
+fn bind_new_runs<'q>(
+    query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    runs: &NewRuns<'q>,
+    engine_id: &'q str,
+    lease_ms: i64,
+) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    query
+        .bind(runs.workflows)
+        .bind(runs.event_ids)
+        .bind(runs.events)
+        .bind(runs.inputs)
+        .bind(runs.leased)
+        .bind(engine_id)
+        .bind(lease_ms)
+        .bind(runs.criticals)
+        .bind(runs.keys)
 }
 
-/// The runs a direct dispatch creates ([`claim_into_runs`]), one per index
-/// of every slice, in the order they are created (by outbox row, then by
-/// workflow).
-#[derive(Debug, Clone, Copy)]
-pub struct DirectRuns<'a> {
-    pub workflows: &'a [String],
-    /// The outbox row each run comes from.
-    pub event_ids: &'a [i64],
-    pub events: &'a [String],
-    pub inputs: &'a [Value],
-    /// The run's key (`runs.key`), rendered from its template over the
-    /// payload; a run whose key is taken by a live run is not created
-    /// (`on_duplicate = "skip"`).
-    pub keys: &'a [Option<String>],
+/// The rows of a statement that created runs: the leased ones as claimed
+/// (`Some`), `None` per pending run, in creation order.
+fn leased_runs(rows: &[sqlx::postgres::PgRow]) -> Result<Vec<Option<ClaimedRun>>, sqlx::Error> {
+    rows.iter()
+        .map(|row| {
+            let status: String = row.try_get("status")?;
+            Ok(if status == "running" { Some(ClaimedRun::from_row(row)?) } else { None })
+        })
+        .collect()
 }
 
 /// A whole dispatch of critical events in one autocommit statement: takes
@@ -373,64 +385,44 @@ pub struct DirectRuns<'a> {
 /// signals by key either sees these runs or is seen by them), claims the
 /// outbox rows of `runs.event_ids` that are still unprocessed and not held
 /// by another dispatcher (`FOR UPDATE SKIP LOCKED`; the lock is taken before
-/// any row is), marks them processed by `engine_id`, and creates a critical
-/// run per claimed row and workflow, leased to `engine_id` (`running`,
-/// fencing token 1, lease `lease_ms` milliseconds), audited `run.created`,
-/// in `runs`' order. A run whose (workflow, outbox row) exists, or whose key
-/// a live run holds, is not created. Commits asynchronously
+/// any row is), marks them processed by `engine_id`, and creates the runs
+/// of `runs` whose outbox row it claimed, as [`create_runs`] does (leased to
+/// `engine_id` for `lease_ms` milliseconds or pending, audited
+/// `run.created`, in `runs`' order; a run whose (workflow, outbox row)
+/// exists, or whose key a live run holds, is not created). Commits asynchronously
 /// (`set_config('synchronous_commit', 'off', true)`, PostgreSQL manual
 /// 30.4), as a dispatch batch does: its runs' first effects follow a commit
-/// that writes. Returns the runs created, as claimed.
-///
-/// Every run it creates is leased: the caller passes only as many as it
-/// has free workers for.
+/// that writes. Returns, in creation order, the leased runs created as
+/// claimed (`Some`) and a `None` per pending run.
 ///
 /// Errors: a database error (nothing written); `lock_timeout` (55P03)
 /// while another dispatch holds the lock for too long.
 pub async fn claim_into_runs(
     conn: &mut PgConnection,
-    runs: &DirectRuns<'_>,
+    runs: &NewRuns<'_>,
     engine_id: &str,
     lease_ms: i64,
     lock_key: i64,
-) -> Result<Vec<ClaimedRun>, sqlx::Error> {
-    let rows = sqlx::query(
-        "WITH dispatch_lock AS MATERIALIZED (SELECT pg_advisory_xact_lock($8) IS NULL AS none),
-         async_commit AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off', true) AS setting),
-         picked AS MATERIALIZED (
-             SELECT o.id FROM wardcall.outbox o, dispatch_lock
-              WHERE o.id = ANY($2::bigint[]) AND o.processed_at IS NULL AND NOT dispatch_lock.none
-              ORDER BY o.id FOR UPDATE OF o SKIP LOCKED),
-         claimed AS (
-             UPDATE wardcall.outbox o SET processed_at = clock_timestamp(), processed_by = $6
-               FROM picked WHERE o.id = picked.id
-             RETURNING o.id),
-         created AS (
-             INSERT INTO wardcall.runs (workflow, event_id, event, input, step, status, lease_owner, fencing_token, due_at, critical, key)
-             SELECT t.workflow, t.event_id, t.event, t.input, 'start', 'running', $6, 1, clock_timestamp() + $7 * interval '1 millisecond', true, t.key
-               FROM unnest($1::text[], $2::bigint[], $3::text[], $4::jsonb[], $5::text[]) WITH ORDINALITY AS t(workflow, event_id, event, input, key, ord)
-              WHERE t.event_id IN (SELECT id FROM claimed)
-              ORDER BY t.ord
-             ON CONFLICT DO NOTHING
-             RETURNING id, workflow, event, input, state, step, step_attempt, fencing_token, wait_signal, wait_outcome, status, step_seq),
-         audited AS (
-             INSERT INTO wardcall.audit_records (entity, entity_id, action, from_state, to_state, actor, detail)
-             SELECT 'run', id::text, 'run.created', NULL, status, 'engine:' || $6,
-                    jsonb_build_object('workflow', workflow, 'event', event)
-               FROM created)
-         SELECT created.*, 'pending'::text AS previous_status FROM created, async_commit",
-    )
-    .bind(runs.workflows)
-    .bind(runs.event_ids)
-    .bind(runs.events)
-    .bind(runs.inputs)
-    .bind(runs.keys)
-    .bind(engine_id)
-    .bind(lease_ms)
-    .bind(lock_key)
-    .fetch_all(conn)
-    .await?;
-    rows.iter().map(ClaimedRun::from_row).collect()
+) -> Result<Vec<Option<ClaimedRun>>, sqlx::Error> {
+    static STATEMENT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        format!(
+            "WITH dispatch_lock AS MATERIALIZED (SELECT pg_advisory_xact_lock($10) IS NULL AS none),
+             async_commit AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off', true) AS setting),
+             picked AS MATERIALIZED (
+                 SELECT o.id FROM wardcall.outbox o, dispatch_lock
+                  WHERE o.id = ANY($2::bigint[]) AND o.processed_at IS NULL AND NOT dispatch_lock.none
+                  ORDER BY o.id FOR UPDATE OF o SKIP LOCKED),
+             claimed AS (
+                 UPDATE wardcall.outbox o SET processed_at = clock_timestamp(), processed_by = $6
+                   FROM picked WHERE o.id = picked.id
+                 RETURNING o.id),
+             input AS (SELECT * FROM {NEW_RUNS_INPUT} WHERE t.event_id IN (SELECT id FROM claimed)),
+             {NEW_RUNS_CREATED_AND_AUDITED}
+             SELECT created.*, 'pending'::text AS previous_status FROM created, async_commit"
+        )
+    });
+    let rows = bind_new_runs(sqlx::query(STATEMENT.as_str()), runs, engine_id, lease_ms).bind(lock_key).fetch_all(conn).await?;
+    leased_runs(&rows)
 }
 
 /// Locks a run row (`FOR UPDATE`) without a fencing check: the first
