@@ -187,7 +187,7 @@ impl Engine {
         // starting: the batch looks again (it audits nothing more for a
         // skipped duplicate, as a batch does not either).
         batch_needed |= created.len() < workflows.len();
-        let started = created.len();
+        let mut started = 0;
         for run in created.into_iter().flatten() {
             // One worker per run created (`created` is never longer than
             // the workflows the workers were taken for).
@@ -196,6 +196,7 @@ impl Engine {
                 .find(|&i| prefetches[i].is_some() && workflows[i] == run.workflow && inputs[i] == run.input)
                 .and_then(|i| prefetches[i].take());
             self.start(run, permit, prefetch);
+            started += 1;
         }
         Ok(DirectDispatch { started, batch_needed })
     }

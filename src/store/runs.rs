@@ -287,7 +287,8 @@ pub async fn critical_run_due(conn: &mut PgConnection) -> Result<bool, sqlx::Err
     .await
 }
 
-/// The runs a dispatch batch creates, one per index of every slice.
+/// The runs a dispatch creates ([`create_runs`], [`claim_into_runs`]), one
+/// per index of every slice.
 #[derive(Debug, Clone, Copy)]
 pub struct NewRuns<'a> {
     pub workflows: &'a [String],
