@@ -23,7 +23,7 @@
 //! another dispatcher or started no run. Measured in BENCHMARKS.md ("Issue 9, sixteenth
 //! session").
 
-use super::{run_key, Engine, DISPATCH_LOCK_KEY};
+use super::{new_run_key, Engine, DISPATCH_LOCK_KEY};
 use crate::config::{Config, OnDuplicate};
 use crate::db::deadline::{self, within, HeldConnection};
 use crate::runtime::step::{Prefetch, WorkflowHost};
@@ -150,10 +150,7 @@ impl Engine {
         let (mut workflows, mut event_ids, mut events, mut inputs, mut keys) = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for (id, event, payload) in &rows[..taken] {
             for (_, workflow, template) in routes.routes.iter().filter(|r| &r.0 == event) {
-                let key = template.as_deref().and_then(|t| run_key(t, payload));
-                if template.is_some() && key.is_none() {
-                    tracing::warn!(workflow = %workflow, outbox_id = id, "the event's key renders empty; the run starts without a key");
-                }
+                let key = new_run_key(template.as_deref(), payload, workflow, *id);
                 workflows.push(workflow.clone());
                 event_ids.push(*id);
                 events.push(event.clone());

@@ -325,7 +325,6 @@ impl Engine {
     /// (`crate::workflows::Host` in wardcall).
     pub fn new(db: Database, config: Arc<Config>, providers: Providers, public_url: String, host: Arc<dyn WorkflowHost>) -> Arc<Engine> {
         let hostname = std::env::var("HOSTNAME").unwrap_or_else(|_| "wardcall".into());
-        let config_for_routes = config.clone();
         let engine_id = format!("{}-{}", hostname, &uuid::Uuid::new_v4().simple().to_string()[..12]);
         let workers = config.engine.workers;
         let commit_work = Arc::new(Semaphore::new(commit_work_places(config.engine.pool_size)));
@@ -335,6 +334,7 @@ impl Engine {
         let slot_freed = Arc::new(Notify::new());
         let slots = Arc::new(Semaphore::new(workers));
         let shutdown = watch::channel(false).0;
+        let direct_routes = direct_dispatch::DirectRoutes::of(&config, host.as_ref());
         let webhook_pool = crate::db::webhook_pool(&db.pool, &config.engine);
         let team_reads = crate::db::TeamReadPool::new(&db.pool, &config.engine);
         let services = Services {
@@ -372,7 +372,7 @@ impl Engine {
             call_sweeper,
             shutdown,
             health: Health::new(),
-            direct_routes: direct_dispatch::DirectRoutes::of(&config_for_routes, host.as_ref()),
+            direct_routes,
             host,
             commit_work,
             group: {
@@ -856,10 +856,7 @@ impl Engine {
                 if skipped.contains(&(*id, w.name.as_str())) {
                     continue;
                 }
-                let key = w.key.as_deref().and_then(|t| run_key(t, payload));
-                if w.key.is_some() && key.is_none() {
-                    tracing::warn!(workflow = %w.name, outbox_id = id, "the event's key renders empty; the run starts without a key");
-                }
+                let key = new_run_key(w.key.as_deref(), payload, &w.name, *id);
                 if let Some(k) = &key {
                     if let Some(&earlier) = keyed.get(&(w.name.clone(), k.clone())) {
                         match w.on_duplicate {
@@ -1882,6 +1879,19 @@ pub fn retry_delay_ms(w: &crate::config::Workflow, attempt: i32) -> i64 {
 /// `sha1:<hex>` of itself, so that it always fits the unique index
 /// `runs_live_key` (a b-tree entry is at most about 2.7 kB).
 pub const MAX_KEY_BYTES: usize = 200;
+
+/// The key of a new run of `workflow` from outbox row `outbox_id`: its
+/// workflow's key template (if any) rendered over the payload
+/// ([`run_key`]); a template that renders empty is logged (by workflow and
+/// outbox id, never the payload) and the run starts without a key. Shared by
+/// the dispatch batch and the direct dispatch, which must key runs alike.
+fn new_run_key(template: Option<&str>, payload: &Value, workflow: &str, outbox_id: i64) -> Option<String> {
+    let key = template.and_then(|t| run_key(t, payload));
+    if template.is_some() && key.is_none() {
+        tracing::warn!(workflow = %workflow, outbox_id, "the event's key renders empty; the run starts without a key");
+    }
+    key
+}
 
 /// A run's key: `template` rendered over the event payload (hashed when
 /// longer than [`MAX_KEY_BYTES`]); `None` when it renders empty (the payload
