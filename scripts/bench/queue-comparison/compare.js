@@ -1,33 +1,40 @@
 // One run of issue 9's reference (BENCHMARKS.md, "Issue 9, seventeenth
 // session"): graphile-worker (worker.js) doing the hospital job, measured
 // as `wardcall bench` measures wardcall, with the same schema
-// (examples/hospital), the same client statements and the same figures.
+// (examples/hospital), client statements, sizes and definitions.
 //
-//   node compare.js latency [perf]      1,000 alerts one by one at 50/s after 50 of warm-up:
-//                                       commit → create-call request p50/p99/max, ms
-//   node compare.js burst [perf]        1,000 alerts in one INSERT: commit → first, p50 and
-//                                       last request, and every CallSid committed, ms
-//   node compare.js steps [perf] [N]    N no-op jobs (30,000) added in one statement: jobs/s
-//                                       from their commit until the queue is empty
+//   node compare.js latency [--perf]            50 warm-up alerts, then 1,000 one by one at 50/s:
+//                                               commit → create-call request p50/p99/max, ms
+//   node compare.js burst [--perf]              1,000 alerts in one INSERT: commit → first, p50
+//                                               and last request, and every CallSid committed, ms
+//   node compare.js steps [--perf] [--jobs N]   N no-op jobs (30,000) added in one statement:
+//                                               jobs/s from before that statement until the
+//                                               queue is empty, polled every 25 ms
 //
-// `perf`: the queue's documented performance settings (worker.js). The
-// database `wardcall_queue_comparison` is created and dropped on the
+// `--perf`: the queue's documented performance settings (worker.js). A
+// database `wardcall_queue_comparison_<pid>` is created and dropped on the
 // server libpq's PGHOST/PGPORT/PGUSER name; HOSPITAL is the folder of the
-// hospital example's schema.sql and seed.sql. Prints one JSON line.
-// Times are on this process's monotonic clock, in milliseconds: the commit
-// instant is taken when the client's INSERT returns, the arrival instant
-// when the stand-in (a Twilio create-call answer, 201 with a CallSid)
-// receives the request.
-const http = require("http");
-const crypto = require("crypto");
+// hospital example's schema.sql and seed.sql. Prints one JSON line; exits
+// 1 with a reason when a part fails or requests are missing after 60 s
+// (latency) or 120 s (burst, steps).
+//
+// Instants are in milliseconds on the system's monotonic clock: the commit
+// when the client's INSERT returns, the request when the stand-in
+// (standin.js, a process of its own) has read its body.
 const fs = require("fs");
 const path = require("path");
+const readline = require("readline");
 const { spawn } = require("child_process");
 const { Client } = require("pg");
 
-const scenario = process.argv[2];
-const perf = process.argv[3] === "perf";
-const database = "wardcall_queue_comparison";
+const args = process.argv.slice(2);
+const scenario = args[0];
+const perf = args.includes("--perf");
+const jobsAt = args.indexOf("--jobs");
+const jobs = jobsAt >= 0 ? Number(args[jobsAt + 1]) : 30000;
+const known = new Set(["--perf", "--jobs"]);
+const bad = args.slice(1).filter((a, i, all) => !known.has(a) && all[i - 1] !== "--jobs");
+const database = `wardcall_queue_comparison_${process.pid}`;
 const hospital = process.env.HOSPITAL;
 const now = () => Number(process.hrtime.bigint()) / 1e6;
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
@@ -37,51 +44,86 @@ function percentile(sorted, q) {
   return sorted[lo] + (sorted[hi] - sorted[lo]) * (pos - lo);
 }
 
-(async () => {
-  if (!["latency", "burst", "steps"].includes(scenario)) throw new Error("usage: node compare.js latency|burst|steps [perf] [N]");
+// A child process; `failed` rejects when it exits before `stop`.
+function child(script, env) {
+  const proc = spawn(process.execPath, [path.join(__dirname, script)], { env: { ...process.env, ...env }, stdio: ["ignore", "pipe", "inherit"] });
+  let stopping = false;
+  const failed = new Promise((_, reject) => proc.on("exit", (code, signal) => stopping || reject(new Error(`${script} exited (${code ?? signal})`))));
+  failed.catch(() => {});
+  const exited = new Promise((r) => proc.on("exit", r));
+  return {
+    proc,
+    failed,
+    lines: readline.createInterface({ input: proc.stdout }),
+    async stop() {
+      stopping = true;
+      if (proc.exitCode === null && proc.signalCode === null) proc.kill("SIGTERM");
+      await exited;
+    },
+  };
+}
+
+async function main(cleanup) {
+  if (!["latency", "burst", "steps"].includes(scenario) || bad.length || !(jobs > 0)) {
+    throw new Error("usage: node compare.js latency|burst|steps [--perf] [--jobs N (steps)]");
+  }
   const admin = new Client({ database: "postgres" });
   await admin.connect();
-  await admin.query(`DROP DATABASE IF EXISTS ${database} WITH (FORCE)`);
+  cleanup.push(async () => {
+    await admin.query(`DROP DATABASE IF EXISTS ${database} WITH (FORCE)`);
+    await admin.end();
+  });
   await admin.query(`CREATE DATABASE ${database}`);
   const client = new Client({ database });
   await client.connect();
+  cleanup.push(() => client.end());
   await client.query(fs.readFileSync(path.join(hospital, "schema.sql"), "utf8"));
   await client.query(fs.readFileSync(path.join(hospital, "seed.sql"), "utf8"));
   await client.query(`CREATE TABLE call_intents (id bigserial PRIMARY KEY, alert_id uuid NOT NULL REFERENCES alerts, person_id text NOT NULL,
       phone text NOT NULL, message text NOT NULL, status text NOT NULL DEFAULT 'intent', call_sid text,
-      created_at timestamptz NOT NULL DEFAULT now(), requested_at timestamptz);
-    CREATE INDEX ON call_intents (alert_id)`);
+      created_at timestamptz NOT NULL DEFAULT now(), requested_at timestamptz, UNIQUE (alert_id, person_id))`);
 
-  // The stand-in: each request's arrival instant by the alert's token.
+  // The stand-in: the first arrival instant of each alert's token.
+  const standin = child("standin.js", {});
+  cleanup.push(() => standin.stop());
   const arrivals = new Map();
   let waiter = null;
-  const server = http.createServer((req, res) => {
-    const at = now();
-    let body = "";
-    req.on("data", (c) => (body += c));
-    req.on("end", () => {
-      const token = /TKN(\d{9})/.exec(new URLSearchParams(body).get("Twiml") || "");
-      if (token) arrivals.set(Number(token[1]), at);
-      res.writeHead(201, { "content-type": "application/json" });
-      res.end(JSON.stringify({ sid: "CA" + crypto.randomBytes(16).toString("hex"), status: "queued" }));
-      if (waiter && arrivals.size >= waiter.n) {
+  const port = await new Promise((resolve, reject) => {
+    standin.failed.catch(reject);
+    standin.lines.on("line", (line) => {
+      const [a, b] = line.split(" ");
+      if (a === "PORT") return resolve(Number(b));
+      const token = Number(a);
+      if (!arrivals.has(token)) arrivals.set(token, Number(b));
+      if (waiter && waiter.done()) {
         const w = waiter;
         waiter = null;
         w.resolve();
       }
     });
   });
-  await new Promise((r) => server.listen(0, "127.0.0.1", r));
-  const untilArrivals = (n) => (arrivals.size >= n ? Promise.resolve() : new Promise((resolve) => (waiter = { n, resolve })));
+  // Resolves when every token of first..first+count has arrived; rejects
+  // after `ms` naming how many are missing, or when a child exits.
+  const untilArrivals = (first, count, ms) => {
+    const missing = () => {
+      let m = 0;
+      for (let k = first; k < first + count; k++) if (!arrivals.has(k)) m++;
+      return m;
+    };
+    if (missing() === 0) return Promise.resolve();
+    return Promise.race([
+      new Promise((resolve) => (waiter = { done: () => missing() === 0, resolve })),
+      sleep(ms).then(() => {
+        throw new Error(`timed out: ${missing()} of ${count} requests missing`);
+      }),
+      standin.failed,
+      worker.failed,
+    ]);
+  };
 
-  const worker = spawn("node", [path.join(__dirname, "worker.js")], {
-    env: { ...process.env, PGDATABASE: database, STANDIN: `http://127.0.0.1:${server.address().port}`, QUEUE_PERF: perf ? "1" : "0" },
-    stdio: ["ignore", "pipe", "inherit"],
-  });
-  await new Promise((resolve, reject) => {
-    worker.stdout.on("data", (d) => String(d).includes("READY") && resolve());
-    worker.on("exit", (c) => reject(new Error("the worker exited with " + c)));
-  });
+  const worker = child("worker.js", { PGDATABASE: database, STANDIN: `http://127.0.0.1:${port}`, QUEUE_PERF: perf ? "1" : "0" });
+  cleanup.push(() => worker.stop());
+  await Promise.race([new Promise((resolve) => worker.lines.on("line", (l) => l === "READY" && resolve())), worker.failed]);
   const task = scenario === "steps" ? "noop" : "page";
   await client.query(`CREATE FUNCTION queue_page() RETURNS trigger LANGUAGE plpgsql AS $$
       BEGIN PERFORM graphile_worker.add_job('${task}', json_build_object('id', NEW.id)); RETURN NEW; END $$;
@@ -98,6 +140,7 @@ function percentile(sorted, q) {
 
   if (scenario === "latency") {
     const rate = 50, n = 1000, warm = 50;
+    // Alerts first..first+count at `rate` per second on one absolute schedule.
     const steady = async (first, count) => {
       const commits = [];
       const start = now();
@@ -107,11 +150,10 @@ function percentile(sorted, q) {
         await client.query(insert, [room_id, token(first + k)]);
         commits.push(now());
       }
-      await untilArrivals(count);
+      await untilArrivals(first, count, 60000);
       return commits;
     };
-    await steady(900_000_000, warm);
-    arrivals.clear();
+    await steady(900000000, warm);
     const commits = await steady(0, n);
     const l = commits.map((c, k) => arrivals.get(k) - c).sort((a, b) => a - b);
     Object.assign(out, { alerts: n, p50_ms: percentile(l, 0.5), p99_ms: percentile(l, 0.99), max_ms: l[l.length - 1] });
@@ -123,41 +165,54 @@ function percentile(sorted, q) {
       [room_id, n],
     );
     const committed = now();
-    await untilArrivals(n);
-    const l = [...arrivals.values()].map((a) => a - committed).sort((a, b) => a - b);
+    await untilArrivals(0, n, 120000);
+    const l = [...Array(n).keys()].map((k) => arrivals.get(k) - committed).sort((a, b) => a - b);
     Object.assign(out, { alerts: n, first_ms: l[0], p50_ms: percentile(l, 0.5), last_ms: l[l.length - 1] });
+    // Every CallSid committed, polled every 5 ms (as `wardcall bench burst`).
     for (;;) {
       const {
         rows: [{ c }],
       } = await client.query("SELECT count(*)::int c FROM call_intents WHERE call_sid IS NOT NULL");
       if (c >= n) break;
+      if (now() - committed > 120000) throw new Error(`timed out: ${c} of ${n} CallSids recorded`);
       await sleep(5);
     }
     out.all_recorded_ms = now() - committed;
   } else {
-    const n = Number(process.argv[4] || 30000);
+    const t0 = now();
     await client.query(
       "SELECT count(*) FROM graphile_worker.add_jobs((SELECT array_agg(ROW('noop', '{}'::json, null, null, null, null, null, null)::graphile_worker.job_spec) FROM generate_series(1, $1::int)))",
-      [n],
+      [jobs],
     );
-    const added = now();
+    // Until the queue is empty, polled every 25 ms (as `wardcall bench steps`).
     for (;;) {
       const {
-        rows: [{ c }],
-      } = await client.query("SELECT count(*)::int c FROM graphile_worker._private_jobs");
-      if (c === 0) break;
-      await sleep(5);
+        rows: [{ left }],
+      } = await client.query("SELECT EXISTS (SELECT 1 FROM graphile_worker._private_jobs) AS left");
+      if (!left) break;
+      if (now() - t0 > 120000) throw new Error("timed out: jobs left after 120 s");
+      await sleep(25);
     }
-    Object.assign(out, { jobs: n, jobs_per_s: (n * 1000) / (now() - added) });
+    Object.assign(out, { jobs, jobs_per_s: (jobs * 1000) / (now() - t0) });
   }
-  worker.kill("SIGTERM");
-  await new Promise((r) => worker.on("exit", r));
-  await client.end();
-  await admin.query(`DROP DATABASE IF EXISTS ${database} WITH (FORCE)`);
-  await admin.end();
-  server.close();
   console.log(JSON.stringify(out));
-})().catch((e) => {
-  console.error(e);
-  process.exit(1);
-});
+}
+
+(async () => {
+  const cleanup = [];
+  let code = 0;
+  try {
+    await main(cleanup);
+  } catch (e) {
+    console.error(e.message || e);
+    code = 1;
+  }
+  for (const step of cleanup.reverse()) {
+    try {
+      await step();
+    } catch (e) {
+      console.error("cleanup:", e.message || e);
+    }
+  }
+  process.exit(code);
+})();

@@ -24,6 +24,8 @@ const logger = new Logger(() => (level, message) => {
   if (level === "error" || level === "warning") console.error(level, message);
 });
 
+const xml = (s) => s.replace(/[<>&'"]/g, (c) => ({ "<": "&lt;", ">": "&gt;", "&": "&amp;", "'": "&apos;", '"': "&quot;" })[c]);
+
 const taskList = {
   page: async (payload, helpers) => {
     const id = payload.id;
@@ -34,32 +36,44 @@ const taskList = {
       [id],
     );
     const message = `Critical alert at Haven Hospital. ${a.room_name}, patient ${a.name}. ${a.title}. Please respond immediately. Press 1 to acknowledge this alert.`;
+    // The intent, once per alert and nurse: a retried job whose call was
+    // placed does not call again.
     const {
       rows: [intent],
     } = await helpers.query(
-      "INSERT INTO call_intents (alert_id, person_id, phone, message) VALUES ($1, 'nurse-avery', '+13855550101', $2) RETURNING id",
+      `INSERT INTO call_intents (alert_id, person_id, phone, message) VALUES ($1, 'nurse-avery', '+13855550101', $2)
+       ON CONFLICT (alert_id, person_id) DO UPDATE SET message = EXCLUDED.message RETURNING id, status`,
       [id, message],
     );
+    if (intent.status === "requested") return;
     const res = await fetch(callsUrl, {
       method: "POST",
       headers: { authorization: auth, "content-type": "application/x-www-form-urlencoded" },
       body: new URLSearchParams({
         To: "+13855550101",
         From: "+13855550100",
-        Twiml: `<Response><Gather numDigits="1"><Say>${message}</Say></Gather></Response>`,
+        Twiml: `<Response><Gather numDigits="1"><Say>${xml(message)}</Say></Gather></Response>`,
         StatusCallback: "http://127.0.0.1:1/twilio/status",
       }),
     });
     if (res.status !== 201) throw new Error(`create call: HTTP ${res.status}`);
     const call = await res.json();
+    // The CallSid and the alert's write-back (the hospital's on_call_placed) in one transaction.
     await helpers.withPgClient(async (c) => {
-      await c.query("BEGIN");
-      await c.query("UPDATE call_intents SET call_sid = $2, status = 'requested', requested_at = now() WHERE id = $1", [intent.id, call.sid]);
-      await c.query(
-        "UPDATE alerts SET metadata = jsonb_set(metadata, '{call}', jsonb_build_object('phone_number', '+13855550101', 'call_status', 'initiated', 'call_id', $2::text)) WHERE id = $1",
-        [id, call.sid],
-      );
-      await c.query("COMMIT");
+      try {
+        await c.query("BEGIN");
+        await c.query("UPDATE call_intents SET call_sid = $2, status = 'requested', requested_at = now() WHERE id = $1", [intent.id, call.sid]);
+        await c.query(
+          `UPDATE alerts SET metadata = jsonb_set(metadata, '{call}', jsonb_build_object(
+               'phone_number', '+13855550101', 'call_status', 'initiated', 'call_id', $2::text, 'message', $3::text, 'initiated_at', now()))
+            WHERE id = $1`,
+          [id, call.sid, message],
+        );
+        await c.query("COMMIT");
+      } catch (e) {
+        await c.query("ROLLBACK").catch(() => {});
+        throw e;
+      }
     });
   },
   noop: async () => {},
