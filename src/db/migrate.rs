@@ -30,7 +30,6 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     (16, "live_attempts_index", include_str!("../../migrations/0016_live_attempts_index.sql")),
     (17, "step_log", include_str!("../../migrations/0017_step_log.sql")),
     (18, "step_audit", include_str!("../../migrations/0018_step_audit.sql")),
-    (19, "attempts_progress_hot", include_str!("../../migrations/0019_attempts_progress_hot.sql")),
 ];
 
 /// Applies the migrations not yet applied; returns how many it applied.

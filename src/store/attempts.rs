@@ -373,25 +373,25 @@ pub async fn live_calls_of_alert(pool: &sqlx::PgPool, alert_id: Uuid) -> Result<
     .await
 }
 
-/// The statement of [`claim_texts_to_reconcile`] (`$1` the interval in
-/// milliseconds, `$2` the limit); it names `live`, the predicate of
-/// `notification_attempts_live` (migration 0019), so that the sweep reads
-/// that index, not the table.
-pub const TEXTS_TO_RECONCILE: &str = "WITH due AS (
-             SELECT id FROM wardcall.notification_attempts
-              WHERE channel = 'sms' AND provider_id IS NOT NULL AND live
-                AND status IN ('requested','accepted','scheduled','queued','sending','sent')
-                AND reconcile_after <= clock_timestamp() AND created_at > clock_timestamp() - interval '1 day'
-              ORDER BY reconcile_after LIMIT $2 FOR UPDATE SKIP LOCKED)
-         UPDATE wardcall.notification_attempts n SET reconcile_after = clock_timestamp() + $1 * interval '1 millisecond'
-           FROM due WHERE n.id = due.id RETURNING n.id, n.provider_id";
-
 /// Claims up to `limit` text messages sent within the last day whose final
 /// status has not arrived by their `reconcile_after`, pushing it
 /// `interval_ms` on (`FOR UPDATE SKIP LOCKED`: engines share the work).
 /// Returns (attempt id, MessageSid).
 pub async fn claim_texts_to_reconcile(pool: &sqlx::PgPool, limit: i64, interval_ms: i64) -> Result<Vec<(Uuid, String)>, sqlx::Error> {
-    sqlx::query_as(TEXTS_TO_RECONCILE).bind(interval_ms).bind(limit).fetch_all(pool).await
+    sqlx::query_as(
+        "WITH due AS (
+             SELECT id FROM wardcall.notification_attempts
+              WHERE channel = 'sms' AND provider_id IS NOT NULL
+                AND status IN ('requested','accepted','scheduled','queued','sending','sent')
+                AND reconcile_after <= clock_timestamp() AND created_at > clock_timestamp() - interval '1 day'
+              ORDER BY reconcile_after LIMIT $2 FOR UPDATE SKIP LOCKED)
+         UPDATE wardcall.notification_attempts n SET reconcile_after = clock_timestamp() + $1 * interval '1 millisecond'
+           FROM due WHERE n.id = due.id RETURNING n.id, n.provider_id",
+    )
+    .bind(interval_ms)
+    .bind(limit)
+    .fetch_all(pool)
+    .await
 }
 
 /// An attempt as a provider's event finds it (locked).
@@ -727,46 +727,46 @@ pub async fn claim_calls_to_end(pool: &sqlx::PgPool, limit: i64, retry_ms: i64, 
     Ok(to_end)
 }
 
-/// The statement of [`claim_calls_to_reconcile`] (`$1` the margin in
-/// milliseconds, `$2` the limit); it names `live`, the predicate of
-/// `notification_attempts_live` (migration 0019), so that the sweep reads
-/// that index, not the table.
-pub const CALLS_TO_RECONCILE: &str = "WITH due AS (
-             SELECT id FROM wardcall.notification_attempts
-              WHERE (status IN ('requested','initiated','ringing','in-progress') OR (status = 'unknown' AND ended_at IS NULL))
-                AND provider_id IS NOT NULL AND channel = 'voice' AND live
-                AND reconcile_after <= clock_timestamp()
-              ORDER BY reconcile_after LIMIT $2 FOR UPDATE SKIP LOCKED)
-         UPDATE wardcall.notification_attempts n
-            SET reconcile_after = clock_timestamp() + $1 * interval '1 millisecond'
-           FROM due WHERE n.id = due.id RETURNING n.id, n.provider_id";
-
 /// Claims up to `limit` calls past their `reconcile_after` without a final
 /// status, pushing it `margin_ms` on (`FOR UPDATE SKIP LOCKED`). Returns
 /// (attempt, provider id).
 pub async fn claim_calls_to_reconcile(pool: &sqlx::PgPool, limit: i64, margin_ms: i64) -> Result<Vec<(Uuid, String)>, sqlx::Error> {
-    sqlx::query_as(CALLS_TO_RECONCILE).bind(margin_ms).bind(limit).fetch_all(pool).await
-}
-
-/// The statement of [`abandon_unconfirmed_intents`] (`$1` the limit); it
-/// names `live`, the predicate of `notification_attempts_live` (migration
-/// 0019), so that the sweep reads that index, not the table.
-pub const UNCONFIRMED_INTENTS_TO_ABANDON: &str = "WITH due AS (
-             SELECT n.id FROM wardcall.notification_attempts n JOIN wardcall.runs r ON r.id = n.run_id
-              WHERE n.status = 'intent' AND n.live AND n.provider_id IS NULL AND n.reconcile_after <= clock_timestamp()
-                AND r.status IN ('completed','failed','cancelled')
-              LIMIT $1 FOR UPDATE OF n SKIP LOCKED)
+    sqlx::query_as(
+        "WITH due AS (
+             SELECT id FROM wardcall.notification_attempts
+              WHERE (status IN ('requested','initiated','ringing','in-progress') OR (status = 'unknown' AND ended_at IS NULL))
+                AND provider_id IS NOT NULL AND channel = 'voice'
+                AND reconcile_after <= clock_timestamp()
+              ORDER BY reconcile_after LIMIT $2 FOR UPDATE SKIP LOCKED)
          UPDATE wardcall.notification_attempts n
-            SET status = 'unknown', error = 'never confirmed by the provider; the run has ended',
-                ended_at = clock_timestamp(), updated_at = clock_timestamp()
-           FROM due WHERE n.id = due.id RETURNING n.id";
+            SET reconcile_after = clock_timestamp() + $1 * interval '1 millisecond'
+           FROM due WHERE n.id = due.id RETURNING n.id, n.provider_id",
+    )
+    .bind(margin_ms)
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+}
 
 /// Marks `unknown` up to `limit` intents never confirmed whose run has
 /// finished (nothing will send or reconcile them any more), audited
 /// `attempt.outcome_unknown` (rule "run ended"). Returns how many.
 pub async fn abandon_unconfirmed_intents(pool: &sqlx::PgPool, limit: i64, actor: &str) -> Result<usize, sqlx::Error> {
     let mut tx = pool.begin().await?;
-    let abandoned: Vec<Uuid> = sqlx::query_scalar(UNCONFIRMED_INTENTS_TO_ABANDON).bind(limit).fetch_all(&mut *tx).await?;
+    let abandoned: Vec<Uuid> = sqlx::query_scalar(
+        "WITH due AS (
+             SELECT n.id FROM wardcall.notification_attempts n JOIN wardcall.runs r ON r.id = n.run_id
+              WHERE n.status = 'intent' AND n.provider_id IS NULL AND n.reconcile_after <= clock_timestamp()
+                AND r.status IN ('completed','failed','cancelled')
+              LIMIT $1 FOR UPDATE OF n SKIP LOCKED)
+         UPDATE wardcall.notification_attempts n
+            SET status = 'unknown', error = 'never confirmed by the provider; the run has ended',
+                ended_at = clock_timestamp(), updated_at = clock_timestamp()
+           FROM due WHERE n.id = due.id RETURNING n.id",
+    )
+    .bind(limit)
+    .fetch_all(&mut *tx)
+    .await?;
     for id in &abandoned {
         audit::record(
             &mut tx,

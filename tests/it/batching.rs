@@ -30,7 +30,6 @@ pub fn tests() -> Vec<libtest_mimic::Trial> {
         batching::due_timers_are_claimed_in_few_claims,
         batching::critical_run_is_claimed_at_once_during_a_timer_flood,
         batching::group_commit_finds_its_runs_by_primary_key,
-        batching::an_attempts_progress_is_a_hot_update_and_the_sweeps_read_the_live_index,
         batching::a_timer_whose_step_needs_no_io_fires_inside_its_claim,
         batching::an_error_inside_a_claim_that_ran_steps_writes_none_of_it,
         batching::a_step_run_inside_a_claim_that_cannot_be_written_holds_up_no_run,
@@ -1780,70 +1779,4 @@ pub async fn a_step_that_saved_its_state_commits_a_checkpoint_not_a_patch() {
     }
     let steps = db.scalar_i64("SELECT count(*) FROM wardcall.audit_log WHERE action IN ('run.step_completed', 'run.completed')").await;
     assert_eq!(steps, 4, "each step audited once");
-}
-
-/// An attempt's progress (a status moving between two live ones, with its
-/// stamp, as `store::attempts::advance_progress` writes it) is a HOT update:
-/// no index of `wardcall.notification_attempts` names `status` (migration
-/// 0019), so the callbacks of a burst's calls write no index entries. The
-/// move to a final status leaves the live index and is not HOT. And the
-/// three sweeps over live attempts read `notification_attempts_live`, whose
-/// predicate (`live`) their statements name (BENCHMARKS.md, "Issue 9,
-/// seventeenth session").
-pub async fn an_attempts_progress_is_a_hot_update_and_the_sweeps_read_the_live_index() {
-    let db = TestDb::new().await;
-    let run: uuid::Uuid = sqlx::query_scalar(
-        "INSERT INTO wardcall.runs (workflow, event, input, step, status, due_at) VALUES ('script', 'test', '{}', 'start', 'waiting', now()) RETURNING id",
-    )
-    .fetch_one(&db.pool)
-    .await
-    .unwrap();
-    let attempt: uuid::Uuid = sqlx::query_scalar(
-        "INSERT INTO wardcall.notification_attempts (run_id, cycle, step_index, person_id, generation, channel, destination, provider, provider_id, status, fencing_token)
-         VALUES ($1, 0, 0, 'nurse', 0, 'voice', '+15550100', 'twilio', 'CA00000000000000000000000000000001', 'requested', 1) RETURNING id",
-    )
-    .bind(run)
-    .fetch_one(&db.pool)
-    .await
-    .unwrap();
-    let mut tx = db.pool.begin().await.unwrap();
-    let mut hot_after = Vec::new();
-    for (status, stamp) in [("initiated", "initiated_at"), ("ringing", "ringing_at"), ("in-progress", "answered_at"), ("completed", "ended_at")] {
-        sqlx::query(&format!(
-            "UPDATE wardcall.notification_attempts SET status = $2, {stamp} = coalesce({stamp}, clock_timestamp()), updated_at = clock_timestamp() WHERE id = $1"
-        ))
-        .bind(attempt)
-        .bind(status)
-        .execute(&mut *tx)
-        .await
-        .unwrap();
-        let hot: i64 =
-            sqlx::query_scalar("SELECT pg_stat_get_xact_tuples_hot_updated('wardcall.notification_attempts'::regclass)").fetch_one(&mut *tx).await.unwrap();
-        hot_after.push((status, hot));
-    }
-    tx.rollback().await.unwrap();
-    assert_eq!(hot_after, [("initiated", 1), ("ringing", 2), ("in-progress", 3), ("completed", 3)], "HOT updates after each status");
-
-    // A table as months of use leave it: thousands of attempts of both
-    // channels ended long ago, a few live.
-    db.exec(
-        "INSERT INTO wardcall.notification_attempts (run_id, cycle, step_index, person_id, generation, channel, destination, provider, provider_id, status,
-                                                    fencing_token, reconcile_after)
-         SELECT (SELECT id FROM wardcall.runs), 0, 0, 'p' || g, 0, CASE WHEN g % 2 = 0 THEN 'voice' ELSE 'sms' END, '+15550100', 'twilio', 'X' || g,
-                CASE WHEN g % 500 = 0 THEN 'ringing' WHEN g % 2 = 0 THEN 'completed' ELSE 'delivered' END, 1, now() - interval '1 minute'
-           FROM generate_series(1, 20000) g",
-    )
-    .await;
-    db.exec("ANALYZE wardcall.notification_attempts").await;
-    let mut conn = db.pool.acquire().await.unwrap();
-    for (name, types, sql) in [
-        ("texts", "bigint, bigint", wardcall::store::attempts::TEXTS_TO_RECONCILE),
-        ("calls", "bigint, bigint", wardcall::store::attempts::CALLS_TO_RECONCILE),
-        ("intents", "bigint", wardcall::store::attempts::UNCONFIRMED_INTENTS_TO_ABANDON),
-    ] {
-        sqlx::raw_sql(&format!("PREPARE {name} ({types}) AS {sql}")).execute(&mut *conn).await.unwrap();
-        let args = if types.contains(',') { "1000, 10" } else { "10" };
-        let plan: Value = sqlx::query_scalar(&format!("EXPLAIN (FORMAT JSON) EXECUTE {name}({args})")).fetch_one(&mut *conn).await.unwrap();
-        assert!(plan.to_string().contains("notification_attempts_live"), "the {name} sweep does not read the live index: {plan}");
-    }
 }
