@@ -156,7 +156,9 @@ pub enum CallbackKind {
 /// Something the emulator did, for tests and dashboards.
 #[derive(Clone, Debug)]
 pub enum EmulatorEvent {
-    /// The API accepted a call (HTTP 201).
+    /// The API accepted a call (HTTP 201). `received_at`: when its
+    /// create request had arrived (headers and body read, before the
+    /// emulator's authentication and validation).
     CallCreated { sid: String, to: String, received_at: Instant },
     /// A webhook try was made (one event per try: a retry asked for by the
     /// URL's connection overrides is another event). `status` is the
@@ -185,6 +187,8 @@ pub struct EmulatedCall {
     pub from: String,
     /// Every form parameter of the create request, in order (repeats kept).
     pub params: Vec<(String, String)>,
+    /// When the create request had arrived (headers and body read, before
+    /// authentication and validation).
     pub received_at: Instant,
     /// Current call resource status (`queued`, `ringing`, `in-progress`, or
     /// the final status).
@@ -736,6 +740,9 @@ async fn create_call(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
+    // The request has arrived (its body read): what a benchmark times as
+    // the create-call request, before the emulator's own checks.
+    let received_at = Instant::now();
     inner.authenticate(&headers)?;
     match path {
         Ok(Path(account)) if account == inner.account_sid => {}
@@ -760,7 +767,7 @@ async fn create_call(
             return Err(bad_request(32018, format!("Twiml size exceeded maximum allowed value of {limit} characters")));
         }
     }
-    let response = accept_call(&inner, params, valid);
+    let response = accept_call(&inner, params, valid, received_at);
     if !faults.create_response_delay.is_zero() {
         sleep(faults.create_response_delay).await;
     }
@@ -839,9 +846,8 @@ fn validate_create(params: &[(String, String)]) -> Result<ValidCreate, ApiError>
     Ok(ValidCreate { to: to.to_string(), from: from.to_string(), start, status_callback, events, ring_timeout, machine_detection, async_amd, amd_callback })
 }
 
-fn accept_call(inner: &Arc<Inner>, params: Vec<(String, String)>, v: ValidCreate) -> Response {
+fn accept_call(inner: &Arc<Inner>, params: Vec<(String, String)>, v: ValidCreate, received_at: Instant) -> Response {
     let sid = format!("CA{}", uuid::Uuid::new_v4().simple());
-    let received_at = Instant::now();
     let now = jiff::Timestamp::now();
     let (hangup_tx, hangup_rx) = watch::channel(false);
     let (persona, json) = {
