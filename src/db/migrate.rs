@@ -32,10 +32,38 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     (18, "step_audit", include_str!("../../migrations/0018_step_audit.sql")),
 ];
 
-/// Applies the migrations not yet applied; returns how many it applied.
+/// The oldest PostgreSQL server wardcall runs on, as `server_version_num`
+/// (PostgreSQL 15 manual, 20.15 "Preset Options"): 13, the first whose core
+/// has `gen_random_uuid()` (used by the migrations' id defaults; before it
+/// the function came with the `pgcrypto` extension). Tested on 15.
+pub const MIN_SERVER_VERSION_NUM: i32 = 130_000;
+
+/// Refuses a server older than [`MIN_SERVER_VERSION_NUM`], before any
+/// migration runs, with an error that names the version found and the one
+/// needed; `version_num` and `version` are the server's
+/// `server_version_num` and `server_version`.
 ///
-/// Errors: a database error, with the migration's version and name.
+/// Errors: the server is too old.
+pub fn check_server_version(version_num: i32, version: &str) -> anyhow::Result<()> {
+    if version_num < MIN_SERVER_VERSION_NUM {
+        anyhow::bail!(
+            "the database server is PostgreSQL {version}; wardcall needs PostgreSQL {} or later (database_url): nothing was changed in it",
+            MIN_SERVER_VERSION_NUM / 10_000
+        );
+    }
+    Ok(())
+}
+
+/// Applies the migrations not yet applied; returns how many it applied.
+/// First refuses a server older than [`MIN_SERVER_VERSION_NUM`]
+/// ([`check_server_version`]).
+///
+/// Errors: the server is too old; a database error, with the migration's
+/// version and name.
 pub async fn migrate(pool: &PgPool) -> anyhow::Result<usize> {
+    let (version_num, version): (String, String) =
+        sqlx::query_as("SELECT current_setting('server_version_num'), current_setting('server_version')").fetch_one(pool).await?;
+    check_server_version(version_num.parse().context("server_version_num is not a number")?, &version)?;
     let mut applied = 0;
     for (version, name, sql) in MIGRATIONS {
         let mut tx = pool.begin().await?;
@@ -64,4 +92,21 @@ pub async fn migrate(pool: &PgPool) -> anyhow::Result<usize> {
         applied += 1;
     }
     Ok(applied)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// PostgreSQL 12 and older are refused with both versions named; 13 and
+    /// later pass.
+    #[test]
+    fn servers_older_than_13_are_refused_by_name() {
+        let e = check_server_version(120_017, "12.17").unwrap_err().to_string();
+        assert!(e.contains("PostgreSQL 12.17") && e.contains("PostgreSQL 13 or later"), "{e}");
+        assert!(check_server_version(90_624, "9.6.24").is_err());
+        for (num, text) in [(130_000, "13.0"), (150_018, "15.18 (Debian 15.18-0+deb12u1)"), (170_002, "17.2")] {
+            check_server_version(num, text).unwrap();
+        }
+    }
 }
