@@ -33,10 +33,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
 ];
 
 /// The oldest PostgreSQL server wardcall runs on, as `server_version_num`
-/// (PostgreSQL 15 manual, 20.15 "Preset Options"): 13, the first whose core
-/// has `gen_random_uuid()` (used by the migrations' id defaults; before it
-/// the function came with the `pgcrypto` extension). Tested on 15.
-pub const MIN_SERVER_VERSION_NUM: i32 = 130_000;
+/// (PostgreSQL 15 manual, 20.15 "Preset Options"): 14. The migrations use
+/// the core `gen_random_uuid()` (13 and later), and migration 0013 has an
+/// `ALTER TABLE … SET COMPRESSION` (14 and later), which PL/pgSQL parses
+/// even where the server would skip it. Tested on 15.
+pub const MIN_SERVER_VERSION_NUM: i32 = 140_000;
 
 /// Refuses a server older than [`MIN_SERVER_VERSION_NUM`], before any
 /// migration runs, with an error that names the version found and the one
@@ -98,14 +99,14 @@ pub async fn migrate(pool: &PgPool) -> anyhow::Result<usize> {
 mod tests {
     use super::*;
 
-    /// PostgreSQL 12 and older are refused with both versions named; 13 and
+    /// PostgreSQL 13 and older are refused with both versions named; 14 and
     /// later pass.
     #[test]
-    fn servers_older_than_13_are_refused_by_name() {
-        let e = check_server_version(120_017, "12.17").unwrap_err().to_string();
-        assert!(e.contains("PostgreSQL 12.17") && e.contains("PostgreSQL 13 or later"), "{e}");
+    fn servers_older_than_14_are_refused_by_name() {
+        let e = check_server_version(130_018, "13.18").unwrap_err().to_string();
+        assert!(e.contains("PostgreSQL 13.18") && e.contains("PostgreSQL 14 or later"), "{e}");
         assert!(check_server_version(90_624, "9.6.24").is_err());
-        for (num, text) in [(130_000, "13.0"), (150_018, "15.18 (Debian 15.18-0+deb12u1)"), (170_002, "17.2")] {
+        for (num, text) in [(140_000, "14.0"), (150_018, "15.18 (Debian 15.18-0+deb12u1)"), (170_002, "17.2")] {
             check_server_version(num, text).unwrap();
         }
     }
