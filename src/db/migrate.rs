@@ -30,6 +30,7 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     (16, "live_attempts_index", include_str!("../../migrations/0016_live_attempts_index.sql")),
     (17, "step_log", include_str!("../../migrations/0017_step_log.sql")),
     (18, "step_audit", include_str!("../../migrations/0018_step_audit.sql")),
+    (19, "alert_message_after_opening", include_str!("../../migrations/0019_alert_message_after_opening.sql")),
 ];
 
 /// The oldest PostgreSQL server wardcall runs on, as `server_version_num`

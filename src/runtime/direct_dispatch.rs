@@ -167,6 +167,11 @@ impl Engine {
             .zip(&inputs)
             .map(|(name, input)| self.config.workflow(name).and_then(|w| self.host.prefetch_first_step(&self.services, w, input)).map(Prefetch::spawn))
             .collect();
+        // The first tiers the statement opens with the runs (a tier of the
+        // config's people): their intents commit with the runs, and the
+        // message, which they do not need, is rendered from the reads above
+        // meanwhile.
+        let tiers: Vec<_> = workflows.iter().map(|name| self.config.workflow(name).and_then(|w| self.host.first_tier_at_dispatch(&self.services, w))).collect();
         let leased = vec![true; workflows.len()];
         let runs = store::runs::NewRuns {
             workflows: &workflows,
@@ -179,20 +184,20 @@ impl Engine {
         };
         // On an error, or when the deadline drops this future, `workers`
         // gives the workers back and tells the scheduler.
-        let created = store::runs::claim_into_runs(conn, &runs, &self.engine_id, self.lease_ms(), DISPATCH_LOCK_KEY).await?;
+        let created = store::runs::claim_into_runs(conn, &runs, &tiers, &self.engine_id, self.lease_ms(), DISPATCH_LOCK_KEY).await?;
         // A row another dispatcher took, or a run its key kept from
         // starting: the batch looks again (it audits nothing more for a
         // skipped duplicate, as a batch does not either).
         batch_needed |= created.len() < workflows.len();
         let mut started = 0;
-        for run in created.into_iter().flatten() {
+        for store::runs::DispatchedRun { run, first_tier } in created.into_iter().flatten() {
             // One worker per run created (`created` is never longer than
             // the workflows the workers were taken for).
             let Some(permit) = workers.permits.pop() else { break };
             let prefetch = (0..workflows.len())
                 .find(|&i| prefetches[i].is_some() && workflows[i] == run.workflow && inputs[i] == run.input)
                 .and_then(|i| prefetches[i].take());
-            self.start(run, permit, prefetch);
+            self.start(run, permit, prefetch, first_tier);
             started += 1;
         }
         Ok(DirectDispatch { started, batch_needed })

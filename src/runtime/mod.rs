@@ -36,6 +36,7 @@ use crate::config::{Config, EngineConfig, Workflow};
 use crate::db::deadline::{self, within, HeldConnection};
 use crate::db::Database;
 use crate::providers::Providers;
+use crate::store::alerts::OpenedWithIntents;
 use crate::store::runs::{self as store, ClaimedRun, Parking, WaitResolution};
 use serde_json::Value;
 use sqlx::postgres::PgListener;
@@ -975,7 +976,7 @@ impl Engine {
                 .find(|p| p.as_ref().is_some_and(|(i, _)| workflow_names[*i] == run.workflow && inputs[*i] == run.input))
                 .and_then(Option::take)
                 .map(|(_, p)| p);
-            self.start(run, permit, prefetch);
+            self.start(run, permit, prefetch, None);
         }
         if pending > 0 {
             self.wake_scheduler.notify_one();
@@ -1011,11 +1012,11 @@ impl Engine {
     /// Executes `run` on a task of its own, holding the worker slot `permit`
     /// until the run parks, finishes or loses its lease; then tells the
     /// scheduler the slot is free.
-    fn start(self: &Arc<Self>, run: ClaimedRun, permit: tokio::sync::OwnedSemaphorePermit, prefetch: Option<Prefetch>) {
+    fn start(self: &Arc<Self>, run: ClaimedRun, permit: tokio::sync::OwnedSemaphorePermit, prefetch: Option<Prefetch>, first_tier: Option<OpenedWithIntents>) {
         let e = self.clone();
         let slot = WorkerSlot::worker(permit, self.record_places.clone());
         tokio::spawn(async move {
-            e.execute(run, &slot, prefetch).await;
+            e.execute(run, &slot, prefetch, first_tier).await;
             drop(slot);
             e.slot_freed.notify_one();
         });
@@ -1148,7 +1149,7 @@ impl Engine {
         for run in runs {
             let permit = reserved.as_mut().and_then(|r| if r.num_permits() > 1 { r.split(1) } else { None }).or_else(|| reserved.take());
             match permit {
-                Some(p) => self.start(run, p, None),
+                Some(p) => self.start(run, p, None, None),
                 // Not reached: a claim leases no more runs than it reserved workers for.
                 None => tracing::error!(run = %run.id, "a leased run has no worker; its lease will lapse and it is claimed again"),
             }
@@ -1313,6 +1314,7 @@ impl Engine {
                 in_commit: Vec::new(),
                 slot: &no_slot,
                 prefetched: None,
+                first_tier_opened: None,
                 recorded: None,
                 state_saved: &saved,
             };
@@ -1488,9 +1490,10 @@ impl Engine {
     /// the lease is lost, on `slot` (which its steps may trade for a
     /// recording place, [`WorkerSlot::leave_for_records`]). The lease is renewed
     /// every third of its length meanwhile. `prefetch`: what the dispatcher
-    /// read ahead for the run's first step, given to the first step this
-    /// execution runs ([`StepContext::prefetched`]).
-    pub async fn execute(self: &Arc<Self>, mut run: ClaimedRun, slot: &WorkerSlot, mut prefetch: Option<Prefetch>) {
+    /// read ahead for the run's first step, and `first_tier`: the first tier
+    /// its dispatch opened, each given to the first step this execution runs
+    /// ([`StepContext::prefetched`], [`StepContext::first_tier_opened`]).
+    pub async fn execute(self: &Arc<Self>, mut run: ClaimedRun, slot: &WorkerSlot, mut prefetch: Option<Prefetch>, mut first_tier: Option<OpenedWithIntents>) {
         let lost = Arc::new(AtomicBool::new(false));
         // Aborted when `execute` returns or unwinds, so a lease is never renewed
         // for a step nobody executes.
@@ -1593,6 +1596,7 @@ impl Engine {
                     in_commit: Vec::new(),
                     slot,
                     prefetched: prefetch.take(),
+                    first_tier_opened: first_tier.take(),
                     recorded: recording.then(Vec::new),
                     state_saved: &saved,
                 };

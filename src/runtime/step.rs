@@ -94,6 +94,13 @@ pub struct StepContext<'a> {
     /// run's first execution runs; `None` otherwise (a later step, a retry,
     /// a takeover, a run started by the scheduler).
     pub prefetched: Option<Prefetch>,
+    /// The first tier the run's dispatch opened
+    /// ([`WorkflowHost::first_tier_at_dispatch`]: the alert, without its
+    /// message, and the tier's intents, committed), given to the first step
+    /// of the run's first execution; `None` otherwise. A step given one must
+    /// place those intents' sends and write the alert's message
+    /// (`crate::store::alerts::write_message`).
+    pub first_tier_opened: Option<crate::store::alerts::OpenedWithIntents>,
     /// The state's changes as the step made them through
     /// [`StepContext::record_set`], when its workflow records them
     /// ([`WorkflowHost::records_state_changes`]): the runtime logs them as
@@ -237,6 +244,19 @@ pub trait WorkflowHost: Send + Sync {
     /// value may go unused (the dispatch fails, a run is not created), and a
     /// step that gets none reads for itself. `None`: nothing to read ahead.
     fn prefetch_first_step(&self, services: &Services, w: &Workflow, input: &Value) -> Option<BoxFuture<'static, Box<dyn Any + Send>>>;
+    /// The first tier a new run of `w` has its dispatch record, in the
+    /// statement that creates the run (`crate::store::runs::claim_into_runs`),
+    /// when that tier is fixed by the config alone: an escalation whose
+    /// first step calls people of the config (no query: DESIGN.md invariant
+    /// 7) by voice. The dispatch then opens the run's alert without its
+    /// message and commits the tier's intents with the run, and the first
+    /// step gets them as [`StepContext::first_tier_opened`]: it renders the
+    /// message while the intents commit, places the calls and writes the
+    /// message. Asked of direct dispatches only (every workflow of the event
+    /// critical). `None` (the default): the step opens its tier itself.
+    fn first_tier_at_dispatch(&self, _services: &Services, _w: &Workflow) -> Option<crate::store::alerts::TierIntents> {
+        None
+    }
     /// Whether `run`'s current step of `w` changes the run's state only
     /// through [`StepContext::record_set`], so that its recorded changes are
     /// its step-log patch and the runtime need not compare the whole state

@@ -21,15 +21,25 @@ pub struct LockedAlert {
     /// Whether this transaction opened it (then no attempt of the run can
     /// exist yet: they are recorded with their alert's id, after it).
     pub opened_now: bool,
+    /// Whether the alert has no message yet: it was opened by its run's
+    /// dispatch ([`crate::store::runs::claim_into_runs`]) and the execution
+    /// that would have written it ([`write_message`]) did not; the caller
+    /// writes it ([`write_message`]) before any send.
+    pub message_missing: bool,
 }
+
+/// A row of [`fence_and_open`]'s statement: fenced, the alert opened now,
+/// the existing alert's id, status, alarm and whether it lacks its message.
+type FenceAndOpenRow = (bool, Option<Uuid>, Option<Uuid>, Option<String>, Option<bool>, Option<bool>);
 
 /// Fences the run and opens its alert, in one statement: locks the run row
 /// if this execution still holds it with fencing `token` (as
 /// [`crate::store::runs::lock_fenced`]), then opens the alert of `run` (once:
 /// a later tier or a takeover finds it) with `message` (the rendered text;
 /// patient data, never logged), audited `alert.opened`, or locks the
-/// existing one (`FOR UPDATE`). Returns `None`, having changed nothing, when
-/// the lease was lost.
+/// existing one (`FOR UPDATE`; [`LockedAlert::message_missing`] when it was
+/// opened by its dispatch and has no message yet). Returns `None`, having
+/// changed nothing, when the lease was lost.
 ///
 /// One round trip for what took three (fence, insert, lock): the first
 /// tier's call waits for it.
@@ -47,7 +57,7 @@ pub async fn fence_and_open(
     // `fence` is referenced twice, so it is evaluated once, first; `old`
     // reads the statement's snapshot, so it finds an alert committed by an
     // earlier execution, never the one `ins` adds.
-    let row: (bool, Option<Uuid>, Option<Uuid>, Option<String>, Option<bool>) = sqlx::query_as(
+    let row: FenceAndOpenRow = sqlx::query_as(
         "WITH fence AS (
              SELECT id FROM wardcall.runs WHERE id = $1 AND fencing_token = $6 AND status = 'running' FOR UPDATE),
          ins AS (
@@ -58,9 +68,9 @@ pub async fn fence_and_open(
              INSERT INTO wardcall.audit_records (entity, entity_id, action, from_state, to_state, actor, detail)
              SELECT 'alert', ins.id::text, 'alert.opened', NULL, 'open', $5, jsonb_build_object('run_id', $1::uuid, 'policy', $3::text) FROM ins),
          old AS (
-             SELECT a.id, a.status, a.nobody_since IS NOT NULL AS nobody_alarm FROM wardcall.alerts a
+             SELECT a.id, a.status, a.nobody_since IS NOT NULL AS nobody_alarm, a.message IS NULL AS message_missing FROM wardcall.alerts a
               WHERE a.run_id = $1 AND EXISTS (SELECT 1 FROM fence) FOR UPDATE)
-         SELECT EXISTS (SELECT 1 FROM fence), (SELECT id FROM ins), old.id, old.status, old.nobody_alarm
+         SELECT EXISTS (SELECT 1 FROM fence), (SELECT id FROM ins), old.id, old.status, old.nobody_alarm, old.message_missing
            FROM (SELECT) one LEFT JOIN old ON true",
     )
     .bind(run)
@@ -73,8 +83,10 @@ pub async fn fence_and_open(
     .await?;
     Ok(match row {
         (false, ..) => None,
-        (true, Some(id), ..) => Some(LockedAlert { id, status: "open".into(), nobody_alarm: false, opened_now: true }),
-        (true, None, Some(id), Some(status), nobody_alarm) => Some(LockedAlert { id, status, nobody_alarm: nobody_alarm.unwrap_or(false), opened_now: false }),
+        (true, Some(id), ..) => Some(LockedAlert { id, status: "open".into(), nobody_alarm: false, opened_now: true, message_missing: false }),
+        (true, None, Some(id), Some(status), nobody_alarm, missing) => {
+            Some(LockedAlert { id, status, nobody_alarm: nobody_alarm.unwrap_or(false), opened_now: false, message_missing: missing.unwrap_or(false) })
+        }
         // Fenced, nothing inserted and nothing found: the alert was deleted
         // by hand between the two; refuse rather than guess.
         (true, None, ..) => return Err(sqlx::Error::RowNotFound),
@@ -86,9 +98,43 @@ pub async fn lock_status(conn: &mut PgConnection, alert: Uuid) -> Result<String,
     sqlx::query_scalar("SELECT status FROM wardcall.alerts WHERE id = $1 FOR UPDATE").bind(alert).fetch_one(conn).await
 }
 
-/// The alert's rendered message (patient data: never logged).
+/// The alert's rendered message (patient data: never logged); empty while
+/// it has none yet (opened by its dispatch, [`LockedAlert::message_missing`]).
 pub async fn message(pool: &PgPool, alert: Uuid) -> Result<String, sqlx::Error> {
-    sqlx::query_scalar("SELECT message FROM wardcall.alerts WHERE id = $1").bind(alert).fetch_one(pool).await
+    sqlx::query_scalar("SELECT coalesce(message, '') FROM wardcall.alerts WHERE id = $1").bind(alert).fetch_one(pool).await
+}
+
+/// Writes the rendered `message` (patient data: never logged) of an alert
+/// opened without one by its run's dispatch
+/// ([`crate::store::runs::claim_into_runs`]); an alert that has its message
+/// keeps it. One autocommit statement, committed asynchronously
+/// (`synchronous_commit` off for it, PostgreSQL manual 30.4): the step's own
+/// commit, synchronous, follows and makes it durable; lost in a crash
+/// before that, the execution taking the run over writes it
+/// ([`fence_and_open`]). Not audited: the message is the alert's content,
+/// not a change of its state (`alert.opened` is audited with the opening).
+///
+/// Errors: a database error.
+pub async fn write_message(pool: &PgPool, alert: Uuid, message: &str) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "WITH async_commit AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off', true) AS setting)
+         UPDATE wardcall.alerts SET message = $2 FROM async_commit WHERE id = $1 AND message IS NULL",
+    )
+    .bind(alert)
+    .bind(message)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// [`write_message`] inside the caller's transaction (the general path of a
+/// tier, after [`fence_and_open`] found [`LockedAlert::message_missing`]),
+/// committed with it.
+///
+/// Errors: a database error.
+pub async fn write_message_in(conn: &mut PgConnection, alert: Uuid, message: &str) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE wardcall.alerts SET message = $2 WHERE id = $1 AND message IS NULL").bind(alert).bind(message).execute(conn).await?;
+    Ok(())
 }
 
 /// Raises the "nobody to call" alarm (`nobody_since`, listed by `wardcall
@@ -146,12 +192,12 @@ pub async fn with_nobody_to_call(pool: &PgPool) -> Result<Vec<(String, i64, f64)
 
 /// Locks an alert and returns its status and message (patient data: never logged).
 pub async fn lock_status_and_message(conn: &mut PgConnection, alert: Uuid) -> Result<(String, String), sqlx::Error> {
-    sqlx::query_as("SELECT status, message FROM wardcall.alerts WHERE id = $1 FOR UPDATE").bind(alert).fetch_one(conn).await
+    sqlx::query_as("SELECT status, coalesce(message, '') FROM wardcall.alerts WHERE id = $1 FOR UPDATE").bind(alert).fetch_one(conn).await
 }
 
 /// The alert's message, if the alert exists.
 pub async fn message_if_any(pool: &PgPool, alert: Option<Uuid>) -> Result<Option<String>, sqlx::Error> {
-    sqlx::query_scalar("SELECT message FROM wardcall.alerts WHERE id = $1").bind(alert).fetch_optional(pool).await
+    sqlx::query_scalar("SELECT coalesce(message, '') FROM wardcall.alerts WHERE id = $1").bind(alert).fetch_optional(pool).await
 }
 
 /// Acknowledges a locked alert by `person_id` through `channel` (`voice`,
@@ -187,6 +233,28 @@ pub struct FirstIntent {
     pub person_name: String,
     /// The address called (E.164 for voice; never logged).
     pub destination: String,
+}
+
+/// A new run's first escalation tier as its dispatch records it, in the
+/// statement that creates the run ([`crate::store::runs::claim_into_runs`]):
+/// the alert opened without its message (written by the step once rendered,
+/// [`write_message`]) and one intent per recipient, all fixed by the config
+/// (a tier of the config's people; never one resolved by a query, which
+/// reads the team's tables when the step runs: DESIGN.md invariant 7).
+#[derive(Debug, Clone)]
+pub struct TierIntents {
+    pub policy: String,
+    /// (cycle, step index) of the policy: `(0, 0)`.
+    pub position: (i32, i32),
+    /// `voice` or `sms`.
+    pub channel: String,
+    /// The provider the sends go through (`twilio`).
+    pub provider: String,
+    /// When an intent without a final status is fetched from the provider:
+    /// milliseconds after the dispatch.
+    pub reconcile_after_ms: i64,
+    /// Each person at most once; at least one.
+    pub recipients: Vec<FirstIntent>,
 }
 
 /// A run's first escalation tier to record (see [`open_first_tiers`]):

@@ -5,6 +5,7 @@
 //! Lock order, everywhere: the run row first, then the alert row, then
 //! notification attempts. Webhooks and workers follow it, so they cannot deadlock.
 
+use crate::store::alerts;
 use crate::store::audit::{self, Entity};
 use serde_json::{json, Value};
 use sqlx::{PgConnection, PgPool, Row};
@@ -327,12 +328,13 @@ pub async fn create_runs(conn: &mut PgConnection, runs: &NewRuns<'_>, engine_id:
 const NEW_RUNS_INPUT: &str = "unnest($1::text[], $2::bigint[], $3::text[], $4::jsonb[], $5::bool[], $8::bool[], $9::text[])
                  WITH ORDINALITY AS t(workflow, event_id, event, input, take, critical, key, ord)";
 
-/// The runs of the rows of `input` ([`NEW_RUNS_INPUT`]'s columns) created
-/// in order (`ON CONFLICT DO NOTHING`: a (workflow, outbox row) that has its
-/// run, or a key a live run holds, creates nothing) and audited
-/// `run.created`: leased to `$6` for `$7` ms, or pending. The CTEs
-/// `created` and `audited` of [`create_runs`] and [`claim_into_runs`].
-const NEW_RUNS_CREATED_AND_AUDITED: &str = "created AS (
+/// The CTE `created` of [`NEW_RUNS_CREATED_AND_AUDITED`] alone, for a
+/// statement that audits its runs with other records in one ordered insert
+/// ([`claim_into_runs`] with first tiers); a macro, so that both are
+/// literals joined at compile time.
+macro_rules! new_runs_created {
+    () => {
+        "created AS (
              INSERT INTO wardcall.runs (workflow, event_id, event, input, step, status, lease_owner, fencing_token, due_at, critical, key)
              SELECT workflow, event_id, event, input, 'start',
                     CASE WHEN take THEN 'running' ELSE 'pending' END,
@@ -342,12 +344,24 @@ const NEW_RUNS_CREATED_AND_AUDITED: &str = "created AS (
                     critical, key
                FROM input ORDER BY ord
              ON CONFLICT DO NOTHING
-             RETURNING id, workflow, event, input, state, step, step_attempt, fencing_token, wait_signal, wait_outcome, status, step_seq),
+             RETURNING id, workflow, event_id, event, input, state, step, step_attempt, fencing_token, wait_signal, wait_outcome, status, step_seq)"
+    };
+}
+
+/// The runs of the rows of `input` ([`NEW_RUNS_INPUT`]'s columns) created
+/// in order (`ON CONFLICT DO NOTHING`: a (workflow, outbox row) that has its
+/// run, or a key a live run holds, creates nothing) and audited
+/// `run.created`: leased to `$6` for `$7` ms, or pending. The CTEs
+/// `created` and `audited` of [`create_runs`] and [`claim_into_runs`].
+const NEW_RUNS_CREATED_AND_AUDITED: &str = concat!(
+    new_runs_created!(),
+    ",
          audited AS (
              INSERT INTO wardcall.audit_records (entity, entity_id, action, from_state, to_state, actor, detail)
              SELECT 'run', id::text, 'run.created', NULL, status, 'engine:' || $6,
                     jsonb_build_object('workflow', workflow, 'event', event)
-               FROM created)";
+               FROM created)"
+);
 
 /// Binds `runs`, `engine_id` and `lease_ms` as `$1`..`$9` of a statement
 /// that creates runs ([`NEW_RUNS_INPUT`], [`NEW_RUNS_CREATED_AND_AUDITED`]).
@@ -390,21 +404,39 @@ fn leased_runs(rows: &[sqlx::postgres::PgRow]) -> Result<Vec<Option<ClaimedRun>>
 /// of `runs` whose outbox row it claimed, as [`create_runs`] does (leased to
 /// `engine_id` for `lease_ms` milliseconds or pending, audited
 /// `run.created`, in `runs`' order; a run whose (workflow, outbox row)
-/// exists, or whose key a live run holds, is not created). Commits asynchronously
-/// (`set_config('synchronous_commit', 'off', true)`, PostgreSQL manual
-/// 30.4), as a dispatch batch does: its runs' first effects follow a commit
-/// that writes. Returns, in creation order, the leased runs created as
-/// claimed (`Some`) and a `None` per pending run.
+/// exists, or whose key a live run holds, is not created). Without first
+/// tiers it commits asynchronously (`set_config('synchronous_commit', 'off',
+/// true)`, PostgreSQL manual 30.4), as a dispatch batch does: its runs'
+/// first effects follow a commit that writes.
+///
+/// With `tiers` (one per run of `runs`; `None` for a run without), the
+/// same statement also opens the alert of each created run that has a tier
+/// (without its message: `message` NULL until the step writes it,
+/// [`alerts::write_message`]; audited `alert.opened`) and records an intent
+/// at generation 0 for each of the tier's recipients, fenced by the run's
+/// token (audited `attempt.intent`: person id, channel and position, never
+/// the address), as [`alerts::open_first_tiers`] would, and commits
+/// synchronously: the intents are durable when it returns (DESIGN.md
+/// invariant 2: before their sends). The audit records go in one ordered
+/// insert: every `run.created` first, then run by run its `alert.opened`
+/// and its intents in recipient order.
+///
+/// Returns, in creation order, the leased runs created as claimed (`Some`,
+/// with the first tier opened for it, if any) and a `None` per pending run.
 ///
 /// Errors: a database error (nothing written); `lock_timeout` (55P03)
 /// while another dispatch holds the lock for too long.
 pub async fn claim_into_runs(
     conn: &mut PgConnection,
     runs: &NewRuns<'_>,
+    tiers: &[Option<alerts::TierIntents>],
     engine_id: &str,
     lease_ms: i64,
     lock_key: i64,
-) -> Result<Vec<Option<ClaimedRun>>, sqlx::Error> {
+) -> Result<Vec<Option<DispatchedRun>>, sqlx::Error> {
+    if tiers.iter().any(Option::is_some) {
+        return claim_into_runs_opening(conn, runs, tiers, engine_id, lease_ms, lock_key).await;
+    }
     static STATEMENT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
         format!(
             "WITH dispatch_lock AS MATERIALIZED (SELECT pg_advisory_xact_lock($10) IS NULL AS none),
@@ -423,7 +455,147 @@ pub async fn claim_into_runs(
         )
     });
     let rows = bind_new_runs(sqlx::query(STATEMENT.as_str()), runs, engine_id, lease_ms).bind(lock_key).fetch_all(conn).await?;
-    leased_runs(&rows)
+    Ok(leased_runs(&rows)?.into_iter().map(|run| run.map(|run| DispatchedRun { run, first_tier: None })).collect())
+}
+
+/// A run created by [`claim_into_runs`], leased to the dispatching engine.
+#[derive(Debug)]
+pub struct DispatchedRun {
+    pub run: ClaimedRun,
+    /// Its first tier, opened by the dispatch: always
+    /// [`alerts::OpenedWithIntents::Opened`] (the alert's id and, per
+    /// recipient, `(person id, attempt id)`); `None` when the dispatch had
+    /// no tier for it.
+    pub first_tier: Option<alerts::OpenedWithIntents>,
+}
+
+/// A row of [`claim_into_runs_opening`] past the run's columns: the alert
+/// opened, and the intents as (person ids, attempt ids) in recipient order.
+type OpeningColumns = (Option<Uuid>, Option<Vec<String>>, Option<Vec<Uuid>>);
+
+/// [`claim_into_runs`] with first tiers: one statement, committed
+/// synchronously.
+async fn claim_into_runs_opening(
+    conn: &mut PgConnection,
+    runs: &NewRuns<'_>,
+    tiers: &[Option<alerts::TierIntents>],
+    engine_id: &str,
+    lease_ms: i64,
+    lock_key: i64,
+) -> Result<Vec<Option<DispatchedRun>>, sqlx::Error> {
+    static STATEMENT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        format!(
+            "WITH dispatch_lock AS MATERIALIZED (SELECT pg_advisory_xact_lock($10) IS NULL AS none),
+             picked AS MATERIALIZED (
+                 SELECT o.id FROM wardcall.outbox o, dispatch_lock
+                  WHERE o.id = ANY($2::bigint[]) AND o.processed_at IS NULL AND NOT dispatch_lock.none
+                  ORDER BY o.id FOR UPDATE OF o SKIP LOCKED),
+             claimed AS (
+                 UPDATE wardcall.outbox o SET processed_at = clock_timestamp(), processed_by = $6
+                   FROM picked WHERE o.id = picked.id
+                 RETURNING o.id),
+             input AS (SELECT * FROM {NEW_RUNS_INPUT} WHERE t.event_id IN (SELECT id FROM claimed)),
+             {created},
+             made AS MATERIALIZED (
+                 SELECT c.*, input.ord FROM created c JOIN input ON input.workflow = c.workflow AND input.event_id = c.event_id),
+             tier AS MATERIALIZED (
+                 SELECT * FROM unnest($11::bigint[], $12::text[], $13::int[], $14::int[], $15::text[], $16::text[], $17::bigint[])
+                     AS t(ord, policy, cycle, step_index, channel, provider, reconcile_ms)),
+             opening AS MATERIALIZED (
+                 SELECT made.id AS run_id, made.workflow, made.fencing_token, tier.* FROM made JOIN tier ON tier.ord = made.ord
+                  WHERE made.status = 'running'),
+             alert AS (
+                 INSERT INTO wardcall.alerts (run_id, workflow, policy, message, status)
+                 SELECT run_id, workflow, policy, NULL, 'open' FROM opening ORDER BY ord
+                 ON CONFLICT (run_id) DO NOTHING RETURNING id, run_id),
+             people AS MATERIALIZED (
+                 SELECT * FROM unnest($18::bigint[], $19::text[], $20::text[], $21::text[])
+                     WITH ORDINALITY AS p(tier, person_id, person_name, destination, pord)),
+             intents AS (
+                 INSERT INTO wardcall.notification_attempts
+                     (alert_id, run_id, step_key, cycle, step_index, person_id, person_name, generation, channel, destination, provider, status,
+                      fencing_token, reconcile_after)
+                 SELECT alert.id, o.run_id, '', o.cycle, o.step_index, p.person_id, p.person_name, 0, o.channel, p.destination, o.provider,
+                        'intent', o.fencing_token, clock_timestamp() + o.reconcile_ms * interval '1 millisecond'
+                   FROM people p JOIN opening o ON o.ord = p.tier JOIN alert ON alert.run_id = o.run_id
+                  ORDER BY p.pord
+                 RETURNING id, run_id, person_id),
+             audited AS (
+                 INSERT INTO wardcall.audit_records (entity, entity_id, action, from_state, to_state, actor, detail)
+                 SELECT e.entity, e.entity_id, e.action, NULL, e.to_state, 'engine:' || $6, e.detail FROM (
+                     SELECT 0 AS section, made.ord, 0::bigint AS within, 'run'::text AS entity, made.id::text AS entity_id,
+                            'run.created'::text AS action, made.status AS to_state,
+                            jsonb_build_object('workflow', made.workflow, 'event', made.event) AS detail
+                       FROM made
+                     UNION ALL
+                     SELECT 1, o.ord, 0, 'alert', alert.id::text, 'alert.opened', 'open', jsonb_build_object('run_id', o.run_id, 'policy', o.policy)
+                       FROM alert JOIN opening o ON o.run_id = alert.run_id
+                     UNION ALL
+                     SELECT 1, o.ord, p.pord, 'notification_attempt', n.id::text, 'attempt.intent', 'intent',
+                            jsonb_build_object('person_id', n.person_id, 'channel', o.channel, 'cycle', o.cycle, 'step_index', o.step_index,
+                                               'generation', 0)
+                       FROM intents n JOIN opening o ON o.run_id = n.run_id JOIN people p ON p.tier = o.ord AND p.person_id = n.person_id) e
+                  ORDER BY e.section, e.ord, e.within)
+             SELECT made.*, 'pending'::text AS previous_status, alert.id AS alert_id,
+                    (SELECT array_agg(n.person_id ORDER BY p.pord) FROM intents n JOIN people p ON p.tier = made.ord AND p.person_id = n.person_id
+                      WHERE n.run_id = made.id) AS intent_people,
+                    (SELECT array_agg(n.id ORDER BY p.pord) FROM intents n JOIN people p ON p.tier = made.ord AND p.person_id = n.person_id
+                      WHERE n.run_id = made.id) AS intent_ids
+               FROM made LEFT JOIN alert ON alert.run_id = made.id
+              ORDER BY made.ord",
+            created = new_runs_created!()
+        )
+    });
+    let (mut tier_of, mut policies, mut cycles, mut step_indexes, mut channels, mut providers, mut reconcile_ms) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut person_tier, mut person_ids, mut names, mut destinations) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for (i, tier) in tiers.iter().enumerate() {
+        let Some(t) = tier else { continue };
+        let ord = i as i64 + 1;
+        tier_of.push(ord);
+        policies.push(t.policy.as_str());
+        cycles.push(t.position.0);
+        step_indexes.push(t.position.1);
+        channels.push(t.channel.as_str());
+        providers.push(t.provider.as_str());
+        reconcile_ms.push(t.reconcile_after_ms);
+        for r in &t.recipients {
+            person_tier.push(ord);
+            person_ids.push(r.person_id.as_str());
+            names.push(r.person_name.as_str());
+            destinations.push(r.destination.as_str());
+        }
+    }
+    let rows = bind_new_runs(sqlx::query(STATEMENT.as_str()), runs, engine_id, lease_ms)
+        .bind(lock_key)
+        .bind(&tier_of)
+        .bind(&policies)
+        .bind(&cycles)
+        .bind(&step_indexes)
+        .bind(&channels)
+        .bind(&providers)
+        .bind(&reconcile_ms)
+        .bind(&person_tier)
+        .bind(&person_ids)
+        .bind(&names)
+        .bind(&destinations)
+        .fetch_all(conn)
+        .await?;
+    rows.iter()
+        .map(|row| {
+            let status: String = row.try_get("status")?;
+            if status != "running" {
+                return Ok(None);
+            }
+            let run = ClaimedRun::from_row(row)?;
+            let (alert, people, ids): OpeningColumns = (row.try_get("alert_id")?, row.try_get("intent_people")?, row.try_get("intent_ids")?);
+            let first_tier = alert.map(|alert| alerts::OpenedWithIntents::Opened {
+                alert,
+                intents: people.unwrap_or_default().into_iter().zip(ids.unwrap_or_default()).collect(),
+            });
+            Ok(Some(DispatchedRun { run, first_tier }))
+        })
+        .collect()
 }
 
 /// Locks a run row (`FOR UPDATE`) without a fencing check: the first

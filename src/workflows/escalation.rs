@@ -381,6 +381,53 @@ async fn after_empty_tier(
 }
 
 /// The voice channel's sender, or a permanent step error when none is configured.
+/// Twilio's ring `Timeout` for a tier of `step` (whole seconds): most of the
+/// step's budget, leaving time to hear the message and press 1 (min 5 s,
+/// max 600 s); and when an attempt of it without a final callback is
+/// fetched from the provider (milliseconds after its intent).
+fn ring_and_reconcile(step: &PolicyStep) -> (u32, i64) {
+    let ring_timeout_seconds = ((step.ack_timeout_seconds * 0.6).floor() as u32).clamp(5, 600);
+    let reconcile_after_ms = (ring_timeout_seconds as u64 * 1000 + crate::notify::call_sweeper::RECONCILE_MARGIN.as_millis() as u64) as i64;
+    (ring_timeout_seconds, reconcile_after_ms)
+}
+
+/// The first tier a new run of `w` has its dispatch open
+/// ([`crate::runtime::step::WorkflowHost::first_tier_at_dispatch`]): when
+/// `w`'s first step is an escalation whose policy's first step calls
+/// people of the config only (no `recipients` query, none skipped), the
+/// tier exactly as [`place_calls`] records it for a run's first execution:
+/// the same people reachable by voice, position (0, 0), the voice provider,
+/// the same reconciliation time. `None` otherwise (a query, a skipped
+/// person, nobody callable, no voice provider): the step opens its tier.
+pub fn tier_at_dispatch(services: &crate::runtime::Services, w: &crate::config::Workflow) -> Option<alerts::TierIntents> {
+    let settings = w.steps.first()?.escalate.as_deref()?;
+    let step = services.config.policy(&settings.policy)?.steps.first()?;
+    if step.who.recipients.is_some() {
+        return None;
+    }
+    let resolved = recipients::static_people(&services.config, &step.who);
+    if !resolved.skipped.is_empty() {
+        return None;
+    }
+    let people: Vec<alerts::FirstIntent> = resolved
+        .recipients
+        .iter()
+        .filter_map(|p| Some(alerts::FirstIntent { person_id: p.id.clone(), person_name: p.name.clone(), destination: p.address(Channel::Voice)?.to_string() }))
+        .collect();
+    if people.is_empty() {
+        return None;
+    }
+    let provider = voice_sender(services).ok()?.provider().to_string();
+    Some(alerts::TierIntents {
+        policy: settings.policy.clone(),
+        position: (0, 0),
+        channel: Channel::Voice.as_str().to_string(),
+        provider,
+        reconcile_after_ms: ring_and_reconcile(step).1,
+        recipients: people,
+    })
+}
+
 fn voice_sender(services: &crate::runtime::Services) -> Result<&dyn ChannelSender, StepError> {
     services.providers.sender(Channel::Voice).ok_or_else(|| StepError::Permanent(anyhow!("no voice provider configured")))
 }
@@ -450,6 +497,8 @@ async fn place_calls(ctx: &mut StepContext<'_>, settings: &EscalationWorkflow, p
     let (cycle, step_index) = position(ctx.state);
     let pos = voice_position(ctx.run.id, cycle, step_index);
     let actor = services.actor();
+    // The first tier the run's dispatch opened (`tier_at_dispatch`), if any.
+    let dispatched = ctx.first_tier_opened.take();
     let Some(step) = policy.steps.get(step_index as usize) else {
         // The policy lost steps in a config change while this run was on them:
         // nobody is left to call at this position.
@@ -457,11 +506,7 @@ async fn place_calls(ctx: &mut StepContext<'_>, settings: &EscalationWorkflow, p
         return evaluate_position(ctx, settings, policy, Some(true)).await;
     };
     let ack_timeout_ms = (step.ack_timeout_seconds * 1000.0) as i64;
-    // Twilio's Timeout is whole seconds; let the phone ring for most of the step's
-    // budget, leaving time to hear the message and press 1 (min 5 s, max 600 s).
-    let ring_timeout_seconds = ((step.ack_timeout_seconds * 0.6).floor() as u32).clamp(5, 600);
-    // When an attempt without a final callback is fetched from the provider.
-    let reconcile_after_ms = (ring_timeout_seconds as u64 * 1000 + crate::notify::call_sweeper::RECONCILE_MARGIN.as_millis() as u64) as i64;
+    let (ring_timeout_seconds, reconcile_after_ms) = ring_and_reconcile(step);
 
     // 0. An earlier execution's sends whose outcome is unknown are reconciled
     //    with the provider first, outside any transaction. Only a takeover or
@@ -495,24 +540,42 @@ async fn place_calls(ctx: &mut StepContext<'_>, settings: &EscalationWorkflow, p
         && !(tier.resolved_now && (step.who.recipients.is_some() || tier.audit.is_some()))
         && !callable.is_empty();
     let mut opened: Option<Vec<Outgoing>> = None;
+    // The alert opened by the run's dispatch, without its message: written
+    // while the calls are placed.
+    let mut message_unwritten: Option<Uuid> = None;
+    if dispatched.is_some() && !first_tier {
+        // Not expected (a dispatch opens only tiers the step would open
+        // so): the general path below finds the alert and its intents.
+        tracing::warn!(run = %ctx.run.id, "the dispatch opened a first tier the step would not; taking the general path");
+    }
     if first_tier {
-        let tier = alerts::FirstTier {
-            run: ctx.run.id,
-            token: ctx.run.fencing_token,
-            workflow: ctx.workflow.name.clone(),
-            policy: settings.policy.clone(),
-            message: message.clone(),
-            position: (cycle, step_index),
-            channel: Channel::Voice.as_str().to_string(),
-            provider: voice.provider().to_string(),
-            reconcile_after_ms,
-            recipients: callable
-                .iter()
-                .map(|p| alerts::FirstIntent { person_id: p.id.clone(), person_name: p.name.clone(), destination: p.voice.clone().unwrap_or_default() })
-                .collect(),
-            actor: actor.clone(),
+        let outcome = match dispatched {
+            Some(outcome) => {
+                if let alerts::OpenedWithIntents::Opened { alert, .. } = &outcome {
+                    message_unwritten = Some(*alert);
+                }
+                outcome
+            }
+            None => {
+                let tier = alerts::FirstTier {
+                    run: ctx.run.id,
+                    token: ctx.run.fencing_token,
+                    workflow: ctx.workflow.name.clone(),
+                    policy: settings.policy.clone(),
+                    message: message.clone(),
+                    position: (cycle, step_index),
+                    channel: Channel::Voice.as_str().to_string(),
+                    provider: voice.provider().to_string(),
+                    reconcile_after_ms,
+                    recipients: callable
+                        .iter()
+                        .map(|p| alerts::FirstIntent { person_id: p.id.clone(), person_name: p.name.clone(), destination: p.voice.clone().unwrap_or_default() })
+                        .collect(),
+                    actor: actor.clone(),
+                };
+                open_first_tier(&services, tier).await?
+            }
         };
-        let outcome = open_first_tier(&services, tier).await?;
         match outcome {
             alerts::OpenedWithIntents::LeaseLost => return Err(StepError::LeaseLost),
             alerts::OpenedWithIntents::Busy => return Err(StepError::Retryable(anyhow!("the run's row stayed locked while its first tier was opened"))),
@@ -556,6 +619,11 @@ async fn place_calls(ctx: &mut StepContext<'_>, settings: &EscalationWorkflow, p
                     };
                     let alert_id = alert.id;
                     ctx.state["alert_id"] = json!(alert_id);
+                    if alert.message_missing {
+                        // Opened by the run's dispatch; the execution that
+                        // would have written the message did not.
+                        alerts::write_message_in(&mut tx, alert_id, &message).await?;
+                    }
                     if alert.status != "open" {
                         tx.commit().await?;
                         return Ok(TierOpening::Closed);
@@ -632,7 +700,19 @@ async fn place_calls(ctx: &mut StepContext<'_>, settings: &EscalationWorkflow, p
     // 2. Place the calls, outside any transaction, in parallel, and record
     //    every result before returning any error.
     let on_sent = settings.write_back.on_call_placed.as_deref().map(|sql| OnSent { hook: "on_call_placed", sql, payload: &ctx.run.input });
-    let accepted = delivery::send_and_record(&services, voice, &outgoing, on_sent, &actor, ctx.slot).await?;
+    let sends = delivery::send_and_record(&services, voice, &outgoing, on_sent, &actor, ctx.slot);
+    let accepted = match message_unwritten {
+        None => sends.await?,
+        Some(alert) => {
+            // The message of an alert its dispatch opened, written while the
+            // calls are placed (sends first: their requests leave before it).
+            let write = services.bounded(alerts::write_message(&services.pool, alert, &message));
+            let (accepted, written) = tokio::join!(sends, write);
+            let accepted = accepted?;
+            written?;
+            accepted
+        }
+    };
     let deadline = jiff::Timestamp::now().as_millisecond() + ack_timeout_ms;
     let everyone_called = outgoing.len() == callable.len();
     if ctx.state.get("step_deadline_ms").is_none() || everyone_called {

@@ -281,6 +281,7 @@ pub async fn run_step(ctx: &mut StepContext<'_>) -> Result<Transition, StepError
                     in_commit: Vec::new(),
                     slot: ctx.slot,
                     prefetched: ctx.prefetched.take(),
+                    first_tier_opened: ctx.first_tier_opened.take(),
                     recorded,
                     state_saved: ctx.state_saved,
                 };

@@ -241,6 +241,9 @@ impl crate::runtime::step::WorkflowHost for Host {
     ) -> Option<BoxFuture<'static, Box<dyn std::any::Any + Send>>> {
         escalation::prefetch_lookups(services, w, input)
     }
+    fn first_tier_at_dispatch(&self, services: &crate::runtime::Services, w: &Workflow) -> Option<crate::store::alerts::TierIntents> {
+        escalation::tier_at_dispatch(services, w)
+    }
     fn records_state_changes(&self, w: &Workflow, _run: &crate::store::runs::ClaimedRun) -> bool {
         w.kind == WorkflowKind::Script
     }

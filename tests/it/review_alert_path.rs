@@ -20,6 +20,8 @@ pub fn tests() -> Vec<libtest_mimic::Trial> {
         review_alert_path::events_a_batch_must_see_are_not_dispatched_directly,
         review_alert_path::a_direct_dispatch_waiting_for_a_batch_takes_no_row_the_batch_took,
         review_alert_path::an_event_with_more_runs_than_free_workers_starts_them_all_at_once,
+        review_alert_path::a_direct_dispatch_commits_the_first_tier_with_the_run_and_the_message_follows,
+        review_alert_path::a_takeover_after_the_dispatch_opened_the_first_tier_writes_the_message_and_calls_under_the_recall_rule,
     ]
 }
 
@@ -465,4 +467,98 @@ pub async fn an_event_with_more_runs_than_free_workers_starts_them_all_at_once()
     )
     .await;
     app.stop(Duration::from_secs(2)).await;
+}
+
+/// The hospital's seizure alert, dispatched directly: its first tier calls
+/// a person of the config, so the statement that creates the run also opens
+/// its alert and commits the tier's intent (one transaction: the run's, the
+/// alert's and the intent's audit records share one `xmin`, in that order),
+/// before the message is rendered; the step then places the call with the
+/// rendered message and writes it to the alert.
+pub async fn a_direct_dispatch_commits_the_first_tier_with_the_run_and_the_message_follows() {
+    use crate::escalation::{await_alert_status, calls_to, hospital, NURSE_A, SEIZURE_INSERT};
+    use wardcall::devtools::twilio_emulator::Persona;
+    let h = hospital(Persona::Answer { ring_ms: 100, think_ms: 100, digits: "1".into() }, Persona::NoAnswer, 10.0, 1).await;
+    h.db.exec(SEIZURE_INSERT).await;
+    await_alert_status(&h.db, "acknowledged", Duration::from_secs(15)).await;
+    let trail: Vec<(String, String)> = sqlx::query_as(
+        "SELECT action, xmin::text FROM wardcall.audit_records
+          WHERE action IN ('run.created', 'alert.opened', 'attempt.intent') ORDER BY id",
+    )
+    .fetch_all(&h.db.pool)
+    .await
+    .unwrap();
+    let actions: Vec<&str> = trail.iter().map(|(a, _)| a.as_str()).collect();
+    assert_eq!(actions, ["run.created", "alert.opened", "attempt.intent"], "audited in order");
+    assert!(trail.iter().all(|(_, x)| *x == trail[0].1), "the run, its alert and its intent committed in one transaction: {trail:?}");
+    let message: Option<String> = sqlx::query_scalar("SELECT message FROM wardcall.alerts").fetch_one(&h.db.pool).await.unwrap();
+    let message = message.expect("the alert's message was written");
+    assert!(message.contains("Room 2") && message.contains("Seizure Activity Detected"), "rendered with its lookups: {message}");
+    assert_eq!(calls_to(&h, NURSE_A), 1, "called once");
+    let spoken = h.emulator.calls().iter().find(|c| c.to == NURSE_A).map(|c| c.spoken.clone()).unwrap_or_default();
+    assert!(spoken.iter().any(|s| s.contains(&message)), "the call read the alert's message: {spoken:?}");
+    h.stop().await;
+}
+
+/// An engine whose direct dispatch committed a run with its first tier
+/// (`store::runs::claim_into_runs` with a tier: the alert without its
+/// message, the intent) and died before its call and before writing the
+/// message: the engine taking the run over renders the message, writes it
+/// to the alert before its own call, and calls nurse A again under the
+/// re-call rule (the intent of unknown outcome marked `unknown`, generation
+/// 1), once; the alert is opened and audited once.
+pub async fn a_takeover_after_the_dispatch_opened_the_first_tier_writes_the_message_and_calls_under_the_recall_rule() {
+    use crate::escalation::{await_alert_status, calls_to, start_on, NURSE_A, SEIZURE_INSERT};
+    use wardcall::devtools::twilio_emulator::Persona;
+    use wardcall::store::alerts::{FirstIntent, OpenedWithIntents, TierIntents};
+    use wardcall::store::runs::{claim_into_runs, NewRuns};
+    let db = TestDb::new().await;
+    db.exec(wardcall::devtools::demo::HOSPITAL_SCHEMA).await;
+    let cfg = crate::escalation::hospital_config("http://127.0.0.1:9", 30.0, 1);
+    wardcall::app::prepare_database(&db.database(), &cfg, "test").await.unwrap();
+    db.exec(SEIZURE_INSERT).await; // (no engine yet: the outbox keeps it)
+    let (event_id, payload): (i64, serde_json::Value) = sqlx::query_as("SELECT id, payload FROM wardcall.outbox").fetch_one(&db.pool).await.unwrap();
+    let workflows = ["critical-alert-call".to_string()];
+    let events = ["alert.critical".to_string()];
+    let runs = NewRuns {
+        workflows: &workflows,
+        event_ids: &[event_id],
+        events: &events,
+        inputs: std::slice::from_ref(&payload),
+        leased: &[true],
+        criticals: &[true],
+        keys: &[payload.get("id").and_then(|v| v.as_str()).map(str::to_string)],
+    };
+    let tier = TierIntents {
+        policy: "critical-care".into(),
+        position: (0, 0),
+        channel: "voice".into(),
+        provider: "twilio".into(),
+        reconcile_after_ms: 60_000,
+        recipients: vec![FirstIntent { person_id: "nurse-avery".into(), person_name: "Avery Quinn".into(), destination: NURSE_A.into() }],
+    };
+    // The crashed engine's dispatch: its lease lapses at once.
+    let created =
+        claim_into_runs(&mut db.pool.acquire().await.unwrap(), &runs, &[Some(tier)], "crashed", 1, wardcall::runtime::DISPATCH_LOCK_KEY).await.unwrap();
+    let Some(Some(dispatched)) = created.into_iter().next() else { panic!("the run was created") };
+    let Some(OpenedWithIntents::Opened { intents, .. }) = dispatched.first_tier else { panic!("the tier was opened: {:?}", dispatched.first_tier) };
+    assert_eq!(intents.iter().map(|(p, _)| p.as_str()).collect::<Vec<_>>(), ["nurse-avery"]);
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM wardcall.alerts WHERE message IS NULL").await, 1, "opened without its message");
+
+    let h = start_on(db, Persona::Answer { ring_ms: 100, think_ms: 100, digits: "1".into() }, Persona::NoAnswer, 10.0, 1).await;
+    await_alert_status(&h.db, "acknowledged", Duration::from_secs(15)).await;
+    assert_eq!(calls_to(&h, NURSE_A), 1, "the intent of unknown outcome was called again, once");
+    let message: Option<String> = sqlx::query_scalar("SELECT message FROM wardcall.alerts").fetch_one(&h.db.pool).await.unwrap();
+    let message = message.expect("the taking-over engine wrote the alert's message");
+    assert!(message.contains("Room 2"), "rendered: {message}");
+    let spoken = h.emulator.calls().iter().find(|c| c.to == NURSE_A).map(|c| c.spoken.clone()).unwrap_or_default();
+    assert!(spoken.iter().any(|s| s.contains(&message)), "the call read the alert's message: {spoken:?}");
+    let statuses: Vec<(i32, String)> =
+        sqlx::query_as("SELECT generation, status FROM wardcall.notification_attempts ORDER BY generation").fetch_all(&h.db.pool).await.unwrap();
+    assert_eq!(statuses.len(), 2, "{statuses:?}");
+    assert_eq!(statuses[0], (0, "unknown".to_string()));
+    assert_eq!(statuses[1].0, 1);
+    assert_eq!(h.db.scalar_i64("SELECT count(*) FROM wardcall.alerts").await, 1);
+    assert_eq!(h.db.scalar_i64("SELECT count(*) FROM wardcall.audit_log WHERE action = 'alert.opened'").await, 1);
+    h.stop().await;
 }
