@@ -188,7 +188,9 @@ pub struct OnSent<'a> {
 /// database refuses for up to [`RECORD_RETRY_BUDGET_MS`] (even if the run
 /// was lost meanwhile: the record is not fenced, and it is the only copy of
 /// the provider's id). A send placed after its alert closed wakes the call
-/// sweeper, which ends it.
+/// sweeper, which ends it. `beside` (if any) runs while the requests are
+/// made, and has ended before any result is recorded (an alert's message
+/// that a write-back of the record reads).
 ///
 /// Returns how many sends the provider accepted (each recorded); the others
 /// were refused for good (recorded `failed`).
@@ -203,12 +205,23 @@ pub async fn send_and_record(
     on_sent: Option<OnSent<'_>>,
     actor: &str,
     slot: &WorkerSlot,
+    beside: Option<futures_util::future::BoxFuture<'_, ()>>,
 ) -> Result<usize, StepError> {
     if outgoing.is_empty() {
+        if let Some(work) = beside {
+            work.await;
+        }
         return Ok(0);
     }
     let public_url = services.public_url.clone();
-    let results = futures_util::future::join_all(outgoing.iter().map(|o| sender.send(o, &public_url))).await;
+    // The requests first: each is on its way before `beside` is polled.
+    let requests = futures_util::future::join_all(outgoing.iter().map(|o| sender.send(o, &public_url)));
+    let (results, ()) = futures_util::future::join(requests, async {
+        if let Some(work) = beside {
+            work.await;
+        }
+    })
+    .await;
     // The requests are answered: from here the step only records, on a
     // recording place, and its worker slot starts the next run.
     slot.leave_for_records().await;

@@ -203,7 +203,7 @@ pub async fn send_one_way(
         })
         .await?;
     drop(conn); // given back before any provider request
-    delivery::send_and_record(services, sender, &outgoing, None, &actor, slot).await.map(|_| ())
+    delivery::send_and_record(services, sender, &outgoing, None, &actor, slot, None).await.map(|_| ())
 }
 
 /// The SMS number of an escalation recipient: the config person's `phone`
@@ -312,7 +312,7 @@ pub async fn send_fallbacks(
         Ok(outgoing)
     }).await?;
     drop(conn); // given back before any provider request
-    delivery::send_and_record(services, sender, &outgoing, None, &actor, slot).await.map(|_| ())
+    delivery::send_and_record(services, sender, &outgoing, None, &actor, slot, None).await.map(|_| ())
 }
 
 /// Whether a person's call at the escalation position `pos` failed and they

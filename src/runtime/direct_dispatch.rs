@@ -26,7 +26,7 @@
 use super::{new_run_key, Engine, DISPATCH_LOCK_KEY};
 use crate::config::{Config, OnDuplicate};
 use crate::db::deadline::{self, within, HeldConnection};
-use crate::runtime::step::{Prefetch, WorkflowHost};
+use crate::runtime::step::{DispatchedTier, Prefetch, WorkflowHost};
 use crate::store;
 use std::sync::Arc;
 
@@ -185,6 +185,7 @@ impl Engine {
         // On an error, or when the deadline drops this future, `workers`
         // gives the workers back and tells the scheduler.
         let created = store::runs::claim_into_runs(conn, &runs, &tiers, &self.engine_id, self.lease_ms(), DISPATCH_LOCK_KEY).await?;
+        let committed_at = std::time::Instant::now();
         // A row another dispatcher took, or a run its key kept from
         // starting: the batch looks again (it audits nothing more for a
         // skipped duplicate, as a batch does not either).
@@ -197,7 +198,7 @@ impl Engine {
             let prefetch = (0..workflows.len())
                 .find(|&i| prefetches[i].is_some() && workflows[i] == run.workflow && inputs[i] == run.input)
                 .and_then(|i| prefetches[i].take());
-            self.start(run, permit, prefetch, first_tier);
+            self.start(run, permit, prefetch, first_tier.map(|opened| DispatchedTier { opened, committed_at }));
             started += 1;
         }
         Ok(DirectDispatch { started, batch_needed })

@@ -36,7 +36,6 @@ use crate::config::{Config, EngineConfig, Workflow};
 use crate::db::deadline::{self, within, HeldConnection};
 use crate::db::Database;
 use crate::providers::Providers;
-use crate::store::alerts::OpenedWithIntents;
 use crate::store::runs::{self as store, ClaimedRun, Parking, WaitResolution};
 use serde_json::Value;
 use sqlx::postgres::PgListener;
@@ -1012,7 +1011,13 @@ impl Engine {
     /// Executes `run` on a task of its own, holding the worker slot `permit`
     /// until the run parks, finishes or loses its lease; then tells the
     /// scheduler the slot is free.
-    fn start(self: &Arc<Self>, run: ClaimedRun, permit: tokio::sync::OwnedSemaphorePermit, prefetch: Option<Prefetch>, first_tier: Option<OpenedWithIntents>) {
+    fn start(
+        self: &Arc<Self>,
+        run: ClaimedRun,
+        permit: tokio::sync::OwnedSemaphorePermit,
+        prefetch: Option<Prefetch>,
+        first_tier: Option<step::DispatchedTier>,
+    ) {
         let e = self.clone();
         let slot = WorkerSlot::worker(permit, self.record_places.clone());
         tokio::spawn(async move {
@@ -1493,7 +1498,13 @@ impl Engine {
     /// read ahead for the run's first step, and `first_tier`: the first tier
     /// its dispatch opened, each given to the first step this execution runs
     /// ([`StepContext::prefetched`], [`StepContext::first_tier_opened`]).
-    pub async fn execute(self: &Arc<Self>, mut run: ClaimedRun, slot: &WorkerSlot, mut prefetch: Option<Prefetch>, mut first_tier: Option<OpenedWithIntents>) {
+    pub async fn execute(
+        self: &Arc<Self>,
+        mut run: ClaimedRun,
+        slot: &WorkerSlot,
+        mut prefetch: Option<Prefetch>,
+        mut first_tier: Option<step::DispatchedTier>,
+    ) {
         let lost = Arc::new(AtomicBool::new(false));
         // Aborted when `execute` returns or unwinds, so a lease is never renewed
         // for a step nobody executes.

@@ -100,7 +100,7 @@ pub struct StepContext<'a> {
     /// of the run's first execution; `None` otherwise. A step given one must
     /// place those intents' sends and write the alert's message
     /// (`crate::store::alerts::write_message`).
-    pub first_tier_opened: Option<crate::store::alerts::OpenedWithIntents>,
+    pub first_tier_opened: Option<DispatchedTier>,
     /// The state's changes as the step made them through
     /// [`StepContext::record_set`], when its workflow records them
     /// ([`WorkflowHost::records_state_changes`]): the runtime logs them as
@@ -154,6 +154,16 @@ impl StepContext<'_> {
             Ok(())
         }
     }
+}
+
+/// A first tier opened by a run's dispatch ([`StepContext::first_tier_opened`]).
+#[derive(Debug)]
+pub struct DispatchedTier {
+    /// Always `Opened`: the alert and, per recipient, (person id, attempt id).
+    pub opened: crate::store::alerts::OpenedWithIntents,
+    /// When the dispatch's statement returned (its commit), on this process's
+    /// monotonic clock.
+    pub committed_at: std::time::Instant,
 }
 
 /// A read started for a run's first step before the run's creation

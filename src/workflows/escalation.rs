@@ -34,6 +34,7 @@ use crate::notify::channel::{ChannelSender, Content, Outgoing};
 use crate::notify::delivery::{self, NotLookedUp, OnSent};
 use crate::notify::recipients;
 use crate::notify::{Channel, Recipient};
+use crate::runtime::step::DispatchedTier;
 use crate::store::attempts::{self, AttemptRow, Position};
 use crate::store::audit::{self, Entity};
 use crate::store::{alerts, runs};
@@ -380,7 +381,6 @@ async fn after_empty_tier(
     Ok(Transition::Next { step: "call".into() })
 }
 
-/// The voice channel's sender, or a permanent step error when none is configured.
 /// Twilio's ring `Timeout` for a tier of `step` (whole seconds): most of the
 /// step's budget, leaving time to hear the message and press 1 (min 5 s,
 /// max 600 s); and when an attempt of it without a final callback is
@@ -428,9 +428,17 @@ pub fn tier_at_dispatch(services: &crate::runtime::Services, w: &crate::config::
     })
 }
 
+/// The voice channel's sender, or a permanent step error when none is configured.
 fn voice_sender(services: &crate::runtime::Services) -> Result<&dyn ChannelSender, StepError> {
     services.providers.sender(Channel::Voice).ok_or_else(|| StepError::Permanent(anyhow!("no voice provider configured")))
 }
+
+/// How long after its dispatch committed a dispatched first tier's calls go
+/// out without asking the database whether the run is still this
+/// execution's ([`runs::holds`]): the dispatch fenced it; a cancel (the
+/// alert resolved) that came later stops the calls. Normally the calls
+/// leave about 0.1 ms after the commit.
+const DISPATCHED_TIER_FRESH: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Most first tiers opened in one statement ([`FirstTierOpener`]).
 pub const FIRST_TIER_BATCH_MAX: usize = 64;
@@ -544,17 +552,28 @@ async fn place_calls(ctx: &mut StepContext<'_>, settings: &EscalationWorkflow, p
     // while the calls are placed.
     let mut message_unwritten: Option<Uuid> = None;
     if dispatched.is_some() && !first_tier {
-        // Not expected (a dispatch opens only tiers the step would open
-        // so): the general path below finds the alert and its intents.
-        tracing::warn!(run = %ctx.run.id, "the dispatch opened a first tier the step would not; taking the general path");
+        // Not expected (a dispatch opens only tiers the step would open so).
+        // The general path would find the dispatch's intents under this
+        // execution's own token and take them for placed: the step is retried
+        // instead, under a new token, where the re-call rule applies.
+        tracing::error!(run = %ctx.run.id, "the dispatch opened a first tier the step would not; retrying the step");
+        return Err(StepError::Retryable(anyhow!("the dispatch opened a first tier this step would not open")));
     }
     if first_tier {
         let outcome = match dispatched {
-            Some(outcome) => {
-                if let alerts::OpenedWithIntents::Opened { alert, .. } = &outcome {
+            Some(DispatchedTier { opened, committed_at }) => {
+                // Fenced when the dispatch committed; a step that took long
+                // to get here (a lookup waiting for a connection) checks
+                // that the run is still its own (not cancelled: the alert
+                // resolved) before it calls.
+                ctx.check_lease()?;
+                if committed_at.elapsed() > DISPATCHED_TIER_FRESH && !services.bounded(runs::holds(&services.pool, ctx.run.id, ctx.run.fencing_token)).await? {
+                    return Err(StepError::LeaseLost);
+                }
+                if let alerts::OpenedWithIntents::Opened { alert, .. } = &opened {
                     message_unwritten = Some(*alert);
                 }
-                outcome
+                opened
             }
             None => {
                 let tier = alerts::FirstTier {
@@ -700,19 +719,19 @@ async fn place_calls(ctx: &mut StepContext<'_>, settings: &EscalationWorkflow, p
     // 2. Place the calls, outside any transaction, in parallel, and record
     //    every result before returning any error.
     let on_sent = settings.write_back.on_call_placed.as_deref().map(|sql| OnSent { hook: "on_call_placed", sql, payload: &ctx.run.input });
-    let sends = delivery::send_and_record(&services, voice, &outgoing, on_sent, &actor, ctx.slot);
-    let accepted = match message_unwritten {
-        None => sends.await?,
-        Some(alert) => {
-            // The message of an alert its dispatch opened, written while the
-            // calls are placed (sends first: their requests leave before it).
-            let write = services.bounded(alerts::write_message(&services.pool, alert, &message));
-            let (accepted, written) = tokio::join!(sends, write);
-            let accepted = accepted?;
-            written?;
-            accepted
-        }
-    };
+    // The message of an alert its dispatch opened, written while the calls
+    // are placed, before their results are recorded (an `on_call_placed`
+    // write-back reads it). A failed write does not fail the step (its calls
+    // are out): the next tier, or an engine taking the run over, writes it.
+    let write_message = message_unwritten.map(|alert| -> futures_util::future::BoxFuture<'_, ()> {
+        let (services, message, run) = (&services, &message, ctx.run.id);
+        Box::pin(async move {
+            if let Err(e) = services.bounded(alerts::write_message(&services.pool, alert, message)).await {
+                tracing::warn!(run = %run, alert = %alert, error = %crate::capture::db_message(&e), "writing the alert's message failed; the next tier or a takeover writes it");
+            }
+        })
+    });
+    let accepted = delivery::send_and_record(&services, voice, &outgoing, on_sent, &actor, ctx.slot, write_message).await?;
     let deadline = jiff::Timestamp::now().as_millisecond() + ack_timeout_ms;
     let everyone_called = outgoing.len() == callable.len();
     if ctx.state.get("step_deadline_ms").is_none() || everyone_called {

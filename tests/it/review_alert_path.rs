@@ -279,6 +279,8 @@ pub async fn a_new_runs_lookups_run_while_its_creation_commits() {
     })
     .await
     .expect("nurse A called once the dispatch went on");
+    // (Written while the call is placed.)
+    await_true(&h.db, "the alert's message", Duration::from_secs(5), "SELECT EXISTS (SELECT 1 FROM wardcall.alerts WHERE message IS NOT NULL)").await;
     let message: String = sqlx::query_scalar("SELECT message FROM wardcall.alerts").fetch_one(&h.db.pool).await.unwrap();
     assert!(message.contains("Room 2, patient Dana Vale. Seizure Activity Detected."), "the looked-up values are spoken: {message}");
     h.stop().await;

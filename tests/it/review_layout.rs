@@ -157,7 +157,7 @@ pub async fn late_create_answer_on_an_unknown_attempt_is_audited_as_a_transition
         critical: true,
     };
     let services = h.app.engine.services.clone();
-    wardcall::notify::delivery::send_and_record(&services, &late, &[out], None, "engine:lost", &wardcall::runtime::step::WorkerSlot::none())
+    wardcall::notify::delivery::send_and_record(&services, &late, &[out], None, "engine:lost", &wardcall::runtime::step::WorkerSlot::none(), None)
         .await
         .expect("recorded");
     let status: String =

@@ -50,6 +50,8 @@ pub fn keypress_twiml(services: &Services, attempt: Uuid, reply: &KeypressReply)
         KeypressReply::ReadAgain { message } => {
             let gather_timeout = services.providers.twilio.as_ref().map(|t| t.config.gather_timeout_seconds).unwrap_or(10);
             let action = super::callback_url(&services.public_url, "gather", attempt);
+            // (An alert whose message is not written yet reads the fallback.)
+            let message = if message.is_empty() { twiml::FALLBACK_MESSAGE } else { message.as_str() };
             twiml::say_and_gather_within(message, &action, gather_timeout, 60_000)
                 .unwrap_or_else(|| twiml::say_and_gather(twiml::FALLBACK_MESSAGE, &action, gather_timeout))
         }
