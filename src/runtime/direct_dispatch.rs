@@ -14,7 +14,12 @@
 //! creates their runs in one statement ([`store::runs::claim_into_runs`]),
 //! which takes the same dispatch lock as every batch: a batch with an event
 //! that cancels by key (`alert.resolved`) either sees these runs or is seen
-//! by them, as if both were one batch.
+//! by them, as if both were one batch. For a run whose first tier is fixed by
+//! the config ([`WorkflowHost::first_tier_at_dispatch`]), that statement
+//! also opens the run's alert (without its message, which the step writes
+//! beside its calls) and commits the tier's intents, synchronously: the run
+//! goes from its outbox row to its first calls' intents in one statement,
+//! and its worker gets them as [`crate::runtime::step::DispatchedTier`].
 //!
 //! The general batch ([`Engine::dispatch_batch`]) still claims every event,
 //! these included: a direct dispatch that fails, or finds no free worker,
@@ -100,7 +105,8 @@ impl Engine {
     /// Errors: a database error or [`deadline::NoReply`]; nothing was
     /// claimed unless the second statement's `COMMIT` landed without its
     /// reply (its runs, leased to this engine and not started, are claimed
-    /// again when their leases lapse, as after a dispatch batch's).
+    /// again when their leases lapse, as after a dispatch batch's; their
+    /// first tiers' intents, of unknown outcome, go under the re-call rule).
     pub(super) async fn dispatch_direct(self: &Arc<Self>) -> anyhow::Result<DirectDispatch> {
         let mut conn = HeldConnection::acquire(&self.db.pool).await?;
         let result = within(self.config.engine.database_deadline(), self.dispatch_direct_on(&mut conn)).await;

@@ -298,7 +298,8 @@ pub enum RunLocks {
 /// and intent (absent when none was recorded).
 type OpenedRow = (i64, bool, bool, Option<Uuid>, Option<String>, Option<Uuid>);
 
-/// What [`open_first_tiers`] did for one run.
+/// What [`open_first_tiers`] did for one run (and, always `Opened`, what a
+/// dispatch did: [`crate::store::runs::DispatchedRun::first_tier`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum OpenedWithIntents {
     /// The lease was lost: nothing was written.

@@ -7,7 +7,10 @@
 //!
 //! Steps of the state machine:
 //! - `start`: looks up the message's values, renders it, opens the alert and
-//!   places the first step's calls (as `call` does);
+//!   places the first step's calls (as `call` does); when the run's dispatch
+//!   already opened the alert and committed those calls' intents
+//!   ([`tier_at_dispatch`]: a first step of the config's people), it places
+//!   them and writes the message to the alert beside them;
 //! - `call`: resolves the step's recipients (its `notify` people and its
 //!   `recipients` query over the team's tables, once per position: the list is
 //!   recorded in the run's state with the intents, and reused by a retry or a
