@@ -22,6 +22,7 @@ pub fn tests() -> Vec<libtest_mimic::Trial> {
         review_alert_path::an_event_with_more_runs_than_free_workers_starts_them_all_at_once,
         review_alert_path::a_direct_dispatch_commits_the_first_tier_with_the_run_and_the_message_follows,
         review_alert_path::a_takeover_after_the_dispatch_opened_the_first_tier_writes_the_message_and_calls_under_the_recall_rule,
+        review_alert_path::a_dispatched_tier_whose_step_came_late_calls_nobody_for_a_cancelled_run,
     ]
 }
 
@@ -562,5 +563,38 @@ pub async fn a_takeover_after_the_dispatch_opened_the_first_tier_writes_the_mess
     assert_eq!(statuses[1].0, 1);
     assert_eq!(h.db.scalar_i64("SELECT count(*) FROM wardcall.alerts").await, 1);
     assert_eq!(h.db.scalar_i64("SELECT count(*) FROM wardcall.audit_log WHERE action = 'alert.opened'").await, 1);
+    h.stop().await;
+}
+
+/// The dispatch fenced the run when it committed its first tier; the step
+/// that places the calls comes later, normally within a millisecond, but
+/// here its lookup takes half a second (a slow team query). The alert is
+/// resolved meanwhile (`cancel_on`): the run is cancelled, and the step,
+/// checking the run before it calls because it came late, calls nobody.
+pub async fn a_dispatched_tier_whose_step_came_late_calls_nobody_for_a_cancelled_run() {
+    use crate::escalation::{calls_to, start_with, NURSE_A, SEIZURE_INSERT};
+    use wardcall::devtools::twilio_emulator::Persona;
+    let db = TestDb::new().await;
+    db.exec(wardcall::devtools::demo::HOSPITAL_SCHEMA).await;
+    let answer = Persona::Answer { ring_ms: 100, think_ms: 100, digits: "1".into() };
+    let h = start_with(db, answer, Persona::NoAnswer, |cfg| {
+        let escalate = cfg.workflows[0].steps[0].escalate.as_mut().expect("the hospital escalates");
+        escalate.lookups.insert("room_name".into(), "SELECT room_name FROM rooms, pg_sleep(0.5) WHERE room_id = ($1->>'room_id')::uuid".into());
+    })
+    .await;
+    h.db.exec(SEIZURE_INSERT).await;
+    await_true(
+        &h.db,
+        "the run's first tier opened by its dispatch",
+        Duration::from_secs(5),
+        "SELECT EXISTS (SELECT 1 FROM wardcall.notification_attempts WHERE status = 'intent')",
+    )
+    .await;
+    h.db.exec("UPDATE alerts SET status = 'resolved'").await;
+    await_true(&h.db, "the run cancelled", Duration::from_secs(5), "SELECT EXISTS (SELECT 1 FROM wardcall.runs WHERE status = 'cancelled')").await;
+    // An absence: the lookup ends half a second after the dispatch; the
+    // step would have called by then.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(calls_to(&h, NURSE_A), 0, "a cancelled run's dispatched tier was called");
     h.stop().await;
 }
