@@ -23,6 +23,7 @@ pub fn tests() -> Vec<libtest_mimic::Trial> {
         review_alert_path::a_direct_dispatch_commits_the_first_tier_with_the_run_and_the_message_follows,
         review_alert_path::a_takeover_after_the_dispatch_opened_the_first_tier_writes_the_message_and_calls_under_the_recall_rule,
         review_alert_path::a_dispatched_tier_whose_step_came_late_calls_nobody_for_a_cancelled_run,
+        review_alert_path::a_dispatch_opening_several_tiers_keeps_each_run_to_itself,
     ]
 }
 
@@ -597,4 +598,83 @@ pub async fn a_dispatched_tier_whose_step_came_late_calls_nobody_for_a_cancelled
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(calls_to(&h, NURSE_A), 0, "a cancelled run's dispatched tier was called");
     h.stop().await;
+}
+
+/// One dispatch statement (`store::runs::claim_into_runs` with tiers) for
+/// four events: a run with a tier of two people, a run without a tier, a
+/// run whose key a live run holds (not created: no alert, no intent), and a
+/// run with a tier of one. Each created run with a tier gets its own alert
+/// (no message yet) and its own intents, in recipient order, fenced by its
+/// token; the audit trail has every `run.created` first, then run by run
+/// its `alert.opened` and its intents.
+pub async fn a_dispatch_opening_several_tiers_keeps_each_run_to_itself() {
+    use wardcall::store::alerts::{FirstIntent, OpenedWithIntents, TierIntents};
+    use wardcall::store::runs::{claim_into_runs, NewRuns};
+    let db = TestDb::new().await;
+    let mut ids = Vec::new();
+    for n in 1..=4 {
+        ids.push(db.scalar_i64(&format!("SELECT wardcall.emit('page.raised', '{{\"n\": {n}}}'::jsonb, NULL)")).await);
+    }
+    db.exec("INSERT INTO wardcall.runs (workflow, event, input, step, status, key) VALUES ('page', 'page.raised', '{}', 'start', 'sleeping', 'k3')").await;
+    let workflows: Vec<String> = vec!["page".into(); 4];
+    let events: Vec<String> = vec!["page.raised".into(); 4];
+    let inputs: Vec<serde_json::Value> = (1..=4).map(|n| serde_json::json!({ "n": n })).collect();
+    let keys: Vec<Option<String>> = (1..=4).map(|n| Some(format!("k{n}"))).collect();
+    let runs = NewRuns { workflows: &workflows, event_ids: &ids, events: &events, inputs: &inputs, leased: &[true; 4], criticals: &[true; 4], keys: &keys };
+    let person = |id: &str, phone: &str| FirstIntent { person_id: id.into(), person_name: format!("Name of {id}"), destination: phone.into() };
+    let tier = |people: Vec<FirstIntent>| TierIntents {
+        policy: "p".into(),
+        position: (0, 0),
+        channel: "voice".into(),
+        provider: "twilio".into(),
+        reconcile_after_ms: 60_000,
+        recipients: people,
+    };
+    let tiers = vec![
+        Some(tier(vec![person("ann", "+15550000001"), person("bob", "+15550000002")])),
+        None,
+        Some(tier(vec![person("cid", "+15550000003")])),
+        Some(tier(vec![person("dee", "+15550000004")])),
+    ];
+    let created = claim_into_runs(&mut db.pool.acquire().await.unwrap(), &runs, &tiers, "e1", 60_000, wardcall::runtime::DISPATCH_LOCK_KEY).await.unwrap();
+    let created: Vec<_> = created.into_iter().map(|c| c.expect("leased")).collect();
+    let inputs_created: Vec<i64> = created.iter().map(|c| c.run.input["n"].as_i64().unwrap()).collect();
+    assert_eq!(inputs_created, [1, 2, 4], "created in order; the third's key is held by a live run");
+    let people_of = |i: usize| match &created[i].first_tier {
+        Some(OpenedWithIntents::Opened { intents, .. }) => intents.iter().map(|(p, _)| p.clone()).collect::<Vec<_>>(),
+        other => panic!("run {i}: {other:?}"),
+    };
+    assert_eq!(people_of(0), ["ann", "bob"]);
+    assert!(created[1].first_tier.is_none(), "no tier, no alert");
+    assert_eq!(people_of(2), ["dee"]);
+    for c in &created {
+        let Some(OpenedWithIntents::Opened { alert, intents }) = &c.first_tier else { continue };
+        let rows: Vec<(uuid::Uuid, uuid::Uuid, i64, String)> =
+            sqlx::query_as("SELECT n.id, n.alert_id, n.fencing_token, n.status FROM wardcall.notification_attempts n WHERE n.run_id = $1 ORDER BY n.person_id")
+                .bind(c.run.id)
+                .fetch_all(&db.pool)
+                .await
+                .unwrap();
+        assert_eq!(rows.len(), intents.len());
+        for (id, alert_id, token, status) in rows {
+            assert!(intents.iter().any(|(_, i)| *i == id));
+            assert_eq!((alert_id, token, status.as_str()), (*alert, c.run.fencing_token, "intent"));
+        }
+        let (run_of_alert, message): (uuid::Uuid, Option<String>) =
+            sqlx::query_as("SELECT run_id, message FROM wardcall.alerts WHERE id = $1").bind(alert).fetch_one(&db.pool).await.unwrap();
+        assert_eq!((run_of_alert, message), (c.run.id, None));
+    }
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM wardcall.alerts").await, 2);
+    let trail: Vec<(String, String)> = sqlx::query_as(
+        "SELECT action, coalesce(detail->>'person_id', '') FROM wardcall.audit_records
+          WHERE action IN ('run.created', 'alert.opened', 'attempt.intent') ORDER BY id",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    let trail: Vec<String> = trail.into_iter().map(|(a, p)| if p.is_empty() { a } else { format!("{a} {p}") }).collect();
+    assert_eq!(
+        trail,
+        ["run.created", "run.created", "run.created", "alert.opened", "attempt.intent ann", "attempt.intent bob", "alert.opened", "attempt.intent dee"]
+    );
 }
