@@ -49,19 +49,6 @@ pub struct DirectRoutes {
     /// (event, workflow, key template) per workflow bound to one of them,
     /// in config order.
     routes: Vec<(String, String, Option<String>)>,
-    /// The same routes for a dispatch without a read before its claim
-    /// ([`store::runs::claim_next_into_runs`]), when every event starts one
-    /// workflow whose key, if any, is one top-level field of the payload
-    /// (`key = "{field}"`, which the statement reads as the template
-    /// renders it); `None` otherwise.
-    next_routes: Option<Vec<store::runs::NextRunRoute>>,
-}
-
-/// The payload field a key template names when it is exactly one top-level
-/// placeholder (`{field}`: letters, digits, `_`), else `None`.
-fn single_field(template: &str) -> Option<&str> {
-    let field = template.strip_prefix('{')?.strip_suffix('}')?;
-    (!field.is_empty() && field.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')).then_some(field)
 }
 
 impl DirectRoutes {
@@ -81,23 +68,6 @@ impl DirectRoutes {
                 out.routes.extend(bound.iter().map(|b| (event.clone(), b.name.clone(), b.key.clone())));
             }
         }
-        let next: Option<Vec<store::runs::NextRunRoute>> = out
-            .events
-            .iter()
-            .map(|event| {
-                let mut bound = out.routes.iter().filter(|r| &r.0 == event);
-                let (_, workflow, key) = bound.next()?;
-                if bound.next().is_some() {
-                    return None;
-                }
-                let key_field = match key {
-                    None => None,
-                    Some(template) => Some(single_field(template)?.to_string()),
-                };
-                Some(store::runs::NextRunRoute { event: event.clone(), workflow: workflow.clone(), key_field })
-            })
-            .collect();
-        out.next_routes = next.filter(|routes| !routes.is_empty());
         out
     }
 
@@ -149,9 +119,6 @@ impl Engine {
     }
 
     async fn dispatch_direct_on(self: &Arc<Self>, conn: &mut HeldConnection) -> anyhow::Result<DirectDispatch> {
-        if let Some(next) = &self.direct_routes.next_routes {
-            return self.dispatch_next_on(conn, next).await;
-        }
         let routes = &self.direct_routes;
         // One row more than the free workers could take (an event starts at
         // least one run): whether the batch must follow. No worker is held
@@ -230,7 +197,7 @@ impl Engine {
         // skipped duplicate, as a batch does not either).
         batch_needed |= created.len() < workflows.len();
         let mut started = 0;
-        for store::runs::DispatchedRun { run, first_tier, .. } in created.into_iter().flatten() {
+        for store::runs::DispatchedRun { run, first_tier } in created.into_iter().flatten() {
             // One worker per run created (`created` is never longer than
             // the workflows the workers were taken for).
             let Some(permit) = workers.permits.pop() else { break };
@@ -241,143 +208,6 @@ impl Engine {
             started += 1;
         }
         Ok(DirectDispatch { started, batch_needed })
-    }
-}
-
-impl Engine {
-    /// A direct dispatch whose claim needs no read before it
-    /// ([`DirectRoutes`]' `next_routes`): as many workers as are free
-    /// ([`DIRECT_DISPATCH_MAX`] at most) are taken first, then one statement
-    /// claims as many rows and creates their runs with their first tiers
-    /// ([`store::runs::claim_next_into_runs`]), while the same rows are read
-    /// on another connection ([`store::outbox::peek_unprocessed`]) so that
-    /// their first steps' reads (an escalation's lookups) run beside the
-    /// claim; that read also says whether other events wait. The workers
-    /// the claim did not use are given back.
-    ///
-    /// Errors: as [`Engine::dispatch_direct`]'s.
-    async fn dispatch_next_on(self: &Arc<Self>, conn: &mut HeldConnection, next: &[store::runs::NextRunRoute]) -> anyhow::Result<DirectDispatch> {
-        let free = self.slots.available_permits().min(DIRECT_DISPATCH_MAX);
-        let mut workers = UnusedWorkers { permits: Vec::new(), freed: self.slot_freed.clone() };
-        while workers.permits.len() < free {
-            match self.slots.clone().try_acquire_owned() {
-                Ok(p) => workers.permits.push(p),
-                Err(_) => break,
-            }
-        }
-        if workers.permits.is_empty() {
-            return Ok(DirectDispatch { started: 0, batch_needed: true });
-        }
-        // The read beside the claim, on its own connection and task, bounded
-        // by the same deadline; its reads ahead start as soon as it answers.
-        let mut peek = Some({
-            let this = self.clone();
-            let events = self.direct_routes.events().to_vec();
-            let limit = workers.permits.len() as i64 + 1;
-            tokio::spawn(async move {
-                let mut conn = HeldConnection::acquire(&this.db.pool).await?;
-                let read = within(this.config.engine.database_deadline(), store::outbox::peek_unprocessed(&mut conn, &events, limit)).await;
-                if read.is_ok() {
-                    conn.release();
-                }
-                let (rows, others) = read?;
-                let ids: Vec<i64> = rows.iter().map(|r| r.0).collect();
-                let prefetches: Vec<(i64, String, serde_json::Value, Prefetch)> = rows
-                    .into_iter()
-                    .filter_map(|(id, event, payload)| {
-                        let route = this.direct_routes.routes.iter().find(|r| r.0 == event)?;
-                        let w = this.config.workflow(&route.1)?;
-                        let read = this.host.prefetch_first_step(&this.services, w, &payload)?;
-                        Some((id, route.1.clone(), payload, Prefetch::spawn(read)))
-                    })
-                    .collect();
-                Ok::<_, anyhow::Error>(PeekedBeside { ids, prefetches, others })
-            })
-        });
-        let tiers: Vec<(String, crate::store::alerts::TierIntents)> = next
-            .iter()
-            .filter_map(|r| {
-                let w = self.config.workflow(&r.workflow)?;
-                Some((r.workflow.clone(), self.host.first_tier_at_dispatch(&self.services, w)?))
-            })
-            .collect();
-        let mut peeked: Option<PeekedBeside> = None;
-        let (mut started, mut claimed) = (0, Vec::new());
-        let mut batch_needed = false;
-        // A second claim when the read saw rows the first did not take: its
-        // snapshot may have been older than theirs (a sweep's claim that began
-        // as they committed); what is still left then goes to the batch.
-        for round in 0..2 {
-            let limit = workers.permits.len();
-            if limit == 0 {
-                batch_needed = true;
-                break;
-            }
-            let created = store::runs::claim_next_into_runs(
-                conn,
-                next,
-                &tiers,
-                limit as i64,
-                super::MAX_KEY_BYTES as i32,
-                &self.engine_id,
-                self.lease_ms(),
-                DISPATCH_LOCK_KEY,
-            )
-            .await?;
-            let committed_at = std::time::Instant::now();
-            let full = created.len() == limit;
-            // The read is normally done by now (one short statement against
-            // the claim's several); the runs do not wait for one that is not
-            // (they read for themselves).
-            if peek.as_ref().is_some_and(|p| p.is_finished()) {
-                peeked = Some(settle_peek(peek.take()).await);
-            }
-            for store::runs::DispatchedRun { run, event_id, first_tier } in created {
-                let Some(permit) = workers.permits.pop() else { break };
-                claimed.push(event_id);
-                let prefetch = peeked.as_mut().and_then(|p| {
-                    let i = p.prefetches.iter().position(|(id, workflow, payload, _)| *id == event_id && *workflow == run.workflow && *payload == run.input)?;
-                    Some(p.prefetches.swap_remove(i).3)
-                });
-                self.start(run, permit, prefetch, first_tier.map(|opened| DispatchedTier { opened, committed_at }));
-                started += 1;
-            }
-            if peeked.is_none() {
-                peeked = Some(settle_peek(peek.take()).await);
-            }
-            let read = peeked.as_ref().expect("settled above");
-            // More rows may wait (every worker used), or other events do.
-            batch_needed = full || read.others;
-            let left = read.ids.iter().any(|id| !claimed.contains(id));
-            if batch_needed || !left {
-                break;
-            }
-            // Rows left after the second claim (a key the batch renders,
-            // another dispatcher's) go to the batch.
-            batch_needed = round == 1;
-        }
-        Ok(DirectDispatch { started, batch_needed })
-    }
-}
-
-/// What the read beside a claim-first direct dispatch saw: the rows of the
-/// direct events (`ids`), their first steps' reads started (outbox id,
-/// workflow, payload, read), and whether other events wait.
-struct PeekedBeside {
-    ids: Vec<i64>,
-    prefetches: Vec<(i64, String, serde_json::Value, Prefetch)>,
-    others: bool,
-}
-
-/// The read beside the claim, waited for; a read that failed (or none)
-/// counts as one that saw other events wait, so the batch looks.
-async fn settle_peek(peek: Option<tokio::task::JoinHandle<anyhow::Result<PeekedBeside>>>) -> PeekedBeside {
-    match peek {
-        Some(handle) => match handle.await {
-            Ok(Ok(read)) => read,
-            _ => PeekedBeside { ids: Vec::new(), prefetches: Vec::new(), others: true },
-        },
-        None => PeekedBeside { ids: Vec::new(), prefetches: Vec::new(), others: true },
     }
 }
 

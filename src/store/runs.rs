@@ -348,60 +348,6 @@ macro_rules! new_runs_created {
     };
 }
 
-/// The end of a statement that creates runs and opens their first tiers
-/// ([`claim_into_runs`] with tiers, [`claim_next_into_runs`]), after its
-/// CTEs `made` (the runs created, `created`'s columns and their `ord`),
-/// `opening` (per leased run with a tier: `run_id`, `workflow`,
-/// `fencing_token`, `ord`, `tier_key`, `policy`, `cycle`, `step_index`,
-/// `channel`, `provider`, `reconcile_ms`) and `people` (`tier_key`,
-/// `person_id`, `person_name`, `destination`, `pord`: recipient order):
-/// the alerts (no message), the intents, every audit record in one ordered
-/// insert (the runs' `run.created` first, then run by run its
-/// `alert.opened` and its intents), and the runs with their alert and
-/// intents (`alert_id`, `intent_people`, `intent_ids`) in `ord` order.
-/// `$6` is the engine's id. A macro, joined to the statements' text at
-/// compile time.
-macro_rules! first_tiers_opened {
-    () => {
-        "alert AS (
-                 INSERT INTO wardcall.alerts (run_id, workflow, policy, message, status)
-                 SELECT run_id, workflow, policy, NULL, 'open' FROM opening ORDER BY ord
-                 ON CONFLICT (run_id) DO NOTHING RETURNING id, run_id),
-             intents AS (
-                 INSERT INTO wardcall.notification_attempts
-                     (alert_id, run_id, step_key, cycle, step_index, person_id, person_name, generation, channel, destination, provider, status,
-                      fencing_token, reconcile_after)
-                 SELECT alert.id, o.run_id, '', o.cycle, o.step_index, p.person_id, p.person_name, 0, o.channel, p.destination, o.provider,
-                        'intent', o.fencing_token, clock_timestamp() + o.reconcile_ms * interval '1 millisecond'
-                   FROM people p JOIN opening o ON o.tier_key = p.tier_key JOIN alert ON alert.run_id = o.run_id
-                  ORDER BY o.ord, p.pord
-                 RETURNING id, run_id, person_id),
-             audited AS (
-                 INSERT INTO wardcall.audit_records (entity, entity_id, action, from_state, to_state, actor, detail)
-                 SELECT e.entity, e.entity_id, e.action, NULL, e.to_state, 'engine:' || $6, e.detail FROM (
-                     SELECT 0 AS section, made.ord, 0::bigint AS within, 'run'::text AS entity, made.id::text AS entity_id,
-                            'run.created'::text AS action, made.status AS to_state,
-                            jsonb_build_object('workflow', made.workflow, 'event', made.event) AS detail
-                       FROM made
-                     UNION ALL
-                     SELECT 1, o.ord, 0, 'alert', alert.id::text, 'alert.opened', 'open', jsonb_build_object('run_id', o.run_id, 'policy', o.policy)
-                       FROM alert JOIN opening o ON o.run_id = alert.run_id
-                     UNION ALL
-                     SELECT 1, o.ord, p.pord, 'notification_attempt', n.id::text, 'attempt.intent', 'intent',
-                            jsonb_build_object('person_id', n.person_id, 'channel', o.channel, 'cycle', o.cycle, 'step_index', o.step_index,
-                                               'generation', 0)
-                       FROM intents n JOIN opening o ON o.run_id = n.run_id JOIN people p ON p.tier_key = o.tier_key AND p.person_id = n.person_id) e
-                  ORDER BY e.section, e.ord, e.within)
-             SELECT made.*, 'pending'::text AS previous_status, alert.id AS alert_id,
-                    (SELECT array_agg(n.person_id ORDER BY p.pord) FROM intents n JOIN opening o ON o.run_id = n.run_id
-                       JOIN people p ON p.tier_key = o.tier_key AND p.person_id = n.person_id WHERE n.run_id = made.id) AS intent_people,
-                    (SELECT array_agg(n.id ORDER BY p.pord) FROM intents n JOIN opening o ON o.run_id = n.run_id
-                       JOIN people p ON p.tier_key = o.tier_key AND p.person_id = n.person_id WHERE n.run_id = made.id) AS intent_ids
-               FROM made LEFT JOIN alert ON alert.run_id = made.id
-              ORDER BY made.ord"
-    };
-}
-
 /// The runs of the rows of `input` ([`NEW_RUNS_INPUT`]'s columns) created
 /// in order (`ON CONFLICT DO NOTHING`: a (workflow, outbox row) that has its
 /// run, or a key a live run holds, creates nothing) and audited
@@ -509,25 +455,13 @@ pub async fn claim_into_runs(
         )
     });
     let rows = bind_new_runs(sqlx::query(STATEMENT.as_str()), runs, engine_id, lease_ms).bind(lock_key).fetch_all(conn).await?;
-    rows.iter()
-        .map(|row| {
-            let status: String = row.try_get("status")?;
-            Ok(if status == "running" {
-                Some(DispatchedRun { run: ClaimedRun::from_row(row)?, event_id: row.try_get("event_id")?, first_tier: None })
-            } else {
-                None
-            })
-        })
-        .collect()
+    Ok(leased_runs(&rows)?.into_iter().map(|run| run.map(|run| DispatchedRun { run, first_tier: None })).collect())
 }
 
-/// A run created by [`claim_into_runs`] or [`claim_next_into_runs`],
-/// leased to the dispatching engine.
+/// A run created by [`claim_into_runs`], leased to the dispatching engine.
 #[derive(Debug)]
 pub struct DispatchedRun {
     pub run: ClaimedRun,
-    /// The outbox row it was created for.
-    pub event_id: i64,
     /// Its first tier, opened by the dispatch: always
     /// [`alerts::OpenedWithIntents::Opened`] (the alert's id and, per
     /// recipient, `(person id, attempt id)`); `None` when the dispatch had
@@ -566,16 +500,50 @@ async fn claim_into_runs_opening(
                  SELECT c.*, input.ord FROM created c JOIN input ON input.workflow = c.workflow AND input.event_id = c.event_id),
              tier AS MATERIALIZED (
                  SELECT * FROM unnest($11::bigint[], $12::text[], $13::int[], $14::int[], $15::text[], $16::text[], $17::bigint[])
-                     AS t(tier_key, policy, cycle, step_index, channel, provider, reconcile_ms)),
+                     AS t(ord, policy, cycle, step_index, channel, provider, reconcile_ms)),
              opening AS MATERIALIZED (
-                 SELECT made.id AS run_id, made.workflow, made.fencing_token, made.ord, tier.* FROM made JOIN tier ON tier.tier_key = made.ord
+                 SELECT made.id AS run_id, made.workflow, made.fencing_token, tier.* FROM made JOIN tier ON tier.ord = made.ord
                   WHERE made.status = 'running'),
+             alert AS (
+                 INSERT INTO wardcall.alerts (run_id, workflow, policy, message, status)
+                 SELECT run_id, workflow, policy, NULL, 'open' FROM opening ORDER BY ord
+                 ON CONFLICT (run_id) DO NOTHING RETURNING id, run_id),
              people AS MATERIALIZED (
                  SELECT * FROM unnest($18::bigint[], $19::text[], $20::text[], $21::text[])
-                     WITH ORDINALITY AS p(tier_key, person_id, person_name, destination, pord)),
-             {opened}",
-            created = new_runs_created!(),
-            opened = first_tiers_opened!()
+                     WITH ORDINALITY AS p(tier, person_id, person_name, destination, pord)),
+             intents AS (
+                 INSERT INTO wardcall.notification_attempts
+                     (alert_id, run_id, step_key, cycle, step_index, person_id, person_name, generation, channel, destination, provider, status,
+                      fencing_token, reconcile_after)
+                 SELECT alert.id, o.run_id, '', o.cycle, o.step_index, p.person_id, p.person_name, 0, o.channel, p.destination, o.provider,
+                        'intent', o.fencing_token, clock_timestamp() + o.reconcile_ms * interval '1 millisecond'
+                   FROM people p JOIN opening o ON o.ord = p.tier JOIN alert ON alert.run_id = o.run_id
+                  ORDER BY p.pord
+                 RETURNING id, run_id, person_id),
+             audited AS (
+                 INSERT INTO wardcall.audit_records (entity, entity_id, action, from_state, to_state, actor, detail)
+                 SELECT e.entity, e.entity_id, e.action, NULL, e.to_state, 'engine:' || $6, e.detail FROM (
+                     SELECT 0 AS section, made.ord, 0::bigint AS within, 'run'::text AS entity, made.id::text AS entity_id,
+                            'run.created'::text AS action, made.status AS to_state,
+                            jsonb_build_object('workflow', made.workflow, 'event', made.event) AS detail
+                       FROM made
+                     UNION ALL
+                     SELECT 1, o.ord, 0, 'alert', alert.id::text, 'alert.opened', 'open', jsonb_build_object('run_id', o.run_id, 'policy', o.policy)
+                       FROM alert JOIN opening o ON o.run_id = alert.run_id
+                     UNION ALL
+                     SELECT 1, o.ord, p.pord, 'notification_attempt', n.id::text, 'attempt.intent', 'intent',
+                            jsonb_build_object('person_id', n.person_id, 'channel', o.channel, 'cycle', o.cycle, 'step_index', o.step_index,
+                                               'generation', 0)
+                       FROM intents n JOIN opening o ON o.run_id = n.run_id JOIN people p ON p.tier = o.ord AND p.person_id = n.person_id) e
+                  ORDER BY e.section, e.ord, e.within)
+             SELECT made.*, 'pending'::text AS previous_status, alert.id AS alert_id,
+                    (SELECT array_agg(n.person_id ORDER BY p.pord) FROM intents n JOIN people p ON p.tier = made.ord AND p.person_id = n.person_id
+                      WHERE n.run_id = made.id) AS intent_people,
+                    (SELECT array_agg(n.id ORDER BY p.pord) FROM intents n JOIN people p ON p.tier = made.ord AND p.person_id = n.person_id
+                      WHERE n.run_id = made.id) AS intent_ids
+               FROM made LEFT JOIN alert ON alert.run_id = made.id
+              ORDER BY made.ord",
+            created = new_runs_created!()
         )
     });
     let (mut tier_of, mut policies, mut cycles, mut step_indexes, mut channels, mut providers, mut reconcile_ms) =
@@ -613,12 +581,6 @@ async fn claim_into_runs_opening(
         .bind(&destinations)
         .fetch_all(conn)
         .await?;
-    dispatched_runs(&rows)
-}
-
-/// The rows of a statement ending in [`first_tiers_opened!`]: each leased
-/// run with its first tier, if one was opened; `None` per pending run.
-fn dispatched_runs(rows: &[sqlx::postgres::PgRow]) -> Result<Vec<Option<DispatchedRun>>, sqlx::Error> {
     rows.iter()
         .map(|row| {
             let status: String = row.try_get("status")?;
@@ -631,139 +593,9 @@ fn dispatched_runs(rows: &[sqlx::postgres::PgRow]) -> Result<Vec<Option<Dispatch
                 alert,
                 intents: people.unwrap_or_default().into_iter().zip(ids.unwrap_or_default()).collect(),
             });
-            Ok(Some(DispatchedRun { run, event_id: row.try_get("event_id")?, first_tier }))
+            Ok(Some(DispatchedRun { run, first_tier }))
         })
         .collect()
-}
-
-/// A direct route as [`claim_next_into_runs`] takes it: the event, the one
-/// workflow it starts, and the payload's top-level field that is the run's
-/// key (the workflow's `key = "{field}"`), if it has a key.
-#[derive(Debug, Clone)]
-pub struct NextRunRoute {
-    pub event: String,
-    pub workflow: String,
-    pub key_field: Option<String>,
-}
-
-/// A direct dispatch without a read before it ([`claim_into_runs`] needs the
-/// rows read first, to render their runs' keys): one autocommit statement
-/// that takes the dispatch lock (as every dispatch batch does, before it
-/// locks any outbox row), claims up to `limit` of the oldest unprocessed
-/// outbox rows of `routes`' events that no other dispatcher holds (`FOR
-/// UPDATE SKIP LOCKED`), marks them processed by `engine_id`, creates one
-/// run per row (its route's workflow, leased to `engine_id` for `lease_ms`
-/// milliseconds, its key the payload's `key_field` as the workflow's
-/// template `{field}` renders it: `key_field`'s text, a string's own or an
-/// integer's digits), opens the first tier
-/// of `tiers` of its workflow as [`claim_into_runs`] does (alert without
-/// message, intents, ordered audit), and commits synchronously when any
-/// tier was opened, asynchronously otherwise. A row whose key is neither a
-/// string nor an integer of at most 18 digits, or is not 1 to
-/// `max_key_bytes` bytes long (a key the template would render empty, as
-/// JSON, or hash) is left to the dispatch batch, which renders it; a run whose key a live run holds is not created (its row is
-/// still claimed, as a batch skips a duplicate). `routes` must have one
-/// route per event.
-///
-/// Returns the runs created, in outbox order (all leased).
-///
-/// Errors: a database error (nothing written); `lock_timeout` (55P03)
-/// while another dispatch holds the lock for too long.
-#[allow(clippy::too_many_arguments)]
-pub async fn claim_next_into_runs(
-    conn: &mut PgConnection,
-    routes: &[NextRunRoute],
-    tiers: &[(String, alerts::TierIntents)],
-    limit: i64,
-    max_key_bytes: i32,
-    engine_id: &str,
-    lease_ms: i64,
-    lock_key: i64,
-) -> Result<Vec<DispatchedRun>, sqlx::Error> {
-    static STATEMENT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-        format!(
-            "WITH dispatch_lock AS MATERIALIZED (SELECT pg_advisory_xact_lock($1) IS NULL AS none),
-             async_commit AS MATERIALIZED (
-                 SELECT set_config('synchronous_commit', CASE WHEN cardinality($9::text[]) = 0 THEN 'off' ELSE 'on' END, true) AS setting),
-             routes AS MATERIALIZED (SELECT * FROM unnest($2::text[], $3::text[], $4::text[]) AS r(event, workflow, key_field)),
-             picked AS MATERIALIZED (
-                 SELECT o.id, o.event, o.payload FROM wardcall.outbox o, dispatch_lock
-                  WHERE o.processed_at IS NULL AND o.event = ANY($2::text[]) AND NOT dispatch_lock.none
-                    AND NOT EXISTS (SELECT 1 FROM routes r WHERE r.event = o.event AND r.key_field IS NOT NULL
-                                      AND NOT coalesce((jsonb_typeof(o.payload -> r.key_field) = 'string'
-                                                        OR (jsonb_typeof(o.payload -> r.key_field) = 'number'
-                                                            AND (o.payload ->> r.key_field) ~ '^-?[0-9]{{1,18}}$'))
-                                                       AND octet_length(o.payload ->> r.key_field) BETWEEN 1 AND $5, false))
-                  ORDER BY o.id LIMIT $8 FOR UPDATE OF o SKIP LOCKED),
-             claimed AS (
-                 UPDATE wardcall.outbox o SET processed_at = clock_timestamp(), processed_by = $6
-                   FROM picked WHERE o.id = picked.id
-                 RETURNING o.id),
-             input AS MATERIALIZED (
-                 SELECT r.workflow, p.id AS event_id, p.event, p.payload AS input, true AS take, true AS critical,
-                        CASE WHEN r.key_field IS NOT NULL THEN p.payload ->> r.key_field END AS key,
-                        row_number() OVER (ORDER BY p.id) AS ord
-                   FROM picked p JOIN routes r ON r.event = p.event WHERE p.id IN (SELECT id FROM claimed)),
-             {created},
-             made AS MATERIALIZED (
-                 SELECT c.*, input.ord FROM created c JOIN input ON input.workflow = c.workflow AND input.event_id = c.event_id
-                  CROSS JOIN async_commit),
-             tier AS MATERIALIZED (
-                 SELECT * FROM unnest($9::text[], $10::text[], $11::int[], $12::int[], $13::text[], $14::text[], $15::bigint[])
-                     AS t(tier_key, policy, cycle, step_index, channel, provider, reconcile_ms)),
-             opening AS MATERIALIZED (
-                 SELECT made.id AS run_id, made.workflow, made.fencing_token, made.ord, tier.* FROM made JOIN tier ON tier.tier_key = made.workflow
-                  WHERE made.status = 'running'),
-             people AS MATERIALIZED (
-                 SELECT * FROM unnest($16::text[], $17::text[], $18::text[], $19::text[])
-                     WITH ORDINALITY AS p(tier_key, person_id, person_name, destination, pord)),
-             {opened}",
-            created = new_runs_created!(),
-            opened = first_tiers_opened!()
-        )
-    });
-    let column = |f: fn(&NextRunRoute) -> Option<&str>| -> Vec<Option<&str>> { routes.iter().map(f).collect() };
-    let (mut tier_workflows, mut policies, mut cycles, mut step_indexes, mut channels, mut providers, mut reconcile_ms) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let (mut person_tier, mut person_ids, mut names, mut destinations) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for (workflow, t) in tiers {
-        tier_workflows.push(workflow.as_str());
-        policies.push(t.policy.as_str());
-        cycles.push(t.position.0);
-        step_indexes.push(t.position.1);
-        channels.push(t.channel.as_str());
-        providers.push(t.provider.as_str());
-        reconcile_ms.push(t.reconcile_after_ms);
-        for r in &t.recipients {
-            person_tier.push(workflow.as_str());
-            person_ids.push(r.person_id.as_str());
-            names.push(r.person_name.as_str());
-            destinations.push(r.destination.as_str());
-        }
-    }
-    let rows = sqlx::query(STATEMENT.as_str())
-        .bind(lock_key)
-        .bind(column(|r| Some(r.event.as_str())))
-        .bind(column(|r| Some(r.workflow.as_str())))
-        .bind(column(|r| r.key_field.as_deref()))
-        .bind(max_key_bytes)
-        .bind(engine_id)
-        .bind(lease_ms)
-        .bind(limit)
-        .bind(&tier_workflows)
-        .bind(&policies)
-        .bind(&cycles)
-        .bind(&step_indexes)
-        .bind(&channels)
-        .bind(&providers)
-        .bind(&reconcile_ms)
-        .bind(&person_tier)
-        .bind(&person_ids)
-        .bind(&names)
-        .bind(&destinations)
-        .fetch_all(conn)
-        .await?;
-    Ok(dispatched_runs(&rows)?.into_iter().flatten().collect())
 }
 
 /// Locks a run row (`FOR UPDATE`) without a fencing check: the first

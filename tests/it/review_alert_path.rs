@@ -24,7 +24,6 @@ pub fn tests() -> Vec<libtest_mimic::Trial> {
         review_alert_path::a_takeover_after_the_dispatch_opened_the_first_tier_writes_the_message_and_calls_under_the_recall_rule,
         review_alert_path::a_dispatched_tier_whose_step_came_late_calls_nobody_for_a_cancelled_run,
         review_alert_path::a_dispatch_opening_several_tiers_keeps_each_run_to_itself,
-        review_alert_path::a_claim_first_dispatch_renders_keys_as_the_template_does_and_leaves_the_rest_to_the_batch,
     ]
 }
 
@@ -678,57 +677,4 @@ pub async fn a_dispatch_opening_several_tiers_keeps_each_run_to_itself() {
         trail,
         ["run.created", "run.created", "run.created", "alert.opened", "attempt.intent ann", "attempt.intent bob", "alert.opened", "attempt.intent dee"]
     );
-}
-
-/// The direct dispatch that claims before it reads
-/// (`store::runs::claim_next_into_runs`) takes a run's key from the
-/// payload's field itself, as the key template `{field}` renders it: a
-/// string as it is, an integer's digits. A row whose key the template would
-/// render otherwise (a fraction, an object, nothing, a key too long to be
-/// kept as it is) is not claimed: the dispatch batch renders it. Rows are
-/// taken oldest first up to the limit; a key a live run holds creates no run.
-pub async fn a_claim_first_dispatch_renders_keys_as_the_template_does_and_leaves_the_rest_to_the_batch() {
-    use wardcall::store::runs::{claim_next_into_runs, NextRunRoute};
-    let db = TestDb::new().await;
-    let payloads = [
-        r#"{"id": "a-1"}"#,
-        r#"{"id": 42}"#,
-        r#"{"id": 1.5}"#,
-        r#"{"id": {"x": 1}}"#,
-        r#"{"other": 1}"#,
-        r#"{"id": ""}"#,
-        r#"{"id": "held"}"#,
-        r#"{"id": -7}"#,
-    ];
-    let mut ids = Vec::new();
-    for p in payloads {
-        ids.push(db.scalar_i64(&format!("SELECT wardcall.emit('page.raised', '{p}'::jsonb, NULL)")).await);
-    }
-    let long = "k".repeat(201);
-    ids.push(db.scalar_i64(&format!("SELECT wardcall.emit('page.raised', '{{\"id\": \"{long}\"}}'::jsonb, NULL)")).await);
-    db.exec("INSERT INTO wardcall.runs (workflow, event, input, step, status, key) VALUES ('page', 'page.raised', '{}', 'start', 'sleeping', 'held')").await;
-    let routes = [NextRunRoute { event: "page.raised".into(), workflow: "page".into(), key_field: Some("id".into()) }];
-    let claim = |limit: i64| {
-        let (pool, routes) = (db.pool.clone(), routes.clone());
-        async move {
-            let mut conn = pool.acquire().await.unwrap();
-            claim_next_into_runs(&mut conn, &routes, &[], limit, wardcall::runtime::MAX_KEY_BYTES as i32, "e1", 60_000, wardcall::runtime::DISPATCH_LOCK_KEY)
-                .await
-                .unwrap()
-        }
-    };
-    let first = claim(1).await;
-    assert_eq!(first.iter().map(|r| r.event_id).collect::<Vec<_>>(), [ids[0]], "the oldest row first, up to the limit");
-    let rest = claim(32).await;
-    assert_eq!(rest.iter().map(|r| r.event_id).collect::<Vec<_>>(), [ids[1], ids[7]], "the held key's row is claimed without a run");
-    let keys: Vec<(String, Option<String>)> =
-        sqlx::query_as("SELECT input::text, key FROM wardcall.runs WHERE lease_owner = 'e1' ORDER BY event_id").fetch_all(&db.pool).await.unwrap();
-    assert_eq!(
-        keys,
-        [("{\"id\": \"a-1\"}".to_string(), Some("a-1".to_string())), ("{\"id\": 42}".into(), Some("42".into())), ("{\"id\": -7}".into(), Some("-7".into()))]
-    );
-    let left: Vec<i64> = sqlx::query_scalar("SELECT id FROM wardcall.outbox WHERE processed_at IS NULL ORDER BY id").fetch_all(&db.pool).await.unwrap();
-    assert_eq!(left, [ids[2], ids[3], ids[4], ids[5], ids[8]], "left to the batch, which renders their keys");
-    let held: Option<String> = sqlx::query_scalar("SELECT processed_by FROM wardcall.outbox WHERE id = $1").bind(ids[6]).fetch_one(&db.pool).await.unwrap();
-    assert_eq!(held.as_deref(), Some("e1"), "claimed, as a batch skips a duplicate");
 }
