@@ -257,6 +257,33 @@ pub struct TierIntents {
     pub recipients: Vec<FirstIntent>,
 }
 
+/// The recipients of a batch of first tiers as the statements that record
+/// their intents bind them ([`open_first_tiers`],
+/// [`crate::store::runs::claim_into_runs`]): one entry per recipient, in
+/// order, with the number of its tier in the batch (from 1).
+pub(crate) struct RecipientColumns<'a> {
+    pub(crate) tier: Vec<i64>,
+    pub(crate) person_ids: Vec<&'a str>,
+    pub(crate) names: Vec<&'a str>,
+    pub(crate) destinations: Vec<&'a str>,
+}
+
+impl<'a> RecipientColumns<'a> {
+    /// The columns of `tiers`: (tier number, its recipients) each.
+    pub(crate) fn of(tiers: impl Iterator<Item = (i64, &'a [FirstIntent])>) -> RecipientColumns<'a> {
+        let mut out = RecipientColumns { tier: Vec::new(), person_ids: Vec::new(), names: Vec::new(), destinations: Vec::new() };
+        for (tier, recipients) in tiers {
+            for r in recipients {
+                out.tier.push(tier);
+                out.person_ids.push(r.person_id.as_str());
+                out.names.push(r.person_name.as_str());
+                out.destinations.push(r.destination.as_str());
+            }
+        }
+        out
+    }
+}
+
 /// A run's first escalation tier to record (see [`open_first_tiers`]):
 /// owned, so that it can wait in a batch.
 #[derive(Debug, Clone)]
@@ -350,15 +377,7 @@ pub async fn open_first_tiers(conn: &mut PgConnection, tiers: &[FirstTier], lock
         return Ok(repeated.iter().map(|r| if *r { OpenedWithIntents::Busy } else { outcomes.next().unwrap_or(OpenedWithIntents::Busy) }).collect());
     }
     let column = |f: fn(&FirstTier) -> &str| -> Vec<&str> { tiers.iter().map(f).collect() };
-    let (mut tier_of, mut person_ids, mut names, mut destinations) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for (i, t) in tiers.iter().enumerate() {
-        for r in &t.recipients {
-            tier_of.push(i as i64 + 1);
-            person_ids.push(r.person_id.as_str());
-            names.push(r.person_name.as_str());
-            destinations.push(r.destination.as_str());
-        }
-    }
+    let people = RecipientColumns::of(tiers.iter().enumerate().map(|(i, t)| (i as i64 + 1, t.recipients.as_slice())));
     // A run skipped as locked is busy only if it still looked fenced;
     // waiting, an unfenced run is a lost lease.
     let (lock_clause, busy) = match locks {
@@ -421,10 +440,10 @@ pub async fn open_first_tiers(conn: &mut PgConnection, tiers: &[FirstTier], lock
     .bind(column(|t| &t.provider))
     .bind(tiers.iter().map(|t| t.reconcile_after_ms).collect::<Vec<_>>())
     .bind(column(|t| &t.actor))
-    .bind(&tier_of)
-    .bind(&person_ids)
-    .bind(&names)
-    .bind(&destinations)
+    .bind(&people.tier)
+    .bind(&people.person_ids)
+    .bind(&people.names)
+    .bind(&people.destinations)
     .fetch_all(conn)
     .await?;
     let mut out: Vec<Option<OpenedWithIntents>> = vec![None; tiers.len()];

@@ -439,16 +439,8 @@ pub async fn claim_into_runs(
     }
     static STATEMENT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
         format!(
-            "WITH dispatch_lock AS MATERIALIZED (SELECT pg_advisory_xact_lock($10) IS NULL AS none),
+            "WITH {DIRECT_CLAIM_CTES},
              async_commit AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off', true) AS setting),
-             picked AS MATERIALIZED (
-                 SELECT o.id FROM wardcall.outbox o, dispatch_lock
-                  WHERE o.id = ANY($2::bigint[]) AND o.processed_at IS NULL AND NOT dispatch_lock.none
-                  ORDER BY o.id FOR UPDATE OF o SKIP LOCKED),
-             claimed AS (
-                 UPDATE wardcall.outbox o SET processed_at = clock_timestamp(), processed_by = $6
-                   FROM picked WHERE o.id = picked.id
-                 RETURNING o.id),
              input AS (SELECT * FROM {NEW_RUNS_INPUT} WHERE t.event_id IN (SELECT id FROM claimed)),
              {NEW_RUNS_CREATED_AND_AUDITED}
              SELECT created.*, 'pending'::text AS previous_status FROM created, async_commit"
@@ -457,6 +449,21 @@ pub async fn claim_into_runs(
     let rows = bind_new_runs(sqlx::query(STATEMENT.as_str()), runs, engine_id, lease_ms).bind(lock_key).fetch_all(conn).await?;
     Ok(leased_runs(&rows)?.into_iter().map(|run| run.map(|run| DispatchedRun { run, first_tier: None })).collect())
 }
+
+/// The CTEs of [`claim_into_runs`]' statements that take the dispatch lock
+/// (`$10`) before any outbox row is locked (`dispatch_lock`, materialized
+/// and joined), then lock the rows of `$2` still unprocessed and not held
+/// by another dispatcher (`picked`) and mark them processed by `$6`
+/// (`claimed`).
+const DIRECT_CLAIM_CTES: &str = "dispatch_lock AS MATERIALIZED (SELECT pg_advisory_xact_lock($10) IS NULL AS none),
+             picked AS MATERIALIZED (
+                 SELECT o.id FROM wardcall.outbox o, dispatch_lock
+                  WHERE o.id = ANY($2::bigint[]) AND o.processed_at IS NULL AND NOT dispatch_lock.none
+                  ORDER BY o.id FOR UPDATE OF o SKIP LOCKED),
+             claimed AS (
+                 UPDATE wardcall.outbox o SET processed_at = clock_timestamp(), processed_by = $6
+                   FROM picked WHERE o.id = picked.id
+                 RETURNING o.id)";
 
 /// A run created by [`claim_into_runs`], leased to the dispatching engine.
 #[derive(Debug)]
@@ -485,15 +492,7 @@ async fn claim_into_runs_opening(
 ) -> Result<Vec<Option<DispatchedRun>>, sqlx::Error> {
     static STATEMENT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
         format!(
-            "WITH dispatch_lock AS MATERIALIZED (SELECT pg_advisory_xact_lock($10) IS NULL AS none),
-             picked AS MATERIALIZED (
-                 SELECT o.id FROM wardcall.outbox o, dispatch_lock
-                  WHERE o.id = ANY($2::bigint[]) AND o.processed_at IS NULL AND NOT dispatch_lock.none
-                  ORDER BY o.id FOR UPDATE OF o SKIP LOCKED),
-             claimed AS (
-                 UPDATE wardcall.outbox o SET processed_at = clock_timestamp(), processed_by = $6
-                   FROM picked WHERE o.id = picked.id
-                 RETURNING o.id),
+            "WITH {DIRECT_CLAIM_CTES},
              input AS (SELECT * FROM {NEW_RUNS_INPUT} WHERE t.event_id IN (SELECT id FROM claimed)),
              {created},
              made AS MATERIALIZED (
@@ -548,24 +547,16 @@ async fn claim_into_runs_opening(
     });
     let (mut tier_of, mut policies, mut cycles, mut step_indexes, mut channels, mut providers, mut reconcile_ms) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let (mut person_tier, mut person_ids, mut names, mut destinations) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for (i, tier) in tiers.iter().enumerate() {
-        let Some(t) = tier else { continue };
-        let ord = i as i64 + 1;
-        tier_of.push(ord);
+    for (i, t) in tiers.iter().enumerate().filter_map(|(i, t)| Some((i, t.as_ref()?))) {
+        tier_of.push(i as i64 + 1);
         policies.push(t.policy.as_str());
         cycles.push(t.position.0);
         step_indexes.push(t.position.1);
         channels.push(t.channel.as_str());
         providers.push(t.provider.as_str());
         reconcile_ms.push(t.reconcile_after_ms);
-        for r in &t.recipients {
-            person_tier.push(ord);
-            person_ids.push(r.person_id.as_str());
-            names.push(r.person_name.as_str());
-            destinations.push(r.destination.as_str());
-        }
     }
+    let people = alerts::RecipientColumns::of(tiers.iter().enumerate().filter_map(|(i, t)| Some((i as i64 + 1, t.as_ref()?.recipients.as_slice()))));
     let rows = bind_new_runs(sqlx::query(STATEMENT.as_str()), runs, engine_id, lease_ms)
         .bind(lock_key)
         .bind(&tier_of)
@@ -575,10 +566,10 @@ async fn claim_into_runs_opening(
         .bind(&channels)
         .bind(&providers)
         .bind(&reconcile_ms)
-        .bind(&person_tier)
-        .bind(&person_ids)
-        .bind(&names)
-        .bind(&destinations)
+        .bind(&people.tier)
+        .bind(&people.person_ids)
+        .bind(&people.names)
+        .bind(&people.destinations)
         .fetch_all(conn)
         .await?;
     rows.iter()

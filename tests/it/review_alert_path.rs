@@ -123,6 +123,17 @@ pub async fn lookups_of_a_domain_over_text_render_as_they_do_alone() {
     assert_eq!(seen, ["value ICU-2", "value Dana", "not text"], "each lookup has the outcome it has alone");
 }
 
+/// A database with the hospital's schema and capture, and a seizure alert
+/// committed with no engine running: its event waits in the outbox.
+async fn seizure_in_the_outbox() -> TestDb {
+    let db = TestDb::new().await;
+    db.exec(wardcall::devtools::demo::HOSPITAL_SCHEMA).await;
+    let cfg = crate::escalation::hospital_config("http://127.0.0.1:9", 30.0, 1);
+    wardcall::app::prepare_database(&db.database(), &cfg, "test").await.unwrap();
+    db.exec(crate::escalation::SEIZURE_INSERT).await;
+    db
+}
+
 /// Checked, not a defect: an engine that committed a run's first tier with
 /// `alerts::open_with_intents` (alert and intents in one autocommit
 /// statement) and died before its send and before the run's transition is
@@ -131,14 +142,10 @@ pub async fn lookups_of_a_domain_over_text_render_as_they_do_alone() {
 /// unknown outcome `unknown` and calls nurse A again (generation 1, the
 /// re-call rule), once; the alert is opened and audited once.
 pub async fn a_takeover_after_open_with_intents_calls_again_under_the_recall_rule() {
-    use crate::escalation::{await_alert_status, calls_to, start_on, NURSE_A, SEIZURE_INSERT};
+    use crate::escalation::{await_alert_status, calls_to, start_on, NURSE_A};
     use wardcall::devtools::twilio_emulator::Persona;
     use wardcall::store::alerts::{open_with_intents, FirstTier, OpenedWithIntents};
-    let db = TestDb::new().await;
-    db.exec(wardcall::devtools::demo::HOSPITAL_SCHEMA).await;
-    let cfg = crate::escalation::hospital_config("http://127.0.0.1:9", 30.0, 1);
-    wardcall::app::prepare_database(&db.database(), &cfg, "test").await.unwrap();
-    db.exec(SEIZURE_INSERT).await; // (no engine yet: the outbox keeps it)
+    let db = seizure_in_the_outbox().await;
     let message = "Critical alert at Haven Hospital. Room 2, patient Dana Vale.";
     let run: uuid::Uuid = sqlx::query_scalar(
         "INSERT INTO wardcall.runs (workflow, event_id, event, input, state, step, status, lease_owner, fencing_token, due_at)
@@ -512,15 +519,11 @@ pub async fn a_direct_dispatch_commits_the_first_tier_with_the_run_and_the_messa
 /// re-call rule (the intent of unknown outcome marked `unknown`, generation
 /// 1), once; the alert is opened and audited once.
 pub async fn a_takeover_after_the_dispatch_opened_the_first_tier_writes_the_message_and_calls_under_the_recall_rule() {
-    use crate::escalation::{await_alert_status, calls_to, start_on, NURSE_A, SEIZURE_INSERT};
+    use crate::escalation::{await_alert_status, calls_to, start_on, NURSE_A};
     use wardcall::devtools::twilio_emulator::Persona;
     use wardcall::store::alerts::{FirstIntent, OpenedWithIntents, TierIntents};
     use wardcall::store::runs::{claim_into_runs, NewRuns};
-    let db = TestDb::new().await;
-    db.exec(wardcall::devtools::demo::HOSPITAL_SCHEMA).await;
-    let cfg = crate::escalation::hospital_config("http://127.0.0.1:9", 30.0, 1);
-    wardcall::app::prepare_database(&db.database(), &cfg, "test").await.unwrap();
-    db.exec(SEIZURE_INSERT).await; // (no engine yet: the outbox keeps it)
+    let db = seizure_in_the_outbox().await;
     let (event_id, payload): (i64, serde_json::Value) = sqlx::query_as("SELECT id, payload FROM wardcall.outbox").fetch_one(&db.pool).await.unwrap();
     let workflows = ["critical-alert-call".to_string()];
     let events = ["alert.critical".to_string()];
