@@ -2,7 +2,7 @@
 -- critical event whose first tier calls people of the config (no query)
 -- opens the run's alert and records that tier's intents in the statement
 -- that creates the run, while the message's lookups run beside it; the step
--- writes the rendered message beside the calls' requests, and an engine
+-- writes the rendered message once the calls' requests are answered, and an engine
 -- taking the run over renders it and writes it before its own calls
 -- (ARCHITECTURE.md, "First tiers in batches", the direct dispatch).
 -- `message` is NULL in that interval (normally under a millisecond, before

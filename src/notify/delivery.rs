@@ -188,9 +188,11 @@ pub struct OnSent<'a> {
 /// database refuses for up to [`RECORD_RETRY_BUDGET_MS`] (even if the run
 /// was lost meanwhile: the record is not fenced, and it is the only copy of
 /// the provider's id). A send placed after its alert closed wakes the call
-/// sweeper, which ends it. `beside` (if any) runs while the requests are
-/// made, and has ended before any result is recorded (an alert's message
-/// that a write-back of the record reads).
+/// sweeper, which ends it. `beside` (if any) runs once the requests are
+/// answered, before any result is recorded (an alert's message, which a
+/// write-back of the record reads): after them, so that nothing of it
+/// delays a request (measured: BENCHMARKS.md, "Issue 9, nineteenth
+/// session").
 ///
 /// Returns how many sends the provider accepted (each recorded); the others
 /// were refused for good (recorded `failed`).
@@ -214,14 +216,10 @@ pub async fn send_and_record(
         return Ok(0);
     }
     let public_url = services.public_url.clone();
-    // The requests first: each is on its way before `beside` is polled.
-    let requests = futures_util::future::join_all(outgoing.iter().map(|o| sender.send(o, &public_url)));
-    let (results, ()) = futures_util::future::join(requests, async {
-        if let Some(work) = beside {
-            work.await;
-        }
-    })
-    .await;
+    let results = futures_util::future::join_all(outgoing.iter().map(|o| sender.send(o, &public_url))).await;
+    if let Some(work) = beside {
+        work.await;
+    }
     // The requests are answered: from here the step only records, on a
     // recording place, and its worker slot starts the next run.
     slot.leave_for_records().await;

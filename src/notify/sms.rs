@@ -245,8 +245,12 @@ fn unconfirmed(a: &AttemptRow) -> bool {
 /// and position. Nothing is sent once the alert is no longer open (checked
 /// under the alert's row lock in the fenced transaction that commits the
 /// intents). Called by the escalation each time it evaluates its position.
+/// `rendered`: the message as the step rendered it, texted (and written to
+/// the alert) when the alert has none yet (opened by its dispatch, and the
+/// step's write of it failed).
 ///
 /// Errors: as [`send_one_way`].
+#[allow(clippy::too_many_arguments)]
 pub async fn send_fallbacks(
     services: &Services,
     run: &ClaimedRun,
@@ -255,6 +259,7 @@ pub async fn send_fallbacks(
     cycle: i32,
     step_index: i32,
     tier: &[crate::notify::Recipient],
+    rendered: &str,
 ) -> Result<(), StepError> {
     let sender = sms_sender(services, "the escalation's SMS fallback")?;
     let actor = services.actor();
@@ -277,7 +282,13 @@ pub async fn send_fallbacks(
     if !calls.iter().filter(|c| call_failed(c)).any(|c| pending(&c)) {
         return Ok(());
     }
-    let message = services.bounded(alerts::message(&services.pool, alert_id)).await?;
+    let mut message = services.bounded(alerts::message(&services.pool, alert_id)).await?;
+    if message.is_empty() && !rendered.is_empty() {
+        if let Err(e) = services.bounded(alerts::write_message(&services.pool, alert_id, rendered)).await {
+            tracing::warn!(alert = %alert_id, error = %crate::capture::db_message(&e), "writing the alert's message failed; the text carries the step's rendering");
+        }
+        message = rendered.to_string();
+    }
     let body = fit_body(&message, REPLY_INSTRUCTION, sender.max_text_chars());
     // A critical alert's fallback follows the re-call rule (better a second
     // text than none): a message list that stays unreadable must not hold the

@@ -17,7 +17,7 @@
 //! by them, as if both were one batch. For a run whose first tier is fixed by
 //! the config ([`WorkflowHost::first_tier_at_dispatch`]), that statement
 //! also opens the run's alert (without its message, which the step writes
-//! beside its calls) and commits the tier's intents, synchronously: the run
+//! after its calls' requests) and commits the tier's intents, synchronously: the run
 //! goes from its outbox row to its first calls' intents in one statement,
 //! and its worker gets them as [`crate::runtime::step::DispatchedTier`].
 //!

@@ -10,7 +10,7 @@
 //!   places the first step's calls (as `call` does); when the run's dispatch
 //!   already opened the alert and committed those calls' intents
 //!   ([`tier_at_dispatch`]: a first step of the config's people), it places
-//!   them and writes the message to the alert beside them;
+//!   them and writes the message to the alert once they are answered;
 //! - `call`: resolves the step's recipients (its `notify` people and its
 //!   `recipients` query over the team's tables, once per position: the list is
 //!   recorded in the run's state with the intents, and reused by a retry or a
@@ -722,15 +722,21 @@ async fn place_calls(ctx: &mut StepContext<'_>, settings: &EscalationWorkflow, p
     // 2. Place the calls, outside any transaction, in parallel, and record
     //    every result before returning any error.
     let on_sent = settings.write_back.on_call_placed.as_deref().map(|sql| OnSent { hook: "on_call_placed", sql, payload: &ctx.run.input });
-    // The message of an alert its dispatch opened, written while the calls
-    // are placed, before their results are recorded (an `on_call_placed`
-    // write-back reads it). A failed write does not fail the step (its calls
-    // are out): the next tier, or an engine taking the run over, writes it.
+    // The message of an alert its dispatch opened, written once the calls'
+    // requests are answered, before their results are recorded (an
+    // `on_call_placed` write-back reads it); tried twice. A write that still
+    // fails does not fail the step (its calls are out): the SMS fallback
+    // texts the step's rendering and writes it, and a later tier or an
+    // engine taking the run over at a tier writes it.
     let write_message = message_unwritten.map(|alert| -> futures_util::future::BoxFuture<'_, ()> {
         let (services, message, run) = (&services, &message, ctx.run.id);
         Box::pin(async move {
-            if let Err(e) = services.bounded(alerts::write_message(&services.pool, alert, message)).await {
-                tracing::warn!(run = %run, alert = %alert, error = %crate::capture::db_message(&e), "writing the alert's message failed; the next tier or a takeover writes it");
+            let mut outcome = services.bounded(alerts::write_message(&services.pool, alert, message)).await;
+            if outcome.is_err() {
+                outcome = services.bounded(alerts::write_message(&services.pool, alert, message)).await;
+            }
+            if let Err(e) = outcome {
+                tracing::warn!(run = %run, alert = %alert, error = %crate::capture::db_message(&e), "writing the alert's message failed twice; a fallback text, a later tier or a takeover writes it");
             }
         })
     });
@@ -803,7 +809,8 @@ async fn evaluate_position(
     let flagged = ctx.state.get("sms_fallback_due").and_then(Value::as_bool).unwrap_or(false);
     if sms_fallback && (flagged || ctx.run.step_attempt > 0 || ctx.run.previous_status == "running") {
         let tier = recipients::recorded(ctx.state, &position_key(cycle, step_index)).unwrap_or_default();
-        crate::notify::sms::send_fallbacks(&services, ctx.run, ctx.slot, alert_id, cycle, step_index, &tier).await?;
+        let rendered = ctx.state.get("message").and_then(Value::as_str).unwrap_or_default().to_string();
+        crate::notify::sms::send_fallbacks(&services, ctx.run, ctx.slot, alert_id, cycle, step_index, &tier, &rendered).await?;
         if let Some(o) = ctx.state.as_object_mut() {
             o.remove("sms_fallback_due");
         }

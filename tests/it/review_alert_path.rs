@@ -572,7 +572,8 @@ pub async fn a_takeover_after_the_dispatch_opened_the_first_tier_writes_the_mess
 
 /// The dispatch fenced the run when it committed its first tier; the step
 /// that places the calls comes later, normally within a millisecond, but
-/// here its lookup takes half a second (a slow team query). The alert is
+/// here its lookup takes a second and a half (a slow team query, under its
+/// 2 s timeout). The alert is
 /// resolved meanwhile (`cancel_on`): the run is cancelled, and the step,
 /// checking the run before it calls because it came late, calls nobody.
 pub async fn a_dispatched_tier_whose_step_came_late_calls_nobody_for_a_cancelled_run() {
@@ -583,7 +584,7 @@ pub async fn a_dispatched_tier_whose_step_came_late_calls_nobody_for_a_cancelled
     let answer = Persona::Answer { ring_ms: 100, think_ms: 100, digits: "1".into() };
     let h = start_with(db, answer, Persona::NoAnswer, |cfg| {
         let escalate = cfg.workflows[0].steps[0].escalate.as_mut().expect("the hospital escalates");
-        escalate.lookups.insert("room_name".into(), "SELECT room_name FROM rooms, pg_sleep(0.5) WHERE room_id = ($1->>'room_id')::uuid".into());
+        escalate.lookups.insert("room_name".into(), "SELECT room_name FROM rooms, pg_sleep(1.5) WHERE room_id = ($1->>'room_id')::uuid".into());
     })
     .await;
     h.db.exec(SEIZURE_INSERT).await;
@@ -596,9 +597,9 @@ pub async fn a_dispatched_tier_whose_step_came_late_calls_nobody_for_a_cancelled
     .await;
     h.db.exec("UPDATE alerts SET status = 'resolved'").await;
     await_true(&h.db, "the run cancelled", Duration::from_secs(5), "SELECT EXISTS (SELECT 1 FROM wardcall.runs WHERE status = 'cancelled')").await;
-    // An absence: the lookup ends half a second after the dispatch; the
-    // step would have called by then.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // An absence: the lookup ends a second and a half after the dispatch;
+    // the step would have called by then.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
     assert_eq!(calls_to(&h, NURSE_A), 0, "a cancelled run's dispatched tier was called");
     h.stop().await;
 }

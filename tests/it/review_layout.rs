@@ -382,7 +382,9 @@ pub async fn sms_fallback_is_not_held_by_an_unreadable_message_list() {
     let sms = Arc::new(FakeSender { channel: Channel::Sms, provider_id: "SM0123456789abcdef0123456789abcdee".into(), sends: AtomicUsize::new(0) });
     let mut services = h.app.engine.services.clone();
     services.providers = Arc::new(wardcall::providers::Providers { senders: vec![sms.clone()], ..Default::default() });
-    wardcall::notify::sms::send_fallbacks(&services, &run, &wardcall::runtime::step::WorkerSlot::none(), alert, 0, 0, &[]).await.expect("the fallback goes on");
+    wardcall::notify::sms::send_fallbacks(&services, &run, &wardcall::runtime::step::WorkerSlot::none(), alert, 0, 0, &[], "")
+        .await
+        .expect("the fallback goes on");
     assert_eq!(sms.sends.load(Ordering::SeqCst), 1, "texted again under the re-call rule");
     let statuses: Vec<(i32, String)> =
         sqlx::query_as("SELECT generation, status FROM wardcall.notification_attempts WHERE channel = 'sms' AND run_id = $1 ORDER BY generation")

@@ -24,6 +24,7 @@ pub fn tests() -> Vec<libtest_mimic::Trial> {
         sms::long_message_is_shortened_not_refused,
         sms::one_way_notify_sends_once_per_recipient_even_when_rerun,
         sms::keypress_acknowledgement_names_voice_and_ends_texting,
+        sms::a_fallback_text_carries_the_message_the_alert_could_not_store,
     ]
 }
 
@@ -427,5 +428,27 @@ pub async fn keypress_acknowledgement_names_voice_and_ends_texting() {
     assert_eq!(h.db.scalar_i64("SELECT count(*) FROM wardcall.audit_log WHERE action = 'reply.nothing_to_acknowledge'").await, 1);
     assert_eq!(h.db.scalar_i64("SELECT count(*) FROM wardcall.audit_log WHERE action = 'alert.acknowledged'").await, 1);
     assert_eq!(h.emulator.messages().len(), 1, "no further messages");
+    h.stop().await;
+}
+
+/// The seizure alert is opened by its dispatch without its message, and
+/// here every write of the message is refused (a trigger stands in for a
+/// database that keeps failing that one statement). Nurse A's line is busy:
+/// the SMS fallback still texts the alert as the step rendered it, never a
+/// text with the reply instruction alone, and her reply acknowledges.
+pub async fn a_fallback_text_carries_the_message_the_alert_could_not_store() {
+    let h = sms_hospital(Persona::Busy, Persona::NoAnswer, SmsPersona::Reply { delay_ms: 200, body: "1".into() }, 30.0, |_| {}).await;
+    h.db.exec(
+        "CREATE FUNCTION refuse_message() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION 'message refused (test)'; END $$;
+         CREATE TRIGGER refuse_message BEFORE UPDATE OF message ON wardcall.alerts FOR EACH ROW WHEN (OLD.message IS NULL) EXECUTE FUNCTION refuse_message();",
+    )
+    .await;
+    h.db.exec(SEIZURE_INSERT).await;
+    await_alert_status(&h.db, "acknowledged", Duration::from_secs(20)).await;
+    let texts: Vec<String> = h.emulator.messages().iter().filter(|m| m.to == NURSE_A).map(|m| m.body.clone()).collect();
+    assert_eq!(texts.len(), 1, "{texts:?}");
+    assert!(texts[0].contains("Room 2") && texts[0].contains("Seizure Activity Detected"), "the text carries the alert: {:?}", texts[0]);
+    let stored: Option<String> = sqlx::query_scalar("SELECT message FROM wardcall.alerts").fetch_one(&h.db.pool).await.unwrap();
+    assert_eq!(stored, None, "(every write was refused)");
     h.stop().await;
 }
