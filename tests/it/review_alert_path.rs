@@ -134,6 +134,23 @@ async fn seizure_in_the_outbox() -> TestDb {
     db
 }
 
+/// After a takeover of a run whose first tier's intent (nurse A, generation
+/// 0) had an unknown outcome: nurse A was called once more, the intent was
+/// marked `unknown` and a generation 1 attempt made, and the alert was
+/// opened (and audited so) once.
+async fn called_again_once_under_the_recall_rule(h: &crate::escalation::Hospital) {
+    use crate::escalation::{calls_to, NURSE_A};
+    assert_eq!(calls_to(h, NURSE_A), 1, "the intent of unknown outcome was called again, once");
+    let statuses: Vec<(i32, String)> =
+        sqlx::query_as("SELECT generation, status FROM wardcall.notification_attempts ORDER BY generation").fetch_all(&h.db.pool).await.unwrap();
+    assert_eq!(statuses.len(), 2, "{statuses:?}");
+    assert_eq!(statuses[0], (0, "unknown".to_string()));
+    assert_eq!(statuses[1].0, 1);
+    assert_eq!(h.db.scalar_i64("SELECT count(*) FROM wardcall.alerts").await, 1);
+    assert_eq!(h.db.scalar_i64("SELECT count(*) FROM wardcall.audit_log WHERE action = 'alert.opened'").await, 1);
+    assert_eq!(h.db.scalar_i64("SELECT count(*) FROM wardcall.audit_log WHERE action = 'attempt.outcome_unknown'").await, 1);
+}
+
 /// Checked, not a defect: an engine that committed a run's first tier with
 /// `alerts::open_with_intents` (alert and intents in one autocommit
 /// statement) and died before its send and before the run's transition is
@@ -142,7 +159,7 @@ async fn seizure_in_the_outbox() -> TestDb {
 /// unknown outcome `unknown` and calls nurse A again (generation 1, the
 /// re-call rule), once; the alert is opened and audited once.
 pub async fn a_takeover_after_open_with_intents_calls_again_under_the_recall_rule() {
-    use crate::escalation::{await_alert_status, calls_to, start_on, NURSE_A};
+    use crate::escalation::{await_alert_status, start_on, NURSE_A};
     use wardcall::devtools::twilio_emulator::Persona;
     use wardcall::store::alerts::{open_with_intents, FirstTier, OpenedWithIntents};
     let db = seizure_in_the_outbox().await;
@@ -170,15 +187,7 @@ pub async fn a_takeover_after_open_with_intents_calls_again_under_the_recall_rul
 
     let h = start_on(db, Persona::Answer { ring_ms: 100, think_ms: 100, digits: "1".into() }, Persona::NoAnswer, 10.0, 1).await;
     await_alert_status(&h.db, "acknowledged", Duration::from_secs(15)).await;
-    assert_eq!(calls_to(&h, NURSE_A), 1, "the intent of unknown outcome was called again, once");
-    let statuses: Vec<(i32, String)> =
-        sqlx::query_as("SELECT generation, status FROM wardcall.notification_attempts ORDER BY generation").fetch_all(&h.db.pool).await.unwrap();
-    assert_eq!(statuses.len(), 2, "{statuses:?}");
-    assert_eq!(statuses[0], (0, "unknown".to_string()));
-    assert_eq!(statuses[1].0, 1);
-    assert_eq!(h.db.scalar_i64("SELECT count(*) FROM wardcall.alerts").await, 1);
-    assert_eq!(h.db.scalar_i64("SELECT count(*) FROM wardcall.audit_log WHERE action = 'alert.opened'").await, 1);
-    assert_eq!(h.db.scalar_i64("SELECT count(*) FROM wardcall.audit_log WHERE action = 'attempt.outcome_unknown'").await, 1);
+    called_again_once_under_the_recall_rule(&h).await;
     h.stop().await;
 }
 
@@ -560,13 +569,7 @@ pub async fn a_takeover_after_the_dispatch_opened_the_first_tier_writes_the_mess
     assert!(message.contains("Room 2"), "rendered: {message}");
     let spoken = h.emulator.calls().iter().find(|c| c.to == NURSE_A).map(|c| c.spoken.clone()).unwrap_or_default();
     assert!(spoken.iter().any(|s| s.contains(&message)), "the call read the alert's message: {spoken:?}");
-    let statuses: Vec<(i32, String)> =
-        sqlx::query_as("SELECT generation, status FROM wardcall.notification_attempts ORDER BY generation").fetch_all(&h.db.pool).await.unwrap();
-    assert_eq!(statuses.len(), 2, "{statuses:?}");
-    assert_eq!(statuses[0], (0, "unknown".to_string()));
-    assert_eq!(statuses[1].0, 1);
-    assert_eq!(h.db.scalar_i64("SELECT count(*) FROM wardcall.alerts").await, 1);
-    assert_eq!(h.db.scalar_i64("SELECT count(*) FROM wardcall.audit_log WHERE action = 'alert.opened'").await, 1);
+    called_again_once_under_the_recall_rule(&h).await;
     h.stop().await;
 }
 
