@@ -438,9 +438,10 @@ fn voice_sender(services: &crate::runtime::Services) -> Result<&dyn ChannelSende
 
 /// How long after its dispatch committed a dispatched first tier's calls go
 /// out without asking the database whether the run is still this
-/// execution's ([`runs::holds`]): the dispatch fenced it; a cancel (the
-/// alert resolved) that came later stops the calls. Normally the calls
-/// leave about 0.1 ms after the commit.
+/// execution's ([`runs::holds`]): the dispatch fenced it. A cancel (the
+/// alert resolved) that came after these 100 ms stops the calls; one within
+/// them does not (the call sweeper ends the calls of a closed alert).
+/// Normally the calls leave about 0.1 ms after the commit.
 const DISPATCHED_TIER_FRESH: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Most first tiers opened in one statement ([`FirstTierOpener`]).
@@ -552,7 +553,7 @@ async fn place_calls(ctx: &mut StepContext<'_>, settings: &EscalationWorkflow, p
         && !callable.is_empty();
     let mut opened: Option<Vec<Outgoing>> = None;
     // The alert opened by the run's dispatch, without its message: written
-    // while the calls are placed.
+    // once the calls' requests are answered.
     let mut message_unwritten: Option<Uuid> = None;
     if dispatched.is_some() && !first_tier {
         // Not expected (a dispatch opens only tiers the step would open so).
