@@ -190,8 +190,11 @@ impl Engine {
         };
         // On an error, or when the deadline drops this future, `workers`
         // gives the workers back and tells the scheduler.
+        // Taken before the statement: its leases start no earlier, and a
+        // commit that took long (a synchronous standby gone) may return
+        // with them lapsed ([`DispatchedTier::sent_at`]).
+        let sent_at = std::time::Instant::now();
         let created = store::runs::claim_into_runs(conn, &runs, &tiers, &self.engine_id, self.lease_ms(), DISPATCH_LOCK_KEY).await?;
-        let committed_at = std::time::Instant::now();
         // A row another dispatcher took, or a run its key kept from
         // starting: the batch looks again (it audits nothing more for a
         // skipped duplicate, as a batch does not either).
@@ -204,7 +207,7 @@ impl Engine {
             let prefetch = (0..workflows.len())
                 .find(|&i| prefetches[i].is_some() && workflows[i] == run.workflow && inputs[i] == run.input)
                 .and_then(|i| prefetches[i].take());
-            self.start(run, permit, prefetch, first_tier.map(|opened| DispatchedTier { opened, committed_at }));
+            self.start(run, permit, prefetch, first_tier.map(|opened| DispatchedTier { opened, sent_at }));
             started += 1;
         }
         Ok(DirectDispatch { started, batch_needed })

@@ -161,9 +161,11 @@ impl StepContext<'_> {
 pub struct DispatchedTier {
     /// Always `Opened`: the alert and, per recipient, (person id, attempt id).
     pub opened: crate::store::alerts::OpenedWithIntents,
-    /// When the dispatch's statement returned (its commit), on this process's
-    /// monotonic clock.
-    pub committed_at: std::time::Instant,
+    /// When the dispatch's statement was sent, on this process's monotonic
+    /// clock: no later than the instant the run's lease was set, so that the
+    /// time since tells how much of the lease may be left, however long the
+    /// statement took to commit.
+    pub sent_at: std::time::Instant,
 }
 
 /// A read started for a run's first step before the run's creation

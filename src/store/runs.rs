@@ -277,6 +277,28 @@ pub async fn holds(pool: &PgPool, id: Uuid, token: i64) -> Result<bool, sqlx::Er
         .await
 }
 
+/// Extends the lease of a run this execution (fencing `token`) still holds,
+/// as [`renew_lease`] does, on a pooled connection: `false` when the run is
+/// no longer its own (taken over after its lease lapsed, cancelled or
+/// finished). Checked, and the lease made good for `lease_ms` milliseconds
+/// again, before a request leaves that must not follow a takeover or a
+/// cancel (a dispatched first tier whose step came late, or whose dispatch
+/// took long to commit).
+///
+/// Errors: a database error.
+pub async fn renew_if_held(pool: &PgPool, id: Uuid, token: i64, lease_ms: i64) -> Result<bool, sqlx::Error> {
+    let r = sqlx::query(
+        "UPDATE wardcall.runs SET due_at = clock_timestamp() + $3 * interval '1 millisecond'
+          WHERE id = $1 AND fencing_token = $2 AND status = 'running'",
+    )
+    .bind(id)
+    .bind(token)
+    .bind(lease_ms)
+    .execute(pool)
+    .await?;
+    Ok(r.rows_affected() == 1)
+}
+
 /// Whether a critical run is due now (the dispatcher then leases no other
 /// run, so that the scheduler claims the critical one first).
 pub async fn critical_run_due(conn: &mut PgConnection) -> Result<bool, sqlx::Error> {

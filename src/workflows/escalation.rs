@@ -436,12 +436,17 @@ fn voice_sender(services: &crate::runtime::Services) -> Result<&dyn ChannelSende
     services.providers.sender(Channel::Voice).ok_or_else(|| StepError::Permanent(anyhow!("no voice provider configured")))
 }
 
-/// How long after its dispatch committed a dispatched first tier's calls go
-/// out without asking the database whether the run is still this
-/// execution's ([`runs::holds`]): the dispatch fenced it. A cancel (the
-/// alert resolved) that came after these 100 ms stops the calls; one within
-/// them does not (the call sweeper ends the calls of a closed alert).
-/// Normally the calls leave about 0.1 ms after the commit.
+/// How long after its dispatch's statement was sent a dispatched first
+/// tier's calls go out without asking the database whether the run is still
+/// this execution's: the dispatch fenced it, and its lease
+/// (`engine.lease_ms`, 500 ms at least) has most of its time left. Past
+/// these 100 ms (a lookup waiting for a connection, or a commit that took
+/// long: a lease may have lapsed and the run been taken over) the step
+/// renews the lease under its token first ([`runs::renew_if_held`]) and
+/// calls only if it still holds the run. A cancel (the alert resolved)
+/// that came after these 100 ms stops the calls; one within them does not
+/// (the call sweeper ends the calls of a closed alert). Normally the calls
+/// leave about 1 ms after the statement was sent.
 const DISPATCHED_TIER_FRESH: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Most first tiers opened in one statement ([`FirstTierOpener`]).
@@ -565,14 +570,17 @@ async fn place_calls(ctx: &mut StepContext<'_>, settings: &EscalationWorkflow, p
     }
     if first_tier {
         let outcome = match dispatched {
-            Some(DispatchedTier { opened, committed_at }) => {
+            Some(DispatchedTier { opened, sent_at }) => {
                 // Fenced when the dispatch committed; a step that took long
-                // to get here (a lookup waiting for a connection) checks
-                // that the run is still its own (not cancelled: the alert
-                // resolved) before it calls.
+                // to get here (a lookup waiting for a connection, a slow
+                // commit) renews its lease and checks that the run is still
+                // its own (not taken over, not cancelled) before it calls.
                 ctx.check_lease()?;
-                if committed_at.elapsed() > DISPATCHED_TIER_FRESH && !services.bounded(runs::holds(&services.pool, ctx.run.id, ctx.run.fencing_token)).await? {
-                    return Err(StepError::LeaseLost);
+                if sent_at.elapsed() > DISPATCHED_TIER_FRESH {
+                    let lease_ms = services.config.engine.lease_ms as i64;
+                    if !services.bounded(runs::renew_if_held(&services.pool, ctx.run.id, ctx.run.fencing_token, lease_ms)).await? {
+                        return Err(StepError::LeaseLost);
+                    }
                 }
                 if let alerts::OpenedWithIntents::Opened { alert, .. } = &opened {
                     message_unwritten = Some(*alert);

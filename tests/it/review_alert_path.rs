@@ -24,6 +24,7 @@ pub fn tests() -> Vec<libtest_mimic::Trial> {
         review_alert_path::a_takeover_after_the_dispatch_opened_the_first_tier_writes_the_message_and_calls_under_the_recall_rule,
         review_alert_path::a_dispatched_tier_whose_step_came_late_calls_nobody_for_a_cancelled_run,
         review_alert_path::a_dispatch_opening_several_tiers_keeps_each_run_to_itself,
+        review_alert_path::a_dispatch_whose_commit_outlasted_the_lease_calls_nobody_once_the_run_is_taken_over,
     ]
 }
 
@@ -604,6 +605,67 @@ pub async fn a_dispatched_tier_whose_step_came_late_calls_nobody_for_a_cancelled
     // the step would have called by then.
     tokio::time::sleep(Duration::from_millis(2500)).await;
     assert_eq!(calls_to(&h, NURSE_A), 0, "a cancelled run's dispatched tier was called");
+    h.stop().await;
+}
+
+/// A direct dispatch whose statement took longer to commit than its runs'
+/// leases last (a synchronous standby gone for a second; here a trigger
+/// sleeps inside the statement, after the leases were set) returns with
+/// the lease lapsed, and another engine may take the run over the moment
+/// the commit lands (here a session queued on the outbox row's lock bumps
+/// the token as a claim would). The dispatching engine must not call then:
+/// its step renews the lease under its own token before the calls, and
+/// that fails. (Timed from the statement's reply, the step took itself for
+/// fresh and called, beside the engine that took the run over.)
+pub async fn a_dispatch_whose_commit_outlasted_the_lease_calls_nobody_once_the_run_is_taken_over() {
+    use crate::escalation::{calls_to, start_with, NURSE_A, SEIZURE_INSERT};
+    use wardcall::devtools::twilio_emulator::Persona;
+    let db = TestDb::new().await;
+    db.exec(wardcall::devtools::demo::HOSPITAL_SCHEMA).await;
+    db.exec(
+        "CREATE TABLE public.stall_once (armed bool); INSERT INTO public.stall_once VALUES (true);
+         CREATE FUNCTION public.stall_once() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+           DELETE FROM public.stall_once;
+           IF FOUND THEN PERFORM pg_sleep(1); END IF;
+           RETURN NULL;
+         END $$;
+         CREATE TRIGGER stall_once AFTER INSERT ON wardcall.audit_records
+           FOR EACH ROW WHEN (NEW.action = 'alert.opened') EXECUTE FUNCTION public.stall_once();",
+    )
+    .await;
+    let answer = Persona::Answer { ring_ms: 100, think_ms: 100, digits: "1".into() };
+    let h = start_with(db, answer, Persona::NoAnswer, |cfg| cfg.engine.lease_ms = 500).await;
+    h.db.exec(SEIZURE_INSERT).await;
+    await_true(
+        &h.db,
+        "the dispatch statement stalled after setting the lease",
+        Duration::from_secs(5),
+        "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE datname = current_database() AND wait_event = 'PgSleep')",
+    )
+    .await;
+    // Another engine's claim, the moment the dispatch commits: it waits
+    // for the outbox row the statement holds, then takes the lapsed run.
+    let mut other = h.db.options.connect().await.unwrap();
+    sqlx::raw_sql(
+        "DO $$ BEGIN
+           PERFORM 1 FROM wardcall.outbox FOR UPDATE;
+           UPDATE wardcall.runs SET fencing_token = fencing_token + 1, lease_owner = 'another-engine',
+                  due_at = clock_timestamp() + interval '1 hour'
+            WHERE status = 'running' AND due_at < clock_timestamp();
+         END $$",
+    )
+    .execute(&mut other)
+    .await
+    .unwrap();
+    let taken: i64 = sqlx::query_scalar("SELECT count(*) FROM wardcall.runs WHERE fencing_token = 2 AND lease_owner = 'another-engine'")
+        .fetch_one(&mut other)
+        .await
+        .unwrap();
+    assert_eq!(taken, 1, "the run's lease had lapsed when the dispatch committed, and was taken");
+    // An absence: the dispatched step would have called within milliseconds.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(calls_to(&h, NURSE_A), 0, "the dispatching engine called for a run another engine had taken over");
     h.stop().await;
 }
 
