@@ -635,9 +635,10 @@ pub enum ReplyOutcome {
 }
 
 /// An inbound text message from `from` (E.164): a reply of exactly `1`
-/// (trimmed) acknowledges the alert the sender was most recently paged for
-/// (the newest attempt, any channel, to that number, of an alert still
-/// open), through the same acknowledgement as a keypress ([`acknowledge_in`]:
+/// (trimmed) acknowledges the alert the sender was most recently texted for
+/// (the newest `sms` attempt to that number of an alert still open; the
+/// call of a newer alert does not take a reply meant for an older alert's
+/// text), through the same acknowledgement as a keypress ([`acknowledge_in`]:
 /// alert, attempt, audit, `on_acknowledged` write-back with
 /// `acknowledged_via = 'sms'`, run signalled so ringing calls end). A
 /// provider's reserved keyword (`reserved_keyword`, told by the provider's
@@ -658,9 +659,10 @@ pub async fn apply_reply(
 ) -> Result<ReplyOutcome, CallEventError> {
     let message_sid = delivery.idempotency_token.unwrap_or_default();
     let body = body.trim();
-    // The newest attempt to this number; the newest of an open alert.
+    // The newest attempt to this number; the open alert most recently
+    // texted to it (a reply answers a text, never a call).
     let newest = attempts::newest_to(&services.pool, from).await?;
-    let open = attempts::newest_open_alert_to(&services.pool, from).await?;
+    let open = attempts::newest_open_alert_texted_to(&services.pool, from).await?;
     let mut tx = services.pool.begin().await?;
     // Lock order: run, alert, attempt.
     let run_lock = open.map(|o| o.0).or(newest.map(|n| n.1));
@@ -677,9 +679,8 @@ pub async fn apply_reply(
         match open {
             Some((run_id, alert_id)) => {
                 let alert_status = alerts::lock_status(&mut tx, alert_id).await?;
-                // The person's attempt of that alert to the sender's number, a
-                // text one if there is one.
-                let attempt = attempts::lock_attempt_of_alert_to(&mut tx, alert_id, from).await?;
+                // The person's text attempt of that alert to the sender's number.
+                let attempt = attempts::lock_text_attempt_of_alert_to(&mut tx, alert_id, from).await?;
                 match (alert_status.as_str(), attempt) {
                     ("open", Some((attempt, person_id))) => {
                         // (The run locked above is this alert's: `open` comes first.)

@@ -20,6 +20,7 @@ pub fn tests() -> Vec<libtest_mimic::Trial> {
         sms::replayed_sms_webhooks_change_nothing,
         sms::reply_one_acknowledges_and_hangs_up_ringing_calls,
         sms::stop_and_other_texts_are_not_acknowledgements,
+        sms::a_reply_answers_the_alert_that_was_texted_not_a_newer_call,
         sms::busy_callee_gets_the_sms_and_acknowledges_by_reply,
         sms::long_message_is_shortened_not_refused,
         sms::one_way_notify_sends_once_per_recipient_even_when_rerun,
@@ -246,6 +247,28 @@ pub async fn reply_one_acknowledges_and_hangs_up_ringing_calls() {
     assert!(b.received_at.elapsed() < Duration::from_secs(15), "hung up, not rung out");
     await_true(&h.db, "the run to complete", Duration::from_secs(10), "SELECT count(*) = 1 FROM wardcall.runs WHERE status = 'completed'").await;
     assert_eq!(h.emulator.messages().len(), 1, "no further messages");
+    h.stop().await;
+}
+
+/// A nurse texted for alert X (her phone was busy) is then called for a
+/// newer alert Y. Her reply "1" answers X's text: X is acknowledged, and Y
+/// (which only called her) keeps calling until she presses 1 or its tier
+/// escalates. (Taking the newest attempt of any channel, the reply
+/// acknowledged Y, which she had not heard, and left X escalating.)
+pub async fn a_reply_answers_the_alert_that_was_texted_not_a_newer_call() {
+    let h = sms_hospital(Persona::Busy, Persona::NoAnswer, SmsPersona::Deliver, 30.0, |_| {}).await;
+    h.db.exec(SEIZURE_INSERT).await;
+    await_sms_status(&h, NURSE_A, "delivered").await;
+    let x: uuid::Uuid = sqlx::query_scalar("SELECT id FROM wardcall.alerts").fetch_one(&h.db.pool).await.unwrap();
+    h.emulator.set_persona(NURSE_A, Persona::NoAnswer);
+    h.db.exec(SEIZURE_INSERT).await;
+    await_some("the newer alert's call to the nurse", Duration::from_secs(10), || async { (calls_to(&h, NURSE_A) == 2).then_some(()) }).await;
+    assert_eq!(h.emulator.send_inbound(NURSE_A, HOSPITAL_NUMBER, "1").await, Some(200));
+    await_true(&h.db, "an alert acknowledged", Duration::from_secs(5), "SELECT EXISTS (SELECT 1 FROM wardcall.alerts WHERE status = 'acknowledged')").await;
+    let statuses: Vec<(uuid::Uuid, String)> = sqlx::query_as("SELECT id, status FROM wardcall.alerts ORDER BY created_at").fetch_all(&h.db.pool).await.unwrap();
+    assert_eq!(statuses.len(), 2);
+    assert_eq!(statuses[0], (x, "acknowledged".to_string()), "the texted alert is the one acknowledged");
+    assert_eq!(statuses[1].1, "open", "the alert that only called her is not acknowledged by a reply to another's text");
     h.stop().await;
 }
 
