@@ -287,16 +287,7 @@ pub async fn holds(pool: &PgPool, id: Uuid, token: i64) -> Result<bool, sqlx::Er
 ///
 /// Errors: a database error.
 pub async fn renew_if_held(pool: &PgPool, id: Uuid, token: i64, lease_ms: i64) -> Result<bool, sqlx::Error> {
-    let r = sqlx::query(
-        "UPDATE wardcall.runs SET due_at = clock_timestamp() + $3 * interval '1 millisecond'
-          WHERE id = $1 AND fencing_token = $2 AND status = 'running'",
-    )
-    .bind(id)
-    .bind(token)
-    .bind(lease_ms)
-    .execute(pool)
-    .await?;
-    Ok(r.rows_affected() == 1)
+    renew_lease(&mut *pool.acquire().await?, id, token, lease_ms).await
 }
 
 /// Whether a critical run is due now (the dispatcher then leases no other
