@@ -6,7 +6,8 @@
 //! the notification attempt forward (never back), an answering-machine verdict
 //! marks a call as not human, a keypress of 1 from a human acknowledges the
 //! alert, 2 passes it on, any other key replays the message; a text reply of
-//! `1` acknowledges the alert its sender was most recently paged for, and
+//! `1` acknowledges the open alert its sender was most recently texted for
+//! (by a text that did not fail; never an alert that only called), and
 //! Twilio's reserved keywords (STOP, HELP, …) are never commands. Both
 //! acknowledgements go through one function (`acknowledge_in`), which records
 //! the channel (`alerts.acknowledged_via`, given to write-backs). Each event is
@@ -622,8 +623,8 @@ pub async fn apply_message_status(
 pub enum ReplyOutcome {
     /// `1` from a recipient of an open alert: the alert is acknowledged.
     Acknowledged,
-    /// `1`, but the sender's most recent alert is no longer open (or the
-    /// sender was never paged): nothing changed.
+    /// `1`, but no open alert texted the sender (by a text that did not
+    /// fail): nothing changed.
     NothingToAcknowledge,
     /// One of Twilio's reserved keywords (STOP, HELP, …): Twilio handles
     /// it; wardcall ignores it (audited, without the text).
@@ -660,9 +661,10 @@ pub async fn apply_reply(
     let message_sid = delivery.idempotency_token.unwrap_or_default();
     let body = body.trim();
     // The newest attempt to this number; the open alert most recently
-    // texted to it (a reply answers a text, never a call).
+    // texted to it, by a text that did not fail (a reply answers a text the
+    // nurse received, never a call).
     let newest = attempts::newest_to(&services.pool, from).await?;
-    let open = attempts::newest_open_alert_texted_to(&services.pool, from).await?;
+    let open = attempts::newest_open_alert_texted_to(&services.pool, from, FAILED_MESSAGE_STATUSES).await?;
     let mut tx = services.pool.begin().await?;
     // Lock order: run, alert, attempt.
     let run_lock = open.map(|o| o.0).or(newest.map(|n| n.1));
@@ -680,7 +682,7 @@ pub async fn apply_reply(
             Some((run_id, alert_id)) => {
                 let alert_status = alerts::lock_status(&mut tx, alert_id).await?;
                 // The person's text attempt of that alert to the sender's number.
-                let attempt = attempts::lock_text_attempt_of_alert_to(&mut tx, alert_id, from).await?;
+                let attempt = attempts::lock_text_attempt_of_alert_to(&mut tx, alert_id, from, FAILED_MESSAGE_STATUSES).await?;
                 match (alert_status.as_str(), attempt) {
                     ("open", Some((attempt, person_id))) => {
                         // (The run locked above is this alert's: `open` comes first.)

@@ -661,29 +661,38 @@ pub async fn newest_to(pool: &sqlx::PgPool, destination: &str) -> Result<Option<
 }
 
 /// The alert still open that was most recently texted to `destination`
-/// (its newest `sms` attempt to that number): (run, alert). An alert that
-/// only called the number is not one: a text reply answers a text (the
-/// call of a newer alert to the same nurse must not take the reply meant
-/// for the text of an older one).
-pub async fn newest_open_alert_texted_to(pool: &sqlx::PgPool, destination: &str) -> Result<Option<(Uuid, Uuid)>, sqlx::Error> {
+/// (its newest `sms` attempt to that number whose status is not one of
+/// `unanswerable`, the statuses of a text that did not arrive): (run,
+/// alert). An alert that only called the number, or whose text failed, is
+/// not one: a text reply answers a text the nurse received (a newer
+/// alert's call or failed text must not take the reply meant for the text
+/// of an older one).
+pub async fn newest_open_alert_texted_to(pool: &sqlx::PgPool, destination: &str, unanswerable: &[&str]) -> Result<Option<(Uuid, Uuid)>, sqlx::Error> {
     sqlx::query_as(
         "SELECT n.run_id, n.alert_id FROM wardcall.notification_attempts n JOIN wardcall.alerts a ON a.id = n.alert_id
-          WHERE n.destination = $1 AND n.channel = 'sms' AND a.status = 'open' ORDER BY n.created_at DESC LIMIT 1",
+          WHERE n.destination = $1 AND n.channel = 'sms' AND n.status <> ALL($2) AND a.status = 'open' ORDER BY n.created_at DESC LIMIT 1",
     )
     .bind(destination)
+    .bind(unanswerable)
     .fetch_optional(pool)
     .await
 }
 
-/// The person's newest text attempt of `alert` to `destination`, locked:
-/// (attempt, person id).
-pub async fn lock_text_attempt_of_alert_to(tx: &mut PgConnection, alert: Uuid, destination: &str) -> Result<Option<(Uuid, String)>, sqlx::Error> {
+/// The person's newest text attempt of `alert` to `destination` whose
+/// status is not one of `unanswerable`, locked: (attempt, person id).
+pub async fn lock_text_attempt_of_alert_to(
+    tx: &mut PgConnection,
+    alert: Uuid,
+    destination: &str,
+    unanswerable: &[&str],
+) -> Result<Option<(Uuid, String)>, sqlx::Error> {
     sqlx::query_as(
-        "SELECT id, person_id FROM wardcall.notification_attempts WHERE alert_id = $1 AND destination = $2 AND channel = 'sms'
+        "SELECT id, person_id FROM wardcall.notification_attempts WHERE alert_id = $1 AND destination = $2 AND channel = 'sms' AND status <> ALL($3)
           ORDER BY created_at DESC LIMIT 1 FOR UPDATE",
     )
     .bind(alert)
     .bind(destination)
+    .bind(unanswerable)
     .fetch_optional(tx)
     .await
 }

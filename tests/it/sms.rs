@@ -21,6 +21,7 @@ pub fn tests() -> Vec<libtest_mimic::Trial> {
         sms::reply_one_acknowledges_and_hangs_up_ringing_calls,
         sms::stop_and_other_texts_are_not_acknowledgements,
         sms::a_reply_answers_the_alert_that_was_texted_not_a_newer_call,
+        sms::a_reply_never_acknowledges_an_alert_whose_text_failed,
         sms::busy_callee_gets_the_sms_and_acknowledges_by_reply,
         sms::long_message_is_shortened_not_refused,
         sms::one_way_notify_sends_once_per_recipient_even_when_rerun,
@@ -269,6 +270,32 @@ pub async fn a_reply_answers_the_alert_that_was_texted_not_a_newer_call() {
     assert_eq!(statuses.len(), 2);
     assert_eq!(statuses[0], (x, "acknowledged".to_string()), "the texted alert is the one acknowledged");
     assert_eq!(statuses[1].1, "open", "the alert that only called her is not acknowledged by a reply to another's text");
+    h.stop().await;
+}
+
+/// A nurse's text for alert X arrived; the text of a newer alert Z to her
+/// failed (the carrier could not deliver it). Her reply "1" answers X: Z,
+/// which never reached her, is not acknowledged and goes on escalating.
+pub async fn a_reply_never_acknowledges_an_alert_whose_text_failed() {
+    let h = sms_hospital(Persona::Busy, Persona::NoAnswer, SmsPersona::Deliver, 30.0, |_| {}).await;
+    h.db.exec(SEIZURE_INSERT).await;
+    await_sms_status(&h, NURSE_A, "delivered").await;
+    let x: uuid::Uuid = sqlx::query_scalar("SELECT id FROM wardcall.alerts").fetch_one(&h.db.pool).await.unwrap();
+    h.emulator.set_sms_persona(NURSE_A, SmsPersona::Undelivered);
+    h.db.exec(SEIZURE_INSERT).await;
+    await_true(
+        &h.db,
+        "the newer alert's text undelivered",
+        Duration::from_secs(10),
+        "SELECT EXISTS (SELECT 1 FROM wardcall.notification_attempts WHERE channel = 'sms' AND status = 'undelivered')",
+    )
+    .await;
+    assert_eq!(h.emulator.send_inbound(NURSE_A, HOSPITAL_NUMBER, "1").await, Some(200));
+    await_true(&h.db, "an alert acknowledged", Duration::from_secs(5), "SELECT EXISTS (SELECT 1 FROM wardcall.alerts WHERE status = 'acknowledged')").await;
+    let statuses: Vec<(uuid::Uuid, String)> = sqlx::query_as("SELECT id, status FROM wardcall.alerts ORDER BY created_at").fetch_all(&h.db.pool).await.unwrap();
+    assert_eq!(statuses.len(), 2);
+    assert_eq!(statuses[0], (x, "acknowledged".to_string()), "the alert whose text arrived is the one acknowledged");
+    assert_eq!(statuses[1].1, "open", "an alert whose text failed is not acknowledged by a reply");
     h.stop().await;
 }
 
