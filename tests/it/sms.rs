@@ -251,25 +251,44 @@ pub async fn reply_one_acknowledges_and_hangs_up_ringing_calls() {
     h.stop().await;
 }
 
+/// The hospital with texts, its first alert texted to nurse A (her phone
+/// busy) and delivered: (hospital, that alert's id).
+async fn an_alert_texted_to_nurse_a() -> (Hospital, uuid::Uuid) {
+    let h = sms_hospital(Persona::Busy, Persona::NoAnswer, SmsPersona::Deliver, 30.0, |_| {}).await;
+    h.db.exec(SEIZURE_INSERT).await;
+    await_sms_status(&h, NURSE_A, "delivered").await;
+    let x: uuid::Uuid = sqlx::query_scalar("SELECT id FROM wardcall.alerts").fetch_one(&h.db.pool).await.unwrap();
+    (h, x)
+}
+
+/// Nurse A replies "1" with two alerts open: the first (`first`) is
+/// acknowledged (`why_first`), the second stays open (`why_second`).
+async fn reply_one_acknowledges_the_first_of_two(h: &Hospital, first: uuid::Uuid, why_first: &str, why_second: &str) {
+    assert_eq!(h.emulator.send_inbound(NURSE_A, HOSPITAL_NUMBER, "1").await, Some(200));
+    await_true(&h.db, "an alert acknowledged", Duration::from_secs(5), "SELECT EXISTS (SELECT 1 FROM wardcall.alerts WHERE status = 'acknowledged')").await;
+    let statuses: Vec<(uuid::Uuid, String)> = sqlx::query_as("SELECT id, status FROM wardcall.alerts ORDER BY created_at").fetch_all(&h.db.pool).await.unwrap();
+    assert_eq!(statuses.len(), 2);
+    assert_eq!(statuses[0], (first, "acknowledged".to_string()), "{why_first}");
+    assert_eq!(statuses[1].1, "open", "{why_second}");
+}
+
 /// A nurse texted for alert X (her phone was busy) is then called for a
 /// newer alert Y. Her reply "1" answers X's text: X is acknowledged, and Y
 /// (which only called her) keeps calling until she presses 1 or its tier
 /// escalates. (Taking the newest attempt of any channel, the reply
 /// acknowledged Y, which she had not heard, and left X escalating.)
 pub async fn a_reply_answers_the_alert_that_was_texted_not_a_newer_call() {
-    let h = sms_hospital(Persona::Busy, Persona::NoAnswer, SmsPersona::Deliver, 30.0, |_| {}).await;
-    h.db.exec(SEIZURE_INSERT).await;
-    await_sms_status(&h, NURSE_A, "delivered").await;
-    let x: uuid::Uuid = sqlx::query_scalar("SELECT id FROM wardcall.alerts").fetch_one(&h.db.pool).await.unwrap();
+    let (h, x) = an_alert_texted_to_nurse_a().await;
     h.emulator.set_persona(NURSE_A, Persona::NoAnswer);
     h.db.exec(SEIZURE_INSERT).await;
     await_some("the newer alert's call to the nurse", Duration::from_secs(10), || async { (calls_to(&h, NURSE_A) == 2).then_some(()) }).await;
-    assert_eq!(h.emulator.send_inbound(NURSE_A, HOSPITAL_NUMBER, "1").await, Some(200));
-    await_true(&h.db, "an alert acknowledged", Duration::from_secs(5), "SELECT EXISTS (SELECT 1 FROM wardcall.alerts WHERE status = 'acknowledged')").await;
-    let statuses: Vec<(uuid::Uuid, String)> = sqlx::query_as("SELECT id, status FROM wardcall.alerts ORDER BY created_at").fetch_all(&h.db.pool).await.unwrap();
-    assert_eq!(statuses.len(), 2);
-    assert_eq!(statuses[0], (x, "acknowledged".to_string()), "the texted alert is the one acknowledged");
-    assert_eq!(statuses[1].1, "open", "the alert that only called her is not acknowledged by a reply to another's text");
+    reply_one_acknowledges_the_first_of_two(
+        &h,
+        x,
+        "the texted alert is the one acknowledged",
+        "the alert that only called her is not acknowledged by a reply to another's text",
+    )
+    .await;
     h.stop().await;
 }
 
@@ -277,10 +296,7 @@ pub async fn a_reply_answers_the_alert_that_was_texted_not_a_newer_call() {
 /// failed (the carrier could not deliver it). Her reply "1" answers X: Z,
 /// which never reached her, is not acknowledged and goes on escalating.
 pub async fn a_reply_never_acknowledges_an_alert_whose_text_failed() {
-    let h = sms_hospital(Persona::Busy, Persona::NoAnswer, SmsPersona::Deliver, 30.0, |_| {}).await;
-    h.db.exec(SEIZURE_INSERT).await;
-    await_sms_status(&h, NURSE_A, "delivered").await;
-    let x: uuid::Uuid = sqlx::query_scalar("SELECT id FROM wardcall.alerts").fetch_one(&h.db.pool).await.unwrap();
+    let (h, x) = an_alert_texted_to_nurse_a().await;
     h.emulator.set_sms_persona(NURSE_A, SmsPersona::Undelivered);
     h.db.exec(SEIZURE_INSERT).await;
     await_true(
@@ -290,12 +306,13 @@ pub async fn a_reply_never_acknowledges_an_alert_whose_text_failed() {
         "SELECT EXISTS (SELECT 1 FROM wardcall.notification_attempts WHERE channel = 'sms' AND status = 'undelivered')",
     )
     .await;
-    assert_eq!(h.emulator.send_inbound(NURSE_A, HOSPITAL_NUMBER, "1").await, Some(200));
-    await_true(&h.db, "an alert acknowledged", Duration::from_secs(5), "SELECT EXISTS (SELECT 1 FROM wardcall.alerts WHERE status = 'acknowledged')").await;
-    let statuses: Vec<(uuid::Uuid, String)> = sqlx::query_as("SELECT id, status FROM wardcall.alerts ORDER BY created_at").fetch_all(&h.db.pool).await.unwrap();
-    assert_eq!(statuses.len(), 2);
-    assert_eq!(statuses[0], (x, "acknowledged".to_string()), "the alert whose text arrived is the one acknowledged");
-    assert_eq!(statuses[1].1, "open", "an alert whose text failed is not acknowledged by a reply");
+    reply_one_acknowledges_the_first_of_two(
+        &h,
+        x,
+        "the alert whose text arrived is the one acknowledged",
+        "an alert whose text failed is not acknowledged by a reply",
+    )
+    .await;
     h.stop().await;
 }
 
